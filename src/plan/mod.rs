@@ -1,0 +1,379 @@
+//! ③ Diff and ④ the `Supported` gate: desired × observed × capabilities →
+//! [`Plan`]. Pure: no I/O, no clock, no randomness, so the same inputs give a
+//! byte-identical plan.
+
+mod gate;
+pub mod items;
+pub mod render;
+
+pub use gate::classify;
+pub use items::{Item, ItemKey, ResourceKind, describe, flatten};
+
+use crate::spec::{DesiredState, PowerState, VmConfig};
+use crate::virtstack::{Capabilities, ObservedState, ObservedVm, Support};
+use crate::vm::{Disruption, ResourceOperation, State};
+use serde::Serialize;
+
+/// Version of the JSON plan document (`plan --output json`).
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+/// Choices that change what is planned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Remove managed VMs that have no spec.
+    pub prune: bool,
+    /// Prune even when no spec at all loaded (otherwise an empty or mistyped
+    /// directory would remove every VM).
+    pub allow_empty_prune: bool,
+}
+
+/// One change to one resource of one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Op {
+    /// Add, remove or update.
+    pub operation: ResourceOperation,
+    /// What is changed.
+    pub resource: ResourceKind,
+    /// Which one, by natural key.
+    pub key: ItemKey,
+    /// How disruptive it is.
+    pub disruption: Disruption,
+    /// Why it costs what it costs (empty for plain live changes).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The item as observed (absent for add).
+    pub before: Option<Item>,
+    /// The item as desired (absent for remove).
+    pub after: Option<Item>,
+}
+
+/// What happens to a VM as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VmAction {
+    /// Built from its spec and brought to its power state.
+    Create,
+    /// Changed resource by resource.
+    Update,
+    /// Destroyed and built again from its spec.
+    Recreate,
+    /// Destroyed (pruned).
+    Destroy,
+}
+
+/// The plan for one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmPlan {
+    /// VM name.
+    pub name: String,
+    /// What happens to it.
+    pub action: VmAction,
+    /// The most disruptive of its operations.
+    pub disruption: Disruption,
+    /// For `recreate`: whether the spec's policy allows it (else `apply`
+    /// needs `--allow-recreate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recreate_allowed: Option<bool>,
+    /// Operations in execution order: removals, updates, additions, power.
+    pub ops: Vec<Op>,
+    /// For `create` and `recreate`: the whole desired configuration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<VmConfig>,
+}
+
+/// Why a VM is left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NoteKind {
+    /// Its spec failed to load.
+    SpecInvalid,
+    /// Managed, no spec, and pruning was not asked for.
+    NoSpec,
+    /// Pruning was asked for but is unsafe now.
+    PruneBlocked,
+    /// Protected from pruning by its last applied policy.
+    Protected,
+    /// A VM of that name exists but uvmctl did not create it.
+    Unmanaged,
+}
+
+/// A VM the plan leaves alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Note {
+    /// VM name.
+    pub vm: String,
+    /// Category.
+    pub kind: NoteKind,
+    /// Sentence for people.
+    pub message: String,
+}
+
+/// Counts for the summary line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// VMs created plus resources added.
+    pub add: usize,
+    /// Resources updated (power changes included).
+    pub change: usize,
+    /// VMs destroyed plus resources removed.
+    pub remove: usize,
+    /// VMs recreated.
+    pub recreate: usize,
+    /// The most disruptive operation, if any.
+    pub max_disruption: Option<Disruption>,
+}
+
+/// Everything `plan` decided.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// Virtstack planned against.
+    pub virtstack: String,
+    /// VMs with changes, by name.
+    pub vms: Vec<VmPlan>,
+    /// VMs left alone, and why.
+    pub notes: Vec<Note>,
+    /// How many VMs already match their specs.
+    pub unchanged: usize,
+}
+
+impl Plan {
+    /// Whether anything would change.
+    pub fn has_changes(&self) -> bool {
+        !self.vms.is_empty()
+    }
+
+    /// Counts for the summary line.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for vm in &self.vms {
+            s.max_disruption = s.max_disruption.max(Some(vm.disruption));
+            match vm.action {
+                VmAction::Create => s.add += 1,
+                VmAction::Destroy => s.remove += 1,
+                VmAction::Recreate => s.recreate += 1,
+                VmAction::Update => {
+                    for op in &vm.ops {
+                        match op.operation {
+                            ResourceOperation::Add => s.add += 1,
+                            ResourceOperation::Remove => s.remove += 1,
+                            ResourceOperation::Update => s.change += 1,
+                        }
+                    }
+                }
+            }
+        }
+        s
+    }
+}
+
+/// The power-state word of an observed lifecycle state.
+pub fn observed_power(state: State) -> PowerState {
+    match state {
+        State::Running => PowerState::Running,
+        State::Paused => PowerState::Paused,
+        State::PreCreated | State::Created | State::Terminated => PowerState::Stopped,
+    }
+}
+
+/// Plans desired against observed. Pure and deterministic.
+///
+/// # Guarantees
+/// - A VM whose spec failed to load gets no operation at all.
+/// - Nothing is pruned unless `opts.prune`, every spec file loaded, at least
+///   one spec loaded (or `opts.allow_empty_prune`), and the VM is not protected.
+/// - VMs uvmctl did not create are never touched.
+/// - Applying the plan to the observed state yields the desired state.
+pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilities, opts: &PlanOptions) -> Plan {
+    let mut out = Plan { virtstack: caps.virtstack.clone(), vms: Vec::new(), notes: Vec::new(), unchanged: 0 };
+
+    for name in &desired.unknown {
+        let message = if observed.vms.contains_key(name) {
+            "spec failed to load; VM left unchanged"
+        } else {
+            "spec failed to load; VM not created"
+        };
+        out.notes.push(Note { vm: name.clone(), kind: NoteKind::SpecInvalid, message: message.into() });
+    }
+
+    for (name, want) in &desired.vms {
+        match observed.vms.get(name) {
+            None => out.vms.push(plan_create(name, &want.config, caps)),
+            Some(have) if !have.managed => out.notes.push(Note {
+                vm: name.clone(),
+                kind: NoteKind::Unmanaged,
+                message: "a VM of this name exists but uvmctl did not create it; left untouched".into(),
+            }),
+            Some(have) => match plan_vm(name, &want.config, have, caps) {
+                Some(p) => out.vms.push(p),
+                None => out.unchanged += 1,
+            },
+        }
+    }
+
+    let nothing_loaded = desired.vms.is_empty() && desired.unknown.is_empty();
+    for (name, have) in &observed.vms {
+        if !have.managed || desired.vms.contains_key(name) || desired.unknown.contains(name) {
+            continue;
+        }
+        let note = |kind, message: String| Note { vm: name.clone(), kind, message };
+        if !opts.prune {
+            out.notes.push(note(NoteKind::NoSpec, "no spec; not removed (use --prune to remove it)".into()));
+        } else if !desired.failed_files.is_empty() {
+            let n = desired.failed_files.len();
+            let files = if n == 1 { "file" } else { "files" };
+            out.notes.push(note(
+                NoteKind::PruneBlocked,
+                format!("no spec, but not pruned: {n} spec {files} failed to load and may define it"),
+            ));
+        } else if nothing_loaded && !opts.allow_empty_prune {
+            out.notes.push(note(
+                NoteKind::PruneBlocked,
+                "no spec, but not pruned: no spec loaded at all (use --allow-empty-prune if that is meant)".into(),
+            ));
+        } else if have.config.policy.protected {
+            out.notes.push(note(NoteKind::Protected, "no spec, but protected by its policy; not pruned".into()));
+        } else {
+            out.vms.push(VmPlan {
+                name: name.clone(),
+                action: VmAction::Destroy,
+                disruption: Disruption::Recreate,
+                recreate_allowed: None,
+                ops: Vec::new(),
+                spec: None,
+            });
+        }
+    }
+
+    out.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    out.notes.sort();
+    out
+}
+
+fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
+    // Everything is cold configuration of a VM being built: only what the
+    // virtstack cannot do at all stands out.
+    let mut ops: Vec<Op> = flatten(want)
+        .into_iter()
+        .filter(|(_, item)| !item.is_default())
+        .map(|((kind, key), item)| {
+            let s = classify(kind, ResourceOperation::Add, caps);
+            let s = if s.disruption == Disruption::Unsupported { s } else { Support::live() };
+            Op {
+                operation: ResourceOperation::Add,
+                resource: kind,
+                key,
+                disruption: s.disruption,
+                reason: s.reason,
+                before: None,
+                after: Some(item),
+            }
+        })
+        .collect();
+    ops.push(Op {
+        operation: ResourceOperation::Add,
+        resource: ResourceKind::PowerState,
+        key: ItemKey::Unit,
+        disruption: Disruption::Live,
+        reason: String::new(),
+        before: None,
+        after: Some(Item::PowerState(want.power_state.as_str())),
+    });
+    VmPlan {
+        name: name.to_string(),
+        action: VmAction::Create,
+        disruption: ops.iter().map(|o| o.disruption).max().unwrap_or(Disruption::Live),
+        recreate_allowed: None,
+        ops,
+        spec: Some(want.clone()),
+    }
+}
+
+/// Plans one VM that exists on both sides; `None` when it already matches.
+fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) -> Option<VmPlan> {
+    let desired = flatten(want);
+    let observed = flatten(&have.config);
+    let live_vm = have.state.is_live();
+    let gate = |kind: ResourceKind, op: ResourceOperation| -> Support {
+        let s = classify(kind, op, caps);
+        if !live_vm && s.disruption == Disruption::Restart {
+            // Nothing runs, so a change that needs a restart just waits for the next start.
+            return Support { disruption: Disruption::Live, reason: "the VM is stopped; takes effect when it starts".into() };
+        }
+        s
+    };
+    let op = |operation, (kind, key): &(ResourceKind, ItemKey), before: Option<&Item>, after: Option<&Item>, s: Support| Op {
+        operation,
+        resource: *kind,
+        key: key.clone(),
+        disruption: s.disruption,
+        reason: s.reason,
+        before: before.cloned(),
+        after: after.cloned(),
+    };
+
+    let (mut removes, mut updates, mut adds) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, o) in &observed {
+        match desired.get(k) {
+            None => removes.push(op(ResourceOperation::Remove, k, Some(o), None, gate(k.0, ResourceOperation::Remove))),
+            Some(d) if d == o => {}
+            Some(d) if k.0.is_singleton() => {
+                updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), gate(k.0, ResourceOperation::Update)))
+            }
+            Some(d) => {
+                // Update in place unless removing and re-adding is less disruptive.
+                let upd = gate(k.0, ResourceOperation::Update);
+                let rm = gate(k.0, ResourceOperation::Remove);
+                let add = gate(k.0, ResourceOperation::Add);
+                if upd.disruption <= rm.disruption.max(add.disruption) {
+                    updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), upd));
+                } else {
+                    removes.push(op(ResourceOperation::Remove, k, Some(o), None, rm));
+                    adds.push(op(ResourceOperation::Add, k, None, Some(d), add));
+                }
+            }
+        }
+    }
+    for (k, d) in &desired {
+        if !observed.contains_key(k) {
+            adds.push(op(ResourceOperation::Add, k, None, Some(d), gate(k.0, ResourceOperation::Add)));
+        }
+    }
+    // Leaves before containers when removing; the maps iterate containers first.
+    removes.reverse();
+    adds.sort_by(|a, b| (a.resource, &a.key).cmp(&(b.resource, &b.key)));
+
+    let have_power = observed_power(have.state);
+    let mut ops: Vec<Op> = removes.into_iter().chain(updates).chain(adds).collect();
+    if have_power != want.power_state {
+        ops.push(Op {
+            operation: ResourceOperation::Update,
+            resource: ResourceKind::PowerState,
+            key: ItemKey::Unit,
+            disruption: Disruption::Live,
+            reason: String::new(),
+            before: Some(Item::PowerState(have_power.as_str())),
+            after: Some(Item::PowerState(want.power_state.as_str())),
+        });
+    }
+    if ops.is_empty() {
+        return None;
+    }
+    let disruption = ops.iter().map(|o| o.disruption).max().unwrap_or(Disruption::Live);
+    let recreate = ops.iter().any(|o| o.disruption == Disruption::Recreate);
+    Some(VmPlan {
+        name: name.to_string(),
+        action: if recreate { VmAction::Recreate } else { VmAction::Update },
+        disruption,
+        recreate_allowed: recreate.then_some(want.policy.allow_recreate),
+        ops,
+        spec: recreate.then(|| want.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests;

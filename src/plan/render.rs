@@ -1,0 +1,238 @@
+//! Rendering a plan: text for people (Terraform's symbols), a versioned JSON
+//! document for machines, and a unified diff of canonical YAML.
+
+use super::items::{Item, describe};
+use super::{Op, PLAN_FORMAT_VERSION, Plan, Summary, VmAction, VmPlan, observed_power};
+use crate::spec::{SpecError, VmConfig};
+use crate::virtstack::ObservedState;
+use crate::vm::{Disruption, ResourceOperation};
+use serde::Serialize;
+use std::fmt::Write;
+
+/// Whether to color text output (only ever on a terminal).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Style {
+    /// Emit ANSI colors.
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+    fn green(&self, s: &str) -> String {
+        self.paint("32", s)
+    }
+    fn red(&self, s: &str) -> String {
+        self.paint("31", s)
+    }
+    fn yellow(&self, s: &str) -> String {
+        self.paint("33", s)
+    }
+    fn magenta(&self, s: &str) -> String {
+        self.paint("35", s)
+    }
+    fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
+    fn dim(&self, s: &str) -> String {
+        self.paint("2", s)
+    }
+}
+
+fn symbol(style: &Style, op: ResourceOperation) -> String {
+    match op {
+        ResourceOperation::Add => style.green("+"),
+        ResourceOperation::Remove => style.red("-"),
+        ResourceOperation::Update => style.yellow("~"),
+    }
+}
+
+fn class(style: &Style, d: Disruption) -> String {
+    let word = format!("[{d}]");
+    match d {
+        Disruption::Live => style.dim(&word),
+        Disruption::Restart => style.yellow(&word),
+        Disruption::Recreate => style.magenta(&word),
+        Disruption::Unsupported => style.red(&word),
+    }
+}
+
+/// What changed between two items, as `field: old → new` pairs; the whole
+/// description when they are not structs.
+fn change_detail(before: &Item, after: &Item) -> String {
+    let (b, a) = match (serde_json::to_value(before), serde_json::to_value(after)) {
+        (Ok(b), Ok(a)) => (b, a),
+        _ => return format!("{} → {}", describe(before), describe(after)),
+    };
+    match (&b, &a) {
+        (serde_json::Value::Object(bo), serde_json::Value::Object(ao)) => {
+            let mut keys: Vec<&String> = bo.keys().chain(ao.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let parts: Vec<String> = keys
+                .into_iter()
+                .filter(|k| bo.get(*k) != ao.get(*k))
+                .map(|k| format!("{k}: {} → {}", short(bo.get(k)), short(ao.get(k))))
+                .collect();
+            parts.join(", ")
+        }
+        _ => format!("{} → {}", describe(before), describe(after)),
+    }
+}
+
+fn short(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => "none".into(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn op_line(style: &Style, op: &Op, creating: bool) -> String {
+    let key = op.key.to_string();
+    let name = if key.is_empty() { op.resource.to_string() } else { format!("{} {key}", op.resource) };
+    let detail = match (&op.before, &op.after) {
+        (Some(b), Some(a)) => change_detail(b, a),
+        (None, Some(a)) => describe(a),
+        (Some(b), None) => describe(b),
+        (None, None) => String::new(),
+    };
+    let mut line = format!("    {} {}: {}", symbol(style, op.operation), name, detail);
+    // Everything of a VM being built is live; only exceptions are worth a tag.
+    if !(creating && op.disruption == Disruption::Live) {
+        let _ = write!(line, " {}", class(style, op.disruption));
+    }
+    if !op.reason.is_empty() {
+        let _ = write!(line, " {}", style.dim(&format!("# {}", op.reason)));
+    }
+    line
+}
+
+fn vm_header(style: &Style, vm: &VmPlan) -> String {
+    let name = style.bold(&vm.name);
+    match vm.action {
+        VmAction::Create => format!("  {} vm {name} will be created {}", style.green("+"), class(style, vm.disruption)),
+        VmAction::Destroy => format!("  {} vm {name} will be destroyed (pruned) {}", style.red("-"), class(style, vm.disruption)),
+        VmAction::Update => format!("  {} vm {name} will be updated {}", style.yellow("~"), class(style, vm.disruption)),
+        VmAction::Recreate => {
+            let allowed = match vm.recreate_allowed {
+                Some(true) => "allowed by spec.policy.allowRecreate",
+                _ => "apply needs --allow-recreate or spec.policy.allowRecreate",
+            };
+            format!("{} vm {name} must be recreated {} ({allowed})", style.magenta("-/+"), class(style, vm.disruption))
+        }
+    }
+}
+
+/// The summary line: `Plan: 3 to add, 1 to change, 0 to remove, 1 VM to recreate; max disruption: restart`.
+pub fn summary_line(s: &Summary) -> String {
+    let vms = if s.recreate == 1 { "VM" } else { "VMs" };
+    let mut line = format!(
+        "Plan: {} to add, {} to change, {} to remove, {} {vms} to recreate",
+        s.add, s.change, s.remove, s.recreate
+    );
+    if let Some(d) = s.max_disruption {
+        let _ = write!(line, "; max disruption: {d}");
+    }
+    line
+}
+
+/// Human text, like Terraform's plan output.
+pub fn text(plan: &Plan, style: &Style) -> String {
+    let mut out = String::new();
+    if plan.has_changes() {
+        let _ = writeln!(out, "uvmctl will perform these actions on virtstack {}:\n", plan.virtstack);
+        for vm in &plan.vms {
+            let _ = writeln!(out, "{}", vm_header(style, vm));
+            for op in &vm.ops {
+                let _ = writeln!(out, "{}", op_line(style, op, vm.action == VmAction::Create));
+            }
+            out.push('\n');
+        }
+    }
+    if !plan.notes.is_empty() {
+        let _ = writeln!(out, "Left alone:");
+        for n in &plan.notes {
+            let _ = writeln!(out, "  {} vm {}: {}", style.yellow("!"), style.bold(&n.vm), n.message);
+        }
+        out.push('\n');
+    }
+    if plan.has_changes() {
+        let _ = writeln!(out, "{}", style.bold(&summary_line(&plan.summary())));
+    } else {
+        let vms = if plan.unchanged == 1 { "VM matches its spec" } else { "VMs match their specs" };
+        let _ = writeln!(out, "No changes. {} {vms}.", plan.unchanged);
+    }
+    out
+}
+
+/// The JSON plan document, version [`PLAN_FORMAT_VERSION`]; described in `docs/plan-json.md`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonPlan<'a> {
+    format_version: u32,
+    virtstack: &'a str,
+    summary: Summary,
+    vms: &'a [VmPlan],
+    notes: &'a [super::Note],
+    unchanged: usize,
+    errors: &'a [SpecError],
+}
+
+/// The plan as a JSON document, with the spec errors of the run.
+pub fn json(plan: &Plan, errors: &[SpecError]) -> String {
+    let doc = JsonPlan {
+        format_version: PLAN_FORMAT_VERSION,
+        virtstack: &plan.virtstack,
+        summary: plan.summary(),
+        vms: &plan.vms,
+        notes: &plan.notes,
+        unchanged: plan.unchanged,
+        errors,
+    };
+    // Serializing plain data to a String cannot fail.
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+/// Canonical YAML of a VM: lists sorted by key, defaults omitted.
+pub fn canonical_yaml(config: &VmConfig) -> String {
+    let mut c = config.clone();
+    c.canonicalize();
+    serde_yaml::to_string(&c).unwrap_or_default()
+}
+
+/// Unified diffs of canonical YAML, observed → desired, for each VM in the plan.
+pub fn diff(plan: &Plan, desired: &crate::spec::DesiredState, observed: &ObservedState, style: &Style) -> String {
+    let mut out = String::new();
+    for vm in &plan.vms {
+        let before = observed.vms.get(&vm.name).map(|o| {
+            let mut c = o.config.clone();
+            c.power_state = observed_power(o.state);
+            canonical_yaml(&c)
+        });
+        let after = desired.vms.get(&vm.name).map(|d| canonical_yaml(&d.config));
+        let (b, a) = (before.unwrap_or_default(), after.unwrap_or_default());
+        let d = similar::TextDiff::from_lines(&b, &a);
+        let text = d
+            .unified_diff()
+            .context_radius(3)
+            .header(&format!("observed/{}", vm.name), &format!("desired/{}", vm.name))
+            .to_string();
+        for line in text.lines() {
+            let painted = if line.starts_with("+++") || line.starts_with("---") {
+                style.bold(line)
+            } else if line.starts_with('+') {
+                style.green(line)
+            } else if line.starts_with('-') {
+                style.red(line)
+            } else if line.starts_with("@@") {
+                style.dim(line)
+            } else {
+                line.to_string()
+            };
+            let _ = writeln!(out, "{painted}");
+        }
+    }
+    out
+}

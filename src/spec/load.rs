@@ -1,0 +1,361 @@
+//! Reading a directory of spec files into a [`DesiredState`].
+//!
+//! Files are read and parsed in parallel; every error of every file is
+//! collected. A file with errors makes the VMs it names *unknown* (never
+//! absent), and any error at all blocks pruning.
+
+use super::error::SpecError;
+use super::locate::Locations;
+use super::model::VmDocument;
+use super::validate::{Problem, validate_document};
+use super::{DesiredState, DesiredVm};
+use rayon::prelude::*;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Largest spec file read, in bytes.
+pub const MAX_SPEC_FILE_BYTES: u64 = 1 << 20;
+/// Most documents (VMs) in one file.
+pub const MAX_DOCUMENTS_PER_FILE: usize = 1000;
+
+/// What loading a directory produced: the VMs that loaded, and every error.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// VMs whose specs are valid, and the names of those whose specs are not.
+    pub desired: DesiredState,
+    /// Every problem, sorted by file and position.
+    pub errors: Vec<SpecError>,
+}
+
+/// Whether a directory entry is a spec file: `*.yaml`/`*.yml`, not hidden.
+/// Editor leftovers (`x.yaml~`, `.x.yaml.swp`, `.#x.yaml`, vim's `4913`)
+/// fail one of the two tests.
+pub fn is_spec_file_name(name: &str) -> bool {
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Lists spec files under `root` (or `root` itself if it is a file), sorted.
+/// Hidden directories are skipped and symlinked directories are not followed,
+/// so a `.git` or a link loop never gets walked.
+fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    match fs::metadata(root) {
+        Ok(m) if m.is_file() => return vec![root.to_path_buf()],
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            errors.push(SpecError::whole_file(root, "not a directory or regular file"));
+            return out;
+        }
+        Err(e) => {
+            errors.push(SpecError::whole_file(root, format!("cannot read: {e}")));
+            return out;
+        }
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(SpecError::whole_file(&dir, format!("cannot read directory: {e}")));
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    errors.push(SpecError::whole_file(&dir, format!("cannot read directory: {e}")));
+                    continue;
+                }
+            };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(_) if is_spec_file_name(&name) => out.push(path),
+                Ok(_) => {}
+                Err(e) => errors.push(SpecError::whole_file(&path, format!("cannot stat: {e}"))),
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Loads every spec under `root`. Never fails as a whole: problems are in
+/// [`Loaded::errors`] and the VMs they concern in `desired.unknown`.
+pub fn load_dir(root: &Path) -> Loaded {
+    let mut errors = Vec::new();
+    let files = list_files(root, &mut errors);
+    let results: Vec<FileResult> = files.par_iter().map(|f| load_file(f)).collect();
+    merge(results, errors)
+}
+
+/// Loads specs from in-memory files (name, text), as [`load_dir`] does from disk.
+pub fn load_texts(files: &[(PathBuf, String)]) -> Loaded {
+    let results: Vec<FileResult> = files
+        .par_iter()
+        .map(|(path, text)| parse_str(path, text.clone()))
+        .collect();
+    merge(results, Vec::new())
+}
+
+/// One error before it has a position: `pos` is filled by the loader,
+/// from serde_yaml's mark or by re-reading the file.
+#[derive(Debug)]
+struct Pending {
+    doc: usize,
+    field: String,
+    message: String,
+    pos: Option<(usize, usize)>,
+}
+
+#[derive(Debug, Default)]
+struct FileResult {
+    path: PathBuf,
+    text: String,
+    vms: Vec<DesiredVm>,
+    /// Names of VMs in this file whose documents have errors.
+    unknown: Vec<String>,
+    pending: Vec<Pending>,
+    /// Errors that concern the whole file.
+    file_errors: Vec<SpecError>,
+}
+
+fn load_file(path: &Path) -> FileResult {
+    let fail = |msg: String| FileResult {
+        path: path.to_path_buf(),
+        file_errors: vec![SpecError::whole_file(path, msg)],
+        ..FileResult::default()
+    };
+    // Follow a symlinked file, but read only regular files: a FIFO or a
+    // device would block or stream forever.
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("cannot stat: {e}")),
+    };
+    if !meta.is_file() {
+        return fail("not a regular file".to_string());
+    }
+    if meta.len() > MAX_SPEC_FILE_BYTES {
+        return fail(format!("file is {} bytes, over the {MAX_SPEC_FILE_BYTES}-byte limit", meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow between stat and read: never read past the limit.
+    let read = fs::File::open(path).and_then(|f| f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes));
+    if let Err(e) = read {
+        return fail(format!("cannot read: {e}"));
+    }
+    if bytes.len() as u64 > MAX_SPEC_FILE_BYTES {
+        return fail(format!("file is over the {MAX_SPEC_FILE_BYTES}-byte limit"));
+    }
+    match String::from_utf8(bytes) {
+        Ok(text) => parse_str(path, text),
+        Err(e) => fail(format!("not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to())),
+    }
+}
+
+/// Just enough of a document to learn its VM's name when the whole does not load.
+#[derive(Deserialize)]
+struct NameOnly {
+    metadata: Option<NameOnlyMeta>,
+}
+#[derive(Deserialize)]
+struct NameOnlyMeta {
+    name: Option<String>,
+}
+
+fn name_of_broken_doc(text: &str, doc: usize) -> Option<String> {
+    let de = serde_yaml::Deserializer::from_str(text).nth(doc)?;
+    NameOnly::deserialize(de).ok()?.metadata?.name
+}
+
+/// Parses and validates one file's text.
+fn parse_str(path: &Path, text: String) -> FileResult {
+    let mut r = FileResult { path: path.to_path_buf(), ..FileResult::default() };
+    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        if i >= MAX_DOCUMENTS_PER_FILE {
+            r.file_errors.push(SpecError::whole_file(path, format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file")));
+            break;
+        }
+        let value = match Option::<VmDocument>::deserialize(de) {
+            Ok(Some(doc)) => doc,
+            // An empty document (a stray `---`, a file of comments) is no VM.
+            Ok(None) => continue,
+            Err(e) => {
+                r.pending.push(from_yaml_error(i, &e));
+                if let Some(name) = name_of_broken_doc(&text, i) {
+                    r.unknown.push(name);
+                }
+                continue;
+            }
+        };
+        let mut doc = value;
+        let problems: Vec<Problem> = validate_document(&mut doc);
+        if problems.is_empty() {
+            r.vms.push(DesiredVm {
+                name: doc.metadata.name,
+                file: path.to_path_buf(),
+                doc: i,
+                config: doc.spec,
+                status: doc.status,
+            });
+        } else {
+            r.unknown.push(doc.metadata.name);
+            r.pending.extend(problems.into_iter().map(|(field, message)| Pending { doc: i, field, message, pos: None }));
+        }
+    }
+    r.text = text;
+    r
+}
+
+/// Splits serde_yaml's `path: message at line L column C` into its parts.
+fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
+    let mut msg = e.to_string();
+    if let Some(i) = msg.rfind(" at line ") {
+        if msg[i + 9..].split(" column ").count() == 2 {
+            msg.truncate(i);
+        }
+    }
+    let mut field = String::new();
+    if let Some((head, tail)) = msg.split_once(": ") {
+        let is_path = !head.is_empty()
+            && head.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '[' | ']' | '_'));
+        if is_path {
+            field = head.to_string();
+            msg = tail.to_string();
+        }
+    }
+    // "spec: missing field `boot`" reads better as "spec.boot: missing field".
+    if let Some(name) = msg.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+        field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+        msg = "required field is missing".to_string();
+    }
+    let pos = e.location().map(|l| (l.line(), l.column()));
+    Pending { doc, field, message: msg, pos }
+}
+
+/// Where one VM's spec and a field of it live, for cross-VM errors.
+#[derive(Clone)]
+struct Site {
+    vm: String,
+    file: usize,
+    doc: usize,
+    field: String,
+}
+
+fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
+    let mut results = results;
+    let mut desired = DesiredState::default();
+
+    // Cross-VM checks, in file order so messages are deterministic.
+    let mut cross: Vec<(usize, Pending)> = Vec::new();
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
+    let mut by_name: BTreeMap<&str, Vec<Site>> = BTreeMap::new();
+    let mut by_mac: BTreeMap<&str, Vec<Site>> = BTreeMap::new();
+    let mut by_disk: BTreeMap<&Path, Vec<(Site, bool)>> = BTreeMap::new();
+    for (fi, r) in results.iter().enumerate() {
+        for vm in &r.vms {
+            let site = |field: String| Site { vm: vm.name.clone(), file: fi, doc: vm.doc, field };
+            by_name.entry(&vm.name).or_default().push(site("metadata.name".into()));
+            for (i, n) in vm.config.network_adapters.iter().enumerate() {
+                by_mac.entry(&n.mac_address).or_default().push(site(format!("spec.networkAdapters[{i}].macAddress")));
+            }
+            for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
+                for (j, d) in c.disks.iter().enumerate() {
+                    by_disk
+                        .entry(&d.path)
+                        .or_default()
+                        .push((site(format!("spec.scsiControllers[{i}].disks[{j}].path")), d.read_only));
+                }
+            }
+            if let Some(p) = &vm.config.vpmem {
+                for (i, d) in p.devices.iter().enumerate() {
+                    by_disk.entry(&d.path).or_default().push((site(format!("spec.vpmem.devices[{i}].path")), d.read_only));
+                }
+            }
+        }
+        unknown.extend(r.unknown.iter().cloned());
+    }
+    let where_is = |s: &Site| results[s.file].path.display().to_string();
+    for (name, sites) in &by_name {
+        // A name whose other spec is broken still clashes: plan neither.
+        if sites.len() > 1 || unknown.contains(*name) {
+            for s in sites {
+                let others: Vec<String> = sites.iter().filter(|o| o.file != s.file || o.doc != s.doc).map(&where_is).collect();
+                let msg = if others.is_empty() {
+                    format!("VM {name:?} is also defined in a spec that failed to load")
+                } else {
+                    format!("VM {name:?} is also defined in {}", others.join(", "))
+                };
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+            }
+        }
+    }
+    for (mac, sites) in &by_mac {
+        let vms: BTreeSet<&str> = sites.iter().map(|s| s.vm.as_str()).collect();
+        if vms.len() > 1 {
+            for s in sites {
+                let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
+                let msg = format!("MAC {mac} is also used by VM {}", others.join(", "));
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+            }
+        }
+    }
+    for (path, sites) in &by_disk {
+        let vms: BTreeSet<&str> = sites.iter().map(|(s, _)| s.vm.as_str()).collect();
+        if vms.len() > 1 && sites.iter().any(|(_, ro)| !ro) {
+            for (s, _) in sites {
+                let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
+                let msg = format!(
+                    "{} is also attached by VM {}; an image attached writable can belong to one VM only",
+                    path.display(),
+                    others.join(", ")
+                );
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+            }
+        }
+    }
+    let mut bad_vms: BTreeSet<String> = BTreeSet::new();
+    for (fi, p) in &cross {
+        let r = &results[*fi];
+        if let Some(vm) = r.vms.iter().find(|v| v.doc == p.doc) {
+            bad_vms.insert(vm.name.clone());
+        }
+    }
+    for (fi, p) in cross {
+        results[fi].pending.push(p);
+    }
+    unknown.extend(bad_vms.iter().cloned());
+
+    for r in results {
+        errors.extend(r.file_errors);
+        if !r.pending.is_empty() {
+            let needs_index = r.pending.iter().any(|p| p.pos.is_none());
+            let locations = if needs_index { Locations::index(&r.text) } else { Locations::default() };
+            for p in r.pending {
+                let (line, column) = p.pos.or_else(|| locations.find(p.doc, &p.field)).unwrap_or((0, 0));
+                errors.push(SpecError { file: r.path.clone(), line, column, field: p.field, message: p.message });
+            }
+        }
+        for vm in r.vms {
+            if !unknown.contains(&vm.name) {
+                desired.vms.insert(vm.name.clone(), vm);
+            }
+        }
+    }
+    for e in &errors {
+        desired.failed_files.insert(e.file.clone());
+    }
+    desired.unknown = unknown;
+    errors.sort();
+    errors.dedup();
+    Loaded { desired, errors }
+}

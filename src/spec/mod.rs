@@ -1,0 +1,53 @@
+//! ① Spec files → desired state: the YAML model, loading a directory,
+//! validation with positioned errors, and the JSON Schema.
+
+mod error;
+mod load;
+mod locate;
+pub mod model;
+mod validate;
+
+pub use error::{SpecError, SpecErrors};
+pub use load::{Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts};
+pub use model::*;
+pub use validate::{
+    MAX_MEMORY_MB, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,
+    MAX_UNIX_SOCKET_PATH, MAX_VPMEM_DEVICES, MAX_VPMEM_SIZE_BYTES, parse_guid, parse_mac,
+    validate_document,
+};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+/// A VM whose spec loaded and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredVm {
+    /// The VM's name (`metadata.name`).
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Index of its document in that file.
+    pub doc: usize,
+    /// What it should be; values canonical, lists in file order.
+    pub config: VmConfig,
+    /// What `export` recorded beside it (only read by `plan --observed`).
+    pub status: Option<VmStatus>,
+}
+
+/// Everything the specs say, and what they could not say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredState {
+    /// Valid VMs by name.
+    pub vms: BTreeMap<String, DesiredVm>,
+    /// Names of VMs whose specs failed to load: never planned, never pruned.
+    pub unknown: BTreeSet<String>,
+    /// Files that had any error. While this is not empty nothing is pruned,
+    /// since a file that did not parse may have named any VM.
+    pub failed_files: BTreeSet<PathBuf>,
+}
+
+/// The JSON Schema of a spec document, for editors (yaml-language-server) and CI.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(VmDocument);
+    serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null)
+}

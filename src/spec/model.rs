@@ -1,0 +1,480 @@
+//! The YAML shape of a spec document. The same shape is what `export` writes
+//! and what `plan --observed` reads, so one model serves desired and observed.
+//!
+//! Every struct denies unknown fields: a typo is an error, never a silent
+//! default. Optional fields with a default are left out when serialized, so the
+//! canonical YAML of a VM is short and diffs well.
+
+use crate::vm::{GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat, VsmbOptions, is_false};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `apiVersion` every document carries.
+pub const API_VERSION: &str = "uvmctl.dev/v1alpha1";
+/// `kind` of a VM document.
+pub const KIND: &str = "UtilityVM";
+
+/// One YAML document: one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "uvmctl UtilityVM spec")]
+pub struct VmDocument {
+    /// Must be `uvmctl.dev/v1alpha1`.
+    pub api_version: String,
+    /// Must be `UtilityVM`.
+    pub kind: String,
+    /// Identity of the VM.
+    pub metadata: Metadata,
+    /// What the VM should be.
+    pub spec: VmConfig,
+    /// Written by `uvmctl export`; ignored when specs are loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+}
+
+/// Identity of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// VM name: 1–64 characters of `[A-Za-z0-9-]`, unique across all specs.
+    pub name: String,
+}
+
+/// Observed facts `export` records beside the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmStatus {
+    /// Lifecycle state the virtstack reported.
+    pub state: crate::vm::State,
+    /// Whether uvmctl created (and so may change) this VM.
+    #[serde(default = "default_true")]
+    pub managed: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Desired power state.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum PowerState {
+    /// Guest running.
+    #[default]
+    Running,
+    /// Guest halted in memory.
+    Paused,
+    /// VM shut down.
+    Stopped,
+}
+
+impl PowerState {
+    /// Lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerState::Running => "running",
+            PowerState::Paused => "paused",
+            PowerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Everything a VM is. Lists are keyed by their natural key, never by position.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest operating system (default `linux`).
+    #[serde(default, rename = "guestOS")]
+    pub guest_os: GuestOs,
+    /// Desired power state (default `running`).
+    #[serde(default)]
+    pub power_state: PowerState,
+    /// What uvmctl may do to this VM.
+    #[serde(default, skip_serializing_if = "Policy::is_default")]
+    pub policy: Policy,
+    /// How the VM boots.
+    pub boot: Boot,
+    /// Virtual processors.
+    pub processors: Processors,
+    /// Guest memory.
+    pub memory: Memory,
+    /// Serial consoles relayed to unix listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serial_consoles: Vec<SerialConsole>,
+    /// Storage I/O limits for the VM's disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_qos: Option<StorageQos>,
+    /// SCSI controllers with their disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scsi_controllers: Vec<ScsiController>,
+    /// Virtual persistent memory: the controller and its devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpmem: Option<Vpmem>,
+    /// Network adapters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_adapters: Vec<NetworkAdapter>,
+    /// Plan9 file shares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan9_shares: Vec<Plan9Share>,
+    /// Virtual SMB shares (Windows hosts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vsmb_shares: Vec<VsmbShare>,
+    /// Assigned PCI devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pci_devices: Vec<PciDevice>,
+    /// Hypervisor socket listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_sockets: Vec<VmSocket>,
+    /// Options only a Windows host has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<WindowsOptions>,
+}
+
+/// Per-VM policy: not part of the VM, but of what uvmctl may do to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    /// `apply` may destroy and rebuild this VM to apply cold-only changes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_recreate: bool,
+    /// `apply --prune` never removes this VM, even when its spec is gone
+    /// (the last applied spec's policy, as the virtstack recorded it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub protected: bool,
+}
+
+impl Policy {
+    fn is_default(&self) -> bool {
+        *self == Policy::default()
+    }
+}
+
+/// Boot source: exactly one of `uefi` or `linuxKernelDirect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Boot {
+    /// UEFI firmware boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi: Option<UefiBoot>,
+    /// Direct Linux kernel boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux_kernel_direct: Option<LinuxKernelDirect>,
+}
+
+/// UEFI boot, after hcsshim's `SetUEFIBoot(dir, path, args)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UefiBoot {
+    /// Absolute path of the directory holding the boot files.
+    pub dir: PathBuf,
+    /// Path of the EFI application inside `dir`.
+    pub path: String,
+    /// Optional data passed to the EFI application (for Linux: its command line).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub args: String,
+}
+
+/// Direct kernel boot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LinuxKernelDirect {
+    /// Absolute path of the kernel image.
+    pub kernel: PathBuf,
+    /// Absolute path of the initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+}
+
+/// Processor settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Processors {
+    /// Number of virtual processors (1–255).
+    pub count: u32,
+}
+
+impl Default for Processors {
+    fn default() -> Self {
+        Processors { count: 1 }
+    }
+}
+
+/// Memory settings, after hcsshim's `SetMemoryLimit`, `MemoryConfig` and `SetMMIOConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Memory {
+    /// Memory size in MB (1–1048576).
+    #[serde(rename = "sizeMB")]
+    pub size_mb: u64,
+    /// What backs guest memory (default `virtual`).
+    #[serde(default)]
+    pub backing: MemoryBackingType,
+    /// Commit host memory lazily.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deferred_commit: bool,
+    /// Hot memory hint.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub hot_hint: bool,
+    /// Cold memory hint.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cold_hint: bool,
+    /// Cold memory may be discarded.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cold_discard_hint: bool,
+    /// Memory-mapped I/O layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio: Option<Mmio>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            size_mb: 512,
+            backing: MemoryBackingType::Virtual,
+            deferred_commit: false,
+            hot_hint: false,
+            cold_hint: false,
+            cold_discard_hint: false,
+            mmio: None,
+        }
+    }
+}
+
+/// MMIO gaps, in MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mmio {
+    /// Size of the MMIO gap below 4 GiB (0–3072).
+    #[serde(rename = "lowGapMB")]
+    pub low_gap_mb: u64,
+    /// Start of the high MMIO region (at least 4096, at most 2^30).
+    #[serde(rename = "highBaseMB")]
+    pub high_base_mb: u64,
+    /// Size of the high MMIO region (at most 2^30).
+    #[serde(rename = "highGapMB")]
+    pub high_gap_mb: u64,
+}
+
+/// A serial console relayed to a unix socket listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SerialConsole {
+    /// Serial port number (0–3: COM1–COM4 / ttyS0–ttyS3).
+    pub port: u32,
+    /// Absolute path of the unix socket the console is relayed to.
+    pub listener_path: PathBuf,
+}
+
+/// Storage I/O limits. Leave a field out for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageQos {
+    /// Maximum I/O operations per second (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_maximum: Option<u64>,
+    /// Maximum bytes per second (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_maximum: Option<u64>,
+}
+
+/// A SCSI controller with its disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScsiController {
+    /// Controller number (0–3).
+    pub id: u32,
+    /// Disks on this controller, keyed by LUN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ScsiDisk>,
+}
+
+/// A SCSI disk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScsiDisk {
+    /// Logical unit number (0–63).
+    pub lun: u32,
+    /// Absolute host path of the image or device.
+    pub path: PathBuf,
+    /// `vhd1`, `vhdx` or `passthrough` (raw file or block device). Always stated, never probed.
+    #[serde(rename = "type")]
+    pub disk_type: ScsiDiskType,
+    /// Attach read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// The VPMem controller and its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Vpmem {
+    /// How many devices the guest sees (1–128).
+    pub maximum_devices: u32,
+    /// Largest device, in bytes (a multiple of 4096, at least 4096).
+    pub maximum_size_bytes: u64,
+    /// Devices, keyed by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<VpmemDevice>,
+}
+
+/// A virtual pmem device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VpmemDevice {
+    /// Slot, below the controller's `maximumDevices`.
+    pub id: u32,
+    /// Absolute host path of the image.
+    pub path: PathBuf,
+    /// `vhd1` or `vhdx` (default `vhd1`).
+    #[serde(default)]
+    pub format: VPMemImageFormat,
+    /// Map read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// A network adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkAdapter {
+    /// Adapter id, a GUID.
+    pub nic_id: String,
+    /// Host endpoint: an HCN endpoint GUID, a tap device name, or `user` for user-mode networking.
+    pub endpoint_id: String,
+    /// MAC address, `00-15-5D-01-02-03` or `00:15:5d:01:02:03` (unicast).
+    pub mac_address: String,
+}
+
+/// A Plan9 share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Plan9Share {
+    /// Share name (mount tag), 1–31 characters of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Absolute host path shared.
+    pub host_path: PathBuf,
+    /// Transport port (default 564).
+    #[serde(default = "default_plan9_port")]
+    pub port: u32,
+    /// Share flags, as hcsshim passes them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub flags: u32,
+    /// Restrict the share to these file names inside `hostPath`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_files: Vec<String>,
+    /// Share read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// The default Plan9 port, as in hcsshim.
+pub const DEFAULT_PLAN9_PORT: u32 = 564;
+
+fn default_plan9_port() -> u32 {
+    DEFAULT_PLAN9_PORT
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// A virtual SMB share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsmbShare {
+    /// Share name, 1–64 characters of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Absolute host path shared.
+    pub host_path: PathBuf,
+    /// Restrict the share to these file names inside `hostPath`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_files: Vec<String>,
+    /// Share options.
+    #[serde(default, skip_serializing_if = "is_default_vsmb")]
+    pub options: VsmbOptions,
+}
+
+fn is_default_vsmb(o: &VsmbOptions) -> bool {
+    *o == VsmbOptions::default()
+}
+
+/// An assigned PCI device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PciDevice {
+    /// Host device instance id (Windows instance path or Linux `0000:01:00.0`).
+    pub instance_id: String,
+    /// VMBus channel GUID (Windows hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmbus_guid: Option<String>,
+}
+
+/// A hypervisor socket listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSocket {
+    /// `hvsocket` (needs `serviceId`) or `vsock` (needs `port`).
+    #[serde(rename = "type")]
+    pub socket_type: VMSocketType,
+    /// HvSocket service id, a GUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    /// vsock port (1–4294967294).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    /// Absolute path of the unix socket guest connections are relayed to.
+    pub listener_path: PathBuf,
+}
+
+impl VmSocket {
+    /// The address part of the natural key: the service id or the port.
+    pub fn address(&self) -> String {
+        match (self.socket_type, &self.service_id, self.port) {
+            (VMSocketType::HvSocket, Some(id), _) => id.clone(),
+            (VMSocketType::VSock, _, Some(port)) => port.to_string(),
+            (_, Some(id), _) => id.clone(),
+            (_, None, Some(port)) => port.to_string(),
+            (_, None, None) => String::new(),
+        }
+    }
+}
+
+/// Windows-host options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WindowsOptions {
+    /// CPU group id, a GUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_group: Option<String>,
+}
+
+impl VmConfig {
+    /// Sorts every keyed list by its natural key, so two equal VMs serialize
+    /// to the same YAML whatever order their specs listed things in.
+    pub fn canonicalize(&mut self) {
+        self.serial_consoles.sort_by_key(|s| s.port);
+        self.scsi_controllers.sort_by_key(|c| c.id);
+        for c in &mut self.scsi_controllers {
+            c.disks.sort_by_key(|d| d.lun);
+        }
+        if let Some(v) = &mut self.vpmem {
+            v.devices.sort_by_key(|d| d.id);
+        }
+        self.network_adapters.sort_by(|a, b| a.nic_id.cmp(&b.nic_id));
+        self.plan9_shares.sort_by(|a, b| a.name.cmp(&b.name));
+        self.vsmb_shares.sort_by(|a, b| a.name.cmp(&b.name));
+        self.pci_devices.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        self.vm_sockets
+            .sort_by(|a, b| (a.socket_type, a.address()).cmp(&(b.socket_type, b.address())));
+        if self.windows.as_ref().is_some_and(|w| w.cpu_group.is_none()) {
+            self.windows = None;
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! ② Observed state and capabilities: what a virtstack really has, and what
+//! it can do. Virtstack implementations live below this module.
+
+pub mod recorded;
+
+use crate::spec::VmConfig;
+use crate::vm::{Disruption, Resource, ResourceOperation, State};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One VM as the virtstack has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedVm {
+    /// Its configuration, read back from the virtstack (not from a cache).
+    /// `config.policy` is the policy of the spec last applied to it.
+    pub config: VmConfig,
+    /// Lifecycle state.
+    pub state: State,
+    /// Whether uvmctl created it. VMs it did not create are never touched.
+    pub managed: bool,
+}
+
+/// Every VM a virtstack has, by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ObservedState {
+    /// VMs by name.
+    pub vms: BTreeMap<String, ObservedVm>,
+}
+
+/// What a virtstack does for one operation on one resource, on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Support {
+    /// The disruption it costs.
+    pub disruption: Disruption,
+    /// Why, when it is not live.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl Support {
+    /// Done on the running VM.
+    pub fn live() -> Self {
+        Support { disruption: Disruption::Live, reason: String::new() }
+    }
+    /// Done by stopping and starting the VM.
+    pub fn restart(reason: impl Into<String>) -> Self {
+        Support { disruption: Disruption::Restart, reason: reason.into() }
+    }
+    /// Done by destroying and rebuilding the VM.
+    pub fn recreate(reason: impl Into<String>) -> Self {
+        Support { disruption: Disruption::Recreate, reason: reason.into() }
+    }
+    /// Not done at all.
+    pub fn unsupported(reason: impl Into<String>) -> Self {
+        Support { disruption: Disruption::Unsupported, reason: reason.into() }
+    }
+}
+
+/// The resource × operation matrix of one virtstack on one host.
+///
+/// `supported(r, op)` is hcsshim's `Supported`: true exactly when the running
+/// VM can do it. The matrix also says what it costs otherwise, which is what
+/// the plan shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    /// Virtstack name.
+    pub virtstack: String,
+    /// Per resource, per operation.
+    pub matrix: BTreeMap<Resource, BTreeMap<ResourceOperation, Support>>,
+}
+
+impl Capabilities {
+    /// An empty matrix: everything unsupported until set.
+    pub fn new(virtstack: impl Into<String>) -> Self {
+        Capabilities { virtstack: virtstack.into(), matrix: BTreeMap::new() }
+    }
+
+    /// Sets one cell.
+    pub fn set(&mut self, r: Resource, op: ResourceOperation, s: Support) -> &mut Self {
+        self.matrix.entry(r).or_default().insert(op, s);
+        self
+    }
+
+    /// Sets add, remove and update of `r` at once.
+    pub fn set_all(&mut self, r: Resource, add: Support, remove: Support, update: Support) -> &mut Self {
+        self.set(r, ResourceOperation::Add, add);
+        self.set(r, ResourceOperation::Remove, remove);
+        self.set(r, ResourceOperation::Update, update)
+    }
+
+    /// What `op` on `r` costs; a missing cell is unsupported.
+    pub fn support(&self, r: Resource, op: ResourceOperation) -> Support {
+        self.matrix
+            .get(&r)
+            .and_then(|m| m.get(&op))
+            .cloned()
+            .unwrap_or_else(|| Support::unsupported(format!("{} does not offer {r} {op}", self.virtstack)))
+    }
+
+    /// hcsshim's `Supported`: can the running VM do it?
+    pub fn supported(&self, r: Resource, op: ResourceOperation) -> bool {
+        self.support(r, op).disruption == Disruption::Live
+    }
+
+    /// The QEMU 7.2 virtstack, as measured (`docs/capabilities.md`), on a host with `host`'s devices.
+    pub fn qemu(host: &HostFacts) -> Self {
+        use Resource::*;
+        let mut c = Capabilities::new(crate::vm::QEMU);
+        let live = Support::live;
+        let no_update = |what: &str| Support::restart(format!("{what} is re-created at the next start"));
+        c.set_all(ScsiController, live(), live(), Support::unsupported("a controller has no settings to update"));
+        c.set_all(Scsi, live(), live(), no_update("a disk"));
+        c.set_all(
+            VPMem,
+            live(),
+            Support::restart("QEMU 7.2 cannot unplug an NVDIMM"),
+            Support::restart("QEMU 7.2 cannot unplug an NVDIMM"),
+        );
+        c.set_all(Network, live(), live(), no_update("a NIC"));
+        c.set_all(
+            Plan9,
+            Support::restart("QEMU 7.2 has no fsdev_add: a 9p export exists only from launch"),
+            live(),
+            no_update("a 9p export"),
+        );
+        let windows_only = |what: &str| Support::unsupported(format!("{what} are a Windows (HCS) feature"));
+        c.set_all(Vsmb, windows_only("SMB shares"), windows_only("SMB shares"), windows_only("SMB shares"));
+        c.set_all(CpuGroup, windows_only("CPU groups"), windows_only("CPU groups"), windows_only("CPU groups"));
+        let pci = if host.vfio { live() } else { Support::unsupported("PCI passthrough needs VFIO (/dev/vfio) on this host") };
+        c.set_all(Pci, pci.clone(), pci, no_update("an assigned device"));
+        c.set(Memory, ResourceOperation::Update, live());
+        c.set(Processor, ResourceOperation::Update, live());
+        c.set(StorageQos, ResourceOperation::Update, live());
+        let serial = Support::restart("serial consoles are wired at launch");
+        c.set_all(Serial, serial.clone(), serial.clone(), serial);
+        let vsock = if host.vhost_vsock {
+            live()
+        } else {
+            Support::unsupported("vsock needs /dev/vhost-vsock on this host")
+        };
+        c.set_all(VmSocket, vsock.clone(), vsock, no_update("a socket listener"));
+        c
+    }
+
+    /// The HCS virtstack as hcsshim documents it (Windows hosts; not probed).
+    pub fn hcs() -> Self {
+        use Resource::*;
+        let mut c = Capabilities::new(crate::vm::HCS);
+        let live = Support::live;
+        let cold = |what: &str| Support::recreate(format!("HCS sets {what} only when the compute system is created"));
+        c.set_all(ScsiController, cold("SCSI controllers"), cold("SCSI controllers"), cold("SCSI controllers"));
+        for r in [Scsi, VPMem, Network, Vsmb, Plan9, Pci] {
+            c.set_all(r, live(), live(), Support::restart(format!("HCS has no in-place {r} update")));
+        }
+        c.set(CpuGroup, ResourceOperation::Update, live());
+        c.set(Memory, ResourceOperation::Update, live());
+        c.set(Processor, ResourceOperation::Update, cold("the processor count"));
+        c.set(StorageQos, ResourceOperation::Update, cold("storage QoS"));
+        c.set_all(Serial, cold("serial consoles"), cold("serial consoles"), cold("serial consoles"));
+        c.set_all(VmSocket, live(), live(), Support::restart("HCS has no in-place socket update"));
+        c
+    }
+
+    /// The built-in profile of a virtstack by name, for `plan --observed`.
+    pub fn profile(name: &str) -> Option<Self> {
+        match name {
+            crate::vm::QEMU => Some(Capabilities::qemu(&HostFacts::probe())),
+            crate::vm::HCS => Some(Capabilities::hcs()),
+            _ => None,
+        }
+    }
+}
+
+/// Host devices that decide what QEMU can offer here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// `/dev/vhost-vsock` exists.
+    pub vhost_vsock: bool,
+    /// `/dev/vfio/vfio` exists.
+    pub vfio: bool,
+}
+
+impl HostFacts {
+    /// Looks at this host's device nodes.
+    pub fn probe() -> Self {
+        HostFacts {
+            vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+            vfio: Path::new("/dev/vfio/vfio").exists(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Resource::*;
+    use ResourceOperation::*;
+
+    #[test]
+    fn qemu_profile_says_what_qemu_72_facts_say() {
+        let c = Capabilities::qemu(&HostFacts::default());
+        assert!(c.supported(Scsi, Add) && c.supported(Scsi, Remove));
+        assert!(c.supported(VPMem, Add));
+        assert_eq!(c.support(VPMem, Remove).disruption, Disruption::Restart);
+        assert_eq!(c.support(Plan9, Add).disruption, Disruption::Restart);
+        assert!(c.supported(Plan9, Remove));
+        assert_eq!(c.support(Vsmb, Add).disruption, Disruption::Unsupported);
+        assert_eq!(c.support(VmSocket, Add).disruption, Disruption::Unsupported);
+        assert_eq!(c.support(Pci, Add).disruption, Disruption::Unsupported);
+    }
+
+    #[test]
+    fn qemu_profile_follows_host_devices() {
+        let c = Capabilities::qemu(&HostFacts { vhost_vsock: true, vfio: true });
+        assert!(c.supported(VmSocket, Add));
+        assert!(c.supported(Pci, Remove));
+    }
+
+    #[test]
+    fn a_missing_cell_is_unsupported_and_says_so() {
+        let c = Capabilities::new("empty");
+        let s = c.support(Memory, Update);
+        assert_eq!(s.disruption, Disruption::Unsupported);
+        assert_eq!(s.reason, "empty does not offer memory update");
+    }
+}

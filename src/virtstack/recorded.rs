@@ -1,0 +1,89 @@
+//! A recorded host: observed state read from a file in the spec shape (what
+//! `uvmctl export` writes), with the capabilities of a named virtstack. It lets
+//! CI preview a plan against a host it cannot reach. It only observes.
+
+use super::{Capabilities, ObservedState, ObservedVm};
+use crate::spec::{PowerState, SpecErrors, load_dir};
+use crate::vm::{Observe, State, VmError};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+
+/// Why a recording could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordedError {
+    /// The file has spec errors.
+    #[error("observed-state file {path} is invalid:\n{errors}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Its problems.
+        errors: SpecErrors,
+    },
+    /// The virtstack name has no built-in profile.
+    #[error("no capability profile for virtstack {0:?} (known: qemu, hcs)")]
+    UnknownVirtstack(String),
+}
+
+/// Observed state and capabilities read from a file.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    caps: Capabilities,
+    state: ObservedState,
+}
+
+impl Recorded {
+    /// Reads `path` (a file or directory of VM documents); `virtstack` names
+    /// whose capabilities to assume.
+    pub fn load(path: &Path, virtstack: &str) -> Result<Self, RecordedError> {
+        let caps = Capabilities::profile(virtstack).ok_or_else(|| RecordedError::UnknownVirtstack(virtstack.to_string()))?;
+        let loaded = load_dir(path);
+        if !loaded.errors.is_empty() {
+            return Err(RecordedError::Invalid { path: path.to_path_buf(), errors: SpecErrors(loaded.errors) });
+        }
+        let mut state = ObservedState::default();
+        for (name, vm) in loaded.desired.vms {
+            let (vm_state, managed) = match &vm.status {
+                Some(s) => (s.state, s.managed),
+                None => (
+                    match vm.config.power_state {
+                        PowerState::Running => State::Running,
+                        PowerState::Paused => State::Paused,
+                        PowerState::Stopped => State::Terminated,
+                    },
+                    true,
+                ),
+            };
+            state.vms.insert(name, ObservedVm { config: vm.config, state: vm_state, managed });
+        }
+        Ok(Recorded { caps, state })
+    }
+
+    /// The capabilities assumed for the recording.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The recorded state.
+    pub fn state(&self) -> &ObservedState {
+        &self.state
+    }
+}
+
+#[async_trait]
+impl Observe for Recorded {
+    fn name(&self) -> &str {
+        &self.caps.virtstack
+    }
+
+    async fn capabilities(&self) -> Result<Capabilities, VmError> {
+        Ok(self.caps.clone())
+    }
+
+    async fn list(&self) -> Result<Vec<String>, VmError> {
+        Ok(self.state.vms.keys().cloned().collect())
+    }
+
+    async fn observe(&self, name: &str) -> Result<ObservedVm, VmError> {
+        self.state.vms.get(name).cloned().ok_or_else(|| VmError::NotFound(name.to_string()))
+    }
+}

@@ -1,0 +1,485 @@
+//! The VM abstraction, after hcsshim's `internal/vm` package: what a virtstack
+//! is asked to do, in words every layer shares. No I/O lives here.
+
+mod traits;
+
+pub use traits::{
+    BootManager, LinuxConfigManager, MemoryManager, NetworkManager, Observe, PciManager,
+    Plan9Manager, ProcessorManager, ScsiManager, SerialManager, StorageQosManager, Uvm,
+    UvmBuilder, VMSocketManager, Virtstack, VmStats, VpmemManager, VsmbManager,
+    WindowsConfigManager,
+};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Name of the HCS virtstack (Windows).
+pub const HCS: &str = "hcs";
+/// Name of the remote vmservice virtstack.
+pub const REMOTE_VM: &str = "remotevm";
+/// Name of the QEMU virtstack.
+pub const QEMU: &str = "qemu";
+
+/// A resource a virtstack may be asked about through `Supported(resource, operation)`.
+///
+/// The first seven mirror hcsshim; `Memory` and `Processor` cover resizing, and
+/// the rest are the other things uvmctl manages on a VM, so every change the
+/// planner makes has one question to ask.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Resource {
+    /// Virtual persistent memory devices.
+    VPMem,
+    /// SCSI disks.
+    Scsi,
+    /// Network adapters.
+    Network,
+    /// Virtual SMB shares (Windows hosts).
+    Vsmb,
+    /// Assigned PCI devices.
+    Pci,
+    /// Plan9 file shares.
+    Plan9,
+    /// Windows CPU group membership.
+    CpuGroup,
+    /// Memory size.
+    Memory,
+    /// Processor count.
+    Processor,
+    /// SCSI controllers (uvmctl extension).
+    ScsiController,
+    /// Serial consoles (uvmctl extension).
+    Serial,
+    /// Storage QoS limits (uvmctl extension).
+    StorageQos,
+    /// VM socket listeners (uvmctl extension).
+    VmSocket,
+}
+
+impl Resource {
+    /// Every resource, in a stable order.
+    pub const ALL: [Resource; 13] = [
+        Resource::VPMem,
+        Resource::Scsi,
+        Resource::Network,
+        Resource::Vsmb,
+        Resource::Pci,
+        Resource::Plan9,
+        Resource::CpuGroup,
+        Resource::Memory,
+        Resource::Processor,
+        Resource::ScsiController,
+        Resource::Serial,
+        Resource::StorageQos,
+        Resource::VmSocket,
+    ];
+
+    /// The camelCase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::VPMem => "vpmem",
+            Resource::Scsi => "scsi",
+            Resource::Network => "network",
+            Resource::Vsmb => "vsmb",
+            Resource::Pci => "pci",
+            Resource::Plan9 => "plan9",
+            Resource::CpuGroup => "cpuGroup",
+            Resource::Memory => "memory",
+            Resource::Processor => "processor",
+            Resource::ScsiController => "scsiController",
+            Resource::Serial => "serial",
+            Resource::StorageQos => "storageQos",
+            Resource::VmSocket => "vmSocket",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kind of change asked of a resource.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ResourceOperation {
+    /// Attach or create.
+    Add,
+    /// Detach or delete.
+    Remove,
+    /// Change in place.
+    Update,
+}
+
+impl ResourceOperation {
+    /// Every operation, in a stable order.
+    pub const ALL: [ResourceOperation; 3] = [
+        ResourceOperation::Add,
+        ResourceOperation::Remove,
+        ResourceOperation::Update,
+    ];
+
+    /// Lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceOperation::Add => "add",
+            ResourceOperation::Remove => "remove",
+            ResourceOperation::Update => "update",
+        }
+    }
+}
+
+impl fmt::Display for ResourceOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lifecycle state of a utility VM; the source of truth for what may be done to it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum State {
+    /// Being configured; nothing exists in the virtstack yet.
+    PreCreated,
+    /// Exists with its configuration, not started.
+    Created,
+    /// Running its guest.
+    Running,
+    /// Guest halted, devices suspended.
+    Paused,
+    /// Shut down or exited.
+    Terminated,
+}
+
+impl State {
+    /// Whether a guest is executing or suspended in memory (devices attached live).
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Paused)
+    }
+
+    /// Lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::PreCreated => "preCreated",
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Terminated => "terminated",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Guest operating system of a utility VM.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum GuestOs {
+    /// A Linux guest.
+    #[default]
+    Linux,
+    /// A Windows guest.
+    Windows,
+}
+
+impl std::str::FromStr for GuestOs {
+    type Err = VmError;
+    fn from_str(s: &str) -> Result<Self, VmError> {
+        match s {
+            "linux" => Ok(GuestOs::Linux),
+            "windows" => Ok(GuestOs::Windows),
+            other => Err(VmError::UnknownGuestOs(other.to_string())),
+        }
+    }
+}
+
+/// Disk type of a SCSI attachment: a VHD, a VHDX, or a host file/device passed through raw.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+pub enum ScsiDiskType {
+    /// VHD (version 1) image.
+    #[serde(rename = "vhd1")]
+    Vhd1,
+    /// VHDX image.
+    #[serde(rename = "vhdx")]
+    Vhdx,
+    /// Raw file or block device, passed through.
+    #[serde(rename = "passthrough")]
+    PassThrough,
+}
+
+/// Image format of a virtual pmem device.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+pub enum VPMemImageFormat {
+    /// VHD (version 1) image.
+    #[serde(rename = "vhd1")]
+    #[default]
+    Vhd1,
+    /// VHDX image.
+    #[serde(rename = "vhdx")]
+    Vhdx,
+}
+
+/// What backs guest memory on the host.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum MemoryBackingType {
+    /// Pageable host virtual memory.
+    #[default]
+    Virtual,
+    /// Pinned host physical memory.
+    Physical,
+}
+
+/// Memory options beyond size, after hcsshim's `MemoryConfig`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct MemoryConfig {
+    /// Backing type.
+    pub backing_type: MemoryBackingType,
+    /// Commit host memory only when the guest touches it.
+    pub deferred_commit: bool,
+    /// Hint that memory is hot.
+    pub hot_hint: bool,
+    /// Hint that memory is cold.
+    pub cold_hint: bool,
+    /// Hint that cold memory may be discarded.
+    pub cold_discard_hint: bool,
+}
+
+/// Options of a virtual SMB share, after hcsshim's `VSMBOptions`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsmbOptions {
+    /// Share is read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// Use the host cache for I/O.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cache_io: bool,
+    /// Do not map files directly into guest memory.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_direct_map: bool,
+    /// Emulate oplocks.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pseudo_oplocks: bool,
+    /// Open files with backup privilege.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub take_backup_privilege: bool,
+    /// Disable oplocks.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_oplocks: bool,
+    /// Emulate directory change notifications.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pseudo_dirnotify: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Transport of a VM socket listener.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum VMSocketType {
+    /// Hyper-V socket, addressed by a service GUID.
+    #[serde(rename = "hvsocket")]
+    HvSocket,
+    /// virtio vsock, addressed by a port.
+    #[serde(rename = "vsock")]
+    VSock,
+}
+
+/// How disruptive one change is to a running VM, least first.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Disruption {
+    /// The running VM does it (`Supported` says yes); the guest keeps running.
+    Live,
+    /// The VM is stopped and started again with the new cold configuration; disks keep their data.
+    Restart,
+    /// The VM is destroyed and built again from its spec.
+    Recreate,
+    /// This virtstack cannot do it at all.
+    Unsupported,
+}
+
+impl Disruption {
+    /// Lowercase name used in output and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disruption::Live => "live",
+            Disruption::Restart => "restart",
+            Disruption::Recreate => "recreate",
+            Disruption::Unsupported => "unsupported",
+        }
+    }
+}
+
+impl fmt::Display for Disruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors a virtstack reports, after hcsshim's sentinel errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The virtstack cannot do this.
+    #[error("virtstack does not support {resource} {operation}")]
+    NotSupported {
+        /// The resource asked about.
+        resource: Resource,
+        /// The operation asked for.
+        operation: ResourceOperation,
+    },
+    /// A once-only field was set twice.
+    #[error("field {0} has already been set")]
+    AlreadySet(&'static str),
+    /// The guest OS string is not one we know.
+    #[error("unknown guest operating system {0:?} (expected linux or windows)")]
+    UnknownGuestOs(String),
+    /// Operation needs a pre-created VM.
+    #[error("VM {0} is not in pre-created state")]
+    NotInPreCreatedState(String),
+    /// Operation needs a created VM.
+    #[error("VM {0} is not in created state")]
+    NotInCreatedState(String),
+    /// Operation needs a running VM.
+    #[error("VM {0} is not in running state")]
+    NotInRunningState(String),
+    /// Operation needs a paused VM.
+    #[error("VM {0} is not in paused state")]
+    NotInPausedState(String),
+    /// The VM is not known to this virtstack.
+    #[error("VM {0} not found")]
+    NotFound(String),
+    /// The virtstack failed for its own reasons.
+    #[error("{context}")]
+    Backend {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_os_parses_known_names_and_refuses_others() {
+        assert_eq!("linux".parse::<GuestOs>().ok(), Some(GuestOs::Linux));
+        assert_eq!("windows".parse::<GuestOs>().ok(), Some(GuestOs::Windows));
+        let err = "plan9os".parse::<GuestOs>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unknown guest operating system \"plan9os\" (expected linux or windows)")
+        );
+    }
+
+    #[test]
+    fn only_running_and_paused_are_live() {
+        let live: Vec<State> = [
+            State::PreCreated,
+            State::Created,
+            State::Running,
+            State::Paused,
+            State::Terminated,
+        ]
+        .into_iter()
+        .filter(|s| s.is_live())
+        .collect();
+        assert_eq!(live, vec![State::Running, State::Paused]);
+    }
+}
