@@ -115,6 +115,8 @@ struct Pending {
     field: String,
     message: String,
     pos: Option<(usize, usize)>,
+    /// Point at the field's last occurrence (a duplicated key).
+    last: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,19 +179,85 @@ fn name_of_broken_doc(text: &str, doc: usize) -> Option<String> {
     NameOnly::deserialize(de).ok()?.metadata?.name
 }
 
+/// Deepest flow nesting (`[`, `{`) accepted. Real specs nest a few levels;
+/// the YAML parser slows down badly on thousands.
+pub const MAX_FLOW_NESTING: usize = 64;
+
+/// Position of the first flow bracket nested deeper than `limit`, skipping
+/// quoted scalars and comments. Block nesting needs indentation, which the
+/// file size limit already bounds.
+fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut col) = (0usize, 1usize, 0usize);
+    let (mut quote, mut comment, mut prev) = (None::<char>, false, '\n');
+    // Compact block nesting (`- - - x`, `? ? x`) on one line nests without brackets.
+    let (mut line_start, mut compact) = (true, 0usize);
+    for c in text.chars() {
+        col += 1;
+        if c == '\n' {
+            (line, col, comment, line_start, compact) = (line + 1, 0, false, true, 0);
+            prev = c;
+            continue;
+        }
+        if line_start && quote.is_none() {
+            match c {
+                ' ' | '\t' => {}
+                '-' | '?' => {
+                    compact += 1;
+                    if compact > limit {
+                        return Some((line, col));
+                    }
+                }
+                _ => line_start = false,
+            }
+        }
+        if comment {
+        } else if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+        } else {
+            match c {
+                '#' if prev.is_whitespace() => comment = true,
+                '\'' | '"' => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some((line, col));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        prev = c;
+    }
+    None
+}
+
 /// Parses and validates one file's text.
 fn parse_str(path: &Path, text: String) -> FileResult {
     let mut r = FileResult { path: path.to_path_buf(), ..FileResult::default() };
+    if let Some(pos) = too_deep(&text, MAX_FLOW_NESTING) {
+        let message = format!("nesting deeper than {MAX_FLOW_NESTING} levels");
+        r.pending.push(Pending { doc: 0, field: String::new(), message, pos: Some(pos), last: false });
+        r.text = text;
+        return r;
+    }
+    let mut any_error = false;
     for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         if i >= MAX_DOCUMENTS_PER_FILE {
             r.file_errors.push(SpecError::whole_file(path, format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file")));
             break;
         }
-        let value = match Option::<VmDocument>::deserialize(de) {
+        let mut doc = match Option::<VmDocument>::deserialize(de) {
             Ok(Some(doc)) => doc,
             // An empty document (a stray `---`, a file of comments) is no VM.
             Ok(None) => continue,
             Err(e) => {
+                if !any_error && syntax_error(&mut r, &text) {
+                    break;
+                }
+                any_error = true;
                 r.pending.push(from_yaml_error(i, &e));
                 if let Some(name) = name_of_broken_doc(&text, i) {
                     r.unknown.push(name);
@@ -197,7 +265,6 @@ fn parse_str(path: &Path, text: String) -> FileResult {
                 continue;
             }
         };
-        let mut doc = value;
         let problems: Vec<Problem> = validate_document(&mut doc);
         if problems.is_empty() {
             r.vms.push(DesiredVm {
@@ -209,11 +276,27 @@ fn parse_str(path: &Path, text: String) -> FileResult {
             });
         } else {
             r.unknown.push(doc.metadata.name);
-            r.pending.extend(problems.into_iter().map(|(field, message)| Pending { doc: i, field, message, pos: None }));
+            r.pending.extend(problems.into_iter().map(|(field, message)| Pending { doc: i, field, message, pos: None, last: false }));
         }
     }
     r.text = text;
     r
+}
+
+/// Whether the file is not YAML at all; if so, records that one error and
+/// makes every VM it names unknown. serde_yaml's document iterator repeats a
+/// syntax error forever, so the caller must stop reading at once.
+fn syntax_error(r: &mut FileResult, text: &str) -> bool {
+    let loc = Locations::index(text);
+    let documents = loc.documents();
+    let Some((line, column, info)) = loc.syntax_error else {
+        return false;
+    };
+    r.pending.clear();
+    r.pending.push(Pending { doc: 0, field: String::new(), message: format!("not valid YAML: {info}"), pos: Some((line, column)), last: false });
+    r.unknown.extend(r.vms.drain(..).map(|v| v.name));
+    r.unknown.extend((0..documents).filter_map(|d| name_of_broken_doc(text, d)));
+    true
 }
 
 /// Splits serde_yaml's `path: message at line L column C` into its parts.
@@ -238,8 +321,14 @@ fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
         field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
         msg = "required field is missing".to_string();
     }
+    // serde names a duplicated key at its parent mapping; point at the second copy instead.
+    if let Some(name) = msg.strip_prefix("duplicate field `").and_then(|m| m.strip_suffix('`')) {
+        field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+        let message = "duplicate key: each key may appear once".to_string();
+        return Pending { doc, field, message, pos: None, last: true };
+    }
     let pos = e.location().map(|l| (l.line(), l.column()));
-    Pending { doc, field, message: msg, pos }
+    Pending { doc, field, message: msg, pos, last: false }
 }
 
 /// Where one VM's spec and a field of it live, for cross-VM errors.
@@ -295,7 +384,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                 } else {
                     format!("VM {name:?} is also defined in {}", others.join(", "))
                 };
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
             }
         }
     }
@@ -305,7 +394,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
             for s in sites {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
                 let msg = format!("MAC {mac} is also used by VM {}", others.join(", "));
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
             }
         }
     }
@@ -319,7 +408,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     path.display(),
                     others.join(", ")
                 );
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None }));
+                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
             }
         }
     }
@@ -341,7 +430,8 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
             let needs_index = r.pending.iter().any(|p| p.pos.is_none());
             let locations = if needs_index { Locations::index(&r.text) } else { Locations::default() };
             for p in r.pending {
-                let (line, column) = p.pos.or_else(|| locations.find(p.doc, &p.field)).unwrap_or((0, 0));
+                let found = if p.last { locations.find_last(p.doc, &p.field) } else { locations.find(p.doc, &p.field) };
+                let (line, column) = p.pos.or(found).unwrap_or((0, 0));
                 errors.push(SpecError { file: r.path.clone(), line, column, field: p.field, message: p.message });
             }
         }

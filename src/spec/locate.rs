@@ -13,9 +13,12 @@ use yaml_rust2::scanner::Marker;
 /// 1-based line and column of every node of every document of a file.
 #[derive(Debug, Default)]
 pub struct Locations {
-    /// Per document: field path → position of the node (for mapping values,
-    /// of its key, which is where a reader looks).
-    docs: Vec<HashMap<String, (usize, usize)>>,
+    /// Per document: field path → positions of the node, in file order (a
+    /// key given twice has two; for mapping values, the key's position,
+    /// which is where a reader looks).
+    docs: Vec<HashMap<String, Vec<(usize, usize)>>>,
+    /// The syntax error that stopped indexing, if any.
+    pub syntax_error: Option<(usize, usize, String)>,
 }
 
 impl Locations {
@@ -24,18 +27,39 @@ impl Locations {
     pub fn index(text: &str) -> Self {
         let mut rx = Receiver::default();
         let mut parser = Parser::new_from_str(text);
-        // A parse error here was already reported by serde_yaml with its own position.
-        let _ = parser.load(&mut rx, true);
-        Locations { docs: rx.docs }
+        // Pull events one by one: the crate's own `load` recurses per nesting
+        // level and overflows the stack on `- - - - …`.
+        let syntax_error = loop {
+            match parser.next_token() {
+                Ok((Event::StreamEnd, _)) => break None,
+                Ok((ev, mark)) => rx.on_event(ev, mark),
+                Err(e) => break Some((e.marker().line(), e.marker().col() + 1, e.info().to_string())),
+            }
+        };
+        Locations { docs: rx.docs, syntax_error }
+    }
+
+    /// How many documents were indexed.
+    pub fn documents(&self) -> usize {
+        self.docs.len()
     }
 
     /// Position of `path` in document `doc`, or of its nearest ancestor that has one.
     pub fn find(&self, doc: usize, path: &str) -> Option<(usize, usize)> {
+        self.find_occurrence(doc, path, false)
+    }
+
+    /// Like [`Locations::find`], but the last occurrence (a duplicated key's second).
+    pub fn find_last(&self, doc: usize, path: &str) -> Option<(usize, usize)> {
+        self.find_occurrence(doc, path, true)
+    }
+
+    fn find_occurrence(&self, doc: usize, path: &str, last: bool) -> Option<(usize, usize)> {
         let map = self.docs.get(doc)?;
         let mut p = path;
         loop {
-            if let Some(pos) = map.get(p) {
-                return Some(*pos);
+            if let Some(all) = map.get(p) {
+                return if last { all.last().copied() } else { all.first().copied() };
             }
             if p.is_empty() {
                 return None;
@@ -54,54 +78,79 @@ fn parent(path: &str) -> &str {
 
 #[derive(Debug)]
 enum Frame {
-    Map { key: Option<String>, path: String },
-    Seq { index: usize, path: String },
+    /// `key` is set between a key and its value; `positioned` once the
+    /// mapping's own path has a position (its first key's).
+    Map { path: String, key: Option<String>, positioned: bool },
+    Seq { path: String, index: usize },
 }
+
+/// Where a node sits in its parent.
+enum Role {
+    Root,
+    Item,
+    Key,
+    Value,
+}
+
+/// Deepest level indexed; deeper nodes report their ancestor's position, and
+/// paths stay short however deep a hostile file nests.
+const MAX_DEPTH: usize = 64;
 
 #[derive(Default)]
 struct Receiver {
-    docs: Vec<HashMap<String, (usize, usize)>>,
+    docs: Vec<HashMap<String, Vec<(usize, usize)>>>,
     stack: Vec<Frame>,
+    /// Levels entered beyond `MAX_DEPTH`, not indexed.
+    overflow: usize,
 }
 
 fn pos(mark: Marker) -> (usize, usize) {
     (mark.line(), mark.col() + 1)
 }
 
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
 impl Receiver {
-    /// Path of the node that starts now, recording `mark` for it unless its
-    /// key already gave it a position. Returns `None` for a mapping key.
-    fn node_path(&mut self, scalar_key: Option<&str>, mark: Marker) -> Option<String> {
-        let Some(doc) = self.docs.last_mut() else {
-            return None;
-        };
-        match self.stack.last_mut() {
-            None => {
-                doc.entry(String::new()).or_insert(pos(mark));
-                Some(String::new())
-            }
-            Some(Frame::Seq { index, path }) => {
+    fn record(&mut self, path: String, mark: Marker) {
+        if let Some(doc) = self.docs.last_mut() {
+            doc.entry(path).or_default().push(pos(mark));
+        }
+    }
+
+    /// Role and path of the node starting at `mark`; records keys (and, for
+    /// a mapping's first key, the mapping) as it goes.
+    fn enter(&mut self, scalar: Option<&str>, mark: Marker) -> (Role, String) {
+        let mut recorded = Vec::new();
+        let out = match self.stack.last_mut() {
+            None => (Role::Root, String::new()),
+            Some(Frame::Seq { path, index }) => {
                 let p = format!("{path}[{index}]");
                 *index += 1;
-                doc.entry(p.clone()).or_insert(pos(mark));
-                Some(p)
+                (Role::Item, p)
             }
-            Some(Frame::Map { key, path }) => match key.take() {
+            Some(Frame::Map { path, key, positioned }) => match key.take() {
+                Some(k) => (Role::Value, join(path, &k)),
                 None => {
-                    // This node is a key: remember it; its value comes next.
-                    let k = scalar_key.unwrap_or("?").to_string();
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    doc.entry(p).or_insert(pos(mark));
+                    // A key: where a reader looks for the field, and for its
+                    // mapping when it is the first one.
+                    let k = scalar.unwrap_or("?").to_string();
+                    if !*positioned {
+                        *positioned = true;
+                        recorded.push(path.clone());
+                    }
+                    let p = join(path, &k);
+                    recorded.push(p.clone());
                     *key = Some(k);
-                    None
-                }
-                Some(k) => {
-                    let p = if path.is_empty() { k } else { format!("{path}.{k}") };
-                    doc.entry(p.clone()).or_insert(pos(mark));
-                    Some(p)
+                    (Role::Key, p)
                 }
             },
+        };
+        for p in recorded {
+            self.record(p, mark);
         }
+        out
     }
 }
 
@@ -111,22 +160,45 @@ impl MarkedEventReceiver for Receiver {
             Event::DocumentStart => {
                 self.docs.push(HashMap::new());
                 self.stack.clear();
+                self.overflow = 0;
             }
+            Event::MappingStart(..) | Event::SequenceStart(..) if self.overflow > 0 || self.stack.len() >= MAX_DEPTH => {
+                self.overflow += 1;
+            }
+            Event::MappingEnd | Event::SequenceEnd if self.overflow > 0 => {
+                self.overflow -= 1;
+            }
+            Event::Scalar(..) | Event::Alias(_) if self.overflow > 0 => {}
             Event::Scalar(value, ..) => {
-                self.node_path(Some(&value), mark);
+                if let (Role::Root | Role::Item, p) = self.enter(Some(&value), mark) {
+                    self.record(p, mark);
+                }
             }
             Event::Alias(_) => {
-                self.node_path(None, mark);
+                if let (Role::Root | Role::Item, p) = self.enter(None, mark) {
+                    self.record(p, mark);
+                }
             }
             Event::MappingStart(..) => {
-                let path = self.node_path(None, mark).unwrap_or_default();
-                self.stack.push(Frame::Map { key: None, path });
+                // The parser marks a block mapping at its first `:`; its first
+                // key's position stands for it instead (see `enter`).
+                let (role, path) = self.enter(None, mark);
+                let positioned = matches!(role, Role::Value | Role::Key);
+                self.stack.push(Frame::Map { path, key: None, positioned });
             }
             Event::SequenceStart(..) => {
-                let path = self.node_path(None, mark).unwrap_or_default();
-                self.stack.push(Frame::Seq { index: 0, path });
+                let (role, path) = self.enter(None, mark);
+                if matches!(role, Role::Root | Role::Item) {
+                    self.record(path.clone(), mark);
+                }
+                self.stack.push(Frame::Seq { path, index: 0 });
             }
-            Event::MappingEnd | Event::SequenceEnd => {
+            Event::MappingEnd => {
+                if let Some(Frame::Map { path, positioned: false, .. }) = self.stack.pop() {
+                    self.record(path, mark);
+                }
+            }
+            Event::SequenceEnd => {
                 self.stack.pop();
             }
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
@@ -164,10 +236,26 @@ metadata:
     }
 
     #[test]
+    fn a_key_given_twice_has_both_positions() {
+        let loc = Locations::index("a: 1\nb: 2\na: 3\n");
+        assert_eq!(loc.find(0, "a"), Some((1, 1)));
+        assert_eq!(loc.find_last(0, "a"), Some((3, 1)));
+        assert_eq!(loc.syntax_error, None);
+    }
+
+    #[test]
+    fn reports_the_syntax_error_that_stopped_it() {
+        let loc = Locations::index("a: [1, 2\n");
+        let (line, _, info) = loc.syntax_error.expect("unclosed flow sequence");
+        assert_eq!(line, 2);
+        assert!(!info.is_empty());
+    }
+
+    #[test]
     fn counts_documents_and_falls_back_to_ancestors() {
         let loc = Locations::index(TEXT);
         assert_eq!(loc.find(1, "metadata.name"), Some((12, 3)));
-        assert_eq!(loc.find(0, "spec.scsiControllers[0].disks[1].type"), Some((8, 9)));
+        assert_eq!(loc.find(0, "spec.scsiControllers[0].disks[1].type"), Some((8, 11)));
         assert_eq!(loc.find(2, "metadata"), None);
     }
 }

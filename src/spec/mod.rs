@@ -51,3 +51,6 @@ pub fn json_schema() -> serde_json::Value {
     let schema = schemars::schema_for!(VmDocument);
     serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null)
 }
+
+#[cfg(test)]
+mod tests;

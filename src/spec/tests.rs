@@ -1,0 +1,350 @@
+//! Every refusal the loader makes, with the position it names.
+
+use super::*;
+use std::path::PathBuf;
+
+const HEAD: &str = "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\n";
+
+/// A minimal valid VM document named `name`, with `extra` appended under `spec:`
+/// (indented two spaces by the caller).
+fn vm(name: &str, extra: &str) -> String {
+    format!(
+        "{HEAD}metadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n{extra}"
+    )
+}
+
+fn load(files: &[(&str, &str)]) -> Loaded {
+    let files: Vec<(PathBuf, String)> = files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect();
+    load_texts(&files)
+}
+
+fn errors_of(text: &str) -> Vec<String> {
+    load(&[("t.yaml", text)]).errors.iter().map(ToString::to_string).collect()
+}
+
+fn one_error(text: &str) -> String {
+    let errs = errors_of(text);
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+    errs.into_iter().next().unwrap_or_default()
+}
+
+#[test]
+fn a_valid_document_loads_with_defaults() {
+    let l = load(&[("t.yaml", &vm("web", ""))]);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    let web = &l.desired.vms["web"];
+    assert_eq!(web.config.power_state, PowerState::Running);
+    assert_eq!(web.config.guest_os, crate::vm::GuestOs::Linux);
+    assert!(!web.config.policy.allow_recreate && !web.config.policy.protected);
+}
+
+#[test]
+fn unknown_fields_are_refused_at_their_position() {
+    assert_eq!(
+        one_error(&vm("web", "  procesors:\n    count: 2\n")),
+        "t.yaml:13:3: spec: unknown field `procesors`, expected one of `guestOS`, `powerState`, `policy`, `boot`, `processors`, `memory`, `serialConsoles`, `storageQos`, `scsiControllers`, `vpmem`, `networkAdapters`, `plan9Shares`, `vsmbShares`, `pciDevices`, `vmSockets`, `windows`"
+    );
+}
+
+#[test]
+fn duplicate_keys_point_at_the_second_copy() {
+    assert_eq!(
+        one_error(&vm("web", "  processors:\n    count: 2\n")),
+        "t.yaml:13:3: spec.processors: duplicate key: each key may appear once"
+    );
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    let text = vm("web", "").replace("sizeMB: 64", "sizeMB: lots");
+    assert_eq!(one_error(&text), "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"lots\", expected u64");
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    let text = format!("{HEAD}metadata:\n  name: web\nspec:\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n");
+    assert_eq!(one_error(&text), "t.yaml:6:3: spec.boot: required field is missing");
+}
+
+#[test]
+fn bad_guids_and_macs_are_refused() {
+    let nic = "  networkAdapters:\n    - nicId: not-a-guid\n      endpointId: user\n      macAddress: 01-00-5E-00-00-01\n";
+    assert_eq!(
+        errors_of(&vm("web", nic)),
+        vec![
+            "t.yaml:14:7: spec.networkAdapters[0].nicId: \"not-a-guid\" is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)",
+            "t.yaml:16:7: spec.networkAdapters[0].macAddress: MAC address \"01-00-5E-00-00-01\" is multicast; a NIC needs a unicast address",
+        ]
+    );
+}
+
+#[test]
+fn names_outside_the_allowed_set_are_refused() {
+    assert_eq!(
+        one_error(&vm("web_1", "")),
+        "t.yaml:4:3: metadata.name: name \"web_1\" must be 1–64 characters of [A-Za-z0-9-]"
+    );
+    let long = "a".repeat(65);
+    assert!(one_error(&vm(&long, "")).contains("must be 1–64 characters"));
+}
+
+#[test]
+fn relative_paths_and_control_characters_are_refused() {
+    let text = vm("web", "").replace("/k/vmlinuz", "k/vmlinuz");
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:8:7: spec.boot.linuxKernelDirect.kernel: path \"k/vmlinuz\" is relative; give an absolute path"
+    );
+    let text = vm("web", "").replace("/k/vmlinuz", "\"/k/vm\\x01linuz\"");
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:8:7: spec.boot.linuxKernelDirect.kernel: path contains a NUL or control character"
+    );
+    let text = vm("web", "").replace("/k/vmlinuz", "\"/k/vm\\0linuz\"");
+    assert!(one_error(&text).contains("NUL or control character"));
+}
+
+#[test]
+fn two_disks_on_one_controller_and_lun_are_refused() {
+    let disks = "  scsiControllers:\n    - id: 0\n      disks:\n        - lun: 0\n          path: /d/a.vhdx\n          type: vhdx\n        - lun: 0\n          path: /d/b.vhdx\n          type: vhdx\n";
+    assert_eq!(
+        one_error(&vm("web", disks)),
+        "t.yaml:19:11: spec.scsiControllers[0].disks[1].lun: duplicate lun 0 on controller 0 (also disks[0])"
+    );
+}
+
+#[test]
+fn duplicate_nic_ids_macs_shares_and_serial_ports_are_refused() {
+    let extra = "  networkAdapters:
+    - nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01
+      endpointId: user
+      macAddress: 52:54:00:00:00:01
+    - nicId: 6F1C2A4E-0B7D-4C55-9A51-3F6E2D8B9C01
+      endpointId: user
+      macAddress: 52-54-00-00-00-01
+  plan9Shares:
+    - {name: src, hostPath: /srv/a}
+    - {name: src, hostPath: /srv/b}
+  vsmbShares:
+    - {name: layers, hostPath: /srv/c}
+    - {name: layers, hostPath: /srv/d}
+  serialConsoles:
+    - {port: 0, listenerPath: /run/a.sock}
+    - {port: 0, listenerPath: /run/b.sock}
+";
+    assert_eq!(
+        errors_of(&vm("web", extra)),
+        vec![
+            "t.yaml:17:7: spec.networkAdapters[1].nicId: duplicate nicId 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01 (also networkAdapters[0])",
+            "t.yaml:19:7: spec.networkAdapters[1].macAddress: duplicate MAC 52-54-00-00-00-01 (also networkAdapters[0])",
+            "t.yaml:22:8: spec.plan9Shares[1].name: duplicate share \"src\" (also plan9Shares[0])",
+            "t.yaml:25:8: spec.vsmbShares[1].name: duplicate share \"layers\" (also vsmbShares[0])",
+            "t.yaml:28:8: spec.serialConsoles[1].port: duplicate serial port 0 (also serialConsoles[0])",
+        ]
+    );
+}
+
+#[test]
+fn numeric_bounds_are_enforced() {
+    let text = vm("web", "  scsiControllers:\n    - id: 4\n      disks:\n        - {lun: 64, path: /d/a.img, type: passthrough}\n")
+        .replace("count: 1", "count: 0")
+        .replace("sizeMB: 64", "sizeMB: 0");
+    assert_eq!(
+        errors_of(&text),
+        vec![
+            "t.yaml:10:5: spec.processors.count: 0 is out of range 1–255",
+            "t.yaml:12:5: spec.memory.sizeMB: 0 is out of range 1–1048576",
+            "t.yaml:14:7: spec.scsiControllers[0].id: 4 is out of range 0–3",
+            "t.yaml:16:12: spec.scsiControllers[0].disks[0].lun: 64 is out of range 0–63",
+        ]
+    );
+}
+
+#[test]
+fn the_same_vm_name_in_two_files_names_both_files() {
+    let l = load(&[("a.yaml", &vm("web", "")), ("b.yaml", &vm("web", ""))]);
+    let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        vec![
+            "a.yaml:4:3: metadata.name: VM \"web\" is also defined in b.yaml",
+            "b.yaml:4:3: metadata.name: VM \"web\" is also defined in a.yaml",
+        ]
+    );
+    assert!(l.desired.vms.is_empty());
+    assert!(l.desired.unknown.contains("web"));
+}
+
+#[test]
+fn the_same_mac_or_writable_disk_in_two_vms_is_refused() {
+    let nic = |id: &str| {
+        format!("  networkAdapters:\n    - nicId: {id}\n      endpointId: user\n      macAddress: 52:54:00:00:00:09\n")
+    };
+    let l = load(&[
+        ("a.yaml", &vm("a", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01"))),
+        ("b.yaml", &vm("b", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02"))),
+    ]);
+    let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        vec![
+            "a.yaml:16:7: spec.networkAdapters[0].macAddress: MAC 52-54-00-00-00-09 is also used by VM b",
+            "b.yaml:16:7: spec.networkAdapters[0].macAddress: MAC 52-54-00-00-00-09 is also used by VM a",
+        ]
+    );
+    assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["a", "b"]);
+
+    let disk = |ro: bool| {
+        format!("  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: /d/shared.vhdx, type: vhdx, readOnly: {ro}}}\n")
+    };
+    let l = load(&[("a.yaml", &vm("a", &disk(true))), ("b.yaml", &vm("b", &disk(false)))]);
+    assert_eq!(l.errors.len(), 2);
+    assert_eq!(
+        l.errors[0].to_string(),
+        "a.yaml:16:20: spec.scsiControllers[0].disks[0].path: /d/shared.vhdx is also attached by VM b; an image attached writable can belong to one VM only"
+    );
+    let l = load(&[("a.yaml", &vm("a", &disk(true))), ("b.yaml", &vm("b", &disk(true)))]);
+    assert!(l.errors.is_empty(), "read-only images may be shared: {:?}", l.errors);
+}
+
+#[test]
+fn all_errors_of_a_run_are_collected() {
+    let l = load(&[
+        ("a.yaml", &vm("a", "").replace("count: 1", "count: 0")),
+        ("b.yaml", &vm("b!", "")),
+        ("c.yaml", &vm("c", "")),
+    ]);
+    assert_eq!(l.errors.len(), 2);
+    assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), vec!["c"]);
+    assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["a", "b!"]);
+    assert_eq!(l.desired.failed_files.len(), 2);
+}
+
+#[test]
+fn a_broken_document_makes_only_its_vm_unknown() {
+    let text = format!("{}---\n{}", vm("good", ""), vm("bad", "").replace("count: 1", "count: many"));
+    let l = load(&[("t.yaml", &text)]);
+    assert_eq!(l.errors.len(), 1);
+    assert!(l.desired.vms.contains_key("good"));
+    assert!(l.desired.unknown.contains("bad"), "the name is read even though the document failed");
+}
+
+#[test]
+fn a_syntax_error_makes_every_vm_of_the_file_unknown() {
+    let text = format!("{}---\n{}---\nfoo: [\n", vm("first", ""), vm("second", ""));
+    let l = load(&[("t.yaml", &text)]);
+    let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("t.yaml:28:1: not valid YAML:"), "{errs:?}");
+    assert!(l.desired.vms.is_empty());
+    assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["first", "second"]);
+}
+
+#[test]
+fn deep_nesting_is_refused_early() {
+    let text = format!("{HEAD}metadata: {}{}", "[".repeat(10_000), "]".repeat(10_000));
+    assert_eq!(one_error(&text), "t.yaml:3:75: nesting deeper than 64 levels");
+    let text = format!("{}x\n", "- ".repeat(100_000));
+    assert_eq!(one_error(&text), "t.yaml:1:129: nesting deeper than 64 levels");
+}
+
+#[test]
+fn alias_bombs_are_refused_without_expanding() {
+    let mut bomb = String::from("  allowedFiles: &a0 [x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let prev = format!("*a{}", i - 1);
+        bomb += &format!("  l{i}: &a{i} [{}]\n", vec![prev.as_str(); 9].join(", "));
+    }
+    let text = format!("{HEAD}metadata:\n  name: bomb\nx:\n{bomb}spec:\n  plan9Shares:\n    - {{name: s, hostPath: /s, allowedFiles: *a9}}\n");
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let l = load(&[("t.yaml", &text)]);
+    assert!(l.desired.vms.is_empty());
+}
+
+#[test]
+fn empty_documents_are_no_vms() {
+    let l = load(&[("t.yaml", &format!("# just a comment\n---\n{}---\n", vm("web", "")))]);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert_eq!(l.desired.vms.len(), 1);
+}
+
+#[test]
+fn values_are_canonicalized() {
+    let nic = "  networkAdapters:\n    - nicId: '{6F1C2A4E-0B7D-4C55-9A51-3F6E2D8B9C01}'\n      endpointId: tap0\n      macAddress: 52:54:00:ab:cd:ef\n";
+    let l = load(&[("t.yaml", &vm("web", nic))]);
+    let n = &l.desired.vms["web"].config.network_adapters[0];
+    assert_eq!(n.nic_id, "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01");
+    assert_eq!(n.mac_address, "52-54-00-AB-CD-EF");
+}
+
+#[test]
+fn vsock_and_hvsocket_listeners_need_their_own_address() {
+    let extra = "  vmSockets:\n    - {type: vsock, listenerPath: /run/a.sock}\n    - {type: hvsocket, port: 5, listenerPath: /run/b.sock}\n";
+    assert_eq!(
+        errors_of(&vm("web", extra)),
+        vec![
+            "t.yaml:14:8: spec.vmSockets[0].port: a vsock listener needs a port",
+            "t.yaml:15:8: spec.vmSockets[1].serviceId: an hvsocket listener needs a serviceId GUID",
+            "t.yaml:15:24: spec.vmSockets[1].port: an hvsocket listener is addressed by serviceId, not port",
+        ]
+    );
+}
+
+mod on_disk {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn walks_recursively_and_skips_hidden_files_and_editor_leftovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        fs::create_dir_all(root.join("team/a")).expect("mkdir");
+        fs::create_dir_all(root.join(".git")).expect("mkdir");
+        fs::write(root.join("team/a/web.yaml"), vm("web", "")).expect("write");
+        fs::write(root.join("db.yml"), vm("db", "")).expect("write");
+        for junk in [".web.yaml.swp", "web.yaml~", "4913", ".#web.yaml", ".git/x.yaml", "notes.txt", ".hidden.yaml"] {
+            fs::write(root.join(junk), "this: [is not a spec").expect("write");
+        }
+        let l = load_dir(root);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), vec!["db", "web"]);
+    }
+
+    #[test]
+    fn refuses_oversized_and_non_regular_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        fs::write(root.join("big.yaml"), "#".repeat(MAX_SPEC_FILE_BYTES as usize + 1)).expect("write");
+        let fifo = root.join("pipe.yaml");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(status.success());
+        let l = load_dir(root);
+        let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            vec![
+                format!("{}: file is 1048577 bytes, over the 1048576-byte limit", root.join("big.yaml").display()),
+                format!("{}: not a regular file", fifo.display()),
+            ]
+        );
+        assert_eq!(l.desired.failed_files.len(), 2);
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_not_an_empty_spec_set() {
+        let l = load_dir(std::path::Path::new("/nonexistent/uvmctl-specs"));
+        assert_eq!(l.errors.len(), 1);
+        assert!(!l.desired.failed_files.is_empty(), "pruning must stay blocked");
+    }
+
+    #[test]
+    fn example_specs_in_the_repository_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for dir in ["specs", "examples/recorded-host"] {
+            let l = load_dir(&root.join(dir));
+            assert!(l.errors.is_empty(), "{dir}: {:?}", l.errors);
+            assert!(!l.desired.vms.is_empty());
+        }
+    }
+}
