@@ -3,12 +3,12 @@
 //! An exhaustive match with no `_` arm, so a new [`ResourceKind`] cannot
 //! compile without a decision (Firecracker's `handle_preboot_request` habit).
 
-use super::items::ResourceKind;
+use super::items::{ItemKey, ResourceKind};
 use crate::virtstack::{Capabilities, Support};
-use crate::vm::{Resource, ResourceOperation};
+use crate::vm::{Resource, ResourceOperation, VMSocketType};
 
-/// The disruption class and reason of `op` on `kind`, as `caps` answer it.
-pub fn classify(kind: ResourceKind, op: ResourceOperation, caps: &Capabilities) -> Support {
+/// The disruption class and reason of `op` on the item `kind`/`key`, as `caps` answer it.
+pub fn classify(kind: ResourceKind, key: &ItemKey, op: ResourceOperation, caps: &Capabilities) -> Support {
     use ResourceKind as K;
     match kind {
         K::Policy => Support::live(),
@@ -30,6 +30,9 @@ pub fn classify(kind: ResourceKind, op: ResourceOperation, caps: &Capabilities) 
         K::Plan9Share => caps.support(Resource::Plan9, op),
         K::VsmbShare => caps.support(Resource::Vsmb, op),
         K::PciDevice => caps.support(Resource::Pci, op),
-        K::VmSocket => caps.support(Resource::VmSocket, op),
+        K::VmSocket => match key {
+            ItemKey::Socket(VMSocketType::HvSocket, _) => caps.support(Resource::HvSocket, op),
+            _ => caps.support(Resource::VmSocket, op),
+        },
     }
 }

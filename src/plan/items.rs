@@ -18,6 +18,7 @@ pub enum ResourceKind {
     /// `spec.policy`: uvmctl's own record, the VM is not touched.
     Policy,
     /// `spec.guestOS`.
+    #[serde(rename = "guestOS")]
     GuestOs,
     /// `spec.boot`.
     Boot,

@@ -261,7 +261,7 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
         .into_iter()
         .filter(|(_, item)| !item.is_default())
         .map(|((kind, key), item)| {
-            let s = classify(kind, ResourceOperation::Add, caps);
+            let s = classify(kind, &key, ResourceOperation::Add, caps);
             let s = if s.disruption == Disruption::Unsupported { s } else { Support::live() };
             Op {
                 operation: ResourceOperation::Add,
@@ -298,8 +298,8 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     let desired = flatten(want);
     let observed = flatten(&have.config);
     let live_vm = have.state.is_live();
-    let gate = |kind: ResourceKind, op: ResourceOperation| -> Support {
-        let s = classify(kind, op, caps);
+    let gate = |(kind, key): &(ResourceKind, ItemKey), op: ResourceOperation| -> Support {
+        let s = classify(*kind, key, op, caps);
         if !live_vm && s.disruption == Disruption::Restart {
             // Nothing runs, so a change that needs a restart just waits for the next start.
             return Support { disruption: Disruption::Live, reason: "the VM is stopped; takes effect when it starts".into() };
@@ -319,16 +319,16 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     let (mut removes, mut updates, mut adds) = (Vec::new(), Vec::new(), Vec::new());
     for (k, o) in &observed {
         match desired.get(k) {
-            None => removes.push(op(ResourceOperation::Remove, k, Some(o), None, gate(k.0, ResourceOperation::Remove))),
+            None => removes.push(op(ResourceOperation::Remove, k, Some(o), None, gate(k, ResourceOperation::Remove))),
             Some(d) if d == o => {}
             Some(d) if k.0.is_singleton() => {
-                updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), gate(k.0, ResourceOperation::Update)))
+                updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), gate(k, ResourceOperation::Update)))
             }
             Some(d) => {
                 // Update in place unless removing and re-adding is less disruptive.
-                let upd = gate(k.0, ResourceOperation::Update);
-                let rm = gate(k.0, ResourceOperation::Remove);
-                let add = gate(k.0, ResourceOperation::Add);
+                let upd = gate(k, ResourceOperation::Update);
+                let rm = gate(k, ResourceOperation::Remove);
+                let add = gate(k, ResourceOperation::Add);
                 if upd.disruption <= rm.disruption.max(add.disruption) {
                     updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), upd));
                 } else {
@@ -340,7 +340,7 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     }
     for (k, d) in &desired {
         if !observed.contains_key(k) {
-            adds.push(op(ResourceOperation::Add, k, None, Some(d), gate(k.0, ResourceOperation::Add)));
+            adds.push(op(ResourceOperation::Add, k, None, Some(d), gate(k, ResourceOperation::Add)));
         }
     }
     // Leaves before containers when removing; the maps iterate containers first.

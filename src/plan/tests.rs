@@ -1,0 +1,722 @@
+//! Planner tests: rules by example, golden renderings, and properties over
+//! random desired/observed pairs applied to a small in-memory model.
+
+use super::*;
+use crate::spec::*;
+use crate::virtstack::HostFacts;
+use crate::vm::{GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat};
+use std::path::PathBuf;
+
+fn base(name: &str) -> VmConfig {
+    VmConfig {
+        boot: Boot {
+            linux_kernel_direct: Some(LinuxKernelDirect {
+                kernel: PathBuf::from(format!("/k/{name}/vmlinuz")),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            uefi: None,
+        },
+        processors: Processors { count: 1 },
+        memory: Memory { size_mb: 256, ..Memory::default() },
+        ..VmConfig::default()
+    }
+}
+
+fn disk(lun: u32, path: &str) -> ScsiDisk {
+    ScsiDisk { lun, path: PathBuf::from(path), disk_type: ScsiDiskType::Vhdx, read_only: false }
+}
+
+fn nic(n: u8, mac_last: u8) -> NetworkAdapter {
+    NetworkAdapter {
+        nic_id: format!("00000000-0000-0000-0000-0000000000{n:02x}"),
+        endpoint_id: "user".into(),
+        mac_address: format!("52-54-00-00-00-{mac_last:02X}"),
+    }
+}
+
+fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
+    let mut d = DesiredState::default();
+    for (name, config) in vms {
+        d.vms.insert(
+            name.to_string(),
+            DesiredVm { name: name.to_string(), file: PathBuf::from("t.yaml"), doc: 0, config: config.clone(), status: None },
+        );
+    }
+    d
+}
+
+fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
+    let mut o = ObservedState::default();
+    for (name, config, state) in vms {
+        o.vms.insert(name.to_string(), ObservedVm { config: config.clone(), state: *state, managed: true });
+    }
+    o
+}
+
+fn qemu() -> Capabilities {
+    Capabilities::qemu(&HostFacts::default())
+}
+
+fn run(d: &DesiredState, o: &ObservedState) -> Plan {
+    plan(d, o, &qemu(), &PlanOptions::default())
+}
+
+/// `op resource key [class]` per operation of one VM, for compact assertions.
+fn ops_of(p: &Plan, vm: &str) -> Vec<String> {
+    p.vms
+        .iter()
+        .find(|v| v.name == vm)
+        .map(|v| v.ops.iter().map(|o| format!("{} {} {} [{}]", o.operation, o.resource, o.key, o.disruption)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn equal_states_plan_nothing() {
+    let mut c = base("web");
+    c.scsi_controllers = vec![ScsiController { id: 0, disks: vec![disk(0, "/d/a")] }];
+    let p = run(&desired(&[("web", c.clone())]), &observed(&[("web", c, State::Running)]));
+    assert!(!p.has_changes());
+    assert_eq!(p.unchanged, 1);
+    assert_eq!(render::text(&p, &render::Style::default()), "No changes. 1 VM matches its spec.\n");
+}
+
+#[test]
+fn reordering_a_list_is_no_change() {
+    let mut a = base("web");
+    a.network_adapters = vec![nic(1, 1), nic(2, 2)];
+    a.scsi_controllers = vec![
+        ScsiController { id: 0, disks: vec![disk(0, "/d/a"), disk(1, "/d/b")] },
+        ScsiController { id: 1, disks: vec![] },
+    ];
+    let mut b = a.clone();
+    b.network_adapters.reverse();
+    b.scsi_controllers.reverse();
+    b.scsi_controllers[1].disks.reverse();
+    let p = run(&desired(&[("web", a)]), &observed(&[("web", b, State::Running)]));
+    assert!(!p.has_changes(), "{p:#?}");
+}
+
+#[test]
+fn disks_go_before_their_controller_and_come_after_it() {
+    let mut with = base("web");
+    with.scsi_controllers = vec![ScsiController { id: 1, disks: vec![disk(0, "/d/a"), disk(5, "/d/b")] }];
+    let without = base("web");
+
+    let p = run(&desired(&[("web", without.clone())]), &observed(&[("web", with.clone(), State::Running)]));
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec!["remove scsiDisk 1:5 [live]", "remove scsiDisk 1:0 [live]", "remove scsiController 1 [live]"]
+    );
+
+    let p = run(&desired(&[("web", with)]), &observed(&[("web", without, State::Running)]));
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec!["add scsiController 1 [live]", "add scsiDisk 1:0 [live]", "add scsiDisk 1:5 [live]"]
+    );
+}
+
+#[test]
+fn order_is_removals_then_updates_then_additions_then_power() {
+    let mut have = base("web");
+    have.network_adapters = vec![nic(1, 1)];
+    let mut want = base("web");
+    want.memory.size_mb = 512;
+    want.scsi_controllers = vec![ScsiController { id: 0, disks: vec![] }];
+    want.power_state = PowerState::Paused;
+    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec![
+            "remove networkAdapter 00000000-0000-0000-0000-000000000001 [live]",
+            "update memory  [live]",
+            "add scsiController 0 [live]",
+            "update powerState  [live]",
+        ]
+    );
+}
+
+#[test]
+fn a_changed_nic_is_removed_and_added_when_that_is_less_disruptive_than_update() {
+    let mut have = base("web");
+    have.network_adapters = vec![nic(1, 1)];
+    let mut want = base("web");
+    want.network_adapters = vec![nic(1, 9)];
+    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
+    // QEMU cannot change a NIC in place (restart), but can hot-remove and hot-add it.
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec![
+            "remove networkAdapter 00000000-0000-0000-0000-000000000001 [live]",
+            "add networkAdapter 00000000-0000-0000-0000-000000000001 [live]",
+        ]
+    );
+    // With an in-place update that is live, one update op is planned instead.
+    let mut caps = qemu();
+    caps.set(crate::vm::Resource::Network, ResourceOperation::Update, Support::live());
+    let p = plan(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]), &caps, &PlanOptions::default());
+    assert_eq!(ops_of(&p, "web"), vec!["update networkAdapter 00000000-0000-0000-0000-000000000001 [live]"]);
+}
+
+#[test]
+fn cold_only_settings_plan_a_recreate_that_says_whether_policy_allows_it() {
+    let have = base("web");
+    let mut want = base("web");
+    want.boot.linux_kernel_direct.as_mut().map(|k| k.cmdline = "quiet".into());
+    want.memory.backing = MemoryBackingType::Physical;
+    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
+    let vm = &p.vms[0];
+    assert_eq!(vm.action, VmAction::Recreate);
+    assert_eq!(vm.recreate_allowed, Some(false));
+    assert_eq!(ops_of(&p, "web"), vec!["update boot  [recreate]", "update memoryConfig  [recreate]"]);
+    assert_eq!(p.summary().recreate, 1);
+
+    want.policy.allow_recreate = true;
+    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    assert_eq!(p.vms[0].recreate_allowed, Some(true));
+}
+
+#[test]
+fn vpmem_removal_on_qemu_is_a_restart_not_a_live_change() {
+    let mut have = base("web");
+    have.vpmem = Some(Vpmem {
+        maximum_devices: 2,
+        maximum_size_bytes: 1 << 30,
+        devices: vec![VpmemDevice { id: 0, path: "/d/p.vhd".into(), format: VPMemImageFormat::Vhd1, read_only: true }],
+    });
+    let mut want = have.clone();
+    if let Some(v) = want.vpmem.as_mut() {
+        v.devices.clear();
+    }
+    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    assert_eq!(ops_of(&p, "web"), vec!["remove vpmemDevice 0 [restart]"]);
+    assert_eq!(p.vms[0].ops[0].reason, "QEMU 7.2 cannot unplug an NVDIMM");
+    assert_eq!(p.summary().max_disruption, Some(Disruption::Restart));
+}
+
+#[test]
+fn a_restart_change_on_a_stopped_vm_is_live() {
+    let have = base("web");
+    let mut want = base("web");
+    want.power_state = PowerState::Stopped;
+    want.plan9_shares = vec![Plan9Share {
+        name: "src".into(),
+        host_path: "/srv/src".into(),
+        port: DEFAULT_PLAN9_PORT,
+        flags: 0,
+        allowed_files: vec![],
+        read_only: true,
+    }];
+    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
+    assert_eq!(ops_of(&p, "web"), vec!["add plan9Share src [restart]", "update powerState  [live]"]);
+    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Terminated)]));
+    assert_eq!(ops_of(&p, "web"), vec!["add plan9Share src [live]"]);
+    assert_eq!(p.vms[0].ops[0].reason, "the VM is stopped; takes effect when it starts");
+}
+
+#[test]
+fn what_the_virtstack_cannot_do_is_unsupported_with_its_reason() {
+    let have = base("web");
+    let mut want = base("web");
+    want.vsmb_shares =
+        vec![VsmbShare { name: "l".into(), host_path: "/srv/l".into(), allowed_files: vec![], options: Default::default() }];
+    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have, State::Running)]));
+    assert_eq!(ops_of(&p, "web"), vec!["add vsmbShare l [unsupported]"]);
+    assert_eq!(p.vms[0].ops[0].reason, "SMB shares are a Windows (HCS) feature");
+    let p = run(&desired(&[("new", want)]), &ObservedState::default());
+    assert_eq!(p.vms[0].action, VmAction::Create);
+    assert_eq!(p.vms[0].disruption, Disruption::Unsupported);
+}
+
+#[test]
+fn power_state_follows_the_spec() {
+    let cases = [
+        (State::Running, PowerState::Paused, Some("running → paused")),
+        (State::Paused, PowerState::Running, Some("paused → running")),
+        (State::Terminated, PowerState::Running, Some("stopped → running")),
+        (State::Created, PowerState::Paused, Some("stopped → paused")),
+        (State::Paused, PowerState::Stopped, Some("paused → stopped")),
+        (State::Running, PowerState::Running, None),
+        (State::Terminated, PowerState::Stopped, None),
+    ];
+    for (state, power, expect) in cases {
+        let mut want = base("web");
+        want.power_state = power;
+        let p = run(&desired(&[("web", want)]), &observed(&[("web", base("web"), state)]));
+        let got = p.vms.first().and_then(|v| v.ops.last()).map(|o| match (&o.before, &o.after) {
+            (Some(b), Some(a)) => format!("{} → {}", describe(b), describe(a)),
+            _ => String::new(),
+        });
+        assert_eq!(got.as_deref(), expect, "{state:?} → {power:?}");
+    }
+}
+
+mod prune {
+    use super::*;
+
+    fn opts(prune: bool) -> PlanOptions {
+        PlanOptions { prune, allow_empty_prune: false }
+    }
+
+    fn host() -> ObservedState {
+        observed(&[("keep", base("keep"), State::Running), ("old", base("old"), State::Running)])
+    }
+
+    #[test]
+    fn without_prune_a_vm_without_spec_is_only_noted() {
+        let p = plan(&desired(&[("keep", base("keep"))]), &host(), &qemu(), &opts(false));
+        assert!(!p.has_changes());
+        assert_eq!(p.notes[0].kind, NoteKind::NoSpec);
+    }
+
+    #[test]
+    fn prune_destroys_a_managed_vm_without_spec() {
+        let p = plan(&desired(&[("keep", base("keep"))]), &host(), &qemu(), &opts(true));
+        assert_eq!(p.vms.len(), 1);
+        assert_eq!((p.vms[0].name.as_str(), p.vms[0].action), ("old", VmAction::Destroy));
+        assert_eq!(p.summary().remove, 1);
+    }
+
+    #[test]
+    fn broken_spec_never_prunes_its_vms_or_any_other() {
+        let mut d = desired(&[("keep", base("keep"))]);
+        d.unknown.insert("old".into());
+        d.failed_files.insert("old.yaml".into());
+        let p = plan(&d, &host(), &qemu(), &opts(true));
+        assert!(!p.has_changes(), "{p:#?}");
+        assert_eq!(p.notes[0].kind, NoteKind::SpecInvalid);
+
+        // A file that failed before any VM name could be read blocks all pruning.
+        let mut d = desired(&[("keep", base("keep"))]);
+        d.failed_files.insert("garbage.yaml".into());
+        let p = plan(&d, &host(), &qemu(), &opts(true));
+        assert!(!p.has_changes());
+        assert_eq!(p.notes[0].kind, NoteKind::PruneBlocked);
+    }
+
+    #[test]
+    fn an_empty_spec_set_prunes_nothing_unless_explicitly_allowed() {
+        let p = plan(&DesiredState::default(), &host(), &qemu(), &opts(true));
+        assert!(!p.has_changes());
+        assert!(p.notes.iter().all(|n| n.kind == NoteKind::PruneBlocked));
+        let o = PlanOptions { prune: true, allow_empty_prune: true };
+        let p = plan(&DesiredState::default(), &host(), &qemu(), &o);
+        assert_eq!(p.vms.len(), 2);
+    }
+
+    #[test]
+    fn protected_vms_are_never_pruned() {
+        let mut old = base("old");
+        old.policy.protected = true;
+        let o = observed(&[("keep", base("keep"), State::Running), ("old", old, State::Running)]);
+        let p = plan(&desired(&[("keep", base("keep"))]), &o, &qemu(), &opts(true));
+        assert!(!p.has_changes(), "{p:#?}");
+        assert_eq!(p.notes[0].kind, NoteKind::Protected);
+    }
+
+    #[test]
+    fn vms_uvmctl_did_not_create_are_never_touched() {
+        let mut o = host();
+        for vm in o.vms.values_mut() {
+            vm.managed = false;
+        }
+        let mut want = base("keep");
+        want.memory.size_mb = 1024;
+        let p = plan(&desired(&[("keep", want)]), &o, &qemu(), &opts(true));
+        assert!(!p.has_changes());
+        assert_eq!(p.notes.len(), 1);
+        assert_eq!(p.notes[0].kind, NoteKind::Unmanaged);
+    }
+}
+
+mod golden {
+    use super::*;
+
+    /// The repository's example specs against its recorded host, as a user sees them.
+    fn example() -> (Plan, Loaded, ObservedState) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let loaded = load_dir(&root.join("specs"));
+        let host = load_dir(&root.join("examples/recorded-host"));
+        let mut o = ObservedState::default();
+        for (name, vm) in host.desired.vms {
+            let status = vm.status.unwrap_or(VmStatus { state: State::Running, managed: true });
+            o.vms.insert(name, ObservedVm { config: vm.config, state: status.state, managed: status.managed });
+        }
+        let p = plan(&loaded.desired, &o, &qemu(), &PlanOptions { prune: true, allow_empty_prune: false });
+        (p, loaded, o)
+    }
+
+    fn strip_root(s: &str) -> String {
+        s.replace(env!("CARGO_MANIFEST_DIR"), "<repo>")
+    }
+
+    #[test]
+    fn text_rendering() {
+        let (p, _, _) = example();
+        insta::assert_snapshot!("example_plan_text", render::text(&p, &render::Style::default()));
+    }
+
+    #[test]
+    fn json_rendering() {
+        let (p, loaded, _) = example();
+        insta::assert_snapshot!("example_plan_json", strip_root(&render::json(&p, &loaded.errors)));
+    }
+
+    #[test]
+    fn unified_diff_of_canonical_yaml() {
+        let (p, loaded, o) = example();
+        insta::assert_snapshot!("example_plan_diff", render::diff(&p, &loaded.desired, &o, &render::Style::default()));
+    }
+
+    #[test]
+    fn colors_only_when_asked() {
+        let (p, _, _) = example();
+        assert!(!render::text(&p, &render::Style { color: false }).contains('\x1b'));
+        assert!(render::text(&p, &render::Style { color: true }).contains("\x1b[32m+\x1b[0m"));
+    }
+}
+
+mod properties {
+    use super::*;
+    use crate::vm::Resource;
+    use super::items::Items;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn arb_disk() -> impl Strategy<Value = (u32, bool, u8)> {
+        (0u32..3, any::<bool>(), 0u8..3)
+    }
+
+    prop_compose! {
+        fn arb_config()(
+            kernel in 0u8..2,
+            cpus in 1u32..4,
+            mem in prop::sample::select(vec![128u64, 256, 512]),
+            deferred in any::<bool>(),
+            ctrls in prop::collection::btree_map(0u32..3, prop::collection::vec(arb_disk(), 0..3), 0..3),
+            nics in prop::collection::btree_map(0u8..4, 0u8..3, 0..3),
+            shares in prop::collection::btree_map(0u8..3, any::<bool>(), 0..3),
+            vpmem in prop::option::of(prop::collection::btree_map(0u32..3, any::<bool>(), 0..3)),
+            serial in prop::collection::btree_set(0u32..2, 0..2),
+            qos in prop::option::of(1u64..3),
+            vsock in prop::collection::btree_set(1u32..3, 0..2),
+            power in prop::sample::select(vec![PowerState::Running, PowerState::Paused, PowerState::Stopped]),
+            protected in any::<bool>(),
+        ) -> VmConfig {
+            let mut c = base("vm");
+            c.boot.linux_kernel_direct.as_mut().map(|k| k.cmdline = format!("k{kernel}"));
+            c.processors.count = cpus;
+            c.memory.size_mb = mem;
+            c.memory.deferred_commit = deferred;
+            c.scsi_controllers = ctrls
+                .into_iter()
+                .map(|(id, disks)| {
+                    let disks: BTreeMap<u32, ScsiDisk> = disks
+                        .into_iter()
+                        .map(|(lun, ro, img)| (lun, ScsiDisk { read_only: ro, ..disk(lun, &format!("/d/{img}")) }))
+                        .collect();
+                    ScsiController { id, disks: disks.into_values().collect() }
+                })
+                .collect();
+            c.network_adapters = nics.into_iter().map(|(id, mac)| nic(id, mac + 16 * id)).collect();
+            c.plan9_shares = shares
+                .into_iter()
+                .map(|(n, ro)| Plan9Share {
+                    name: format!("s{n}"),
+                    host_path: format!("/srv/{n}").into(),
+                    port: DEFAULT_PLAN9_PORT,
+                    flags: 0,
+                    allowed_files: vec![],
+                    read_only: ro,
+                })
+                .collect();
+            c.vpmem = vpmem.map(|devs| Vpmem {
+                maximum_devices: 4,
+                maximum_size_bytes: 1 << 30,
+                devices: devs
+                    .into_iter()
+                    .map(|(id, ro)| VpmemDevice { id, path: format!("/p/{id}").into(), format: VPMemImageFormat::Vhdx, read_only: ro })
+                    .collect(),
+            });
+            c.serial_consoles = serial
+                .into_iter()
+                .map(|port| SerialConsole { port, listener_path: format!("/run/s{port}").into() })
+                .collect();
+            c.storage_qos = qos.map(|q| StorageQos { iops_maximum: Some(q * 100), bandwidth_maximum: None });
+            c.vm_sockets = vsock
+                .into_iter()
+                .map(|port| VmSocket { socket_type: VMSocketType::VSock, service_id: None, port: Some(port), listener_path: format!("/run/v{port}").into() })
+                .collect();
+            c.power_state = power;
+            c.policy.protected = protected;
+            c
+        }
+    }
+
+    fn arb_support() -> impl Strategy<Value = Support> {
+        prop_oneof![Just(Support::live()), Just(Support::restart("r")), Just(Support::recreate("c"))]
+    }
+
+    /// A virtstack that can do everything, each cell at a random cost.
+    fn arb_caps() -> impl Strategy<Value = Capabilities> {
+        prop::collection::vec(arb_support(), Resource::ALL.len() * 3).prop_map(|cells| {
+            let mut c = Capabilities::new("model");
+            let mut it = cells.into_iter();
+            for r in Resource::ALL {
+                for op in ResourceOperation::ALL {
+                    c.set(r, op, it.next().unwrap_or_else(Support::live));
+                }
+            }
+            c
+        })
+    }
+
+    fn arb_state() -> impl Strategy<Value = State> {
+        prop::sample::select(vec![State::Created, State::Running, State::Paused, State::Terminated])
+    }
+
+    prop_compose! {
+        fn arb_world()(
+            want in prop::collection::btree_map(0u8..5, arb_config(), 0..4),
+            have in prop::collection::btree_map(0u8..5, (arb_config(), arb_state(), prop::bool::weighted(0.85)), 0..4),
+            unknown in prop::collection::btree_set(0u8..6, 0..2),
+            prune in any::<bool>(),
+            caps in arb_caps(),
+        ) -> (DesiredState, ObservedState, Capabilities, PlanOptions) {
+            let mut d = DesiredState::default();
+            for (i, c) in want {
+                let name = format!("vm{i}");
+                if unknown.contains(&i) {
+                    continue;
+                }
+                d.vms.insert(name.clone(), DesiredVm { name, file: "t.yaml".into(), doc: 0, config: c, status: None });
+            }
+            for i in &unknown {
+                d.unknown.insert(format!("vm{i}"));
+                d.failed_files.insert("broken.yaml".into());
+            }
+            let mut o = ObservedState::default();
+            for (i, (c, state, managed)) in have {
+                o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed });
+            }
+            (d, o, caps, PlanOptions { prune, allow_empty_prune: false })
+        }
+    }
+
+    fn state_for(p: PowerState) -> State {
+        match p {
+            PowerState::Running => State::Running,
+            PowerState::Paused => State::Paused,
+            PowerState::Stopped => State::Terminated,
+        }
+    }
+
+    /// Rebuilds a configuration from items: the inverse of `flatten`.
+    fn unflatten(items: &Items, power: PowerState) -> VmConfig {
+        let mut c = VmConfig { power_state: power, ..VmConfig::default() };
+        let mut vpmem: Option<Vpmem> = None;
+        let mut vpmem_devices = Vec::new();
+        for item in items.values() {
+            match item {
+                Item::Policy(p) => c.policy = *p,
+                Item::GuestOs(g) => c.guest_os = *g,
+                Item::Boot(b) => c.boot = b.clone(),
+                Item::MemoryConfig(m) => {
+                    c.memory.backing = m.backing;
+                    c.memory.deferred_commit = m.deferred_commit;
+                    c.memory.hot_hint = m.hot_hint;
+                    c.memory.cold_hint = m.cold_hint;
+                    c.memory.cold_discard_hint = m.cold_discard_hint;
+                }
+                Item::Mmio(m) => c.memory.mmio = *m,
+                Item::VpmemController(v) => {
+                    vpmem = v.map(|v| Vpmem { maximum_devices: v.maximum_devices, maximum_size_bytes: v.maximum_size_bytes, devices: vec![] })
+                }
+                Item::SerialConsole(s) => c.serial_consoles.push(s.clone()),
+                Item::CpuGroup(g) => c.windows = g.clone().map(|g| WindowsOptions { cpu_group: Some(g) }),
+                Item::Processors(n) => c.processors.count = *n,
+                Item::Memory(m) => c.memory.size_mb = *m,
+                Item::StorageQos(q) => c.storage_qos = *q,
+                Item::ScsiController(id) => c.scsi_controllers.push(ScsiController { id: *id, disks: vec![] }),
+                Item::ScsiDisk(d) => {
+                    if let Some(ctrl) = c.scsi_controllers.iter_mut().find(|x| x.id == d.controller) {
+                        ctrl.disks.push(d.disk.clone());
+                    } else {
+                        panic!("disk {}:{} without its controller", d.controller, d.disk.lun);
+                    }
+                }
+                Item::VpmemDevice(d) => vpmem_devices.push(d.clone()),
+                Item::NetworkAdapter(n) => c.network_adapters.push(n.clone()),
+                Item::Plan9Share(s) => c.plan9_shares.push(s.clone()),
+                Item::VsmbShare(s) => c.vsmb_shares.push(s.clone()),
+                Item::PciDevice(d) => c.pci_devices.push(d.clone()),
+                Item::VmSocket(s) => c.vm_sockets.push(s.clone()),
+                Item::PowerState(_) => {}
+            }
+        }
+        if let Some(v) = vpmem.as_mut() {
+            v.devices = vpmem_devices;
+        } else {
+            assert!(vpmem_devices.is_empty(), "vpmem devices without a controller");
+        }
+        c.vpmem = vpmem;
+        c
+    }
+
+    /// The in-memory model: what a virtstack would have after executing `p`.
+    fn apply(p: &Plan, o: &ObservedState) -> ObservedState {
+        let mut out = o.clone();
+        for vm in &p.vms {
+            match vm.action {
+                VmAction::Destroy => {
+                    out.vms.remove(&vm.name);
+                }
+                VmAction::Create | VmAction::Recreate => {
+                    let spec = vm.spec.clone().expect("create and recreate carry the spec");
+                    let state = state_for(spec.power_state);
+                    out.vms.insert(vm.name.clone(), ObservedVm { config: spec, state, managed: true });
+                }
+                VmAction::Update => {
+                    let have = out.vms.get_mut(&vm.name).expect("update of an observed VM");
+                    let mut items = flatten(&have.config);
+                    for op in &vm.ops {
+                        if op.resource == ResourceKind::PowerState {
+                            let word = match &op.after {
+                                Some(Item::PowerState(w)) => *w,
+                                other => panic!("power op without a state: {other:?}"),
+                            };
+                            have.state = match word {
+                                "running" => State::Running,
+                                "paused" => State::Paused,
+                                _ => State::Terminated,
+                            };
+                            continue;
+                        }
+                        let key = (op.resource, op.key.clone());
+                        match op.operation {
+                            ResourceOperation::Remove => {
+                                assert!(items.remove(&key).is_some(), "removed {key:?}, which is not there");
+                            }
+                            ResourceOperation::Add => {
+                                let after = op.after.clone().expect("add carries the item");
+                                assert!(items.insert(key.clone(), after).is_none(), "added {key:?}, which is there");
+                            }
+                            ResourceOperation::Update => {
+                                let after = op.after.clone().expect("update carries the item");
+                                assert!(items.insert(key.clone(), after).is_some(), "updated {key:?}, which is not there");
+                            }
+                        }
+                    }
+                    have.config = unflatten(&items, have.config.power_state);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn applying_the_plan_converges((d, o, caps, opts) in arb_world()) {
+            let p = plan(&d, &o, &caps, &opts);
+            let after = apply(&p, &o);
+            for (name, want) in &d.vms {
+                let have = &after.vms[name];
+                if !have.managed {
+                    continue;
+                }
+                prop_assert_eq!(flatten(&have.config), flatten(&want.config), "{}", name);
+                prop_assert_eq!(observed_power(have.state), want.config.power_state);
+            }
+            let again = plan(&d, &after, &caps, &opts);
+            prop_assert!(!again.has_changes(), "second plan not empty: {:#?}", again.vms);
+        }
+
+        #[test]
+        fn plan_of_equal_states_is_empty((d, _o, caps, opts) in arb_world()) {
+            let o = ObservedState {
+                vms: d.vms.iter().map(|(n, v)| {
+                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true })
+                }).collect(),
+            };
+            let p = plan(&d, &o, &caps, &opts);
+            prop_assert!(!p.has_changes());
+        }
+
+        #[test]
+        fn no_plan_touches_a_vm_whose_spec_failed_to_load((d, o, caps, opts) in arb_world()) {
+            let p = plan(&d, &o, &caps, &PlanOptions { prune: true, ..opts });
+            for vm in &p.vms {
+                prop_assert!(!d.unknown.contains(&vm.name), "{} planned despite a broken spec", vm.name);
+                if !d.failed_files.is_empty() {
+                    prop_assert!(vm.action != VmAction::Destroy, "pruned {} while a spec file is broken", vm.name);
+                }
+            }
+        }
+
+        #[test]
+        fn plans_are_deterministic_and_ignore_list_order((d, o, caps, opts) in arb_world()) {
+            let a = render::json(&plan(&d, &o, &caps, &opts), &[]);
+            let b = render::json(&plan(&d, &o, &caps, &opts), &[]);
+            prop_assert_eq!(&a, &b);
+            let mut shuffled = d.clone();
+            for vm in shuffled.vms.values_mut() {
+                let c = &mut vm.config;
+                c.scsi_controllers.reverse();
+                for ctrl in &mut c.scsi_controllers {
+                    ctrl.disks.reverse();
+                }
+                c.network_adapters.reverse();
+                c.plan9_shares.reverse();
+                c.serial_consoles.reverse();
+                c.vm_sockets.reverse();
+            }
+            let p = plan(&shuffled, &o, &caps, &opts);
+            let mut canon = p.clone();
+            for vm in canon.vms.iter_mut() {
+                if let Some(spec) = vm.spec.as_mut() {
+                    spec.canonicalize();
+                }
+            }
+            let mut reference = plan(&d, &o, &caps, &opts);
+            for vm in reference.vms.iter_mut() {
+                if let Some(spec) = vm.spec.as_mut() {
+                    spec.canonicalize();
+                }
+            }
+            prop_assert_eq!(render::json(&canon, &[]), render::json(&reference, &[]));
+        }
+    }
+
+    #[test]
+    fn the_model_checks_its_own_bookkeeping() {
+        // Guards against a model that accepts anything: removing what is not
+        // there must be caught.
+        let o = observed(&[("web", base("web"), State::Running)]);
+        let bogus = Plan {
+            virtstack: "model".into(),
+            vms: vec![VmPlan {
+                name: "web".into(),
+                action: VmAction::Update,
+                disruption: Disruption::Live,
+                recreate_allowed: None,
+                ops: vec![Op {
+                    operation: ResourceOperation::Remove,
+                    resource: ResourceKind::ScsiDisk,
+                    key: ItemKey::Lun(0, 0),
+                    disruption: Disruption::Live,
+                    reason: String::new(),
+                    before: None,
+                    after: None,
+                }],
+                spec: None,
+            }],
+            notes: vec![],
+            unchanged: 0,
+        };
+        let caught = std::panic::catch_unwind(|| apply(&bogus, &o));
+        assert!(caught.is_err());
+        let _ = GuestOs::Linux;
+    }
+}

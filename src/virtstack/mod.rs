@@ -142,6 +142,8 @@ impl Capabilities {
             Support::unsupported("vsock needs /dev/vhost-vsock on this host")
         };
         c.set_all(VmSocket, vsock.clone(), vsock, no_update("a socket listener"));
+        let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
+        c.set_all(HvSocket, hv.clone(), hv.clone(), hv);
         c
     }
 
@@ -160,7 +162,9 @@ impl Capabilities {
         c.set(Processor, ResourceOperation::Update, cold("the processor count"));
         c.set(StorageQos, ResourceOperation::Update, cold("storage QoS"));
         c.set_all(Serial, cold("serial consoles"), cold("serial consoles"), cold("serial consoles"));
-        c.set_all(VmSocket, live(), live(), Support::restart("HCS has no in-place socket update"));
+        c.set_all(HvSocket, live(), live(), Support::restart("HCS has no in-place socket update"));
+        let vsock = Support::unsupported("vsock is not a Hyper-V transport; use hvsocket");
+        c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
         c
     }
 

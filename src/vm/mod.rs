@@ -54,13 +54,15 @@ pub enum Resource {
     Serial,
     /// Storage QoS limits (uvmctl extension).
     StorageQos,
-    /// VM socket listeners (uvmctl extension).
+    /// vsock listeners (uvmctl extension).
     VmSocket,
+    /// HvSocket listeners (uvmctl extension).
+    HvSocket,
 }
 
 impl Resource {
     /// Every resource, in a stable order.
-    pub const ALL: [Resource; 13] = [
+    pub const ALL: [Resource; 14] = [
         Resource::VPMem,
         Resource::Scsi,
         Resource::Network,
@@ -74,6 +76,7 @@ impl Resource {
         Resource::Serial,
         Resource::StorageQos,
         Resource::VmSocket,
+        Resource::HvSocket,
     ];
 
     /// The camelCase name used in output.
@@ -91,7 +94,8 @@ impl Resource {
             Resource::ScsiController => "scsiController",
             Resource::Serial => "serial",
             Resource::StorageQos => "storageQos",
-            Resource::VmSocket => "vmSocket",
+            Resource::VmSocket => "vsock",
+            Resource::HvSocket => "hvsocket",
         }
     }
 }
