@@ -1,0 +1,238 @@
+//! The command line: exit codes, outputs, and what reaches stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch directory with specs and a recorded host (ripgrep's `Dir` habit).
+struct TestContext {
+    dir: tempfile::TempDir,
+}
+
+const HEAD: &str = "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\n";
+
+fn vm(name: &str, memory_mb: u32, extra: &str) -> String {
+    format!(
+        "{HEAD}metadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: {memory_mb}\n{extra}"
+    )
+}
+
+impl TestContext {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("specs")).expect("mkdir specs");
+        std::fs::create_dir_all(dir.path().join("host")).expect("mkdir host");
+        TestContext { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn write_spec(&self, rel: &str, text: &str) -> &Self {
+        std::fs::write(self.path("specs").join(rel), text).expect("write spec");
+        self
+    }
+
+    fn write_host(&self, text: &str) -> &Self {
+        std::fs::write(self.path("host/host.yaml"), text).expect("write host");
+        self
+    }
+
+    fn uvmctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .current_dir(self.dir.path())
+            .args(args)
+            .env_remove("NO_COLOR")
+            .output()
+            .expect("uvmctl runs")
+    }
+
+    fn plan(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["plan", "specs", "--observed", "host"];
+        args.extend_from_slice(extra);
+        self.uvmctl(&args)
+    }
+}
+
+fn assert_exit_code(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn validate_accepts_good_specs_and_lists_every_error() {
+    let t = TestContext::new();
+    t.write_spec("a.yaml", &vm("a", 64, ""));
+    let out = t.uvmctl(&["validate", "specs"]);
+    assert_exit_code(&out, 0);
+    assert_eq!(stdout(&out), "1 VM spec valid\n");
+
+    t.write_spec("b.yaml", &vm("b", 0, ""));
+    t.write_spec("c.yaml", &vm("c!", 64, ""));
+    let out = t.uvmctl(&["validate", "specs"]);
+    assert_exit_code(&out, 1);
+    assert_eq!(
+        stderr(&out),
+        "specs/b.yaml:12:5: spec.memory.sizeMB: 0 is out of range 1–1048576\n\
+         specs/c.yaml:4:3: metadata.name: name \"c!\" must be 1–64 characters of [A-Za-z0-9-]\n\
+         2 errors; 1 VM spec valid, 2 invalid\n"
+    );
+}
+
+#[test]
+fn plan_exit_codes_follow_terraform() {
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 64, "")).write_host(&vm("web", 64, ""));
+    // No changes: 0, with or without --detailed-exitcode.
+    assert_exit_code(&t.plan(&[]), 0);
+    let out = t.plan(&["--detailed-exitcode"]);
+    assert_exit_code(&out, 0);
+    assert_eq!(stdout(&out), "No changes. 1 VM matches its spec.\n");
+
+    // Changes: 0 plain, 2 with --detailed-exitcode.
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    assert_exit_code(&t.plan(&[]), 0);
+    let out = t.plan(&["--detailed-exitcode"]);
+    assert_exit_code(&out, 2);
+    assert!(stdout(&out).contains("~ memory: 64 MB → 128 MB [live]"), "{}", stdout(&out));
+    assert!(stdout(&out).ends_with("Plan: 0 to add, 1 to change, 0 to remove, 0 VMs to recreate; max disruption: live\n"));
+}
+
+#[test]
+fn max_disruption_exits_3_when_exceeded() {
+    let t = TestContext::new();
+    t.write_host(&vm("web", 64, ""));
+    let share = "  plan9Shares:\n    - {name: src, hostPath: /srv/src}\n";
+    t.write_spec("web.yaml", &vm("web", 64, share));
+    let out = t.plan(&["--max-disruption", "live"]);
+    assert_exit_code(&out, 3);
+    assert_eq!(stderr(&out), "changes exceed --max-disruption live: this plan needs restart\n");
+    assert_exit_code(&t.plan(&["--max-disruption", "restart"]), 0);
+    assert_exit_code(&t.plan(&["--max-disruption", "restart", "--detailed-exitcode"]), 2);
+}
+
+#[test]
+fn spec_errors_exit_1_and_leave_their_vm_alone() {
+    let t = TestContext::new();
+    t.write_host(&format!("{}---\n{}", vm("web", 64, ""), vm("db", 64, "")));
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    t.write_spec("db.yaml", "apiVersion: [broken\n");
+    let out = t.plan(&["--prune", "--output", "json"]);
+    assert_exit_code(&out, 1);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    assert_eq!(doc["formatVersion"], 1);
+    assert_eq!(doc["vms"].as_array().map(Vec::len), Some(1), "only web is planned");
+    assert_eq!(doc["vms"][0]["name"], "web");
+    assert_eq!(doc["notes"][0]["vm"], "db");
+    assert_eq!(doc["notes"][0]["kind"], "pruneBlocked");
+    assert_eq!(doc["errors"][0]["file"], "specs/db.yaml");
+    assert_eq!(doc["errors"][0]["line"], 2);
+}
+
+#[test]
+fn json_output_carries_every_op_with_key_class_and_reason() {
+    let t = TestContext::new();
+    let pmem = "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n    devices:\n      - {id: 0, path: /d/p.vhd}\n";
+    t.write_host(&vm("web", 64, pmem));
+    t.write_spec("web.yaml", &vm("web", 64, "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n"));
+    let out = t.plan(&["--output", "json"]);
+    assert_exit_code(&out, 0);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let op = &doc["vms"][0]["ops"][0];
+    assert_eq!(op["operation"], "remove");
+    assert_eq!(op["resource"], "vpmemDevice");
+    assert_eq!(op["key"], "0");
+    assert_eq!(op["disruption"], "restart");
+    assert_eq!(op["reason"], "QEMU 7.2 cannot unplug an NVDIMM");
+    assert_eq!(op["before"]["path"], "/d/p.vhd");
+    assert_eq!(op["after"], serde_json::Value::Null);
+    assert_eq!(doc["summary"]["maxDisruption"], "restart");
+}
+
+#[test]
+fn diff_shows_canonical_yaml_observed_to_desired() {
+    let t = TestContext::new();
+    t.write_host(&vm("web", 64, ""));
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    let out = t.plan(&["--diff", "--color", "never"]);
+    assert_exit_code(&out, 0);
+    let text = stdout(&out);
+    assert!(text.starts_with("--- observed/web\n+++ desired/web\n"), "{text}");
+    assert!(text.contains("\n-  sizeMB: 64\n+  sizeMB: 128\n"), "{text}");
+}
+
+#[test]
+fn colors_only_on_request_or_a_terminal() {
+    let t = TestContext::new();
+    t.write_host(&vm("web", 64, ""));
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    assert!(!stdout(&t.plan(&[])).contains('\x1b'), "not a terminal: no colors");
+    assert!(stdout(&t.plan(&["--color", "always"])).contains("\x1b[33m~\x1b[0m"));
+}
+
+#[test]
+fn prune_needs_the_flag_and_an_unbroken_spec_set() {
+    let t = TestContext::new();
+    t.write_host(&format!("{}---\n{}", vm("web", 64, ""), vm("old", 64, "")));
+    t.write_spec("web.yaml", &vm("web", 64, ""));
+    let out = t.plan(&[]);
+    assert!(stdout(&out).contains("vm old: no spec; not removed (use --prune to remove it)"), "{}", stdout(&out));
+    let out = t.plan(&["--prune", "--detailed-exitcode"]);
+    assert_exit_code(&out, 2);
+    assert!(stdout(&out).contains("- vm old will be destroyed (pruned)"), "{}", stdout(&out));
+
+    // An empty spec directory never prunes by accident.
+    std::fs::remove_file(t.path("specs/web.yaml")).expect("rm");
+    let out = t.plan(&["--prune", "--detailed-exitcode"]);
+    assert_exit_code(&out, 0);
+    assert!(stdout(&out).contains("no spec loaded at all"), "{}", stdout(&out));
+    assert_exit_code(&t.plan(&["--prune", "--allow-empty-prune", "--detailed-exitcode"]), 2);
+}
+
+#[test]
+fn a_bad_observed_file_is_an_error_naming_it() {
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 64, ""));
+    t.write_host("apiVersion: uvmctl.dev/v1alpha1\nkind: Nope\n");
+    let out = t.plan(&[]);
+    assert_exit_code(&out, 1);
+    assert!(stderr(&out).starts_with("error: cannot read observed state from host:"), "{}", stderr(&out));
+}
+
+#[test]
+fn schema_is_the_checked_in_one() {
+    let t = TestContext::new();
+    let out = t.uvmctl(&["schema"]);
+    assert_exit_code(&out, 0);
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
+    assert_eq!(printed["title"], "uvmctl UtilityVM spec");
+    let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/spec.schema.json");
+    let on_disk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&checked_in).expect("docs/spec.schema.json exists")).expect("json");
+    assert_eq!(printed, on_disk, "regenerate with: cargo run -- schema > docs/spec.schema.json");
+}
+
+#[test]
+fn the_readme_example_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .current_dir(root)
+        .args(["plan", "specs", "--observed", "examples/recorded-host", "--detailed-exitcode"])
+        .output()
+        .expect("uvmctl runs");
+    assert_exit_code(&out, 2);
+    assert!(stdout(&out).contains("Plan: "));
+}

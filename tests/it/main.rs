@@ -1,0 +1,3 @@
+//! Integration tests: the `uvmctl` binary as users run it.
+
+mod cli;
