@@ -12,7 +12,7 @@
 
 #![warn(missing_docs)]
 
-pub mod spec;
-pub mod vm;
-pub mod virtstack;
 pub mod plan;
+pub mod spec;
+pub mod virtstack;
+pub mod vm;

@@ -13,7 +13,11 @@ use uvmctl::virtstack::recorded::Recorded;
 use uvmctl::vm::Disruption;
 
 #[derive(Parser)]
-#[command(name = "uvmctl", version, about = "Declarative manager for lightweight utility VMs")]
+#[command(
+    name = "uvmctl",
+    version,
+    about = "Declarative manager for lightweight utility VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,17 +147,26 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
     let loaded = spec::load_dir(&args.dir);
-    let host = Recorded::load(&args.observed, &args.virtstack)
-        .with_context(|| format!("cannot read observed state from {}", args.observed.display()))?;
+    let host = Recorded::load(&args.observed, &args.virtstack).with_context(|| {
+        format!(
+            "cannot read observed state from {}",
+            args.observed.display()
+        )
+    })?;
     let caps = host.caps();
-    let opts = PlanOptions { prune: args.prune, allow_empty_prune: args.allow_empty_prune };
+    let opts = PlanOptions {
+        prune: args.prune,
+        allow_empty_prune: args.allow_empty_prune,
+    };
     let the_plan = plan::plan(&loaded.desired, host.state(), caps, &opts);
 
     let style = render::Style {
         color: match args.color {
             Color::Always => true,
             Color::Never => false,
-            Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            Color::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
         },
     };
     match args.output {
@@ -163,7 +176,10 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
                 eprintln!("{e}");
             }
             if args.diff {
-                print!("{}", render::diff(&the_plan, &loaded.desired, host.state(), &style));
+                print!(
+                    "{}",
+                    render::diff(&the_plan, &loaded.desired, host.state(), &style)
+                );
             }
             print!("{}", render::text(&the_plan, &style));
         }
@@ -171,16 +187,20 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
 
     if !loaded.errors.is_empty() {
         if matches!(args.output, Output::Text) {
-            eprintln!("{} spec error(s): the VMs they concern were not planned", loaded.errors.len());
+            eprintln!(
+                "{} spec error(s): the VMs they concern were not planned",
+                loaded.errors.len()
+            );
         }
         return Ok(EXIT_ERROR);
     }
     let summary = the_plan.summary();
-    if let (Some(limit), Some(max)) = (args.max_disruption, summary.max_disruption) {
-        if max > Disruption::from(limit) {
-            eprintln!("changes exceed --max-disruption {}: this plan needs {max}", Disruption::from(limit));
-            return Ok(EXIT_TOO_DISRUPTIVE);
-        }
+    if let (Some(limit), Some(max)) = (args.max_disruption, summary.max_disruption)
+        && max > Disruption::from(limit)
+    {
+        let limit = Disruption::from(limit);
+        eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
+        return Ok(EXIT_TOO_DISRUPTIVE);
     }
     if args.detailed_exitcode && the_plan.has_changes() {
         return Ok(EXIT_CHANGES);

@@ -8,7 +8,12 @@ use crate::virtstack::{Capabilities, Support};
 use crate::vm::{Resource, ResourceOperation, VMSocketType};
 
 /// The disruption class and reason of `op` on the item `kind`/`key`, as `caps` answer it.
-pub fn classify(kind: ResourceKind, key: &ItemKey, op: ResourceOperation, caps: &Capabilities) -> Support {
+pub fn classify(
+    kind: ResourceKind,
+    key: &ItemKey,
+    op: ResourceOperation,
+    caps: &Capabilities,
+) -> Support {
     use ResourceKind as K;
     match kind {
         K::Policy => Support::live(),

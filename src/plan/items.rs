@@ -2,8 +2,8 @@
 //! maps: lists are matched by natural key, never by position.
 
 use crate::spec::{
-    Boot, Mmio, NetworkAdapter, PciDevice, Plan9Share, Policy, ScsiDisk, SerialConsole, StorageQos, VmConfig,
-    VmSocket, VpmemDevice, VsmbShare,
+    Boot, Mmio, NetworkAdapter, PciDevice, Plan9Share, Policy, ScsiDisk, SerialConsole, StorageQos,
+    VmConfig, VmSocket, VpmemDevice, VsmbShare,
 };
 use crate::vm::{GuestOs, MemoryBackingType, VMSocketType};
 use serde::Serialize;
@@ -301,41 +301,88 @@ pub fn flatten(c: &VmConfig) -> Items {
         })),
     );
     for s in &c.serial_consoles {
-        put(K::SerialConsole, ItemKey::Num(s.port), Item::SerialConsole(s.clone()));
+        put(
+            K::SerialConsole,
+            ItemKey::Num(s.port),
+            Item::SerialConsole(s.clone()),
+        );
     }
-    put(K::CpuGroup, ItemKey::Unit, Item::CpuGroup(c.windows.as_ref().and_then(|w| w.cpu_group.clone())));
-    put(K::Processors, ItemKey::Unit, Item::Processors(c.processors.count));
+    put(
+        K::CpuGroup,
+        ItemKey::Unit,
+        Item::CpuGroup(c.windows.as_ref().and_then(|w| w.cpu_group.clone())),
+    );
+    put(
+        K::Processors,
+        ItemKey::Unit,
+        Item::Processors(c.processors.count),
+    );
     put(K::Memory, ItemKey::Unit, Item::Memory(c.memory.size_mb));
-    put(K::StorageQos, ItemKey::Unit, Item::StorageQos(c.storage_qos));
+    put(
+        K::StorageQos,
+        ItemKey::Unit,
+        Item::StorageQos(c.storage_qos),
+    );
     for ctrl in &c.scsi_controllers {
-        put(K::ScsiController, ItemKey::Num(ctrl.id), Item::ScsiController(ctrl.id));
+        put(
+            K::ScsiController,
+            ItemKey::Num(ctrl.id),
+            Item::ScsiController(ctrl.id),
+        );
         for d in &ctrl.disks {
             put(
                 K::ScsiDisk,
                 ItemKey::Lun(ctrl.id, d.lun),
-                Item::ScsiDisk(ScsiDiskItem { controller: ctrl.id, disk: d.clone() }),
+                Item::ScsiDisk(ScsiDiskItem {
+                    controller: ctrl.id,
+                    disk: d.clone(),
+                }),
             );
         }
     }
     if let Some(v) = &c.vpmem {
         for d in &v.devices {
-            put(K::VpmemDevice, ItemKey::Num(d.id), Item::VpmemDevice(d.clone()));
+            put(
+                K::VpmemDevice,
+                ItemKey::Num(d.id),
+                Item::VpmemDevice(d.clone()),
+            );
         }
     }
     for n in &c.network_adapters {
-        put(K::NetworkAdapter, ItemKey::Text(n.nic_id.clone()), Item::NetworkAdapter(n.clone()));
+        put(
+            K::NetworkAdapter,
+            ItemKey::Text(n.nic_id.clone()),
+            Item::NetworkAdapter(n.clone()),
+        );
     }
     for s in &c.plan9_shares {
-        put(K::Plan9Share, ItemKey::Text(s.name.clone()), Item::Plan9Share(s.clone()));
+        put(
+            K::Plan9Share,
+            ItemKey::Text(s.name.clone()),
+            Item::Plan9Share(s.clone()),
+        );
     }
     for s in &c.vsmb_shares {
-        put(K::VsmbShare, ItemKey::Text(s.name.clone()), Item::VsmbShare(s.clone()));
+        put(
+            K::VsmbShare,
+            ItemKey::Text(s.name.clone()),
+            Item::VsmbShare(s.clone()),
+        );
     }
     for d in &c.pci_devices {
-        put(K::PciDevice, ItemKey::Text(d.instance_id.clone()), Item::PciDevice(d.clone()));
+        put(
+            K::PciDevice,
+            ItemKey::Text(d.instance_id.clone()),
+            Item::PciDevice(d.clone()),
+        );
     }
     for s in &c.vm_sockets {
-        put(K::VmSocket, ItemKey::Socket(s.socket_type, s.address()), Item::VmSocket(s.clone()));
+        put(
+            K::VmSocket,
+            ItemKey::Socket(s.socket_type, s.address()),
+            Item::VmSocket(s.clone()),
+        );
     }
     m
 }
@@ -343,10 +390,17 @@ pub fn flatten(c: &VmConfig) -> Items {
 /// One-line description of an item for plan text.
 pub fn describe(item: &Item) -> String {
     fn flag(on: bool, name: &str) -> String {
-        if on { format!(", {name}") } else { String::new() }
+        if on {
+            format!(", {name}")
+        } else {
+            String::new()
+        }
     }
     match item {
-        Item::Policy(p) => format!("allowRecreate={}, protected={}", p.allow_recreate, p.protected),
+        Item::Policy(p) => format!(
+            "allowRecreate={}, protected={}",
+            p.allow_recreate, p.protected
+        ),
         Item::GuestOs(g) => format!("{g:?}").to_lowercase(),
         Item::Boot(b) => match (&b.uefi, &b.linux_kernel_direct) {
             (Some(u), _) => format!("uefi {}/{}", u.dir.display(), u.path),
@@ -363,9 +417,15 @@ pub fn describe(item: &Item) -> String {
         )
         .to_lowercase(),
         Item::Mmio(None) => "default".into(),
-        Item::Mmio(Some(m)) => format!("lowGap {} MB, highBase {} MB, highGap {} MB", m.low_gap_mb, m.high_base_mb, m.high_gap_mb),
+        Item::Mmio(Some(m)) => format!(
+            "lowGap {} MB, highBase {} MB, highGap {} MB",
+            m.low_gap_mb, m.high_base_mb, m.high_gap_mb
+        ),
         Item::VpmemController(None) => "none".into(),
-        Item::VpmemController(Some(v)) => format!("{} devices, max {} bytes", v.maximum_devices, v.maximum_size_bytes),
+        Item::VpmemController(Some(v)) => format!(
+            "{} devices, max {} bytes",
+            v.maximum_devices, v.maximum_size_bytes
+        ),
         Item::SerialConsole(s) => format!("→ {}", s.listener_path.display()),
         Item::CpuGroup(g) => g.clone().unwrap_or_else(|| "none".into()),
         Item::Processors(n) => format!("{n}"),
@@ -373,7 +433,9 @@ pub fn describe(item: &Item) -> String {
         Item::StorageQos(None) => "unlimited".into(),
         Item::StorageQos(Some(q)) => {
             let iops = q.iops_maximum.map_or("unlimited".into(), |v| v.to_string());
-            let bw = q.bandwidth_maximum.map_or("unlimited".into(), |v| v.to_string());
+            let bw = q
+                .bandwidth_maximum
+                .map_or("unlimited".into(), |v| v.to_string());
             format!("iops {iops}, bandwidth {bw} B/s")
         }
         Item::ScsiController(_) => "virtio-scsi".into(),
@@ -383,11 +445,27 @@ pub fn describe(item: &Item) -> String {
             serde_plain(&d.disk.disk_type),
             flag(d.disk.read_only, "read-only")
         ),
-        Item::VpmemDevice(d) => format!("{} ({}{})", d.path.display(), serde_plain(&d.format), flag(d.read_only, "read-only")),
+        Item::VpmemDevice(d) => format!(
+            "{} ({}{})",
+            d.path.display(),
+            serde_plain(&d.format),
+            flag(d.read_only, "read-only")
+        ),
         Item::NetworkAdapter(n) => format!("mac {}, endpoint {}", n.mac_address, n.endpoint_id),
-        Item::Plan9Share(s) => format!("{}{}", s.host_path.display(), flag(s.read_only, "read-only")),
-        Item::VsmbShare(s) => format!("{}{}", s.host_path.display(), flag(s.options.read_only, "read-only")),
-        Item::PciDevice(d) => d.vmbus_guid.clone().map_or_else(|| "assigned".into(), |g| format!("vmbus {g}")),
+        Item::Plan9Share(s) => format!(
+            "{}{}",
+            s.host_path.display(),
+            flag(s.read_only, "read-only")
+        ),
+        Item::VsmbShare(s) => format!(
+            "{}{}",
+            s.host_path.display(),
+            flag(s.options.read_only, "read-only")
+        ),
+        Item::PciDevice(d) => d
+            .vmbus_guid
+            .clone()
+            .map_or_else(|| "assigned".into(), |g| format!("vmbus {g}")),
         Item::VmSocket(s) => format!("→ {}", s.listener_path.display()),
         Item::PowerState(s) => (*s).to_string(),
     }

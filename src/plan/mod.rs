@@ -188,8 +188,18 @@ pub fn observed_power(state: State) -> PowerState {
 ///   one spec loaded (or `opts.allow_empty_prune`), and the VM is not protected.
 /// - VMs uvmctl did not create are never touched.
 /// - Applying the plan to the observed state yields the desired state.
-pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilities, opts: &PlanOptions) -> Plan {
-    let mut out = Plan { virtstack: caps.virtstack.clone(), vms: Vec::new(), notes: Vec::new(), unchanged: 0 };
+pub fn plan(
+    desired: &DesiredState,
+    observed: &ObservedState,
+    caps: &Capabilities,
+    opts: &PlanOptions,
+) -> Plan {
+    let mut out = Plan {
+        virtstack: caps.virtstack.clone(),
+        vms: Vec::new(),
+        notes: Vec::new(),
+        unchanged: 0,
+    };
 
     for name in &desired.unknown {
         let message = if observed.vms.contains_key(name) {
@@ -197,7 +207,11 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilitie
         } else {
             "spec failed to load; VM not created"
         };
-        out.notes.push(Note { vm: name.clone(), kind: NoteKind::SpecInvalid, message: message.into() });
+        out.notes.push(Note {
+            vm: name.clone(),
+            kind: NoteKind::SpecInvalid,
+            message: message.into(),
+        });
     }
 
     for (name, want) in &desired.vms {
@@ -206,7 +220,8 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilitie
             Some(have) if !have.managed => out.notes.push(Note {
                 vm: name.clone(),
                 kind: NoteKind::Unmanaged,
-                message: "a VM of this name exists but uvmctl did not create it; left untouched".into(),
+                message: "a VM of this name exists but uvmctl did not create it; left untouched"
+                    .into(),
             }),
             Some(have) => match plan_vm(name, &want.config, have, caps) {
                 Some(p) => out.vms.push(p),
@@ -220,15 +235,24 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilitie
         if !have.managed || desired.vms.contains_key(name) || desired.unknown.contains(name) {
             continue;
         }
-        let note = |kind, message: String| Note { vm: name.clone(), kind, message };
+        let note = |kind, message: String| Note {
+            vm: name.clone(),
+            kind,
+            message,
+        };
         if !opts.prune {
-            out.notes.push(note(NoteKind::NoSpec, "no spec; not removed (use --prune to remove it)".into()));
+            out.notes.push(note(
+                NoteKind::NoSpec,
+                "no spec; not removed (use --prune to remove it)".into(),
+            ));
         } else if !desired.failed_files.is_empty() {
             let n = desired.failed_files.len();
             let files = if n == 1 { "file" } else { "files" };
             out.notes.push(note(
                 NoteKind::PruneBlocked,
-                format!("no spec, but not pruned: {n} spec {files} failed to load and may define it"),
+                format!(
+                    "no spec, but not pruned: {n} spec {files} failed to load and may define it"
+                ),
             ));
         } else if nothing_loaded && !opts.allow_empty_prune {
             out.notes.push(note(
@@ -236,7 +260,10 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, caps: &Capabilitie
                 "no spec, but not pruned: no spec loaded at all (use --allow-empty-prune if that is meant)".into(),
             ));
         } else if have.config.policy.protected {
-            out.notes.push(note(NoteKind::Protected, "no spec, but protected by its policy; not pruned".into()));
+            out.notes.push(note(
+                NoteKind::Protected,
+                "no spec, but protected by its policy; not pruned".into(),
+            ));
         } else {
             out.vms.push(VmPlan {
                 name: name.clone(),
@@ -262,7 +289,11 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
         .filter(|(_, item)| !item.is_default())
         .map(|((kind, key), item)| {
             let s = classify(kind, &key, ResourceOperation::Add, caps);
-            let s = if s.disruption == Disruption::Unsupported { s } else { Support::live() };
+            let s = if s.disruption == Disruption::Unsupported {
+                s
+            } else {
+                Support::live()
+            };
             Op {
                 operation: ResourceOperation::Add,
                 resource: kind,
@@ -286,7 +317,11 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
     VmPlan {
         name: name.to_string(),
         action: VmAction::Create,
-        disruption: ops.iter().map(|o| o.disruption).max().unwrap_or(Disruption::Live),
+        disruption: ops
+            .iter()
+            .map(|o| o.disruption)
+            .max()
+            .unwrap_or(Disruption::Live),
         recreate_allowed: None,
         ops,
         spec: Some(want.clone()),
@@ -302,11 +337,18 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
         let s = classify(*kind, key, op, caps);
         if !live_vm && s.disruption == Disruption::Restart {
             // Nothing runs, so a change that needs a restart just waits for the next start.
-            return Support { disruption: Disruption::Live, reason: "the VM is stopped; takes effect when it starts".into() };
+            return Support {
+                disruption: Disruption::Live,
+                reason: "the VM is stopped; takes effect when it starts".into(),
+            };
         }
         s
     };
-    let op = |operation, (kind, key): &(ResourceKind, ItemKey), before: Option<&Item>, after: Option<&Item>, s: Support| Op {
+    let op = |operation,
+              (kind, key): &(ResourceKind, ItemKey),
+              before: Option<&Item>,
+              after: Option<&Item>,
+              s: Support| Op {
         operation,
         resource: *kind,
         key: key.clone(),
@@ -319,11 +361,21 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     let (mut removes, mut updates, mut adds) = (Vec::new(), Vec::new(), Vec::new());
     for (k, o) in &observed {
         match desired.get(k) {
-            None => removes.push(op(ResourceOperation::Remove, k, Some(o), None, gate(k, ResourceOperation::Remove))),
+            None => removes.push(op(
+                ResourceOperation::Remove,
+                k,
+                Some(o),
+                None,
+                gate(k, ResourceOperation::Remove),
+            )),
             Some(d) if d == o => {}
-            Some(d) if k.0.is_singleton() => {
-                updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), gate(k, ResourceOperation::Update)))
-            }
+            Some(d) if k.0.is_singleton() => updates.push(op(
+                ResourceOperation::Update,
+                k,
+                Some(o),
+                Some(d),
+                gate(k, ResourceOperation::Update),
+            )),
             Some(d) => {
                 // Update in place unless removing and re-adding is less disruptive.
                 let upd = gate(k, ResourceOperation::Update);
@@ -340,7 +392,13 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     }
     for (k, d) in &desired {
         if !observed.contains_key(k) {
-            adds.push(op(ResourceOperation::Add, k, None, Some(d), gate(k, ResourceOperation::Add)));
+            adds.push(op(
+                ResourceOperation::Add,
+                k,
+                None,
+                Some(d),
+                gate(k, ResourceOperation::Add),
+            ));
         }
     }
     // Leaves before containers when removing; the maps iterate containers first.
@@ -363,11 +421,19 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     if ops.is_empty() {
         return None;
     }
-    let disruption = ops.iter().map(|o| o.disruption).max().unwrap_or(Disruption::Live);
+    let disruption = ops
+        .iter()
+        .map(|o| o.disruption)
+        .max()
+        .unwrap_or(Disruption::Live);
     let recreate = ops.iter().any(|o| o.disruption == Disruption::Recreate);
     Some(VmPlan {
         name: name.to_string(),
-        action: if recreate { VmAction::Recreate } else { VmAction::Update },
+        action: if recreate {
+            VmAction::Recreate
+        } else {
+            VmAction::Update
+        },
         disruption,
         recreate_allowed: recreate.then_some(want.policy.allow_recreate),
         ops,

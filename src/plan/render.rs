@@ -18,7 +18,11 @@ pub struct Style {
 
 impl Style {
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
     }
     fn green(&self, s: &str) -> String {
         self.paint("32", s)
@@ -91,7 +95,11 @@ fn short(v: Option<&serde_json::Value>) -> String {
 
 fn op_line(style: &Style, op: &Op, creating: bool) -> String {
     let key = op.key.to_string();
-    let name = if key.is_empty() { op.resource.to_string() } else { format!("{} {key}", op.resource) };
+    let name = if key.is_empty() {
+        op.resource.to_string()
+    } else {
+        format!("{} {key}", op.resource)
+    };
     let detail = match (&op.before, &op.after) {
         (Some(b), Some(a)) => change_detail(b, a),
         (None, Some(a)) => describe(a),
@@ -112,15 +120,31 @@ fn op_line(style: &Style, op: &Op, creating: bool) -> String {
 fn vm_header(style: &Style, vm: &VmPlan) -> String {
     let name = style.bold(&vm.name);
     match vm.action {
-        VmAction::Create => format!("  {} vm {name} will be created {}", style.green("+"), class(style, vm.disruption)),
-        VmAction::Destroy => format!("  {} vm {name} will be destroyed (pruned) {}", style.red("-"), class(style, vm.disruption)),
-        VmAction::Update => format!("  {} vm {name} will be updated {}", style.yellow("~"), class(style, vm.disruption)),
+        VmAction::Create => format!(
+            "  {} vm {name} will be created {}",
+            style.green("+"),
+            class(style, vm.disruption)
+        ),
+        VmAction::Destroy => format!(
+            "  {} vm {name} will be destroyed (pruned) {}",
+            style.red("-"),
+            class(style, vm.disruption)
+        ),
+        VmAction::Update => format!(
+            "  {} vm {name} will be updated {}",
+            style.yellow("~"),
+            class(style, vm.disruption)
+        ),
         VmAction::Recreate => {
             let allowed = match vm.recreate_allowed {
                 Some(true) => "allowed by spec.policy.allowRecreate",
                 _ => "apply needs --allow-recreate or spec.policy.allowRecreate",
             };
-            format!("{} vm {name} must be recreated {} ({allowed})", style.magenta("-/+"), class(style, vm.disruption))
+            format!(
+                "{} vm {name} must be recreated {} ({allowed})",
+                style.magenta("-/+"),
+                class(style, vm.disruption)
+            )
         }
     }
 }
@@ -142,7 +166,11 @@ pub fn summary_line(s: &Summary) -> String {
 pub fn text(plan: &Plan, style: &Style) -> String {
     let mut out = String::new();
     if plan.has_changes() {
-        let _ = writeln!(out, "uvmctl will perform these actions on virtstack {}:\n", plan.virtstack);
+        let _ = writeln!(
+            out,
+            "uvmctl will perform these actions on virtstack {}:\n",
+            plan.virtstack
+        );
         for vm in &plan.vms {
             let _ = writeln!(out, "{}", vm_header(style, vm));
             for op in &vm.ops {
@@ -154,14 +182,24 @@ pub fn text(plan: &Plan, style: &Style) -> String {
     if !plan.notes.is_empty() {
         let _ = writeln!(out, "Left alone:");
         for n in &plan.notes {
-            let _ = writeln!(out, "  {} vm {}: {}", style.yellow("!"), style.bold(&n.vm), n.message);
+            let _ = writeln!(
+                out,
+                "  {} vm {}: {}",
+                style.yellow("!"),
+                style.bold(&n.vm),
+                n.message
+            );
         }
         out.push('\n');
     }
     if plan.has_changes() {
         let _ = writeln!(out, "{}", style.bold(&summary_line(&plan.summary())));
     } else {
-        let vms = if plan.unchanged == 1 { "VM matches its spec" } else { "VMs match their specs" };
+        let vms = if plan.unchanged == 1 {
+            "VM matches its spec"
+        } else {
+            "VMs match their specs"
+        };
         let _ = writeln!(out, "No changes. {} {vms}.", plan.unchanged);
     }
     out
@@ -203,7 +241,12 @@ pub fn canonical_yaml(config: &VmConfig) -> String {
 }
 
 /// Unified diffs of canonical YAML, observed → desired, for each VM in the plan.
-pub fn diff(plan: &Plan, desired: &crate::spec::DesiredState, observed: &ObservedState, style: &Style) -> String {
+pub fn diff(
+    plan: &Plan,
+    desired: &crate::spec::DesiredState,
+    observed: &ObservedState,
+    style: &Style,
+) -> String {
     let mut out = String::new();
     for vm in &plan.vms {
         let before = observed.vms.get(&vm.name).map(|o| {
@@ -217,7 +260,10 @@ pub fn diff(plan: &Plan, desired: &crate::spec::DesiredState, observed: &Observe
         let text = d
             .unified_diff()
             .context_radius(3)
-            .header(&format!("observed/{}", vm.name), &format!("desired/{}", vm.name))
+            .header(
+                &format!("observed/{}", vm.name),
+                &format!("desired/{}", vm.name),
+            )
             .to_string();
         for line in text.lines() {
             let painted = if line.starts_with("+++") || line.starts_with("---") {

@@ -18,13 +18,21 @@ fn base(name: &str) -> VmConfig {
             uefi: None,
         },
         processors: Processors { count: 1 },
-        memory: Memory { size_mb: 256, ..Memory::default() },
+        memory: Memory {
+            size_mb: 256,
+            ..Memory::default()
+        },
         ..VmConfig::default()
     }
 }
 
 fn disk(lun: u32, path: &str) -> ScsiDisk {
-    ScsiDisk { lun, path: PathBuf::from(path), disk_type: ScsiDiskType::Vhdx, read_only: false }
+    ScsiDisk {
+        lun,
+        path: PathBuf::from(path),
+        disk_type: ScsiDiskType::Vhdx,
+        read_only: false,
+    }
 }
 
 fn nic(n: u8, mac_last: u8) -> NetworkAdapter {
@@ -40,7 +48,13 @@ fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
     for (name, config) in vms {
         d.vms.insert(
             name.to_string(),
-            DesiredVm { name: name.to_string(), file: PathBuf::from("t.yaml"), doc: 0, config: config.clone(), status: None },
+            DesiredVm {
+                name: name.to_string(),
+                file: PathBuf::from("t.yaml"),
+                doc: 0,
+                config: config.clone(),
+                status: None,
+            },
         );
     }
     d
@@ -49,7 +63,14 @@ fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
 fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
     let mut o = ObservedState::default();
     for (name, config, state) in vms {
-        o.vms.insert(name.to_string(), ObservedVm { config: config.clone(), state: *state, managed: true });
+        o.vms.insert(
+            name.to_string(),
+            ObservedVm {
+                config: config.clone(),
+                state: *state,
+                managed: true,
+            },
+        );
     }
     o
 }
@@ -67,18 +88,37 @@ fn ops_of(p: &Plan, vm: &str) -> Vec<String> {
     p.vms
         .iter()
         .find(|v| v.name == vm)
-        .map(|v| v.ops.iter().map(|o| format!("{} {} {} [{}]", o.operation, o.resource, o.key, o.disruption)).collect())
+        .map(|v| {
+            v.ops
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} {} {} [{}]",
+                        o.operation, o.resource, o.key, o.disruption
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 #[test]
 fn equal_states_plan_nothing() {
     let mut c = base("web");
-    c.scsi_controllers = vec![ScsiController { id: 0, disks: vec![disk(0, "/d/a")] }];
-    let p = run(&desired(&[("web", c.clone())]), &observed(&[("web", c, State::Running)]));
+    c.scsi_controllers = vec![ScsiController {
+        id: 0,
+        disks: vec![disk(0, "/d/a")],
+    }];
+    let p = run(
+        &desired(&[("web", c.clone())]),
+        &observed(&[("web", c, State::Running)]),
+    );
     assert!(!p.has_changes());
     assert_eq!(p.unchanged, 1);
-    assert_eq!(render::text(&p, &render::Style::default()), "No changes. 1 VM matches its spec.\n");
+    assert_eq!(
+        render::text(&p, &render::Style::default()),
+        "No changes. 1 VM matches its spec.\n"
+    );
 }
 
 #[test]
@@ -86,33 +126,59 @@ fn reordering_a_list_is_no_change() {
     let mut a = base("web");
     a.network_adapters = vec![nic(1, 1), nic(2, 2)];
     a.scsi_controllers = vec![
-        ScsiController { id: 0, disks: vec![disk(0, "/d/a"), disk(1, "/d/b")] },
-        ScsiController { id: 1, disks: vec![] },
+        ScsiController {
+            id: 0,
+            disks: vec![disk(0, "/d/a"), disk(1, "/d/b")],
+        },
+        ScsiController {
+            id: 1,
+            disks: vec![],
+        },
     ];
     let mut b = a.clone();
     b.network_adapters.reverse();
     b.scsi_controllers.reverse();
     b.scsi_controllers[1].disks.reverse();
-    let p = run(&desired(&[("web", a)]), &observed(&[("web", b, State::Running)]));
+    let p = run(
+        &desired(&[("web", a)]),
+        &observed(&[("web", b, State::Running)]),
+    );
     assert!(!p.has_changes(), "{p:#?}");
 }
 
 #[test]
 fn disks_go_before_their_controller_and_come_after_it() {
     let mut with = base("web");
-    with.scsi_controllers = vec![ScsiController { id: 1, disks: vec![disk(0, "/d/a"), disk(5, "/d/b")] }];
+    with.scsi_controllers = vec![ScsiController {
+        id: 1,
+        disks: vec![disk(0, "/d/a"), disk(5, "/d/b")],
+    }];
     let without = base("web");
 
-    let p = run(&desired(&[("web", without.clone())]), &observed(&[("web", with.clone(), State::Running)]));
+    let p = run(
+        &desired(&[("web", without.clone())]),
+        &observed(&[("web", with.clone(), State::Running)]),
+    );
     assert_eq!(
         ops_of(&p, "web"),
-        vec!["remove scsiDisk 1:5 [live]", "remove scsiDisk 1:0 [live]", "remove scsiController 1 [live]"]
+        vec![
+            "remove scsiDisk 1:5 [live]",
+            "remove scsiDisk 1:0 [live]",
+            "remove scsiController 1 [live]"
+        ]
     );
 
-    let p = run(&desired(&[("web", with)]), &observed(&[("web", without, State::Running)]));
+    let p = run(
+        &desired(&[("web", with)]),
+        &observed(&[("web", without, State::Running)]),
+    );
     assert_eq!(
         ops_of(&p, "web"),
-        vec!["add scsiController 1 [live]", "add scsiDisk 1:0 [live]", "add scsiDisk 1:5 [live]"]
+        vec![
+            "add scsiController 1 [live]",
+            "add scsiDisk 1:0 [live]",
+            "add scsiDisk 1:5 [live]"
+        ]
     );
 }
 
@@ -122,9 +188,15 @@ fn order_is_removals_then_updates_then_additions_then_power() {
     have.network_adapters = vec![nic(1, 1)];
     let mut want = base("web");
     want.memory.size_mb = 512;
-    want.scsi_controllers = vec![ScsiController { id: 0, disks: vec![] }];
+    want.scsi_controllers = vec![ScsiController {
+        id: 0,
+        disks: vec![],
+    }];
     want.power_state = PowerState::Paused;
-    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", have, State::Running)]),
+    );
     assert_eq!(
         ops_of(&p, "web"),
         vec![
@@ -142,7 +214,10 @@ fn a_changed_nic_is_removed_and_added_when_that_is_less_disruptive_than_update()
     have.network_adapters = vec![nic(1, 1)];
     let mut want = base("web");
     want.network_adapters = vec![nic(1, 9)];
-    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
+    let p = run(
+        &desired(&[("web", want.clone())]),
+        &observed(&[("web", have.clone(), State::Running)]),
+    );
     // QEMU cannot change a NIC in place (restart), but can hot-remove and hot-add it.
     assert_eq!(
         ops_of(&p, "web"),
@@ -153,26 +228,49 @@ fn a_changed_nic_is_removed_and_added_when_that_is_less_disruptive_than_update()
     );
     // With an in-place update that is live, one update op is planned instead.
     let mut caps = qemu();
-    caps.set(crate::vm::Resource::Network, ResourceOperation::Update, Support::live());
-    let p = plan(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]), &caps, &PlanOptions::default());
-    assert_eq!(ops_of(&p, "web"), vec!["update networkAdapter 00000000-0000-0000-0000-000000000001 [live]"]);
+    caps.set(
+        crate::vm::Resource::Network,
+        ResourceOperation::Update,
+        Support::live(),
+    );
+    let p = plan(
+        &desired(&[("web", want)]),
+        &observed(&[("web", have, State::Running)]),
+        &caps,
+        &PlanOptions::default(),
+    );
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec!["update networkAdapter 00000000-0000-0000-0000-000000000001 [live]"]
+    );
 }
 
 #[test]
 fn cold_only_settings_plan_a_recreate_that_says_whether_policy_allows_it() {
     let have = base("web");
     let mut want = base("web");
-    want.boot.linux_kernel_direct.as_mut().map(|k| k.cmdline = "quiet".into());
+    if let Some(k) = want.boot.linux_kernel_direct.as_mut() {
+        k.cmdline = "quiet".into();
+    }
     want.memory.backing = MemoryBackingType::Physical;
-    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
+    let p = run(
+        &desired(&[("web", want.clone())]),
+        &observed(&[("web", have.clone(), State::Running)]),
+    );
     let vm = &p.vms[0];
     assert_eq!(vm.action, VmAction::Recreate);
     assert_eq!(vm.recreate_allowed, Some(false));
-    assert_eq!(ops_of(&p, "web"), vec!["update boot  [recreate]", "update memoryConfig  [recreate]"]);
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec!["update boot  [recreate]", "update memoryConfig  [recreate]"]
+    );
     assert_eq!(p.summary().recreate, 1);
 
     want.policy.allow_recreate = true;
-    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", have, State::Running)]),
+    );
     assert_eq!(p.vms[0].recreate_allowed, Some(true));
 }
 
@@ -182,13 +280,21 @@ fn vpmem_removal_on_qemu_is_a_restart_not_a_live_change() {
     have.vpmem = Some(Vpmem {
         maximum_devices: 2,
         maximum_size_bytes: 1 << 30,
-        devices: vec![VpmemDevice { id: 0, path: "/d/p.vhd".into(), format: VPMemImageFormat::Vhd1, read_only: true }],
+        devices: vec![VpmemDevice {
+            id: 0,
+            path: "/d/p.vhd".into(),
+            format: VPMemImageFormat::Vhd1,
+            read_only: true,
+        }],
     });
     let mut want = have.clone();
     if let Some(v) = want.vpmem.as_mut() {
         v.devices.clear();
     }
-    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Running)]));
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", have, State::Running)]),
+    );
     assert_eq!(ops_of(&p, "web"), vec!["remove vpmemDevice 0 [restart]"]);
     assert_eq!(p.vms[0].ops[0].reason, "QEMU 7.2 cannot unplug an NVDIMM");
     assert_eq!(p.summary().max_disruption, Some(Disruption::Restart));
@@ -207,22 +313,44 @@ fn a_restart_change_on_a_stopped_vm_is_live() {
         allowed_files: vec![],
         read_only: true,
     }];
-    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have.clone(), State::Running)]));
-    assert_eq!(ops_of(&p, "web"), vec!["add plan9Share src [restart]", "update powerState  [live]"]);
-    let p = run(&desired(&[("web", want)]), &observed(&[("web", have, State::Terminated)]));
+    let p = run(
+        &desired(&[("web", want.clone())]),
+        &observed(&[("web", have.clone(), State::Running)]),
+    );
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec!["add plan9Share src [restart]", "update powerState  [live]"]
+    );
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", have, State::Terminated)]),
+    );
     assert_eq!(ops_of(&p, "web"), vec!["add plan9Share src [live]"]);
-    assert_eq!(p.vms[0].ops[0].reason, "the VM is stopped; takes effect when it starts");
+    assert_eq!(
+        p.vms[0].ops[0].reason,
+        "the VM is stopped; takes effect when it starts"
+    );
 }
 
 #[test]
 fn what_the_virtstack_cannot_do_is_unsupported_with_its_reason() {
     let have = base("web");
     let mut want = base("web");
-    want.vsmb_shares =
-        vec![VsmbShare { name: "l".into(), host_path: "/srv/l".into(), allowed_files: vec![], options: Default::default() }];
-    let p = run(&desired(&[("web", want.clone())]), &observed(&[("web", have, State::Running)]));
+    want.vsmb_shares = vec![VsmbShare {
+        name: "l".into(),
+        host_path: "/srv/l".into(),
+        allowed_files: vec![],
+        options: Default::default(),
+    }];
+    let p = run(
+        &desired(&[("web", want.clone())]),
+        &observed(&[("web", have, State::Running)]),
+    );
     assert_eq!(ops_of(&p, "web"), vec!["add vsmbShare l [unsupported]"]);
-    assert_eq!(p.vms[0].ops[0].reason, "SMB shares are a Windows (HCS) feature");
+    assert_eq!(
+        p.vms[0].ops[0].reason,
+        "SMB shares are a Windows (HCS) feature"
+    );
     let p = run(&desired(&[("new", want)]), &ObservedState::default());
     assert_eq!(p.vms[0].action, VmAction::Create);
     assert_eq!(p.vms[0].disruption, Disruption::Unsupported);
@@ -233,7 +361,11 @@ fn power_state_follows_the_spec() {
     let cases = [
         (State::Running, PowerState::Paused, Some("running → paused")),
         (State::Paused, PowerState::Running, Some("paused → running")),
-        (State::Terminated, PowerState::Running, Some("stopped → running")),
+        (
+            State::Terminated,
+            PowerState::Running,
+            Some("stopped → running"),
+        ),
         (State::Created, PowerState::Paused, Some("stopped → paused")),
         (State::Paused, PowerState::Stopped, Some("paused → stopped")),
         (State::Running, PowerState::Running, None),
@@ -242,11 +374,18 @@ fn power_state_follows_the_spec() {
     for (state, power, expect) in cases {
         let mut want = base("web");
         want.power_state = power;
-        let p = run(&desired(&[("web", want)]), &observed(&[("web", base("web"), state)]));
-        let got = p.vms.first().and_then(|v| v.ops.last()).map(|o| match (&o.before, &o.after) {
-            (Some(b), Some(a)) => format!("{} → {}", describe(b), describe(a)),
-            _ => String::new(),
-        });
+        let p = run(
+            &desired(&[("web", want)]),
+            &observed(&[("web", base("web"), state)]),
+        );
+        let got = p
+            .vms
+            .first()
+            .and_then(|v| v.ops.last())
+            .map(|o| match (&o.before, &o.after) {
+                (Some(b), Some(a)) => format!("{} → {}", describe(b), describe(a)),
+                _ => String::new(),
+            });
         assert_eq!(got.as_deref(), expect, "{state:?} → {power:?}");
     }
 }
@@ -255,25 +394,44 @@ mod prune {
     use super::*;
 
     fn opts(prune: bool) -> PlanOptions {
-        PlanOptions { prune, allow_empty_prune: false }
+        PlanOptions {
+            prune,
+            allow_empty_prune: false,
+        }
     }
 
     fn host() -> ObservedState {
-        observed(&[("keep", base("keep"), State::Running), ("old", base("old"), State::Running)])
+        observed(&[
+            ("keep", base("keep"), State::Running),
+            ("old", base("old"), State::Running),
+        ])
     }
 
     #[test]
     fn without_prune_a_vm_without_spec_is_only_noted() {
-        let p = plan(&desired(&[("keep", base("keep"))]), &host(), &qemu(), &opts(false));
+        let p = plan(
+            &desired(&[("keep", base("keep"))]),
+            &host(),
+            &qemu(),
+            &opts(false),
+        );
         assert!(!p.has_changes());
         assert_eq!(p.notes[0].kind, NoteKind::NoSpec);
     }
 
     #[test]
     fn prune_destroys_a_managed_vm_without_spec() {
-        let p = plan(&desired(&[("keep", base("keep"))]), &host(), &qemu(), &opts(true));
+        let p = plan(
+            &desired(&[("keep", base("keep"))]),
+            &host(),
+            &qemu(),
+            &opts(true),
+        );
         assert_eq!(p.vms.len(), 1);
-        assert_eq!((p.vms[0].name.as_str(), p.vms[0].action), ("old", VmAction::Destroy));
+        assert_eq!(
+            (p.vms[0].name.as_str(), p.vms[0].action),
+            ("old", VmAction::Destroy)
+        );
         assert_eq!(p.summary().remove, 1);
     }
 
@@ -299,7 +457,10 @@ mod prune {
         let p = plan(&DesiredState::default(), &host(), &qemu(), &opts(true));
         assert!(!p.has_changes());
         assert!(p.notes.iter().all(|n| n.kind == NoteKind::PruneBlocked));
-        let o = PlanOptions { prune: true, allow_empty_prune: true };
+        let o = PlanOptions {
+            prune: true,
+            allow_empty_prune: true,
+        };
         let p = plan(&DesiredState::default(), &host(), &qemu(), &o);
         assert_eq!(p.vms.len(), 2);
     }
@@ -308,8 +469,16 @@ mod prune {
     fn protected_vms_are_never_pruned() {
         let mut old = base("old");
         old.policy.protected = true;
-        let o = observed(&[("keep", base("keep"), State::Running), ("old", old, State::Running)]);
-        let p = plan(&desired(&[("keep", base("keep"))]), &o, &qemu(), &opts(true));
+        let o = observed(&[
+            ("keep", base("keep"), State::Running),
+            ("old", old, State::Running),
+        ]);
+        let p = plan(
+            &desired(&[("keep", base("keep"))]),
+            &o,
+            &qemu(),
+            &opts(true),
+        );
         assert!(!p.has_changes(), "{p:#?}");
         assert_eq!(p.notes[0].kind, NoteKind::Protected);
     }
@@ -339,10 +508,28 @@ mod golden {
         let host = load_dir(&root.join("examples/recorded-host"));
         let mut o = ObservedState::default();
         for (name, vm) in host.desired.vms {
-            let status = vm.status.unwrap_or(VmStatus { state: State::Running, managed: true });
-            o.vms.insert(name, ObservedVm { config: vm.config, state: status.state, managed: status.managed });
+            let status = vm.status.unwrap_or(VmStatus {
+                state: State::Running,
+                managed: true,
+            });
+            o.vms.insert(
+                name,
+                ObservedVm {
+                    config: vm.config,
+                    state: status.state,
+                    managed: status.managed,
+                },
+            );
         }
-        let p = plan(&loaded.desired, &o, &qemu(), &PlanOptions { prune: true, allow_empty_prune: false });
+        let p = plan(
+            &loaded.desired,
+            &o,
+            &qemu(),
+            &PlanOptions {
+                prune: true,
+                allow_empty_prune: false,
+            },
+        );
         (p, loaded, o)
     }
 
@@ -353,19 +540,28 @@ mod golden {
     #[test]
     fn text_rendering() {
         let (p, _, _) = example();
-        insta::assert_snapshot!("example_plan_text", render::text(&p, &render::Style::default()));
+        insta::assert_snapshot!(
+            "example_plan_text",
+            render::text(&p, &render::Style::default())
+        );
     }
 
     #[test]
     fn json_rendering() {
         let (p, loaded, _) = example();
-        insta::assert_snapshot!("example_plan_json", strip_root(&render::json(&p, &loaded.errors)));
+        insta::assert_snapshot!(
+            "example_plan_json",
+            strip_root(&render::json(&p, &loaded.errors))
+        );
     }
 
     #[test]
     fn unified_diff_of_canonical_yaml() {
         let (p, loaded, o) = example();
-        insta::assert_snapshot!("example_plan_diff", render::diff(&p, &loaded.desired, &o, &render::Style::default()));
+        insta::assert_snapshot!(
+            "example_plan_diff",
+            render::diff(&p, &loaded.desired, &o, &render::Style::default())
+        );
     }
 
     #[test]
@@ -377,9 +573,9 @@ mod golden {
 }
 
 mod properties {
+    use super::items::Items;
     use super::*;
     use crate::vm::Resource;
-    use super::items::Items;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -404,7 +600,9 @@ mod properties {
             protected in any::<bool>(),
         ) -> VmConfig {
             let mut c = base("vm");
-            c.boot.linux_kernel_direct.as_mut().map(|k| k.cmdline = format!("k{kernel}"));
+            if let Some(k) = c.boot.linux_kernel_direct.as_mut() {
+                k.cmdline = format!("k{kernel}");
+            }
             c.processors.count = cpus;
             c.memory.size_mb = mem;
             c.memory.deferred_commit = deferred;
@@ -454,7 +652,11 @@ mod properties {
     }
 
     fn arb_support() -> impl Strategy<Value = Support> {
-        prop_oneof![Just(Support::live()), Just(Support::restart("r")), Just(Support::recreate("c"))]
+        prop_oneof![
+            Just(Support::live()),
+            Just(Support::restart("r")),
+            Just(Support::recreate("c"))
+        ]
     }
 
     /// A virtstack that can do everything, each cell at a random cost.
@@ -472,7 +674,12 @@ mod properties {
     }
 
     fn arb_state() -> impl Strategy<Value = State> {
-        prop::sample::select(vec![State::Created, State::Running, State::Paused, State::Terminated])
+        prop::sample::select(vec![
+            State::Created,
+            State::Running,
+            State::Paused,
+            State::Terminated,
+        ])
     }
 
     prop_compose! {
@@ -513,7 +720,10 @@ mod properties {
 
     /// Rebuilds a configuration from items: the inverse of `flatten`.
     fn unflatten(items: &Items, power: PowerState) -> VmConfig {
-        let mut c = VmConfig { power_state: power, ..VmConfig::default() };
+        let mut c = VmConfig {
+            power_state: power,
+            ..VmConfig::default()
+        };
         let mut vpmem: Option<Vpmem> = None;
         let mut vpmem_devices = Vec::new();
         for item in items.values() {
@@ -530,19 +740,32 @@ mod properties {
                 }
                 Item::Mmio(m) => c.memory.mmio = *m,
                 Item::VpmemController(v) => {
-                    vpmem = v.map(|v| Vpmem { maximum_devices: v.maximum_devices, maximum_size_bytes: v.maximum_size_bytes, devices: vec![] })
+                    vpmem = v.map(|v| Vpmem {
+                        maximum_devices: v.maximum_devices,
+                        maximum_size_bytes: v.maximum_size_bytes,
+                        devices: vec![],
+                    })
                 }
                 Item::SerialConsole(s) => c.serial_consoles.push(s.clone()),
-                Item::CpuGroup(g) => c.windows = g.clone().map(|g| WindowsOptions { cpu_group: Some(g) }),
+                Item::CpuGroup(g) => {
+                    c.windows = g.clone().map(|g| WindowsOptions { cpu_group: Some(g) })
+                }
                 Item::Processors(n) => c.processors.count = *n,
                 Item::Memory(m) => c.memory.size_mb = *m,
                 Item::StorageQos(q) => c.storage_qos = *q,
-                Item::ScsiController(id) => c.scsi_controllers.push(ScsiController { id: *id, disks: vec![] }),
+                Item::ScsiController(id) => c.scsi_controllers.push(ScsiController {
+                    id: *id,
+                    disks: vec![],
+                }),
                 Item::ScsiDisk(d) => {
-                    if let Some(ctrl) = c.scsi_controllers.iter_mut().find(|x| x.id == d.controller) {
+                    if let Some(ctrl) = c.scsi_controllers.iter_mut().find(|x| x.id == d.controller)
+                    {
                         ctrl.disks.push(d.disk.clone());
                     } else {
-                        panic!("disk {}:{} without its controller", d.controller, d.disk.lun);
+                        panic!(
+                            "disk {}:{} without its controller",
+                            d.controller, d.disk.lun
+                        );
                     }
                 }
                 Item::VpmemDevice(d) => vpmem_devices.push(d.clone()),
@@ -557,7 +780,10 @@ mod properties {
         if let Some(v) = vpmem.as_mut() {
             v.devices = vpmem_devices;
         } else {
-            assert!(vpmem_devices.is_empty(), "vpmem devices without a controller");
+            assert!(
+                vpmem_devices.is_empty(),
+                "vpmem devices without a controller"
+            );
         }
         c.vpmem = vpmem;
         c
@@ -574,7 +800,14 @@ mod properties {
                 VmAction::Create | VmAction::Recreate => {
                     let spec = vm.spec.clone().expect("create and recreate carry the spec");
                     let state = state_for(spec.power_state);
-                    out.vms.insert(vm.name.clone(), ObservedVm { config: spec, state, managed: true });
+                    out.vms.insert(
+                        vm.name.clone(),
+                        ObservedVm {
+                            config: spec,
+                            state,
+                            managed: true,
+                        },
+                    );
                 }
                 VmAction::Update => {
                     let have = out.vms.get_mut(&vm.name).expect("update of an observed VM");
@@ -595,15 +828,24 @@ mod properties {
                         let key = (op.resource, op.key.clone());
                         match op.operation {
                             ResourceOperation::Remove => {
-                                assert!(items.remove(&key).is_some(), "removed {key:?}, which is not there");
+                                assert!(
+                                    items.remove(&key).is_some(),
+                                    "removed {key:?}, which is not there"
+                                );
                             }
                             ResourceOperation::Add => {
                                 let after = op.after.clone().expect("add carries the item");
-                                assert!(items.insert(key.clone(), after).is_none(), "added {key:?}, which is there");
+                                assert!(
+                                    items.insert(key.clone(), after).is_none(),
+                                    "added {key:?}, which is there"
+                                );
                             }
                             ResourceOperation::Update => {
                                 let after = op.after.clone().expect("update carries the item");
-                                assert!(items.insert(key.clone(), after).is_some(), "updated {key:?}, which is not there");
+                                assert!(
+                                    items.insert(key.clone(), after).is_some(),
+                                    "updated {key:?}, which is not there"
+                                );
                             }
                         }
                     }

@@ -88,7 +88,10 @@ mod tests {
 
     #[test]
     fn whole_file_errors_have_no_position() {
-        let e = SpecError::whole_file("specs/big.yaml", "file is 2000000 bytes, over the 1048576-byte limit");
+        let e = SpecError::whole_file(
+            "specs/big.yaml",
+            "file is 2000000 bytes, over the 1048576-byte limit",
+        );
         assert_eq!(
             e.to_string(),
             "specs/big.yaml: file is 2000000 bytes, over the 1048576-byte limit"

@@ -46,7 +46,10 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
         Ok(m) if m.is_file() => return vec![root.to_path_buf()],
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            errors.push(SpecError::whole_file(root, "not a directory or regular file"));
+            errors.push(SpecError::whole_file(
+                root,
+                "not a directory or regular file",
+            ));
             return out;
         }
         Err(e) => {
@@ -59,7 +62,10 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) => {
-                errors.push(SpecError::whole_file(&dir, format!("cannot read directory: {e}")));
+                errors.push(SpecError::whole_file(
+                    &dir,
+                    format!("cannot read directory: {e}"),
+                ));
                 continue;
             }
         };
@@ -67,7 +73,10 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    errors.push(SpecError::whole_file(&dir, format!("cannot read directory: {e}")));
+                    errors.push(SpecError::whole_file(
+                        &dir,
+                        format!("cannot read directory: {e}"),
+                    ));
                     continue;
                 }
             };
@@ -147,11 +156,15 @@ fn load_file(path: &Path) -> FileResult {
         return fail("not a regular file".to_string());
     }
     if meta.len() > MAX_SPEC_FILE_BYTES {
-        return fail(format!("file is {} bytes, over the {MAX_SPEC_FILE_BYTES}-byte limit", meta.len()));
+        return fail(format!(
+            "file is {} bytes, over the {MAX_SPEC_FILE_BYTES}-byte limit",
+            meta.len()
+        ));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may grow between stat and read: never read past the limit.
-    let read = fs::File::open(path).and_then(|f| f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes));
+    let read =
+        fs::File::open(path).and_then(|f| f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes));
     if let Err(e) = read {
         return fail(format!("cannot read: {e}"));
     }
@@ -160,7 +173,10 @@ fn load_file(path: &Path) -> FileResult {
     }
     match String::from_utf8(bytes) {
         Ok(text) => parse_str(path, text),
-        Err(e) => fail(format!("not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to())),
+        Err(e) => fail(format!(
+            "not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )),
     }
 }
 
@@ -236,17 +252,29 @@ fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
 
 /// Parses and validates one file's text.
 fn parse_str(path: &Path, text: String) -> FileResult {
-    let mut r = FileResult { path: path.to_path_buf(), ..FileResult::default() };
+    let mut r = FileResult {
+        path: path.to_path_buf(),
+        ..FileResult::default()
+    };
     if let Some(pos) = too_deep(&text, MAX_FLOW_NESTING) {
         let message = format!("nesting deeper than {MAX_FLOW_NESTING} levels");
-        r.pending.push(Pending { doc: 0, field: String::new(), message, pos: Some(pos), last: false });
+        r.pending.push(Pending {
+            doc: 0,
+            field: String::new(),
+            message,
+            pos: Some(pos),
+            last: false,
+        });
         r.text = text;
         return r;
     }
     let mut any_error = false;
     for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         if i >= MAX_DOCUMENTS_PER_FILE {
-            r.file_errors.push(SpecError::whole_file(path, format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file")));
+            r.file_errors.push(SpecError::whole_file(
+                path,
+                format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file"),
+            ));
             break;
         }
         let mut doc = match Option::<VmDocument>::deserialize(de) {
@@ -276,7 +304,14 @@ fn parse_str(path: &Path, text: String) -> FileResult {
             });
         } else {
             r.unknown.push(doc.metadata.name);
-            r.pending.extend(problems.into_iter().map(|(field, message)| Pending { doc: i, field, message, pos: None, last: false }));
+            r.pending
+                .extend(problems.into_iter().map(|(field, message)| Pending {
+                    doc: i,
+                    field,
+                    message,
+                    pos: None,
+                    last: false,
+                }));
         }
     }
     r.text = text;
@@ -293,42 +328,77 @@ fn syntax_error(r: &mut FileResult, text: &str) -> bool {
         return false;
     };
     r.pending.clear();
-    r.pending.push(Pending { doc: 0, field: String::new(), message: format!("not valid YAML: {info}"), pos: Some((line, column)), last: false });
+    r.pending.push(Pending {
+        doc: 0,
+        field: String::new(),
+        message: format!("not valid YAML: {info}"),
+        pos: Some((line, column)),
+        last: false,
+    });
     r.unknown.extend(r.vms.drain(..).map(|v| v.name));
-    r.unknown.extend((0..documents).filter_map(|d| name_of_broken_doc(text, d)));
+    r.unknown
+        .extend((0..documents).filter_map(|d| name_of_broken_doc(text, d)));
     true
 }
 
 /// Splits serde_yaml's `path: message at line L column C` into its parts.
 fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
     let mut msg = e.to_string();
-    if let Some(i) = msg.rfind(" at line ") {
-        if msg[i + 9..].split(" column ").count() == 2 {
-            msg.truncate(i);
-        }
+    if let Some(i) = msg.rfind(" at line ")
+        && msg[i + 9..].split(" column ").count() == 2
+    {
+        msg.truncate(i);
     }
     let mut field = String::new();
     if let Some((head, tail)) = msg.split_once(": ") {
         let is_path = !head.is_empty()
-            && head.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '[' | ']' | '_'));
+            && head
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '[' | ']' | '_'));
         if is_path {
             field = head.to_string();
             msg = tail.to_string();
         }
     }
     // "spec: missing field `boot`" reads better as "spec.boot: missing field".
-    if let Some(name) = msg.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
-        field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+    if let Some(name) = msg
+        .strip_prefix("missing field `")
+        .and_then(|m| m.strip_suffix('`'))
+    {
+        field = if field.is_empty() {
+            name.to_string()
+        } else {
+            format!("{field}.{name}")
+        };
         msg = "required field is missing".to_string();
     }
     // serde names a duplicated key at its parent mapping; point at the second copy instead.
-    if let Some(name) = msg.strip_prefix("duplicate field `").and_then(|m| m.strip_suffix('`')) {
-        field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+    if let Some(name) = msg
+        .strip_prefix("duplicate field `")
+        .and_then(|m| m.strip_suffix('`'))
+    {
+        field = if field.is_empty() {
+            name.to_string()
+        } else {
+            format!("{field}.{name}")
+        };
         let message = "duplicate key: each key may appear once".to_string();
-        return Pending { doc, field, message, pos: None, last: true };
+        return Pending {
+            doc,
+            field,
+            message,
+            pos: None,
+            last: true,
+        };
     }
     let pos = e.location().map(|l| (l.line(), l.column()));
-    Pending { doc, field, message: msg, pos, last: false }
+    Pending {
+        doc,
+        field,
+        message: msg,
+        pos,
+        last: false,
+    }
 }
 
 /// Where one VM's spec and a field of it live, for cross-VM errors.
@@ -352,22 +422,36 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
     let mut by_disk: BTreeMap<&Path, Vec<(Site, bool)>> = BTreeMap::new();
     for (fi, r) in results.iter().enumerate() {
         for vm in &r.vms {
-            let site = |field: String| Site { vm: vm.name.clone(), file: fi, doc: vm.doc, field };
-            by_name.entry(&vm.name).or_default().push(site("metadata.name".into()));
+            let site = |field: String| Site {
+                vm: vm.name.clone(),
+                file: fi,
+                doc: vm.doc,
+                field,
+            };
+            by_name
+                .entry(&vm.name)
+                .or_default()
+                .push(site("metadata.name".into()));
             for (i, n) in vm.config.network_adapters.iter().enumerate() {
-                by_mac.entry(&n.mac_address).or_default().push(site(format!("spec.networkAdapters[{i}].macAddress")));
+                by_mac
+                    .entry(&n.mac_address)
+                    .or_default()
+                    .push(site(format!("spec.networkAdapters[{i}].macAddress")));
             }
             for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
                 for (j, d) in c.disks.iter().enumerate() {
-                    by_disk
-                        .entry(&d.path)
-                        .or_default()
-                        .push((site(format!("spec.scsiControllers[{i}].disks[{j}].path")), d.read_only));
+                    by_disk.entry(&d.path).or_default().push((
+                        site(format!("spec.scsiControllers[{i}].disks[{j}].path")),
+                        d.read_only,
+                    ));
                 }
             }
             if let Some(p) = &vm.config.vpmem {
                 for (i, d) in p.devices.iter().enumerate() {
-                    by_disk.entry(&d.path).or_default().push((site(format!("spec.vpmem.devices[{i}].path")), d.read_only));
+                    by_disk
+                        .entry(&d.path)
+                        .or_default()
+                        .push((site(format!("spec.vpmem.devices[{i}].path")), d.read_only));
                 }
             }
         }
@@ -378,13 +462,26 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
         // A name whose other spec is broken still clashes: plan neither.
         if sites.len() > 1 || unknown.contains(*name) {
             for s in sites {
-                let others: Vec<String> = sites.iter().filter(|o| o.file != s.file || o.doc != s.doc).map(&where_is).collect();
+                let others: Vec<String> = sites
+                    .iter()
+                    .filter(|o| o.file != s.file || o.doc != s.doc)
+                    .map(&where_is)
+                    .collect();
                 let msg = if others.is_empty() {
                     format!("VM {name:?} is also defined in a spec that failed to load")
                 } else {
                     format!("VM {name:?} is also defined in {}", others.join(", "))
                 };
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
+                cross.push((
+                    s.file,
+                    Pending {
+                        doc: s.doc,
+                        field: s.field.clone(),
+                        message: msg,
+                        pos: None,
+                        last: false,
+                    },
+                ));
             }
         }
     }
@@ -394,7 +491,16 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
             for s in sites {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
                 let msg = format!("MAC {mac} is also used by VM {}", others.join(", "));
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
+                cross.push((
+                    s.file,
+                    Pending {
+                        doc: s.doc,
+                        field: s.field.clone(),
+                        message: msg,
+                        pos: None,
+                        last: false,
+                    },
+                ));
             }
         }
     }
@@ -408,7 +514,16 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     path.display(),
                     others.join(", ")
                 );
-                cross.push((s.file, Pending { doc: s.doc, field: s.field.clone(), message: msg, pos: None, last: false }));
+                cross.push((
+                    s.file,
+                    Pending {
+                        doc: s.doc,
+                        field: s.field.clone(),
+                        message: msg,
+                        pos: None,
+                        last: false,
+                    },
+                ));
             }
         }
     }
@@ -428,11 +543,25 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
         errors.extend(r.file_errors);
         if !r.pending.is_empty() {
             let needs_index = r.pending.iter().any(|p| p.pos.is_none());
-            let locations = if needs_index { Locations::index(&r.text) } else { Locations::default() };
+            let locations = if needs_index {
+                Locations::index(&r.text)
+            } else {
+                Locations::default()
+            };
             for p in r.pending {
-                let found = if p.last { locations.find_last(p.doc, &p.field) } else { locations.find(p.doc, &p.field) };
+                let found = if p.last {
+                    locations.find_last(p.doc, &p.field)
+                } else {
+                    locations.find(p.doc, &p.field)
+                };
                 let (line, column) = p.pos.or(found).unwrap_or((0, 0));
-                errors.push(SpecError { file: r.path.clone(), line, column, field: p.field, message: p.message });
+                errors.push(SpecError {
+                    file: r.path.clone(),
+                    line,
+                    column,
+                    field: p.field,
+                    message: p.message,
+                });
             }
         }
         for vm in r.vms {

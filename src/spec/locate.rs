@@ -33,10 +33,19 @@ impl Locations {
             match parser.next_token() {
                 Ok((Event::StreamEnd, _)) => break None,
                 Ok((ev, mark)) => rx.on_event(ev, mark),
-                Err(e) => break Some((e.marker().line(), e.marker().col() + 1, e.info().to_string())),
+                Err(e) => {
+                    break Some((
+                        e.marker().line(),
+                        e.marker().col() + 1,
+                        e.info().to_string(),
+                    ));
+                }
             }
         };
-        Locations { docs: rx.docs, syntax_error }
+        Locations {
+            docs: rx.docs,
+            syntax_error,
+        }
     }
 
     /// How many documents were indexed.
@@ -59,7 +68,11 @@ impl Locations {
         let mut p = path;
         loop {
             if let Some(all) = map.get(p) {
-                return if last { all.last().copied() } else { all.first().copied() };
+                return if last {
+                    all.last().copied()
+                } else {
+                    all.first().copied()
+                };
             }
             if p.is_empty() {
                 return None;
@@ -80,8 +93,15 @@ fn parent(path: &str) -> &str {
 enum Frame {
     /// `key` is set between a key and its value; `positioned` once the
     /// mapping's own path has a position (its first key's).
-    Map { path: String, key: Option<String>, positioned: bool },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+        positioned: bool,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
 }
 
 /// Where a node sits in its parent.
@@ -109,7 +129,11 @@ fn pos(mark: Marker) -> (usize, usize) {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 impl Receiver {
@@ -130,7 +154,11 @@ impl Receiver {
                 *index += 1;
                 (Role::Item, p)
             }
-            Some(Frame::Map { path, key, positioned }) => match key.take() {
+            Some(Frame::Map {
+                path,
+                key,
+                positioned,
+            }) => match key.take() {
                 Some(k) => (Role::Value, join(path, &k)),
                 None => {
                     // A key: where a reader looks for the field, and for its
@@ -162,7 +190,9 @@ impl MarkedEventReceiver for Receiver {
                 self.stack.clear();
                 self.overflow = 0;
             }
-            Event::MappingStart(..) | Event::SequenceStart(..) if self.overflow > 0 || self.stack.len() >= MAX_DEPTH => {
+            Event::MappingStart(..) | Event::SequenceStart(..)
+                if self.overflow > 0 || self.stack.len() >= MAX_DEPTH =>
+            {
                 self.overflow += 1;
             }
             Event::MappingEnd | Event::SequenceEnd if self.overflow > 0 => {
@@ -184,7 +214,11 @@ impl MarkedEventReceiver for Receiver {
                 // key's position stands for it instead (see `enter`).
                 let (role, path) = self.enter(None, mark);
                 let positioned = matches!(role, Role::Value | Role::Key);
-                self.stack.push(Frame::Map { path, key: None, positioned });
+                self.stack.push(Frame::Map {
+                    path,
+                    key: None,
+                    positioned,
+                });
             }
             Event::SequenceStart(..) => {
                 let (role, path) = self.enter(None, mark);
@@ -194,7 +228,12 @@ impl MarkedEventReceiver for Receiver {
                 self.stack.push(Frame::Seq { path, index: 0 });
             }
             Event::MappingEnd => {
-                if let Some(Frame::Map { path, positioned: false, .. }) = self.stack.pop() {
+                if let Some(Frame::Map {
+                    path,
+                    positioned: false,
+                    ..
+                }) = self.stack.pop()
+                {
                     self.record(path, mark);
                 }
             }
@@ -231,8 +270,14 @@ metadata:
         assert_eq!(loc.find(0, "apiVersion"), Some((1, 1)));
         assert_eq!(loc.find(0, "spec.scsiControllers"), Some((3, 3)));
         assert_eq!(loc.find(0, "spec.scsiControllers[0]"), Some((4, 7)));
-        assert_eq!(loc.find(0, "spec.scsiControllers[0].disks[1].lun"), Some((8, 11)));
-        assert_eq!(loc.find(0, "spec.scsiControllers[0].disks[1].path"), Some((9, 11)));
+        assert_eq!(
+            loc.find(0, "spec.scsiControllers[0].disks[1].lun"),
+            Some((8, 11))
+        );
+        assert_eq!(
+            loc.find(0, "spec.scsiControllers[0].disks[1].path"),
+            Some((9, 11))
+        );
     }
 
     #[test]
@@ -255,7 +300,10 @@ metadata:
     fn counts_documents_and_falls_back_to_ancestors() {
         let loc = Locations::index(TEXT);
         assert_eq!(loc.find(1, "metadata.name"), Some((12, 3)));
-        assert_eq!(loc.find(0, "spec.scsiControllers[0].disks[1].type"), Some((8, 11)));
+        assert_eq!(
+            loc.find(0, "spec.scsiControllers[0].disks[1].type"),
+            Some((8, 11))
+        );
         assert_eq!(loc.find(2, "metadata"), None);
     }
 }

@@ -8,7 +8,9 @@ pub mod model;
 mod validate;
 
 pub use error::{SpecError, SpecErrors};
-pub use load::{Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts};
+pub use load::{
+    Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
+};
 pub use model::*;
 pub use validate::{
     MAX_MEMORY_MB, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,

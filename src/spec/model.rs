@@ -5,7 +5,9 @@
 //! default. Optional fields with a default are left out when serialized, so the
 //! canonical YAML of a VM is short and diffs well.
 
-use crate::vm::{GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat, VsmbOptions, is_false};
+use crate::vm::{
+    GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat, VsmbOptions, is_false,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -58,7 +60,18 @@ fn default_true() -> bool {
 
 /// Desired power state.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum PowerState {
@@ -467,12 +480,14 @@ impl VmConfig {
         if let Some(v) = &mut self.vpmem {
             v.devices.sort_by_key(|d| d.id);
         }
-        self.network_adapters.sort_by(|a, b| a.nic_id.cmp(&b.nic_id));
+        self.network_adapters
+            .sort_by(|a, b| a.nic_id.cmp(&b.nic_id));
         self.plan9_shares.sort_by(|a, b| a.name.cmp(&b.name));
         self.vsmb_shares.sort_by(|a, b| a.name.cmp(&b.name));
-        self.pci_devices.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        self.pci_devices
+            .sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         self.vm_sockets
-            .sort_by(|a, b| (a.socket_type, a.address()).cmp(&(b.socket_type, b.address())));
+            .sort_by_key(|s| (s.socket_type, s.address()));
         if self.windows.as_ref().is_some_and(|w| w.cpu_group.is_none()) {
             self.windows = None;
         }

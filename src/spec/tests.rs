@@ -14,12 +14,19 @@ fn vm(name: &str, extra: &str) -> String {
 }
 
 fn load(files: &[(&str, &str)]) -> Loaded {
-    let files: Vec<(PathBuf, String)> = files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect();
+    let files: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+        .collect();
     load_texts(&files)
 }
 
 fn errors_of(text: &str) -> Vec<String> {
-    load(&[("t.yaml", text)]).errors.iter().map(ToString::to_string).collect()
+    load(&[("t.yaml", text)])
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn one_error(text: &str) -> String {
@@ -57,13 +64,21 @@ fn duplicate_keys_point_at_the_second_copy() {
 #[test]
 fn wrong_types_name_the_field() {
     let text = vm("web", "").replace("sizeMB: 64", "sizeMB: lots");
-    assert_eq!(one_error(&text), "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"lots\", expected u64");
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"lots\", expected u64"
+    );
 }
 
 #[test]
 fn missing_required_fields_are_named() {
-    let text = format!("{HEAD}metadata:\n  name: web\nspec:\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n");
-    assert_eq!(one_error(&text), "t.yaml:6:3: spec.boot: required field is missing");
+    let text = format!(
+        "{HEAD}metadata:\n  name: web\nspec:\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n"
+    );
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:6:3: spec.boot: required field is missing"
+    );
 }
 
 #[test]
@@ -178,11 +193,19 @@ fn the_same_vm_name_in_two_files_names_both_files() {
 #[test]
 fn the_same_mac_or_writable_disk_in_two_vms_is_refused() {
     let nic = |id: &str| {
-        format!("  networkAdapters:\n    - nicId: {id}\n      endpointId: user\n      macAddress: 52:54:00:00:00:09\n")
+        format!(
+            "  networkAdapters:\n    - nicId: {id}\n      endpointId: user\n      macAddress: 52:54:00:00:00:09\n"
+        )
     };
     let l = load(&[
-        ("a.yaml", &vm("a", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01"))),
-        ("b.yaml", &vm("b", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02"))),
+        (
+            "a.yaml",
+            &vm("a", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01")),
+        ),
+        (
+            "b.yaml",
+            &vm("b", &nic("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02")),
+        ),
     ]);
     let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -195,16 +218,28 @@ fn the_same_mac_or_writable_disk_in_two_vms_is_refused() {
     assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["a", "b"]);
 
     let disk = |ro: bool| {
-        format!("  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: /d/shared.vhdx, type: vhdx, readOnly: {ro}}}\n")
+        format!(
+            "  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: /d/shared.vhdx, type: vhdx, readOnly: {ro}}}\n"
+        )
     };
-    let l = load(&[("a.yaml", &vm("a", &disk(true))), ("b.yaml", &vm("b", &disk(false)))]);
+    let l = load(&[
+        ("a.yaml", &vm("a", &disk(true))),
+        ("b.yaml", &vm("b", &disk(false))),
+    ]);
     assert_eq!(l.errors.len(), 2);
     assert_eq!(
         l.errors[0].to_string(),
         "a.yaml:16:20: spec.scsiControllers[0].disks[0].path: /d/shared.vhdx is also attached by VM b; an image attached writable can belong to one VM only"
     );
-    let l = load(&[("a.yaml", &vm("a", &disk(true))), ("b.yaml", &vm("b", &disk(true)))]);
-    assert!(l.errors.is_empty(), "read-only images may be shared: {:?}", l.errors);
+    let l = load(&[
+        ("a.yaml", &vm("a", &disk(true))),
+        ("b.yaml", &vm("b", &disk(true))),
+    ]);
+    assert!(
+        l.errors.is_empty(),
+        "read-only images may be shared: {:?}",
+        l.errors
+    );
 }
 
 #[test]
@@ -216,17 +251,27 @@ fn all_errors_of_a_run_are_collected() {
     ]);
     assert_eq!(l.errors.len(), 2);
     assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), vec!["c"]);
-    assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["a", "b!"]);
+    assert_eq!(
+        l.desired.unknown.iter().collect::<Vec<_>>(),
+        vec!["a", "b!"]
+    );
     assert_eq!(l.desired.failed_files.len(), 2);
 }
 
 #[test]
 fn a_broken_document_makes_only_its_vm_unknown() {
-    let text = format!("{}---\n{}", vm("good", ""), vm("bad", "").replace("count: 1", "count: many"));
+    let text = format!(
+        "{}---\n{}",
+        vm("good", ""),
+        vm("bad", "").replace("count: 1", "count: many")
+    );
     let l = load(&[("t.yaml", &text)]);
     assert_eq!(l.errors.len(), 1);
     assert!(l.desired.vms.contains_key("good"));
-    assert!(l.desired.unknown.contains("bad"), "the name is read even though the document failed");
+    assert!(
+        l.desired.unknown.contains("bad"),
+        "the name is read even though the document failed"
+    );
 }
 
 #[test]
@@ -235,17 +280,33 @@ fn a_syntax_error_makes_every_vm_of_the_file_unknown() {
     let l = load(&[("t.yaml", &text)]);
     let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].starts_with("t.yaml:28:1: not valid YAML:"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("t.yaml:28:1: not valid YAML:"),
+        "{errs:?}"
+    );
     assert!(l.desired.vms.is_empty());
-    assert_eq!(l.desired.unknown.iter().collect::<Vec<_>>(), vec!["first", "second"]);
+    assert_eq!(
+        l.desired.unknown.iter().collect::<Vec<_>>(),
+        vec!["first", "second"]
+    );
 }
 
 #[test]
 fn deep_nesting_is_refused_early() {
-    let text = format!("{HEAD}metadata: {}{}", "[".repeat(10_000), "]".repeat(10_000));
-    assert_eq!(one_error(&text), "t.yaml:3:75: nesting deeper than 64 levels");
+    let text = format!(
+        "{HEAD}metadata: {}{}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:3:75: nesting deeper than 64 levels"
+    );
     let text = format!("{}x\n", "- ".repeat(100_000));
-    assert_eq!(one_error(&text), "t.yaml:1:129: nesting deeper than 64 levels");
+    assert_eq!(
+        one_error(&text),
+        "t.yaml:1:129: nesting deeper than 64 levels"
+    );
 }
 
 #[test]
@@ -253,9 +314,11 @@ fn alias_bombs_are_refused_without_expanding() {
     let mut bomb = String::from("  allowedFiles: &a0 [x, x, x, x, x, x, x, x, x]\n");
     for i in 1..10 {
         let prev = format!("*a{}", i - 1);
-        bomb += &format!("  l{i}: &a{i} [{}]\n", vec![prev.as_str(); 9].join(", "));
+        bomb += &format!("  l{i}: &a{i} [{}]\n", [prev.as_str(); 9].join(", "));
     }
-    let text = format!("{HEAD}metadata:\n  name: bomb\nx:\n{bomb}spec:\n  plan9Shares:\n    - {{name: s, hostPath: /s, allowedFiles: *a9}}\n");
+    let text = format!(
+        "{HEAD}metadata:\n  name: bomb\nx:\n{bomb}spec:\n  plan9Shares:\n    - {{name: s, hostPath: /s, allowedFiles: *a9}}\n"
+    );
     let errs = errors_of(&text);
     assert_eq!(errs.len(), 1, "{errs:?}");
     let l = load(&[("t.yaml", &text)]);
@@ -264,7 +327,10 @@ fn alias_bombs_are_refused_without_expanding() {
 
 #[test]
 fn empty_documents_are_no_vms() {
-    let l = load(&[("t.yaml", &format!("# just a comment\n---\n{}---\n", vm("web", "")))]);
+    let l = load(&[(
+        "t.yaml",
+        &format!("# just a comment\n---\n{}---\n", vm("web", "")),
+    )]);
     assert!(l.errors.is_empty(), "{:?}", l.errors);
     assert_eq!(l.desired.vms.len(), 1);
 }
@@ -303,7 +369,15 @@ mod on_disk {
         fs::create_dir_all(root.join(".git")).expect("mkdir");
         fs::write(root.join("team/a/web.yaml"), vm("web", "")).expect("write");
         fs::write(root.join("db.yml"), vm("db", "")).expect("write");
-        for junk in [".web.yaml.swp", "web.yaml~", "4913", ".#web.yaml", ".git/x.yaml", "notes.txt", ".hidden.yaml"] {
+        for junk in [
+            ".web.yaml.swp",
+            "web.yaml~",
+            "4913",
+            ".#web.yaml",
+            ".git/x.yaml",
+            "notes.txt",
+            ".hidden.yaml",
+        ] {
             fs::write(root.join(junk), "this: [is not a spec").expect("write");
         }
         let l = load_dir(root);
@@ -315,16 +389,26 @@ mod on_disk {
     fn refuses_oversized_and_non_regular_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        fs::write(root.join("big.yaml"), "#".repeat(MAX_SPEC_FILE_BYTES as usize + 1)).expect("write");
+        fs::write(
+            root.join("big.yaml"),
+            "#".repeat(MAX_SPEC_FILE_BYTES as usize + 1),
+        )
+        .expect("write");
         let fifo = root.join("pipe.yaml");
-        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
         assert!(status.success());
         let l = load_dir(root);
         let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
             errs,
             vec![
-                format!("{}: file is 1048577 bytes, over the 1048576-byte limit", root.join("big.yaml").display()),
+                format!(
+                    "{}: file is 1048577 bytes, over the 1048576-byte limit",
+                    root.join("big.yaml").display()
+                ),
                 format!("{}: not a regular file", fifo.display()),
             ]
         );
@@ -335,7 +419,10 @@ mod on_disk {
     fn a_missing_directory_is_an_error_not_an_empty_spec_set() {
         let l = load_dir(std::path::Path::new("/nonexistent/uvmctl-specs"));
         assert_eq!(l.errors.len(), 1);
-        assert!(!l.desired.failed_files.is_empty(), "pruning must stay blocked");
+        assert!(
+            !l.desired.failed_files.is_empty(),
+            "pruning must stay blocked"
+        );
     }
 
     #[test]

@@ -40,10 +40,19 @@ pub type Problem = (String, String);
 pub fn validate_document(doc: &mut VmDocument) -> Vec<Problem> {
     let mut v = Checker::default();
     if doc.api_version != API_VERSION {
-        v.err("apiVersion", format!("unsupported apiVersion {:?} (expected {API_VERSION:?})", doc.api_version));
+        v.err(
+            "apiVersion",
+            format!(
+                "unsupported apiVersion {:?} (expected {API_VERSION:?})",
+                doc.api_version
+            ),
+        );
     }
     if doc.kind != KIND {
-        v.err("kind", format!("unsupported kind {:?} (expected {KIND:?})", doc.kind));
+        v.err(
+            "kind",
+            format!("unsupported kind {:?} (expected {KIND:?})", doc.kind),
+        );
     }
     check_name(&mut v, "metadata.name", &doc.metadata.name, 64, false);
     check_config(&mut v, &mut doc.spec);
@@ -60,7 +69,13 @@ impl Checker {
         self.problems.push((field.into(), msg.into()));
     }
 
-    fn range<T: PartialOrd + std::fmt::Display>(&mut self, field: &str, v: T, lo: T, hi: T) -> bool {
+    fn range<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        field: &str,
+        v: T,
+        lo: T,
+        hi: T,
+    ) -> bool {
         if v < lo || v > hi {
             self.err(field, format!("{v} is out of range {lo}–{hi}"));
             return false;
@@ -75,9 +90,21 @@ impl Checker {
         } else if s.iter().any(|b| *b < 0x20 || *b == 0x7f) {
             self.err(field, "path contains a NUL or control character");
         } else if !is_absolute_on_some_host(s) {
-            self.err(field, format!("path {:?} is relative; give an absolute path", p.display().to_string()));
+            self.err(
+                field,
+                format!(
+                    "path {:?} is relative; give an absolute path",
+                    p.display().to_string()
+                ),
+            );
         } else if s.len() > MAX_PATH_BYTES {
-            self.err(field, format!("path is {} bytes, over the {MAX_PATH_BYTES}-byte limit", s.len()));
+            self.err(
+                field,
+                format!(
+                    "path is {} bytes, over the {MAX_PATH_BYTES}-byte limit",
+                    s.len()
+                ),
+            );
         }
     }
 
@@ -86,7 +113,12 @@ impl Checker {
         self.host_path(field, p);
         let len = p.as_os_str().len();
         if self.problems.len() == before && len > MAX_UNIX_SOCKET_PATH {
-            self.err(field, format!("unix socket path is {len} bytes, over the {MAX_UNIX_SOCKET_PATH}-byte limit"));
+            self.err(
+                field,
+                format!(
+                    "unix socket path is {len} bytes, over the {MAX_UNIX_SOCKET_PATH}-byte limit"
+                ),
+            );
         }
     }
 }
@@ -103,16 +135,28 @@ fn is_absolute_on_some_host(s: &[u8]) -> bool {
 }
 
 fn check_name(v: &mut Checker, field: &str, name: &str, max: usize, allow_dot_underscore: bool) {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || (allow_dot_underscore && (c == '.' || c == '_'));
-    let allowed = if allow_dot_underscore { "[A-Za-z0-9._-]" } else { "[A-Za-z0-9-]" };
+    let ok_char = |c: char| {
+        c.is_ascii_alphanumeric() || c == '-' || (allow_dot_underscore && (c == '.' || c == '_'))
+    };
+    let allowed = if allow_dot_underscore {
+        "[A-Za-z0-9._-]"
+    } else {
+        "[A-Za-z0-9-]"
+    };
     if name.is_empty() || name.len() > max || !name.chars().all(ok_char) {
-        v.err(field, format!("name {name:?} must be 1–{max} characters of {allowed}"));
+        v.err(
+            field,
+            format!("name {name:?} must be 1–{max} characters of {allowed}"),
+        );
     }
 }
 
 /// Canonical GUID (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase), braces allowed on input.
 pub fn parse_guid(s: &str) -> Option<String> {
-    let t = s.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(s);
+    let t = s
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(s);
     let groups: Vec<&str> = t.split('-').collect();
     let lens = [8, 4, 4, 4, 12];
     if groups.len() != 5 {
@@ -130,23 +174,41 @@ pub fn parse_guid(s: &str) -> Option<String> {
 pub fn parse_mac(s: &str) -> Result<String, String> {
     let sep = if s.contains('-') { '-' } else { ':' };
     let parts: Vec<&str> = s.split(sep).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit())) {
-        return Err(format!("MAC address {s:?} must be six hex pairs, like 00-15-5D-01-02-03"));
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(format!(
+            "MAC address {s:?} must be six hex pairs, like 00-15-5D-01-02-03"
+        ));
     }
-    let bytes: Vec<u8> = parts.iter().filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+    let bytes: Vec<u8> = parts
+        .iter()
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
     if bytes[0] & 1 == 1 {
-        return Err(format!("MAC address {s:?} is multicast; a NIC needs a unicast address"));
+        return Err(format!(
+            "MAC address {s:?} is multicast; a NIC needs a unicast address"
+        ));
     }
     if bytes.iter().all(|b| *b == 0) {
         return Err(format!("MAC address {s:?} is all zeros"));
     }
-    Ok(bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join("-"))
+    Ok(bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join("-"))
 }
 
 fn check_guid(v: &mut Checker, field: &str, s: &mut String) {
     match parse_guid(s) {
         Some(g) => *s = g,
-        None => v.err(field, format!("{s:?} is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")),
+        None => v.err(
+            field,
+            format!("{s:?} is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+        ),
     }
 }
 
@@ -154,8 +216,17 @@ fn check_file_names(v: &mut Checker, field: &str, names: &[String]) {
     let mut seen = BTreeSet::new();
     for (i, n) in names.iter().enumerate() {
         let f = format!("{field}[{i}]");
-        if n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\\') || n.chars().any(char::is_control) {
-            v.err(&f, format!("{n:?} must be a plain file name inside the share"));
+        if n.is_empty()
+            || n == "."
+            || n == ".."
+            || n.contains('/')
+            || n.contains('\\')
+            || n.chars().any(char::is_control)
+        {
+            v.err(
+                &f,
+                format!("{n:?} must be a plain file name inside the share"),
+            );
         } else if !seen.insert(n.as_str()) {
             v.err(&f, format!("file {n:?} is listed twice"));
         }
@@ -165,12 +236,18 @@ fn check_file_names(v: &mut Checker, field: &str, names: &[String]) {
 fn check_config(v: &mut Checker, c: &mut VmConfig) {
     // Boot
     match (&c.boot.uefi, &c.boot.linux_kernel_direct) {
-        (Some(_), Some(_)) => v.err("spec.boot", "give either uefi or linuxKernelDirect, not both"),
+        (Some(_), Some(_)) => v.err(
+            "spec.boot",
+            "give either uefi or linuxKernelDirect, not both",
+        ),
         (None, None) => v.err("spec.boot", "give one of uefi or linuxKernelDirect"),
         (Some(u), None) => {
             v.host_path("spec.boot.uefi.dir", &u.dir);
             if u.path.is_empty() || u.path.chars().any(char::is_control) {
-                v.err("spec.boot.uefi.path", "EFI path must be non-empty, without control characters");
+                v.err(
+                    "spec.boot.uefi.path",
+                    "EFI path must be non-empty, without control characters",
+                );
             }
             if u.args.contains('\0') {
                 v.err("spec.boot.uefi.args", "args contain a NUL character");
@@ -182,12 +259,20 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
                 v.host_path("spec.boot.linuxKernelDirect.initrd", i);
             }
             if k.cmdline.chars().any(char::is_control) {
-                v.err("spec.boot.linuxKernelDirect.cmdline", "command line contains a control character");
+                v.err(
+                    "spec.boot.linuxKernelDirect.cmdline",
+                    "command line contains a control character",
+                );
             }
         }
     }
 
-    v.range("spec.processors.count", c.processors.count, 1, MAX_PROCESSORS);
+    v.range(
+        "spec.processors.count",
+        c.processors.count,
+        1,
+        MAX_PROCESSORS,
+    );
     v.range("spec.memory.sizeMB", c.memory.size_mb, 1, MAX_MEMORY_MB);
     if let Some(m) = c.memory.mmio {
         v.range("spec.memory.mmio.lowGapMB", m.low_gap_mb, 0, 3072);
@@ -201,20 +286,35 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         let f = format!("spec.serialConsoles[{i}]");
         v.range(&format!("{f}.port"), s.port, 0, MAX_SERIAL_PORT);
         if let Some(prev) = ports.insert(s.port, i) {
-            v.err(format!("{f}.port"), format!("duplicate serial port {} (also serialConsoles[{prev}])", s.port));
+            v.err(
+                format!("{f}.port"),
+                format!(
+                    "duplicate serial port {} (also serialConsoles[{prev}])",
+                    s.port
+                ),
+            );
         }
         v.socket_path(&format!("{f}.listenerPath"), &s.listener_path);
     }
 
     if let Some(q) = c.storage_qos {
         if q.iops_maximum.is_none() && q.bandwidth_maximum.is_none() {
-            v.err("spec.storageQos", "give iopsMaximum or bandwidthMaximum, or leave storageQos out");
+            v.err(
+                "spec.storageQos",
+                "give iopsMaximum or bandwidthMaximum, or leave storageQos out",
+            );
         }
         if q.iops_maximum == Some(0) {
-            v.err("spec.storageQos.iopsMaximum", "must be at least 1; leave it out for no limit");
+            v.err(
+                "spec.storageQos.iopsMaximum",
+                "must be at least 1; leave it out for no limit",
+            );
         }
         if q.bandwidth_maximum == Some(0) {
-            v.err("spec.storageQos.bandwidthMaximum", "must be at least 1; leave it out for no limit");
+            v.err(
+                "spec.storageQos.bandwidthMaximum",
+                "must be at least 1; leave it out for no limit",
+            );
         }
     }
 
@@ -225,39 +325,84 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         let f = format!("spec.scsiControllers[{i}]");
         v.range(&format!("{f}.id"), ctrl.id, 0, MAX_SCSI_CONTROLLER);
         if let Some(prev) = ctrls.insert(ctrl.id, i) {
-            v.err(format!("{f}.id"), format!("duplicate controller {} (also scsiControllers[{prev}])", ctrl.id));
+            v.err(
+                format!("{f}.id"),
+                format!(
+                    "duplicate controller {} (also scsiControllers[{prev}])",
+                    ctrl.id
+                ),
+            );
         }
         let mut luns = BTreeMap::new();
         for (j, d) in ctrl.disks.iter().enumerate() {
             let df = format!("{f}.disks[{j}]");
             v.range(&format!("{df}.lun"), d.lun, 0, MAX_SCSI_LUN);
             if let Some(prev) = luns.insert(d.lun, j) {
-                v.err(format!("{df}.lun"), format!("duplicate lun {} on controller {} (also disks[{prev}])", d.lun, ctrl.id));
+                v.err(
+                    format!("{df}.lun"),
+                    format!(
+                        "duplicate lun {} on controller {} (also disks[{prev}])",
+                        d.lun, ctrl.id
+                    ),
+                );
             }
             v.host_path(&format!("{df}.path"), &d.path);
-            check_shared_disk(v, &mut disk_paths, &d.path, &format!("{df}.path"), d.read_only);
+            check_shared_disk(
+                v,
+                &mut disk_paths,
+                &d.path,
+                &format!("{df}.path"),
+                d.read_only,
+            );
         }
     }
 
     // VPMem: controller limits, devices by id.
     if let Some(p) = &c.vpmem {
-        v.range("spec.vpmem.maximumDevices", p.maximum_devices, 1, MAX_VPMEM_DEVICES);
-        if v.range("spec.vpmem.maximumSizeBytes", p.maximum_size_bytes, 4096, MAX_VPMEM_SIZE_BYTES)
-            && p.maximum_size_bytes % 4096 != 0
+        v.range(
+            "spec.vpmem.maximumDevices",
+            p.maximum_devices,
+            1,
+            MAX_VPMEM_DEVICES,
+        );
+        if v.range(
+            "spec.vpmem.maximumSizeBytes",
+            p.maximum_size_bytes,
+            4096,
+            MAX_VPMEM_SIZE_BYTES,
+        ) && p.maximum_size_bytes % 4096 != 0
         {
-            v.err("spec.vpmem.maximumSizeBytes", format!("{} is not a multiple of 4096", p.maximum_size_bytes));
+            v.err(
+                "spec.vpmem.maximumSizeBytes",
+                format!("{} is not a multiple of 4096", p.maximum_size_bytes),
+            );
         }
         let mut ids = BTreeMap::new();
         for (i, d) in p.devices.iter().enumerate() {
             let f = format!("spec.vpmem.devices[{i}]");
             if d.id >= p.maximum_devices {
-                v.err(format!("{f}.id"), format!("device {} is past the controller's maximumDevices {}", d.id, p.maximum_devices));
+                v.err(
+                    format!("{f}.id"),
+                    format!(
+                        "device {} is past the controller's maximumDevices {}",
+                        d.id, p.maximum_devices
+                    ),
+                );
             }
             if let Some(prev) = ids.insert(d.id, i) {
-                v.err(format!("{f}.id"), format!("duplicate vpmem device {} (also devices[{prev}])", d.id));
+                v.err(
+                    format!("{f}.id"),
+                    format!("duplicate vpmem device {} (also devices[{prev}])", d.id),
+                );
             }
             v.host_path(&format!("{f}.path"), &d.path);
-            check_shared_disk(v, &mut disk_paths, &d.path, &format!("{f}.path"), d.read_only);
+            check_shared_disk(
+                v,
+                &mut disk_paths,
+                &d.path,
+                &format!("{f}.path"),
+                d.read_only,
+            );
         }
     }
 
@@ -268,17 +413,38 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         let f = format!("spec.networkAdapters[{i}]");
         check_guid(v, &format!("{f}.nicId"), &mut n.nic_id);
         if let Some(prev) = nic_ids.insert(n.nic_id.clone(), i) {
-            v.err(format!("{f}.nicId"), format!("duplicate nicId {} (also networkAdapters[{prev}])", n.nic_id));
+            v.err(
+                format!("{f}.nicId"),
+                format!(
+                    "duplicate nicId {} (also networkAdapters[{prev}])",
+                    n.nic_id
+                ),
+            );
         }
         let ok_endpoint = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if n.endpoint_id.is_empty() || n.endpoint_id.len() > 64 || !n.endpoint_id.chars().all(ok_endpoint) {
-            v.err(format!("{f}.endpointId"), format!("endpoint {:?} must be 1–64 characters of [A-Za-z0-9._-]", n.endpoint_id));
+        if n.endpoint_id.is_empty()
+            || n.endpoint_id.len() > 64
+            || !n.endpoint_id.chars().all(ok_endpoint)
+        {
+            v.err(
+                format!("{f}.endpointId"),
+                format!(
+                    "endpoint {:?} must be 1–64 characters of [A-Za-z0-9._-]",
+                    n.endpoint_id
+                ),
+            );
         }
         match parse_mac(&n.mac_address) {
             Ok(m) => {
                 n.mac_address = m;
                 if let Some(prev) = macs.insert(n.mac_address.clone(), i) {
-                    v.err(format!("{f}.macAddress"), format!("duplicate MAC {} (also networkAdapters[{prev}])", n.mac_address));
+                    v.err(
+                        format!("{f}.macAddress"),
+                        format!(
+                            "duplicate MAC {} (also networkAdapters[{prev}])",
+                            n.mac_address
+                        ),
+                    );
                 }
             }
             Err(e) => v.err(format!("{f}.macAddress"), e),
@@ -291,7 +457,10 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         let f = format!("spec.plan9Shares[{i}]");
         check_name(v, &format!("{f}.name"), &s.name, 31, true);
         if let Some(prev) = names.insert(s.name.clone(), i) {
-            v.err(format!("{f}.name"), format!("duplicate share {:?} (also plan9Shares[{prev}])", s.name));
+            v.err(
+                format!("{f}.name"),
+                format!("duplicate share {:?} (also plan9Shares[{prev}])", s.name),
+            );
         }
         v.host_path(&format!("{f}.hostPath"), &s.host_path);
         v.range(&format!("{f}.port"), s.port, 1, 65535);
@@ -304,7 +473,10 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         let f = format!("spec.vsmbShares[{i}]");
         check_name(v, &format!("{f}.name"), &s.name, 64, true);
         if let Some(prev) = names.insert(s.name.clone(), i) {
-            v.err(format!("{f}.name"), format!("duplicate share {:?} (also vsmbShares[{prev}])", s.name));
+            v.err(
+                format!("{f}.name"),
+                format!("duplicate share {:?} (also vsmbShares[{prev}])", s.name),
+            );
         }
         v.host_path(&format!("{f}.hostPath"), &s.host_path);
         check_file_names(v, &format!("{f}.allowedFiles"), &s.allowed_files);
@@ -314,11 +486,23 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
     let mut ids = BTreeMap::new();
     for (i, d) in c.pci_devices.iter_mut().enumerate() {
         let f = format!("spec.pciDevices[{i}]");
-        if d.instance_id.is_empty() || d.instance_id.len() > 256 || !d.instance_id.chars().all(|c| c.is_ascii_graphic()) {
-            v.err(format!("{f}.instanceId"), "instance id must be 1–256 printable ASCII characters without spaces");
+        if d.instance_id.is_empty()
+            || d.instance_id.len() > 256
+            || !d.instance_id.chars().all(|c| c.is_ascii_graphic())
+        {
+            v.err(
+                format!("{f}.instanceId"),
+                "instance id must be 1–256 printable ASCII characters without spaces",
+            );
         }
         if let Some(prev) = ids.insert(d.instance_id.clone(), i) {
-            v.err(format!("{f}.instanceId"), format!("duplicate PCI device {:?} (also pciDevices[{prev}])", d.instance_id));
+            v.err(
+                format!("{f}.instanceId"),
+                format!(
+                    "duplicate PCI device {:?} (also pciDevices[{prev}])",
+                    d.instance_id
+                ),
+            );
         }
         if let Some(g) = &mut d.vmbus_guid {
             check_guid(v, &format!("{f}.vmbusGuid"), g);
@@ -332,16 +516,25 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         match s.socket_type {
             crate::vm::VMSocketType::HvSocket => {
                 if s.port.is_some() {
-                    v.err(format!("{f}.port"), "an hvsocket listener is addressed by serviceId, not port");
+                    v.err(
+                        format!("{f}.port"),
+                        "an hvsocket listener is addressed by serviceId, not port",
+                    );
                 }
                 match &mut s.service_id {
                     Some(id) => check_guid(v, &format!("{f}.serviceId"), id),
-                    None => v.err(format!("{f}.serviceId"), "an hvsocket listener needs a serviceId GUID"),
+                    None => v.err(
+                        format!("{f}.serviceId"),
+                        "an hvsocket listener needs a serviceId GUID",
+                    ),
                 }
             }
             crate::vm::VMSocketType::VSock => {
                 if s.service_id.is_some() {
-                    v.err(format!("{f}.serviceId"), "a vsock listener is addressed by port, not serviceId");
+                    v.err(
+                        format!("{f}.serviceId"),
+                        "a vsock listener is addressed by port, not serviceId",
+                    );
                 }
                 match s.port {
                     Some(p) => {
@@ -353,14 +546,18 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         }
         v.socket_path(&format!("{f}.listenerPath"), &s.listener_path);
         if let Some(prev) = keys.insert((s.socket_type, s.address()), i) {
-            v.err(f, format!("duplicate listener {} (also vmSockets[{prev}])", s.address()));
+            v.err(
+                f,
+                format!(
+                    "duplicate listener {} (also vmSockets[{prev}])",
+                    s.address()
+                ),
+            );
         }
     }
 
-    if let Some(w) = &mut c.windows {
-        if let Some(g) = &mut w.cpu_group {
-            check_guid(v, "spec.windows.cpuGroup", g);
-        }
+    if let Some(g) = c.windows.as_mut().and_then(|w| w.cpu_group.as_mut()) {
+        check_guid(v, "spec.windows.cpuGroup", g);
     }
 }
 
@@ -374,7 +571,13 @@ fn check_shared_disk<'a>(
 ) {
     match seen.get(path) {
         Some((prev, prev_ro)) if !(read_only && *prev_ro) => {
-            v.err(field, format!("{} is already attached at {prev}; a writable image can be attached once", path.display()));
+            v.err(
+                field,
+                format!(
+                    "{} is already attached at {prev}; a writable image can be attached once",
+                    path.display()
+                ),
+            );
         }
         Some(_) => {}
         None => {
@@ -400,11 +603,33 @@ mod tests {
 
     #[test]
     fn macs_are_canonicalized_and_multicast_or_zero_refused() {
-        assert_eq!(parse_mac("00:15:5d:01:02:0a").as_deref(), Ok("00-15-5D-01-02-0A"));
-        assert_eq!(parse_mac("00-15-5D-01-02-0A").as_deref(), Ok("00-15-5D-01-02-0A"));
-        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
-        assert!(parse_mac("00:00:00:00:00:00").unwrap_err().contains("all zeros"));
-        assert!(parse_mac("00:15:5d:01:02").unwrap_err().contains("six hex pairs"));
-        assert!(parse_mac("00:15:5d:01:02:0g").unwrap_err().contains("six hex pairs"));
+        assert_eq!(
+            parse_mac("00:15:5d:01:02:0a").as_deref(),
+            Ok("00-15-5D-01-02-0A")
+        );
+        assert_eq!(
+            parse_mac("00-15-5D-01-02-0A").as_deref(),
+            Ok("00-15-5D-01-02-0A")
+        );
+        assert!(
+            parse_mac("01:00:5e:00:00:01")
+                .unwrap_err()
+                .contains("multicast")
+        );
+        assert!(
+            parse_mac("00:00:00:00:00:00")
+                .unwrap_err()
+                .contains("all zeros")
+        );
+        assert!(
+            parse_mac("00:15:5d:01:02")
+                .unwrap_err()
+                .contains("six hex pairs")
+        );
+        assert!(
+            parse_mac("00:15:5d:01:02:0g")
+                .unwrap_err()
+                .contains("six hex pairs")
+        );
     }
 }

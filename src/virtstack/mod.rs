@@ -42,19 +42,31 @@ pub struct Support {
 impl Support {
     /// Done on the running VM.
     pub fn live() -> Self {
-        Support { disruption: Disruption::Live, reason: String::new() }
+        Support {
+            disruption: Disruption::Live,
+            reason: String::new(),
+        }
     }
     /// Done by stopping and starting the VM.
     pub fn restart(reason: impl Into<String>) -> Self {
-        Support { disruption: Disruption::Restart, reason: reason.into() }
+        Support {
+            disruption: Disruption::Restart,
+            reason: reason.into(),
+        }
     }
     /// Done by destroying and rebuilding the VM.
     pub fn recreate(reason: impl Into<String>) -> Self {
-        Support { disruption: Disruption::Recreate, reason: reason.into() }
+        Support {
+            disruption: Disruption::Recreate,
+            reason: reason.into(),
+        }
     }
     /// Not done at all.
     pub fn unsupported(reason: impl Into<String>) -> Self {
-        Support { disruption: Disruption::Unsupported, reason: reason.into() }
+        Support {
+            disruption: Disruption::Unsupported,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -75,7 +87,10 @@ pub struct Capabilities {
 impl Capabilities {
     /// An empty matrix: everything unsupported until set.
     pub fn new(virtstack: impl Into<String>) -> Self {
-        Capabilities { virtstack: virtstack.into(), matrix: BTreeMap::new() }
+        Capabilities {
+            virtstack: virtstack.into(),
+            matrix: BTreeMap::new(),
+        }
     }
 
     /// Sets one cell.
@@ -85,10 +100,31 @@ impl Capabilities {
     }
 
     /// Sets add, remove and update of `r` at once.
-    pub fn set_all(&mut self, r: Resource, add: Support, remove: Support, update: Support) -> &mut Self {
+    pub fn set_all(
+        &mut self,
+        r: Resource,
+        add: Support,
+        remove: Support,
+        update: Support,
+    ) -> &mut Self {
         self.set(r, ResourceOperation::Add, add);
         self.set(r, ResourceOperation::Remove, remove);
         self.set(r, ResourceOperation::Update, update)
+    }
+
+    /// Marks add and remove of resources that exist once per VM as not applicable.
+    fn update_only(&mut self, resources: &[Resource]) {
+        for r in resources {
+            for op in [ResourceOperation::Add, ResourceOperation::Remove] {
+                self.set(
+                    *r,
+                    op,
+                    Support::unsupported(format!(
+                        "a VM always has its {r}; it is changed by update"
+                    )),
+                );
+            }
+        }
     }
 
     /// What `op` on `r` costs; a missing cell is unsupported.
@@ -97,7 +133,9 @@ impl Capabilities {
             .get(&r)
             .and_then(|m| m.get(&op))
             .cloned()
-            .unwrap_or_else(|| Support::unsupported(format!("{} does not offer {r} {op}", self.virtstack)))
+            .unwrap_or_else(|| {
+                Support::unsupported(format!("{} does not offer {r} {op}", self.virtstack))
+            })
     }
 
     /// hcsshim's `Supported`: can the running VM do it?
@@ -110,8 +148,14 @@ impl Capabilities {
         use Resource::*;
         let mut c = Capabilities::new(crate::vm::QEMU);
         let live = Support::live;
-        let no_update = |what: &str| Support::restart(format!("{what} is re-created at the next start"));
-        c.set_all(ScsiController, live(), live(), Support::unsupported("a controller has no settings to update"));
+        let no_update =
+            |what: &str| Support::restart(format!("{what} is re-created at the next start"));
+        c.set_all(
+            ScsiController,
+            live(),
+            live(),
+            Support::unsupported("a controller has no settings to update"),
+        );
         c.set_all(Scsi, live(), live(), no_update("a disk"));
         c.set_all(
             VPMem,
@@ -126,11 +170,27 @@ impl Capabilities {
             live(),
             no_update("a 9p export"),
         );
-        let windows_only = |what: &str| Support::unsupported(format!("{what} are a Windows (HCS) feature"));
-        c.set_all(Vsmb, windows_only("SMB shares"), windows_only("SMB shares"), windows_only("SMB shares"));
-        c.set_all(CpuGroup, windows_only("CPU groups"), windows_only("CPU groups"), windows_only("CPU groups"));
-        let pci = if host.vfio { live() } else { Support::unsupported("PCI passthrough needs VFIO (/dev/vfio) on this host") };
+        let windows_only =
+            |what: &str| Support::unsupported(format!("{what} are a Windows (HCS) feature"));
+        c.set_all(
+            Vsmb,
+            windows_only("SMB shares"),
+            windows_only("SMB shares"),
+            windows_only("SMB shares"),
+        );
+        c.set_all(
+            CpuGroup,
+            windows_only("CPU groups"),
+            windows_only("CPU groups"),
+            windows_only("CPU groups"),
+        );
+        let pci = if host.vfio {
+            live()
+        } else {
+            Support::unsupported("PCI passthrough needs VFIO (/dev/vfio) on this host")
+        };
         c.set_all(Pci, pci.clone(), pci, no_update("an assigned device"));
+        c.update_only(&[Memory, Processor, StorageQos]);
         c.set(Memory, ResourceOperation::Update, live());
         c.set(Processor, ResourceOperation::Update, live());
         c.set(StorageQos, ResourceOperation::Update, live());
@@ -141,7 +201,12 @@ impl Capabilities {
         } else {
             Support::unsupported("vsock needs /dev/vhost-vsock on this host")
         };
-        c.set_all(VmSocket, vsock.clone(), vsock, no_update("a socket listener"));
+        c.set_all(
+            VmSocket,
+            vsock.clone(),
+            vsock,
+            no_update("a socket listener"),
+        );
         let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
         c.set_all(HvSocket, hv.clone(), hv.clone(), hv);
         c
@@ -152,17 +217,46 @@ impl Capabilities {
         use Resource::*;
         let mut c = Capabilities::new(crate::vm::HCS);
         let live = Support::live;
-        let cold = |what: &str| Support::recreate(format!("HCS sets {what} only when the compute system is created"));
-        c.set_all(ScsiController, cold("SCSI controllers"), cold("SCSI controllers"), cold("SCSI controllers"));
+        let cold = |what: &str| {
+            Support::recreate(format!(
+                "HCS sets {what} only when the compute system is created"
+            ))
+        };
+        c.set_all(
+            ScsiController,
+            cold("SCSI controllers"),
+            cold("SCSI controllers"),
+            cold("SCSI controllers"),
+        );
         for r in [Scsi, VPMem, Network, Vsmb, Plan9, Pci] {
-            c.set_all(r, live(), live(), Support::restart(format!("HCS has no in-place {r} update")));
+            c.set_all(
+                r,
+                live(),
+                live(),
+                Support::restart(format!("HCS has no in-place {r} update")),
+            );
         }
+        c.update_only(&[CpuGroup, Memory, Processor, StorageQos]);
         c.set(CpuGroup, ResourceOperation::Update, live());
         c.set(Memory, ResourceOperation::Update, live());
-        c.set(Processor, ResourceOperation::Update, cold("the processor count"));
+        c.set(
+            Processor,
+            ResourceOperation::Update,
+            cold("the processor count"),
+        );
         c.set(StorageQos, ResourceOperation::Update, cold("storage QoS"));
-        c.set_all(Serial, cold("serial consoles"), cold("serial consoles"), cold("serial consoles"));
-        c.set_all(HvSocket, live(), live(), Support::restart("HCS has no in-place socket update"));
+        c.set_all(
+            Serial,
+            cold("serial consoles"),
+            cold("serial consoles"),
+            cold("serial consoles"),
+        );
+        c.set_all(
+            HvSocket,
+            live(),
+            live(),
+            Support::restart("HCS has no in-place socket update"),
+        );
         let vsock = Support::unsupported("vsock is not a Hyper-V transport; use hvsocket");
         c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
         c
@@ -175,6 +269,31 @@ impl Capabilities {
             crate::vm::HCS => Some(Capabilities::hcs()),
             _ => None,
         }
+    }
+}
+
+impl Capabilities {
+    /// The matrix as a Markdown table: one row per resource, one column per
+    /// operation, each cell `class` or `class: reason`.
+    pub fn markdown_table(&self) -> String {
+        let mut out = String::from("| resource | add | remove | update |\n|---|---|---|---|\n");
+        for r in Resource::ALL {
+            let cell = |op| {
+                let s = self.support(r, op);
+                if s.reason.is_empty() {
+                    s.disruption.to_string()
+                } else {
+                    format!("{}: {}", s.disruption, s.reason)
+                }
+            };
+            out += &format!(
+                "| {r} | {} | {} | {} |\n",
+                cell(ResourceOperation::Add),
+                cell(ResourceOperation::Remove),
+                cell(ResourceOperation::Update)
+            );
+        }
+        out
     }
 }
 
@@ -218,9 +337,30 @@ mod tests {
 
     #[test]
     fn qemu_profile_follows_host_devices() {
-        let c = Capabilities::qemu(&HostFacts { vhost_vsock: true, vfio: true });
+        let c = Capabilities::qemu(&HostFacts {
+            vhost_vsock: true,
+            vfio: true,
+        });
         assert!(c.supported(VmSocket, Add));
         assert!(c.supported(Pci, Remove));
+    }
+
+    #[test]
+    fn docs_capabilities_md_shows_the_profiles_as_the_code_has_them() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/capabilities.md"))
+                .expect("docs/capabilities.md exists");
+        for caps in [
+            Capabilities::qemu(&HostFacts::default()),
+            Capabilities::hcs(),
+        ] {
+            let table = caps.markdown_table();
+            assert!(
+                doc.contains(&table),
+                "docs/capabilities.md is stale; the {} table is now:\n{table}",
+                caps.virtstack
+            );
+        }
     }
 
     #[test]

@@ -35,10 +35,14 @@ impl Recorded {
     /// Reads `path` (a file or directory of VM documents); `virtstack` names
     /// whose capabilities to assume.
     pub fn load(path: &Path, virtstack: &str) -> Result<Self, RecordedError> {
-        let caps = Capabilities::profile(virtstack).ok_or_else(|| RecordedError::UnknownVirtstack(virtstack.to_string()))?;
+        let caps = Capabilities::profile(virtstack)
+            .ok_or_else(|| RecordedError::UnknownVirtstack(virtstack.to_string()))?;
         let loaded = load_dir(path);
         if !loaded.errors.is_empty() {
-            return Err(RecordedError::Invalid { path: path.to_path_buf(), errors: SpecErrors(loaded.errors) });
+            return Err(RecordedError::Invalid {
+                path: path.to_path_buf(),
+                errors: SpecErrors(loaded.errors),
+            });
         }
         let mut state = ObservedState::default();
         for (name, vm) in loaded.desired.vms {
@@ -53,7 +57,14 @@ impl Recorded {
                     true,
                 ),
             };
-            state.vms.insert(name, ObservedVm { config: vm.config, state: vm_state, managed });
+            state.vms.insert(
+                name,
+                ObservedVm {
+                    config: vm.config,
+                    state: vm_state,
+                    managed,
+                },
+            );
         }
         Ok(Recorded { caps, state })
     }
@@ -84,6 +95,10 @@ impl Observe for Recorded {
     }
 
     async fn observe(&self, name: &str) -> Result<ObservedVm, VmError> {
-        self.state.vms.get(name).cloned().ok_or_else(|| VmError::NotFound(name.to_string()))
+        self.state
+            .vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(name.to_string()))
     }
 }

@@ -5,9 +5,8 @@ mod traits;
 
 pub use traits::{
     BootManager, LinuxConfigManager, MemoryManager, NetworkManager, Observe, PciManager,
-    Plan9Manager, ProcessorManager, ScsiManager, SerialManager, StorageQosManager, Uvm,
-    UvmBuilder, VMSocketManager, Virtstack, VmStats, VpmemManager, VsmbManager,
-    WindowsConfigManager,
+    Plan9Manager, ProcessorManager, ScsiManager, SerialManager, StorageQosManager, Uvm, UvmBuilder,
+    VMSocketManager, Virtstack, VmStats, VpmemManager, VsmbManager, WindowsConfigManager,
 };
 
 use serde::{Deserialize, Serialize};
@@ -25,9 +24,7 @@ pub const QEMU: &str = "qemu";
 /// The first seven mirror hcsshim; `Memory` and `Processor` cover resizing, and
 /// the rest are the other things uvmctl manages on a VM, so every change the
 /// planner makes has one question to ask.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Resource {
     /// Virtual persistent memory devices.
@@ -107,9 +104,7 @@ impl fmt::Display for Resource {
 }
 
 /// The kind of change asked of a resource.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ResourceOperation {
     /// Attach or create.
@@ -146,7 +141,17 @@ impl fmt::Display for ResourceOperation {
 
 /// Lifecycle state of a utility VM; the source of truth for what may be done to it.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum State {
@@ -381,9 +386,7 @@ pub enum VMSocketType {
 }
 
 /// How disruptive one change is to a running VM, least first.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Disruption {
     /// The running VM does it (`Supported` says yes); the guest keeps running.

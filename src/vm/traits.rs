@@ -25,8 +25,12 @@ pub trait BootManager {
     /// Boots from UEFI firmware: boot files in `dir`, EFI application at `path`, optional `args`.
     fn set_uefi_boot(&mut self, dir: &Path, path: &str, args: &str) -> Result<()>;
     /// Boots a Linux kernel directly.
-    fn set_linux_kernel_direct_boot(&mut self, kernel: &Path, initrd: &Path, cmdline: &str)
-    -> Result<()>;
+    fn set_linux_kernel_direct_boot(
+        &mut self,
+        kernel: &Path,
+        initrd: &Path,
+        cmdline: &str,
+    ) -> Result<()>;
 }
 
 /// Memory configuration of a VM being built.
@@ -36,8 +40,12 @@ pub trait MemoryManager {
     /// Backing type and hints.
     fn set_memory_config(&mut self, config: &MemoryConfig) -> Result<()>;
     /// Memory-mapped I/O gaps.
-    fn set_mmio_config(&mut self, low_gap_mb: u64, high_base_mb: u64, high_gap_mb: u64)
-    -> Result<()>;
+    fn set_mmio_config(
+        &mut self,
+        low_gap_mb: u64,
+        high_base_mb: u64,
+        high_gap_mb: u64,
+    ) -> Result<()>;
 }
 
 /// Processor configuration of a VM being built.
