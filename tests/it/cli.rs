@@ -95,7 +95,8 @@ fn validate_accepts_good_specs_and_lists_every_error() {
 #[test]
 fn plan_exit_codes_follow_terraform() {
     let t = TestContext::new();
-    t.write_spec("web.yaml", &vm("web", 64, "")).write_host(&vm("web", 64, ""));
+    t.write_spec("web.yaml", &vm("web", 64, ""))
+        .write_host(&vm("web", 64, ""));
     // No changes: 0, with or without --detailed-exitcode.
     assert_exit_code(&t.plan(&[]), 0);
     let out = t.plan(&["--detailed-exitcode"]);
@@ -107,8 +108,14 @@ fn plan_exit_codes_follow_terraform() {
     assert_exit_code(&t.plan(&[]), 0);
     let out = t.plan(&["--detailed-exitcode"]);
     assert_exit_code(&out, 2);
-    assert!(stdout(&out).contains("~ memory: 64 MB → 128 MB [live]"), "{}", stdout(&out));
-    assert!(stdout(&out).ends_with("Plan: 0 to add, 1 to change, 0 to remove, 0 VMs to recreate; max disruption: live\n"));
+    assert!(
+        stdout(&out).contains("~ memory: 64 MB → 128 MB [live]"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).ends_with(
+        "Plan: 0 to add, 1 to change, 0 to remove, 0 VMs to recreate; max disruption: live\n"
+    ));
 }
 
 #[test]
@@ -119,9 +126,15 @@ fn max_disruption_exits_3_when_exceeded() {
     t.write_spec("web.yaml", &vm("web", 64, share));
     let out = t.plan(&["--max-disruption", "live"]);
     assert_exit_code(&out, 3);
-    assert_eq!(stderr(&out), "changes exceed --max-disruption live: this plan needs restart\n");
+    assert_eq!(
+        stderr(&out),
+        "changes exceed --max-disruption live: this plan needs restart\n"
+    );
     assert_exit_code(&t.plan(&["--max-disruption", "restart"]), 0);
-    assert_exit_code(&t.plan(&["--max-disruption", "restart", "--detailed-exitcode"]), 2);
+    assert_exit_code(
+        &t.plan(&["--max-disruption", "restart", "--detailed-exitcode"]),
+        2,
+    );
 }
 
 #[test]
@@ -134,7 +147,11 @@ fn spec_errors_exit_1_and_leave_their_vm_alone() {
     assert_exit_code(&out, 1);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
     assert_eq!(doc["formatVersion"], 1);
-    assert_eq!(doc["vms"].as_array().map(Vec::len), Some(1), "only web is planned");
+    assert_eq!(
+        doc["vms"].as_array().map(Vec::len),
+        Some(1),
+        "only web is planned"
+    );
     assert_eq!(doc["vms"][0]["name"], "web");
     assert_eq!(doc["notes"][0]["vm"], "db");
     assert_eq!(doc["notes"][0]["kind"], "pruneBlocked");
@@ -147,7 +164,14 @@ fn json_output_carries_every_op_with_key_class_and_reason() {
     let t = TestContext::new();
     let pmem = "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n    devices:\n      - {id: 0, path: /d/p.vhd}\n";
     t.write_host(&vm("web", 64, pmem));
-    t.write_spec("web.yaml", &vm("web", 64, "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n"));
+    t.write_spec(
+        "web.yaml",
+        &vm(
+            "web",
+            64,
+            "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n",
+        ),
+    );
     let out = t.plan(&["--output", "json"]);
     assert_exit_code(&out, 0);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -170,7 +194,10 @@ fn diff_shows_canonical_yaml_observed_to_desired() {
     let out = t.plan(&["--diff", "--color", "never"]);
     assert_exit_code(&out, 0);
     let text = stdout(&out);
-    assert!(text.starts_with("--- observed/web\n+++ desired/web\n"), "{text}");
+    assert!(
+        text.starts_with("--- observed/web\n+++ desired/web\n"),
+        "{text}"
+    );
     assert!(text.contains("\n-  sizeMB: 64\n+  sizeMB: 128\n"), "{text}");
 }
 
@@ -179,7 +206,10 @@ fn colors_only_on_request_or_a_terminal() {
     let t = TestContext::new();
     t.write_host(&vm("web", 64, ""));
     t.write_spec("web.yaml", &vm("web", 128, ""));
-    assert!(!stdout(&t.plan(&[])).contains('\x1b'), "not a terminal: no colors");
+    assert!(
+        !stdout(&t.plan(&[])).contains('\x1b'),
+        "not a terminal: no colors"
+    );
     assert!(stdout(&t.plan(&["--color", "always"])).contains("\x1b[33m~\x1b[0m"));
 }
 
@@ -189,17 +219,32 @@ fn prune_needs_the_flag_and_an_unbroken_spec_set() {
     t.write_host(&format!("{}---\n{}", vm("web", 64, ""), vm("old", 64, "")));
     t.write_spec("web.yaml", &vm("web", 64, ""));
     let out = t.plan(&[]);
-    assert!(stdout(&out).contains("vm old: no spec; not removed (use --prune to remove it)"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("vm old: no spec; not removed (use --prune to remove it)"),
+        "{}",
+        stdout(&out)
+    );
     let out = t.plan(&["--prune", "--detailed-exitcode"]);
     assert_exit_code(&out, 2);
-    assert!(stdout(&out).contains("- vm old will be destroyed (pruned)"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("- vm old will be destroyed (pruned)"),
+        "{}",
+        stdout(&out)
+    );
 
     // An empty spec directory never prunes by accident.
     std::fs::remove_file(t.path("specs/web.yaml")).expect("rm");
     let out = t.plan(&["--prune", "--detailed-exitcode"]);
     assert_exit_code(&out, 0);
-    assert!(stdout(&out).contains("no spec loaded at all"), "{}", stdout(&out));
-    assert_exit_code(&t.plan(&["--prune", "--allow-empty-prune", "--detailed-exitcode"]), 2);
+    assert!(
+        stdout(&out).contains("no spec loaded at all"),
+        "{}",
+        stdout(&out)
+    );
+    assert_exit_code(
+        &t.plan(&["--prune", "--allow-empty-prune", "--detailed-exitcode"]),
+        2,
+    );
 }
 
 #[test]
@@ -209,7 +254,11 @@ fn a_bad_observed_file_is_an_error_naming_it() {
     t.write_host("apiVersion: uvmctl.dev/v1alpha1\nkind: Nope\n");
     let out = t.plan(&[]);
     assert_exit_code(&out, 1);
-    assert!(stderr(&out).starts_with("error: cannot read observed state from host:"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("error: cannot read observed state from host:"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -220,9 +269,14 @@ fn schema_is_the_checked_in_one() {
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
     assert_eq!(printed["title"], "uvmctl UtilityVM spec");
     let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/spec.schema.json");
-    let on_disk: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&checked_in).expect("docs/spec.schema.json exists")).expect("json");
-    assert_eq!(printed, on_disk, "regenerate with: cargo run -- schema > docs/spec.schema.json");
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&checked_in).expect("docs/spec.schema.json exists"),
+    )
+    .expect("json");
+    assert_eq!(
+        printed, on_disk,
+        "regenerate with: cargo run -- schema > docs/spec.schema.json"
+    );
 }
 
 #[test]
@@ -230,7 +284,13 @@ fn the_readme_example_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
         .current_dir(root)
-        .args(["plan", "specs", "--observed", "examples/recorded-host", "--detailed-exitcode"])
+        .args([
+            "plan",
+            "specs",
+            "--observed",
+            "examples/recorded-host",
+            "--detailed-exitcode",
+        ])
         .output()
         .expect("uvmctl runs");
     assert_exit_code(&out, 2);
