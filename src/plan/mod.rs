@@ -330,6 +330,10 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
 
 /// Plans one VM that exists on both sides; `None` when it already matches.
 fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) -> Option<VmPlan> {
+    // Most VMs match their spec list for list: skip flattening them.
+    if want.power_state == observed_power(have.state) && want.same_except_power(&have.config) {
+        return None;
+    }
     let desired = flatten(want);
     let observed = flatten(&have.config);
     let live_vm = have.state.is_live();

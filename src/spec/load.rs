@@ -203,6 +203,14 @@ pub const MAX_FLOW_NESTING: usize = 64;
 /// quoted scalars and comments. Block nesting needs indentation, which the
 /// file size limit already bounds.
 fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
+    // Fast path: too few nesting characters to nest that deep at all.
+    let openers = text
+        .bytes()
+        .filter(|b| matches!(b, b'[' | b'{' | b'-' | b'?'))
+        .count();
+    if openers <= limit {
+        return None;
+    }
     let (mut depth, mut line, mut col) = (0usize, 1usize, 0usize);
     let (mut quote, mut comment, mut prev) = (None::<char>, false, '\n');
     // Compact block nesting (`- - - x`, `? ? x`) on one line nests without brackets.
@@ -401,13 +409,33 @@ fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
     }
 }
 
-/// Where one VM's spec and a field of it live, for cross-VM errors.
+/// Where one VM's spec and a field of it live, for cross-VM errors. The
+/// field path is only spelled out when there is an error to report.
 #[derive(Clone)]
-struct Site {
-    vm: String,
+struct Site<'a> {
+    vm: &'a str,
     file: usize,
     doc: usize,
-    field: String,
+    field: Field,
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    Name,
+    Mac(usize),
+    ScsiDisk(usize, usize),
+    VpmemDevice(usize),
+}
+
+impl Field {
+    fn path(self) -> String {
+        match self {
+            Field::Name => "metadata.name".into(),
+            Field::Mac(i) => format!("spec.networkAdapters[{i}].macAddress"),
+            Field::ScsiDisk(i, j) => format!("spec.scsiControllers[{i}].disks[{j}].path"),
+            Field::VpmemDevice(i) => format!("spec.vpmem.devices[{i}].path"),
+        }
+    }
 }
 
 fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
@@ -422,28 +450,25 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
     let mut by_disk: BTreeMap<&Path, Vec<(Site, bool)>> = BTreeMap::new();
     for (fi, r) in results.iter().enumerate() {
         for vm in &r.vms {
-            let site = |field: String| Site {
-                vm: vm.name.clone(),
+            let site = |field: Field| Site {
+                vm: &vm.name,
                 file: fi,
                 doc: vm.doc,
                 field,
             };
-            by_name
-                .entry(&vm.name)
-                .or_default()
-                .push(site("metadata.name".into()));
+            by_name.entry(&vm.name).or_default().push(site(Field::Name));
             for (i, n) in vm.config.network_adapters.iter().enumerate() {
                 by_mac
                     .entry(&n.mac_address)
                     .or_default()
-                    .push(site(format!("spec.networkAdapters[{i}].macAddress")));
+                    .push(site(Field::Mac(i)));
             }
             for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
                 for (j, d) in c.disks.iter().enumerate() {
-                    by_disk.entry(&d.path).or_default().push((
-                        site(format!("spec.scsiControllers[{i}].disks[{j}].path")),
-                        d.read_only,
-                    ));
+                    by_disk
+                        .entry(&d.path)
+                        .or_default()
+                        .push((site(Field::ScsiDisk(i, j)), d.read_only));
                 }
             }
             if let Some(p) = &vm.config.vpmem {
@@ -451,7 +476,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     by_disk
                         .entry(&d.path)
                         .or_default()
-                        .push((site(format!("spec.vpmem.devices[{i}].path")), d.read_only));
+                        .push((site(Field::VpmemDevice(i)), d.read_only));
                 }
             }
         }
@@ -476,7 +501,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     s.file,
                     Pending {
                         doc: s.doc,
-                        field: s.field.clone(),
+                        field: s.field.path(),
                         message: msg,
                         pos: None,
                         last: false,
@@ -486,7 +511,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
         }
     }
     for (mac, sites) in &by_mac {
-        let vms: BTreeSet<&str> = sites.iter().map(|s| s.vm.as_str()).collect();
+        let vms: BTreeSet<&str> = sites.iter().map(|s| s.vm).collect();
         if vms.len() > 1 {
             for s in sites {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
@@ -495,7 +520,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     s.file,
                     Pending {
                         doc: s.doc,
-                        field: s.field.clone(),
+                        field: s.field.path(),
                         message: msg,
                         pos: None,
                         last: false,
@@ -505,7 +530,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
         }
     }
     for (path, sites) in &by_disk {
-        let vms: BTreeSet<&str> = sites.iter().map(|(s, _)| s.vm.as_str()).collect();
+        let vms: BTreeSet<&str> = sites.iter().map(|(s, _)| s.vm).collect();
         if vms.len() > 1 && sites.iter().any(|(_, ro)| !ro) {
             for (s, _) in sites {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
@@ -518,7 +543,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     s.file,
                     Pending {
                         doc: s.doc,
-                        field: s.field.clone(),
+                        field: s.field.path(),
                         message: msg,
                         pos: None,
                         last: false,

@@ -469,6 +469,45 @@ pub struct WindowsOptions {
 }
 
 impl VmConfig {
+    /// Equal in everything but the desired power state (lists compared in
+    /// order, so a reordered list counts as different here).
+    pub fn same_except_power(&self, other: &VmConfig) -> bool {
+        // Destructured so that a new field cannot be forgotten here.
+        let VmConfig {
+            guest_os,
+            power_state: _,
+            policy,
+            boot,
+            processors,
+            memory,
+            serial_consoles,
+            storage_qos,
+            scsi_controllers,
+            vpmem,
+            network_adapters,
+            plan9_shares,
+            vsmb_shares,
+            pci_devices,
+            vm_sockets,
+            windows,
+        } = self;
+        *guest_os == other.guest_os
+            && *policy == other.policy
+            && *boot == other.boot
+            && *processors == other.processors
+            && *memory == other.memory
+            && *serial_consoles == other.serial_consoles
+            && *storage_qos == other.storage_qos
+            && *scsi_controllers == other.scsi_controllers
+            && *vpmem == other.vpmem
+            && *network_adapters == other.network_adapters
+            && *plan9_shares == other.plan9_shares
+            && *vsmb_shares == other.vsmb_shares
+            && *pci_devices == other.pci_devices
+            && *vm_sockets == other.vm_sockets
+            && *windows == other.windows
+    }
+
     /// Sorts every keyed list by its natural key, so two equal VMs serialize
     /// to the same YAML whatever order their specs listed things in.
     pub fn canonicalize(&mut self) {
