@@ -1,0 +1,619 @@
+//! Launching QEMU: the per-VM state directory, the launch record, and the
+//! command line built from a spec's cold configuration.
+//!
+//! Only this module spawns QEMU. No shell is involved, and no spec value is
+//! spliced into QEMU's comma-separated option syntax: devices, block nodes,
+//! netdevs and objects go as JSON (`-device {...}`); kernel, initrd and command
+//! line are whole argv elements; the few options that only take key=value
+//! syntax (`-chardev`, `-fsdev`) name paths inside the state directory, which
+//! uvmctl controls (symlinks to the spec's resolved paths).
+
+use super::images::{AllowedRoots, HostPathError, check_scsi_image, check_vpmem_image, scsi_format_driver};
+use crate::spec::VmConfig;
+use crate::vm::MemoryBackingType;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Default root of per-VM state directories.
+pub const DEFAULT_STATE_DIR: &str = "/run/uvmctl";
+/// The QEMU binary.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Processors can be hot-added up to this many (or the spec's count, if higher).
+pub const MAX_HOTPLUG_CPUS: u32 = 16;
+/// Memory can be hot-added by this much above the spec's size.
+pub const MEMORY_HOTPLUG_HEADROOM_MB: u64 = 4096;
+/// DIMM slots for hot-added memory (VPMem devices take slots of their own).
+pub const MEMORY_HOTPLUG_SLOTS: u32 = 8;
+/// QEMU's seccomp sandbox, always on.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// Name of the virtio-serial port of the guest agent channel.
+pub const AGENT_PORT_NAME: &str = "uvmctl.agent";
+
+/// Why a VM could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A host path or image was refused.
+    #[error("{field}: {source}")]
+    HostPath {
+        /// Spec field.
+        field: String,
+        /// Why.
+        #[source]
+        source: HostPathError,
+    },
+    /// The configuration asks for something this virtstack does not build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The state directory is unusable.
+    #[error("state directory {path}: {reason}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// File system trouble in the state directory.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Hardware acceleration for QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// `auto`: KVM only when `/dev/kvm` opens and the CPU shows `vmx` or `svm`
+    /// (a PVM `/dev/kvm` without them hangs stock guests), else TCG.
+    pub fn auto() -> Self {
+        let kvm_opens = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let cpu_virt = fs::read_to_string("/proc/cpuinfo")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+            })
+            .unwrap_or(false);
+        if kvm_opens && cpu_virt { Accel::Kvm } else { Accel::Tcg }
+    }
+}
+
+/// The root of all per-VM state directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Uses `root` (created 0700 when missing). Refuses roots QEMU's
+    /// key=value options could misread.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, LaunchError> {
+        let root: PathBuf = root.into();
+        let text = root.to_str().ok_or_else(|| LaunchError::StateDir { path: root.clone(), reason: "not UTF-8".into() })?;
+        if text.contains(',') || text.chars().any(char::is_control) || !root.is_absolute() {
+            return Err(LaunchError::StateDir {
+                path: root.clone(),
+                reason: "must be an absolute path without commas or control characters".into(),
+            });
+        }
+        // Long roots would push socket paths past sun_path's 108 bytes.
+        if text.len() > 60 {
+            return Err(LaunchError::StateDir { path: root.clone(), reason: "longer than 60 bytes; QMP socket paths would not fit".into() });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|source| LaunchError::Io { what: "cannot create", path: root.clone(), source })?;
+        Ok(StateDir { root })
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<vm>/`.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Creates `<root>/<vm>/` with mode 0700.
+    pub fn create_vm_dir(&self, name: &str) -> Result<PathBuf, LaunchError> {
+        let dir = self.vm_dir(name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| LaunchError::Io { what: "cannot create", path: dir.clone(), source })?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| LaunchError::Io { what: "cannot chmod", path: dir.clone(), source })?;
+        Ok(dir)
+    }
+
+    /// The QMP socket of a VM.
+    pub fn qmp_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("qmp.sock")
+    }
+
+    /// The guest agent channel of a VM.
+    pub fn agent_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("agent.sock")
+    }
+
+    /// Where QEMU's stderr goes.
+    pub fn stderr_log(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("qemu.log")
+    }
+
+    /// The launch record.
+    pub fn record_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("launch.json")
+    }
+
+    /// Where `save` writes a VM's state.
+    pub fn save_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("saved.state")
+    }
+
+    /// Names of VMs that have a launch record (the VMs uvmctl created).
+    pub fn list(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("launch.json").is_file())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// What uvmctl launched (or will launch) for a VM; kept in its state directory.
+///
+/// QEMU reports most of a VM's state itself; the record keeps what it does
+/// not (9p host paths, NIC endpoints, cold settings) and the configuration to
+/// launch at the next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchRecord {
+    /// Format version of this file.
+    pub version: u32,
+    /// VM name.
+    pub name: String,
+    /// The configuration in force (the spec as last applied).
+    pub config: VmConfig,
+    /// Acceleration used.
+    pub accel: Accel,
+    /// QEMU's pid while it runs.
+    pub pid: Option<u32>,
+    /// Set when uvmctl stopped the VM on purpose, so an exit is not an error.
+    pub stopped_by_uvmctl: bool,
+    /// Unix time of the last launch.
+    pub started_at: Option<u64>,
+}
+
+impl LaunchRecord {
+    /// Reads a VM's record.
+    pub fn load(dir: &StateDir, name: &str) -> Result<Self, LaunchError> {
+        let path = dir.record_path(name);
+        let text = fs::read_to_string(&path).map_err(|source| LaunchError::Io { what: "cannot read", path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| LaunchError::StateDir { path, reason: format!("corrupt launch record: {e}") })
+    }
+
+    /// Writes it atomically (temp file, then rename).
+    pub fn store(&self, dir: &StateDir) -> Result<(), LaunchError> {
+        let path = dir.record_path(&self.name);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(|e| LaunchError::StateDir { path: path.clone(), reason: e.to_string() })?;
+        fs::write(&tmp, text).map_err(|source| LaunchError::Io { what: "cannot write", path: tmp.clone(), source })?;
+        fs::rename(&tmp, &path).map_err(|source| LaunchError::Io { what: "cannot replace", path, source })
+    }
+}
+
+/// Device and node ids: stable names QEMU reports back, so observe can map
+/// what it finds to spec keys.
+pub mod ids {
+    /// SCSI controller.
+    pub fn scsi_controller(id: u32) -> String {
+        format!("scsi{id}")
+    }
+    /// SCSI disk device; also its format node.
+    pub fn scsi_disk(controller: u32, lun: u32) -> String {
+        format!("disk-{controller}-{lun}")
+    }
+    /// SCSI disk protocol (file) node.
+    pub fn scsi_disk_file(controller: u32, lun: u32) -> String {
+        format!("disk-{controller}-{lun}-file")
+    }
+    /// NIC device.
+    pub fn nic(nic_id: &str) -> String {
+        format!("nic-{nic_id}")
+    }
+    /// NIC backend.
+    pub fn netdev(nic_id: &str) -> String {
+        format!("net-{nic_id}")
+    }
+    /// Plan9 device.
+    pub fn plan9(name: &str) -> String {
+        format!("p9-{name}")
+    }
+    /// Plan9 fsdev.
+    pub fn fsdev(name: &str) -> String {
+        format!("fs-{name}")
+    }
+    /// NVDIMM device.
+    pub fn pmem(id: u32) -> String {
+        format!("pmem-{id}")
+    }
+    /// NVDIMM memory backend.
+    pub fn pmem_backend(id: u32) -> String {
+        format!("pmem-{id}-mem")
+    }
+}
+
+/// JSON arguments to create one SCSI disk: two block nodes and a device.
+pub fn scsi_disk_args(controller: u32, disk: &crate::spec::ScsiDisk, resolved: &Path) -> (Value, Value, Value) {
+    let protocol = if disk.disk_type == crate::vm::ScsiDiskType::PassThrough && super::images::is_block_device(resolved) {
+        "host_device"
+    } else {
+        "file"
+    };
+    let file = json!({
+        "driver": protocol,
+        "node-name": ids::scsi_disk_file(controller, disk.lun),
+        "filename": resolved,
+        "read-only": disk.read_only,
+    });
+    let format = json!({
+        "driver": scsi_format_driver(disk.disk_type),
+        "node-name": ids::scsi_disk(controller, disk.lun),
+        "file": ids::scsi_disk_file(controller, disk.lun),
+        "read-only": disk.read_only,
+    });
+    let device = json!({
+        "driver": "scsi-hd",
+        "id": ids::scsi_disk(controller, disk.lun),
+        "bus": format!("{}.0", ids::scsi_controller(controller)),
+        "scsi-id": 0,
+        "lun": disk.lun,
+        "drive": ids::scsi_disk(controller, disk.lun),
+    });
+    (file, format, device)
+}
+
+/// JSON arguments to create one NIC: backend and device.
+pub fn nic_args(n: &crate::spec::NetworkAdapter) -> (Value, Value) {
+    let netdev = if n.endpoint_id == "user" {
+        json!({"type": "user", "id": ids::netdev(&n.nic_id)})
+    } else {
+        json!({"type": "tap", "id": ids::netdev(&n.nic_id), "ifname": n.endpoint_id, "script": "no", "downscript": "no", "vhost": false})
+    };
+    let device = json!({
+        "driver": "virtio-net-pci",
+        "id": ids::nic(&n.nic_id),
+        "netdev": ids::netdev(&n.nic_id),
+        "mac": n.mac_address.replace('-', ":").to_ascii_lowercase(),
+    });
+    (netdev, device)
+}
+
+/// JSON arguments to create one NVDIMM: memory backend and device.
+pub fn pmem_args(d: &crate::spec::VpmemDevice, resolved: &Path, size: u64) -> (Value, Value) {
+    let backend = json!({
+        "qom-type": "memory-backend-file",
+        "id": ids::pmem_backend(d.id),
+        "mem-path": resolved,
+        "size": size,
+        "share": !d.read_only,
+        "readonly": d.read_only,
+    });
+    let device = json!({"driver": "nvdimm", "id": ids::pmem(d.id), "memdev": ids::pmem_backend(d.id)});
+    (backend, device)
+}
+
+/// Host paths of a spec, resolved and checked, as QEMU will be given them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Kernel, initrd.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// SCSI disks by (controller, lun).
+    pub disks: std::collections::BTreeMap<(u32, u32), PathBuf>,
+    /// VPMem images by id, with the mapped size.
+    pub pmem: std::collections::BTreeMap<u32, (PathBuf, u64)>,
+    /// Plan9 shares by name.
+    pub shares: std::collections::BTreeMap<String, PathBuf>,
+}
+
+fn hp(field: String) -> impl FnOnce(HostPathError) -> LaunchError {
+    move |source| LaunchError::HostPath { field, source }
+}
+
+/// Checks every host path of `cfg` against `roots` and the image formats,
+/// before anything is launched. Errors name the spec field.
+pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchError> {
+    let mut r = Resolved::default();
+    match (&cfg.boot.linux_kernel_direct, &cfg.boot.uefi) {
+        (Some(k), _) => {
+            r.kernel = Some(roots.check(&k.kernel).map_err(hp("spec.boot.linuxKernelDirect.kernel".into()))?);
+            if let Some(i) = &k.initrd {
+                r.initrd = Some(roots.check(i).map_err(hp("spec.boot.linuxKernelDirect.initrd".into()))?);
+            }
+        }
+        (None, Some(_)) => {
+            return Err(LaunchError::Unsupported(
+                "spec.boot.uefi: the qemu virtstack boots Linux kernels directly; UEFI boot is not built yet".into(),
+            ));
+        }
+        (None, None) => return Err(LaunchError::Unsupported("spec.boot: no boot source".into())),
+    }
+    for (i, c) in cfg.scsi_controllers.iter().enumerate() {
+        for (j, d) in c.disks.iter().enumerate() {
+            let field = format!("spec.scsiControllers[{i}].disks[{j}].path");
+            let p = roots.check(&d.path).map_err(hp(field.clone()))?;
+            check_scsi_image(&p, d.disk_type).map_err(hp(field))?;
+            r.disks.insert((c.id, d.lun), p);
+        }
+    }
+    if let Some(v) = &cfg.vpmem {
+        for (i, d) in v.devices.iter().enumerate() {
+            let field = format!("spec.vpmem.devices[{i}].path");
+            let p = roots.check(&d.path).map_err(hp(field.clone()))?;
+            let size = check_vpmem_image(&p, d.format).map_err(hp(field.clone()))?;
+            if size > v.maximum_size_bytes {
+                return Err(LaunchError::Unsupported(format!(
+                    "{field}: image maps {size} bytes, over the controller's maximumSizeBytes {}",
+                    v.maximum_size_bytes
+                )));
+            }
+            r.pmem.insert(d.id, (p, size));
+        }
+    }
+    for (i, s) in cfg.plan9_shares.iter().enumerate() {
+        let field = format!("spec.plan9Shares[{i}].hostPath");
+        let p = roots.check(&s.host_path).map_err(hp(field.clone()))?;
+        if !p.is_dir() {
+            return Err(LaunchError::HostPath {
+                field,
+                source: HostPathError::WrongKind { path: p.display().to_string(), reason: "not a directory".into() },
+            });
+        }
+        r.shares.insert(s.name.clone(), p);
+    }
+    if !cfg.vsmb_shares.is_empty() {
+        return Err(LaunchError::Unsupported("spec.vsmbShares: SMB shares are a Windows (HCS) feature".into()));
+    }
+    if !cfg.pci_devices.is_empty() {
+        return Err(LaunchError::Unsupported("spec.pciDevices: PCI passthrough is not built for qemu yet".into()));
+    }
+    if !cfg.vm_sockets.is_empty() {
+        return Err(LaunchError::Unsupported("spec.vmSockets: vsock listeners are not built for qemu yet".into()));
+    }
+    if cfg.windows.as_ref().is_some_and(|w| w.cpu_group.is_some()) {
+        return Err(LaunchError::Unsupported("spec.windows.cpuGroup: CPU groups are a Windows (HCS) feature".into()));
+    }
+    if cfg.storage_qos.is_some() {
+        return Err(LaunchError::Unsupported("spec.storageQos: I/O throttling is not built for qemu yet".into()));
+    }
+    Ok(r)
+}
+
+/// Symlinks the launch needs inside the VM's state directory: (link, target).
+pub type Links = Vec<(PathBuf, PathBuf)>;
+
+/// The `qemu-system-x86_64` argument vector for `cfg`, started paused (`-S`)
+/// so uvmctl decides when the guest runs.
+pub fn argv(name: &str, cfg: &VmConfig, res: &Resolved, dir: &StateDir, accel: Accel) -> (Vec<String>, Links) {
+    let vm_dir = dir.vm_dir(name);
+    let mut a: Vec<String> = Vec::new();
+    let mut links: Links = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+
+    let nvdimm = cfg.vpmem.is_some();
+    let machine = format!("pc,accel={}{}", accel.as_str(), if nvdimm { ",nvdimm=on" } else { "" });
+    let maxcpus = cfg.processors.count.max(MAX_HOTPLUG_CPUS);
+    let pmem_total: u64 = cfg.vpmem.as_ref().map_or(0, |v| u64::from(v.maximum_devices) * v.maximum_size_bytes / (1 << 20));
+    let slots = MEMORY_HOTPLUG_SLOTS + cfg.vpmem.as_ref().map_or(0, |v| v.maximum_devices);
+    let maxmem = cfg.memory.size_mb + MEMORY_HOTPLUG_HEADROOM_MB + pmem_total;
+    push(&["-name", &format!("guest={name},debug-threads=on")]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
+    push(&["-machine", &machine, "-cpu", "max"]);
+    push(&["-smp", &format!("{},maxcpus={maxcpus}", cfg.processors.count)]);
+    push(&["-m", &format!("{}M,slots={slots},maxmem={maxmem}M", cfg.memory.size_mb)]);
+    if cfg.memory.backing == MemoryBackingType::Physical {
+        // Pinned memory: lock guest RAM so the host never pages it out.
+        push(&["-overcommit", "mem-lock=on"]);
+    }
+    push(&["-sandbox", SANDBOX]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", dir.qmp_socket(name).display())]);
+    // A guest that panics exits instead of hanging; uvmctl reports the exit.
+    push(&["-device", r#"{"driver":"pvpanic","id":"pvpanic"}"#, "-action", "panic=exit-failure"]);
+
+    if let (Some(k), Some(kernel)) = (&cfg.boot.linux_kernel_direct, &res.kernel) {
+        push(&["-kernel", &kernel.display().to_string()]);
+        if let Some(initrd) = &res.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        if !k.cmdline.is_empty() {
+            push(&["-append", &k.cmdline]);
+        }
+    }
+
+    // Serial consoles: COM1..COM4 in port order, `null` for gaps. QEMU
+    // connects (and reconnects) to the spec's listener through a symlink.
+    let last = cfg.serial_consoles.iter().map(|s| s.port).max();
+    if let Some(last) = last {
+        for port in 0..=last {
+            match cfg.serial_consoles.iter().find(|s| s.port == port) {
+                Some(s) => {
+                    let link = vm_dir.join(format!("console{port}.sock"));
+                    links.push((link.clone(), s.listener_path.clone()));
+                    push(&["-chardev", &format!("socket,id=serial{port},path={},reconnect=1", link.display())]);
+                    push(&["-serial", &format!("chardev:serial{port}")]);
+                }
+                None => push(&["-serial", "null"]),
+            }
+        }
+    }
+
+    // The guest agent channel (virtio-serial), always present.
+    push(&["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", dir.agent_socket(name).display())]);
+    push(&["-device", r#"{"driver":"virtio-serial-pci","id":"vser0"}"#]);
+    push(&["-device", &json!({"driver": "virtserialport", "id": "agent0", "bus": "vser0.0", "chardev": "agent", "name": AGENT_PORT_NAME}).to_string()]);
+
+    for c in &cfg.scsi_controllers {
+        push(&["-device", &json!({"driver": "virtio-scsi-pci", "id": ids::scsi_controller(c.id)}).to_string()]);
+        for d in &c.disks {
+            if let Some(p) = res.disks.get(&(c.id, d.lun)) {
+                let (file, format, device) = scsi_disk_args(c.id, d, p);
+                push(&["-blockdev", &file.to_string(), "-blockdev", &format.to_string(), "-device", &device.to_string()]);
+            }
+        }
+    }
+    if let Some(v) = &cfg.vpmem {
+        for d in &v.devices {
+            if let Some((p, size)) = res.pmem.get(&d.id) {
+                let (backend, device) = pmem_args(d, p, *size);
+                push(&["-object", &backend.to_string(), "-device", &device.to_string()]);
+            }
+        }
+    }
+    for n in &cfg.network_adapters {
+        let (netdev, device) = nic_args(n);
+        push(&["-netdev", &netdev.to_string(), "-device", &device.to_string()]);
+    }
+    for s in &cfg.plan9_shares {
+        if let Some(p) = res.shares.get(&s.name) {
+            let link = vm_dir.join(format!("share-{}", s.name));
+            links.push((link.clone(), p.clone()));
+            let ro = if s.read_only { ",readonly=on" } else { "" };
+            push(&["-fsdev", &format!("local,id={},path={},security_model=none{ro}", ids::fsdev(&s.name), link.display())]);
+            push(&["-device", &json!({"driver": "virtio-9p-pci", "id": ids::plan9(&s.name), "fsdev": ids::fsdev(&s.name), "mount_tag": s.name}).to_string()]);
+        }
+    }
+    (a, links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::*;
+    use crate::vm::ScsiDiskType;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            boot: Boot {
+                linux_kernel_direct: Some(LinuxKernelDirect {
+                    kernel: "/k/vmlinuz".into(),
+                    initrd: None,
+                    cmdline: "console=ttyS0,115200 panic=-1 -device evil".into(),
+                }),
+                uefi: None,
+            },
+            processors: Processors { count: 2 },
+            memory: Memory { size_mb: 256, ..Memory::default() },
+            scsi_controllers: vec![ScsiController {
+                id: 0,
+                disks: vec![ScsiDisk { lun: 3, path: "/d/a.vhdx".into(), disk_type: ScsiDiskType::Vhdx, read_only: true }],
+            }],
+            network_adapters: vec![NetworkAdapter {
+                nic_id: "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01".into(),
+                endpoint_id: "user".into(),
+                mac_address: "52-54-00-12-34-56".into(),
+            }],
+            serial_consoles: vec![SerialConsole { port: 1, listener_path: "/run/l,x.sock".into() }],
+            ..VmConfig::default()
+        }
+    }
+
+    fn built() -> (Vec<String>, Links) {
+        let dir = StateDir { root: "/run/uvmctl-test".into() };
+        let mut res = Resolved { kernel: Some("/k/vmlinuz".into()), ..Resolved::default() };
+        res.disks.insert((0, 3), "/d/we,ird.vhdx".into());
+        argv("web", &cfg(), &res, &dir, Accel::Tcg)
+    }
+
+    fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn sandbox_paused_start_and_private_qmp_socket() {
+        let (a, _) = built();
+        assert_eq!(after(&a, "-sandbox"), vec![SANDBOX]);
+        assert!(a.iter().any(|x| x == "-S"));
+        assert_eq!(after(&a, "-qmp"), vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]);
+        assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
+        assert_eq!(after(&a, "-smp"), vec!["2,maxcpus=16"]);
+    }
+
+    #[test]
+    fn spec_values_travel_as_whole_argv_elements_or_json_never_spliced() {
+        let (a, links) = built();
+        // The command line is one element: its commas cannot start new options.
+        assert_eq!(after(&a, "-append"), vec!["console=ttyS0,115200 panic=-1 -device evil"]);
+        // A disk path with a comma sits inside JSON, as data.
+        let blockdevs = after(&a, "-blockdev");
+        let file: Value = serde_json::from_str(blockdevs[0]).expect("json");
+        assert_eq!(file["filename"], "/d/we,ird.vhdx");
+        assert_eq!(file["read-only"], true);
+        let format: Value = serde_json::from_str(blockdevs[1]).expect("json");
+        assert_eq!(format["driver"], "vhdx", "format stated, never probed");
+        // The serial listener is reached through a symlink in the state directory.
+        assert_eq!(links, vec![(PathBuf::from("/run/uvmctl-test/web/console1.sock"), PathBuf::from("/run/l,x.sock"))]);
+        assert_eq!(after(&a, "-serial"), vec!["null", "chardev:serial1"]);
+        for chardev in after(&a, "-chardev") {
+            assert!(!chardev.contains("l,x"), "{chardev}");
+        }
+    }
+
+    #[test]
+    fn devices_carry_the_ids_observe_maps_back() {
+        let (a, _) = built();
+        let devices: Vec<Value> = after(&a, "-device").iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+        let ids: Vec<&str> = devices.iter().filter_map(|d| d["id"].as_str()).collect();
+        assert!(ids.contains(&"scsi0"));
+        assert!(ids.contains(&"disk-0-3"));
+        assert!(ids.contains(&"nic-6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01"));
+        let nic = devices.iter().find(|d| d["driver"] == "virtio-net-pci").expect("nic");
+        assert_eq!(nic["mac"], "52:54:00:12:34:56");
+        let disk = devices.iter().find(|d| d["driver"] == "scsi-hd").expect("disk");
+        assert_eq!((disk["bus"].as_str(), disk["lun"].as_u64()), (Some("scsi0.0"), Some(3)));
+    }
+
+    #[test]
+    fn state_dir_refuses_roots_qemu_could_misread() {
+        assert!(StateDir::new("relative/dir").is_err());
+        assert!(StateDir::new("/tmp/a,b").is_err());
+        assert!(StateDir::new("/tmp/a\nb").is_err());
+    }
+}
