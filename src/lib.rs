@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod plan;
 pub mod spec;
 pub mod virtstack;

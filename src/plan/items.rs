@@ -2,8 +2,9 @@
 //! maps: lists are matched by natural key, never by position.
 
 use crate::spec::{
-    Boot, Mmio, NetworkAdapter, PciDevice, Plan9Share, Policy, ScsiDisk, SerialConsole, StorageQos,
-    VmConfig, VmSocket, VpmemDevice, VsmbShare,
+    Boot, Mmio, NetworkAdapter, PciDevice, Plan9Share, Policy, PowerState, ScsiController,
+    ScsiDisk, SerialConsole, StorageQos, VmConfig, VmSocket, Vpmem, VpmemDevice, VsmbShare,
+    WindowsOptions,
 };
 use crate::vm::{GuestOs, MemoryBackingType, VMSocketType};
 use serde::Serialize;
@@ -385,6 +386,76 @@ pub fn flatten(c: &VmConfig) -> Items {
         );
     }
     m
+}
+
+/// Rebuilds a configuration from items: the inverse of [`flatten`]. Fails
+/// when an item's container is missing (a disk without its controller).
+pub fn unflatten(items: &Items, power: PowerState) -> Result<VmConfig, String> {
+    let mut c = VmConfig {
+        power_state: power,
+        ..VmConfig::default()
+    };
+    let mut vpmem: Option<Vpmem> = None;
+    let mut vpmem_devices = Vec::new();
+    for item in items.values() {
+        match item {
+            Item::Policy(p) => c.policy = *p,
+            Item::GuestOs(g) => c.guest_os = *g,
+            Item::Boot(b) => c.boot = b.clone(),
+            Item::MemoryConfig(m) => {
+                c.memory.backing = m.backing;
+                c.memory.deferred_commit = m.deferred_commit;
+                c.memory.hot_hint = m.hot_hint;
+                c.memory.cold_hint = m.cold_hint;
+                c.memory.cold_discard_hint = m.cold_discard_hint;
+            }
+            Item::Mmio(m) => c.memory.mmio = *m,
+            Item::VpmemController(v) => {
+                vpmem = v.map(|v| Vpmem {
+                    maximum_devices: v.maximum_devices,
+                    maximum_size_bytes: v.maximum_size_bytes,
+                    devices: vec![],
+                })
+            }
+            Item::SerialConsole(s) => c.serial_consoles.push(s.clone()),
+            Item::CpuGroup(g) => {
+                c.windows = g.clone().map(|g| WindowsOptions { cpu_group: Some(g) })
+            }
+            Item::Processors(n) => c.processors.count = *n,
+            Item::Memory(m) => c.memory.size_mb = *m,
+            Item::StorageQos(q) => c.storage_qos = *q,
+            Item::ScsiController(id) => c.scsi_controllers.push(ScsiController {
+                id: *id,
+                disks: vec![],
+            }),
+            Item::ScsiDisk(d) => {
+                if let Some(ctrl) = c.scsi_controllers.iter_mut().find(|x| x.id == d.controller) {
+                    ctrl.disks.push(d.disk.clone());
+                } else {
+                    return Err(format!(
+                        "disk {}:{} without its controller",
+                        d.controller, d.disk.lun
+                    ));
+                }
+            }
+            Item::VpmemDevice(d) => vpmem_devices.push(d.clone()),
+            Item::NetworkAdapter(n) => c.network_adapters.push(n.clone()),
+            Item::Plan9Share(s) => c.plan9_shares.push(s.clone()),
+            Item::VsmbShare(s) => c.vsmb_shares.push(s.clone()),
+            Item::PciDevice(d) => c.pci_devices.push(d.clone()),
+            Item::VmSocket(s) => c.vm_sockets.push(s.clone()),
+            Item::PowerState(_) => {}
+        }
+    }
+    match vpmem.as_mut() {
+        Some(v) => v.devices = vpmem_devices,
+        None if !vpmem_devices.is_empty() => {
+            return Err("vpmem devices without a controller".into());
+        }
+        None => {}
+    }
+    c.vpmem = vpmem;
+    Ok(c)
 }
 
 /// One-line description of an item for plan text.

@@ -7,7 +7,7 @@ pub mod items;
 pub mod render;
 
 pub use gate::classify;
-pub use items::{Item, ItemKey, ResourceKind, describe, flatten};
+pub use items::{Item, ItemKey, Items, ResourceKind, describe, flatten, unflatten};
 
 use crate::spec::{DesiredState, PowerState, VmConfig};
 use crate::virtstack::{Capabilities, ObservedState, ObservedVm, Support};

@@ -201,7 +201,7 @@ fn order_is_removals_then_updates_then_additions_then_power() {
         ops_of(&p, "web"),
         vec![
             "remove networkAdapter 00000000-0000-0000-0000-000000000001 [live]",
-            "update memory  [live]",
+            "update memory  [restart]",
             "add scsiController 0 [live]",
             "update powerState  [live]",
         ]
@@ -573,7 +573,6 @@ mod golden {
 }
 
 mod properties {
-    use super::items::Items;
     use super::*;
     use crate::vm::Resource;
     use proptest::prelude::*;
@@ -718,77 +717,6 @@ mod properties {
         }
     }
 
-    /// Rebuilds a configuration from items: the inverse of `flatten`.
-    fn unflatten(items: &Items, power: PowerState) -> VmConfig {
-        let mut c = VmConfig {
-            power_state: power,
-            ..VmConfig::default()
-        };
-        let mut vpmem: Option<Vpmem> = None;
-        let mut vpmem_devices = Vec::new();
-        for item in items.values() {
-            match item {
-                Item::Policy(p) => c.policy = *p,
-                Item::GuestOs(g) => c.guest_os = *g,
-                Item::Boot(b) => c.boot = b.clone(),
-                Item::MemoryConfig(m) => {
-                    c.memory.backing = m.backing;
-                    c.memory.deferred_commit = m.deferred_commit;
-                    c.memory.hot_hint = m.hot_hint;
-                    c.memory.cold_hint = m.cold_hint;
-                    c.memory.cold_discard_hint = m.cold_discard_hint;
-                }
-                Item::Mmio(m) => c.memory.mmio = *m,
-                Item::VpmemController(v) => {
-                    vpmem = v.map(|v| Vpmem {
-                        maximum_devices: v.maximum_devices,
-                        maximum_size_bytes: v.maximum_size_bytes,
-                        devices: vec![],
-                    })
-                }
-                Item::SerialConsole(s) => c.serial_consoles.push(s.clone()),
-                Item::CpuGroup(g) => {
-                    c.windows = g.clone().map(|g| WindowsOptions { cpu_group: Some(g) })
-                }
-                Item::Processors(n) => c.processors.count = *n,
-                Item::Memory(m) => c.memory.size_mb = *m,
-                Item::StorageQos(q) => c.storage_qos = *q,
-                Item::ScsiController(id) => c.scsi_controllers.push(ScsiController {
-                    id: *id,
-                    disks: vec![],
-                }),
-                Item::ScsiDisk(d) => {
-                    if let Some(ctrl) = c.scsi_controllers.iter_mut().find(|x| x.id == d.controller)
-                    {
-                        ctrl.disks.push(d.disk.clone());
-                    } else {
-                        panic!(
-                            "disk {}:{} without its controller",
-                            d.controller, d.disk.lun
-                        );
-                    }
-                }
-                Item::VpmemDevice(d) => vpmem_devices.push(d.clone()),
-                Item::NetworkAdapter(n) => c.network_adapters.push(n.clone()),
-                Item::Plan9Share(s) => c.plan9_shares.push(s.clone()),
-                Item::VsmbShare(s) => c.vsmb_shares.push(s.clone()),
-                Item::PciDevice(d) => c.pci_devices.push(d.clone()),
-                Item::VmSocket(s) => c.vm_sockets.push(s.clone()),
-                Item::PowerState(_) => {}
-            }
-        }
-        if let Some(v) = vpmem.as_mut() {
-            v.devices = vpmem_devices;
-        } else {
-            assert!(
-                vpmem_devices.is_empty(),
-                "vpmem devices without a controller"
-            );
-        }
-        c.vpmem = vpmem;
-        c
-    }
-
     /// The in-memory model: what a virtstack would have after executing `p`.
     fn apply(p: &Plan, o: &ObservedState) -> ObservedState {
         let mut out = o.clone();
@@ -849,7 +777,8 @@ mod properties {
                             }
                         }
                     }
-                    have.config = unflatten(&items, have.config.power_state);
+                    have.config =
+                        unflatten(&items, have.config.power_state).expect("consistent items");
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! ② Observed state and capabilities: what a virtstack really has, and what
 //! it can do. Virtstack implementations live below this module.
 
+pub mod qemu;
 pub mod recorded;
 
 use crate::spec::VmConfig;
@@ -143,7 +144,9 @@ impl Capabilities {
         self.support(r, op).disruption == Disruption::Live
     }
 
-    /// The QEMU 7.2 virtstack, as measured (`docs/capabilities.md`), on a host with `host`'s devices.
+    /// The QEMU virtstack as uvmctl drives QEMU 7.2 (`docs/capabilities.md`),
+    /// on a host with `host`'s devices. It answers for what uvmctl does, not
+    /// for what QEMU could do in principle.
     pub fn qemu(host: &HostFacts) -> Self {
         use Resource::*;
         let mut c = Capabilities::new(crate::vm::QEMU);
@@ -185,28 +188,37 @@ impl Capabilities {
             windows_only("CPU groups"),
         );
         let pci = if host.vfio {
-            live()
+            Support::unsupported(
+                "PCI passthrough (vfio-pci) is not built into the qemu virtstack yet",
+            )
         } else {
             Support::unsupported("PCI passthrough needs VFIO (/dev/vfio) on this host")
         };
-        c.set_all(Pci, pci.clone(), pci, no_update("an assigned device"));
+        c.set_all(Pci, pci.clone(), pci.clone(), pci);
         c.update_only(&[Memory, Processor, StorageQos]);
-        c.set(Memory, ResourceOperation::Update, live());
-        c.set(Processor, ResourceOperation::Update, live());
-        c.set(StorageQos, ResourceOperation::Update, live());
+        c.set(
+            Memory,
+            ResourceOperation::Update,
+            Support::restart("uvmctl does not hot-resize memory yet: applied by a restart"),
+        );
+        c.set(
+            Processor,
+            ResourceOperation::Update,
+            Support::restart("uvmctl does not hot-plug vCPUs yet: applied by a restart"),
+        );
+        c.set(
+            StorageQos,
+            ResourceOperation::Update,
+            Support::unsupported("I/O throttling is not built into the qemu virtstack yet"),
+        );
         let serial = Support::restart("serial consoles are wired at launch");
         c.set_all(Serial, serial.clone(), serial.clone(), serial);
         let vsock = if host.vhost_vsock {
-            live()
+            Support::unsupported("vsock listeners are not built into the qemu virtstack yet")
         } else {
             Support::unsupported("vsock needs /dev/vhost-vsock on this host")
         };
-        c.set_all(
-            VmSocket,
-            vsock.clone(),
-            vsock,
-            no_update("a socket listener"),
-        );
+        c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
         let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
         c.set_all(HvSocket, hv.clone(), hv.clone(), hv);
         c
@@ -336,29 +348,52 @@ mod tests {
     }
 
     #[test]
-    fn qemu_profile_follows_host_devices() {
-        let c = Capabilities::qemu(&HostFacts {
+    fn qemu_profile_names_the_host_device_a_feature_lacks() {
+        let without = Capabilities::qemu(&HostFacts::default());
+        assert!(
+            without
+                .support(VmSocket, Add)
+                .reason
+                .contains("/dev/vhost-vsock")
+        );
+        let with = Capabilities::qemu(&HostFacts {
             vhost_vsock: true,
             vfio: true,
         });
-        assert!(c.supported(VmSocket, Add));
-        assert!(c.supported(Pci, Remove));
+        assert!(with.support(VmSocket, Add).reason.contains("not built"));
+        assert!(!with.supported(Pci, Add));
     }
 
+    /// `docs/capabilities.md` holds each profile's table between
+    /// `<!-- table:NAME -->` and `<!-- end -->`; `UVMCTL_UPDATE_DOCS=1`
+    /// rewrites them from the code.
     #[test]
     fn docs_capabilities_md_shows_the_profiles_as_the_code_has_them() {
-        let doc =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/capabilities.md"))
-                .expect("docs/capabilities.md exists");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/capabilities.md");
+        let mut doc = std::fs::read_to_string(path).expect("docs/capabilities.md exists");
+        let mut stale = Vec::new();
         for caps in [
             Capabilities::qemu(&HostFacts::default()),
             Capabilities::hcs(),
         ] {
+            let open = format!("<!-- table:{} -->\n", caps.virtstack);
+            let start = doc
+                .find(&open)
+                .map(|i| i + open.len())
+                .expect("table marker");
+            let end = start + doc[start..].find("<!-- end -->").expect("end marker");
             let table = caps.markdown_table();
+            if doc[start..end] != table {
+                stale.push(caps.virtstack.clone());
+                doc.replace_range(start..end, &table);
+            }
+        }
+        if std::env::var_os("UVMCTL_UPDATE_DOCS").is_some() {
+            std::fs::write(path, &doc).expect("write docs/capabilities.md");
+        } else {
             assert!(
-                doc.contains(&table),
-                "docs/capabilities.md is stale; the {} table is now:\n{table}",
-                caps.virtstack
+                stale.is_empty(),
+                "docs/capabilities.md is stale for {stale:?}; run UVMCTL_UPDATE_DOCS=1 cargo test"
             );
         }
     }

@@ -32,7 +32,9 @@ pub enum HostPathError {
         reason: String,
     },
     /// The resolved path lies outside every allowed root.
-    #[error("{path}: resolves to {resolved}, outside the allowed roots ({roots}); add one with --allow-root")]
+    #[error(
+        "{path}: resolves to {resolved}, outside the allowed roots ({roots}); add one with --allow-root"
+    )]
     OutsideRoots {
         /// The path as given.
         path: String,
@@ -68,7 +70,12 @@ pub struct AllowedRoots(Vec<PathBuf>);
 impl AllowedRoots {
     /// Roots as given; each is resolved if it exists (a missing root allows nothing).
     pub fn new<P: AsRef<Path>>(roots: &[P]) -> Self {
-        AllowedRoots(roots.iter().filter_map(|r| std::fs::canonicalize(r.as_ref()).ok()).collect())
+        AllowedRoots(
+            roots
+                .iter()
+                .filter_map(|r| std::fs::canonicalize(r.as_ref()).ok())
+                .collect(),
+        )
     }
 
     /// The documented default roots.
@@ -80,7 +87,11 @@ impl AllowedRoots {
         if self.0.is_empty() {
             return "none exist".into();
         }
-        self.0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.0
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Resolves `path` (symlinks, `..`) and checks it lies under a root.
@@ -88,12 +99,19 @@ impl AllowedRoots {
     pub fn check(&self, path: &Path) -> Result<PathBuf, HostPathError> {
         let shown = path.display().to_string();
         // QMP is JSON: a path must be text to reach QEMU unchanged.
-        let text = path.to_str().ok_or(HostPathError::BadCharacter { path: shown.clone(), what: "bytes that are not UTF-8" })?;
+        let text = path.to_str().ok_or(HostPathError::BadCharacter {
+            path: shown.clone(),
+            what: "bytes that are not UTF-8",
+        })?;
         check_characters(text)?;
-        let resolved = std::fs::canonicalize(path)
-            .map_err(|e| HostPathError::Missing { path: shown.clone(), reason: e.to_string() })?;
-        let resolved_text =
-            resolved.to_str().ok_or(HostPathError::BadCharacter { path: shown.clone(), what: "bytes that are not UTF-8" })?;
+        let resolved = std::fs::canonicalize(path).map_err(|e| HostPathError::Missing {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let resolved_text = resolved.to_str().ok_or(HostPathError::BadCharacter {
+            path: shown.clone(),
+            what: "bytes that are not UTF-8",
+        })?;
         check_characters(resolved_text)?;
         if !self.0.iter().any(|root| resolved.starts_with(root)) {
             return Err(HostPathError::OutsideRoots {
@@ -119,7 +137,10 @@ fn check_characters(path: &str) -> Result<(), HostPathError> {
     } else {
         return Ok(());
     };
-    Err(HostPathError::BadCharacter { path: path.to_string(), what })
+    Err(HostPathError::BadCharacter {
+        path: path.to_string(),
+        what,
+    })
 }
 
 /// What a header says a file is.
@@ -184,14 +205,19 @@ pub fn scsi_format_driver(t: ScsiDiskType) -> &'static str {
 
 /// Whether a resolved path is a block device (passthrough of a real disk).
 pub fn is_block_device(path: &Path) -> bool {
-    std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
 }
 
 /// Checks a SCSI disk: a regular file whose header matches `t`, or, for
 /// passthrough, a raw file or a block device.
 pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathError> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing { path: shown.clone(), reason: e.to_string() })?;
+    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
     if t == ScsiDiskType::PassThrough && meta.file_type().is_block_device() {
         return Ok(());
     }
@@ -201,15 +227,29 @@ pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathErro
         } else {
             "not a regular file"
         };
-        return Err(HostPathError::WrongKind { path: shown, reason: reason.into() });
+        return Err(HostPathError::WrongKind {
+            path: shown,
+            reason: reason.into(),
+        });
     }
-    let found = detect(path).map_err(|e| HostPathError::Missing { path: shown.clone(), reason: e.to_string() })?;
+    let found = detect(path).map_err(|e| HostPathError::Missing {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
     let (ok, expected) = match t {
         ScsiDiskType::Vhd1 => (found == Detected::Vhd, "vhd1"),
         ScsiDiskType::Vhdx => (found == Detected::Vhdx, "vhdx"),
         ScsiDiskType::PassThrough => (found == Detected::Raw, "passthrough (raw)"),
     };
-    if ok { Ok(()) } else { Err(HostPathError::FormatMismatch { path: shown, expected, found: found.name() }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(HostPathError::FormatMismatch {
+            path: shown,
+            expected,
+            found: found.name(),
+        })
+    }
 }
 
 /// Checks a VPMem image. QEMU maps the file into guest memory as an NVDIMM,
@@ -217,23 +257,37 @@ pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathErro
 /// a VHDX, whose data is scattered across its blocks.
 pub fn check_vpmem_image(path: &Path, format: VPMemImageFormat) -> Result<u64, HostPathError> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing { path: shown.clone(), reason: e.to_string() })?;
+    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
     if !meta.is_file() {
-        return Err(HostPathError::WrongKind { path: shown, reason: "not a regular file".into() });
+        return Err(HostPathError::WrongKind {
+            path: shown,
+            reason: "not a regular file".into(),
+        });
     }
-    let found = detect(path).map_err(|e| HostPathError::Missing { path: shown.clone(), reason: e.to_string() })?;
+    let found = detect(path).map_err(|e| HostPathError::Missing {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
     match (format, found) {
         (VPMemImageFormat::Vhd1, Detected::Vhd) => {
             // The guest sees the data before the footer, in whole pages.
             let data = meta.len().saturating_sub(512) / 4096 * 4096;
             if data == 0 {
-                return Err(HostPathError::WrongKind { path: shown, reason: "image holds less than one 4 KiB page".into() });
+                return Err(HostPathError::WrongKind {
+                    path: shown,
+                    reason: "image holds less than one 4 KiB page".into(),
+                });
             }
             Ok(data)
         }
-        (VPMemImageFormat::Vhd1, other) => {
-            Err(HostPathError::FormatMismatch { path: shown, expected: "vhd1", found: other.name() })
-        }
+        (VPMemImageFormat::Vhd1, other) => Err(HostPathError::FormatMismatch {
+            path: shown,
+            expected: "vhd1",
+            found: other.name(),
+        }),
         (VPMemImageFormat::Vhdx, _) => Err(HostPathError::WrongKind {
             path: shown,
             reason: "a VHDX cannot be mapped as persistent memory by QEMU; use a fixed vhd1".into(),
@@ -273,11 +327,18 @@ mod tests {
         let outside = dir.path().join("secret");
         fs::write(&outside, b"x").expect("write");
         let roots = AllowedRoots::new(&[&vm]);
-        let err = roots.check(&vm.join("../secret")).expect_err("dotdot escapes");
+        let err = roots
+            .check(&vm.join("../secret"))
+            .expect_err("dotdot escapes");
         assert!(matches!(err, HostPathError::OutsideRoots { .. }), "{err}");
         std::os::unix::fs::symlink(&outside, vm.join("link.img")).expect("symlink");
-        let err = roots.check(&vm.join("link.img")).expect_err("symlink escapes");
-        assert!(err.to_string().contains("outside the allowed roots"), "{err}");
+        let err = roots
+            .check(&vm.join("link.img"))
+            .expect_err("symlink escapes");
+        assert!(
+            err.to_string().contains("outside the allowed roots"),
+            "{err}"
+        );
         fs::write(vm.join("ok.img"), b"x").expect("write");
         assert!(roots.check(&vm.join("ok.img")).is_ok());
     }
@@ -286,7 +347,9 @@ mod tests {
     fn a_missing_disk_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let roots = AllowedRoots::new(&[dir.path()]);
-        let err = roots.check(&dir.path().join("nope.vhdx")).expect_err("missing");
+        let err = roots
+            .check(&dir.path().join("nope.vhdx"))
+            .expect_err("missing");
         assert!(matches!(err, HostPathError::Missing { .. }));
     }
 
@@ -307,11 +370,23 @@ mod tests {
         assert_eq!(check_scsi_image(&raw, ScsiDiskType::PassThrough), Ok(()));
         assert_eq!(
             check_scsi_image(&raw, ScsiDiskType::Vhdx).map_err(|e| e.to_string()),
-            Err(format!("{}: spec says vhdx but the image is raw", raw.display()))
+            Err(format!(
+                "{}: spec says vhdx but the image is raw",
+                raw.display()
+            ))
         );
-        assert!(matches!(check_scsi_image(&vhdx, ScsiDiskType::PassThrough), Err(HostPathError::FormatMismatch { .. })));
-        assert!(matches!(check_scsi_image(&vhd, ScsiDiskType::Vhdx), Err(HostPathError::FormatMismatch { .. })));
-        assert!(matches!(check_scsi_image(dir.path(), ScsiDiskType::Vhdx), Err(HostPathError::WrongKind { .. })));
+        assert!(matches!(
+            check_scsi_image(&vhdx, ScsiDiskType::PassThrough),
+            Err(HostPathError::FormatMismatch { .. })
+        ));
+        assert!(matches!(
+            check_scsi_image(&vhd, ScsiDiskType::Vhdx),
+            Err(HostPathError::FormatMismatch { .. })
+        ));
+        assert!(matches!(
+            check_scsi_image(dir.path(), ScsiDiskType::Vhdx),
+            Err(HostPathError::WrongKind { .. })
+        ));
     }
 
     #[test]
@@ -319,7 +394,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let vhd = dir.path().join("p.vhd");
         write_vhd(&vhd, 3 * 4096 + 100);
-        assert_eq!(check_vpmem_image(&vhd, VPMemImageFormat::Vhd1), Ok(3 * 4096));
+        assert_eq!(
+            check_vpmem_image(&vhd, VPMemImageFormat::Vhd1),
+            Ok(3 * 4096)
+        );
         assert!(check_vpmem_image(&vhd, VPMemImageFormat::Vhdx).is_err());
     }
 }

@@ -8,7 +8,9 @@
 //! syntax (`-chardev`, `-fsdev`) name paths inside the state directory, which
 //! uvmctl controls (symlinks to the spec's resolved paths).
 
-use super::images::{AllowedRoots, HostPathError, check_scsi_image, check_vpmem_image, scsi_format_driver};
+use super::images::{
+    AllowedRoots, HostPathError, check_scsi_image, check_vpmem_image, scsi_format_driver,
+};
 use crate::spec::VmConfig;
 use crate::vm::MemoryBackingType;
 use serde::{Deserialize, Serialize};
@@ -91,7 +93,11 @@ impl Accel {
     /// `auto`: KVM only when `/dev/kvm` opens and the CPU shows `vmx` or `svm`
     /// (a PVM `/dev/kvm` without them hangs stock guests), else TCG.
     pub fn auto() -> Self {
-        let kvm_opens = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let kvm_opens = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
         let cpu_virt = fs::read_to_string("/proc/cpuinfo")
             .map(|s| {
                 s.lines()
@@ -99,7 +105,11 @@ impl Accel {
                     .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
             })
             .unwrap_or(false);
-        if kvm_opens && cpu_virt { Accel::Kvm } else { Accel::Tcg }
+        if kvm_opens && cpu_virt {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
     }
 }
 
@@ -114,7 +124,10 @@ impl StateDir {
     /// key=value options could misread.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, LaunchError> {
         let root: PathBuf = root.into();
-        let text = root.to_str().ok_or_else(|| LaunchError::StateDir { path: root.clone(), reason: "not UTF-8".into() })?;
+        let text = root.to_str().ok_or_else(|| LaunchError::StateDir {
+            path: root.clone(),
+            reason: "not UTF-8".into(),
+        })?;
         if text.contains(',') || text.chars().any(char::is_control) || !root.is_absolute() {
             return Err(LaunchError::StateDir {
                 path: root.clone(),
@@ -123,13 +136,20 @@ impl StateDir {
         }
         // Long roots would push socket paths past sun_path's 108 bytes.
         if text.len() > 60 {
-            return Err(LaunchError::StateDir { path: root.clone(), reason: "longer than 60 bytes; QMP socket paths would not fit".into() });
+            return Err(LaunchError::StateDir {
+                path: root.clone(),
+                reason: "longer than 60 bytes; QMP socket paths would not fit".into(),
+            });
         }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&root)
-            .map_err(|source| LaunchError::Io { what: "cannot create", path: root.clone(), source })?;
+            .map_err(|source| LaunchError::Io {
+                what: "cannot create",
+                path: root.clone(),
+                source,
+            })?;
         Ok(StateDir { root })
     }
 
@@ -150,9 +170,18 @@ impl StateDir {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|source| LaunchError::Io { what: "cannot create", path: dir.clone(), source })?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-            .map_err(|source| LaunchError::Io { what: "cannot chmod", path: dir.clone(), source })?;
+            .map_err(|source| LaunchError::Io {
+                what: "cannot create",
+                path: dir.clone(),
+                source,
+            })?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            LaunchError::Io {
+                what: "cannot chmod",
+                path: dir.clone(),
+                source,
+            }
+        })?;
         Ok(dir)
     }
 
@@ -224,17 +253,35 @@ impl LaunchRecord {
     /// Reads a VM's record.
     pub fn load(dir: &StateDir, name: &str) -> Result<Self, LaunchError> {
         let path = dir.record_path(name);
-        let text = fs::read_to_string(&path).map_err(|source| LaunchError::Io { what: "cannot read", path: path.clone(), source })?;
-        serde_json::from_str(&text).map_err(|e| LaunchError::StateDir { path, reason: format!("corrupt launch record: {e}") })
+        let text = fs::read_to_string(&path).map_err(|source| LaunchError::Io {
+            what: "cannot read",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| LaunchError::StateDir {
+            path,
+            reason: format!("corrupt launch record: {e}"),
+        })
     }
 
     /// Writes it atomically (temp file, then rename).
     pub fn store(&self, dir: &StateDir) -> Result<(), LaunchError> {
         let path = dir.record_path(&self.name);
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(|e| LaunchError::StateDir { path: path.clone(), reason: e.to_string() })?;
-        fs::write(&tmp, text).map_err(|source| LaunchError::Io { what: "cannot write", path: tmp.clone(), source })?;
-        fs::rename(&tmp, &path).map_err(|source| LaunchError::Io { what: "cannot replace", path, source })
+        let text = serde_json::to_string_pretty(self).map_err(|e| LaunchError::StateDir {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        fs::write(&tmp, text).map_err(|source| LaunchError::Io {
+            what: "cannot write",
+            path: tmp.clone(),
+            source,
+        })?;
+        fs::rename(&tmp, &path).map_err(|source| LaunchError::Io {
+            what: "cannot replace",
+            path,
+            source,
+        })
     }
 }
 
@@ -280,8 +327,14 @@ pub mod ids {
 }
 
 /// JSON arguments to create one SCSI disk: two block nodes and a device.
-pub fn scsi_disk_args(controller: u32, disk: &crate::spec::ScsiDisk, resolved: &Path) -> (Value, Value, Value) {
-    let protocol = if disk.disk_type == crate::vm::ScsiDiskType::PassThrough && super::images::is_block_device(resolved) {
+pub fn scsi_disk_args(
+    controller: u32,
+    disk: &crate::spec::ScsiDisk,
+    resolved: &Path,
+) -> (Value, Value, Value) {
+    let protocol = if disk.disk_type == crate::vm::ScsiDiskType::PassThrough
+        && super::images::is_block_device(resolved)
+    {
         "host_device"
     } else {
         "file"
@@ -335,7 +388,8 @@ pub fn pmem_args(d: &crate::spec::VpmemDevice, resolved: &Path, size: u64) -> (V
         "share": !d.read_only,
         "readonly": d.read_only,
     });
-    let device = json!({"driver": "nvdimm", "id": ids::pmem(d.id), "memdev": ids::pmem_backend(d.id)});
+    let device =
+        json!({"driver": "nvdimm", "id": ids::pmem(d.id), "memdev": ids::pmem_backend(d.id)});
     (backend, device)
 }
 
@@ -364,9 +418,17 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
     let mut r = Resolved::default();
     match (&cfg.boot.linux_kernel_direct, &cfg.boot.uefi) {
         (Some(k), _) => {
-            r.kernel = Some(roots.check(&k.kernel).map_err(hp("spec.boot.linuxKernelDirect.kernel".into()))?);
+            r.kernel = Some(
+                roots
+                    .check(&k.kernel)
+                    .map_err(hp("spec.boot.linuxKernelDirect.kernel".into()))?,
+            );
             if let Some(i) = &k.initrd {
-                r.initrd = Some(roots.check(i).map_err(hp("spec.boot.linuxKernelDirect.initrd".into()))?);
+                r.initrd = Some(
+                    roots
+                        .check(i)
+                        .map_err(hp("spec.boot.linuxKernelDirect.initrd".into()))?,
+                );
             }
         }
         (None, Some(_)) => {
@@ -404,25 +466,38 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
         if !p.is_dir() {
             return Err(LaunchError::HostPath {
                 field,
-                source: HostPathError::WrongKind { path: p.display().to_string(), reason: "not a directory".into() },
+                source: HostPathError::WrongKind {
+                    path: p.display().to_string(),
+                    reason: "not a directory".into(),
+                },
             });
         }
         r.shares.insert(s.name.clone(), p);
     }
     if !cfg.vsmb_shares.is_empty() {
-        return Err(LaunchError::Unsupported("spec.vsmbShares: SMB shares are a Windows (HCS) feature".into()));
+        return Err(LaunchError::Unsupported(
+            "spec.vsmbShares: SMB shares are a Windows (HCS) feature".into(),
+        ));
     }
     if !cfg.pci_devices.is_empty() {
-        return Err(LaunchError::Unsupported("spec.pciDevices: PCI passthrough is not built for qemu yet".into()));
+        return Err(LaunchError::Unsupported(
+            "spec.pciDevices: PCI passthrough is not built for qemu yet".into(),
+        ));
     }
     if !cfg.vm_sockets.is_empty() {
-        return Err(LaunchError::Unsupported("spec.vmSockets: vsock listeners are not built for qemu yet".into()));
+        return Err(LaunchError::Unsupported(
+            "spec.vmSockets: vsock listeners are not built for qemu yet".into(),
+        ));
     }
     if cfg.windows.as_ref().is_some_and(|w| w.cpu_group.is_some()) {
-        return Err(LaunchError::Unsupported("spec.windows.cpuGroup: CPU groups are a Windows (HCS) feature".into()));
+        return Err(LaunchError::Unsupported(
+            "spec.windows.cpuGroup: CPU groups are a Windows (HCS) feature".into(),
+        ));
     }
     if cfg.storage_qos.is_some() {
-        return Err(LaunchError::Unsupported("spec.storageQos: I/O throttling is not built for qemu yet".into()));
+        return Err(LaunchError::Unsupported(
+            "spec.storageQos: I/O throttling is not built for qemu yet".into(),
+        ));
     }
     Ok(r)
 }
@@ -432,31 +507,57 @@ pub type Links = Vec<(PathBuf, PathBuf)>;
 
 /// The `qemu-system-x86_64` argument vector for `cfg`, started paused (`-S`)
 /// so uvmctl decides when the guest runs.
-pub fn argv(name: &str, cfg: &VmConfig, res: &Resolved, dir: &StateDir, accel: Accel) -> (Vec<String>, Links) {
+pub fn argv(
+    name: &str,
+    cfg: &VmConfig,
+    res: &Resolved,
+    dir: &StateDir,
+    accel: Accel,
+) -> (Vec<String>, Links) {
     let vm_dir = dir.vm_dir(name);
     let mut a: Vec<String> = Vec::new();
     let mut links: Links = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
 
     let nvdimm = cfg.vpmem.is_some();
-    let machine = format!("pc,accel={}{}", accel.as_str(), if nvdimm { ",nvdimm=on" } else { "" });
+    let machine = format!(
+        "pc,accel={}{}",
+        accel.as_str(),
+        if nvdimm { ",nvdimm=on" } else { "" }
+    );
     let maxcpus = cfg.processors.count.max(MAX_HOTPLUG_CPUS);
-    let pmem_total: u64 = cfg.vpmem.as_ref().map_or(0, |v| u64::from(v.maximum_devices) * v.maximum_size_bytes / (1 << 20));
+    let pmem_total: u64 = cfg.vpmem.as_ref().map_or(0, |v| {
+        u64::from(v.maximum_devices) * v.maximum_size_bytes / (1 << 20)
+    });
     let slots = MEMORY_HOTPLUG_SLOTS + cfg.vpmem.as_ref().map_or(0, |v| v.maximum_devices);
     let maxmem = cfg.memory.size_mb + MEMORY_HOTPLUG_HEADROOM_MB + pmem_total;
     push(&["-name", &format!("guest={name},debug-threads=on")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&["-machine", &machine, "-cpu", "max"]);
-    push(&["-smp", &format!("{},maxcpus={maxcpus}", cfg.processors.count)]);
-    push(&["-m", &format!("{}M,slots={slots},maxmem={maxmem}M", cfg.memory.size_mb)]);
+    push(&[
+        "-smp",
+        &format!("{},maxcpus={maxcpus}", cfg.processors.count),
+    ]);
+    push(&[
+        "-m",
+        &format!("{}M,slots={slots},maxmem={maxmem}M", cfg.memory.size_mb),
+    ]);
     if cfg.memory.backing == MemoryBackingType::Physical {
         // Pinned memory: lock guest RAM so the host never pages it out.
         push(&["-overcommit", "mem-lock=on"]);
     }
     push(&["-sandbox", SANDBOX]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", dir.qmp_socket(name).display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", dir.qmp_socket(name).display()),
+    ]);
     // A guest that panics exits instead of hanging; uvmctl reports the exit.
-    push(&["-device", r#"{"driver":"pvpanic","id":"pvpanic"}"#, "-action", "panic=exit-failure"]);
+    push(&[
+        "-device",
+        r#"{"driver":"pvpanic","id":"pvpanic"}"#,
+        "-action",
+        "panic=exit-failure",
+    ]);
 
     if let (Some(k), Some(kernel)) = (&cfg.boot.linux_kernel_direct, &res.kernel) {
         push(&["-kernel", &kernel.display().to_string()]);
@@ -477,7 +578,10 @@ pub fn argv(name: &str, cfg: &VmConfig, res: &Resolved, dir: &StateDir, accel: A
                 Some(s) => {
                     let link = vm_dir.join(format!("console{port}.sock"));
                     links.push((link.clone(), s.listener_path.clone()));
-                    push(&["-chardev", &format!("socket,id=serial{port},path={},reconnect=1", link.display())]);
+                    push(&[
+                        "-chardev",
+                        &format!("socket,id=serial{port},path={},reconnect=1", link.display()),
+                    ]);
                     push(&["-serial", &format!("chardev:serial{port}")]);
                 }
                 None => push(&["-serial", "null"]),
@@ -486,16 +590,32 @@ pub fn argv(name: &str, cfg: &VmConfig, res: &Resolved, dir: &StateDir, accel: A
     }
 
     // The guest agent channel (virtio-serial), always present.
-    push(&["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", dir.agent_socket(name).display())]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            dir.agent_socket(name).display()
+        ),
+    ]);
     push(&["-device", r#"{"driver":"virtio-serial-pci","id":"vser0"}"#]);
     push(&["-device", &json!({"driver": "virtserialport", "id": "agent0", "bus": "vser0.0", "chardev": "agent", "name": AGENT_PORT_NAME}).to_string()]);
 
     for c in &cfg.scsi_controllers {
-        push(&["-device", &json!({"driver": "virtio-scsi-pci", "id": ids::scsi_controller(c.id)}).to_string()]);
+        push(&[
+            "-device",
+            &json!({"driver": "virtio-scsi-pci", "id": ids::scsi_controller(c.id)}).to_string(),
+        ]);
         for d in &c.disks {
             if let Some(p) = res.disks.get(&(c.id, d.lun)) {
                 let (file, format, device) = scsi_disk_args(c.id, d, p);
-                push(&["-blockdev", &file.to_string(), "-blockdev", &format.to_string(), "-device", &device.to_string()]);
+                push(&[
+                    "-blockdev",
+                    &file.to_string(),
+                    "-blockdev",
+                    &format.to_string(),
+                    "-device",
+                    &device.to_string(),
+                ]);
             }
         }
     }
@@ -503,20 +623,37 @@ pub fn argv(name: &str, cfg: &VmConfig, res: &Resolved, dir: &StateDir, accel: A
         for d in &v.devices {
             if let Some((p, size)) = res.pmem.get(&d.id) {
                 let (backend, device) = pmem_args(d, p, *size);
-                push(&["-object", &backend.to_string(), "-device", &device.to_string()]);
+                push(&[
+                    "-object",
+                    &backend.to_string(),
+                    "-device",
+                    &device.to_string(),
+                ]);
             }
         }
     }
     for n in &cfg.network_adapters {
         let (netdev, device) = nic_args(n);
-        push(&["-netdev", &netdev.to_string(), "-device", &device.to_string()]);
+        push(&[
+            "-netdev",
+            &netdev.to_string(),
+            "-device",
+            &device.to_string(),
+        ]);
     }
     for s in &cfg.plan9_shares {
         if let Some(p) = res.shares.get(&s.name) {
             let link = vm_dir.join(format!("share-{}", s.name));
             links.push((link.clone(), p.clone()));
             let ro = if s.read_only { ",readonly=on" } else { "" };
-            push(&["-fsdev", &format!("local,id={},path={},security_model=none{ro}", ids::fsdev(&s.name), link.display())]);
+            push(&[
+                "-fsdev",
+                &format!(
+                    "local,id={},path={},security_model=none{ro}",
+                    ids::fsdev(&s.name),
+                    link.display()
+                ),
+            ]);
             push(&["-device", &json!({"driver": "virtio-9p-pci", "id": ids::plan9(&s.name), "fsdev": ids::fsdev(&s.name), "mount_tag": s.name}).to_string()]);
         }
     }
@@ -540,30 +677,49 @@ mod tests {
                 uefi: None,
             },
             processors: Processors { count: 2 },
-            memory: Memory { size_mb: 256, ..Memory::default() },
+            memory: Memory {
+                size_mb: 256,
+                ..Memory::default()
+            },
             scsi_controllers: vec![ScsiController {
                 id: 0,
-                disks: vec![ScsiDisk { lun: 3, path: "/d/a.vhdx".into(), disk_type: ScsiDiskType::Vhdx, read_only: true }],
+                disks: vec![ScsiDisk {
+                    lun: 3,
+                    path: "/d/a.vhdx".into(),
+                    disk_type: ScsiDiskType::Vhdx,
+                    read_only: true,
+                }],
             }],
             network_adapters: vec![NetworkAdapter {
                 nic_id: "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01".into(),
                 endpoint_id: "user".into(),
                 mac_address: "52-54-00-12-34-56".into(),
             }],
-            serial_consoles: vec![SerialConsole { port: 1, listener_path: "/run/l,x.sock".into() }],
+            serial_consoles: vec![SerialConsole {
+                port: 1,
+                listener_path: "/run/l,x.sock".into(),
+            }],
             ..VmConfig::default()
         }
     }
 
     fn built() -> (Vec<String>, Links) {
-        let dir = StateDir { root: "/run/uvmctl-test".into() };
-        let mut res = Resolved { kernel: Some("/k/vmlinuz".into()), ..Resolved::default() };
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let mut res = Resolved {
+            kernel: Some("/k/vmlinuz".into()),
+            ..Resolved::default()
+        };
         res.disks.insert((0, 3), "/d/we,ird.vhdx".into());
         argv("web", &cfg(), &res, &dir, Accel::Tcg)
     }
 
     fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
-        argv.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
@@ -571,7 +727,10 @@ mod tests {
         let (a, _) = built();
         assert_eq!(after(&a, "-sandbox"), vec![SANDBOX]);
         assert!(a.iter().any(|x| x == "-S"));
-        assert_eq!(after(&a, "-qmp"), vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]);
+        assert_eq!(
+            after(&a, "-qmp"),
+            vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]
+        );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["2,maxcpus=16"]);
     }
@@ -580,7 +739,10 @@ mod tests {
     fn spec_values_travel_as_whole_argv_elements_or_json_never_spliced() {
         let (a, links) = built();
         // The command line is one element: its commas cannot start new options.
-        assert_eq!(after(&a, "-append"), vec!["console=ttyS0,115200 panic=-1 -device evil"]);
+        assert_eq!(
+            after(&a, "-append"),
+            vec!["console=ttyS0,115200 panic=-1 -device evil"]
+        );
         // A disk path with a comma sits inside JSON, as data.
         let blockdevs = after(&a, "-blockdev");
         let file: Value = serde_json::from_str(blockdevs[0]).expect("json");
@@ -589,7 +751,13 @@ mod tests {
         let format: Value = serde_json::from_str(blockdevs[1]).expect("json");
         assert_eq!(format["driver"], "vhdx", "format stated, never probed");
         // The serial listener is reached through a symlink in the state directory.
-        assert_eq!(links, vec![(PathBuf::from("/run/uvmctl-test/web/console1.sock"), PathBuf::from("/run/l,x.sock"))]);
+        assert_eq!(
+            links,
+            vec![(
+                PathBuf::from("/run/uvmctl-test/web/console1.sock"),
+                PathBuf::from("/run/l,x.sock")
+            )]
+        );
         assert_eq!(after(&a, "-serial"), vec!["null", "chardev:serial1"]);
         for chardev in after(&a, "-chardev") {
             assert!(!chardev.contains("l,x"), "{chardev}");
@@ -599,15 +767,27 @@ mod tests {
     #[test]
     fn devices_carry_the_ids_observe_maps_back() {
         let (a, _) = built();
-        let devices: Vec<Value> = after(&a, "-device").iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+        let devices: Vec<Value> = after(&a, "-device")
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
         let ids: Vec<&str> = devices.iter().filter_map(|d| d["id"].as_str()).collect();
         assert!(ids.contains(&"scsi0"));
         assert!(ids.contains(&"disk-0-3"));
         assert!(ids.contains(&"nic-6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01"));
-        let nic = devices.iter().find(|d| d["driver"] == "virtio-net-pci").expect("nic");
+        let nic = devices
+            .iter()
+            .find(|d| d["driver"] == "virtio-net-pci")
+            .expect("nic");
         assert_eq!(nic["mac"], "52:54:00:12:34:56");
-        let disk = devices.iter().find(|d| d["driver"] == "scsi-hd").expect("disk");
-        assert_eq!((disk["bus"].as_str(), disk["lun"].as_u64()), (Some("scsi0.0"), Some(3)));
+        let disk = devices
+            .iter()
+            .find(|d| d["driver"] == "scsi-hd")
+            .expect("disk");
+        assert_eq!(
+            (disk["bus"].as_str(), disk["lun"].as_u64()),
+            (Some("scsi0.0"), Some(3))
+        );
     }
 
     #[test]

@@ -1,0 +1,350 @@
+//! ⑤ The executor: runs a [`Plan`] against the QEMU virtstack, VM by VM
+//! (VMs in parallel, operations within one VM in plan order).
+//!
+//! # Guarantees
+//! - A VM with an operation its virtstack cannot do is not touched at all.
+//! - A recreate happens only when `--allow-recreate` or the spec's policy allows it.
+//! - A failing VM does not stop the others; each gets its own outcome.
+//! - After each hot operation the launch record is updated, so a later
+//!   restart launches what the VM really has.
+//!
+//! # Assumptions
+//! - One executor per state directory at a time (the CLI holds a lock).
+//!
+//! # Caveats
+//! - An unplug the guest never acknowledges fails the VM and leaves the
+//!   device in place; the next plan shows the removal again.
+
+pub mod lock;
+
+use crate::plan::{
+    Item, ItemKey, Op, Plan, ResourceKind, VmAction, VmPlan, flatten, observed_power, unflatten,
+};
+use crate::spec::{DesiredState, PowerState, VmConfig};
+use crate::virtstack::qemu::images::{check_scsi_image, check_vpmem_image};
+use crate::virtstack::qemu::qmp::Qmp;
+use crate::virtstack::qemu::{LaunchRecord, Qemu, QemuError, ops};
+use crate::vm::{Disruption, ResourceOperation};
+use std::sync::Arc;
+
+/// Why one VM could not be brought to its spec.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The virtstack failed.
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    /// Some operation cannot be done by this virtstack.
+    #[error("not applied: {0}")]
+    Unsupported(String),
+    /// A recreate is needed but not allowed.
+    #[error("must be recreated ({0}), which needs --allow-recreate or spec.policy.allowRecreate")]
+    RecreateNotAllowed(String),
+    /// The plan and the VM disagree (changed since planning).
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// Choices for one apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    /// Recreate VMs whose spec policy does not allow it.
+    pub allow_recreate: bool,
+}
+
+/// Reports progress: `(vm, message)`.
+pub type Progress = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// What happened to one VM.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// VM name.
+    pub name: String,
+    /// Success, or why not.
+    pub result: Result<(), ApplyError>,
+}
+
+/// Applies every VM plan, in parallel.
+pub async fn apply(
+    plan: &Plan,
+    desired: &DesiredState,
+    qemu: &Qemu,
+    opts: ApplyOptions,
+    progress: Progress,
+) -> Vec<VmOutcome> {
+    let mut set = tokio::task::JoinSet::new();
+    for vm in &plan.vms {
+        let vm = vm.clone();
+        let want = desired.vms.get(&vm.name).map(|d| d.config.clone());
+        let qemu = qemu.clone();
+        let progress = progress.clone();
+        set.spawn(async move {
+            let result = apply_vm(&qemu, &vm, want.as_ref(), opts, &progress).await;
+            match &result {
+                Ok(()) => progress(&vm.name, "done"),
+                Err(e) => progress(&vm.name, &format!("failed: {e}")),
+            }
+            VmOutcome {
+                name: vm.name,
+                result,
+            }
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(o) => out.push(o),
+            Err(e) => out.push(VmOutcome {
+                name: "?".into(),
+                result: Err(ApplyError::Inconsistent(format!(
+                    "executor task failed: {e}"
+                ))),
+            }),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+async fn apply_vm(
+    q: &Qemu,
+    vm: &VmPlan,
+    want: Option<&VmConfig>,
+    opts: ApplyOptions,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let unsupported: Vec<String> = vm
+        .ops
+        .iter()
+        .filter(|o| o.disruption == Disruption::Unsupported)
+        .map(|o| format!("{} {} {}: {}", o.operation, o.resource, o.key, o.reason))
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(ApplyError::Unsupported(unsupported.join("; ")));
+    }
+    let name = vm.name.as_str();
+    let spec = || want.ok_or_else(|| ApplyError::Inconsistent(format!("no spec for {name}")));
+    match vm.action {
+        VmAction::Create => {
+            progress(name, "creating (launch and boot)");
+            q.create(name, spec()?).await?;
+        }
+        VmAction::Destroy => {
+            progress(name, "destroying");
+            q.destroy(name).await?;
+        }
+        VmAction::Recreate => {
+            let reasons: Vec<String> = vm
+                .ops
+                .iter()
+                .filter(|o| o.disruption == Disruption::Recreate)
+                .map(|o| format!("{} {}", o.resource, o.reason))
+                .collect();
+            if !(opts.allow_recreate || vm.recreate_allowed == Some(true)) {
+                return Err(ApplyError::RecreateNotAllowed(reasons.join("; ")));
+            }
+            progress(name, "recreating");
+            if q.list().iter().any(|n| n == name) {
+                q.destroy(name).await?;
+            }
+            q.create(name, spec()?).await?;
+        }
+        VmAction::Update => update(q, vm, spec()?, progress).await?,
+    }
+    Ok(())
+}
+
+async fn update(
+    q: &Qemu,
+    vm: &VmPlan,
+    want: &VmConfig,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let name = vm.name.as_str();
+    let now = q.observe(name).await?;
+    let (changes, power): (Vec<&Op>, Vec<&Op>) = vm
+        .ops
+        .iter()
+        .partition(|o| o.resource != ResourceKind::PowerState);
+
+    if !now.state.is_live() {
+        // Nothing runs: the new configuration takes effect when it starts.
+        q.set_config(name, want)?;
+    } else if changes.iter().any(|o| o.disruption == Disruption::Restart) {
+        progress(name, "restarting to apply cold changes");
+        q.stop(name).await?;
+        q.set_config(name, want)?;
+        return bring_to(q, name, PowerState::Stopped, want.power_state, progress).await;
+    } else if !changes.is_empty() {
+        let (qmp, mut rec) = q.live(name).await?;
+        for op in changes {
+            progress(
+                name,
+                &format!("{} {} {}", op.operation, op.resource, op.key),
+            );
+            hot(q, &qmp, &rec, op).await?;
+            // Record each step, so a failure later leaves a true record.
+            let mut items = flatten(&rec.config);
+            let key = (op.resource, op.key.clone());
+            match (&op.operation, &op.after) {
+                (ResourceOperation::Remove, _) => {
+                    items.remove(&key);
+                }
+                (_, Some(after)) => {
+                    items.insert(key, after.clone());
+                }
+                (_, None) => {}
+            }
+            rec.config =
+                unflatten(&items, rec.config.power_state).map_err(ApplyError::Inconsistent)?;
+            q.update_record(&rec)?;
+        }
+    }
+    if power.is_empty() {
+        return Ok(());
+    }
+    bring_to(
+        q,
+        name,
+        observed_power(now.state),
+        want.power_state,
+        progress,
+    )
+    .await
+}
+
+/// Moves a VM from one power state to another.
+async fn bring_to(
+    q: &Qemu,
+    name: &str,
+    from: PowerState,
+    to: PowerState,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    use PowerState::*;
+    match (from, to) {
+        (a, b) if a == b => {}
+        (Running, Paused) => q.pause(name).await?,
+        (Paused, Running) => q.resume(name).await?,
+        (Stopped, Running) => {
+            progress(name, "starting");
+            q.start(name).await?;
+        }
+        (Stopped, Paused) => {
+            progress(name, "starting paused");
+            q.start(name).await?;
+            q.pause(name).await?;
+        }
+        (_, Stopped) => {
+            progress(name, "stopping (ACPI power button, then forced)");
+            q.stop(name).await?;
+        }
+        (Running | Paused, Running | Paused) => {}
+    }
+    let mut rec =
+        LaunchRecord::load(&q.options().state_dir, name).map_err(|source| QemuError::Launch {
+            vm: name.into(),
+            source,
+        })?;
+    rec.config.power_state = to;
+    q.update_record(&rec)?;
+    Ok(())
+}
+
+/// One live operation over QMP.
+async fn hot(q: &Qemu, qmp: &Qmp, rec: &LaunchRecord, op: &Op) -> Result<(), ApplyError> {
+    let vm = rec.name.as_str();
+    let qerr = |source| QemuError::Qmp {
+        vm: vm.into(),
+        source,
+    };
+    let unplug = |e: ops::UnplugError| match e {
+        ops::UnplugError::Qmp(source) => QemuError::Qmp {
+            vm: vm.into(),
+            source,
+        },
+        ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
+            vm: vm.into(),
+            device,
+            after,
+        },
+    };
+    let timeout = q.options().unplug_timeout;
+    let launch = |source| QemuError::Launch {
+        vm: vm.into(),
+        source,
+    };
+    let path_err = |field: &str| {
+        let field = field.to_string();
+        move |source| QemuError::Launch {
+            vm: vm.into(),
+            source: crate::virtstack::qemu::LaunchError::HostPath { field, source },
+        }
+    };
+    match (op.resource, op.operation, &op.key, &op.after) {
+        (ResourceKind::Policy, _, _, _) => {}
+        (ResourceKind::ScsiController, ResourceOperation::Add, ItemKey::Num(id), _) => {
+            ops::add_scsi_controller(qmp, *id).await.map_err(qerr)?
+        }
+        (ResourceKind::ScsiController, ResourceOperation::Remove, ItemKey::Num(id), _) => {
+            ops::remove_scsi_controller(qmp, *id, timeout)
+                .await
+                .map_err(unplug)?
+        }
+        (ResourceKind::ScsiDisk, ResourceOperation::Add, _, Some(Item::ScsiDisk(d))) => {
+            let field = format!("scsiDisk {}:{}", d.controller, d.disk.lun);
+            let resolved = q
+                .options()
+                .roots
+                .check(&d.disk.path)
+                .map_err(path_err(&field))?;
+            check_scsi_image(&resolved, d.disk.disk_type).map_err(path_err(&field))?;
+            ops::add_scsi_disk(qmp, d.controller, &d.disk, &resolved)
+                .await
+                .map_err(qerr)?
+        }
+        (ResourceKind::ScsiDisk, ResourceOperation::Remove, ItemKey::Lun(c, l), _) => {
+            ops::remove_scsi_disk(qmp, *c, *l, timeout)
+                .await
+                .map_err(unplug)?
+        }
+        (
+            ResourceKind::NetworkAdapter,
+            ResourceOperation::Add,
+            _,
+            Some(Item::NetworkAdapter(n)),
+        ) => ops::add_nic(qmp, n).await.map_err(qerr)?,
+        (ResourceKind::NetworkAdapter, ResourceOperation::Remove, ItemKey::Text(id), _) => {
+            ops::remove_nic(qmp, id, timeout).await.map_err(unplug)?
+        }
+        (ResourceKind::VpmemDevice, ResourceOperation::Add, _, Some(Item::VpmemDevice(d))) => {
+            let field = format!("vpmemDevice {}", d.id);
+            let resolved = q.options().roots.check(&d.path).map_err(path_err(&field))?;
+            let size = check_vpmem_image(&resolved, d.format).map_err(path_err(&field))?;
+            let max = rec
+                .config
+                .vpmem
+                .as_ref()
+                .map_or(0, |v| v.maximum_size_bytes);
+            if size > max {
+                return Err(launch(crate::virtstack::qemu::LaunchError::Unsupported(format!(
+                    "{field}: image maps {size} bytes, over the controller's maximumSizeBytes {max}"
+                )))
+                .into());
+            }
+            ops::add_vpmem(qmp, d, &resolved, size)
+                .await
+                .map_err(qerr)?
+        }
+        (ResourceKind::Plan9Share, ResourceOperation::Remove, ItemKey::Text(share), _) => {
+            ops::remove_plan9(qmp, share, timeout)
+                .await
+                .map_err(unplug)?
+        }
+        (kind, operation, key, _) => {
+            return Err(ApplyError::Inconsistent(format!(
+                "no live path for {operation} {kind} {key} on qemu"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! The QEMU virtstack: one `qemu-system-x86_64` per VM, driven over QMP.
+//!
+//! State lives in QEMU itself (read back over QMP on every observe) plus a
+//! launch record per VM for what QEMU does not report (cold settings, 9p host
+//! paths, NIC endpoints, the configuration for the next start).
+
+pub mod images;
+pub mod launch;
+mod observe;
+pub mod ops;
+pub mod qmp;
+
+pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
+pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
+
+use super::{Capabilities, HostFacts, ObservedState, ObservedVm};
+use crate::spec::VmConfig;
+use crate::vm::{State, VmError};
+use qmp::{Qmp, QmpError};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a QEMU may take to open its QMP socket after launch.
+pub const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a guest may take to power off after the ACPI button.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a guest may take to acknowledge a device unplug.
+pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the QEMU virtstack.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// Launching failed before QEMU ran.
+    #[error("vm {vm}: {source}")]
+    Launch {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: LaunchError,
+    },
+    /// A QMP command failed.
+    #[error("vm {vm}: {source}")]
+    Qmp {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// QEMU exited when it should not have.
+    #[error("vm {vm}: qemu exited unexpectedly{detail}")]
+    Exited {
+        /// VM name.
+        vm: String,
+        /// Last stderr lines, if any.
+        detail: String,
+    },
+    /// No such VM in the state directory.
+    #[error("vm {0}: not managed by uvmctl in this state directory")]
+    NotFound(String),
+    /// The guest did not finish an unplug in time; the device stays pending.
+    #[error("vm {vm}: guest did not release {device} within {after:?}; the unplug stays pending")]
+    UnplugPending {
+        /// VM name.
+        vm: String,
+        /// Device id.
+        device: String,
+        /// Waited.
+        after: Duration,
+    },
+    /// Something this virtstack does not do.
+    #[error("vm {vm}: {what}")]
+    Unsupported {
+        /// VM name.
+        vm: String,
+        /// What.
+        what: String,
+    },
+    /// OS-level failure (spawn, signal).
+    #[error("vm {vm}: {what}")]
+    Os {
+        /// VM name.
+        vm: String,
+        /// What failed.
+        what: String,
+    },
+}
+
+impl From<QemuError> for VmError {
+    fn from(e: QemuError) -> Self {
+        let context = e.to_string();
+        VmError::Backend {
+            context,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// Settings of the QEMU virtstack.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// Root of per-VM state directories.
+    pub state_dir: StateDir,
+    /// Roots host paths must lie under.
+    pub roots: AllowedRoots,
+    /// Acceleration for new launches.
+    pub accel: Accel,
+    /// Graceful stop timeout.
+    pub stop_timeout: Duration,
+    /// Unplug acknowledgement timeout.
+    pub unplug_timeout: Duration,
+}
+
+/// The QEMU virtstack on this host.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    opts: QemuOptions,
+    caps: Capabilities,
+    /// One QMP connection per running VM: a `-qmp` socket serves one client
+    /// at a time, so a second connect would wait at the greeting.
+    conns: std::sync::Arc<tokio::sync::Mutex<std::collections::HashMap<String, Qmp>>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Qemu {
+    /// The virtstack with `opts`, its capabilities probed from this host.
+    pub fn new(opts: QemuOptions) -> Self {
+        Qemu {
+            caps: Capabilities::qemu(&HostFacts::probe()),
+            opts,
+            conns: Default::default(),
+        }
+    }
+
+    /// Its settings.
+    pub fn options(&self) -> &QemuOptions {
+        &self.opts
+    }
+
+    /// What this virtstack can do here.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Names of VMs uvmctl created in this state directory.
+    pub fn list(&self) -> Vec<String> {
+        self.opts.state_dir.list()
+    }
+
+    fn record(&self, name: &str) -> Result<LaunchRecord, QemuError> {
+        if !self.opts.state_dir.record_path(name).is_file() {
+            return Err(QemuError::NotFound(name.to_string()));
+        }
+        LaunchRecord::load(&self.opts.state_dir, name).map_err(|source| QemuError::Launch {
+            vm: name.into(),
+            source,
+        })
+    }
+
+    fn store(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
+        rec.store(&self.opts.state_dir)
+            .map_err(|source| QemuError::Launch {
+                vm: rec.name.clone(),
+                source,
+            })
+    }
+
+    /// Whether the QEMU of `rec` is running: its pid is alive and is really
+    /// the QEMU serving this VM's QMP socket (pids get reused).
+    fn alive(&self, rec: &LaunchRecord) -> bool {
+        let Some(pid) = rec.pid else {
+            return false;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let sock = self.opts.state_dir.qmp_socket(&rec.name);
+        let needle = format!("unix:{},", sock.display());
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg.starts_with(needle.as_bytes()))
+    }
+
+    /// The QMP connection of a running VM, connecting on first use.
+    async fn qmp(&self, name: &str) -> Result<Qmp, QemuError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(q) = conns.get(name) {
+            return Ok(q.clone());
+        }
+        let q = Qmp::connect(&self.opts.state_dir.qmp_socket(name), qmp::DEFAULT_TIMEOUT)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })?;
+        conns.insert(name.to_string(), q.clone());
+        Ok(q)
+    }
+
+    /// Forgets a VM's QMP connection (its QEMU is gone or being replaced).
+    async fn forget(&self, name: &str) {
+        self.conns.lock().await.remove(name);
+    }
+
+    /// Last lines QEMU wrote to stderr.
+    fn last_stderr(&self, name: &str, lines: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.opts.state_dir.stderr_log(name)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Why the VM's QEMU exited, when it exited without uvmctl stopping it
+    /// (hcsshim's `ExitError`).
+    pub fn exit_error(&self, name: &str) -> Option<String> {
+        let rec = self.record(name).ok()?;
+        if rec.pid.is_none() || rec.stopped_by_uvmctl || self.alive(&rec) {
+            return None;
+        }
+        let tail = self.last_stderr(name, 5);
+        Some(if tail.is_empty() {
+            "qemu exited unexpectedly".into()
+        } else {
+            format!("qemu exited unexpectedly: {tail}")
+        })
+    }
+
+    /// Creates a VM from `cfg`: checks every host path, writes its record,
+    /// and (unless its power state is `stopped`) launches it and brings it
+    /// to its power state.
+    pub async fn create(&self, name: &str, cfg: &VmConfig) -> Result<(), QemuError> {
+        let launch_err = |source| QemuError::Launch {
+            vm: name.into(),
+            source,
+        };
+        launch::resolve(cfg, &self.opts.roots).map_err(launch_err)?;
+        self.opts
+            .state_dir
+            .create_vm_dir(name)
+            .map_err(launch_err)?;
+        let rec = LaunchRecord {
+            version: 1,
+            name: name.into(),
+            config: cfg.clone(),
+            accel: self.opts.accel,
+            pid: None,
+            stopped_by_uvmctl: true,
+            started_at: None,
+        };
+        self.store(&rec)?;
+        match cfg.power_state {
+            crate::spec::PowerState::Stopped => Ok(()),
+            crate::spec::PowerState::Running => self.start(name).await,
+            crate::spec::PowerState::Paused => {
+                self.start(name).await?;
+                self.pause(name).await
+            }
+        }
+    }
+
+    /// Launches the VM from its record and lets the guest run.
+    pub async fn start(&self, name: &str) -> Result<(), QemuError> {
+        let mut rec = self.record(name)?;
+        if self.alive(&rec) {
+            let q = self.qmp(name).await?;
+            return ops::cont(&q).await.map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            });
+        }
+        let launch_err = |source| QemuError::Launch {
+            vm: name.into(),
+            source,
+        };
+        let res = launch::resolve(&rec.config, &self.opts.roots).map_err(launch_err)?;
+        let (argv, links) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
+        let dir = self.opts.state_dir.vm_dir(name);
+        for (link, target) in &links {
+            let _ = std::fs::remove_file(link);
+            std::os::unix::fs::symlink(target, link).map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!(
+                    "cannot link {} to {}: {e}",
+                    link.display(),
+                    target.display()
+                ),
+            })?;
+        }
+        self.forget(name).await;
+        let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
+        let log = std::fs::File::create(self.opts.state_dir.stderr_log(name)).map_err(|e| {
+            QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot create qemu.log: {e}"),
+            }
+        })?;
+        // Its own process group: a Ctrl+C meant for uvmctl must not reach the VMs.
+        let child = tokio::process::Command::new(launch::QEMU_BINARY)
+            .args(&argv)
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot start {}: {e}", launch::QEMU_BINARY),
+            })?;
+        let pid = child.id();
+        // Reap it when it exits while uvmctl still runs; after that the
+        // launch record and qemu.log tell what happened.
+        tokio::spawn(async move {
+            let mut child = child;
+            let _ = child.wait().await;
+        });
+        rec.pid = pid;
+        rec.stopped_by_uvmctl = false;
+        rec.started_at = Some(now_unix());
+        self.store(&rec)?;
+
+        let q = self.wait_ready(name, &rec).await?;
+        ops::cont(&q).await.map_err(|source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        })
+    }
+
+    /// Polls the QMP socket until QEMU answers, or reports why it died.
+    async fn wait_ready(&self, name: &str, rec: &LaunchRecord) -> Result<Qmp, QemuError> {
+        let deadline = tokio::time::Instant::now() + QMP_READY_TIMEOUT;
+        let sock = self.opts.state_dir.qmp_socket(name);
+        loop {
+            if sock.exists()
+                && let Ok(q) = Qmp::connect(&sock, Duration::from_secs(2)).await
+            {
+                self.conns.lock().await.insert(name.to_string(), q.clone());
+                return Ok(q);
+            }
+            if !self.alive(rec) {
+                let detail = match self.last_stderr(name, 5) {
+                    t if t.is_empty() => String::new(),
+                    t => format!(": {t}"),
+                };
+                return Err(QemuError::Exited {
+                    vm: name.into(),
+                    detail,
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(QemuError::Os {
+                    vm: name.into(),
+                    what: format!("QMP socket not ready after {QMP_READY_TIMEOUT:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Pauses the guest.
+    pub async fn pause(&self, name: &str) -> Result<(), QemuError> {
+        let q = self.running_qmp(name).await?;
+        q.execute("stop", None)
+            .await
+            .map(|_| ())
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })
+    }
+
+    /// Resumes a paused guest.
+    pub async fn resume(&self, name: &str) -> Result<(), QemuError> {
+        let q = self.running_qmp(name).await?;
+        ops::cont(&q).await.map_err(|source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        })
+    }
+
+    async fn running_qmp(&self, name: &str) -> Result<Qmp, QemuError> {
+        let rec = self.record(name)?;
+        if !self.alive(&rec) {
+            return Err(QemuError::Unsupported {
+                vm: name.into(),
+                what: "not running".into(),
+            });
+        }
+        self.qmp(name).await
+    }
+
+    /// Shuts the VM down: ACPI power button, then `quit`, then signals.
+    pub async fn stop(&self, name: &str) -> Result<(), QemuError> {
+        let mut rec = self.record(name)?;
+        rec.stopped_by_uvmctl = true;
+        self.store(&rec)?;
+        if !self.alive(&rec) {
+            return Ok(());
+        }
+        if let Ok(q) = self.qmp(name).await {
+            let running = ops::status(&q)
+                .await
+                .map(|s| s == "running")
+                .unwrap_or(false);
+            if running
+                && q.execute("system_powerdown", None).await.is_ok()
+                && self.wait_exit(&rec, self.opts.stop_timeout).await
+            {
+                return Ok(());
+            }
+            let _ = q.execute("quit", None).await;
+            if self.wait_exit(&rec, Duration::from_secs(3)).await {
+                return Ok(());
+            }
+        }
+        self.kill(&rec).await
+    }
+
+    async fn wait_exit(&self, rec: &LaunchRecord, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if !self.alive(rec) {
+                self.forget(&rec.name).await;
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let gone = !self.alive(rec);
+        if gone {
+            self.forget(&rec.name).await;
+        }
+        gone
+    }
+
+    async fn kill(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let Some(pid) = rec.pid.and_then(|p| i32::try_from(p).ok()) else {
+            return Ok(());
+        };
+        for (sig, wait) in [
+            (Signal::SIGTERM, Duration::from_secs(3)),
+            (Signal::SIGKILL, Duration::from_secs(3)),
+        ] {
+            if !self.alive(rec) {
+                return Ok(());
+            }
+            let _ = kill(Pid::from_raw(pid), sig);
+            if self.wait_exit(rec, wait).await {
+                return Ok(());
+            }
+        }
+        Err(QemuError::Os {
+            vm: rec.name.clone(),
+            what: format!("qemu (pid {pid}) survived SIGKILL"),
+        })
+    }
+
+    /// Stops a VM and deletes everything uvmctl keeps for it.
+    pub async fn destroy(&self, name: &str) -> Result<(), QemuError> {
+        let rec = self.record(name)?;
+        if self.alive(&rec) {
+            // A VM being destroyed needs no graceful shutdown.
+            if let Ok(q) = self.qmp(name).await {
+                let _ = q.execute("quit", None).await;
+            }
+            if !self.wait_exit(&rec, Duration::from_secs(3)).await {
+                self.kill(&rec).await?;
+            }
+        }
+        let dir = self.opts.state_dir.vm_dir(name);
+        std::fs::remove_dir_all(&dir).map_err(|e| QemuError::Os {
+            vm: name.into(),
+            what: format!("cannot remove {}: {e}", dir.display()),
+        })
+    }
+
+    /// Replaces the configuration the VM starts with next (for a stopped VM,
+    /// every change is this).
+    pub fn set_config(&self, name: &str, cfg: &VmConfig) -> Result<(), QemuError> {
+        let mut rec = self.record(name)?;
+        rec.config = cfg.clone();
+        self.store(&rec)
+    }
+
+    /// The full current state of one VM, read from QEMU itself.
+    pub async fn observe(&self, name: &str) -> Result<ObservedVm, QemuError> {
+        let rec = self.record(name)?;
+        if !self.alive(&rec) {
+            self.forget(name).await;
+            let state = if rec.stopped_by_uvmctl && rec.pid.is_none() {
+                State::Created
+            } else {
+                State::Terminated
+            };
+            return Ok(ObservedVm {
+                config: rec.config,
+                state,
+                managed: true,
+            });
+        }
+        let q = self.qmp(name).await?;
+        observe::observe(&q, &rec)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })
+    }
+
+    /// Every VM of the state directory.
+    pub async fn observe_all(&self) -> Result<ObservedState, QemuError> {
+        let mut out = ObservedState::default();
+        for name in self.list() {
+            let vm = self.observe(&name).await?;
+            out.vms.insert(name, vm);
+        }
+        Ok(out)
+    }
+
+    /// A connected QMP client for hot operations on a running VM, with the record.
+    pub async fn live(&self, name: &str) -> Result<(Qmp, LaunchRecord), QemuError> {
+        let rec = self.record(name)?;
+        if !self.alive(&rec) {
+            return Err(QemuError::Unsupported {
+                vm: name.into(),
+                what: "not running".into(),
+            });
+        }
+        Ok((self.qmp(name).await?, rec))
+    }
+
+    /// Stores a record after hot operations changed the VM.
+    pub fn update_record(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
+        self.store(rec)
+    }
+
+    /// Where the guest agent channel of a VM listens.
+    pub fn agent_socket(&self, name: &str) -> PathBuf {
+        self.opts.state_dir.agent_socket(name)
+    }
+}

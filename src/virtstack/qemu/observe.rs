@@ -1,0 +1,229 @@
+//! Reading a running VM back from QEMU. Device presence, disk files, formats
+//! and read-only flags, MACs, vCPU count, memory size and run state come from
+//! QMP queries, so changes made behind uvmctl's back show in the next plan.
+//! The launch record supplies what QEMU cannot report (cold settings, 9p host
+//! paths, NIC endpoints) and the spec's spelling of paths QEMU resolved.
+
+use super::launch::{LaunchRecord, ids};
+use super::ops;
+use super::qmp::{Qmp, QmpError};
+use crate::spec::{NetworkAdapter, ScsiController, ScsiDisk, VmConfig};
+use crate::virtstack::ObservedVm;
+use crate::vm::{ScsiDiskType, State};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One block node as QEMU reports it.
+struct Node {
+    driver: String,
+    file: String,
+    read_only: bool,
+}
+
+async fn block_nodes(q: &Qmp) -> Result<BTreeMap<String, Node>, QmpError> {
+    let v = q
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))
+        .await?;
+    let mut out = BTreeMap::new();
+    for n in v.as_array().into_iter().flatten() {
+        let (Some(name), Some(driver)) = (
+            n.get("node-name").and_then(Value::as_str),
+            n.get("drv").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        out.insert(
+            name.to_string(),
+            Node {
+                driver: driver.to_string(),
+                file: n
+                    .get("file")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                read_only: n.get("ro").and_then(Value::as_bool).unwrap_or(false),
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn qom_string(q: &Qmp, path: &str, property: &str) -> Result<Option<String>, QmpError> {
+    match q
+        .execute("qom-get", Some(json!({"path": path, "property": property})))
+        .await
+    {
+        Ok(v) => Ok(v.as_str().map(str::to_string)),
+        Err(QmpError::Command { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The spec's spelling of `resolved` if the record's path still resolves to
+/// it (so a symlinked spec path is no change), else what QEMU has.
+fn spec_path(recorded: Option<&Path>, resolved: &str) -> PathBuf {
+    match recorded {
+        Some(p) if std::fs::canonicalize(p).ok().as_deref() == Some(Path::new(resolved)) => {
+            p.to_path_buf()
+        }
+        _ => PathBuf::from(resolved),
+    }
+}
+
+/// The VM as QEMU has it now.
+pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError> {
+    let status = ops::status(q).await?;
+    let state = match status.as_str() {
+        "running" => State::Running,
+        "shutdown" | "guest-panicked" | "internal-error" => State::Terminated,
+        // paused, prelaunch (never started), suspended, debug, inmigrate...: halted in memory.
+        _ => State::Paused,
+    };
+    let devices = ops::peripherals(q).await?;
+    let nodes = block_nodes(q).await?;
+    let cold = &rec.config;
+
+    // Everything QEMU cannot change at runtime comes from the record.
+    let mut cfg = VmConfig {
+        guest_os: cold.guest_os,
+        power_state: cold.power_state,
+        policy: cold.policy,
+        boot: cold.boot.clone(),
+        processors: cold.processors,
+        memory: cold.memory,
+        serial_consoles: cold.serial_consoles.clone(),
+        storage_qos: cold.storage_qos,
+        vpmem: cold.vpmem.clone().map(|mut v| {
+            v.devices
+                .retain(|d| devices.iter().any(|(id, _)| *id == ids::pmem(d.id)));
+            v
+        }),
+        windows: cold.windows.clone(),
+        ..VmConfig::default()
+    };
+
+    // vCPUs and memory, as the guest has them now.
+    let cpus = q.execute("query-cpus-fast", None).await?;
+    if let Some(n) = cpus
+        .as_array()
+        .map(Vec::len)
+        .and_then(|n| u32::try_from(n).ok())
+    {
+        cfg.processors.count = n;
+    }
+    let mem = q.execute("query-memory-size-summary", None).await?;
+    let base = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0);
+    // Hot-added RAM is in pc-dimms; NVDIMMs (VPMem) also count as plugged
+    // memory in QEMU's summary, so add up the DIMMs alone.
+    if base > 0 {
+        let dimm: u64 = match q.execute("query-memory-devices", None).await {
+            Ok(v) => v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| d.get("type").and_then(Value::as_str) == Some("dimm"))
+                .filter_map(|d| d.get("data")?.get("size")?.as_u64())
+                .sum(),
+            Err(_) => 0,
+        };
+        cfg.memory.size_mb = (base + dimm) / (1 << 20);
+    }
+
+    // SCSI controllers and disks, keyed by the ids uvmctl gives them.
+    let recorded_disks: BTreeMap<(u32, u32), &ScsiDisk> = cold
+        .scsi_controllers
+        .iter()
+        .flat_map(|c| c.disks.iter().map(move |d| ((c.id, d.lun), d)))
+        .collect();
+    let mut controllers: BTreeMap<u32, ScsiController> = BTreeMap::new();
+    for (id, ty) in &devices {
+        if ty == "virtio-scsi-pci"
+            && let Some(n) = id.strip_prefix("scsi").and_then(|n| n.parse::<u32>().ok())
+        {
+            controllers.insert(
+                n,
+                ScsiController {
+                    id: n,
+                    disks: Vec::new(),
+                },
+            );
+        }
+    }
+    for (id, ty) in &devices {
+        if ty != "scsi-hd" && ty != "scsi-block" {
+            continue;
+        }
+        let Some((c, l)) = id.strip_prefix("disk-").and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(c), Ok(l)) = (c.parse::<u32>(), l.parse::<u32>()) else {
+            continue;
+        };
+        let (Some(fmt), Some(file)) = (
+            nodes.get(&ids::scsi_disk(c, l)),
+            nodes.get(&ids::scsi_disk_file(c, l)),
+        ) else {
+            continue;
+        };
+        let disk_type = match fmt.driver.as_str() {
+            "vpc" => ScsiDiskType::Vhd1,
+            "vhdx" => ScsiDiskType::Vhdx,
+            _ => ScsiDiskType::PassThrough,
+        };
+        let recorded = recorded_disks.get(&(c, l)).map(|d| d.path.as_path());
+        let disk = ScsiDisk {
+            lun: l,
+            path: spec_path(recorded, &file.file),
+            disk_type,
+            read_only: fmt.read_only,
+        };
+        controllers
+            .entry(c)
+            .or_insert(ScsiController {
+                id: c,
+                disks: Vec::new(),
+            })
+            .disks
+            .push(disk);
+    }
+    cfg.scsi_controllers = controllers.into_values().collect();
+
+    // NICs: MAC from QEMU, endpoint from the record.
+    for (id, ty) in &devices {
+        if ty != "virtio-net-pci" {
+            continue;
+        }
+        let Some(nic_id) = id.strip_prefix("nic-") else {
+            continue;
+        };
+        let mac = qom_string(q, &format!("/machine/peripheral/{id}"), "mac")
+            .await?
+            .unwrap_or_default();
+        let endpoint = cold
+            .network_adapters
+            .iter()
+            .find(|n| n.nic_id == nic_id)
+            .map_or_else(|| "unknown".to_string(), |n| n.endpoint_id.clone());
+        cfg.network_adapters.push(NetworkAdapter {
+            nic_id: nic_id.to_string(),
+            endpoint_id: endpoint,
+            mac_address: mac.replace(':', "-").to_ascii_uppercase(),
+        });
+    }
+
+    // Plan9 shares: present devices, details from the record (QMP does not
+    // expose an fsdev's host path).
+    cfg.plan9_shares = cold
+        .plan9_shares
+        .iter()
+        .filter(|s| devices.iter().any(|(id, _)| *id == ids::plan9(&s.name)))
+        .cloned()
+        .collect();
+
+    Ok(ObservedVm {
+        config: cfg,
+        state,
+        managed: true,
+    })
+}

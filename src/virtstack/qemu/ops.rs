@@ -1,0 +1,231 @@
+//! Hot operations on a running QEMU, one QMP conversation each. Removals wait
+//! for QEMU's `DEVICE_DELETED` (the guest's acknowledgement) and confirm with
+//! a query: events are signals, not truth.
+
+use super::launch::{ids, nic_args, pmem_args, scsi_disk_args};
+use super::qmp::{Qmp, QmpError};
+use crate::spec::{NetworkAdapter, ScsiDisk, VpmemDevice};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+
+/// Lets a paused or freshly launched guest run.
+pub async fn cont(q: &Qmp) -> Result<(), QmpError> {
+    q.execute("cont", None).await.map(|_| ())
+}
+
+/// QEMU's run state (`running`, `paused`, `prelaunch`, `shutdown`, ...).
+pub async fn status(q: &Qmp) -> Result<String, QmpError> {
+    let v = q.execute("query-status", None).await?;
+    Ok(v.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string())
+}
+
+/// Device ids under `/machine/peripheral`, with their QOM type.
+pub async fn peripherals(q: &Qmp) -> Result<Vec<(String, String)>, QmpError> {
+    let v = q
+        .execute("qom-list", Some(json!({"path": "/machine/peripheral"})))
+        .await?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| {
+                    let name = e.get("name")?.as_str()?;
+                    let ty = e.get("type")?.as_str()?;
+                    let ty = ty.strip_prefix("child<")?.strip_suffix('>')?;
+                    Some((name.to_string(), ty.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+async fn device_present(q: &Qmp, id: &str) -> Result<bool, QmpError> {
+    Ok(peripherals(q).await?.iter().any(|(name, _)| name == id))
+}
+
+/// Why an unplug did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum UnplugError {
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// The guest has not released the device in time.
+    #[error("guest did not release {device} within {after:?}; the unplug stays pending")]
+    Pending {
+        /// Device id.
+        device: String,
+        /// Waited.
+        after: Duration,
+    },
+}
+
+/// Asks QEMU to unplug `id` and waits for the guest to let go.
+pub async fn device_del(q: &Qmp, id: &str, timeout: Duration) -> Result<(), UnplugError> {
+    let mut events = q.subscribe();
+    q.execute("device_del", Some(json!({"id": id}))).await?;
+    let matches = |e: &super::qmp::QmpEvent| {
+        e.name == "DEVICE_DELETED" && e.data.get("device").and_then(Value::as_str) == Some(id)
+    };
+    match q.wait_event(&mut events, timeout, matches).await {
+        Ok(_) => {}
+        Err(QmpError::Timeout { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Confirm: the event may have been missed, or may never come.
+    if device_present(q, id).await? {
+        return Err(UnplugError::Pending {
+            device: id.to_string(),
+            after: timeout,
+        });
+    }
+    Ok(())
+}
+
+/// Adds a SCSI controller.
+pub async fn add_scsi_controller(q: &Qmp, id: u32) -> Result<(), QmpError> {
+    q.execute(
+        "device_add",
+        Some(json!({"driver": "virtio-scsi-pci", "id": ids::scsi_controller(id)})),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Attaches a disk: protocol node, format node (stated, never probed), device.
+/// On failure, the nodes already created are removed again.
+pub async fn add_scsi_disk(
+    q: &Qmp,
+    controller: u32,
+    disk: &ScsiDisk,
+    resolved: &Path,
+) -> Result<(), QmpError> {
+    let (file, format, device) = scsi_disk_args(controller, disk, resolved);
+    q.execute("blockdev-add", Some(file)).await?;
+    if let Err(e) = q.execute("blockdev-add", Some(format)).await {
+        let _ = q
+            .execute(
+                "blockdev-del",
+                Some(json!({"node-name": ids::scsi_disk_file(controller, disk.lun)})),
+            )
+            .await;
+        return Err(e);
+    }
+    if let Err(e) = q.execute("device_add", Some(device)).await {
+        let _ = q
+            .execute(
+                "blockdev-del",
+                Some(json!({"node-name": ids::scsi_disk(controller, disk.lun)})),
+            )
+            .await;
+        let _ = q
+            .execute(
+                "blockdev-del",
+                Some(json!({"node-name": ids::scsi_disk_file(controller, disk.lun)})),
+            )
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Detaches a disk and deletes its block nodes (top node first).
+pub async fn remove_scsi_disk(
+    q: &Qmp,
+    controller: u32,
+    lun: u32,
+    timeout: Duration,
+) -> Result<(), UnplugError> {
+    let id = ids::scsi_disk(controller, lun);
+    if device_present(q, &id).await? {
+        device_del(q, &id, timeout).await?;
+    }
+    for node in [
+        ids::scsi_disk(controller, lun),
+        ids::scsi_disk_file(controller, lun),
+    ] {
+        match q
+            .execute("blockdev-del", Some(json!({"node-name": node})))
+            .await
+        {
+            Ok(_) => {}
+            // Already gone (removed by hand, or auto-deleted with its device).
+            Err(QmpError::Command { ref desc, .. })
+                if desc.contains("Failed to find node") || desc.contains("Cannot find") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Adds a NIC: backend, then device.
+pub async fn add_nic(q: &Qmp, n: &NetworkAdapter) -> Result<(), QmpError> {
+    let (netdev, device) = nic_args(n);
+    q.execute("netdev_add", Some(netdev)).await?;
+    if let Err(e) = q.execute("device_add", Some(device)).await {
+        let _ = q
+            .execute("netdev_del", Some(json!({"id": ids::netdev(&n.nic_id)})))
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes a NIC: device (waiting for the guest), then backend.
+pub async fn remove_nic(q: &Qmp, nic_id: &str, timeout: Duration) -> Result<(), UnplugError> {
+    let id = ids::nic(nic_id);
+    if device_present(q, &id).await? {
+        device_del(q, &id, timeout).await?;
+    }
+    match q
+        .execute("netdev_del", Some(json!({"id": ids::netdev(nic_id)})))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(QmpError::Command { ref desc, .. }) if desc.contains("not found") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Adds an NVDIMM.
+pub async fn add_vpmem(
+    q: &Qmp,
+    d: &VpmemDevice,
+    resolved: &Path,
+    size: u64,
+) -> Result<(), QmpError> {
+    let (backend, device) = pmem_args(d, resolved, size);
+    q.execute("object-add", Some(backend)).await?;
+    if let Err(e) = q.execute("device_add", Some(device)).await {
+        let _ = q
+            .execute("object-del", Some(json!({"id": ids::pmem_backend(d.id)})))
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes a Plan9 device (its fsdev stays until the next start: QEMU 7.2
+/// cannot delete one).
+pub async fn remove_plan9(q: &Qmp, name: &str, timeout: Duration) -> Result<(), UnplugError> {
+    let id = ids::plan9(name);
+    if device_present(q, &id).await? {
+        device_del(q, &id, timeout).await?;
+    }
+    Ok(())
+}
+
+/// Removes a SCSI controller (its disks must be gone).
+pub async fn remove_scsi_controller(
+    q: &Qmp,
+    id: u32,
+    timeout: Duration,
+) -> Result<(), UnplugError> {
+    let dev = ids::scsi_controller(id);
+    if device_present(q, &dev).await? {
+        device_del(q, &dev, timeout).await?;
+    }
+    Ok(())
+}
