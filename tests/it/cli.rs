@@ -104,17 +104,18 @@ fn plan_exit_codes_follow_terraform() {
     assert_eq!(stdout(&out), "No changes. 1 VM matches its spec.\n");
 
     // Changes: 0 plain, 2 with --detailed-exitcode.
-    t.write_spec("web.yaml", &vm("web", 128, ""));
+    let nic = "  networkAdapters:\n    - {nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01, endpointId: user, macAddress: 52-54-00-00-00-01}\n";
+    t.write_spec("web.yaml", &vm("web", 64, nic));
     assert_exit_code(&t.plan(&[]), 0);
     let out = t.plan(&["--detailed-exitcode"]);
     assert_exit_code(&out, 2);
     assert!(
-        stdout(&out).contains("~ memory: 64 MB → 128 MB [live]"),
+        stdout(&out).contains("+ networkAdapter 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01: mac 52-54-00-00-00-01, endpoint user [live]"),
         "{}",
         stdout(&out)
     );
     assert!(stdout(&out).ends_with(
-        "Plan: 0 to add, 1 to change, 0 to remove, 0 VMs to recreate; max disruption: live\n"
+        "Plan: 1 to add, 0 to change, 0 to remove, 0 VMs to recreate; max disruption: live\n"
     ));
 }
 
