@@ -411,7 +411,19 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
 
     let have_power = observed_power(have.state);
     let mut ops: Vec<Op> = removes.into_iter().chain(updates).chain(adds).collect();
-    if have_power != want.power_state {
+    if let (Some(err), true) = (&have.exit_error, want.power_state != PowerState::Stopped) {
+        // A VM that died on its own is rebuilt, not just started: whatever
+        // killed it may have left it inconsistent.
+        ops.push(Op {
+            operation: ResourceOperation::Update,
+            resource: ResourceKind::PowerState,
+            key: ItemKey::Unit,
+            disruption: Disruption::Recreate,
+            reason: format!("{err}; it is rebuilt from its spec"),
+            before: Some(Item::PowerState(have_power.as_str())),
+            after: Some(Item::PowerState(want.power_state.as_str())),
+        });
+    } else if have_power != want.power_state {
         ops.push(Op {
             operation: ResourceOperation::Update,
             resource: ResourceKind::PowerState,

@@ -69,6 +69,7 @@ fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
                 config: config.clone(),
                 state: *state,
                 managed: true,
+                exit_error: None,
             },
         );
     }
@@ -390,6 +391,28 @@ fn power_state_follows_the_spec() {
     }
 }
 
+#[test]
+fn a_vm_that_died_on_its_own_is_rebuilt_only_where_allowed() {
+    let mut o = observed(&[("web", base("web"), State::Terminated)]);
+    if let Some(vm) = o.vms.get_mut("web") {
+        vm.exit_error = Some("qemu exited unexpectedly: killed by SIGKILL".into());
+    }
+    let p = run(&desired(&[("web", base("web"))]), &o);
+    assert_eq!(p.vms[0].action, VmAction::Recreate);
+    assert_eq!(p.vms[0].recreate_allowed, Some(false));
+    assert_eq!(ops_of(&p, "web"), vec!["update powerState  [recreate]"]);
+    assert!(
+        p.vms[0].ops[0]
+            .reason
+            .starts_with("qemu exited unexpectedly")
+    );
+
+    // Desired stopped: nothing to rebuild.
+    let mut stopped = base("web");
+    stopped.power_state = PowerState::Stopped;
+    assert!(!run(&desired(&[("web", stopped)]), &o).has_changes());
+}
+
 mod prune {
     use super::*;
 
@@ -518,6 +541,7 @@ mod golden {
                     config: vm.config,
                     state: status.state,
                     managed: status.managed,
+                    exit_error: None,
                 },
             );
         }
@@ -703,7 +727,7 @@ mod properties {
             }
             let mut o = ObservedState::default();
             for (i, (c, state, managed)) in have {
-                o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed });
+                o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed, exit_error: None });
             }
             (d, o, caps, PlanOptions { prune, allow_empty_prune: false })
         }
@@ -734,6 +758,7 @@ mod properties {
                             config: spec,
                             state,
                             managed: true,
+                            exit_error: None,
                         },
                     );
                 }
@@ -808,7 +833,7 @@ mod properties {
         fn plan_of_equal_states_is_empty((d, _o, caps, opts) in arb_world()) {
             let o = ObservedState {
                 vms: d.vms.iter().map(|(n, v)| {
-                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true })
+                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true, exit_error: None })
                 }).collect(),
             };
             let p = plan(&d, &o, &caps, &opts);

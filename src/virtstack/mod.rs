@@ -20,6 +20,9 @@ pub struct ObservedVm {
     pub state: State,
     /// Whether uvmctl created it. VMs it did not create are never touched.
     pub managed: bool,
+    /// Why it is down, when it exited without being asked to (hcsshim's
+    /// `ExitError`): a crashed VM is rebuilt only where recreate is allowed.
+    pub exit_error: Option<String>,
 }
 
 /// Every VM a virtstack has, by name.

@@ -63,6 +63,7 @@ impl Recorded {
                     config: vm.config,
                     state: vm_state,
                     managed,
+                    exit_error: None,
                 },
             );
         }

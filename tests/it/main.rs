@@ -1,3 +1,4 @@
 //! Integration tests: the `uvmctl` binary as users run it.
 
 mod cli;
+mod qemu;

@@ -389,7 +389,8 @@ pub fn pmem_args(d: &crate::spec::VpmemDevice, resolved: &Path, size: u64) -> (V
         "readonly": d.read_only,
     });
     let device =
-        json!({"driver": "nvdimm", "id": ids::pmem(d.id), "memdev": ids::pmem_backend(d.id)});
+        // A read-only backend needs an unarmed NVDIMM (the guest may not write it).
+        json!({"driver": "nvdimm", "id": ids::pmem(d.id), "memdev": ids::pmem_backend(d.id), "unarmed": d.read_only});
     (backend, device)
 }
 

@@ -318,16 +318,18 @@ impl Qemu {
         let pid = child.id();
         // Reap it when it exits while uvmctl still runs; after that the
         // launch record and qemu.log tell what happened.
+        let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut child = child;
             let _ = child.wait().await;
+            let _ = exited_tx.send(true);
         });
         rec.pid = pid;
         rec.stopped_by_uvmctl = false;
         rec.started_at = Some(now_unix());
         self.store(&rec)?;
 
-        let q = self.wait_ready(name, &rec).await?;
+        let q = self.wait_ready(name, exited_rx).await?;
         ops::cont(&q).await.map_err(|source| QemuError::Qmp {
             vm: name.into(),
             source,
@@ -335,7 +337,13 @@ impl Qemu {
     }
 
     /// Polls the QMP socket until QEMU answers, or reports why it died.
-    async fn wait_ready(&self, name: &str, rec: &LaunchRecord) -> Result<Qmp, QemuError> {
+    /// `exited` turns true when the child exits (checking /proc would race
+    /// with the fork before `exec`, when the child is still uvmctl).
+    async fn wait_ready(
+        &self,
+        name: &str,
+        exited: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Qmp, QemuError> {
         let deadline = tokio::time::Instant::now() + QMP_READY_TIMEOUT;
         let sock = self.opts.state_dir.qmp_socket(name);
         loop {
@@ -345,7 +353,7 @@ impl Qemu {
                 self.conns.lock().await.insert(name.to_string(), q.clone());
                 return Ok(q);
             }
-            if !self.alive(rec) {
+            if *exited.borrow() {
                 let detail = match self.last_stderr(name, 5) {
                     t if t.is_empty() => String::new(),
                     t => format!(": {t}"),
@@ -501,10 +509,12 @@ impl Qemu {
             } else {
                 State::Terminated
             };
+            let exit_error = self.exit_error(name);
             return Ok(ObservedVm {
                 config: rec.config,
                 state,
                 managed: true,
+                exit_error,
             });
         }
         let q = self.qmp(name).await?;

@@ -225,5 +225,6 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
         config: cfg,
         state,
         managed: true,
+        exit_error: None,
     })
 }

@@ -103,6 +103,16 @@ pub async fn add_scsi_disk(
     resolved: &Path,
 ) -> Result<(), QmpError> {
     let (file, format, device) = scsi_disk_args(controller, disk, resolved);
+    // Nodes left behind by a `device_del` made by hand would clash; nodes in
+    // use refuse deletion, and the add below then reports the clash.
+    for node in [
+        ids::scsi_disk(controller, disk.lun),
+        ids::scsi_disk_file(controller, disk.lun),
+    ] {
+        let _ = q
+            .execute("blockdev-del", Some(json!({"node-name": node})))
+            .await;
+    }
     q.execute("blockdev-add", Some(file)).await?;
     if let Err(e) = q.execute("blockdev-add", Some(format)).await {
         let _ = q

@@ -1,0 +1,625 @@
+//! Real QEMU, real guest: `uvmctl apply` changes VMs and the guest's own agent
+//! says what it sees. Needs `qemu-system-x86_64` and the test guest
+//! (`guest/build.sh`; `scripts/test` installs and builds both).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to boot to its agent under TCG on a loaded CI machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a guest may take to see a hot-plug.
+const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("UVMCTL_GUEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/uvmctl/guest"), PathBuf::from);
+    assert!(
+        dir.join("initrd.img").is_file(),
+        "test guest missing in {}: run guest/build.sh (scripts/test does), or set UVMCTL_GUEST_DIR",
+        dir.display()
+    );
+    assert!(
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "qemu-system-x86_64 missing: apt-get install qemu-system-x86 qemu-utils (scripts/test does)"
+    );
+    dir
+}
+
+/// A scratch host: specs, images and a state directory of its own.
+struct Host {
+    dir: tempfile::TempDir,
+    guest: PathBuf,
+}
+
+impl Host {
+    fn new() -> Self {
+        let guest = guest_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("uvq")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        for sub in ["specs", "img", "state"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
+        }
+        Host { dir, guest }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn kernel(&self) -> PathBuf {
+        let vmlinux = self.guest.join("vmlinux");
+        if vmlinux.is_file() {
+            vmlinux
+        } else {
+            self.guest.join("vmlinuz")
+        }
+    }
+
+    /// A VM spec booting the test guest, with `extra` under `spec:`.
+    fn spec(&self, name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: {}\n      initrd: {}\n      cmdline: console=ttyS0 panic=-1 quiet swiotlb=noforce\n  processors:\n    count: 1\n  memory:\n    sizeMB: 256\n{extra}",
+            self.kernel().display(),
+            self.guest.join("initrd.img").display()
+        )
+    }
+
+    fn write_spec(&self, name: &str, text: &str) {
+        std::fs::write(self.path("specs").join(format!("{name}.yaml")), text).expect("write spec");
+    }
+
+    /// A raw image of `mb` MiB.
+    fn raw_image(&self, name: &str, mb: u64) -> PathBuf {
+        let p = self.path("img").join(name);
+        let f = std::fs::File::create(&p).expect("create image");
+        f.set_len(mb << 20).expect("size image");
+        p
+    }
+
+    fn uvmctl(&self, args: &[&str]) -> Output {
+        let state = self.path("state");
+        let img = self.path("img");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.args(args);
+        if !matches!(
+            args.first(),
+            Some(&"validate" | &"schema" | &"capabilities")
+        ) {
+            cmd.arg("--state-dir")
+                .arg(&state)
+                .arg("--allow-root")
+                .arg(&img)
+                .arg("--allow-root")
+                .arg(&self.guest);
+            cmd.args(["--accel", "tcg"]);
+        }
+        cmd.output().expect("uvmctl runs")
+    }
+
+    fn apply(&self) -> Output {
+        let specs = self.path("specs");
+        let out = self.uvmctl(&[
+            "apply",
+            specs.to_str().expect("utf-8"),
+            "--yes",
+            "--color",
+            "never",
+        ]);
+        assert_ok(&out);
+        out
+    }
+
+    fn plan(&self, extra: &[&str]) -> Output {
+        let specs = self.path("specs");
+        let mut args = vec!["plan", specs.to_str().expect("utf-8"), "--color", "never"];
+        args.extend_from_slice(extra);
+        self.uvmctl(&args)
+    }
+
+    fn agent(&self, vm: &str) -> Agent {
+        Agent::connect(&self.path("state").join(vm).join("agent.sock"))
+    }
+
+    fn pid(&self, vm: &str) -> Option<i32> {
+        let rec = std::fs::read_to_string(self.path("state").join(vm).join("launch.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&rec).ok()?;
+        v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.uvmctl(&["status", "--output", "json"]);
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    fn state_of(&self, vm: &str) -> String {
+        let s = self.status();
+        s.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == vm))
+            .and_then(|r| r["state"].as_str())
+            .unwrap_or("absent")
+            .to_string()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Never leave a QEMU behind, whatever the test did.
+        if let Ok(entries) = std::fs::read_dir(self.path("state")) {
+            for e in entries.flatten() {
+                if let Some(name) = e.file_name().to_str()
+                    && let Some(pid) = self.pid(name)
+                {
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmdline)
+                        .contains(self.path("state").to_str().unwrap_or("-"))
+                    {
+                        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The guest agent on its virtio-serial port (see guest/README.md).
+struct Agent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Agent {
+    fn connect(sock: &Path) -> Self {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Ok(s) = UnixStream::connect(sock) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut a = Agent {
+                    reader: BufReader::new(s.try_clone().expect("clone")),
+                    writer: s,
+                };
+                // The guest may still be booting: ping until it answers.
+                while Instant::now() < deadline {
+                    if a.try_cmd("ping").is_some_and(|l| l == ["pong"]) {
+                        // Pings sent while the guest booted are answered now: drop those answers.
+                        let _ = a.writer.set_read_timeout(Some(Duration::from_millis(700)));
+                        let mut stale = String::new();
+                        while a.reader.read_line(&mut stale).is_ok_and(|n| n > 0) {
+                            stale.clear();
+                        }
+                        let _ = a.writer.set_read_timeout(Some(Duration::from_secs(40)));
+                        return a;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest agent at {} did not answer within {BOOT_TIMEOUT:?}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn try_cmd(&mut self, c: &str) -> Option<Vec<String>> {
+        self.writer.write_all(format!("{c}\n").as_bytes()).ok()?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if self.reader.read_line(&mut l).ok()? == 0 {
+                return None;
+            }
+            let l = l.trim_end_matches('\n');
+            if l == "OK" {
+                return Some(lines);
+            }
+            if l.starts_with("ERR") {
+                return Some(vec![l.to_string()]);
+            }
+            lines.push(l.strip_prefix('.').unwrap_or(l).to_string());
+        }
+    }
+
+    fn cmd(&mut self, c: &str) -> Vec<String> {
+        self.try_cmd(c)
+            .unwrap_or_else(|| panic!("agent did not answer {c:?}"))
+    }
+
+    /// Polls `c` until `pred` holds on its answer.
+    fn wait_for(&mut self, c: &str, what: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + HOTPLUG_TIMEOUT;
+        loop {
+            let out = self.cmd(c);
+            if pred(&out) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest never showed {what}; last `{c}`: {out:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A raw QMP exchange, as an operator would do by hand.
+fn qmp_by_hand(sock: &Path, command: &str, arguments: serde_json::Value, wait_event: Option<&str>) {
+    let s = UnixStream::connect(sock).expect("qmp socket");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).expect("greeting");
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("write");
+    line.clear();
+    r.read_line(&mut line).expect("caps reply");
+    let msg = serde_json::json!({"execute": command, "arguments": arguments});
+    w.write_all(format!("{msg}\n").as_bytes()).expect("write");
+    let mut got_reply = false;
+    let mut got_event = wait_event.is_none();
+    while !(got_reply && got_event) {
+        line.clear();
+        r.read_line(&mut line).expect("qmp line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        if v.get("return").is_some() {
+            got_reply = true;
+        }
+        assert!(v.get("error").is_none(), "{command} failed: {line}");
+        if wait_event.is_some_and(|e| v["event"] == e) {
+            got_event = true;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = w.shutdown(std::net::Shutdown::Both);
+    let _ = r.read_to_end(&mut rest);
+}
+
+fn has_block(blocks: &[String], size: u64, ro: u8, lun: u32) -> bool {
+    blocks.iter().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 5
+            && f[1] == size.to_string()
+            && f[2] == ro.to_string()
+            && f[4].ends_with(&format!(":{lun}"))
+    })
+}
+
+#[test]
+fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
+    let h = Host::new();
+    let ro_img = h.raw_image("ro.img", 64);
+    let nic = "  networkAdapters:\n    - {nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01, endpointId: user, macAddress: 52-54-00-12-34-56}\n";
+    let base = "  scsiControllers:\n    - id: 0\n";
+    h.write_spec("web", &h.spec("web", base));
+    h.apply();
+    let mut agent = h.agent("web");
+    assert!(
+        !agent.cmd("blocks").iter().any(|l| l.starts_with("sd")),
+        "no disk yet"
+    );
+
+    // Add a read-only 64 MiB disk and a NIC: the guest sees both.
+    let disk = format!(
+        "      disks:\n        - {{lun: 1, path: {}, type: passthrough, readOnly: true}}\n",
+        ro_img.display()
+    );
+    h.write_spec("web", &h.spec("web", &format!("{base}{disk}{nic}")));
+    let out = h.apply();
+    assert!(text(&out).contains("+ scsiDisk 0:1"), "{}", text(&out));
+    agent.wait_for("blocks", "the 64 MiB read-only disk at LUN 1", |b| {
+        has_block(b, 64 << 20, 1, 1)
+    });
+    agent.wait_for("links", "MAC 52:54:00:12:34:56", |l| {
+        l.iter().any(|x| x.contains("52:54:00:12:34:56"))
+    });
+
+    // Applying again changes nothing.
+    let out = h.apply();
+    assert!(
+        text(&out).contains("No changes. 1 VM matches its spec."),
+        "{}",
+        text(&out)
+    );
+
+    // A disk removed by hand over QMP is noticed by plan and restored by apply.
+    qmp_by_hand(
+        &h.path("state/web/qmp.sock"),
+        "device_del",
+        serde_json::json!({"id": "disk-0-1"}),
+        Some("DEVICE_DELETED"),
+    );
+    agent.wait_for("blocks", "the disk gone after device_del", |b| {
+        !has_block(b, 64 << 20, 1, 1)
+    });
+    let out = h.plan(&["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("+ scsiDisk 0:1"), "{}", text(&out));
+    h.apply();
+    agent.wait_for("blocks", "the disk restored", |b| {
+        has_block(b, 64 << 20, 1, 1)
+    });
+
+    // Removing both from the spec removes them from the guest.
+    h.write_spec("web", &h.spec("web", base));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("- scsiDisk 0:1") && text(&out).contains("- networkAdapter"),
+        "{}",
+        text(&out)
+    );
+    agent.wait_for("blocks", "the disk gone", |b| {
+        !b.iter().any(|l| l.starts_with("sd"))
+    });
+    agent.wait_for("links", "the NIC gone", |l| {
+        !l.iter().any(|x| x.contains("52:54:00:12:34:56"))
+    });
+    assert!(text(&h.apply()).contains("No changes."));
+}
+
+#[test]
+fn power_state_follows_the_spec() {
+    let h = Host::new();
+    h.write_spec("pwr", &h.spec("pwr", ""));
+    h.apply();
+    h.agent("pwr");
+    assert_eq!(h.state_of("pwr"), "running");
+
+    h.write_spec("pwr", &h.spec("pwr", "  powerState: paused\n"));
+    h.apply();
+    assert_eq!(h.state_of("pwr"), "paused");
+
+    h.write_spec("pwr", &h.spec("pwr", "  powerState: running\n"));
+    h.apply();
+    assert_eq!(h.state_of("pwr"), "running");
+    assert_eq!(
+        h.agent("pwr").cmd("ping"),
+        ["pong"],
+        "the guest runs on after resume"
+    );
+
+    h.write_spec("pwr", &h.spec("pwr", "  powerState: stopped\n"));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("powerState: running → stopped"),
+        "{}",
+        text(&out)
+    );
+    let state = h.state_of("pwr");
+    assert!(state == "terminated" || state == "created", "{state}");
+    assert!(
+        h.status()[0]["lastError"].is_null(),
+        "a stop asked for is no error"
+    );
+
+    h.write_spec("pwr", &h.spec("pwr", "  powerState: running\n"));
+    h.apply();
+    assert_eq!(h.state_of("pwr"), "running");
+    assert_eq!(h.agent("pwr").cmd("ping"), ["pong"]);
+    assert!(text(&h.apply()).contains("No changes."));
+}
+
+#[test]
+fn plan9_shares_mount_and_vpmem_shows_as_pmem_whose_removal_needs_a_restart() {
+    let h = Host::new();
+    let share = h.path("img/share");
+    std::fs::create_dir_all(&share).expect("mkdir share");
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").expect("write");
+    // A fixed VHD: 16 MiB of data, then the 512-byte footer.
+    let pmem = h.path("img/pmem.vhd");
+    let mut bytes = vec![0u8; (16 << 20) + 512];
+    bytes[16 << 20..(16 << 20) + 8].copy_from_slice(b"conectix");
+    std::fs::write(&pmem, bytes).expect("write vhd");
+    let extra = format!(
+        "  plan9Shares:\n    - {{name: data, hostPath: {}, readOnly: true}}\n  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 33554432\n    devices:\n      - {{id: 0, path: {}, format: vhd1, readOnly: true}}\n",
+        share.display(),
+        pmem.display()
+    );
+    h.write_spec("files", &h.spec("files", &extra));
+    h.apply();
+    let mut agent = h.agent("files");
+    assert_eq!(agent.cmd("mount9p data /mnt/data"), Vec::<String>::new());
+    assert_eq!(agent.cmd("ls /mnt/data"), ["hello.txt"]);
+    assert_eq!(
+        agent.cmd("cat /mnt/data/hello.txt"),
+        ["hello from the host"]
+    );
+    agent.wait_for("blocks", "pmem0 of 16 MiB", |b| {
+        b.iter()
+            .any(|l| l.starts_with(&format!("pmem0 {} ", 16 << 20)))
+    });
+    assert_eq!(agent.cmd("umount /mnt/data"), Vec::<String>::new());
+
+    // Removing the VPMem device plans as a restart, not a live change.
+    let without = extra.replace(
+        &format!(
+            "    devices:\n      - {{id: 0, path: {}, format: vhd1, readOnly: true}}\n",
+            pmem.display()
+        ),
+        "",
+    );
+    h.write_spec("files", &h.spec("files", &without));
+    let out = h.plan(&["--output", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let op = &doc["vms"][0]["ops"][0];
+    assert_eq!(
+        (op["operation"].as_str(), op["resource"].as_str()),
+        (Some("remove"), Some("vpmemDevice"))
+    );
+    assert_eq!(op["disruption"], "restart", "{op}");
+    let out = h.plan(&["--max-disruption", "live"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    // Applying it restarts the VM, and the device is gone.
+    h.apply();
+    let mut agent = h.agent("files");
+    assert!(!agent.cmd("blocks").iter().any(|l| l.starts_with("pmem")));
+    assert!(text(&h.apply()).contains("No changes."));
+}
+
+#[test]
+fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
+    let h = Host::new();
+    h.write_spec("crash", &h.spec("crash", ""));
+    h.apply();
+    h.agent("crash");
+    let pid = h.pid("crash").expect("pid");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let status = h.status();
+    assert_eq!(status[0]["state"], "terminated");
+    assert!(
+        status[0]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited unexpectedly")),
+        "{status}"
+    );
+
+    let out = h.plan(&[]);
+    assert!(text(&out).contains("must be recreated"), "{}", text(&out));
+    // Not allowed by the spec: apply refuses for this VM.
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("needs --allow-recreate or spec.policy.allowRecreate"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(h.state_of("crash"), "terminated");
+
+    // Allowed by the spec: recreated and booted.
+    h.write_spec(
+        "crash",
+        &h.spec("crash", "  policy:\n    allowRecreate: true\n"),
+    );
+    h.apply();
+    assert_eq!(h.state_of("crash"), "running");
+    assert_eq!(h.agent("crash").cmd("ping"), ["pong"]);
+    assert!(h.status()[0]["lastError"].is_null());
+}
+
+#[test]
+fn bad_input_never_reaches_qemu() {
+    let h = Host::new();
+    let img = h.raw_image("ok.img", 8);
+    let comma = h.path("img/a,b.img");
+    std::fs::write(&comma, b"").expect("write");
+    let secret = h.path("secret.img");
+    std::fs::write(&secret, vec![0u8; 4096]).expect("write");
+    std::os::unix::fs::symlink(&secret, h.path("img/link.img")).expect("symlink");
+    let cases = [
+        (
+            comma.display().to_string(),
+            "passthrough",
+            "contains a comma",
+        ),
+        (
+            h.path("img/missing.vhdx").display().to_string(),
+            "vhdx",
+            "No such file",
+        ),
+        (
+            img.display().to_string(),
+            "vhdx",
+            "spec says vhdx but the image is raw",
+        ),
+        (
+            format!("{}/../secret.img", h.path("img").display()),
+            "passthrough",
+            "outside the allowed roots",
+        ),
+        (
+            h.path("img/link.img").display().to_string(),
+            "passthrough",
+            "outside the allowed roots",
+        ),
+    ];
+    for (path, ty, expect) in cases {
+        let disk = format!(
+            "  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: '{path}', type: {ty}}}\n"
+        );
+        h.write_spec("bad", &h.spec("bad", &disk));
+        let specs = h.path("specs");
+        let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+        assert_eq!(out.status.code(), Some(1), "{path}: {}", text(&out));
+        assert!(
+            text(&out).contains(expect),
+            "{path}: expected {expect:?} in\n{}",
+            text(&out)
+        );
+        assert!(text(&out).contains("nothing was applied"), "{}", text(&out));
+        assert!(
+            !h.path("state/bad").exists(),
+            "{path}: a refused VM leaves no state"
+        );
+    }
+    // A newline in a path is refused when the spec loads.
+    let disk = "  scsiControllers:\n    - id: 0\n      disks:\n        - {lun: 0, path: \"/tmp/a\\nb.img\", type: passthrough}\n";
+    h.write_spec("bad", &h.spec("bad", disk));
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("control character"), "{}", text(&out));
+}
+
+#[test]
+fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Host::new();
+    h.write_spec("sbx", &h.spec("sbx", "  powerState: paused\n"));
+    h.apply();
+    let pid = h.pid("sbx").expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let sandbox = args
+        .windows(2)
+        .find(|w| w[0] == "-sandbox")
+        .map(|w| w[1].clone());
+    assert_eq!(
+        sandbox.as_deref(),
+        Some("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+    );
+    let mode = std::fs::metadata(h.path("state/sbx"))
+        .expect("vm dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "only the owner reaches the QMP socket");
+    assert_eq!(h.state_of("sbx"), "paused");
+}
