@@ -66,6 +66,7 @@ fn bench(c: &mut Criterion) {
                 config: doc.spec,
                 state: State::Running,
                 managed: true,
+                exit_error: None,
             },
         );
         texts.push(text);
