@@ -11,7 +11,7 @@ use super::validate::{Problem, validate_document};
 use super::{DesiredState, DesiredVm};
 use rayon::prelude::*;
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -94,7 +94,8 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
             }
         }
     }
-    out.sort();
+    // Byte order: as deterministic as component order, and much cheaper.
+    out.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     out
 }
 
@@ -445,9 +446,11 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
     // Cross-VM checks, in file order so messages are deterministic.
     let mut cross: Vec<(usize, Pending)> = Vec::new();
     let mut unknown: BTreeSet<String> = BTreeSet::new();
-    let mut by_name: BTreeMap<&str, Vec<Site>> = BTreeMap::new();
-    let mut by_mac: BTreeMap<&str, Vec<Site>> = BTreeMap::new();
-    let mut by_disk: BTreeMap<&Path, Vec<(Site, bool)>> = BTreeMap::new();
+    // Hash maps: these are only probed for clashes, and the errors they yield
+    // are sorted at the end, so their order never shows.
+    let mut by_name: HashMap<&str, Vec<Site>> = HashMap::new();
+    let mut by_mac: HashMap<&str, Vec<Site>> = HashMap::new();
+    let mut by_disk: HashMap<&Path, Vec<(Site, bool)>> = HashMap::new();
     for (fi, r) in results.iter().enumerate() {
         for vm in &r.vms {
             let site = |field: Field| Site {
@@ -564,6 +567,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
     }
     unknown.extend(bad_vms.iter().cloned());
 
+    let mut loaded_vms = Vec::new();
     for r in results {
         errors.extend(r.file_errors);
         if !r.pending.is_empty() {
@@ -589,12 +593,13 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                 });
             }
         }
-        for vm in r.vms {
-            if !unknown.contains(&vm.name) {
-                desired.vms.insert(vm.name.clone(), vm);
-            }
-        }
+        loaded_vms.extend(r.vms.into_iter().filter(|vm| !unknown.contains(&vm.name)));
     }
+    // Built in one go from a list: much cheaper than 10,000 single inserts.
+    desired.vms = loaded_vms
+        .into_iter()
+        .map(|vm| (vm.name.clone(), vm))
+        .collect();
     for e in &errors {
         desired.failed_files.insert(e.file.clone());
     }

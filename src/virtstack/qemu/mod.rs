@@ -558,3 +558,22 @@ impl Qemu {
         self.opts.state_dir.agent_socket(name)
     }
 }
+
+#[async_trait::async_trait]
+impl crate::vm::Observe for Qemu {
+    fn name(&self) -> &str {
+        crate::vm::QEMU
+    }
+
+    async fn capabilities(&self) -> Result<Capabilities, VmError> {
+        Ok(self.caps.clone())
+    }
+
+    async fn list(&self) -> Result<Vec<String>, VmError> {
+        Ok(Qemu::list(self))
+    }
+
+    async fn observe(&self, name: &str) -> Result<ObservedVm, VmError> {
+        Ok(Qemu::observe(self, name).await?)
+    }
+}
