@@ -24,12 +24,6 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_STATE_DIR: &str = "/run/uvmctl";
 /// The QEMU binary.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-/// Processors can be hot-added up to this many (or the spec's count, if higher).
-pub const MAX_HOTPLUG_CPUS: u32 = 16;
-/// Memory can be hot-added by this much above the spec's size.
-pub const MEMORY_HOTPLUG_HEADROOM_MB: u64 = 4096;
-/// DIMM slots for hot-added memory (VPMem devices take slots of their own).
-pub const MEMORY_HOTPLUG_SLOTS: u32 = 8;
 /// QEMU's seccomp sandbox, always on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// Name of the virtio-serial port of the guest agent channel.
@@ -526,23 +520,27 @@ pub fn argv(
         accel.as_str(),
         if nvdimm { ",nvdimm=on" } else { "" }
     );
-    let maxcpus = cfg.processors.count.max(MAX_HOTPLUG_CPUS);
-    let pmem_total: u64 = cfg.vpmem.as_ref().map_or(0, |v| {
-        u64::from(v.maximum_devices) * v.maximum_size_bytes / (1 << 20)
-    });
-    let slots = MEMORY_HOTPLUG_SLOTS + cfg.vpmem.as_ref().map_or(0, |v| v.maximum_devices);
-    let maxmem = cfg.memory.size_mb + MEMORY_HOTPLUG_HEADROOM_MB + pmem_total;
+    // No room for hot-added vCPUs or DIMMs: uvmctl resizes by restart (see
+    // docs/capabilities.md), so the guest need not probe an empty hotplug
+    // range at boot. NVDIMMs (VPMem) need slots and address space of their own.
     push(&["-name", &format!("guest={name},debug-threads=on")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&["-machine", &machine, "-cpu", "max"]);
-    push(&[
-        "-smp",
-        &format!("{},maxcpus={maxcpus}", cfg.processors.count),
-    ]);
-    push(&[
-        "-m",
-        &format!("{}M,slots={slots},maxmem={maxmem}M", cfg.memory.size_mb),
-    ]);
+    push(&["-smp", &cfg.processors.count.to_string()]);
+    match &cfg.vpmem {
+        Some(v) => {
+            let pmem_mb = u64::from(v.maximum_devices) * v.maximum_size_bytes.div_ceil(1 << 20);
+            let maxmem = cfg.memory.size_mb + pmem_mb;
+            push(&[
+                "-m",
+                &format!(
+                    "{}M,slots={},maxmem={maxmem}M",
+                    cfg.memory.size_mb, v.maximum_devices
+                ),
+            ]);
+        }
+        None => push(&["-m", &format!("{}M", cfg.memory.size_mb)]),
+    }
     if cfg.memory.backing == MemoryBackingType::Physical {
         // Pinned memory: lock guest RAM so the host never pages it out.
         push(&["-overcommit", "mem-lock=on"]);
@@ -733,7 +731,8 @@ mod tests {
             vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
-        assert_eq!(after(&a, "-smp"), vec!["2,maxcpus=16"]);
+        assert_eq!(after(&a, "-smp"), vec!["2"]);
+        assert_eq!(after(&a, "-m"), vec!["256M"]);
     }
 
     #[test]
