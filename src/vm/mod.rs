@@ -28,6 +28,7 @@ pub const QEMU: &str = "qemu";
 #[serde(rename_all = "camelCase")]
 pub enum Resource {
     /// Virtual persistent memory devices.
+    #[serde(rename = "vpmem")]
     VPMem,
     /// SCSI disks.
     Scsi,
@@ -52,8 +53,10 @@ pub enum Resource {
     /// Storage QoS limits (uvmctl extension).
     StorageQos,
     /// vsock listeners (uvmctl extension).
+    #[serde(rename = "vsock")]
     VmSocket,
     /// HvSocket listeners (uvmctl extension).
+    #[serde(rename = "hvsocket")]
     HvSocket,
 }
 
@@ -473,6 +476,16 @@ mod tests {
             err.as_deref(),
             Some("unknown guest operating system \"plan9os\" (expected linux or windows)")
         );
+    }
+
+    #[test]
+    fn resources_serialize_under_the_names_output_uses() {
+        for r in Resource::ALL {
+            assert_eq!(
+                serde_json::to_value(r).ok(),
+                Some(serde_json::Value::String(r.as_str().into()))
+            );
+        }
     }
 
     #[test]

@@ -297,3 +297,23 @@ fn the_readme_example_runs() {
     assert_exit_code(&out, 2);
     assert!(stdout(&out).contains("Plan: "));
 }
+
+#[test]
+fn capabilities_print_the_matrix_as_text_and_json() {
+    let t = TestContext::new();
+    let out = t.uvmctl(&["capabilities", "--virtstack", "hcs"]);
+    assert_exit_code(&out, 0);
+    assert!(
+        stdout(&out).contains("| vsmb | live | live |"),
+        "{}",
+        stdout(&out)
+    );
+    let out = t.uvmctl(&["capabilities", "--output", "json"]);
+    assert_exit_code(&out, 0);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["virtstack"], "qemu");
+    assert_eq!(doc["matrix"]["scsi"]["add"]["disruption"], "live");
+    assert_eq!(doc["matrix"]["vpmem"]["remove"]["disruption"], "restart");
+    assert_eq!(doc["matrix"]["plan9"]["add"]["disruption"], "restart");
+    assert_exit_code(&t.uvmctl(&["capabilities", "--virtstack", "nope"]), 1);
+}

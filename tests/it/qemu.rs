@@ -424,6 +424,23 @@ fn power_state_follows_the_spec() {
     assert_eq!(h.state_of("pwr"), "running");
     assert_eq!(h.agent("pwr").cmd("ping"), ["pong"]);
     assert!(text(&h.apply()).contains("No changes."));
+
+    // export writes what QEMU has as a spec; planning against it changes nothing.
+    let out = h.uvmctl(&["export"]);
+    assert_ok(&out);
+    let exported = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        exported.contains("name: pwr") && exported.contains("state: running"),
+        "{exported}"
+    );
+    std::fs::write(h.path("exported.yaml"), &exported).expect("write export");
+    let exported_path = h.path("exported.yaml");
+    let out = h.plan(&[
+        "--observed",
+        exported_path.to_str().expect("utf-8"),
+        "--detailed-exitcode",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 #[test]
@@ -486,8 +503,30 @@ fn plan9_shares_mount_and_vpmem_shows_as_pmem_whose_removal_needs_a_restart() {
 #[test]
 fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
     let h = Host::new();
-    h.write_spec("crash", &h.spec("crash", ""));
+    // The serial console is relayed to a listener the test holds.
+    let console = h.path("img/console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&console).expect("bind console");
+    let serial = format!(
+        "  serialConsoles:\n    - {{port: 0, listenerPath: {}}}\n",
+        console.display()
+    );
+    h.write_spec("crash", &h.spec("crash", &serial));
     h.apply();
+    let (mut conn, _) = listener
+        .accept()
+        .expect("qemu connects to the console listener");
+    conn.set_read_timeout(Some(BOOT_TIMEOUT)).expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("uvmctl-guest") {
+        let n = conn.read(&mut buf).expect("console output");
+        assert!(
+            n > 0,
+            "console closed before the guest spoke: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
     h.agent("crash");
     let pid = h.pid("crash").expect("pid");
     assert!(

@@ -494,6 +494,14 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
             "spec.storageQos: I/O throttling is not built for qemu yet".into(),
         ));
     }
+    if cfg.memory.mmio.is_some() {
+        // QEMU's pc machine has related knobs (max-ram-below-4g,
+        // pci-hole64-size) but not HCS's three numbers; refuse rather than
+        // launch something else than the spec says.
+        return Err(LaunchError::Unsupported(
+            "spec.memory.mmio: MMIO gaps have no equivalent in the qemu virtstack yet".into(),
+        ));
+    }
     Ok(r)
 }
 
@@ -787,6 +795,36 @@ mod tests {
         assert_eq!(
             (disk["bus"].as_str(), disk["lun"].as_u64()),
             (Some("scsi0.0"), Some(3))
+        );
+    }
+
+    #[test]
+    fn settings_qemu_cannot_honour_are_refused_not_dropped() {
+        let roots = AllowedRoots::new(&["/"]);
+        let mut c = cfg();
+        c.scsi_controllers.clear();
+        c.boot.linux_kernel_direct = Some(LinuxKernelDirect {
+            kernel: "/proc/version".into(),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        c.memory.mmio = Some(Mmio {
+            low_gap_mb: 256,
+            high_base_mb: 65536,
+            high_gap_mb: 1024,
+        });
+        let err = resolve(&c, &roots).expect_err("mmio refused");
+        assert!(err.to_string().starts_with("spec.memory.mmio:"), "{err}");
+        c.memory.mmio = None;
+        c.storage_qos = Some(StorageQos {
+            iops_maximum: Some(10),
+            bandwidth_maximum: None,
+        });
+        assert!(
+            resolve(&c, &roots)
+                .expect_err("qos refused")
+                .to_string()
+                .starts_with("spec.storageQos:")
         );
     }
 
