@@ -350,6 +350,16 @@ fn syntax_error(r: &mut FileResult, text: &str) -> bool {
     true
 }
 
+/// `parent.name` when `msg` is `<prefix>name` followed by a backquote.
+fn child_field(msg: &str, prefix: &str, parent: &str) -> Option<String> {
+    let name = msg.strip_prefix(prefix)?.strip_suffix('`')?;
+    Some(if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}.{name}")
+    })
+}
+
 /// Splits serde_yaml's `path: message at line L column C` into its parts.
 fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
     let mut msg = e.to_string();
@@ -369,28 +379,15 @@ fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
             msg = tail.to_string();
         }
     }
+    // serde names the field in the message and its parent as the path:
     // "spec: missing field `boot`" reads better as "spec.boot: missing field".
-    if let Some(name) = msg
-        .strip_prefix("missing field `")
-        .and_then(|m| m.strip_suffix('`'))
-    {
-        field = if field.is_empty() {
-            name.to_string()
-        } else {
-            format!("{field}.{name}")
-        };
+    if let Some(f) = child_field(&msg, "missing field `", &field) {
+        field = f;
         msg = "required field is missing".to_string();
     }
-    // serde names a duplicated key at its parent mapping; point at the second copy instead.
-    if let Some(name) = msg
-        .strip_prefix("duplicate field `")
-        .and_then(|m| m.strip_suffix('`'))
-    {
-        field = if field.is_empty() {
-            name.to_string()
-        } else {
-            format!("{field}.{name}")
-        };
+    // A duplicated key: point at its second copy, not at the parent mapping.
+    if let Some(f) = child_field(&msg, "duplicate field `", &field) {
+        field = f;
         let message = "duplicate key: each key may appear once".to_string();
         return Pending {
             doc,

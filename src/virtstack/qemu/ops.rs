@@ -42,6 +42,15 @@ pub async fn peripherals(q: &Qmp) -> Result<Vec<(String, String)>, QmpError> {
         .unwrap_or_default())
 }
 
+/// Unplugs `id` unless it is already gone (removed by hand, or by an
+/// earlier apply that failed later on).
+async fn unplug_if_present(q: &Qmp, id: &str, timeout: Duration) -> Result<(), UnplugError> {
+    if device_present(q, id).await? {
+        device_del(q, id, timeout).await?;
+    }
+    Ok(())
+}
+
 async fn device_present(q: &Qmp, id: &str) -> Result<bool, QmpError> {
     Ok(peripherals(q).await?.iter().any(|(name, _)| name == id))
 }
@@ -149,9 +158,7 @@ pub async fn remove_scsi_disk(
     timeout: Duration,
 ) -> Result<(), UnplugError> {
     let id = ids::scsi_disk(controller, lun);
-    if device_present(q, &id).await? {
-        device_del(q, &id, timeout).await?;
-    }
+    unplug_if_present(q, &id, timeout).await?;
     for node in [
         ids::scsi_disk(controller, lun),
         ids::scsi_disk_file(controller, lun),
@@ -186,9 +193,7 @@ pub async fn add_nic(q: &Qmp, n: &NetworkAdapter) -> Result<(), QmpError> {
 /// Removes a NIC: device (waiting for the guest), then backend.
 pub async fn remove_nic(q: &Qmp, nic_id: &str, timeout: Duration) -> Result<(), UnplugError> {
     let id = ids::nic(nic_id);
-    if device_present(q, &id).await? {
-        device_del(q, &id, timeout).await?;
-    }
+    unplug_if_present(q, &id, timeout).await?;
     match q
         .execute("netdev_del", Some(json!({"id": ids::netdev(nic_id)})))
         .await
@@ -221,9 +226,7 @@ pub async fn add_vpmem(
 /// cannot delete one).
 pub async fn remove_plan9(q: &Qmp, name: &str, timeout: Duration) -> Result<(), UnplugError> {
     let id = ids::plan9(name);
-    if device_present(q, &id).await? {
-        device_del(q, &id, timeout).await?;
-    }
+    unplug_if_present(q, &id, timeout).await?;
     Ok(())
 }
 
@@ -234,8 +237,6 @@ pub async fn remove_scsi_controller(
     timeout: Duration,
 ) -> Result<(), UnplugError> {
     let dev = ids::scsi_controller(id);
-    if device_present(q, &dev).await? {
-        device_del(q, &dev, timeout).await?;
-    }
+    unplug_if_present(q, &dev, timeout).await?;
     Ok(())
 }
