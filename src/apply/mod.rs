@@ -282,6 +282,11 @@ async fn hot(q: &Qemu, qmp: &Qmp, rec: &LaunchRecord, op: &Op) -> Result<(), App
     };
     match (op.resource, op.operation, &op.key, &op.after) {
         (ResourceKind::Policy, _, _, _) => {}
+        (ResourceKind::StorageQos, ResourceOperation::Update, _, Some(Item::StorageQos(qos))) => {
+            ops::set_storage_qos(qmp, qos.as_ref())
+                .await
+                .map_err(qerr)?
+        }
         (ResourceKind::ScsiController, ResourceOperation::Add, ItemKey::Num(id), _) => {
             ops::add_scsi_controller(qmp, *id).await.map_err(qerr)?
         }

@@ -209,11 +209,7 @@ impl Capabilities {
             ResourceOperation::Update,
             Support::restart("uvmctl does not hot-plug vCPUs yet: applied by a restart"),
         );
-        c.set(
-            StorageQos,
-            ResourceOperation::Update,
-            Support::unsupported("I/O throttling is not built into the qemu virtstack yet"),
-        );
+        c.set(StorageQos, ResourceOperation::Update, live());
         let serial = Support::restart("serial consoles are wired at launch");
         c.set_all(Serial, serial.clone(), serial.clone(), serial);
         let vsock = if host.vhost_vsock {

@@ -349,6 +349,25 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
         text(&out)
     );
 
+    // Storage QoS is changed live, and read back from QEMU's throttle group.
+    let qos = "  storageQos: {iopsMaximum: 200, bandwidthMaximum: 4194304}\n";
+    h.write_spec("web", &h.spec("web", &format!("{base}{disk}{nic}{qos}")));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("~ storageQos: unlimited → iops 200, bandwidth 4194304 B/s [live]"),
+        "{}",
+        text(&out)
+    );
+    let out = h.uvmctl(&["export", "web"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("iopsMaximum: 200"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&h.apply()).contains("No changes."));
+    h.write_spec("web", &h.spec("web", &format!("{base}{disk}{nic}")));
+    assert!(text(&h.apply()).contains("~ storageQos"));
+
     // A disk removed by hand over QMP is noticed by plan and restored by apply.
     qmp_by_hand(
         &h.path("state/web/qmp.sock"),

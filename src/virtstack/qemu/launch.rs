@@ -286,14 +286,28 @@ pub mod ids {
     pub fn scsi_controller(id: u32) -> String {
         format!("scsi{id}")
     }
-    /// SCSI disk device; also its format node.
+    /// SCSI disk device; also its top (throttle) node.
     pub fn scsi_disk(controller: u32, lun: u32) -> String {
         format!("disk-{controller}-{lun}")
+    }
+    /// SCSI disk format node (under the throttle node).
+    pub fn scsi_disk_format(controller: u32, lun: u32) -> String {
+        format!("disk-{controller}-{lun}-fmt")
     }
     /// SCSI disk protocol (file) node.
     pub fn scsi_disk_file(controller: u32, lun: u32) -> String {
         format!("disk-{controller}-{lun}-file")
     }
+    /// A disk's block nodes, top first (the order to delete them in).
+    pub fn scsi_disk_nodes(controller: u32, lun: u32) -> [String; 3] {
+        [
+            scsi_disk(controller, lun),
+            scsi_disk_format(controller, lun),
+            scsi_disk_file(controller, lun),
+        ]
+    }
+    /// The VM's throttle group: storage QoS shared by all its disks.
+    pub const QOS_GROUP: &str = "qos";
     /// NIC device.
     pub fn nic(nic_id: &str) -> String {
         format!("nic-{nic_id}")
@@ -320,12 +334,12 @@ pub mod ids {
     }
 }
 
-/// JSON arguments to create one SCSI disk: two block nodes and a device.
+/// JSON arguments to create one SCSI disk: three block nodes and a device.
 pub fn scsi_disk_args(
     controller: u32,
     disk: &crate::spec::ScsiDisk,
     resolved: &Path,
-) -> (Value, Value, Value) {
+) -> (Vec<Value>, Value) {
     let protocol = if disk.disk_type == crate::vm::ScsiDiskType::PassThrough
         && super::images::is_block_device(resolved)
     {
@@ -333,27 +347,31 @@ pub fn scsi_disk_args(
     } else {
         "file"
     };
-    let file = json!({
-        "driver": protocol,
-        "node-name": ids::scsi_disk_file(controller, disk.lun),
-        "filename": resolved,
-        "read-only": disk.read_only,
-    });
-    let format = json!({
-        "driver": scsi_format_driver(disk.disk_type),
-        "node-name": ids::scsi_disk(controller, disk.lun),
-        "file": ids::scsi_disk_file(controller, disk.lun),
-        "read-only": disk.read_only,
-    });
+    let [top, format, file] = ids::scsi_disk_nodes(controller, disk.lun);
+    // Bottom up: file, format (stated, never probed), then the throttle
+    // filter that puts the disk under the VM's storage QoS.
+    let nodes = vec![
+        json!({"driver": protocol, "node-name": file, "filename": resolved, "read-only": disk.read_only}),
+        json!({"driver": scsi_format_driver(disk.disk_type), "node-name": format, "file": file, "read-only": disk.read_only}),
+        json!({"driver": "throttle", "node-name": top, "throttle-group": ids::QOS_GROUP, "file": format, "read-only": disk.read_only}),
+    ];
     let device = json!({
         "driver": "scsi-hd",
-        "id": ids::scsi_disk(controller, disk.lun),
+        "id": top,
         "bus": format!("{}.0", ids::scsi_controller(controller)),
         "scsi-id": 0,
         "lun": disk.lun,
-        "drive": ids::scsi_disk(controller, disk.lun),
+        "drive": top,
     });
-    (file, format, device)
+    (nodes, device)
+}
+
+/// QEMU throttle limits for a storage QoS (0 = unlimited).
+pub fn qos_limits(q: Option<&crate::spec::StorageQos>) -> Value {
+    json!({
+        "iops-total": q.and_then(|q| q.iops_maximum).unwrap_or(0),
+        "bps-total": q.and_then(|q| q.bandwidth_maximum).unwrap_or(0),
+    })
 }
 
 /// JSON arguments to create one NIC: backend and device.
@@ -489,11 +507,6 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
             "spec.windows.cpuGroup: CPU groups are a Windows (HCS) feature".into(),
         ));
     }
-    if cfg.storage_qos.is_some() {
-        return Err(LaunchError::Unsupported(
-            "spec.storageQos: I/O throttling is not built for qemu yet".into(),
-        ));
-    }
     if cfg.memory.mmio.is_some() {
         // QEMU's pc machine has related knobs (max-ram-below-4g,
         // pci-hole64-size) but not HCS's three numbers; refuse rather than
@@ -607,6 +620,10 @@ pub fn argv(
     push(&["-device", r#"{"driver":"virtio-serial-pci","id":"vser0"}"#]);
     push(&["-device", &json!({"driver": "virtserialport", "id": "agent0", "bus": "vser0.0", "chardev": "agent", "name": AGENT_PORT_NAME}).to_string()]);
 
+    // Storage QoS: one throttle group for all disks, always present so a
+    // limit can be set or lifted on the running VM.
+    let qos = json!({"qom-type": "throttle-group", "id": ids::QOS_GROUP, "limits": qos_limits(cfg.storage_qos.as_ref())});
+    push(&["-object", &qos.to_string()]);
     for c in &cfg.scsi_controllers {
         push(&[
             "-device",
@@ -614,15 +631,11 @@ pub fn argv(
         ]);
         for d in &c.disks {
             if let Some(p) = res.disks.get(&(c.id, d.lun)) {
-                let (file, format, device) = scsi_disk_args(c.id, d, p);
-                push(&[
-                    "-blockdev",
-                    &file.to_string(),
-                    "-blockdev",
-                    &format.to_string(),
-                    "-device",
-                    &device.to_string(),
-                ]);
+                let (nodes, device) = scsi_disk_args(c.id, d, p);
+                for node in nodes {
+                    push(&["-blockdev", &node.to_string()]);
+                }
+                push(&["-device", &device.to_string()]);
             }
         }
     }
@@ -758,6 +771,11 @@ mod tests {
         assert_eq!(file["read-only"], true);
         let format: Value = serde_json::from_str(blockdevs[1]).expect("json");
         assert_eq!(format["driver"], "vhdx", "format stated, never probed");
+        let top: Value = serde_json::from_str(blockdevs[2]).expect("json");
+        assert_eq!(
+            (top["driver"].as_str(), top["throttle-group"].as_str()),
+            (Some("throttle"), Some("qos"))
+        );
         // The serial listener is reached through a symlink in the state directory.
         assert_eq!(
             links,
@@ -816,16 +834,29 @@ mod tests {
         let err = resolve(&c, &roots).expect_err("mmio refused");
         assert!(err.to_string().starts_with("spec.memory.mmio:"), "{err}");
         c.memory.mmio = None;
+        assert!(resolve(&c, &roots).is_ok());
+    }
+
+    #[test]
+    fn storage_qos_is_one_throttle_group_over_every_disk() {
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let mut c = cfg();
         c.storage_qos = Some(StorageQos {
-            iops_maximum: Some(10),
+            iops_maximum: Some(200),
             bandwidth_maximum: None,
         });
-        assert!(
-            resolve(&c, &roots)
-                .expect_err("qos refused")
-                .to_string()
-                .starts_with("spec.storageQos:")
-        );
+        let (a, _) = argv("web", &c, &Resolved::default(), &dir, Accel::Tcg);
+        let objects: Vec<Value> = after(&a, "-object")
+            .iter()
+            .filter_map(|o| serde_json::from_str(o).ok())
+            .collect();
+        let group = objects
+            .iter()
+            .find(|o| o["qom-type"] == "throttle-group")
+            .expect("throttle group");
+        assert_eq!(group["limits"], json!({"iops-total": 200, "bps-total": 0}));
     }
 
     #[test]

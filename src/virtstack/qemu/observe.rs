@@ -93,7 +93,7 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
         processors: cold.processors,
         memory: cold.memory,
         serial_consoles: cold.serial_consoles.clone(),
-        storage_qos: cold.storage_qos,
+        storage_qos: None,
         vpmem: cold.vpmem.clone().map(|mut v| {
             v.devices
                 .retain(|d| devices.iter().any(|(id, _)| *id == ids::pmem(d.id)));
@@ -130,6 +130,24 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
         cfg.memory.size_mb = (base + dimm) / (1 << 20);
     }
 
+    // Storage QoS, as the throttle group has it.
+    let limits = q
+        .execute(
+            "qom-get",
+            Some(json!({"path": format!("/objects/{}", ids::QOS_GROUP), "property": "limits"})),
+        )
+        .await;
+    if let Ok(l) = limits {
+        let get = |k: &str| l.get(k).and_then(Value::as_u64).filter(|v| *v > 0);
+        let (iops, bps) = (get("iops-total"), get("bps-total"));
+        if iops.is_some() || bps.is_some() {
+            cfg.storage_qos = Some(crate::spec::StorageQos {
+                iops_maximum: iops,
+                bandwidth_maximum: bps,
+            });
+        }
+    }
+
     // SCSI controllers and disks, keyed by the ids uvmctl gives them.
     let recorded_disks: BTreeMap<(u32, u32), &ScsiDisk> = cold
         .scsi_controllers
@@ -161,7 +179,7 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
             continue;
         };
         let (Some(fmt), Some(file)) = (
-            nodes.get(&ids::scsi_disk(c, l)),
+            nodes.get(&ids::scsi_disk_format(c, l)),
             nodes.get(&ids::scsi_disk_file(c, l)),
         ) else {
             continue;

@@ -103,51 +103,39 @@ pub async fn add_scsi_controller(q: &Qmp, id: u32) -> Result<(), QmpError> {
     .map(|_| ())
 }
 
-/// Attaches a disk: protocol node, format node (stated, never probed), device.
-/// On failure, the nodes already created are removed again.
+/// Attaches a disk: file node, format node (stated, never probed), throttle
+/// node, device. On failure, the nodes already created are removed again.
 pub async fn add_scsi_disk(
     q: &Qmp,
     controller: u32,
     disk: &ScsiDisk,
     resolved: &Path,
 ) -> Result<(), QmpError> {
-    let (file, format, device) = scsi_disk_args(controller, disk, resolved);
+    let (nodes, device) = scsi_disk_args(controller, disk, resolved);
+    let names = ids::scsi_disk_nodes(controller, disk.lun);
     // Nodes left behind by a `device_del` made by hand would clash; nodes in
     // use refuse deletion, and the add below then reports the clash.
-    for node in [
-        ids::scsi_disk(controller, disk.lun),
-        ids::scsi_disk_file(controller, disk.lun),
-    ] {
+    delete_nodes(q, &names).await;
+    for (i, node) in nodes.into_iter().enumerate() {
+        if let Err(e) = q.execute("blockdev-add", Some(node)).await {
+            delete_nodes(q, &names[names.len() - i..]).await;
+            return Err(e);
+        }
+    }
+    if let Err(e) = q.execute("device_add", Some(device)).await {
+        delete_nodes(q, &names).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Best-effort deletion of block nodes, top first.
+async fn delete_nodes(q: &Qmp, names: &[String]) {
+    for node in names {
         let _ = q
             .execute("blockdev-del", Some(json!({"node-name": node})))
             .await;
     }
-    q.execute("blockdev-add", Some(file)).await?;
-    if let Err(e) = q.execute("blockdev-add", Some(format)).await {
-        let _ = q
-            .execute(
-                "blockdev-del",
-                Some(json!({"node-name": ids::scsi_disk_file(controller, disk.lun)})),
-            )
-            .await;
-        return Err(e);
-    }
-    if let Err(e) = q.execute("device_add", Some(device)).await {
-        let _ = q
-            .execute(
-                "blockdev-del",
-                Some(json!({"node-name": ids::scsi_disk(controller, disk.lun)})),
-            )
-            .await;
-        let _ = q
-            .execute(
-                "blockdev-del",
-                Some(json!({"node-name": ids::scsi_disk_file(controller, disk.lun)})),
-            )
-            .await;
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// Detaches a disk and deletes its block nodes (top node first).
@@ -159,10 +147,7 @@ pub async fn remove_scsi_disk(
 ) -> Result<(), UnplugError> {
     let id = ids::scsi_disk(controller, lun);
     unplug_if_present(q, &id, timeout).await?;
-    for node in [
-        ids::scsi_disk(controller, lun),
-        ids::scsi_disk_file(controller, lun),
-    ] {
+    for node in ids::scsi_disk_nodes(controller, lun) {
         match q
             .execute("blockdev-del", Some(json!({"node-name": node})))
             .await
@@ -175,6 +160,21 @@ pub async fn remove_scsi_disk(
         }
     }
     Ok(())
+}
+
+/// Sets the VM's storage QoS on its throttle group (0 lifts a limit).
+pub async fn set_storage_qos(
+    q: &Qmp,
+    qos: Option<&crate::spec::StorageQos>,
+) -> Result<(), QmpError> {
+    let path = format!("/objects/{}", ids::QOS_GROUP);
+    let value = super::launch::qos_limits(qos);
+    q.execute(
+        "qom-set",
+        Some(json!({"path": path, "property": "limits", "value": value})),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Adds a NIC: backend, then device.
