@@ -282,6 +282,9 @@ async fn hot(q: &Qemu, qmp: &Qmp, rec: &LaunchRecord, op: &Op) -> Result<(), App
     };
     match (op.resource, op.operation, &op.key, &op.after) {
         (ResourceKind::Policy, _, _, _) => {}
+        (ResourceKind::Processors, ResourceOperation::Update, _, Some(Item::Processors(n))) => {
+            ops::set_cpus(qmp, *n, timeout).await.map_err(unplug)?
+        }
         (ResourceKind::StorageQos, ResourceOperation::Update, _, Some(Item::StorageQos(qos))) => {
             ops::set_storage_qos(qmp, qos.as_ref())
                 .await

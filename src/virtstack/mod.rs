@@ -204,11 +204,7 @@ impl Capabilities {
             ResourceOperation::Update,
             Support::restart("uvmctl does not hot-resize memory yet: applied by a restart"),
         );
-        c.set(
-            Processor,
-            ResourceOperation::Update,
-            Support::restart("uvmctl does not hot-plug vCPUs yet: applied by a restart"),
-        );
+        c.set(Processor, ResourceOperation::Update, live());
         c.set(StorageQos, ResourceOperation::Update, live());
         let serial = Support::restart("serial consoles are wired at launch");
         c.set_all(Serial, serial.clone(), serial.clone(), serial);

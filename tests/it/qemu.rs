@@ -444,6 +444,27 @@ fn power_state_follows_the_spec() {
     assert_eq!(h.agent("pwr").cmd("ping"), ["pong"]);
     assert!(text(&h.apply()).contains("No changes."));
 
+    // vCPUs are hot-plugged and unplugged; the guest sees them come and go.
+    let running = h.spec("pwr", "  powerState: running\n");
+    h.write_spec("pwr", &running.replace("count: 1", "count: 3"));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("~ processors: 1 → 3 [live]"),
+        "{}",
+        text(&out)
+    );
+    let mut agent = h.agent("pwr");
+    agent.wait_for("cpus", "3 online vCPUs", |c| c == ["3"]);
+    h.write_spec("pwr", &running);
+    let out = h.apply();
+    assert!(
+        text(&out).contains("~ processors: 3 → 1 [live]"),
+        "{}",
+        text(&out)
+    );
+    agent.wait_for("cpus", "1 online vCPU", |c| c == ["1"]);
+    assert!(text(&h.apply()).contains("No changes."));
+
     // export writes what QEMU has as a spec; planning against it changes nothing.
     let out = h.uvmctl(&["export"]);
     assert_ok(&out);

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_STATE_DIR: &str = "/run/uvmctl";
 /// The QEMU binary.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// vCPUs can be hot-added up to this many (or the spec's count, if higher).
+pub const MAX_HOTPLUG_CPUS: u32 = 8;
 /// QEMU's seccomp sandbox, always on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// Name of the virtio-serial port of the guest agent channel.
@@ -541,13 +543,15 @@ pub fn argv(
         accel.as_str(),
         if nvdimm { ",nvdimm=on" } else { "" }
     );
-    // No room for hot-added vCPUs or DIMMs: uvmctl resizes by restart (see
-    // docs/capabilities.md), so the guest need not probe an empty hotplug
-    // range at boot. NVDIMMs (VPMem) need slots and address space of their own.
+    // One boot vCPU; the others are hot-plugged before the guest starts, so
+    // every vCPU but the first can be unplugged again. No room for hot-added
+    // DIMMs: memory is resized by restart (docs/capabilities.md). NVDIMMs
+    // (VPMem) need slots and address space of their own.
     push(&["-name", &format!("guest={name},debug-threads=on")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&["-machine", &machine, "-cpu", "max"]);
-    push(&["-smp", &cfg.processors.count.to_string()]);
+    let maxcpus = cfg.processors.count.max(MAX_HOTPLUG_CPUS);
+    push(&["-smp", &format!("1,maxcpus={maxcpus}")]);
     match &cfg.vpmem {
         Some(v) => {
             let pmem_mb = u64::from(v.maximum_devices) * v.maximum_size_bytes.div_ceil(1 << 20);
@@ -752,7 +756,7 @@ mod tests {
             vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
-        assert_eq!(after(&a, "-smp"), vec!["2"]);
+        assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
         assert_eq!(after(&a, "-m"), vec!["256M"]);
     }
 

@@ -330,10 +330,22 @@ impl Qemu {
         self.store(&rec)?;
 
         let q = self.wait_ready(name, exited_rx).await?;
-        ops::cont(&q).await.map_err(|source| QemuError::Qmp {
+        let qerr = |source| QemuError::Qmp {
             vm: name.into(),
             source,
-        })
+        };
+        // The vCPUs beyond the boot one, plugged before the guest runs.
+        ops::set_cpus(&q, rec.config.processors.count, self.opts.unplug_timeout)
+            .await
+            .map_err(|e| match e {
+                ops::UnplugError::Qmp(source) => qerr(source),
+                ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
+                    vm: name.into(),
+                    device,
+                    after,
+                },
+            })?;
+        ops::cont(&q).await.map_err(qerr)
     }
 
     /// Polls the QMP socket until QEMU answers, or reports why it died.

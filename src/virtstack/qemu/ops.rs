@@ -177,6 +177,75 @@ pub async fn set_storage_qos(
     .map(|_| ())
 }
 
+/// Brings the number of vCPUs to `target`: plugs free slots in order, or
+/// unplugs the ones uvmctl plugged, last first. CPU unplug sends no
+/// `DEVICE_DELETED`, so removal is confirmed by polling the slots.
+pub async fn set_cpus(q: &Qmp, target: u32, timeout: Duration) -> Result<(), UnplugError> {
+    let slots = q.execute("query-hotpluggable-cpus", None).await?;
+    let mut slots: Vec<&Value> = slots
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let key = |s: &Value| {
+        let p = &s["props"];
+        let n = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        (n("socket-id"), n("core-id"), n("thread-id"))
+    };
+    slots.sort_by_key(|s| key(s));
+    let plugged = slots.iter().filter(|s| s.get("qom-path").is_some()).count();
+    let target = usize::try_from(target).unwrap_or(usize::MAX);
+    if plugged < target {
+        for slot in slots
+            .iter()
+            .filter(|s| s.get("qom-path").is_none())
+            .take(target - plugged)
+        {
+            let (sk, c, t) = key(slot);
+            let mut dev = slot["props"].clone();
+            dev["driver"] = slot["type"].clone();
+            dev["id"] = json!(format!("vcpu-{sk}-{c}-{t}"));
+            q.execute("device_add", Some(dev)).await?;
+        }
+    } else if plugged > target {
+        let ours: Vec<String> = slots
+            .iter()
+            .rev()
+            .filter_map(|s| {
+                s.get("qom-path")?
+                    .as_str()?
+                    .strip_prefix("/machine/peripheral/")
+                    .map(str::to_string)
+            })
+            .take(plugged - target)
+            .collect();
+        if ours.len() < plugged - target {
+            return Err(UnplugError::Qmp(QmpError::Command {
+                command: "device_del".into(),
+                class: "uvmctl".into(),
+                desc: "the boot vCPU cannot be unplugged".into(),
+            }));
+        }
+        for id in &ours {
+            q.execute("device_del", Some(json!({"id": id}))).await?;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = q.execute("query-cpus-fast", None).await?;
+            if now.as_array().map_or(0, Vec::len) <= target {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(UnplugError::Pending {
+                    device: ours.join(", "),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Adds a NIC: backend, then device.
 pub async fn add_nic(q: &Qmp, n: &NetworkAdapter) -> Result<(), QmpError> {
     let (netdev, device) = nic_args(n);
