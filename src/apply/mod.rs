@@ -125,7 +125,7 @@ async fn apply_vm(
     let spec = || want.ok_or_else(|| ApplyError::Inconsistent(format!("no spec for {name}")));
     match vm.action {
         VmAction::Create => {
-            progress(name, "creating (launch and boot)");
+            progress(name, "creating and launching");
             q.create(name, spec()?).await?;
         }
         VmAction::Destroy => {

@@ -162,6 +162,18 @@ impl StateDir {
     /// Creates `<root>/<vm>/` with mode 0700.
     pub fn create_vm_dir(&self, name: &str) -> Result<PathBuf, LaunchError> {
         let dir = self.vm_dir(name);
+        // QEMU binds its sockets here; sun_path holds 107 bytes and a NUL.
+        let longest = self.agent_socket(name);
+        if longest.as_os_str().len() > crate::spec::MAX_UNIX_SOCKET_PATH {
+            return Err(LaunchError::StateDir {
+                path: dir,
+                reason: format!(
+                    "{} would exceed {} bytes; use a shorter --state-dir",
+                    longest.display(),
+                    crate::spec::MAX_UNIX_SOCKET_PATH
+                ),
+            });
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -861,6 +873,21 @@ mod tests {
             .find(|o| o["qom-type"] == "throttle-group")
             .expect("throttle group");
         assert_eq!(group["limits"], json!({"iops-total": 200, "bps-total": 0}));
+    }
+
+    #[test]
+    fn a_vm_whose_sockets_would_not_fit_sun_path_is_refused() {
+        let root = tempfile::Builder::new()
+            .prefix(&"r".repeat(40))
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let dir = StateDir::new(root.path()).expect("state dir");
+        let err = dir.create_vm_dir(&"v".repeat(64)).expect_err("too long");
+        assert!(
+            err.to_string().contains("use a shorter --state-dir"),
+            "{err}"
+        );
+        assert!(dir.create_vm_dir("web").is_ok());
     }
 
     #[test]

@@ -24,8 +24,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a guest may take to power off after the ACPI button.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a guest may take to acknowledge a device unplug.
-pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest may take to acknowledge a device unplug (a vCPU under
+/// TCG on a busy host has taken over 10 s).
+pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of the QEMU virtstack.
 #[derive(Debug, thiserror::Error)]
