@@ -425,6 +425,20 @@ enum Field {
     VpmemDevice(usize),
 }
 
+impl Site<'_> {
+    /// A cross-VM error at this site: (file index, pending error).
+    fn error(&self, message: String) -> (usize, Pending) {
+        let pending = Pending {
+            doc: self.doc,
+            field: self.field.path(),
+            message,
+            pos: None,
+            last: false,
+        };
+        (self.file, pending)
+    }
+}
+
 impl Field {
     fn path(self) -> String {
         match self {
@@ -497,16 +511,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                 } else {
                     format!("VM {name:?} is also defined in {}", others.join(", "))
                 };
-                cross.push((
-                    s.file,
-                    Pending {
-                        doc: s.doc,
-                        field: s.field.path(),
-                        message: msg,
-                        pos: None,
-                        last: false,
-                    },
-                ));
+                cross.push(s.error(msg));
             }
         }
     }
@@ -516,16 +521,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
             for s in sites {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
                 let msg = format!("MAC {mac} is also used by VM {}", others.join(", "));
-                cross.push((
-                    s.file,
-                    Pending {
-                        doc: s.doc,
-                        field: s.field.path(),
-                        message: msg,
-                        pos: None,
-                        last: false,
-                    },
-                ));
+                cross.push(s.error(msg));
             }
         }
     }
@@ -539,16 +535,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                     path.display(),
                     others.join(", ")
                 );
-                cross.push((
-                    s.file,
-                    Pending {
-                        doc: s.doc,
-                        field: s.field.path(),
-                        message: msg,
-                        pos: None,
-                        last: false,
-                    },
-                ));
+                cross.push(s.error(msg));
             }
         }
     }
