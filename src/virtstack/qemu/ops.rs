@@ -249,8 +249,8 @@ pub async fn set_cpus(q: &Qmp, target: u32, timeout: Duration) -> Result<(), Unp
 /// Adds a NIC: backend, then device.
 pub async fn add_nic(q: &Qmp, n: &NetworkAdapter) -> Result<(), QmpError> {
     let (netdev, device) = nic_args(n);
-    // A backend left behind by a `device_del` made by hand would clash; one
-    // still in use refuses deletion, and the add below reports the clash.
+    // A backend left behind by a `device_del` made by hand would clash. This
+    // runs only when the NIC device is absent, so no NIC uses that backend.
     let _ = q
         .execute("netdev_del", Some(json!({"id": ids::netdev(&n.nic_id)})))
         .await;
