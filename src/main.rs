@@ -501,6 +501,9 @@ struct StatusRow {
     memory_mb: u64,
     vcpus: u32,
     devices: usize,
+    /// vCPU time used since launch, and host memory in use (running VMs only).
+    cpu_time_ms: Option<u64>,
+    rss_mb: Option<u64>,
     last_error: Option<String>,
 }
 
@@ -520,6 +523,10 @@ async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
                 .map(|now| now.as_secs().saturating_sub(t)),
             _ => None,
         };
+        let stats = match &vm {
+            Some(v) if v.state.is_live() => qemu.stats(&name).await.ok(),
+            _ => None,
+        };
         rows.push(match vm {
             Some(v) => StatusRow {
                 name,
@@ -531,6 +538,8 @@ async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
                     .keys()
                     .filter(|(k, _)| !k.is_singleton())
                     .count(),
+                cpu_time_ms: stats.map(|s| s.total_runtime_ns / 1_000_000),
+                rss_mb: stats.map(|s| s.working_set_bytes >> 20),
                 last_error: err,
             },
             None => StatusRow {
@@ -540,6 +549,8 @@ async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
                 memory_mb: 0,
                 vcpus: 0,
                 devices: 0,
+                cpu_time_ms: None,
+                rss_mb: None,
                 last_error: err,
             },
         });
@@ -548,19 +559,25 @@ async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => {
             println!(
-                "{:<24} {:<11} {:>8} {:>8} {:>5} {:>7}  LAST ERROR",
-                "NAME", "STATE", "UPTIME", "MEMORY", "VCPUS", "DEVICES"
+                "{:<24} {:<11} {:>8} {:>8} {:>5} {:>7} {:>9} {:>7}  LAST ERROR",
+                "NAME", "STATE", "UPTIME", "MEMORY", "VCPUS", "DEVICES", "CPU TIME", "RSS"
             );
             for r in &rows {
-                let up = r.uptime_seconds.map_or("-".into(), |s| format!("{}s", s));
+                let up = r.uptime_seconds.map_or("-".into(), |s| format!("{s}s"));
+                let cpu = r
+                    .cpu_time_ms
+                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+                let rss = r.rss_mb.map_or("-".into(), |mb| format!("{mb}MB"));
                 println!(
-                    "{:<24} {:<11} {:>8} {:>6}MB {:>5} {:>7}  {}",
+                    "{:<24} {:<11} {:>8} {:>6}MB {:>5} {:>7} {:>9} {:>7}  {}",
                     r.name,
                     r.state,
                     up,
                     r.memory_mb,
                     r.vcpus,
                     r.devices,
+                    cpu,
+                    rss,
                     r.last_error.as_deref().unwrap_or("-")
                 );
             }

@@ -410,6 +410,12 @@ fn power_state_follows_the_spec() {
     h.apply();
     h.agent("pwr");
     assert_eq!(h.state_of("pwr"), "running");
+    let row = &h.status()[0];
+    assert!(
+        row["cpuTimeMs"].as_u64().is_some_and(|ms| ms > 0),
+        "a booted guest used CPU: {row}"
+    );
+    assert!(row["rssMb"].as_u64().is_some_and(|mb| mb > 0), "{row}");
 
     h.write_spec("pwr", &h.spec("pwr", "  powerState: paused\n"));
     h.apply();

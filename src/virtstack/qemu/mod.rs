@@ -549,6 +549,60 @@ impl Qemu {
         Ok(out)
     }
 
+    /// Memory and processor statistics of a running VM (hcsshim's `Stats`):
+    /// guest RAM from QEMU, host RSS of its process, and the CPU time of its
+    /// vCPU threads from `/proc/<pid>/task/<tid>/schedstat`.
+    pub async fn stats(&self, name: &str) -> Result<crate::vm::VmStats, QemuError> {
+        let rec = self.record(name)?;
+        if !self.alive(&rec) {
+            return Err(QemuError::Unsupported {
+                vm: name.into(),
+                what: "not running".into(),
+            });
+        }
+        let q = self.qmp(name).await?;
+        let qerr = |source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        };
+        let mem = q
+            .execute("query-memory-size-summary", None)
+            .await
+            .map_err(qerr)?;
+        let field = |v: &serde_json::Value, k: &str| {
+            v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0)
+        };
+        let cpus = q.execute("query-cpus-fast", None).await.map_err(qerr)?;
+        let pid = rec.pid.unwrap_or(0);
+        let total_runtime_ns = cpus
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("thread-id").and_then(serde_json::Value::as_u64))
+            .filter_map(|tid| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()
+            })
+            .filter_map(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum();
+        let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        Ok(crate::vm::VmStats {
+            assigned_memory_bytes: field(&mem, "base-memory") + field(&mem, "plugged-memory"),
+            working_set_bytes: rss_kb * 1024,
+            total_runtime_ns,
+        })
+    }
+
     /// A connected QMP client for hot operations on a running VM, with the record.
     pub async fn live(&self, name: &str) -> Result<(Qmp, LaunchRecord), QemuError> {
         let rec = self.record(name)?;
