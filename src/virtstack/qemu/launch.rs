@@ -115,6 +115,28 @@ pub struct StateDir {
     root: PathBuf,
 }
 
+/// Creates `dir` (and parents) owner-only. With `force`, an existing `dir`
+/// is made owner-only too (a VM's own directory, which holds its QMP
+/// socket); a root the user named is left as it is.
+fn create_private_dir(dir: &Path, force: bool) -> Result<(), LaunchError> {
+    let io = |what| {
+        move |source| LaunchError::Io {
+            what,
+            path: dir.to_path_buf(),
+            source,
+        }
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("cannot create"))?;
+    if force {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("cannot chmod"))?;
+    }
+    Ok(())
+}
+
 impl StateDir {
     /// Uses `root` (created 0700 when missing). Refuses roots QEMU's
     /// key=value options could misread.
@@ -130,22 +152,7 @@ impl StateDir {
                 reason: "must be an absolute path without commas or control characters".into(),
             });
         }
-        // Long roots would push socket paths past sun_path's 108 bytes.
-        if text.len() > 60 {
-            return Err(LaunchError::StateDir {
-                path: root.clone(),
-                reason: "longer than 60 bytes; QMP socket paths would not fit".into(),
-            });
-        }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&root)
-            .map_err(|source| LaunchError::Io {
-                what: "cannot create",
-                path: root.clone(),
-                source,
-            })?;
+        create_private_dir(&root, false)?;
         Ok(StateDir { root })
     }
 
@@ -174,22 +181,7 @@ impl StateDir {
                 ),
             });
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| LaunchError::Io {
-                what: "cannot create",
-                path: dir.clone(),
-                source,
-            })?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
-            LaunchError::Io {
-                what: "cannot chmod",
-                path: dir.clone(),
-                source,
-            }
-        })?;
+        create_private_dir(&dir, true)?;
         Ok(dir)
     }
 
