@@ -67,6 +67,7 @@ fn bench(c: &mut Criterion) {
                 state: State::Running,
                 managed: true,
                 exit_error: None,
+                memory_hotplug: None,
             },
         );
         texts.push(text);

@@ -285,6 +285,9 @@ async fn hot(q: &Qemu, qmp: &Qmp, rec: &LaunchRecord, op: &Op) -> Result<(), App
         (ResourceKind::Processors, ResourceOperation::Update, _, Some(Item::Processors(n))) => {
             ops::set_cpus(qmp, *n, timeout).await.map_err(unplug)?
         }
+        (ResourceKind::Memory, ResourceOperation::Update, _, Some(Item::Memory(mb))) => {
+            ops::set_memory(qmp, *mb, timeout).await.map_err(unplug)?
+        }
         (ResourceKind::StorageQos, ResourceOperation::Update, _, Some(Item::StorageQos(qos))) => {
             ops::set_storage_qos(qmp, qos.as_ref())
                 .await

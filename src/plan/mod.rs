@@ -10,7 +10,7 @@ pub use gate::classify;
 pub use items::{Item, ItemKey, Items, ResourceKind, describe, flatten, unflatten};
 
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::virtstack::{Capabilities, ObservedState, ObservedVm, Support};
+use crate::virtstack::{Capabilities, MemoryHotplug, ObservedState, ObservedVm, Support};
 use crate::vm::{Disruption, ResourceOperation, State};
 use serde::Serialize;
 
@@ -328,6 +328,31 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
     }
 }
 
+/// A live memory resize is live only within what the running VM can take
+/// (virtio-mem cannot go below the boot memory nor above its region).
+fn memory_resize(size_mb: u64, range: MemoryHotplug, s: Support) -> Support {
+    if s.disruption != Disruption::Live || range.allows(size_mb) {
+        return s;
+    }
+    let reason = if range.min_mb == range.max_mb {
+        "this VM's memory cannot be resized while it runs; applied by a restart".to_string()
+    } else if size_mb < range.min_mb || size_mb > range.max_mb {
+        format!(
+            "{size_mb} MB is outside the {}–{} MB this VM can be resized to while it runs; applied by a restart",
+            range.min_mb, range.max_mb
+        )
+    } else {
+        format!(
+            "{size_mb} MB is not {} MB plus whole {} MB blocks; applied by a restart",
+            range.min_mb, range.block_mb
+        )
+    };
+    Support {
+        disruption: Disruption::Restart,
+        reason,
+    }
+}
+
 /// Plans one VM that exists on both sides; `None` when it already matches.
 fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) -> Option<VmPlan> {
     // Most VMs match their spec list for list: skip flattening them.
@@ -373,13 +398,13 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
                 gate(k, ResourceOperation::Remove),
             )),
             Some(d) if d == o => {}
-            Some(d) if k.0.is_singleton() => updates.push(op(
-                ResourceOperation::Update,
-                k,
-                Some(o),
-                Some(d),
-                gate(k, ResourceOperation::Update),
-            )),
+            Some(d) if k.0.is_singleton() => {
+                let mut s = gate(k, ResourceOperation::Update);
+                if let (Item::Memory(size), Some(range), true) = (d, have.memory_hotplug, live_vm) {
+                    s = memory_resize(*size, range, s);
+                }
+                updates.push(op(ResourceOperation::Update, k, Some(o), Some(d), s));
+            }
             Some(d) => {
                 // Update in place unless removing and re-adding is less disruptive.
                 let upd = gate(k, ResourceOperation::Update);

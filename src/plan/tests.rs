@@ -70,6 +70,7 @@ fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
                 state: *state,
                 managed: true,
                 exit_error: None,
+                memory_hotplug: None,
             },
         );
     }
@@ -202,7 +203,7 @@ fn order_is_removals_then_updates_then_additions_then_power() {
         ops_of(&p, "web"),
         vec![
             "remove networkAdapter 00000000-0000-0000-0000-000000000001 [live]",
-            "update memory  [restart]",
+            "update memory  [live]",
             "add scsiController 0 [live]",
             "update powerState  [live]",
         ]
@@ -392,6 +393,57 @@ fn power_state_follows_the_spec() {
 }
 
 #[test]
+fn memory_resizes_live_only_within_what_the_running_vm_can_take() {
+    let grow = |size_mb: u64, hot: Option<MemoryHotplug>, state: State| {
+        let mut o = observed(&[("web", base("web"), state)]);
+        if let Some(vm) = o.vms.get_mut("web") {
+            vm.memory_hotplug = hot;
+        }
+        let mut want = base("web");
+        want.memory.size_mb = size_mb;
+        if state == State::Paused {
+            want.power_state = PowerState::Paused;
+        }
+        let p = run(&desired(&[("web", want)]), &o);
+        let op = &p.vms[0].ops[0];
+        (op.disruption, op.reason.clone())
+    };
+    let range = Some(MemoryHotplug {
+        min_mb: 256,
+        max_mb: 1024,
+        block_mb: 2,
+    });
+    assert_eq!(grow(512, range, State::Running).0, Disruption::Live);
+    assert_eq!(grow(1024, range, State::Paused).0, Disruption::Live);
+    let (d, why) = grow(2048, range, State::Running);
+    assert_eq!(d, Disruption::Restart);
+    assert!(why.contains("outside the 256–1024 MB"), "{why}");
+    let (d, why) = grow(128, range, State::Running);
+    assert_eq!(d, Disruption::Restart, "{why}");
+    let (d, why) = grow(511, range, State::Running);
+    assert_eq!(d, Disruption::Restart);
+    assert!(why.contains("whole 2 MB blocks"), "{why}");
+    let (d, why) = grow(512, Some(MemoryHotplug::fixed(256)), State::Running);
+    assert_eq!(d, Disruption::Restart);
+    assert!(why.contains("cannot be resized while it runs"), "{why}");
+    // Unknown range (a recorded host): the virtstack's answer stands.
+    assert_eq!(grow(4096, None, State::Running).0, Disruption::Live);
+    // A stopped VM takes any size at its next start.
+    let (d, _) = {
+        let mut o = observed(&[("web", base("web"), State::Created)]);
+        if let Some(vm) = o.vms.get_mut("web") {
+            vm.memory_hotplug = Some(MemoryHotplug::fixed(256));
+        }
+        let mut want = base("web");
+        want.memory.size_mb = 4096;
+        want.power_state = PowerState::Stopped;
+        let p = run(&desired(&[("web", want)]), &o);
+        (p.vms[0].ops[0].disruption, ())
+    };
+    assert_eq!(d, Disruption::Live);
+}
+
+#[test]
 fn a_vm_that_died_on_its_own_is_rebuilt_only_where_allowed() {
     let mut o = observed(&[("web", base("web"), State::Terminated)]);
     if let Some(vm) = o.vms.get_mut("web") {
@@ -542,6 +594,7 @@ mod golden {
                     state: status.state,
                     managed: status.managed,
                     exit_error: None,
+                    memory_hotplug: None,
                 },
             );
         }
@@ -727,7 +780,7 @@ mod properties {
             }
             let mut o = ObservedState::default();
             for (i, (c, state, managed)) in have {
-                o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed, exit_error: None });
+                o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed, exit_error: None, memory_hotplug: None });
             }
             (d, o, caps, PlanOptions { prune, allow_empty_prune: false })
         }
@@ -759,6 +812,7 @@ mod properties {
                             state,
                             managed: true,
                             exit_error: None,
+                            memory_hotplug: None,
                         },
                     );
                 }
@@ -833,7 +887,7 @@ mod properties {
         fn plan_of_equal_states_is_empty((d, _o, caps, opts) in arb_world()) {
             let o = ObservedState {
                 vms: d.vms.iter().map(|(n, v)| {
-                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true, exit_error: None })
+                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true, exit_error: None, memory_hotplug: None })
                 }).collect(),
             };
             let p = plan(&d, &o, &caps, &opts);

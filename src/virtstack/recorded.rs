@@ -64,6 +64,7 @@ impl Recorded {
                     state: vm_state,
                     managed,
                     exit_error: None,
+                    memory_hotplug: None,
                 },
             );
         }

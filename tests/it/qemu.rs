@@ -471,6 +471,52 @@ fn power_state_follows_the_spec() {
     agent.wait_for("cpus", "1 online vCPU", |c| c == ["1"]);
     assert!(text(&h.apply()).contains("No changes."));
 
+    // Memory grows and shrinks live (virtio-mem) within 1–4x the boot size;
+    // the guest's MemTotal follows.
+    let mem_kb = |agent: &mut Agent| -> u64 {
+        agent.cmd("mem")[0]
+            .trim()
+            .parse()
+            .expect("mem_kb is a number")
+    };
+    let boot_kb = mem_kb(&mut agent);
+    h.write_spec("pwr", &running.replace("sizeMB: 256", "sizeMB: 512"));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("~ memory: 256 MB → 512 MB [live]"),
+        "{}",
+        text(&out)
+    );
+    let grown = agent.wait_for("mem", "256 MB more memory", |m| {
+        m.first()
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .is_some_and(|kb| kb >= boot_kb + 250_000)
+    });
+    assert_eq!(grown.len(), 1);
+    assert!(text(&h.apply()).contains("No changes."));
+    h.write_spec("pwr", &running);
+    let out = h.apply();
+    assert!(
+        text(&out).contains("~ memory: 512 MB → 256 MB [live]"),
+        "{}",
+        text(&out)
+    );
+    agent.wait_for("mem", "the memory given back", |m| {
+        m.first()
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .is_some_and(|kb| kb <= boot_kb + 10_000)
+    });
+    // Beyond 4x the boot size, or below it, the resize needs a restart.
+    h.write_spec("pwr", &running.replace("sizeMB: 256", "sizeMB: 2048"));
+    let out = h.plan(&[]);
+    assert!(
+        text(&out).contains("~ memory: 256 MB → 2048 MB [restart]")
+            && text(&out).contains("outside the 256–1024 MB"),
+        "{}",
+        text(&out)
+    );
+    h.write_spec("pwr", &running);
+
     // export writes what QEMU has as a spec; planning against it changes nothing.
     let out = h.uvmctl(&["export"]);
     assert_ok(&out);

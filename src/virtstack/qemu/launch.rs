@@ -26,6 +26,10 @@ pub const DEFAULT_STATE_DIR: &str = "/run/uvmctl";
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// vCPUs can be hot-added up to this many (or the spec's count, if higher).
 pub const MAX_HOTPLUG_CPUS: u32 = 8;
+/// Memory can grow live to this many times the size the VM booted with.
+pub const MEMORY_HOTPLUG_FACTOR: u64 = 4;
+/// virtio-mem plugs and unplugs memory in blocks of this many MiB.
+pub const MEMORY_BLOCK_MB: u64 = 2;
 /// QEMU's seccomp sandbox, always on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// Name of the virtio-serial port of the guest agent channel.
@@ -338,6 +342,23 @@ pub mod ids {
     pub fn pmem_backend(id: u32) -> String {
         format!("pmem-{id}-mem")
     }
+    /// The virtio-mem device holding memory added on top of boot memory.
+    pub const HOTPLUG_MEM: &str = "hotmem";
+    /// Its memory backend.
+    pub const HOTPLUG_MEM_BACKEND: &str = "hotmem-ram";
+}
+
+/// MiB of hot-pluggable memory (the virtio-mem region) for a VM booting with
+/// `boot_mb`: up to [`MEMORY_HOTPLUG_FACTOR`] times that, in whole blocks.
+/// None when the memory cannot be resized live: pinned memory
+/// (`-overcommit mem-lock`) is incompatible with virtio-mem.
+pub fn hotplug_memory_mb(cfg: &VmConfig) -> Option<u64> {
+    if cfg.memory.backing == MemoryBackingType::Physical {
+        return None;
+    }
+    let room = cfg.memory.size_mb * (MEMORY_HOTPLUG_FACTOR - 1);
+    let room = room - room % MEMORY_BLOCK_MB;
+    (room > 0).then_some(room)
 }
 
 /// JSON arguments to create one SCSI disk: three block nodes and a device.
@@ -548,28 +569,27 @@ pub fn argv(
         if nvdimm { ",nvdimm=on" } else { "" }
     );
     // One boot vCPU; the others are hot-plugged before the guest starts, so
-    // every vCPU but the first can be unplugged again. No room for hot-added
-    // DIMMs: memory is resized by restart (docs/capabilities.md). NVDIMMs
-    // (VPMem) need slots and address space of their own.
+    // every vCPU but the first can be unplugged again. Memory above the boot
+    // size comes from a virtio-mem device, resized live; NVDIMMs (VPMem)
+    // need slots and address space of their own.
     push(&["-name", &format!("guest={name},debug-threads=on")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&["-machine", &machine, "-cpu", "max"]);
     let maxcpus = cfg.processors.count.max(MAX_HOTPLUG_CPUS);
     push(&["-smp", &format!("1,maxcpus={maxcpus}")]);
-    match &cfg.vpmem {
-        Some(v) => {
-            let pmem_mb = u64::from(v.maximum_devices) * v.maximum_size_bytes.div_ceil(1 << 20);
-            let maxmem = cfg.memory.size_mb + pmem_mb;
-            push(&[
-                "-m",
-                &format!(
-                    "{}M,slots={},maxmem={maxmem}M",
-                    cfg.memory.size_mb, v.maximum_devices
-                ),
-            ]);
-        }
-        None => push(&["-m", &format!("{}M", cfg.memory.size_mb)]),
+    let hotmem = hotplug_memory_mb(cfg);
+    let pmem_mb = cfg.vpmem.as_ref().map_or(0, |v| {
+        u64::from(v.maximum_devices) * v.maximum_size_bytes.div_ceil(1 << 20)
+    });
+    let maxmem = cfg.memory.size_mb + pmem_mb + hotmem.unwrap_or(0);
+    let mut m = format!("{}M", cfg.memory.size_mb);
+    if let Some(v) = &cfg.vpmem {
+        m.push_str(&format!(",slots={}", v.maximum_devices));
     }
+    if maxmem > cfg.memory.size_mb {
+        m.push_str(&format!(",maxmem={maxmem}M"));
+    }
+    push(&["-m", &m]);
     if cfg.memory.backing == MemoryBackingType::Physical {
         // Pinned memory: lock guest RAM so the host never pages it out.
         push(&["-overcommit", "mem-lock=on"]);
@@ -646,6 +666,18 @@ pub fn argv(
                 push(&["-device", &device.to_string()]);
             }
         }
+    }
+    // Before the NVDIMMs, so its region starts where device memory does
+    // (aligned) whatever NVDIMMs are added later. Starts empty.
+    if let Some(room) = hotmem {
+        let backend = json!({"qom-type": "memory-backend-ram", "id": ids::HOTPLUG_MEM_BACKEND, "size": room << 20});
+        let device = json!({"driver": "virtio-mem-pci", "id": ids::HOTPLUG_MEM, "memdev": ids::HOTPLUG_MEM_BACKEND, "block-size": MEMORY_BLOCK_MB << 20, "requested-size": 0});
+        push(&[
+            "-object",
+            &backend.to_string(),
+            "-device",
+            &device.to_string(),
+        ]);
     }
     if let Some(v) = &cfg.vpmem {
         for d in &v.devices {
@@ -761,7 +793,42 @@ mod tests {
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
+        assert_eq!(after(&a, "-m"), vec!["256M,maxmem=1024M"]);
+    }
+
+    #[test]
+    fn memory_above_the_boot_size_is_a_virtio_mem_region_starting_empty() {
+        let (a, _) = built();
+        let objects = after(&a, "-object");
+        let backend: Value = objects
+            .iter()
+            .filter_map(|o| serde_json::from_str::<Value>(o).ok())
+            .find(|o| o["id"] == ids::HOTPLUG_MEM_BACKEND)
+            .expect("virtio-mem backend");
+        assert_eq!(backend["size"], json!(768u64 << 20));
+        let device: Value = after(&a, "-device")
+            .iter()
+            .filter_map(|o| serde_json::from_str::<Value>(o).ok())
+            .find(|o| o["driver"] == "virtio-mem-pci")
+            .expect("virtio-mem device");
+        assert_eq!(device["requested-size"], json!(0));
+        assert_eq!(device["memdev"], ids::HOTPLUG_MEM_BACKEND);
+
+        // Pinned memory cannot be virtio-mem: no region, memory fixed.
+        let mut pinned = cfg();
+        pinned.memory.backing = MemoryBackingType::Physical;
+        assert_eq!(hotplug_memory_mb(&pinned), None);
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let (a, _) = argv("web", &pinned, &Resolved::default(), &dir, Accel::Tcg);
         assert_eq!(after(&a, "-m"), vec!["256M"]);
+        assert!(!a.iter().any(|x| x.contains("virtio-mem")));
+
+        // An odd size keeps the region in whole 2 MiB blocks.
+        let mut odd = cfg();
+        odd.memory.size_mb = 255;
+        assert_eq!(hotplug_memory_mb(&odd), Some(764));
     }
 
     #[test]

@@ -528,6 +528,7 @@ impl Qemu {
                 state,
                 managed: true,
                 exit_error,
+                memory_hotplug: None,
             });
         }
         let q = self.qmp(name).await?;

@@ -8,7 +8,7 @@ use super::launch::{LaunchRecord, ids};
 use super::ops;
 use super::qmp::{Qmp, QmpError};
 use crate::spec::{NetworkAdapter, ScsiController, ScsiDisk, VmConfig};
-use crate::virtstack::ObservedVm;
+use crate::virtstack::{MemoryHotplug, ObservedVm};
 use crate::vm::{ScsiDiskType, State};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -112,22 +112,23 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
     {
         cfg.processors.count = n;
     }
+    // Boot memory plus what the virtio-mem device has plugged now (NVDIMMs
+    // count as plugged memory in QEMU's summary, so it is not used).
     let mem = q.execute("query-memory-size-summary", None).await?;
-    let base = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0);
-    // Hot-added RAM is in pc-dimms; NVDIMMs (VPMem) also count as plugged
-    // memory in QEMU's summary, so add up the DIMMs alone.
-    if base > 0 {
-        let dimm: u64 = match q.execute("query-memory-devices", None).await {
-            Ok(v) => v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|d| d.get("type").and_then(Value::as_str) == Some("dimm"))
-                .filter_map(|d| d.get("data")?.get("size")?.as_u64())
-                .sum(),
-            Err(_) => 0,
-        };
-        cfg.memory.size_mb = (base + dimm) / (1 << 20);
+    let base_mb = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0) >> 20;
+    let mut memory_hotplug = Some(MemoryHotplug::fixed(cold.memory.size_mb));
+    if base_mb > 0 {
+        let hot = ops::hotplug_memory(q).await?;
+        let field = |k: &str| hot.as_ref().and_then(|d| d.get(k)?.as_u64()).unwrap_or(0) >> 20;
+        cfg.memory.size_mb = base_mb + field("size");
+        memory_hotplug = Some(match hot {
+            Some(_) => MemoryHotplug {
+                min_mb: base_mb,
+                max_mb: base_mb + field("max-size"),
+                block_mb: field("block-size").max(1),
+            },
+            None => MemoryHotplug::fixed(base_mb),
+        });
     }
 
     // Storage QoS, as the throttle group has it.
@@ -244,5 +245,6 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
         state,
         managed: true,
         exit_error: None,
+        memory_hotplug,
     })
 }

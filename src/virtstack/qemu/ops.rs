@@ -177,6 +177,81 @@ pub async fn set_storage_qos(
     .map(|_| ())
 }
 
+/// Resizes guest memory to `size_mb`: boot memory plus what the virtio-mem
+/// device is asked to plug. Waits until the guest has plugged or released
+/// it; memory the guest cannot release in time stays plugged, and the
+/// resize is reported pending.
+pub async fn set_memory(q: &Qmp, size_mb: u64, timeout: Duration) -> Result<(), UnplugError> {
+    let refuse = |desc: String| {
+        UnplugError::Qmp(QmpError::Command {
+            command: "qom-set".into(),
+            class: "uvmctl".into(),
+            desc,
+        })
+    };
+    let summary = q.execute("query-memory-size-summary", None).await?;
+    let base = summary
+        .get("base-memory")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let Some(dev) = hotplug_memory(q).await? else {
+        return Err(refuse("this VM has no hot-pluggable memory".into()));
+    };
+    let field = |k: &str| dev.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (max, block) = (field("max-size"), field("block-size").max(1));
+    let wanted = (size_mb << 20)
+        .checked_sub(base)
+        .filter(|w| *w <= max && *w % block == 0);
+    let Some(wanted) = wanted else {
+        return Err(refuse(format!(
+            "{size_mb} MB is not {} MB of boot memory plus up to {} MB in {} MB blocks",
+            base >> 20,
+            max >> 20,
+            block >> 20
+        )));
+    };
+    q.execute(
+        "qom-set",
+        Some(json!({"path": super::launch::ids::HOTPLUG_MEM, "property": "requested-size", "value": wanted})),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let size = hotplug_memory(q)
+            .await?
+            .and_then(|d| d.get("size").and_then(Value::as_u64))
+            .unwrap_or(0);
+        if size == wanted {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(UnplugError::Pending {
+                device: format!(
+                    "{} (has {} MB of the {} MB asked)",
+                    super::launch::ids::HOTPLUG_MEM,
+                    size >> 20,
+                    wanted >> 20
+                ),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `data` of uvmctl's virtio-mem device in `query-memory-devices`.
+pub(super) async fn hotplug_memory(q: &Qmp) -> Result<Option<Value>, QmpError> {
+    let devices = q.execute("query-memory-devices", None).await?;
+    Ok(devices
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("type").and_then(Value::as_str) == Some("virtio-mem"))
+        .filter_map(|d| d.get("data"))
+        .find(|d| d.get("id").and_then(Value::as_str) == Some(super::launch::ids::HOTPLUG_MEM))
+        .cloned())
+}
+
 /// Brings the number of vCPUs to `target`: plugs free slots in order, or
 /// unplugs the ones uvmctl plugged, last first. CPU unplug sends no
 /// `DEVICE_DELETED`, so removal is confirmed by polling the slots.
