@@ -62,6 +62,17 @@ enum Command {
         #[arg(long, value_parser = parse_secs, default_value = "30")]
         lock_timeout: Duration,
     },
+    /// Wait until a VM's QEMU exits; say whether it was asked to (exit 0)
+    /// or died on its own (exit 1, with its last stderr lines).
+    Wait {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        host: HostArgs,
+        /// Give up after this long (exit 2); waits forever without it.
+        #[arg(long, value_parser = parse_secs)]
+        timeout: Option<Duration>,
+    },
     /// Write the observed state of VMs as spec YAML (adopting a VM starts here).
     Export {
         /// Only this VM.
@@ -288,6 +299,30 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             qemu.destroy(&name).await?;
             eprintln!("{name}: destroyed");
             Ok(0)
+        }
+        Command::Wait {
+            name,
+            host,
+            timeout,
+        } => {
+            let qemu = host.qemu()?;
+            if !qemu.wait(&name, timeout).await? {
+                eprintln!(
+                    "{name}: still running after {:?}",
+                    timeout.unwrap_or_default()
+                );
+                return Ok(2);
+            }
+            match qemu.exit_error(&name) {
+                Some(err) => {
+                    eprintln!("{name}: {err}");
+                    Ok(1)
+                }
+                None => {
+                    eprintln!("{name}: exited");
+                    Ok(0)
+                }
+            }
         }
         Command::Export { name, host } => export(&host.qemu()?, name.as_deref()).await,
         Command::Capabilities { virtstack, output } => {

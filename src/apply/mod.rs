@@ -24,7 +24,7 @@ use crate::spec::{DesiredState, PowerState, VmConfig};
 use crate::virtstack::qemu::images::{check_scsi_image, check_vpmem_image};
 use crate::virtstack::qemu::qmp::Qmp;
 use crate::virtstack::qemu::{LaunchRecord, Qemu, QemuError, ops};
-use crate::vm::{Disruption, ResourceOperation};
+use crate::vm::{Disruption, ResourceOperation, State};
 use std::sync::Arc;
 
 /// Why one VM could not be brought to its spec.
@@ -161,15 +161,23 @@ async fn update(
 ) -> Result<(), ApplyError> {
     let name = vm.name.as_str();
     let now = q.observe(name).await?;
+    let mut state = now.state;
     let (changes, power): (Vec<&Op>, Vec<&Op>) = vm
         .ops
         .iter()
         .partition(|o| o.resource != ResourceKind::PowerState);
+    let restart = changes.iter().any(|o| o.disruption == Disruption::Restart);
 
-    if !now.state.is_live() {
+    if state == State::Saved && !changes.is_empty() && !restart {
+        // The guest comes back as it was saved; the changes are then live ones.
+        progress(name, "restoring the saved guest to apply changes");
+        q.start_paused(name).await?;
+        state = State::Paused;
+    }
+    if !state.is_live() && state != State::Saved {
         // Nothing runs: the new configuration takes effect when it starts.
         q.set_config(name, want)?;
-    } else if changes.iter().any(|o| o.disruption == Disruption::Restart) {
+    } else if restart {
         progress(name, "restarting to apply cold changes");
         q.stop(name).await?;
         q.set_config(name, want)?;
@@ -199,17 +207,10 @@ async fn update(
             q.update_record(&rec)?;
         }
     }
-    if power.is_empty() {
+    if power.is_empty() && state == now.state {
         return Ok(());
     }
-    bring_to(
-        q,
-        name,
-        observed_power(now.state),
-        want.power_state,
-        progress,
-    )
-    .await
+    bring_to(q, name, observed_power(state), want.power_state, progress).await
 }
 
 /// Moves a VM from one power state to another.
@@ -229,16 +230,36 @@ async fn bring_to(
             progress(name, "starting");
             q.start(name).await?;
         }
+        (Saved, Running) => {
+            progress(name, "restoring the saved guest");
+            q.start(name).await?;
+        }
         (Stopped, Paused) => {
             progress(name, "starting paused");
-            q.start(name).await?;
-            q.pause(name).await?;
+            q.start_paused(name).await?;
         }
-        (_, Stopped) => {
+        (Saved, Paused) => {
+            progress(name, "restoring the saved guest, paused");
+            q.start_paused(name).await?;
+        }
+        (Saved, Stopped) => {
+            progress(name, "discarding the saved guest state");
+            q.stop(name).await?;
+        }
+        (Running | Paused, Stopped) => {
             progress(name, "stopping (ACPI power button, then forced)");
             q.stop(name).await?;
         }
-        (Running | Paused, Running | Paused) => {}
+        (Running | Paused, Saved) => {
+            progress(name, "saving the guest state");
+            q.save(name).await?;
+        }
+        (Stopped, Saved) => {
+            progress(name, "starting, then saving the guest state");
+            q.start(name).await?;
+            q.save(name).await?;
+        }
+        (Running | Paused | Stopped | Saved, _) => {}
     }
     let mut rec =
         LaunchRecord::load(&q.options().state_dir, name).map_err(|source| QemuError::Launch {

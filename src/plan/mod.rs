@@ -176,6 +176,7 @@ pub fn observed_power(state: State) -> PowerState {
     match state {
         State::Running => PowerState::Running,
         State::Paused => PowerState::Paused,
+        State::Saved => PowerState::Saved,
         State::PreCreated | State::Created | State::Terminated => PowerState::Stopped,
     }
 }
@@ -361,7 +362,8 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
     }
     let desired = flatten(want);
     let observed = flatten(&have.config);
-    let live_vm = have.state.is_live();
+    // A saved VM is restored as it was before its changes are made.
+    let live_vm = have.state.is_live() || have.state == State::Saved;
     let gate = |(kind, key): &(ResourceKind, ItemKey), op: ResourceOperation| -> Support {
         let s = classify(*kind, key, op, caps);
         if !live_vm && s.disruption == Disruption::Restart {

@@ -359,6 +359,37 @@ fn what_the_virtstack_cannot_do_is_unsupported_with_its_reason() {
 }
 
 #[test]
+fn a_saved_vm_takes_live_changes_since_it_is_restored_first() {
+    let mut want = base("web");
+    want.power_state = PowerState::Saved;
+    want.network_adapters = vec![nic(1, 1)];
+    want.memory.size_mb = 1024;
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", base("web"), State::Saved)]),
+    );
+    assert_eq!(
+        ops_of(&p, "web"),
+        vec![
+            "update memory  [live]",
+            "add networkAdapter 00000000-0000-0000-0000-000000000001 [live]"
+        ]
+    );
+    // A cold change on a saved VM discards the saved guest: a restart.
+    let mut want = base("web");
+    want.power_state = PowerState::Saved;
+    want.serial_consoles = vec![SerialConsole {
+        port: 0,
+        listener_path: "/run/l.sock".into(),
+    }];
+    let p = run(
+        &desired(&[("web", want)]),
+        &observed(&[("web", base("web"), State::Saved)]),
+    );
+    assert_eq!(p.vms[0].disruption, Disruption::Restart);
+}
+
+#[test]
 fn power_state_follows_the_spec() {
     let cases = [
         (State::Running, PowerState::Paused, Some("running → paused")),
@@ -372,6 +403,10 @@ fn power_state_follows_the_spec() {
         (State::Paused, PowerState::Stopped, Some("paused → stopped")),
         (State::Running, PowerState::Running, None),
         (State::Terminated, PowerState::Stopped, None),
+        (State::Running, PowerState::Saved, Some("running → saved")),
+        (State::Saved, PowerState::Running, Some("saved → running")),
+        (State::Saved, PowerState::Stopped, Some("saved → stopped")),
+        (State::Saved, PowerState::Saved, None),
     ];
     for (state, power, expect) in cases {
         let mut want = base("web");
@@ -672,7 +707,7 @@ mod properties {
             serial in prop::collection::btree_set(0u32..2, 0..2),
             qos in prop::option::of(1u64..3),
             vsock in prop::collection::btree_set(1u32..3, 0..2),
-            power in prop::sample::select(vec![PowerState::Running, PowerState::Paused, PowerState::Stopped]),
+            power in prop::sample::select(vec![PowerState::Running, PowerState::Paused, PowerState::Stopped, PowerState::Saved]),
             protected in any::<bool>(),
         ) -> VmConfig {
             let mut c = base("vm");
@@ -791,6 +826,7 @@ mod properties {
             PowerState::Running => State::Running,
             PowerState::Paused => State::Paused,
             PowerState::Stopped => State::Terminated,
+            PowerState::Saved => State::Saved,
         }
     }
 

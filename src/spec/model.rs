@@ -82,6 +82,10 @@ pub enum PowerState {
     Paused,
     /// VM shut down.
     Stopped,
+    /// Guest state saved to a file under the state directory, nothing
+    /// running; `running` or `paused` restores it where it was, `stopped`
+    /// discards it.
+    Saved,
 }
 
 impl PowerState {
@@ -91,6 +95,7 @@ impl PowerState {
             PowerState::Running => "running",
             PowerState::Paused => "paused",
             PowerState::Stopped => "stopped",
+            PowerState::Saved => "saved",
         }
     }
 }

@@ -30,7 +30,7 @@ pub struct ObservedVm {
 
 /// The memory sizes a running VM can be resized to live: from `min_mb` to
 /// `max_mb`, in steps of `block_mb` from `min_mb`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MemoryHotplug {
     /// Smallest size (the memory it booted with), in MiB.
     pub min_mb: u64,

@@ -53,6 +53,7 @@ impl Recorded {
                         PowerState::Running => State::Running,
                         PowerState::Paused => State::Paused,
                         PowerState::Stopped => State::Terminated,
+                        PowerState::Saved => State::Saved,
                     },
                     true,
                 ),

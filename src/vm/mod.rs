@@ -168,6 +168,9 @@ pub enum State {
     Paused,
     /// Shut down or exited.
     Terminated,
+    /// Its guest state is saved to a file and nothing runs; starting it
+    /// restores the guest where it was (a uvmctl extension of hcsshim's states).
+    Saved,
 }
 
 impl State {
@@ -184,6 +187,7 @@ impl State {
             State::Running => "running",
             State::Paused => "paused",
             State::Terminated => "terminated",
+            State::Saved => "saved",
         }
     }
 }

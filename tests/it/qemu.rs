@@ -593,6 +593,91 @@ fn plan9_shares_mount_and_vpmem_shows_as_pmem_whose_removal_needs_a_restart() {
 }
 
 #[test]
+fn a_saved_vm_is_restored_where_it_was_with_its_hot_plugged_devices() {
+    let h = Host::new();
+    let img = h.raw_image("cold.img", 8);
+    let nic1 = "    - {nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01, endpointId: user, macAddress: 52-54-00-12-34-01}\n";
+    let nic2 = "    - {nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02, endpointId: user, macAddress: 52-54-00-12-34-02}\n";
+    let disk = format!(
+        "  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: {}, type: passthrough}}\n",
+        img.display()
+    );
+    h.write_spec(
+        "sv",
+        &h.spec("sv", &format!("{disk}  networkAdapters:\n{nic1}")),
+    );
+    h.apply();
+    let mut agent = h.agent("sv");
+    let boot_id = agent.cmd("cat /proc/sys/kernel/random/boot_id");
+
+    // Hot changes that leave a layout a cold launch would not reproduce:
+    // the controller's PCI slot is freed, then taken by a new NIC.
+    let hot = h.spec("sv", &format!("  networkAdapters:\n{nic1}{nic2}"));
+    h.write_spec("sv", &hot);
+    h.apply();
+    agent.wait_for("links", "the second NIC", |l| {
+        l.iter().any(|x| x.contains("52:54:00:12:34:02"))
+    });
+
+    h.write_spec("sv", &format!("{hot}  powerState: saved\n"));
+    let out = h.apply();
+    assert!(
+        text(&out).contains("powerState: running → saved"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(h.state_of("sv"), "saved");
+    assert!(
+        h.pid("sv")
+            .is_none_or(|p| std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.is_empty())
+                || !Path::new(&format!("/proc/{p}")).exists()),
+        "nothing runs while saved (an exited QEMU may linger as a zombie)"
+    );
+    let saved = h.path("state").join("sv").join("saved.state");
+    assert!(saved.is_file(), "the state is under the state dir");
+    assert!(text(&h.apply()).contains("No changes."));
+
+    h.write_spec("sv", &hot);
+    let out = h.apply();
+    assert!(
+        text(&out).contains("powerState: saved → running"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(h.state_of("sv"), "running");
+    let mut agent = h.agent("sv");
+    assert_eq!(
+        agent.cmd("cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "the same boot goes on: restored, not rebooted"
+    );
+    let links = agent.cmd("links");
+    assert!(
+        ["52:54:00:12:34:01", "52:54:00:12:34:02"]
+            .iter()
+            .all(|mac| links.iter().any(|l| l.contains(mac))),
+        "{links:?}"
+    );
+    assert!(!saved.exists(), "a restored state is removed");
+    assert!(text(&h.apply()).contains("No changes."));
+
+    // Saved, then stopped: the saved state is discarded and the next start boots.
+    h.write_spec("sv", &format!("{hot}  powerState: saved\n"));
+    h.apply();
+    h.write_spec("sv", &format!("{hot}  powerState: stopped\n"));
+    h.apply();
+    assert!(!saved.exists(), "stopped discards the saved state");
+    h.write_spec("sv", &hot);
+    h.apply();
+    assert_ne!(
+        h.agent("sv").cmd("cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "a fresh boot"
+    );
+}
+
+#[test]
 fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
     let h = Host::new();
     // The serial console is relayed to a listener the test holds.
@@ -620,6 +705,8 @@ fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
         seen.extend_from_slice(&buf[..n]);
     }
     h.agent("crash");
+    let out = h.uvmctl(&["wait", "crash", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(2), "still running: {}", text(&out));
     let pid = h.pid("crash").expect("pid");
     assert!(
         Command::new("kill")
@@ -627,7 +714,10 @@ fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
             .status()
             .is_ok_and(|s| s.success())
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // `wait` returns once QEMU is gone and says it died on its own.
+    let out = h.uvmctl(&["wait", "crash", "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("exited unexpectedly"), "{}", text(&out));
 
     let status = h.status();
     assert_eq!(status[0]["state"], "terminated");

@@ -251,6 +251,47 @@ pub struct LaunchRecord {
     pub stopped_by_uvmctl: bool,
     /// Unix time of the last launch.
     pub started_at: Option<u64>,
+    /// Set while the guest state is saved (nothing runs): the next start
+    /// restores it instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<SavedGuest>,
+}
+
+/// Properties that place devices (PCI slot, memory address), by device id.
+pub type Placement = std::collections::BTreeMap<String, serde_json::Map<String, Value>>;
+
+/// A guest saved to [`StateDir::save_path`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedGuest {
+    /// Unix time of the save.
+    pub saved_at: u64,
+    /// Properties that placed each device where the saved guest had it (PCI
+    /// slot, memory address), by device id. Hot-plugged devices take the
+    /// first free slot, which a cold launch would not reproduce, and the
+    /// saved state only loads into the same layout.
+    pub placement: Placement,
+    /// The memory sizes the restored VM can take live.
+    pub memory_hotplug: Option<crate::virtstack::MemoryHotplug>,
+}
+
+/// Adds `placement` properties to the `-device` arguments of `argv` whose id
+/// has one.
+pub fn place_devices(argv: &mut [String], placement: &Placement) {
+    let mut after_device = false;
+    for arg in argv.iter_mut() {
+        if std::mem::replace(&mut after_device, arg == "-device")
+            && let Ok(Value::Object(mut dev)) = serde_json::from_str::<Value>(arg)
+            && let Some(props) = dev
+                .get("id")
+                .and_then(Value::as_str)
+                .and_then(|id| placement.get(id))
+        {
+            for (k, v) in props {
+                dev.insert(k.clone(), v.clone());
+            }
+            *arg = Value::Object(dev).to_string();
+        }
+    }
 }
 
 impl LaunchRecord {
@@ -794,6 +835,26 @@ mod tests {
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
         assert_eq!(after(&a, "-m"), vec!["256M,maxmem=1024M"]);
+    }
+
+    #[test]
+    fn placement_pins_devices_by_id_and_leaves_the_rest_alone() {
+        let (mut a, _) = built();
+        let before = a.clone();
+        let mut placement = Placement::new();
+        let mut props = serde_json::Map::new();
+        props.insert("addr".into(), json!("5.0"));
+        placement.insert(ids::scsi_controller(0), props);
+        place_devices(&mut a, &placement);
+        let scsi: Value = after(&a, "-device")
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|d| d["id"] == ids::scsi_controller(0))
+            .expect("controller");
+        assert_eq!(scsi["addr"], "5.0");
+        assert_eq!(scsi["driver"], "virtio-scsi-pci");
+        let changed = a.iter().zip(&before).filter(|(x, y)| x != y).count();
+        assert_eq!(changed, 1, "only the placed device changes");
     }
 
     #[test]

@@ -24,6 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a guest may take to power off after the ACPI button.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long saving or restoring a guest's state may take.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to acknowledge a device unplug (a vCPU under
 /// TCG on a busy host has taken over 10 s).
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,6 +71,14 @@ pub enum QemuError {
         device: String,
         /// Waited.
         after: Duration,
+    },
+    /// Saving or restoring the guest state failed.
+    #[error("vm {vm}: {what}")]
+    Migration {
+        /// VM name.
+        vm: String,
+        /// What failed, and what was kept.
+        what: String,
     },
     /// Something this virtstack does not do.
     #[error("vm {vm}: {what}")]
@@ -254,22 +264,38 @@ impl Qemu {
             pid: None,
             stopped_by_uvmctl: true,
             started_at: None,
+            saved: None,
         };
         self.store(&rec)?;
         match cfg.power_state {
             crate::spec::PowerState::Stopped => Ok(()),
             crate::spec::PowerState::Running => self.start(name).await,
-            crate::spec::PowerState::Paused => {
+            crate::spec::PowerState::Paused => self.start_paused(name).await,
+            crate::spec::PowerState::Saved => {
                 self.start(name).await?;
-                self.pause(name).await
+                self.save(name).await
             }
         }
     }
 
-    /// Launches the VM from its record and lets the guest run.
+    /// Launches the VM from its record (restoring its saved state, if it has
+    /// one) and lets the guest run.
     pub async fn start(&self, name: &str) -> Result<(), QemuError> {
+        self.launch(name, true).await
+    }
+
+    /// Launches the VM from its record (restoring its saved state, if it has
+    /// one), leaving the guest paused.
+    pub async fn start_paused(&self, name: &str) -> Result<(), QemuError> {
+        self.launch(name, false).await
+    }
+
+    async fn launch(&self, name: &str, run: bool) -> Result<(), QemuError> {
         let mut rec = self.record(name)?;
         if self.alive(&rec) {
+            if !run {
+                return Ok(());
+            }
             let q = self.qmp(name).await?;
             return ops::cont(&q).await.map_err(|source| QemuError::Qmp {
                 vm: name.into(),
@@ -281,7 +307,14 @@ impl Qemu {
             source,
         };
         let res = launch::resolve(&rec.config, &self.opts.roots).map_err(launch_err)?;
-        let (argv, links) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
+        let (mut argv, links) =
+            launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
+        let saved = rec.saved.clone();
+        if let Some(s) = &saved {
+            // The saved state loads only into the same device layout.
+            launch::place_devices(&mut argv, &s.placement);
+            argv.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
         let dir = self.opts.state_dir.vm_dir(name);
         for (link, target) in &links {
             let _ = std::fs::remove_file(link);
@@ -346,7 +379,185 @@ impl Qemu {
                     after,
                 },
             })?;
-        ops::cont(&q).await.map_err(qerr)
+        if saved.is_some() {
+            self.restore(&q, name).await?;
+        }
+        if run {
+            ops::cont(&q).await.map_err(qerr)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the saved state into a QEMU launched with `-incoming defer`.
+    /// On failure QEMU is stopped and the saved state kept.
+    async fn restore(&self, q: &Qmp, name: &str) -> Result<(), QemuError> {
+        let path = self.opts.state_dir.save_path(name);
+        let result = async {
+            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            q.send_fd("uvmctl-restore", std::os::fd::AsFd::as_fd(&file))
+                .await
+                .map_err(|e| e.to_string())?;
+            q.execute(
+                "migrate-incoming",
+                Some(serde_json::json!({"uri": "fd:uvmctl-restore"})),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            ops::wait_migration(q, SAVE_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let mut rec = self.record(name)?;
+        match result {
+            Ok(()) => {
+                rec.saved = None;
+                self.store(&rec)?;
+                let _ = std::fs::remove_file(&path);
+                Ok(())
+            }
+            Err(why) => {
+                rec.stopped_by_uvmctl = true;
+                self.store(&rec)?;
+                let _ = q.execute("quit", None).await;
+                if !self.wait_exit(&rec, Duration::from_secs(3)).await {
+                    self.kill(&rec).await?;
+                }
+                let tail = self.last_stderr(name, 3);
+                Err(QemuError::Migration {
+                    vm: name.into(),
+                    what: format!(
+                        "restoring the saved guest failed: {why}{}{tail}; the saved state stays in {} (powerState: stopped discards it)",
+                        if tail.is_empty() { "" } else { ": " },
+                        path.display()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Saves the guest state to the state directory and ends its QEMU
+    /// (hcsshim's `Save`); the next start restores it. A save that fails
+    /// leaves the VM as it was.
+    pub async fn save(&self, name: &str) -> Result<(), QemuError> {
+        let q = self.running_qmp(name).await?;
+        let qerr = |source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        };
+        let was_running = ops::status(&q).await.map_err(qerr)? == "running";
+        if was_running {
+            q.execute("stop", None).await.map_err(qerr)?;
+        }
+        let memory_hotplug = self.observe(name).await?.memory_hotplug;
+        let result = self.save_to_file(&q, name).await;
+        let placement = match result {
+            Ok(p) => p,
+            Err(why) => {
+                if was_running {
+                    let _ = ops::cont(&q).await;
+                }
+                return Err(QemuError::Migration {
+                    vm: name.into(),
+                    what: format!("saving the guest failed, it runs on as before: {why}"),
+                });
+            }
+        };
+        let mut rec = self.record(name)?;
+        rec.saved = Some(launch::SavedGuest {
+            saved_at: now_unix(),
+            placement,
+            memory_hotplug,
+        });
+        rec.stopped_by_uvmctl = true;
+        self.store(&rec)?;
+        let _ = q.execute("quit", None).await;
+        if !self.wait_exit(&rec, Duration::from_secs(5)).await {
+            self.kill(&rec).await?;
+        }
+        Ok(())
+    }
+
+    /// Migrates the paused guest into `saved.state`; returns where its
+    /// devices sit. The file is opened here and its fd passed to QEMU: the
+    /// sandbox forbids QEMU to spawn (`exec:`) and 7.2 has no `file:` URI.
+    async fn save_to_file(&self, q: &Qmp, name: &str) -> Result<launch::Placement, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let placement = ops::placement(q).await.map_err(|e| e.to_string())?;
+        let path = self.opts.state_dir.save_path(name);
+        let part = path.with_extension("state.part");
+        // The default bandwidth cap (32 MiB/s) is for live migration over a network.
+        q.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 64u64 << 30})),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&part)
+            .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+        let migrated = async {
+            q.send_fd("uvmctl-save", std::os::fd::AsFd::as_fd(&file))
+                .await
+                .map_err(|e| e.to_string())?;
+            q.execute(
+                "migrate",
+                Some(serde_json::json!({"uri": "fd:uvmctl-save"})),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            ops::wait_migration(q, SAVE_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            file.sync_all().map_err(|e| e.to_string())?;
+            std::fs::rename(&part, &path).map_err(|e| e.to_string())
+        }
+        .await;
+        if migrated.is_err() {
+            let _ = std::fs::remove_file(&part);
+        }
+        migrated.map(|()| placement)
+    }
+
+    /// Discards a saved guest state: the VM is then simply stopped.
+    fn discard_saved(&self, name: &str) -> Result<(), QemuError> {
+        let mut rec = self.record(name)?;
+        if rec.saved.take().is_some() {
+            let path = self.opts.state_dir.save_path(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(QemuError::Os {
+                        vm: name.into(),
+                        what: format!("cannot remove {}: {e}", path.display()),
+                    });
+                }
+            }
+            self.store(&rec)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the VM's QEMU has exited (hcsshim's `Wait`), up to
+    /// `timeout` if given; `Ok(false)` when it still runs at the deadline.
+    pub async fn wait(&self, name: &str, timeout: Option<Duration>) -> Result<bool, QemuError> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let rec = self.record(name)?;
+            if !self.alive(&rec) {
+                self.forget(name).await;
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Polls the QMP socket until QEMU answers, or reports why it died.
@@ -419,7 +630,9 @@ impl Qemu {
     }
 
     /// Shuts the VM down: ACPI power button, then `quit`, then signals.
+    /// A saved VM's state is discarded.
     pub async fn stop(&self, name: &str) -> Result<(), QemuError> {
+        self.discard_saved(name)?;
         let mut rec = self.record(name)?;
         rec.stopped_by_uvmctl = true;
         self.store(&rec)?;
@@ -517,18 +730,21 @@ impl Qemu {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
             self.forget(name).await;
-            let state = if rec.stopped_by_uvmctl && rec.pid.is_none() {
+            let state = if rec.saved.is_some() {
+                State::Saved
+            } else if rec.stopped_by_uvmctl && rec.pid.is_none() {
                 State::Created
             } else {
                 State::Terminated
             };
+            let memory_hotplug = rec.saved.as_ref().and_then(|s| s.memory_hotplug);
             let exit_error = self.exit_error(name);
             return Ok(ObservedVm {
                 config: rec.config,
                 state,
                 managed: true,
                 exit_error,
-                memory_hotplug: None,
+                memory_hotplug,
             });
         }
         let q = self.qmp(name).await?;

@@ -389,3 +389,85 @@ pub async fn remove_scsi_controller(
     unplug_if_present(q, &dev, timeout).await?;
     Ok(())
 }
+
+/// Where each device sits now, as properties that place it there again on a
+/// new launch: `addr` (PCI slot.function) for PCI devices, the memory address
+/// for NVDIMMs (`addr`) and virtio-mem (`memaddr`).
+pub async fn placement(q: &Qmp) -> Result<super::launch::Placement, QmpError> {
+    let mut out = super::launch::Placement::new();
+    let buses = q.execute("query-pci", None).await?;
+    // The pc machine has one root bus and uvmctl adds no bridges.
+    for dev in buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b.get("devices")?.as_array())
+        .flatten()
+    {
+        let (Some(id), Some(slot), Some(func)) = (
+            dev.get("qdev_id").and_then(Value::as_str),
+            dev.get("slot").and_then(Value::as_u64),
+            dev.get("function").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        if !id.is_empty() {
+            out.entry(id.to_string())
+                .or_default()
+                .insert("addr".into(), json!(format!("{slot:x}.{func:x}")));
+        }
+    }
+    let mem = q.execute("query-memory-devices", None).await?;
+    for d in mem.as_array().into_iter().flatten() {
+        let data = d.get("data");
+        let id = data.and_then(|d| d.get("id")).and_then(Value::as_str);
+        let (prop, addr) = match d.get("type").and_then(Value::as_str) {
+            Some("nvdimm" | "dimm") => ("addr", data.and_then(|d| d.get("addr"))),
+            Some("virtio-mem") => ("memaddr", data.and_then(|d| d.get("memaddr"))),
+            _ => continue,
+        };
+        if let (Some(id), Some(addr)) = (id, addr.and_then(Value::as_u64)) {
+            out.entry(id.to_string())
+                .or_default()
+                .insert(prop.into(), json!(addr));
+        }
+    }
+    Ok(out)
+}
+
+/// How a migration (save or restore) ended, when it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// QMP failed (QEMU may have exited).
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// QEMU reports the migration failed.
+    #[error("{0}")]
+    Failed(String),
+    /// Still running at the deadline.
+    #[error("not finished after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Waits for the migration in progress (outgoing or incoming) to complete.
+pub async fn wait_migration(q: &Qmp, timeout: Duration) -> Result<(), MigrationError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let info = q.execute("query-migrate", None).await?;
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(status @ ("failed" | "cancelled")) => {
+                let why = info
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or(status);
+                return Err(MigrationError::Failed(why.to_string()));
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(MigrationError::Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
