@@ -564,6 +564,24 @@ fn plan9_shares_mount_and_vpmem_shows_as_pmem_whose_removal_needs_a_restart() {
         b.iter()
             .any(|l| l.starts_with(&format!("pmem0 {} ", 16 << 20)))
     });
+    // QEMU refuses to save a guest with a mounted 9p share: the save fails
+    // with QEMU's reason and the guest runs on.
+    h.write_spec(
+        "files",
+        &h.spec("files", &format!("{extra}  powerState: saved\n")),
+    );
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("saving the guest failed, it runs on as before")
+            && text(&out).contains("mounted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(h.state_of("files"), "running");
+    assert_eq!(agent.cmd("ls /mnt/data"), ["hello.txt"]);
+    h.write_spec("files", &h.spec("files", &extra));
     assert_eq!(agent.cmd("umount /mnt/data"), Vec::<String>::new());
 
     // Removing the VPMem device plans as a restart, not a live change.
