@@ -17,14 +17,10 @@
 
 pub mod lock;
 
-use crate::plan::{
-    Item, ItemKey, Op, Plan, ResourceKind, VmAction, VmPlan, flatten, observed_power, unflatten,
-};
+use crate::plan::{Item, ItemKey, Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::virtstack::qemu::images::{check_scsi_image, check_vpmem_image};
-use crate::virtstack::qemu::qmp::Qmp;
-use crate::virtstack::qemu::{LaunchRecord, Qemu, QemuError, ops};
-use crate::vm::{Disruption, ResourceOperation, State};
+use crate::virtstack::qemu::{LaunchRecord, Qemu, QemuError};
+use crate::vm::{Disruption, ResourceOperation, State, Uvm};
 use std::sync::Arc;
 
 /// Why one VM could not be brought to its spec.
@@ -33,6 +29,9 @@ pub enum ApplyError {
     /// The virtstack failed.
     #[error(transparent)]
     Qemu(#[from] QemuError),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
     /// Some operation cannot be done by this virtstack.
     #[error("not applied: {0}")]
     Unsupported(String),
@@ -183,28 +182,15 @@ async fn update(
         q.set_config(name, want)?;
         return bring_to(q, name, PowerState::Stopped, want.power_state, progress).await;
     } else if !changes.is_empty() {
-        let (qmp, mut rec) = q.live(name).await?;
+        // Each live change goes through the core VM traits, which record
+        // it at once: a failure later leaves a true record.
+        let uvm = q.vm(name)?;
         for op in changes {
             progress(
                 name,
                 &format!("{} {} {}", op.operation, op.resource, op.key),
             );
-            hot(q, &qmp, &rec, op).await?;
-            // Record each step, so a failure later leaves a true record.
-            let mut items = flatten(&rec.config);
-            let key = (op.resource, op.key.clone());
-            match (&op.operation, &op.after) {
-                (ResourceOperation::Remove, _) => {
-                    items.remove(&key);
-                }
-                (_, Some(after)) => {
-                    items.insert(key, after.clone());
-                }
-                (_, None) => {}
-            }
-            rec.config =
-                unflatten(&items, rec.config.power_state).map_err(ApplyError::Inconsistent)?;
-            q.update_record(&rec)?;
+            hot(q, &uvm, op).await?;
         }
     }
     if power.is_empty() && state == now.state {
@@ -271,106 +257,94 @@ async fn bring_to(
     Ok(())
 }
 
-/// One live operation over QMP.
-async fn hot(q: &Qemu, qmp: &Qmp, rec: &LaunchRecord, op: &Op) -> Result<(), ApplyError> {
-    let vm = rec.name.as_str();
-    let qerr = |source| QemuError::Qmp {
-        vm: vm.into(),
-        source,
-    };
-    let unplug = |e: ops::UnplugError| match e {
-        ops::UnplugError::Qmp(source) => QemuError::Qmp {
-            vm: vm.into(),
-            source,
-        },
-        ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
-            vm: vm.into(),
-            device,
-            after,
-        },
-    };
-    let timeout = q.options().unplug_timeout;
-    let launch = |source| QemuError::Launch {
-        vm: vm.into(),
-        source,
-    };
-    let path_err = |field: &str| {
-        let field = field.to_string();
-        move |source| QemuError::Launch {
-            vm: vm.into(),
-            source: crate::virtstack::qemu::LaunchError::HostPath { field, source },
-        }
-    };
+/// One live operation, through the VM's managers.
+async fn hot(q: &Qemu, vm: &dyn Uvm, op: &Op) -> Result<(), ApplyError> {
+    use ResourceKind as K;
+    use ResourceOperation as O;
+    let none = |what: &str| ApplyError::Unsupported(format!("{} has no {what} manager", vm.id()));
     match (op.resource, op.operation, &op.key, &op.after) {
-        (ResourceKind::Policy, _, _, _) => {}
-        (ResourceKind::Processors, ResourceOperation::Update, _, Some(Item::Processors(n))) => {
-            ops::set_cpus(qmp, *n, timeout).await.map_err(unplug)?
+        (K::Policy, _, _, Some(Item::Policy(policy))) => {
+            // Not a device: only what the next plan reads back (prune protection).
+            let mut rec = q.record_now(vm.id())?;
+            rec.config.policy = *policy;
+            q.update_record(&rec)?;
         }
-        (ResourceKind::Memory, ResourceOperation::Update, _, Some(Item::Memory(mb))) => {
-            ops::set_memory(qmp, *mb, timeout).await.map_err(unplug)?
+        (K::Processors, O::Update, _, Some(Item::Processors(n))) => {
+            vm.set_processor_count(*n).await?
         }
-        (ResourceKind::StorageQos, ResourceOperation::Update, _, Some(Item::StorageQos(qos))) => {
-            ops::set_storage_qos(qmp, qos.as_ref())
-                .await
-                .map_err(qerr)?
+        (K::Memory, O::Update, _, Some(Item::Memory(mb))) => vm.set_memory_size(*mb).await?,
+        (K::StorageQos, O::Update, _, Some(Item::StorageQos(qos))) => {
+            let limit = |v: Option<u64>| v.unwrap_or(0);
+            let (iops, bw) = qos.as_ref().map_or((0, 0), |q| {
+                (limit(q.iops_maximum), limit(q.bandwidth_maximum))
+            });
+            vm.set_storage_qos(iops, bw).await?
         }
-        (ResourceKind::ScsiController, ResourceOperation::Add, ItemKey::Num(id), _) => {
-            ops::add_scsi_controller(qmp, *id).await.map_err(qerr)?
+        (K::ScsiController, O::Add, ItemKey::Num(id), _) => {
+            vm.scsi()
+                .ok_or_else(|| none("SCSI"))?
+                .add_scsi_controller(*id)
+                .await?
         }
-        (ResourceKind::ScsiController, ResourceOperation::Remove, ItemKey::Num(id), _) => {
-            ops::remove_scsi_controller(qmp, *id, timeout)
-                .await
-                .map_err(unplug)?
+        (K::ScsiController, O::Remove, ItemKey::Num(id), _) => {
+            vm.scsi()
+                .ok_or_else(|| none("SCSI"))?
+                .remove_scsi_controller(*id)
+                .await?
         }
-        (ResourceKind::ScsiDisk, ResourceOperation::Add, _, Some(Item::ScsiDisk(d))) => {
-            let field = format!("scsiDisk {}:{}", d.controller, d.disk.lun);
-            let resolved = q
-                .options()
-                .roots
-                .check(&d.disk.path)
-                .map_err(path_err(&field))?;
-            check_scsi_image(&resolved, d.disk.disk_type).map_err(path_err(&field))?;
-            ops::add_scsi_disk(qmp, d.controller, &d.disk, &resolved)
-                .await
-                .map_err(qerr)?
+        (K::ScsiDisk, O::Add, _, Some(Item::ScsiDisk(d))) => {
+            vm.scsi()
+                .ok_or_else(|| none("SCSI"))?
+                .add_scsi_disk(
+                    d.controller,
+                    d.disk.lun,
+                    &d.disk.path,
+                    d.disk.disk_type,
+                    d.disk.read_only,
+                )
+                .await?
         }
-        (ResourceKind::ScsiDisk, ResourceOperation::Remove, ItemKey::Lun(c, l), _) => {
-            ops::remove_scsi_disk(qmp, *c, *l, timeout)
-                .await
-                .map_err(unplug)?
+        (K::ScsiDisk, O::Remove, ItemKey::Lun(c, l), before) => {
+            let path = match before {
+                Some(Item::ScsiDisk(d)) => d.disk.path.clone(),
+                _ => Default::default(),
+            };
+            vm.scsi()
+                .ok_or_else(|| none("SCSI"))?
+                .remove_scsi_disk(*c, *l, &path)
+                .await?
         }
-        (
-            ResourceKind::NetworkAdapter,
-            ResourceOperation::Add,
-            _,
-            Some(Item::NetworkAdapter(n)),
-        ) => ops::add_nic(qmp, n).await.map_err(qerr)?,
-        (ResourceKind::NetworkAdapter, ResourceOperation::Remove, ItemKey::Text(id), _) => {
-            ops::remove_nic(qmp, id, timeout).await.map_err(unplug)?
+        (K::NetworkAdapter, O::Add, _, Some(Item::NetworkAdapter(n))) => {
+            vm.network()
+                .ok_or_else(|| none("network"))?
+                .add_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
+                .await?
         }
-        (ResourceKind::VpmemDevice, ResourceOperation::Add, _, Some(Item::VpmemDevice(d))) => {
-            let field = format!("vpmemDevice {}", d.id);
-            let resolved = q.options().roots.check(&d.path).map_err(path_err(&field))?;
-            let size = check_vpmem_image(&resolved, d.format).map_err(path_err(&field))?;
-            let max = rec
-                .config
-                .vpmem
-                .as_ref()
-                .map_or(0, |v| v.maximum_size_bytes);
-            if size > max {
-                return Err(launch(crate::virtstack::qemu::LaunchError::Unsupported(format!(
-                    "{field}: image maps {size} bytes, over the controller's maximumSizeBytes {max}"
-                )))
-                .into());
-            }
-            ops::add_vpmem(qmp, d, &resolved, size)
-                .await
-                .map_err(qerr)?
+        (K::NetworkAdapter, O::Remove, ItemKey::Text(id), _) => {
+            let (endpoint, mac) = match &op.before {
+                Some(Item::NetworkAdapter(n)) => (n.endpoint_id.as_str(), n.mac_address.as_str()),
+                _ => ("", ""),
+            };
+            vm.network()
+                .ok_or_else(|| none("network"))?
+                .remove_nic(id, endpoint, mac)
+                .await?
         }
-        (ResourceKind::Plan9Share, ResourceOperation::Remove, ItemKey::Text(share), _) => {
-            ops::remove_plan9(qmp, share, timeout)
-                .await
-                .map_err(unplug)?
+        (K::VpmemDevice, O::Add, _, Some(Item::VpmemDevice(d))) => {
+            vm.vpmem()
+                .ok_or_else(|| none("VPMem"))?
+                .add_vpmem_device(d.id, &d.path, d.read_only, d.format)
+                .await?
+        }
+        (K::Plan9Share, O::Remove, ItemKey::Text(share), before) => {
+            let port = match before {
+                Some(Item::Plan9Share(s)) => s.port,
+                _ => crate::spec::DEFAULT_PLAN9_PORT,
+            };
+            vm.plan9()
+                .ok_or_else(|| none("Plan9"))?
+                .remove_plan9(share, port)
+                .await?
         }
         (kind, operation, key, _) => {
             return Err(ApplyError::Inconsistent(format!(

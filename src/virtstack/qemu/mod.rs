@@ -9,6 +9,7 @@ pub mod launch;
 mod observe;
 pub mod ops;
 pub mod qmp;
+pub mod uvm;
 
 pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
 pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
@@ -98,6 +99,23 @@ pub enum QemuError {
     },
 }
 
+impl QemuError {
+    /// The error of an unplug (or resize) of `vm` that did not finish.
+    pub fn from_unplug(vm: &str, e: ops::UnplugError) -> Self {
+        match e {
+            ops::UnplugError::Qmp(source) => QemuError::Qmp {
+                vm: vm.into(),
+                source,
+            },
+            ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
+                vm: vm.into(),
+                device,
+                after,
+            },
+        }
+    }
+}
+
 impl From<QemuError> for VmError {
     fn from(e: QemuError) -> Self {
         let context = e.to_string();
@@ -173,6 +191,11 @@ impl Qemu {
             vm: name.into(),
             source,
         })
+    }
+
+    /// The launch record of a VM as it is on disk now.
+    pub fn record_now(&self, name: &str) -> Result<LaunchRecord, QemuError> {
+        self.record(name)
     }
 
     fn store(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
@@ -371,14 +394,7 @@ impl Qemu {
         // The vCPUs beyond the boot one, plugged before the guest runs.
         ops::set_cpus(&q, rec.config.processors.count, self.opts.unplug_timeout)
             .await
-            .map_err(|e| match e {
-                ops::UnplugError::Qmp(source) => qerr(source),
-                ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
-                    vm: name.into(),
-                    device,
-                    after,
-                },
-            })?;
+            .map_err(|e| QemuError::from_unplug(name, e))?;
         if saved.is_some() {
             self.restore(&q, name).await?;
         }
