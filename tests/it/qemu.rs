@@ -696,6 +696,47 @@ fn a_saved_vm_is_restored_where_it_was_with_its_hot_plugged_devices() {
 }
 
 #[test]
+fn uefi_boot_starts_the_efi_application_with_its_args_under_ovmf() {
+    let h = Host::new();
+    // The Debian kernel is an EFI application (EFI stub); hcsshim-style
+    // backslash paths, and the stub's initrd= naming a file in `dir`.
+    let spec = format!(
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: efi\nspec:\n  boot:\n    uefi:\n      dir: {}\n      path: \\vmlinuz\n      args: initrd=\\initrd.img console=ttyS0 panic=-1 quiet swiotlb=noforce\n  processors:\n    count: 1\n  memory:\n    sizeMB: 256\n",
+        h.guest.display()
+    );
+    h.write_spec("efi", &spec);
+    h.apply();
+    let mut agent = h.agent("efi");
+    let efi = agent.cmd("ls /sys/firmware/efi");
+    assert!(
+        efi.iter().any(|e| e == "runtime"),
+        "the guest runs on UEFI firmware: {efi:?}"
+    );
+    let vars = h.path("state").join("efi").join("efivars.fd");
+    let mode = std::fs::metadata(&vars)
+        .expect("own variable store")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    assert!(text(&h.apply()).contains("No changes."));
+
+    // An EFI path that leaves `dir` is refused before anything runs.
+    h.write_spec(
+        "esc",
+        &spec
+            .replace("name: efi", "name: esc")
+            .replace("\\vmlinuz", "../../../etc/passwd"),
+    );
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("spec.boot.uefi.path"), "{}", text(&out));
+    assert_eq!(h.state_of("esc"), "absent");
+}
+
+#[test]
 fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
     let h = Host::new();
     // The serial console is relayed to a listener the test holds.

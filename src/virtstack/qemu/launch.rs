@@ -32,6 +32,10 @@ pub const MEMORY_HOTPLUG_FACTOR: u64 = 4;
 pub const MEMORY_BLOCK_MB: u64 = 2;
 /// QEMU's seccomp sandbox, always on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// UEFI firmware code (Debian package `ovmf`), read-only and shared.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// UEFI variable store template; each VM gets its own copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Name of the virtio-serial port of the guest agent channel.
 pub const AGENT_PORT_NAME: &str = "uvmctl.agent";
 
@@ -207,6 +211,36 @@ impl StateDir {
     /// The launch record.
     pub fn record_path(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("launch.json")
+    }
+
+    /// The VM's own UEFI variable store (its NVRAM), kept across restarts.
+    pub fn efi_vars(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("efivars.fd")
+    }
+
+    /// Gives the VM its UEFI variable store from the OVMF template, once.
+    pub fn prepare_efi_vars(&self, name: &str) -> Result<(), LaunchError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.efi_vars(name);
+        if path.is_file() {
+            return Ok(());
+        }
+        let io = |what| {
+            let path = path.clone();
+            move |source| LaunchError::Io { what, path, source }
+        };
+        let template = fs::read(OVMF_VARS).map_err(|source| LaunchError::Io {
+            what: "cannot read",
+            path: OVMF_VARS.into(),
+            source,
+        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("cannot create"))?;
+        io::Write::write_all(&mut f, &template).map_err(io("cannot write"))
     }
 
     /// Where `save` writes a VM's state.
@@ -487,6 +521,36 @@ pub struct Resolved {
     pub pmem: std::collections::BTreeMap<u32, (PathBuf, u64)>,
     /// Plan9 shares by name.
     pub shares: std::collections::BTreeMap<String, PathBuf>,
+    /// For UEFI boot: the load options the firmware passes to the EFI
+    /// application (`kernel`), without the `initrd=` that became `initrd`.
+    pub uefi_args: Option<String>,
+}
+
+/// An EFI path (`\EFI\app.efi` or `EFI/app.efi`) as a path relative to the
+/// boot directory.
+fn efi_relative(p: &str) -> PathBuf {
+    PathBuf::from(p.replace('\\', "/").trim_start_matches('/'))
+}
+
+/// Resolves `rel` inside `dir` (already resolved): it must stay inside it.
+fn inside(
+    roots: &AllowedRoots,
+    dir: &Path,
+    given: &Path,
+    rel: &Path,
+    field: &str,
+) -> Result<PathBuf, LaunchError> {
+    let p = roots.check(&given.join(rel)).map_err(hp(field.into()))?;
+    if !p.starts_with(dir) || !p.is_file() {
+        return Err(LaunchError::HostPath {
+            field: field.into(),
+            source: HostPathError::WrongKind {
+                path: given.join(rel).display().to_string(),
+                reason: format!("not a file inside {}", dir.display()),
+            },
+        });
+    }
+    Ok(p)
 }
 
 fn hp(field: String) -> impl FnOnce(HostPathError) -> LaunchError {
@@ -512,10 +576,44 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
                 );
             }
         }
-        (None, Some(_)) => {
-            return Err(LaunchError::Unsupported(
-                "spec.boot.uefi: the qemu virtstack boots Linux kernels directly; UEFI boot is not built yet".into(),
-            ));
+        (None, Some(u)) => {
+            // OVMF loads the EFI application and its initrd through QEMU's
+            // fw_cfg (QEMU has no VMBus file system to boot from `dir`) and
+            // starts it with `args` as its load options. A Linux EFI stub's
+            // `initrd=FILE` names a file in `dir`; the firmware hands it over
+            // as the initrd instead.
+            if !Path::new(OVMF_CODE).is_file() || !Path::new(OVMF_VARS).is_file() {
+                return Err(LaunchError::Unsupported(format!(
+                    "spec.boot.uefi: UEFI boot needs the OVMF firmware ({OVMF_CODE}, {OVMF_VARS}; Debian package ovmf)"
+                )));
+            }
+            let dir = roots
+                .check(&u.dir)
+                .map_err(hp("spec.boot.uefi.dir".into()))?;
+            r.kernel = Some(inside(
+                roots,
+                &dir,
+                &u.dir,
+                &efi_relative(&u.path),
+                "spec.boot.uefi.path",
+            )?);
+            let (initrds, rest): (Vec<&str>, Vec<&str>) = u
+                .args
+                .split_whitespace()
+                .partition(|t| t.starts_with("initrd="));
+            match initrds.as_slice() {
+                [] => {}
+                [one] => {
+                    let rel = efi_relative(one.trim_start_matches("initrd="));
+                    r.initrd = Some(inside(roots, &dir, &u.dir, &rel, "spec.boot.uefi.args")?);
+                }
+                _ => {
+                    return Err(LaunchError::Unsupported(
+                        "spec.boot.uefi.args: the qemu virtstack passes one initrd= file".into(),
+                    ));
+                }
+            }
+            r.uefi_args = Some(rest.join(" "));
         }
         (None, None) => return Err(LaunchError::Unsupported("spec.boot: no boot source".into())),
     }
@@ -604,10 +702,16 @@ pub fn argv(
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
 
     let nvdimm = cfg.vpmem.is_some();
+    let uefi = res.uefi_args.is_some();
     let machine = format!(
-        "pc,accel={}{}",
+        "pc,accel={}{}{}",
         accel.as_str(),
-        if nvdimm { ",nvdimm=on" } else { "" }
+        if nvdimm { ",nvdimm=on" } else { "" },
+        if uefi {
+            ",pflash0=fw-code,pflash1=fw-vars"
+        } else {
+            ""
+        }
     );
     // One boot vCPU; the others are hot-plugged before the guest starts, so
     // every vCPU but the first can be unplugged again. Memory above the boot
@@ -648,6 +752,24 @@ pub fn argv(
         "panic=exit-failure",
     ]);
 
+    if let (Some(args), Some(kernel)) = (&res.uefi_args, &res.kernel) {
+        let vars = dir.efi_vars(name);
+        for node in [
+            json!({"driver": "file", "filename": OVMF_CODE, "node-name": "fw-code-file", "read-only": true}),
+            json!({"driver": "raw", "file": "fw-code-file", "node-name": "fw-code", "read-only": true}),
+            json!({"driver": "file", "filename": vars, "node-name": "fw-vars-file"}),
+            json!({"driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars"}),
+        ] {
+            push(&["-blockdev", &node.to_string()]);
+        }
+        push(&["-kernel", &kernel.display().to_string()]);
+        if let Some(initrd) = &res.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        if !args.is_empty() {
+            push(&["-append", args]);
+        }
+    }
     if let (Some(k), Some(kernel)) = (&cfg.boot.linux_kernel_direct, &res.kernel) {
         push(&["-kernel", &kernel.display().to_string()]);
         if let Some(initrd) = &res.initrd {
@@ -835,6 +957,82 @@ mod tests {
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
         assert_eq!(after(&a, "-m"), vec!["256M,maxmem=1024M"]);
+    }
+
+    #[test]
+    fn efi_paths_are_relative_to_the_boot_directory() {
+        assert_eq!(
+            efi_relative("\\EFI\\BOOT\\BOOTX64.EFI"),
+            Path::new("EFI/BOOT/BOOTX64.EFI")
+        );
+        assert_eq!(efi_relative("/vmlinuz"), Path::new("vmlinuz"));
+        assert_eq!(efi_relative("vmlinuz"), Path::new("vmlinuz"));
+    }
+
+    #[test]
+    fn uefi_boot_passes_the_app_its_args_and_its_initrd_through_the_firmware() {
+        let root = tempfile::Builder::new()
+            .prefix("uve")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let boot = root.path().join("boot");
+        std::fs::create_dir(&boot).expect("mkdir");
+        std::fs::write(boot.join("vmlinuz"), b"MZ").expect("app");
+        std::fs::write(boot.join("initrd.img"), b"ramdisk").expect("initrd");
+        std::fs::write(root.path().join("outside"), b"x").expect("outside");
+        let roots = AllowedRoots::new(&[root.path()]);
+        let mut c = cfg();
+        c.scsi_controllers.clear();
+        c.boot = Boot {
+            linux_kernel_direct: None,
+            uefi: Some(UefiBoot {
+                dir: boot.clone(),
+                path: "\\vmlinuz".into(),
+                args: "initrd=\\initrd.img console=ttyS0 quiet".into(),
+            }),
+        };
+        let firmware = Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file();
+        let res = resolve(&c, &roots);
+        if !firmware {
+            let err = res.expect_err("no firmware, no UEFI boot").to_string();
+            assert!(err.contains("Debian package ovmf"), "{err}");
+            return;
+        }
+        let res = res.expect("resolves");
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let (a, _) = argv("efi", &c, &res, &dir, Accel::Tcg);
+        assert_eq!(
+            after(&a, "-machine"),
+            vec!["pc,accel=tcg,pflash0=fw-code,pflash1=fw-vars"]
+        );
+        let real = |p: &Path| {
+            std::fs::canonicalize(p)
+                .expect("canonical")
+                .display()
+                .to_string()
+        };
+        assert_eq!(after(&a, "-kernel"), vec![real(&boot.join("vmlinuz"))]);
+        assert_eq!(after(&a, "-initrd"), vec![real(&boot.join("initrd.img"))]);
+        assert_eq!(after(&a, "-append"), vec!["console=ttyS0 quiet"]);
+        assert!(
+            after(&a, "-blockdev")
+                .iter()
+                .any(|b| b.contains("/run/uvmctl-test/efi/efivars.fd")),
+            "its own variable store"
+        );
+
+        // Files outside `dir` are refused, even under an allowed root.
+        let mut esc = c.clone();
+        if let Some(u) = esc.boot.uefi.as_mut() {
+            u.args = "initrd=../outside".into();
+        }
+        let err = resolve(&esc, &roots).expect_err("escape").to_string();
+        assert!(
+            err.contains("spec.boot.uefi.args") && err.contains("inside"),
+            "{err}"
+        );
     }
 
     #[test]

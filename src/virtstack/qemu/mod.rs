@@ -339,6 +339,12 @@ impl Qemu {
             argv.extend(["-incoming".to_string(), "defer".to_string()]);
         }
         let dir = self.opts.state_dir.vm_dir(name);
+        if rec.config.boot.uefi.is_some() {
+            self.opts
+                .state_dir
+                .prepare_efi_vars(name)
+                .map_err(launch_err)?;
+        }
         for (link, target) in &links {
             let _ = std::fs::remove_file(link);
             std::os::unix::fs::symlink(target, link).map_err(|e| QemuError::Os {
