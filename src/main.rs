@@ -200,6 +200,10 @@ struct ApplyArgs {
     /// Wait this long (seconds) for another apply holding the state directory; then exit 3.
     #[arg(long, value_parser = parse_secs, default_value = "30")]
     lock_timeout: Duration,
+    /// Wait up to SECS for each VM meant to run to boot (its guest opens the
+    /// uvmctl.agent port; guests without that agent never do), showing progress.
+    #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+    wait_ready: Option<Duration>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -502,6 +506,7 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         &qemu,
         ApplyOptions {
             allow_recreate: args.allow_recreate,
+            wait_ready: args.wait_ready,
         },
         progress,
     )

@@ -38,6 +38,9 @@ pub enum ApplyError {
     /// A recreate is needed but not allowed.
     #[error("must be recreated ({0}), which needs --allow-recreate or spec.policy.allowRecreate")]
     RecreateNotAllowed(String),
+    /// The guest did not open its agent port in time (`--wait-ready`).
+    #[error("the guest did not open its agent port within {0:?}; it runs on")]
+    NotReady(std::time::Duration),
     /// The plan and the VM disagree (changed since planning).
     #[error("{0}")]
     Inconsistent(String),
@@ -48,6 +51,57 @@ pub enum ApplyError {
 pub struct ApplyOptions {
     /// Recreate VMs whose spec policy does not allow it.
     pub allow_recreate: bool,
+    /// Wait up to this long for each VM meant to run to open its guest agent
+    /// port (a guest without uvmctl's agent never does).
+    pub wait_ready: Option<std::time::Duration>,
+}
+
+/// A long wait shows as it goes: after 2 s, then every 5 s.
+async fn with_ticker<T>(
+    progress: &Progress,
+    vm: &str,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    tokio::pin!(fut);
+    let mut next = std::time::Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(started + next)) => {
+                progress(vm, &format!("still {what} ({}s)", next.as_secs()));
+                next += std::time::Duration::from_secs(5);
+            }
+        }
+    }
+}
+
+/// Waits for the guest of a VM meant to run to open its agent port.
+async fn wait_ready(
+    q: &Qemu,
+    name: &str,
+    timeout: std::time::Duration,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let started = std::time::Instant::now();
+    let poll = async {
+        loop {
+            if q.guest_ready(name).await? {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(ApplyError::NotReady(timeout));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    with_ticker(progress, name, "waiting for the guest to boot", poll).await?;
+    progress(
+        name,
+        &format!("guest ready after {:.1}s", started.elapsed().as_secs_f64()),
+    );
+    Ok(())
 }
 
 /// Reports progress: `(vm, message)`.
@@ -125,7 +179,7 @@ async fn apply_vm(
     match vm.action {
         VmAction::Create => {
             progress(name, "creating and launching");
-            q.create(name, spec()?).await?;
+            with_ticker(progress, name, "launching", q.create(name, spec()?)).await?;
         }
         VmAction::Destroy => {
             progress(name, "destroying");
@@ -145,9 +199,14 @@ async fn apply_vm(
             if q.list().iter().any(|n| n == name) {
                 q.destroy(name).await?;
             }
-            q.create(name, spec()?).await?;
+            with_ticker(progress, name, "launching", q.create(name, spec()?)).await?;
         }
         VmAction::Update => update(q, vm, spec()?, progress).await?,
+    }
+    if let (Some(timeout), Some(PowerState::Running)) =
+        (opts.wait_ready, want.map(|w| w.power_state))
+    {
+        wait_ready(q, name, timeout, progress).await?;
     }
     Ok(())
 }
@@ -170,7 +229,7 @@ async fn update(
     if state == State::Saved && !changes.is_empty() && !restart {
         // The guest comes back as it was saved; the changes are then live ones.
         progress(name, "restoring the saved guest to apply changes");
-        q.start_paused(name).await?;
+        with_ticker(progress, name, "restoring", q.start_paused(name)).await?;
         state = State::Paused;
     }
     if !state.is_live() && state != State::Saved {
@@ -178,7 +237,7 @@ async fn update(
         q.set_config(name, want)?;
     } else if restart {
         progress(name, "restarting to apply cold changes");
-        q.stop(name).await?;
+        with_ticker(progress, name, "stopping", q.stop(name)).await?;
         q.set_config(name, want)?;
         return bring_to(q, name, PowerState::Stopped, want.power_state, progress).await;
     } else if !changes.is_empty() {
@@ -190,7 +249,8 @@ async fn update(
                 name,
                 &format!("{} {} {}", op.operation, op.resource, op.key),
             );
-            hot(q, &uvm, op).await?;
+            let what = format!("{} {} {}", op.operation, op.resource, op.key);
+            with_ticker(progress, name, &what, hot(q, &uvm, op)).await?;
         }
     }
     if power.is_empty() && state == now.state {
@@ -214,11 +274,11 @@ async fn bring_to(
         (Paused, Running) => q.resume(name).await?,
         (Stopped, Running) => {
             progress(name, "starting");
-            q.start(name).await?;
+            with_ticker(progress, name, "starting", q.start(name)).await?;
         }
         (Saved, Running) => {
             progress(name, "restoring the saved guest");
-            q.start(name).await?;
+            with_ticker(progress, name, "restoring", q.start(name)).await?;
         }
         (Stopped, Paused) => {
             progress(name, "starting paused");
@@ -234,11 +294,11 @@ async fn bring_to(
         }
         (Running | Paused, Stopped) => {
             progress(name, "stopping (ACPI power button, then forced)");
-            q.stop(name).await?;
+            with_ticker(progress, name, "stopping", q.stop(name)).await?;
         }
         (Running | Paused, Saved) => {
             progress(name, "saving the guest state");
-            q.save(name).await?;
+            with_ticker(progress, name, "saving", q.save(name)).await?;
         }
         (Stopped, Saved) => {
             progress(name, "starting, then saving the guest state");

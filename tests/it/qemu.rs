@@ -407,7 +407,22 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
 fn power_state_follows_the_spec() {
     let h = Host::new();
     h.write_spec("pwr", &h.spec("pwr", ""));
-    h.apply();
+    // --wait-ready returns once the guest is up, with progress while it boots.
+    let specs = h.path("specs");
+    let out = h.uvmctl(&[
+        "apply",
+        specs.to_str().expect("utf-8"),
+        "--yes",
+        "--wait-ready",
+        "120",
+    ]);
+    assert_ok(&out);
+    assert!(
+        text(&out).contains("still waiting for the guest to boot (2s)")
+            && text(&out).contains("guest ready after"),
+        "{}",
+        text(&out)
+    );
     h.agent("pwr");
     assert_eq!(h.state_of("pwr"), "running");
     let row = &h.status()[0];

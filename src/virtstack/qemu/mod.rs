@@ -859,6 +859,24 @@ impl Qemu {
         self.store(rec)
     }
 
+    /// Whether the guest has opened its agent port (`uvmctl.agent`): the
+    /// sign a guest with uvmctl's agent has booted. QEMU reports the guest's
+    /// side of a virtio-serial port as the chardev's `frontend-open`.
+    pub async fn guest_ready(&self, name: &str) -> Result<bool, QemuError> {
+        let q = self.running_qmp(name).await?;
+        let chardevs = q
+            .execute("query-chardev", None)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })?;
+        Ok(chardevs.as_array().into_iter().flatten().any(|c| {
+            c.get("label").and_then(serde_json::Value::as_str) == Some("agent")
+                && c.get("frontend-open").and_then(serde_json::Value::as_bool) == Some(true)
+        }))
+    }
+
     /// Where the guest agent channel of a VM listens.
     pub fn agent_socket(&self, name: &str) -> PathBuf {
         self.opts.state_dir.agent_socket(name)
