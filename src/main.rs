@@ -116,7 +116,9 @@ enum AccelArg {
 }
 
 impl HostArgs {
-    fn qemu(&self) -> anyhow::Result<Qemu> {
+    /// The QEMU virtstack; an `observer` only looks (its own QMP socket,
+    /// nothing created on the host).
+    fn qemu(&self, observer: bool) -> anyhow::Result<Qemu> {
         let roots = if self.allow_roots.is_empty() {
             AllowedRoots::new(DEFAULT_ALLOWED_ROOTS)
         } else {
@@ -132,6 +134,7 @@ impl HostArgs {
             },
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
+            observer,
         }))
     }
 }
@@ -288,13 +291,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Plan(args) => run_plan(args).await,
         Command::Apply(args) => run_apply(args).await,
-        Command::Status { host, output } => status(&host.qemu()?, output).await,
+        Command::Status { host, output } => status(&host.qemu(true)?, output).await,
         Command::Destroy {
             name,
             host,
             lock_timeout,
         } => {
-            let qemu = host.qemu()?;
+            let qemu = host.qemu(false)?;
+            qemu.options().state_dir.ensure_root()?;
             let _lock = StateLock::acquire(
                 qemu.options().state_dir.root(),
                 lock_timeout,
@@ -309,7 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             host,
             timeout,
         } => {
-            let qemu = host.qemu()?;
+            let qemu = host.qemu(false)?;
             if !qemu.wait(&name, timeout).await? {
                 eprintln!(
                     "{name}: still running after {:?}",
@@ -328,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Export { name, host } => export(&host.qemu()?, name.as_deref()).await,
+        Command::Export { name, host } => export(&host.qemu(true)?, name.as_deref()).await,
         Command::Capabilities { virtstack, output } => {
             let caps = match virtstack.as_str() {
                 "qemu" => Capabilities::qemu(&HostFacts::probe()),
@@ -380,7 +384,7 @@ async fn observe(
             Ok((rec.state().clone(), rec.caps().clone()))
         }
         None => {
-            let qemu = host.qemu()?;
+            let qemu = host.qemu(true)?;
             let state = qemu.observe_all().await?;
             Ok((state, qemu.capabilities().clone()))
         }
@@ -446,7 +450,8 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
     }
-    let qemu = args.host.qemu()?;
+    let qemu = args.host.qemu(false)?;
+    qemu.options().state_dir.ensure_root()?;
     let what = format!("uvmctl apply {}", args.dir.display());
     let _lock = StateLock::acquire(qemu.options().state_dir.root(), args.lock_timeout, &what)?;
 

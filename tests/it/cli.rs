@@ -317,3 +317,28 @@ fn capabilities_print_the_matrix_as_text_and_json() {
     assert_eq!(doc["matrix"]["plan9"]["add"]["disruption"], "restart");
     assert_exit_code(&t.uvmctl(&["capabilities", "--virtstack", "nope"]), 1);
 }
+
+#[test]
+fn looking_commands_create_nothing_on_the_host() {
+    let t = TestContext::new();
+    t.write_spec("a.yaml", &vm("a", 64, ""));
+    let state = t.path("no-state-yet");
+    let state_arg = state.to_str().expect("utf-8");
+    let out = t.uvmctl(&["plan", "specs", "--state-dir", state_arg]);
+    assert_exit_code(&out, 0);
+    assert!(
+        stdout(&out).contains("vm a will be created"),
+        "{}",
+        stdout(&out)
+    );
+    for args in [
+        vec!["status", "--state-dir", state_arg],
+        vec!["export", "--state-dir", state_arg],
+    ] {
+        assert_exit_code(&t.uvmctl(&args), 0);
+    }
+    assert!(
+        !state.exists(),
+        "plan, status and export leave no state dir"
+    );
+}

@@ -348,6 +348,14 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
         "{}",
         text(&out)
     );
+    // While another client holds the VM's main QMP socket (as a long apply
+    // does), status still reads the VM through its observe socket.
+    let held = UnixStream::connect(h.path("state").join("web").join("qmp.sock"))
+        .expect("hold the main QMP socket");
+    let row = &h.status()[0];
+    assert_eq!(row["state"], "running", "{row}");
+    assert!(row["lastError"].is_null(), "{row}");
+    drop(held);
 
     // Storage QoS is changed live, and read back from QEMU's throttle group.
     let qos = "  storageQos: {iopsMaximum: 200, bandwidthMaximum: 4194304}\n";

@@ -146,8 +146,9 @@ fn create_private_dir(dir: &Path, force: bool) -> Result<(), LaunchError> {
 }
 
 impl StateDir {
-    /// Uses `root` (created 0700 when missing). Refuses roots QEMU's
-    /// key=value options could misread.
+    /// Uses `root`, which is created (0700) only when something is written
+    /// there: read-only commands leave the host as it was. Refuses roots
+    /// QEMU's key=value options could misread.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, LaunchError> {
         let root: PathBuf = root.into();
         let text = root.to_str().ok_or_else(|| LaunchError::StateDir {
@@ -160,8 +161,12 @@ impl StateDir {
                 reason: "must be an absolute path without commas or control characters".into(),
             });
         }
-        create_private_dir(&root, false)?;
         Ok(StateDir { root })
+    }
+
+    /// Creates the root (0700) if it is missing.
+    pub fn ensure_root(&self) -> Result<(), LaunchError> {
+        create_private_dir(&self.root, false)
     }
 
     /// The root.
@@ -178,7 +183,14 @@ impl StateDir {
     pub fn create_vm_dir(&self, name: &str) -> Result<PathBuf, LaunchError> {
         let dir = self.vm_dir(name);
         // QEMU binds its sockets here; sun_path holds 107 bytes and a NUL.
-        let longest = self.agent_socket(name);
+        let longest = [
+            self.qmp_socket(name),
+            self.observe_socket(name),
+            self.agent_socket(name),
+        ]
+        .into_iter()
+        .max_by_key(|p| p.as_os_str().len())
+        .unwrap_or_default();
         if longest.as_os_str().len() > crate::spec::MAX_UNIX_SOCKET_PATH {
             return Err(LaunchError::StateDir {
                 path: dir,
@@ -193,9 +205,16 @@ impl StateDir {
         Ok(dir)
     }
 
-    /// The QMP socket of a VM.
+    /// The QMP socket of a VM, for the uvmctl that changes it.
     pub fn qmp_socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("qmp.sock")
+    }
+
+    /// A second QMP socket, for commands that only look (`plan`, `status`,
+    /// `export`): a QMP socket serves one client at a time, so they would
+    /// otherwise wait for an apply holding the first.
+    pub fn observe_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("qmp-observe.sock")
     }
 
     /// The guest agent channel of a VM.
@@ -743,6 +762,11 @@ pub fn argv(
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", dir.qmp_socket(name).display()),
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            dir.observe_socket(name).display()
+        ),
     ]);
     // A guest that panics exits instead of hanging; uvmctl reports the exit.
     push(&[
@@ -952,7 +976,10 @@ mod tests {
         assert!(a.iter().any(|x| x == "-S"));
         assert_eq!(
             after(&a, "-qmp"),
-            vec!["unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off"]
+            vec![
+                "unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off",
+                "unix:/run/uvmctl-test/web/qmp-observe.sock,server=on,wait=off"
+            ]
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);

@@ -139,6 +139,9 @@ pub struct QemuOptions {
     pub stop_timeout: Duration,
     /// Unplug acknowledgement timeout.
     pub unplug_timeout: Duration,
+    /// Only looks at VMs: talks to their observe QMP socket (where they
+    /// have one), so it never waits for an apply holding the main one.
+    pub observer: bool,
 }
 
 /// The QEMU virtstack on this host.
@@ -228,7 +231,13 @@ impl Qemu {
         if let Some(q) = conns.get(name) {
             return Ok(q.clone());
         }
-        let q = Qmp::connect(&self.opts.state_dir.qmp_socket(name), qmp::DEFAULT_TIMEOUT)
+        let observe = self.opts.state_dir.observe_socket(name);
+        let sock = if self.opts.observer && observe.exists() {
+            observe
+        } else {
+            self.opts.state_dir.qmp_socket(name)
+        };
+        let q = Qmp::connect(&sock, qmp::DEFAULT_TIMEOUT)
             .await
             .map_err(|source| QemuError::Qmp {
                 vm: name.into(),
@@ -358,6 +367,7 @@ impl Qemu {
         }
         self.forget(name).await;
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
+        let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
         let log = std::fs::File::create(self.opts.state_dir.stderr_log(name)).map_err(|e| {
             QemuError::Os {
                 vm: name.into(),

@@ -611,6 +611,7 @@ mod tests {
             accel: Accel::Tcg,
             stop_timeout: Duration::from_secs(1),
             unplug_timeout: Duration::from_secs(1),
+            observer: false,
         });
         (dir, qemu)
     }
