@@ -653,12 +653,18 @@ fn a_saved_vm_is_restored_where_it_was_with_its_hot_plugged_devices() {
 
     // Hot changes that leave a layout a cold launch would not reproduce:
     // the controller's PCI slot is freed, then taken by a new NIC.
-    let hot = h.spec("sv", &format!("  networkAdapters:\n{nic1}{nic2}"));
+    // Hot-added vCPUs and memory, too.
+    let boot_kb: u64 = agent.cmd("mem")[0].trim().parse().expect("mem_kb");
+    let hot = h
+        .spec("sv", &format!("  networkAdapters:\n{nic1}{nic2}"))
+        .replace("count: 1", "count: 2")
+        .replace("sizeMB: 256", "sizeMB: 384");
     h.write_spec("sv", &hot);
     h.apply();
     agent.wait_for("links", "the second NIC", |l| {
         l.iter().any(|x| x.contains("52:54:00:12:34:02"))
     });
+    agent.wait_for("cpus", "2 vCPUs", |c| c == ["2"]);
 
     h.write_spec("sv", &format!("{hot}  powerState: saved\n"));
     let out = h.apply();
@@ -699,6 +705,12 @@ fn a_saved_vm_is_restored_where_it_was_with_its_hot_plugged_devices() {
             .iter()
             .all(|mac| links.iter().any(|l| l.contains(mac))),
         "{links:?}"
+    );
+    assert_eq!(agent.cmd("cpus"), ["2"], "the hot-added vCPU is back");
+    let mem_kb: u64 = agent.cmd("mem")[0].trim().parse().expect("mem_kb");
+    assert!(
+        mem_kb >= boot_kb + 120_000,
+        "the hot-added memory is back: {mem_kb} kB vs {boot_kb} kB at boot"
     );
     assert!(!saved.exists(), "a restored state is removed");
     assert!(text(&h.apply()).contains("No changes."));

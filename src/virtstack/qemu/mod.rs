@@ -339,9 +339,14 @@ impl Qemu {
             source,
         };
         let res = launch::resolve(&rec.config, &self.opts.roots).map_err(launch_err)?;
-        let (mut argv, links) =
-            launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
         let saved = rec.saved.clone();
+        let mut cfg = rec.config.clone();
+        if let Some(hot) = saved.as_ref().and_then(|s| s.memory_hotplug) {
+            // The saved guest booted with this much; what it plugged since
+            // comes back with its state.
+            cfg.memory.size_mb = hot.min_mb;
+        }
+        let (mut argv, links) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
             launch::place_devices(&mut argv, &s.placement);
