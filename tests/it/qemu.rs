@@ -666,7 +666,31 @@ fn a_saved_vm_is_restored_where_it_was_with_its_hot_plugged_devices() {
     });
     agent.wait_for("cpus", "2 vCPUs", |c| c == ["2"]);
 
+    // A device added by hand would be missing at restore: no save then.
+    let qmp_sock = h.path("state").join("sv").join("qmp.sock");
+    qmp_by_hand(
+        &qmp_sock,
+        "device_add",
+        serde_json::json!({"driver": "virtio-rng-pci", "id": "byhand"}),
+        None,
+    );
     h.write_spec("sv", &format!("{hot}  powerState: saved\n"));
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("not saved: byhand added outside uvmctl"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(h.state_of("sv"), "running");
+    qmp_by_hand(
+        &qmp_sock,
+        "device_del",
+        serde_json::json!({"id": "byhand"}),
+        Some("DEVICE_DELETED"),
+    );
+
     let out = h.apply();
     assert!(
         text(&out).contains("powerState: running → saved"),

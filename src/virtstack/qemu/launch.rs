@@ -327,6 +327,15 @@ pub struct SavedGuest {
     pub memory_hotplug: Option<crate::virtstack::MemoryHotplug>,
 }
 
+/// The ids of the `-device` arguments of `argv`.
+pub fn device_ids(argv: &[String]) -> std::collections::BTreeSet<String> {
+    argv.windows(2)
+        .filter(|w| w[0] == "-device")
+        .filter_map(|w| serde_json::from_str::<Value>(&w[1]).ok())
+        .filter_map(|d| d.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect()
+}
+
 /// Adds `placement` properties to the `-device` arguments of `argv` whose id
 /// has one.
 pub fn place_devices(argv: &mut [String], placement: &Placement) {

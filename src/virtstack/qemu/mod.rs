@@ -482,6 +482,33 @@ impl Qemu {
             vm: name.into(),
             source,
         };
+        // A restore relaunches what the record says; a device added behind
+        // uvmctl's back would be missing and the saved state would not load.
+        let rec = self.record(name)?;
+        let res =
+            launch::resolve(&rec.config, &self.opts.roots).map_err(|source| QemuError::Launch {
+                vm: name.into(),
+                source,
+            })?;
+        let (argv, _) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
+        let known = launch::device_ids(&argv);
+        let foreign: Vec<String> = ops::peripherals(&q)
+            .await
+            .map_err(qerr)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !known.contains(id) && !id.starts_with("vcpu-"))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(QemuError::Migration {
+                vm: name.into(),
+                what: format!(
+                    "not saved: {} added outside uvmctl, would be missing at restore; remove {} (device_del) first",
+                    foreign.join(", "),
+                    if foreign.len() == 1 { "it" } else { "them" }
+                ),
+            });
+        }
         let was_running = ops::status(&q).await.map_err(qerr)? == "running";
         if was_running {
             q.execute("stop", None).await.map_err(qerr)?;
