@@ -864,6 +864,7 @@ mod properties {
                             have.state = match word {
                                 "running" => State::Running,
                                 "paused" => State::Paused,
+                                "saved" => State::Saved,
                                 _ => State::Terminated,
                             };
                             continue;

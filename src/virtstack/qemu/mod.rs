@@ -18,6 +18,7 @@ use super::{Capabilities, HostFacts, ObservedState, ObservedVm};
 use crate::spec::VmConfig;
 use crate::vm::{State, VmError};
 use qmp::{Qmp, QmpError};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -429,22 +430,12 @@ impl Qemu {
     /// On failure QEMU is stopped and the saved state kept.
     async fn restore(&self, q: &Qmp, name: &str) -> Result<(), QemuError> {
         let path = self.opts.state_dir.save_path(name);
-        let result = async {
-            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-            q.send_fd("uvmctl-restore", std::os::fd::AsFd::as_fd(&file))
+        let result = match std::fs::File::open(&path) {
+            Ok(file) => ops::migrate_fd(q, "migrate-incoming", file.as_fd(), SAVE_TIMEOUT)
                 .await
-                .map_err(|e| e.to_string())?;
-            q.execute(
-                "migrate-incoming",
-                Some(serde_json::json!({"uri": "fd:uvmctl-restore"})),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            ops::wait_migration(q, SAVE_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot open {}: {e}", path.display())),
+        };
         let mut rec = self.record(name)?;
         match result {
             Ok(()) => {
@@ -565,16 +556,7 @@ impl Qemu {
             .open(&part)
             .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
         let migrated = async {
-            q.send_fd("uvmctl-save", std::os::fd::AsFd::as_fd(&file))
-                .await
-                .map_err(|e| e.to_string())?;
-            q.execute(
-                "migrate",
-                Some(serde_json::json!({"uri": "fd:uvmctl-save"})),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            ops::wait_migration(q, SAVE_TIMEOUT)
+            ops::migrate_fd(q, "migrate", file.as_fd(), SAVE_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
             file.sync_all().map_err(|e| e.to_string())?;

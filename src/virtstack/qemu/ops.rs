@@ -449,6 +449,21 @@ pub enum MigrationError {
     Timeout(Duration),
 }
 
+/// Saves into (`migrate`) or restores from (`migrate-incoming`) the file
+/// behind `fd`, passed to QEMU over the QMP socket, and waits for the end.
+pub async fn migrate_fd(
+    q: &Qmp,
+    command: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Duration,
+) -> Result<(), MigrationError> {
+    let fdname = format!("uvmctl-{command}");
+    q.send_fd(&fdname, fd).await?;
+    q.execute(command, Some(json!({"uri": format!("fd:{fdname}")})))
+        .await?;
+    wait_migration(q, timeout).await
+}
+
 /// Waits for the migration in progress (outgoing or incoming) to complete.
 pub async fn wait_migration(q: &Qmp, timeout: Duration) -> Result<(), MigrationError> {
     let deadline = tokio::time::Instant::now() + timeout;

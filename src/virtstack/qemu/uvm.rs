@@ -82,6 +82,15 @@ impl QemuVm {
         .into()
     }
 
+    /// `path` resolved, if it lies under an allowed root.
+    fn host_path(&self, path: &Path, field: &str) -> Result<std::path::PathBuf> {
+        self.qemu
+            .options()
+            .roots
+            .check(path)
+            .map_err(self.path_err(field.to_string()))
+    }
+
     fn path_err(&self, field: String) -> impl Fn(super::HostPathError) -> VmError + '_ {
         move |source| {
             QemuError::Launch {
@@ -401,12 +410,7 @@ impl ScsiManager for QemuVm {
     ) -> Result<()> {
         let (q, _) = self.qemu.live(&self.name).await?;
         let field = format!("scsiDisk {controller}:{lun}");
-        let resolved = self
-            .qemu
-            .options()
-            .roots
-            .check(path)
-            .map_err(self.path_err(field.clone()))?;
+        let resolved = self.host_path(path, &field)?;
         check_scsi_image(&resolved, typ).map_err(self.path_err(field))?;
         let disk = ScsiDisk {
             lun,
@@ -444,12 +448,7 @@ impl VpmemManager for QemuVm {
     ) -> Result<()> {
         let (q, rec) = self.qemu.live(&self.name).await?;
         let field = format!("vpmemDevice {id}");
-        let resolved = self
-            .qemu
-            .options()
-            .roots
-            .check(path)
-            .map_err(self.path_err(field.clone()))?;
+        let resolved = self.host_path(path, &field)?;
         let size = check_vpmem_image(&resolved, format).map_err(self.path_err(field.clone()))?;
         let max = rec
             .config
