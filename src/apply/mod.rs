@@ -245,11 +245,8 @@ async fn update(
         // it at once: a failure later leaves a true record.
         let uvm = q.vm(name)?;
         for op in changes {
-            progress(
-                name,
-                &format!("{} {} {}", op.operation, op.resource, op.key),
-            );
             let what = format!("{} {} {}", op.operation, op.resource, op.key);
+            progress(name, &what);
             with_ticker(progress, name, &what, hot(q, &uvm, op)).await?;
         }
     }
