@@ -255,13 +255,7 @@ impl UvmBuilder for QemuBuilder {
     }
 
     async fn create(self: Box<Self>) -> Result<Box<dyn Uvm>> {
-        let mut config = self.config;
-        config.power_state = PowerState::Stopped;
-        self.qemu.create(&self.name, &config).await?;
-        Ok(Box::new(QemuVm {
-            qemu: self.qemu,
-            name: self.name,
-        }))
+        Virtstack::create(&self.qemu, &self.name, &self.config).await
     }
 }
 
@@ -569,11 +563,7 @@ impl Virtstack for Qemu {
     }
 
     async fn open(&self, name: &str) -> Result<Box<dyn Uvm>> {
-        self.record_now(name)?;
-        Ok(Box::new(QemuVm {
-            qemu: self.clone(),
-            name: name.to_string(),
-        }))
+        Ok(Box::new(self.vm(name)?))
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
