@@ -3,8 +3,8 @@
 //! An exhaustive match with no `_` arm, so a new [`ResourceKind`] cannot
 //! compile without a decision (Firecracker's `handle_preboot_request` habit).
 
-use super::items::{ItemKey, ResourceKind};
-use crate::virtstack::{Capabilities, Support};
+use crate::vm::items::{ItemKey, ResourceKind};
+use crate::vm::{Capabilities, Support};
 use crate::vm::{Resource, ResourceOperation, VMSocketType};
 
 /// The disruption class and reason of `op` on the item `kind`/`key`, as `caps` answer it.

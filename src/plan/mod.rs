@@ -3,14 +3,15 @@
 //! byte-identical plan.
 
 mod gate;
-pub mod items;
 pub mod render;
 
+/// The item model, shared with the data layer.
+pub use crate::vm::items;
+pub use crate::vm::items::{Item, ItemKey, Items, ResourceKind, describe, flatten, unflatten};
 pub use gate::classify;
-pub use items::{Item, ItemKey, Items, ResourceKind, describe, flatten, unflatten};
 
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::virtstack::{Capabilities, MemoryHotplug, ObservedState, ObservedVm, Support};
+use crate::vm::{Capabilities, MemoryHotplug, ObservedState, ObservedVm, Support};
 use crate::vm::{Disruption, ResourceOperation, State};
 use serde::Serialize;
 

@@ -1,10 +1,10 @@
 //! Rendering a plan: text for people (Terraform's symbols), a versioned JSON
 //! document for machines, and a unified diff of canonical YAML.
 
-use super::items::{Item, describe};
 use super::{Op, PLAN_FORMAT_VERSION, Plan, Summary, VmAction, VmPlan, observed_power};
 use crate::spec::{SpecError, VmConfig};
-use crate::virtstack::ObservedState;
+use crate::vm::ObservedState;
+use crate::vm::items::{Item, describe};
 use crate::vm::{Disruption, ResourceOperation};
 use serde::Serialize;
 use std::fmt::Write;

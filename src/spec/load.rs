@@ -6,9 +6,9 @@
 
 use super::error::SpecError;
 use super::locate::Locations;
-use super::model::VmDocument;
 use super::validate::{Problem, validate_document};
 use super::{DesiredState, DesiredVm};
+use crate::vm::config::VmDocument;
 use rayon::prelude::*;
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};

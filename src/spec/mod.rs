@@ -4,14 +4,15 @@
 mod error;
 mod load;
 mod locate;
-pub mod model;
 mod validate;
 
+/// The YAML shape of a spec document, shared with the data layer.
+pub use crate::vm::config as model;
+pub use crate::vm::config::*;
 pub use error::{SpecError, SpecErrors};
 pub use load::{
     Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
 };
-pub use model::*;
 pub use validate::{
     MAX_MEMORY_MB, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,
     MAX_UNIX_SOCKET_PATH, MAX_VPMEM_DEVICES, MAX_VPMEM_SIZE_BYTES, parse_guid, parse_mac,

@@ -7,7 +7,7 @@
 //! Plan9 port 1–65535, vsock port 1–4294967294, unix listener paths at most
 //! 107 bytes.
 
-use super::model::*;
+use crate::vm::config::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 

@@ -2,8 +2,8 @@
 //! `uvmctl export` writes), with the capabilities of a named virtstack. It lets
 //! CI preview a plan against a host it cannot reach. It only observes.
 
-use super::{Capabilities, ObservedState, ObservedVm};
 use crate::spec::{PowerState, SpecErrors, load_dir};
+use crate::vm::{Capabilities, ObservedState, ObservedVm};
 use crate::vm::{Observe, State, VmError};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,14 @@
 //! The VM abstraction, after hcsshim's `internal/vm` package: what a virtstack
 //! is asked to do, in words every layer shares. No I/O lives here.
 
+pub mod caps;
+pub mod config;
+pub mod items;
+pub mod observed;
 mod traits;
+
+pub use caps::{Capabilities, HostFacts, Support};
+pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 
 pub use traits::{
     BootManager, LinuxConfigManager, MemoryManager, NetworkManager, Observe, PciManager,

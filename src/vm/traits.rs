@@ -8,12 +8,12 @@
 //! work on a live VM is async and takes `&self`, since a running VM is shared
 //! between the executor, `watch` and event handlers.
 
+use super::config::VmConfig;
+use super::{Capabilities, ObservedState, ObservedVm};
 use super::{
     GuestOs, MemoryConfig, Resource, ResourceOperation, ScsiDiskType, State, VMSocketType,
     VPMemImageFormat, VmError, VsmbOptions,
 };
-use crate::spec::VmConfig;
-use crate::virtstack::{Capabilities, ObservedState, ObservedVm};
 use async_trait::async_trait;
 use std::path::Path;
 

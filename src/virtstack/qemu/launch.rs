@@ -324,7 +324,7 @@ pub struct SavedGuest {
     /// saved state only loads into the same layout.
     pub placement: Placement,
     /// The memory sizes the restored VM can take live.
-    pub memory_hotplug: Option<crate::virtstack::MemoryHotplug>,
+    pub memory_hotplug: Option<crate::vm::MemoryHotplug>,
 }
 
 /// The ids of the `-device` arguments of `argv`.

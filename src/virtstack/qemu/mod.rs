@@ -4,6 +4,7 @@
 //! launch record per VM for what QEMU does not report (cold settings, 9p host
 //! paths, NIC endpoints, the configuration for the next start).
 
+mod caps;
 pub mod images;
 pub mod launch;
 mod observe;
@@ -14,8 +15,8 @@ pub mod uvm;
 pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
 pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
-use super::{Capabilities, HostFacts, ObservedState, ObservedVm};
 use crate::spec::VmConfig;
+use crate::vm::{Capabilities, HostFacts, ObservedState, ObservedVm};
 use crate::vm::{State, VmError};
 use qmp::{Qmp, QmpError};
 use std::os::fd::AsFd;

@@ -8,7 +8,7 @@ use super::launch::{LaunchRecord, ids};
 use super::ops;
 use super::qmp::{Qmp, QmpError};
 use crate::spec::{NetworkAdapter, ScsiController, ScsiDisk, VmConfig};
-use crate::virtstack::{MemoryHotplug, ObservedVm};
+use crate::vm::{MemoryHotplug, ObservedVm};
 use crate::vm::{ScsiDiskType, State};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

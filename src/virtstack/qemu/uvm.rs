@@ -9,12 +9,11 @@
 use super::images::{check_scsi_image, check_vpmem_image};
 use super::launch::LaunchError;
 use super::{Qemu, QemuError, ops};
-use crate::plan::items::ScsiDiskItem;
-use crate::plan::{Item, ItemKey, ResourceKind, flatten, unflatten};
 use crate::spec::{
     Boot, LinuxKernelDirect, Mmio, NetworkAdapter, PowerState, ScsiDisk, SerialConsole, StorageQos,
     UefiBoot, VmConfig, Vpmem, VpmemDevice,
 };
+use crate::vm::items::{Item, ItemKey, ResourceKind, ScsiDiskItem, flatten, unflatten};
 use crate::vm::{
     BootManager, GuestOs, LinuxConfigManager, MemoryConfig, MemoryManager, NetworkManager,
     PciManager, Plan9Manager, ProcessorManager, Resource, ResourceOperation, ScsiDiskType,

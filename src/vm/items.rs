@@ -1,12 +1,12 @@
 //! A VM flattened into keyed items, so diffing two VMs is diffing two sorted
 //! maps: lists are matched by natural key, never by position.
 
-use crate::spec::{
+use super::config::{
     Boot, Mmio, NetworkAdapter, PciDevice, Plan9Share, Policy, PowerState, ScsiController,
     ScsiDisk, SerialConsole, StorageQos, VmConfig, VmSocket, Vpmem, VpmemDevice, VsmbShare,
     WindowsOptions,
 };
-use crate::vm::{GuestOs, MemoryBackingType, VMSocketType};
+use super::{GuestOs, MemoryBackingType, VMSocketType};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;

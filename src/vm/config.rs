@@ -5,7 +5,7 @@
 //! default. Optional fields with a default are left out when serialized, so the
 //! canonical YAML of a VM is short and diffs well.
 
-use crate::vm::{
+use super::{
     GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat, VsmbOptions, is_false,
 };
 use schemars::JsonSchema;
@@ -48,7 +48,7 @@ pub struct Metadata {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmStatus {
     /// Lifecycle state the virtstack reported.
-    pub state: crate::vm::State,
+    pub state: super::State,
     /// Whether uvmctl created (and so may change) this VM.
     #[serde(default = "default_true")]
     pub managed: bool,

@@ -1,0 +1,96 @@
+//! What the qemu virtstack can do on this host, as data the planner and the
+//! executor both read.
+
+use super::launch::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
+use crate::vm::{Capabilities, Disruption, HostFacts, Resource, ResourceOperation, Support};
+use std::path::Path;
+
+impl Capabilities {
+    /// The QEMU virtstack as uvmctl drives QEMU 7.2 (`docs/capabilities.md`),
+    /// on a host with `host`'s devices. It answers for what uvmctl does, not
+    /// for what QEMU could do in principle.
+    pub fn qemu(host: &HostFacts) -> Self {
+        use Resource::*;
+        let mut c = Capabilities::new(crate::vm::QEMU);
+        let live = Support::live;
+        let no_update =
+            |what: &str| Support::restart(format!("{what} is re-created at the next start"));
+        c.set_all(
+            ScsiController,
+            live(),
+            live(),
+            Support::unsupported("a controller has no settings to update"),
+        );
+        c.set_all(Scsi, live(), live(), no_update("a disk"));
+        c.set_all(
+            VPMem,
+            live(),
+            Support::restart("QEMU 7.2 cannot unplug an NVDIMM"),
+            Support::restart("QEMU 7.2 cannot unplug an NVDIMM"),
+        );
+        c.set_all(Network, live(), live(), no_update("a NIC"));
+        c.set_all(
+            Plan9,
+            Support::restart("QEMU 7.2 has no fsdev_add: a 9p export exists only from launch"),
+            live(),
+            no_update("a 9p export"),
+        );
+        let windows_only =
+            |what: &str| Support::unsupported(format!("{what} are a Windows (HCS) feature"));
+        c.set_all(
+            Vsmb,
+            windows_only("SMB shares"),
+            windows_only("SMB shares"),
+            windows_only("SMB shares"),
+        );
+        c.set_all(
+            CpuGroup,
+            windows_only("CPU groups"),
+            windows_only("CPU groups"),
+            windows_only("CPU groups"),
+        );
+        let pci = if host.vfio {
+            Support::unsupported(
+                "PCI passthrough (vfio-pci) is not built into the qemu virtstack yet",
+            )
+        } else {
+            Support::unsupported("PCI passthrough needs VFIO (/dev/vfio) on this host")
+        };
+        c.set_all(Pci, pci.clone(), pci.clone(), pci);
+        c.update_only(&[Memory, Processor, StorageQos]);
+        c.set(
+            Memory,
+            ResourceOperation::Update,
+            Support {
+                disruption: Disruption::Live,
+                reason: format!(
+                    "virtio-mem: from the boot size to {}x it, in {} MB steps (else a restart)",
+                    MEMORY_HOTPLUG_FACTOR, MEMORY_BLOCK_MB
+                ),
+            },
+        );
+        c.set(Processor, ResourceOperation::Update, live());
+        c.set(StorageQos, ResourceOperation::Update, live());
+        let serial = Support::restart("serial consoles are wired at launch");
+        c.set_all(Serial, serial.clone(), serial.clone(), serial);
+        let vsock = if host.vhost_vsock {
+            Support::unsupported("vsock listeners are not built into the qemu virtstack yet")
+        } else {
+            Support::unsupported("vsock needs /dev/vhost-vsock on this host")
+        };
+        c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
+        let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
+        c.set_all(HvSocket, hv.clone(), hv.clone(), hv);
+        c
+    }
+}
+
+impl HostFacts {
+    /// Looks at this host's device nodes.
+    pub fn probe() -> Self {
+        HostFacts {
+            vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+            vfio: Path::new("/dev/vfio/vfio").exists(),
+        }
+    }
+}
