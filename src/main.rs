@@ -13,14 +13,14 @@ use std::time::Duration;
 use uvmctl::apply::lock::{LockError, StateLock};
 use uvmctl::apply::{self, ApplyOptions};
 use uvmctl::plan::{self, Plan, PlanOptions, render};
-use uvmctl::spec::{self, API_VERSION, KIND, Loaded, Metadata, VmDocument, VmStatus};
+use uvmctl::reconcile;
+use uvmctl::spec::{self, Loaded};
 use uvmctl::virtstack::qemu::{
     Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
     DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
 };
 use uvmctl::virtstack::recorded::Recorded;
-use uvmctl::virtstack::{Capabilities, HostFacts, ObservedState};
-use uvmctl::vm::Disruption;
+use uvmctl::vm::{Capabilities, Chain, Disruption, HostFacts, Observe, Virtstack, VmName};
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +55,7 @@ enum Command {
     /// Stop a VM and delete everything uvmctl keeps for it.
     Destroy {
         /// VM name.
-        name: String,
+        name: VmName,
         #[command(flatten)]
         host: HostArgs,
         /// Wait this long for another apply holding the state directory.
@@ -66,7 +66,7 @@ enum Command {
     /// or died on its own (exit 1, with its last stderr lines).
     Wait {
         /// VM name.
-        name: String,
+        name: VmName,
         #[command(flatten)]
         host: HostArgs,
         /// Give up after this long (exit 2); waits forever without it.
@@ -76,7 +76,7 @@ enum Command {
     /// Write the observed state of VMs as spec YAML (adopting a VM starts here).
     Export {
         /// Only this VM.
-        name: Option<String>,
+        name: Option<VmName>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -282,9 +282,14 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Waits for the state directory's lock off the async workers (it polls).
+async fn lock(root: PathBuf, timeout: Duration, what: String) -> anyhow::Result<StateLock> {
+    Ok(tokio::task::spawn_blocking(move || StateLock::acquire(&root, timeout, &what)).await??)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Validate { dir } => Ok(validate(&dir)),
+        Command::Validate { dir } => Ok(validate(dir).await),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&spec::json_schema())?);
             Ok(0)
@@ -299,12 +304,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let qemu = host.qemu(false)?;
             qemu.options().state_dir.ensure_root()?;
-            let _lock = StateLock::acquire(
-                qemu.options().state_dir.root(),
-                lock_timeout,
-                "uvmctl destroy",
-            )?;
-            qemu.destroy(&name).await?;
+            let root = qemu.options().state_dir.root().to_path_buf();
+            let _lock = lock(root, lock_timeout, "uvmctl destroy".into()).await?;
+            Virtstack::destroy(&qemu, &name).await?;
             eprintln!("{name}: destroyed");
             Ok(0)
         }
@@ -314,14 +316,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             timeout,
         } => {
             let qemu = host.qemu(false)?;
-            if !qemu.wait(&name, timeout).await? {
+            if !Virtstack::wait(&qemu, &name, timeout).await? {
                 eprintln!(
                     "{name}: still running after {:?}",
                     timeout.unwrap_or_default()
                 );
                 return Ok(2);
             }
-            match qemu.exit_error(&name) {
+            match Virtstack::exit_error(&qemu, &name).await {
                 Some(err) => {
                     eprintln!("{name}: {err}");
                     Ok(1)
@@ -332,7 +334,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Export { name, host } => export(&host.qemu(true)?, name.as_deref()).await,
+        Command::Export { name, host } => {
+            let (yaml, skipped) = uvmctl::inspect::export(&host.qemu(true)?, name.as_ref()).await?;
+            print!("{yaml}");
+            for (vm, why) in &skipped {
+                eprintln!("{vm}: not exported: cannot be observed ({why})");
+            }
+            Ok(if skipped.is_empty() { 0 } else { EXIT_ERROR })
+        }
         Command::Capabilities { virtstack, output } => {
             let caps = match virtstack.as_str() {
                 "qemu" => Capabilities::qemu(&HostFacts::probe()),
@@ -349,8 +358,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-fn validate(dir: &std::path::Path) -> u8 {
-    let loaded = spec::load_dir(dir);
+async fn validate(dir: PathBuf) -> u8 {
+    let loaded = reconcile::load(dir).await;
     for e in &loaded.errors {
         eprintln!("{e}");
     }
@@ -371,24 +380,19 @@ fn validate(dir: &std::path::Path) -> u8 {
     }
 }
 
-/// Observed state and capabilities: a recording, or the live QEMU virtstack.
-async fn observe(
+/// What to plan against: a recording, or the live QEMU virtstack (looking only).
+fn observer(
     observed: Option<&PathBuf>,
     virtstack: &str,
     host: &HostArgs,
-) -> anyhow::Result<(ObservedState, Capabilities)> {
-    match observed {
-        Some(path) => {
-            let rec = Recorded::load(path, virtstack)
-                .with_context(|| format!("cannot read observed state from {}", path.display()))?;
-            Ok((rec.state().clone(), rec.caps().clone()))
-        }
-        None => {
-            let qemu = host.qemu(true)?;
-            let state = qemu.observe_all().await?;
-            Ok((state, qemu.capabilities().clone()))
-        }
-    }
+) -> anyhow::Result<Box<dyn Observe>> {
+    Ok(match observed {
+        Some(path) => Box::new(
+            Recorded::load(path, virtstack)
+                .with_context(|| format!("cannot read observed state from {}", path.display()))?,
+        ),
+        None => Box::new(host.qemu(true)?),
+    })
 }
 
 fn print_errors(loaded: &Loaded) {
@@ -403,14 +407,17 @@ fn exceeds(common: &PlanCommon, the_plan: &Plan) -> Option<(Disruption, Disrupti
     (max > limit).then_some((limit, max))
 }
 
+fn plan_options(common: &PlanCommon) -> PlanOptions {
+    PlanOptions {
+        prune: common.prune,
+        allow_empty_prune: common.allow_empty_prune,
+    }
+}
+
 async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
-    let loaded = spec::load_dir(&args.dir);
-    let (observed, caps) = observe(args.observed.as_ref(), &args.virtstack, &args.host).await?;
-    let opts = PlanOptions {
-        prune: args.common.prune,
-        allow_empty_prune: args.common.allow_empty_prune,
-    };
-    let the_plan = plan::plan(&loaded.desired, &observed, &caps, &opts);
+    let vs = observer(args.observed.as_ref(), &args.virtstack, &args.host)?;
+    let (loaded, observed, the_plan) =
+        reconcile::plan_dir(args.dir.clone(), vs.as_ref(), &plan_options(&args.common)).await?;
     let style = args.common.color.style();
     match args.output {
         Output::Json => print!("{}", render::json(&the_plan, &loaded.errors)),
@@ -434,6 +441,15 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
         }
         return Ok(EXIT_ERROR);
     }
+    if !observed.unknown.is_empty() {
+        if args.output == Output::Text {
+            eprintln!(
+                "{} VM(s) could not be observed and were not planned",
+                observed.unknown.len()
+            );
+        }
+        return Ok(EXIT_ERROR);
+    }
     if let Some((limit, max)) = exceeds(&args.common, &the_plan) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
         return Ok(EXIT_TOO_DISRUPTIVE);
@@ -445,7 +461,7 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
-    let loaded = spec::load_dir(&args.dir);
+    let loaded = reconcile::load(args.dir.clone()).await;
     if !loaded.errors.is_empty() {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
@@ -453,14 +469,17 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     let qemu = args.host.qemu(false)?;
     qemu.options().state_dir.ensure_root()?;
     let what = format!("uvmctl apply {}", args.dir.display());
-    let _lock = StateLock::acquire(qemu.options().state_dir.root(), args.lock_timeout, &what)?;
+    let root = qemu.options().state_dir.root().to_path_buf();
+    let _lock = lock(root, args.lock_timeout, what).await?;
+    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
 
-    let observed = qemu.observe_all().await?;
-    let opts = PlanOptions {
-        prune: args.common.prune,
-        allow_empty_prune: args.common.allow_empty_prune,
-    };
-    let the_plan = plan::plan(&loaded.desired, &observed, qemu.capabilities(), &opts);
+    let observed = reconcile::observe_all(vs.as_ref()).await?;
+    let the_plan = plan::plan(
+        &loaded.desired,
+        &observed,
+        vs.capabilities(),
+        &plan_options(&args.common),
+    );
     print!("{}", render::text(&the_plan, &args.common.color.style()));
     if !the_plan.has_changes() {
         return Ok(0);
@@ -472,18 +491,10 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         return Ok(EXIT_TOO_DISRUPTIVE);
     }
     // Every host path of every VM that will be built is checked before anything changes.
-    let mut refused = Vec::new();
-    for vm in &the_plan.vms {
-        if let Some(want) = loaded.desired.vms.get(&vm.name)
-            && let Err(e) =
-                uvmctl::virtstack::qemu::launch::resolve(&want.config, &qemu.options().roots)
-        {
-            refused.push(format!("{} ({}): {e}", vm.name, want.file.display()));
-        }
-    }
+    let refused = apply::preflight(&the_plan, &loaded.desired, vs.as_ref());
     if !refused.is_empty() {
-        for r in &refused {
-            eprintln!("{r}");
+        for (vm, why) in &refused {
+            eprintln!("{vm} ({why})");
         }
         bail!("{} VM(s) refused; nothing was applied", refused.len());
     }
@@ -508,7 +519,7 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     let outcomes = apply::apply(
         &the_plan,
         &loaded.desired,
-        &qemu,
+        vs,
         ApplyOptions {
             allow_recreate: args.allow_recreate,
             wait_ready: args.wait_ready,
@@ -531,75 +542,19 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     );
     for o in &outcomes {
         if let Err(e) = &o.result {
-            eprintln!("  {}: {e}", o.name);
+            eprintln!("  {}: {}", o.name, Chain(e));
         }
     }
-    Ok(if failed.is_empty() { 0 } else { EXIT_ERROR })
+    let unknown = !observed.unknown.is_empty();
+    Ok(if failed.is_empty() && !unknown {
+        0
+    } else {
+        EXIT_ERROR
+    })
 }
 
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusRow {
-    name: String,
-    state: String,
-    uptime_seconds: Option<u64>,
-    memory_mb: u64,
-    vcpus: u32,
-    devices: usize,
-    /// vCPU time used since launch, and host memory in use (running VMs only).
-    cpu_time_ms: Option<u64>,
-    rss_mb: Option<u64>,
-    last_error: Option<String>,
-}
-
-async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
-    let mut rows = Vec::new();
-    for name in qemu.list() {
-        let (vm, err) = match qemu.observe(&name).await {
-            Ok(vm) => (Some(vm), qemu.exit_error(&name)),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        let rec =
-            uvmctl::virtstack::qemu::LaunchRecord::load(&qemu.options().state_dir, &name).ok();
-        let uptime = match (&vm, rec.as_ref().and_then(|r| r.started_at)) {
-            (Some(v), Some(t)) if v.state.is_live() => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|now| now.as_secs().saturating_sub(t)),
-            _ => None,
-        };
-        let stats = match &vm {
-            Some(v) if v.state.is_live() => qemu.stats(&name).await.ok(),
-            _ => None,
-        };
-        rows.push(match vm {
-            Some(v) => StatusRow {
-                name,
-                state: v.state.to_string(),
-                uptime_seconds: uptime,
-                memory_mb: v.config.memory.size_mb,
-                vcpus: v.config.processors.count,
-                devices: plan::flatten(&v.config)
-                    .keys()
-                    .filter(|(k, _)| !k.is_singleton())
-                    .count(),
-                cpu_time_ms: stats.map(|s| s.total_runtime_ns / 1_000_000),
-                rss_mb: stats.map(|s| s.working_set_bytes >> 20),
-                last_error: err,
-            },
-            None => StatusRow {
-                name,
-                state: "unknown".into(),
-                uptime_seconds: None,
-                memory_mb: 0,
-                vcpus: 0,
-                devices: 0,
-                cpu_time_ms: None,
-                rss_mb: None,
-                last_error: err,
-            },
-        });
-    }
+async fn status(vs: &dyn Virtstack, output: Output) -> anyhow::Result<u8> {
+    let rows = uvmctl::inspect::status(vs).await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => {
@@ -627,36 +582,6 @@ async fn status(qemu: &Qemu, output: Output) -> anyhow::Result<u8> {
                 );
             }
         }
-    }
-    Ok(0)
-}
-
-async fn export(qemu: &Qemu, only: Option<&str>) -> anyhow::Result<u8> {
-    let names: Vec<String> = match only {
-        Some(n) => vec![n.to_string()],
-        None => qemu.list(),
-    };
-    let mut first = true;
-    for name in names {
-        let vm = qemu.observe(&name).await?;
-        let mut config = vm.config;
-        config.power_state = plan::observed_power(vm.state);
-        config.canonicalize();
-        let doc = VmDocument {
-            api_version: API_VERSION.into(),
-            kind: KIND.into(),
-            metadata: Metadata { name },
-            spec: config,
-            status: Some(VmStatus {
-                state: vm.state,
-                managed: vm.managed,
-            }),
-        };
-        if !first {
-            println!("---");
-        }
-        first = false;
-        print!("{}", serde_yaml::to_string(&doc)?);
     }
     Ok(0)
 }

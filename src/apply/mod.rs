@@ -1,12 +1,12 @@
-//! ⑤ The executor: runs a [`Plan`] against the QEMU virtstack, VM by VM
+//! ⑤ The executor: runs a [`Plan`] against any [`Virtstack`], VM by VM
 //! (VMs in parallel, operations within one VM in plan order).
 //!
 //! # Guarantees
 //! - A VM with an operation its virtstack cannot do is not touched at all.
 //! - A recreate happens only when `--allow-recreate` or the spec's policy allows it.
-//! - A failing VM does not stop the others; each gets its own outcome.
-//! - After each hot operation the launch record is updated, so a later
-//!   restart launches what the VM really has.
+//! - A failing or hanging VM does not stop the others; each gets its own outcome.
+//! - Every live change goes through the VM's managers ([`Uvm`]), which
+//!   record it at once, so a later restart launches what the VM really has.
 //!
 //! # Assumptions
 //! - One executor per state directory at a time (the CLI holds a lock).
@@ -17,10 +17,9 @@
 
 pub mod lock;
 
-use crate::plan::{Item, ItemKey, Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
+use crate::plan::{Item, Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::virtstack::qemu::{LaunchRecord, Qemu, QemuError};
-use crate::vm::{Disruption, ResourceOperation, State, Uvm};
+use crate::vm::{Chain, Disruption, ResourceOperation, State, Uvm, Virtstack, VmError, VmName};
 use std::sync::Arc;
 
 /// Why one VM could not be brought to its spec.
@@ -28,10 +27,7 @@ use std::sync::Arc;
 pub enum ApplyError {
     /// The virtstack failed.
     #[error(transparent)]
-    Qemu(#[from] QemuError),
-    /// A VM operation failed.
-    #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
+    Vm(#[from] VmError),
     /// Some operation cannot be done by this virtstack.
     #[error("not applied: {0}")]
     Unsupported(String),
@@ -44,8 +40,21 @@ pub enum ApplyError {
     /// The plan and the VM disagree (changed since planning).
     #[error("{0}")]
     Inconsistent(String),
+    /// The plan asked for a live change the VM interface has no verb for.
+    #[error("{what} has no live path in the VM interface; the plan should not have called it live")]
+    NoLivePath {
+        /// The change.
+        what: String,
+    },
+    /// The VM lacks the manager a live change needs.
+    #[error("{vm} has no {manager} manager")]
+    NoManager {
+        /// VM name.
+        vm: String,
+        /// Which manager.
+        manager: &'static str,
+    },
 }
-
 /// Choices for one apply.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyOptions {
@@ -79,15 +88,15 @@ async fn with_ticker<T>(
 
 /// Waits for the guest of a VM meant to run to open its agent port.
 async fn wait_ready(
-    q: &Qemu,
-    name: &str,
+    vs: &dyn Virtstack,
+    name: &VmName,
     timeout: std::time::Duration,
     progress: &Progress,
 ) -> Result<(), ApplyError> {
     let started = std::time::Instant::now();
     let poll = async {
         loop {
-            if q.guest_ready(name).await? {
+            if vs.guest_ready(name).await? {
                 return Ok(());
             }
             if started.elapsed() > timeout {
@@ -117,10 +126,13 @@ pub struct VmOutcome {
 }
 
 /// Applies every VM plan, in parallel.
+///
+/// # Errors
+/// None as a whole: each VM's outcome says how it went.
 pub async fn apply(
     plan: &Plan,
     desired: &DesiredState,
-    qemu: &Qemu,
+    vs: Arc<dyn Virtstack>,
     opts: ApplyOptions,
     progress: Progress,
 ) -> Vec<VmOutcome> {
@@ -128,13 +140,13 @@ pub async fn apply(
     for vm in &plan.vms {
         let vm = vm.clone();
         let want = desired.vms.get(&vm.name).map(|d| d.config.clone());
-        let qemu = qemu.clone();
+        let vs = vs.clone();
         let progress = progress.clone();
         set.spawn(async move {
-            let result = apply_vm(&qemu, &vm, want.as_ref(), opts, &progress).await;
+            let result = apply_vm(vs.as_ref(), &vm, want.as_ref(), opts, &progress).await;
             match &result {
                 Ok(()) => progress(&vm.name, "done"),
-                Err(e) => progress(&vm.name, &format!("failed: {e}")),
+                Err(e) => progress(&vm.name, &format!("failed: {}", Chain(e))),
             }
             VmOutcome {
                 name: vm.name,
@@ -158,8 +170,29 @@ pub async fn apply(
     out
 }
 
+/// Every host path and cold setting of every VM the plan builds or changes,
+/// checked before anything changes: `(vm, why)` for each VM refused.
+pub fn preflight(plan: &Plan, desired: &DesiredState, vs: &dyn Virtstack) -> Vec<(String, String)> {
+    let mut refused = Vec::new();
+    for vm in &plan.vms {
+        let Some(want) = desired.vms.get(&vm.name) else {
+            continue;
+        };
+        let checked = VmName::new(&vm.name)
+            .map_err(VmError::from)
+            .and_then(|name| vs.preflight(&name, &want.config));
+        if let Err(e) = checked {
+            refused.push((
+                vm.name.clone(),
+                format!("{}: {}", want.file.display(), Chain(&e)),
+            ));
+        }
+    }
+    refused
+}
+
 async fn apply_vm(
-    q: &Qemu,
+    vs: &dyn Virtstack,
     vm: &VmPlan,
     want: Option<&VmConfig>,
     opts: ApplyOptions,
@@ -174,16 +207,19 @@ async fn apply_vm(
     if !unsupported.is_empty() {
         return Err(ApplyError::Unsupported(unsupported.join("; ")));
     }
-    let name = vm.name.as_str();
-    let spec = || want.ok_or_else(|| ApplyError::Inconsistent(format!("no spec for {name}")));
+    let name = VmName::new(&vm.name).map_err(VmError::from)?;
+    let label = vm.name.as_str();
+    let spec = || want.ok_or_else(|| ApplyError::Inconsistent(format!("no spec for {label}")));
     match vm.action {
         VmAction::Create => {
-            progress(name, "creating and launching");
-            with_ticker(progress, name, "launching", q.create(name, spec()?)).await?;
+            progress(label, "creating and launching");
+            let want = spec()?;
+            vs.create(&name, want).await?;
+            bring_to(vs, &name, PowerState::Stopped, want.power_state, progress).await?;
         }
         VmAction::Destroy => {
-            progress(name, "destroying");
-            q.destroy(name).await?;
+            progress(label, "destroying");
+            vs.destroy(&name).await?;
         }
         VmAction::Recreate => {
             let reasons: Vec<String> = vm
@@ -195,30 +231,33 @@ async fn apply_vm(
             if !(opts.allow_recreate || vm.recreate_allowed == Some(true)) {
                 return Err(ApplyError::RecreateNotAllowed(reasons.join("; ")));
             }
-            progress(name, "recreating");
-            if q.list().iter().any(|n| n == name) {
-                q.destroy(name).await?;
+            progress(label, "recreating");
+            let want = spec()?;
+            if vs.list().await?.contains(&name) {
+                with_ticker(progress, label, "destroying", vs.destroy(&name)).await?;
             }
-            with_ticker(progress, name, "launching", q.create(name, spec()?)).await?;
+            vs.create(&name, want).await?;
+            bring_to(vs, &name, PowerState::Stopped, want.power_state, progress).await?;
         }
-        VmAction::Update => update(q, vm, spec()?, progress).await?,
+        VmAction::Update => update(vs, &name, vm, spec()?, progress).await?,
     }
     if let (Some(timeout), Some(PowerState::Running)) =
         (opts.wait_ready, want.map(|w| w.power_state))
     {
-        wait_ready(q, name, timeout, progress).await?;
+        wait_ready(vs, &name, timeout, progress).await?;
     }
     Ok(())
 }
 
 async fn update(
-    q: &Qemu,
+    vs: &dyn Virtstack,
+    name: &VmName,
     vm: &VmPlan,
     want: &VmConfig,
     progress: &Progress,
 ) -> Result<(), ApplyError> {
-    let name = vm.name.as_str();
-    let now = q.observe(name).await?;
+    let label = name.as_str();
+    let now = vs.observe(name).await?;
     let mut state = now.state;
     let (changes, power): (Vec<&Op>, Vec<&Op>) = vm
         .ops
@@ -228,130 +267,126 @@ async fn update(
 
     if state == State::Saved && !changes.is_empty() && !restart {
         // The guest comes back as it was saved; the changes are then live ones.
-        progress(name, "restoring the saved guest to apply changes");
-        with_ticker(progress, name, "restoring", q.start_paused(name)).await?;
+        progress(label, "restoring the saved guest to apply changes");
+        with_ticker(progress, label, "restoring", vs.start(name, true)).await?;
         state = State::Paused;
     }
     if !state.is_live() && state != State::Saved {
         // Nothing runs: the new configuration takes effect when it starts.
-        q.set_config(name, want)?;
+        vs.reconfigure(name, want).await?;
     } else if restart {
-        progress(name, "restarting to apply cold changes");
-        with_ticker(progress, name, "stopping", q.stop(name)).await?;
-        q.set_config(name, want)?;
-        return bring_to(q, name, PowerState::Stopped, want.power_state, progress).await;
+        progress(label, "restarting to apply cold changes");
+        with_ticker(progress, label, "stopping", vs.stop(name)).await?;
+        vs.reconfigure(name, want).await?;
+        return bring_to(vs, name, PowerState::Stopped, want.power_state, progress).await;
     } else if !changes.is_empty() {
-        // Each live change goes through the core VM traits, which record
-        // it at once: a failure later leaves a true record.
-        let uvm = q.vm(name)?;
+        let uvm = vs.open(name).await?;
         for op in changes {
             let what = format!("{} {} {}", op.operation, op.resource, op.key);
-            progress(name, &what);
-            with_ticker(progress, name, &what, hot(q, &uvm, op)).await?;
+            progress(label, &what);
+            with_ticker(progress, label, &what, live(vs, name, uvm.as_ref(), op)).await?;
         }
     }
     if power.is_empty() && state == now.state {
         return Ok(());
     }
-    bring_to(q, name, observed_power(state), want.power_state, progress).await
+    bring_to(vs, name, observed_power(state), want.power_state, progress).await
 }
 
 /// Moves a VM from one power state to another.
 async fn bring_to(
-    q: &Qemu,
-    name: &str,
+    vs: &dyn Virtstack,
+    name: &VmName,
     from: PowerState,
     to: PowerState,
     progress: &Progress,
 ) -> Result<(), ApplyError> {
     use PowerState::*;
+    let label = name.as_str();
     match (from, to) {
-        (a, b) if a == b => {}
-        (Running, Paused) => q.pause(name).await?,
-        (Paused, Running) => q.resume(name).await?,
+        (Running, Running) | (Paused, Paused) | (Stopped, Stopped) | (Saved, Saved) => {}
+        (Running, Paused) => vs.pause(name).await?,
+        (Paused, Running) => vs.resume(name).await?,
         (Stopped, Running) => {
-            progress(name, "starting");
-            with_ticker(progress, name, "starting", q.start(name)).await?;
+            progress(label, "starting");
+            with_ticker(progress, label, "starting", vs.start(name, false)).await?;
         }
         (Saved, Running) => {
-            progress(name, "restoring the saved guest");
-            with_ticker(progress, name, "restoring", q.start(name)).await?;
+            progress(label, "restoring the saved guest");
+            with_ticker(progress, label, "restoring", vs.start(name, false)).await?;
         }
         (Stopped, Paused) => {
-            progress(name, "starting paused");
-            q.start_paused(name).await?;
+            progress(label, "starting paused");
+            with_ticker(progress, label, "starting", vs.start(name, true)).await?;
         }
         (Saved, Paused) => {
-            progress(name, "restoring the saved guest, paused");
-            q.start_paused(name).await?;
+            progress(label, "restoring the saved guest, paused");
+            with_ticker(progress, label, "restoring", vs.start(name, true)).await?;
         }
         (Saved, Stopped) => {
-            progress(name, "discarding the saved guest state");
-            q.stop(name).await?;
+            progress(label, "discarding the saved guest state");
+            vs.stop(name).await?;
         }
         (Running | Paused, Stopped) => {
-            progress(name, "stopping (ACPI power button, then forced)");
-            with_ticker(progress, name, "stopping", q.stop(name)).await?;
+            progress(label, "stopping (ACPI power button, then forced)");
+            with_ticker(progress, label, "stopping", vs.stop(name)).await?;
         }
         (Running | Paused, Saved) => {
-            progress(name, "saving the guest state");
-            with_ticker(progress, name, "saving", q.save(name)).await?;
+            progress(label, "saving the guest state");
+            with_ticker(progress, label, "saving", vs.save(name)).await?;
         }
         (Stopped, Saved) => {
-            progress(name, "starting, then saving the guest state");
-            q.start(name).await?;
-            q.save(name).await?;
+            progress(label, "starting, then saving the guest state");
+            with_ticker(progress, label, "starting", vs.start(name, false)).await?;
+            with_ticker(progress, label, "saving", vs.save(name)).await?;
         }
-        (Running | Paused | Stopped | Saved, _) => {}
     }
-    let mut rec =
-        LaunchRecord::load(&q.options().state_dir, name).map_err(|source| QemuError::Launch {
-            vm: name.into(),
-            source,
-        })?;
-    rec.config.power_state = to;
-    q.update_record(&rec)?;
     Ok(())
 }
 
-/// One live operation, through the VM's managers.
-async fn hot(q: &Qemu, vm: &dyn Uvm, op: &Op) -> Result<(), ApplyError> {
-    use ResourceKind as K;
+/// One live change, through the VM's managers. Every item kind has its arm:
+/// a new kind does not compile until it has a decision here too.
+async fn live(vs: &dyn Virtstack, name: &VmName, vm: &dyn Uvm, op: &Op) -> Result<(), ApplyError> {
     use ResourceOperation as O;
-    let none = |what: &str| ApplyError::Unsupported(format!("{} has no {what} manager", vm.id()));
-    match (op.resource, op.operation, &op.key, &op.after) {
-        (K::Policy, _, _, Some(Item::Policy(policy))) => {
-            // Not a device: only what the next plan reads back (prune protection).
-            let mut rec = q.record_now(vm.id())?;
-            rec.config.policy = *policy;
-            q.update_record(&rec)?;
+    match (op.operation, op.before.as_ref(), op.after.as_ref()) {
+        (O::Add, _, Some(item)) => add(vm, item).await,
+        (O::Remove, Some(item), _) => remove(vm, item).await,
+        (O::Update, Some(before), Some(after)) => update_item(vs, name, vm, before, after).await,
+        (O::Add, _, None) | (O::Remove, None, _) | (O::Update, None, _) | (O::Update, _, None) => {
+            Err(ApplyError::Inconsistent(format!(
+                "{} {} {} carries no item",
+                op.operation, op.resource, op.key
+            )))
         }
-        (K::Processors, O::Update, _, Some(Item::Processors(n))) => {
-            vm.set_processor_count(*n).await?
-        }
-        (K::Memory, O::Update, _, Some(Item::Memory(mb))) => vm.set_memory_size(*mb).await?,
-        (K::StorageQos, O::Update, _, Some(Item::StorageQos(qos))) => {
-            let limit = |v: Option<u64>| v.unwrap_or(0);
-            let (iops, bw) = qos.as_ref().map_or((0, 0), |q| {
-                (limit(q.iops_maximum), limit(q.bandwidth_maximum))
-            });
-            vm.set_storage_qos(iops, bw).await?
-        }
-        (K::ScsiController, O::Add, ItemKey::Num(id), _) => {
-            vm.scsi()
-                .ok_or_else(|| none("SCSI"))?
+    }
+}
+
+fn manager<'a, T: ?Sized>(
+    vm: &dyn Uvm,
+    m: Option<&'a T>,
+    manager: &'static str,
+) -> Result<&'a T, ApplyError> {
+    m.ok_or_else(|| ApplyError::NoManager {
+        vm: vm.id().to_string(),
+        manager,
+    })
+}
+
+fn no_live_path(op: &str, item: &Item) -> ApplyError {
+    ApplyError::NoLivePath {
+        what: format!("{op} {}", crate::vm::items::describe(item)),
+    }
+}
+
+async fn add(vm: &dyn Uvm, item: &Item) -> Result<(), ApplyError> {
+    match item {
+        Item::ScsiController(id) => {
+            manager(vm, vm.scsi(), "SCSI")?
                 .add_scsi_controller(*id)
                 .await?
         }
-        (K::ScsiController, O::Remove, ItemKey::Num(id), _) => {
-            vm.scsi()
-                .ok_or_else(|| none("SCSI"))?
-                .remove_scsi_controller(*id)
-                .await?
-        }
-        (K::ScsiDisk, O::Add, _, Some(Item::ScsiDisk(d))) => {
-            vm.scsi()
-                .ok_or_else(|| none("SCSI"))?
+        Item::ScsiDisk(d) => {
+            manager(vm, vm.scsi(), "SCSI")?
                 .add_scsi_disk(
                     d.controller,
                     d.disk.lun,
@@ -361,53 +396,147 @@ async fn hot(q: &Qemu, vm: &dyn Uvm, op: &Op) -> Result<(), ApplyError> {
                 )
                 .await?
         }
-        (K::ScsiDisk, O::Remove, ItemKey::Lun(c, l), before) => {
-            let path = match before {
-                Some(Item::ScsiDisk(d)) => d.disk.path.clone(),
-                _ => Default::default(),
-            };
-            vm.scsi()
-                .ok_or_else(|| none("SCSI"))?
-                .remove_scsi_disk(*c, *l, &path)
-                .await?
-        }
-        (K::NetworkAdapter, O::Add, _, Some(Item::NetworkAdapter(n))) => {
-            vm.network()
-                .ok_or_else(|| none("network"))?
-                .add_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
-                .await?
-        }
-        (K::NetworkAdapter, O::Remove, ItemKey::Text(id), _) => {
-            let (endpoint, mac) = match &op.before {
-                Some(Item::NetworkAdapter(n)) => (n.endpoint_id.as_str(), n.mac_address.as_str()),
-                _ => ("", ""),
-            };
-            vm.network()
-                .ok_or_else(|| none("network"))?
-                .remove_nic(id, endpoint, mac)
-                .await?
-        }
-        (K::VpmemDevice, O::Add, _, Some(Item::VpmemDevice(d))) => {
-            vm.vpmem()
-                .ok_or_else(|| none("VPMem"))?
+        Item::VpmemDevice(d) => {
+            manager(vm, vm.vpmem(), "VPMem")?
                 .add_vpmem_device(d.id, &d.path, d.read_only, d.format)
                 .await?
         }
-        (K::Plan9Share, O::Remove, ItemKey::Text(share), before) => {
-            let port = match before {
-                Some(Item::Plan9Share(s)) => s.port,
-                _ => crate::spec::DEFAULT_PLAN9_PORT,
-            };
-            vm.plan9()
-                .ok_or_else(|| none("Plan9"))?
-                .remove_plan9(share, port)
+        Item::NetworkAdapter(n) => {
+            manager(vm, vm.network(), "network")?
+                .add_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
                 .await?
         }
-        (kind, operation, key, _) => {
-            return Err(ApplyError::Inconsistent(format!(
-                "no live path for {operation} {kind} {key} on qemu"
-            )));
+        Item::Plan9Share(s) => {
+            manager(vm, vm.plan9(), "Plan9")?
+                .add_plan9(&s.host_path, &s.name, s.port, s.flags, &s.allowed_files)
+                .await?
         }
+        Item::VsmbShare(s) => {
+            manager(vm, vm.vsmb(), "VSMB")?
+                .add_vsmb(&s.host_path, &s.name, &s.allowed_files, &s.options)
+                .await?
+        }
+        Item::PciDevice(p) => {
+            manager(vm, vm.pci(), "PCI")?
+                .add_device(&p.instance_id, p.vmbus_guid.as_deref().unwrap_or_default())
+                .await?
+        }
+        Item::VmSocket(s) => {
+            manager(vm, vm.vm_socket(), "VM socket")?
+                .vm_socket_listen(s.socket_type, &s.address(), &s.listener_path)
+                .await?
+        }
+        // Serial consoles are wired at launch; the rest exist once per VM
+        // and are only ever updated.
+        Item::SerialConsole(_)
+        | Item::Policy(_)
+        | Item::GuestOs(_)
+        | Item::Boot(_)
+        | Item::MemoryConfig(_)
+        | Item::Mmio(_)
+        | Item::VpmemController(_)
+        | Item::CpuGroup(_)
+        | Item::Processors(_)
+        | Item::Memory(_)
+        | Item::StorageQos(_)
+        | Item::PowerState(_) => return Err(no_live_path("add", item)),
+    }
+    Ok(())
+}
+
+async fn remove(vm: &dyn Uvm, item: &Item) -> Result<(), ApplyError> {
+    match item {
+        Item::ScsiController(id) => {
+            manager(vm, vm.scsi(), "SCSI")?
+                .remove_scsi_controller(*id)
+                .await?
+        }
+        Item::ScsiDisk(d) => {
+            manager(vm, vm.scsi(), "SCSI")?
+                .remove_scsi_disk(d.controller, d.disk.lun, &d.disk.path)
+                .await?
+        }
+        Item::VpmemDevice(d) => {
+            manager(vm, vm.vpmem(), "VPMem")?
+                .remove_vpmem_device(d.id, &d.path)
+                .await?
+        }
+        Item::NetworkAdapter(n) => {
+            manager(vm, vm.network(), "network")?
+                .remove_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
+                .await?
+        }
+        Item::Plan9Share(s) => {
+            manager(vm, vm.plan9(), "Plan9")?
+                .remove_plan9(&s.name, s.port)
+                .await?
+        }
+        Item::VsmbShare(s) => manager(vm, vm.vsmb(), "VSMB")?.remove_vsmb(&s.name).await?,
+        Item::PciDevice(p) => {
+            manager(vm, vm.pci(), "PCI")?
+                .remove_device(&p.instance_id, p.vmbus_guid.as_deref().unwrap_or_default())
+                .await?
+        }
+        Item::VmSocket(s) => {
+            manager(vm, vm.vm_socket(), "VM socket")?
+                .vm_socket_close(s.socket_type, &s.address())
+                .await?
+        }
+        Item::SerialConsole(_)
+        | Item::Policy(_)
+        | Item::GuestOs(_)
+        | Item::Boot(_)
+        | Item::MemoryConfig(_)
+        | Item::Mmio(_)
+        | Item::VpmemController(_)
+        | Item::CpuGroup(_)
+        | Item::Processors(_)
+        | Item::Memory(_)
+        | Item::StorageQos(_)
+        | Item::PowerState(_) => return Err(no_live_path("remove", item)),
+    }
+    Ok(())
+}
+
+async fn update_item(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    vm: &dyn Uvm,
+    before: &Item,
+    after: &Item,
+) -> Result<(), ApplyError> {
+    match after {
+        // Not a device: only what the next plan reads back (prune protection).
+        Item::Policy(policy) => vs.set_policy(name, policy).await?,
+        Item::Processors(n) => vm.set_processor_count(*n).await?,
+        Item::Memory(mb) => vm.set_memory_size(*mb).await?,
+        Item::StorageQos(qos) => {
+            let limit = |v: Option<u64>| v.unwrap_or(0);
+            let (iops, bw) = qos.as_ref().map_or((0, 0), |q| {
+                (limit(q.iops_maximum), limit(q.bandwidth_maximum))
+            });
+            vm.set_storage_qos(iops, bw).await?
+        }
+        // A device updated live is one the virtstack swaps: out, then in.
+        Item::ScsiController(_)
+        | Item::ScsiDisk(_)
+        | Item::VpmemDevice(_)
+        | Item::NetworkAdapter(_)
+        | Item::Plan9Share(_)
+        | Item::VsmbShare(_)
+        | Item::PciDevice(_)
+        | Item::VmSocket(_) => {
+            remove(vm, before).await?;
+            add(vm, after).await?
+        }
+        Item::SerialConsole(_)
+        | Item::GuestOs(_)
+        | Item::Boot(_)
+        | Item::MemoryConfig(_)
+        | Item::Mmio(_)
+        | Item::VpmemController(_)
+        | Item::CpuGroup(_)
+        | Item::PowerState(_) => return Err(no_live_path("update", after)),
     }
     Ok(())
 }

@@ -3,9 +3,9 @@
 //! An exhaustive match with no `_` arm, so a new [`ResourceKind`] cannot
 //! compile without a decision (Firecracker's `handle_preboot_request` habit).
 
+use crate::vm::ResourceOperation;
 use crate::vm::items::{ItemKey, ResourceKind};
 use crate::vm::{Capabilities, Support};
-use crate::vm::{Resource, ResourceOperation, VMSocketType};
 
 /// The disruption class and reason of `op` on the item `kind`/`key`, as `caps` answer it.
 pub fn classify(
@@ -23,21 +23,25 @@ pub fn classify(
         // A power change is what the spec asks for, not a side effect of another change.
         K::PowerState => Support::live(),
         // Singletons only ever change.
-        K::CpuGroup => caps.support(Resource::CpuGroup, ResourceOperation::Update),
-        K::Processors => caps.support(Resource::Processor, ResourceOperation::Update),
-        K::Memory => caps.support(Resource::Memory, ResourceOperation::Update),
-        K::StorageQos => caps.support(Resource::StorageQos, ResourceOperation::Update),
-        K::SerialConsole => caps.support(Resource::Serial, op),
-        K::ScsiController => caps.support(Resource::ScsiController, op),
-        K::ScsiDisk => caps.support(Resource::Scsi, op),
-        K::VpmemDevice => caps.support(Resource::VPMem, op),
-        K::NetworkAdapter => caps.support(Resource::Network, op),
-        K::Plan9Share => caps.support(Resource::Plan9, op),
-        K::VsmbShare => caps.support(Resource::Vsmb, op),
-        K::PciDevice => caps.support(Resource::Pci, op),
-        K::VmSocket => match key {
-            ItemKey::Socket(VMSocketType::HvSocket, _) => caps.support(Resource::HvSocket, op),
-            _ => caps.support(Resource::VmSocket, op),
-        },
+        K::CpuGroup | K::Processors | K::Memory | K::StorageQos => {
+            ask(caps, kind, key, ResourceOperation::Update)
+        }
+        K::SerialConsole
+        | K::ScsiController
+        | K::ScsiDisk
+        | K::VpmemDevice
+        | K::NetworkAdapter
+        | K::Plan9Share
+        | K::VsmbShare
+        | K::PciDevice
+        | K::VmSocket => ask(caps, kind, key, op),
+    }
+}
+
+/// `Supported(resource, op)` for an item kind that is a resource.
+fn ask(caps: &Capabilities, kind: ResourceKind, key: &ItemKey, op: ResourceOperation) -> Support {
+    match kind.resource(key) {
+        Some(r) => caps.support(r, op),
+        None => Support::unsupported(format!("{kind} is not a resource of a running VM")),
     }
 }

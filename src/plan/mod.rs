@@ -11,7 +11,7 @@ pub use crate::vm::items::{Item, ItemKey, Items, ResourceKind, describe, flatten
 pub use gate::classify;
 
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::vm::{Capabilities, MemoryHotplug, ObservedState, ObservedVm, Support};
+use crate::vm::{Capabilities, MemoryHotplug, ObservedState, ObservedVm, Refusal, Support};
 use crate::vm::{Disruption, ResourceOperation, State};
 use serde::Serialize;
 
@@ -98,6 +98,8 @@ pub enum NoteKind {
     Protected,
     /// A VM of that name exists but uvmctl did not create it.
     Unmanaged,
+    /// It exists but could not be observed; nothing of it is planned.
+    Unknown,
 }
 
 /// A VM the plan leaves alone, and why.
@@ -216,7 +218,23 @@ pub fn plan(
         });
     }
 
+    for (name, why) in &observed.unknown {
+        let message = if desired.vms.contains_key(name) {
+            format!("cannot be observed ({why}); its spec is not applied until it can")
+        } else {
+            format!("cannot be observed ({why}); left alone")
+        };
+        out.notes.push(Note {
+            vm: name.clone(),
+            kind: NoteKind::Unknown,
+            message,
+        });
+    }
+
     for (name, want) in &desired.vms {
+        if observed.unknown.contains_key(name) {
+            continue;
+        }
         match observed.vms.get(name) {
             None => out.vms.push(plan_create(name, &want.config, caps)),
             Some(have) if !have.managed => out.notes.push(Note {
@@ -307,6 +325,7 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
             }
         })
         .collect();
+    refuse(&mut ops, caps.refusals(want), true, &flatten(want));
     ops.push(Op {
         operation: ResourceOperation::Add,
         resource: ResourceKind::PowerState,
@@ -327,6 +346,36 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
         recreate_allowed: None,
         ops,
         spec: Some(want.clone()),
+    }
+}
+
+/// Marks what the virtstack cannot build `[unsupported]`, with its reason.
+/// `rebuilt`: the VM is launched from its whole spec (create, restart,
+/// recreate), so every refusal stands, even of an item that did not change.
+fn refuse(ops: &mut Vec<Op>, refusals: Vec<Refusal>, rebuilt: bool, desired: &Items) {
+    for r in refusals {
+        let mut hit = false;
+        for op in ops
+            .iter_mut()
+            .filter(|o| o.resource == r.kind && o.key == r.key && o.after.is_some())
+        {
+            op.disruption = Disruption::Unsupported;
+            op.reason = r.reason.clone();
+            hit = true;
+        }
+        if !hit && rebuilt {
+            // Unchanged, but built again: shown as it stands.
+            let item = desired.get(&(r.kind, r.key.clone())).cloned();
+            ops.push(Op {
+                operation: ResourceOperation::Update,
+                resource: r.kind,
+                key: r.key,
+                disruption: Disruption::Unsupported,
+                reason: r.reason,
+                before: item.clone(),
+                after: item,
+            });
+        }
     }
 }
 
@@ -439,6 +488,13 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
 
     let have_power = observed_power(have.state);
     let mut ops: Vec<Op> = removes.into_iter().chain(updates).chain(adds).collect();
+    if !ops.is_empty() {
+        // A restart or recreate launches the whole spec again.
+        let rebuilt = ops
+            .iter()
+            .any(|o| matches!(o.disruption, Disruption::Restart | Disruption::Recreate));
+        refuse(&mut ops, caps.refusals(want), rebuilt, &desired);
+    }
     if let (Some(err), true) = (&have.exit_error, want.power_state != PowerState::Stopped) {
         // A VM that died on its own is rebuilt, not just started: whatever
         // killed it may have left it inconsistent.

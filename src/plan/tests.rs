@@ -926,6 +926,7 @@ mod properties {
                 vms: d.vms.iter().map(|(n, v)| {
                     (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true, exit_error: None, memory_hotplug: None })
                 }).collect(),
+                unknown: Default::default(),
             };
             let p = plan(&d, &o, &caps, &opts);
             prop_assert!(!p.has_changes());

@@ -50,6 +50,7 @@ mod tests {
         let with = Capabilities::qemu(&HostFacts {
             vhost_vsock: true,
             vfio: true,
+            ovmf: true,
         });
         assert!(with.support(VmSocket, Add).reason.contains("not built"));
         assert!(!with.supported(Pci, Add));

@@ -4,7 +4,7 @@
 
 use crate::spec::{PowerState, SpecErrors, load_dir};
 use crate::vm::{Capabilities, ObservedState, ObservedVm};
-use crate::vm::{Observe, State, VmError};
+use crate::vm::{Observe, State, VmError, VmName};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 
@@ -89,18 +89,24 @@ impl Observe for Recorded {
         &self.caps.virtstack
     }
 
-    async fn capabilities(&self) -> Result<Capabilities, VmError> {
-        Ok(self.caps.clone())
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
     }
 
-    async fn list(&self) -> Result<Vec<String>, VmError> {
-        Ok(self.state.vms.keys().cloned().collect())
+    async fn list(&self) -> Result<Vec<VmName>, VmError> {
+        // Names come from loaded specs, which were checked the same way.
+        Ok(self
+            .state
+            .vms
+            .keys()
+            .filter_map(|n| VmName::new(n).ok())
+            .collect())
     }
 
-    async fn observe(&self, name: &str) -> Result<ObservedVm, VmError> {
+    async fn observe(&self, name: &VmName) -> Result<ObservedVm, VmError> {
         self.state
             .vms
-            .get(name)
+            .get(name.as_str())
             .cloned()
             .ok_or_else(|| VmError::NotFound(name.to_string()))
     }

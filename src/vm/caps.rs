@@ -2,9 +2,11 @@
 //! the disruption each cell costs. Pure data; each virtstack builds its own
 //! profile beside its code.
 
-use super::{Disruption, Resource, ResourceOperation};
+use super::config::VmConfig;
+use super::items::{ItemKey, ResourceKind, flatten};
+use super::{Disruption, GuestOs, Resource, ResourceOperation};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What a virtstack does for one operation on one resource, on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,6 +62,98 @@ pub struct Capabilities {
     pub virtstack: String,
     /// Per resource, per operation.
     pub matrix: BTreeMap<Resource, BTreeMap<ResourceOperation, Support>>,
+    /// Guest operating systems it runs (hcsshim's `CapabilitiesVM` lists them too).
+    pub guest_os: BTreeSet<GuestOs>,
+    /// Cold settings it cannot build, with why. Absent: it builds them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cold_refused: BTreeMap<ColdSetting, String>,
+}
+
+/// A cold setting (fixed when a VM is built) a virtstack may be unable to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ColdSetting {
+    /// `spec.boot.linuxKernelDirect`.
+    LinuxKernelDirectBoot,
+    /// `spec.boot.uefi`.
+    UefiBoot,
+    /// More than one `initrd=` in `spec.boot.uefi.args`.
+    UefiSeveralInitrds,
+    /// `spec.memory.mmio`.
+    MmioGaps,
+    /// `spec.memory.backing: physical`.
+    PhysicalMemory,
+}
+
+impl ColdSetting {
+    /// Every setting, in a stable order.
+    pub const ALL: [ColdSetting; 5] = [
+        ColdSetting::LinuxKernelDirectBoot,
+        ColdSetting::UefiBoot,
+        ColdSetting::UefiSeveralInitrds,
+        ColdSetting::MmioGaps,
+        ColdSetting::PhysicalMemory,
+    ];
+
+    /// The spec field it concerns.
+    pub fn field(self) -> &'static str {
+        match self {
+            ColdSetting::LinuxKernelDirectBoot => "spec.boot.linuxKernelDirect",
+            ColdSetting::UefiBoot => "spec.boot.uefi",
+            ColdSetting::UefiSeveralInitrds => "spec.boot.uefi.args",
+            ColdSetting::MmioGaps => "spec.memory.mmio",
+            ColdSetting::PhysicalMemory => "spec.memory.backing",
+        }
+    }
+
+    /// The item kind a change of it shows as in a plan.
+    pub fn kind(self) -> ResourceKind {
+        match self {
+            ColdSetting::LinuxKernelDirectBoot
+            | ColdSetting::UefiBoot
+            | ColdSetting::UefiSeveralInitrds => ResourceKind::Boot,
+            ColdSetting::MmioGaps => ResourceKind::Mmio,
+            ColdSetting::PhysicalMemory => ResourceKind::MemoryConfig,
+        }
+    }
+
+    /// Whether `cfg` uses it.
+    pub fn used_by(self, cfg: &VmConfig) -> bool {
+        match self {
+            ColdSetting::LinuxKernelDirectBoot => cfg.boot.linux_kernel_direct.is_some(),
+            ColdSetting::UefiBoot => cfg.boot.uefi.is_some(),
+            ColdSetting::UefiSeveralInitrds => cfg.boot.uefi.as_ref().is_some_and(|u| {
+                u.args
+                    .split_whitespace()
+                    .filter(|t| t.starts_with("initrd="))
+                    .count()
+                    > 1
+            }),
+            ColdSetting::MmioGaps => cfg.memory.mmio.is_some(),
+            ColdSetting::PhysicalMemory => cfg.memory.backing == super::MemoryBackingType::Physical,
+        }
+    }
+}
+
+/// Something in a VM's configuration a virtstack cannot build: the plan
+/// shows it as `[unsupported]` and nothing is applied to that VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    /// The item it concerns, as the plan names it.
+    pub kind: ResourceKind,
+    /// Which one.
+    pub key: ItemKey,
+    /// Spec field.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
 }
 
 impl Capabilities {
@@ -68,6 +162,8 @@ impl Capabilities {
         Capabilities {
             virtstack: virtstack.into(),
             matrix: BTreeMap::new(),
+            guest_os: BTreeSet::new(),
+            cold_refused: BTreeMap::new(),
         }
     }
 
@@ -114,6 +210,69 @@ impl Capabilities {
             .unwrap_or_else(|| {
                 Support::unsupported(format!("{} does not offer {r} {op}", self.virtstack))
             })
+    }
+
+    /// Everything in `cfg` this virtstack cannot build at all: a guest OS it
+    /// does not run, a refused cold setting, or a device whose addition (a
+    /// setting's update) is unsupported. Pure; the planner marks these
+    /// `[unsupported]` and a virtstack's pre-flight refuses the same list,
+    /// so a plan never promises what apply refuses.
+    pub fn refusals(&self, cfg: &VmConfig) -> Vec<Refusal> {
+        let mut out = Vec::new();
+        if !self.guest_os.contains(&cfg.guest_os) {
+            let runs: Vec<&str> = self.guest_os.iter().map(|g| g.as_str()).collect();
+            out.push(Refusal {
+                kind: ResourceKind::GuestOs,
+                key: ItemKey::Unit,
+                field: "spec.guestOS".into(),
+                reason: format!(
+                    "the {} virtstack runs {} guests, not {}",
+                    self.virtstack,
+                    if runs.is_empty() {
+                        "no".to_string()
+                    } else {
+                        runs.join(" and ")
+                    },
+                    cfg.guest_os.as_str()
+                ),
+            });
+        }
+        for setting in ColdSetting::ALL {
+            if let Some(why) = self.cold_refused.get(&setting)
+                && setting.used_by(cfg)
+            {
+                out.push(Refusal {
+                    kind: setting.kind(),
+                    key: ItemKey::Unit,
+                    field: setting.field().into(),
+                    reason: why.clone(),
+                });
+            }
+        }
+        for ((kind, key), item) in flatten(cfg) {
+            let Some(resource) = kind.resource(&key) else {
+                continue;
+            };
+            if item.is_default() {
+                continue;
+            }
+            // A VM is built with its singletons; they can only be updated.
+            let op = if kind.is_singleton() {
+                ResourceOperation::Update
+            } else {
+                ResourceOperation::Add
+            };
+            let s = self.support(resource, op);
+            if s.disruption == Disruption::Unsupported {
+                out.push(Refusal {
+                    field: format!("{kind} {key}").trim_end().to_string(),
+                    kind,
+                    key,
+                    reason: s.reason,
+                });
+            }
+        }
+        out
     }
 
     /// hcsshim's `Supported`: can the running VM do it?
@@ -168,6 +327,7 @@ impl Capabilities {
         );
         let vsock = Support::unsupported("vsock is not a Hyper-V transport; use hvsocket");
         c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
+        c.guest_os.extend([GuestOs::Linux, GuestOs::Windows]);
         c
     }
 }
@@ -193,6 +353,14 @@ impl Capabilities {
                 cell(ResourceOperation::Update)
             );
         }
+        let runs: Vec<&str> = self.guest_os.iter().map(|g| g.as_str()).collect();
+        out += &format!("\nGuest operating systems: {}.\n", runs.join(", "));
+        if !self.cold_refused.is_empty() {
+            out += "\nCold settings it does not build:\n\n";
+            for (setting, why) in &self.cold_refused {
+                out += &format!("- `{}`: {why}\n", setting.field());
+            }
+        }
         out
     }
 }
@@ -204,4 +372,6 @@ pub struct HostFacts {
     pub vhost_vsock: bool,
     /// `/dev/vfio/vfio` exists.
     pub vfio: bool,
+    /// The OVMF UEFI firmware is installed.
+    pub ovmf: bool,
 }

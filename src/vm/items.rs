@@ -6,7 +6,7 @@ use super::config::{
     ScsiDisk, SerialConsole, StorageQos, VmConfig, VmSocket, Vpmem, VpmemDevice, VsmbShare,
     WindowsOptions,
 };
-use super::{GuestOs, MemoryBackingType, VMSocketType};
+use super::{GuestOs, MemoryBackingType, Resource, VMSocketType};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -83,6 +83,37 @@ impl ResourceKind {
             ResourceKind::PciDevice => "pciDevice",
             ResourceKind::VmSocket => "vmSocket",
             ResourceKind::PowerState => "powerState",
+        }
+    }
+
+    /// The resource `Supported(resource, operation)` is asked about for
+    /// this kind; `None` for what is not a resource of the running VM
+    /// (uvmctl's policy, cold settings, the power state).
+    pub fn resource(self, key: &ItemKey) -> Option<Resource> {
+        match self {
+            ResourceKind::Policy
+            | ResourceKind::GuestOs
+            | ResourceKind::Boot
+            | ResourceKind::MemoryConfig
+            | ResourceKind::Mmio
+            | ResourceKind::VpmemController
+            | ResourceKind::PowerState => None,
+            ResourceKind::SerialConsole => Some(Resource::Serial),
+            ResourceKind::CpuGroup => Some(Resource::CpuGroup),
+            ResourceKind::Processors => Some(Resource::Processor),
+            ResourceKind::Memory => Some(Resource::Memory),
+            ResourceKind::StorageQos => Some(Resource::StorageQos),
+            ResourceKind::ScsiController => Some(Resource::ScsiController),
+            ResourceKind::ScsiDisk => Some(Resource::Scsi),
+            ResourceKind::VpmemDevice => Some(Resource::VPMem),
+            ResourceKind::NetworkAdapter => Some(Resource::Network),
+            ResourceKind::Plan9Share => Some(Resource::Plan9),
+            ResourceKind::VsmbShare => Some(Resource::Vsmb),
+            ResourceKind::PciDevice => Some(Resource::Pci),
+            ResourceKind::VmSocket => Some(match key {
+                ItemKey::Socket(VMSocketType::HvSocket, _) => Resource::HvSocket,
+                _ => Resource::VmSocket,
+            }),
         }
     }
 

@@ -4,10 +4,12 @@
 pub mod caps;
 pub mod config;
 pub mod items;
+mod name;
 pub mod observed;
 mod traits;
 
-pub use caps::{Capabilities, HostFacts, Support};
+pub use caps::{Capabilities, ColdSetting, HostFacts, Refusal, Support};
+pub use name::{InvalidVmName, MAX_VM_NAME, VmName, excerpt};
 pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 
 pub use traits::{
@@ -229,6 +231,16 @@ pub enum GuestOs {
     Windows,
 }
 
+impl GuestOs {
+    /// Lowercase name used in specs and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestOs::Linux => "linux",
+            GuestOs::Windows => "windows",
+        }
+    }
+}
+
 impl std::str::FromStr for GuestOs {
     type Err = VmError;
     fn from_str(s: &str) -> Result<Self, VmError> {
@@ -431,6 +443,23 @@ impl fmt::Display for Disruption {
     }
 }
 
+/// `e` and every error below it, joined with `: `: for errors shown on one
+/// line (progress, status, outcomes). Messages never inline their source,
+/// so each cause appears once.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Errors a virtstack reports, after hcsshim's sentinel errors.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -463,15 +492,15 @@ pub enum VmError {
     /// The VM is not known to this virtstack.
     #[error("VM {0} not found")]
     NotFound(String),
-    /// The virtstack failed for its own reasons.
-    #[error("{context}")]
-    Backend {
-        /// What was being done.
-        context: String,
-        /// Why it failed.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// A cold setting or host path the virtstack refuses, found before anything changed.
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The VM could not be named.
+    #[error(transparent)]
+    Name(#[from] InvalidVmName),
+    /// The virtstack failed for its own reasons (its error says what and where).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 #[cfg(test)]

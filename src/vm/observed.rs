@@ -58,4 +58,8 @@ impl MemoryHotplug {
 pub struct ObservedState {
     /// VMs by name.
     pub vms: BTreeMap<String, ObservedVm>,
+    /// VMs that exist but could not be observed (hung or closed control
+    /// channel, corrupt record, dead process), with why: *unknown*, like a
+    /// VM whose spec is broken. Never planned, never pruned.
+    pub unknown: BTreeMap<String, String>,
 }

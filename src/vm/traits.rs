@@ -8,8 +8,8 @@
 //! work on a live VM is async and takes `&self`, since a running VM is shared
 //! between the executor, `watch` and event handlers.
 
-use super::config::VmConfig;
-use super::{Capabilities, ObservedState, ObservedVm};
+use super::config::{Policy, VmConfig};
+use super::{Capabilities, ObservedVm, VmName};
 use super::{
     GuestOs, MemoryConfig, Resource, ResourceOperation, ScsiDiskType, State, VMSocketType,
     VPMemImageFormat, VmError, VsmbOptions,
@@ -184,6 +184,8 @@ pub struct VmStats {
     pub working_set_bytes: u64,
     /// Processor time the guest has used, in nanoseconds.
     pub total_runtime_ns: u64,
+    /// Seconds since the VM was last started, where known.
+    pub uptime_seconds: Option<u64>,
 }
 
 /// A VM being configured before it exists (hcsshim's `UVMBuilder`).
@@ -266,32 +268,60 @@ pub trait Uvm: Send + Sync {
 pub trait Observe: Send + Sync {
     /// The virtstack's name (`qemu`, `remotevm`, `hcs`, ...).
     fn name(&self) -> &str;
-    /// What the virtstack can do on this host.
-    async fn capabilities(&self) -> Result<Capabilities>;
+    /// What the virtstack can do on this host: the matrix and the cold
+    /// settings it refuses. The planner and the executor read the same data.
+    fn capabilities(&self) -> &Capabilities;
     /// Names of the VMs this virtstack manages for uvmctl.
-    async fn list(&self) -> Result<Vec<String>>;
+    async fn list(&self) -> Result<Vec<VmName>>;
     /// Full current state of one VM, read from the virtstack itself.
-    async fn observe(&self, name: &str) -> Result<ObservedVm>;
-    /// Full current state of every VM it manages.
-    async fn observe_all(&self) -> Result<ObservedState> {
-        let mut state = ObservedState::default();
-        for name in self.list().await? {
-            let vm = self.observe(&name).await?;
-            state.vms.insert(name, vm);
-        }
-        Ok(state)
-    }
+    ///
+    /// # Errors
+    /// Fails for this VM alone (hung or closed control channel, corrupt
+    /// record, dead process); callers keep going with the others.
+    async fn observe(&self, name: &VmName) -> Result<ObservedVm>;
 }
 
-/// A virtstack that can create and change VMs.
+/// A virtstack that can create and change VMs: all the executor, `status`,
+/// `export`, `wait` and the pre-flight use. VMs are named by [`VmName`], so
+/// nothing unchecked reaches a path.
+///
+/// Live device changes go through [`Uvm`] and its managers ([`Virtstack::open`]);
+/// lifecycle and cold configuration through the methods here.
 #[async_trait]
 pub trait Virtstack: Observe {
-    /// A builder for a new VM named `name`, preconfigured from nothing.
-    fn builder(&self, name: &str, guest_os: GuestOs) -> Result<Box<dyn UvmBuilder>>;
-    /// Creates a VM from a whole spec (builder plus device attachment), left `Created`.
-    async fn create(&self, name: &str, config: &VmConfig) -> Result<Box<dyn Uvm>>;
-    /// Opens an existing VM.
-    async fn open(&self, name: &str) -> Result<Box<dyn Uvm>>;
+    /// A builder for a new VM named `name`.
+    fn builder(&self, name: &VmName, guest_os: GuestOs) -> Result<Box<dyn UvmBuilder>>;
+    /// Checks a whole configuration before anything changes: the cold
+    /// settings [`Capabilities::refusals`] names, then every host path
+    /// (allowed roots, image formats). Reads the host, changes nothing.
+    fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()>;
+    /// Creates a VM from a whole configuration, left `Created` (not started).
+    async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()>;
+    /// Opens an existing VM for live changes.
+    async fn open(&self, name: &VmName) -> Result<Box<dyn Uvm>>;
+    /// Replaces the configuration a VM that does not run starts with next.
+    async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()>;
+    /// Records the spec policy the VM was last applied with (read back by
+    /// `observe`: prune protection); the VM itself is not touched.
+    async fn set_policy(&self, name: &VmName, policy: &Policy) -> Result<()>;
+    /// Starts a VM that does not run (restoring a saved guest), running or paused.
+    async fn start(&self, name: &VmName, paused: bool) -> Result<()>;
+    /// Shuts a VM down (gracefully, then forced); a saved guest is discarded.
+    async fn stop(&self, name: &VmName) -> Result<()>;
+    /// Halts the guest.
+    async fn pause(&self, name: &VmName) -> Result<()>;
+    /// Continues a paused guest.
+    async fn resume(&self, name: &VmName) -> Result<()>;
+    /// Saves the guest's state so a later start restores it; nothing runs after.
+    async fn save(&self, name: &VmName) -> Result<()>;
     /// Stops (if needed) and deletes a VM and all it owns.
-    async fn destroy(&self, name: &str) -> Result<()>;
+    async fn destroy(&self, name: &VmName) -> Result<()>;
+    /// Whether the guest has signalled it booted (uvmctl's agent port).
+    async fn guest_ready(&self, name: &VmName) -> Result<bool>;
+    /// Statistics of a running VM.
+    async fn stats(&self, name: &VmName) -> Result<VmStats>;
+    /// Waits until the VM stops, up to `timeout`; `false` when it still runs then.
+    async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool>;
+    /// Why the VM exited, when it exited without being asked to.
+    async fn exit_error(&self, name: &VmName) -> Option<String>;
 }

@@ -1,8 +1,10 @@
 //! What the qemu virtstack can do on this host, as data the planner and the
 //! executor both read.
 
-use super::launch::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
-use crate::vm::{Capabilities, Disruption, HostFacts, Resource, ResourceOperation, Support};
+use super::launch::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR, OVMF_CODE, OVMF_VARS};
+use crate::vm::{
+    Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation, Support,
+};
 use std::path::Path;
 
 impl Capabilities {
@@ -81,16 +83,35 @@ impl Capabilities {
         c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
         let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
         c.set_all(HvSocket, hv.clone(), hv.clone(), hv);
+        c.guest_os.insert(GuestOs::Linux);
+        // QEMU's pc machine has related knobs (max-ram-below-4g,
+        // pci-hole64-size) but not HCS's three numbers; refuse rather than
+        // launch something else than the spec says.
+        c.cold_refused.insert(
+            ColdSetting::MmioGaps,
+            "MMIO gaps have no equivalent in the qemu virtstack yet".into(),
+        );
+        c.cold_refused.insert(
+            ColdSetting::UefiSeveralInitrds,
+            "the qemu virtstack passes one initrd= file to the firmware".into(),
+        );
+        if !host.ovmf {
+            c.cold_refused.insert(
+                ColdSetting::UefiBoot,
+                format!("UEFI boot needs the OVMF firmware ({OVMF_CODE}, {OVMF_VARS}; Debian package ovmf)"),
+            );
+        }
         c
     }
 }
 
 impl HostFacts {
-    /// Looks at this host's device nodes.
+    /// Looks at this host's device nodes and firmware.
     pub fn probe() -> Self {
         HostFacts {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
             vfio: Path::new("/dev/vfio/vfio").exists(),
+            ovmf: Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
         }
     }
 }

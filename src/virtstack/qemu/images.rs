@@ -124,6 +124,36 @@ impl AllowedRoots {
     }
 }
 
+impl AllowedRoots {
+    /// A unix socket QEMU will connect to, which may not exist yet: when it
+    /// exists it is resolved like any path; otherwise its directory is, and
+    /// the socket's own name is checked. Either way it must lie under a root.
+    pub fn check_socket(&self, path: &Path) -> Result<PathBuf, HostPathError> {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return self.check(path);
+        }
+        let shown = path.display().to_string();
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(HostPathError::WrongKind {
+                path: shown,
+                reason: "not a socket path".into(),
+            });
+        };
+        let name = name.to_str().ok_or(HostPathError::BadCharacter {
+            path: shown.clone(),
+            what: "bytes that are not UTF-8",
+        })?;
+        check_characters(name)?;
+        if name == ".." || name == "." {
+            return Err(HostPathError::WrongKind {
+                path: shown,
+                reason: "not a socket path".into(),
+            });
+        }
+        Ok(self.check(dir)?.join(name))
+    }
+}
+
 /// Refuses `,` (QEMU's option separator) and control characters. Values go
 /// to QEMU as JSON, but a path that needs escaping anywhere is refused
 /// outright rather than trusted to every layer's quoting.

@@ -12,7 +12,7 @@ use super::images::{
     AllowedRoots, HostPathError, check_scsi_image, check_vpmem_image, scsi_format_driver,
 };
 use crate::spec::VmConfig;
-use crate::vm::MemoryBackingType;
+use crate::vm::{Capabilities, MemoryBackingType, Refusal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::fs;
@@ -43,7 +43,7 @@ pub const AGENT_PORT_NAME: &str = "uvmctl.agent";
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// A host path or image was refused.
-    #[error("{field}: {source}")]
+    #[error("{field}")]
     HostPath {
         /// Spec field.
         field: String,
@@ -54,6 +54,9 @@ pub enum LaunchError {
     /// The configuration asks for something this virtstack does not build.
     #[error("{0}")]
     Unsupported(String),
+    /// The capabilities refuse a cold setting or device of the configuration.
+    #[error("{0}")]
+    Refused(Refusal),
     /// The state directory is unusable.
     #[error("state directory {path}: {reason}")]
     StateDir {
@@ -272,10 +275,12 @@ impl StateDir {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return Vec::new();
         };
+        // Only directories named as a VM can be (nothing else is ours).
         let mut names: Vec<String> = entries
             .filter_map(Result::ok)
             .filter(|e| e.path().join("launch.json").is_file())
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| crate::vm::VmName::new(n).is_ok())
             .collect();
         names.sort();
         names
@@ -549,6 +554,8 @@ pub struct Resolved {
     pub pmem: std::collections::BTreeMap<u32, (PathBuf, u64)>,
     /// Plan9 shares by name.
     pub shares: std::collections::BTreeMap<String, PathBuf>,
+    /// Serial console listeners by port (resolved; the listener may not exist yet).
+    pub serials: std::collections::BTreeMap<u32, PathBuf>,
     /// For UEFI boot: the load options the firmware passes to the EFI
     /// application (`kernel`), without the `initrd=` that became `initrd`.
     pub uefi_args: Option<String>,
@@ -585,9 +592,18 @@ fn hp(field: String) -> impl FnOnce(HostPathError) -> LaunchError {
     move |source| LaunchError::HostPath { field, source }
 }
 
-/// Checks every host path of `cfg` against `roots` and the image formats,
-/// before anything is launched. Errors name the spec field.
-pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchError> {
+/// Checks `cfg` before anything is launched: first what the virtstack's
+/// capabilities refuse (the same list the plan marks `[unsupported]`), then
+/// every host path against `roots` and the image formats. Errors name the
+/// spec field.
+pub fn resolve(
+    cfg: &VmConfig,
+    roots: &AllowedRoots,
+    caps: &Capabilities,
+) -> Result<Resolved, LaunchError> {
+    if let Some(refusal) = caps.refusals(cfg).into_iter().next() {
+        return Err(LaunchError::Refused(refusal));
+    }
     let mut r = Resolved::default();
     match (&cfg.boot.linux_kernel_direct, &cfg.boot.uefi) {
         (Some(k), _) => {
@@ -610,11 +626,6 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
             // starts it with `args` as its load options. A Linux EFI stub's
             // `initrd=FILE` names a file in `dir`; the firmware hands it over
             // as the initrd instead.
-            if !Path::new(OVMF_CODE).is_file() || !Path::new(OVMF_VARS).is_file() {
-                return Err(LaunchError::Unsupported(format!(
-                    "spec.boot.uefi: UEFI boot needs the OVMF firmware ({OVMF_CODE}, {OVMF_VARS}; Debian package ovmf)"
-                )));
-            }
             let dir = roots
                 .check(&u.dir)
                 .map_err(hp("spec.boot.uefi.dir".into()))?;
@@ -629,17 +640,10 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
                 .args
                 .split_whitespace()
                 .partition(|t| t.starts_with("initrd="));
-            match initrds.as_slice() {
-                [] => {}
-                [one] => {
-                    let rel = efi_relative(one.trim_start_matches("initrd="));
-                    r.initrd = Some(inside(roots, &dir, &u.dir, &rel, "spec.boot.uefi.args")?);
-                }
-                _ => {
-                    return Err(LaunchError::Unsupported(
-                        "spec.boot.uefi.args: the qemu virtstack passes one initrd= file".into(),
-                    ));
-                }
+            // Several initrd= are refused by the capabilities above.
+            if let Some(one) = initrds.first() {
+                let rel = efi_relative(one.trim_start_matches("initrd="));
+                r.initrd = Some(inside(roots, &dir, &u.dir, &rel, "spec.boot.uefi.args")?);
             }
             r.uefi_args = Some(rest.join(" "));
         }
@@ -681,33 +685,12 @@ pub fn resolve(cfg: &VmConfig, roots: &AllowedRoots) -> Result<Resolved, LaunchE
         }
         r.shares.insert(s.name.clone(), p);
     }
-    if !cfg.vsmb_shares.is_empty() {
-        return Err(LaunchError::Unsupported(
-            "spec.vsmbShares: SMB shares are a Windows (HCS) feature".into(),
-        ));
-    }
-    if !cfg.pci_devices.is_empty() {
-        return Err(LaunchError::Unsupported(
-            "spec.pciDevices: PCI passthrough is not built for qemu yet".into(),
-        ));
-    }
-    if !cfg.vm_sockets.is_empty() {
-        return Err(LaunchError::Unsupported(
-            "spec.vmSockets: vsock listeners are not built for qemu yet".into(),
-        ));
-    }
-    if cfg.windows.as_ref().is_some_and(|w| w.cpu_group.is_some()) {
-        return Err(LaunchError::Unsupported(
-            "spec.windows.cpuGroup: CPU groups are a Windows (HCS) feature".into(),
-        ));
-    }
-    if cfg.memory.mmio.is_some() {
-        // QEMU's pc machine has related knobs (max-ram-below-4g,
-        // pci-hole64-size) but not HCS's three numbers; refuse rather than
-        // launch something else than the spec says.
-        return Err(LaunchError::Unsupported(
-            "spec.memory.mmio: MMIO gaps have no equivalent in the qemu virtstack yet".into(),
-        ));
+    for (i, c) in cfg.serial_consoles.iter().enumerate() {
+        // QEMU (as root) connects the guest's serial port to this socket: it
+        // must be one under an allowed root, never any socket of the host.
+        let field = format!("spec.serialConsoles[{i}].listenerPath");
+        let p = roots.check_socket(&c.listener_path).map_err(hp(field))?;
+        r.serials.insert(c.port, p);
     }
     Ok(r)
 }
@@ -821,7 +804,8 @@ pub fn argv(
             match cfg.serial_consoles.iter().find(|s| s.port == port) {
                 Some(s) => {
                     let link = vm_dir.join(format!("console{port}.sock"));
-                    links.push((link.clone(), s.listener_path.clone()));
+                    let target = res.serials.get(&port).unwrap_or(&s.listener_path);
+                    links.push((link.clone(), target.clone()));
                     push(&[
                         "-chardev",
                         &format!("socket,id=serial{port},path={},reconnect=1", link.display()),
@@ -920,7 +904,11 @@ pub fn argv(
 mod tests {
     use super::*;
     use crate::spec::*;
-    use crate::vm::ScsiDiskType;
+    use crate::vm::{Chain, HostFacts, ScsiDiskType};
+
+    fn caps() -> Capabilities {
+        Capabilities::qemu(&HostFacts::probe())
+    }
 
     fn cfg() -> VmConfig {
         VmConfig {
@@ -1019,6 +1007,7 @@ mod tests {
         let roots = AllowedRoots::new(&[root.path()]);
         let mut c = cfg();
         c.scsi_controllers.clear();
+        c.serial_consoles.clear();
         c.boot = Boot {
             linux_kernel_direct: None,
             uefi: Some(UefiBoot {
@@ -1028,9 +1017,9 @@ mod tests {
             }),
         };
         let firmware = Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file();
-        let res = resolve(&c, &roots);
+        let res = resolve(&c, &roots, &caps());
         if !firmware {
-            let err = res.expect_err("no firmware, no UEFI boot").to_string();
+            let err = Chain(&res.expect_err("no firmware, no UEFI boot")).to_string();
             assert!(err.contains("Debian package ovmf"), "{err}");
             return;
         }
@@ -1064,7 +1053,7 @@ mod tests {
         if let Some(u) = esc.boot.uefi.as_mut() {
             u.args = "initrd=../outside".into();
         }
-        let err = resolve(&esc, &roots).expect_err("escape").to_string();
+        let err = Chain(&resolve(&esc, &roots, &caps()).expect_err("escape")).to_string();
         assert!(
             err.contains("spec.boot.uefi.args") && err.contains("inside"),
             "{err}"
@@ -1201,10 +1190,61 @@ mod tests {
             high_base_mb: 65536,
             high_gap_mb: 1024,
         });
-        let err = resolve(&c, &roots).expect_err("mmio refused");
+        c.serial_consoles.clear();
+        let err = resolve(&c, &roots, &caps()).expect_err("mmio refused");
         assert!(err.to_string().starts_with("spec.memory.mmio:"), "{err}");
         c.memory.mmio = None;
-        assert!(resolve(&c, &roots).is_ok());
+        assert!(resolve(&c, &roots, &caps()).is_ok());
+    }
+
+    #[test]
+    fn a_serial_listener_outside_the_allowed_roots_is_refused() {
+        // Issue 7: QEMU, as root, would connect the guest's serial port to
+        // any unix socket of the host (a container runtime's API, say).
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("vmlinuz"), b"k").expect("kernel");
+        let roots = AllowedRoots::new(&[root.path()]);
+        let mut c = cfg();
+        c.scsi_controllers.clear();
+        c.network_adapters.clear();
+        c.boot.linux_kernel_direct = Some(LinuxKernelDirect {
+            kernel: root.path().join("vmlinuz"),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        let outside = tempfile::tempdir().expect("tempdir");
+        let api = outside.path().join("api.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&api).expect("bind");
+        for path in [
+            api.clone(),
+            // A link inside the roots to the socket outside is followed, then refused.
+            {
+                let link = root.path().join("console.sock");
+                std::os::unix::fs::symlink(&api, &link).expect("symlink");
+                link
+            },
+            // A listener that does not exist yet, in a directory outside.
+            outside.path().join("later.sock"),
+            root.path().join("../escape.sock"),
+        ] {
+            c.serial_consoles[0].listener_path = path.clone();
+            let err = resolve(&c, &roots, &caps()).expect_err("outside the roots");
+            let text = Chain(&err).to_string();
+            assert!(
+                text.starts_with("spec.serialConsoles[0].listenerPath")
+                    && text.contains("outside the allowed roots"),
+                "{}: {text}",
+                path.display()
+            );
+        }
+        // Under a root it is accepted before it exists (QEMU reconnects),
+        // and QEMU is pointed at the resolved path.
+        c.serial_consoles[0].listener_path = root.path().join("web.sock");
+        let res = resolve(&c, &roots, &caps()).expect("inside the roots");
+        let want = std::fs::canonicalize(root.path())
+            .expect("canonical")
+            .join("web.sock");
+        assert_eq!(res.serials.get(&1), Some(&want));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
 use crate::spec::VmConfig;
 use crate::vm::{Capabilities, HostFacts, ObservedState, ObservedVm};
-use crate::vm::{State, VmError};
+use crate::vm::{State, VmError, VmName};
 use qmp::{Qmp, QmpError};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -37,7 +37,7 @@ pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     /// Launching failed before QEMU ran.
-    #[error("vm {vm}: {source}")]
+    #[error("vm {vm}")]
     Launch {
         /// VM name.
         vm: String,
@@ -46,7 +46,7 @@ pub enum QemuError {
         source: LaunchError,
     },
     /// A QMP command failed.
-    #[error("vm {vm}: {source}")]
+    #[error("vm {vm}")]
     Qmp {
         /// VM name.
         vm: String,
@@ -120,10 +120,12 @@ impl QemuError {
 
 impl From<QemuError> for VmError {
     fn from(e: QemuError) -> Self {
-        let context = e.to_string();
-        VmError::Backend {
-            context,
-            source: Box::new(e),
+        match e {
+            QemuError::Launch {
+                source: LaunchError::Refused(r),
+                ..
+            } => VmError::Refused(r),
+            e => VmError::Backend(Box::new(e)),
         }
     }
 }
@@ -228,9 +230,11 @@ impl Qemu {
     }
 
     /// The QMP connection of a running VM, connecting on first use.
+    ///
+    /// The map is locked only to look up and to insert, never while a
+    /// greeting is awaited: a hung QEMU delays its own VM, not the others.
     async fn qmp(&self, name: &str) -> Result<Qmp, QemuError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(q) = conns.get(name) {
+        if let Some(q) = self.conns.lock().await.get(name) {
             return Ok(q.clone());
         }
         let observe = self.opts.state_dir.observe_socket(name);
@@ -245,8 +249,14 @@ impl Qemu {
                 vm: name.into(),
                 source,
             })?;
-        conns.insert(name.to_string(), q.clone());
-        Ok(q)
+        // Two callers may have connected at once; keep the first.
+        Ok(self
+            .conns
+            .lock()
+            .await
+            .entry(name.to_string())
+            .or_insert(q)
+            .clone())
     }
 
     /// Forgets a VM's QMP connection (its QEMU is gone or being replaced).
@@ -285,7 +295,7 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        launch::resolve(cfg, &self.opts.roots).map_err(launch_err)?;
+        launch::resolve(cfg, &self.opts.roots, &self.caps).map_err(launch_err)?;
         self.opts
             .state_dir
             .create_vm_dir(name)
@@ -340,7 +350,7 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        let res = launch::resolve(&rec.config, &self.opts.roots).map_err(launch_err)?;
+        let res = launch::resolve(&rec.config, &self.opts.roots, &self.caps).map_err(launch_err)?;
         let saved = rec.saved.clone();
         let mut cfg = rec.config.clone();
         if let Some(hot) = saved.as_ref().and_then(|s| s.memory_hotplug) {
@@ -407,24 +417,35 @@ impl Qemu {
         rec.pid = pid;
         rec.stopped_by_uvmctl = false;
         rec.started_at = Some(now_unix());
-        self.store(&rec)?;
-
-        let q = self.wait_ready(name, exited_rx).await?;
-        let qerr = |source| QemuError::Qmp {
-            vm: name.into(),
-            source,
-        };
-        // The vCPUs beyond the boot one, plugged before the guest runs.
-        ops::set_cpus(&q, rec.config.processors.count, self.opts.unplug_timeout)
-            .await
-            .map_err(|e| QemuError::from_unplug(name, e))?;
-        if saved.is_some() {
-            self.restore(&q, name).await?;
+        let brought_up = async {
+            self.store(&rec)?;
+            let q = self.wait_ready(name, exited_rx).await?;
+            // The vCPUs beyond the boot one, plugged before the guest runs.
+            ops::set_cpus(&q, rec.config.processors.count, self.opts.unplug_timeout)
+                .await
+                .map_err(|e| QemuError::from_unplug(name, e))?;
+            if saved.is_some() {
+                self.restore(&q, name).await?;
+            }
+            if run {
+                ops::cont(&q).await.map_err(|source| QemuError::Qmp {
+                    vm: name.into(),
+                    source,
+                })?;
+            }
+            Ok(())
         }
-        if run {
-            ops::cont(&q).await.map_err(qerr)?;
+        .await;
+        if brought_up.is_err() {
+            // A QEMU that never became what was asked must not linger:
+            // nothing would own it. Recorded as stopped by uvmctl, so the
+            // failure is this launch's, not a crash of the VM.
+            rec.stopped_by_uvmctl = true;
+            let _ = self.store(&rec);
+            self.forget(name).await;
+            let _ = self.kill(&rec).await;
         }
-        Ok(())
+        brought_up
     }
 
     /// Loads the saved state into a QEMU launched with `-incoming defer`.
@@ -477,11 +498,12 @@ impl Qemu {
         // A restore relaunches what the record says; a device added behind
         // uvmctl's back would be missing and the saved state would not load.
         let rec = self.record(name)?;
-        let res =
-            launch::resolve(&rec.config, &self.opts.roots).map_err(|source| QemuError::Launch {
+        let res = launch::resolve(&rec.config, &self.opts.roots, &self.caps).map_err(|source| {
+            QemuError::Launch {
                 vm: name.into(),
                 source,
-            })?;
+            }
+        })?;
         let (argv, _) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
         let known = launch::device_ids(&argv);
         let foreign: Vec<String> = ops::peripherals(&q)
@@ -560,8 +582,15 @@ impl Qemu {
             ops::migrate_fd(q, "migrate", file.as_fd(), SAVE_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
-            file.sync_all().map_err(|e| e.to_string())?;
-            std::fs::rename(&part, &path).map_err(|e| e.to_string())
+            // Syncing hundreds of MB blocks; keep it off the async workers.
+            let (part, path) = (part.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                file.sync_all()?;
+                std::fs::rename(&part, &path)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
         }
         .await;
         if migrated.is_err() {
@@ -864,6 +893,7 @@ impl Qemu {
             assigned_memory_bytes: field(&mem, "base-memory") + field(&mem, "plugged-memory"),
             working_set_bytes: rss_kb * 1024,
             total_runtime_ns,
+            uptime_seconds: rec.started_at.map(|t| now_unix().saturating_sub(t)),
         })
     }
 
@@ -914,15 +944,20 @@ impl crate::vm::Observe for Qemu {
         crate::vm::QEMU
     }
 
-    async fn capabilities(&self) -> Result<Capabilities, VmError> {
-        Ok(self.caps.clone())
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
     }
 
-    async fn list(&self) -> Result<Vec<String>, VmError> {
-        Ok(Qemu::list(self))
+    async fn list(&self) -> Result<Vec<VmName>, VmError> {
+        // Reading a directory is quick, but a state dir on a stalled mount is not.
+        let dir = self.opts.state_dir.clone();
+        let names = tokio::task::spawn_blocking(move || dir.list())
+            .await
+            .map_err(|e| VmError::Backend(Box::new(e)))?;
+        Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect())
     }
 
-    async fn observe(&self, name: &str) -> Result<ObservedVm, VmError> {
+    async fn observe(&self, name: &VmName) -> Result<ObservedVm, VmError> {
         Ok(Qemu::observe(self, name).await?)
     }
 }

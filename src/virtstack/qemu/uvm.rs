@@ -7,18 +7,19 @@
 //! start (or restore) launches what the VM really has.
 
 use super::images::{check_scsi_image, check_vpmem_image};
-use super::launch::LaunchError;
+use super::launch::{self, LaunchError};
 use super::{Qemu, QemuError, ops};
 use crate::spec::{
-    Boot, LinuxKernelDirect, Mmio, NetworkAdapter, PowerState, ScsiDisk, SerialConsole, StorageQos,
-    UefiBoot, VmConfig, Vpmem, VpmemDevice,
+    Boot, LinuxKernelDirect, Mmio, NetworkAdapter, Policy, PowerState, ScsiDisk, SerialConsole,
+    StorageQos, UefiBoot, VmConfig, Vpmem, VpmemDevice,
 };
 use crate::vm::items::{Item, ItemKey, ResourceKind, ScsiDiskItem, flatten, unflatten};
 use crate::vm::{
     BootManager, GuestOs, LinuxConfigManager, MemoryConfig, MemoryManager, NetworkManager,
     PciManager, Plan9Manager, ProcessorManager, Resource, ResourceOperation, ScsiDiskType,
     ScsiManager, SerialManager, State, StorageQosManager, Uvm, UvmBuilder, VMSocketManager,
-    VPMemImageFormat, Virtstack, VmError, VmStats, VpmemManager, VsmbManager, WindowsConfigManager,
+    VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
+    WindowsConfigManager,
 };
 use async_trait::async_trait;
 use std::path::Path;
@@ -29,7 +30,7 @@ type Result<T, E = VmError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct QemuBuilder {
     qemu: Qemu,
-    name: String,
+    name: VmName,
     config: VmConfig,
 }
 
@@ -254,7 +255,8 @@ impl UvmBuilder for QemuBuilder {
     }
 
     async fn create(self: Box<Self>) -> Result<Box<dyn Uvm>> {
-        Virtstack::create(&self.qemu, &self.name, &self.config).await
+        Virtstack::create(&self.qemu, &self.name, &self.config).await?;
+        Ok(Box::new(self.qemu.vm(&self.name)?))
     }
 }
 
@@ -532,8 +534,8 @@ impl Plan9Manager for QemuVm {
 
 #[async_trait]
 impl Virtstack for Qemu {
-    fn builder(&self, name: &str, guest_os: GuestOs) -> Result<Box<dyn UvmBuilder>> {
-        if guest_os != GuestOs::Linux {
+    fn builder(&self, name: &VmName, guest_os: GuestOs) -> Result<Box<dyn UvmBuilder>> {
+        if !self.capabilities().guest_os.contains(&guest_os) {
             return Err(QemuError::Unsupported {
                 vm: name.to_string(),
                 what: "the qemu virtstack runs Linux guests".into(),
@@ -542,7 +544,7 @@ impl Virtstack for Qemu {
         }
         Ok(Box::new(QemuBuilder {
             qemu: self.clone(),
-            name: name.to_string(),
+            name: name.clone(),
             config: VmConfig {
                 guest_os,
                 boot: Boot::default(),
@@ -551,28 +553,86 @@ impl Virtstack for Qemu {
         }))
     }
 
-    async fn create(&self, name: &str, config: &VmConfig) -> Result<Box<dyn Uvm>> {
-        let mut config = config.clone();
-        config.power_state = PowerState::Stopped;
-        Qemu::create(self, name, &config).await?;
-        Ok(Box::new(QemuVm {
-            qemu: self.clone(),
-            name: name.to_string(),
-        }))
+    fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        launch::resolve(config, &self.options().roots, self.capabilities())
+            .map(drop)
+            .map_err(|source| {
+                QemuError::Launch {
+                    vm: name.to_string(),
+                    source,
+                }
+                .into()
+            })
     }
 
-    async fn open(&self, name: &str) -> Result<Box<dyn Uvm>> {
+    async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        let mut config = config.clone();
+        config.power_state = PowerState::Stopped;
+        Ok(Qemu::create(self, name, &config).await?)
+    }
+
+    async fn open(&self, name: &VmName) -> Result<Box<dyn Uvm>> {
         Ok(Box::new(self.vm(name)?))
     }
 
-    async fn destroy(&self, name: &str) -> Result<()> {
+    async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        Ok(self.set_config(name, config)?)
+    }
+
+    async fn set_policy(&self, name: &VmName, policy: &Policy) -> Result<()> {
+        let mut rec = self.record_now(name)?;
+        rec.config.policy = *policy;
+        Ok(self.update_record(&rec)?)
+    }
+
+    async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
+        if paused {
+            Ok(self.start_paused(name).await?)
+        } else {
+            Ok(Qemu::start(self, name).await?)
+        }
+    }
+
+    async fn stop(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::stop(self, name).await?)
+    }
+
+    async fn pause(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::pause(self, name).await?)
+    }
+
+    async fn resume(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::resume(self, name).await?)
+    }
+
+    async fn save(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::save(self, name).await?)
+    }
+
+    async fn destroy(&self, name: &VmName) -> Result<()> {
         Ok(Qemu::destroy(self, name).await?)
+    }
+
+    async fn guest_ready(&self, name: &VmName) -> Result<bool> {
+        Ok(Qemu::guest_ready(self, name).await?)
+    }
+
+    async fn stats(&self, name: &VmName) -> Result<VmStats> {
+        Ok(Qemu::stats(self, name).await?)
+    }
+
+    async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {
+        Ok(Qemu::wait(self, name, timeout).await?)
+    }
+
+    async fn exit_error(&self, name: &VmName) -> Option<String> {
+        Qemu::exit_error(self, name)
     }
 }
 
 impl Qemu {
     /// A handle on one VM of the state directory, for the core VM traits.
-    pub fn vm(&self, name: &str) -> Result<QemuVm, QemuError> {
+    pub fn vm(&self, name: &VmName) -> Result<QemuVm, QemuError> {
         self.record_now(name)?;
         Ok(QemuVm {
             qemu: self.clone(),
@@ -586,6 +646,10 @@ mod tests {
     use super::*;
     use crate::virtstack::qemu::{Accel, AllowedRoots, QemuOptions, StateDir};
     use std::time::Duration;
+
+    fn vm_name(n: &str) -> VmName {
+        VmName::new(n).expect("valid name")
+    }
 
     fn host() -> (tempfile::TempDir, Qemu) {
         let dir = tempfile::Builder::new()
@@ -607,7 +671,7 @@ mod tests {
     #[tokio::test]
     async fn a_built_vm_is_created_with_its_cold_configuration_and_not_started() {
         let (dir, qemu) = host();
-        let mut b = Virtstack::builder(&qemu, "built", GuestOs::Linux).expect("builder");
+        let mut b = Virtstack::builder(&qemu, &vm_name("built"), GuestOs::Linux).expect("builder");
         let kernel = dir.path().join("vmlinux");
         b.boot()
             .set_linux_kernel_direct_boot(&kernel, Path::new(""), "console=ttyS0")
@@ -631,7 +695,7 @@ mod tests {
         assert!(!vm.supported(Resource::VPMem, ResourceOperation::Remove));
         assert!(vm.vsmb().is_none() && vm.pci().is_none());
 
-        let rec = qemu.record_now("built").expect("record");
+        let rec = qemu.record_now(&vm_name("built")).expect("record");
         assert_eq!(rec.config.memory.size_mb, 384);
         assert_eq!(rec.config.processors.count, 2);
         assert_eq!(
@@ -649,9 +713,9 @@ mod tests {
         );
 
         // Opening finds it again; a VM that is not there is an error.
-        let opened = qemu.open("built").await.expect("open");
+        let opened = qemu.open(&vm_name("built")).await.expect("open");
         assert_eq!(opened.state().await.expect("state"), State::Created);
-        assert!(qemu.open("nope").await.is_err());
+        assert!(qemu.open(&vm_name("nope")).await.is_err());
         // Live changes need a running VM, and say so.
         let err = opened
             .network()
@@ -659,16 +723,20 @@ mod tests {
             .add_nic("n", "user", "52-54-00-00-00-01")
             .await
             .expect_err("not running");
-        assert!(err.to_string().contains("not running"), "{err}");
-        Virtstack::destroy(&qemu, "built").await.expect("destroy");
-        assert!(qemu.open("built").await.is_err());
+        let text = crate::vm::Chain(&err).to_string();
+        assert!(text.contains("not running"), "{text}");
+        Virtstack::destroy(&qemu, &vm_name("built"))
+            .await
+            .expect("destroy");
+        assert!(qemu.open(&vm_name("built")).await.is_err());
     }
 
     #[tokio::test]
     async fn windows_guests_and_bad_host_paths_are_refused_before_anything_exists() {
         let (dir, qemu) = host();
-        assert!(Virtstack::builder(&qemu, "w", GuestOs::Windows).is_err());
-        let mut b = Virtstack::builder(&qemu, "outside", GuestOs::Linux).expect("builder");
+        assert!(Virtstack::builder(&qemu, &vm_name("w"), GuestOs::Windows).is_err());
+        let mut b =
+            Virtstack::builder(&qemu, &vm_name("outside"), GuestOs::Linux).expect("builder");
         b.boot()
             .set_linux_kernel_direct_boot(Path::new("/etc/passwd"), Path::new(""), "")
             .expect("boot");
@@ -676,7 +744,8 @@ mod tests {
             Ok(_) => panic!("a kernel outside the allowed roots was accepted"),
             Err(e) => e,
         };
-        assert!(err.to_string().contains("kernel"), "{err}");
+        let text = crate::vm::Chain(&err).to_string();
+        assert!(text.contains("kernel"), "{text}");
         assert!(qemu.list().is_empty(), "nothing was created");
         drop(dir);
     }

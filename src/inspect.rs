@@ -1,0 +1,148 @@
+//! What `status` and `export` show, read through the virtstack trait only.
+
+use crate::plan::{flatten, observed_power};
+use crate::spec::{API_VERSION, KIND, Metadata, VmDocument, VmStatus};
+use crate::vm::{Chain, Virtstack, VmError, VmName};
+
+/// One VM as `uvmctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusRow {
+    /// VM name.
+    pub name: String,
+    /// Lifecycle state, or `unknown` when it could not be observed.
+    pub state: String,
+    /// Seconds since it was started (running or paused VMs).
+    pub uptime_seconds: Option<u64>,
+    /// Memory, in MB.
+    pub memory_mb: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Devices (everything but the singletons).
+    pub devices: usize,
+    /// vCPU time used since launch (running VMs only).
+    pub cpu_time_ms: Option<u64>,
+    /// Host memory in use (running VMs only).
+    pub rss_mb: Option<u64>,
+    /// Why it exited, or why it cannot be observed.
+    pub last_error: Option<String>,
+}
+
+/// Every VM of the virtstack, one row each; a VM that cannot be observed is
+/// a row with state `unknown` and the reason, never a failure of the whole.
+///
+/// # Errors
+/// Only when the virtstack cannot list its VMs.
+pub async fn status(vs: &dyn Virtstack) -> Result<Vec<StatusRow>, VmError> {
+    let observed = crate::reconcile::observe_all(vs).await?;
+    let mut rows = Vec::new();
+    for (name, why) in &observed.unknown {
+        rows.push(StatusRow {
+            name: name.clone(),
+            state: "unknown".into(),
+            uptime_seconds: None,
+            memory_mb: 0,
+            vcpus: 0,
+            devices: 0,
+            cpu_time_ms: None,
+            rss_mb: None,
+            last_error: Some(why.clone()),
+        });
+    }
+    for (name, vm) in observed.vms {
+        let vm_name = VmName::new(&name)?;
+        let stats = if vm.state.is_live() {
+            tokio::time::timeout(crate::reconcile::OBSERVE_DEADLINE, vs.stats(&vm_name))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        rows.push(StatusRow {
+            state: vm.state.to_string(),
+            uptime_seconds: stats.and_then(|s| s.uptime_seconds),
+            memory_mb: vm.config.memory.size_mb,
+            vcpus: vm.config.processors.count,
+            devices: flatten(&vm.config)
+                .keys()
+                .filter(|(k, _)| !k.is_singleton())
+                .count(),
+            cpu_time_ms: stats.map(|s| s.total_runtime_ns / 1_000_000),
+            rss_mb: stats.map(|s| s.working_set_bytes >> 20),
+            last_error: vm.exit_error,
+            name,
+        });
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rows)
+}
+
+/// Why `export` could not write a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The virtstack failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A VM could not be observed.
+    #[error("vm {vm} cannot be observed: {why}")]
+    Unknown {
+        /// VM name.
+        vm: String,
+        /// Why.
+        why: String,
+    },
+    /// Serializing failed.
+    #[error("cannot write YAML")]
+    Yaml(#[from] serde_yaml::Error),
+}
+
+/// The observed state of `only` (or every VM) as spec documents, with their
+/// status: what `plan --observed` reads and adoption starts from.
+///
+/// # Errors
+/// A VM asked for by name that cannot be observed; with no name, VMs that
+/// cannot be observed are left out and listed in the second value.
+pub async fn export(
+    vs: &dyn Virtstack,
+    only: Option<&VmName>,
+) -> Result<(String, Vec<(String, String)>), ExportError> {
+    let mut skipped = Vec::new();
+    let vms = match only {
+        Some(name) => match vs.observe(name).await {
+            Ok(vm) => vec![(name.to_string(), vm)],
+            Err(e) => {
+                return Err(ExportError::Unknown {
+                    vm: name.to_string(),
+                    why: Chain(&e).to_string(),
+                });
+            }
+        },
+        None => {
+            let observed = crate::reconcile::observe_all(vs).await?;
+            skipped.extend(observed.unknown);
+            observed.vms.into_iter().collect()
+        }
+    };
+    let mut out = String::new();
+    for (i, (name, vm)) in vms.into_iter().enumerate() {
+        let mut config = vm.config;
+        config.power_state = observed_power(vm.state);
+        config.canonicalize();
+        let doc = VmDocument {
+            api_version: API_VERSION.into(),
+            kind: KIND.into(),
+            metadata: Metadata { name },
+            spec: config,
+            status: Some(VmStatus {
+                state: vm.state,
+                managed: vm.managed,
+            }),
+        };
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_yaml::to_string(&doc)?);
+    }
+    Ok((out, skipped))
+}
