@@ -408,7 +408,14 @@ async fn add(vm: &dyn Uvm, item: &Item) -> Result<(), ApplyError> {
         }
         Item::Plan9Share(s) => {
             manager(vm, vm.plan9(), "Plan9")?
-                .add_plan9(&s.host_path, &s.name, s.port, s.flags, &s.allowed_files)
+                .add_plan9(
+                    &s.host_path,
+                    &s.name,
+                    s.port,
+                    s.flags,
+                    &s.allowed_files,
+                    s.read_only,
+                )
                 .await?
         }
         Item::VsmbShare(s) => {
@@ -540,3 +547,6 @@ async fn update_item(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,9 +3,9 @@
 //! An exhaustive match with no `_` arm, so a new [`ResourceKind`] cannot
 //! compile without a decision (Firecracker's `handle_preboot_request` habit).
 
-use crate::vm::ResourceOperation;
 use crate::vm::items::{ItemKey, ResourceKind};
 use crate::vm::{Capabilities, Support};
+use crate::vm::{Disruption, ResourceOperation};
 
 /// The disruption class and reason of `op` on the item `kind`/`key`, as `caps` answer it.
 pub fn classify(
@@ -23,18 +23,43 @@ pub fn classify(
         // A power change is what the spec asks for, not a side effect of another change.
         K::PowerState => Support::live(),
         // Singletons only ever change.
-        K::CpuGroup | K::Processors | K::Memory | K::StorageQos => {
+        K::Processors | K::Memory | K::StorageQos => {
             ask(caps, kind, key, ResourceOperation::Update)
         }
-        K::SerialConsole
-        | K::ScsiController
+        // The VM interface (hcsshim's too) sets these only on a VM being
+        // built: whatever the virtstack could do, uvmctl restarts for them.
+        K::CpuGroup => at_launch(ask(caps, kind, key, ResourceOperation::Update), kind),
+        K::SerialConsole => at_launch(ask(caps, kind, key, op), kind),
+        K::ScsiController
         | K::ScsiDisk
         | K::VpmemDevice
         | K::NetworkAdapter
         | K::Plan9Share
         | K::VsmbShare
         | K::PciDevice
-        | K::VmSocket => ask(caps, kind, key, op),
+        | K::VmSocket => match op {
+            ResourceOperation::Add | ResourceOperation::Remove => ask(caps, kind, key, op),
+            // Managers add and remove devices; a live update is the two in
+            // a row, so it costs the most of the three.
+            ResourceOperation::Update => [
+                ResourceOperation::Update,
+                ResourceOperation::Remove,
+                ResourceOperation::Add,
+            ]
+            .into_iter()
+            .map(|o| ask(caps, kind, key, o))
+            .max_by_key(|s| s.disruption)
+            .unwrap_or_else(Support::live),
+        },
+    }
+}
+
+/// What has no live verb in the VM interface is at best a restart.
+fn at_launch(s: Support, kind: ResourceKind) -> Support {
+    if s.disruption == Disruption::Live {
+        Support::restart(format!("{kind} is set when the VM is launched"))
+    } else {
+        s
     }
 }
 

@@ -542,4 +542,4 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -7,7 +7,7 @@ use crate::virtstack::HostFacts;
 use crate::vm::{GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat};
 use std::path::PathBuf;
 
-fn base(name: &str) -> VmConfig {
+pub(crate) fn base(name: &str) -> VmConfig {
     VmConfig {
         boot: Boot {
             linux_kernel_direct: Some(LinuxKernelDirect {
@@ -684,7 +684,7 @@ mod golden {
     }
 }
 
-mod properties {
+pub(crate) mod properties {
     use super::*;
     use crate::vm::Resource;
     use proptest::prelude::*;
@@ -695,7 +695,7 @@ mod properties {
     }
 
     prop_compose! {
-        fn arb_config()(
+        pub(crate) fn arb_config()(
             kernel in 0u8..2,
             cpus in 1u32..4,
             mem in prop::sample::select(vec![128u64, 256, 512]),
@@ -774,6 +774,7 @@ mod properties {
     fn arb_caps() -> impl Strategy<Value = Capabilities> {
         prop::collection::vec(arb_support(), Resource::ALL.len() * 3).prop_map(|cells| {
             let mut c = Capabilities::new("model");
+            c.guest_os.insert(GuestOs::Linux);
             let mut it = cells.into_iter();
             for r in Resource::ALL {
                 for op in ResourceOperation::ALL {
@@ -794,7 +795,7 @@ mod properties {
     }
 
     prop_compose! {
-        fn arb_world()(
+        pub(crate) fn arb_world()(
             want in prop::collection::btree_map(0u8..5, arb_config(), 0..4),
             have in prop::collection::btree_map(0u8..5, (arb_config(), arb_state(), prop::bool::weighted(0.85)), 0..4),
             unknown in prop::collection::btree_set(0u8..6, 0..2),

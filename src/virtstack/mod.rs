@@ -1,6 +1,7 @@
 //! ② Observed state and capabilities: what a virtstack really has, and what
 //! it can do. Virtstack implementations live below this module.
 
+pub mod fake;
 pub mod qemu;
 pub mod recorded;
 

@@ -122,7 +122,9 @@ pub trait NetworkManager: Send + Sync {
 /// Plan9 shares.
 #[async_trait]
 pub trait Plan9Manager: Send + Sync {
-    /// Shares `path` as `name`.
+    /// Shares `path` as `name`; hcsshim passes read-only as a flag bit, the
+    /// spec has a field of its own.
+    #[allow(clippy::too_many_arguments)]
     async fn add_plan9(
         &self,
         path: &Path,
@@ -130,6 +132,7 @@ pub trait Plan9Manager: Send + Sync {
         port: u32,
         flags: u32,
         allowed: &[String],
+        read_only: bool,
     ) -> Result<()>;
     /// Removes the share `name`.
     async fn remove_plan9(&self, name: &str, port: u32) -> Result<()>;

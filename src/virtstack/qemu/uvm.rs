@@ -515,6 +515,7 @@ impl Plan9Manager for QemuVm {
         _port: u32,
         _flags: u32,
         _allowed: &[String],
+        _read_only: bool,
     ) -> Result<()> {
         Err(self.not_hot(Resource::Plan9, ResourceOperation::Add))
     }
