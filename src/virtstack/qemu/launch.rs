@@ -1290,4 +1290,97 @@ mod tests {
         assert!(StateDir::new("/tmp/a,b").is_err());
         assert!(StateDir::new("/tmp/a\nb").is_err());
     }
+
+    /// Issue 7: the plan promised what apply refused (`memory.mmio` planned
+    /// live, `guestOS: windows` planned live). For generated specs, the plan
+    /// against the qemu profile and qemu's own pre-flight agree: a VM whose
+    /// plan has no `[unsupported]` op is never refused by the pre-flight for
+    /// what it asks (only, later, for host paths), and one whose plan has
+    /// such an op is refused.
+    mod plan_and_preflight_agree {
+        use super::*;
+        use crate::plan::tests::properties::arb_config;
+        use crate::plan::{PlanOptions, plan};
+        use crate::vm::{Disruption, GuestOs, ObservedState, ObservedVm, State};
+        use proptest::prelude::*;
+
+        prop_compose! {
+            fn arb_spec()(
+                c in arb_config(),
+                windows in prop::bool::weighted(0.2),
+                mmio in prop::bool::weighted(0.2),
+                uefi in prop::option::weighted(0.3, 1usize..3),
+                physical in prop::bool::weighted(0.2),
+                vsmb in prop::bool::weighted(0.1),
+                pci in prop::bool::weighted(0.1),
+                cpu_group in prop::bool::weighted(0.1),
+                hvsocket in prop::bool::weighted(0.1),
+            ) -> VmConfig {
+                let mut c = c;
+                if windows {
+                    c.guest_os = GuestOs::Windows;
+                }
+                if mmio {
+                    c.memory.mmio = Some(Mmio { low_gap_mb: 256, high_base_mb: 65536, high_gap_mb: 1024 });
+                }
+                if let Some(initrds) = uefi {
+                    let args: Vec<String> = (0..initrds).map(|i| format!("initrd=i{i}.img")).collect();
+                    c.boot = Boot {
+                        linux_kernel_direct: None,
+                        uefi: Some(UefiBoot { dir: "/b".into(), path: "\\app.efi".into(), args: args.join(" ") }),
+                    };
+                }
+                if physical {
+                    c.memory.backing = MemoryBackingType::Physical;
+                }
+                if vsmb {
+                    c.vsmb_shares.push(VsmbShare { name: "s".into(), host_path: "/s".into(), allowed_files: vec![], options: Default::default() });
+                }
+                if pci {
+                    c.pci_devices.push(PciDevice { instance_id: "0000:01:00.0".into(), vmbus_guid: None });
+                }
+                if cpu_group {
+                    c.windows = Some(WindowsOptions { cpu_group: Some("3f2504e0-4f89-11d3-9a0c-0305e82c3301".into()) });
+                }
+                if hvsocket {
+                    c.vm_sockets.push(VmSocket { socket_type: crate::vm::VMSocketType::HvSocket, service_id: Some("3f2504e0-4f89-11d3-9a0c-0305e82c3302".into()), port: None, listener_path: "/h".into() });
+                }
+                c
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            #[test]
+            fn whatever_the_qemu_plan_calls_doable_the_qemu_preflight_accepts(
+                want in arb_spec(),
+                running in any::<bool>(),
+                facts in (any::<bool>(), any::<bool>(), any::<bool>()),
+            ) {
+                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2 });
+                let mut observed = ObservedState::default();
+                if running {
+                    observed.vms.insert("vm".into(), ObservedVm {
+                        config: crate::plan::tests::base("vm"),
+                        state: State::Running,
+                        managed: true,
+                        exit_error: None,
+                        memory_hotplug: None,
+                    });
+                }
+                let mut desired = crate::spec::DesiredState::default();
+                desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone(), status: None });
+                let p = plan(&desired, &observed, &caps, &PlanOptions::default());
+                let unsupported = p.vms.iter().flat_map(|v| &v.ops).any(|o| o.disruption == Disruption::Unsupported);
+                // No root exists: every host path fails, after the capability check.
+                let roots = AllowedRoots::new::<&str>(&[]);
+                match resolve(&want, &roots, &caps) {
+                    Err(LaunchError::Refused(r)) => prop_assert!(unsupported, "pre-flight refused {r} but the plan is {:#?}", p.vms),
+                    Err(LaunchError::Unsupported(why)) => prop_assert!(false, "a refusal outside the capabilities: {why}"),
+                    _ => prop_assert!(!unsupported, "planned unsupported, but the pre-flight accepts: {:#?}", p.vms),
+                }
+            }
+        }
+    }
 }
