@@ -962,3 +962,127 @@ fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
     assert_eq!(mode, 0o700, "only the owner reaches the QMP socket");
     assert_eq!(h.state_of("sbx"), "paused");
 }
+
+/// Issue 7: one VM whose QEMU hangs (SIGSTOP: its QMP never greets) or
+/// whose launch record is garbage is *unknown*, with why; the other VM's
+/// spec edit is still planned and applied, within one QMP deadline.
+#[test]
+fn one_stuck_or_corrupt_vm_never_stops_the_others() {
+    let h = Host::new();
+    // Paused guests: QMP answers as usual and no CPU goes to booting them.
+    let paused = "  powerState: paused\n";
+    h.write_spec("stuck", &h.spec("stuck", paused));
+    h.write_spec("well", &h.spec("well", paused));
+    h.apply();
+    let stuck = h.pid("stuck").expect("pid");
+    let disk = h.raw_image("well.img", 4);
+    let with_disk = format!(
+        "{paused}  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: {}, type: passthrough}}\n",
+        disk.display()
+    );
+    h.write_spec("well", &h.spec("well", &with_disk));
+
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &stuck.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        );
+    };
+    signal("-STOP");
+    // Well under two QMP deadlines (10 s each): VMs are observed side by side.
+    let within = Duration::from_secs(16);
+
+    let started = Instant::now();
+    let out = h.plan(&[]);
+    let took = started.elapsed();
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("vm stuck: cannot be observed (") && shown.contains("greeting"),
+        "{shown}"
+    );
+    assert!(shown.contains("+ scsiDisk 0:0"), "{shown}");
+    assert!(took < within, "plan took {took:?}");
+    eprintln!("plan with one VM stopped by SIGSTOP: {took:?}");
+
+    let specs = h.path("specs");
+    let started = Instant::now();
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    let took = started.elapsed();
+    let shown = text(&out);
+    // Exit 1: a VM was left alone; the healthy one is done all the same.
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("1 VM(s) changed, 0 failed"), "{shown}");
+    assert!(took < within, "apply took {took:?}");
+    eprintln!("apply with one VM stopped by SIGSTOP: {took:?}");
+    signal("-CONT");
+    let out = h.plan(&["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A launch record truncated to garbage: the same, and no wait at all.
+    let record = h.path("state/stuck/launch.json");
+    let good = std::fs::read(&record).expect("record");
+    std::fs::write(&record, &good[..good.len() / 3]).expect("truncate");
+    // (A paused guest cannot acknowledge a PCI unplug: the edit adds a disk.)
+    let second = h.raw_image("well2.img", 4);
+    let two_disks = format!(
+        "{with_disk}        - {{lun: 1, path: {}, type: passthrough}}\n",
+        second.display()
+    );
+    h.write_spec("well", &h.spec("well", &two_disks));
+    let started = Instant::now();
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("vm stuck: cannot be observed (") && shown.contains("corrupt launch record"),
+        "{shown}"
+    );
+    assert!(shown.contains("+ scsiDisk 0:1"), "{shown}");
+    assert!(shown.contains("1 VM(s) changed, 0 failed"), "{shown}");
+    assert!(started.elapsed() < within);
+    let status = h.status();
+    let row = |vm: &str| {
+        status
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == vm))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(row("stuck")["state"], "unknown", "{status}");
+    assert_eq!(row("well")["state"], "paused", "{status}");
+    assert_eq!(
+        row("well")["devices"],
+        3,
+        "a controller and two disks: {status}"
+    );
+    // Put the record back so the host's cleanup finds the QEMU.
+    std::fs::write(&record, &good).expect("restore");
+}
+
+/// Issue 7: QEMU runs as root and would connect the guest's serial port to
+/// any unix socket the spec names (a container runtime's API, say).
+#[test]
+fn a_serial_listener_outside_the_allowed_roots_never_reaches_qemu() {
+    let h = Host::new();
+    let api = h.path("api.sock");
+    let _service = std::os::unix::net::UnixListener::bind(&api).expect("bind");
+    let serial = format!(
+        "  serialConsoles:\n    - {{port: 0, listenerPath: {}}}\n",
+        api.display()
+    );
+    h.write_spec("nosy", &h.spec("nosy", &serial));
+    let specs = h.path("specs");
+    let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("spec.serialConsoles[0].listenerPath")
+            && shown.contains("outside the allowed roots"),
+        "{shown}"
+    );
+    assert!(shown.contains("nothing was applied"), "{shown}");
+    assert!(!h.path("state/nosy").exists(), "nothing created");
+}
