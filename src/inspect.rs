@@ -2,7 +2,7 @@
 
 use crate::plan::{flatten, observed_power};
 use crate::spec::{API_VERSION, KIND, Metadata, VmDocument, VmStatus};
-use crate::vm::{Chain, Virtstack, VmError, VmName};
+use crate::vm::{Virtstack, VmError, VmName};
 
 /// One VM as `uvmctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -84,14 +84,6 @@ pub enum ExportError {
     /// The virtstack failed.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// A VM could not be observed.
-    #[error("vm {vm} cannot be observed: {why}")]
-    Unknown {
-        /// VM name.
-        vm: String,
-        /// Why.
-        why: String,
-    },
     /// Serializing failed.
     #[error("cannot write YAML")]
     Yaml(#[from] serde_yaml::Error),
@@ -109,15 +101,7 @@ pub async fn export(
 ) -> Result<(String, Vec<(String, String)>), ExportError> {
     let mut skipped = Vec::new();
     let vms = match only {
-        Some(name) => match vs.observe(name).await {
-            Ok(vm) => vec![(name.to_string(), vm)],
-            Err(e) => {
-                return Err(ExportError::Unknown {
-                    vm: name.to_string(),
-                    why: Chain(&e).to_string(),
-                });
-            }
-        },
+        Some(name) => vec![(name.to_string(), vs.observe(name).await?)],
         None => {
             let observed = crate::reconcile::observe_all(vs).await?;
             skipped.extend(observed.unknown);

@@ -342,3 +342,50 @@ fn looking_commands_create_nothing_on_the_host() {
         "plan, status and export leave no state dir"
     );
 }
+
+/// Issue 7: a VM name on the command line is joined to the state directory
+/// only after it is checked.
+#[test]
+fn vm_names_on_the_command_line_are_checked_before_any_path_is_built() {
+    let t = TestContext::new();
+    let state = t.path("state");
+    let state = state.to_str().expect("utf-8");
+    for args in [
+        vec!["destroy", "../../etc", "--state-dir", state],
+        vec!["wait", "a/b", "--state-dir", state],
+        vec!["export", "..", "--state-dir", state],
+    ] {
+        let out = t.uvmctl(&args);
+        assert_exit_code(&out, 2);
+        assert!(stderr(&out).contains("invalid VM name"), "{}", stderr(&out));
+    }
+    assert!(!t.path("state").exists(), "nothing was created");
+}
+
+/// Issue 7: each cause of an error is printed once (it used to read
+/// `error: vm a: X: X`).
+#[test]
+fn an_error_prints_each_cause_once() {
+    let t = TestContext::new();
+    let state = t.path("state");
+    std::fs::create_dir_all(state.join("broken")).expect("mkdir");
+    std::fs::write(state.join("broken/launch.json"), "{").expect("garbage");
+    let out = t.uvmctl(&[
+        "export",
+        "broken",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert_exit_code(&out, 1);
+    let err = stderr(&out);
+    assert_eq!(err.matches("corrupt launch record").count(), 1, "{err}");
+    assert_eq!(err.matches("vm broken").count(), 1, "{err}");
+    // Status shows it as unknown, with the reason, and the command succeeds.
+    let out = t.uvmctl(&["status", "--state-dir", state.to_str().expect("utf-8")]);
+    assert_exit_code(&out, 0);
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("broken") && shown.contains("unknown"),
+        "{shown}"
+    );
+}
