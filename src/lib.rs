@@ -33,3 +33,69 @@ pub mod apply;
 pub mod reconcile;
 
 pub mod inspect;
+
+/// The layering the module docs promise, checked on the source: each
+/// module's non-test code names only the modules below it.
+#[cfg(test)]
+mod layering {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// Module → the crate modules its code may name (itself included).
+    const ALLOWED: &[(&str, &[&str])] = &[
+        ("vm", &["vm"]),
+        ("spec", &["vm", "spec"]),
+        ("plan", &["vm", "spec", "plan"]),
+        ("virtstack", &["vm", "spec", "virtstack"]),
+        ("apply", &["vm", "spec", "plan", "apply"]),
+        ("reconcile", &["vm", "spec", "plan", "reconcile"]),
+        ("inspect", &["vm", "spec", "plan", "reconcile", "inspect"]),
+    ];
+
+    fn sources(path: &Path, out: &mut Vec<std::path::PathBuf>) {
+        if path.is_dir() {
+            for e in std::fs::read_dir(path).expect("read src").flatten() {
+                sources(&e.path(), out);
+            }
+        } else if path.is_file()
+            && path.extension().is_some_and(|e| e == "rs")
+            && path.file_name().is_some_and(|n| n != "tests.rs")
+        {
+            out.push(path.to_path_buf());
+        }
+    }
+
+    #[test]
+    fn modules_depend_only_downward() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut bad = Vec::new();
+        for (module, allowed) in ALLOWED {
+            let mut files = Vec::new();
+            let dir = src.join(module);
+            sources(&dir, &mut files);
+            sources(&src.join(format!("{module}.rs")), &mut files);
+            assert!(!files.is_empty(), "no sources for {module}");
+            for file in files {
+                let text = std::fs::read_to_string(&file).expect("read source");
+                // Test code may use anything (fakes, generators).
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                let named: BTreeSet<&str> = code
+                    .match_indices("crate::")
+                    .filter_map(|(i, m)| {
+                        let rest = &code[i + m.len()..];
+                        let end = rest
+                            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .unwrap_or(rest.len());
+                        Some(&rest[..end]).filter(|n| !n.is_empty())
+                    })
+                    .collect();
+                for n in named {
+                    if !allowed.contains(&n) {
+                        bad.push(format!("{} names crate::{n}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "upward dependencies:\n{}", bad.join("\n"));
+    }
+}

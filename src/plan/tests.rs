@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::spec::*;
-use crate::virtstack::HostFacts;
+use crate::vm::HostFacts;
 use crate::vm::{GuestOs, MemoryBackingType, ScsiDiskType, VMSocketType, VPMemImageFormat};
 use std::path::PathBuf;
 
