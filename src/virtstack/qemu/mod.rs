@@ -16,7 +16,7 @@ pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
 pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
 use crate::spec::VmConfig;
-use crate::vm::{Capabilities, HostFacts, ObservedState, ObservedVm};
+use crate::vm::{Capabilities, HostFacts, ObservedVm};
 use crate::vm::{State, VmError, VmName};
 use qmp::{Qmp, QmpError};
 use std::os::fd::AsFd;
@@ -178,11 +178,6 @@ impl Qemu {
     /// Its settings.
     pub fn options(&self) -> &QemuOptions {
         &self.opts
-    }
-
-    /// What this virtstack can do here.
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.caps
     }
 
     /// Names of VMs uvmctl created in this state directory.
@@ -439,9 +434,12 @@ impl Qemu {
         if brought_up.is_err() {
             // A QEMU that never became what was asked must not linger:
             // nothing would own it. Recorded as stopped by uvmctl, so the
-            // failure is this launch's, not a crash of the VM.
-            rec.stopped_by_uvmctl = true;
-            let _ = self.store(&rec);
+            // failure is this launch's, not a crash of the VM (the record
+            // is read again: a restore may have changed it meanwhile).
+            if let Ok(mut now) = self.record(name) {
+                now.stopped_by_uvmctl = true;
+                let _ = self.store(&now);
+            }
             self.forget(name).await;
             let _ = self.kill(&rec).await;
         }
@@ -830,16 +828,6 @@ impl Qemu {
                 vm: name.into(),
                 source,
             })
-    }
-
-    /// Every VM of the state directory.
-    pub async fn observe_all(&self) -> Result<ObservedState, QemuError> {
-        let mut out = ObservedState::default();
-        for name in self.list() {
-            let vm = self.observe(&name).await?;
-            out.vms.insert(name, vm);
-        }
-        Ok(out)
     }
 
     /// Memory and processor statistics of a running VM (hcsshim's `Stats`):

@@ -15,7 +15,7 @@ use crate::spec::{
 };
 use crate::vm::items::{Item, ItemKey, ResourceKind, ScsiDiskItem, flatten, unflatten};
 use crate::vm::{
-    BootManager, GuestOs, LinuxConfigManager, MemoryConfig, MemoryManager, NetworkManager,
+    BootManager, GuestOs, LinuxConfigManager, MemoryConfig, MemoryManager, NetworkManager, Observe,
     PciManager, Plan9Manager, ProcessorManager, Resource, ResourceOperation, ScsiDiskType,
     ScsiManager, SerialManager, State, StorageQosManager, Uvm, UvmBuilder, VMSocketManager,
     VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
