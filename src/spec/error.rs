@@ -67,6 +67,99 @@ impl fmt::Display for SpecErrors {
 
 impl std::error::Error for SpecErrors {}
 
+/// Most characters of a spec's content that an error message quotes. A spec
+/// directory may come from a pull request, and a symlink may once have
+/// pointed anywhere: messages name what they refuse, they never replay it.
+pub const EXCERPT_CHARS: usize = 40;
+
+/// `s` as an error message may quote it: in double quotes, escaped as
+/// `{:?}` would (`escape_debug`, so no control character reaches a
+/// terminal), cut to [`EXCERPT_CHARS`] characters with an ellipsis.
+pub(crate) fn excerpt(s: &str) -> String {
+    format!("\"{}\"", excerpt_unquoted(s))
+}
+
+/// Like [`excerpt`], without the quotes: for input a message already
+/// delimits (serde's `` unknown field `…` ``).
+pub(crate) fn excerpt_unquoted(s: &str) -> String {
+    capped(s, escape_quoted)
+}
+
+/// Like [`excerpt`], unquoted, for values already checked to hold no
+/// control characters (paths in cross-VM messages): only control characters
+/// are escaped, so a Windows path keeps single backslashes.
+pub(crate) fn excerpt_bare(s: &str) -> String {
+    capped(s, |c, out| {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    })
+}
+
+/// `s` already escaped (serde's `{:?}` of a string, without its quotes),
+/// cut to [`EXCERPT_CHARS`] characters without splitting an escape.
+pub(crate) fn excerpt_escaped(s: &str) -> String {
+    let (mut out, mut written) = (String::new(), 0);
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        let mut token = String::from(c);
+        if c == '\\' {
+            match chars.next() {
+                Some('u') => {
+                    token.push('u');
+                    for d in chars.by_ref() {
+                        token.push(d);
+                        if d == '}' {
+                            break;
+                        }
+                    }
+                }
+                Some(d) => token.push(d),
+                None => {}
+            }
+        }
+        let n = token.chars().count();
+        if written + n > EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        out.push_str(&token);
+        written += n;
+    }
+    out
+}
+
+/// Escapes one character for a double-quoted excerpt, as `str`'s `Debug` does
+/// (which leaves `'` alone).
+fn escape_quoted(c: char, out: &mut String) {
+    if c == '\'' {
+        out.push(c);
+    } else {
+        out.extend(c.escape_debug());
+    }
+}
+
+/// Escapes `s` character by character until [`EXCERPT_CHARS`] escaped
+/// characters are written; "…" marks a cut.
+fn capped(s: &str, escape: impl Fn(char, &mut String)) -> String {
+    let (mut out, mut written) = (String::new(), 0);
+    let mut one = String::new();
+    for c in s.chars() {
+        one.clear();
+        escape(c, &mut one);
+        let n = one.chars().count();
+        if written + n > EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        out.push_str(&one);
+        written += n;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +177,31 @@ mod tests {
             e.to_string(),
             "specs/web.yaml:12:5: spec.scsiControllers[0].disks[1].lun: duplicate lun 0 on controller 0"
         );
+    }
+
+    #[test]
+    fn excerpts_are_escaped_and_cut_with_an_ellipsis() {
+        assert_eq!(excerpt("web"), "\"web\"");
+        assert_eq!(excerpt("it's"), "\"it's\"");
+        assert_eq!(excerpt("a\u{1b}[2Jb\n"), "\"a\\u{1b}[2Jb\\n\"");
+        let long = "x".repeat(500);
+        assert_eq!(
+            excerpt(&long),
+            format!("\"{}…\"", "x".repeat(EXCERPT_CHARS))
+        );
+        assert_eq!(excerpt(&"x".repeat(EXCERPT_CHARS)).len(), EXCERPT_CHARS + 2);
+        // An escape is never split: 39 characters, then a 6-character escape.
+        let s = format!("{}\u{1b}", "y".repeat(EXCERPT_CHARS - 1));
+        assert_eq!(
+            excerpt(&s),
+            format!("\"{}…\"", "y".repeat(EXCERPT_CHARS - 1))
+        );
+        assert_eq!(excerpt_bare("C:\\vm\\a.vhdx"), "C:\\vm\\a.vhdx");
+        assert_eq!(
+            excerpt_escaped(&format!("{}\\u{{1b}}z", "q".repeat(38))),
+            format!("{}…", "q".repeat(38))
+        );
+        assert_eq!(excerpt_escaped("a\\\"b"), "a\\\"b");
     }
 
     #[test]

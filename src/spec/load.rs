@@ -4,16 +4,19 @@
 //! collected. A file with errors makes the VMs it names *unknown* (never
 //! absent), and any error at all blocks pruning.
 
-use super::error::SpecError;
+use super::aliases;
+use super::error::{SpecError, excerpt_bare, excerpt_escaped, excerpt_unquoted};
 use super::locate::Locations;
 use super::validate::{Problem, validate_document};
 use super::{DesiredState, DesiredVm};
 use crate::vm::config::VmDocument;
+use nix::libc;
 use rayon::prelude::*;
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Largest spec file read, in bytes.
@@ -37,14 +40,45 @@ pub fn is_spec_file_name(name: &str) -> bool {
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
+/// A spec file to load: the name errors give it, and the path it is read from.
+struct SpecFile {
+    /// As found under the root: what errors name.
+    name: PathBuf,
+    /// What is opened: the resolved target of a symlink, otherwise `name`.
+    read: PathBuf,
+}
+
 /// Lists spec files under `root` (or `root` itself if it is a file), sorted.
 /// Hidden directories are skipped and symlinked directories are not followed,
 /// so a `.git` or a link loop never gets walked.
-fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
+///
+/// A spec file that is a symlink is followed only to a target inside the
+/// (resolved) root: a `*.yaml` link to `/etc/shadow` in a spec directory that
+/// came from a pull request is refused by name, never opened. `root` itself
+/// may be a symlink: the user named it.
+fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<SpecFile> {
     let mut out = Vec::new();
-    match fs::metadata(root) {
-        Ok(m) if m.is_file() => return vec![root.to_path_buf()],
-        Ok(m) if m.is_dir() => {}
+    let resolved = |path: &Path, errors: &mut Vec<SpecError>| match fs::canonicalize(path) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            errors.push(SpecError::whole_file(path, format!("cannot read: {e}")));
+            None
+        }
+    };
+    let root_target = match fs::metadata(root) {
+        Ok(m) if m.is_file() => {
+            return resolved(root, errors)
+                .map(|read| SpecFile {
+                    name: root.to_path_buf(),
+                    read,
+                })
+                .into_iter()
+                .collect();
+        }
+        Ok(m) if m.is_dir() => match resolved(root, errors) {
+            Some(r) => r,
+            None => return out,
+        },
         Ok(_) => {
             errors.push(SpecError::whole_file(
                 root,
@@ -56,7 +90,7 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
             errors.push(SpecError::whole_file(root, format!("cannot read: {e}")));
             return out;
         }
-    }
+    };
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match fs::read_dir(&dir) {
@@ -88,14 +122,32 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
             let path = entry.path();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
-                Ok(_) if is_spec_file_name(&name) => out.push(path),
+                Ok(t) if t.is_symlink() && is_spec_file_name(&name) => {
+                    match fs::canonicalize(&path) {
+                        Ok(read) if read.starts_with(&root_target) => {
+                            out.push(SpecFile { name: path, read });
+                        }
+                        Ok(_) => errors.push(SpecError::whole_file(
+                            &path,
+                            "symlink to a file outside the spec directory; not read",
+                        )),
+                        Err(e) => errors.push(SpecError::whole_file(
+                            &path,
+                            format!("symlink that does not resolve ({e}); not read"),
+                        )),
+                    }
+                }
+                Ok(_) if is_spec_file_name(&name) => out.push(SpecFile {
+                    read: path.clone(),
+                    name: path,
+                }),
                 Ok(_) => {}
                 Err(e) => errors.push(SpecError::whole_file(&path, format!("cannot stat: {e}"))),
             }
         }
     }
     // Byte order: as deterministic as component order, and much cheaper.
-    out.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
+    out.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
     out
 }
 
@@ -104,7 +156,7 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<PathBuf> {
 pub fn load_dir(root: &Path) -> Loaded {
     let mut errors = Vec::new();
     let files = list_files(root, &mut errors);
-    let results: Vec<FileResult> = files.par_iter().map(|f| load_file(f)).collect();
+    let results: Vec<FileResult> = files.par_iter().map(load_file).collect();
     merge(results, errors)
 }
 
@@ -141,15 +193,18 @@ struct FileResult {
     file_errors: Vec<SpecError>,
 }
 
-fn load_file(path: &Path) -> FileResult {
+fn load_file(file: &SpecFile) -> FileResult {
+    let path = file.name.as_path();
     let fail = |msg: String| FileResult {
         path: path.to_path_buf(),
         file_errors: vec![SpecError::whole_file(path, msg)],
         ..FileResult::default()
     };
-    // Follow a symlinked file, but read only regular files: a FIFO or a
-    // device would block or stream forever.
-    let meta = match fs::metadata(path) {
+    // Read only regular files: a FIFO or a device would block or stream
+    // forever. `read` holds no symlink (list_files resolved it), so a link
+    // put in its place since is refused (O_NOFOLLOW), as is anything swapped
+    // in that is not a regular file (checked again on the open file).
+    let meta = match fs::symlink_metadata(&file.read) {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot stat: {e}")),
     };
@@ -162,11 +217,22 @@ fn load_file(path: &Path) -> FileResult {
             meta.len()
         ));
     }
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&file.read);
+    let f = match opened {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot read: {e}")),
+    };
+    match f.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return fail("not a regular file".to_string()),
+        Err(e) => return fail(format!("cannot stat: {e}")),
+    }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may grow between stat and read: never read past the limit.
-    let read =
-        fs::File::open(path).and_then(|f| f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes));
-    if let Err(e) = read {
+    if let Err(e) = f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes) {
         return fail(format!("cannot read: {e}"));
     }
     if bytes.len() as u64 > MAX_SPEC_FILE_BYTES {
@@ -191,9 +257,31 @@ struct NameOnlyMeta {
     name: Option<String>,
 }
 
-fn name_of_broken_doc(text: &str, doc: usize) -> Option<String> {
-    let de = serde_yaml::Deserializer::from_str(text).nth(doc)?;
-    NameOnly::deserialize(de).ok()?.metadata?.name
+/// Names of broken documents, read by a second pass over the file that
+/// only moves forward: however many documents are broken, the file is read
+/// at most once more. (Reading each from the start made a file of many broken
+/// documents quadratic.)
+struct Names<'a> {
+    docs: serde_yaml::Deserializer<'a>,
+    /// Index of the document `docs` yields next.
+    next: usize,
+}
+
+impl<'a> Names<'a> {
+    fn new(text: &'a str) -> Self {
+        Names {
+            docs: serde_yaml::Deserializer::from_str(text),
+            next: 0,
+        }
+    }
+
+    /// The VM name in document `doc`, if it can be read; `None` for a
+    /// document before the last one asked for.
+    fn of(&mut self, doc: usize) -> Option<String> {
+        let de = self.docs.nth(doc.checked_sub(self.next)?)?;
+        self.next = doc + 1;
+        NameOnly::deserialize(de).ok()?.metadata?.name
+    }
 }
 
 /// Deepest flow nesting (`[`, `{`) accepted. Real specs nest a few levels;
@@ -259,14 +347,52 @@ fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// Parses and validates one file's text.
-fn parse_str(path: &Path, text: String) -> FileResult {
+/// The UTF-8 byte order mark some Windows editors write.
+const BOM: char = '\u{feff}';
+
+/// Parses and validates one file's text. [`load_dir`] and [`load_texts`]
+/// both come through here, so a fuzzer on `load_texts` covers every check
+/// but the reading itself.
+fn parse_str(path: &Path, mut text: String) -> FileResult {
     let mut r = FileResult {
         path: path.to_path_buf(),
         ..FileResult::default()
     };
-    if let Some(pos) = too_deep(&text, MAX_FLOW_NESTING) {
+    if text.len() as u64 > MAX_SPEC_FILE_BYTES {
+        r.file_errors.push(SpecError::whole_file(
+            path,
+            format!(
+                "file is {} bytes, over the {MAX_SPEC_FILE_BYTES}-byte limit",
+                text.len()
+            ),
+        ));
+        return r;
+    }
+    // libyaml and yaml-rust2 disagree on a byte order mark, and it is no
+    // content: drop it. Columns on line 1 then count from the first character
+    // an editor shows, as on every other line.
+    if text.starts_with(BOM) {
+        text.drain(..BOM.len_utf8());
+    }
+    // Refused before serde_yaml reads it: where, why, and whether yaml-rust2
+    // may read it for the VM names (not when nested too deep for it).
+    let refused = if let Some(pos) = too_deep(&text, MAX_FLOW_NESTING) {
         let message = format!("nesting deeper than {MAX_FLOW_NESTING} levels");
+        Some((pos, message, false))
+    } else if text.contains('*') {
+        // Every alias starts with `*`, and nearly no spec has one: this
+        // memchr keeps the extra pass over the events off the happy path.
+        aliases::check(&text)
+            .err()
+            .map(|a| ((a.line, a.column), a.message, true))
+    } else {
+        None
+    };
+    if let Some((pos, message, nameable)) = refused {
+        if nameable {
+            // Names without deserializing, so without expanding any alias.
+            r.unknown.extend(Locations::index(&text).names);
+        }
         r.pending.push(Pending {
             doc: 0,
             field: String::new(),
@@ -277,28 +403,54 @@ fn parse_str(path: &Path, text: String) -> FileResult {
         r.text = text;
         return r;
     }
-    let mut any_error = false;
+    let mut names = None;
+    // A document's error, held until the next document shows whether it was
+    // the document's own or the whole file's.
+    let mut held: Option<(usize, serde_yaml::Error)> = None;
+    let too_many = || {
+        SpecError::whole_file(
+            path,
+            format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file"),
+        )
+    };
     for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        if i >= MAX_DOCUMENTS_PER_FILE {
-            r.file_errors.push(SpecError::whole_file(
-                path,
-                format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file"),
-            ));
-            break;
+        let result = Option::<VmDocument>::deserialize(de);
+        if let Some((j, e)) = held.take() {
+            // libyaml stops for good at a syntax error, and serde_yaml then
+            // hands that same error to every later document, forever. Given
+            // again verbatim, it is the file's: it ends the file, once.
+            if matches!(&result, Err(again) if same_error(again, &e)) {
+                stream_error(&mut r, j, &e, &text);
+                break;
+            }
+            if j >= MAX_DOCUMENTS_PER_FILE {
+                r.file_errors.push(too_many());
+                break;
+            }
+            r.pending.push(from_yaml_error(j, &e));
+            let names = names.get_or_insert_with(|| Names::new(&text));
+            r.unknown.extend(names.of(j));
         }
-        let mut doc = match Option::<VmDocument>::deserialize(de) {
+        let mut doc = match result {
+            // Past the cap, an error is held too: a syntax error in the last
+            // document may only surface in the next, and is then the file's.
+            Ok(_) if i >= MAX_DOCUMENTS_PER_FILE => {
+                r.file_errors.push(too_many());
+                break;
+            }
             Ok(Some(doc)) => doc,
             // An empty document (a stray `---`, a file of comments) is no VM.
             Ok(None) => continue,
+            // After an unknown anchor serde_yaml resumes mid-document, and
+            // reading on panics (a mapping's end where a document should
+            // start). The alias check refuses these first; this stays for
+            // any the two parsers see differently.
+            Err(e) if e.to_string().starts_with("unknown anchor") => {
+                stream_error(&mut r, i, &e, &text);
+                break;
+            }
             Err(e) => {
-                if !any_error && syntax_error(&mut r, &text) {
-                    break;
-                }
-                any_error = true;
-                r.pending.push(from_yaml_error(i, &e));
-                if let Some(name) = name_of_broken_doc(&text, i) {
-                    r.unknown.push(name);
-                }
+                held = Some((i, e));
                 continue;
             }
         };
@@ -323,31 +475,75 @@ fn parse_str(path: &Path, text: String) -> FileResult {
                 }));
         }
     }
+    if let Some((j, e)) = held {
+        if j >= MAX_DOCUMENTS_PER_FILE {
+            r.file_errors.push(too_many());
+        } else {
+            r.pending.push(from_yaml_error(j, &e));
+            r.unknown
+                .extend(names.get_or_insert_with(|| Names::new(&text)).of(j));
+        }
+    }
+    // The name reader borrows the text (and serde_yaml's parser has a Drop).
+    drop(names);
     r.text = text;
     r
 }
 
-/// Whether the file is not YAML at all; if so, records that one error and
-/// makes every VM it names unknown. serde_yaml's document iterator repeats a
-/// syntax error forever, so the caller must stop reading at once.
-fn syntax_error(r: &mut FileResult, text: &str) -> bool {
-    let loc = Locations::index(text);
-    let documents = loc.documents();
-    let Some((line, column, info)) = loc.syntax_error else {
-        return false;
-    };
+/// The same error, at the same place.
+fn same_error(a: &serde_yaml::Error, b: &serde_yaml::Error) -> bool {
+    let at = |e: &serde_yaml::Error| e.location().map(|l| (l.index(), l.line(), l.column()));
+    at(a) == at(b) && a.to_string() == b.to_string()
+}
+
+/// Records `e`, found in document `doc`, as the file's only error: the file
+/// is not YAML past it. Every VM the file names is unknown.
+fn stream_error(r: &mut FileResult, doc: usize, e: &serde_yaml::Error, text: &str) {
     r.pending.clear();
     r.pending.push(Pending {
-        doc: 0,
+        doc,
         field: String::new(),
-        message: format!("not valid YAML: {info}"),
-        pos: Some((line, column)),
+        message: format!("not valid YAML: {}", tame(&strip_marks(&e.to_string()))),
+        pos: e.location().map(|l| (l.line(), l.column())),
         last: false,
     });
     r.unknown.extend(r.vms.drain(..).map(|v| v.name));
-    r.unknown
-        .extend((0..documents).filter_map(|d| name_of_broken_doc(text, d)));
-    true
+    // serde_yaml cannot name the VM of a document cut short; yaml-rust2
+    // reads up to the fault, and past it where it disagrees: one more pass,
+    // once per broken file.
+    r.unknown.extend(Locations::index(text).names);
+}
+
+/// `msg` without libyaml's ` at line L column C` and ` at position N`: the
+/// error carries its position apart.
+fn strip_marks(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(" at ") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 4..];
+        let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let skip = if let Some(t) = tail.strip_prefix("line ") {
+            let n = digits(t);
+            t[n..]
+                .strip_prefix(" column ")
+                .filter(|c| n > 0 && digits(c) > 0)
+                .map(|c| msg.len() - c.len() + digits(c))
+        } else if let Some(t) = tail.strip_prefix("position ") {
+            Some(msg.len() - t.len() + digits(t)).filter(|_| digits(t) > 0)
+        } else {
+            None
+        };
+        match skip {
+            Some(end) => rest = &msg[end..],
+            None => {
+                out.push_str(" at ");
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `parent.name` when `msg` is `<prefix>name` followed by a backquote.
@@ -379,6 +575,7 @@ fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
             msg = tail.to_string();
         }
     }
+    msg = tame(&msg);
     // serde names the field in the message and its parent as the path:
     // "spec: missing field `boot`" reads better as "spec.boot: missing field".
     if let Some(f) = child_field(&msg, "missing field `", &field) {
@@ -405,6 +602,53 @@ fn from_yaml_error(doc: usize, e: &serde_yaml::Error) -> Pending {
         pos,
         last: false,
     }
+}
+
+/// Most characters of a parser message of no shape [`tame`] knows.
+const MAX_MESSAGE_CHARS: usize = 160;
+
+/// serde's messages quote the input they refuse in full (`` unknown field
+/// `…` ``, `invalid type: string "…"`), and the field may hold anything: cut
+/// each quote to an escaped excerpt. Any other message is escaped and cut as
+/// a whole, in case it quotes input too.
+fn tame(msg: &str) -> String {
+    // The quote ends at the last separator: what follows is the schema's,
+    // and the input may hold a separator too.
+    let quoted = |open: &str, closes: &[&str]| {
+        let rest = msg.strip_prefix(open)?;
+        let end = closes.iter().filter_map(|c| rest.rfind(c)).max()?;
+        Some((open.len(), open.len() + end))
+    };
+    let raw = ["`, expected ", "`, there are no "];
+    for open in [
+        "unknown field `",
+        "unknown variant `",
+        "invalid type: character `",
+        "invalid value: character `",
+    ] {
+        if let Some((a, b)) = quoted(open, &raw) {
+            return format!("{}{}{}", &msg[..a], excerpt_unquoted(&msg[a..b]), &msg[b..]);
+        }
+    }
+    // serde quotes strings with `{:?}`: already escaped.
+    for open in ["invalid type: string \"", "invalid value: string \""] {
+        if let Some((a, b)) = quoted(open, &["\", expected "]) {
+            return format!("{}{}{}", &msg[..a], excerpt_escaped(&msg[a..b]), &msg[b..]);
+        }
+    }
+    let mut out = String::new();
+    for (n, c) in msg.chars().enumerate() {
+        if n == MAX_MESSAGE_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Where one VM's spec and a field of it live, for cross-VM errors. The
@@ -532,7 +776,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
                 let msg = format!(
                     "{} is also attached by VM {}; an image attached writable can belong to one VM only",
-                    path.display(),
+                    excerpt_bare(&path.display().to_string()),
                     others.join(", ")
                 );
                 cross.push(s.error(msg));

@@ -17,40 +17,31 @@ pub struct Locations {
     /// key given twice has two; for mapping values, the key's position,
     /// which is where a reader looks).
     docs: Vec<HashMap<String, Vec<(usize, usize)>>>,
-    /// The syntax error that stopped indexing, if any.
-    pub syntax_error: Option<(usize, usize, String)>,
+    /// `metadata.name` of every document that has one, as far as the file
+    /// reads: the VMs a file that does not load would have defined.
+    pub names: Vec<String>,
 }
 
 impl Locations {
     /// Indexes `text`. A file that does not parse yields what was read before
     /// the fault; lookups past it fall back to the nearest known ancestor.
+    /// (Whether a file is YAML is serde_yaml's to say: the loader reports its
+    /// verdict, so the two parsers never need to agree.)
     pub fn index(text: &str) -> Self {
         let mut rx = Receiver::default();
         let mut parser = Parser::new_from_str(text);
         // Pull events one by one: the crate's own `load` recurses per nesting
         // level and overflows the stack on `- - - - …`.
-        let syntax_error = loop {
-            match parser.next_token() {
-                Ok((Event::StreamEnd, _)) => break None,
-                Ok((ev, mark)) => rx.on_event(ev, mark),
-                Err(e) => {
-                    break Some((
-                        e.marker().line(),
-                        e.marker().col() + 1,
-                        e.info().to_string(),
-                    ));
-                }
+        while let Ok((ev, mark)) = parser.next_token() {
+            if ev == Event::StreamEnd {
+                break;
             }
-        };
+            rx.on_event(ev, mark);
+        }
         Locations {
             docs: rx.docs,
-            syntax_error,
+            names: rx.names,
         }
-    }
-
-    /// How many documents were indexed.
-    pub fn documents(&self) -> usize {
-        self.docs.len()
     }
 
     /// Position of `path` in document `doc`, or of its nearest ancestor that has one.
@@ -122,6 +113,7 @@ struct Receiver {
     stack: Vec<Frame>,
     /// Levels entered beyond `MAX_DEPTH`, not indexed.
     overflow: usize,
+    names: Vec<String>,
 }
 
 fn pos(mark: Marker) -> (usize, usize) {
@@ -199,11 +191,11 @@ impl MarkedEventReceiver for Receiver {
                 self.overflow -= 1;
             }
             Event::Scalar(..) | Event::Alias(_) if self.overflow > 0 => {}
-            Event::Scalar(value, ..) => {
-                if let (Role::Root | Role::Item, p) = self.enter(Some(&value), mark) {
-                    self.record(p, mark);
-                }
-            }
+            Event::Scalar(value, ..) => match self.enter(Some(&value), mark) {
+                (Role::Root | Role::Item, p) => self.record(p, mark),
+                (Role::Value, p) if p == "metadata.name" => self.names.push(value),
+                (Role::Value | Role::Key, _) => {}
+            },
             Event::Alias(_) => {
                 if let (Role::Root | Role::Item, p) = self.enter(None, mark) {
                     self.record(p, mark);
@@ -285,15 +277,21 @@ metadata:
         let loc = Locations::index("a: 1\nb: 2\na: 3\n");
         assert_eq!(loc.find(0, "a"), Some((1, 1)));
         assert_eq!(loc.find_last(0, "a"), Some((3, 1)));
-        assert_eq!(loc.syntax_error, None);
     }
 
     #[test]
-    fn reports_the_syntax_error_that_stopped_it() {
-        let loc = Locations::index("a: [1, 2\n");
-        let (line, _, info) = loc.syntax_error.expect("unclosed flow sequence");
-        assert_eq!(line, 2);
-        assert!(!info.is_empty());
+    fn collects_vm_names_up_to_a_syntax_error() {
+        let loc = Locations::index(&format!(
+            "{TEXT}---\nmetadata: {{name: third}}\n---\nmetadata:\n  name: [\n"
+        ));
+        assert_eq!(loc.names, vec!["second", "third"]);
+    }
+
+    #[test]
+    fn keeps_what_it_read_before_a_syntax_error() {
+        let loc = Locations::index("a: 1\nb: [1, 2\n");
+        assert_eq!(loc.find(0, "a"), Some((1, 1)));
+        assert_eq!(loc.find(0, "b"), Some((2, 1)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! ① Spec files → desired state: the YAML model, loading a directory,
 //! validation with positioned errors, and the JSON Schema.
 
+mod aliases;
 mod error;
 mod load;
 mod locate;
@@ -9,7 +10,8 @@ mod validate;
 /// The YAML shape of a spec document, shared with the data layer.
 pub use crate::vm::config as model;
 pub use crate::vm::config::*;
-pub use error::{SpecError, SpecErrors};
+pub use aliases::{ALIAS_EXPANSION_FACTOR, MIN_ALIAS_EXPANSION_BYTES};
+pub use error::{EXCERPT_CHARS, SpecError, SpecErrors};
 pub use load::{
     Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
 };

@@ -309,20 +309,198 @@ fn deep_nesting_is_refused_early() {
     );
 }
 
+/// The expanded size the alias check gives one alias of a `bytes`-long
+/// scalar anchor: its text and one node.
+const fn alias_cost(bytes: usize) -> usize {
+    bytes + 8
+}
+
 #[test]
-fn alias_bombs_are_refused_without_expanding() {
-    let mut bomb = String::from("  allowedFiles: &a0 [x, x, x, x, x, x, x, x, x]\n");
-    for i in 1..10 {
-        let prev = format!("*a{}", i - 1);
-        bomb += &format!("  l{i}: &a{i} [{}]\n", [prev.as_str(); 9].join(", "));
+fn aliases_of_a_large_anchor_in_a_list_the_schema_accepts_are_refused_before_expanding() {
+    // Before the bound: 5000 copies of 4 KiB, each then echoed in full by a
+    // "listed twice" error. Past 1 MiB of text the same shape took 18 GB.
+    for list in ["plan9Shares", "vsmbShares"] {
+        let mut share = format!(
+            "  {list}:\n    - name: s\n      hostPath: /s\n      allowedFiles:\n        - &a {}\n",
+            "f".repeat(4096)
+        );
+        share += &"        - *a\n".repeat(5000);
+        let text = vm("bomb", &share);
+        let budget =
+            (ALIAS_EXPANSION_FACTOR as usize * text.len()).max(MIN_ALIAS_EXPANSION_BYTES as usize);
+        let crossing = budget / alias_cost(4096) + 1;
+        let line = 17 + crossing;
+        assert_eq!(
+            errors_of(&text),
+            vec![format!(
+                "t.yaml:{line}:11: aliases expand past 16x the file's size (anchor \"a\"); refused"
+            )],
+            "{list}"
+        );
+        let l = load(&[("t.yaml", &text)]);
+        assert!(l.desired.vms.is_empty());
+        assert!(
+            l.desired.unknown.contains("bomb"),
+            "named without expanding"
+        );
     }
-    let text = format!(
-        "{HEAD}metadata:\n  name: bomb\nx:\n{bomb}spec:\n  plan9Shares:\n    - {{name: s, hostPath: /s, allowedFiles: *a9}}\n"
+}
+
+#[test]
+fn a_few_small_aliases_still_load() {
+    let share = "  plan9Shares:\n    - {name: a, hostPath: /s, allowedFiles: &files [x, y]}\n    - {name: b, hostPath: /t, allowedFiles: *files}\n";
+    let l = load(&[("t.yaml", &vm("web", share))]);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert_eq!(
+        l.desired.vms["web"].config.plan9_shares[1].allowed_files,
+        vec!["x", "y"]
     );
-    let errs = errors_of(&text);
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    let l = load(&[("t.yaml", &text)]);
-    assert!(l.desired.vms.is_empty());
+}
+
+#[test]
+fn an_alias_to_an_earlier_documents_anchor_is_one_error_not_a_panic() {
+    // serde_yaml resumed mid-document after the unknown anchor and panicked
+    // on the mapping's end (uvmctl validate exited 101).
+    assert_eq!(
+        one_error("a: &x 1\n---\nb: *x\n"),
+        "t.yaml:3:4: unknown anchor \"x\": an alias must follow its anchor in the same document"
+    );
+}
+
+#[test]
+fn a_three_byte_syntax_error_is_one_error_at_its_position() {
+    // Found by fuzzing: serde_yaml repeats its syntax error for every later
+    // document, yaml-rust2 reads this as valid, and the loader went on to
+    // "more than 1000 documents in one file".
+    assert_eq!(
+        one_error(": :\n"),
+        "t.yaml:1:1: not valid YAML: did not find expected key, while parsing a block mapping"
+    );
+}
+
+#[test]
+fn a_syntax_error_near_the_size_limit_ends_the_file_with_one_error() {
+    // One large document, broken at its end: each of the 1000 phantom
+    // documents after it re-read the whole file (about a minute at 1 MiB).
+    let files: String = (0..40_000)
+        .map(|i| format!("        - file{i:06}.txt\n"))
+        .collect();
+    let share =
+        format!("  plan9Shares:\n    - name: s\n      hostPath: /s\n      allowedFiles:\n{files}");
+    let big = format!("{}: :\n", vm("big", &share));
+    // The most documents a file may hold, the last one broken: the names of
+    // all the others were each read from the start of the file. Its syntax
+    // error surfaces in a 1001st document, not a file of too many.
+    let comment = format!("# {}\n", "-".repeat(750));
+    let many: String = (0..MAX_DOCUMENTS_PER_FILE - 1)
+        .map(|i| format!("{}{comment}---\n", vm(&format!("vm-{i:03}"), "")))
+        .collect();
+    let many = format!("{many}foo: [\n");
+    let end_of_many = many.lines().count() + 1;
+    for (text, line, message, unknown) in [
+        (
+            &big,
+            40_017,
+            "did not find expected key, while parsing a block mapping",
+            1,
+        ),
+        (
+            &many,
+            end_of_many,
+            "did not find expected node content, while parsing a flow node",
+            MAX_DOCUMENTS_PER_FILE - 1,
+        ),
+    ] {
+        assert!(
+            text.len() > 900 << 10 && text.len() < 1 << 20,
+            "{}",
+            text.len()
+        );
+        let l = load(&[("t.yaml", text)]);
+        let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            vec![format!("t.yaml:{line}:1: not valid YAML: {message}")]
+        );
+        assert!(l.desired.vms.is_empty());
+        assert_eq!(l.desired.unknown.len(), unknown);
+    }
+}
+
+#[test]
+fn more_documents_than_the_cap_are_one_error() {
+    let empty = "---\n# nothing\n".repeat(MAX_DOCUMENTS_PER_FILE + 1);
+    // A broken document past the cap is one too many, not a syntax error.
+    let vms: String = (0..MAX_DOCUMENTS_PER_FILE)
+        .map(|i| format!("{}---\n", vm(&format!("vm-{i}"), "")))
+        .collect();
+    let broken_last = format!("{vms}foo: 1\n");
+    for text in [empty, broken_last] {
+        let errs = errors_of(&text);
+        assert_eq!(errs.len(), 1, "{:?}", &errs[..errs.len().min(3)]);
+        assert_eq!(errs[0], "t.yaml: more than 1000 documents in one file");
+    }
+}
+
+#[test]
+fn a_byte_order_mark_is_no_content() {
+    let l = load(&[("t.yaml", &format!("\u{feff}{}", vm("web", "")))]);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert!(l.desired.vms.contains_key("web"));
+    // Positions on line 1 count from the first character an editor shows.
+    let text = vm("web", "").replace("apiVersion: uvmctl.dev/v1alpha1", "apiVersion: [1]");
+    let plain = one_error(&text);
+    assert!(
+        plain.starts_with("t.yaml:1:13: apiVersion: invalid type"),
+        "{plain}"
+    );
+    assert_eq!(one_error(&format!("\u{feff}{text}")), plain);
+}
+
+#[test]
+fn refused_input_is_quoted_as_a_short_escaped_excerpt() {
+    // An escape sequence (YAML's `\e` is ESC) that would retitle a terminal.
+    let junk = format!("\\e]0;{}", "A".repeat(5000));
+    let cut = format!("\\u{{1b}}]0;{}…", "A".repeat(EXCERPT_CHARS - 9));
+    let wrong_type = vm("web", "").replace("sizeMB: 64", &format!("sizeMB: \"{junk}\""));
+    assert_eq!(
+        one_error(&wrong_type),
+        format!("t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"{cut}\", expected u64")
+    );
+    // YAML caps an implicit key at 1024 characters.
+    let long_key = "k".repeat(1000);
+    let unknown = one_error(&vm("web", &format!("  {long_key}: 1\n")));
+    assert!(
+        unknown.starts_with(&format!(
+            "t.yaml:13:3: spec: unknown field `{}…`, expected one of `guestOS`",
+            "k".repeat(EXCERPT_CHARS)
+        )),
+        "{unknown}"
+    );
+    let variant = one_error(&vm("web", &format!("  powerState: {}\n", "R".repeat(5000))));
+    assert!(
+        variant.contains(&format!(
+            "unknown variant `{}…`, expected",
+            "R".repeat(EXCERPT_CHARS)
+        )),
+        "{variant}"
+    );
+    let name = one_error(&vm(&format!("\"{junk}\""), ""));
+    assert_eq!(
+        name,
+        format!(
+            "t.yaml:4:3: metadata.name: name \"{cut}\" must be 1–64 characters of [A-Za-z0-9-]"
+        )
+    );
+    for e in [wrong_type, unknown, variant, name]
+        .iter()
+        .map(|t| errors_of(t))
+    {
+        assert!(
+            e.iter().all(|e| e.len() < 400 && !e.contains('\u{1b}')),
+            "{e:?}"
+        );
+    }
 }
 
 #[test]
@@ -360,6 +538,7 @@ fn vsock_and_hvsocket_listeners_need_their_own_address() {
 mod on_disk {
     use super::*;
     use std::fs;
+    use std::path::Path;
 
     #[test]
     fn walks_recursively_and_skips_hidden_files_and_editor_leftovers() {
@@ -413,6 +592,83 @@ mod on_disk {
             ]
         );
         assert_eq!(l.desired.failed_files.len(), 2);
+    }
+
+    #[test]
+    fn a_symlink_out_of_the_spec_directory_is_refused_by_name_unread() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let shadow = outside.path().join("shadow");
+        fs::write(
+            &shadow,
+            "root:$6$SECRETSALT$0123456789abcdef:19000:0:99999:7:::\n",
+        )
+        .expect("write");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::os::unix::fs::symlink(&shadow, root.join("evil.yaml")).expect("symlink");
+        fs::create_dir(root.join("team")).expect("mkdir");
+        // Both temporary directories share a parent.
+        let up = Path::new("../..").join(outside.path().file_name().expect("named"));
+        std::os::unix::fs::symlink(up.join("shadow"), root.join("team/relative.yml"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(root.join("gone"), root.join("dangling.yaml")).expect("symlink");
+        fs::write(root.join("web.yaml"), vm("web", "")).expect("write");
+        let l = load_dir(root);
+        let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            vec![
+                format!(
+                    "{}: symlink that does not resolve (No such file or directory (os error 2)); not read",
+                    root.join("dangling.yaml").display()
+                ),
+                format!(
+                    "{}: symlink to a file outside the spec directory; not read",
+                    root.join("evil.yaml").display()
+                ),
+                format!(
+                    "{}: symlink to a file outside the spec directory; not read",
+                    root.join("team/relative.yml").display()
+                ),
+            ]
+        );
+        assert!(
+            errs.iter()
+                .all(|e| !e.contains("SECRET") && !e.contains("root:"))
+        );
+        assert!(l.desired.vms.contains_key("web"));
+        assert_eq!(l.desired.failed_files.len(), 3, "pruning stays blocked");
+    }
+
+    #[test]
+    fn a_symlink_to_a_spec_inside_the_directory_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        // The target is in a hidden directory, so it is loaded once, by the link.
+        fs::create_dir(root.join(".shared")).expect("mkdir");
+        fs::write(root.join(".shared/web.yaml"), vm("web", "")).expect("write");
+        std::os::unix::fs::symlink(".shared/web.yaml", root.join("web.yaml")).expect("symlink");
+        // A root given through a symlink is resolved before the comparison.
+        let link_root = tempfile::tempdir().expect("tempdir");
+        let via = link_root.path().join("specs");
+        std::os::unix::fs::symlink(root, &via).expect("symlink");
+        for r in [root, via.as_path()] {
+            let l = load_dir(r);
+            assert!(l.errors.is_empty(), "{:?}", l.errors);
+            assert_eq!(l.desired.vms["web"].file, r.join("web.yaml"));
+        }
+    }
+
+    #[test]
+    fn a_spec_file_named_on_the_command_line_may_be_a_symlink_anywhere() {
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        fs::write(elsewhere.path().join("web.yaml"), vm("web", "")).expect("write");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = dir.path().join("web.yaml");
+        std::os::unix::fs::symlink(elsewhere.path().join("web.yaml"), &link).expect("symlink");
+        let l = load_dir(&link);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert!(l.desired.vms.contains_key("web"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! Plan9 port 1–65535, vsock port 1–4294967294, unix listener paths at most
 //! 107 bytes.
 
+use super::error::{excerpt, excerpt_bare};
 use crate::vm::config::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -43,15 +44,18 @@ pub fn validate_document(doc: &mut VmDocument) -> Vec<Problem> {
         v.err(
             "apiVersion",
             format!(
-                "unsupported apiVersion {:?} (expected {API_VERSION:?})",
-                doc.api_version
+                "unsupported apiVersion {} (expected {API_VERSION:?})",
+                excerpt(&doc.api_version)
             ),
         );
     }
     if doc.kind != KIND {
         v.err(
             "kind",
-            format!("unsupported kind {:?} (expected {KIND:?})", doc.kind),
+            format!(
+                "unsupported kind {} (expected {KIND:?})",
+                excerpt(&doc.kind)
+            ),
         );
     }
     check_name(&mut v, "metadata.name", &doc.metadata.name, 64, false);
@@ -93,8 +97,8 @@ impl Checker {
             self.err(
                 field,
                 format!(
-                    "path {:?} is relative; give an absolute path",
-                    p.display().to_string()
+                    "path {} is relative; give an absolute path",
+                    excerpt(&p.display().to_string())
                 ),
             );
         } else if s.len() > MAX_PATH_BYTES {
@@ -146,7 +150,10 @@ fn check_name(v: &mut Checker, field: &str, name: &str, max: usize, allow_dot_un
     if name.is_empty() || name.len() > max || !name.chars().all(ok_char) {
         v.err(
             field,
-            format!("name {name:?} must be 1–{max} characters of {allowed}"),
+            format!(
+                "name {} must be 1–{max} characters of {allowed}",
+                excerpt(name)
+            ),
         );
     }
 }
@@ -180,7 +187,8 @@ pub fn parse_mac(s: &str) -> Result<String, String> {
             .any(|p| p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit()))
     {
         return Err(format!(
-            "MAC address {s:?} must be six hex pairs, like 00-15-5D-01-02-03"
+            "MAC address {} must be six hex pairs, like 00-15-5D-01-02-03",
+            excerpt(s)
         ));
     }
     let bytes: Vec<u8> = parts
@@ -189,11 +197,12 @@ pub fn parse_mac(s: &str) -> Result<String, String> {
         .collect();
     if bytes[0] & 1 == 1 {
         return Err(format!(
-            "MAC address {s:?} is multicast; a NIC needs a unicast address"
+            "MAC address {} is multicast; a NIC needs a unicast address",
+            excerpt(s)
         ));
     }
     if bytes.iter().all(|b| *b == 0) {
-        return Err(format!("MAC address {s:?} is all zeros"));
+        return Err(format!("MAC address {} is all zeros", excerpt(s)));
     }
     Ok(bytes
         .iter()
@@ -207,7 +216,10 @@ fn check_guid(v: &mut Checker, field: &str, s: &mut String) {
         Some(g) => *s = g,
         None => v.err(
             field,
-            format!("{s:?} is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+            format!(
+                "{} is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)",
+                excerpt(s)
+            ),
         ),
     }
 }
@@ -225,10 +237,10 @@ fn check_file_names(v: &mut Checker, field: &str, names: &[String]) {
         {
             v.err(
                 &f,
-                format!("{n:?} must be a plain file name inside the share"),
+                format!("{} must be a plain file name inside the share", excerpt(n)),
             );
         } else if !seen.insert(n.as_str()) {
-            v.err(&f, format!("file {n:?} is listed twice"));
+            v.err(&f, format!("file {} is listed twice", excerpt(n)));
         }
     }
 }
@@ -429,8 +441,8 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
             v.err(
                 format!("{f}.endpointId"),
                 format!(
-                    "endpoint {:?} must be 1–64 characters of [A-Za-z0-9._-]",
-                    n.endpoint_id
+                    "endpoint {} must be 1–64 characters of [A-Za-z0-9._-]",
+                    excerpt(&n.endpoint_id)
                 ),
             );
         }
@@ -459,7 +471,10 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         if let Some(prev) = names.insert(s.name.clone(), i) {
             v.err(
                 format!("{f}.name"),
-                format!("duplicate share {:?} (also plan9Shares[{prev}])", s.name),
+                format!(
+                    "duplicate share {} (also plan9Shares[{prev}])",
+                    excerpt(&s.name)
+                ),
             );
         }
         v.host_path(&format!("{f}.hostPath"), &s.host_path);
@@ -475,7 +490,10 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         if let Some(prev) = names.insert(s.name.clone(), i) {
             v.err(
                 format!("{f}.name"),
-                format!("duplicate share {:?} (also vsmbShares[{prev}])", s.name),
+                format!(
+                    "duplicate share {} (also vsmbShares[{prev}])",
+                    excerpt(&s.name)
+                ),
             );
         }
         v.host_path(&format!("{f}.hostPath"), &s.host_path);
@@ -499,8 +517,8 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
             v.err(
                 format!("{f}.instanceId"),
                 format!(
-                    "duplicate PCI device {:?} (also pciDevices[{prev}])",
-                    d.instance_id
+                    "duplicate PCI device {} (also pciDevices[{prev}])",
+                    excerpt(&d.instance_id)
                 ),
             );
         }
@@ -575,7 +593,7 @@ fn check_shared_disk<'a>(
                 field,
                 format!(
                     "{} is already attached at {prev}; a writable image can be attached once",
-                    path.display()
+                    excerpt_bare(&path.display().to_string())
                 ),
             );
         }
