@@ -389,3 +389,33 @@ fn an_error_prints_each_cause_once() {
         "{shown}"
     );
 }
+
+/// Issue 7: a spec file that is a symlink out of the spec directory (to
+/// /etc/shadow, say, in a malicious commit) is refused by name, unread: its
+/// content appears nowhere, whatever the command and output format.
+#[test]
+fn a_spec_symlink_out_of_the_spec_directory_is_refused_unread() {
+    let t = TestContext::new();
+    t.write_spec("good.yaml", &vm("good", 256, ""))
+        .write_host(&vm("good", 256, ""));
+    let secret = t.path("shadow");
+    std::fs::write(&secret, "root:$6$SECRETHASH$abcdefgh:19000:0:99999:7:::\n").expect("secret");
+    std::os::unix::fs::symlink(&secret, t.path("specs/evil.yaml")).expect("symlink");
+    for args in [
+        vec!["validate", "specs"],
+        vec!["plan", "specs", "--observed", "host"],
+        vec!["plan", "specs", "--observed", "host", "--output", "json"],
+    ] {
+        let out = t.uvmctl(&args);
+        assert_exit_code(&out, 1);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            !all.contains("SECRET") && !all.contains("root:"),
+            "{args:?}: {all}"
+        );
+        assert!(
+            all.contains("evil.yaml") && all.contains("outside the spec directory"),
+            "{args:?}: {all}"
+        );
+    }
+}
