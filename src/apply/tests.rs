@@ -2,30 +2,12 @@
 //! partial failure, and apply(plan) converging through the real executor.
 
 use super::*;
-use crate::plan::tests::base;
+use crate::plan::tests::{base, desired};
 use crate::plan::{PlanOptions, plan};
 use crate::reconcile::observe_all;
-use crate::spec::{DesiredVm, ScsiController, ScsiDisk};
+use crate::spec::{ScsiController, ScsiDisk};
 use crate::virtstack::fake::{Fake, FakeVm};
 use crate::vm::{Capabilities, HostFacts, Observe, ScsiDiskType};
-use std::path::PathBuf;
-
-fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
-    let mut d = DesiredState::default();
-    for (name, config) in vms {
-        d.vms.insert(
-            name.to_string(),
-            DesiredVm {
-                name: name.to_string(),
-                file: PathBuf::from("t.yaml"),
-                doc: 0,
-                config: config.clone(),
-                status: None,
-            },
-        );
-    }
-    d
-}
 
 fn running(config: VmConfig) -> FakeVm {
     FakeVm {

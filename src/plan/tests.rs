@@ -43,7 +43,7 @@ fn nic(n: u8, mac_last: u8) -> NetworkAdapter {
     }
 }
 
-fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
+pub(crate) fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
     let mut d = DesiredState::default();
     for (name, config) in vms {
         d.vms.insert(
