@@ -169,6 +169,25 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Loaded {
     merge(results, Vec::new())
 }
 
+/// `pos` (1-based line and column) moved inside `text`: libyaml puts an
+/// error at the end of a file that lacks its last newline one line past
+/// it, and a position must always point at the file as the user sees it
+/// (found by fuzzing: the one-byte file `[` was reported at 2:1).
+fn within(text: &str, (line, column): (usize, usize)) -> (usize, usize) {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let width = |n: usize| {
+        lines
+            .get(n - 1)
+            .map_or(0, |l| l.trim_end_matches('\r').chars().count())
+    };
+    if line > lines.len() {
+        // Past the end: the end of the last line.
+        return (lines.len(), width(lines.len()) + 1);
+    }
+    let line = line.max(1);
+    (line, column.clamp(1, width(line) + 1))
+}
+
 /// One error before it has a position: `pos` is filled by the loader,
 /// from serde_yaml's mark or by re-reading the file.
 #[derive(Debug)]
@@ -811,7 +830,7 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
                 } else {
                     locations.find(p.doc, &p.field)
                 };
-                let (line, column) = p.pos.or(found).unwrap_or((0, 0));
+                let (line, column) = within(&r.text, p.pos.or(found).unwrap_or((1, 1)));
                 errors.push(SpecError {
                     file: r.path.clone(),
                     line,

@@ -691,3 +691,17 @@ mod on_disk {
         }
     }
 }
+
+/// Found by fuzzing the loader (issue 10): libyaml places an error at the end
+/// of a file that lacks its last newline one line past the file, so the
+/// one-byte file `[` was reported at 2:1. Every position points inside the file.
+#[test]
+fn fuzz_a_syntax_error_at_the_end_without_a_last_newline_points_inside_the_file() {
+    let err = one_error("[");
+    assert!(err.starts_with("t.yaml:1:2: not valid YAML"), "{err}");
+    let err = one_error("a: 1\nb: {");
+    assert!(err.starts_with("t.yaml:2:5: not valid YAML"), "{err}");
+    // With its newline the end is the empty last line.
+    let err = one_error("a: 1\nb: {\n");
+    assert!(err.starts_with("t.yaml:3:1: not valid YAML"), "{err}");
+}
