@@ -433,7 +433,18 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         )
     };
     for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let result = Option::<VmDocument>::deserialize(de);
+        // serde_yaml (deprecated upstream) panics on some inputs that libyaml
+        // and yaml-rust2 read differently, such as `[&a:*b]` (found by
+        // fuzzing). A spec file may come from anyone: its parser failing is
+        // that file's error, never the end of the whole load.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Option::<VmDocument>::deserialize(de)
+        }));
+        let Ok(result) = parsed else {
+            parser_failed(&mut r, i, &text);
+            held = None;
+            break;
+        };
         if let Some((j, e)) = held.take() {
             // libyaml stops for good at a syntax error, and serde_yaml then
             // hands that same error to every later document, forever. Given
@@ -530,6 +541,22 @@ fn stream_error(r: &mut FileResult, doc: usize, e: &serde_yaml::Error, text: &st
     // serde_yaml cannot name the VM of a document cut short; yaml-rust2
     // reads up to the fault, and past it where it disagrees: one more pass,
     // once per broken file.
+    r.unknown.extend(Locations::index(text).names);
+}
+
+/// The YAML parser failed on document `doc` (it panicked): the file is
+/// refused as a whole, at the start of that document, and every VM it names
+/// is unknown.
+fn parser_failed(r: &mut FileResult, doc: usize, text: &str) {
+    r.pending.clear();
+    r.pending.push(Pending {
+        doc,
+        field: String::new(),
+        message: "not valid YAML: the YAML parser failed on this document; refused".into(),
+        pos: None,
+        last: false,
+    });
+    r.unknown.extend(r.vms.drain(..).map(|v| v.name));
     r.unknown.extend(Locations::index(text).names);
 }
 

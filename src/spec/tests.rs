@@ -705,3 +705,25 @@ fn fuzz_a_syntax_error_at_the_end_without_a_last_newline_points_inside_the_file(
     let err = one_error("a: 1\nb: {\n");
     assert!(err.starts_with("t.yaml:3:1: not valid YAML"), "{err}");
 }
+
+/// Found by fuzzing the loader (issue 10): serde_yaml panicked on the
+/// 11-byte file `[?&poe:*ne]` (libyaml reads an anchor `a`, a `:` and an
+/// alias to an anchor that does not exist; yaml-rust2 reads one anchor named
+/// `poe:*ne`, so the alias check saw nothing). Under `apply` the panic ended
+/// the whole load, every file with it. Now it is that file's error alone.
+#[test]
+fn fuzz_a_yaml_parser_panic_is_the_files_error_and_spares_the_other_files() {
+    for text in ["[?&poe:*ne]", "[&a:*b]", "x: 1\n---\n[&a:*b]\n"] {
+        let l = load(&[("bad.yaml", text), ("good.yaml", &vm("good", ""))]);
+        let errs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 1, "{text:?}: {errs:#?}");
+        assert!(
+            errs[0].starts_with("bad.yaml:") && errs[0].contains("YAML parser failed"),
+            "{text:?}: {errs:#?}"
+        );
+        assert!(
+            l.desired.vms.contains_key("good"),
+            "the other file still loads"
+        );
+    }
+}
