@@ -78,6 +78,36 @@ pub async fn status(vs: &dyn Virtstack) -> Result<Vec<StatusRow>, VmError> {
     Ok(rows)
 }
 
+/// The rows as `uvmctl status` prints them: a header, then one line a VM.
+pub fn status_table(rows: &[StatusRow]) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<24} {:<11} {:>8} {:>8} {:>5} {:>7} {:>9} {:>7}  LAST ERROR\n",
+        "NAME", "STATE", "UPTIME", "MEMORY", "VCPUS", "DEVICES", "CPU TIME", "RSS"
+    );
+    for r in rows {
+        let up = r.uptime_seconds.map_or("-".into(), |s| format!("{s}s"));
+        let cpu = r
+            .cpu_time_ms
+            .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let rss = r.rss_mb.map_or("-".into(), |mb| format!("{mb}MB"));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<11} {:>8} {:>6}MB {:>5} {:>7} {:>9} {:>7}  {}",
+            r.name,
+            r.state,
+            up,
+            r.memory_mb,
+            r.vcpus,
+            r.devices,
+            cpu,
+            rss,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}
+
 /// Why `export` could not write a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

@@ -557,31 +557,7 @@ async fn status(vs: &dyn Virtstack, output: Output) -> anyhow::Result<u8> {
     let rows = uvmctl::inspect::status(vs).await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Text => {
-            println!(
-                "{:<24} {:<11} {:>8} {:>8} {:>5} {:>7} {:>9} {:>7}  LAST ERROR",
-                "NAME", "STATE", "UPTIME", "MEMORY", "VCPUS", "DEVICES", "CPU TIME", "RSS"
-            );
-            for r in &rows {
-                let up = r.uptime_seconds.map_or("-".into(), |s| format!("{s}s"));
-                let cpu = r
-                    .cpu_time_ms
-                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
-                let rss = r.rss_mb.map_or("-".into(), |mb| format!("{mb}MB"));
-                println!(
-                    "{:<24} {:<11} {:>8} {:>6}MB {:>5} {:>7} {:>9} {:>7}  {}",
-                    r.name,
-                    r.state,
-                    up,
-                    r.memory_mb,
-                    r.vcpus,
-                    r.devices,
-                    cpu,
-                    rss,
-                    r.last_error.as_deref().unwrap_or("-")
-                );
-            }
-        }
+        Output::Text => print!("{}", uvmctl::inspect::status_table(&rows)),
     }
     Ok(0)
 }
