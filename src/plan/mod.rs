@@ -304,10 +304,12 @@ pub fn plan(
 fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
     // Everything is cold configuration of a VM being built: only what the
     // virtstack cannot do at all stands out.
-    let mut ops: Vec<Op> = flatten(want)
-        .into_iter()
+    let items = flatten(want);
+    let mut ops: Vec<Op> = items
+        .iter()
         .filter(|(_, item)| !item.is_default())
         .map(|((kind, key), item)| {
+            let (kind, key, item) = (*kind, key.clone(), item.clone());
             let s = classify(kind, &key, ResourceOperation::Add, caps);
             let s = if s.disruption == Disruption::Unsupported {
                 s
@@ -325,7 +327,7 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
             }
         })
         .collect();
-    refuse(&mut ops, caps.refusals(want), true, &flatten(want));
+    refuse(&mut ops, caps.refusals_in(want, &items), true, &items);
     ops.push(Op {
         operation: ResourceOperation::Add,
         resource: ResourceKind::PowerState,
@@ -493,7 +495,12 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
         let rebuilt = ops
             .iter()
             .any(|o| matches!(o.disruption, Disruption::Restart | Disruption::Recreate));
-        refuse(&mut ops, caps.refusals(want), rebuilt, &desired);
+        refuse(
+            &mut ops,
+            caps.refusals_in(want, &desired),
+            rebuilt,
+            &desired,
+        );
     }
     if let (Some(err), true) = (&have.exit_error, want.power_state != PowerState::Stopped) {
         // A VM that died on its own is rebuilt, not just started: whatever

@@ -3,7 +3,7 @@
 //! profile beside its code.
 
 use super::config::VmConfig;
-use super::items::{ItemKey, ResourceKind, flatten};
+use super::items::{ItemKey, Items, ResourceKind, flatten};
 use super::{Disruption, GuestOs, Resource, ResourceOperation};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -218,6 +218,12 @@ impl Capabilities {
     /// `[unsupported]` and a virtstack's pre-flight refuses the same list,
     /// so a plan never promises what apply refuses.
     pub fn refusals(&self, cfg: &VmConfig) -> Vec<Refusal> {
+        self.refusals_in(cfg, &flatten(cfg))
+    }
+
+    /// [`Capabilities::refusals`] with `cfg` already flattened into `items`
+    /// (the planner has them at hand).
+    pub fn refusals_in(&self, cfg: &VmConfig, items: &Items) -> Vec<Refusal> {
         let mut out = Vec::new();
         if !self.guest_os.contains(&cfg.guest_os) {
             let runs: Vec<&str> = self.guest_os.iter().map(|g| g.as_str()).collect();
@@ -249,7 +255,8 @@ impl Capabilities {
                 });
             }
         }
-        for ((kind, key), item) in flatten(cfg) {
+        for ((kind, key), item) in items {
+            let (kind, key) = (*kind, key.clone());
             let Some(resource) = kind.resource(&key) else {
                 continue;
             };
