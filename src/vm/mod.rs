@@ -9,7 +9,7 @@ pub mod observed;
 mod traits;
 
 pub use caps::{Capabilities, ColdSetting, HostFacts, Refusal, Support};
-pub use name::{InvalidVmName, MAX_VM_NAME, VmName, excerpt};
+pub use name::{InvalidVmName, MAX_VM_NAME, VmName};
 pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 
 pub use traits::{

@@ -44,8 +44,9 @@ impl VmName {
 }
 
 /// At most `max` characters of `s`, escaped and quoted, with `…` when cut:
-/// what an error may show of input it refuses.
-pub fn excerpt(s: &str, max: usize) -> String {
+/// what an invalid-name error shows of the name it refuses. (File content is
+/// quoted by the spec loader's own excerpts.)
+fn excerpt(s: &str, max: usize) -> String {
     let cut: String = s.chars().take(max).collect();
     let more = if cut.len() < s.len() { "…" } else { "" };
     format!("\"{}\"{more}", cut.escape_debug())
