@@ -41,11 +41,11 @@ pub fn is_spec_file_name(name: &str) -> bool {
 }
 
 /// A spec file to load: the name errors give it, and the path it is read from.
-struct SpecFile {
+pub(super) struct SpecFile {
     /// As found under the root: what errors name.
-    name: PathBuf,
+    pub(super) name: PathBuf,
     /// What is opened: the resolved target of a symlink, otherwise `name`.
-    read: PathBuf,
+    pub(super) read: PathBuf,
 }
 
 /// Lists spec files under `root` (or `root` itself if it is a file), sorted.
@@ -56,7 +56,7 @@ struct SpecFile {
 /// (resolved) root: a `*.yaml` link to `/etc/shadow` in a spec directory that
 /// came from a pull request is refused by name, never opened. `root` itself
 /// may be a symlink: the user named it.
-fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<SpecFile> {
+pub(super) fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<SpecFile> {
     let mut out = Vec::new();
     let resolved = |path: &Path, errors: &mut Vec<SpecError>| match fs::canonicalize(path) {
         Ok(p) => Some(p),
@@ -156,17 +156,17 @@ fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<SpecFile> {
 pub fn load_dir(root: &Path) -> Loaded {
     let mut errors = Vec::new();
     let files = list_files(root, &mut errors);
-    let results: Vec<FileResult> = files.par_iter().map(load_file).collect();
-    merge(results, errors)
+    let results: Vec<FileResult> = files.par_iter().map(|f| resolve(load_file(f))).collect();
+    merge(&results.iter().collect::<Vec<_>>(), errors)
 }
 
 /// Loads specs from in-memory files (name, text), as [`load_dir`] does from disk.
 pub fn load_texts(files: &[(PathBuf, String)]) -> Loaded {
     let results: Vec<FileResult> = files
         .par_iter()
-        .map(|(path, text)| parse_str(path, text.clone()))
+        .map(|(path, text)| resolve(parse_str(path, text.clone())))
         .collect();
-    merge(results, Vec::new())
+    merge(&results.iter().collect::<Vec<_>>(), Vec::new())
 }
 
 /// `pos` (1-based line and column) moved inside `text`: libyaml puts an
@@ -201,18 +201,19 @@ struct Pending {
 }
 
 #[derive(Debug, Default)]
-struct FileResult {
+pub(super) struct FileResult {
     path: PathBuf,
     text: String,
     vms: Vec<DesiredVm>,
     /// Names of VMs in this file whose documents have errors.
     unknown: Vec<String>,
     pending: Vec<Pending>,
-    /// Errors that concern the whole file.
+    /// Errors that concern the whole file; after [`resolve`], all of the
+    /// file's own errors, positioned.
     file_errors: Vec<SpecError>,
 }
 
-fn load_file(file: &SpecFile) -> FileResult {
+pub(super) fn load_file(file: &SpecFile) -> FileResult {
     let path = file.name.as_path();
     let fail = |msg: String| FileResult {
         path: path.to_path_buf(),
@@ -740,8 +741,50 @@ impl Field {
     }
 }
 
-fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
-    let mut results = results;
+/// Resolves a file's own errors to positions once, while its text is at hand,
+/// so merging (done again on every change under `watch`) never re-reads it.
+pub(super) fn resolve(mut r: FileResult) -> FileResult {
+    let mut errors = std::mem::take(&mut r.file_errors);
+    if !r.pending.is_empty() {
+        errors.extend(positioned(&r.path, &r.text, std::mem::take(&mut r.pending)));
+    }
+    r.file_errors = errors;
+    r
+}
+
+/// `pending` as errors with positions in `text`, indexing it only when an
+/// error has no position of its own.
+fn positioned(path: &Path, text: &str, pending: Vec<Pending>) -> Vec<SpecError> {
+    let needs_index = pending.iter().any(|p| p.pos.is_none());
+    let locations = if needs_index {
+        Locations::index(text)
+    } else {
+        Locations::default()
+    };
+    pending
+        .into_iter()
+        .map(|p| {
+            let found = if p.last {
+                locations.find_last(p.doc, &p.field)
+            } else {
+                locations.find(p.doc, &p.field)
+            };
+            let (line, column) = within(text, p.pos.or(found).unwrap_or((1, 1)));
+            SpecError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                field: p.field,
+                message: p.message,
+            }
+        })
+        .collect()
+}
+
+/// Joins per-file results into one desired state, adding the checks that
+/// span files (names, MACs, writable images). Reads nothing from disk: it
+/// runs again over cached results on every change a watcher sees.
+pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Loaded {
     let mut desired = DesiredState::default();
 
     // Cross-VM checks, in file order so messages are deterministic.
@@ -836,38 +879,24 @@ fn merge(results: Vec<FileResult>, mut errors: Vec<SpecError>) -> Loaded {
             bad_vms.insert(vm.name.clone());
         }
     }
+    let mut cross_by_file: HashMap<usize, Vec<Pending>> = HashMap::new();
     for (fi, p) in cross {
-        results[fi].pending.push(p);
+        cross_by_file.entry(fi).or_default().push(p);
     }
     unknown.extend(bad_vms.iter().cloned());
 
     let mut loaded_vms = Vec::new();
-    for r in results {
-        errors.extend(r.file_errors);
-        if !r.pending.is_empty() {
-            let needs_index = r.pending.iter().any(|p| p.pos.is_none());
-            let locations = if needs_index {
-                Locations::index(&r.text)
-            } else {
-                Locations::default()
-            };
-            for p in r.pending {
-                let found = if p.last {
-                    locations.find_last(p.doc, &p.field)
-                } else {
-                    locations.find(p.doc, &p.field)
-                };
-                let (line, column) = within(&r.text, p.pos.or(found).unwrap_or((1, 1)));
-                errors.push(SpecError {
-                    file: r.path.clone(),
-                    line,
-                    column,
-                    field: p.field,
-                    message: p.message,
-                });
-            }
+    for (fi, r) in results.iter().enumerate() {
+        errors.extend(r.file_errors.iter().cloned());
+        if let Some(pending) = cross_by_file.remove(&fi) {
+            errors.extend(positioned(&r.path, &r.text, pending));
         }
-        loaded_vms.extend(r.vms.into_iter().filter(|vm| !unknown.contains(&vm.name)));
+        loaded_vms.extend(
+            r.vms
+                .iter()
+                .filter(|vm| !unknown.contains(&vm.name))
+                .cloned(),
+        );
     }
     // Built in one go from a list: much cheaper than 10,000 single inserts.
     desired.vms = loaded_vms

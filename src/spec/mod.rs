@@ -2,6 +2,7 @@
 //! validation with positioned errors, and the JSON Schema.
 
 mod aliases;
+mod cache;
 mod error;
 mod load;
 mod locate;
@@ -11,6 +12,7 @@ mod validate;
 pub use crate::vm::config as model;
 pub use crate::vm::config::*;
 pub use aliases::{ALIAS_EXPANSION_FACTOR, MIN_ALIAS_EXPANSION_BYTES};
+pub use cache::{Reload, SpecCache};
 pub use error::{EXCERPT_CHARS, SpecError, SpecErrors};
 pub use load::{
     Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
