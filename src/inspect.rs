@@ -3,6 +3,7 @@
 use crate::plan::{flatten, observed_power};
 use crate::spec::{API_VERSION, KIND, Metadata, VmDocument, VmStatus};
 use crate::vm::{Virtstack, VmError, VmName};
+use crate::watch::status::{VmWatch, WatchStatus};
 
 /// One VM as `uvmctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -26,6 +27,9 @@ pub struct StatusRow {
     pub rss_mb: Option<u64>,
     /// Why it exited, or why it cannot be observed.
     pub last_error: Option<String>,
+    /// What `uvmctl watch` last did to it, when a watcher writes status here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<VmWatch>,
 }
 
 /// Every VM of the virtstack, one row each; a VM that cannot be observed is
@@ -47,6 +51,7 @@ pub async fn status(vs: &dyn Virtstack) -> Result<Vec<StatusRow>, VmError> {
             cpu_time_ms: None,
             rss_mb: None,
             last_error: Some(why.clone()),
+            watch: None,
         });
     }
     for (name, vm) in observed.vms {
@@ -71,6 +76,7 @@ pub async fn status(vs: &dyn Virtstack) -> Result<Vec<StatusRow>, VmError> {
             cpu_time_ms: stats.map(|s| s.total_runtime_ns / 1_000_000),
             rss_mb: stats.map(|s| s.working_set_bytes >> 20),
             last_error: vm.exit_error,
+            watch: None,
             name,
         });
     }
@@ -104,6 +110,74 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             rss,
             r.last_error.as_deref().unwrap_or("-")
         );
+    }
+    out
+}
+
+/// Adds what a watcher recorded to the rows of the VMs it knows; a VM it
+/// knows that the virtstack does not have (yet) gets a row of its own.
+pub fn add_watch(rows: &mut Vec<StatusRow>, status: &WatchStatus) {
+    for (name, w) in &status.vms {
+        match rows.iter_mut().find(|r| &r.name == name) {
+            Some(r) => r.watch = Some(w.clone()),
+            None => rows.push(StatusRow {
+                name: name.clone(),
+                state: "absent".into(),
+                uptime_seconds: None,
+                memory_mb: 0,
+                vcpus: 0,
+                devices: 0,
+                cpu_time_ms: None,
+                rss_mb: None,
+                last_error: None,
+                watch: Some(w.clone()),
+            }),
+        }
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+}
+
+/// The watcher's part of `uvmctl status`: who watches, and per VM the last
+/// reconcile, held changes, backoff and spec errors.
+pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
+    use std::fmt::Write;
+    let ago = |t: u64| format!("{}s ago", now.saturating_sub(t));
+    let mut out = format!(
+        "\nwatch: pid {} {}, following {}, updated {}\n",
+        status.pid,
+        if running {
+            "running"
+        } else {
+            "not running (last words below)"
+        },
+        status.dir.display(),
+        ago(status.updated)
+    );
+    for (name, w) in &status.vms {
+        let _ = write!(
+            out,
+            "  {name}: {}",
+            w.result.as_deref().unwrap_or("not reconciled yet")
+        );
+        if let (Some(t), Some(trigger)) = (w.last_reconcile, &w.trigger) {
+            let _ = write!(out, " ({trigger}, {})", ago(t));
+        }
+        if w.failures > 0 {
+            let _ = write!(out, "; {} failure(s) in a row", w.failures);
+        }
+        if let Some(until) = w.backoff_until.filter(|u| *u > now) {
+            let _ = write!(out, "; next try in {}s", until - now);
+        }
+        out.push('\n');
+        for h in &w.held {
+            let _ = writeln!(out, "    held: {h}");
+        }
+        if let Some(e) = &w.spec_error {
+            let _ = writeln!(out, "    spec error (kept at its last good spec): {e}");
+        }
+    }
+    for e in &status.spec_errors {
+        let _ = writeln!(out, "  spec error: {e}");
     }
     out
 }

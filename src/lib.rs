@@ -32,6 +32,8 @@ pub mod apply;
 
 pub mod reconcile;
 
+pub mod watch;
+
 pub mod inspect;
 
 /// The layering the module docs promise, checked on the source: each
@@ -49,7 +51,14 @@ mod layering {
         ("virtstack", &["vm", "spec", "virtstack"]),
         ("apply", &["vm", "spec", "plan", "apply"]),
         ("reconcile", &["vm", "spec", "plan", "reconcile"]),
-        ("inspect", &["vm", "spec", "plan", "reconcile", "inspect"]),
+        (
+            "watch",
+            &["vm", "spec", "plan", "apply", "reconcile", "watch"],
+        ),
+        (
+            "inspect",
+            &["vm", "spec", "plan", "reconcile", "watch", "inspect"],
+        ),
     ];
 
     fn sources(path: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -44,7 +44,10 @@ enum Command {
     Plan(PlanArgs),
     /// Make the VMs what the specs say.
     Apply(ApplyArgs),
-    /// Table of the VMs uvmctl manages.
+    /// Keep the VMs what the specs say, unattended: react to spec changes
+    /// and VM events, resync periodically, until SIGINT/SIGTERM.
+    Watch(WatchArgs),
+    /// Table of the VMs uvmctl manages (and what a running `watch` did).
     Status {
         #[command(flatten)]
         host: HostArgs,
@@ -187,9 +190,55 @@ struct PlanCommon {
 }
 
 #[derive(Args)]
+struct WatchArgs {
+    /// Directory of spec files (searched recursively), or one file.
+    dir: PathBuf,
+    #[command(flatten)]
+    host: HostArgs,
+    /// Rescan the specs and re-observe every VM this often (30s, 5m, ...).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    resync: Duration,
+    /// Quiet time per file before its change counts.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    debounce: Duration,
+    /// Hold (do not execute) changes more disruptive than this.
+    #[arg(long, value_enum, value_name = "CLASS", default_value_t = MaxDisruption::Live)]
+    max_disruption: MaxDisruption,
+    /// Remove managed VMs whose spec is gone, once a second scan confirms it;
+    /// never while any spec fails to load, never when no spec is left.
+    #[arg(long)]
+    prune: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// How long a reconcile waits for another uvmctl holding the state
+    /// directory before trying again later.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    lock_timeout: Duration,
+    /// Longest a single VM's reconcile may take.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    reconcile_deadline: Duration,
+    /// First retry delay after a failure or a crash; doubles per failure.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    backoff: Duration,
+    /// Longest retry delay.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    backoff_cap: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
 struct ApplyArgs {
     /// Directory of spec files (searched recursively), or one file.
     dir: PathBuf,
+    /// Only these VMs (repeatable): e.g. the one a watcher holds a change for.
+    #[arg(long, value_name = "NAME")]
+    only: Vec<VmName>,
     #[command(flatten)]
     host: HostArgs,
     #[command(flatten)]
@@ -207,6 +256,27 @@ struct ApplyArgs {
     /// uvmctl.agent port; guests without that agent never do), showing progress.
     #[arg(long, value_parser = parse_secs, value_name = "SECS")]
     wait_ready: Option<Duration>,
+}
+
+/// `100ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    num.parse::<f64>()
+        .ok()
+        .map(|v| v * scale)
+        .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a duration (such as 100ms, 30s, 5m)"))
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -296,7 +366,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Plan(args) => run_plan(args).await,
         Command::Apply(args) => run_apply(args).await,
-        Command::Status { host, output } => status(&host.qemu(true)?, output).await,
+        Command::Watch(args) => run_watch(args).await,
+        Command::Status { host, output } => {
+            let qemu = host.qemu(true)?;
+            let watch = uvmctl::watch::status::read(&host.state_dir);
+            status(&qemu, output, watch).await
+        }
         Command::Destroy {
             name,
             host,
@@ -461,7 +536,7 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
-    let loaded = reconcile::load(args.dir.clone()).await;
+    let mut loaded = reconcile::load(args.dir.clone()).await;
     if !loaded.errors.is_empty() {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
@@ -473,7 +548,13 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     let _lock = lock(root, args.lock_timeout, what).await?;
     let vs: Arc<dyn Virtstack> = Arc::new(qemu);
 
-    let observed = reconcile::observe_all(vs.as_ref()).await?;
+    let mut observed = reconcile::observe_all(vs.as_ref()).await?;
+    if !args.only.is_empty() {
+        let only: std::collections::BTreeSet<&str> = args.only.iter().map(VmName::as_str).collect();
+        loaded.desired.vms.retain(|n, _| only.contains(n.as_str()));
+        observed.vms.retain(|n, _| only.contains(n.as_str()));
+        observed.unknown.retain(|n, _| only.contains(n.as_str()));
+    }
     let the_plan = plan::plan(
         &loaded.desired,
         &observed,
@@ -553,11 +634,80 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     })
 }
 
-async fn status(vs: &dyn Virtstack, output: Output) -> anyhow::Result<u8> {
-    let rows = uvmctl::inspect::status(vs).await?;
+async fn status(
+    vs: &dyn Virtstack,
+    output: Output,
+    watch: Option<(uvmctl::watch::status::WatchStatus, bool)>,
+) -> anyhow::Result<u8> {
+    let mut rows = uvmctl::inspect::status(vs).await?;
+    if let Some((w, _)) = &watch {
+        uvmctl::inspect::add_watch(&mut rows, w);
+    }
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Text => print!("{}", uvmctl::inspect::status_table(&rows)),
+        Output::Text => {
+            print!("{}", uvmctl::inspect::status_table(&rows));
+            if let Some((w, running)) = &watch {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                print!("{}", uvmctl::inspect::watch_section(w, *running, now));
+            }
+        }
     }
+    Ok(0)
+}
+
+async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+    let qemu = args.host.qemu(false)?;
+    qemu.options().state_dir.ensure_root()?;
+    let state_dir = qemu.options().state_dir.root().to_path_buf();
+    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
+
+    // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
+    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if sig_tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let opts = uvmctl::watch::WatchOptions {
+        dir,
+        resync: args.resync.max(Duration::from_millis(100)),
+        debounce: args.debounce.max(Duration::from_millis(1)),
+        max_disruption: args.max_disruption.into(),
+        prune: args.prune,
+        state_dir: Some(state_dir),
+        lock_timeout: args.lock_timeout,
+        reconcile_deadline: args.reconcile_deadline,
+        backoff: uvmctl::watch::Backoff {
+            base: args.backoff,
+            cap: args.backoff_cap.max(args.backoff),
+            ..uvmctl::watch::Backoff::default()
+        },
+    };
+    uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)
 }

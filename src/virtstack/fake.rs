@@ -8,8 +8,8 @@ use crate::vm::items::{Item, ItemKey, ResourceKind, ScsiDiskItem, flatten, unfla
 use crate::vm::{
     Capabilities, NetworkManager, Observe, ObservedVm, PciManager, Plan9Manager, Resource,
     ResourceOperation, ScsiDiskType, ScsiManager, State, Uvm, UvmBuilder, VMSocketManager,
-    VMSocketType, VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
-    VsmbOptions,
+    VMSocketType, VPMemImageFormat, Virtstack, VmError, VmEvent, VmName, VmStats, VpmemManager,
+    VsmbManager, VsmbOptions,
     config::{
         NetworkAdapter, PciDevice, Plan9Share, Policy, PowerState, ScsiDisk, VmConfig, VmSocket,
         VpmemDevice, VsmbShare,
@@ -43,6 +43,10 @@ struct Inner {
     hang: BTreeSet<(String, String)>,
     /// Every call that changed something, in order: `vm verb`.
     log: Vec<String>,
+    /// Event subscribers per VM.
+    subscribers: BTreeMap<String, Vec<tokio::sync::mpsc::Sender<VmEvent>>>,
+    /// Why a VM that died on its own died.
+    crashed: BTreeMap<String, String>,
 }
 
 /// The in-memory virtstack. Clones share one state.
@@ -84,6 +88,30 @@ impl Fake {
     /// Makes `verb` on `vm` never return from now on.
     pub fn hang(&self, vm: &str, verb: &str) {
         self.lock().hang.insert((vm.to_string(), verb.to_string()));
+    }
+
+    /// Sends `event` to whoever watches `vm`'s events.
+    pub fn emit(&self, vm: &str, event: VmEvent) {
+        let subscribers = self.lock().subscribers.get(vm).cloned().unwrap_or_default();
+        for tx in subscribers {
+            let _ = tx.try_send(event.clone());
+        }
+    }
+
+    /// The VM dies on its own (`why`): terminated, with an exit error, and
+    /// its watchers get [`VmEvent::Gone`].
+    pub fn crash(&self, vm: &str, why: &str) {
+        let subscribers = {
+            let mut inner = self.lock();
+            if let Some(v) = inner.vms.get_mut(vm) {
+                v.state = State::Terminated;
+            }
+            inner.crashed.insert(vm.to_string(), why.to_string());
+            inner.subscribers.remove(vm).unwrap_or_default()
+        };
+        for tx in subscribers {
+            let _ = tx.try_send(VmEvent::Gone);
+        }
     }
 
     /// What was changed, in order (`vm verb`).
@@ -191,7 +219,7 @@ impl Observe for Fake {
             config: vm.config,
             state: vm.state,
             managed: vm.managed,
-            exit_error: None,
+            exit_error: self.lock().crashed.get(name.as_str()).cloned(),
             memory_hotplug: None,
         })
     }
@@ -263,6 +291,7 @@ impl Virtstack for Fake {
 
     async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
         self.call(name, "start").await?;
+        self.lock().crashed.remove(name.as_str());
         let caps = self.caps.clone();
         self.with_vm(name, |vm| {
             if vm.state.is_live() {
@@ -323,6 +352,7 @@ impl Virtstack for Fake {
 
     async fn destroy(&self, name: &VmName) -> Result<()> {
         self.call(name, "destroy").await?;
+        self.lock().crashed.remove(name.as_str());
         self.lock()
             .vms
             .remove(name.as_str())
@@ -348,8 +378,26 @@ impl Virtstack for Fake {
         Ok(self.get(name).is_none_or(|vm| !vm.state.is_live()))
     }
 
-    async fn exit_error(&self, _name: &VmName) -> Option<String> {
-        None
+    async fn exit_error(&self, name: &VmName) -> Option<String> {
+        self.lock().crashed.get(name.as_str()).cloned()
+    }
+
+    async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {
+        let mut inner = self.lock();
+        if !inner
+            .vms
+            .get(name.as_str())
+            .is_some_and(|v| v.state.is_live())
+        {
+            return Ok(None);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        inner
+            .subscribers
+            .entry(name.to_string())
+            .or_default()
+            .push(tx);
+        Ok(Some(rx))
     }
 }
 

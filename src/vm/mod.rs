@@ -15,7 +15,8 @@ pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 pub use traits::{
     BootManager, LinuxConfigManager, MemoryManager, NetworkManager, Observe, PciManager,
     Plan9Manager, ProcessorManager, ScsiManager, SerialManager, StorageQosManager, Uvm, UvmBuilder,
-    VMSocketManager, Virtstack, VmStats, VpmemManager, VsmbManager, WindowsConfigManager,
+    VMSocketManager, Virtstack, VmEvent, VmEvents, VmStats, VpmemManager, VsmbManager,
+    WindowsConfigManager,
 };
 
 use serde::{Deserialize, Serialize};

@@ -284,6 +284,22 @@ pub trait Observe: Send + Sync {
     async fn observe(&self, name: &VmName) -> Result<ObservedVm>;
 }
 
+/// Something a virtstack saw happen to a VM on its own: a reason to observe
+/// it again, never a state by itself (events can be lost or reordered;
+/// observation is the truth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VM reported a change (QEMU: `SHUTDOWN`, `STOP`, `RESUME`,
+    /// `DEVICE_DELETED`, ...), by the virtstack's name for it.
+    Reported(String),
+    /// The VM's control channel closed: its process ended, or the channel
+    /// failed. The stream ends after this.
+    Gone,
+}
+
+/// A VM's events, as [`Virtstack::events`] hands them out.
+pub type VmEvents = tokio::sync::mpsc::Receiver<VmEvent>;
+
 /// A virtstack that can create and change VMs: all the executor, `status`,
 /// `export`, `wait` and the pre-flight use. VMs are named by [`VmName`], so
 /// nothing unchecked reaches a path.
@@ -327,4 +343,18 @@ pub trait Virtstack: Observe {
     async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool>;
     /// Why the VM exited, when it exited without being asked to.
     async fn exit_error(&self, name: &VmName) -> Option<String>;
+    /// The VM's events from now on, until its process ends (the last is
+    /// then [`VmEvent::Gone`]); dropping the receiver unsubscribes. `None`
+    /// when there is no event source for it (a virtstack without events,
+    /// a VM that does not run): watchers then rely on periodic resync.
+    async fn events(&self, name: &VmName) -> Result<Option<VmEvents>> {
+        let _ = name;
+        Ok(None)
+    }
+    /// Lets go of what is held open for a VM between operations (QEMU's
+    /// control socket serves one client at a time), so another uvmctl
+    /// process can drive it; reconnects on next use.
+    async fn release(&self, name: &VmName) {
+        let _ = name;
+    }
 }

@@ -189,6 +189,7 @@ impl StateDir {
         let longest = [
             self.qmp_socket(name),
             self.observe_socket(name),
+            self.events_socket(name),
             self.agent_socket(name),
         ]
         .into_iter()
@@ -218,6 +219,12 @@ impl StateDir {
     /// otherwise wait for an apply holding the first.
     pub fn observe_socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("qmp-observe.sock")
+    }
+
+    /// A third QMP socket, held by `uvmctl watch` for the VM's events: a
+    /// watcher holding either of the others would lock out `apply` or `plan`.
+    pub fn events_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("qmp-events.sock")
     }
 
     /// The guest agent channel of a VM.
@@ -759,6 +766,11 @@ pub fn argv(
             "unix:{},server=on,wait=off",
             dir.observe_socket(name).display()
         ),
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            dir.events_socket(name).display()
+        ),
     ]);
     // A guest that panics exits instead of hanging; uvmctl reports the exit.
     push(&[
@@ -975,7 +987,8 @@ mod tests {
             after(&a, "-qmp"),
             vec![
                 "unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off",
-                "unix:/run/uvmctl-test/web/qmp-observe.sock,server=on,wait=off"
+                "unix:/run/uvmctl-test/web/qmp-observe.sock,server=on,wait=off",
+                "unix:/run/uvmctl-test/web/qmp-events.sock,server=on,wait=off"
             ]
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);

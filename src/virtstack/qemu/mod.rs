@@ -32,6 +32,8 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to acknowledge a device unplug (a vCPU under
 /// TCG on a busy host has taken over 10 s).
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events queued for a watcher before QEMU's reader waits on it.
+const EVENTS_BUFFERED: usize = 64;
 
 /// Errors of the QEMU virtstack.
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +256,51 @@ impl Qemu {
             .clone())
     }
 
-    /// Forgets a VM's QMP connection (its QEMU is gone or being replaced).
-    async fn forget(&self, name: &str) {
+    /// The VM's QMP events from now on, over its events socket (never the
+    /// sockets `apply` and `plan` use). `None` when the VM does not run or
+    /// was launched before it had one.
+    pub async fn events(&self, name: &str) -> Result<Option<crate::vm::VmEvents>, QemuError> {
+        let rec = self.record(name)?;
+        let sock = self.opts.state_dir.events_socket(name);
+        if !self.alive(&rec) || !sock.exists() {
+            return Ok(None);
+        }
+        let q = Qmp::connect(&sock, qmp::DEFAULT_TIMEOUT)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })?;
+        let mut rx = q.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
+        tokio::spawn(async move {
+            // Owns the connection: it closes when QEMU ends or the
+            // receiver is dropped.
+            let _conn = q;
+            loop {
+                let event = match rx.recv().await {
+                    Ok(e) => crate::vm::VmEvent::Reported(e.name),
+                    // Lost some: say so, the watcher re-observes anyway.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        crate::vm::VmEvent::Reported("events lost".into())
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(crate::vm::VmEvent::Gone).await;
+                        return;
+                    }
+                };
+                tokio::select! {
+                    sent = tx.send(event) => if sent.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Some(out))
+    }
+
+    /// Forgets a VM's QMP connection (its QEMU is gone or being replaced,
+    /// or another process is to drive it next).
+    pub async fn forget(&self, name: &str) {
         self.conns.lock().await.remove(name);
     }
 
@@ -380,6 +425,7 @@ impl Qemu {
         self.forget(name).await;
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
+        let _ = std::fs::remove_file(self.opts.state_dir.events_socket(name));
         let log = std::fs::File::create(self.opts.state_dir.stderr_log(name)).map_err(|e| {
             QemuError::Os {
                 vm: name.into(),

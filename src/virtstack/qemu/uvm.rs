@@ -629,6 +629,14 @@ impl Virtstack for Qemu {
     async fn exit_error(&self, name: &VmName) -> Option<String> {
         Qemu::exit_error(self, name)
     }
+
+    async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {
+        Ok(Qemu::events(self, name).await?)
+    }
+
+    async fn release(&self, name: &VmName) {
+        self.forget(name).await;
+    }
 }
 
 impl Qemu {

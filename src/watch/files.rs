@@ -1,0 +1,129 @@
+//! Changes to the spec directory, from the notify project's own debouncer
+//! (`notify-debouncer-full`): it pairs renames, debounces per path and keeps
+//! a file-id cache, which is what editors' atomic saves, `git checkout` and
+//! swap files need. Directories are watched, never single files, so a file
+//! replaced by a rename is still seen; the parent is watched too, so a spec
+//! directory removed and recreated (or a link to it swapped) is followed.
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What changed under the spec directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsChange {
+    /// These paths (files or directories) changed.
+    Paths(HashSet<PathBuf>),
+    /// Events were lost (queue overflow, watcher error) or the directory
+    /// itself was replaced: compare everything.
+    Rescan,
+}
+
+/// Follows a spec directory (or one spec file) for as long as it lives.
+pub struct SpecWatcher {
+    debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    root: PathBuf,
+    /// What is watched recursively: the root, or the parent of a root file.
+    target: PathBuf,
+    /// The directory watched as `target` (device, inode), to see it replaced.
+    watched: Option<(u64, u64)>,
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl SpecWatcher {
+    /// Starts watching `root` (absolute), sending debounced changes to `tx`.
+    ///
+    /// # Errors
+    /// When the OS watcher cannot be set up (inotify limits, no parent).
+    pub fn start(
+        root: &Path,
+        debounce: Duration,
+        tx: UnboundedSender<FsChange>,
+    ) -> notify::Result<SpecWatcher> {
+        let is_file = std::fs::metadata(root).is_ok_and(|m| m.is_file());
+        let parent = root.parent().map(Path::to_path_buf);
+        let target = if is_file {
+            parent.clone().unwrap_or_else(|| root.to_path_buf())
+        } else {
+            root.to_path_buf()
+        };
+        let seen_root = root.to_path_buf();
+        let handler = move |result: DebounceEventResult| {
+            let change = match result {
+                Ok(events) => {
+                    let mut paths = HashSet::new();
+                    let mut rescan = false;
+                    for e in events {
+                        rescan |= e.need_rescan();
+                        for p in &e.paths {
+                            // The parent's other entries are not ours; the
+                            // root itself changing is a rescan.
+                            if p == &seen_root || !p.starts_with(&seen_root) {
+                                rescan |= p == &seen_root;
+                                continue;
+                            }
+                            paths.insert(p.clone());
+                        }
+                    }
+                    if rescan {
+                        FsChange::Rescan
+                    } else if paths.is_empty() {
+                        return;
+                    } else {
+                        FsChange::Paths(paths)
+                    }
+                }
+                Err(errors) => {
+                    for e in errors {
+                        tracing::warn!(error = %e, "spec directory watcher error; rescanning");
+                    }
+                    FsChange::Rescan
+                }
+            };
+            let _ = tx.send(change);
+        };
+        let mut debouncer = new_debouncer(debounce, None, handler)?;
+        if let Some(p) = parent.as_ref().filter(|p| p.is_dir() && **p != target) {
+            debouncer.watch(p, RecursiveMode::NonRecursive)?;
+        }
+        let mut w = SpecWatcher {
+            debouncer,
+            root: root.to_path_buf(),
+            target,
+            watched: None,
+        };
+        w.rewatch();
+        Ok(w)
+    }
+
+    /// Watches the directory again if it was replaced since (removed and
+    /// recreated, or a link to it swapped); true when it did.
+    pub fn rewatch(&mut self) -> bool {
+        let now = identity(&self.target);
+        if now.is_none() || now == self.watched {
+            return false;
+        }
+        if self.watched.is_some() {
+            let _ = self.debouncer.unwatch(&self.target);
+        }
+        match self.debouncer.watch(&self.target, RecursiveMode::Recursive) {
+            Ok(()) => {
+                tracing::debug!(dir = %self.target.display(), "watching spec directory");
+                self.watched = now;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.root.display(), error = %e, "cannot watch the spec directory; relying on resync");
+                self.watched = None;
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The watcher's status file: what it last did to each VM, what it holds
+//! back and why, written atomically so `uvmctl status` never reads half.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Name of the status file in the state directory.
+pub const STATUS_FILE: &str = "watch-status.json";
+
+/// Largest status file `read` accepts: it lives in a root-owned directory,
+/// but a bound costs nothing.
+const MAX_STATUS_BYTES: u64 = 16 << 20;
+
+/// The whole status file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchStatus {
+    /// The watcher's process id.
+    pub pid: u32,
+    /// The spec directory it follows.
+    pub dir: PathBuf,
+    /// When it started (seconds since the Unix epoch).
+    pub started: u64,
+    /// When this file was written.
+    pub updated: u64,
+    /// Spec errors of the last load, as `path:line:col: field: message`.
+    pub spec_errors: Vec<String>,
+    /// Per VM.
+    pub vms: BTreeMap<String, VmWatch>,
+}
+
+/// What the watcher knows of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmWatch {
+    /// When it was last reconciled (seconds since the Unix epoch).
+    pub last_reconcile: Option<u64>,
+    /// What triggered that reconcile.
+    pub trigger: Option<String>,
+    /// Its result: `in sync`, `applied N change(s)`, `held`, `failed: ...`.
+    pub result: Option<String>,
+    /// Changes held above `--max-disruption` (or needing a recreate the
+    /// spec's policy does not allow), one line each; empty when none.
+    pub held: Vec<String>,
+    /// Consecutive failures (reconcile errors and crashes soon after a start).
+    pub failures: u32,
+    /// No new attempt before this time (seconds since the Unix epoch).
+    pub backoff_until: Option<u64>,
+    /// The first error of its spec file, while it fails to load: the VM is
+    /// kept at its last good spec meanwhile.
+    pub spec_error: Option<String>,
+}
+
+/// Writes `status` to `<dir>/watch-status.json` atomically (a temporary
+/// file renamed over it).
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write(dir: &Path, status: &WatchStatus) -> std::io::Result<()> {
+    let path = dir.join(STATUS_FILE);
+    let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&text)?;
+    f.write_all(b"\n")?;
+    drop(f);
+    std::fs::rename(&tmp, &path)
+}
+
+/// Reads the status file of `dir`, if there is one and it parses; also
+/// whether the watcher that wrote it still runs.
+pub fn read(dir: &Path) -> Option<(WatchStatus, bool)> {
+    use std::io::Read;
+    let f = std::fs::File::open(dir.join(STATUS_FILE)).ok()?;
+    let mut text = Vec::new();
+    f.take(MAX_STATUS_BYTES).read_to_end(&mut text).ok()?;
+    let status: WatchStatus = serde_json::from_slice(&text).ok()?;
+    let running = watcher_runs(status.pid);
+    Some((status, running))
+}
+
+/// Whether `pid` is a running `uvmctl watch` (pids get reused).
+fn watcher_runs(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let mut args = c.split(|b| *b == 0);
+        args.next().is_some() && args.any(|a| a == b"watch")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_status_reads_back_and_names_a_dead_watcher_as_stopped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = WatchStatus {
+            pid: u32::MAX,
+            dir: "/specs".into(),
+            ..WatchStatus::default()
+        };
+        s.vms.insert(
+            "web".into(),
+            VmWatch {
+                held: vec!["memory 256 → 512 (restart)".into()],
+                failures: 2,
+                ..VmWatch::default()
+            },
+        );
+        write(dir.path(), &s).expect("write");
+        let (back, running) = read(dir.path()).expect("read");
+        assert_eq!(back, s);
+        assert!(!running, "no such process");
+        assert!(read(&dir.path().join("nowhere")).is_none());
+    }
+}
