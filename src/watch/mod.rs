@@ -246,8 +246,19 @@ struct Job {
     desired: Option<DesiredVm>,
     prune: bool,
     failed_files: BTreeSet<PathBuf>,
-    /// A crashed VM is not relaunched before this.
-    recover_after: Option<Instant>,
+    /// When a VM found crashed may be relaunched.
+    recovery: Recovery,
+}
+
+/// When a VM found crashed may be relaunched.
+#[derive(Debug, Clone, Copy)]
+enum Recovery {
+    /// Now: it has not crashed soon after a launch lately.
+    Now,
+    /// Not before this.
+    At(Instant),
+    /// Not yet: its backoff starts when the crash is seen.
+    Wait,
 }
 
 /// What a reconcile task sends back.
@@ -262,10 +273,12 @@ struct Done {
 }
 
 fn held_line(op: &plan::Op) -> String {
-    let mut line = format!(
-        "{} {} {}: {}",
-        op.operation, op.resource, op.key, op.disruption
-    );
+    let key = op.key.to_string();
+    let mut line = format!("{} {}", op.operation, op.resource);
+    if !key.is_empty() {
+        line.push_str(&format!(" {key}"));
+    }
+    line.push_str(&format!(": {}", op.disruption));
     if !op.reason.is_empty() {
         line.push_str(&format!(" ({})", op.reason));
     }
@@ -334,10 +347,12 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         .get(&done.vm)
         .and_then(|o| o.exit_error.clone());
     done.crashed.clone_from(&crashed);
-    if crashed.is_some()
-        && job.desired.is_some()
-        && job.recover_after.is_some_and(|t| Instant::now() < t)
-    {
+    let wait = match job.recovery {
+        Recovery::Now => false,
+        Recovery::At(t) => Instant::now() < t,
+        Recovery::Wait => true,
+    };
+    if crashed.is_some() && job.desired.is_some() && wait {
         done.outcome = Outcome::BackingOff;
         return;
     }
@@ -493,8 +508,12 @@ impl Watcher {
     }
 
     fn mark(&mut self, vm: &str, trigger: Trigger) {
-        if !self.dirty.contains_key(vm) {
-            self.dirty.insert(vm.to_string(), trigger);
+        match self.dirty.get(vm) {
+            // A retry is superseded by anything that says why.
+            None | Some(Trigger::Retry) => {
+                self.dirty.insert(vm.to_string(), trigger);
+            }
+            Some(_) => {}
         }
     }
 
@@ -629,14 +648,19 @@ impl Watcher {
             }
             return;
         }
-        let recover_after = self.tracked(&vm).recover_after;
+        let t = self.tracked(&vm);
+        let recovery = match (t.crash_streak, t.recover_after) {
+            (0, _) => Recovery::Now,
+            (_, Some(at)) => Recovery::At(at),
+            (_, None) => Recovery::Wait,
+        };
         let job = Job {
             name,
             trigger: trigger.clone(),
             desired,
             prune,
             failed_files: self.failed_files.clone(),
-            recover_after,
+            recovery,
         };
         self.in_flight.insert(vm.clone());
         let ctx = Arc::clone(&self.ctx);
@@ -685,26 +709,29 @@ impl Watcher {
         next
     }
 
-    async fn subscribe(&mut self, vm: &str, renew: bool) {
+    /// Follows the VM's events in a task of its own (connecting may wait
+    /// on the VM; the loop never does). `renew` replaces a live subscription:
+    /// the old one saw the echoes of uvmctl's own operations.
+    fn subscribe(&mut self, vm: &str, renew: bool) {
         if !renew && self.subs.get(vm).is_some_and(|s| !s.task.is_finished()) {
             return;
         }
         self.subs.remove(vm);
         let Ok(name) = VmName::new(vm) else { return };
-        let events = match self.ctx.vs.events(&name).await {
-            Ok(Some(rx)) => rx,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(%vm, "no event subscription: {}", Chain(&e));
-                return;
-            }
-        };
         self.generation += 1;
         let generation = self.generation;
         let tx = self.events_tx.clone();
+        let vs = Arc::clone(&self.ctx.vs);
         let owner = vm.to_string();
         let task = tokio::spawn(async move {
-            let mut events = events;
+            let mut events = match vs.events(&name).await {
+                Ok(Some(rx)) => rx,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(vm = %owner, "no event subscription: {}", Chain(&e));
+                    return;
+                }
+            };
             while let Some(e) = events.recv().await {
                 let gone = e == VmEvent::Gone;
                 if tx.send((owner.clone(), generation, e)).is_err() || gone {
@@ -716,7 +743,7 @@ impl Watcher {
             .insert(vm.to_string(), Subscription { generation, task });
     }
 
-    async fn finished(&mut self, done: Done) {
+    fn finished(&mut self, done: Done) {
         self.in_flight.remove(&done.vm);
         let now = Instant::now();
         let backoff = self.opts.backoff;
@@ -733,8 +760,8 @@ impl Watcher {
                 t.crash_streak = 0;
             }
             t.crash_streak += 1;
+            t.recover_after = None;
             let wait = backoff.delay(t.crash_streak);
-            t.recover_after = Some(now + wait);
             tracing::warn!(%vm, crashes = t.crash_streak, "relaunched after it exited on its own; if it exits again, the next relaunch waits {wait:?}");
         }
         if done.launched {
@@ -752,7 +779,7 @@ impl Watcher {
                 t.failures = 0;
                 t.retry_at = None;
                 if t.status.held != *lines {
-                    tracing::warn!(%vm, held = ?lines, "changes held; apply this VM by hand (uvmctl apply --only {vm}) or raise --max-disruption");
+                    tracing::warn!(%vm, held = ?lines, "changes held; a person applies them (uvmctl apply DIR --only {vm}, with --allow-recreate where the policy forbids a recreate) or raises --max-disruption");
                     t.status.held.clone_from(lines);
                 }
             }
@@ -764,7 +791,11 @@ impl Watcher {
                 renew = true;
             }
             Outcome::BackingOff => {
-                t.retry_at = t.recover_after;
+                // The backoff runs from when the crash is seen.
+                let at = *t
+                    .recover_after
+                    .get_or_insert(now + backoff.delay(t.crash_streak));
+                t.retry_at = Some(at);
             }
             Outcome::Busy => {
                 t.retry_at = Some(now + Duration::from_secs(1));
@@ -797,12 +828,13 @@ impl Watcher {
             }
             _ => {
                 self.known.insert(vm.clone());
-                self.subscribe(&vm, renew).await;
+                self.subscribe(&vm, renew);
             }
         }
         if let Some(first) = &mut self.first_round {
             first.remove(&vm);
         }
+        self.write_status();
         if let Some(r) = &self.reports {
             let _ = r.send(Report {
                 vm,
@@ -911,6 +943,7 @@ impl Watcher {
         );
         self.cache = Some(cache);
         self.absorb(loaded);
+        self.write_status();
     }
 
     async fn resync(&mut self) {
@@ -1039,7 +1072,6 @@ pub async fn run(
             tracing::info!("first full reconcile done");
             sd_notify(&[sd_notify::NotifyState::Ready]);
         }
-        w.write_status();
         if draining && w.in_flight.is_empty() {
             break;
         }
@@ -1070,7 +1102,7 @@ pub async fn run(
                 w.reload(if rescan { ReloadHow::Stamps } else { ReloadHow::Paths(paths) }).await;
             }
             Some((vm, generation, event)) = events_rx.recv() => w.event(vm, generation, event),
-            Some(done) = done_rx.recv() => w.finished(done).await,
+            Some(done) = done_rx.recv() => w.finished(done),
             _ = resync.tick() => {
                 if let Some(sw) = &mut spec_watcher {
                     sw.rewatch();
@@ -1094,6 +1126,7 @@ pub async fn run(
             }
         }
     }
+    w.write_status();
     tracing::info!("stopped");
     Ok(())
 }

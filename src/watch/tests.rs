@@ -1,1 +1,448 @@
-//! The loop against the in-memory virtstack.
+//! The loop against the in-memory virtstack, with real spec files and a
+//! real file watcher: triggers, held changes, last good specs, pruning,
+//! backoff, isolation and shutdown.
+
+use super::*;
+use crate::virtstack::fake::Fake;
+use crate::vm::{Capabilities, HostFacts, State};
+use std::path::Path;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn caps() -> Capabilities {
+    Capabilities::qemu(&HostFacts {
+        vhost_vsock: true,
+        vfio: true,
+        ovmf: true,
+    })
+}
+
+/// A spec with SCSI disks at `luns` and `extra` lines under `spec:`.
+fn spec(name: &str, luns: &[u32], extra: &str) -> String {
+    let mut s = format!(
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: {name}\nspec:\n  \
+         boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  \
+         memory:\n    sizeMB: 256\n  scsiControllers:\n    - id: 0\n"
+    );
+    if !luns.is_empty() {
+        s.push_str("      disks:\n");
+        for lun in luns {
+            s.push_str(&format!(
+                "        - {{lun: {lun}, path: /d/{name}-{lun}.img, type: passthrough}}\n"
+            ));
+        }
+    }
+    s.push_str(extra);
+    s
+}
+
+/// Saves like an editor: a temporary file renamed over the spec.
+fn save(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.yaml.tmp"));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, dir.join(format!("{name}.yaml"))).expect("rename");
+}
+
+struct Running {
+    fake: Fake,
+    specs: tempfile::TempDir,
+    state: tempfile::TempDir,
+    reports: UnboundedReceiver<Report>,
+    /// Reports read while looking for another VM's.
+    aside: Vec<Report>,
+    signals: UnboundedSender<()>,
+    task: JoinHandle<Result<(), WatchError>>,
+}
+
+fn options(specs: &Path, state: &Path) -> WatchOptions {
+    WatchOptions {
+        dir: specs.to_path_buf(),
+        resync: Duration::from_secs(3600),
+        debounce: Duration::from_millis(20),
+        max_disruption: Disruption::Live,
+        prune: false,
+        state_dir: Some(state.to_path_buf()),
+        lock_timeout: Duration::from_secs(5),
+        reconcile_deadline: Duration::from_secs(5),
+        backoff: Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            stable: Duration::from_secs(60),
+        },
+    }
+}
+
+/// Starts a watcher over `files` (name → text), with `tune` applied to its options.
+fn start(fake: &Fake, files: &[(&str, String)], tune: impl FnOnce(&mut WatchOptions)) -> Running {
+    let specs = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        std::fs::write(specs.path().join(format!("{name}.yaml")), text).expect("write");
+    }
+    let mut opts = options(specs.path(), state.path());
+    tune(&mut opts);
+    let (report_tx, reports) = unbounded_channel();
+    let (signals, signal_rx) = unbounded_channel();
+    let vs: Arc<dyn Virtstack> = Arc::new(fake.clone());
+    let task = tokio::spawn(run(vs, opts, signal_rx, Some(report_tx)));
+    Running {
+        fake: fake.clone(),
+        specs,
+        state,
+        reports,
+        aside: Vec::new(),
+        signals,
+        task,
+    }
+}
+
+impl Running {
+    /// The next report about `vm`, skipping others (collected into `others`).
+    async fn next_for(&mut self, vm: &str) -> Report {
+        if let Some(i) = self.aside.iter().position(|r| r.vm == vm) {
+            return self.aside.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let r = tokio::time::timeout_at(deadline, self.reports.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no report for {vm} within {WAIT:?}"))
+                .expect("watcher running");
+            if r.vm == vm {
+                return r;
+            }
+            self.aside.push(r);
+        }
+    }
+
+    /// Every report that arrives within `d`.
+    async fn quiet_for(&mut self, d: Duration) -> Vec<Report> {
+        let mut got = std::mem::take(&mut self.aside);
+        let deadline = tokio::time::Instant::now() + d;
+        while let Ok(Some(r)) = tokio::time::timeout_at(deadline, self.reports.recv()).await {
+            got.push(r);
+        }
+        got
+    }
+
+    fn changes(&self) -> Vec<String> {
+        self.fake
+            .log()
+            .into_iter()
+            .filter(|l| !l.ends_with(" observe"))
+            .collect()
+    }
+
+    fn status(&self) -> WatchStatus {
+        status::read(self.state.path()).expect("status file").0
+    }
+
+    async fn stop(self) {
+        let _ = self.signals.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("stops")
+            .expect("joins")
+            .expect("runs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_are_created_then_a_saved_edit_reconciles_only_its_vm_once() {
+    let fake = Fake::new(caps());
+    let mut w = start(
+        &fake,
+        &[("a", spec("a", &[], "")), ("b", spec("b", &[], ""))],
+        |_| {},
+    );
+    for vm in ["a", "b"] {
+        let r = w.next_for(vm).await;
+        assert_eq!(r.trigger, Trigger::Start);
+        assert!(matches!(r.outcome, Outcome::Applied(_)), "{r:?}");
+        assert_eq!(fake.get(vm).expect("created").state, State::Running);
+    }
+    save(w.specs.path(), "a", &spec("a", &[1], ""));
+    let r = w.next_for("a").await;
+    assert_eq!((r.trigger, r.outcome), (Trigger::Spec, Outcome::Applied(1)));
+    assert!(w.changes().contains(&"a add scsiDisk".to_string()));
+    let more = w.quiet_for(Duration::from_millis(500)).await;
+    assert!(
+        more.is_empty(),
+        "one reconcile per change, none for b: {more:?}"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_watcher_adopts_running_vms_without_an_operation() {
+    let fake = Fake::new(caps());
+    let w = start(&fake, &[("a", spec("a", &[1], ""))], |_| {});
+    let mut w = w;
+    w.next_for("a").await;
+    let before = w.changes();
+    let specs = w.specs;
+    w.signals.send(()).expect("signal");
+    tokio::time::timeout(WAIT, w.task)
+        .await
+        .expect("stops")
+        .expect("joins")
+        .expect("runs");
+
+    let (report_tx, mut reports) = unbounded_channel();
+    let (_signals, signal_rx) = unbounded_channel();
+    let opts = options(specs.path(), w.state.path());
+    let vs: Arc<dyn Virtstack> = Arc::new(fake.clone());
+    let task = tokio::spawn(run(vs, opts, signal_rx, Some(report_tx)));
+    let r = tokio::time::timeout(WAIT, reports.recv())
+        .await
+        .expect("report")
+        .expect("open");
+    assert_eq!((r.trigger, r.outcome), (Trigger::Start, Outcome::InSync));
+    let after: Vec<String> = fake
+        .log()
+        .into_iter()
+        .filter(|l| !l.ends_with(" observe"))
+        .collect();
+    assert_eq!(after, before, "adoption changes nothing");
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_spec_keeps_its_vm_at_the_last_good_one_and_fixing_it_resumes() {
+    let fake = Fake::new(caps());
+    let mut w = start(
+        &fake,
+        &[("a", spec("a", &[], "")), ("b", spec("b", &[], ""))],
+        |o| {
+            o.prune = true;
+        },
+    );
+    w.next_for("a").await;
+    w.next_for("b").await;
+    save(
+        w.specs.path(),
+        "a",
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: [\n",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = w.status();
+    let err = s.vms["a"].spec_error.clone().expect("spec error recorded");
+    assert!(err.contains("a.yaml:3:1: not valid YAML"), "{err}");
+    assert_eq!(s.spec_errors.len(), 1, "{s:?}");
+    // A resync meanwhile: a is reconciled against its last good spec.
+    fake.insert("a", {
+        let mut vm = fake.get("a").expect("a");
+        vm.state = State::Paused;
+        vm
+    });
+    w.fake.emit("a", VmEvent::Reported("STOP".into()));
+    let r = w.next_for("a").await;
+    assert_eq!(r.outcome, Outcome::Applied(1), "{r:?}");
+    assert_eq!(fake.get("a").expect("kept").state, State::Running);
+
+    save(w.specs.path(), "a", &spec("a", &[2], ""));
+    let r = w.next_for("a").await;
+    assert_eq!((r.trigger, r.outcome), (Trigger::Spec, Outcome::Applied(1)));
+    assert!(w.status().vms["a"].spec_error.is_none());
+    assert!(!w.changes().iter().any(|l| l.contains("destroy")));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_waits_for_a_second_scan_and_never_empties_the_host() {
+    let fake = Fake::new(caps());
+    let mut w = start(
+        &fake,
+        &[
+            ("a", spec("a", &[], "")),
+            ("b", spec("b", &[], "")),
+            ("c", spec("c", &[], "")),
+        ],
+        |o| o.prune = true,
+    );
+    for vm in ["a", "b", "c"] {
+        w.next_for(vm).await;
+    }
+    std::fs::remove_file(w.specs.path().join("b.yaml")).expect("rm");
+    let r = w.next_for("b").await;
+    assert_eq!(r.outcome, Outcome::Pruned);
+    assert!(fake.get("b").is_none());
+
+    // Every spec gone: nothing is removed, however long we wait.
+    for vm in ["a", "c"] {
+        std::fs::remove_file(w.specs.path().join(format!("{vm}.yaml"))).expect("rm");
+    }
+    let more = w.quiet_for(Duration::from_millis(2500)).await;
+    assert!(more.is_empty(), "{more:?}");
+    assert!(fake.get("a").is_some() && fake.get("c").is_some());
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_prune_a_vm_whose_spec_is_gone_is_left_alone() {
+    let fake = Fake::new(caps());
+    let mut w = start(
+        &fake,
+        &[("a", spec("a", &[], "")), ("b", spec("b", &[], ""))],
+        |_| {},
+    );
+    w.next_for("a").await;
+    w.next_for("b").await;
+    std::fs::remove_file(w.specs.path().join("b.yaml")).expect("rm");
+    let more = w.quiet_for(Duration::from_millis(1500)).await;
+    assert!(more.is_empty(), "{more:?}");
+    assert!(fake.get("b").is_some());
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_above_the_ceiling_is_held_and_shown() {
+    let fake = Fake::new(caps());
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |_| {});
+    w.next_for("a").await;
+    let before = w.changes();
+    let share = "  plan9Shares:\n    - {name: s, hostPath: /srv/s}\n";
+    save(w.specs.path(), "a", &spec("a", &[], share));
+    let r = w.next_for("a").await;
+    let Outcome::Held(lines) = &r.outcome else {
+        panic!("{r:?}")
+    };
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("plan9Share") && l.contains("restart")),
+        "{lines:?}"
+    );
+    assert_eq!(w.changes(), before, "nothing done");
+    assert_eq!(w.status().vms["a"].held, *lines);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_vm_backs_off_and_never_delays_the_others() {
+    let fake = Fake::new(caps());
+    let mut w = start(
+        &fake,
+        &[("a", spec("a", &[], "")), ("b", spec("b", &[], ""))],
+        |_| {},
+    );
+    w.next_for("a").await;
+    w.next_for("b").await;
+    fake.fail("a", "add scsiDisk");
+    fake.hang("b", "remove scsiDisk");
+    save(w.specs.path(), "a", &spec("a", &[1], ""));
+    let mut at = Vec::new();
+    for _ in 0..4 {
+        let r = w.next_for("a").await;
+        assert!(matches!(r.outcome, Outcome::Failed(_)), "{r:?}");
+        at.push(Instant::now());
+    }
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(90) && gaps[2] >= Duration::from_millis(350),
+        "doubling from 100 ms: {gaps:?}"
+    );
+    assert!(w.status().vms["a"].failures >= 4);
+
+    // b hangs in an operation: c, new, is created meanwhile.
+    save(w.specs.path(), "b", &spec("b", &[1], ""));
+    save(w.specs.path(), "b", &spec("b", &[], ""));
+    save(w.specs.path(), "c", &spec("c", &[], ""));
+    let r = w.next_for("c").await;
+    assert!(matches!(r.outcome, Outcome::Applied(_)), "{r:?}");
+    // a's error fixed: a new spec retries at once.
+    save(w.specs.path(), "a", &spec("a", &[], ""));
+    loop {
+        // A retry already under way may report first.
+        let r = w.next_for("a").await;
+        if r.trigger == Trigger::Spec {
+            assert_eq!(r.outcome, Outcome::InSync);
+            break;
+        }
+    }
+    w.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_keeps_crashing_is_relaunched_with_growing_delays() {
+    let fake = Fake::new(caps());
+    let policy = "  policy: {allowRecreate: true}\n";
+    let mut w = start(&fake, &[("a", spec("a", &[], policy))], |o| {
+        o.max_disruption = Disruption::Recreate;
+    });
+    w.next_for("a").await;
+    let mut relaunched = Vec::new();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let crashed = Instant::now();
+        fake.crash("a", "guest panicked");
+        loop {
+            let r = w.next_for("a").await;
+            if matches!(r.outcome, Outcome::Applied(_)) {
+                break;
+            }
+            assert!(matches!(r.outcome, Outcome::BackingOff), "{r:?}");
+        }
+        relaunched.push(crashed.elapsed());
+        assert_eq!(fake.get("a").expect("a").state, State::Running);
+    }
+    // Immediately, then 100, 200, 400 ms: never a tight loop.
+    assert!(relaunched[1] >= Duration::from_millis(90), "{relaunched:?}");
+    assert!(
+        relaunched[3] >= Duration::from_millis(350),
+        "{relaunched:?}"
+    );
+    assert!(w.status().vms["a"].failures >= 3);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_whose_policy_forbids_recreating_is_held() {
+    let fake = Fake::new(caps());
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |o| {
+        o.max_disruption = Disruption::Recreate;
+    });
+    w.next_for("a").await;
+    fake.crash("a", "killed");
+    let r = w.next_for("a").await;
+    assert_eq!(r.trigger, Trigger::Event("gone".into()));
+    let Outcome::Held(lines) = r.outcome else {
+        panic!("{r:?}")
+    };
+    assert!(lines.iter().any(|l| l.contains("policy")), "{lines:?}");
+    assert_eq!(fake.get("a").expect("a").state, State::Terminated);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_waits_for_the_reconcile_in_flight_the_second_exits_at_once() {
+    let fake = Fake::new(caps());
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |o| {
+        o.reconcile_deadline = Duration::from_secs(3600);
+    });
+    w.next_for("a").await;
+    fake.hang("a", "add scsiDisk");
+    save(w.specs.path(), "a", &spec("a", &[1], ""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.signals.send(()).expect("signal");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.task.is_finished(), "waits for the reconcile in flight");
+    w.signals.send(()).expect("signal");
+    tokio::time::timeout(Duration::from_secs(2), w.task)
+        .await
+        .expect("exits at once")
+        .expect("joins")
+        .expect("runs");
+}
+
+#[test]
+fn backoff_doubles_up_to_its_cap() {
+    let b = Backoff {
+        base: Duration::from_secs(2),
+        cap: Duration::from_secs(60),
+        stable: Duration::from_secs(300),
+    };
+    let d: Vec<u64> = (1..=7).map(|n| b.delay(n).as_secs()).collect();
+    assert_eq!(d, [2, 4, 8, 16, 32, 60, 60]);
+    assert_eq!(b.delay(u32::MAX).as_secs(), 60);
+}

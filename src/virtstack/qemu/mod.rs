@@ -34,6 +34,20 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events queued for a watcher before QEMU's reader waits on it.
 const EVENTS_BUFFERED: usize = 64;
+/// The QMP events that say a VM may no longer be what was observed; the
+/// rest (`VSERPORT_CHANGE`, `NIC_RX_FILTER_CHANGED`, `RTC_CHANGE`, ...) are
+/// the guest going about its business.
+pub const STATE_EVENTS: &[&str] = &[
+    "SHUTDOWN",
+    "POWERDOWN",
+    "RESET",
+    "STOP",
+    "RESUME",
+    "SUSPEND",
+    "WAKEUP",
+    "GUEST_PANICKED",
+    "DEVICE_DELETED",
+];
 
 /// Errors of the QEMU virtstack.
 #[derive(Debug, thiserror::Error)]
@@ -278,8 +292,17 @@ impl Qemu {
             // receiver is dropped.
             let _conn = q;
             loop {
-                let event = match rx.recv().await {
-                    Ok(e) => crate::vm::VmEvent::Reported(e.name),
+                let got = tokio::select! {
+                    got = rx.recv() => got,
+                    // Nobody listens any more: let the socket go now, not
+                    // at the next event (it serves one client at a time).
+                    () = tx.closed() => return,
+                };
+                let event = match got {
+                    Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
+                        crate::vm::VmEvent::Reported(e.name)
+                    }
+                    Ok(_) => continue,
                     // Lost some: say so, the watcher re-observes anyway.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         crate::vm::VmEvent::Reported("events lost".into())
@@ -289,9 +312,8 @@ impl Qemu {
                         return;
                     }
                 };
-                tokio::select! {
-                    sent = tx.send(event) => if sent.is_err() { return },
-                    () = tx.closed() => return,
+                if tx.send(event).await.is_err() {
+                    return;
                 }
             }
         });
