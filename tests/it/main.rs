@@ -1,4 +1,6 @@
 //! Integration tests: the `uvmctl` binary as users run it.
 
 mod cli;
+mod host;
 mod qemu;
+mod watch;

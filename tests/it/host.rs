@@ -1,0 +1,324 @@
+//! A scratch host for real-QEMU tests: specs, images, a state directory,
+//! the `uvmctl` binary pointed at them, and the test guest's agent.
+//! Needs `qemu-system-x86_64` and the test guest (`guest/build.sh`;
+//! `scripts/test` installs and builds both).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to boot to its agent under TCG on a loaded CI machine.
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a guest may take to see a hot-plug.
+pub(crate) const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub(crate) fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("UVMCTL_GUEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/uvmctl/guest"), PathBuf::from);
+    assert!(
+        dir.join("initrd.img").is_file(),
+        "test guest missing in {}: run guest/build.sh (scripts/test does), or set UVMCTL_GUEST_DIR",
+        dir.display()
+    );
+    assert!(
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "qemu-system-x86_64 missing: apt-get install qemu-system-x86 qemu-utils (scripts/test does)"
+    );
+    dir
+}
+
+/// A scratch host: specs, images and a state directory of its own.
+pub(crate) struct Host {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) guest: PathBuf,
+}
+
+impl Host {
+    pub(crate) fn new() -> Self {
+        let guest = guest_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("uvq")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        for sub in ["specs", "img", "state"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
+        }
+        Host { dir, guest }
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub(crate) fn kernel(&self) -> PathBuf {
+        let vmlinux = self.guest.join("vmlinux");
+        if vmlinux.is_file() {
+            vmlinux
+        } else {
+            self.guest.join("vmlinuz")
+        }
+    }
+
+    /// A VM spec booting the test guest, with `extra` under `spec:`.
+    pub(crate) fn spec(&self, name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: {}\n      initrd: {}\n      cmdline: console=ttyS0 panic=-1 quiet swiotlb=noforce\n  processors:\n    count: 1\n  memory:\n    sizeMB: 256\n{extra}",
+            self.kernel().display(),
+            self.guest.join("initrd.img").display()
+        )
+    }
+
+    pub(crate) fn write_spec(&self, name: &str, text: &str) {
+        std::fs::write(self.path("specs").join(format!("{name}.yaml")), text).expect("write spec");
+    }
+
+    /// A raw image of `mb` MiB.
+    pub(crate) fn raw_image(&self, name: &str, mb: u64) -> PathBuf {
+        let p = self.path("img").join(name);
+        let f = std::fs::File::create(&p).expect("create image");
+        f.set_len(mb << 20).expect("size image");
+        p
+    }
+
+    pub(crate) fn uvmctl(&self, args: &[&str]) -> Output {
+        let state = self.path("state");
+        let img = self.path("img");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.args(args);
+        if !matches!(
+            args.first(),
+            Some(&"validate" | &"schema" | &"capabilities")
+        ) {
+            cmd.arg("--state-dir")
+                .arg(&state)
+                .arg("--allow-root")
+                .arg(&img)
+                .arg("--allow-root")
+                .arg(&self.guest);
+            cmd.args(["--accel", "tcg"]);
+        }
+        cmd.output().expect("uvmctl runs")
+    }
+
+    pub(crate) fn apply(&self) -> Output {
+        let specs = self.path("specs");
+        let out = self.uvmctl(&[
+            "apply",
+            specs.to_str().expect("utf-8"),
+            "--yes",
+            "--color",
+            "never",
+        ]);
+        assert_ok(&out);
+        out
+    }
+
+    pub(crate) fn plan(&self, extra: &[&str]) -> Output {
+        let specs = self.path("specs");
+        let mut args = vec!["plan", specs.to_str().expect("utf-8"), "--color", "never"];
+        args.extend_from_slice(extra);
+        self.uvmctl(&args)
+    }
+
+    pub(crate) fn agent(&self, vm: &str) -> Agent {
+        Agent::connect(&self.path("state").join(vm).join("agent.sock"))
+    }
+
+    pub(crate) fn pid(&self, vm: &str) -> Option<i32> {
+        let rec = std::fs::read_to_string(self.path("state").join(vm).join("launch.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&rec).ok()?;
+        v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+    }
+
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let out = self.uvmctl(&["status", "--output", "json"]);
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    pub(crate) fn state_of(&self, vm: &str) -> String {
+        let s = self.status();
+        s.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == vm))
+            .and_then(|r| r["state"].as_str())
+            .unwrap_or("absent")
+            .to_string()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Never leave a QEMU behind, whatever the test did.
+        if let Ok(entries) = std::fs::read_dir(self.path("state")) {
+            for e in entries.flatten() {
+                if let Some(name) = e.file_name().to_str()
+                    && let Some(pid) = self.pid(name)
+                {
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmdline)
+                        .contains(self.path("state").to_str().unwrap_or("-"))
+                    {
+                        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub(crate) fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The guest agent on its virtio-serial port (see guest/README.md).
+pub(crate) struct Agent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Agent {
+    pub(crate) fn connect(sock: &Path) -> Self {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Ok(s) = UnixStream::connect(sock) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut a = Agent {
+                    reader: BufReader::new(s.try_clone().expect("clone")),
+                    writer: s,
+                };
+                // The guest may still be booting: ping until it answers.
+                while Instant::now() < deadline {
+                    if a.try_cmd("ping").is_some_and(|l| l == ["pong"]) {
+                        // Pings sent while the guest booted are answered now: drop those answers.
+                        let _ = a.writer.set_read_timeout(Some(Duration::from_millis(700)));
+                        let mut stale = String::new();
+                        while a.reader.read_line(&mut stale).is_ok_and(|n| n > 0) {
+                            stale.clear();
+                        }
+                        let _ = a.writer.set_read_timeout(Some(Duration::from_secs(40)));
+                        return a;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest agent at {} did not answer within {BOOT_TIMEOUT:?}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub(crate) fn try_cmd(&mut self, c: &str) -> Option<Vec<String>> {
+        self.writer.write_all(format!("{c}\n").as_bytes()).ok()?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if self.reader.read_line(&mut l).ok()? == 0 {
+                return None;
+            }
+            let l = l.trim_end_matches('\n');
+            if l == "OK" {
+                return Some(lines);
+            }
+            if l.starts_with("ERR") {
+                return Some(vec![l.to_string()]);
+            }
+            lines.push(l.strip_prefix('.').unwrap_or(l).to_string());
+        }
+    }
+
+    pub(crate) fn cmd(&mut self, c: &str) -> Vec<String> {
+        self.try_cmd(c)
+            .unwrap_or_else(|| panic!("agent did not answer {c:?}"))
+    }
+
+    /// Polls `c` until `pred` holds on its answer.
+    pub(crate) fn wait_for(
+        &mut self,
+        c: &str,
+        what: &str,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + HOTPLUG_TIMEOUT;
+        loop {
+            let out = self.cmd(c);
+            if pred(&out) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest never showed {what}; last `{c}`: {out:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A raw QMP exchange, as an operator would do by hand.
+pub(crate) fn qmp_by_hand(
+    sock: &Path,
+    command: &str,
+    arguments: serde_json::Value,
+    wait_event: Option<&str>,
+) {
+    let s = UnixStream::connect(sock).expect("qmp socket");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).expect("greeting");
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("write");
+    line.clear();
+    r.read_line(&mut line).expect("caps reply");
+    let msg = serde_json::json!({"execute": command, "arguments": arguments});
+    w.write_all(format!("{msg}\n").as_bytes()).expect("write");
+    let mut got_reply = false;
+    let mut got_event = wait_event.is_none();
+    while !(got_reply && got_event) {
+        line.clear();
+        r.read_line(&mut line).expect("qmp line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        if v.get("return").is_some() {
+            got_reply = true;
+        }
+        assert!(v.get("error").is_none(), "{command} failed: {line}");
+        if wait_event.is_some_and(|e| v["event"] == e) {
+            got_event = true;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = w.shutdown(std::net::Shutdown::Both);
+    let _ = r.read_to_end(&mut rest);
+}
+
+pub(crate) fn has_block(blocks: &[String], size: u64, ro: u8, lun: u32) -> bool {
+    blocks.iter().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 5
+            && f[1] == size.to_string()
+            && f[2] == ro.to_string()
+            && f[4].ends_with(&format!(":{lun}"))
+    })
+}
