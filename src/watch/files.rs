@@ -31,6 +31,8 @@ pub struct SpecWatcher {
     target: PathBuf,
     /// The directory watched as `target` (device, inode), to see it replaced.
     watched: Option<(u64, u64)>,
+    /// Recursive for a spec directory; not for the parent of a spec file.
+    mode: RecursiveMode,
 }
 
 fn identity(path: &Path) -> Option<(u64, u64)> {
@@ -98,22 +100,28 @@ impl SpecWatcher {
             root: root.to_path_buf(),
             target,
             watched: None,
+            mode: if is_file {
+                RecursiveMode::NonRecursive
+            } else {
+                RecursiveMode::Recursive
+            },
         };
-        w.rewatch();
+        w.rewatch(false);
         Ok(w)
     }
 
     /// Watches the directory again if it was replaced since (removed and
-    /// recreated, or a link to it swapped); true when it did.
-    pub fn rewatch(&mut self) -> bool {
+    /// recreated, or a link to it swapped); true when it did. `force` when
+    /// its events said so: a recreated directory may get the old inode.
+    pub fn rewatch(&mut self, force: bool) -> bool {
         let now = identity(&self.target);
-        if now.is_none() || now == self.watched {
+        if now.is_none() || (now == self.watched && !force) {
             return false;
         }
         if self.watched.is_some() {
             let _ = self.debouncer.unwatch(&self.target);
         }
-        match self.debouncer.watch(&self.target, RecursiveMode::Recursive) {
+        match self.debouncer.watch(&self.target, self.mode) {
             Ok(()) => {
                 tracing::debug!(dir = %self.target.display(), "watching spec directory");
                 self.watched = now;
@@ -125,5 +133,70 @@ impl SpecWatcher {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::unbounded_channel;
+
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<FsChange>) -> FsChange {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("watcher alive")
+    }
+
+    /// Drains changes until one names `path` (or asks for a rescan).
+    async fn sees(rx: &mut tokio::sync::mpsc::UnboundedReceiver<FsChange>, path: &Path) {
+        loop {
+            match next(rx).await {
+                FsChange::Rescan => return,
+                FsChange::Paths(p) if p.contains(path) => return,
+                FsChange::Paths(_) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spec_directory_removed_and_recreated_is_followed_again() {
+        let top = tempfile::tempdir().expect("tempdir");
+        let root = top.path().join("specs");
+        std::fs::create_dir(&root).expect("mkdir");
+        let (tx, mut rx) = unbounded_channel();
+        let mut w = SpecWatcher::start(&root, Duration::from_millis(20), tx).expect("watch");
+        let a = root.join("a.yaml");
+        std::fs::write(&a, "x").expect("write");
+        sees(&mut rx, &a).await;
+
+        std::fs::remove_dir_all(&root).expect("rm");
+        std::fs::create_dir(&root).expect("mkdir");
+        // The loop asks for a rescan when the root itself changes, and
+        // re-watches then.
+        loop {
+            if next(&mut rx).await == FsChange::Rescan {
+                break;
+            }
+        }
+        assert!(w.rewatch(true), "a new directory is watched anew");
+        let b = root.join("b.yaml");
+        std::fs::write(&b, "y").expect("write");
+        sees(&mut rx, &b).await;
+        assert!(!w.rewatch(false), "nothing new to watch");
+    }
+
+    #[tokio::test]
+    async fn a_watched_single_file_replaced_by_rename_is_seen() {
+        let top = tempfile::tempdir().expect("tempdir");
+        let file = top.path().join("vm.yaml");
+        std::fs::write(&file, "x").expect("write");
+        let (tx, mut rx) = unbounded_channel();
+        let _w = SpecWatcher::start(&file, Duration::from_millis(20), tx).expect("watch");
+        let tmp = top.path().join(".vm.yaml.tmp");
+        std::fs::write(&tmp, "y").expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+        // The root is the file itself: its change is a rescan of it.
+        assert_eq!(next(&mut rx).await, FsChange::Rescan);
     }
 }

@@ -1097,7 +1097,7 @@ pub async fn run(
                     }
                 }
                 if let Some(sw) = &mut spec_watcher {
-                    rescan |= sw.rewatch();
+                    rescan |= sw.rewatch(rescan);
                 }
                 w.reload(if rescan { ReloadHow::Stamps } else { ReloadHow::Paths(paths) }).await;
             }
@@ -1105,7 +1105,7 @@ pub async fn run(
             Some(done) = done_rx.recv() => w.finished(done),
             _ = resync.tick() => {
                 if let Some(sw) = &mut spec_watcher {
-                    sw.rewatch();
+                    sw.rewatch(false);
                 }
                 w.resync().await;
             }

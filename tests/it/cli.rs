@@ -419,3 +419,74 @@ fn a_spec_symlink_out_of_the_spec_directory_is_refused_unread() {
         );
     }
 }
+
+#[test]
+fn the_systemd_unit_verifies_with_the_built_binary() {
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not installed: contrib/uvmctl-watch.service not verified");
+        return;
+    };
+    assert!(probe.status.success());
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/uvmctl-watch.service"),
+    )
+    .expect("unit file");
+    assert!(unit.contains("Type=notify") && unit.contains("KillMode=process"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = unit.replace("/usr/local/bin/uvmctl", env!("CARGO_BIN_EXE_uvmctl"));
+    let path = dir.path().join("uvmctl-watch.service");
+    std::fs::write(&path, unit).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze runs");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+#[test]
+fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).expect("mkdir");
+    let sock = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock).expect("bind");
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .arg("watch")
+        .arg(&specs)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("NOTIFY_SOCKET", &sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watch starts");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.iter().any(|m: &String| m.contains("READY=1")) {
+        let n = notify.recv(&mut buf).expect("a notification");
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let status = std::fs::read_to_string(dir.path().join("state/watch-status.json"))
+        .expect("status file");
+    assert!(status.contains(&format!("\"pid\": {}", child.id())), "{status}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    while !got.iter().any(|m| m.contains("STOPPING=1")) {
+        let n = notify.recv(&mut buf).expect("a notification");
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(child.wait().expect("exits").success());
+    assert!(got.iter().any(|m| m.starts_with("STATUS=0 VM(s)")), "{got:?}");
+}
