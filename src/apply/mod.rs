@@ -143,7 +143,7 @@ pub async fn apply(
         let vs = vs.clone();
         let progress = progress.clone();
         set.spawn(async move {
-            let result = apply_vm(vs.as_ref(), &vm, want.as_ref(), opts, &progress).await;
+            let result = apply_vm(vs.as_ref(), &vm, want.as_deref(), opts, &progress).await;
             match &result {
                 Ok(()) => progress(&vm.name, "done"),
                 Err(e) => progress(&vm.name, &format!("failed: {}", Chain(e))),

@@ -330,7 +330,7 @@ mod properties {
                         PowerState::Stopped,
                         PowerState::Saved,
                     ][usize::from(power)];
-                    want.config = c;
+                    want.config = c.into();
                 }
                 (d, o, caps, opts)
             })

@@ -52,7 +52,7 @@ pub(crate) fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
                 name: name.to_string(),
                 file: PathBuf::from("t.yaml"),
                 doc: 0,
-                config: config.clone(),
+                config: config.clone().into(),
                 status: None,
             },
         );
@@ -625,7 +625,7 @@ mod golden {
             o.vms.insert(
                 name,
                 ObservedVm {
-                    config: vm.config,
+                    config: (*vm.config).clone(),
                     state: status.state,
                     managed: status.managed,
                     exit_error: None,
@@ -808,7 +808,7 @@ pub(crate) mod properties {
                 if unknown.contains(&i) {
                     continue;
                 }
-                d.vms.insert(name.clone(), DesiredVm { name, file: "t.yaml".into(), doc: 0, config: c, status: None });
+                d.vms.insert(name.clone(), DesiredVm { name, file: "t.yaml".into(), doc: 0, config: c.into(), status: None });
             }
             for i in &unknown {
                 d.unknown.insert(format!("vm{i}"));
@@ -925,7 +925,7 @@ pub(crate) mod properties {
         fn plan_of_equal_states_is_empty((d, _o, caps, opts) in arb_world()) {
             let o = ObservedState {
                 vms: d.vms.iter().map(|(n, v)| {
-                    (n.clone(), ObservedVm { config: v.config.clone(), state: state_for(v.config.power_state), managed: true, exit_error: None, memory_hotplug: None })
+                    (n.clone(), ObservedVm { config: (*v.config).clone(), state: state_for(v.config.power_state), managed: true, exit_error: None, memory_hotplug: None })
                 }).collect(),
                 unknown: Default::default(),
             };
@@ -951,7 +951,7 @@ pub(crate) mod properties {
             prop_assert_eq!(&a, &b);
             let mut shuffled = d.clone();
             for vm in shuffled.vms.values_mut() {
-                let c = &mut vm.config;
+                let c = std::sync::Arc::make_mut(&mut vm.config);
                 c.scsi_controllers.reverse();
                 for ctrl in &mut c.scsi_controllers {
                     ctrl.disks.reverse();

@@ -6,7 +6,8 @@
 use super::Loaded;
 use super::load::{FileResult, SpecFile, list_files, load_file, merge, resolve};
 use rayon::prelude::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -56,7 +57,9 @@ struct Cached {
 /// A spec directory's files, parsed, kept between reloads.
 pub struct SpecCache {
     root: PathBuf,
-    files: BTreeMap<PathBuf, Cached>,
+    /// By name as listed; keyed by its bytes (hashing a `Path` walks its
+    /// components, and this map is probed once per file on every reload).
+    files: HashMap<OsString, Cached>,
     last_reads: usize,
 }
 
@@ -65,7 +68,7 @@ impl SpecCache {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         SpecCache {
             root: root.into(),
-            files: BTreeMap::new(),
+            files: HashMap::new(),
             last_reads: 0,
         }
     }
@@ -85,11 +88,12 @@ impl SpecCache {
     pub fn reload(&mut self, how: Reload<'_>) -> Loaded {
         let mut errors = Vec::new();
         let listed = list_files(&self.root, &mut errors);
-        let names: HashSet<&Path> = listed.iter().map(|f| f.name.as_path()).collect();
-        self.files.retain(|name, _| names.contains(name.as_path()));
+        let names: HashSet<&OsStr> = listed.iter().map(|f| f.name.as_os_str()).collect();
+        self.files
+            .retain(|name, _| names.contains(name.as_os_str()));
         let todo: Vec<&SpecFile> = listed
             .iter()
-            .filter(|f| match self.files.get(&f.name) {
+            .filter(|f| match self.files.get(f.name.as_os_str()) {
                 None => true,
                 Some(c) if c.read != f.read => true,
                 Some(c) => match how {
@@ -99,14 +103,14 @@ impl SpecCache {
                 },
             })
             .collect();
-        let fresh: Vec<(PathBuf, Cached)> = todo
+        let fresh: Vec<(OsString, Cached)> = todo
             .par_iter()
             .map(|f| {
                 let stamp = stamp(&f.read);
                 let result = resolve(load_file(f));
                 let read = f.read.clone();
                 (
-                    f.name.clone(),
+                    f.name.clone().into_os_string(),
                     Cached {
                         read,
                         stamp,
@@ -119,7 +123,7 @@ impl SpecCache {
         self.files.extend(fresh);
         let results: Vec<&FileResult> = listed
             .iter()
-            .filter_map(|f| self.files.get(&f.name).map(|c| &c.result))
+            .filter_map(|f| self.files.get(f.name.as_os_str()).map(|c| &c.result))
             .collect();
         merge(&results, errors)
     }

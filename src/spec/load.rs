@@ -491,7 +491,7 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
                 name: doc.metadata.name,
                 file: path.to_path_buf(),
                 doc: i,
-                config: doc.spec,
+                config: std::sync::Arc::new(doc.spec),
                 status: doc.status,
             });
         } else {
@@ -794,7 +794,7 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
     // are sorted at the end, so their order never shows.
     let mut by_name: HashMap<&str, Vec<Site>> = HashMap::new();
     let mut by_mac: HashMap<&str, Vec<Site>> = HashMap::new();
-    let mut by_disk: HashMap<&Path, Vec<(Site, bool)>> = HashMap::new();
+    let mut by_disk: HashMap<&std::ffi::OsStr, Vec<(Site, bool)>> = HashMap::new();
     for (fi, r) in results.iter().enumerate() {
         for vm in &r.vms {
             let site = |field: Field| Site {
@@ -813,7 +813,7 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
             for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
                 for (j, d) in c.disks.iter().enumerate() {
                     by_disk
-                        .entry(&d.path)
+                        .entry(d.path.as_os_str())
                         .or_default()
                         .push((site(Field::ScsiDisk(i, j)), d.read_only));
                 }
@@ -821,7 +821,7 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
             if let Some(p) = &vm.config.vpmem {
                 for (i, d) in p.devices.iter().enumerate() {
                     by_disk
-                        .entry(&d.path)
+                        .entry(d.path.as_os_str())
                         .or_default()
                         .push((site(Field::VpmemDevice(i)), d.read_only));
                 }
@@ -865,7 +865,7 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
                 let others: Vec<&str> = vms.iter().copied().filter(|v| *v != s.vm).collect();
                 let msg = format!(
                     "{} is also attached by VM {}; an image attached writable can belong to one VM only",
-                    excerpt_bare(&path.display().to_string()),
+                    excerpt_bare(&Path::new(path).display().to_string()),
                     others.join(", ")
                 );
                 cross.push(s.error(msg));

@@ -35,8 +35,9 @@ pub struct DesiredVm {
     pub file: PathBuf,
     /// Index of its document in that file.
     pub doc: usize,
-    /// What it should be; values canonical, lists in file order.
-    pub config: VmConfig,
+    /// What it should be; values canonical, lists in file order. Shared:
+    /// a watcher's reload clones the whole set on every change.
+    pub config: std::sync::Arc<VmConfig>,
     /// What `export` recorded beside it (only read by `plan --observed`).
     pub status: Option<VmStatus>,
 }

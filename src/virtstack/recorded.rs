@@ -61,7 +61,7 @@ impl Recorded {
             state.vms.insert(
                 name,
                 ObservedVm {
-                    config: vm.config,
+                    config: std::sync::Arc::unwrap_or_clone(vm.config),
                     state: vm_state,
                     managed,
                     exit_error: None,

@@ -476,9 +476,12 @@ fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() 
         let n = notify.recv(&mut buf).expect("a notification");
         got.push(String::from_utf8_lossy(&buf[..n]).to_string());
     }
-    let status = std::fs::read_to_string(dir.path().join("state/watch-status.json"))
-        .expect("status file");
-    assert!(status.contains(&format!("\"pid\": {}", child.id())), "{status}");
+    let status =
+        std::fs::read_to_string(dir.path().join("state/watch-status.json")).expect("status file");
+    assert!(
+        status.contains(&format!("\"pid\": {}", child.id())),
+        "{status}"
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -488,5 +491,8 @@ fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() 
         got.push(String::from_utf8_lossy(&buf[..n]).to_string());
     }
     assert!(child.wait().expect("exits").success());
-    assert!(got.iter().any(|m| m.starts_with("STATUS=0 VM(s)")), "{got:?}");
+    assert!(
+        got.iter().any(|m| m.starts_with("STATUS=0 VM(s)")),
+        "{got:?}"
+    );
 }

@@ -1383,7 +1383,7 @@ mod tests {
                     });
                 }
                 let mut desired = crate::spec::DesiredState::default();
-                desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone(), status: None });
+                desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone().into(), status: None });
                 let p = plan(&desired, &observed, &caps, &PlanOptions::default());
                 let unsupported = p.vms.iter().flat_map(|v| &v.ops).any(|o| o.disruption == Disruption::Unsupported);
                 // No root exists: every host path fails, after the capability check.
