@@ -38,7 +38,17 @@ pub struct StateLock {
 impl StateLock {
     /// Takes `<dir>/lock`, waiting up to `timeout` for its holder.
     pub fn acquire(dir: &Path, timeout: Duration, what: &str) -> Result<StateLock, LockError> {
-        let path = dir.join("lock");
+        Self::acquire_named(dir, "lock", timeout, what)
+    }
+
+    /// Takes `<dir>/<name>`, waiting up to `timeout` for its holder.
+    pub fn acquire_named(
+        dir: &Path,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<StateLock, LockError> {
+        let path = dir.join(name);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -172,6 +172,9 @@ pub enum WatchError {
     /// The virtstack could not list its VMs at startup.
     #[error("cannot list the virtstack's VMs")]
     List(#[source] crate::vm::VmError),
+    /// Another watcher follows this state directory.
+    #[error("another uvmctl watch runs on this state directory")]
+    AlreadyWatched(#[source] LockError),
     /// The status file could not be written.
     #[error("cannot write the status file in {dir}")]
     Status {
@@ -986,6 +989,19 @@ pub async fn run(
     mut signals: UnboundedReceiver<()>,
     reports: Option<UnboundedSender<Report>>,
 ) -> Result<(), WatchError> {
+    // One watcher per state directory: two would undo each other's work.
+    let _watcher_lock = match &opts.state_dir {
+        Some(dir) => Some(
+            StateLock::acquire_named(
+                dir,
+                "watch.lock",
+                Duration::ZERO,
+                &format!("uvmctl watch {}", opts.dir.display()),
+            )
+            .map_err(WatchError::AlreadyWatched)?,
+        ),
+        None => None,
+    };
     let (fs_tx, mut fs_rx) = unbounded_channel();
     let (events_tx, mut events_rx) = unbounded_channel();
     let (done_tx, mut done_rx) = unbounded_channel();

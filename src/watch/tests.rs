@@ -446,3 +446,56 @@ fn backoff_doubles_up_to_its_cap() {
     assert_eq!(d, [2, 4, 8, 16, 32, 60, 60]);
     assert_eq!(b.delay(u32::MAX).as_secs(), 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_watcher_on_the_same_state_directory_is_refused() {
+    let fake = Fake::new(caps());
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |_| {});
+    w.next_for("a").await;
+    let (_s, signals) = unbounded_channel();
+    let opts = options(w.specs.path(), w.state.path());
+    let vs: Arc<dyn Virtstack> = Arc::new(fake.clone());
+    let second = run(vs, opts, signals, None).await;
+    let err = second.expect_err("refused");
+    assert!(matches!(err, WatchError::AlreadyWatched(_)), "{err}");
+    assert!(
+        Chain(&err).to_string().contains("locked by pid"),
+        "names the first: {}",
+        Chain(&err)
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_style_data_link_swap_reconciles_the_vms_it_changes() {
+    let fake = Fake::new(caps());
+    let specs = tempfile::tempdir().expect("tempdir");
+    let v1 = specs.path().join("..2026_11_29_v1");
+    std::fs::create_dir(&v1).expect("mkdir");
+    std::fs::write(v1.join("a.yaml"), spec("a", &[], "")).expect("write");
+    std::fs::write(v1.join("b.yaml"), spec("b", &[], "")).expect("write");
+    std::os::unix::fs::symlink("..2026_11_29_v1", specs.path().join("..data")).expect("link");
+    for vm in ["a", "b"] {
+        std::os::unix::fs::symlink(
+            format!("..data/{vm}.yaml"),
+            specs.path().join(format!("{vm}.yaml")),
+        )
+        .expect("link");
+    }
+    let mut w = start(&fake, &[], |o| o.dir = specs.path().to_path_buf());
+    w.next_for("a").await;
+    w.next_for("b").await;
+    // The kubelet's update: a new directory, a new link renamed over `..data`.
+    let v2 = specs.path().join("..2026_11_29_v2");
+    std::fs::create_dir(&v2).expect("mkdir");
+    std::fs::write(v2.join("a.yaml"), spec("a", &[1], "")).expect("write");
+    std::fs::write(v2.join("b.yaml"), spec("b", &[], "")).expect("write");
+    std::os::unix::fs::symlink("..2026_11_29_v2", specs.path().join("..data_tmp")).expect("link");
+    std::fs::rename(specs.path().join("..data_tmp"), specs.path().join("..data")).expect("swap");
+    std::fs::remove_dir_all(&v1).expect("old data gone");
+    let r = w.next_for("a").await;
+    assert_eq!((r.trigger, r.outcome), (Trigger::Spec, Outcome::Applied(1)));
+    let more = w.quiet_for(Duration::from_millis(500)).await;
+    assert!(more.is_empty(), "b did not change: {more:?}");
+    w.stop().await;
+}
