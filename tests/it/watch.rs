@@ -117,6 +117,22 @@ impl Watcher {
         self.wait_after(0, what, within, pred)
     }
 
+    /// Waits for web's reconcile after `mark`: the one change of a save at
+    /// `saved`, applied within a second after the debounce.
+    fn applied_promptly(&self, mark: usize, saved: Instant, what: &str) {
+        let l = self.wait_after(mark, what, STEP, |l| is_reconcile(l, "web"));
+        let took = saved.elapsed();
+        assert_eq!(
+            (trigger(&l), result(&l)),
+            ("spec", "applied 1 change(s)"),
+            "{l}"
+        );
+        assert!(
+            took < DEBOUNCE + PROMPT,
+            "{what}: applied {took:?} after the save"
+        );
+    }
+
     fn mark(&self) -> usize {
         self.lines().len()
     }
@@ -191,16 +207,7 @@ fn watch_applies_saves_restores_drift_holds_what_needs_a_restart_and_adopts_afte
     std::fs::write(&tmp, with(&[disk(1, &img1)], "")).expect("write");
     let saved = Instant::now();
     std::fs::rename(&tmp, &spec_path).expect("rename");
-    let l = w.wait_after(mark, "the disk added by a rename", STEP, |l| {
-        is_reconcile(l, "web")
-    });
-    let took = saved.elapsed();
-    assert_eq!(
-        (trigger(&l), result(&l)),
-        ("spec", "applied 1 change(s)"),
-        "{l}"
-    );
-    assert!(took < DEBOUNCE + PROMPT, "applied {took:?} after the save");
+    w.applied_promptly(mark, saved, "the disk added by a rename");
     agent.wait_for("blocks", "the 16 MiB disk at LUN 1", |b| {
         has_block(b, 16 << 20, 0, 1)
     });
@@ -216,16 +223,7 @@ fn watch_applies_saves_restores_drift_holds_what_needs_a_restart_and_adopts_afte
     f.write_all(with(&[disk(1, &img1), disk(2, &img2)], "").as_bytes())
         .expect("write");
     drop(f);
-    let l = w.wait_after(mark, "the disk added in place", STEP, |l| {
-        is_reconcile(l, "web")
-    });
-    let took = saved.elapsed();
-    assert_eq!(
-        (trigger(&l), result(&l)),
-        ("spec", "applied 1 change(s)"),
-        "{l}"
-    );
-    assert!(took < DEBOUNCE + PROMPT, "applied {took:?} after the save");
+    w.applied_promptly(mark, saved, "the disk added in place");
     agent.wait_for("blocks", "the 24 MiB disk at LUN 2", |b| {
         has_block(b, 24 << 20, 0, 2)
     });
