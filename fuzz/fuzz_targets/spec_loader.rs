@@ -130,7 +130,7 @@ fn check(data: &[u8]) {
         // The canonical rendering (what `export` writes) loads to the same model.
         let mut canonical = String::new();
         for vm in loaded.desired.vms.values() {
-            let mut config = vm.config.clone();
+            let mut config = (*vm.config).clone();
             config.canonicalize();
             let doc = VmDocument {
                 api_version: API_VERSION.into(),
@@ -155,7 +155,7 @@ fn check(data: &[u8]) {
                 .vms
                 .iter()
                 .map(|(n, v)| {
-                    let mut c = v.config.clone();
+                    let mut c = (*v.config).clone();
                     c.canonicalize();
                     (n.clone(), c)
                 })
