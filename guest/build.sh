@@ -27,7 +27,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${1:-${UVMCTL_GUEST_DIR:-/var/cache/uvmctl/guest}}
 
 # Guest files copied into the initramfs (all part of the cache key).
-GUEST_FILES=(init agent uevent)
+GUEST_FILES=(init agent uevent vsock-io.c)
 
 # Modules the guest loads at boot (busybox modprobe resolves dependencies
 # from modules.dep). REQUIRED ones must exist (or be built in), OPTIONAL
@@ -180,6 +180,9 @@ command -v gzip >/dev/null || missing+=(gzip)
 if [ "${UVMCTL_GUEST_VMLINUX:-1}" = 1 ]; then
     command -v xz >/dev/null || missing+=(xz-utils)
 fi
+# vsock-io.c, linked statically (the initramfs has no C library).
+command -v gcc >/dev/null || missing+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 apt_install "${missing[@]}"
 
 mkdir -p "$OUT"
@@ -242,6 +245,8 @@ done
 install -m 0755 "$HERE/init" "$ROOT/init"
 install -m 0755 "$HERE/agent" "$ROOT/sbin/uvmctl-agent"
 install -m 0755 "$HERE/uevent" "$ROOT/sbin/uvmctl-uevent"
+gcc -static -Os -s -Wall -Werror -o "$ROOT/bin/vsock-io" "$HERE/vsock-io.c" \
+    || die "cannot build vsock-io (gcc -static)"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"
 printf 'root:x:0:\n' >"$ROOT/etc/group"
 printf '# mdev: devtmpfs already creates nodes; defaults (root 0660) are fine\n' >"$ROOT/etc/mdev.conf"

@@ -44,6 +44,7 @@ fn quiet() -> Progress {
 fn qemu_caps() -> Capabilities {
     Capabilities::qemu(&HostFacts {
         vhost_vsock: true,
+        vhost_user_vsock: true,
         vfio: true,
         ovmf: true,
     })

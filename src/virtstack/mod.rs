@@ -46,15 +46,30 @@ mod tests {
             without
                 .support(VmSocket, Add)
                 .reason
-                .contains("/dev/vhost-vsock")
+                .contains("vhost-device-vsock")
         );
-        let with = Capabilities::qemu(&HostFacts {
+        let kernel_only = Capabilities::qemu(&HostFacts {
             vhost_vsock: true,
+            vhost_user_vsock: false,
             vfio: true,
             ovmf: true,
         });
-        assert!(with.support(VmSocket, Add).reason.contains("not built"));
-        assert!(!with.supported(Pci, Add));
+        assert!(!kernel_only.supported(VmSocket, Add));
+        assert!(
+            kernel_only
+                .support(VmSocket, Add)
+                .reason
+                .contains("kernel's vhost-vsock is not used")
+        );
+        assert!(!kernel_only.supported(Pci, Add));
+        let with = Capabilities::qemu(&HostFacts {
+            vhost_user_vsock: true,
+            ..HostFacts::default()
+        });
+        for op in [Add, Remove, Update] {
+            assert_eq!(with.support(VmSocket, op).disruption, Disruption::Live);
+        }
+        assert!(!with.supported(HvSocket, Add));
     }
 
     /// `docs/capabilities.md` holds each profile's table between

@@ -377,6 +377,8 @@ impl Capabilities {
 pub struct HostFacts {
     /// `/dev/vhost-vsock` exists.
     pub vhost_vsock: bool,
+    /// The user-space vsock backend (`vhost-device-vsock`) is installed.
+    pub vhost_user_vsock: bool,
     /// `/dev/vfio/vfio` exists.
     pub vfio: bool,
     /// The OVMF UEFI firmware is installed.

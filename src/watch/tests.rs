@@ -12,6 +12,7 @@ const WAIT: Duration = Duration::from_secs(10);
 fn caps() -> Capabilities {
     Capabilities::qemu(&HostFacts {
         vhost_vsock: true,
+        vhost_user_vsock: true,
         vfio: true,
         ovmf: true,
     })

@@ -130,9 +130,14 @@ impl Host {
     }
 
     pub(crate) fn pid(&self, vm: &str) -> Option<i32> {
+        self.record_pid(vm, "pid")
+    }
+
+    /// A pid the launch record holds: `pid` (QEMU) or `vsockPid` (its backend).
+    pub(crate) fn record_pid(&self, vm: &str, key: &str) -> Option<i32> {
         let rec = std::fs::read_to_string(self.path("state").join(vm).join("launch.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&rec).ok()?;
-        v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+        v[key].as_i64().and_then(|p| i32::try_from(p).ok())
     }
 
     pub(crate) fn status(&self) -> serde_json::Value {
@@ -153,11 +158,15 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // Never leave a QEMU behind, whatever the test did.
+        // Never leave a QEMU (or a vsock backend) behind, whatever the test did.
         if let Ok(entries) = std::fs::read_dir(self.path("state")) {
             for e in entries.flatten() {
-                if let Some(name) = e.file_name().to_str()
-                    && let Some(pid) = self.pid(name)
+                let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                for pid in ["pid", "vsockPid"]
+                    .iter()
+                    .filter_map(|k| self.record_pid(&name, k))
                 {
                     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     if String::from_utf8_lossy(&cmdline)

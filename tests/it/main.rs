@@ -3,4 +3,5 @@
 mod cli;
 mod host;
 mod qemu;
+mod vsock;
 mod watch;

@@ -75,10 +75,24 @@ impl Capabilities {
         c.set(StorageQos, ResourceOperation::Update, live());
         let serial = Support::restart("serial consoles are wired at launch");
         c.set_all(Serial, serial.clone(), serial.clone(), serial);
-        let vsock = if host.vhost_vsock {
-            Support::unsupported("vsock listeners are not built into the qemu virtstack yet")
+        let vsock = if host.vhost_user_vsock {
+            Support {
+                disruption: Disruption::Live,
+                reason: format!(
+                    "through {} (user space, one backend per VM; no kernel module)",
+                    super::vsock::BACKEND
+                ),
+            }
+        } else if host.vhost_vsock {
+            Support::unsupported(format!(
+                "the kernel's vhost-vsock is not used by the qemu virtstack; install {} (scripts/setup-host does)",
+                super::vsock::BACKEND
+            ))
         } else {
-            Support::unsupported("vsock needs /dev/vhost-vsock on this host")
+            Support::unsupported(format!(
+                "vsock needs {} (scripts/setup-host installs it)",
+                super::vsock::BACKEND
+            ))
         };
         c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
         let hv = Support::unsupported("HvSocket is a Hyper-V transport; use vsock");
@@ -110,6 +124,7 @@ impl HostFacts {
     pub fn probe() -> Self {
         HostFacts {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+            vhost_user_vsock: super::vsock::find_backend().is_some(),
             vfio: Path::new("/dev/vfio/vfio").exists(),
             ovmf: Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
         }

@@ -191,6 +191,10 @@ impl StateDir {
             self.observe_socket(name),
             self.events_socket(name),
             self.agent_socket(name),
+            self.vsock_backend_socket(name),
+            // The backend binds `<uds>_<port>` names for the host side.
+            self.vsock_socket(name)
+                .with_file_name("vsock.sock_4294967295"),
         ]
         .into_iter()
         .max_by_key(|p| p.as_os_str().len())
@@ -225,6 +229,18 @@ impl StateDir {
     /// watcher holding either of the others would lock out `apply` or `plan`.
     pub fn events_socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("qmp-events.sock")
+    }
+
+    /// The vhost-user socket the VM's vsock backend listens on for QEMU.
+    pub fn vsock_backend_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("vhost-vsock.sock")
+    }
+
+    /// The host side of the VM's vsock: connect and write `CONNECT <port>`
+    /// to reach a guest listener; `<this>_<port>` receives the guest's
+    /// connections to that port.
+    pub fn vsock_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("vsock.sock")
     }
 
     /// The guest agent channel of a VM.
@@ -320,6 +336,16 @@ pub struct LaunchRecord {
     /// restores it instead of booting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved: Option<SavedGuest>,
+    /// Guest memory is shared (memfd), as a vhost-user device needs: set at
+    /// launch, so a restore uses the layout the guest was saved with.
+    #[serde(default)]
+    pub shared_memory: bool,
+    /// The guest's vsock CID (unique in the state directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<u32>,
+    /// The vsock backend's pid while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_pid: Option<u32>,
 }
 
 /// Properties that place devices (PCI slot, memory address), by device id.
@@ -337,6 +363,9 @@ pub struct SavedGuest {
     pub placement: Placement,
     /// The memory sizes the restored VM can take live.
     pub memory_hotplug: Option<crate::vm::MemoryHotplug>,
+    /// Whether the saved guest's memory was shared (its RAM block layout).
+    #[serde(default)]
+    pub shared_memory: bool,
 }
 
 /// The ids of the `-device` arguments of `argv`.
@@ -461,6 +490,8 @@ pub mod ids {
     pub const HOTPLUG_MEM: &str = "hotmem";
     /// Its memory backend.
     pub const HOTPLUG_MEM_BACKEND: &str = "hotmem-ram";
+    /// The guest's boot memory, when shared.
+    pub const RAM: &str = "ram";
 }
 
 /// MiB of hot-pluggable memory (the virtio-mem region) for a VM booting with
@@ -566,6 +597,14 @@ pub struct Resolved {
     /// For UEFI boot: the load options the firmware passes to the EFI
     /// application (`kernel`), without the `initrd=` that became `initrd`.
     pub uefi_args: Option<String>,
+    /// Guest memory is shared (memfd), so a vhost-user backend can map it:
+    /// wherever vsock is available, so a listener can be added live later.
+    pub shared_memory: bool,
+    /// The vsock device is plugged at launch (not for a restore: the saved
+    /// guest had it unplugged, it is plugged after).
+    pub vsock_device: bool,
+    /// vsock listeners by port (resolved; the listener may not exist yet).
+    pub vsock_listeners: std::collections::BTreeMap<u32, PathBuf>,
 }
 
 /// An EFI path (`\EFI\app.efi` or `EFI/app.efi`) as a path relative to the
@@ -699,6 +738,21 @@ pub fn resolve(
         let p = roots.check_socket(&c.listener_path).map_err(hp(field))?;
         r.serials.insert(c.port, p);
     }
+    let vsock = caps.supported(
+        crate::vm::Resource::VmSocket,
+        crate::vm::ResourceOperation::Add,
+    );
+    r.shared_memory = vsock;
+    r.vsock_device = vsock;
+    for (i, v) in cfg.vm_sockets.iter().enumerate() {
+        // The backend (as root) connects the guest's connections to this
+        // socket: it must be one under an allowed root.
+        if let (crate::vm::VMSocketType::VSock, Some(port), true) = (v.socket_type, v.port, vsock) {
+            let field = format!("spec.vmSockets[{i}].listenerPath");
+            let p = roots.check_socket(&v.listener_path).map_err(hp(field))?;
+            r.vsock_listeners.insert(port, p);
+        }
+    }
     Ok(r)
 }
 
@@ -722,9 +776,14 @@ pub fn argv(
     let nvdimm = cfg.vpmem.is_some();
     let uefi = res.uefi_args.is_some();
     let machine = format!(
-        "pc,accel={}{}{}",
+        "pc,accel={}{}{}{}",
         accel.as_str(),
         if nvdimm { ",nvdimm=on" } else { "" },
+        if res.shared_memory {
+            format!(",memory-backend={}", ids::RAM)
+        } else {
+            String::new()
+        },
         if uefi {
             ",pflash0=fw-code,pflash1=fw-vars"
         } else {
@@ -753,6 +812,11 @@ pub fn argv(
         m.push_str(&format!(",maxmem={maxmem}M"));
     }
     push(&["-m", &m]);
+    if res.shared_memory {
+        // Shared, so a vhost-user backend (vsock) can map guest memory.
+        let ram = json!({"qom-type": "memory-backend-memfd", "id": ids::RAM, "size": cfg.memory.size_mb << 20, "share": true});
+        push(&["-object", &ram.to_string()]);
+    }
     if cfg.memory.backing == MemoryBackingType::Physical {
         // Pinned memory: lock guest RAM so the host never pages it out.
         push(&["-overcommit", "mem-lock=on"]);
@@ -862,7 +926,11 @@ pub fn argv(
     // Before the NVDIMMs, so its region starts where device memory does
     // (aligned) whatever NVDIMMs are added later. Starts empty.
     if let Some(room) = hotmem {
-        let backend = json!({"qom-type": "memory-backend-ram", "id": ids::HOTPLUG_MEM_BACKEND, "size": room << 20});
+        let backend = if res.shared_memory {
+            json!({"qom-type": "memory-backend-memfd", "id": ids::HOTPLUG_MEM_BACKEND, "size": room << 20, "share": true})
+        } else {
+            json!({"qom-type": "memory-backend-ram", "id": ids::HOTPLUG_MEM_BACKEND, "size": room << 20})
+        };
         let device = json!({"driver": "virtio-mem-pci", "id": ids::HOTPLUG_MEM, "memdev": ids::HOTPLUG_MEM_BACKEND, "block-size": MEMORY_BLOCK_MB << 20, "requested-size": 0});
         push(&[
             "-object",
@@ -909,6 +977,9 @@ pub fn argv(
             push(&["-device", &json!({"driver": "virtio-9p-pci", "id": ids::plan9(&s.name), "fsdev": ids::fsdev(&s.name), "mount_tag": s.name}).to_string()]);
         }
     }
+    if res.vsock_device {
+        a.extend(super::vsock::launch_args(dir, name));
+    }
     (a, links)
 }
 
@@ -918,8 +989,13 @@ mod tests {
     use crate::spec::*;
     use crate::vm::{Chain, HostFacts, ScsiDiskType};
 
+    /// This host's capabilities (firmware), without vsock: argv tests must
+    /// not depend on whether the vsock backend is installed.
     fn caps() -> Capabilities {
-        Capabilities::qemu(&HostFacts::probe())
+        Capabilities::qemu(&HostFacts {
+            vhost_user_vsock: false,
+            ..HostFacts::probe()
+        })
     }
 
     fn cfg() -> VmConfig {
@@ -1261,6 +1337,101 @@ mod tests {
     }
 
     #[test]
+    fn with_vsock_every_memory_is_shared_and_listeners_are_checked_like_consoles() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("vmlinuz"), b"k").expect("kernel");
+        let roots = AllowedRoots::new(&[root.path()]);
+        let vsock = Capabilities::qemu(&HostFacts {
+            vhost_user_vsock: true,
+            ..HostFacts::default()
+        });
+        let mut c = cfg();
+        c.scsi_controllers.clear();
+        c.network_adapters.clear();
+        c.serial_consoles.clear();
+        c.boot.linux_kernel_direct = Some(LinuxKernelDirect {
+            kernel: root.path().join("vmlinuz"),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        let outside = tempfile::tempdir().expect("tempdir");
+        c.vm_sockets = vec![VmSocket {
+            socket_type: crate::vm::VMSocketType::VSock,
+            service_id: None,
+            port: Some(5000),
+            listener_path: outside.path().join("agent.sock"),
+        }];
+        let err = resolve(&c, &roots, &vsock).expect_err("outside the roots");
+        let text = Chain(&err).to_string();
+        assert!(
+            text.starts_with("spec.vmSockets[0].listenerPath")
+                && text.contains("outside the allowed roots"),
+            "{text}"
+        );
+        c.vm_sockets[0].listener_path = root.path().join("agent.sock");
+        let res = resolve(&c, &roots, &vsock).expect("inside the roots");
+        let want = std::fs::canonicalize(root.path())
+            .expect("canonical")
+            .join("agent.sock");
+        assert_eq!(res.vsock_listeners.get(&5000), Some(&want));
+        assert!(res.shared_memory && res.vsock_device);
+
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        assert_eq!(
+            after(&a, "-machine"),
+            vec!["pc,accel=tcg,memory-backend=ram"]
+        );
+        let objects: Vec<serde_json::Value> = after(&a, "-object")
+            .iter()
+            .filter_map(|o| serde_json::from_str(o).ok())
+            .collect();
+        let memories: Vec<&serde_json::Value> = objects
+            .iter()
+            .filter(|o| {
+                o["qom-type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("memory-backend"))
+            })
+            .collect();
+        assert_eq!(
+            memories.len(),
+            2,
+            "boot RAM and the virtio-mem region: {memories:?}"
+        );
+        for m in memories {
+            assert_eq!(m["qom-type"], "memory-backend-memfd");
+            assert_eq!(m["share"], true);
+        }
+        assert_eq!(
+            after(&a, "-chardev")
+                .into_iter()
+                .filter(|c| c.contains("vhost-vsock.sock"))
+                .collect::<Vec<_>>(),
+            vec!["socket,id=vsock-chr,path=/run/uvmctl-test/web/vhost-vsock.sock"]
+        );
+
+        // Without the backend a vsock listener is refused, and a VM without
+        // one gets private memory and no device.
+        let err = resolve(&c, &roots, &caps()).expect_err("no backend");
+        assert!(
+            Chain(&err)
+                .to_string()
+                .contains("vsock needs vhost-device-vsock")
+        );
+        c.vm_sockets.clear();
+        let res = resolve(&c, &roots, &caps()).expect("resolves");
+        assert!(!res.shared_memory && res.vsock_listeners.is_empty());
+        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        assert!(
+            !a.iter()
+                .any(|x| x.contains("memfd") || x.contains("vhost-user"))
+        );
+    }
+
+    #[test]
     fn storage_qos_is_one_throttle_group_over_every_disk() {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
@@ -1369,9 +1540,9 @@ mod tests {
             fn whatever_the_qemu_plan_calls_doable_the_qemu_preflight_accepts(
                 want in arb_spec(),
                 running in any::<bool>(),
-                facts in (any::<bool>(), any::<bool>(), any::<bool>()),
+                facts in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
             ) {
-                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2 });
+                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2, vhost_user_vsock: facts.3 });
                 let mut observed = ObservedState::default();
                 if running {
                     observed.vms.insert("vm".into(), ObservedVm {

@@ -11,6 +11,7 @@ mod observe;
 pub mod ops;
 pub mod qmp;
 pub mod uvm;
+pub mod vsock;
 
 pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
 pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
@@ -169,6 +170,8 @@ pub struct QemuOptions {
 pub struct Qemu {
     opts: QemuOptions,
     caps: Capabilities,
+    /// The vsock backend program, where installed.
+    vsock_backend: Option<PathBuf>,
     /// One QMP connection per running VM: a `-qmp` socket serves one client
     /// at a time, so a second connect would wait at the greeting.
     conns: std::sync::Arc<tokio::sync::Mutex<std::collections::HashMap<String, Qmp>>>,
@@ -184,11 +187,109 @@ fn now_unix() -> u64 {
 impl Qemu {
     /// The virtstack with `opts`, its capabilities probed from this host.
     pub fn new(opts: QemuOptions) -> Self {
+        let facts = HostFacts::probe();
         Qemu {
-            caps: Capabilities::qemu(&HostFacts::probe()),
+            caps: Capabilities::qemu(&facts),
+            vsock_backend: vsock::find_backend().filter(|_| facts.vhost_user_vsock),
             opts,
             conns: Default::default(),
         }
+    }
+
+    /// The smallest guest CID no VM of the state directory has: a guest's
+    /// CID is its own, so two guests never mistake each other.
+    fn free_cid(&self) -> u32 {
+        let taken: std::collections::BTreeSet<u32> = self
+            .list()
+            .iter()
+            .filter_map(|n| self.record(n).ok()?.vsock_cid)
+            .collect();
+        (vsock::FIRST_CID..)
+            .find(|c| !taken.contains(c))
+            .unwrap_or(vsock::FIRST_CID)
+    }
+
+    /// Starts this VM's vsock backend; its pid.
+    async fn start_backend(&self, name: &str, cid: u32) -> Result<u32, QemuError> {
+        let Some(binary) = &self.vsock_backend else {
+            return Err(QemuError::Unsupported {
+                vm: name.into(),
+                what: format!("vsock needs {}", vsock::BACKEND),
+            });
+        };
+        vsock::spawn_backend(binary, &self.opts.state_dir, name, cid)
+            .await
+            .map_err(|what| QemuError::Os {
+                vm: name.into(),
+                what,
+            })
+    }
+
+    /// Stops the VM's vsock backend, if it runs, and forgets its pid.
+    async fn end_backend(&self, name: &str) {
+        let Ok(mut rec) = self.record(name) else {
+            return;
+        };
+        if rec.vsock_pid.is_some() {
+            vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
+            rec.vsock_pid = None;
+            let _ = self.store(&rec);
+        }
+    }
+
+    /// Makes sure a running VM's vsock works: its backend alive and its
+    /// device plugged; a dead backend is started again and the device
+    /// re-plugged (a vhost-user chardev cannot reconnect).
+    pub async fn ensure_vsock(&self, q: &Qmp, name: &str) -> Result<(), QemuError> {
+        let mut rec = self.record(name)?;
+        let qerr = |source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        };
+        if !rec.shared_memory {
+            return Err(QemuError::Unsupported {
+                vm: name.into(),
+                what: "vsock: this VM was launched without shared memory; it takes vsock from its next start".into(),
+            });
+        }
+        let plugged = ops::device_present(q, vsock::DEVICE_ID)
+            .await
+            .map_err(qerr)?;
+        let alive = vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name);
+        if plugged && alive {
+            return Ok(());
+        }
+        tracing::info!(
+            vm = name,
+            plugged,
+            backend_alive = alive,
+            "(re)plugging vsock"
+        );
+        if plugged {
+            vsock::unplug(q, self.opts.unplug_timeout)
+                .await
+                .map_err(|e| QemuError::from_unplug(name, e))?;
+        } else {
+            // A chardev left from a failed plug would clash.
+            let _ = q
+                .execute(
+                    "chardev-remove",
+                    Some(serde_json::json!({"id": vsock::CHARDEV_ID})),
+                )
+                .await;
+        }
+        vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
+        let cid = match rec.vsock_cid {
+            Some(c) => c,
+            None => self.free_cid(),
+        };
+        let pid = self.start_backend(name, cid).await?;
+        rec.vsock_cid = Some(cid);
+        rec.vsock_pid = Some(pid);
+        self.store(&rec)?;
+        vsock::plug(q, &self.opts.state_dir, name)
+            .await
+            .map_err(qerr)
     }
 
     /// Its settings.
@@ -371,6 +472,9 @@ impl Qemu {
             stopped_by_uvmctl: true,
             started_at: None,
             saved: None,
+            shared_memory: false,
+            vsock_cid: Some(self.free_cid()),
+            vsock_pid: None,
         };
         self.store(&rec)?;
         match cfg.power_state {
@@ -412,8 +516,15 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        let res = launch::resolve(&rec.config, &self.opts.roots, &self.caps).map_err(launch_err)?;
+        let mut res =
+            launch::resolve(&rec.config, &self.opts.roots, &self.caps).map_err(launch_err)?;
         let saved = rec.saved.clone();
+        if let Some(s) = &saved {
+            // The saved state loads only into the memory layout it had, and
+            // without the vsock device (unplugged before the save).
+            res.shared_memory = s.shared_memory;
+            res.vsock_device = false;
+        }
         let mut cfg = rec.config.clone();
         if let Some(hot) = saved.as_ref().and_then(|s| s.memory_hotplug) {
             // The saved guest booted with this much; what it plugged since
@@ -445,6 +556,25 @@ impl Qemu {
             })?;
         }
         self.forget(name).await;
+        if res.shared_memory {
+            vsock::set_links(&self.opts.state_dir, name, &res.vsock_listeners).map_err(|e| {
+                QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot link the vsock listeners: {e}"),
+                }
+            })?;
+        }
+        vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
+        rec.vsock_pid = None;
+        let cid = match rec.vsock_cid {
+            Some(c) => c,
+            None => self.free_cid(),
+        };
+        rec.vsock_cid = Some(cid);
+        rec.shared_memory = res.shared_memory;
+        if res.vsock_device {
+            rec.vsock_pid = Some(self.start_backend(name, cid).await?);
+        }
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.events_socket(name));
@@ -489,6 +619,9 @@ impl Qemu {
                 .map_err(|e| QemuError::from_unplug(name, e))?;
             if saved.is_some() {
                 self.restore(&q, name).await?;
+                if res.shared_memory && self.vsock_backend.is_some() {
+                    self.ensure_vsock(&q, name).await?;
+                }
             }
             if run {
                 ops::cont(&q).await.map_err(|source| QemuError::Qmp {
@@ -510,6 +643,7 @@ impl Qemu {
             }
             self.forget(name).await;
             let _ = self.kill(&rec).await;
+            self.end_backend(name).await;
         }
         brought_up
     }
@@ -590,6 +724,23 @@ impl Qemu {
             });
         }
         let was_running = ops::status(&q).await.map_err(qerr)? == "running";
+        // A vhost-user vsock device blocks migration: out for the save,
+        // back in (with a new backend) at restore or if the save fails. The
+        // guest must run to let go of it: a paused one runs for that moment.
+        let had_vsock = ops::device_present(&q, vsock::DEVICE_ID)
+            .await
+            .map_err(qerr)?;
+        if had_vsock {
+            if !was_running {
+                ops::cont(&q).await.map_err(qerr)?;
+            }
+            let unplugged = vsock::unplug(&q, self.opts.unplug_timeout).await;
+            if !was_running {
+                let _ = q.execute("stop", None).await;
+            }
+            unplugged.map_err(|e| QemuError::from_unplug(name, e))?;
+            self.end_backend(name).await;
+        }
         if was_running {
             q.execute("stop", None).await.map_err(qerr)?;
         }
@@ -598,6 +749,9 @@ impl Qemu {
         let placement = match result {
             Ok(p) => p,
             Err(why) => {
+                if had_vsock {
+                    let _ = self.ensure_vsock(&q, name).await;
+                }
                 if was_running {
                     let _ = ops::cont(&q).await;
                 }
@@ -612,6 +766,7 @@ impl Qemu {
             saved_at: now_unix(),
             placement,
             memory_hotplug,
+            shared_memory: rec.shared_memory,
         });
         rec.stopped_by_uvmctl = true;
         self.store(&rec)?;
@@ -619,6 +774,7 @@ impl Qemu {
         if !self.wait_exit(&rec, Duration::from_secs(5)).await {
             self.kill(&rec).await?;
         }
+        self.end_backend(name).await;
         Ok(())
     }
 
@@ -774,6 +930,12 @@ impl Qemu {
     /// Shuts the VM down: ACPI power button, then `quit`, then signals.
     /// A saved VM's state is discarded.
     pub async fn stop(&self, name: &str) -> Result<(), QemuError> {
+        let stopped = self.stop_qemu(name).await;
+        self.end_backend(name).await;
+        stopped
+    }
+
+    async fn stop_qemu(&self, name: &str) -> Result<(), QemuError> {
         self.discard_saved(name)?;
         let mut rec = self.record(name)?;
         rec.stopped_by_uvmctl = true;
@@ -852,6 +1014,7 @@ impl Qemu {
                 self.kill(&rec).await?;
             }
         }
+        vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
         let dir = self.opts.state_dir.vm_dir(name);
         std::fs::remove_dir_all(&dir).map_err(|e| QemuError::Os {
             vm: name.into(),
@@ -890,7 +1053,12 @@ impl Qemu {
             });
         }
         let q = self.qmp(name).await?;
-        observe::observe(&q, &rec)
+        // Listeners relay only while the backend runs; a dead one shows as
+        // none, so the next apply puts them (and the backend) back.
+        let vsock = (rec.shared_memory
+            && vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name))
+        .then(|| vsock::listeners(&self.opts.state_dir, name));
+        observe::observe(&q, &rec, vsock)
             .await
             .map_err(|source| QemuError::Qmp {
                 vm: name.into(),

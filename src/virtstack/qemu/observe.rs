@@ -71,8 +71,29 @@ fn spec_path(recorded: Option<&Path>, resolved: &str) -> PathBuf {
     }
 }
 
-/// The VM as QEMU has it now.
-pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError> {
+/// Like [`spec_path`] for a socket that may not exist yet: the spec's path
+/// when it resolves (as the allowed-roots check did) to `target`.
+fn socket_spec_path(recorded: Option<&Path>, target: &Path) -> PathBuf {
+    let resolves_there = |p: &Path| {
+        std::fs::canonicalize(p).ok().as_deref() == Some(target)
+            || p.parent()
+                .and_then(|d| std::fs::canonicalize(d).ok())
+                .zip(p.file_name())
+                .is_some_and(|(d, f)| d.join(f) == target)
+    };
+    match recorded {
+        Some(p) if resolves_there(p) => p.to_path_buf(),
+        _ => target.to_path_buf(),
+    }
+}
+
+/// The VM as QEMU has it now. `vsock`: the VM's vsock listener links (port →
+/// target) while its backend runs, `None` when it does not.
+pub async fn observe(
+    q: &Qmp,
+    rec: &LaunchRecord,
+    vsock: Option<BTreeMap<u32, PathBuf>>,
+) -> Result<ObservedVm, QmpError> {
     let status = ops::status(q).await?;
     let state = match status.as_str() {
         "running" => State::Running,
@@ -239,6 +260,23 @@ pub async fn observe(q: &Qmp, rec: &LaunchRecord) -> Result<ObservedVm, QmpError
         .filter(|s| devices.iter().any(|(id, _)| *id == ids::plan9(&s.name)))
         .cloned()
         .collect();
+
+    // vsock listeners: the links the backend follows, while backend and
+    // device are there; the spec's spelling where it still resolves there.
+    let plugged = devices.iter().any(|(id, _)| id == super::vsock::DEVICE_ID);
+    for (port, target) in vsock.filter(|_| plugged).into_iter().flatten() {
+        let recorded = cold
+            .vm_sockets
+            .iter()
+            .find(|v| v.socket_type == crate::vm::VMSocketType::VSock && v.port == Some(port))
+            .map(|v| v.listener_path.as_path());
+        cfg.vm_sockets.push(crate::spec::VmSocket {
+            socket_type: crate::vm::VMSocketType::VSock,
+            service_id: None,
+            port: Some(port),
+            listener_path: socket_spec_path(recorded, &target),
+        });
+    }
 
     Ok(ObservedVm {
         config: cfg,

@@ -51,7 +51,8 @@ async fn unplug_if_present(q: &Qmp, id: &str, timeout: Duration) -> Result<(), U
     Ok(())
 }
 
-async fn device_present(q: &Qmp, id: &str) -> Result<bool, QmpError> {
+/// Whether a device with this id is plugged.
+pub async fn device_present(q: &Qmp, id: &str) -> Result<bool, QmpError> {
     Ok(peripherals(q).await?.iter().any(|(name, _)| name == id))
 }
 

@@ -18,7 +18,7 @@ use crate::vm::{
     BootManager, GuestOs, LinuxConfigManager, MemoryConfig, MemoryManager, NetworkManager, Observe,
     PciManager, Plan9Manager, ProcessorManager, Resource, ResourceOperation, ScsiDiskType,
     ScsiManager, SerialManager, State, StorageQosManager, Uvm, UvmBuilder, VMSocketManager,
-    VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
+    VMSocketType, VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
     WindowsConfigManager,
 };
 use async_trait::async_trait;
@@ -332,7 +332,7 @@ impl Uvm for QemuVm {
     }
 
     fn vm_socket(&self) -> Option<&dyn VMSocketManager> {
-        None
+        Some(self)
     }
 
     async fn set_processor_count(&self, count: u32) -> Result<()> {
@@ -530,6 +530,81 @@ impl Plan9Manager for QemuVm {
             ItemKey::Text(name.to_string()),
             None,
         )
+    }
+}
+
+#[async_trait]
+impl VMSocketManager for QemuVm {
+    async fn vm_socket_listen(
+        &self,
+        socket_type: VMSocketType,
+        conn_id: &str,
+        listener_path: &Path,
+    ) -> Result<()> {
+        let resource = match socket_type {
+            VMSocketType::VSock => Resource::VmSocket,
+            VMSocketType::HvSocket => Resource::HvSocket,
+        };
+        if socket_type != VMSocketType::VSock
+            || !self
+                .qemu
+                .capabilities()
+                .supported(resource, ResourceOperation::Add)
+        {
+            return Err(self.not_hot(resource, ResourceOperation::Add));
+        }
+        let port = self.vsock_port(conn_id)?;
+        let field = format!("spec.vmSockets[vsock:{port}].listenerPath");
+        let target = self
+            .qemu
+            .options()
+            .roots
+            .check_socket(listener_path)
+            .map_err(self.path_err(field))?;
+        let (q, _) = self.qemu.live(&self.name).await?;
+        self.qemu.ensure_vsock(&q, &self.name).await?;
+        super::vsock::link(&self.qemu.options().state_dir, &self.name, port, &target).map_err(
+            |e| {
+                self.err(format!(
+                    "cannot link vsock port {port} to {}: {e}",
+                    target.display()
+                ))
+            },
+        )?;
+        let item = crate::spec::VmSocket {
+            socket_type,
+            service_id: None,
+            port: Some(port),
+            listener_path: listener_path.to_path_buf(),
+        };
+        self.record(
+            ResourceKind::VmSocket,
+            ItemKey::Socket(socket_type, port.to_string()),
+            Some(Item::VmSocket(item)),
+        )
+    }
+
+    async fn vm_socket_close(&self, socket_type: VMSocketType, conn_id: &str) -> Result<()> {
+        if socket_type != VMSocketType::VSock {
+            return Err(self.not_hot(Resource::HvSocket, ResourceOperation::Remove));
+        }
+        let port = self.vsock_port(conn_id)?;
+        super::vsock::unlink(&self.qemu.options().state_dir, &self.name, port)
+            .map_err(|e| self.err(format!("cannot unlink vsock port {port}: {e}")))?;
+        self.record(
+            ResourceKind::VmSocket,
+            ItemKey::Socket(socket_type, port.to_string()),
+            None,
+        )
+    }
+}
+
+impl QemuVm {
+    /// A vsock port as the executor names it.
+    fn vsock_port(&self, conn_id: &str) -> Result<u32> {
+        conn_id
+            .parse::<u32>()
+            .map_err(|_| self.err(format!("{conn_id:?} is not a vsock port")))
     }
 }
 

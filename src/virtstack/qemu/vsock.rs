@@ -1,0 +1,280 @@
+//! VM sockets without the kernel's vhost-vsock: QEMU's `vhost-user-vsock-pci`
+//! served by rust-vmm's `vhost-device-vsock`, one backend process per VM
+//! (so guests never share a vsock namespace), supervised like QEMU: its own
+//! process group, its pid in the launch record, stopped with its VM, and
+//! started again (with the device re-plugged) when an add finds it dead.
+//!
+//! The backend maps the guest's vsock to host unix sockets, as Firecracker's
+//! hybrid vsock does:
+//! - a guest connecting to the host (CID 2), port P, reaches the unix socket
+//!   `<vm>/vsock.sock_P`, which uvmctl makes a symlink to the spec's
+//!   `listenerPath` (so adding or removing a listener touches no device);
+//! - a host program reaches a guest listener on port P by connecting to
+//!   `<vm>/vsock.sock` and writing `CONNECT P\n` (answered `OK <port>\n`).
+//!
+//! Every memory of the guest must be shared (`memory-backend-memfd,share=on`)
+//! for the backend to map it: see [`super::launch::argv`].
+
+use super::launch::StateDir;
+use super::qmp::{Qmp, QmpError};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The backend's program name (`scripts/setup-host` installs it).
+pub const BACKEND: &str = "vhost-device-vsock";
+/// The QEMU device id of the vsock device.
+pub const DEVICE_ID: &str = "vsock0";
+/// The QEMU chardev id of the vhost-user connection.
+pub const CHARDEV_ID: &str = "vsock-chr";
+/// The first guest CID given out (0–2 are reserved).
+pub const FIRST_CID: u32 = 3;
+/// How long a backend may take to open its vhost-user socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Prefix of a listener link: `<uds>_<port>`, as the backend names them.
+const LINK_PREFIX: &str = "vsock.sock_";
+
+/// Where the backend is installed, if it is: `PATH`, then `/usr/local/bin`.
+pub fn find_backend() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join(BACKEND))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The `-chardev` and `-device` values that plug the device at launch.
+pub fn launch_args(dir: &StateDir, name: &str) -> [String; 4] {
+    [
+        "-chardev".into(),
+        format!(
+            "socket,id={CHARDEV_ID},path={}",
+            dir.vsock_backend_socket(name).display()
+        ),
+        "-device".into(),
+        device(),
+    ]
+}
+
+fn device() -> String {
+    json!({"driver": "vhost-user-vsock-pci", "id": DEVICE_ID, "chardev": CHARDEV_ID}).to_string()
+}
+
+/// Plugs the device into a running QEMU whose backend listens.
+pub async fn plug(q: &Qmp, dir: &StateDir, name: &str) -> Result<(), QmpError> {
+    let path = dir.vsock_backend_socket(name);
+    q.execute(
+        "chardev-add",
+        Some(json!({
+            "id": CHARDEV_ID,
+            "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": path}},
+                "server": false,
+            }},
+        })),
+    )
+    .await?;
+    let device: serde_json::Value = serde_json::from_str(&device()).unwrap_or_default();
+    if let Err(e) = q.execute("device_add", Some(device)).await {
+        let _ = q
+            .execute("chardev-remove", Some(json!({"id": CHARDEV_ID})))
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Unplugs the device (the guest lets go of it quickly) and its chardev.
+pub async fn unplug(q: &Qmp, timeout: Duration) -> Result<(), super::ops::UnplugError> {
+    super::ops::device_del(q, DEVICE_ID, timeout).await?;
+    let _ = q
+        .execute("chardev-remove", Some(json!({"id": CHARDEV_ID})))
+        .await;
+    Ok(())
+}
+
+/// Starts the backend for VM `name` with guest CID `cid`; returns its pid once
+/// its vhost-user socket is there.
+pub async fn spawn_backend(
+    binary: &Path,
+    dir: &StateDir,
+    name: &str,
+    cid: u32,
+) -> Result<u32, String> {
+    let socket = dir.vsock_backend_socket(name);
+    let uds = dir.vsock_socket(name);
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&uds);
+    let log = std::fs::File::create(dir.vm_dir(name).join("vsock.log"))
+        .map_err(|e| format!("cannot create vsock.log: {e}"))?;
+    // A unique group per VM: a backend only ever serves its own VM, and the
+    // group keeps it so even if that changed.
+    let vm = format!(
+        "guest-cid={cid},socket={},uds-path={},groups=uvmctl-{name}",
+        socket.display(),
+        uds.display()
+    );
+    let mut child = tokio::process::Command::new(binary)
+        .args(["--vm", &vm])
+        .current_dir(dir.vm_dir(name))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .env("RUST_LOG", "warn")
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let pid = child.id().ok_or("the backend exited at once")?;
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if socket.exists() {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{BACKEND} exited ({status}) before it listened"));
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(format!("{BACKEND} did not listen within {READY_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reap it when it exits while uvmctl runs.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(pid)
+}
+
+/// Whether `pid` is this VM's backend (pids get reused).
+pub fn backend_alive(pid: Option<u32>, dir: &StateDir, name: &str) -> bool {
+    let Some(pid) = pid else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = format!("socket={},", dir.vsock_backend_socket(name).display());
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
+}
+
+/// Ends the backend of a VM, if it runs.
+pub async fn stop_backend(pid: Option<u32>, dir: &StateDir, name: &str) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(raw) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        if !backend_alive(pid, dir, name) {
+            return;
+        }
+        let _ = kill(Pid::from_raw(raw), sig);
+        for _ in 0..40 {
+            if !backend_alive(pid, dir, name) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// The listeners of a VM: port → where its link points.
+pub fn listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir.vm_dir(name)) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(port) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(LINK_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            out.insert(port, target);
+        }
+    }
+    out
+}
+
+fn link_path(dir: &StateDir, name: &str, port: u32) -> PathBuf {
+    dir.vm_dir(name).join(format!("{LINK_PREFIX}{port}"))
+}
+
+/// Relays the guest's connections to `port` to the unix socket `target`.
+pub fn link(dir: &StateDir, name: &str, port: u32, target: &Path) -> std::io::Result<()> {
+    let link = link_path(dir, name, port);
+    let tmp = dir.vm_dir(name).join(format!(".{LINK_PREFIX}{port}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    // Renamed over: a listener's target changes without a moment without one.
+    std::fs::rename(&tmp, &link)
+}
+
+/// Stops relaying `port`: the guest's next connect to it is refused.
+pub fn unlink(dir: &StateDir, name: &str, port: u32) -> std::io::Result<()> {
+    match std::fs::remove_file(link_path(dir, name, port)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Makes the VM's links exactly `want` (port → resolved listener).
+pub fn set_links(dir: &StateDir, name: &str, want: &BTreeMap<u32, PathBuf>) -> std::io::Result<()> {
+    for port in listeners(dir, name).keys() {
+        if !want.contains_key(port) {
+            unlink(dir, name, *port)?;
+        }
+    }
+    for (port, target) in want {
+        link(dir, name, *port, target)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_follow_the_wanted_listeners_and_read_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = StateDir::new(tmp.path()).expect("state dir");
+        std::fs::create_dir_all(dir.vm_dir("vm")).expect("vm dir");
+        let mut want = BTreeMap::new();
+        want.insert(5000, PathBuf::from("/var/lib/uvmctl/a.sock"));
+        want.insert(5001, PathBuf::from("/var/lib/uvmctl/b.sock"));
+        set_links(&dir, "vm", &want).expect("links");
+        assert_eq!(listeners(&dir, "vm"), want);
+        want.remove(&5000);
+        want.insert(5001, PathBuf::from("/var/lib/uvmctl/c.sock"));
+        set_links(&dir, "vm", &want).expect("links");
+        assert_eq!(listeners(&dir, "vm"), want);
+        unlink(&dir, "vm", 5001).expect("unlink");
+        unlink(&dir, "vm", 5001).expect("again: nothing to do");
+        assert!(listeners(&dir, "vm").is_empty());
+    }
+
+    #[test]
+    fn the_launch_arguments_name_the_vms_own_backend_socket() {
+        let dir = StateDir::new("/run/uvmctl-test").expect("state dir");
+        let a = launch_args(&dir, "web");
+        assert_eq!(a[0], "-chardev");
+        assert_eq!(
+            a[1],
+            "socket,id=vsock-chr,path=/run/uvmctl-test/web/vhost-vsock.sock"
+        );
+        let device: serde_json::Value = serde_json::from_str(&a[3]).expect("json");
+        assert_eq!(device["driver"], "vhost-user-vsock-pci");
+        assert_eq!(device["chardev"], CHARDEV_ID);
+    }
+}
