@@ -273,6 +273,8 @@ struct Done {
     crashed: Option<String>,
     /// It was (re)launched by this reconcile.
     launched: bool,
+    /// The plan's summary line, or `no changes`.
+    plan: String,
 }
 
 fn held_line(op: &plan::Op) -> String {
@@ -297,6 +299,7 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
         outcome: Outcome::InSync,
         crashed: None,
         launched: false,
+        plan: "no changes".into(),
     };
     let _share = match ctx.lock.share().await {
         Ok(s) => s,
@@ -375,6 +378,7 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     let Some(vm_plan) = the_plan.vms.first() else {
         return;
     };
+    done.plan = crate::plan::render::summary_line(&the_plan.summary());
     let policy_refuses = vm_plan.recreate_allowed == Some(false);
     if vm_plan.action != VmAction::Destroy
         && (vm_plan.disruption > ctx.max_disruption || policy_refuses)
@@ -674,9 +678,12 @@ impl Watcher {
                 let started = Instant::now();
                 let done = reconcile(ctx, job).await;
                 let ms = started.elapsed().as_millis() as u64;
+                let plan = done.plan.as_str();
                 match &done.outcome {
-                    Outcome::Failed(_) => tracing::warn!(result = %done.outcome, ms, "reconcile"),
-                    _ => tracing::info!(result = %done.outcome, ms, "reconcile"),
+                    Outcome::Failed(_) => {
+                        tracing::warn!(result = %done.outcome, plan, ms, "reconcile");
+                    }
+                    _ => tracing::info!(result = %done.outcome, plan, ms, "reconcile"),
                 }
                 let _ = done_tx.send(done);
             }

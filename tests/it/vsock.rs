@@ -4,6 +4,7 @@
 //! dead backend are survived, and two VMs cannot reach each other.
 
 use crate::host::{Host, assert_ok, text};
+use crate::watch::{is_reconcile, result, trigger};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -228,4 +229,36 @@ fn vsock_listeners_follow_the_spec_live_both_ways_through_save_restore_and_a_dea
         backend_pid(&h, "other").is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()),
         "the other VM's backend runs on"
     );
+
+    // Under `uvmctl watch`, a backend that dies is an event: vsock is back
+    // at once, not at the next resync (an hour here).
+    std::fs::remove_file(h.path("specs/vs.yaml")).expect("rm");
+    let w = h.watch("watch.log", &[]);
+    let pid = backend_pid(&h, "other").expect("backend pid");
+    let mark = w.mark();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    let l = w.wait_after(
+        mark,
+        "the backend re-plugged",
+        Duration::from_secs(60),
+        |l| is_reconcile(l, "other"),
+    );
+    assert_eq!(
+        (trigger(&l), result(&l)),
+        ("event VSOCK_BACKEND_EXITED", "applied 1 change(s)"),
+        "{l}\n{}",
+        w.dump()
+    );
+    let got = answer_one(listener(&other_sock), "watched");
+    assert_eq!(
+        send_when_plugged(&mut other, "vsock-send 2 5000 w"),
+        ["watched"]
+    );
+    assert_eq!(got.join().expect("listener thread"), "w");
+    assert!(w.term().success());
 }

@@ -18,13 +18,13 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 const PROMPT: Duration = Duration::from_millis(1000);
 
 /// A running `uvmctl watch` with its JSON log in a file.
-struct Watcher {
+pub(crate) struct Watcher {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl Host {
-    fn watch(&self, log_name: &str, extra: &[&str]) -> Watcher {
+    pub(crate) fn watch(&self, log_name: &str, extra: &[&str]) -> Watcher {
         let log = self.path(log_name);
         let file = std::fs::File::create(&log).expect("log file");
         let specs = self.path("specs");
@@ -54,27 +54,27 @@ impl Host {
     }
 }
 
-fn message(l: &Value) -> &str {
+pub(crate) fn message(l: &Value) -> &str {
     l["fields"]["message"].as_str().unwrap_or_default()
 }
 
 /// The VM a log line is about: its span's, or its own field.
-fn vm_of(l: &Value) -> &str {
+pub(crate) fn vm_of(l: &Value) -> &str {
     l["span"]["vm"]
         .as_str()
         .or_else(|| l["fields"]["vm"].as_str())
         .unwrap_or_default()
 }
 
-fn is_reconcile(l: &Value, vm: &str) -> bool {
+pub(crate) fn is_reconcile(l: &Value, vm: &str) -> bool {
     message(l) == "reconcile" && vm_of(l) == vm
 }
 
-fn result(l: &Value) -> &str {
+pub(crate) fn result(l: &Value) -> &str {
     l["fields"]["result"].as_str().unwrap_or_default()
 }
 
-fn trigger(l: &Value) -> &str {
+pub(crate) fn trigger(l: &Value) -> &str {
     l["span"]["trigger"].as_str().unwrap_or_default()
 }
 
@@ -87,12 +87,12 @@ impl Watcher {
             .collect()
     }
 
-    fn dump(&self) -> String {
+    pub(crate) fn dump(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits for a log line after the first `skip` lines matching `pred`.
-    fn wait_after(
+    pub(crate) fn wait_after(
         &self,
         skip: usize,
         what: &str,
@@ -113,7 +113,12 @@ impl Watcher {
         }
     }
 
-    fn wait_for(&self, what: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         self.wait_after(0, what, within, pred)
     }
 
@@ -133,12 +138,12 @@ impl Watcher {
         );
     }
 
-    fn mark(&self) -> usize {
+    pub(crate) fn mark(&self) -> usize {
         self.lines().len()
     }
 
     /// SIGTERM, then the exit status.
-    fn term(mut self) -> std::process::ExitStatus {
+    pub(crate) fn term(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")

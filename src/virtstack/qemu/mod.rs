@@ -35,6 +35,10 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events queued for a watcher before QEMU's reader waits on it.
 const EVENTS_BUFFERED: usize = 64;
+/// How often an event subscription looks at the VM's vsock backend.
+const BACKEND_CHECK: Duration = Duration::from_secs(1);
+/// The event a subscription reports when the VM's vsock backend died.
+pub const VSOCK_BACKEND_EXITED: &str = "VSOCK_BACKEND_EXITED";
 /// The QMP events that say a VM may no longer be what was observed; the
 /// rest (`VSERPORT_CHANGE`, `NIC_RX_FILTER_CHANGED`, `RTC_CHANGE`, ...) are
 /// the guest going about its business.
@@ -388,16 +392,34 @@ impl Qemu {
             })?;
         let mut rx = q.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
+        // The vsock backend reports nothing when it dies: looked at once a
+        // second, so a watcher re-plugs it at once rather than at a resync.
+        let mut backend = rec
+            .vsock_pid
+            .filter(|_| vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name));
+        let dir = self.opts.state_dir.clone();
+        let vm = name.to_string();
         tokio::spawn(async move {
             // Owns the connection: it closes when QEMU ends or the
             // receiver is dropped.
             let _conn = q;
+            let mut tick = tokio::time::interval(BACKEND_CHECK);
             loop {
                 let got = tokio::select! {
                     got = rx.recv() => got,
                     // Nobody listens any more: let the socket go now, not
                     // at the next event (it serves one client at a time).
                     () = tx.closed() => return,
+                    _ = tick.tick(), if backend.is_some() => {
+                        if vsock::backend_alive(backend, &dir, &vm) {
+                            continue;
+                        }
+                        backend = None;
+                        let _ = tx
+                            .send(crate::vm::VmEvent::Reported(VSOCK_BACKEND_EXITED.into()))
+                            .await;
+                        continue;
+                    }
                 };
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
