@@ -22,6 +22,8 @@
 
 pub mod vm;
 
+pub mod protocol;
+
 pub mod spec;
 
 pub mod plan;
@@ -46,6 +48,7 @@ mod layering {
     /// Module → the crate modules its code may name (itself included).
     const ALLOWED: &[(&str, &[&str])] = &[
         ("vm", &["vm"]),
+        ("protocol", &["protocol"]),
         ("spec", &["vm", "spec"]),
         ("plan", &["vm", "spec", "plan"]),
         ("virtstack", &["vm", "spec", "virtstack"]),
