@@ -36,6 +36,8 @@ pub mod reconcile;
 
 pub mod watch;
 
+pub mod vmservice;
+
 pub mod inspect;
 
 /// The layering the module docs promise, checked on the source: each
@@ -58,6 +60,7 @@ mod layering {
             "watch",
             &["vm", "spec", "plan", "apply", "reconcile", "watch"],
         ),
+        ("vmservice", &["vm", "spec", "protocol", "vmservice"]),
         (
             "inspect",
             &["vm", "spec", "plan", "reconcile", "watch", "inspect"],

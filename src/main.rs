@@ -47,6 +47,9 @@ enum Command {
     /// Keep the VMs what the specs say, unattended: react to spec changes
     /// and VM events, resync periodically, until SIGINT/SIGTERM.
     Watch(WatchArgs),
+    /// Serve one VM over hcsshim's vmservice protocol (ttrpc) on the QEMU
+    /// virtstack, until SIGTERM or a client's Quit.
+    Serve(ServeArgs),
     /// Table of the VMs uvmctl manages (and what a running `watch` did).
     Status {
         #[command(flatten)]
@@ -226,6 +229,28 @@ struct WatchArgs {
     backoff_cap: Duration,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// hcsshim's invocation: listen on this unix socket, then close standard
+    /// output (hcsshim waits for that before it connects).
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    ttrpc: Option<String>,
+    /// Listen on `unix:PATH` (by hand, or from a service manager).
+    #[arg(long, value_name = "unix:PATH")]
+    listen: Option<String>,
+    /// The VM this server serves [default: the socket's file stem, if it is a
+    /// valid VM name, else `vm`].
+    #[arg(long)]
+    name: Option<VmName>,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
@@ -367,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(args) => run_plan(args).await,
         Command::Apply(args) => run_apply(args).await,
         Command::Watch(args) => run_watch(args).await,
+        Command::Serve(args) => run_serve(args).await,
         Command::Status { host, output } => {
             let qemu = host.qemu(true)?;
             let watch = uvmctl::watch::status::read(&host.state_dir);
@@ -655,6 +681,63 @@ async fn status(
             }
         }
     }
+    Ok(0)
+}
+
+async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
+    let path = match (&args.ttrpc, &args.listen) {
+        (Some(a), _) => PathBuf::from(a.strip_prefix("unix://").unwrap_or(a)),
+        (None, Some(l)) => match l.strip_prefix("unix:") {
+            Some(p) => PathBuf::from(p.trim_start_matches("//")),
+            None => bail!("--listen {l:?}: only unix:PATH is supported"),
+        },
+        (None, None) => bail!("--ttrpc or --listen is needed"),
+    };
+    let name = match args.name {
+        Some(n) => n,
+        None => path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| VmName::new(s).ok())
+            .unwrap_or(VmName::new("vm")?),
+    };
+    let qemu = args.host.qemu(false)?;
+    qemu.options().state_dir.ensure_root()?;
+    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
+    let service = uvmctl::vmservice::VmService::new(vs, name.clone());
+    let quit = service.quit_signal();
+    // A socket left by a server that died is replaced; anything else is not.
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("unix://{}", path.display()))
+        .with_context(|| format!("cannot listen on {}", path.display()))?
+        .register_service(service.into_services());
+    server
+        .start()
+        .await
+        .context("cannot start the ttrpc server")?;
+    eprintln!("uvmctl serve: VM {name} on {}", path.display());
+    if args.ttrpc.is_some() {
+        // hcsshim connects once our standard output closes.
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        nix::unistd::dup2_stdout(&null)?;
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        () = quit.notified() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
     Ok(0)
 }
 

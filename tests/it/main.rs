@@ -3,5 +3,6 @@
 mod cli;
 mod host;
 mod qemu;
+mod serve;
 mod vsock;
 mod watch;

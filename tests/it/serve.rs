@@ -1,0 +1,186 @@
+//! `uvmctl serve` started the way hcsshim starts a vmservice server
+//! (`--ttrpc ADDRESS`, then wait for its standard output to close), driven
+//! over ttrpc against real QEMU, checked inside the guest.
+
+use crate::host::{Host, has_block};
+use protobuf::well_known_types::empty::Empty;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use ttrpc::context;
+use uvmctl::protocol::vmservice as pb;
+use uvmctl::protocol::vmservice_ttrpc::VmClient;
+
+fn ctx() -> context::Context {
+    context::with_duration(Duration::from_secs(60))
+}
+
+fn code(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        _ => ttrpc::Code::UNKNOWN,
+    }
+}
+
+fn scsi(ty: pb::ModifyType, lun: u32, path: &std::path::Path) -> pb::ModifyResourceRequest {
+    let mut d = pb::SCSIDisk::new();
+    d.controller = 0;
+    d.lun = lun;
+    d.host_path = path.display().to_string();
+    d.type_ = pb::DiskType::SCSI_DISK_TYPE_PHYSICAL.into();
+    d.read_only = true;
+    let mut r = pb::ModifyResourceRequest::new();
+    r.type_ = ty.into();
+    r.set_scsi_disk(d);
+    r
+}
+
+fn nic(ty: pb::ModifyType) -> pb::ModifyResourceRequest {
+    let mut n = pb::NICConfig::new();
+    n.nic_id = "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01".into();
+    n.port_id = "user".into();
+    n.mac_address = "52-54-00-12-34-77".into();
+    let mut r = pb::ModifyResourceRequest::new();
+    r.type_ = ty.into();
+    r.set_nic_config(n);
+    r
+}
+
+#[test]
+fn serve_started_as_hcsshim_starts_it_runs_a_vm_on_qemu_for_a_ttrpc_client() {
+    let h = Host::new();
+    let sock = h.path("img/served.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .arg("serve")
+        .arg("--ttrpc")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(h.path("state"))
+        .arg("--allow-root")
+        .arg(h.path("img"))
+        .arg("--allow-root")
+        .arg(&h.guest)
+        .args(["--accel", "tcg"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("uvmctl serve starts");
+    // As hcsshim does: read standard output until it closes, then connect.
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("stdout closes");
+    assert!(child.try_wait().expect("wait").is_none(), "still serving");
+    let disk = h.raw_image("served.img", 32);
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .expect("connect");
+        let c = VmClient::new(client);
+
+        // The capability matrix the client sees is the virtstack's.
+        let caps = c.capabilities_vm(ctx(), &Empty::new()).await.expect("caps");
+        let local = uvmctl::vmservice::capabilities(&uvmctl::vm::Capabilities::qemu(
+            &uvmctl::vm::HostFacts::probe(),
+        ));
+        assert_eq!(caps, local);
+
+        let mut boot = pb::DirectBoot::new();
+        boot.kernel_path = h.kernel().display().to_string();
+        boot.initrd_path = h.guest.join("initrd.img").display().to_string();
+        boot.kernel_cmdline = "console=ttyS0 panic=-1 quiet swiotlb=noforce".into();
+        let mut mem = pb::MemoryConfig::new();
+        mem.memory_mb = 256;
+        mem.allow_overcommit = true;
+        let mut cpu = pb::ProcessorConfig::new();
+        cpu.processor_count = 1;
+        let mut config = pb::VMConfig::new();
+        config.set_direct_boot(boot);
+        config.memory_config = Some(mem).into();
+        config.processor_config = Some(cpu).into();
+        let mut create = pb::CreateVMRequest::new();
+        create.config = Some(config).into();
+        c.create_vm(ctx(), &create).await.expect("create");
+        assert_eq!(h.state_of("served"), "created", "created, not started");
+        c.resume_vm(ctx(), &Empty::new()).await.expect("start");
+        let mut agent = h.agent("served");
+
+        // A disk outside the allowed roots: refused, nothing changes.
+        let outside = h.path("outside.img");
+        std::fs::write(&outside, vec![0u8; 1 << 20]).expect("outside image");
+        let e = c
+            .modify_resource(ctx(), &scsi(pb::ModifyType::ADD, 1, &outside))
+            .await
+            .expect_err("outside the roots");
+        assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{e:?}");
+
+        let started = Instant::now();
+        c.modify_resource(ctx(), &scsi(pb::ModifyType::ADD, 1, &disk))
+            .await
+            .expect("add disk");
+        eprintln!(
+            "ModifyResource SCSI add through serve: {:?}",
+            started.elapsed()
+        );
+        agent.wait_for("blocks", "the served disk", |b| {
+            has_block(b, 32 << 20, 1, 1)
+        });
+        c.modify_resource(ctx(), &nic(pb::ModifyType::ADD))
+            .await
+            .expect("add NIC");
+        agent.wait_for("links", "the served NIC", |l| {
+            l.iter().any(|x| x.contains("52:54:00:12:34:77"))
+        });
+        c.modify_resource(ctx(), &scsi(pb::ModifyType::REMOVE, 1, &disk))
+            .await
+            .expect("remove disk");
+        agent.wait_for("blocks", "the disk gone", |b| !has_block(b, 32 << 20, 1, 1));
+        c.modify_resource(ctx(), &nic(pb::ModifyType::REMOVE))
+            .await
+            .expect("remove NIC");
+        agent.wait_for("links", "the NIC gone", |l| {
+            !l.iter().any(|x| x.contains("52:54:00:12:34:77"))
+        });
+
+        c.pause_vm(ctx(), &Empty::new()).await.expect("pause");
+        assert_eq!(h.state_of("served"), "paused");
+        c.resume_vm(ctx(), &Empty::new()).await.expect("resume");
+        let props = c
+            .properties_vm(ctx(), &pb::PropertiesVMRequest::new())
+            .await
+            .expect("properties");
+        assert_eq!(props.memory_stats.assigned_memory, 256 << 20);
+        assert!(props.memory_stats.working_set_bytes > 0);
+        assert!(props.processor_stats.total_runtime_ns > 0);
+
+        // A client that disconnects mid-call leaves server and VM as they were.
+        {
+            let quitter = VmClient::new(
+                ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+                    .await
+                    .expect("connect"),
+            );
+            let empty = Empty::new();
+            let call = quitter.wait_vm(context::with_duration(Duration::ZERO), &empty);
+            let _ = tokio::time::timeout(Duration::from_millis(300), call).await;
+        }
+        assert_eq!(agent.cmd("ping"), ["pong"]);
+
+        c.teardown_vm(ctx(), &Empty::new()).await.expect("teardown");
+        assert_eq!(h.state_of("served"), "absent");
+        let _ = c.quit(ctx(), &Empty::new()).await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "serve did not quit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert!(child.wait().expect("exit").success(), "{err}");
+}
