@@ -2,6 +2,7 @@
 
 mod cli;
 mod host;
+mod interop;
 mod qemu;
 mod serve;
 mod vsock;
