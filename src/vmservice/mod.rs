@@ -119,29 +119,20 @@ impl VmService {
             .contains(&self.name))
     }
 
-    async fn state(&self) -> RpcResult<State> {
+    /// The VM as the virtstack has it now, or `FailedPrecondition` before
+    /// `CreateVM`.
+    async fn observed(&self) -> RpcResult<crate::vm::ObservedVm> {
         if !self.exists().await? {
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("no VM {}: CreateVM first", self.name),
             ));
         }
-        Ok(self
-            .vs
-            .observe(&self.name)
-            .await
-            .map_err(|e| vm_status(&e))?
-            .state)
+        self.vs.observe(&self.name).await.map_err(|e| vm_status(&e))
     }
 
-    async fn observed_config(&self) -> RpcResult<VmConfig> {
-        self.state().await?;
-        Ok(self
-            .vs
-            .observe(&self.name)
-            .await
-            .map_err(|e| vm_status(&e))?
-            .config)
+    async fn state(&self) -> RpcResult<State> {
+        Ok(self.observed().await?.state)
     }
 
     async fn uvm(&self) -> RpcResult<Box<dyn Uvm>> {
@@ -180,8 +171,8 @@ impl VmService {
         let Some(resource) = &req.resource else {
             return Err(status(Code::INVALID_ARGUMENT, "resource: missing"));
         };
-        let mut cfg = self.observed_config().await?;
-        let state = self.state().await?;
+        let seen = self.observed().await?;
+        let (mut cfg, state) = (seen.config, seen.state);
         if !state.is_live() {
             return Err(status(
                 Code::FAILED_PRECONDITION,
@@ -434,7 +425,7 @@ impl VmService {
             pb::ModifyType::UPDATE => ResourceOperation::Update,
         };
         self.live(Resource::VmSocket, op)?;
-        let mut cfg = self.observed_config().await?;
+        let mut cfg = self.observed().await?.config;
         let vm = self.uvm().await?;
         let sockets = vm
             .vm_socket()
@@ -465,7 +456,7 @@ impl VmService {
     async fn inspect(&self, query: &str) -> RpcResult<Value> {
         let json = match query {
             "state" => serde_json::Value::String(self.state().await?.to_string()),
-            "config" => serde_json::to_value(self.observed_config().await?)
+            "config" => serde_json::to_value(self.observed().await?.config)
                 .map_err(|e| status(Code::INTERNAL, e))?,
             "stats" => {
                 serde_json::to_value(self.vs.stats(&self.name).await.map_err(|e| vm_status(&e))?)
