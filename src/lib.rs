@@ -53,7 +53,7 @@ mod layering {
         ("protocol", &["protocol"]),
         ("spec", &["vm", "spec"]),
         ("plan", &["vm", "spec", "plan"]),
-        ("virtstack", &["vm", "spec", "virtstack"]),
+        ("virtstack", &["vm", "spec", "protocol", "virtstack"]),
         ("apply", &["vm", "spec", "plan", "apply"]),
         ("reconcile", &["vm", "spec", "plan", "reconcile"]),
         (

@@ -4,6 +4,7 @@
 pub mod fake;
 pub mod qemu;
 pub mod recorded;
+pub mod remotevm;
 
 pub use crate::vm::caps::{Capabilities, HostFacts, Support};
 pub use crate::vm::observed::{MemoryHotplug, ObservedState, ObservedVm};

@@ -76,7 +76,7 @@ fn preflight_status(e: &VmError) -> RpcError {
 }
 
 /// The queries `InspectVM` answers.
-pub const INSPECT_QUERIES: &[&str] = &["state", "config", "stats", "capabilities"];
+pub const INSPECT_QUERIES: &[&str] = &["state", "config", "stats", "capabilities", "ready"];
 
 /// The vmservice for one VM of a virtstack.
 pub struct VmService {
@@ -462,6 +462,14 @@ impl VmService {
                 serde_json::to_value(self.vs.stats(&self.name).await.map_err(|e| vm_status(&e))?)
                     .map_err(|e| status(Code::INTERNAL, e))?
             }
+            "ready" => serde_json::Value::Bool(
+                self.state().await? == State::Running
+                    && self
+                        .vs
+                        .guest_ready(&self.name)
+                        .await
+                        .map_err(|e| vm_status(&e))?,
+            ),
             "capabilities" => serde_json::to_value(self.vs.capabilities())
                 .map_err(|e| status(Code::INTERNAL, e))?,
             other => {
