@@ -112,6 +112,20 @@ struct HostArgs {
     /// Acceleration for launched VMs: kvm only works where the CPU shows vmx/svm.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
+    /// The virtstack: `qemu` (QEMU here), or `remotevm` (one vmservice
+    /// server per VM; with `plan --observed`, also `hcs`: whose capabilities
+    /// to assume for the recording).
+    #[arg(long, default_value = "qemu", value_name = "NAME")]
+    virtstack: String,
+    /// remotevm: where its per-VM records and server sockets live
+    /// [default: STATE_DIR/.remotevm].
+    #[arg(long, value_name = "DIR")]
+    remote_dir: Option<PathBuf>,
+    /// remotevm: the vmservice server program, started per VM with
+    /// `--ttrpc ADDRESS --name VM` as hcsshim does [default: this uvmctl's
+    /// `serve`, on the QEMU virtstack with these host options].
+    #[arg(long, value_name = "PROGRAM")]
+    remote_server: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +157,58 @@ impl HostArgs {
             observer,
         }))
     }
+
+    /// The live virtstack these options name, and the directory its lock
+    /// (and a watcher's status file) lives in.
+    async fn live(&self, observer: bool) -> anyhow::Result<(Arc<dyn Virtstack>, PathBuf)> {
+        match self.virtstack.as_str() {
+            "qemu" => {
+                let qemu = self.qemu(observer)?;
+                if !observer {
+                    qemu.options().state_dir.ensure_root()?;
+                }
+                let root = qemu.options().state_dir.root().to_path_buf();
+                Ok((Arc::new(qemu), root))
+            }
+            "remotevm" => {
+                let dir = self
+                    .remote_dir
+                    .clone()
+                    .unwrap_or_else(|| self.state_dir.join(".remotevm"));
+                let spawner = match &self.remote_server {
+                    Some(program) => uvmctl::virtstack::remotevm::ProcessSpawner {
+                        program: program.clone(),
+                        args: Vec::new(),
+                    },
+                    None => {
+                        let mut args = vec!["serve".to_string(), "--state-dir".into()];
+                        args.push(self.state_dir.display().to_string());
+                        for r in &self.allow_roots {
+                            args.push("--allow-root".into());
+                            args.push(r.display().to_string());
+                        }
+                        args.push("--accel".into());
+                        args.push(
+                            match self.accel {
+                                AccelArg::Auto => "auto",
+                                AccelArg::Kvm => "kvm",
+                                AccelArg::Tcg => "tcg",
+                            }
+                            .into(),
+                        );
+                        uvmctl::virtstack::remotevm::ProcessSpawner {
+                            program: std::env::current_exe()?,
+                            args,
+                        }
+                    }
+                };
+                let vs =
+                    uvmctl::virtstack::remotevm::RemoteVm::new(&dir, Arc::new(spawner)).await?;
+                Ok((Arc::new(vs), dir))
+            }
+            other => bail!("virtstack {other:?} cannot be driven here (qemu, remotevm)"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -153,14 +219,6 @@ struct PlanArgs {
     /// `uvmctl export` writes) instead of the live QEMU virtstack.
     #[arg(long, value_name = "FILE")]
     observed: Option<PathBuf>,
-    /// Whose capabilities to assume for --observed.
-    #[arg(
-        long,
-        default_value = "qemu",
-        value_name = "NAME",
-        requires = "observed"
-    )]
-    virtstack: String,
     #[command(flatten)]
     host: HostArgs,
     #[command(flatten)]
@@ -394,20 +452,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => run_watch(args).await,
         Command::Serve(args) => run_serve(args).await,
         Command::Status { host, output } => {
-            let qemu = host.qemu(true)?;
-            let watch = uvmctl::watch::status::read(&host.state_dir);
-            status(&qemu, output, watch).await
+            let (vs, dir) = host.live(true).await?;
+            let watch = uvmctl::watch::status::read(&dir);
+            status(vs.as_ref(), output, watch).await
         }
         Command::Destroy {
             name,
             host,
             lock_timeout,
         } => {
-            let qemu = host.qemu(false)?;
-            qemu.options().state_dir.ensure_root()?;
-            let root = qemu.options().state_dir.root().to_path_buf();
+            let (vs, root) = host.live(false).await?;
             let _lock = lock(root, lock_timeout, "uvmctl destroy".into()).await?;
-            Virtstack::destroy(&qemu, &name).await?;
+            vs.destroy(&name).await?;
             eprintln!("{name}: destroyed");
             Ok(0)
         }
@@ -416,15 +472,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             host,
             timeout,
         } => {
-            let qemu = host.qemu(false)?;
-            if !Virtstack::wait(&qemu, &name, timeout).await? {
+            let (vs, _) = host.live(false).await?;
+            if !vs.wait(&name, timeout).await? {
                 eprintln!(
                     "{name}: still running after {:?}",
                     timeout.unwrap_or_default()
                 );
                 return Ok(2);
             }
-            match Virtstack::exit_error(&qemu, &name).await {
+            match vs.exit_error(&name).await {
                 Some(err) => {
                     eprintln!("{name}: {err}");
                     Ok(1)
@@ -436,7 +492,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Export { name, host } => {
-            let (yaml, skipped) = uvmctl::inspect::export(&host.qemu(true)?, name.as_ref()).await?;
+            let (vs, _) = host.live(true).await?;
+            let (yaml, skipped) = uvmctl::inspect::export(vs.as_ref(), name.as_ref()).await?;
             print!("{yaml}");
             for (vm, why) in &skipped {
                 eprintln!("{vm}: not exported: cannot be observed ({why})");
@@ -481,18 +538,18 @@ async fn validate(dir: PathBuf) -> u8 {
     }
 }
 
-/// What to plan against: a recording, or the live QEMU virtstack (looking only).
-fn observer(
-    observed: Option<&PathBuf>,
-    virtstack: &str,
-    host: &HostArgs,
-) -> anyhow::Result<Box<dyn Observe>> {
+/// What to plan against: a recording, or the live virtstack (looking only).
+async fn observer(observed: Option<&PathBuf>, host: &HostArgs) -> anyhow::Result<Arc<dyn Observe>> {
     Ok(match observed {
-        Some(path) => Box::new(
-            Recorded::load(path, virtstack)
+        Some(path) => Arc::new(
+            Recorded::load(path, &host.virtstack)
                 .with_context(|| format!("cannot read observed state from {}", path.display()))?,
         ),
-        None => Box::new(host.qemu(true)?),
+        None => {
+            let (vs, _) = host.live(true).await?;
+            let vs: Arc<dyn Observe> = vs;
+            vs
+        }
     })
 }
 
@@ -516,7 +573,7 @@ fn plan_options(common: &PlanCommon) -> PlanOptions {
 }
 
 async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
-    let vs = observer(args.observed.as_ref(), &args.virtstack, &args.host)?;
+    let vs = observer(args.observed.as_ref(), &args.host).await?;
     let (loaded, observed, the_plan) =
         reconcile::plan_dir(args.dir.clone(), vs.as_ref(), &plan_options(&args.common)).await?;
     let style = args.common.color.style();
@@ -567,12 +624,9 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
     }
-    let qemu = args.host.qemu(false)?;
-    qemu.options().state_dir.ensure_root()?;
+    let (vs, root) = args.host.live(false).await?;
     let what = format!("uvmctl apply {}", args.dir.display());
-    let root = qemu.options().state_dir.root().to_path_buf();
     let _lock = lock(root, args.lock_timeout, what).await?;
-    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
 
     let mut observed = reconcile::observe_all(vs.as_ref()).await?;
     if !args.only.is_empty() {
@@ -753,10 +807,7 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
     }
     let dir = std::path::absolute(&args.dir)
         .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
-    let qemu = args.host.qemu(false)?;
-    qemu.options().state_dir.ensure_root()?;
-    let state_dir = qemu.options().state_dir.root().to_path_buf();
-    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
+    let (vs, state_dir) = args.host.live(false).await?;
 
     // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -56,6 +56,10 @@ pub struct ProcessSpawner {
 impl Spawner for ProcessSpawner {
     async fn spawn(&self, name: &VmName, socket: &Path) -> Result<(), String> {
         use tokio::io::AsyncReadExt;
+        // Its own log, never our stderr: a server outlives the uvmctl that
+        // started it, and must not hold its caller's pipes open.
+        let log = std::fs::File::create(socket.with_extension("log"))
+            .map_err(|e| format!("cannot create the server's log: {e}"))?;
         let mut child = tokio::process::Command::new(&self.program)
             .args(&self.args)
             .arg("--ttrpc")
@@ -64,7 +68,7 @@ impl Spawner for ProcessSpawner {
             .arg(name.as_str())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(log)
             .process_group(0)
             .kill_on_drop(false)
             .spawn()

@@ -158,6 +158,21 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Never leave a vmservice server behind (remotevm starts them in
+        // process groups of their own).
+        let state = self.path("state").display().to_string();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                    continue;
+                };
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains(" serve ") && cmdline.contains(&state) {
+                    let pid = p.file_name().to_string_lossy().to_string();
+                    let _ = Command::new("kill").args(["-9", &pid]).status();
+                }
+            }
+        }
         // Never leave a QEMU (or a vsock backend) behind, whatever the test did.
         if let Ok(entries) = std::fs::read_dir(self.path("state")) {
             for e in entries.flatten() {

@@ -2,7 +2,7 @@
 //! (`--ttrpc ADDRESS`, then wait for its standard output to close), driven
 //! over ttrpc against real QEMU, checked inside the guest.
 
-use crate::host::{Host, has_block};
+use crate::host::{Host, has_block, text};
 use protobuf::well_known_types::empty::Empty;
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -183,4 +183,102 @@ fn serve_started_as_hcsshim_starts_it_runs_a_vm_on_qemu_for_a_ttrpc_client() {
     let mut err = String::new();
     let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
     assert!(child.wait().expect("exit").success(), "{err}");
+}
+
+#[test]
+fn apply_with_the_remotevm_virtstack_drives_serve_over_real_qemu() {
+    let h = Host::new();
+    let img0 = h.raw_image("rv0.img", 8);
+    let img1 = h.raw_image("rv1.img", 24);
+    let disk = |lun: u32, p: &std::path::Path| {
+        format!(
+            "        - {{lun: {lun}, path: {}, type: passthrough, readOnly: true}}\n",
+            p.display()
+        )
+    };
+    let nic = "  networkAdapters:\n    - {nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02, endpointId: user, macAddress: 52-54-00-12-34-88}\n";
+    let spec = |disks: &str, more: &str| {
+        h.spec(
+            "rv",
+            &format!("  scsiControllers:\n    - id: 0\n      disks:\n{disks}{more}"),
+        )
+    };
+    let specs = h.path("specs");
+    let specs = specs.to_str().expect("utf-8");
+    let apply = |extra: &[&str]| {
+        let mut args = vec![
+            "apply",
+            specs,
+            "--yes",
+            "--color",
+            "never",
+            "--virtstack",
+            "remotevm",
+        ];
+        args.extend_from_slice(extra);
+        let out = h.uvmctl(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+
+    h.write_spec("rv", &spec(&disk(0, &img0), ""));
+    let out = apply(&[]);
+    assert!(out.contains("vm rv will be created"), "{out}");
+    let mut agent = h.agent("rv");
+    agent.wait_for("blocks", "the disk it was created with", |b| {
+        has_block(b, 8 << 20, 1, 0)
+    });
+
+    // Hot-add a disk and a NIC through the server; the guest sees both.
+    h.write_spec(
+        "rv",
+        &spec(&format!("{}{}", disk(0, &img0), disk(1, &img1)), nic),
+    );
+    let out = apply(&[]);
+    assert!(
+        out.contains("+ scsiDisk 0:1") && out.contains("[live]"),
+        "{out}"
+    );
+    agent.wait_for("blocks", "the added disk", |b| has_block(b, 24 << 20, 1, 1));
+    agent.wait_for("links", "the added NIC", |l| {
+        l.iter().any(|x| x.contains("52:54:00:12:34:88"))
+    });
+    let plan = h.uvmctl(&["plan", specs, "--color", "never", "--virtstack", "remotevm"]);
+    assert!(text(&plan).contains("No changes."), "{}", text(&plan));
+
+    // Pause and resume through the server.
+    h.write_spec(
+        "rv",
+        &spec(
+            &format!("{}{}", disk(0, &img0), disk(1, &img1)),
+            &format!("{nic}  powerState: paused\n"),
+        ),
+    );
+    apply(&[]);
+    let status = h.uvmctl(&["status", "--output", "json", "--virtstack", "remotevm"]);
+    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(rows[0]["state"], "paused", "{rows}");
+    assert!(rows[0]["memoryMb"] == 256, "{rows}");
+
+    // Running again, then both removed (a paused guest cannot let go of a
+    // device).
+    h.write_spec(
+        "rv",
+        &spec(&format!("{}{}", disk(0, &img0), disk(1, &img1)), nic),
+    );
+    assert!(apply(&[]).contains("~ powerState: paused → running"));
+    h.write_spec("rv", &spec(&disk(0, &img0), ""));
+    let out = apply(&[]);
+    assert!(
+        out.contains("- scsiDisk 0:1") && out.contains("- networkAdapter"),
+        "{out}"
+    );
+    agent.wait_for("blocks", "the disk gone", |b| !has_block(b, 24 << 20, 1, 1));
+    agent.wait_for("links", "the NIC gone", |l| {
+        !l.iter().any(|x| x.contains("52:54:00:12:34:88"))
+    });
+
+    let out = h.uvmctl(&["destroy", "rv", "--virtstack", "remotevm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(h.state_of("rv"), "absent", "the served QEMU VM is gone too");
 }
