@@ -271,6 +271,16 @@ async fn update(
         with_ticker(progress, label, "restoring", vs.start(name, true)).await?;
         state = State::Paused;
     }
+    if state == State::Paused
+        && want.power_state == PowerState::Running
+        && !changes.is_empty()
+        && !restart
+    {
+        // A paused guest cannot acknowledge an unplug: it runs first.
+        progress(label, "resuming before the changes");
+        vs.resume(name).await?;
+        state = State::Running;
+    }
     if !state.is_live() && state != State::Saved {
         // Nothing runs: the new configuration takes effect when it starts.
         vs.reconfigure(name, want).await?;

@@ -367,3 +367,29 @@ mod properties {
         }
     }
 }
+
+#[tokio::test]
+async fn a_paused_vm_meant_to_run_resumes_before_its_devices_change() {
+    // A paused guest cannot acknowledge an unplug, so it runs first.
+    let fake = Fake::new(qemu_caps());
+    let mut have = with_disks("web", &[1, 2]);
+    have.power_state = PowerState::Paused;
+    fake.insert(
+        "web",
+        FakeVm {
+            config: have,
+            state: State::Paused,
+            managed: true,
+        },
+    );
+    let want = with_disks("web", &[1]);
+    let (_, out) = plan_and_apply(&fake, &desired(&[("web", want)])).await;
+    assert!(out.iter().all(|o| o.result.is_ok()), "{out:?}");
+    let log: Vec<String> = fake
+        .log()
+        .into_iter()
+        .filter(|l| !l.ends_with("observe"))
+        .collect();
+    assert_eq!(log, ["web resume", "web remove scsiDisk"]);
+    assert_eq!(fake.get("web").expect("web").state, State::Running);
+}
