@@ -473,9 +473,11 @@ impl VmService {
             "capabilities" => serde_json::to_value(self.vs.capabilities())
                 .map_err(|e| status(Code::INTERNAL, e))?,
             other => {
+                // Any client's bytes: quoted short, never whole.
+                let shown: String = other.chars().take(crate::spec::EXCERPT_CHARS).collect();
                 return Err(status(
                     Code::INVALID_ARGUMENT,
-                    format!("query {other:?}: one of {}", INSPECT_QUERIES.join(", ")),
+                    format!("query {shown:?}: one of {}", INSPECT_QUERIES.join(", ")),
                 ));
             }
         };
