@@ -878,10 +878,16 @@ impl VpmemManager for RemoteUvm {
     }
 }
 
-#[async_trait]
-impl NetworkManager for RemoteUvm {
-    async fn add_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
-        self.modify(pb::ModifyType::ADD, |r| {
+impl RemoteUvm {
+    /// Adds or removes a NIC.
+    async fn nic(
+        &self,
+        ty: pb::ModifyType,
+        nic_id: &str,
+        endpoint_id: &str,
+        mac: &str,
+    ) -> Result<()> {
+        self.modify(ty, |r| {
             let mut n = pb::NICConfig::new();
             n.nic_id = nic_id.into();
             n.port_id = endpoint_id.into();
@@ -891,16 +897,53 @@ impl NetworkManager for RemoteUvm {
         .await?;
         self.remember().await
     }
-    async fn remove_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
-        self.modify(pb::ModifyType::REMOVE, |r| {
-            let mut n = pb::NICConfig::new();
-            n.nic_id = nic_id.into();
-            n.port_id = endpoint_id.into();
-            n.mac_address = mac.into();
-            r.set_nic_config(n);
-        })
-        .await?;
+
+    /// Adds (with its listener) or removes a vsock listener.
+    async fn vsock(
+        &self,
+        ty: pb::ModifyType,
+        socket_type: VMSocketType,
+        conn_id: &str,
+        listener_path: Option<&Path>,
+    ) -> Result<()> {
+        if socket_type != VMSocketType::VSock {
+            return Err(VmError::NotSupported {
+                resource: Resource::HvSocket,
+                operation: if listener_path.is_some() {
+                    ResourceOperation::Add
+                } else {
+                    ResourceOperation::Remove
+                },
+            });
+        }
+        let port = conn_id
+            .parse::<u32>()
+            .map_err(|_| backend(format!("{conn_id:?} is not a vsock port")))?;
+        let mut req = pb::VMSocketRequest::new();
+        req.type_ = ty.into();
+        let mut v = pb::VSockListen::new();
+        v.port = port;
+        v.listener_path = listener_path
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        req.set_vsock_listen(v);
+        let c = self.vs.client(&self.name).await?;
+        c.vm_socket(ctx(), &req)
+            .await
+            .map_err(|e| rpc(self.name.as_str(), "VMSocket", &e))?;
         self.remember().await
+    }
+}
+
+#[async_trait]
+impl NetworkManager for RemoteUvm {
+    async fn add_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
+        self.nic(pb::ModifyType::ADD, nic_id, endpoint_id, mac)
+            .await
+    }
+    async fn remove_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
+        self.nic(pb::ModifyType::REMOVE, nic_id, endpoint_id, mac)
+            .await
     }
 }
 
@@ -912,41 +955,17 @@ impl VMSocketManager for RemoteUvm {
         conn_id: &str,
         listener_path: &Path,
     ) -> Result<()> {
-        let port = conn_id
-            .parse::<u32>()
-            .map_err(|_| backend(format!("{conn_id:?} is not a vsock port")))?;
-        if socket_type != VMSocketType::VSock {
-            return Err(VmError::NotSupported {
-                resource: Resource::HvSocket,
-                operation: ResourceOperation::Add,
-            });
-        }
-        let mut req = pb::VMSocketRequest::new();
-        req.type_ = pb::ModifyType::ADD.into();
-        let mut v = pb::VSockListen::new();
-        v.port = port;
-        v.listener_path = listener_path.display().to_string();
-        req.set_vsock_listen(v);
-        let c = self.vs.client(&self.name).await?;
-        c.vm_socket(ctx(), &req)
-            .await
-            .map_err(|e| rpc(self.name.as_str(), "VMSocket", &e))?;
-        self.remember().await
+        self.vsock(
+            pb::ModifyType::ADD,
+            socket_type,
+            conn_id,
+            Some(listener_path),
+        )
+        .await
     }
-    async fn vm_socket_close(&self, _socket_type: VMSocketType, conn_id: &str) -> Result<()> {
-        let port = conn_id
-            .parse::<u32>()
-            .map_err(|_| backend(format!("{conn_id:?} is not a vsock port")))?;
-        let mut req = pb::VMSocketRequest::new();
-        req.type_ = pb::ModifyType::REMOVE.into();
-        let mut v = pb::VSockListen::new();
-        v.port = port;
-        req.set_vsock_listen(v);
-        let c = self.vs.client(&self.name).await?;
-        c.vm_socket(ctx(), &req)
+    async fn vm_socket_close(&self, socket_type: VMSocketType, conn_id: &str) -> Result<()> {
+        self.vsock(pb::ModifyType::REMOVE, socket_type, conn_id, None)
             .await
-            .map_err(|e| rpc(self.name.as_str(), "VMSocket", &e))?;
-        self.remember().await
     }
 }
 
