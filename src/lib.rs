@@ -11,7 +11,8 @@
 //!                     Virtstack trait (qemu, fake, ...) ──▶ the VMs
 //! ```
 //!
-//! Layers depend only downward: `vm` (the vocabulary, `VmConfig`, observed
+//! Layers depend only downward: `hostfs` (how host files are trusted,
+//! opened and created; names nothing else) and `vm` (the vocabulary, `VmConfig`, observed
 //! state, capabilities, the item model and the traits; no I/O) ← `spec` and
 //! `plan` (pure) ← `virtstack` (implementations) and `apply` (the executor,
 //! which knows virtstacks only through the trait) ← `reconcile` and
@@ -19,6 +20,8 @@
 //! byte-identical plan.
 
 #![warn(missing_docs)]
+
+pub mod hostfs;
 
 pub mod vm;
 
@@ -49,16 +52,28 @@ mod layering {
 
     /// Module → the crate modules its code may name (itself included).
     const ALLOWED: &[(&str, &[&str])] = &[
+        ("hostfs", &["hostfs"]),
         ("vm", &["vm"]),
         ("protocol", &["protocol"]),
         ("spec", &["vm", "spec"]),
         ("plan", &["vm", "spec", "plan"]),
-        ("virtstack", &["vm", "spec", "protocol", "virtstack"]),
-        ("apply", &["vm", "spec", "plan", "apply"]),
+        (
+            "virtstack",
+            &["hostfs", "vm", "spec", "protocol", "virtstack"],
+        ),
+        ("apply", &["hostfs", "vm", "spec", "plan", "apply"]),
         ("reconcile", &["vm", "spec", "plan", "reconcile"]),
         (
             "watch",
-            &["vm", "spec", "plan", "apply", "reconcile", "watch"],
+            &[
+                "hostfs",
+                "vm",
+                "spec",
+                "plan",
+                "apply",
+                "reconcile",
+                "watch",
+            ],
         ),
         ("vmservice", &["vm", "spec", "protocol", "vmservice"]),
         (

@@ -421,6 +421,9 @@ const EXIT_LOCKED: u8 = 3;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Whatever uvmctl (or a QEMU it starts) creates without an explicit
+    // mode is root's alone, whatever umask the caller had.
+    uvmctl::hostfs::private_umask();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
@@ -768,9 +771,12 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
         }
         std::fs::remove_file(&path)?;
     }
+    // Bound here (mode 0600), with each connection paced by its answers and
+    // accept backing off at the descriptor limit (vmservice::listen).
+    let listener = uvmctl::vmservice::listen::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("unix://{}", path.display()))
-        .with_context(|| format!("cannot listen on {}", path.display()))?
+        .add_listener(listener)
         .register_service(service.into_services());
     server
         .start()
@@ -810,18 +816,22 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
     let (vs, state_dir) = args.host.live(false).await?;
 
     // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
+    // SIGHUP (a terminal gone, `systemctl reload`): reconcile now.
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
     {
         use tokio::signal::unix::{SignalKind, signal};
+        use uvmctl::watch::Signal;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                if sig_tx.send(()).is_err() {
+                let got = tokio::select! {
+                    _ = term.recv() => Signal::Stop,
+                    _ = int.recv() => Signal::Stop,
+                    _ = hup.recv() => Signal::Reconcile,
+                };
+                if sig_tx.send(got).is_err() {
                     return;
                 }
             }

@@ -1,6 +1,6 @@
 //! One lock per state directory, so two applies never interleave.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -49,16 +49,13 @@ impl StateLock {
         what: &str,
     ) -> Result<StateLock, LockError> {
         let path = dir.join(name);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| LockError::Io {
+        // Never through a link (or another name) planted where the lock goes.
+        let mut file = crate::hostfs::open_state_file(&path, 0o600, false).map_err(|source| {
+            LockError::Io {
                 path: path.clone(),
                 source,
-            })?;
+            }
+        })?;
         let start = Instant::now();
         loop {
             match file.try_lock() {

@@ -129,6 +129,9 @@ impl Checker {
 
 /// Absolute on the host that runs the VM: POSIX (`/srv/x`) or, for HCS hosts,
 /// Windows (`C:\x`, `C:/x`, `\\server\share`).
+/// The longest network endpoint (tap device) name the kernel takes.
+pub const MAX_ENDPOINT_BYTES: usize = 15;
+
 fn is_absolute_on_some_host(s: &[u8]) -> bool {
     match s {
         [b'/', ..] => true,
@@ -433,15 +436,20 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
                 ),
             );
         }
+        // A tap device's name, as the kernel takes it (IFNAMSIZ less its
+        // NUL: 15 bytes). Longer ones would be cut silently, so two
+        // endpoints sharing 15 characters would share one tap.
         let ok_endpoint = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if n.endpoint_id.is_empty()
-            || n.endpoint_id.len() > 64
+            || n.endpoint_id.len() > MAX_ENDPOINT_BYTES
             || !n.endpoint_id.chars().all(ok_endpoint)
+            || n.endpoint_id == "."
+            || n.endpoint_id == ".."
         {
             v.err(
                 format!("{f}.endpointId"),
                 format!(
-                    "endpoint {} must be 1–64 characters of [A-Za-z0-9._-]",
+                    "endpoint {} must be an interface name: 1–{MAX_ENDPOINT_BYTES} characters of [A-Za-z0-9._-], not . or ..",
                     excerpt(&n.endpoint_id)
                 ),
             );

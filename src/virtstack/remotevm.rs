@@ -33,6 +33,8 @@ type Result<T, E = VmError> = std::result::Result<T, E>;
 pub const REMOTEVM: &str = "remotevm";
 /// How long one call may take (a create boots nothing; a start launches QEMU).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A record is read up to this size (a few KiB in practice).
+const MAX_RECORD_BYTES: u64 = 4 << 20;
 
 /// Starts (or finds) the vmservice server of one VM.
 #[async_trait]
@@ -58,7 +60,7 @@ impl Spawner for ProcessSpawner {
         use tokio::io::AsyncReadExt;
         // Its own log, never our stderr: a server outlives the uvmctl that
         // started it, and must not hold its caller's pipes open.
-        let log = std::fs::File::create(socket.with_extension("log"))
+        let log = crate::hostfs::open_state_file(&socket.with_extension("log"), 0o600, true)
             .map_err(|e| format!("cannot create the server's log: {e}"))?;
         let mut child = tokio::process::Command::new(&self.program)
             .args(&self.args)
@@ -224,8 +226,15 @@ impl RemoteVm {
     /// servers started by `spawner`; asks a server for the capabilities.
     pub async fn new(dir: impl Into<PathBuf>, spawner: Arc<dyn Spawner>) -> Result<Self> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir)
+        // Owner-only whatever the umask, and only a directory root alone
+        // can change: its records say which servers to trust.
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        crate::hostfs::private_dir(&dir, 0o700)
             .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+        crate::hostfs::check_trusted_dir(&dir).map_err(|e| backend(e.to_string()))?;
         let probe = VmName::new("uvmctl-capabilities")?;
         let socket = dir.join(".capabilities.sock");
         let _ = std::fs::remove_file(&socket);
@@ -255,17 +264,16 @@ impl RemoteVm {
 
     fn record(&self, name: &str) -> Result<Record> {
         let path = self.record_path(name);
-        let text = std::fs::read(&path).map_err(|_| VmError::NotFound(name.to_string()))?;
+        let text = crate::hostfs::read_state_file(&path, MAX_RECORD_BYTES)
+            .map_err(|_| VmError::NotFound(name.to_string()))?;
         serde_json::from_slice(&text)
             .map_err(|e| backend(format!("vm {name}: corrupt record {}: {e}", path.display())))
     }
 
     fn store(&self, name: &str, rec: &Record) -> Result<()> {
         let path = self.record_path(name);
-        let tmp = self.dir.join(format!(".{name}.json.tmp"));
         let text = serde_json::to_vec_pretty(rec).map_err(|e| backend(e.to_string()))?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        crate::hostfs::replace_file(&path, &text, 0o600)
             .map_err(|e| backend(format!("cannot write {}: {e}", path.display())))
     }
 

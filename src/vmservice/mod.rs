@@ -15,6 +15,7 @@
 //!   call on the same connection.
 
 pub mod convert;
+pub mod listen;
 
 use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc as svc;

@@ -492,6 +492,18 @@ struct Watcher {
     /// VMs of the first round not yet reconciled; ready when empty.
     first_round: Option<BTreeSet<String>>,
     started: u64,
+    status_log: StatusLog,
+}
+
+/// What the status file and systemd were last told.
+#[derive(Default)]
+struct StatusLog {
+    /// The status last written, while the file holds it.
+    written: Option<WatchStatus>,
+    /// The error of the last failed write, until one succeeds.
+    error: Option<String>,
+    /// The last STATUS= line sent to systemd.
+    notified: Option<String>,
 }
 
 fn unix_now() -> u64 {
@@ -896,12 +908,37 @@ impl Watcher {
         }
     }
 
-    fn write_status(&self) {
-        let Some(dir) = &self.opts.state_dir else {
+    /// Writes the status file when what it says changed (not for its
+    /// `updated` stamp alone), or when the last write failed. A failure is
+    /// logged once per distinct error, and once when writing works again.
+    fn write_status(&mut self) {
+        let Some(dir) = self.opts.state_dir.clone() else {
             return;
         };
-        if let Err(e) = status::write(dir, &self.status()) {
-            tracing::warn!(dir = %dir.display(), "cannot write the status file: {e}");
+        let status = self.status();
+        let unchanged = self.status_log.written.as_ref().is_some_and(|w| {
+            WatchStatus {
+                updated: status.updated,
+                ..w.clone()
+            } == status
+        });
+        if !unchanged {
+            match status::write(&dir, &status) {
+                Ok(()) => {
+                    if self.status_log.error.take().is_some() {
+                        tracing::info!(dir = %dir.display(), "the status file is written again");
+                    }
+                    self.status_log.written = Some(status);
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if self.status_log.error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(dir = %dir.display(), "cannot write the status file: {text} (said once; retried at every change)");
+                    }
+                    self.status_log.error = Some(text);
+                    self.status_log.written = None;
+                }
+            }
         }
         let held = self
             .vms
@@ -914,7 +951,11 @@ impl Watcher {
             self.desired.len(),
             self.spec_errors.len()
         );
-        sd_notify(&[sd_notify::NotifyState::Status(&line)]);
+        // systemd is told when the line changes, not at every write.
+        if self.status_log.notified.as_deref() != Some(line.as_str()) {
+            sd_notify(&[sd_notify::NotifyState::Status(&line)]);
+            self.status_log.notified = Some(line);
+        }
     }
 
     /// Reloads the specs on the blocking pool.
@@ -978,14 +1019,26 @@ impl Watcher {
     }
 }
 
+/// What a signal to the watcher asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM, SIGINT: finish what is in flight and exit (a second one:
+    /// exit now).
+    Stop,
+    /// SIGHUP: reconcile everything now (specs read again, every VM
+    /// observed), as a resync does.
+    Reconcile,
+}
+
 enum ReloadHow {
     All,
     Stamps,
     Paths(HashSet<PathBuf>),
 }
 
-/// Runs the watcher until `signals` yields twice, or once and the
-/// reconciles in flight have finished. `reports`, if given, receives every
+/// Runs the watcher until `signals` yields [`Signal::Stop`] twice, or once
+/// and the reconciles in flight have finished; [`Signal::Reconcile`] is a
+/// resync at once. `reports`, if given, receives every
 /// finished reconcile.
 ///
 /// # Errors
@@ -993,7 +1046,7 @@ enum ReloadHow {
 pub async fn run(
     vs: Arc<dyn Virtstack>,
     opts: WatchOptions,
-    mut signals: UnboundedReceiver<()>,
+    mut signals: UnboundedReceiver<Signal>,
     reports: Option<UnboundedSender<Report>>,
 ) -> Result<(), WatchError> {
     // One watcher per state directory: two would undo each other's work.
@@ -1065,6 +1118,7 @@ pub async fn run(
         reports,
         first_round: None,
         started: unix_now(),
+        status_log: StatusLog::default(),
         opts,
     };
     w.reload(ReloadHow::All).await;
@@ -1139,6 +1193,13 @@ pub async fn run(
                 }
             }
             got = signals.recv() => {
+                if got == Some(Signal::Reconcile) {
+                    if !draining {
+                        tracing::info!("SIGHUP: reconciling every VM now");
+                        w.resync().await;
+                    }
+                    continue;
+                }
                 if draining || got.is_none() {
                     tracing::warn!("second signal: exiting now; reconciles in flight are abandoned");
                     return Ok(());

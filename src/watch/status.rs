@@ -3,7 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Name of the status file in the state directory.
@@ -60,22 +59,16 @@ pub struct VmWatch {
 /// When the file cannot be written.
 pub fn write(dir: &Path, status: &WatchStatus) -> std::io::Result<()> {
     let path = dir.join(STATUS_FILE);
-    let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
-    let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&text)?;
-    f.write_all(b"\n")?;
-    drop(f);
-    std::fs::rename(&tmp, &path)
+    let mut text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    // O_EXCL | O_NOFOLLOW under a unique name; removed again on failure.
+    crate::hostfs::replace_file(&path, &text, 0o644)
 }
 
 /// Reads the status file of `dir`, if there is one and it parses; also
 /// whether the watcher that wrote it still runs.
 pub fn read(dir: &Path) -> Option<(WatchStatus, bool)> {
-    use std::io::Read;
-    let f = std::fs::File::open(dir.join(STATUS_FILE)).ok()?;
-    let mut text = Vec::new();
-    f.take(MAX_STATUS_BYTES).read_to_end(&mut text).ok()?;
+    let text = crate::hostfs::read_state_file(&dir.join(STATUS_FILE), MAX_STATUS_BYTES).ok()?;
     let status: WatchStatus = serde_json::from_slice(&text).ok()?;
     let running = watcher_runs(status.pid);
     Some((status, running))

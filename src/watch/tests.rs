@@ -51,7 +51,7 @@ struct Running {
     reports: UnboundedReceiver<Report>,
     /// Reports read while looking for another VM's.
     aside: Vec<Report>,
-    signals: UnboundedSender<()>,
+    signals: UnboundedSender<Signal>,
     task: JoinHandle<Result<(), WatchError>>,
 }
 
@@ -139,7 +139,7 @@ impl Running {
     }
 
     async fn stop(self) {
-        let _ = self.signals.send(());
+        let _ = self.signals.send(Signal::Stop);
         tokio::time::timeout(WAIT, self.task)
             .await
             .expect("stops")
@@ -182,7 +182,7 @@ async fn a_restarted_watcher_adopts_running_vms_without_an_operation() {
     w.next_for("a").await;
     let before = w.changes();
     let specs = w.specs;
-    w.signals.send(()).expect("signal");
+    w.signals.send(Signal::Stop).expect("signal");
     tokio::time::timeout(WAIT, w.task)
         .await
         .expect("stops")
@@ -425,10 +425,10 @@ async fn the_first_signal_waits_for_the_reconcile_in_flight_the_second_exits_at_
     fake.hang("a", "add scsiDisk");
     save(w.specs.path(), "a", &spec("a", &[1], ""));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    w.signals.send(()).expect("signal");
+    w.signals.send(Signal::Stop).expect("signal");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!w.task.is_finished(), "waits for the reconcile in flight");
-    w.signals.send(()).expect("signal");
+    w.signals.send(Signal::Stop).expect("signal");
     tokio::time::timeout(Duration::from_secs(2), w.task)
         .await
         .expect("exits at once")

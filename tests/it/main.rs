@@ -4,6 +4,7 @@ mod cli;
 mod host;
 mod interop;
 mod qemu;
+mod security;
 mod serve;
 mod vsock;
 mod watch;

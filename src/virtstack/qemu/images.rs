@@ -2,12 +2,17 @@
 //! allowed roots after resolving symlinks, free of characters QEMU's option
 //! syntax could misread, present, and of the format the spec states (we read
 //! the header ourselves; QEMU is never asked to guess).
+//!
+//! A file a VM uses is opened here, beneath its root and following no link
+//! (`hostfs::open_beneath`), and checked on that descriptor; QEMU gets the
+//! descriptor, never the path, so nothing can be swapped in between.
 
+use crate::hostfs::{self, Access};
 use crate::vm::{ScsiDiskType, VPMemImageFormat};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Roots host paths must lie under when `--allow-root` is not given.
 pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["/var/lib/uvmctl", "/var/cache/uvmctl"];
@@ -43,6 +48,14 @@ pub enum HostPathError {
         /// The roots.
         roots: String,
     },
+    /// A directory on the way could be changed by someone other than root.
+    #[error("{path}: {reason}")]
+    Untrusted {
+        /// The path as given.
+        path: String,
+        /// Which directory, its owner and mode.
+        reason: String,
+    },
     /// Not the kind of file expected.
     #[error("{path}: {reason}")]
     WrongKind {
@@ -63,19 +76,72 @@ pub enum HostPathError {
     },
 }
 
-/// Canonical roots host paths must lie under.
+/// A host file opened beneath an allowed root and checked on its
+/// descriptor: what QEMU is handed. `path` (resolved) is for messages.
+#[derive(Debug, Clone)]
+pub struct HostFile {
+    /// Where it was found (resolved, inside a root).
+    pub path: PathBuf,
+    /// The open file.
+    pub file: Arc<File>,
+}
+
+impl PartialEq for HostFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+impl Eq for HostFile {}
+
+impl HostFile {
+    /// `path` opened as it is, for tests that need a descriptor without the
+    /// root rules (`/dev/null` stands in where the path does not exist).
+    #[cfg(test)]
+    pub(crate) fn for_test(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let file = File::open(&path)
+            .or_else(|_| File::open("/dev/null"))
+            .expect("open");
+        HostFile {
+            path,
+            file: Arc::new(file),
+        }
+    }
+
+    /// Whether it is a block device (passthrough of a real disk).
+    pub fn is_block_device(&self) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
+    }
+}
+
+/// Canonical roots host paths must lie under, each with whether it may be
+/// trusted (`hostfs::check_trusted_dir`): a path under a root others could
+/// change is refused, naming that root's offending directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowedRoots(Vec<PathBuf>);
+pub struct AllowedRoots(Vec<(PathBuf, Result<(), hostfs::TrustError>)>);
 
 impl AllowedRoots {
-    /// Roots as given; each is resolved if it exists (a missing root allows nothing).
+    /// Roots as given; each is resolved if it exists (a missing root allows
+    /// nothing) and checked for who can change it.
     pub fn new<P: AsRef<Path>>(roots: &[P]) -> Self {
         AllowedRoots(
             roots
                 .iter()
                 .filter_map(|r| std::fs::canonicalize(r.as_ref()).ok())
+                .map(|r| {
+                    let trust = hostfs::check_trusted_dir(&r).map(drop);
+                    (r, trust)
+                })
                 .collect(),
         )
+    }
+
+    /// The roots that may not be trusted, with why (for `status` and docs).
+    pub fn untrusted(&self) -> impl Iterator<Item = &hostfs::TrustError> {
+        self.0.iter().filter_map(|(_, t)| t.as_ref().err())
     }
 
     /// The documented default roots.
@@ -89,7 +155,7 @@ impl AllowedRoots {
         }
         self.0
             .iter()
-            .map(|p| p.display().to_string())
+            .map(|(p, _)| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -113,14 +179,57 @@ impl AllowedRoots {
             what: "bytes that are not UTF-8",
         })?;
         check_characters(resolved_text)?;
-        if !self.0.iter().any(|root| resolved.starts_with(root)) {
+        self.root_of(&resolved, &shown)?;
+        Ok(resolved)
+    }
+
+    /// The trusted root `resolved` lies under.
+    fn root_of(&self, resolved: &Path, shown: &str) -> Result<&Path, HostPathError> {
+        let Some((root, trust)) = self.0.iter().find(|(root, _)| resolved.starts_with(root)) else {
             return Err(HostPathError::OutsideRoots {
-                path: shown,
+                path: shown.to_string(),
                 resolved: resolved.display().to_string(),
                 roots: self.describe(),
             });
+        };
+        match trust {
+            Ok(()) => Ok(root),
+            Err(e) => Err(HostPathError::Untrusted {
+                path: shown.to_string(),
+                reason: format!("allowed root {}: {e}", root.display()),
+            }),
         }
-        Ok(resolved)
+    }
+
+    /// Resolves and checks `path` like [`AllowedRoots::check`], then opens
+    /// it beneath its root following no link: what was checked is what is
+    /// open, whatever is renamed or linked there afterwards.
+    pub fn open(&self, path: &Path, access: Access) -> Result<HostFile, HostPathError> {
+        let shown = path.display().to_string();
+        let resolved = self.check(path)?;
+        let root = self.root_of(&resolved, &shown)?;
+        let rel = resolved.strip_prefix(root).unwrap_or(Path::new(""));
+        let file = hostfs::open_beneath(root, rel, access).map_err(|e| {
+            use nix::errno::Errno;
+            let reason = match e.raw_os_error().map(Errno::from_raw) {
+                Some(Errno::ELOOP) => {
+                    "changed while being opened (a symbolic link appeared on the way); refused"
+                        .to_string()
+                }
+                Some(Errno::EXDEV) => {
+                    "changed while being opened (it left its allowed root); refused".to_string()
+                }
+                _ => e.to_string(),
+            };
+            HostPathError::Missing {
+                path: shown.clone(),
+                reason,
+            }
+        })?;
+        Ok(HostFile {
+            path: resolved,
+            file: Arc::new(file),
+        })
     }
 }
 
@@ -128,7 +237,25 @@ impl AllowedRoots {
     /// A unix socket QEMU will connect to, which may not exist yet: when it
     /// exists it is resolved like any path; otherwise its directory is, and
     /// the socket's own name is checked. Either way it must lie under a root.
+    ///
+    /// QEMU (or the vsock backend) keeps following that path for the VM's
+    /// whole life, so the directory it lies in, and every one on the way,
+    /// must be one only root can change (`hostfs::check_trusted_dir`):
+    /// nobody else can then put a link to another socket there later.
     pub fn check_socket(&self, path: &Path) -> Result<PathBuf, HostPathError> {
+        let resolved = self.socket_path(path)?;
+        if let Some(dir) = resolved.parent() {
+            hostfs::check_trusted_dir(dir).map_err(|e| HostPathError::Untrusted {
+                path: path.display().to_string(),
+                reason: format!(
+                    "a listener is followed for the VM's whole life, so its directory must be root's alone: {e}"
+                ),
+            })?;
+        }
+        Ok(resolved)
+    }
+
+    fn socket_path(&self, path: &Path) -> Result<PathBuf, HostPathError> {
         if std::fs::symlink_metadata(path).is_ok() {
             return self.check(path);
         }
@@ -197,12 +324,12 @@ impl Detected {
     }
 }
 
-/// Reads the signatures that matter from a regular file.
-pub fn detect(path: &Path) -> std::io::Result<Detected> {
-    let mut f = File::open(path)?;
+/// Reads the signatures that matter from an open regular file (at fixed
+/// offsets: the file position, which QEMU may share, is left alone).
+pub fn detect(f: &File) -> std::io::Result<Detected> {
     let len = f.metadata()?.len();
     let mut head = [0u8; 8];
-    let n = f.read(&mut head)?;
+    let n = f.read_at(&mut head, 0)?;
     let head = &head[..n];
     if head.starts_with(b"vhdxfile") {
         return Ok(Detected::Vhdx);
@@ -215,8 +342,7 @@ pub fn detect(path: &Path) -> std::io::Result<Detected> {
     }
     if len >= 512 {
         let mut foot = [0u8; 8];
-        f.seek(SeekFrom::Start(len - 512))?;
-        f.read_exact(&mut foot)?;
+        f.read_exact_at(&mut foot, len - 512)?;
         if &foot == b"conectix" {
             return Ok(Detected::Vhd);
         }
@@ -233,18 +359,20 @@ pub fn scsi_format_driver(t: ScsiDiskType) -> &'static str {
     }
 }
 
-/// Whether a resolved path is a block device (passthrough of a real disk).
-pub fn is_block_device(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false)
+/// The access a SCSI disk is opened with.
+pub fn scsi_access(read_only: bool) -> Access {
+    if read_only {
+        Access::Read
+    } else {
+        Access::ReadWrite
+    }
 }
 
-/// Checks a SCSI disk: a regular file whose header matches `t`, or, for
-/// passthrough, a raw file or a block device.
-pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathError> {
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing {
+/// Checks an opened SCSI disk: a regular file whose header matches `t`,
+/// or, for passthrough, a raw file or a block device.
+pub fn check_scsi_image(image: &HostFile, t: ScsiDiskType) -> Result<(), HostPathError> {
+    let shown = image.path.display().to_string();
+    let meta = image.file.metadata().map_err(|e| HostPathError::Missing {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
@@ -262,7 +390,7 @@ pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathErro
             reason: reason.into(),
         });
     }
-    let found = detect(path).map_err(|e| HostPathError::Missing {
+    let found = detect(&image.file).map_err(|e| HostPathError::Missing {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
@@ -282,12 +410,12 @@ pub fn check_scsi_image(path: &Path, t: ScsiDiskType) -> Result<(), HostPathErro
     }
 }
 
-/// Checks a VPMem image. QEMU maps the file into guest memory as an NVDIMM,
-/// which works for a fixed VHD (raw data, then a 512-byte footer) but not for
-/// a VHDX, whose data is scattered across its blocks.
-pub fn check_vpmem_image(path: &Path, format: VPMemImageFormat) -> Result<u64, HostPathError> {
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| HostPathError::Missing {
+/// Checks an opened VPMem image. QEMU maps the file into guest memory as an
+/// NVDIMM, which works for a fixed VHD (raw data, then a 512-byte footer)
+/// but not for a VHDX, whose data is scattered across its blocks.
+pub fn check_vpmem_image(image: &HostFile, format: VPMemImageFormat) -> Result<u64, HostPathError> {
+    let shown = image.path.display().to_string();
+    let meta = image.file.metadata().map_err(|e| HostPathError::Missing {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
@@ -297,7 +425,7 @@ pub fn check_vpmem_image(path: &Path, format: VPMemImageFormat) -> Result<u64, H
             reason: "not a regular file".into(),
         });
     }
-    let found = detect(path).map_err(|e| HostPathError::Missing {
+    let found = detect(&image.file).map_err(|e| HostPathError::Missing {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
@@ -395,26 +523,36 @@ mod tests {
         let raw = dir.path().join("a.img");
         fs::write(&raw, vec![0u8; 4096]).expect("write");
 
-        assert_eq!(check_scsi_image(&vhd, ScsiDiskType::Vhd1), Ok(()));
-        assert_eq!(check_scsi_image(&vhdx, ScsiDiskType::Vhdx), Ok(()));
-        assert_eq!(check_scsi_image(&raw, ScsiDiskType::PassThrough), Ok(()));
         assert_eq!(
-            check_scsi_image(&raw, ScsiDiskType::Vhdx).map_err(|e| e.to_string()),
+            check_scsi_image(&HostFile::for_test(&vhd), ScsiDiskType::Vhd1),
+            Ok(())
+        );
+        assert_eq!(
+            check_scsi_image(&HostFile::for_test(&vhdx), ScsiDiskType::Vhdx),
+            Ok(())
+        );
+        assert_eq!(
+            check_scsi_image(&HostFile::for_test(&raw), ScsiDiskType::PassThrough),
+            Ok(())
+        );
+        assert_eq!(
+            check_scsi_image(&HostFile::for_test(&raw), ScsiDiskType::Vhdx)
+                .map_err(|e| e.to_string()),
             Err(format!(
                 "{}: spec says vhdx but the image is raw",
                 raw.display()
             ))
         );
         assert!(matches!(
-            check_scsi_image(&vhdx, ScsiDiskType::PassThrough),
+            check_scsi_image(&HostFile::for_test(&vhdx), ScsiDiskType::PassThrough),
             Err(HostPathError::FormatMismatch { .. })
         ));
         assert!(matches!(
-            check_scsi_image(&vhd, ScsiDiskType::Vhdx),
+            check_scsi_image(&HostFile::for_test(&vhd), ScsiDiskType::Vhdx),
             Err(HostPathError::FormatMismatch { .. })
         ));
         assert!(matches!(
-            check_scsi_image(dir.path(), ScsiDiskType::Vhdx),
+            check_scsi_image(&HostFile::for_test(dir.path()), ScsiDiskType::Vhdx),
             Err(HostPathError::WrongKind { .. })
         ));
     }
@@ -425,9 +563,9 @@ mod tests {
         let vhd = dir.path().join("p.vhd");
         write_vhd(&vhd, 3 * 4096 + 100);
         assert_eq!(
-            check_vpmem_image(&vhd, VPMemImageFormat::Vhd1),
+            check_vpmem_image(&HostFile::for_test(&vhd), VPMemImageFormat::Vhd1),
             Ok(3 * 4096)
         );
-        assert!(check_vpmem_image(&vhd, VPMemImageFormat::Vhdx).is_err());
+        assert!(check_vpmem_image(&HostFile::for_test(&vhd), VPMemImageFormat::Vhdx).is_err());
     }
 }

@@ -1,23 +1,33 @@
 //! Launching QEMU: the per-VM state directory, the launch record, and the
 //! command line built from a spec's cold configuration.
 //!
-//! Only this module spawns QEMU. No shell is involved, and no spec value is
-//! spliced into QEMU's comma-separated option syntax: devices, block nodes,
-//! netdevs and objects go as JSON (`-device {...}`); kernel, initrd and command
-//! line are whole argv elements; the few options that only take key=value
-//! syntax (`-chardev`, `-fsdev`) name paths inside the state directory, which
-//! uvmctl controls (symlinks to the spec's resolved paths).
+//! No shell is involved, and no spec value is spliced into QEMU's
+//! comma-separated option syntax: devices, block nodes, netdevs and objects
+//! go as JSON (`-device {...}`); the command line is a whole argv element;
+//! the few options that only take key=value syntax (`-chardev`, `-fsdev`)
+//! name descriptors or paths inside the state directory, which uvmctl
+//! controls.
+//!
+//! No host file of a spec reaches QEMU as a path: uvmctl opens each one
+//! beneath its allowed root ([`AllowedRoots::open`]), checks it on the
+//! descriptor, and QEMU inherits the descriptor: `/dev/fdset/N` (from
+//! `-add-fd`) for disks, `/dev/fd/N` for kernel, initrd, VPMem images and
+//! Plan9 share roots. What was checked is what QEMU holds, and a name QEMU
+//! would split (multiboot cuts `-initrd` at spaces) never reaches it.
 
 use super::images::{
-    AllowedRoots, HostPathError, check_scsi_image, check_vpmem_image, scsi_format_driver,
+    AllowedRoots, HostFile, HostPathError, check_scsi_image, check_vpmem_image, scsi_access,
+    scsi_format_driver,
 };
+use crate::hostfs::{self, Access};
 use crate::spec::VmConfig;
 use crate::vm::{Capabilities, MemoryBackingType, Refusal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// Default root of per-VM state directories.
@@ -38,6 +48,8 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Name of the virtio-serial port of the guest agent channel.
 pub const AGENT_PORT_NAME: &str = "uvmctl.agent";
+/// A launch record is read up to this size (a few KiB in practice).
+const MAX_RECORD_BYTES: u64 = 4 << 20;
 
 /// Why a VM could not be launched.
 #[derive(Debug, thiserror::Error)]
@@ -126,32 +138,22 @@ pub struct StateDir {
     root: PathBuf,
 }
 
-/// Creates `dir` (and parents) owner-only. With `force`, an existing `dir`
-/// is made owner-only too (a VM's own directory, which holds its QMP
-/// socket); a root the user named is left as it is.
-fn create_private_dir(dir: &Path, force: bool) -> Result<(), LaunchError> {
-    let io = |what| {
-        move |source| LaunchError::Io {
-            what,
-            path: dir.to_path_buf(),
-            source,
-        }
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io("cannot create"))?;
-    if force {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("cannot chmod"))?;
-    }
-    Ok(())
+/// Creates `dir` owner-only (mode 0700, whatever the umask), or takes the
+/// one there if it is a real directory of root's (never a planted link).
+fn create_private_dir(dir: &Path) -> Result<(), LaunchError> {
+    hostfs::private_dir(dir, 0o700).map_err(|source| LaunchError::Io {
+        what: "cannot use directory",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 impl StateDir {
     /// Uses `root`, which is created (0700) only when something is written
     /// there: read-only commands leave the host as it was. Refuses roots
-    /// QEMU's key=value options could misread.
+    /// QEMU's key=value options could misread, and an existing root that
+    /// someone other than root could change (a squatted `/tmp/x`): see
+    /// [`hostfs::check_trusted_dir`].
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, LaunchError> {
         let root: PathBuf = root.into();
         let text = root.to_str().ok_or_else(|| LaunchError::StateDir {
@@ -164,12 +166,40 @@ impl StateDir {
                 reason: "must be an absolute path without commas or control characters".into(),
             });
         }
-        Ok(StateDir { root })
+        let dir = StateDir { root };
+        if std::fs::symlink_metadata(&dir.root).is_ok() {
+            dir.check_trusted()?;
+        }
+        Ok(dir)
     }
 
-    /// Creates the root (0700) if it is missing.
+    fn check_trusted(&self) -> Result<(), LaunchError> {
+        hostfs::check_trusted_dir(&self.root)
+            .map(drop)
+            .map_err(|e| LaunchError::StateDir {
+                path: self.root.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Creates the root (0700, its parents as root's 0755) if it is
+    /// missing, and checks nobody but root can change it.
     pub fn ensure_root(&self) -> Result<(), LaunchError> {
-        create_private_dir(&self.root, false)
+        if std::fs::symlink_metadata(&self.root).is_err() {
+            if let Some(parent) = self.root.parent() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(|source| LaunchError::Io {
+                        what: "cannot create",
+                        path: parent.to_path_buf(),
+                        source,
+                    })?;
+            }
+            create_private_dir(&self.root)?;
+        }
+        self.check_trusted()
     }
 
     /// The root.
@@ -209,7 +239,8 @@ impl StateDir {
                 ),
             });
         }
-        create_private_dir(&dir, true)?;
+        self.ensure_root()?;
+        create_private_dir(&dir)?;
         Ok(dir)
     }
 
@@ -267,7 +298,7 @@ impl StateDir {
     pub fn prepare_efi_vars(&self, name: &str) -> Result<(), LaunchError> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.efi_vars(name);
-        if path.is_file() {
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
             return Ok(());
         }
         let io = |what| {
@@ -283,6 +314,7 @@ impl StateDir {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(io("cannot create"))?;
         io::Write::write_all(&mut f, &template).map_err(io("cannot write"))
@@ -301,7 +333,9 @@ impl StateDir {
         // Only directories named as a VM can be (nothing else is ours).
         let mut names: Vec<String> = entries
             .filter_map(Result::ok)
-            .filter(|e| e.path().join("launch.json").is_file())
+            .filter(|e| {
+                fs::symlink_metadata(e.path().join("launch.json")).is_ok_and(|m| m.is_file())
+            })
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .filter(|n| crate::vm::VmName::new(n).is_ok())
             .collect();
@@ -401,32 +435,29 @@ impl LaunchRecord {
     /// Reads a VM's record.
     pub fn load(dir: &StateDir, name: &str) -> Result<Self, LaunchError> {
         let path = dir.record_path(name);
-        let text = fs::read_to_string(&path).map_err(|source| LaunchError::Io {
-            what: "cannot read",
-            path: path.clone(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| LaunchError::StateDir {
+        // Never through a planted link; a record is small.
+        let text =
+            hostfs::read_state_file(&path, MAX_RECORD_BYTES).map_err(|source| LaunchError::Io {
+                what: "cannot read",
+                path: path.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&text).map_err(|e| LaunchError::StateDir {
             path,
             reason: format!("corrupt launch record: {e}"),
         })
     }
 
-    /// Writes it atomically (temp file, then rename).
+    /// Writes it atomically (a temporary file of a unique name, created
+    /// `O_EXCL | O_NOFOLLOW`, renamed over it; removed again on failure).
     pub fn store(&self, dir: &StateDir) -> Result<(), LaunchError> {
         let path = dir.record_path(&self.name);
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(|e| LaunchError::StateDir {
+        let text = serde_json::to_vec_pretty(self).map_err(|e| LaunchError::StateDir {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        fs::write(&tmp, text).map_err(|source| LaunchError::Io {
+        hostfs::replace_file(&path, &text, 0o600).map_err(|source| LaunchError::Io {
             what: "cannot write",
-            path: tmp.clone(),
-            source,
-        })?;
-        fs::rename(&tmp, &path).map_err(|source| LaunchError::Io {
-            what: "cannot replace",
             path,
             source,
         })
@@ -508,23 +539,25 @@ pub fn hotplug_memory_mb(cfg: &VmConfig) -> Option<u64> {
 }
 
 /// JSON arguments to create one SCSI disk: three block nodes and a device.
+/// `filename` is the fd set QEMU holds the opened `image` in
+/// (`/dev/fdset/N`).
 pub fn scsi_disk_args(
     controller: u32,
     disk: &crate::spec::ScsiDisk,
-    resolved: &Path,
+    image: &HostFile,
+    filename: &str,
 ) -> (Vec<Value>, Value) {
-    let protocol = if disk.disk_type == crate::vm::ScsiDiskType::PassThrough
-        && super::images::is_block_device(resolved)
-    {
-        "host_device"
-    } else {
-        "file"
-    };
+    let protocol =
+        if disk.disk_type == crate::vm::ScsiDiskType::PassThrough && image.is_block_device() {
+            "host_device"
+        } else {
+            "file"
+        };
     let [top, format, file] = ids::scsi_disk_nodes(controller, disk.lun);
     // Bottom up: file, format (stated, never probed), then the throttle
     // filter that puts the disk under the VM's storage QoS.
     let nodes = vec![
-        json!({"driver": protocol, "node-name": file, "filename": resolved, "read-only": disk.read_only}),
+        json!({"driver": protocol, "node-name": file, "filename": filename, "read-only": disk.read_only}),
         json!({"driver": scsi_format_driver(disk.disk_type), "node-name": format, "file": file, "read-only": disk.read_only}),
         json!({"driver": "throttle", "node-name": top, "throttle-group": ids::QOS_GROUP, "file": format, "read-only": disk.read_only}),
     ];
@@ -564,11 +597,13 @@ pub fn nic_args(n: &crate::spec::NetworkAdapter) -> (Value, Value) {
 }
 
 /// JSON arguments to create one NVDIMM: memory backend and device.
-pub fn pmem_args(d: &crate::spec::VpmemDevice, resolved: &Path, size: u64) -> (Value, Value) {
+/// `mem_path` names the descriptor QEMU holds the opened image as
+/// (`/dev/fd/N`: memory backends do not take fd sets).
+pub fn pmem_args(d: &crate::spec::VpmemDevice, mem_path: &str, size: u64) -> (Value, Value) {
     let backend = json!({
         "qom-type": "memory-backend-file",
         "id": ids::pmem_backend(d.id),
-        "mem-path": resolved,
+        "mem-path": mem_path,
         "size": size,
         "share": !d.read_only,
         "readonly": d.read_only,
@@ -579,19 +614,20 @@ pub fn pmem_args(d: &crate::spec::VpmemDevice, resolved: &Path, size: u64) -> (V
     (backend, device)
 }
 
-/// Host paths of a spec, resolved and checked, as QEMU will be given them.
+/// Host files of a spec, opened beneath their roots and checked, as QEMU
+/// will be handed them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
     /// Kernel, initrd.
-    pub kernel: Option<PathBuf>,
+    pub kernel: Option<HostFile>,
     /// Initial ramdisk.
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<HostFile>,
     /// SCSI disks by (controller, lun).
-    pub disks: std::collections::BTreeMap<(u32, u32), PathBuf>,
+    pub disks: std::collections::BTreeMap<(u32, u32), HostFile>,
     /// VPMem images by id, with the mapped size.
-    pub pmem: std::collections::BTreeMap<u32, (PathBuf, u64)>,
-    /// Plan9 shares by name.
-    pub shares: std::collections::BTreeMap<String, PathBuf>,
+    pub pmem: std::collections::BTreeMap<u32, (HostFile, u64)>,
+    /// Plan9 share roots by name.
+    pub shares: std::collections::BTreeMap<String, HostFile>,
     /// Serial console listeners by port (resolved; the listener may not exist yet).
     pub serials: std::collections::BTreeMap<u32, PathBuf>,
     /// For UEFI boot: the load options the firmware passes to the EFI
@@ -613,16 +649,18 @@ fn efi_relative(p: &str) -> PathBuf {
     PathBuf::from(p.replace('\\', "/").trim_start_matches('/'))
 }
 
-/// Resolves `rel` inside `dir` (already resolved): it must stay inside it.
+/// Opens `rel` inside `dir` (already resolved): it must stay inside it.
 fn inside(
     roots: &AllowedRoots,
     dir: &Path,
     given: &Path,
     rel: &Path,
     field: &str,
-) -> Result<PathBuf, LaunchError> {
-    let p = roots.check(&given.join(rel)).map_err(hp(field.into()))?;
-    if !p.starts_with(dir) || !p.is_file() {
+) -> Result<HostFile, LaunchError> {
+    let p = roots
+        .open(&given.join(rel), Access::Read)
+        .map_err(hp(field.into()))?;
+    if !p.path.starts_with(dir) || !p.file.metadata().is_ok_and(|m| m.is_file()) {
         return Err(LaunchError::HostPath {
             field: field.into(),
             source: HostPathError::WrongKind {
@@ -655,13 +693,13 @@ pub fn resolve(
         (Some(k), _) => {
             r.kernel = Some(
                 roots
-                    .check(&k.kernel)
+                    .open(&k.kernel, Access::Read)
                     .map_err(hp("spec.boot.linuxKernelDirect.kernel".into()))?,
             );
             if let Some(i) = &k.initrd {
                 r.initrd = Some(
                     roots
-                        .check(i)
+                        .open(i, Access::Read)
                         .map_err(hp("spec.boot.linuxKernelDirect.initrd".into()))?,
                 );
             }
@@ -698,7 +736,9 @@ pub fn resolve(
     for (i, c) in cfg.scsi_controllers.iter().enumerate() {
         for (j, d) in c.disks.iter().enumerate() {
             let field = format!("spec.scsiControllers[{i}].disks[{j}].path");
-            let p = roots.check(&d.path).map_err(hp(field.clone()))?;
+            let p = roots
+                .open(&d.path, scsi_access(d.read_only))
+                .map_err(hp(field.clone()))?;
             check_scsi_image(&p, d.disk_type).map_err(hp(field))?;
             r.disks.insert((c.id, d.lun), p);
         }
@@ -706,7 +746,9 @@ pub fn resolve(
     if let Some(v) = &cfg.vpmem {
         for (i, d) in v.devices.iter().enumerate() {
             let field = format!("spec.vpmem.devices[{i}].path");
-            let p = roots.check(&d.path).map_err(hp(field.clone()))?;
+            let p = roots
+                .open(&d.path, scsi_access(d.read_only))
+                .map_err(hp(field.clone()))?;
             let size = check_vpmem_image(&p, d.format).map_err(hp(field.clone()))?;
             if size > v.maximum_size_bytes {
                 return Err(LaunchError::Unsupported(format!(
@@ -729,11 +771,15 @@ pub fn resolve(
                 },
             });
         }
+        let p = roots
+            .open(&s.host_path, Access::Directory)
+            .map_err(hp(field))?;
         r.shares.insert(s.name.clone(), p);
     }
     for (i, c) in cfg.serial_consoles.iter().enumerate() {
-        // QEMU (as root) connects the guest's serial port to this socket: it
-        // must be one under an allowed root, never any socket of the host.
+        // QEMU (as root) connects the guest's serial port to this socket, and
+        // reconnects for the VM's life: it must be one under an allowed root,
+        // in a directory only root can change, never any socket of the host.
         let field = format!("spec.serialConsoles[{i}].listenerPath");
         let p = roots.check_socket(&c.listener_path).map_err(hp(field))?;
         r.serials.insert(c.port, p);
@@ -759,18 +805,40 @@ pub fn resolve(
 /// Symlinks the launch needs inside the VM's state directory: (link, target).
 pub type Links = Vec<(PathBuf, PathBuf)>;
 
+/// What a launch hands QEMU besides its arguments.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Symlinks to make in the VM's state directory first.
+    pub links: Links,
+    /// Descriptors QEMU inherits (uvmctl's own numbers, which the argument
+    /// vector names): the files of [`Resolved`].
+    pub fds: Vec<RawFd>,
+}
+
+/// How QEMU names an inherited descriptor where it opens a file itself.
+fn fd_path(f: &HostFile) -> String {
+    format!("/dev/fd/{}", f.file.as_raw_fd())
+}
+
+/// The fd set opaque tag of a SCSI disk's file node, so a removal can find
+/// the set again.
+pub fn disk_fdset_opaque(controller: u32, lun: u32) -> String {
+    ids::scsi_disk_file(controller, lun)
+}
+
 /// The `qemu-system-x86_64` argument vector for `cfg`, started paused (`-S`)
-/// so uvmctl decides when the guest runs.
+/// so uvmctl decides when the guest runs, and what it must be handed.
 pub fn argv(
     name: &str,
     cfg: &VmConfig,
     res: &Resolved,
     dir: &StateDir,
     accel: Accel,
-) -> (Vec<String>, Links) {
+) -> (Vec<String>, Handover) {
     let vm_dir = dir.vm_dir(name);
     let mut a: Vec<String> = Vec::new();
     let mut links: Links = Vec::new();
+    let mut fds: Vec<RawFd> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
 
     let nvdimm = cfg.vpmem.is_some();
@@ -854,18 +922,22 @@ pub fn argv(
         ] {
             push(&["-blockdev", &node.to_string()]);
         }
-        push(&["-kernel", &kernel.display().to_string()]);
+        push(&["-kernel", &fd_path(kernel)]);
+        fds.push(kernel.file.as_raw_fd());
         if let Some(initrd) = &res.initrd {
-            push(&["-initrd", &initrd.display().to_string()]);
+            push(&["-initrd", &fd_path(initrd)]);
+            fds.push(initrd.file.as_raw_fd());
         }
         if !args.is_empty() {
             push(&["-append", args]);
         }
     }
     if let (Some(k), Some(kernel)) = (&cfg.boot.linux_kernel_direct, &res.kernel) {
-        push(&["-kernel", &kernel.display().to_string()]);
+        push(&["-kernel", &fd_path(kernel)]);
+        fds.push(kernel.file.as_raw_fd());
         if let Some(initrd) = &res.initrd {
-            push(&["-initrd", &initrd.display().to_string()]);
+            push(&["-initrd", &fd_path(initrd)]);
+            fds.push(initrd.file.as_raw_fd());
         }
         if !k.cmdline.is_empty() {
             push(&["-append", &k.cmdline]);
@@ -908,6 +980,7 @@ pub fn argv(
     // limit can be set or lifted on the running VM.
     let qos = json!({"qom-type": "throttle-group", "id": ids::QOS_GROUP, "limits": qos_limits(cfg.storage_qos.as_ref())});
     push(&["-object", &qos.to_string()]);
+    let mut fdset = 0;
     for c in &cfg.scsi_controllers {
         push(&[
             "-device",
@@ -915,7 +988,19 @@ pub fn argv(
         ]);
         for d in &c.disks {
             if let Some(p) = res.disks.get(&(c.id, d.lun)) {
-                let (nodes, device) = scsi_disk_args(c.id, d, p);
+                // Each disk's descriptor in an fd set of its own, tagged so a
+                // removal finds it; the block node opens the set.
+                fdset += 1;
+                let fd = p.file.as_raw_fd();
+                fds.push(fd);
+                push(&[
+                    "-add-fd",
+                    &format!(
+                        "fd={fd},set={fdset},opaque={}",
+                        disk_fdset_opaque(c.id, d.lun)
+                    ),
+                ]);
+                let (nodes, device) = scsi_disk_args(c.id, d, p, &format!("/dev/fdset/{fdset}"));
                 for node in nodes {
                     push(&["-blockdev", &node.to_string()]);
                 }
@@ -942,7 +1027,8 @@ pub fn argv(
     if let Some(v) = &cfg.vpmem {
         for d in &v.devices {
             if let Some((p, size)) = res.pmem.get(&d.id) {
-                let (backend, device) = pmem_args(d, p, *size);
+                fds.push(p.file.as_raw_fd());
+                let (backend, device) = pmem_args(d, &fd_path(p), *size);
                 push(&[
                     "-object",
                     &backend.to_string(),
@@ -963,15 +1049,24 @@ pub fn argv(
     }
     for s in &cfg.plan9_shares {
         if let Some(p) = res.shares.get(&s.name) {
-            let link = vm_dir.join(format!("share-{}", s.name));
-            links.push((link.clone(), p.clone()));
-            let ro = if s.read_only { ",readonly=on" } else { "" };
+            // QEMU opens the share root once, through the descriptor, and
+            // everything below it relative to that (never following a
+            // link). A writable share maps the guest's owners and modes
+            // into extended attributes: files the guest makes are QEMU's
+            // with mode 0600 on the host, so guest root can never leave a
+            // setuid, setgid or device file there.
+            fds.push(p.file.as_raw_fd());
+            let (model, ro) = if s.read_only {
+                ("none", ",readonly=on")
+            } else {
+                ("mapped-xattr", "")
+            };
             push(&[
                 "-fsdev",
                 &format!(
-                    "local,id={},path={},security_model=none{ro}",
+                    "local,id={},path={},security_model={model}{ro}",
                     ids::fsdev(&s.name),
-                    link.display()
+                    fd_path(p)
                 ),
             ]);
             push(&["-device", &json!({"driver": "virtio-9p-pci", "id": ids::plan9(&s.name), "fsdev": ids::fsdev(&s.name), "mount_tag": s.name}).to_string()]);
@@ -980,7 +1075,7 @@ pub fn argv(
     if res.vsock_device {
         a.extend(super::vsock::launch_args(dir, name));
     }
-    (a, links)
+    (a, Handover { links, fds })
 }
 
 #[cfg(test)]
@@ -1035,15 +1130,16 @@ mod tests {
         }
     }
 
-    fn built() -> (Vec<String>, Links) {
+    fn built() -> (Vec<String>, Handover) {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
         let mut res = Resolved {
-            kernel: Some("/k/vmlinuz".into()),
+            kernel: Some(HostFile::for_test("/k/vmlinuz")),
             ..Resolved::default()
         };
-        res.disks.insert((0, 3), "/d/we,ird.vhdx".into());
+        res.disks
+            .insert((0, 3), HostFile::for_test("/d/we,ird.vhdx"));
         argv("web", &cfg(), &res, &dir, Accel::Tcg)
     }
 
@@ -1121,14 +1217,17 @@ mod tests {
             after(&a, "-machine"),
             vec!["pc,accel=tcg,pflash0=fw-code,pflash1=fw-vars"]
         );
-        let real = |p: &Path| {
-            std::fs::canonicalize(p)
-                .expect("canonical")
-                .display()
-                .to_string()
-        };
-        assert_eq!(after(&a, "-kernel"), vec![real(&boot.join("vmlinuz"))]);
-        assert_eq!(after(&a, "-initrd"), vec![real(&boot.join("initrd.img"))]);
+        // The app and its initrd, opened where the spec says, are handed
+        // over as descriptors.
+        let real = |p: &Path| std::fs::canonicalize(p).expect("canonical");
+        let (kernel, initrd) = (
+            res.kernel.as_ref().expect("app"),
+            res.initrd.as_ref().expect("initrd"),
+        );
+        assert_eq!(kernel.path, real(&boot.join("vmlinuz")));
+        assert_eq!(initrd.path, real(&boot.join("initrd.img")));
+        assert_eq!(after(&a, "-kernel"), vec![fd_path(kernel)]);
+        assert_eq!(after(&a, "-initrd"), vec![fd_path(initrd)]);
         assert_eq!(after(&a, "-append"), vec!["console=ttyS0 quiet"]);
         assert!(
             after(&a, "-blockdev")
@@ -1206,17 +1305,34 @@ mod tests {
 
     #[test]
     fn spec_values_travel_as_whole_argv_elements_or_json_never_spliced() {
-        let (a, links) = built();
+        let (a, handover) = built();
         // The command line is one element: its commas cannot start new options.
         assert_eq!(
             after(&a, "-append"),
             vec!["console=ttyS0,115200 panic=-1 -device evil"]
         );
-        // A disk path with a comma sits inside JSON, as data.
+        // No host path reaches QEMU: the disk is the descriptor uvmctl
+        // opened, in an fd set the block node opens; the kernel likewise.
+        assert!(
+            !a.iter()
+                .any(|x| x.contains("we,ird") || x.contains("vmlinuz")),
+            "{a:?}"
+        );
         let blockdevs = after(&a, "-blockdev");
         let file: Value = serde_json::from_str(blockdevs[0]).expect("json");
-        assert_eq!(file["filename"], "/d/we,ird.vhdx");
+        assert_eq!(file["filename"], "/dev/fdset/1");
         assert_eq!(file["read-only"], true);
+        let [kernel_fd, disk_fd] = handover.fds[..] else {
+            panic!("two descriptors handed over: {:?}", handover.fds);
+        };
+        assert_eq!(after(&a, "-kernel"), vec![format!("/dev/fd/{kernel_fd}")]);
+        assert_eq!(
+            after(&a, "-add-fd"),
+            vec![format!(
+                "fd={disk_fd},set=1,opaque={}",
+                ids::scsi_disk_file(0, 3)
+            )]
+        );
         let format: Value = serde_json::from_str(blockdevs[1]).expect("json");
         assert_eq!(format["driver"], "vhdx", "format stated, never probed");
         let top: Value = serde_json::from_str(blockdevs[2]).expect("json");
@@ -1226,7 +1342,7 @@ mod tests {
         );
         // The serial listener is reached through a symlink in the state directory.
         assert_eq!(
-            links,
+            handover.links,
             vec![(
                 PathBuf::from("/run/uvmctl-test/web/console1.sock"),
                 PathBuf::from("/run/l,x.sock")

@@ -553,7 +553,7 @@ impl Qemu {
             // comes back with its state.
             cfg.memory.size_mb = hot.min_mb;
         }
-        let (mut argv, links) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
+        let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
             launch::place_devices(&mut argv, &s.placement);
@@ -566,7 +566,7 @@ impl Qemu {
                 .prepare_efi_vars(name)
                 .map_err(launch_err)?;
         }
-        for (link, target) in &links {
+        for (link, target) in &handover.links {
             let _ = std::fs::remove_file(link);
             std::os::unix::fs::symlink(target, link).map_err(|e| QemuError::Os {
                 vm: name.into(),
@@ -600,14 +600,32 @@ impl Qemu {
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.events_socket(name));
-        let log = std::fs::File::create(self.opts.state_dir.stderr_log(name)).map_err(|e| {
-            QemuError::Os {
-                vm: name.into(),
-                what: format!("cannot create qemu.log: {e}"),
-            }
-        })?;
+        // Never through a link planted where the log goes.
+        let log =
+            crate::hostfs::open_state_file(&self.opts.state_dir.stderr_log(name), 0o600, true)
+                .map_err(|e| QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot create qemu.log: {e}"),
+                })?;
+        let mut command = tokio::process::Command::new(launch::QEMU_BINARY);
+        let inherit = handover.fds.clone();
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls fcntl, which is async-signal-safe; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // QEMU inherits exactly the descriptors of its VM's files:
+                // uvmctl opens everything close-on-exec, and clears the flag
+                // on these in the child alone.
+                for &fd in &inherit {
+                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         // Its own process group: a Ctrl+C meant for uvmctl must not reach the VMs.
-        let child = tokio::process::Command::new(launch::QEMU_BINARY)
+        let child = command
             .args(&argv)
             .current_dir(&dir)
             .stdin(std::process::Stdio::null())
@@ -815,11 +833,13 @@ impl Qemu {
         )
         .await
         .map_err(|e| e.to_string())?;
+        // A new file, never one (or a link) found there.
+        let _ = std::fs::remove_file(&part);
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&part)
             .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
         let migrated = async {

@@ -71,6 +71,40 @@ fn spec_path(recorded: Option<&Path>, resolved: &str) -> PathBuf {
     }
 }
 
+/// The files QEMU holds in its fd sets, by the sets' opaque tags (the
+/// file node a disk's set was made for): what `/proc/PID/fd` says each of
+/// QEMU's descriptors is. A block node opened from an fd set names only
+/// `/dev/fdset/N`; this is what file that really is, whatever was renamed
+/// since. Empty where QEMU's descriptors cannot be read.
+async fn held_files(q: &Qmp, pid: Option<u32>) -> Result<BTreeMap<String, String>, QmpError> {
+    let Some(pid) = pid else {
+        return Ok(BTreeMap::new());
+    };
+    let sets = q.execute("query-fdsets", None).await?;
+    let mut out = BTreeMap::new();
+    for set in sets.as_array().into_iter().flatten() {
+        for fd in set
+            .get("fds")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(opaque), Some(n)) = (
+                fd.get("opaque").and_then(Value::as_str),
+                fd.get("fd").and_then(Value::as_u64),
+            ) else {
+                continue;
+            };
+            if let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+                && let Some(text) = target.to_str()
+            {
+                out.insert(opaque.to_string(), text.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Like [`spec_path`] for a socket that may not exist yet: the spec's path
 /// when it resolves (as the allowed-roots check did) to `target`.
 fn socket_spec_path(recorded: Option<&Path>, target: &Path) -> PathBuf {
@@ -176,6 +210,12 @@ pub async fn observe(
         .iter()
         .flat_map(|c| c.disks.iter().map(move |d| ((c.id, d.lun), d)))
         .collect();
+    // One more round trip, only where a disk was handed over by descriptor.
+    let held = if nodes.values().any(|n| n.file.starts_with("/dev/fdset/")) {
+        held_files(q, rec.pid).await?
+    } else {
+        BTreeMap::new()
+    };
     let mut controllers: BTreeMap<u32, ScsiController> = BTreeMap::new();
     for (id, ty) in &devices {
         if ty == "virtio-scsi-pci"
@@ -212,9 +252,19 @@ pub async fn observe(
             _ => ScsiDiskType::PassThrough,
         };
         let recorded = recorded_disks.get(&(c, l)).map(|d| d.path.as_path());
+        let path = if file.file.starts_with("/dev/fdset/") {
+            // Handed over by descriptor: the file QEMU really holds, else
+            // (its descriptors unreadable) what was recorded.
+            match held.get(&ids::scsi_disk_file(c, l)) {
+                Some(real) => spec_path(recorded, real),
+                None => recorded.map_or_else(|| PathBuf::from(&file.file), Path::to_path_buf),
+            }
+        } else {
+            spec_path(recorded, &file.file)
+        };
         let disk = ScsiDisk {
             lun: l,
-            path: spec_path(recorded, &file.file),
+            path,
             disk_type,
             read_only: fmt.read_only,
         };

@@ -2,11 +2,12 @@
 //! for QEMU's `DEVICE_DELETED` (the guest's acknowledgement) and confirm with
 //! a query: events are signals, not truth.
 
-use super::launch::{ids, nic_args, pmem_args, scsi_disk_args};
+use super::images::HostFile;
+use super::launch::{disk_fdset_opaque, ids, nic_args, pmem_args, scsi_disk_args};
 use super::qmp::{Qmp, QmpError};
 use crate::spec::{NetworkAdapter, ScsiDisk, VpmemDevice};
 use serde_json::{Value, json};
-use std::path::Path;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 /// Lets a paused or freshly launched guest run.
@@ -104,27 +105,56 @@ pub async fn add_scsi_controller(q: &Qmp, id: u32) -> Result<(), QmpError> {
     .map(|_| ())
 }
 
-/// Attaches a disk: file node, format node (stated, never probed), throttle
-/// node, device. On failure, the nodes already created are removed again.
+/// Removes QEMU's fd sets tagged `opaque` (best effort: a set whose
+/// descriptor a block node still uses is freed when the node closes it).
+async fn remove_fdsets(q: &Qmp, opaque: &str) {
+    let Ok(sets) = q.execute("query-fdsets", None).await else {
+        return;
+    };
+    for set in sets.as_array().into_iter().flatten() {
+        let tagged = set.get("fds").and_then(Value::as_array).is_some_and(|fds| {
+            fds.iter()
+                .any(|f| f.get("opaque").and_then(Value::as_str) == Some(opaque))
+        });
+        if let (true, Some(id)) = (tagged, set.get("fdset-id").and_then(Value::as_u64)) {
+            let _ = q.execute("remove-fd", Some(json!({"fdset-id": id}))).await;
+        }
+    }
+}
+
+/// Attaches a disk: its opened `image` handed over in an fd set of its own
+/// (tagged, so the removal finds it), then file node (opening the set),
+/// format node (stated, never probed), throttle node, device. On failure,
+/// the nodes and the fd set already created are removed again.
 pub async fn add_scsi_disk(
     q: &Qmp,
     controller: u32,
     disk: &ScsiDisk,
-    resolved: &Path,
+    image: &HostFile,
 ) -> Result<(), QmpError> {
-    let (nodes, device) = scsi_disk_args(controller, disk, resolved);
     let names = ids::scsi_disk_nodes(controller, disk.lun);
+    let opaque = disk_fdset_opaque(controller, disk.lun);
     // Nodes left behind by a `device_del` made by hand would clash; nodes in
     // use refuse deletion, and the add below then reports the clash.
     delete_nodes(q, &names).await;
+    remove_fdsets(q, &opaque).await;
+    let (set, _) = q.add_fd(&opaque, image.file.as_fd()).await?;
+    let (nodes, device) = scsi_disk_args(controller, disk, image, &format!("/dev/fdset/{set}"));
+    let undo = |created: usize| {
+        let names = &names[names.len() - created..];
+        async move {
+            delete_nodes(q, names).await;
+            let _ = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
+        }
+    };
     for (i, node) in nodes.into_iter().enumerate() {
         if let Err(e) = q.execute("blockdev-add", Some(node)).await {
-            delete_nodes(q, &names[names.len() - i..]).await;
+            undo(i).await;
             return Err(e);
         }
     }
     if let Err(e) = q.execute("device_add", Some(device)).await {
-        delete_nodes(q, &names).await;
+        undo(names.len()).await;
         return Err(e);
     }
     Ok(())
@@ -160,6 +190,8 @@ pub async fn remove_scsi_disk(
             Err(e) => return Err(e.into()),
         }
     }
+    // The descriptor it was handed, now that no node uses it.
+    remove_fdsets(q, &disk_fdset_opaque(controller, lun)).await;
     Ok(())
 }
 
@@ -354,15 +386,23 @@ pub async fn remove_nic(q: &Qmp, nic_id: &str, timeout: Duration) -> Result<(), 
     }
 }
 
-/// Adds an NVDIMM.
+/// Adds an NVDIMM: the opened `image` is handed over (`add-fd`), the memory
+/// backend opens QEMU's copy as `/dev/fd/N`, and the set goes again.
 pub async fn add_vpmem(
     q: &Qmp,
     d: &VpmemDevice,
-    resolved: &Path,
+    image: &HostFile,
     size: u64,
 ) -> Result<(), QmpError> {
-    let (backend, device) = pmem_args(d, resolved, size);
-    q.execute("object-add", Some(backend)).await?;
+    let (set, fd) = q
+        .add_fd(&ids::pmem_backend(d.id), image.file.as_fd())
+        .await?;
+    let (backend, device) = pmem_args(d, &format!("/dev/fd/{fd}"), size);
+    let added = q.execute("object-add", Some(backend)).await;
+    // The backend holds its own open file now (or failed): the handed-over
+    // descriptor is not needed either way.
+    let _ = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
+    added?;
     if let Err(e) = q.execute("device_add", Some(device)).await {
         let _ = q
             .execute("object-del", Some(json!({"id": ids::pmem_backend(d.id)})))

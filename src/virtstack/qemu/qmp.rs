@@ -101,6 +101,9 @@ pub enum QmpError {
     /// logged and skipped, never returned.)
     #[error("malformed qmp json")]
     Json(#[from] serde_json::Error),
+    /// A reply that lacks what the command returns.
+    #[error("unexpected qmp reply: {0}")]
+    Reply(String),
     /// [`Qmp::send_fd`] on a connection that is not a unix socket.
     #[error("qmp fd passing needs a unix socket connection (made by Qmp::connect)")]
     FdPassingUnsupported,
@@ -450,6 +453,33 @@ impl Qmp {
         self.call("getfd", Some(arguments), Some(fd), DEFAULT_TIMEOUT)
             .await?;
         Ok(())
+    }
+
+    /// Puts `fd` into a new fd set of QEMU's (`add-fd`, the fd riding along
+    /// as SCM_RIGHTS), tagged `opaque`, and returns (fd set id, QEMU's own
+    /// number for the fd): block nodes open it as `/dev/fdset/ID`, memory
+    /// backends as `/dev/fd/FD`. Waits [`DEFAULT_TIMEOUT`].
+    ///
+    /// # Errors
+    /// As [`Qmp::send_fd`]; a reply without both numbers is
+    /// [`QmpError::Reply`].
+    pub async fn add_fd(&self, opaque: &str, fd: BorrowedFd<'_>) -> Result<(u64, u64)> {
+        if !self.inner.unix {
+            return Err(QmpError::FdPassingUnsupported);
+        }
+        let arguments = serde_json::json!({ "opaque": opaque });
+        let ret = self
+            .call("add-fd", Some(arguments), Some(fd), DEFAULT_TIMEOUT)
+            .await?;
+        match (
+            ret.get("fdset-id").and_then(Value::as_u64),
+            ret.get("fd").and_then(Value::as_u64),
+        ) {
+            (Some(set), Some(fd)) => Ok((set, fd)),
+            _ => Err(QmpError::Reply(
+                "add-fd answered without fdset-id and fd".to_string(),
+            )),
+        }
     }
 
     /// A new receiver of every event from now on. Subscribe *before* issuing

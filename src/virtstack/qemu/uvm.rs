@@ -82,12 +82,17 @@ impl QemuVm {
         .into()
     }
 
-    /// `path` resolved, if it lies under an allowed root.
-    fn host_path(&self, path: &Path, field: &str) -> Result<std::path::PathBuf> {
+    /// `path` opened beneath its allowed root, if it lies under one.
+    fn open_host(
+        &self,
+        path: &Path,
+        field: &str,
+        access: crate::hostfs::Access,
+    ) -> Result<super::images::HostFile> {
         self.qemu
             .options()
             .roots
-            .check(path)
+            .open(path, access)
             .map_err(self.path_err(field.to_string()))
     }
 
@@ -405,15 +410,15 @@ impl ScsiManager for QemuVm {
     ) -> Result<()> {
         let (q, _) = self.qemu.live(&self.name).await?;
         let field = format!("scsiDisk {controller}:{lun}");
-        let resolved = self.host_path(path, &field)?;
-        check_scsi_image(&resolved, typ).map_err(self.path_err(field))?;
+        let image = self.open_host(path, &field, super::images::scsi_access(read_only))?;
+        check_scsi_image(&image, typ).map_err(self.path_err(field))?;
         let disk = ScsiDisk {
             lun,
             path: path.to_path_buf(),
             disk_type: typ,
             read_only,
         };
-        ops::add_scsi_disk(&q, controller, &disk, &resolved)
+        ops::add_scsi_disk(&q, controller, &disk, &image)
             .await
             .map_err(|e| self.qmp_err(e))?;
         self.record(
@@ -443,8 +448,8 @@ impl VpmemManager for QemuVm {
     ) -> Result<()> {
         let (q, rec) = self.qemu.live(&self.name).await?;
         let field = format!("vpmemDevice {id}");
-        let resolved = self.host_path(path, &field)?;
-        let size = check_vpmem_image(&resolved, format).map_err(self.path_err(field.clone()))?;
+        let image = self.open_host(path, &field, super::images::scsi_access(read_only))?;
+        let size = check_vpmem_image(&image, format).map_err(self.path_err(field.clone()))?;
         let max = rec
             .config
             .vpmem
@@ -461,7 +466,7 @@ impl VpmemManager for QemuVm {
             format,
             read_only,
         };
-        ops::add_vpmem(&q, &device, &resolved, size)
+        ops::add_vpmem(&q, &device, &image, size)
             .await
             .map_err(|e| self.qmp_err(e))?;
         self.record(

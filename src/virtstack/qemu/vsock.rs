@@ -109,7 +109,7 @@ pub async fn spawn_backend(
     let uds = dir.vsock_socket(name);
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&uds);
-    let log = std::fs::File::create(dir.vm_dir(name).join("vsock.log"))
+    let log = crate::hostfs::open_state_file(&dir.vm_dir(name).join("vsock.log"), 0o600, true)
         .map_err(|e| format!("cannot create vsock.log: {e}"))?;
     // A unique group per VM: a backend only ever serves its own VM, and the
     // group keeps it so even if that changed.

@@ -1,0 +1,470 @@
+//! A VM reaches only what its spec was allowed to name (docs/security.md):
+//! each test plays one attack from issue 19 on real QEMU, with the guest
+//! doing its part, and shows it fails.
+
+use crate::host::{Host, assert_ok, has_block, text};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The user nobody: a local user without any right to what root owns.
+const NOBODY: u32 = 65534;
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `/proc/PID/cmdline` of the VM's QEMU, arguments joined by spaces.
+fn qemu_cmdline(h: &Host, vm: &str) -> String {
+    let pid = h.pid(vm).expect("qemu pid");
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline"))
+        .replace('\0', " ")
+}
+
+/// The files QEMU has open, as `/proc/PID/fd` names them.
+fn qemu_open_files(h: &Host, vm: &str) -> Vec<String> {
+    let pid = h.pid(vm).expect("qemu pid");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// One guest for the attacks a running VM meets: an initrd QEMU would
+/// split, a writable Plan9 share guest root writes into, a disk swapped
+/// while it is hot-added, a console listener a local user would redirect.
+#[test]
+fn qemu_holds_what_uvmctl_checked_and_guest_root_cannot_plant_setuid_files() {
+    let h = Host::new();
+    let img = h.path("img");
+    // Outside every allowed root: what an attacker wants in the guest.
+    let secret = h.path("secret");
+    std::fs::write(&secret, vec![0x5a; 4096]).expect("secret");
+
+    // 1. `img/mb/evil /initrd.img`: multiboot cuts -initrd at the space,
+    // and `img/mb/evil` leads out of the root.
+    let mb = img.join("mb");
+    std::fs::create_dir_all(mb.join("evil ")).expect("mkdir");
+    std::fs::copy(h.guest.join("initrd.img"), mb.join("evil /initrd.img")).expect("initrd");
+    symlink(&secret, mb.join("evil")).expect("symlink");
+    let initrd = mb.join("evil /initrd.img");
+
+    // 2. A writable share for guest root to write into.
+    let share = img.join("share");
+    std::fs::create_dir(&share).expect("share");
+    // 3. A console listener in a directory only root can change.
+    let consoles = img.join("consoles");
+    std::fs::create_dir(&consoles).expect("consoles");
+    chmod(&consoles, 0o755);
+    let listener = consoles.join("vm.sock");
+
+    let spec = |extra: &str| {
+        h.spec(
+            "vm",
+            &format!(
+                "  plan9Shares:\n    - {{name: s, hostPath: {}}}\n  serialConsoles:\n    - {{port: 1, listenerPath: {}}}\n  scsiControllers:\n    - id: 0\n{extra}",
+                share.display(),
+                listener.display()
+            ),
+        )
+        .replace(
+            &h.guest.join("initrd.img").display().to_string(),
+            &format!("'{}'", initrd.display()),
+        )
+    };
+    h.write_spec("vm", &spec(""));
+    h.apply();
+    // The guest booted from the initrd that was checked: its agent answers.
+    let mut agent = h.agent("vm");
+    let cmdline = qemu_cmdline(&h, "vm");
+    assert!(
+        !cmdline.contains(&img.display().to_string()) && !cmdline.contains("evil"),
+        "a spec's host path reached QEMU: {cmdline}"
+    );
+    assert!(
+        !qemu_open_files(&h, "vm")
+            .iter()
+            .any(|f| f == &secret.display().to_string()),
+        "QEMU holds the file outside the root"
+    );
+
+    // Guest root makes a setuid-root busybox and a device node in the share.
+    agent.cmd("mount9p s /mnt/s");
+    let out = agent.cmd("privileged /mnt/s");
+    assert_eq!(out, vec!["sb 4755"], "the guest sees its own modes");
+    for e in std::fs::read_dir(&share).expect("share").flatten() {
+        let m = e.metadata().expect("stat");
+        assert_eq!(
+            m.mode() & 0o7000,
+            0,
+            "{} is setuid/setgid/sticky on the host: {:o}",
+            e.path().display(),
+            m.mode()
+        );
+        assert!(
+            m.file_type().is_file(),
+            "{} is not a plain file on the host",
+            e.path().display()
+        );
+        assert_eq!(
+            m.mode() & 0o077,
+            0,
+            "{} readable by others",
+            e.path().display()
+        );
+    }
+    assert!(share.join("sb").is_file(), "the guest's file is there");
+
+    // A local user cannot put a link to another socket where the console
+    // listener goes: its directory is root's alone (and uvmctl refused
+    // directories anyone could write, see below).
+    let outside_sock = h.path("outside.sock");
+    let _outside = std::os::unix::net::UnixListener::bind(&outside_sock).expect("bind");
+    let planted = Command::new("ln")
+        .args([
+            "-s",
+            outside_sock.to_str().expect("utf-8"),
+            listener.to_str().expect("utf-8"),
+        ])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("ln runs");
+    assert!(
+        !planted.status.success(),
+        "nobody planted the listener link"
+    );
+    assert!(std::fs::symlink_metadata(&listener).is_err());
+
+    // 4. A disk swapped for a link to an outside image while it is hot-added,
+    // at every point between the check and QEMU holding it: QEMU holds what
+    // was checked, or nothing. The disk is 8 MiB; the outside image 24 MiB.
+    let disk = h.raw_image("d.img", 8);
+    let real = h.raw_image("d.real", 8);
+    let outside = h.path("outside.img");
+    std::fs::File::create(&outside)
+        .and_then(|f| f.set_len(24 << 20))
+        .expect("outside image");
+    let evil_link = img.join("d.link");
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, disk, real, outside, evil_link) = (
+            stop.clone(),
+            disk.clone(),
+            real.clone(),
+            outside.clone(),
+            evil_link.clone(),
+        );
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                // The link to the outside image, renamed over the disk...
+                let _ = std::fs::remove_file(&evil_link);
+                let _ = symlink(&outside, &evil_link);
+                let _ = std::fs::rename(&evil_link, &disk);
+                // ...and the real image back.
+                let _ = std::fs::hard_link(&real, &evil_link);
+                let _ = std::fs::rename(&evil_link, &disk);
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let with_disk = format!(
+        "      disks:\n        - {{lun: 1, path: {}, type: passthrough}}\n",
+        disk.display()
+    );
+    h.write_spec("vm", &spec(&with_disk));
+    let mut attempts = 0;
+    let mut added = 0;
+    while attempts < 20 && added < 3 {
+        attempts += 1;
+        let out = h.uvmctl(&[
+            "apply",
+            h.path("specs").to_str().expect("utf-8"),
+            "--yes",
+            "--color",
+            "never",
+        ]);
+        if !out.status.success() {
+            // Refused: the swap was seen (a link on the way, or the wrong file).
+            continue;
+        }
+        added += 1;
+        let blocks = agent.wait_for("blocks", "the hot-added disk", |b| {
+            b.iter().any(|l| l.starts_with("sd"))
+        });
+        assert!(
+            has_block(&blocks, 8 << 20, 0, 1) && !has_block(&blocks, 24 << 20, 0, 1),
+            "the guest got the outside image: {blocks:?}"
+        );
+        assert!(
+            !qemu_open_files(&h, "vm")
+                .iter()
+                .any(|f| f == &outside.display().to_string()),
+            "QEMU holds the outside image"
+        );
+        // Take it out again for the next round.
+        h.write_spec("vm", &spec(""));
+        let out = h.uvmctl(&[
+            "apply",
+            h.path("specs").to_str().expect("utf-8"),
+            "--yes",
+            "--color",
+            "never",
+        ]);
+        assert_ok(&out);
+        agent.wait_for("blocks", "the disk gone", |b| {
+            !b.iter().any(|l| l.starts_with("sd"))
+        });
+        h.write_spec("vm", &spec(&with_disk));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper");
+    assert!(swaps > 0, "the swapper ran");
+    assert!(
+        added > 0,
+        "never added in {attempts} attempts while swapping"
+    );
+}
+
+/// A listener a VM keeps following must live where only root can change
+/// it: in a directory anyone can write, a local user could later swap it
+/// for a link to any socket of the host. Refused before anything starts.
+#[test]
+fn listeners_in_directories_others_can_write_are_refused_before_anything_runs() {
+    let h = Host::new();
+    let public = h.path("img").join("public");
+    std::fs::create_dir(&public).expect("mkdir");
+    chmod(&public, 0o1777);
+    for (field, extra) in [
+        (
+            "serialConsoles[0].listenerPath",
+            format!(
+                "  serialConsoles:\n    - {{port: 0, listenerPath: {}}}\n",
+                public.join("console.sock").display()
+            ),
+        ),
+        (
+            "vmSockets[0].listenerPath",
+            format!(
+                "  vmSockets:\n    - {{type: vsock, port: 1024, listenerPath: {}}}\n",
+                public.join("vsock-1024.sock").display()
+            ),
+        ),
+    ] {
+        h.write_spec("vm", &h.spec("vm", &extra));
+        let out = h.uvmctl(&["apply", h.path("specs").to_str().expect("utf-8"), "--yes"]);
+        let t = text(&out);
+        assert!(!out.status.success(), "{t}");
+        assert!(t.contains(field), "{t}");
+        assert!(
+            t.contains(&public.display().to_string()) && t.contains("mode 1777"),
+            "names the directory and its mode: {t}"
+        );
+        assert!(h.pid("vm").is_none(), "nothing launched: {t}");
+    }
+}
+
+/// A state directory a local user made (in sticky /tmp) is refused, naming
+/// it, its owner and mode, before uvmctl writes anything there; so is one
+/// below a directory anyone can write.
+#[test]
+fn a_squatted_state_directory_is_refused_by_name() {
+    let h = Host::new();
+    h.write_spec("vm", &h.spec("vm", "  powerState: stopped\n"));
+    let victim = h.path("victim");
+    std::fs::write(&victim, "root's file\n").expect("victim");
+    let squat = h.path("squat");
+    std::fs::create_dir(&squat).expect("mkdir");
+    symlink(&victim, squat.join("lock")).expect("plant lock");
+    std::os::unix::fs::lchown(squat.join("lock"), Some(NOBODY), Some(NOBODY)).expect("lchown");
+    std::os::unix::fs::chown(&squat, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let specs = h.path("specs");
+    for args in [
+        vec!["apply", specs.to_str().expect("utf-8"), "--yes"],
+        vec!["plan", specs.to_str().expect("utf-8")],
+        vec!["status"],
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.args(&args)
+            .arg("--state-dir")
+            .arg(&squat)
+            .arg("--allow-root")
+            .arg(&h.guest);
+        let out = cmd.output().expect("uvmctl runs");
+        let t = text(&out);
+        assert!(!out.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains(&squat.display().to_string()) && t.contains("owned by uid 65534"),
+            "{args:?} names the directory and its owner: {t}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+
+    // A state directory of root's below a directory anyone may write (not sticky).
+    let open = h.path("open");
+    std::fs::create_dir_all(open.join("state")).expect("mkdir");
+    chmod(&open, 0o777);
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["apply", specs.to_str().expect("utf-8"), "--yes"])
+        .arg("--state-dir")
+        .arg(open.join("state"))
+        .arg("--allow-root")
+        .arg(&h.guest)
+        .output()
+        .expect("uvmctl runs");
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains(&open.display().to_string()) && t.contains("not sticky"),
+        "{t}"
+    );
+}
+
+/// Links planted in a VM's own directory are refused, never followed: the
+/// log QEMU's stderr goes to and the launch record.
+#[test]
+fn links_planted_in_a_vm_directory_are_refused_never_followed() {
+    let h = Host::new();
+    let victim = h.path("victim");
+    std::fs::write(&victim, "root's file\n").expect("victim");
+    h.write_spec("vm", &h.spec("vm", "  powerState: stopped\n"));
+    h.apply();
+    let vm_dir = h.path("state").join("vm");
+    // qemu.log → victim: starting the VM must not truncate it.
+    symlink(&victim, vm_dir.join("qemu.log")).expect("plant log");
+    h.write_spec("vm", &h.spec("vm", "  powerState: running\n"));
+    let out = h.uvmctl(&["apply", h.path("specs").to_str().expect("utf-8"), "--yes"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("qemu.log"), "{t}");
+    assert!(
+        h.pid("vm")
+            .is_none_or(|p| std::fs::metadata(format!("/proc/{p}")).is_err())
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+    std::fs::remove_file(vm_dir.join("qemu.log")).expect("unplant");
+
+    // A hard link to the victim where the log goes: refused too, not emptied.
+    std::fs::hard_link(&victim, vm_dir.join("qemu.log")).expect("hard link");
+    let out = h.uvmctl(&["apply", h.path("specs").to_str().expect("utf-8"), "--yes"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+    std::fs::remove_file(vm_dir.join("qemu.log")).expect("unplant");
+
+    // The old fixed temporary name of the record, planted: not followed
+    // (temporary files have unique names, created O_EXCL | O_NOFOLLOW).
+    symlink(&victim, vm_dir.join("launch.json.tmp")).expect("plant tmp");
+    h.write_spec("vm", &h.spec("vm", "  powerState: stopped\n"));
+    assert_ok(&h.uvmctl(&["apply", h.path("specs").to_str().expect("utf-8"), "--yes"]));
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+    // The record itself replaced by a link: never read through.
+    std::fs::remove_file(vm_dir.join("launch.json")).expect("rm");
+    symlink(&victim, vm_dir.join("launch.json")).expect("plant record");
+    let out = h.uvmctl(&["status", "--output", "json"]);
+    assert!(!text(&out).contains("root's file"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+}
+
+/// Whatever umask the caller has, what uvmctl creates is root's alone: the
+/// state root, VM directories and the serve socket.
+#[test]
+fn sockets_and_directories_get_their_modes_whatever_the_umask() {
+    let h = Host::new();
+    let state = h.path("fresh-state");
+    let socket = h.path("serve.sock");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+    serve
+        .args(["serve", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--allow-root")
+        .arg(&h.guest)
+        .stderr(std::process::Stdio::null());
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        serve.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    let mut child = serve.spawn().expect("serve starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::symlink_metadata(&socket).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let socket_mode = std::fs::symlink_metadata(&socket).map(|m| m.mode() & 0o777);
+    let state_mode = std::fs::metadata(&state).map(|m| m.mode() & 0o7777);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(socket_mode.ok(), Some(0o600), "serve's socket");
+    assert_eq!(state_mode.ok(), Some(0o700), "the state root serve made");
+
+    // apply under umask 000: the VM's directory and record.
+    h.write_spec("vm", &h.spec("vm", "  powerState: stopped\n"));
+    let mut apply = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+    apply
+        .args(["apply", h.path("specs").to_str().expect("utf-8"), "--yes"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--allow-root")
+        .arg(&h.guest);
+    // SAFETY: as above.
+    unsafe {
+        apply.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    assert_ok(&apply.output().expect("apply runs"));
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
+    assert_eq!(mode(&state.join("vm")), 0o700);
+    assert_eq!(mode(&state.join("vm").join("launch.json")), 0o600);
+    assert_eq!(mode(&state.join("lock")), 0o600);
+}
+
+/// Two endpoints sharing 15 characters would share one tap: the kernel
+/// cuts names at 15 bytes, so a 16-byte endpoint is refused by name.
+#[test]
+fn a_sixteen_byte_endpoint_is_refused() {
+    let h = Host::new();
+    let nic = |endpoint: &str| {
+        format!(
+            "  networkAdapters:\n    - {{nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01, endpointId: {endpoint}, macAddress: 52-54-00-12-34-56}}\n"
+        )
+    };
+    h.write_spec("vm", &h.spec("vm", &nic("tap-0123456789ab")));
+    let out = h.uvmctl(&["validate", h.path("specs").to_str().expect("utf-8")]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("networkAdapters[0].endpointId") && t.contains("1–15"),
+        "{t}"
+    );
+    h.write_spec("vm", &h.spec("vm", &nic("tap-0123456789a")));
+    assert_ok(&h.uvmctl(&["validate", h.path("specs").to_str().expect("utf-8")]));
+}
