@@ -1,7 +1,7 @@
 //! One lock per state directory, so two applies never interleave.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -82,11 +82,14 @@ impl StateLock {
                 }
             }
         }
-        // Say who we are, for whoever waits next.
-        let _ = file.set_len(0);
-        let _ = file.seek(SeekFrom::Start(0));
-        let _ = write!(file, "pid {} ({what})", std::process::id());
-        let _ = file.flush();
+        // Say who we are, for whoever waits next: written over the old
+        // text, then cut to length, so a full disk leaves the old holder
+        // rather than an empty file (and frees nothing another write takes).
+        use std::os::unix::fs::FileExt;
+        let holder = format!("pid {} ({what})", std::process::id());
+        if file.write_all_at(holder.as_bytes(), 0).is_ok() {
+            let _ = file.set_len(holder.len() as u64);
+        }
         Ok(StateLock { _file: file })
     }
 }

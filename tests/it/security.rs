@@ -468,3 +468,311 @@ fn a_sixteen_byte_endpoint_is_refused() {
     h.write_spec("vm", &h.spec("vm", &nic("tap-0123456789a")));
     assert_ok(&h.uvmctl(&["validate", h.path("specs").to_str().expect("utf-8")]));
 }
+
+/// A ttrpc request frame for `vmservice.VM/CapabilitiesVM` on `stream`.
+fn capabilities_frame(stream: u32) -> Vec<u8> {
+    let field = |tag: u8, bytes: &[u8]| {
+        let mut f = vec![tag, u8::try_from(bytes.len()).expect("short")];
+        f.extend_from_slice(bytes);
+        f
+    };
+    let mut request = field(0x0a, b"vmservice.VM");
+    request.extend(field(0x12, b"CapabilitiesVM"));
+    request.extend(field(0x1a, b""));
+    let mut frame = u32::try_from(request.len())
+        .expect("short")
+        .to_be_bytes()
+        .to_vec();
+    frame.extend(stream.to_be_bytes());
+    frame.extend([1, 0]); // a request, no flags
+    frame.extend(request);
+    frame
+}
+
+/// `uvmctl serve --listen unix:SOCKET` with `limit` descriptors at most.
+fn serve(h: &Host, socket: &Path, nofile: Option<u64>) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+    cmd.args(["serve", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--state-dir")
+        .arg(h.path("state"))
+        .arg("--allow-root")
+        .arg(&h.guest)
+        .stderr(std::process::Stdio::null());
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = nix::libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let child = cmd.spawn().expect("serve starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "serve never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// Sends one CapabilitiesVM request on a new connection and reads the
+/// answer's header.
+fn answers(socket: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut header = [0u8; 10];
+    s.write_all(&capabilities_frame(1)).is_ok() && s.read_exact(&mut header).is_ok()
+}
+
+/// CPU seconds `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// A client that sends requests and never reads the answers is stopped
+/// being read, instead of the server holding every answer: what it can
+/// push is bounded by the sockets' buffers. Other clients are still served.
+#[test]
+fn serve_stops_reading_a_client_that_never_reads_its_answers() {
+    use std::io::Write;
+    let h = Host::new();
+    let socket = h.path("serve.sock");
+    let mut child = serve(&h, &socket, None);
+    let mut flood = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    flood.set_nonblocking(true).expect("nonblocking");
+    // Until the server has read nothing for 2 s, or 32 MiB went in.
+    const CAP: usize = 32 << 20;
+    let (mut sent, mut stream, mut pending) = (0usize, 1u32, capabilities_frame(1));
+    let mut stuck_since = None;
+    while sent < CAP {
+        match flood.write(&pending) {
+            Ok(n) => {
+                sent += n;
+                stuck_since = None;
+                pending.drain(..n);
+                if pending.is_empty() {
+                    stream += 2;
+                    pending = capabilities_frame(stream);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stuck_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the server dropped the connection: {e}"),
+        }
+    }
+    assert!(
+        sent < CAP,
+        "the server kept reading a client that reads nothing ({sent} bytes, {} requests)",
+        stream / 2
+    );
+    assert!(answers(&socket), "another client is still served");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// At its descriptor limit the server backs off instead of spinning on
+/// accept, and accepts again once descriptors are free.
+#[test]
+fn serve_backs_off_at_its_descriptor_limit() {
+    let h = Host::new();
+    let socket = h.path("serve.sock");
+    let mut child = serve(&h, &socket, Some(64));
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    // Let it reach the limit, then measure what it burns there.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(child.id()) - before;
+    assert!(
+        used < 0.5,
+        "serve used {used:.2} s of CPU in 3 s at its descriptor limit ({} connections held)",
+        held.len()
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answers(&socket) {
+        assert!(Instant::now() < deadline, "serve never accepted again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A small tmpfs mounted over a directory for one test; on drop, the QEMUs
+/// whose state is in it are stopped and it is unmounted.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(ok.success(), "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                let _ = Command::new("kill").arg("-9").arg(p.file_name()).status();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Temporary files left in `dir` and the VM directories below it.
+fn temporaries(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for d in std::iter::once(dir.to_path_buf()).chain(
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir()),
+    ) {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".tmp") || n.ends_with(".part") {
+                found.push(e.path().display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// With the state directory's disk full, a disk the watcher hot-adds is in
+/// QEMU while its launch record cannot say so: the record is written again
+/// as soon as there is room, before the VM is reconciled again (here at a
+/// SIGHUP, which reconciles at once and never stops the watcher). No
+/// temporary file stays behind, and the failing status file is not
+/// complained about at every turn.
+#[test]
+fn a_full_state_disk_loses_no_change_and_sighup_reconciles_at_once() {
+    use crate::watch::{is_reconcile, message, result};
+    let h = Host::new();
+    let _tmpfs = Tmpfs::mount(&h.path("state"), "4m");
+    let base = "  scsiControllers:\n    - id: 0\n";
+    h.write_spec("vm", &h.spec("vm", base));
+    let w = h.watch("watch.log", &["--backoff", "1s", "--backoff-cap", "2s"]);
+    let mut agent = h.agent("vm");
+    let img = h.raw_image("late-disk.img", 8);
+
+    // Fill the state disk.
+    let filler = h.path("state").join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        while f.write_all(&[0u8; 65536]).is_ok() {}
+    }
+    let mark = w.mark();
+    h.write_spec(
+        "vm",
+        &h.spec(
+            "vm",
+            &format!(
+                "{base}      disks:\n        - {{lun: 1, path: {}, type: passthrough}}\n",
+                img.display()
+            ),
+        ),
+    );
+    let l = w.wait_after(
+        mark,
+        "the reconcile of the edit",
+        Duration::from_secs(60),
+        |l| is_reconcile(l, "vm"),
+    );
+    assert!(
+        result(&l).starts_with("failed"),
+        "the record write failed: {l}"
+    );
+    agent.wait_for("blocks", "the disk QEMU was given", |b| {
+        has_block(b, 8 << 20, 0, 1)
+    });
+    let record = || std::fs::read_to_string(h.path("state/vm/launch.json")).expect("record");
+    assert!(
+        !record().contains("late-disk.img"),
+        "the record could not be written: {}",
+        record()
+    );
+    assert_eq!(temporaries(&h.path("state")), Vec::<String>::new());
+
+    // Room again; SIGHUP: the record is written before the VM is reconciled.
+    std::fs::remove_file(&filler).expect("rm filler");
+    let mark = w.mark();
+    let pid = w.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    w.wait_after(mark, "SIGHUP's reconcile", Duration::from_secs(60), |l| {
+        message(l) == "SIGHUP: reconciling every VM now"
+    });
+    let l = w.wait_after(
+        mark,
+        "the reconcile after SIGHUP",
+        Duration::from_secs(60),
+        |l| is_reconcile(l, "vm"),
+    );
+    assert_eq!(result(&l), "in sync", "{l}");
+    assert!(
+        record().contains("late-disk.img"),
+        "the record says what QEMU has"
+    );
+    assert_eq!(temporaries(&h.path("state")), Vec::<String>::new());
+    let complaints = w
+        .dump()
+        .lines()
+        .filter(|l| l.contains("cannot write the status file"))
+        .count();
+    assert!(
+        complaints <= 2,
+        "{complaints} status complaints:\n{}",
+        w.dump()
+    );
+    assert!(w.term().success());
+}

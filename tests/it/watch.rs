@@ -138,6 +138,10 @@ impl Watcher {
         );
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn mark(&self) -> usize {
         self.lines().len()
     }

@@ -179,6 +179,10 @@ pub struct Qemu {
     /// One QMP connection per running VM: a `-qmp` socket serves one client
     /// at a time, so a second connect would wait at the greeting.
     conns: std::sync::Arc<tokio::sync::Mutex<std::collections::HashMap<String, Qmp>>>,
+    /// Launch records whose last write failed (a full disk), by VM: what
+    /// the VM really is now. Each is written again before its VM's record
+    /// is read, so a change made live is never forgotten by the record.
+    unwritten: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, LaunchRecord>>>,
 }
 
 fn now_unix() -> u64 {
@@ -197,6 +201,7 @@ impl Qemu {
             vsock_backend: vsock::find_backend().filter(|_| facts.vhost_user_vsock),
             opts,
             conns: Default::default(),
+            unwritten: Default::default(),
         }
     }
 
@@ -307,6 +312,7 @@ impl Qemu {
     }
 
     fn record(&self, name: &str) -> Result<LaunchRecord, QemuError> {
+        self.write_unwritten(name)?;
         if !self.opts.state_dir.record_path(name).is_file() {
             return Err(QemuError::NotFound(name.to_string()));
         }
@@ -321,12 +327,39 @@ impl Qemu {
         self.record(name)
     }
 
+    fn unwritten(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, LaunchRecord>> {
+        // Poisoned only by a panic elsewhere: the map itself is intact.
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the record of `name` whose last write failed, if there is one.
+    fn write_unwritten(&self, name: &str) -> Result<(), QemuError> {
+        let Some(rec) = self.unwritten().get(name).cloned() else {
+            return Ok(());
+        };
+        self.store(&rec)?;
+        tracing::info!(vm = name, "launch record written again");
+        Ok(())
+    }
+
+    /// Writes `rec`; when that fails it is kept, and written again before
+    /// the VM's record is next read (see `unwritten`).
     fn store(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
-        rec.store(&self.opts.state_dir)
-            .map_err(|source| QemuError::Launch {
-                vm: rec.name.clone(),
-                source,
-            })
+        match rec.store(&self.opts.state_dir) {
+            Ok(()) => {
+                self.unwritten().remove(&rec.name);
+                Ok(())
+            }
+            Err(source) => {
+                self.unwritten().insert(rec.name.clone(), rec.clone());
+                Err(QemuError::Launch {
+                    vm: rec.name.clone(),
+                    source,
+                })
+            }
+        }
     }
 
     /// Whether the QEMU of `rec` is running: its pid is alive and is really
@@ -1046,7 +1079,13 @@ impl Qemu {
 
     /// Stops a VM and deletes everything uvmctl keeps for it.
     pub async fn destroy(&self, name: &str) -> Result<(), QemuError> {
-        let rec = self.record(name)?;
+        // A record that could not be written is what the VM is; it goes
+        // with the VM (never written again after it).
+        let pending = self.unwritten().remove(name);
+        let rec = match pending {
+            Some(rec) => rec,
+            None => self.record(name)?,
+        };
         if self.alive(&rec) {
             // A VM being destroyed needs no graceful shutdown.
             if let Ok(q) = self.qmp(name).await {
