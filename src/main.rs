@@ -175,6 +175,15 @@ impl HostArgs {
                     .remote_dir
                     .clone()
                     .unwrap_or_else(|| self.state_dir.join(".remotevm"));
+                // uvmctl's own serve answers with this host's QEMU
+                // capabilities, as they cross the wire: known without
+                // starting one.
+                let caps = match &self.remote_server {
+                    Some(_) => None,
+                    None => Some(uvmctl::virtstack::remotevm::capabilities_from(
+                        &uvmctl::vmservice::capabilities(self.qemu(true)?.capabilities()),
+                    )),
+                };
                 let spawner = match &self.remote_server {
                     Some(program) => uvmctl::virtstack::remotevm::ProcessSpawner {
                         program: program.clone(),
@@ -202,8 +211,13 @@ impl HostArgs {
                         }
                     }
                 };
-                let vs =
-                    uvmctl::virtstack::remotevm::RemoteVm::new(&dir, Arc::new(spawner)).await?;
+                let vs = uvmctl::virtstack::remotevm::RemoteVm::with(
+                    &dir,
+                    Arc::new(spawner),
+                    caps,
+                    observer,
+                )
+                .await?;
                 Ok((Arc::new(vs), dir))
             }
             other => bail!("virtstack {other:?} cannot be driven here (qemu, remotevm)"),
@@ -576,7 +590,14 @@ fn plan_options(common: &PlanCommon) -> PlanOptions {
 }
 
 async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
-    let vs = observer(args.observed.as_ref(), &args.host).await?;
+    let live = match &args.observed {
+        None => Some(args.host.live(true).await?.0),
+        Some(_) => None,
+    };
+    let vs: Arc<dyn Observe> = match (&live, &args.observed) {
+        (Some(live), _) => live.clone(),
+        (None, path) => observer(path.as_ref(), &args.host).await?,
+    };
     let (loaded, observed, the_plan) =
         reconcile::plan_dir(args.dir.clone(), vs.as_ref(), &plan_options(&args.common)).await?;
     let style = args.common.color.style();
@@ -610,6 +631,22 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
             );
         }
         return Ok(EXIT_ERROR);
+    }
+    // On a live host, the checks apply makes before anything changes (host
+    // paths under trusted roots, image formats, listeners): a plan never
+    // promises what apply would refuse.
+    if let Some(live) = &live {
+        let refused = apply::preflight(&the_plan, &loaded.desired, live.as_ref());
+        if !refused.is_empty() {
+            for (vm, why) in &refused {
+                eprintln!("{vm} ({why})");
+            }
+            eprintln!(
+                "{} VM(s) would be refused by apply before anything changed",
+                refused.len()
+            );
+            return Ok(EXIT_ERROR);
+        }
     }
     if let Some((limit, max)) = exceeds(&args.common, &the_plan) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");

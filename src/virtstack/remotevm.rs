@@ -118,6 +118,9 @@ pub struct RemoteVm {
     spawner: Arc<dyn Spawner>,
     caps: Capabilities,
     clients: Arc<tokio::sync::Mutex<HashMap<String, VmClient>>>,
+    /// Only looks: creates nothing and starts no server (a VM whose server
+    /// does not answer cannot be observed).
+    observer: bool,
 }
 
 impl std::fmt::Debug for RemoteVm {
@@ -221,36 +224,74 @@ pub fn capabilities_from(resp: &pb::CapabilitiesVMResponse) -> Capabilities {
     c
 }
 
+/// Asks a server started by `spawner` (on a socket in `dir`) for its
+/// capabilities, then lets it go.
+async fn probe(spawner: &dyn Spawner, dir: &Path) -> Result<Capabilities> {
+    let probe = VmName::new("uvmctl-capabilities")?;
+    let socket = dir.join(".capabilities.sock");
+    let _ = std::fs::remove_file(&socket);
+    spawner.spawn(&probe, &socket).await.map_err(backend)?;
+    let client = connect(&socket).await?;
+    let caps = client
+        .capabilities_vm(ctx(), &Empty::new())
+        .await
+        .map_err(|e| rpc("-", "CapabilitiesVM", &e))?;
+    let _ = client.quit(ctx(), &Empty::new()).await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(capabilities_from(&caps))
+}
+
 impl RemoteVm {
     /// The virtstack keeping its records and server sockets in `dir`, its
     /// servers started by `spawner`; asks a server for the capabilities.
     pub async fn new(dir: impl Into<PathBuf>, spawner: Arc<dyn Spawner>) -> Result<Self> {
+        Self::with(dir, spawner, None, false).await
+    }
+
+    /// As [`RemoteVm::new`], with the servers' capabilities when they are
+    /// known without asking one (uvmctl's own `serve` over this host's QEMU),
+    /// and as an `observer`, which creates nothing and starts no server
+    /// (it asks a server for the capabilities only when they are not given,
+    /// on a socket in a private directory of its own, removed after).
+    pub async fn with(
+        dir: impl Into<PathBuf>,
+        spawner: Arc<dyn Spawner>,
+        caps: Option<Capabilities>,
+        observer: bool,
+    ) -> Result<Self> {
         let dir = dir.into();
-        // Owner-only whatever the umask, and only a directory root alone
-        // can change: its records say which servers to trust.
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+        if !observer {
+            // Owner-only whatever the umask, and only a directory root alone
+            // can change: its records say which servers to trust.
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            crate::hostfs::private_dir(&dir, 0o700)
+                .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
         }
-        crate::hostfs::private_dir(&dir, 0o700)
-            .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
-        crate::hostfs::check_trusted_dir(&dir).map_err(|e| backend(e.to_string()))?;
-        let probe = VmName::new("uvmctl-capabilities")?;
-        let socket = dir.join(".capabilities.sock");
-        let _ = std::fs::remove_file(&socket);
-        spawner.spawn(&probe, &socket).await.map_err(backend)?;
-        let client = connect(&socket).await?;
-        let caps = client
-            .capabilities_vm(ctx(), &Empty::new())
-            .await
-            .map_err(|e| rpc("-", "CapabilitiesVM", &e))?;
-        let _ = client.quit(ctx(), &Empty::new()).await;
-        let _ = std::fs::remove_file(&socket);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            crate::hostfs::check_trusted_dir(&dir).map_err(|e| backend(e.to_string()))?;
+        }
+        let caps = match caps {
+            Some(caps) => caps,
+            None if observer => {
+                let probe_dir = std::env::temp_dir()
+                    .join(format!("uvmctl-capabilities-{}", std::process::id()));
+                crate::hostfs::private_dir(&probe_dir, 0o700)
+                    .map_err(|e| backend(format!("cannot create {}: {e}", probe_dir.display())))?;
+                let caps = probe(spawner.as_ref(), &probe_dir).await;
+                let _ = std::fs::remove_dir_all(&probe_dir);
+                caps?
+            }
+            None => probe(spawner.as_ref(), &dir).await?,
+        };
         Ok(RemoteVm {
             dir,
             spawner,
-            caps: capabilities_from(&caps),
+            caps,
             clients: Arc::default(),
+            observer,
         })
     }
 
@@ -285,6 +326,11 @@ impl RemoteVm {
         let socket = self.socket(name.as_str());
         let c = match connect(&socket).await {
             Ok(c) => c,
+            Err(e) if self.observer => {
+                return Err(backend(format!(
+                    "vm {name}: its server does not answer ({e}); only a changing command starts one"
+                )));
+            }
             Err(_) => {
                 let _ = std::fs::remove_file(&socket);
                 self.spawner.spawn(name, &socket).await.map_err(backend)?;
@@ -475,8 +521,14 @@ impl Observe for RemoteVm {
     }
 
     async fn list(&self) -> Result<Vec<VmName>> {
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| backend(format!("cannot list {}: {e}", self.dir.display())))?;
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            // Nothing made here yet: no VMs (a looking command creates none).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.observer => {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(backend(format!("cannot list {}: {e}", self.dir.display()))),
+        };
         let mut out: Vec<VmName> = entries
             .flatten()
             .filter_map(|e| {

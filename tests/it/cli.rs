@@ -325,11 +325,17 @@ fn looking_commands_create_nothing_on_the_host() {
     let state = t.path("no-state-yet");
     let state_arg = state.to_str().expect("utf-8");
     let out = t.uvmctl(&["plan", "specs", "--state-dir", state_arg]);
-    assert_exit_code(&out, 0);
     assert!(
         stdout(&out).contains("vm a will be created"),
         "{}",
         stdout(&out)
+    );
+    // Its kernel is not on this host: the plan says apply would refuse it.
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("would be refused by apply") && stderr(&out).contains("kernel"),
+        "{}",
+        stderr(&out)
     );
     for args in [
         vec!["status", "--state-dir", state_arg],

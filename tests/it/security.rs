@@ -445,6 +445,53 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
     assert_eq!(mode(&state.join("vm")), 0o700);
     assert_eq!(mode(&state.join("vm").join("launch.json")), 0o600);
     assert_eq!(mode(&state.join("lock")), 0o600);
+
+    // remotevm: a looking command creates nothing and starts no server;
+    // apply makes its directory owner-only.
+    let remote_state = h.path("remote-state");
+    let with_umask_000 = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.args(args)
+            .args(["--virtstack", "remotevm", "--accel", "tcg"])
+            .arg("--state-dir")
+            .arg(&remote_state)
+            .arg("--allow-root")
+            .arg(&h.guest);
+        // SAFETY: as above.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+                Ok(())
+            });
+        }
+        cmd.output().expect("uvmctl runs")
+    };
+    for args in [
+        vec!["status"],
+        vec!["plan", h.path("specs").to_str().expect("utf-8")],
+    ] {
+        let out = with_umask_000(&args);
+        assert_ok(&out);
+        assert!(!remote_state.exists(), "{args:?} created the state root");
+    }
+    let serving = || {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .any(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                c.contains(" serve ") && c.contains(remote_state.to_str().unwrap_or("-"))
+            })
+    };
+    assert!(!serving(), "a looking command started a server");
+    assert_ok(&with_umask_000(&[
+        "apply",
+        h.path("specs").to_str().expect("utf-8"),
+        "--yes",
+    ]));
+    assert_eq!(mode(&remote_state), 0o700);
+    assert_eq!(mode(&remote_state.join(".remotevm")), 0o700);
 }
 
 /// Two endpoints sharing 15 characters would share one tap: the kernel
