@@ -257,6 +257,15 @@ fn walk_nofollow(
 /// # Errors
 /// The OS error, or `PermissionDenied` naming the owner when it is not ours.
 pub fn private_dir(path: &Path, mode: u32) -> io::Result<()> {
+    private_dir_for(path, mode, None)
+}
+
+/// As [`private_dir`], its group set to `group` when given (a directory
+/// root owns and an unprivileged service shares, e.g. mode 1770).
+///
+/// # Errors
+/// As [`private_dir`].
+pub fn private_dir_for(path: &Path, mode: u32, group: Option<u32>) -> io::Result<()> {
     match nix::unistd::mkdir(path, Mode::from_bits_truncate(mode)) {
         Ok(()) | Err(Errno::EEXIST) => {}
         Err(e) => return Err(e.into()),
@@ -277,10 +286,30 @@ pub fn private_dir(path: &Path, mode: u32) -> io::Result<()> {
             ),
         ));
     }
-    if meta.mode() & 0o7777 != mode {
+    if let Some(gid) = group
+        && meta.gid() != gid
+    {
+        std::os::unix::fs::fchown(&dir, None, Some(gid))?;
+    }
+    if meta.mode() & 0o7777 != mode || group.is_some() {
         dir.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
+}
+
+/// Creates `path` and whatever directories above it are missing, each with
+/// exactly `mode` (whatever the umask); existing ones are left as they are.
+///
+/// # Errors
+/// The OS error of the first directory that could not be made.
+pub fn create_dirs(path: &Path, mode: u32) -> io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        create_dirs(parent, mode)?;
+    }
+    private_dir(path, mode)
 }
 
 /// Opens (creating it with `mode` if missing) a file uvmctl owns in its

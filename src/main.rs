@@ -15,6 +15,7 @@ use uvmctl::apply::{self, ApplyOptions};
 use uvmctl::plan::{self, Plan, PlanOptions, render};
 use uvmctl::reconcile;
 use uvmctl::spec::{self, Loaded};
+use uvmctl::virtstack::qemu::user::{DEFAULT_QEMU_USER, ServiceUser};
 use uvmctl::virtstack::qemu::{
     Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
     DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
@@ -126,6 +127,11 @@ struct HostArgs {
     /// `serve`, on the QEMU virtstack with these host options].
     #[arg(long, value_name = "PROGRAM")]
     remote_server: Option<PathBuf>,
+    /// The unprivileged user QEMU and the vsock backend run as (made by
+    /// scripts/setup-host); `root` runs them as root, only when asked for
+    /// [default: uvmctl-qemu when uvmctl runs as root, else uvmctl's own user].
+    #[arg(long, value_name = "USER")]
+    qemu_user: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -144,14 +150,26 @@ impl HostArgs {
         } else {
             AllowedRoots::new(&self.allow_roots)
         };
+        let accel = match self.accel {
+            AccelArg::Auto => Accel::auto(),
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        };
+        // An observer starts nothing, so needs no service user.
+        let name = match (&self.qemu_user, observer) {
+            (Some(name), _) => Some(name.as_str()),
+            (None, false) if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
+            _ => None,
+        };
+        let qemu_user = match name {
+            Some(name) => ServiceUser::lookup(name, accel == Accel::Kvm)?,
+            None => None,
+        };
         Ok(Qemu::new(QemuOptions {
             state_dir: StateDir::new(&self.state_dir)?,
             roots,
-            accel: match self.accel {
-                AccelArg::Auto => Accel::auto(),
-                AccelArg::Kvm => Accel::Kvm,
-                AccelArg::Tcg => Accel::Tcg,
-            },
+            qemu_user,
+            accel,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
             observer,
@@ -195,6 +213,10 @@ impl HostArgs {
                         for r in &self.allow_roots {
                             args.push("--allow-root".into());
                             args.push(r.display().to_string());
+                        }
+                        if let Some(user) = &self.qemu_user {
+                            args.push("--qemu-user".into());
+                            args.push(user.clone());
                         }
                         args.push("--accel".into());
                         args.push(

@@ -263,8 +263,10 @@ impl RemoteVm {
         if !observer {
             // Owner-only whatever the umask, and only a directory root alone
             // can change: its records say which servers to trust.
+            // Its parent is, by default, the QEMU state root, which QEMU's
+            // service user must pass through (0711, whatever the umask).
             if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
+                crate::hostfs::create_dirs(parent, 0o711)
                     .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
             }
             crate::hostfs::private_dir(&dir, 0o700)

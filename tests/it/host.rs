@@ -346,3 +346,23 @@ pub(crate) fn has_block(blocks: &[String], size: u64, ro: u8, lun: u32) -> bool 
             && f[4].ends_with(&format!(":{lun}"))
     })
 }
+
+/// The service user QEMU runs as (scripts/setup-host makes it).
+pub(crate) const QEMU_USER: &str = "uvmctl-qemu";
+
+/// The service user's (uid, gid).
+pub(crate) fn qemu_user() -> (u32, u32) {
+    let u = nix::unistd::User::from_name(QEMU_USER)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("{QEMU_USER} missing: run scripts/setup-host"));
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// Gives `path` to the service user's group with `mode`, as an operator
+/// does for a listener QEMU connects to (0660) or a share it writes (0770).
+pub(crate) fn share_with_qemu(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, None, Some(qemu_user().1)).expect("chgrp");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

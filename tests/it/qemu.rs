@@ -498,6 +498,8 @@ fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
     // The serial console is relayed to a listener the test holds.
     let console = h.path("img/console.sock");
     let listener = std::os::unix::net::UnixListener::bind(&console).expect("bind console");
+    // QEMU (its service user) may connect to it.
+    crate::host::share_with_qemu(&console, 0o660);
     let serial = format!(
         "  serialConsoles:\n    - {{port: 0, listenerPath: {}}}\n",
         console.display()
@@ -651,12 +653,55 @@ fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
         sandbox.as_deref(),
         Some("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
     );
-    let mode = std::fs::metadata(h.path("state/sbx"))
-        .expect("vm dir")
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o700, "only the owner reaches the QMP socket");
+    // QEMU runs as the service user, with its group alone: no root, no
+    // supplementary groups (KVM is not used here).
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = crate::host::qemu_user();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), vec![uid.to_string(); 4], "{status}");
+    assert_eq!(field("Gid:"), vec![gid.to_string(); 4], "{status}");
+    assert_eq!(field("Groups:"), vec![gid.to_string()], "{status}");
+    assert_eq!(field("CapEff:"), vec!["0000000000000000"], "{status}");
+    // Its directory is root's, shared with its group, sticky: QEMU makes
+    // its sockets there and cannot touch uvmctl's files.
+    let dir = std::fs::metadata(h.path("state/sbx")).expect("vm dir");
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.permissions().mode() & 0o7777),
+        (0, gid, 0o1770)
+    );
+    let qmp = std::fs::metadata(h.path("state/sbx/qmp.sock")).expect("qmp socket");
+    assert_eq!(
+        (qmp.uid(), qmp.permissions().mode() & 0o077),
+        (uid, 0),
+        "only QEMU's user (and root) reaches the QMP socket"
+    );
+    let record = std::fs::metadata(h.path("state/sbx/launch.json")).expect("record");
+    assert_eq!(
+        (record.uid(), record.permissions().mode() & 0o777),
+        (0, 0o600)
+    );
+    // Its vsock backend too, where there is one.
+    if let Some(backend) = h.record_pid("sbx", "vsockPid") {
+        let status =
+            std::fs::read_to_string(format!("/proc/{backend}/status")).expect("backend status");
+        assert!(
+            status.lines().any(|l| l.split_whitespace().eq([
+                "Uid:".to_string(),
+                uid.to_string(),
+                uid.to_string(),
+                uid.to_string(),
+                uid.to_string()
+            ])),
+            "{status}"
+        );
+    }
     assert_eq!(h.state_of("sbx"), "paused");
 }
 

@@ -58,6 +58,8 @@ fn qemu_holds_what_uvmctl_checked_and_guest_root_cannot_plant_setuid_files() {
     // 2. A writable share for guest root to write into.
     let share = img.join("share");
     std::fs::create_dir(&share).expect("share");
+    // Writable by QEMU's service user, as an operator gives a share to it.
+    crate::host::share_with_qemu(&share, 0o770);
     // 3. A console listener in a directory only root can change.
     let consoles = img.join("consoles");
     std::fs::create_dir(&consoles).expect("consoles");
@@ -422,7 +424,11 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(socket_mode.ok(), Some(0o600), "serve's socket");
-    assert_eq!(state_mode.ok(), Some(0o700), "the state root serve made");
+    assert_eq!(
+        state_mode.ok(),
+        Some(0o711),
+        "the state root serve made: others pass through, see nothing"
+    );
 
     // apply under umask 000: the VM's directory and record.
     h.write_spec("vm", &h.spec("vm", "  powerState: stopped\n"));
@@ -442,7 +448,11 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
     }
     assert_ok(&apply.output().expect("apply runs"));
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
-    assert_eq!(mode(&state.join("vm")), 0o700);
+    assert_eq!(
+        mode(&state.join("vm")),
+        0o1770,
+        "root's, shared with QEMU's group"
+    );
     assert_eq!(mode(&state.join("vm").join("launch.json")), 0o600);
     assert_eq!(mode(&state.join("lock")), 0o600);
 
@@ -490,8 +500,16 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
         h.path("specs").to_str().expect("utf-8"),
         "--yes",
     ]));
-    assert_eq!(mode(&remote_state), 0o700);
+    assert_eq!(mode(&remote_state), 0o711);
     assert_eq!(mode(&remote_state.join(".remotevm")), 0o700);
+    // The server apply started goes with the test.
+    for p in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let c = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        if c.contains(" serve ") && c.contains(remote_state.to_str().unwrap_or("-")) {
+            let _ = Command::new("kill").arg("-9").arg(p.file_name()).status();
+        }
+    }
 }
 
 /// Two endpoints sharing 15 characters would share one tap: the kernel
@@ -683,7 +701,7 @@ impl Tmpfs {
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={size},mode=0700"),
+                &format!("size={size},mode=0711"),
                 "tmpfs",
             ])
             .arg(dir)
@@ -822,4 +840,49 @@ fn a_full_state_disk_loses_no_change_and_sighup_reconciles_at_once() {
         w.dump()
     );
     assert!(w.term().success());
+}
+
+/// QEMU, as its service user, can neither open `/dev/net/tun` nor make an
+/// interface: uvmctl opens the tap and hands it over, at launch and live.
+#[test]
+fn tap_endpoints_are_opened_by_uvmctl_and_handed_to_qemu() {
+    let h = Host::new();
+    let tap = |i: u32| format!("uvt{}{i}", std::process::id() % 100_000);
+    let nic = |i: u32| {
+        format!(
+            "    - {{nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c0{i}, endpointId: {}, macAddress: 52-54-00-12-34-5{i}}}\n",
+            tap(i)
+        )
+    };
+    h.write_spec(
+        "vm",
+        &h.spec("vm", &format!("  networkAdapters:\n{}", nic(1))),
+    );
+    h.apply();
+    let mut agent = h.agent("vm");
+    agent.wait_for("links", "the NIC on the tap made at launch", |l| {
+        l.iter().any(|x| x.contains("52:54:00:12:34:51"))
+    });
+    h.write_spec(
+        "vm",
+        &h.spec("vm", &format!("  networkAdapters:\n{}{}", nic(1), nic(2))),
+    );
+    let out = h.apply();
+    assert!(text(&out).contains("+ networkAdapter"), "{}", text(&out));
+    agent.wait_for("links", "the NIC on the tap added live", |l| {
+        l.iter().any(|x| x.contains("52:54:00:12:34:52"))
+    });
+    // Both interfaces exist on the host, held by QEMU alone.
+    for i in [1, 2] {
+        assert!(
+            Path::new(&format!("/sys/class/net/{}", tap(i))).exists(),
+            "tap {} missing",
+            tap(i)
+        );
+    }
+    assert!(
+        !qemu_cmdline(&h, "vm").contains(&tap(1)),
+        "QEMU was given no tap name"
+    );
+    assert!(text(&h.apply()).contains("No changes."));
 }

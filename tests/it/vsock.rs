@@ -13,7 +13,10 @@ use std::time::Duration;
 
 fn listener(path: &Path) -> UnixListener {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).expect("bind the host listener")
+    let l = UnixListener::bind(path).expect("bind the host listener");
+    // The vsock backend (QEMU's service user) may connect to it.
+    crate::host::share_with_qemu(path, 0o660);
+    l
 }
 
 /// Answers one connection: reads a line, answers `reply`, returns the line.

@@ -27,7 +27,6 @@ use serde_json::{Value, json};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// Default root of per-VM state directories.
@@ -140,8 +139,16 @@ pub struct StateDir {
 
 /// Creates `dir` owner-only (mode 0700, whatever the umask), or takes the
 /// one there if it is a real directory of root's (never a planted link).
-fn create_private_dir(dir: &Path) -> Result<(), LaunchError> {
-    hostfs::private_dir(dir, 0o700).map_err(|source| LaunchError::Io {
+/// With `group` (the service user's), it is root's and shared with that
+/// group, sticky (1770): QEMU makes its sockets there, and cannot rename
+/// or remove what uvmctl keeps there.
+fn create_private_dir(dir: &Path, group: Option<u32>) -> Result<(), LaunchError> {
+    let mode = if group.is_some() { 0o1770 } else { 0o700 };
+    create_dir_mode(dir, mode, group)
+}
+
+fn create_dir_mode(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), LaunchError> {
+    hostfs::private_dir_for(dir, mode, group).map_err(|source| LaunchError::Io {
         what: "cannot use directory",
         path: dir.to_path_buf(),
         source,
@@ -182,22 +189,20 @@ impl StateDir {
             })
     }
 
-    /// Creates the root (0700, its parents as root's 0755) if it is
-    /// missing, and checks nobody but root can change it.
+    /// Creates the root (0711: others may pass through to the VM
+    /// directories shared with QEMU's service user, and see nothing; its
+    /// parents as root's 0755) if it is missing, and checks nobody but root
+    /// can change it.
     pub fn ensure_root(&self) -> Result<(), LaunchError> {
         if std::fs::symlink_metadata(&self.root).is_err() {
             if let Some(parent) = self.root.parent() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(parent)
-                    .map_err(|source| LaunchError::Io {
-                        what: "cannot create",
-                        path: parent.to_path_buf(),
-                        source,
-                    })?;
+                hostfs::create_dirs(parent, 0o755).map_err(|source| LaunchError::Io {
+                    what: "cannot create",
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
             }
-            create_private_dir(&self.root)?;
+            create_dir_mode(&self.root, 0o711, None)?;
         }
         self.check_trusted()
     }
@@ -212,8 +217,9 @@ impl StateDir {
         self.root.join(name)
     }
 
-    /// Creates `<root>/<vm>/` with mode 0700.
-    pub fn create_vm_dir(&self, name: &str) -> Result<PathBuf, LaunchError> {
+    /// Creates `<root>/<vm>/` with mode 0700, or 1770 shared with `group`
+    /// (the service user QEMU runs as); or makes the one there so.
+    pub fn create_vm_dir(&self, name: &str, group: Option<u32>) -> Result<PathBuf, LaunchError> {
         let dir = self.vm_dir(name);
         // QEMU binds its sockets here; sun_path holds 107 bytes and a NUL.
         let longest = [
@@ -240,7 +246,7 @@ impl StateDir {
             });
         }
         self.ensure_root()?;
-        create_private_dir(&dir)?;
+        create_private_dir(&dir, group)?;
         Ok(dir)
     }
 
@@ -294,13 +300,28 @@ impl StateDir {
         self.vm_dir(name).join("efivars.fd")
     }
 
-    /// Gives the VM its UEFI variable store from the OVMF template, once.
-    pub fn prepare_efi_vars(&self, name: &str) -> Result<(), LaunchError> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Gives the VM its UEFI variable store from the OVMF template, once,
+    /// and opens it (read-write, never through a link) for QEMU.
+    pub fn prepare_efi_vars(&self, name: &str) -> Result<HostFile, LaunchError> {
         let path = self.efi_vars(name);
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-            return Ok(());
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            self.make_efi_vars(&path)?;
         }
+        let file =
+            hostfs::open_state_file(&path, 0o600, false).map_err(|source| LaunchError::Io {
+                what: "cannot open",
+                path: path.clone(),
+                source,
+            })?;
+        Ok(HostFile {
+            path,
+            file: std::sync::Arc::new(file),
+        })
+    }
+
+    fn make_efi_vars(&self, path: &Path) -> Result<(), LaunchError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = path.to_path_buf();
         let io = |what| {
             let path = path.clone();
             move |source| LaunchError::Io { what, path, source }
@@ -580,12 +601,19 @@ pub fn qos_limits(q: Option<&crate::spec::StorageQos>) -> Value {
     })
 }
 
-/// JSON arguments to create one NIC: backend and device.
-pub fn nic_args(n: &crate::spec::NetworkAdapter) -> (Value, Value) {
-    let netdev = if n.endpoint_id == "user" {
-        json!({"type": "user", "id": ids::netdev(&n.nic_id)})
+/// Whether a NIC's endpoint is a tap device (else QEMU's user networking).
+pub fn is_tap(n: &crate::spec::NetworkAdapter) -> bool {
+    n.endpoint_id != "user"
+}
+
+/// JSON arguments to create one NIC: backend and device. A tap's backend
+/// takes the descriptor uvmctl opened (`tap_fd`: its number at launch, its
+/// `getfd` name on a running VM); QEMU never opens the tap itself.
+pub fn nic_args(n: &crate::spec::NetworkAdapter, tap_fd: &str) -> (Value, Value) {
+    let netdev = if is_tap(n) {
+        json!({"type": "tap", "id": ids::netdev(&n.nic_id), "fd": tap_fd, "vhost": false})
     } else {
-        json!({"type": "tap", "id": ids::netdev(&n.nic_id), "ifname": n.endpoint_id, "script": "no", "downscript": "no", "vhost": false})
+        json!({"type": "user", "id": ids::netdev(&n.nic_id)})
     };
     let device = json!({
         "driver": "virtio-net-pci",
@@ -641,7 +669,24 @@ pub struct Resolved {
     pub vsock_device: bool,
     /// vsock listeners by port (resolved; the listener may not exist yet).
     pub vsock_listeners: std::collections::BTreeMap<u32, PathBuf>,
+    /// For UEFI boot: the VM's own variable store, opened read-write.
+    pub efi_vars: Option<HostFile>,
+    /// Tap devices by NIC id, opened at launch (never by a pre-flight:
+    /// opening one makes the interface).
+    pub taps: std::collections::BTreeMap<String, Tap>,
 }
+
+/// An open tap device.
+#[derive(Debug, Clone)]
+pub struct Tap(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for Tap {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
+}
+
+impl Eq for Tap {}
 
 /// An EFI path (`\EFI\app.efi` or `EFI/app.efi`) as a path relative to the
 /// boot directory.
@@ -802,6 +847,108 @@ pub fn resolve(
     Ok(r)
 }
 
+/// Checks that QEMU, running as `user`, can use what it opens itself: the
+/// files it is handed as `/dev/fd/N` (kernel, initrd, VPMem images, Plan9
+/// share roots), which it reopens, so their modes count; and the listener
+/// sockets it (or the vsock backend) connects to. Disks need nothing: QEMU
+/// takes a copy of uvmctl's descriptor.
+pub fn check_access(
+    cfg: &VmConfig,
+    res: &Resolved,
+    user: &super::user::ServiceUser,
+) -> Result<(), LaunchError> {
+    let refuse = |field: String, path: &Path, what: &str| LaunchError::HostPath {
+        field,
+        source: HostPathError::WrongKind {
+            path: path.display().to_string(),
+            reason: format!(
+                "not {what} by QEMU's service user {} (see docs/security.md: QEMU opens it itself, as that user)",
+                user.name
+            ),
+        },
+    };
+    let file_ok =
+        |f: &HostFile, write: bool| f.file.metadata().is_ok_and(|m| user.may_open(&m, write));
+    for (f, field) in [
+        (&res.kernel, "spec.boot kernel"),
+        (&res.initrd, "spec.boot initrd"),
+    ] {
+        if let Some(f) = f
+            && !file_ok(f, false)
+        {
+            return Err(refuse(field.into(), &f.path, "readable"));
+        }
+    }
+    if let Some(v) = &cfg.vpmem {
+        for (i, d) in v.devices.iter().enumerate() {
+            if let Some((f, _)) = res.pmem.get(&d.id)
+                && !file_ok(f, !d.read_only)
+            {
+                let what = if d.read_only {
+                    "readable"
+                } else {
+                    "readable and writable"
+                };
+                return Err(refuse(
+                    format!("spec.vpmem.devices[{i}].path"),
+                    &f.path,
+                    what,
+                ));
+            }
+        }
+    }
+    for (i, s) in cfg.plan9_shares.iter().enumerate() {
+        if let Some(f) = res.shares.get(&s.name)
+            && !f
+                .file
+                .metadata()
+                .is_ok_and(|m| user.may_use_dir(&m, !s.read_only))
+        {
+            let what = if s.read_only { "readable" } else { "writable" };
+            return Err(refuse(
+                format!("spec.plan9Shares[{i}].hostPath"),
+                &f.path,
+                what,
+            ));
+        }
+    }
+    let listeners = cfg
+        .serial_consoles
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            res.serials
+                .get(&c.port)
+                .map(|p| (format!("spec.serialConsoles[{i}].listenerPath"), p))
+        })
+        .chain(cfg.vm_sockets.iter().enumerate().filter_map(|(i, v)| {
+            v.port
+                .and_then(|port| res.vsock_listeners.get(&port))
+                .map(|p| (format!("spec.vmSockets[{i}].listenerPath"), p))
+        }));
+    for (field, path) in listeners {
+        check_listener_access(user, path).map_err(|what| refuse(field, path, what))?;
+    }
+    Ok(())
+}
+
+/// Whether `user` can connect to the listener at `path` (resolved): reach
+/// its directory and, once it exists, write the socket.
+pub fn check_listener_access(
+    user: &super::user::ServiceUser,
+    path: &Path,
+) -> Result<(), &'static str> {
+    if !user.may_reach(path) {
+        return Err("reachable (a directory on the way is closed to it)");
+    }
+    match fs::metadata(path) {
+        Ok(m) if !user.may_open(&m, true) => {
+            Err("allowed to connect to (the socket is not writable)")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Symlinks the launch needs inside the VM's state directory: (link, target).
 pub type Links = Vec<(PathBuf, PathBuf)>;
 
@@ -912,8 +1059,22 @@ pub fn argv(
         "panic=exit-failure",
     ]);
 
+    // Fd set ids given at launch: 0 for the UEFI variables, then the disks.
+    let mut fdset = 0;
     if let (Some(args), Some(kernel)) = (&res.uefi_args, &res.kernel) {
-        let vars = dir.efi_vars(name);
+        // The firmware code is the system's (root's, world-readable); the
+        // variable store is the VM's, handed over as a descriptor.
+        let vars = match &res.efi_vars {
+            Some(f) => {
+                fds.push(f.file.as_raw_fd());
+                push(&[
+                    "-add-fd",
+                    &format!("fd={},set={fdset},opaque=fw-vars", f.file.as_raw_fd()),
+                ]);
+                format!("/dev/fdset/{fdset}")
+            }
+            None => dir.efi_vars(name).display().to_string(),
+        };
         for node in [
             json!({"driver": "file", "filename": OVMF_CODE, "node-name": "fw-code-file", "read-only": true}),
             json!({"driver": "raw", "file": "fw-code-file", "node-name": "fw-code", "read-only": true}),
@@ -980,7 +1141,6 @@ pub fn argv(
     // limit can be set or lifted on the running VM.
     let qos = json!({"qom-type": "throttle-group", "id": ids::QOS_GROUP, "limits": qos_limits(cfg.storage_qos.as_ref())});
     push(&["-object", &qos.to_string()]);
-    let mut fdset = 0;
     for c in &cfg.scsi_controllers {
         push(&[
             "-device",
@@ -1039,7 +1199,11 @@ pub fn argv(
         }
     }
     for n in &cfg.network_adapters {
-        let (netdev, device) = nic_args(n);
+        let tap_fd = res.taps.get(&n.nic_id).map(|t| {
+            fds.push(t.0.as_raw_fd());
+            t.0.as_raw_fd().to_string()
+        });
+        let (netdev, device) = nic_args(n, tap_fd.as_deref().unwrap_or_default());
         push(&[
             "-netdev",
             &netdev.to_string(),
@@ -1576,12 +1740,14 @@ mod tests {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let dir = StateDir::new(root.path()).expect("state dir");
-        let err = dir.create_vm_dir(&"v".repeat(64)).expect_err("too long");
+        let err = dir
+            .create_vm_dir(&"v".repeat(64), None)
+            .expect_err("too long");
         assert!(
             err.to_string().contains("use a shorter --state-dir"),
             "{err}"
         );
-        assert!(dir.create_vm_dir("web").is_ok());
+        assert!(dir.create_vm_dir("web", None).is_ok());
     }
 
     #[test]

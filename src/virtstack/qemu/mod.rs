@@ -10,6 +10,8 @@ pub mod launch;
 mod observe;
 pub mod ops;
 pub mod qmp;
+pub mod tap;
+pub mod user;
 pub mod uvm;
 pub mod vsock;
 
@@ -167,6 +169,9 @@ pub struct QemuOptions {
     /// Only looks at VMs: talks to their observe QMP socket (where they
     /// have one), so it never waits for an apply holding the main one.
     pub observer: bool,
+    /// Who QEMU and the vsock backend run as; `None`: as uvmctl runs (root
+    /// only when asked for by name).
+    pub qemu_user: Option<user::ServiceUser>,
 }
 
 /// The QEMU virtstack on this host.
@@ -226,12 +231,18 @@ impl Qemu {
                 what: format!("vsock needs {}", vsock::BACKEND),
             });
         };
-        vsock::spawn_backend(binary, &self.opts.state_dir, name, cid)
-            .await
-            .map_err(|what| QemuError::Os {
-                vm: name.into(),
-                what,
-            })
+        vsock::spawn_backend(
+            binary,
+            &self.opts.state_dir,
+            name,
+            cid,
+            self.opts.qemu_user.as_ref(),
+        )
+        .await
+        .map_err(|what| QemuError::Os {
+            vm: name.into(),
+            what,
+        })
     }
 
     /// Stops the VM's vsock backend, if it runs, and forgets its pid.
@@ -325,6 +336,52 @@ impl Qemu {
     /// The launch record of a VM as it is on disk now.
     pub fn record_now(&self, name: &str) -> Result<LaunchRecord, QemuError> {
         self.record(name)
+    }
+
+    /// Every host file of `cfg` opened and checked (`launch::resolve`), and
+    /// usable by the service user QEMU runs as (`launch::check_access`).
+    pub fn resolve(&self, cfg: &VmConfig) -> Result<launch::Resolved, launch::LaunchError> {
+        let res = launch::resolve(cfg, &self.opts.roots, &self.caps)?;
+        if let Some(user) = &self.opts.qemu_user {
+            launch::check_access(cfg, &res, user)?;
+        }
+        Ok(res)
+    }
+
+    /// The group the VM directories are shared with: the service user's.
+    fn qemu_group(&self) -> Option<u32> {
+        self.opts.qemu_user.as_ref().map(|u| u.gid)
+    }
+
+    /// Makes the VM's directory (shared with the service user) and checks
+    /// that user can reach it: a state root it cannot pass through (0700)
+    /// would leave QEMU unable to make its sockets.
+    fn vm_dir_for_qemu(&self, name: &str) -> Result<PathBuf, QemuError> {
+        let dir = self
+            .opts
+            .state_dir
+            .create_vm_dir(name, self.qemu_group())
+            .map_err(|source| QemuError::Launch {
+                vm: name.into(),
+                source,
+            })?;
+        if let Some(user) = &self.opts.qemu_user
+            && !user.may_reach(&dir.join("qmp.sock"))
+        {
+            return Err(QemuError::Launch {
+                vm: name.into(),
+                source: launch::LaunchError::StateDir {
+                    path: self.opts.state_dir.root().to_path_buf(),
+                    reason: format!(
+                        "QEMU's service user {} cannot pass through it to {}: give it mode 0711 (or group {} and 0710)",
+                        user.name,
+                        dir.display(),
+                        user.name
+                    ),
+                },
+            });
+        }
+        Ok(dir)
     }
 
     fn unwritten(
@@ -513,11 +570,8 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        launch::resolve(cfg, &self.opts.roots, &self.caps).map_err(launch_err)?;
-        self.opts
-            .state_dir
-            .create_vm_dir(name)
-            .map_err(launch_err)?;
+        self.resolve(cfg).map_err(launch_err)?;
+        self.vm_dir_for_qemu(name)?;
         let rec = LaunchRecord {
             version: 1,
             name: name.into(),
@@ -571,8 +625,7 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        let mut res =
-            launch::resolve(&rec.config, &self.opts.roots, &self.caps).map_err(launch_err)?;
+        let mut res = self.resolve(&rec.config).map_err(launch_err)?;
         let saved = rec.saved.clone();
         if let Some(s) = &saved {
             // The saved state loads only into the memory layout it had, and
@@ -586,18 +639,34 @@ impl Qemu {
             // comes back with its state.
             cfg.memory.size_mb = hot.min_mb;
         }
+        // Shared with the service user as it is now (a VM made before, or
+        // by a QEMU that ran as root, gets the mode it needs).
+        let dir = self.vm_dir_for_qemu(name)?;
+        if rec.config.boot.uefi.is_some() {
+            res.efi_vars = Some(
+                self.opts
+                    .state_dir
+                    .prepare_efi_vars(name)
+                    .map_err(launch_err)?,
+            );
+        }
+        // Tap devices are opened here, by root, and handed over.
+        for n in cfg.network_adapters.iter().filter(|n| launch::is_tap(n)) {
+            let tap = tap::open(&n.endpoint_id).map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!(
+                    "networkAdapter {}: cannot open tap {}: {e}",
+                    n.nic_id, n.endpoint_id
+                ),
+            })?;
+            res.taps
+                .insert(n.nic_id.clone(), launch::Tap(std::sync::Arc::new(tap)));
+        }
         let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
             launch::place_devices(&mut argv, &s.placement);
             argv.extend(["-incoming".to_string(), "defer".to_string()]);
-        }
-        let dir = self.opts.state_dir.vm_dir(name);
-        if rec.config.boot.uefi.is_some() {
-            self.opts
-                .state_dir
-                .prepare_efi_vars(name)
-                .map_err(launch_err)?;
         }
         for (link, target) in &handover.links {
             let _ = std::fs::remove_file(link);
@@ -633,6 +702,9 @@ impl Qemu {
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.events_socket(name));
+        // A QEMU that ran as another user cannot replace its socket itself
+        // (the directory is sticky).
+        let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
         // Never through a link planted where the log goes.
         let log =
             crate::hostfs::open_state_file(&self.opts.state_dir.stderr_log(name), 0o600, true)
@@ -656,6 +728,12 @@ impl Qemu {
                 }
                 Ok(())
             });
+        }
+        if let Some(user) = &self.opts.qemu_user {
+            // Pinned memory needs the locked-memory limit lifted, which
+            // only root may do, before the user changes.
+            let memlock = cfg.memory.backing == crate::vm::MemoryBackingType::Physical;
+            user.apply(&mut command, memlock);
         }
         // Its own process group: a Ctrl+C meant for uvmctl must not reach the VMs.
         let child = command

@@ -354,9 +354,20 @@ pub async fn set_cpus(q: &Qmp, target: u32, timeout: Duration) -> Result<(), Unp
     Ok(())
 }
 
-/// Adds a NIC: backend, then device.
-pub async fn add_nic(q: &Qmp, n: &NetworkAdapter) -> Result<(), QmpError> {
-    let (netdev, device) = nic_args(n);
+/// Adds a NIC: backend, then device. A tap endpoint is opened by uvmctl (`tap`) and handed over
+/// (`getfd`), its backend taking that descriptor.
+pub async fn add_nic(
+    q: &Qmp,
+    n: &NetworkAdapter,
+    tap: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), QmpError> {
+    let fdname = format!("tap-{}", ids::netdev(&n.nic_id));
+    if let Some(fd) = tap {
+        // A name left by an add that failed would refuse the new one.
+        let _ = q.execute("closefd", Some(json!({"fdname": fdname}))).await;
+        q.send_fd(&fdname, fd).await?;
+    }
+    let (netdev, device) = nic_args(n, &fdname);
     // A backend left behind by a `device_del` made by hand would clash. This
     // runs only when the NIC device is absent, so no NIC uses that backend.
     let _ = q

@@ -7,7 +7,7 @@
 //! start (or restore) launches what the VM really has.
 
 use super::images::{check_scsi_image, check_vpmem_image};
-use super::launch::{self, LaunchError};
+use super::launch::LaunchError;
 use super::{Qemu, QemuError, ops};
 use crate::spec::{
     Boot, LinuxKernelDirect, Mmio, NetworkAdapter, Policy, PowerState, ScsiDisk, SerialConsole,
@@ -450,6 +450,24 @@ impl VpmemManager for QemuVm {
         let field = format!("vpmemDevice {id}");
         let image = self.open_host(path, &field, super::images::scsi_access(read_only))?;
         let size = check_vpmem_image(&image, format).map_err(self.path_err(field.clone()))?;
+        // QEMU reopens a memory backend's file itself, as its service user.
+        if let Some(user) = &self.qemu.options().qemu_user
+            && !image
+                .file
+                .metadata()
+                .is_ok_and(|m| user.may_open(&m, !read_only))
+        {
+            return Err(self.err(format!(
+                "{field}: {} is not {} by QEMU's service user {}",
+                image.path.display(),
+                if read_only {
+                    "readable"
+                } else {
+                    "readable and writable"
+                },
+                user.name
+            )));
+        }
         let max = rec
             .config
             .vpmem
@@ -490,7 +508,18 @@ impl NetworkManager for QemuVm {
             endpoint_id: endpoint_id.to_string(),
             mac_address: mac.to_string(),
         };
-        ops::add_nic(&q, &nic).await.map_err(|e| self.qmp_err(e))?;
+        let tap = if super::launch::is_tap(&nic) {
+            Some(super::tap::open(endpoint_id).map_err(|e| {
+                self.err(format!(
+                    "networkAdapter {nic_id}: cannot open tap {endpoint_id}: {e}"
+                ))
+            })?)
+        } else {
+            None
+        };
+        ops::add_nic(&q, &nic, tap.as_ref().map(std::os::fd::AsFd::as_fd))
+            .await
+            .map_err(|e| self.qmp_err(e))?;
         self.record(
             ResourceKind::NetworkAdapter,
             ItemKey::Text(nic_id.to_string()),
@@ -565,7 +594,16 @@ impl VMSocketManager for QemuVm {
             .options()
             .roots
             .check_socket(listener_path)
-            .map_err(self.path_err(field))?;
+            .map_err(self.path_err(field.clone()))?;
+        if let Some(user) = &self.qemu.options().qemu_user {
+            super::launch::check_listener_access(user, &target).map_err(|what| {
+                self.err(format!(
+                    "{field}: {} is not {what} by QEMU's service user {}",
+                    target.display(),
+                    user.name
+                ))
+            })?;
+        }
         let (q, _) = self.qemu.live(&self.name).await?;
         self.qemu.ensure_vsock(&q, &self.name).await?;
         super::vsock::link(&self.qemu.options().state_dir, &self.name, port, &target).map_err(
@@ -635,15 +673,13 @@ impl Virtstack for Qemu {
     }
 
     fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        launch::resolve(config, &self.options().roots, self.capabilities())
-            .map(drop)
-            .map_err(|source| {
-                QemuError::Launch {
-                    vm: name.to_string(),
-                    source,
-                }
-                .into()
-            })
+        self.resolve(config).map(drop).map_err(|source| {
+            QemuError::Launch {
+                vm: name.to_string(),
+                source,
+            }
+            .into()
+        })
     }
 
     async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
@@ -747,6 +783,7 @@ mod tests {
             .expect("tempdir");
         std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
         let qemu = Qemu::new(QemuOptions {
+            qemu_user: None,
             state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
             roots: AllowedRoots::new(&[dir.path()]),
             accel: Accel::Tcg,

@@ -104,6 +104,7 @@ pub async fn spawn_backend(
     dir: &StateDir,
     name: &str,
     cid: u32,
+    user: Option<&super::user::ServiceUser>,
 ) -> Result<u32, String> {
     let socket = dir.vsock_backend_socket(name);
     let uds = dir.vsock_socket(name);
@@ -118,7 +119,11 @@ pub async fn spawn_backend(
         socket.display(),
         uds.display()
     );
-    let mut child = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    if let Some(user) = user {
+        user.apply(&mut command, false);
+    }
+    let mut child = command
         .args(["--vm", &vm])
         .current_dir(dir.vm_dir(name))
         .stdin(std::process::Stdio::null())
