@@ -359,6 +359,17 @@ fn links_planted_in_a_vm_directory_are_refused_never_followed() {
         std::fs::read_to_string(&victim).expect("victim"),
         "root's file\n"
     );
+    // A launch refused before QEMU started leaves nothing running: no vsock
+    // backend either.
+    let state = h.path("state").display().to_string();
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&state))
+        .collect();
+    assert!(running.is_empty(), "left running: {running:?}");
     std::fs::remove_file(vm_dir.join("qemu.log")).expect("unplant");
 
     // A hard link to the victim where the log goes: refused too, not emptied.

@@ -688,6 +688,14 @@ impl Qemu {
                 }
             })?;
         }
+        // Never through a link planted where the log goes (opened before
+        // anything is started, so a refusal leaves nothing running).
+        let log =
+            crate::hostfs::open_state_file(&self.opts.state_dir.stderr_log(name), 0o600, true)
+                .map_err(|e| QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot create qemu.log: {e}"),
+                })?;
         vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
         rec.vsock_pid = None;
         let cid = match rec.vsock_cid {
@@ -705,13 +713,6 @@ impl Qemu {
         // A QEMU that ran as another user cannot replace its socket itself
         // (the directory is sticky).
         let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
-        // Never through a link planted where the log goes.
-        let log =
-            crate::hostfs::open_state_file(&self.opts.state_dir.stderr_log(name), 0o600, true)
-                .map_err(|e| QemuError::Os {
-                    vm: name.into(),
-                    what: format!("cannot create qemu.log: {e}"),
-                })?;
         let mut command = tokio::process::Command::new(launch::QEMU_BINARY);
         let inherit = handover.fds.clone();
         // SAFETY: the closure runs in the child between fork and exec and
@@ -744,11 +745,19 @@ impl Qemu {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| QemuError::Os {
-                vm: name.into(),
-                what: format!("cannot start {}: {e}", launch::QEMU_BINARY),
-            })?;
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                // The backend started for it must not outlive the failure:
+                // its pid is in no record yet.
+                vsock::stop_backend(rec.vsock_pid, &self.opts.state_dir, name).await;
+                return Err(QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot start {}: {e}", launch::QEMU_BINARY),
+                });
+            }
+        };
         let pid = child.id();
         // Reap it when it exits while uvmctl still runs; after that the
         // launch record and qemu.log tell what happened.
