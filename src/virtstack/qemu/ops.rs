@@ -137,7 +137,9 @@ pub async fn add_scsi_disk(
     // Nodes left behind by a `device_del` made by hand would clash; nodes in
     // use refuse deletion, and the add below then reports the clash.
     delete_nodes(q, &names).await;
-    remove_fdsets(q, &opaque).await;
+    // A set left by a failed add needs no query here: it is harmless (the
+    // new one gets its own id) and goes with the disk's removal, which
+    // removes every set of this tag.
     let (set, _) = q.add_fd(&opaque, image.file.as_fd()).await?;
     let (nodes, device) = scsi_disk_args(controller, disk, image, &format!("/dev/fdset/{set}"));
     let undo = |created: usize| {
