@@ -219,9 +219,7 @@ pub fn open_beneath(root: &Path, rel: &Path, access: Access) -> io::Result<File>
             ));
         }
     }
-    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
-    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    blocking(&file)?;
     Ok(file)
 }
 
@@ -336,9 +334,7 @@ pub fn open_state_file(path: &Path, mode: u32, truncate: bool) -> io::Result<Fil
             "not a regular file of uvmctl's alone (another name, owner or kind); refused",
         ));
     }
-    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
-    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    blocking(&file)?;
     if truncate {
         file.set_len(0)?;
     }
@@ -371,6 +367,15 @@ pub fn read_state_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         ));
     }
     Ok(out)
+}
+
+/// Clears `O_NONBLOCK` (set only so the open could not hang on a FIFO) once
+/// the file is known to be what was expected.
+fn blocking(file: &File) -> io::Result<()> {
+    let flags = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 fn libc_flags(f: OFlag) -> i32 {

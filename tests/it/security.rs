@@ -402,6 +402,17 @@ fn links_planted_in_a_vm_directory_are_refused_never_followed() {
     );
 }
 
+/// Runs `cmd` under umask 000, as a careless caller would.
+fn umask_000(cmd: &mut Command) {
+    // SAFETY: umask is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+}
+
 /// Whatever umask the caller has, what uvmctl creates is root's alone: the
 /// state root, VM directories and the serve socket.
 #[test]
@@ -418,13 +429,7 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
         .arg("--allow-root")
         .arg(&h.guest)
         .stderr(std::process::Stdio::null());
-    // SAFETY: umask is async-signal-safe.
-    unsafe {
-        serve.pre_exec(|| {
-            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-            Ok(())
-        });
-    }
+    umask_000(&mut serve);
     let mut child = serve.spawn().expect("serve starts");
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::symlink_metadata(&socket).is_err() && Instant::now() < deadline {
@@ -450,13 +455,7 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
         .arg(&state)
         .arg("--allow-root")
         .arg(&h.guest);
-    // SAFETY: as above.
-    unsafe {
-        apply.pre_exec(|| {
-            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-            Ok(())
-        });
-    }
+    umask_000(&mut apply);
     assert_ok(&apply.output().expect("apply runs"));
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
     assert_eq!(
@@ -478,13 +477,7 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
             .arg(&remote_state)
             .arg("--allow-root")
             .arg(&h.guest);
-        // SAFETY: as above.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-                Ok(())
-            });
-        }
+        umask_000(&mut cmd);
         cmd.output().expect("uvmctl runs")
     };
     for args in [
