@@ -155,14 +155,17 @@ impl HostArgs {
             AccelArg::Kvm => Accel::Kvm,
             AccelArg::Tcg => Accel::Tcg,
         };
-        // An observer starts nothing, so needs no service user.
-        let name = match (&self.qemu_user, observer) {
-            (Some(name), _) => Some(name.as_str()),
-            (None, false) if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
-            _ => None,
+        let name = match &self.qemu_user {
+            Some(name) => Some(name.as_str()),
+            None if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
+            None => None,
         };
-        let qemu_user = match name {
-            Some(name) => ServiceUser::lookup(name, accel == Accel::Kvm)?,
+        let qemu_user = match name.map(|n| ServiceUser::lookup(n, accel == Accel::Kvm)) {
+            Some(Ok(user)) => user,
+            // An observer starts nothing: without the user it still looks
+            // (plan's pre-flight then cannot judge what that user may use).
+            Some(Err(_)) if observer => None,
+            Some(Err(e)) => return Err(e.into()),
             None => None,
         };
         Ok(Qemu::new(QemuOptions {

@@ -878,3 +878,38 @@ fn tap_endpoints_are_opened_by_uvmctl_and_handed_to_qemu() {
     );
     assert!(text(&h.apply()).contains("No changes."));
 }
+
+/// What QEMU's service user could not use is refused by plan, as by apply,
+/// naming the field: a writable share it may not write.
+#[test]
+fn plan_refuses_what_qemus_service_user_cannot_use() {
+    let h = Host::new();
+    let share = h.path("img").join("roots-only");
+    std::fs::create_dir(&share).expect("mkdir");
+    chmod(&share, 0o755);
+    h.write_spec(
+        "vm",
+        &h.spec(
+            "vm",
+            &format!(
+                "  plan9Shares:\n    - {{name: s, hostPath: {}}}\n",
+                share.display()
+            ),
+        ),
+    );
+    let specs = h.path("specs");
+    let specs = specs.to_str().expect("utf-8");
+    for args in [vec!["plan", specs], vec!["apply", specs, "--yes"]] {
+        let out = h.uvmctl(&args);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {t}");
+        assert!(
+            t.contains("spec.plan9Shares[0].hostPath") && t.contains("uvmctl-qemu"),
+            "{args:?}: {t}"
+        );
+    }
+    assert!(h.pid("vm").is_none(), "nothing launched");
+    // Given to its group, it is fine.
+    crate::host::share_with_qemu(&share, 0o770);
+    assert_ok(&h.plan(&[]));
+}
