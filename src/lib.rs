@@ -54,8 +54,8 @@ mod layering {
     const ALLOWED: &[(&str, &[&str])] = &[
         ("hostfs", &["hostfs"]),
         ("vm", &["vm"]),
-        ("protocol", &["protocol"]),
         ("spec", &["vm", "spec"]),
+        ("protocol", &["vm", "spec", "protocol"]),
         ("plan", &["vm", "spec", "plan"]),
         (
             "virtstack",

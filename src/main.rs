@@ -522,7 +522,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 );
                 return Ok(2);
             }
-            match vs.exit_error(&name).await {
+            // A VM destroyed meanwhile stopped as asked; one still listed
+            // says why it stopped.
+            match vs.observe(&name).await.ok().and_then(|o| o.exit_error) {
                 Some(err) => {
                     eprintln!("{name}: {err}");
                     Ok(1)

@@ -5,8 +5,8 @@
 //! - A VM with an operation its virtstack cannot do is not touched at all.
 //! - A recreate happens only when `--allow-recreate` or the spec's policy allows it.
 //! - A failing or hanging VM does not stop the others; each gets its own outcome.
-//! - Every live change goes through the VM's managers ([`Uvm`]), which
-//!   record it at once, so a later restart launches what the VM really has.
+//! - Every live change is one [`Virtstack::change`], which the virtstack
+//!   keeps at once, so a later restart launches what the VM really has.
 //!
 //! # Assumptions
 //! - One executor per state directory at a time (the CLI holds a lock).
@@ -17,9 +17,9 @@
 
 pub mod lock;
 
-use crate::plan::{Item, Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
+use crate::plan::{Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
 use crate::spec::{DesiredState, PowerState, VmConfig};
-use crate::vm::{Chain, Disruption, ResourceOperation, State, Uvm, Virtstack, VmError, VmName};
+use crate::vm::{Chain, Change, Disruption, State, Virtstack, VmError, VmName};
 use std::sync::Arc;
 
 /// Why one VM could not be brought to its spec.
@@ -40,20 +40,6 @@ pub enum ApplyError {
     /// The plan and the VM disagree (changed since planning).
     #[error("{0}")]
     Inconsistent(String),
-    /// The plan asked for a live change the VM interface has no verb for.
-    #[error("{what} has no live path in the VM interface; the plan should not have called it live")]
-    NoLivePath {
-        /// The change.
-        what: String,
-    },
-    /// The VM lacks the manager a live change needs.
-    #[error("{vm} has no {manager} manager")]
-    NoManager {
-        /// VM name.
-        vm: String,
-        /// Which manager.
-        manager: &'static str,
-    },
 }
 /// Choices for one apply.
 #[derive(Debug, Clone, Copy, Default)]
@@ -290,11 +276,10 @@ async fn update(
         vs.reconfigure(name, want).await?;
         return bring_to(vs, name, PowerState::Stopped, want.power_state, progress).await;
     } else if !changes.is_empty() {
-        let uvm = vs.open(name).await?;
         for op in changes {
             let what = format!("{} {} {}", op.operation, op.resource, op.key);
             progress(label, &what);
-            with_ticker(progress, label, &what, live(vs, name, uvm.as_ref(), op)).await?;
+            with_ticker(progress, label, &what, live(vs, name, op)).await?;
         }
     }
     if power.is_empty() && state == now.state {
@@ -354,208 +339,17 @@ async fn bring_to(
     Ok(())
 }
 
-/// One live change, through the VM's managers. Every item kind has its arm:
-/// a new kind does not compile until it has a decision here too.
-async fn live(vs: &dyn Virtstack, name: &VmName, vm: &dyn Uvm, op: &Op) -> Result<(), ApplyError> {
-    use ResourceOperation as O;
-    match (op.operation, op.before.as_ref(), op.after.as_ref()) {
-        (O::Add, _, Some(item)) => add(vm, item).await,
-        (O::Remove, Some(item), _) => remove(vm, item).await,
-        (O::Update, Some(before), Some(after)) => update_item(vs, name, vm, before, after).await,
-        (O::Add, _, None) | (O::Remove, None, _) | (O::Update, None, _) | (O::Update, _, None) => {
-            Err(ApplyError::Inconsistent(format!(
+/// One live change: the plan's operation, handed to the virtstack's one
+/// change verb.
+async fn live(vs: &dyn Virtstack, name: &VmName, op: &Op) -> Result<(), ApplyError> {
+    let change =
+        Change::new(op.operation, op.before.clone(), op.after.clone()).ok_or_else(|| {
+            ApplyError::Inconsistent(format!(
                 "{} {} {} carries no item",
                 op.operation, op.resource, op.key
-            )))
-        }
-    }
-}
-
-fn manager<'a, T: ?Sized>(
-    vm: &dyn Uvm,
-    m: Option<&'a T>,
-    manager: &'static str,
-) -> Result<&'a T, ApplyError> {
-    m.ok_or_else(|| ApplyError::NoManager {
-        vm: vm.id().to_string(),
-        manager,
-    })
-}
-
-fn no_live_path(op: &str, item: &Item) -> ApplyError {
-    ApplyError::NoLivePath {
-        what: format!("{op} {}", crate::vm::items::describe(item)),
-    }
-}
-
-async fn add(vm: &dyn Uvm, item: &Item) -> Result<(), ApplyError> {
-    match item {
-        Item::ScsiController(id) => {
-            manager(vm, vm.scsi(), "SCSI")?
-                .add_scsi_controller(*id)
-                .await?
-        }
-        Item::ScsiDisk(d) => {
-            manager(vm, vm.scsi(), "SCSI")?
-                .add_scsi_disk(
-                    d.controller,
-                    d.disk.lun,
-                    &d.disk.path,
-                    d.disk.disk_type,
-                    d.disk.read_only,
-                )
-                .await?
-        }
-        Item::VpmemDevice(d) => {
-            manager(vm, vm.vpmem(), "VPMem")?
-                .add_vpmem_device(d.id, &d.path, d.read_only, d.format)
-                .await?
-        }
-        Item::NetworkAdapter(n) => {
-            manager(vm, vm.network(), "network")?
-                .add_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
-                .await?
-        }
-        Item::Plan9Share(s) => {
-            manager(vm, vm.plan9(), "Plan9")?
-                .add_plan9(
-                    &s.host_path,
-                    &s.name,
-                    s.port,
-                    s.flags,
-                    &s.allowed_files,
-                    s.read_only,
-                )
-                .await?
-        }
-        Item::VsmbShare(s) => {
-            manager(vm, vm.vsmb(), "VSMB")?
-                .add_vsmb(&s.host_path, &s.name, &s.allowed_files, &s.options)
-                .await?
-        }
-        Item::PciDevice(p) => {
-            manager(vm, vm.pci(), "PCI")?
-                .add_device(&p.instance_id, p.vmbus_guid.as_deref().unwrap_or_default())
-                .await?
-        }
-        Item::VmSocket(s) => {
-            manager(vm, vm.vm_socket(), "VM socket")?
-                .vm_socket_listen(s.socket_type, &s.address(), &s.listener_path)
-                .await?
-        }
-        // Serial consoles are wired at launch; the rest exist once per VM
-        // and are only ever updated.
-        Item::SerialConsole(_)
-        | Item::Policy(_)
-        | Item::GuestOs(_)
-        | Item::Boot(_)
-        | Item::MemoryConfig(_)
-        | Item::Mmio(_)
-        | Item::VpmemController(_)
-        | Item::CpuGroup(_)
-        | Item::Processors(_)
-        | Item::Memory(_)
-        | Item::StorageQos(_)
-        | Item::PowerState(_) => return Err(no_live_path("add", item)),
-    }
-    Ok(())
-}
-
-async fn remove(vm: &dyn Uvm, item: &Item) -> Result<(), ApplyError> {
-    match item {
-        Item::ScsiController(id) => {
-            manager(vm, vm.scsi(), "SCSI")?
-                .remove_scsi_controller(*id)
-                .await?
-        }
-        Item::ScsiDisk(d) => {
-            manager(vm, vm.scsi(), "SCSI")?
-                .remove_scsi_disk(d.controller, d.disk.lun, &d.disk.path)
-                .await?
-        }
-        Item::VpmemDevice(d) => {
-            manager(vm, vm.vpmem(), "VPMem")?
-                .remove_vpmem_device(d.id, &d.path)
-                .await?
-        }
-        Item::NetworkAdapter(n) => {
-            manager(vm, vm.network(), "network")?
-                .remove_nic(&n.nic_id, &n.endpoint_id, &n.mac_address)
-                .await?
-        }
-        Item::Plan9Share(s) => {
-            manager(vm, vm.plan9(), "Plan9")?
-                .remove_plan9(&s.name, s.port)
-                .await?
-        }
-        Item::VsmbShare(s) => manager(vm, vm.vsmb(), "VSMB")?.remove_vsmb(&s.name).await?,
-        Item::PciDevice(p) => {
-            manager(vm, vm.pci(), "PCI")?
-                .remove_device(&p.instance_id, p.vmbus_guid.as_deref().unwrap_or_default())
-                .await?
-        }
-        Item::VmSocket(s) => {
-            manager(vm, vm.vm_socket(), "VM socket")?
-                .vm_socket_close(s.socket_type, &s.address())
-                .await?
-        }
-        Item::SerialConsole(_)
-        | Item::Policy(_)
-        | Item::GuestOs(_)
-        | Item::Boot(_)
-        | Item::MemoryConfig(_)
-        | Item::Mmio(_)
-        | Item::VpmemController(_)
-        | Item::CpuGroup(_)
-        | Item::Processors(_)
-        | Item::Memory(_)
-        | Item::StorageQos(_)
-        | Item::PowerState(_) => return Err(no_live_path("remove", item)),
-    }
-    Ok(())
-}
-
-async fn update_item(
-    vs: &dyn Virtstack,
-    name: &VmName,
-    vm: &dyn Uvm,
-    before: &Item,
-    after: &Item,
-) -> Result<(), ApplyError> {
-    match after {
-        // Not a device: only what the next plan reads back (prune protection).
-        Item::Policy(policy) => vs.set_policy(name, policy).await?,
-        Item::Processors(n) => vm.set_processor_count(*n).await?,
-        Item::Memory(mb) => vm.set_memory_size(*mb).await?,
-        Item::StorageQos(qos) => {
-            let limit = |v: Option<u64>| v.unwrap_or(0);
-            let (iops, bw) = qos.as_ref().map_or((0, 0), |q| {
-                (limit(q.iops_maximum), limit(q.bandwidth_maximum))
-            });
-            vm.set_storage_qos(iops, bw).await?
-        }
-        // A device updated live is one the virtstack swaps: out, then in.
-        Item::ScsiController(_)
-        | Item::ScsiDisk(_)
-        | Item::VpmemDevice(_)
-        | Item::NetworkAdapter(_)
-        | Item::Plan9Share(_)
-        | Item::VsmbShare(_)
-        | Item::PciDevice(_)
-        | Item::VmSocket(_) => {
-            remove(vm, before).await?;
-            add(vm, after).await?
-        }
-        Item::SerialConsole(_)
-        | Item::GuestOs(_)
-        | Item::Boot(_)
-        | Item::MemoryConfig(_)
-        | Item::Mmio(_)
-        | Item::VpmemController(_)
-        | Item::CpuGroup(_)
-        | Item::PowerState(_) => return Err(no_live_path("update", after)),
-    }
-    Ok(())
+            ))
+        })?;
+    Ok(vs.change(name, &change).await?)
 }
 
 #[cfg(test)]

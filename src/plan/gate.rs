@@ -37,20 +37,9 @@ pub fn classify(
         | K::Plan9Share
         | K::VsmbShare
         | K::PciDevice
-        | K::VmSocket => match op {
-            ResourceOperation::Add | ResourceOperation::Remove => ask(caps, kind, key, op),
-            // Managers add and remove devices; a live update is the two in
-            // a row, so it costs the most of the three.
-            ResourceOperation::Update => [
-                ResourceOperation::Update,
-                ResourceOperation::Remove,
-                ResourceOperation::Add,
-            ]
-            .into_iter()
-            .map(|o| ask(caps, kind, key, o))
-            .max_by_key(|s| s.disruption)
-            .unwrap_or_else(Support::live),
-        },
+        // One change verb takes an update with what it replaces: the
+        // virtstack's own Update cell says what it costs there.
+        | K::VmSocket => ask(caps, kind, key, op),
     }
 }
 

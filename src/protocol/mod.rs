@@ -2,9 +2,13 @@
 //! `proto/vmservice.proto`: messages in [`vmservice`], the ttrpc service
 //! (client, server trait and registration) in [`vmservice_ttrpc`].
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, unused_qualifications)]
+pub mod convert;
 
-include!(concat!(env!("OUT_DIR"), "/vmservice/protocol.rs"));
+#[allow(missing_docs, clippy::all, clippy::pedantic, unused_qualifications)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/vmservice/protocol.rs"));
+}
+pub use generated::*;
 
 /// The ttrpc service name, as every peer spells it.
 pub const SERVICE: &str = "vmservice.VM";

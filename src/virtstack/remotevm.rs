@@ -12,13 +12,13 @@
 //! the configuration is kept in a record beside the server's socket, and a
 //! start creates the VM again from it.
 
+use crate::protocol::convert;
 use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc::VmClient;
-use crate::vm::config::{Policy, VmConfig};
+use crate::vm::config::VmConfig;
+use crate::vm::items::{ChangeError, ResourceKind};
 use crate::vm::{
-    Capabilities, GuestOs, NetworkManager, Observe, ObservedVm, PciManager, Plan9Manager, Resource,
-    ResourceOperation, ScsiDiskType, ScsiManager, State, Support, Uvm, UvmBuilder, VMSocketManager,
-    VMSocketType, VPMemImageFormat, Virtstack, VmError, VmName, VmStats, VpmemManager, VsmbManager,
+    Capabilities, Change, Observe, ObservedVm, Resource, State, Virtstack, VmError, VmName, VmStats,
 };
 use async_trait::async_trait;
 use protobuf::well_known_types::empty::Empty;
@@ -136,16 +136,62 @@ fn backend(what: impl Into<String>) -> VmError {
     VmError::Backend(what.into().into())
 }
 
+/// A failed call as the contract's error: the server's status code says
+/// the kind (`serve` maps kinds to codes; this maps them back).
 fn rpc(vm: &str, call: &str, e: &ttrpc::Error) -> VmError {
-    if let ttrpc::Error::RpcStatus(s) = e
-        && s.code() == ttrpc::Code::UNIMPLEMENTED
-    {
-        return backend(format!(
+    rpc_for(vm, call, e, None)
+}
+
+/// As [`rpc`], for a change of `resource`/`operation`.
+fn rpc_for(vm: &str, call: &str, e: &ttrpc::Error, change: Option<&Change>) -> VmError {
+    use ttrpc::Code;
+    let ttrpc::Error::RpcStatus(s) = e else {
+        return backend(format!("vm {vm}: {call}: {e:?}"));
+    };
+    let message = format!("{call}: {}", s.message);
+    match (
+        s.code(),
+        change.and_then(|c| Some((c.resource()?, c.operation()))),
+    ) {
+        (Code::NOT_FOUND, _) => VmError::NoSuchItem {
+            vm: vm.to_string(),
+            item: message,
+        },
+        (Code::FAILED_PRECONDITION, _) => VmError::Refused {
+            vm: vm.to_string(),
+            reason: message,
+        },
+        (Code::UNIMPLEMENTED, Some((resource, operation))) => VmError::NotSupported {
+            resource,
+            operation,
+            reason: message,
+        },
+        (Code::UNIMPLEMENTED, None) => backend(format!(
             "vm {vm}: {call}: not supported by the server: {}",
             s.message
-        ));
+        )),
+        _ => backend(format!("vm {vm}: {message} ({:?})", s.code())),
     }
-    backend(format!("vm {vm}: {call}: {e:?}"))
+}
+
+/// The lifecycle calls without arguments.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Resume,
+    Pause,
+    Teardown,
+    Quit,
+}
+
+/// `config` with `change` made, or why it does not fit.
+fn applied(vm: &VmName, change: &Change, config: &VmConfig) -> Result<VmConfig> {
+    change.applied(config).map_err(|e| match e {
+        ChangeError::Absent(item) => VmError::NoSuchItem {
+            vm: vm.to_string(),
+            item,
+        },
+        e => backend(format!("vm {vm}: {e}")),
+    })
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -154,74 +200,7 @@ fn ctx() -> ttrpc::context::Context {
 
 /// The capabilities a server's `CapabilitiesVM` answer describes.
 pub fn capabilities_from(resp: &pb::CapabilitiesVMResponse) -> Capabilities {
-    use pb::capabilities_vmresponse::{Resource as R, SupportedGuestOS};
-    let mut c = Capabilities::new(REMOTEVM);
-    for r in Resource::ALL {
-        c.set_all(
-            r,
-            Support::unsupported("the vmservice protocol has no message for it"),
-            Support::unsupported("the vmservice protocol has no message for it"),
-            Support::unsupported("the vmservice protocol has no message for it"),
-        );
-    }
-    let ours = |r: R| match r {
-        R::Vpmem => Resource::VPMem,
-        R::Scsi => Resource::Scsi,
-        R::Vpci => Resource::Pci,
-        R::Plan9 => Resource::Plan9,
-        R::VMNic => Resource::Network,
-        R::Memory => Resource::Memory,
-        R::Processor => Resource::Processor,
-    };
-    for s in &resp.supported_resources {
-        let Ok(r) = s.resource.enum_value() else {
-            continue;
-        };
-        let r = ours(r);
-        if r == Resource::Plan9 {
-            // Listed, but ModifyResource has no Plan9 message.
-            continue;
-        }
-        let support = |yes: bool| {
-            if yes {
-                Support::live()
-            } else {
-                Support::unsupported("the vmservice server does not do it on a running VM")
-            }
-        };
-        c.set(r, ResourceOperation::Add, support(s.Add));
-        c.set(r, ResourceOperation::Remove, support(s.Remove));
-        c.set(r, ResourceOperation::Update, support(s.Update));
-    }
-    // Given only at CreateVM: a change is a restart (the VM is created again
-    // from its new configuration). An empty controller cannot be given at
-    // all: the protocol names controllers only through their disks.
-    let cold =
-        |what: &str| Support::restart(format!("{what} are given only when the VM is created"));
-    c.set_all(
-        Resource::ScsiController,
-        cold("SCSI controllers (with their disks)"),
-        cold("SCSI controllers (with their disks)"),
-        Support::unsupported("a controller has no settings"),
-    );
-    c.set_all(
-        Resource::Serial,
-        cold("serial consoles"),
-        cold("serial consoles"),
-        cold("serial consoles"),
-    );
-    for os in &resp.supported_guest_os {
-        match os.enum_value() {
-            Ok(SupportedGuestOS::Linux) => {
-                c.guest_os.insert(GuestOs::Linux);
-            }
-            Ok(SupportedGuestOS::Windows) => {
-                c.guest_os.insert(GuestOs::Windows);
-            }
-            Err(_) => {}
-        }
-    }
-    c
+    convert::capabilities_from(REMOTEVM, resp)
 }
 
 /// Asks a server started by `spawner` (on a socket in `dir`) for its
@@ -370,16 +349,16 @@ impl RemoteVm {
         self.store(name.as_str(), rec)
     }
 
-    async fn call(&self, name: &VmName, call: &str) -> Result<()> {
+    async fn call(&self, name: &VmName, call: Call) -> Result<()> {
         let c = self.client(name).await?;
         let e = Empty::new();
-        let r = match call {
-            "ResumeVM" => c.resume_vm(ctx(), &e).await,
-            "PauseVM" => c.pause_vm(ctx(), &e).await,
-            "TeardownVM" => c.teardown_vm(ctx(), &e).await,
-            _ => c.quit(ctx(), &e).await,
+        let (r, what) = match call {
+            Call::Resume => (c.resume_vm(ctx(), &e).await, "ResumeVM"),
+            Call::Pause => (c.pause_vm(ctx(), &e).await, "PauseVM"),
+            Call::Teardown => (c.teardown_vm(ctx(), &e).await, "TeardownVM"),
+            Call::Quit => (c.quit(ctx(), &e).await, "Quit"),
         };
-        r.map(drop).map_err(|e| rpc(name.as_str(), call, &e))
+        r.map(drop).map_err(|e| rpc(name.as_str(), what, &e))
     }
 }
 
@@ -414,102 +393,9 @@ fn from_value(v: &protobuf::well_known_types::struct_::Value) -> serde_json::Val
     }
 }
 
-fn disk_type(t: ScsiDiskType) -> pb::DiskType {
-    match t {
-        ScsiDiskType::Vhd1 => pb::DiskType::SCSI_DISK_TYPE_VHD1,
-        ScsiDiskType::Vhdx => pb::DiskType::SCSI_DISK_TYPE_VHDX,
-        ScsiDiskType::PassThrough => pb::DiskType::SCSI_DISK_TYPE_PHYSICAL,
-    }
-}
-
-fn pmem_type(f: VPMemImageFormat) -> pb::DiskType {
-    match f {
-        VPMemImageFormat::Vhd1 => pb::DiskType::SCSI_DISK_TYPE_VHD1,
-        VPMemImageFormat::Vhdx => pb::DiskType::SCSI_DISK_TYPE_VHDX,
-    }
-}
-
 /// The protocol's `VMConfig` for a VM configuration.
 pub fn to_pb(cfg: &VmConfig) -> pb::VMConfig {
-    let mut c = pb::VMConfig::new();
-    if let Some(k) = &cfg.boot.linux_kernel_direct {
-        let mut d = pb::DirectBoot::new();
-        d.kernel_path = k.kernel.display().to_string();
-        d.initrd_path = k
-            .initrd
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        d.kernel_cmdline = k.cmdline.clone();
-        c.set_direct_boot(d);
-    } else if let Some(u) = &cfg.boot.uefi {
-        let mut e = pb::UEFI::new();
-        e.firmware_path = u.dir.display().to_string();
-        e.device_path = u.path.clone();
-        e.optional_data = u.args.clone();
-        c.set_uefi(e);
-    }
-    let mut m = pb::MemoryConfig::new();
-    m.memory_mb = cfg.memory.size_mb;
-    m.allow_overcommit = cfg.memory.backing == crate::vm::MemoryBackingType::Virtual;
-    m.deferred_commit = cfg.memory.deferred_commit;
-    m.hot_hint = cfg.memory.hot_hint;
-    m.cold_hint = cfg.memory.cold_hint;
-    m.cold_discard_hint = cfg.memory.cold_discard_hint;
-    if let Some(g) = &cfg.memory.mmio {
-        m.low_mmio_gap_in_mb = g.low_gap_mb;
-        m.high_mmio_base_in_mb = g.high_base_mb;
-        m.high_mmio_gap_in_mb = g.high_gap_mb;
-    }
-    c.memory_config = Some(m).into();
-    let mut p = pb::ProcessorConfig::new();
-    p.processor_count = cfg.processors.count;
-    c.processor_config = Some(p).into();
-    let mut d = pb::DevicesConfig::new();
-    for ctl in &cfg.scsi_controllers {
-        for disk in &ctl.disks {
-            let mut s = pb::SCSIDisk::new();
-            s.controller = ctl.id;
-            s.lun = disk.lun;
-            s.host_path = disk.path.display().to_string();
-            s.type_ = disk_type(disk.disk_type).into();
-            s.read_only = disk.read_only;
-            d.scsi_disks.push(s);
-        }
-    }
-    if let Some(v) = &cfg.vpmem {
-        for dev in &v.devices {
-            let mut x = pb::VPMEMDisk::new();
-            x.host_path = dev.path.display().to_string();
-            x.type_ = pmem_type(dev.format).into();
-            x.read_only = dev.read_only;
-            d.vpmem_disks.push(x);
-        }
-    }
-    for n in &cfg.network_adapters {
-        let mut x = pb::NICConfig::new();
-        x.nic_id = n.nic_id.clone();
-        x.port_id = n.endpoint_id.clone();
-        x.mac_address = n.mac_address.clone();
-        d.nic_config.push(x);
-    }
-    for p in &cfg.pci_devices {
-        let mut x = pb::WindowsPCIDevice::new();
-        x.instance_id = p.instance_id.clone();
-        d.windows_device.push(x);
-    }
-    c.devices_config = Some(d).into();
-    if !cfg.serial_consoles.is_empty() {
-        let mut s = pb::SerialConfig::new();
-        for sc in &cfg.serial_consoles {
-            let mut p = pb::serial_config::Config::new();
-            p.port = sc.port;
-            p.socket_path = sc.listener_path.display().to_string();
-            s.ports.push(p);
-        }
-        c.serial_config = Some(s).into();
-    }
-    c
+    convert::to_pb(cfg)
 }
 
 #[async_trait]
@@ -587,16 +473,10 @@ impl Observe for RemoteVm {
 
 #[async_trait]
 impl Virtstack for RemoteVm {
-    fn builder(&self, name: &VmName, _guest_os: GuestOs) -> Result<Box<dyn UvmBuilder>> {
-        Err(backend(format!(
-            "vm {name}: the remotevm virtstack creates VMs from whole configurations"
-        )))
-    }
-
     fn preflight(&self, _name: &VmName, config: &VmConfig) -> Result<()> {
         // Host paths are the server's to check, at CreateVM.
         match self.caps.refusals(config).into_iter().next() {
-            Some(r) => Err(VmError::Refused(r)),
+            Some(r) => Err(VmError::Cold(r)),
             None => Ok(()),
         }
     }
@@ -604,7 +484,11 @@ impl Virtstack for RemoteVm {
     async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
         self.preflight(name, config)?;
         if self.record_path(name.as_str()).exists() {
-            return Err(backend(format!("vm {name}: exists already")));
+            return Err(VmError::WrongState {
+                vm: name.to_string(),
+                state: State::Created,
+                need: "it exists already".into(),
+            });
         }
         let mut rec = Record {
             config: config.clone(),
@@ -618,12 +502,56 @@ impl Virtstack for RemoteVm {
         Ok(())
     }
 
-    async fn open(&self, name: &VmName) -> Result<Box<dyn Uvm>> {
-        self.record(name.as_str())?;
-        Ok(Box::new(RemoteUvm {
-            vs: self.clone(),
-            name: name.clone(),
-        }))
+    async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
+        let mut rec = self.record(name.as_str())?;
+        if change.key().0 == ResourceKind::Policy {
+            // Only the record holds it: the server never sees a policy.
+            rec.config = applied(name, change, &rec.config)?;
+            return self.store(name.as_str(), &rec);
+        }
+        let op = change.operation();
+        match change.resource() {
+            Some(r) if self.caps.supported(r, op) => {}
+            Some(r) => return Err(VmError::not_supported(&self.caps, r, op)),
+            None => {
+                return Err(VmError::Refused {
+                    vm: name.to_string(),
+                    reason: format!("{} is fixed when the VM is created", change.key().0),
+                });
+            }
+        }
+        if !rec.created {
+            return Err(VmError::NotRunning {
+                vm: name.to_string(),
+                state: State::Created,
+            });
+        }
+        let config = applied(name, change, &rec.config)?;
+        let requests =
+            convert::to_wire(change, &rec.config).map_err(|e| VmError::NotSupported {
+                resource: change.resource().unwrap_or(Resource::Memory),
+                operation: op,
+                reason: e.to_string(),
+            })?;
+        let c = self.client(name).await?;
+        for req in requests {
+            match req {
+                convert::Wire::Modify(m) => c
+                    .modify_resource(ctx(), &m)
+                    .await
+                    .map(drop)
+                    .map_err(|e| rpc_for(name.as_str(), "ModifyResource", &e, Some(change)))?,
+                convert::Wire::Socket(v) => c
+                    .vm_socket(ctx(), &v)
+                    .await
+                    .map(drop)
+                    .map_err(|e| rpc_for(name.as_str(), "VMSocket", &e, Some(change)))?,
+            }
+        }
+        // The record keeps what the server now has, for the next create
+        // (after a stop): the change, as both sides computed it.
+        rec.config = config;
+        self.store(name.as_str(), &rec)
     }
 
     async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
@@ -631,20 +559,18 @@ impl Virtstack for RemoteVm {
         if rec.created {
             let state = self.observe(name).await?.state;
             if state.is_live() {
-                return Err(backend(format!("vm {name}: reconfigured while it runs")));
+                return Err(VmError::WrongState {
+                    vm: name.to_string(),
+                    state,
+                    need: "a running VM is not reconfigured; stop it first".into(),
+                });
             }
             // A created-but-stopped VM on the server takes its new
             // configuration by being created again at the next start.
-            self.call(name, "TeardownVM").await?;
+            self.call(name, Call::Teardown).await?;
             rec.created = false;
         }
         rec.config = config.clone();
-        self.store(name.as_str(), &rec)
-    }
-
-    async fn set_policy(&self, name: &VmName, policy: &Policy) -> Result<()> {
-        let mut rec = self.record(name.as_str())?;
-        rec.config.policy = *policy;
         self.store(name.as_str(), &rec)
     }
 
@@ -653,9 +579,9 @@ impl Virtstack for RemoteVm {
         if !rec.created {
             self.create_remote(name, &mut rec).await?;
         }
-        self.call(name, "ResumeVM").await?;
+        self.call(name, Call::Resume).await?;
         if paused {
-            self.call(name, "PauseVM").await?;
+            self.call(name, Call::Pause).await?;
         }
         Ok(())
     }
@@ -663,7 +589,7 @@ impl Virtstack for RemoteVm {
     async fn stop(&self, name: &VmName) -> Result<()> {
         let mut rec = self.record(name.as_str())?;
         if rec.created {
-            self.call(name, "TeardownVM").await?;
+            self.call(name, Call::Teardown).await?;
             rec.created = false;
             self.store(name.as_str(), &rec)?;
         }
@@ -671,26 +597,26 @@ impl Virtstack for RemoteVm {
     }
 
     async fn pause(&self, name: &VmName) -> Result<()> {
-        self.call(name, "PauseVM").await
+        self.call(name, Call::Pause).await
     }
 
     async fn resume(&self, name: &VmName) -> Result<()> {
-        self.call(name, "ResumeVM").await
+        self.call(name, Call::Resume).await
     }
 
-    async fn save(&self, _name: &VmName) -> Result<()> {
-        Err(VmError::NotSupported {
-            resource: Resource::Memory,
-            operation: ResourceOperation::Update,
+    async fn save(&self, name: &VmName) -> Result<()> {
+        Err(VmError::Refused {
+            vm: name.to_string(),
+            reason: "the vmservice protocol has no verb to save a VM".into(),
         })
     }
 
     async fn destroy(&self, name: &VmName) -> Result<()> {
         let rec = self.record(name.as_str())?;
         if rec.created {
-            self.call(name, "TeardownVM").await?;
+            self.call(name, Call::Teardown).await?;
         }
-        let _ = self.call(name, "Quit").await;
+        let _ = self.call(name, Call::Quit).await;
         self.clients.lock().await.remove(name.as_str());
         let _ = std::fs::remove_file(self.socket(name.as_str()));
         std::fs::remove_file(self.record_path(name.as_str()))
@@ -732,302 +658,8 @@ impl Virtstack for RemoteVm {
         }
     }
 
-    async fn exit_error(&self, _name: &VmName) -> Option<String> {
-        None
-    }
-
     async fn release(&self, name: &VmName) {
         self.clients.lock().await.remove(name.as_str());
-    }
-}
-
-/// A VM of the remotevm virtstack, for live changes.
-#[derive(Debug)]
-struct RemoteUvm {
-    vs: RemoteVm,
-    name: VmName,
-}
-
-impl RemoteUvm {
-    async fn modify(
-        &self,
-        ty: pb::ModifyType,
-        set: impl FnOnce(&mut pb::ModifyResourceRequest),
-    ) -> Result<()> {
-        let mut req = pb::ModifyResourceRequest::new();
-        req.type_ = ty.into();
-        set(&mut req);
-        let c = self.vs.client(&self.name).await?;
-        c.modify_resource(ctx(), &req)
-            .await
-            .map(drop)
-            .map_err(|e| rpc(self.name.as_str(), "ModifyResource", &e))
-    }
-
-    /// Keeps the record's configuration what the server has, for the next
-    /// create (after a stop).
-    async fn remember(&self) -> Result<()> {
-        let mut rec = self.vs.record(self.name.as_str())?;
-        let seen = self.vs.observe(&self.name).await?;
-        let (policy, power) = (rec.config.policy, rec.config.power_state);
-        rec.config = seen.config;
-        rec.config.policy = policy;
-        rec.config.power_state = power;
-        self.vs.store(self.name.as_str(), &rec)
-    }
-}
-
-#[async_trait]
-impl Uvm for RemoteUvm {
-    fn id(&self) -> &str {
-        self.name.as_str()
-    }
-    async fn state(&self) -> Result<State> {
-        Ok(self.vs.observe(&self.name).await?.state)
-    }
-    async fn start(&self) -> Result<()> {
-        self.vs.start(&self.name, false).await
-    }
-    async fn stop(&self) -> Result<()> {
-        self.vs.stop(&self.name).await
-    }
-    async fn pause(&self) -> Result<()> {
-        self.vs.pause(&self.name).await
-    }
-    async fn resume(&self) -> Result<()> {
-        self.vs.resume(&self.name).await
-    }
-    async fn save(&self) -> Result<()> {
-        self.vs.save(&self.name).await
-    }
-    async fn wait(&self) -> Result<()> {
-        self.vs.wait(&self.name, None).await.map(drop)
-    }
-    async fn stats(&self) -> Result<VmStats> {
-        self.vs.stats(&self.name).await
-    }
-    fn supported(&self, resource: Resource, operation: ResourceOperation) -> bool {
-        self.vs.caps.supported(resource, operation)
-    }
-    fn exit_error(&self) -> Option<String> {
-        None
-    }
-    fn scsi(&self) -> Option<&dyn ScsiManager> {
-        Some(self)
-    }
-    fn vpmem(&self) -> Option<&dyn VpmemManager> {
-        Some(self)
-    }
-    fn network(&self) -> Option<&dyn NetworkManager> {
-        Some(self)
-    }
-    fn plan9(&self) -> Option<&dyn Plan9Manager> {
-        None
-    }
-    fn vsmb(&self) -> Option<&dyn VsmbManager> {
-        None
-    }
-    fn pci(&self) -> Option<&dyn PciManager> {
-        None
-    }
-    fn vm_socket(&self) -> Option<&dyn VMSocketManager> {
-        Some(self)
-    }
-    async fn set_processor_count(&self, count: u32) -> Result<()> {
-        let have = self.vs.observe(&self.name).await?.config.processors.count;
-        let (ty, n) = if count > have {
-            (pb::ModifyType::ADD, count - have)
-        } else {
-            (pb::ModifyType::REMOVE, have - count)
-        };
-        for _ in 0..n {
-            self.modify(ty, |r| r.set_processor(pb::ModifyProcessorRequest::new()))
-                .await?;
-        }
-        self.remember().await
-    }
-    async fn set_memory_size(&self, memory_mb: u64) -> Result<()> {
-        self.modify(pb::ModifyType::UPDATE, |r| {
-            let mut m = pb::ModifyMemoryRequest::new();
-            m.memory_mb = memory_mb;
-            r.set_memory(m);
-        })
-        .await?;
-        self.remember().await
-    }
-    async fn set_storage_qos(&self, _iops: u64, _bandwidth: u64) -> Result<()> {
-        Err(VmError::NotSupported {
-            resource: Resource::StorageQos,
-            operation: ResourceOperation::Update,
-        })
-    }
-}
-
-#[async_trait]
-impl ScsiManager for RemoteUvm {
-    async fn add_scsi_controller(&self, _id: u32) -> Result<()> {
-        Err(VmError::NotSupported {
-            resource: Resource::ScsiController,
-            operation: ResourceOperation::Add,
-        })
-    }
-    async fn remove_scsi_controller(&self, _id: u32) -> Result<()> {
-        Err(VmError::NotSupported {
-            resource: Resource::ScsiController,
-            operation: ResourceOperation::Remove,
-        })
-    }
-    async fn add_scsi_disk(
-        &self,
-        controller: u32,
-        lun: u32,
-        path: &Path,
-        typ: ScsiDiskType,
-        read_only: bool,
-    ) -> Result<()> {
-        self.modify(pb::ModifyType::ADD, |r| {
-            let mut d = pb::SCSIDisk::new();
-            d.controller = controller;
-            d.lun = lun;
-            d.host_path = path.display().to_string();
-            d.type_ = disk_type(typ).into();
-            d.read_only = read_only;
-            r.set_scsi_disk(d);
-        })
-        .await?;
-        self.remember().await
-    }
-    async fn remove_scsi_disk(&self, controller: u32, lun: u32, path: &Path) -> Result<()> {
-        self.modify(pb::ModifyType::REMOVE, |r| {
-            let mut d = pb::SCSIDisk::new();
-            d.controller = controller;
-            d.lun = lun;
-            d.host_path = path.display().to_string();
-            r.set_scsi_disk(d);
-        })
-        .await?;
-        self.remember().await
-    }
-}
-
-#[async_trait]
-impl VpmemManager for RemoteUvm {
-    async fn add_vpmem_device(
-        &self,
-        _id: u32,
-        path: &Path,
-        read_only: bool,
-        format: VPMemImageFormat,
-    ) -> Result<()> {
-        self.modify(pb::ModifyType::ADD, |r| {
-            let mut d = pb::VPMEMDisk::new();
-            d.host_path = path.display().to_string();
-            d.type_ = pmem_type(format).into();
-            d.read_only = read_only;
-            r.set_vpmem_disk(d);
-        })
-        .await?;
-        self.remember().await
-    }
-    async fn remove_vpmem_device(&self, _id: u32, path: &Path) -> Result<()> {
-        self.modify(pb::ModifyType::REMOVE, |r| {
-            let mut d = pb::VPMEMDisk::new();
-            d.host_path = path.display().to_string();
-            r.set_vpmem_disk(d);
-        })
-        .await?;
-        self.remember().await
-    }
-}
-
-impl RemoteUvm {
-    /// Adds or removes a NIC.
-    async fn nic(
-        &self,
-        ty: pb::ModifyType,
-        nic_id: &str,
-        endpoint_id: &str,
-        mac: &str,
-    ) -> Result<()> {
-        self.modify(ty, |r| {
-            let mut n = pb::NICConfig::new();
-            n.nic_id = nic_id.into();
-            n.port_id = endpoint_id.into();
-            n.mac_address = mac.into();
-            r.set_nic_config(n);
-        })
-        .await?;
-        self.remember().await
-    }
-
-    /// Adds (with its listener) or removes a vsock listener.
-    async fn vsock(
-        &self,
-        ty: pb::ModifyType,
-        socket_type: VMSocketType,
-        conn_id: &str,
-        listener_path: Option<&Path>,
-    ) -> Result<()> {
-        if socket_type != VMSocketType::VSock {
-            return Err(VmError::NotSupported {
-                resource: Resource::HvSocket,
-                operation: if listener_path.is_some() {
-                    ResourceOperation::Add
-                } else {
-                    ResourceOperation::Remove
-                },
-            });
-        }
-        let port = conn_id
-            .parse::<u32>()
-            .map_err(|_| backend(format!("{conn_id:?} is not a vsock port")))?;
-        let mut req = pb::VMSocketRequest::new();
-        req.type_ = ty.into();
-        let mut v = pb::VSockListen::new();
-        v.port = port;
-        v.listener_path = listener_path
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        req.set_vsock_listen(v);
-        let c = self.vs.client(&self.name).await?;
-        c.vm_socket(ctx(), &req)
-            .await
-            .map_err(|e| rpc(self.name.as_str(), "VMSocket", &e))?;
-        self.remember().await
-    }
-}
-
-#[async_trait]
-impl NetworkManager for RemoteUvm {
-    async fn add_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
-        self.nic(pb::ModifyType::ADD, nic_id, endpoint_id, mac)
-            .await
-    }
-    async fn remove_nic(&self, nic_id: &str, endpoint_id: &str, mac: &str) -> Result<()> {
-        self.nic(pb::ModifyType::REMOVE, nic_id, endpoint_id, mac)
-            .await
-    }
-}
-
-#[async_trait]
-impl VMSocketManager for RemoteUvm {
-    async fn vm_socket_listen(
-        &self,
-        socket_type: VMSocketType,
-        conn_id: &str,
-        listener_path: &Path,
-    ) -> Result<()> {
-        self.vsock(
-            pb::ModifyType::ADD,
-            socket_type,
-            conn_id,
-            Some(listener_path),
-        )
-        .await
-    }
-    async fn vm_socket_close(&self, socket_type: VMSocketType, conn_id: &str) -> Result<()> {
-        self.vsock(pb::ModifyType::REMOVE, socket_type, conn_id, None)
-            .await
     }
 }
 
@@ -1040,6 +672,7 @@ mod tests {
     use crate::spec::{DesiredState, DesiredVm, NetworkAdapter, ScsiController, ScsiDisk};
     use crate::virtstack::fake::Fake;
     use crate::vm::HostFacts;
+    use crate::vm::{GuestOs, ResourceOperation, ScsiDiskType};
     use proptest::prelude::*;
 
     /// Serves each VM in-process over one fake virtstack, as `serve` would.

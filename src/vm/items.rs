@@ -298,6 +298,154 @@ impl Item {
     }
 }
 
+impl Item {
+    /// The item's kind and natural key: where [`flatten`] files it.
+    pub fn key(&self) -> (ResourceKind, ItemKey) {
+        use ResourceKind as K;
+        match self {
+            Item::Policy(_) => (K::Policy, ItemKey::Unit),
+            Item::GuestOs(_) => (K::GuestOs, ItemKey::Unit),
+            Item::Boot(_) => (K::Boot, ItemKey::Unit),
+            Item::MemoryConfig(_) => (K::MemoryConfig, ItemKey::Unit),
+            Item::Mmio(_) => (K::Mmio, ItemKey::Unit),
+            Item::VpmemController(_) => (K::VpmemController, ItemKey::Unit),
+            Item::SerialConsole(s) => (K::SerialConsole, ItemKey::Num(s.port)),
+            Item::CpuGroup(_) => (K::CpuGroup, ItemKey::Unit),
+            Item::Processors(_) => (K::Processors, ItemKey::Unit),
+            Item::Memory(_) => (K::Memory, ItemKey::Unit),
+            Item::StorageQos(_) => (K::StorageQos, ItemKey::Unit),
+            Item::ScsiController(id) => (K::ScsiController, ItemKey::Num(*id)),
+            Item::ScsiDisk(d) => (K::ScsiDisk, ItemKey::Lun(d.controller, d.disk.lun)),
+            Item::VpmemDevice(d) => (K::VpmemDevice, ItemKey::Num(d.id)),
+            Item::NetworkAdapter(n) => (K::NetworkAdapter, ItemKey::Text(n.nic_id.clone())),
+            Item::Plan9Share(s) => (K::Plan9Share, ItemKey::Text(s.name.clone())),
+            Item::VsmbShare(s) => (K::VsmbShare, ItemKey::Text(s.name.clone())),
+            Item::PciDevice(d) => (K::PciDevice, ItemKey::Text(d.instance_id.clone())),
+            Item::VmSocket(s) => (K::VmSocket, ItemKey::Socket(s.socket_type, s.address())),
+            Item::PowerState(_) => (K::PowerState, ItemKey::Unit),
+        }
+    }
+}
+
+/// One change to one item of a VM: the contract's one change verb
+/// ([`crate::vm::Virtstack::change`]) takes it. An update carries what it
+/// replaces, so a virtstack that can update in place does, and one that
+/// cannot swaps the device out and in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Adds the item.
+    Add(Item),
+    /// Removes the item.
+    Remove(Item),
+    /// Replaces `before` with `after` (same kind and key).
+    Update {
+        /// What the VM has.
+        before: Item,
+        /// What it gets.
+        after: Item,
+    },
+}
+
+impl Change {
+    /// The change an operation with these items describes, if they fit it.
+    pub fn new(
+        operation: super::ResourceOperation,
+        before: Option<Item>,
+        after: Option<Item>,
+    ) -> Option<Self> {
+        use super::ResourceOperation as O;
+        match (operation, before, after) {
+            (O::Add, _, Some(item)) => Some(Change::Add(item)),
+            (O::Remove, Some(item), _) => Some(Change::Remove(item)),
+            (O::Update, Some(before), Some(after)) if before.key() == after.key() => {
+                Some(Change::Update { before, after })
+            }
+            _ => None,
+        }
+    }
+
+    /// Add, Remove or Update.
+    pub fn operation(&self) -> super::ResourceOperation {
+        match self {
+            Change::Add(_) => super::ResourceOperation::Add,
+            Change::Remove(_) => super::ResourceOperation::Remove,
+            Change::Update { .. } => super::ResourceOperation::Update,
+        }
+    }
+
+    /// The item the VM has after the change (the removed one for a removal).
+    pub fn item(&self) -> &Item {
+        match self {
+            Change::Add(i) | Change::Remove(i) => i,
+            Change::Update { after, .. } => after,
+        }
+    }
+
+    /// The changed item's kind and key.
+    pub fn key(&self) -> (ResourceKind, ItemKey) {
+        self.item().key()
+    }
+
+    /// The resource `Supported` is asked about, if the item is one.
+    pub fn resource(&self) -> Option<Resource> {
+        let (kind, key) = self.key();
+        kind.resource(&key)
+    }
+
+    /// How the plan and errors name it: `add scsiDisk 0:1`.
+    pub fn label(&self) -> String {
+        let (kind, key) = self.key();
+        match key {
+            ItemKey::Unit => format!("{} {kind}", self.operation()),
+            key => format!("{} {kind} {key}", self.operation()),
+        }
+    }
+
+    /// `items` with the change made: an add of what is there, or a removal
+    /// or update of what is not, is refused (the caller is out of step).
+    pub fn apply_to(&self, items: &mut Items) -> Result<(), ChangeError> {
+        let key = self.key();
+        let present = items.contains_key(&key);
+        match self {
+            Change::Add(item) if !present => {
+                items.insert(key, item.clone());
+            }
+            Change::Remove(_) if present => {
+                items.remove(&key);
+            }
+            Change::Update { after, .. } if present => {
+                items.insert(key, after.clone());
+            }
+            Change::Add(_) => return Err(ChangeError::Present(self.label())),
+            Change::Remove(_) | Change::Update { .. } => {
+                return Err(ChangeError::Absent(self.label()));
+            }
+        }
+        Ok(())
+    }
+
+    /// `config` with the change made (its power state kept).
+    pub fn applied(&self, config: &VmConfig) -> Result<VmConfig, ChangeError> {
+        let mut items = flatten(config);
+        self.apply_to(&mut items)?;
+        unflatten(&items, config.power_state).map_err(ChangeError::Inconsistent)
+    }
+}
+
+/// Why a [`Change`] does not fit a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// An add of what is there.
+    #[error("{0}: it is there already")]
+    Present(String),
+    /// A removal or update of what is not there.
+    #[error("{0}: it is not there")]
+    Absent(String),
+    /// The result does not hold together (a disk without its controller).
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
 /// Items of a VM by (kind, key); iteration order is plan order.
 pub type Items = BTreeMap<(ResourceKind, ItemKey), Item>;
 

@@ -12,12 +12,8 @@ pub use caps::{Capabilities, ColdSetting, HostFacts, Refusal, Support};
 pub use name::{InvalidVmName, MAX_VM_NAME, VmName};
 pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 
-pub use traits::{
-    BootManager, LinuxConfigManager, MemoryManager, NetworkManager, Observe, PciManager,
-    Plan9Manager, ProcessorManager, ScsiManager, SerialManager, StorageQosManager, Uvm, UvmBuilder,
-    VMSocketManager, Virtstack, VmEvent, VmEvents, VmStats, VpmemManager, VsmbManager,
-    WindowsConfigManager,
-};
+pub use items::Change;
+pub use traits::{Observe, Virtstack, VmEvent, VmEvents, VmStats};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -461,47 +457,122 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
-/// Errors a virtstack reports, after hcsshim's sentinel errors.
+/// The kind of a [`VmError`], kept end to end: the executor, `serve` (which
+/// maps it to a ttrpc code) and the remotevm client (which maps the code
+/// back) all read it, never the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The VM, or the item a change names, does not exist.
+    NotFound,
+    /// The VM is not in a state the call needs (it does not run, or it runs).
+    WrongState,
+    /// The virtstack cannot do this at all (its capabilities say so).
+    NotSupported,
+    /// This VM, as it is configured, cannot take this change now; the plan
+    /// would call it a restart (the reason says why).
+    Refused,
+    /// The request itself is malformed (a name, a guest OS).
+    Invalid,
+    /// The virtstack failed for its own reasons.
+    Backend,
+}
+
+/// Errors a virtstack reports. Each says what and where, and has a
+/// [`VmError::kind`] that survives the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The virtstack cannot do this.
-    #[error("virtstack does not support {resource} {operation}")]
+    /// The virtstack cannot do this (its capabilities say why).
+    #[error("{operation} {resource} is not supported: {reason}")]
     NotSupported {
         /// The resource asked about.
         resource: Resource,
         /// The operation asked for.
         operation: ResourceOperation,
+        /// Why, as the capabilities say it.
+        reason: String,
     },
-    /// A once-only field was set twice.
-    #[error("field {0} has already been set")]
-    AlreadySet(&'static str),
     /// The guest OS string is not one we know.
     #[error("unknown guest operating system {0:?} (expected linux or windows)")]
     UnknownGuestOs(String),
-    /// Operation needs a pre-created VM.
-    #[error("VM {0} is not in pre-created state")]
-    NotInPreCreatedState(String),
-    /// Operation needs a created VM.
-    #[error("VM {0} is not in created state")]
-    NotInCreatedState(String),
-    /// Operation needs a running VM.
-    #[error("VM {0} is not in running state")]
-    NotInRunningState(String),
-    /// Operation needs a paused VM.
-    #[error("VM {0} is not in paused state")]
-    NotInPausedState(String),
     /// The VM is not known to this virtstack.
     #[error("VM {0} not found")]
     NotFound(String),
-    /// A cold setting or host path the virtstack refuses, found before anything changed.
+    /// The item a change removes or updates is not on the VM.
+    #[error("VM {vm}: no {item}")]
+    NoSuchItem {
+        /// VM name.
+        vm: String,
+        /// The item, as the plan names it.
+        item: String,
+    },
+    /// The call needs a running (or paused) VM.
+    #[error("VM {vm} does not run (it is {state})")]
+    NotRunning {
+        /// VM name.
+        vm: String,
+        /// The state it is in.
+        state: State,
+    },
+    /// The call needs a VM in another state than the one it is in.
+    #[error("VM {vm} is {state}: {need}")]
+    WrongState {
+        /// VM name.
+        vm: String,
+        /// The state it is in.
+        state: State,
+        /// What the call needs.
+        need: String,
+    },
+    /// A cold setting the virtstack refuses, found before anything changed.
     #[error("{0}")]
-    Refused(Refusal),
+    Cold(Refusal),
+    /// This VM cannot take the change as it is configured (the plan calls
+    /// it a restart, for this reason).
+    #[error("VM {vm}: {reason}")]
+    Refused {
+        /// VM name.
+        vm: String,
+        /// Why, as the plan would say it.
+        reason: String,
+    },
     /// The VM could not be named.
     #[error(transparent)]
     Name(#[from] InvalidVmName),
     /// The virtstack failed for its own reasons (its error says what and where).
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl VmError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VmError::NotFound(_) | VmError::NoSuchItem { .. } => ErrorKind::NotFound,
+            VmError::NotRunning { .. } | VmError::WrongState { .. } => ErrorKind::WrongState,
+            VmError::NotSupported { .. } | VmError::Cold(_) => ErrorKind::NotSupported,
+            VmError::Refused { .. } => ErrorKind::Refused,
+            VmError::UnknownGuestOs(_) | VmError::Name(_) => ErrorKind::Invalid,
+            VmError::Backend(_) => ErrorKind::Backend,
+        }
+    }
+
+    /// `resource`/`operation` is not supported, for the reason `caps` give.
+    pub fn not_supported(
+        caps: &Capabilities,
+        resource: Resource,
+        operation: ResourceOperation,
+    ) -> Self {
+        VmError::NotSupported {
+            resource,
+            operation,
+            reason: caps.support(resource, operation).reason,
+        }
+    }
+
+    /// A failure of the virtstack's own, said in words.
+    pub fn backend(what: impl Into<String>) -> Self {
+        VmError::Backend(what.into().into())
+    }
 }
 
 #[cfg(test)]

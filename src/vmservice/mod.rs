@@ -14,22 +14,16 @@
 //! - `WaitVM` blocks until the VM stops or is torn down, alongside any other
 //!   call on the same connection.
 
-pub mod convert;
 pub mod listen;
 
+use crate::protocol::convert::{self, RequestError};
 use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc as svc;
 use crate::spec::VmConfig;
-use crate::vm::{
-    GuestOs, Resource, ResourceOperation, State, Uvm, VMSocketType, Virtstack, VmError, VmName,
-};
+use crate::vm::{Change, ErrorKind, State, Virtstack, VmError, VmName};
 use async_trait::async_trait;
-use convert::RequestError;
-use pb::capabilities_vmresponse::{Resource as PbResource, SupportedGuestOS, SupportedResource};
-use pb::modify_resource_request::Resource as Modify;
 use protobuf::well_known_types::empty::Empty;
 use protobuf::well_known_types::struct_::Value;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use ttrpc::r#async::TtrpcContext;
@@ -43,35 +37,39 @@ fn status(code: Code, message: impl ToString) -> RpcError {
 
 impl From<RequestError> for RpcError {
     fn from(e: RequestError) -> Self {
-        match e {
-            RequestError::Invalid { .. } => status(Code::INVALID_ARGUMENT, e),
-            RequestError::Unimplemented { .. } => status(Code::UNIMPLEMENTED, e),
-        }
+        let code = match e {
+            RequestError::Invalid { .. } => Code::INVALID_ARGUMENT,
+            RequestError::Unimplemented { .. } => Code::UNIMPLEMENTED,
+            RequestError::NotFound(_) => Code::NOT_FOUND,
+            RequestError::Exists(_) => Code::ALREADY_EXISTS,
+            RequestError::Precondition(_) => Code::FAILED_PRECONDITION,
+        };
+        status(code, e)
+    }
+}
+
+/// The ttrpc code of an error kind: a refusal is never `Internal`.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::WrongState | ErrorKind::Refused => Code::FAILED_PRECONDITION,
+        ErrorKind::NotSupported => Code::UNIMPLEMENTED,
+        ErrorKind::Invalid => Code::INVALID_ARGUMENT,
+        ErrorKind::Backend => Code::INTERNAL,
     }
 }
 
 /// A virtstack error as a ttrpc status.
 fn vm_status(e: &VmError) -> RpcError {
-    let code = match e {
-        VmError::NotSupported { .. } | VmError::Refused(_) => Code::UNIMPLEMENTED,
-        VmError::NotInCreatedState(_)
-        | VmError::NotInPreCreatedState(_)
-        | VmError::NotInRunningState(_)
-        | VmError::NotInPausedState(_)
-        | VmError::AlreadySet(_) => Code::FAILED_PRECONDITION,
-        VmError::NotFound(_) => Code::NOT_FOUND,
-        VmError::UnknownGuestOs(_) | VmError::Name(_) => Code::INVALID_ARGUMENT,
-        VmError::Backend(_) => Code::INTERNAL,
-    };
-    status(code, crate::vm::Chain(e))
+    status(code(e.kind()), crate::vm::Chain(e))
 }
 
 /// A pre-flight refusal: unsupported settings are `Unimplemented`, anything
 /// else (host paths outside the allowed roots, wrong image formats) is the
 /// request's fault.
 fn preflight_status(e: &VmError) -> RpcError {
-    match e {
-        VmError::Refused(_) | VmError::NotSupported { .. } => vm_status(e),
+    match e.kind() {
+        ErrorKind::NotSupported => vm_status(e),
         _ => status(Code::INVALID_ARGUMENT, crate::vm::Chain(e)),
     }
 }
@@ -136,322 +134,99 @@ impl VmService {
         Ok(self.observed().await?.state)
     }
 
-    async fn uvm(&self) -> RpcResult<Box<dyn Uvm>> {
-        self.vs.open(&self.name).await.map_err(|e| vm_status(&e))
-    }
-
-    /// Refuses an operation the capabilities do not call live.
-    fn live(&self, r: Resource, op: ResourceOperation) -> RpcResult<()> {
-        let s = self.vs.capabilities().support(r, op);
-        if self.vs.capabilities().supported(r, op) {
-            Ok(())
-        } else {
-            Err(status(
-                Code::UNIMPLEMENTED,
-                format!("{op} {r} is not done live here: {}", s.reason),
-            ))
-        }
-    }
-
     /// Checks the configuration the VM would have after a change, as the
     /// virtstack's pre-flight does for a new VM: host paths, refusals.
-    fn precheck(&self, cfg: VmConfig) -> RpcResult<()> {
+    /// Returns it as the validation made it canonical (MACs, GUIDs).
+    fn precheck(&self, cfg: VmConfig) -> RpcResult<VmConfig> {
         let cfg = convert::validated(self.name.as_str(), cfg)?;
         self.vs
             .preflight(&self.name, &cfg)
-            .map_err(|e| preflight_status(&e))
+            .map_err(|e| preflight_status(&e))?;
+        Ok(cfg)
+    }
+
+    /// Makes the changes a request translates to, each gated as the plan
+    /// gates it: what `CapabilitiesVM` says this VM does not do is
+    /// `Unimplemented`, and the configuration after it is checked as a new
+    /// VM's would be (host paths, values) before the virtstack is asked.
+    async fn make(
+        &self,
+        translate: impl FnOnce(&crate::spec::VmConfig) -> Result<Vec<Change>, RequestError>,
+    ) -> RpcResult<()> {
+        let seen = self.observed().await?;
+        if !seen.state.is_live() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "VM {} does not run (it is {}); ResumeVM first",
+                    self.name, seen.state
+                ),
+            ));
+        }
+        let changes = translate(&seen.config)?;
+        let wire = convert::capabilities(self.vs.capabilities(), Some(&seen));
+        let mut cfg = seen.config.clone();
+        for change in &changes {
+            self.offered(&wire, change)?;
+            cfg = change
+                .applied(&cfg)
+                .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
+        }
+        // What is added is what the validation made of it.
+        let canonical = crate::vm::items::flatten(&self.precheck(cfg)?);
+        for change in changes {
+            let change = match change {
+                Change::Add(item) => {
+                    Change::Add(canonical.get(&item.key()).cloned().unwrap_or(item))
+                }
+                Change::Update { before, after } => Change::Update {
+                    before,
+                    after: canonical.get(&after.key()).cloned().unwrap_or(after),
+                },
+                remove @ Change::Remove(_) => remove,
+            };
+            self.vs
+                .change(&self.name, &change)
+                .await
+                .map_err(|e| vm_status(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a change `CapabilitiesVM` (as `wire` answers it for this VM)
+    /// does not offer, or the capabilities do not call live.
+    fn offered(&self, wire: &pb::CapabilitiesVMResponse, change: &Change) -> RpcResult<()> {
+        let caps = self.vs.capabilities();
+        let op = change.operation();
+        let Some(r) = change.resource() else {
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                format!("{} is not changed on a running VM", change.label()),
+            ));
+        };
+        let listed = convert::offers(wire, r, op);
+        if listed == Some(false) || !caps.supported(r, op) {
+            let reason = match listed {
+                Some(false) if caps.supported(r, op) => {
+                    "this VM cannot (CapabilitiesVM says so)".to_string()
+                }
+                _ => caps.support(r, op).reason,
+            };
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                format!("{} is not done live here: {reason}", change.label()),
+            ));
+        }
+        Ok(())
     }
 
     async fn modify(&self, req: &pb::ModifyResourceRequest) -> RpcResult<()> {
-        let ty = convert::known(req.type_, "type")?;
-        let op = match ty {
-            pb::ModifyType::ADD => ResourceOperation::Add,
-            pb::ModifyType::REMOVE => ResourceOperation::Remove,
-            pb::ModifyType::UPDATE => ResourceOperation::Update,
-        };
-        let Some(resource) = &req.resource else {
-            return Err(status(Code::INVALID_ARGUMENT, "resource: missing"));
-        };
-        let seen = self.observed().await?;
-        let (mut cfg, state) = (seen.config, seen.state);
-        if !state.is_live() {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("VM {} does not run ({state}); ResumeVM first", self.name),
-            ));
-        }
-        let vm = self.uvm().await?;
-        let err = |e: VmError| vm_status(&e);
-        match resource {
-            Modify::ScsiDisk(d) => {
-                self.live(Resource::Scsi, op)?;
-                let typ = convert::disk_type(d.type_, "scsi_disk.type")?;
-                let scsi = vm
-                    .scsi()
-                    .ok_or_else(|| status(Code::UNIMPLEMENTED, "no SCSI"))?;
-                let present = cfg
-                    .scsi_controllers
-                    .iter()
-                    .find(|c| c.id == d.controller)
-                    .is_some_and(|c| c.disks.iter().any(|x| x.lun == d.lun));
-                match op {
-                    ResourceOperation::Add => {
-                        if present {
-                            return Err(status(
-                                Code::ALREADY_EXISTS,
-                                format!("SCSI {}:{} is attached", d.controller, d.lun),
-                            ));
-                        }
-                        let disk = crate::spec::ScsiDisk {
-                            lun: d.lun,
-                            path: d.host_path.clone().into(),
-                            disk_type: typ,
-                            read_only: d.read_only,
-                        };
-                        let has_controller =
-                            cfg.scsi_controllers.iter().any(|c| c.id == d.controller);
-                        match cfg
-                            .scsi_controllers
-                            .iter_mut()
-                            .find(|c| c.id == d.controller)
-                        {
-                            Some(c) => c.disks.push(disk),
-                            None => cfg.scsi_controllers.push(crate::spec::ScsiController {
-                                id: d.controller,
-                                disks: vec![disk],
-                            }),
-                        }
-                        self.precheck(cfg)?;
-                        if !has_controller {
-                            scsi.add_scsi_controller(d.controller).await.map_err(err)?;
-                        }
-                        scsi.add_scsi_disk(
-                            d.controller,
-                            d.lun,
-                            Path::new(&d.host_path),
-                            typ,
-                            d.read_only,
-                        )
-                        .await
-                        .map_err(err)
-                    }
-                    ResourceOperation::Remove => {
-                        if !present {
-                            return Err(status(
-                                Code::NOT_FOUND,
-                                format!("no SCSI disk at {}:{}", d.controller, d.lun),
-                            ));
-                        }
-                        scsi.remove_scsi_disk(d.controller, d.lun, Path::new(&d.host_path))
-                            .await
-                            .map_err(err)
-                    }
-                    ResourceOperation::Update => Err(status(
-                        Code::UNIMPLEMENTED,
-                        "a SCSI disk is not updated in place",
-                    )),
-                }
-            }
-            Modify::VpmemDisk(d) => {
-                self.live(Resource::VPMem, op)?;
-                let format = convert::vpmem_format(d.type_, "vpmem_disk.type")?;
-                let pmem = vm
-                    .vpmem()
-                    .ok_or_else(|| status(Code::UNIMPLEMENTED, "no VPMem"))?;
-                let v = cfg.vpmem.clone().unwrap_or(crate::spec::Vpmem {
-                    maximum_devices: 0,
-                    maximum_size_bytes: convert::VPMEM_DEVICE_BYTES,
-                    devices: Vec::new(),
-                });
-                match op {
-                    ResourceOperation::Add => {
-                        let id = (0..v.maximum_devices)
-                            .find(|i| !v.devices.iter().any(|x| x.id == *i))
-                            .ok_or_else(|| {
-                                status(Code::RESOURCE_EXHAUSTED, "every VPMem slot is taken")
-                            })?;
-                        let mut with = v.clone();
-                        with.devices.push(crate::spec::VpmemDevice {
-                            id,
-                            path: d.host_path.clone().into(),
-                            format,
-                            read_only: d.read_only,
-                        });
-                        cfg.vpmem = Some(with);
-                        self.precheck(cfg)?;
-                        pmem.add_vpmem_device(id, Path::new(&d.host_path), d.read_only, format)
-                            .await
-                            .map_err(err)
-                    }
-                    ResourceOperation::Remove => {
-                        let dev = v
-                            .devices
-                            .iter()
-                            .find(|x| x.path == Path::new(&d.host_path))
-                            .ok_or_else(|| {
-                                status(
-                                    Code::NOT_FOUND,
-                                    format!("no VPMem device for {}", d.host_path),
-                                )
-                            })?;
-                        pmem.remove_vpmem_device(dev.id, &dev.path)
-                            .await
-                            .map_err(err)
-                    }
-                    ResourceOperation::Update => Err(status(
-                        Code::UNIMPLEMENTED,
-                        "a VPMem device is not updated in place",
-                    )),
-                }
-            }
-            Modify::NicConfig(n) => {
-                self.live(Resource::Network, op)?;
-                let nic = convert::nic(n);
-                let net = vm
-                    .network()
-                    .ok_or_else(|| status(Code::UNIMPLEMENTED, "no network"))?;
-                let present = cfg
-                    .network_adapters
-                    .iter()
-                    .any(|x| x.nic_id.eq_ignore_ascii_case(&nic.nic_id));
-                match op {
-                    ResourceOperation::Add => {
-                        if present {
-                            return Err(status(
-                                Code::ALREADY_EXISTS,
-                                format!("NIC {} exists", nic.nic_id),
-                            ));
-                        }
-                        cfg.network_adapters.push(nic);
-                        let checked = convert::validated(self.name.as_str(), cfg)?;
-                        let added = checked
-                            .network_adapters
-                            .last()
-                            .cloned()
-                            .ok_or_else(|| status(Code::INTERNAL, "NIC lost in validation"))?;
-                        self.vs
-                            .preflight(&self.name, &checked)
-                            .map_err(|e| preflight_status(&e))?;
-                        net.add_nic(&added.nic_id, &added.endpoint_id, &added.mac_address)
-                            .await
-                            .map_err(err)
-                    }
-                    ResourceOperation::Remove => {
-                        let have = cfg
-                            .network_adapters
-                            .iter()
-                            .find(|x| x.nic_id.eq_ignore_ascii_case(&nic.nic_id))
-                            .ok_or_else(|| {
-                                status(Code::NOT_FOUND, format!("no NIC {}", nic.nic_id))
-                            })?;
-                        net.remove_nic(&have.nic_id, &have.endpoint_id, &have.mac_address)
-                            .await
-                            .map_err(err)
-                    }
-                    ResourceOperation::Update => {
-                        Err(status(Code::UNIMPLEMENTED, "a NIC is not updated in place"))
-                    }
-                }
-            }
-            Modify::Memory(m) => {
-                if op != ResourceOperation::Update {
-                    return Err(status(Code::INVALID_ARGUMENT, "memory is only updated"));
-                }
-                self.live(Resource::Memory, op)?;
-                cfg.memory.size_mb = m.memory_mb;
-                convert::validated(self.name.as_str(), cfg)?;
-                vm.set_memory_size(m.memory_mb).await.map_err(err)
-            }
-            Modify::Processor(_) => {
-                self.live(Resource::Processor, ResourceOperation::Update)?;
-                let count = match op {
-                    ResourceOperation::Add => cfg.processors.count.saturating_add(1),
-                    ResourceOperation::Remove if cfg.processors.count > 1 => {
-                        cfg.processors.count - 1
-                    }
-                    ResourceOperation::Remove => {
-                        return Err(status(
-                            Code::FAILED_PRECONDITION,
-                            "the last processor stays",
-                        ));
-                    }
-                    ResourceOperation::Update => {
-                        return Err(status(
-                            Code::INVALID_ARGUMENT,
-                            "processors are added or removed one at a time",
-                        ));
-                    }
-                };
-                cfg.processors.count = count;
-                convert::validated(self.name.as_str(), cfg)?;
-                vm.set_processor_count(count).await.map_err(err)
-            }
-            Modify::ProcessorConfig(_) => Err(status(
-                Code::UNIMPLEMENTED,
-                "processor weight and limit are not part of uvmctl's model",
-            )),
-            Modify::WindowsDevice(w) => {
-                self.live(Resource::Pci, op)?;
-                let pci = vm
-                    .pci()
-                    .ok_or_else(|| status(Code::UNIMPLEMENTED, "no PCI"))?;
-                match op {
-                    ResourceOperation::Add => pci.add_device(&w.instance_id, "").await.map_err(err),
-                    ResourceOperation::Remove => {
-                        pci.remove_device(&w.instance_id, "").await.map_err(err)
-                    }
-                    ResourceOperation::Update => {
-                        Err(status(Code::UNIMPLEMENTED, "a PCI device is not updated"))
-                    }
-                }
-            }
-        }
+        self.make(|have| convert::from_modify(req, have)).await
     }
 
     async fn socket(&self, req: &pb::VMSocketRequest) -> RpcResult<()> {
-        let ty = convert::known(req.type_, "type")?;
-        let (port, listener) = match &req.Config {
-            Some(pb::vmsocket_request::Config::VsockListen(v)) => (v.port, v.listener_path.clone()),
-            Some(pb::vmsocket_request::Config::HvsocketList(_)) => {
-                return Err(status(
-                    Code::UNIMPLEMENTED,
-                    "HvSocket is a Hyper-V transport; use vsock",
-                ));
-            }
-            None => return Err(status(Code::INVALID_ARGUMENT, "Config: missing")),
-        };
-        let op = match ty {
-            pb::ModifyType::ADD => ResourceOperation::Add,
-            pb::ModifyType::REMOVE => ResourceOperation::Remove,
-            pb::ModifyType::UPDATE => ResourceOperation::Update,
-        };
-        self.live(Resource::VmSocket, op)?;
-        let mut cfg = self.observed().await?.config;
-        let vm = self.uvm().await?;
-        let sockets = vm
-            .vm_socket()
-            .ok_or_else(|| status(Code::UNIMPLEMENTED, "no VM sockets"))?;
-        let conn_id = port.to_string();
-        match op {
-            ResourceOperation::Remove => sockets
-                .vm_socket_close(VMSocketType::VSock, &conn_id)
-                .await
-                .map_err(|e| vm_status(&e)),
-            ResourceOperation::Add | ResourceOperation::Update => {
-                cfg.vm_sockets.retain(|s| s.port != Some(port));
-                cfg.vm_sockets.push(crate::spec::VmSocket {
-                    socket_type: VMSocketType::VSock,
-                    service_id: None,
-                    port: Some(port),
-                    listener_path: listener.clone().into(),
-                });
-                self.precheck(cfg)?;
-                sockets
-                    .vm_socket_listen(VMSocketType::VSock, &conn_id, Path::new(&listener))
-                    .await
-                    .map_err(|e| vm_status(&e))
-            }
-        }
+        self.make(|have| convert::from_socket(req, have).map(|c| vec![c]))
+            .await
     }
 
     async fn inspect(&self, query: &str) -> RpcResult<Value> {
@@ -531,39 +306,9 @@ async fn within<T>(
     }
 }
 
-/// The protocol's resources and uvmctl's.
-const RESOURCES: &[(PbResource, Resource)] = &[
-    (PbResource::Vpmem, Resource::VPMem),
-    (PbResource::Scsi, Resource::Scsi),
-    (PbResource::Vpci, Resource::Pci),
-    (PbResource::Plan9, Resource::Plan9),
-    (PbResource::VMNic, Resource::Network),
-    (PbResource::Memory, Resource::Memory),
-    (PbResource::Processor, Resource::Processor),
-];
-
-/// The capabilities message of a virtstack: what its `Supported` says, per
-/// resource the protocol names, and its guest OSes.
+/// The capabilities message of a virtstack for no VM in particular.
 pub fn capabilities(caps: &crate::vm::Capabilities) -> pb::CapabilitiesVMResponse {
-    let mut out = pb::CapabilitiesVMResponse::new();
-    for (p, r) in RESOURCES {
-        let mut s = SupportedResource::new();
-        s.resource = (*p).into();
-        s.Add = caps.supported(*r, ResourceOperation::Add);
-        s.Remove = caps.supported(*r, ResourceOperation::Remove);
-        s.Update = caps.supported(*r, ResourceOperation::Update);
-        out.supported_resources.push(s);
-    }
-    for os in &caps.guest_os {
-        out.supported_guest_os.push(
-            match os {
-                GuestOs::Linux => SupportedGuestOS::Linux,
-                GuestOs::Windows => SupportedGuestOS::Windows,
-            }
-            .into(),
-        );
-    }
-    out
+    convert::capabilities(caps, None)
 }
 
 #[async_trait]
@@ -683,10 +428,18 @@ impl svc::Vm for VmService {
 
     async fn capabilities_vm(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         _: Empty,
     ) -> RpcResult<pb::CapabilitiesVMResponse> {
-        Ok(capabilities(self.vs.capabilities()))
+        within(ctx, async {
+            // Per VM where it depends on the VM (its memory backing).
+            let seen = match self.exists().await? {
+                true => self.vs.observe(&self.name).await.ok(),
+                false => None,
+            };
+            Ok(convert::capabilities(self.vs.capabilities(), seen.as_ref()))
+        })
+        .await
     }
 
     async fn properties_vm(

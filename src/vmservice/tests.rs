@@ -3,6 +3,8 @@
 use super::*;
 use crate::virtstack::fake::Fake;
 use crate::vm::{Capabilities, HostFacts};
+use pb::capabilities_vmresponse::Resource as PbResource;
+use pb::modify_resource_request::Resource as Modify;
 use ttrpc::context;
 
 struct Served {

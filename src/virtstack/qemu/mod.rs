@@ -5,6 +5,7 @@
 //! paths, NIC endpoints, the configuration for the next start).
 
 mod caps;
+pub mod hotplug;
 pub mod images;
 pub mod launch;
 mod observe;
@@ -12,7 +13,6 @@ pub mod ops;
 pub mod qmp;
 pub mod tap;
 pub mod user;
-pub mod uvm;
 pub mod vsock;
 
 pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
@@ -106,6 +106,22 @@ pub enum QemuError {
         /// What failed, and what was kept.
         what: String,
     },
+    /// The call needs a running VM.
+    #[error("vm {vm}: not running (it is {state})")]
+    NotRunning {
+        /// VM name.
+        vm: String,
+        /// The state it is in.
+        state: State,
+    },
+    /// This VM cannot take the change as it is configured.
+    #[error("vm {vm}: {reason}")]
+    Refused {
+        /// VM name.
+        vm: String,
+        /// Why.
+        reason: String,
+    },
     /// Something this virtstack does not do.
     #[error("vm {vm}: {what}")]
     Unsupported {
@@ -132,6 +148,10 @@ impl QemuError {
                 vm: vm.into(),
                 source,
             },
+            ops::UnplugError::Refused(reason) => QemuError::Refused {
+                vm: vm.into(),
+                reason,
+            },
             ops::UnplugError::Pending { device, after } => QemuError::UnplugPending {
                 vm: vm.into(),
                 device,
@@ -147,7 +167,10 @@ impl From<QemuError> for VmError {
             QemuError::Launch {
                 source: LaunchError::Refused(r),
                 ..
-            } => VmError::Refused(r),
+            } => VmError::Cold(r),
+            QemuError::NotFound(vm) => VmError::NotFound(vm),
+            QemuError::NotRunning { vm, state } => VmError::NotRunning { vm, state },
+            QemuError::Refused { vm, reason } => VmError::Refused { vm, reason },
             e => VmError::Backend(Box::new(e)),
         }
     }
@@ -188,6 +211,17 @@ pub struct Qemu {
     /// the VM really is now. Each is written again before its VM's record
     /// is read, so a change made live is never forgotten by the record.
     unwritten: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, LaunchRecord>>>,
+}
+
+/// The state of a VM whose QEMU does not run, from its record.
+fn down_state(rec: &LaunchRecord) -> State {
+    if rec.saved.is_some() {
+        State::Saved
+    } else if rec.stopped_by_uvmctl && rec.pid.is_none() {
+        State::Created
+    } else {
+        State::Terminated
+    }
 }
 
 fn now_unix() -> u64 {
@@ -1081,9 +1115,9 @@ impl Qemu {
     async fn running_qmp(&self, name: &str) -> Result<Qmp, QemuError> {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
-            return Err(QemuError::Unsupported {
+            return Err(QemuError::NotRunning {
                 vm: name.into(),
-                what: "not running".into(),
+                state: down_state(&rec),
             });
         }
         self.qmp(name).await
@@ -1203,13 +1237,7 @@ impl Qemu {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
             self.forget(name).await;
-            let state = if rec.saved.is_some() {
-                State::Saved
-            } else if rec.stopped_by_uvmctl && rec.pid.is_none() {
-                State::Created
-            } else {
-                State::Terminated
-            };
+            let state = down_state(&rec);
             let memory_hotplug = rec.saved.as_ref().and_then(|s| s.memory_hotplug);
             let exit_error = self.exit_error(name);
             return Ok(ObservedVm {
@@ -1240,9 +1268,9 @@ impl Qemu {
     pub async fn stats(&self, name: &str) -> Result<crate::vm::VmStats, QemuError> {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
-            return Err(QemuError::Unsupported {
+            return Err(QemuError::NotRunning {
                 vm: name.into(),
-                what: "not running".into(),
+                state: down_state(&rec),
             });
         }
         let q = self.qmp(name).await?;
@@ -1293,9 +1321,9 @@ impl Qemu {
     pub async fn live(&self, name: &str) -> Result<(Qmp, LaunchRecord), QemuError> {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
-            return Err(QemuError::Unsupported {
+            return Err(QemuError::NotRunning {
                 vm: name.into(),
-                what: "not running".into(),
+                state: down_state(&rec),
             });
         }
         Ok((self.qmp(name).await?, rec))

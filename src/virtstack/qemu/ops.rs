@@ -71,6 +71,10 @@ pub enum UnplugError {
         /// Waited.
         after: Duration,
     },
+    /// The VM cannot take it as configured (no hot-pluggable memory, a
+    /// size out of its range): refused before QEMU was asked.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Asks QEMU to unplug `id` and waits for the guest to let go.
@@ -217,13 +221,7 @@ pub async fn set_storage_qos(
 /// it; memory the guest cannot release in time stays plugged, and the
 /// resize is reported pending.
 pub async fn set_memory(q: &Qmp, size_mb: u64, timeout: Duration) -> Result<(), UnplugError> {
-    let refuse = |desc: String| {
-        UnplugError::Qmp(QmpError::Command {
-            command: "qom-set".into(),
-            class: "uvmctl".into(),
-            desc,
-        })
-    };
+    let refuse = UnplugError::Refused;
     let summary = q.execute("query-memory-size-summary", None).await?;
     let base = summary
         .get("base-memory")

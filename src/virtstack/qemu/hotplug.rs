@@ -1,0 +1,511 @@
+//! The virtstack contract over QEMU: lifecycle verbs, and the one change
+//! verb as QMP hot-plug.
+//!
+//! A change loads the VM's launch record once, makes the change through QMP,
+//! and stores the record once with the change in it, so a later start (or
+//! restore) launches what the VM really has.
+
+use super::images::{HostFile, check_scsi_image, check_vpmem_image, scsi_access};
+use super::launch::{LaunchError, LaunchRecord};
+use super::qmp::Qmp;
+use super::{HostPathError, Qemu, QemuError, ops};
+use crate::hostfs::Access;
+use crate::spec::{NetworkAdapter, PowerState, VmConfig, VmSocket, VpmemDevice};
+use crate::vm::items::{ChangeError, Item, ResourceKind, ScsiDiskItem};
+use crate::vm::{Change, Observe, VMSocketType, Virtstack, VmError, VmName, VmStats};
+use async_trait::async_trait;
+use std::path::Path;
+
+type Result<T, E = VmError> = std::result::Result<T, E>;
+
+/// One change being made to one running VM.
+struct Hotplug<'a> {
+    qemu: &'a Qemu,
+    name: &'a str,
+    q: Qmp,
+    rec: LaunchRecord,
+}
+
+impl Hotplug<'_> {
+    fn err(&self, what: impl Into<String>) -> VmError {
+        QemuError::Unsupported {
+            vm: self.name.to_string(),
+            what: what.into(),
+        }
+        .into()
+    }
+
+    fn unplug_err(&self, e: ops::UnplugError) -> VmError {
+        QemuError::from_unplug(self.name, e).into()
+    }
+
+    fn qmp_err(&self, source: super::qmp::QmpError) -> VmError {
+        QemuError::Qmp {
+            vm: self.name.to_string(),
+            source,
+        }
+        .into()
+    }
+
+    fn path_err(&self, field: String) -> impl Fn(HostPathError) -> VmError + '_ {
+        move |source| {
+            QemuError::Launch {
+                vm: self.name.to_string(),
+                source: LaunchError::HostPath {
+                    field: field.clone(),
+                    source,
+                },
+            }
+            .into()
+        }
+    }
+
+    /// `path` opened beneath its allowed root, if it lies under one.
+    fn open_host(&self, path: &Path, field: &str, access: Access) -> Result<HostFile> {
+        self.qemu
+            .options()
+            .roots
+            .open(path, access)
+            .map_err(self.path_err(field.to_string()))
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.qemu.options().unplug_timeout
+    }
+
+    /// Adds `item` through QMP.
+    async fn add(&self, item: &Item) -> Result<()> {
+        let q = &self.q;
+        match item {
+            Item::ScsiController(id) => ops::add_scsi_controller(q, *id)
+                .await
+                .map_err(|e| self.qmp_err(e)),
+            Item::ScsiDisk(ScsiDiskItem { controller, disk }) => {
+                let field = format!("scsiDisk {controller}:{}", disk.lun);
+                let image = self.open_host(&disk.path, &field, scsi_access(disk.read_only))?;
+                check_scsi_image(&image, disk.disk_type).map_err(self.path_err(field))?;
+                ops::add_scsi_disk(q, *controller, disk, &image)
+                    .await
+                    .map_err(|e| self.qmp_err(e))
+            }
+            Item::VpmemDevice(d) => self.add_vpmem(d).await,
+            Item::NetworkAdapter(nic) => self.add_nic(nic).await,
+            Item::VmSocket(s) => self.listen(s).await,
+            Item::Processors(n) => ops::set_cpus(q, *n, self.timeout())
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::Memory(mb) => ops::set_memory(q, *mb, self.timeout())
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::StorageQos(limits) => ops::set_storage_qos(q, limits.as_ref())
+                .await
+                .map_err(|e| self.qmp_err(e)),
+            // The capabilities say why none of these is done live here.
+            Item::Plan9Share(_)
+            | Item::VsmbShare(_)
+            | Item::PciDevice(_)
+            | Item::SerialConsole(_)
+            | Item::CpuGroup(_)
+            | Item::Policy(_)
+            | Item::GuestOs(_)
+            | Item::Boot(_)
+            | Item::MemoryConfig(_)
+            | Item::Mmio(_)
+            | Item::VpmemController(_)
+            | Item::PowerState(_) => {
+                Err(self.err(format!("{} has no hot-plug path", item.key().0)))
+            }
+        }
+    }
+
+    /// Removes `item` through QMP.
+    async fn remove(&self, item: &Item) -> Result<()> {
+        let q = &self.q;
+        let t = self.timeout();
+        match item {
+            Item::ScsiController(id) => ops::remove_scsi_controller(q, *id, t)
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::ScsiDisk(d) => ops::remove_scsi_disk(q, d.controller, d.disk.lun, t)
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::NetworkAdapter(n) => ops::remove_nic(q, &n.nic_id, t)
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::Plan9Share(s) => ops::remove_plan9(q, &s.name, t)
+                .await
+                .map_err(|e| self.unplug_err(e)),
+            Item::VmSocket(s) => {
+                let port = vsock_port(self.name, s)?;
+                super::vsock::unlink(&self.qemu.options().state_dir, self.name, port)
+                    .map_err(|e| self.err(format!("cannot unlink vsock port {port}: {e}")))
+            }
+            Item::VpmemDevice(_)
+            | Item::VsmbShare(_)
+            | Item::PciDevice(_)
+            | Item::SerialConsole(_)
+            | Item::CpuGroup(_)
+            | Item::Processors(_)
+            | Item::Memory(_)
+            | Item::StorageQos(_)
+            | Item::Policy(_)
+            | Item::GuestOs(_)
+            | Item::Boot(_)
+            | Item::MemoryConfig(_)
+            | Item::Mmio(_)
+            | Item::VpmemController(_)
+            | Item::PowerState(_) => {
+                Err(self.err(format!("{} has no hot-unplug path", item.key().0)))
+            }
+        }
+    }
+
+    async fn add_vpmem(&self, device: &VpmemDevice) -> Result<()> {
+        let field = format!("vpmemDevice {}", device.id);
+        let image = self.open_host(&device.path, &field, scsi_access(device.read_only))?;
+        let size =
+            check_vpmem_image(&image, device.format).map_err(self.path_err(field.clone()))?;
+        // QEMU reopens a memory backend's file itself, as its service user.
+        if let Some(user) = &self.qemu.options().qemu_user
+            && !image
+                .file
+                .metadata()
+                .is_ok_and(|m| user.may_open(&m, !device.read_only))
+        {
+            return Err(self.err(format!(
+                "{field}: {} is not {} by QEMU's service user {}",
+                image.path.display(),
+                if device.read_only {
+                    "readable"
+                } else {
+                    "readable and writable"
+                },
+                user.name
+            )));
+        }
+        let max = self
+            .rec
+            .config
+            .vpmem
+            .as_ref()
+            .map_or(0, |v| v.maximum_size_bytes);
+        if size > max {
+            return Err(VmError::Refused {
+                vm: self.name.to_string(),
+                reason: format!(
+                    "{field}: image maps {size} bytes, over the controller's maximumSizeBytes {max}"
+                ),
+            });
+        }
+        ops::add_vpmem(&self.q, device, &image, size)
+            .await
+            .map_err(|e| self.qmp_err(e))
+    }
+
+    async fn add_nic(&self, nic: &NetworkAdapter) -> Result<()> {
+        let tap = if super::launch::is_tap(nic) {
+            Some(super::tap::open(&nic.endpoint_id).map_err(|e| {
+                self.err(format!(
+                    "networkAdapter {}: cannot open tap {}: {e}",
+                    nic.nic_id, nic.endpoint_id
+                ))
+            })?)
+        } else {
+            None
+        };
+        ops::add_nic(&self.q, nic, tap.as_ref().map(std::os::fd::AsFd::as_fd))
+            .await
+            .map_err(|e| self.qmp_err(e))
+    }
+
+    async fn listen(&self, s: &VmSocket) -> Result<()> {
+        let port = vsock_port(self.name, s)?;
+        let field = format!("spec.vmSockets[vsock:{port}].listenerPath");
+        let target = self
+            .qemu
+            .options()
+            .roots
+            .check_socket(&s.listener_path)
+            .map_err(self.path_err(field.clone()))?;
+        if let Some(user) = &self.qemu.options().qemu_user {
+            super::launch::check_listener_access(user, &target).map_err(|what| {
+                self.err(format!(
+                    "{field}: {} is not {what} by QEMU's service user {}",
+                    target.display(),
+                    user.name
+                ))
+            })?;
+        }
+        self.qemu.ensure_vsock(&self.q, self.name).await?;
+        super::vsock::link(&self.qemu.options().state_dir, self.name, port, &target).map_err(|e| {
+            self.err(format!(
+                "cannot link vsock port {port} to {}: {e}",
+                target.display()
+            ))
+        })
+    }
+}
+
+/// The vsock port of a listener (HvSocket is refused by the capabilities).
+fn vsock_port(vm: &str, s: &VmSocket) -> Result<u32> {
+    match (s.socket_type, s.port) {
+        (VMSocketType::VSock, Some(port)) => Ok(port),
+        _ => Err(QemuError::Unsupported {
+            vm: vm.to_string(),
+            what: format!("{}: not a vsock port", s.address()),
+        }
+        .into()),
+    }
+}
+
+impl Qemu {
+    /// One change, as [`Virtstack::change`] promises: refused before
+    /// anything happens where the capabilities or the VM's state say no.
+    async fn change_vm(&self, name: &str, change: &Change) -> Result<()> {
+        let op = change.operation();
+        let (kind, _) = change.key();
+        if kind == ResourceKind::Policy {
+            // Only uvmctl's record holds it: no QMP, no running VM needed.
+            let mut rec = self.record(name)?;
+            rec.config = applied(name, change, &rec.config)?;
+            return Ok(self.store(&rec)?);
+        }
+        let resource = change.resource().ok_or_else(|| VmError::Refused {
+            vm: name.to_string(),
+            reason: format!("{kind} is fixed when the VM is built"),
+        })?;
+        if !self.capabilities().supported(resource, op) {
+            return Err(VmError::not_supported(self.capabilities(), resource, op));
+        }
+        let (q, rec) = self.live(name).await?;
+        // Checked before QMP is asked: a removal of what is not there is
+        // the caller out of step, and nothing is touched.
+        let config = applied(name, change, &rec.config)?;
+        let mut plug = Hotplug {
+            qemu: self,
+            name,
+            q,
+            rec,
+        };
+        match change {
+            Change::Add(item) => plug.add(item).await?,
+            Change::Remove(item) => plug.remove(item).await?,
+            // A singleton is set to its new value; a device is swapped.
+            Change::Update { after, .. } if kind.is_singleton() => plug.add(after).await?,
+            Change::Update { before, after } => {
+                plug.remove(before).await?;
+                plug.add(after).await?
+            }
+        }
+        plug.rec.config = config;
+        Ok(self.store(&plug.rec)?)
+    }
+}
+
+/// `config` with `change` made, or why it does not fit.
+fn applied(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
+    change.applied(config).map_err(|e| match e {
+        ChangeError::Absent(item) => VmError::NoSuchItem {
+            vm: vm.to_string(),
+            item,
+        },
+        e => QemuError::Os {
+            vm: vm.to_string(),
+            what: e.to_string(),
+        }
+        .into(),
+    })
+}
+
+#[async_trait]
+impl Virtstack for Qemu {
+    fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        self.resolve(config).map(drop).map_err(|source| {
+            QemuError::Launch {
+                vm: name.to_string(),
+                source,
+            }
+            .into()
+        })
+    }
+
+    async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        let mut config = config.clone();
+        config.power_state = PowerState::Stopped;
+        Ok(Qemu::create(self, name, &config).await?)
+    }
+
+    async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
+        self.change_vm(name, change).await
+    }
+
+    async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        Ok(self.set_config(name, config)?)
+    }
+
+    async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
+        if paused {
+            Ok(self.start_paused(name).await?)
+        } else {
+            Ok(Qemu::start(self, name).await?)
+        }
+    }
+
+    async fn stop(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::stop(self, name).await?)
+    }
+
+    async fn pause(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::pause(self, name).await?)
+    }
+
+    async fn resume(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::resume(self, name).await?)
+    }
+
+    async fn save(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::save(self, name).await?)
+    }
+
+    async fn destroy(&self, name: &VmName) -> Result<()> {
+        Ok(Qemu::destroy(self, name).await?)
+    }
+
+    async fn guest_ready(&self, name: &VmName) -> Result<bool> {
+        Ok(Qemu::guest_ready(self, name).await?)
+    }
+
+    async fn stats(&self, name: &VmName) -> Result<VmStats> {
+        Ok(Qemu::stats(self, name).await?)
+    }
+
+    async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {
+        Ok(Qemu::wait(self, name, timeout).await?)
+    }
+
+    async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {
+        Ok(Qemu::events(self, name).await?)
+    }
+
+    async fn release(&self, name: &VmName) {
+        self.forget(name).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Boot, LinuxKernelDirect};
+    use crate::virtstack::qemu::{Accel, AllowedRoots, QemuOptions, StateDir};
+    use crate::vm::ErrorKind;
+    use std::time::Duration;
+
+    fn vm_name(n: &str) -> VmName {
+        VmName::new(n).expect("valid name")
+    }
+
+    fn host() -> (tempfile::TempDir, Qemu) {
+        let dir = tempfile::Builder::new()
+            .prefix("uvb")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
+        let qemu = Qemu::new(QemuOptions {
+            qemu_user: None,
+            state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
+            roots: AllowedRoots::new(&[dir.path()]),
+            accel: Accel::Tcg,
+            stop_timeout: Duration::from_secs(1),
+            unplug_timeout: Duration::from_secs(1),
+            observer: false,
+        });
+        (dir, qemu)
+    }
+
+    fn config(kernel: &Path) -> VmConfig {
+        VmConfig {
+            boot: Boot {
+                linux_kernel_direct: Some(LinuxKernelDirect {
+                    kernel: kernel.to_path_buf(),
+                    initrd: None,
+                    cmdline: "console=ttyS0".into(),
+                }),
+                uefi: None,
+            },
+            ..VmConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_created_vm_takes_record_changes_and_refuses_live_ones_with_their_kind() {
+        let (dir, qemu) = host();
+        let name = vm_name("built");
+        let cfg = config(&dir.path().join("vmlinux"));
+        Virtstack::create(&qemu, &name, &cfg).await.expect("create");
+        let rec = qemu.record_now(&name).expect("record");
+        assert_eq!(rec.pid, None, "created, not launched");
+
+        // The policy is uvmctl's record only: changed on a stopped VM.
+        let before = Item::Policy(cfg.policy);
+        let mut policy = cfg.policy;
+        policy.protected = true;
+        let after = Item::Policy(policy);
+        qemu.change(&name, &Change::Update { before, after })
+            .await
+            .expect("policy");
+        assert!(
+            qemu.record_now(&name)
+                .expect("record")
+                .config
+                .policy
+                .protected
+        );
+
+        // A device change needs a running VM, and says which state it is in.
+        let nic = Item::NetworkAdapter(NetworkAdapter {
+            nic_id: "n".into(),
+            endpoint_id: "user".into(),
+            mac_address: "52-54-00-00-00-01".into(),
+        });
+        let err = qemu
+            .change(&name, &Change::Add(nic.clone()))
+            .await
+            .expect_err("not running");
+        assert_eq!(err.kind(), ErrorKind::WrongState, "{err}");
+        // What the capabilities do not offer is NotSupported, before anything.
+        let share = Item::Plan9Share(crate::spec::Plan9Share {
+            name: "s".into(),
+            host_path: dir.path().to_path_buf(),
+            port: 564,
+            flags: 0,
+            allowed_files: vec![],
+            read_only: true,
+        });
+        let err = qemu
+            .change(&name, &Change::Add(share))
+            .await
+            .expect_err("no fsdev_add");
+        assert_eq!(err.kind(), ErrorKind::NotSupported, "{err}");
+
+        Virtstack::destroy(&qemu, &name).await.expect("destroy");
+        let err = Virtstack::destroy(&qemu, &name).await.expect_err("gone");
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        let err = qemu
+            .change(&name, &Change::Add(nic))
+            .await
+            .expect_err("gone");
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_host_paths_are_refused_before_anything_exists() {
+        let (_dir, qemu) = host();
+        let cfg = config(Path::new("/etc/passwd"));
+        let err = Virtstack::create(&qemu, &vm_name("outside"), &cfg)
+            .await
+            .expect_err("a kernel outside the allowed roots");
+        let text = crate::vm::Chain(&err).to_string();
+        assert!(text.contains("kernel"), "{text}");
+        assert!(qemu.list().is_empty(), "nothing was created");
+    }
+}
