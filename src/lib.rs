@@ -43,6 +43,8 @@ pub mod vmservice;
 
 pub mod inspect;
 
+pub mod conformance;
+
 /// The layering the module docs promise, checked on the source: each
 /// module's non-test code names only the modules below it.
 #[cfg(test)]
@@ -76,6 +78,10 @@ mod layering {
             ],
         ),
         ("vmservice", &["vm", "spec", "protocol", "vmservice"]),
+        (
+            "conformance",
+            &["vm", "spec", "plan", "apply", "reconcile", "conformance"],
+        ),
         (
             "inspect",
             &["vm", "spec", "plan", "reconcile", "watch", "inspect"],

@@ -4,9 +4,10 @@
 //! its capabilities say live, only on a running or paused VM, refusals
 //! before anything is created.
 
-use crate::vm::items::{ChangeError, ResourceKind};
+use crate::vm::items::{ChangeError, Item, ResourceKind};
 use crate::vm::{
-    Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmEvent, VmName, VmStats,
+    Capabilities, Change, MemoryBackingType, MemoryHotplug, Observe, ObservedVm, ResourceOperation,
+    State, Virtstack, VmError, VmEvent, VmName, VmStats,
     config::{PowerState, VmConfig},
 };
 use async_trait::async_trait;
@@ -34,6 +35,9 @@ struct Inner {
     fail: BTreeSet<(String, String)>,
     /// `(vm, verb)` that never return.
     hang: BTreeSet<(String, String)>,
+    /// Verbs that answer success on every VM and do nothing: a planted
+    /// fault, to show the conformance suite catches a virtstack that lies.
+    lie: BTreeSet<String>,
     /// Every call that changed something, in order: `vm verb`.
     log: Vec<String>,
     /// Event subscribers per VM.
@@ -81,6 +85,12 @@ impl Fake {
     /// Makes `verb` on `vm` never return from now on.
     pub fn hang(&self, vm: &str, verb: &str) {
         self.lock().hang.insert((vm.to_string(), verb.to_string()));
+    }
+
+    /// Makes `verb` succeed on every VM without doing anything (a planted
+    /// fault for the conformance suite's own test).
+    pub fn lie(&self, verb: &str) {
+        self.lock().lie.insert(verb.to_string());
     }
 
     /// Sends `event` to whoever watches `vm`'s events.
@@ -150,6 +160,21 @@ impl Fake {
             return Err(VmError::not_supported(&self.caps, r, op));
         }
         let record_only = change.key().0 == ResourceKind::Policy;
+        if let Change::Update {
+            after: Item::Memory(mb),
+            ..
+        } = change
+            && let Some(hot) = self.get(name).and_then(|vm| memory_hotplug(&vm))
+            && !hot.allows(*mb)
+        {
+            return Err(VmError::Refused {
+                vm: name.to_string(),
+                reason: format!(
+                    "{mb} MB is out of the live range {}..={} MB (physical backing pins memory)",
+                    hot.min_mb, hot.max_mb
+                ),
+            });
+        }
         if resource.is_none() && !record_only {
             return Err(VmError::Refused {
                 vm: name.to_string(),
@@ -173,6 +198,22 @@ impl Fake {
             Ok(())
         })
     }
+}
+
+/// What a running fake VM can be resized to: any size with virtual
+/// backing, none but its own with physical (pinned) backing, as on QEMU.
+fn memory_hotplug(vm: &FakeVm) -> Option<MemoryHotplug> {
+    if !vm.state.is_live() {
+        return None;
+    }
+    Some(match vm.config.memory.backing {
+        MemoryBackingType::Physical => MemoryHotplug::fixed(vm.config.memory.size_mb),
+        MemoryBackingType::Virtual => MemoryHotplug {
+            min_mb: 1,
+            max_mb: u64::MAX >> 20,
+            block_mb: 1,
+        },
+    })
 }
 
 fn backend(what: String) -> VmError {
@@ -203,12 +244,13 @@ impl Observe for Fake {
         let vm = self
             .get(name)
             .ok_or_else(|| VmError::NotFound(name.to_string()))?;
+        let memory_hotplug = memory_hotplug(&vm);
         Ok(ObservedVm {
             config: vm.config,
             state: vm.state,
             managed: vm.managed,
             exit_error: self.lock().crashed.get(name.as_str()).cloned(),
-            memory_hotplug: None,
+            memory_hotplug,
         })
     }
 }
@@ -249,9 +291,20 @@ impl Virtstack for Fake {
     async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
         // Scripted as `add scsiDisk`: the verb and the item kind.
         let (kind, _) = change.key();
-        self.call(name, &format!("{} {kind}", change.operation()))
-            .await?;
-        self.change_now(name, change)
+        let verb = format!("{} {kind}", change.operation());
+        self.call(name, &verb).await?;
+        if self.lock().lie.contains(&verb) {
+            return Ok(());
+        }
+        self.change_now(name, change)?;
+        // As QEMU reports a device it let go of (`DEVICE_DELETED`).
+        if change.operation() != ResourceOperation::Add && change.resource().is_some() {
+            self.emit(
+                name,
+                VmEvent::Reported(format!("{} {kind}", change.operation())),
+            );
+        }
+        Ok(())
     }
 
     async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {

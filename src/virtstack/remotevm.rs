@@ -16,7 +16,7 @@ use crate::protocol::convert;
 use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc::VmClient;
 use crate::vm::config::VmConfig;
-use crate::vm::items::{ChangeError, ResourceKind};
+use crate::vm::items::ResourceKind;
 use crate::vm::{
     Capabilities, Change, Observe, ObservedVm, Resource, State, Virtstack, VmError, VmName, VmStats,
 };
@@ -183,15 +183,11 @@ enum Call {
     Quit,
 }
 
-/// `config` with `change` made, or why it does not fit.
-fn applied(vm: &VmName, change: &Change, config: &VmConfig) -> Result<VmConfig> {
-    change.applied(config).map_err(|e| match e {
-        ChangeError::Absent(item) => VmError::NoSuchItem {
-            vm: vm.to_string(),
-            item,
-        },
-        e => backend(format!("vm {vm}: {e}")),
-    })
+/// The record's `config` with `change` made.
+fn recorded(vm: &VmName, change: &Change, config: &VmConfig) -> Result<VmConfig> {
+    change
+        .recorded(config)
+        .map_err(|e| backend(format!("vm {vm}: {e}")))
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -349,6 +345,17 @@ impl RemoteVm {
         self.store(name.as_str(), rec)
     }
 
+    /// The server's VM's state (`InspectVM state`).
+    async fn state(&self, name: &VmName) -> Result<State> {
+        Ok(match self.inspect(name, "state").await?.as_str() {
+            Some("running") => State::Running,
+            Some("paused") => State::Paused,
+            Some("created") => State::Created,
+            Some("saved") => State::Saved,
+            _ => State::Terminated,
+        })
+    }
+
     async fn call(&self, name: &VmName, call: Call) -> Result<()> {
         let c = self.client(name).await?;
         let e = Empty::new();
@@ -440,13 +447,7 @@ impl Observe for RemoteVm {
                 memory_hotplug: None,
             });
         }
-        let state = match self.inspect(name, "state").await?.as_str() {
-            Some("running") => State::Running,
-            Some("paused") => State::Paused,
-            Some("created") => State::Created,
-            Some("saved") => State::Saved,
-            _ => State::Terminated,
-        };
+        let state = self.state(name).await?;
         let mut config: VmConfig = serde_json::from_value(self.inspect(name, "config").await?)
             .map_err(|e| {
                 backend(format!(
@@ -506,7 +507,7 @@ impl Virtstack for RemoteVm {
         let mut rec = self.record(name.as_str())?;
         if change.key().0 == ResourceKind::Policy {
             // Only the record holds it: the server never sees a policy.
-            rec.config = applied(name, change, &rec.config)?;
+            rec.config = recorded(name, change, &rec.config)?;
             return self.store(name.as_str(), &rec);
         }
         let op = change.operation();
@@ -520,13 +521,20 @@ impl Virtstack for RemoteVm {
                 });
             }
         }
-        if !rec.created {
+        // Asked first, so a VM that does not run is refused with its
+        // state, as every virtstack refuses it.
+        let state = match rec.created {
+            true => self.state(name).await?,
+            false => State::Created,
+        };
+        if !state.is_live() {
             return Err(VmError::NotRunning {
                 vm: name.to_string(),
-                state: State::Created,
+                state,
             });
         }
-        let config = applied(name, change, &rec.config)?;
+        // The server judges what its VM has; the record only follows.
+        let config = recorded(name, change, &rec.config)?;
         let requests =
             convert::to_wire(change, &rec.config).map_err(|e| VmError::NotSupported {
                 resource: change.resource().unwrap_or(Resource::Memory),
@@ -750,6 +758,16 @@ mod tests {
             assert!(!c.supported(r, ResourceOperation::Add), "{r}");
         }
         assert!(c.guest_os.contains(&GuestOs::Linux));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remotevm_over_serve_over_the_fake_conforms() {
+        let (_dir, vs, fake) = remote().await;
+        let fx = crate::conformance::tests::fixture("r");
+        let out = crate::conformance::run(Arc::new(vs), &fx).await;
+        let failed = crate::conformance::failures(&out);
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+        assert!(fake.get("r-conv").is_none(), "the suite leaves no VM");
     }
 
     fn spec(cpus: u32, mem: u64, luns: &[u32], nics: u8, power: u8) -> VmConfig {

@@ -424,6 +424,23 @@ impl Change {
         Ok(())
     }
 
+    /// `config` with the change made whatever it held before (an add
+    /// overwrites, a removal of what is not there is none): for a record
+    /// of what was applied, which the VM itself may have drifted from.
+    pub fn recorded(&self, config: &VmConfig) -> Result<VmConfig, ChangeError> {
+        let mut items = flatten(config);
+        let key = self.key();
+        match self {
+            Change::Add(item) | Change::Update { after: item, .. } => {
+                items.insert(key, item.clone());
+            }
+            Change::Remove(_) => {
+                items.remove(&key);
+            }
+        }
+        unflatten(&items, config.power_state).map_err(ChangeError::Inconsistent)
+    }
+
     /// `config` with the change made (its power state kept).
     pub fn applied(&self, config: &VmConfig) -> Result<VmConfig, ChangeError> {
         let mut items = flatten(config);

@@ -11,7 +11,7 @@ use super::qmp::Qmp;
 use super::{HostPathError, Qemu, QemuError, ops};
 use crate::hostfs::Access;
 use crate::spec::{NetworkAdapter, PowerState, VmConfig, VmSocket, VpmemDevice};
-use crate::vm::items::{ChangeError, Item, ResourceKind, ScsiDiskItem};
+use crate::vm::items::{Item, ResourceKind, ScsiDiskItem};
 use crate::vm::{Change, Observe, VMSocketType, Virtstack, VmError, VmName, VmStats};
 use async_trait::async_trait;
 use std::path::Path;
@@ -160,6 +160,27 @@ impl Hotplug<'_> {
         }
     }
 
+    /// Whether QEMU has the device of `item`.
+    async fn present(&self, item: &Item) -> Result<bool> {
+        use super::launch::ids;
+        let id = match item {
+            Item::ScsiController(id) => ids::scsi_controller(*id),
+            Item::ScsiDisk(d) => ids::scsi_disk(d.controller, d.disk.lun),
+            Item::NetworkAdapter(n) => ids::nic(&n.nic_id),
+            Item::Plan9Share(s) => ids::plan9(&s.name),
+            Item::VpmemDevice(d) => ids::pmem(d.id),
+            Item::VmSocket(s) => {
+                let port = vsock_port(self.name, s)?;
+                let links = super::vsock::listeners(&self.qemu.options().state_dir, self.name);
+                return Ok(links.contains_key(&port));
+            }
+            _ => return Ok(false),
+        };
+        ops::device_present(&self.q, &id)
+            .await
+            .map_err(|e| self.qmp_err(e))
+    }
+
     async fn add_vpmem(&self, device: &VpmemDevice) -> Result<()> {
         let field = format!("vpmemDevice {}", device.id);
         let image = self.open_host(&device.path, &field, scsi_access(device.read_only))?;
@@ -267,7 +288,7 @@ impl Qemu {
         if kind == ResourceKind::Policy {
             // Only uvmctl's record holds it: no QMP, no running VM needed.
             let mut rec = self.record(name)?;
-            rec.config = applied(name, change, &rec.config)?;
+            rec.config = recorded(name, change, &rec.config)?;
             return Ok(self.store(&rec)?);
         }
         let resource = change.resource().ok_or_else(|| VmError::Refused {
@@ -278,15 +299,25 @@ impl Qemu {
             return Err(VmError::not_supported(self.capabilities(), resource, op));
         }
         let (q, rec) = self.live(name).await?;
-        // Checked before QMP is asked: a removal of what is not there is
-        // the caller out of step, and nothing is touched.
-        let config = applied(name, change, &rec.config)?;
+        // The record is what was applied, QEMU what the VM has (a device
+        // may have been removed by hand): the record takes the change as a
+        // set, and only a removal of what neither has is refused.
+        let config = recorded(name, change, &rec.config)?;
         let mut plug = Hotplug {
             qemu: self,
             name,
             q,
             rec,
         };
+        if let Change::Remove(item) = change {
+            let known = crate::vm::items::flatten(&plug.rec.config).contains_key(&item.key());
+            if !known && !plug.present(item).await? {
+                return Err(VmError::NoSuchItem {
+                    vm: name.to_string(),
+                    item: change.label(),
+                });
+            }
+        }
         match change {
             Change::Add(item) => plug.add(item).await?,
             Change::Remove(item) => plug.remove(item).await?,
@@ -302,18 +333,14 @@ impl Qemu {
     }
 }
 
-/// `config` with `change` made, or why it does not fit.
-fn applied(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
-    change.applied(config).map_err(|e| match e {
-        ChangeError::Absent(item) => VmError::NoSuchItem {
-            vm: vm.to_string(),
-            item,
-        },
-        e => QemuError::Os {
+/// The record's `config` with `change` made.
+fn recorded(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
+    change.recorded(config).map_err(|e| {
+        QemuError::Os {
             vm: vm.to_string(),
             what: e.to_string(),
         }
-        .into(),
+        .into()
     })
 }
 
