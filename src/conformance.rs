@@ -28,6 +28,9 @@ pub struct Fixture {
     pub prefix: String,
     /// How long a change's event may take to arrive.
     pub event_timeout: Duration,
+    /// How long a guest may take to boot (a save needs a guest that can
+    /// let go of what does not migrate).
+    pub boot_timeout: Duration,
 }
 
 /// One check's name and outcome.
@@ -95,6 +98,22 @@ async fn running(vs: &dyn Virtstack, name: &VmName, config: &VmConfig) -> Check 
     vs.start(name, false)
         .await
         .map_err(|e| format!("start: {}", shown(&e)))
+}
+
+/// Waits for the guest to signal it booted.
+async fn booted(vs: &dyn Virtstack, name: &VmName, timeout: Duration) -> Check {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match vs.guest_ready(name).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(format!("guest_ready: {}", shown(&e))),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("the guest did not boot within {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn gone(vs: &dyn Virtstack, name: &VmName) -> Check {
@@ -319,6 +338,7 @@ async fn save_restore(vs: &dyn Virtstack, fx: &Fixture) -> Check {
     on_vm(vs, &vm, async {
         let want = with_disks(fx, 1, PowerState::Running);
         running(vs, &vm, &want).await?;
+        booted(vs, &vm, fx.boot_timeout).await?;
         let kept = disk(fx, 0)?;
         match vs.save(&vm).await {
             Ok(()) => {
@@ -442,6 +462,7 @@ pub(crate) mod tests {
             disks,
             prefix: prefix.into(),
             event_timeout: Duration::from_secs(2),
+            boot_timeout: Duration::from_secs(2),
         }
     }
 

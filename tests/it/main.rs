@@ -1,6 +1,7 @@
 //! Integration tests: the `uvmctl` binary as users run it.
 
 mod cli;
+mod conformance;
 mod host;
 mod interop;
 mod qemu;

@@ -328,6 +328,11 @@ impl Qemu {
                 plug.add(after).await?
             }
         }
+        if kind == ResourceKind::VmSocket {
+            // A listener may have (re)started the vsock backend, which
+            // records its pid itself: keep that, not the copy read before.
+            plug.rec = self.record(name)?;
+        }
         plug.rec.config = config;
         Ok(self.store(&plug.rec)?)
     }
