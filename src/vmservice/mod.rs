@@ -167,7 +167,7 @@ impl VmService {
         let wire = convert::capabilities(self.vs.capabilities(), Some(&seen));
         let mut cfg = seen.config.clone();
         for change in &changes {
-            self.offered(&wire, change)?;
+            self.offered(&wire, &seen, change)?;
             cfg = change
                 .applied(&cfg)
                 .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
@@ -193,9 +193,16 @@ impl VmService {
         Ok(())
     }
 
-    /// Refuses a change `CapabilitiesVM` (as `wire` answers it for this VM)
-    /// does not offer, or the capabilities do not call live.
-    fn offered(&self, wire: &pb::CapabilitiesVMResponse, change: &Change) -> RpcResult<()> {
+    /// Refuses a change the capabilities do not call live
+    /// (`Unimplemented`), or this VM's `CapabilitiesVM` answer (`wire`)
+    /// does not offer as it is configured (`FailedPrecondition`, with the
+    /// reason the plan gives).
+    fn offered(
+        &self,
+        wire: &pb::CapabilitiesVMResponse,
+        seen: &crate::vm::ObservedVm,
+        change: &Change,
+    ) -> RpcResult<()> {
         let caps = self.vs.capabilities();
         let op = change.operation();
         let Some(r) = change.resource() else {
@@ -204,17 +211,20 @@ impl VmService {
                 format!("{} is not changed on a running VM", change.label()),
             ));
         };
-        let listed = convert::offers(wire, r, op);
-        if listed == Some(false) || !caps.supported(r, op) {
-            let reason = match listed {
-                Some(false) if caps.supported(r, op) => {
-                    "this VM cannot (CapabilitiesVM says so)".to_string()
-                }
-                _ => caps.support(r, op).reason,
-            };
+        if !caps.supported(r, op) {
             return Err(status(
                 Code::UNIMPLEMENTED,
-                format!("{} is not done live here: {reason}", change.label()),
+                format!(
+                    "{} is not done live here: {}",
+                    change.label(),
+                    caps.support(r, op).reason
+                ),
+            ));
+        }
+        if convert::offers(wire, r, op) == Some(false) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("{}: {}", change.label(), convert::narrowed_reason(seen, r)),
             ));
         }
         Ok(())

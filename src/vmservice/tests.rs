@@ -295,3 +295,157 @@ async fn the_server_answers_deadline_exceeded_when_the_clients_deadline_passes()
     // Abandoned: the next change is not blocked behind it.
     service.pause_vm(&ctx, Empty::new()).await.expect("pause");
 }
+
+/// A VM created over the wire with `backing` (the protocol's
+/// `allow_overcommit`), started.
+async fn running_vm(c: &svc::VmClient, overcommit: bool) {
+    let mut r = create_request();
+    if let Some(m) = r.config.as_mut().and_then(|c| c.memory_config.as_mut()) {
+        m.allow_overcommit = overcommit;
+    }
+    c.create_vm(ctx(), &r).await.expect("create");
+    c.resume_vm(ctx(), &Empty::new()).await.expect("start");
+}
+
+fn memory_update(mb: u64) -> pb::ModifyResourceRequest {
+    let mut m = pb::ModifyMemoryRequest::new();
+    m.memory_mb = mb;
+    let mut r = pb::ModifyResourceRequest::new();
+    r.type_ = pb::ModifyType::UPDATE.into();
+    r.set_memory(m);
+    r
+}
+
+fn status_of(e: &ttrpc::Error) -> (Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message.clone()),
+        e => (Code::UNKNOWN, format!("{e:?}")),
+    }
+}
+
+#[tokio::test]
+async fn a_memory_update_on_pinned_memory_is_a_failed_precondition_with_the_reason() {
+    let s = serve().await;
+    running_vm(&s.client, false).await;
+    let e = s
+        .client
+        .modify_resource(ctx(), &memory_update(512))
+        .await
+        .expect_err("pinned");
+    let (code, message) = status_of(&e);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    assert!(message.contains("physical backing"), "{message}");
+    assert!(message.contains("restart"), "{message}");
+    assert_eq!(s.fake.get("vm").expect("vm").config.memory.size_mb, 256);
+}
+
+#[tokio::test]
+async fn a_device_the_vm_does_not_have_is_not_found() {
+    let s = serve().await;
+    running_vm(&s.client, true).await;
+    let e = s
+        .client
+        .modify_resource(ctx(), &scsi(pb::ModifyType::REMOVE, 7))
+        .await
+        .expect_err("no disk 0:7");
+    assert_eq!(code(&e), Code::NOT_FOUND, "{e:?}");
+    let mut nic = pb::NICConfig::new();
+    nic.nic_id = "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01".into();
+    let mut r = pb::ModifyResourceRequest::new();
+    r.type_ = pb::ModifyType::REMOVE.into();
+    r.set_nic_config(nic);
+    let e = s
+        .client
+        .modify_resource(ctx(), &r)
+        .await
+        .expect_err("no NIC");
+    assert_eq!(code(&e), Code::NOT_FOUND, "{e:?}");
+}
+
+/// One request of `op` on the protocol resource `r`, fit for a VM that
+/// has what the earlier requests of the sequence added.
+fn request_for(r: PbResource, op: pb::ModifyType) -> Option<pb::ModifyResourceRequest> {
+    let mut req = pb::ModifyResourceRequest::new();
+    req.type_ = op.into();
+    match r {
+        PbResource::Scsi => return Some(scsi(op, 1)),
+        PbResource::Vpmem => {
+            let mut d = pb::VPMEMDisk::new();
+            d.host_path = "/d/pmem.vhdx".into();
+            d.type_ = pb::DiskType::SCSI_DISK_TYPE_VHDX.into();
+            req.set_vpmem_disk(d);
+        }
+        PbResource::VMNic => {
+            let mut n = pb::NICConfig::new();
+            n.nic_id = "6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c02".into();
+            n.port_id = "user".into();
+            n.mac_address = "52-54-00-12-34-57".into();
+            req.set_nic_config(n);
+        }
+        PbResource::Memory => {
+            let mut m = pb::ModifyMemoryRequest::new();
+            m.memory_mb = 512;
+            req.set_memory(m);
+        }
+        PbResource::Processor if op == pb::ModifyType::UPDATE => {
+            // The protocol's processor update is weight and limit.
+            let mut p = pb::ModifyProcessorConfigRequest::new();
+            p.processor_weight = 100;
+            req.set_processor_config(p);
+        }
+        PbResource::Processor => req.set_processor(pb::ModifyProcessorRequest::new()),
+        PbResource::Vpci => {
+            let mut w = pb::WindowsPCIDevice::new();
+            w.instance_id = "PCI\\VEN_1AF4&DEV_1000\\3&267A616A&0&18".into();
+            req.set_windows_device(w);
+        }
+        // ModifyResource has no Plan9 message.
+        PbResource::Plan9 => return None,
+    }
+    Some(req)
+}
+
+/// For each resource and each operation, on a VM of each memory backing,
+/// `CapabilitiesVM` means what `ModifyResource` does: what it offers is
+/// accepted, what it does not is refused (Add before Remove, so a removal
+/// has something to remove).
+#[tokio::test]
+async fn capabilities_vm_says_exactly_what_modify_resource_accepts() {
+    for overcommit in [true, false] {
+        let s = serve().await;
+        running_vm(&s.client, overcommit).await;
+        let caps = s
+            .client
+            .capabilities_vm(ctx(), &Empty::new())
+            .await
+            .expect("capabilities");
+        let mut checked = 0;
+        for offered in &caps.supported_resources {
+            let r = offered.resource.enum_value().expect("known resource");
+            for (op, yes) in [
+                (pb::ModifyType::ADD, offered.Add),
+                (pb::ModifyType::REMOVE, offered.Remove),
+                (pb::ModifyType::UPDATE, offered.Update),
+            ] {
+                let Some(req) = request_for(r, op) else {
+                    assert!(!yes, "{r:?} {op:?} offered without a message");
+                    continue;
+                };
+                let got = s.client.modify_resource(ctx(), &req).await;
+                checked += 1;
+                assert_eq!(
+                    got.is_ok(),
+                    yes,
+                    "overcommit={overcommit}: {r:?} {op:?} offered={yes}, got {got:?}"
+                );
+            }
+        }
+        assert_eq!(checked, 18, "every resource but Plan9, three operations");
+        let memory = caps
+            .supported_resources
+            .iter()
+            .find(|x| x.resource.enum_value() == Ok(PbResource::Memory))
+            .expect("memory listed");
+        assert_eq!(memory.Update, overcommit, "memory resizes only unpinned");
+    }
+}
