@@ -966,7 +966,7 @@ mod tests {
                                         ScsiDiskType::Vhdx,
                                         ScsiDiskType::Vhd1,
                                     ][(lun % 3) as usize],
-                                    read_only: lun % 2 == 0,
+                                    read_only: lun.is_multiple_of(2),
                                 })
                                 .collect(),
                         })
@@ -977,7 +977,7 @@ mod tests {
         fn nic(i: u8) -> NetworkAdapter {
             NetworkAdapter {
                 nic_id: format!("6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c{i:02x}"),
-                endpoint_id: if i % 2 == 0 {
+                endpoint_id: if i.is_multiple_of(2) {
                     "user".into()
                 } else {
                     format!("tap{i}")
