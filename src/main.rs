@@ -1,6 +1,6 @@
 //! The `uvmctl` command line: parse arguments, call the library, map the
 //! outcome to an exit code (0 ok, 1 error, 2 changes pending with
-//! `--detailed-exitcode`, 3 changes exceed `--max-disruption` or the state
+//! `--detailed-exitcode`, 3 changes exceed `--max-disruption`, 4 the state
 //! directory stayed locked).
 
 use anyhow::{Context, bail};
@@ -15,19 +15,19 @@ use uvmctl::apply::{self, ApplyOptions};
 use uvmctl::plan::{self, Plan, PlanOptions, render};
 use uvmctl::reconcile;
 use uvmctl::spec::{self, Loaded};
-use uvmctl::virtstack::qemu::user::{DEFAULT_QEMU_USER, ServiceUser};
-use uvmctl::virtstack::qemu::{
-    Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
-    DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
-};
+use uvmctl::virtstack::qemu::DEFAULT_STATE_DIR;
 use uvmctl::virtstack::recorded::Recorded;
+use uvmctl::virtstack::{self, AccelChoice, HostOptions, Kind};
 use uvmctl::vm::{Capabilities, Chain, Disruption, HostFacts, Observe, Virtstack, VmName};
 
 #[derive(Parser)]
 #[command(
     name = "uvmctl",
     version,
-    about = "Declarative manager for lightweight utility VMs"
+    about = "Declarative manager for lightweight utility VMs",
+    after_help = "Exit codes: 0 success; 1 error; 2 changes pending (plan --detailed-exitcode); \
+3 a change is more disruptive than --max-disruption; 4 the state directory stayed locked \
+(--lock-timeout)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -142,111 +142,27 @@ enum AccelArg {
 }
 
 impl HostArgs {
-    /// The QEMU virtstack; an `observer` only looks (its own QMP socket,
-    /// nothing created on the host).
-    fn qemu(&self, observer: bool) -> anyhow::Result<Qemu> {
-        let roots = if self.allow_roots.is_empty() {
-            AllowedRoots::new(DEFAULT_ALLOWED_ROOTS)
-        } else {
-            AllowedRoots::new(&self.allow_roots)
-        };
-        let accel = match self.accel {
-            AccelArg::Auto => Accel::auto(),
-            AccelArg::Kvm => Accel::Kvm,
-            AccelArg::Tcg => Accel::Tcg,
-        };
-        let name = match &self.qemu_user {
-            Some(name) => Some(name.as_str()),
-            None if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
-            None => None,
-        };
-        let qemu_user = match name.map(|n| ServiceUser::lookup(n, accel == Accel::Kvm)) {
-            Some(Ok(user)) => user,
-            // An observer starts nothing: without the user it still looks
-            // (plan's pre-flight then cannot judge what that user may use).
-            Some(Err(_)) if observer => None,
-            Some(Err(e)) => return Err(e.into()),
-            None => None,
-        };
-        Ok(Qemu::new(QemuOptions {
-            state_dir: StateDir::new(&self.state_dir)?,
-            roots,
-            qemu_user,
-            accel,
-            stop_timeout: DEFAULT_STOP_TIMEOUT,
-            unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
-            observer,
-        }))
+    fn options(&self) -> HostOptions {
+        HostOptions {
+            state_dir: self.state_dir.clone(),
+            allow_roots: self.allow_roots.clone(),
+            accel: match self.accel {
+                AccelArg::Auto => AccelChoice::Auto,
+                AccelArg::Kvm => AccelChoice::Kvm,
+                AccelArg::Tcg => AccelChoice::Tcg,
+            },
+            qemu_user: self.qemu_user.clone(),
+            remote_dir: self.remote_dir.clone(),
+            remote_server: self.remote_server.clone(),
+        }
     }
 
     /// The live virtstack these options name, and the directory its lock
     /// (and a watcher's status file) lives in.
     async fn live(&self, observer: bool) -> anyhow::Result<(Arc<dyn Virtstack>, PathBuf)> {
-        match self.virtstack.as_str() {
-            "qemu" => {
-                let qemu = self.qemu(observer)?;
-                if !observer {
-                    qemu.options().state_dir.ensure_root()?;
-                }
-                let root = qemu.options().state_dir.root().to_path_buf();
-                Ok((Arc::new(qemu), root))
-            }
-            "remotevm" => {
-                let dir = self
-                    .remote_dir
-                    .clone()
-                    .unwrap_or_else(|| self.state_dir.join(".remotevm"));
-                // uvmctl's own serve answers with this host's QEMU
-                // capabilities, as they cross the wire: known without
-                // starting one.
-                let caps = match &self.remote_server {
-                    Some(_) => None,
-                    None => Some(uvmctl::virtstack::remotevm::capabilities_from(
-                        &uvmctl::vmservice::capabilities(self.qemu(true)?.capabilities()),
-                    )),
-                };
-                let spawner = match &self.remote_server {
-                    Some(program) => uvmctl::virtstack::remotevm::ProcessSpawner {
-                        program: program.clone(),
-                        args: Vec::new(),
-                    },
-                    None => {
-                        let mut args = vec!["serve".to_string(), "--state-dir".into()];
-                        args.push(self.state_dir.display().to_string());
-                        for r in &self.allow_roots {
-                            args.push("--allow-root".into());
-                            args.push(r.display().to_string());
-                        }
-                        if let Some(user) = &self.qemu_user {
-                            args.push("--qemu-user".into());
-                            args.push(user.clone());
-                        }
-                        args.push("--accel".into());
-                        args.push(
-                            match self.accel {
-                                AccelArg::Auto => "auto",
-                                AccelArg::Kvm => "kvm",
-                                AccelArg::Tcg => "tcg",
-                            }
-                            .into(),
-                        );
-                        uvmctl::virtstack::remotevm::ProcessSpawner {
-                            program: std::env::current_exe()?,
-                            args,
-                        }
-                    }
-                };
-                let vs = uvmctl::virtstack::remotevm::RemoteVm::with(
-                    &dir,
-                    Arc::new(spawner),
-                    caps,
-                    observer,
-                )
-                .await?;
-                Ok((Arc::new(vs), dir))
-            }
-            other => bail!("virtstack {other:?} cannot be driven here (qemu, remotevm)"),
-        }
+        let kind: Kind = self.virtstack.parse()?;
+        let opened = virtstack::open(kind, &self.options(), observer).await?;
+        Ok((opened.vs, opened.lock_dir))
     }
 }
 
@@ -371,7 +287,7 @@ struct ApplyArgs {
     /// Recreate VMs even when their spec's policy does not allow it.
     #[arg(long)]
     allow_recreate: bool,
-    /// Wait this long (seconds) for another apply holding the state directory; then exit 3.
+    /// Wait this long (seconds) for another apply holding the state directory; then exit 4.
     #[arg(long, value_parser = parse_secs, default_value = "30")]
     lock_timeout: Duration,
     /// Wait up to SECS for each VM meant to run to boot (its guest opens the
@@ -456,7 +372,7 @@ impl Color {
 const EXIT_ERROR: u8 = 1;
 const EXIT_CHANGES: u8 = 2;
 const EXIT_TOO_DISRUPTIVE: u8 = 3;
-const EXIT_LOCKED: u8 = 3;
+const EXIT_LOCKED: u8 = 4;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -822,9 +738,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
             .and_then(|s| VmName::new(s).ok())
             .unwrap_or(VmName::new("vm")?),
     };
-    let qemu = args.host.qemu(false)?;
-    qemu.options().state_dir.ensure_root()?;
-    let vs: Arc<dyn Virtstack> = Arc::new(qemu);
+    let vs = virtstack::open(Kind::Qemu, &args.host.options(), false)
+        .await?
+        .vs;
     let service = uvmctl::vmservice::VmService::new(vs, name.clone());
     let quit = service.quit_signal();
     // A socket left by a server that died is replaced; anything else is not.

@@ -2,12 +2,14 @@
 //! it can do. Virtstack implementations live below this module.
 
 pub mod fake;
+pub mod open;
 pub mod qemu;
 pub mod recorded;
 pub mod remotevm;
 
 pub use crate::vm::caps::{Capabilities, HostFacts, Support};
 pub use crate::vm::observed::{MemoryHotplug, ObservedState, ObservedVm};
+pub use open::{AccelChoice, HostOptions, Kind, OpenError, Opened, open};
 
 impl Capabilities {
     /// The built-in profile of a virtstack by name, for `plan --observed`.

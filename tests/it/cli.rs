@@ -502,3 +502,36 @@ fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() 
         "{got:?}"
     );
 }
+
+/// A busy host and a policy stop are told apart: a state directory that
+/// stays locked exits 4, a change past `--max-disruption` exits 3.
+#[test]
+fn a_locked_state_directory_exits_4_not_3() {
+    let t = TestContext::new();
+    t.write_spec("a.yaml", &vm("a", 64, ""));
+    let state = t.path("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let held = uvmctl::apply::lock::StateLock::acquire(
+        &state,
+        std::time::Duration::ZERO,
+        "the test holding it",
+    )
+    .expect("lock");
+    let state_arg = state.to_str().expect("utf-8");
+    let out = t.uvmctl(&[
+        "apply",
+        "specs",
+        "--yes",
+        "--lock-timeout",
+        "0",
+        "--state-dir",
+        state_arg,
+    ]);
+    assert_exit_code(&out, 4);
+    assert!(
+        stderr(&out).contains("the test holding it"),
+        "{}",
+        stderr(&out)
+    );
+    drop(held);
+}

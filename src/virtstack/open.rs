@@ -1,0 +1,245 @@
+//! Opening a virtstack by kind: the one place that knows every virtstack
+//! uvmctl can drive and how each is set up from the host options. The CLI
+//! parses arguments into [`HostOptions`] and calls [`open`].
+
+use super::qemu::user::{DEFAULT_QEMU_USER, ServiceUser, UserError};
+use super::qemu::{
+    Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
+    DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
+};
+use super::remotevm::{ProcessSpawner, RemoteVm};
+use crate::vm::{Observe, Virtstack, VmError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The virtstacks uvmctl drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A QEMU per VM, over QMP (the default on Linux).
+    Qemu,
+    /// One vmservice server per VM (hcsshim's RemoteVM protocol).
+    RemoteVm,
+}
+
+impl Kind {
+    /// Every kind, in the order help lists them.
+    pub const ALL: [Kind; 2] = [Kind::Qemu, Kind::RemoteVm];
+
+    /// Its name on the command line and in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Qemu => crate::vm::QEMU,
+            Kind::RemoteVm => crate::vm::REMOTE_VM,
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = OpenError;
+    fn from_str(s: &str) -> Result<Self, OpenError> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| OpenError::Unknown(s.chars().take(64).collect()))
+    }
+}
+
+/// Acceleration as asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM where the CPU really offers it, else TCG.
+    #[default]
+    Auto,
+    /// KVM.
+    Kvm,
+    /// TCG (software emulation).
+    Tcg,
+}
+
+impl AccelChoice {
+    fn resolve(self) -> Accel {
+        match self {
+            AccelChoice::Auto => Accel::auto(),
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            AccelChoice::Auto => "auto",
+            AccelChoice::Kvm => "kvm",
+            AccelChoice::Tcg => "tcg",
+        }
+    }
+}
+
+/// Where the virtstacks keep their VMs and what they may touch.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Root of per-VM state directories.
+    pub state_dir: PathBuf,
+    /// Roots host paths must lie under; empty: the defaults.
+    pub allow_roots: Vec<PathBuf>,
+    /// Acceleration for launched VMs.
+    pub accel: AccelChoice,
+    /// The user QEMU runs as; `None`: `uvmctl-qemu` when running as root.
+    pub qemu_user: Option<String>,
+    /// remotevm: its records and server sockets [default: STATE_DIR/.remotevm].
+    pub remote_dir: Option<PathBuf>,
+    /// remotevm: the server program [default: this program's `serve`].
+    pub remote_server: Option<PathBuf>,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            allow_roots: Vec::new(),
+            accel: AccelChoice::Auto,
+            qemu_user: None,
+            remote_dir: None,
+            remote_server: None,
+        }
+    }
+}
+
+/// Why a virtstack could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No such virtstack.
+    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm)")]
+    Unknown(String),
+    /// QEMU's service user is missing or unusable.
+    #[error(transparent)]
+    User(#[from] UserError),
+    /// The state directory is unusable.
+    #[error(transparent)]
+    StateDir(#[from] super::qemu::launch::LaunchError),
+    /// The virtstack refused to start.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// This program's path (for remotevm's default server).
+    #[error("cannot find this program to serve remotevm: {0}")]
+    Program(std::io::Error),
+}
+
+/// An opened virtstack and the directory its lock (and a watcher's status
+/// file) lives in.
+pub struct Opened {
+    /// The virtstack.
+    pub vs: Arc<dyn Virtstack>,
+    /// Where its lock and status live.
+    pub lock_dir: PathBuf,
+}
+
+/// The QEMU virtstack these options describe; an `observer` only looks
+/// (its own QMP socket, nothing created on the host).
+pub fn qemu(host: &HostOptions, observer: bool) -> Result<Qemu, OpenError> {
+    let roots = if host.allow_roots.is_empty() {
+        AllowedRoots::new(DEFAULT_ALLOWED_ROOTS)
+    } else {
+        AllowedRoots::new(&host.allow_roots)
+    };
+    let accel = host.accel.resolve();
+    let name = match &host.qemu_user {
+        Some(name) => Some(name.as_str()),
+        None if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
+        None => None,
+    };
+    let qemu_user = match name.map(|n| ServiceUser::lookup(n, accel == Accel::Kvm)) {
+        Some(Ok(user)) => user,
+        // An observer starts nothing: without the user it still looks
+        // (plan's pre-flight then cannot judge what that user may use).
+        Some(Err(_)) if observer => None,
+        Some(Err(e)) => return Err(e.into()),
+        None => None,
+    };
+    Ok(Qemu::new(QemuOptions {
+        state_dir: StateDir::new(&host.state_dir)?,
+        roots,
+        qemu_user,
+        accel,
+        stop_timeout: DEFAULT_STOP_TIMEOUT,
+        unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
+        observer,
+    }))
+}
+
+/// The arguments that make this program's `serve` drive QEMU with the same
+/// host options (remotevm's default server).
+fn serve_args(host: &HostOptions) -> Vec<String> {
+    let mut args = vec!["serve".to_string(), "--state-dir".into()];
+    args.push(host.state_dir.display().to_string());
+    for r in &host.allow_roots {
+        args.push("--allow-root".into());
+        args.push(r.display().to_string());
+    }
+    if let Some(user) = &host.qemu_user {
+        args.push("--qemu-user".into());
+        args.push(user.clone());
+    }
+    args.push("--accel".into());
+    args.push(host.accel.as_str().into());
+    args
+}
+
+/// Opens the virtstack `kind` on this host; an `observer` only looks.
+pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Opened, OpenError> {
+    match kind {
+        Kind::Qemu => {
+            let qemu = qemu(host, observer)?;
+            if !observer {
+                qemu.options().state_dir.ensure_root()?;
+            }
+            let lock_dir = qemu.options().state_dir.root().to_path_buf();
+            Ok(Opened {
+                vs: Arc::new(qemu),
+                lock_dir,
+            })
+        }
+        Kind::RemoteVm => {
+            let dir = host
+                .remote_dir
+                .clone()
+                .unwrap_or_else(|| host.state_dir.join(".remotevm"));
+            // uvmctl's own serve answers with this host's QEMU capabilities,
+            // as they cross the wire: known without starting one.
+            let (spawner, caps) = match &host.remote_server {
+                Some(program) => (
+                    ProcessSpawner {
+                        program: program.clone(),
+                        args: Vec::new(),
+                    },
+                    None,
+                ),
+                None => (
+                    ProcessSpawner {
+                        program: std::env::current_exe().map_err(OpenError::Program)?,
+                        args: serve_args(host),
+                    },
+                    Some(super::remotevm::capabilities_from(
+                        &crate::protocol::convert::capabilities(
+                            qemu(host, true)?.capabilities(),
+                            None,
+                        ),
+                    )),
+                ),
+            };
+            let vs = RemoteVm::with(&dir, Arc::new(spawner), caps, observer).await?;
+            // The lock (and a watcher's status) lives beside the records,
+            // never among them: nothing but VM records is in that directory.
+            let lock_dir = dir.parent().map_or_else(|| dir.clone(), PathBuf::from);
+            Ok(Opened {
+                vs: Arc::new(vs),
+                lock_dir,
+            })
+        }
+    }
+}
+
+/// An observer of `kind`: the virtstack, looking only.
+pub async fn observer(kind: Kind, host: &HostOptions) -> Result<Arc<dyn Observe>, OpenError> {
+    let vs: Arc<dyn Observe> = open(kind, host, true).await?.vs;
+    Ok(vs)
+}
