@@ -243,8 +243,15 @@ async fn update(
     progress: &Progress,
 ) -> Result<(), ApplyError> {
     let label = name.as_str();
-    let now = vs.observe(name).await?;
-    let mut state = now.state;
+    // The plan's own observation, made just before: not repeated. What
+    // could have changed since is the VM's state, and every verb checks
+    // that itself (a VM that stopped meanwhile fails with its state, it is
+    // never changed blindly).
+    let observed = match vm.observed {
+        Some(state) => state,
+        None => vs.observe(name).await?.state,
+    };
+    let mut state = observed;
     let (changes, power): (Vec<&Op>, Vec<&Op>) = vm
         .ops
         .iter()
@@ -282,7 +289,7 @@ async fn update(
             with_ticker(progress, label, &what, live(vs, name, op)).await?;
         }
     }
-    if power.is_empty() && state == now.state {
+    if power.is_empty() && state == observed {
         return Ok(());
     }
     bring_to(vs, name, observed_power(state), want.power_state, progress).await

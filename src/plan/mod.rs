@@ -82,6 +82,10 @@ pub struct VmPlan {
     /// For `create` and `recreate`: the whole desired configuration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spec: Option<VmConfig>,
+    /// The lifecycle state the plan was computed from (none for a VM to
+    /// create): the executor starts from it rather than observing again.
+    #[serde(skip)]
+    pub observed: Option<State>,
 }
 
 /// Why a VM is left alone.
@@ -292,6 +296,7 @@ pub fn plan(
                 recreate_allowed: None,
                 ops: Vec::new(),
                 spec: None,
+                observed: Some(have.state),
             });
         }
     }
@@ -348,6 +353,7 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
         recreate_allowed: None,
         ops,
         spec: Some(want.clone()),
+        observed: None,
     }
 }
 
@@ -545,6 +551,7 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
         recreate_allowed: recreate.then_some(want.policy.allow_recreate),
         ops,
         spec: recreate.then(|| want.clone()),
+        observed: Some(have.state),
     })
 }
 

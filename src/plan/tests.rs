@@ -990,6 +990,7 @@ pub(crate) mod properties {
                 action: VmAction::Update,
                 disruption: Disruption::Live,
                 recreate_allowed: None,
+                observed: None,
                 ops: vec![Op {
                     operation: ResourceOperation::Remove,
                     resource: ResourceKind::ScsiDisk,

@@ -27,7 +27,7 @@ use crate::apply::{self, ApplyOptions, Progress};
 use crate::plan::{self, PlanOptions, VmAction};
 use crate::reconcile::OBSERVE_DEADLINE;
 use crate::spec::{DesiredState, DesiredVm, Loaded, Reload, SpecCache};
-use crate::vm::{Chain, Disruption, ObservedState, Virtstack, VmEvent, VmName};
+use crate::vm::{Chain, Disruption, ErrorKind, ObservedState, Virtstack, VmEvent, VmName};
 use files::{FsChange, SpecWatcher};
 use status::{VmWatch, WatchStatus};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -323,29 +323,23 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
 
 async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     let vs = &ctx.vs;
-    let exists = match vs.list().await {
-        Ok(names) => names.contains(&job.name),
-        Err(e) => {
-            done.outcome = Outcome::Failed(format!("cannot list VMs: {}", Chain(&e)));
+    let mut observed = ObservedState::default();
+    // Observed straight away: a VM the virtstack does not have answers
+    // NotFound, so no listing of every VM comes first.
+    match tokio::time::timeout(OBSERVE_DEADLINE, vs.observe(&job.name)).await {
+        Ok(Ok(o)) => {
+            observed.vms.insert(done.vm.clone(), o);
+        }
+        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => {}
+        Ok(Err(e)) => {
+            done.outcome = Outcome::Failed(format!("cannot observe: {}", Chain(&e)));
             return;
         }
-    };
-    let mut observed = ObservedState::default();
-    if exists {
-        match tokio::time::timeout(OBSERVE_DEADLINE, vs.observe(&job.name)).await {
-            Ok(Ok(o)) => {
-                observed.vms.insert(done.vm.clone(), o);
-            }
-            Ok(Err(e)) => {
-                done.outcome = Outcome::Failed(format!("cannot observe: {}", Chain(&e)));
-                return;
-            }
-            Err(_) => {
-                done.outcome = Outcome::Failed(format!(
-                    "cannot observe: no answer within {OBSERVE_DEADLINE:?}"
-                ));
-                return;
-            }
+        Err(_) => {
+            done.outcome = Outcome::Failed(format!(
+                "cannot observe: no answer within {OBSERVE_DEADLINE:?}"
+            ));
+            return;
         }
     }
     let crashed = observed
@@ -398,7 +392,19 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         done.outcome = Outcome::Held(lines);
         return;
     }
-    let refused = apply::preflight(&the_plan, &desired, vs.as_ref());
+    // Every host path is checked before a launch; a live change checks
+    // the paths it adds itself (the change verb opens them), so a VM that
+    // only changes live is not re-read whole on every edit.
+    let launches = matches!(vm_plan.action, VmAction::Create | VmAction::Recreate)
+        || vm_plan
+            .ops
+            .iter()
+            .any(|o| o.disruption == Disruption::Restart);
+    let refused = if launches {
+        apply::preflight(&the_plan, &desired, vs.as_ref())
+    } else {
+        Vec::new()
+    };
     if let Some((_, why)) = refused.first() {
         done.outcome = Outcome::Failed(format!("refused: {why}"));
         return;

@@ -18,10 +18,8 @@ fn raw(host: &Host, name: &str, read_only: bool, lun: u32) -> ScsiDisk {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_conforms() {
-    let host = Host::new();
-    let base = VmConfig {
+fn base(host: &Host) -> VmConfig {
+    VmConfig {
         boot: Boot {
             linux_kernel_direct: Some(LinuxKernelDirect {
                 kernel: host.kernel(),
@@ -32,17 +30,21 @@ async fn qemu_conforms() {
         },
         scsi_controllers: vec![ScsiController {
             id: 0,
-            disks: vec![raw(&host, "base.img", true, 0)],
+            disks: vec![raw(host, "base.img", true, 0)],
         }],
         ..VmConfig::default()
-    };
+    }
+}
+
+/// The QEMU virtstack on `host`, as the CLI opens it.
+fn qemu(host: &Host) -> Qemu {
     let user = nix::unistd::geteuid()
         .is_root()
         .then(|| ServiceUser::lookup(QEMU_USER, false).expect("service user"))
         .flatten();
     let state = StateDir::new(host.path("state")).expect("state dir");
     state.ensure_root().expect("state root");
-    let qemu = Qemu::new(QemuOptions {
+    Qemu::new(QemuOptions {
         state_dir: state,
         roots: AllowedRoots::new(&[host.path("img"), host.guest.clone()]),
         accel: Accel::Tcg,
@@ -51,7 +53,14 @@ async fn qemu_conforms() {
         unplug_timeout: Duration::from_secs(20),
         observer: false,
         qemu_user: user,
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_conforms() {
+    let host = Host::new();
+    let base = base(&host);
+    let qemu = qemu(&host);
     let fixture = uvmctl::conformance::Fixture {
         base,
         disks: vec![
@@ -65,4 +74,61 @@ async fn qemu_conforms() {
     let out = uvmctl::conformance::run(Arc::new(qemu), &fixture).await;
     let failed = uvmctl::conformance::failures(&out);
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A VM's launch record is read once when a process first uses the VM,
+/// and written once per change: a disk add, a second one, a removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reads_the_launch_record_once_and_writes_it_once() {
+    use uvmctl::vm::items::{Item, ScsiDiskItem};
+    use uvmctl::vm::{Change, Observe, Virtstack, VmName};
+    let host = Host::new();
+    let name = VmName::new("io").expect("name");
+    let setup = qemu(&host);
+    Virtstack::create(&setup, &name, &base(&host))
+        .await
+        .expect("create");
+    Virtstack::start(&setup, &name, false).await.expect("start");
+    // As a new `uvmctl apply` would: a fresh virtstack, nothing cached
+    // (the first lets go of the QMP socket, as every command does).
+    Virtstack::release(&setup, &name).await;
+    let qemu = qemu(&host);
+    Observe::observe(&qemu, &name).await.expect("observe");
+    assert_eq!(qemu.record_io(), (1, 0), "observe reads the record once");
+    let disk = |lun, file| {
+        Item::ScsiDisk(ScsiDiskItem {
+            controller: 0,
+            disk: raw(&host, file, false, lun),
+        })
+    };
+    qemu.change(&name, &Change::Add(disk(1, "a.img")))
+        .await
+        .expect("add");
+    assert_eq!(qemu.record_io(), (1, 1), "a disk add: no read, one write");
+    qemu.change(&name, &Change::Add(disk(2, "b.img")))
+        .await
+        .expect("add");
+    qemu.change(&name, &Change::Remove(disk(1, "a.img")))
+        .await
+        .expect("remove");
+    assert_eq!(qemu.record_io(), (1, 3), "each further change: one write");
+    // Another process's write is seen: read again, once.
+    Virtstack::release(&qemu, &name).await;
+    Virtstack::change(&setup, &name, &Change::Remove(disk(2, "b.img")))
+        .await
+        .expect("remove elsewhere");
+    Virtstack::release(&setup, &name).await;
+    let seen = Observe::observe(&qemu, &name).await.expect("observe");
+    assert_eq!(
+        qemu.record_io(),
+        (2, 3),
+        "a record replaced elsewhere is read again"
+    );
+    assert!(
+        seen.config.scsi_controllers[0]
+            .disks
+            .iter()
+            .all(|d| d.lun == 0)
+    );
+    Virtstack::destroy(&setup, &name).await.expect("destroy");
 }

@@ -23,7 +23,7 @@ use crate::vm::{Capabilities, HostFacts, ObservedVm};
 use crate::vm::{State, VmError, VmName};
 use qmp::{Qmp, QmpError};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long a QEMU may take to open its QMP socket after launch.
@@ -211,6 +211,85 @@ pub struct Qemu {
     /// the VM really is now. Each is written again before its VM's record
     /// is read, so a change made live is never forgotten by the record.
     unwritten: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, LaunchRecord>>>,
+    /// Each VM's launch record as this process last read or wrote it, with
+    /// the file's identity then: the one copy every operation here works
+    /// on, reused while the file is unchanged (a stat, no read), read again
+    /// when another process replaced it.
+    records: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, CachedRecord>>>,
+    /// Records read from and written to disk, for tests and benchmarks.
+    record_io: std::sync::Arc<RecordIo>,
+    /// The events connection of each VM someone follows (a watcher), by
+    /// VM, with its subscription's number: commands go over it too, so a
+    /// watcher's reconcile neither connects nor greets, and the main QMP
+    /// socket stays free for another uvmctl between reconciles.
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
+    /// Numbers subscriptions, so one ending never drops a newer one's entry.
+    subscriptions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Drops a subscription's entry among the held connections when it ends.
+struct Unhold {
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
+    vm: String,
+    number: u64,
+}
+
+impl Drop for Unhold {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(&self.vm).is_some_and(|(n, _)| *n == self.number) {
+            held.remove(&self.vm);
+        }
+    }
+}
+
+/// A launch record and the identity of the file it was read from or written to.
+#[derive(Debug, Clone)]
+struct CachedRecord {
+    rec: LaunchRecord,
+    stamp: FileStamp,
+}
+
+/// What tells one version of a record file from another: a write replaces
+/// the file (a new inode), and its size and mtime go with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Option<Self>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => Ok(Some(FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// How often launch records were read from and written to disk.
+#[derive(Debug, Default)]
+pub struct RecordIo {
+    loads: std::sync::atomic::AtomicU64,
+    stores: std::sync::atomic::AtomicU64,
+}
+
+impl RecordIo {
+    /// `(loads, stores)` so far.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.loads.load(Relaxed), self.stores.load(Relaxed))
+    }
 }
 
 /// The state of a VM whose QEMU does not run, from its record.
@@ -241,7 +320,28 @@ impl Qemu {
             opts,
             conns: Default::default(),
             unwritten: Default::default(),
+            records: Default::default(),
+            record_io: Default::default(),
+            held: Default::default(),
+            subscriptions: Default::default(),
         }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, Qmp)>> {
+        // Poisoned only by a panic elsewhere: the map itself is intact.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How often launch records were read from and written to disk.
+    pub fn record_io(&self) -> (u64, u64) {
+        self.record_io.get()
+    }
+
+    fn cached_records(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CachedRecord>> {
+        // Poisoned only by a panic elsewhere: the map itself is intact.
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The smallest guest CID no VM of the state directory has: a guest's
@@ -358,13 +458,36 @@ impl Qemu {
 
     fn record(&self, name: &str) -> Result<LaunchRecord, QemuError> {
         self.write_unwritten(name)?;
-        if !self.opts.state_dir.record_path(name).is_file() {
-            return Err(QemuError::NotFound(name.to_string()));
+        let path = self.opts.state_dir.record_path(name);
+        let stamp = FileStamp::of(&path)
+            .map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot stat {}: {e}", path.display()),
+            })?
+            .ok_or_else(|| QemuError::NotFound(name.to_string()))?;
+        if let Some(c) = self.cached_records().get(name)
+            && c.stamp == stamp
+        {
+            return Ok(c.rec.clone());
         }
-        LaunchRecord::load(&self.opts.state_dir, name).map_err(|source| QemuError::Launch {
-            vm: name.into(),
-            source,
-        })
+        // Stamped before it is read: a file replaced meanwhile is read
+        // again next time, never taken for the old one.
+        let rec =
+            LaunchRecord::load(&self.opts.state_dir, name).map_err(|source| QemuError::Launch {
+                vm: name.into(),
+                source,
+            })?;
+        self.record_io
+            .loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cached_records().insert(
+            name.to_string(),
+            CachedRecord {
+                rec: rec.clone(),
+                stamp,
+            },
+        );
+        Ok(rec)
     }
 
     /// The launch record of a VM as it is on disk now.
@@ -440,7 +563,27 @@ impl Qemu {
     fn store(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
         match rec.store(&self.opts.state_dir) {
             Ok(()) => {
+                self.record_io
+                    .stores
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.unwritten().remove(&rec.name);
+                // Writers of one record are serialized (the state lock
+                // across processes, the executor within one), so the file
+                // stamped now is the one just written.
+                match FileStamp::of(&self.opts.state_dir.record_path(&rec.name)) {
+                    Ok(Some(stamp)) => {
+                        self.cached_records().insert(
+                            rec.name.clone(),
+                            CachedRecord {
+                                rec: rec.clone(),
+                                stamp,
+                            },
+                        );
+                    }
+                    _ => {
+                        self.cached_records().remove(&rec.name);
+                    }
+                }
                 Ok(())
             }
             Err(source) => {
@@ -475,6 +618,9 @@ impl Qemu {
     /// greeting is awaited: a hung QEMU delays its own VM, not the others.
     async fn qmp(&self, name: &str) -> Result<Qmp, QemuError> {
         if let Some(q) = self.conns.lock().await.get(name) {
+            return Ok(q.clone());
+        }
+        if let Some((_, q)) = self.held().get(name) {
             return Ok(q.clone());
         }
         let observe = self.opts.state_dir.observe_socket(name);
@@ -523,10 +669,20 @@ impl Qemu {
             .filter(|_| vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name));
         let dir = self.opts.state_dir.clone();
         let vm = name.to_string();
+        let number = self
+            .subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.held().insert(vm.clone(), (number, q.clone()));
+        let held = std::sync::Arc::clone(&self.held);
         tokio::spawn(async move {
             // Owns the connection: it closes when QEMU ends or the
-            // receiver is dropped.
+            // receiver is dropped, and commands stop using it then.
             let _conn = q;
+            let _unhold = Unhold {
+                held,
+                vm: vm.clone(),
+                number,
+            };
             let mut tick = tokio::time::interval(BACKEND_CHECK);
             loop {
                 let got = tokio::select! {
@@ -568,9 +724,16 @@ impl Qemu {
     }
 
     /// Forgets a VM's QMP connection (its QEMU is gone or being replaced,
-    /// or another process is to drive it next).
+    /// or another process is to drive it next). A followed VM's events
+    /// connection stays: it is not the socket another process needs.
     pub async fn forget(&self, name: &str) {
         self.conns.lock().await.remove(name);
+    }
+
+    /// Forgets every connection of a VM whose QEMU is gone or replaced.
+    async fn forget_all(&self, name: &str) {
+        self.forget(name).await;
+        self.held().remove(name);
     }
 
     /// Last lines QEMU wrote to stderr.
@@ -713,7 +876,7 @@ impl Qemu {
                 ),
             })?;
         }
-        self.forget(name).await;
+        self.forget_all(name).await;
         if res.shared_memory {
             vsock::set_links(&self.opts.state_dir, name, &res.vsock_listeners).map_err(|e| {
                 QemuError::Os {
@@ -835,7 +998,7 @@ impl Qemu {
                 now.stopped_by_uvmctl = true;
                 let _ = self.store(&now);
             }
-            self.forget(name).await;
+            self.forget_all(name).await;
             let _ = self.kill(&rec).await;
             self.end_backend(name).await;
         }
@@ -1044,7 +1207,7 @@ impl Qemu {
         loop {
             let rec = self.record(name)?;
             if !self.alive(&rec) {
-                self.forget(name).await;
+                self.forget_all(name).await;
                 return Ok(true);
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -1162,14 +1325,14 @@ impl Qemu {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
             if !self.alive(rec) {
-                self.forget(&rec.name).await;
+                self.forget_all(&rec.name).await;
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let gone = !self.alive(rec);
         if gone {
-            self.forget(&rec.name).await;
+            self.forget_all(&rec.name).await;
         }
         gone
     }
@@ -1203,6 +1366,7 @@ impl Qemu {
         // A record that could not be written is what the VM is; it goes
         // with the VM (never written again after it).
         let pending = self.unwritten().remove(name);
+        self.cached_records().remove(name);
         let rec = match pending {
             Some(rec) => rec,
             None => self.record(name)?,
@@ -1236,7 +1400,7 @@ impl Qemu {
     pub async fn observe(&self, name: &str) -> Result<ObservedVm, QemuError> {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
-            self.forget(name).await;
+            self.forget_all(name).await;
             let state = down_state(&rec);
             let memory_hotplug = rec.saved.as_ref().and_then(|s| s.memory_hotplug);
             let exit_error = self.exit_error(name);
