@@ -128,15 +128,30 @@ pub async fn observe(
     rec: &LaunchRecord,
     vsock: Option<BTreeMap<u32, PathBuf>>,
 ) -> Result<ObservedVm, QmpError> {
-    let status = ops::status(q).await?;
+    // Independent reads, in flight together on the one connection: QEMU
+    // answers them in order, so observing costs about one round trip
+    // instead of one per query (each is slow while TCG keeps QEMU busy).
+    let limits_path = format!("/objects/{}", ids::QOS_GROUP);
+    let (status, devices, nodes, cpus, mem, hot, limits, held) = tokio::join!(
+        ops::status(q),
+        ops::peripherals(q),
+        block_nodes(q),
+        q.execute("query-cpus-fast", None),
+        q.execute("query-memory-size-summary", None),
+        ops::hotplug_memory(q),
+        q.execute(
+            "qom-get",
+            Some(json!({"path": limits_path, "property": "limits"})),
+        ),
+        held_files(q, rec.pid),
+    );
+    let (status, devices, nodes, cpus, mem) = (status?, devices?, nodes?, cpus?, mem?);
     let state = match status.as_str() {
         "running" => State::Running,
         "shutdown" | "guest-panicked" | "internal-error" => State::Terminated,
         // paused, prelaunch (never started), suspended, debug, inmigrate...: halted in memory.
         _ => State::Paused,
     };
-    let devices = ops::peripherals(q).await?;
-    let nodes = block_nodes(q).await?;
     let cold = &rec.config;
 
     // Everything QEMU cannot change at runtime comes from the record.
@@ -159,7 +174,6 @@ pub async fn observe(
     };
 
     // vCPUs and memory, as the guest has them now.
-    let cpus = q.execute("query-cpus-fast", None).await?;
     if let Some(n) = cpus
         .as_array()
         .map(Vec::len)
@@ -169,11 +183,10 @@ pub async fn observe(
     }
     // Boot memory plus what the virtio-mem device has plugged now (NVDIMMs
     // count as plugged memory in QEMU's summary, so it is not used).
-    let mem = q.execute("query-memory-size-summary", None).await?;
     let base_mb = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0) >> 20;
     let mut memory_hotplug = Some(MemoryHotplug::fixed(cold.memory.size_mb));
     if base_mb > 0 {
-        let hot = ops::hotplug_memory(q).await?;
+        let hot = hot?;
         let field = |k: &str| hot.as_ref().and_then(|d| d.get(k)?.as_u64()).unwrap_or(0) >> 20;
         cfg.memory.size_mb = base_mb + field("size");
         memory_hotplug = Some(match hot {
@@ -187,12 +200,6 @@ pub async fn observe(
     }
 
     // Storage QoS, as the throttle group has it.
-    let limits = q
-        .execute(
-            "qom-get",
-            Some(json!({"path": format!("/objects/{}", ids::QOS_GROUP), "property": "limits"})),
-        )
-        .await;
     if let Ok(l) = limits {
         let get = |k: &str| l.get(k).and_then(Value::as_u64).filter(|v| *v > 0);
         let (iops, bps) = (get("iops-total"), get("bps-total"));
@@ -210,9 +217,9 @@ pub async fn observe(
         .iter()
         .flat_map(|c| c.disks.iter().map(move |d| ((c.id, d.lun), d)))
         .collect();
-    // One more round trip, only where a disk was handed over by descriptor.
+    // What QEMU holds matters only where a disk was handed over by descriptor.
     let held = if nodes.values().any(|n| n.file.starts_with("/dev/fdset/")) {
-        held_files(q, rec.pid).await?
+        held?
     } else {
         BTreeMap::new()
     };
@@ -279,17 +286,18 @@ pub async fn observe(
     }
     cfg.scsi_controllers = controllers.into_values().collect();
 
-    // NICs: MAC from QEMU, endpoint from the record.
-    for (id, ty) in &devices {
-        if ty != "virtio-net-pci" {
-            continue;
-        }
-        let Some(nic_id) = id.strip_prefix("nic-") else {
-            continue;
-        };
-        let mac = qom_string(q, &format!("/machine/peripheral/{id}"), "mac")
-            .await?
-            .unwrap_or_default();
+    // NICs: MAC from QEMU (asked for all at once), endpoint from the record.
+    let nics: Vec<(&str, String)> = devices
+        .iter()
+        .filter(|(_, ty)| ty == "virtio-net-pci")
+        .filter_map(|(id, _)| Some((id.strip_prefix("nic-")?, format!("/machine/peripheral/{id}"))))
+        .collect();
+    let macs =
+        futures_util::future::join_all(nics.iter().map(|(_, path)| qom_string(q, path, "mac")))
+            .await;
+    for ((nic_id, _), mac) in nics.iter().zip(macs) {
+        let nic_id = *nic_id;
+        let mac = mac?.unwrap_or_default();
         let endpoint = cold
             .network_adapters
             .iter()
