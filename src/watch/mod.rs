@@ -456,7 +456,7 @@ struct Tracked {
 
 /// An event subscription: its generation, and the task forwarding it.
 struct Subscription {
-    generation: u64,
+    generation: Arc<std::sync::atomic::AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -741,13 +741,25 @@ impl Watcher {
     /// on the VM; the loop never does). `renew` replaces a live subscription:
     /// the old one saw the echoes of uvmctl's own operations.
     fn subscribe(&mut self, vm: &str, renew: bool) {
-        if !renew && self.subs.get(vm).is_some_and(|s| !s.task.is_finished()) {
+        if let Some(s) = self.subs.get(vm)
+            && !s.task.is_finished()
+        {
+            if renew {
+                // Events already forwarded carry the old number and are
+                // dropped (they were uvmctl's own operations' echoes); the
+                // connection stays, and with it what the virtstack keeps
+                // for a followed VM.
+                self.generation += 1;
+                s.generation
+                    .store(self.generation, std::sync::atomic::Ordering::Relaxed);
+            }
             return;
         }
         self.subs.remove(vm);
         let Ok(name) = VmName::new(vm) else { return };
         self.generation += 1;
-        let generation = self.generation;
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(self.generation));
+        let tagged = Arc::clone(&generation);
         let tx = self.events_tx.clone();
         let vs = Arc::clone(&self.ctx.vs);
         let owner = vm.to_string();
@@ -762,7 +774,8 @@ impl Watcher {
             };
             while let Some(e) = events.recv().await {
                 let gone = e == VmEvent::Gone;
-                if tx.send((owner.clone(), generation, e)).is_err() || gone {
+                let number = tagged.load(std::sync::atomic::Ordering::Relaxed);
+                if tx.send((owner.clone(), number, e)).is_err() || gone {
                     return;
                 }
             }
@@ -876,7 +889,7 @@ impl Watcher {
         if self
             .subs
             .get(&vm)
-            .is_none_or(|s| s.generation != generation)
+            .is_none_or(|s| s.generation.load(std::sync::atomic::Ordering::Relaxed) != generation)
         {
             return;
         }

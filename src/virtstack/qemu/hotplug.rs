@@ -267,6 +267,18 @@ impl Hotplug<'_> {
     }
 }
 
+/// The QEMU device an item's removal unplugs, if it is one.
+fn device_id(item: &Item) -> Option<String> {
+    use super::launch::ids;
+    match item {
+        Item::ScsiController(id) => Some(ids::scsi_controller(*id)),
+        Item::ScsiDisk(d) => Some(ids::scsi_disk(d.controller, d.disk.lun)),
+        Item::NetworkAdapter(n) => Some(ids::nic(&n.nic_id)),
+        Item::Plan9Share(s) => Some(ids::plan9(&s.name)),
+        _ => None,
+    }
+}
+
 /// The vsock port of a listener (HvSocket is refused by the capabilities).
 fn vsock_port(vm: &str, s: &VmSocket) -> Result<u32> {
     match (s.socket_type, s.port) {
@@ -320,7 +332,20 @@ impl Qemu {
         }
         match change {
             Change::Add(item) => plug.add(item).await?,
-            Change::Remove(item) => plug.remove(item).await?,
+            Change::Remove(item) => {
+                // Its DEVICE_DELETED is this change's echo, not news.
+                let device = device_id(item);
+                if let Some(d) = &device {
+                    self.expect_unplug(name, d, true);
+                }
+                let removed = plug.remove(item).await;
+                if let Some(d) = &device
+                    && removed.is_err()
+                {
+                    self.expect_unplug(name, d, false);
+                }
+                removed?
+            }
             // A singleton is set to its new value; a device is swapped.
             Change::Update { after, .. } if kind.is_singleton() => plug.add(after).await?,
             Change::Update { before, after } => {
@@ -368,14 +393,28 @@ impl Virtstack for Qemu {
     }
 
     async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
-        self.change_vm(name, change).await
+        match self.change_vm(name, change).await {
+            Ok(()) => {
+                self.seen_changed(name, change);
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever part of it happened, the next plan observes.
+                self.unsee(name);
+                Err(e)
+            }
+        }
     }
 
     async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        Ok(self.set_config(name, config)?)
+        self.unsee(name);
+        let done = self.set_config(name, config);
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
+        self.unsee(name);
         if paused {
             Ok(self.start_paused(name).await?)
         } else {
@@ -384,23 +423,38 @@ impl Virtstack for Qemu {
     }
 
     async fn stop(&self, name: &VmName) -> Result<()> {
-        Ok(Qemu::stop(self, name).await?)
+        self.unsee(name);
+        let done = Qemu::stop(self, name).await;
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn pause(&self, name: &VmName) -> Result<()> {
-        Ok(Qemu::pause(self, name).await?)
+        self.unsee(name);
+        let done = Qemu::pause(self, name).await;
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn resume(&self, name: &VmName) -> Result<()> {
-        Ok(Qemu::resume(self, name).await?)
+        self.unsee(name);
+        let done = Qemu::resume(self, name).await;
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn save(&self, name: &VmName) -> Result<()> {
-        Ok(Qemu::save(self, name).await?)
+        self.unsee(name);
+        let done = Qemu::save(self, name).await;
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn destroy(&self, name: &VmName) -> Result<()> {
-        Ok(Qemu::destroy(self, name).await?)
+        self.unsee(name);
+        let done = Qemu::destroy(self, name).await;
+        self.unsee(name);
+        Ok(done?)
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {

@@ -225,11 +225,39 @@ pub struct Qemu {
     held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
     /// Numbers subscriptions, so one ending never drops a newer one's entry.
     subscriptions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The last observation of each followed VM (see [`Seen`]).
+    seen: SeenMap,
+    /// Devices this process is unplugging, by VM: their `DEVICE_DELETED`
+    /// is its own change's echo, which the change itself accounts for in
+    /// the standing observation.
+    unplugging: Unplugging,
+}
+
+type Unplugging = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>;
+
+type SeenMap = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Seen>>>;
+
+/// How long an observation of a followed VM stands in for a new one. QEMU
+/// reports what the guest or another client changes as an event (which
+/// drops the observation at once), and another uvmctl's changes replace the
+/// launch record (likewise); what neither shows (a device added by hand
+/// over QMP) is seen within this long.
+pub const SEEN_TTL: Duration = Duration::from_secs(2);
+
+/// An observation of a VM whose events this process follows: valid while
+/// no event came, the launch record is the same file, and it is younger
+/// than [`SEEN_TTL`]; changes made through this process keep it current.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: std::time::Instant,
+    stamp: FileStamp,
+    vm: ObservedVm,
 }
 
 /// Drops a subscription's entry among the held connections when it ends.
 struct Unhold {
     held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
+    seen: SeenMap,
     vm: String,
     number: u64,
 }
@@ -239,6 +267,11 @@ impl Drop for Unhold {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if held.get(&self.vm).is_some_and(|(n, _)| *n == self.number) {
             held.remove(&self.vm);
+            // Not followed any more: nothing keeps an observation current.
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.vm);
         }
     }
 }
@@ -324,6 +357,72 @@ impl Qemu {
             record_io: Default::default(),
             held: Default::default(),
             subscriptions: Default::default(),
+            seen: Default::default(),
+            unplugging: Default::default(),
+        }
+    }
+
+    /// Marks `device` of `name` as being unplugged by this process (see
+    /// `unplugging`); `false` takes the mark away again.
+    pub(crate) fn expect_unplug(&self, name: &str, device: &str, expect: bool) {
+        let mut map = self.unplugging.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = map.entry(name.to_string()).or_default();
+        ids.retain(|d| d != device);
+        if expect {
+            ids.push(device.to_string());
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Seen>> {
+        // Poisoned only by a panic elsewhere: the map itself is intact.
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the observation of `name` (a lifecycle verb changed the VM).
+    pub(crate) fn unsee(&self, name: &str) {
+        self.seen().remove(name);
+    }
+
+    /// The standing observation of a followed VM, if it still stands.
+    fn still_seen(&self, name: &str) -> Option<ObservedVm> {
+        if !self.held().contains_key(name) {
+            return None;
+        }
+        let stamp = FileStamp::of(&self.opts.state_dir.record_path(name)).ok()??;
+        let seen = self.seen();
+        let s = seen.get(name)?;
+        (s.stamp == stamp && s.at.elapsed() < SEEN_TTL).then(|| s.vm.clone())
+    }
+
+    /// Keeps `vm` as the standing observation of a followed VM.
+    fn keep_seen(&self, name: &str, vm: &ObservedVm) {
+        if !self.held().contains_key(name) {
+            return;
+        }
+        if let Ok(Some(stamp)) = FileStamp::of(&self.opts.state_dir.record_path(name)) {
+            self.seen().insert(
+                name.to_string(),
+                Seen {
+                    at: std::time::Instant::now(),
+                    stamp,
+                    vm: vm.clone(),
+                },
+            );
+        }
+    }
+
+    /// After a change made through this process: the standing observation
+    /// with the change in it (dropped when it does not fit).
+    pub(crate) fn seen_changed(&self, name: &str, change: &crate::vm::Change) {
+        let Some(mut vm) = self.seen().get(name).map(|s| s.vm.clone()) else {
+            return;
+        };
+        match change.applied(&vm.config) {
+            Ok(config) => {
+                vm.config = config;
+                self.keep_seen(name, &vm);
+            }
+            Err(_) => self.unsee(name),
         }
     }
 
@@ -673,13 +772,17 @@ impl Qemu {
             .subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.held().insert(vm.clone(), (number, q.clone()));
+        self.unsee(&vm);
         let held = std::sync::Arc::clone(&self.held);
+        let seen = std::sync::Arc::clone(&self.seen);
+        let unplugging = std::sync::Arc::clone(&self.unplugging);
         tokio::spawn(async move {
             // Owns the connection: it closes when QEMU ends or the
             // receiver is dropped, and commands stop using it then.
             let _conn = q;
             let _unhold = Unhold {
                 held,
+                seen: std::sync::Arc::clone(&seen),
                 vm: vm.clone(),
                 number,
             };
@@ -701,6 +804,22 @@ impl Qemu {
                         continue;
                     }
                 };
+                // Whatever QEMU reports, the VM may be other than last
+                // seen, but for the echo of an unplug this process makes.
+                let echo = got.as_ref().ok().is_some_and(|e| {
+                    let device = e.data.get("device").and_then(serde_json::Value::as_str);
+                    e.name == "DEVICE_DELETED"
+                        && device.is_some_and(|d| {
+                            let mut map = unplugging.lock().unwrap_or_else(|p| p.into_inner());
+                            let ids = map.entry(vm.clone()).or_default();
+                            let before = ids.len();
+                            ids.retain(|x| x != d);
+                            ids.len() != before
+                        })
+                });
+                if !echo {
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm);
+                }
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
                         crate::vm::VmEvent::Reported(e.name)
@@ -1398,6 +1517,18 @@ impl Qemu {
 
     /// The full current state of one VM, read from QEMU itself.
     pub async fn observe(&self, name: &str) -> Result<ObservedVm, QemuError> {
+        if let Some(vm) = self.still_seen(name) {
+            return Ok(vm);
+        }
+        let vm = self.observe_now(name).await?;
+        if vm.state.is_live() {
+            self.keep_seen(name, &vm);
+        }
+        Ok(vm)
+    }
+
+    /// The VM as QEMU has it this moment (no standing observation).
+    async fn observe_now(&self, name: &str) -> Result<ObservedVm, QemuError> {
         let rec = self.record(name)?;
         if !self.alive(&rec) {
             self.forget_all(name).await;

@@ -290,7 +290,12 @@ pub async fn observe(
     let nics: Vec<(&str, String)> = devices
         .iter()
         .filter(|(_, ty)| ty == "virtio-net-pci")
-        .filter_map(|(id, _)| Some((id.strip_prefix("nic-")?, format!("/machine/peripheral/{id}"))))
+        .filter_map(|(id, _)| {
+            Some((
+                id.strip_prefix("nic-")?,
+                format!("/machine/peripheral/{id}"),
+            ))
+        })
         .collect();
     let macs =
         futures_util::future::join_all(nics.iter().map(|(_, path)| qom_string(q, path, "mac")))
