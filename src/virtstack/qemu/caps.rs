@@ -1,7 +1,8 @@
 //! What the qemu virtstack can do on this host, as data the planner and the
 //! executor both read.
 
-use super::launch::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR, OVMF_CODE, OVMF_VARS};
+use super::devices::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
+use super::state::{OVMF_CODE, OVMF_VARS};
 use crate::vm::{
     Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation, Support,
 };

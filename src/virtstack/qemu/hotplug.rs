@@ -6,8 +6,8 @@
 //! restore) launches what the VM really has.
 
 use super::images::{HostFile, check_scsi_image, check_vpmem_image, scsi_access};
-use super::launch::{LaunchError, LaunchRecord};
 use super::qmp::Qmp;
+use super::state::{LaunchError, LaunchRecord};
 use super::{HostPathError, Qemu, QemuError, ops};
 use crate::hostfs::Access;
 use crate::spec::{NetworkAdapter, PowerState, VmConfig, VmSocket, VpmemDevice};
@@ -224,7 +224,7 @@ impl Hotplug<'_> {
     }
 
     async fn add_nic(&self, nic: &NetworkAdapter) -> Result<()> {
-        let tap = if super::launch::is_tap(nic) {
+        let tap = if super::devices::is_tap(nic) {
             Some(super::tap::open(&nic.endpoint_id).map_err(|e| {
                 self.err(format!(
                     "networkAdapter {}: cannot open tap {}: {e}",

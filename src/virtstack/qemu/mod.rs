@@ -5,18 +5,21 @@
 //! paths, NIC endpoints, the configuration for the next start).
 
 mod caps;
+pub mod devices;
 pub mod hotplug;
 pub mod images;
 pub mod launch;
 mod observe;
 pub mod ops;
+mod process;
 pub mod qmp;
+pub mod state;
 pub mod tap;
 pub mod user;
 pub mod vsock;
 
 pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
-pub use launch::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
+pub use state::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
 use crate::spec::VmConfig;
 use crate::vm::{Capabilities, HostFacts, ObservedVm};
@@ -967,7 +970,7 @@ impl Qemu {
             );
         }
         // Tap devices are opened here, by root, and handed over.
-        for n in cfg.network_adapters.iter().filter(|n| launch::is_tap(n)) {
+        for n in cfg.network_adapters.iter().filter(|n| devices::is_tap(n)) {
             let tap = tap::open(&n.endpoint_id).map_err(|e| QemuError::Os {
                 vm: name.into(),
                 what: format!(
@@ -981,7 +984,7 @@ impl Qemu {
         let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
-            launch::place_devices(&mut argv, &s.placement);
+            devices::place_devices(&mut argv, &s.placement);
             argv.extend(["-incoming".to_string(), "defer".to_string()]);
         }
         for (link, target) in &handover.links {
@@ -1029,39 +1032,18 @@ impl Qemu {
         // A QEMU that ran as another user cannot replace its socket itself
         // (the directory is sticky).
         let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
-        let mut command = tokio::process::Command::new(launch::QEMU_BINARY);
-        let inherit = handover.fds.clone();
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls fcntl, which is async-signal-safe; it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                // QEMU inherits exactly the descriptors of its VM's files:
-                // uvmctl opens everything close-on-exec, and clears the flag
-                // on these in the child alone.
-                for &fd in &inherit {
-                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        if let Some(user) = &self.opts.qemu_user {
-            // Pinned memory needs the locked-memory limit lifted, which
-            // only root may do, before the user changes.
-            let memlock = cfg.memory.backing == crate::vm::MemoryBackingType::Physical;
-            user.apply(&mut command, memlock);
-        }
-        // Its own process group: a Ctrl+C meant for uvmctl must not reach the VMs.
-        let child = command
-            .args(&argv)
-            .current_dir(&dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn();
+        // Pinned memory needs the locked-memory limit lifted, which only
+        // root may do, before the user changes.
+        let child = process::spawn(process::Spawn {
+            program: Path::new(launch::QEMU_BINARY),
+            args: &argv,
+            dir: &dir,
+            log,
+            user: self.opts.qemu_user.as_ref(),
+            memlock: cfg.memory.backing == crate::vm::MemoryBackingType::Physical,
+            inherit: handover.fds.clone(),
+            env: &[],
+        });
         let child = match child {
             Ok(child) => child,
             Err(e) => {
@@ -1181,7 +1163,7 @@ impl Qemu {
             }
         })?;
         let (argv, _) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
-        let known = launch::device_ids(&argv);
+        let known = devices::device_ids(&argv);
         let foreign: Vec<String> = ops::peripherals(&q)
             .await
             .map_err(qerr)?
@@ -1674,5 +1656,61 @@ impl crate::vm::Observe for Qemu {
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm, VmError> {
         Ok(Qemu::observe(self, name).await?)
+    }
+}
+
+/// The QEMU virtstack's modules depend only downward, as the lib's
+/// layering test checks the crate's: each names only the modules before it.
+#[cfg(test)]
+mod layering {
+    /// Bottom to top: what each may name is what comes before it.
+    const ORDER: &[&str] = &[
+        "images", "qmp", "tap", "user", "state", "devices", "process", "ops", "vsock", "launch",
+        "caps", "observe", "hotplug",
+    ];
+
+    /// Sibling modules the non-test code of `text` names.
+    fn named(text: &str) -> std::collections::BTreeSet<String> {
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let mut out = std::collections::BTreeSet::new();
+        for (i, _) in code.match_indices("super::") {
+            let rest = &code[i + "super::".len()..];
+            if let Some(list) = rest.strip_prefix('{') {
+                let list = &list[..list.find('}').unwrap_or(list.len())];
+                for part in list.split(',') {
+                    let head = part.trim().split("::").next().unwrap_or_default();
+                    out.insert(head.trim().to_string());
+                }
+            } else {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                out.insert(rest[..end].to_string());
+            }
+        }
+        out.retain(|n| ORDER.contains(&n.as_str()));
+        out
+    }
+
+    #[test]
+    fn qemu_modules_depend_only_downward() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/virtstack/qemu");
+        let mut bad = Vec::new();
+        for (i, module) in ORDER.iter().enumerate() {
+            let path = dir.join(format!("{module}.rs"));
+            let text = std::fs::read_to_string(&path).expect("module source");
+            for n in named(&text) {
+                if !ORDER[..i].contains(&n.as_str()) {
+                    bad.push(format!("{module} names {n}"));
+                }
+            }
+        }
+        let files = std::fs::read_dir(&dir).expect("qemu dir").count();
+        assert_eq!(
+            files,
+            ORDER.len() + 1,
+            "every module (and mod.rs) is in ORDER"
+        );
+        assert!(bad.is_empty(), "upward dependencies:\n{}", bad.join("\n"));
     }
 }

@@ -4,9 +4,10 @@
 //! The launch record supplies what QEMU cannot report (cold settings, 9p host
 //! paths, NIC endpoints) and the spec's spelling of paths QEMU resolved.
 
-use super::launch::{LaunchRecord, ids};
+use super::devices::ids;
 use super::ops;
 use super::qmp::{Qmp, QmpError};
+use super::state::LaunchRecord;
 use crate::spec::{NetworkAdapter, ScsiController, ScsiDisk, VmConfig};
 use crate::vm::{MemoryHotplug, ObservedVm};
 use crate::vm::{ScsiDiskType, State};

@@ -2,8 +2,8 @@
 //! for QEMU's `DEVICE_DELETED` (the guest's acknowledgement) and confirm with
 //! a query: events are signals, not truth.
 
+use super::devices::{disk_fdset_opaque, ids, nic_args, pmem_args, scsi_disk_args};
 use super::images::HostFile;
-use super::launch::{disk_fdset_opaque, ids, nic_args, pmem_args, scsi_disk_args};
 use super::qmp::{Qmp, QmpError};
 use crate::spec::{NetworkAdapter, ScsiDisk, VpmemDevice};
 use serde_json::{Value, json};
@@ -207,7 +207,7 @@ pub async fn set_storage_qos(
     qos: Option<&crate::spec::StorageQos>,
 ) -> Result<(), QmpError> {
     let path = format!("/objects/{}", ids::QOS_GROUP);
-    let value = super::launch::qos_limits(qos);
+    let value = super::devices::qos_limits(qos);
     q.execute(
         "qom-set",
         Some(json!({"path": path, "property": "limits", "value": value})),
@@ -245,7 +245,7 @@ pub async fn set_memory(q: &Qmp, size_mb: u64, timeout: Duration) -> Result<(), 
     };
     q.execute(
         "qom-set",
-        Some(json!({"path": super::launch::ids::HOTPLUG_MEM, "property": "requested-size", "value": wanted})),
+        Some(json!({"path": super::devices::ids::HOTPLUG_MEM, "property": "requested-size", "value": wanted})),
     )
     .await?;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -261,7 +261,7 @@ pub async fn set_memory(q: &Qmp, size_mb: u64, timeout: Duration) -> Result<(), 
             return Err(UnplugError::Pending {
                 device: format!(
                     "{} (has {} MB of the {} MB asked)",
-                    super::launch::ids::HOTPLUG_MEM,
+                    super::devices::ids::HOTPLUG_MEM,
                     size >> 20,
                     wanted >> 20
                 ),
@@ -281,7 +281,7 @@ pub(super) async fn hotplug_memory(q: &Qmp) -> Result<Option<Value>, QmpError> {
         .flatten()
         .filter(|d| d.get("type").and_then(Value::as_str) == Some("virtio-mem"))
         .filter_map(|d| d.get("data"))
-        .find(|d| d.get("id").and_then(Value::as_str) == Some(super::launch::ids::HOTPLUG_MEM))
+        .find(|d| d.get("id").and_then(Value::as_str) == Some(super::devices::ids::HOTPLUG_MEM))
         .cloned())
 }
 
@@ -445,8 +445,8 @@ pub async fn remove_scsi_controller(
 /// Where each device sits now, as properties that place it there again on a
 /// new launch: `addr` (PCI slot.function) for PCI devices, the memory address
 /// for NVDIMMs (`addr`) and virtio-mem (`memaddr`).
-pub async fn placement(q: &Qmp) -> Result<super::launch::Placement, QmpError> {
-    let mut out = super::launch::Placement::new();
+pub async fn placement(q: &Qmp) -> Result<super::state::Placement, QmpError> {
+    let mut out = super::state::Placement::new();
     let buses = q.execute("query-pci", None).await?;
     // The pc machine has one root bus and uvmctl adds no bridges.
     for dev in buses

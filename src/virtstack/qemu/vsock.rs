@@ -13,10 +13,10 @@
 //!   `<vm>/vsock.sock` and writing `CONNECT P\n` (answered `OK <port>\n`).
 //!
 //! Every memory of the guest must be shared (`memory-backend-memfd,share=on`)
-//! for the backend to map it: see [`super::launch::argv`].
+//! for the backend to map it (the launch's argv asks for it).
 
-use super::launch::StateDir;
 use super::qmp::{Qmp, QmpError};
+use super::state::StateDir;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -119,21 +119,18 @@ pub async fn spawn_backend(
         socket.display(),
         uds.display()
     );
-    let mut command = tokio::process::Command::new(binary);
-    if let Some(user) = user {
-        user.apply(&mut command, false);
-    }
-    let mut child = command
-        .args(["--vm", &vm])
-        .current_dir(dir.vm_dir(name))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .env("RUST_LOG", "warn")
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let args = ["--vm".to_string(), vm];
+    let mut child = super::process::spawn(super::process::Spawn {
+        program: binary,
+        args: &args,
+        dir: &dir.vm_dir(name),
+        log,
+        user,
+        memlock: false,
+        inherit: Vec::new(),
+        env: &[("RUST_LOG", "warn")],
+    })
+    .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     let pid = child.id().ok_or("the backend exited at once")?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
