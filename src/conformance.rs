@@ -48,6 +48,7 @@ pub async fn run(vs: Arc<dyn Virtstack>, fx: &Fixture) -> Vec<Outcome> {
         ("save and restore", save_restore(vs, fx).await),
         ("a change on a stopped VM", stopped_change(vs, fx).await),
         ("events after a change", events_after_change(vs, fx).await),
+        ("wait through a destroy", wait_through_destroy(vs, fx).await),
     ]
 }
 
@@ -425,6 +426,36 @@ async fn events_after_change(vs: &dyn Virtstack, fx: &Fixture) -> Check {
     .await
 }
 
+/// `wait` on a running VM returns "stopped" when the VM is destroyed
+/// meanwhile (a stop that was asked for), not an error.
+async fn wait_through_destroy(vs: &dyn Virtstack, fx: &Fixture) -> Check {
+    let vm = name(fx, "wait")?;
+    on_vm(vs, &vm, async {
+        running(vs, &vm, &with_disks(fx, 0, PowerState::Running)).await?;
+        match vs.wait(&vm, Some(Duration::from_millis(50))).await {
+            Ok(false) => {}
+            other => {
+                return Err(format!(
+                    "wait on a running VM: {other:?}, expected still running"
+                ));
+            }
+        }
+        let waited = vs.wait(&vm, Some(fx.boot_timeout.max(Duration::from_secs(30))));
+        let destroy = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            vs.destroy(&vm).await
+        };
+        let (waited, destroyed) = tokio::join!(waited, destroy);
+        destroyed.map_err(|e| format!("destroy: {}", shown(&e)))?;
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("wait still saw it running after the destroy".into()),
+            Err(e) => Err(format!("wait through a destroy: {}", shown(&e))),
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -477,7 +508,7 @@ pub(crate) mod tests {
     async fn the_fake_conforms() {
         let fake = Fake::new(caps());
         let out = run(Arc::new(fake.clone()), &fixture("c")).await;
-        assert_eq!(out.len(), 7);
+        assert_eq!(out.len(), 8);
         let failed = failures(&out);
         assert!(failed.is_empty(), "{}", failed.join("\n"));
         assert!(fake.get("c-conv").is_none(), "the suite leaves no VM");

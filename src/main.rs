@@ -626,7 +626,12 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     );
     print!("{}", render::text(&the_plan, &args.common.color.style()));
     if !the_plan.has_changes() {
-        return Ok(0);
+        // A VM that could not be observed is not "no changes": 1, as plan.
+        return Ok(if observed.unknown.is_empty() {
+            0
+        } else {
+            EXIT_ERROR
+        });
     }
     if let Some((limit, max)) = exceeds(&args.common, &the_plan) {
         eprintln!(

@@ -421,8 +421,21 @@ impl Virtstack for Fake {
         })
     }
 
-    async fn wait(&self, name: &VmName, _timeout: Option<std::time::Duration>) -> Result<bool> {
-        Ok(self.get(name).is_none_or(|vm| !vm.state.is_live()))
+    async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {
+        if self.get(name).is_none() {
+            return Err(VmError::NotFound(name.to_string()));
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            // Destroyed while waited for counts as stopped, as asked.
+            if self.get(name).is_none_or(|vm| !vm.state.is_live()) {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {

@@ -535,3 +535,24 @@ fn a_locked_state_directory_exits_4_not_3() {
     );
     drop(held);
 }
+
+/// Issue 20: with one VM's launch record corrupt and nothing else to do,
+/// `apply` exits 1 as `plan` does (it used to exit 0).
+#[test]
+fn apply_exits_1_when_a_vm_cannot_be_observed() {
+    let t = TestContext::new();
+    let state = t.path("state");
+    std::fs::create_dir_all(state.join("broken")).expect("mkdir");
+    std::fs::write(state.join("broken/launch.json"), "{").expect("garbage");
+    std::fs::create_dir_all(t.path("empty")).expect("mkdir");
+    let state_arg = state.to_str().expect("utf-8");
+    for cmd in ["plan", "apply"] {
+        let mut args = vec![cmd, "empty", "--state-dir", state_arg];
+        if cmd == "apply" {
+            args.push("--yes");
+        }
+        let out = t.uvmctl(&args);
+        assert_exit_code(&out, 1);
+        assert!(stdout(&out).contains("broken"), "{cmd}: {}", stdout(&out));
+    }
+}

@@ -130,5 +130,25 @@ async fn a_change_reads_the_launch_record_once_and_writes_it_once() {
             .iter()
             .all(|d| d.lun == 0)
     );
+    // A save reads nothing more either (the guest must have booted: the
+    // vsock device goes before migration, and the guest lets go of it).
+    let deadline = std::time::Instant::now() + crate::host::BOOT_TIMEOUT;
+    while !Virtstack::guest_ready(&qemu, &name).await.expect("ready") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not boot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (loads, stores) = qemu.record_io();
+    Virtstack::save(&qemu, &name).await.expect("save");
+    let (after_loads, after_stores) = qemu.record_io();
+    eprintln!(
+        "record io: save read {} time(s), wrote {} time(s)",
+        after_loads - loads,
+        after_stores - stores
+    );
+    assert_eq!(after_loads, loads, "a save reads no record");
+    Virtstack::release(&qemu, &name).await;
     Virtstack::destroy(&setup, &name).await.expect("destroy");
 }

@@ -1305,8 +1305,15 @@ impl Qemu {
     /// `timeout` if given; `Ok(false)` when it still runs at the deadline.
     pub async fn wait(&self, name: &str, timeout: Option<Duration>) -> Result<bool, QemuError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut seen = false;
         loop {
-            let rec = self.record(name)?;
+            let rec = match self.record(name) {
+                Ok(rec) => rec,
+                // Destroyed while waited for: it stopped as asked.
+                Err(QemuError::NotFound(_)) if seen => return Ok(true),
+                Err(e) => return Err(e),
+            };
+            seen = true;
             if !self.alive(&rec) {
                 self.forget_all(name).await;
                 return Ok(true);
