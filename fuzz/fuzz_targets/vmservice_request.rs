@@ -12,11 +12,12 @@ use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
 use std::sync::{Arc, LazyLock};
 use ttrpc::r#async::TtrpcContext;
+use uvmctl::protocol::convert;
 use uvmctl::protocol::vmservice as pb;
 use uvmctl::protocol::vmservice_ttrpc::Vm;
 use uvmctl::virtstack::fake::{Fake, FakeVm};
 use uvmctl::vm::{Capabilities, HostFacts, State, VmName};
-use uvmctl::vmservice::{VmService, convert};
+use uvmctl::vmservice::VmService;
 
 static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()

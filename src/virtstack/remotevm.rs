@@ -18,7 +18,7 @@ use crate::protocol::vmservice_ttrpc::VmClient;
 use crate::vm::config::VmConfig;
 use crate::vm::items::ResourceKind;
 use crate::vm::{
-    Capabilities, Change, Observe, ObservedVm, Resource, State, Virtstack, VmError, VmName, VmStats,
+    Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmName, VmStats,
 };
 use async_trait::async_trait;
 use protobuf::well_known_types::empty::Empty;
@@ -511,8 +511,8 @@ impl Virtstack for RemoteVm {
             return self.store(name.as_str(), &rec);
         }
         let op = change.operation();
-        match change.resource() {
-            Some(r) if self.caps.supported(r, op) => {}
+        let resource = match change.resource() {
+            Some(r) if self.caps.supported(r, op) => r,
             Some(r) => return Err(VmError::not_supported(&self.caps, r, op)),
             None => {
                 return Err(VmError::Refused {
@@ -520,7 +520,7 @@ impl Virtstack for RemoteVm {
                     reason: format!("{} is fixed when the VM is created", change.key().0),
                 });
             }
-        }
+        };
         // Asked first, so a VM that does not run is refused with its
         // state, as every virtstack refuses it.
         let state = match rec.created {
@@ -537,7 +537,7 @@ impl Virtstack for RemoteVm {
         let config = recorded(name, change, &rec.config)?;
         let requests =
             convert::to_wire(change, &rec.config).map_err(|e| VmError::NotSupported {
-                resource: change.resource().unwrap_or(Resource::Memory),
+                resource,
                 operation: op,
                 reason: e.to_string(),
             })?;
@@ -680,7 +680,7 @@ mod tests {
     use crate::spec::{DesiredState, DesiredVm, NetworkAdapter, ScsiController, ScsiDisk};
     use crate::virtstack::fake::Fake;
     use crate::vm::HostFacts;
-    use crate::vm::{GuestOs, ResourceOperation, ScsiDiskType};
+    use crate::vm::{GuestOs, Resource, ResourceOperation, ScsiDiskType};
     use proptest::prelude::*;
 
     /// Serves each VM in-process over one fake virtstack, as `serve` would.

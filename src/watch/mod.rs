@@ -869,6 +869,10 @@ impl Watcher {
             }
             _ => {
                 self.known.insert(vm.clone());
+                if done.launched {
+                    // A new process: follow it, not the one that ended.
+                    self.subs.remove(&vm);
+                }
                 self.subscribe(&vm, renew);
             }
         }
