@@ -236,7 +236,13 @@ pub struct Qemu {
     unplugging: Unplugging,
 }
 
-type Unplugging = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>;
+type Unplugging = std::sync::Arc<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<(String, std::time::Instant)>>>,
+>;
+
+/// How long an unplug's mark waits for its echo: a device that was already
+/// gone sends none, and a later `DEVICE_DELETED` of the same id is news.
+const ECHO_WAIT: Duration = Duration::from_secs(5);
 
 type SeenMap = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Seen>>>;
 
@@ -370,9 +376,9 @@ impl Qemu {
     pub(crate) fn expect_unplug(&self, name: &str, device: &str, expect: bool) {
         let mut map = self.unplugging.lock().unwrap_or_else(|p| p.into_inner());
         let ids = map.entry(name.to_string()).or_default();
-        ids.retain(|d| d != device);
+        ids.retain(|(d, at)| d != device && at.elapsed() < ECHO_WAIT);
         if expect {
-            ids.push(device.to_string());
+            ids.push((device.to_string(), std::time::Instant::now()));
         }
     }
 
@@ -815,8 +821,9 @@ impl Qemu {
                         && device.is_some_and(|d| {
                             let mut map = unplugging.lock().unwrap_or_else(|p| p.into_inner());
                             let ids = map.entry(vm.clone()).or_default();
+                            ids.retain(|(_, at)| at.elapsed() < ECHO_WAIT);
                             let before = ids.len();
-                            ids.retain(|x| x != d);
+                            ids.retain(|(x, _)| x != d);
                             ids.len() != before
                         })
                 });
