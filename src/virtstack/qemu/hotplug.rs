@@ -363,6 +363,21 @@ impl Qemu {
     }
 }
 
+impl Qemu {
+    /// Runs a lifecycle verb with no standing observation of the VM before
+    /// or after it (the VM is not what was last seen).
+    async fn lifecycle<T>(
+        &self,
+        name: &str,
+        verb: impl std::future::Future<Output = std::result::Result<T, QemuError>>,
+    ) -> Result<T> {
+        self.unsee(name);
+        let done = verb.await;
+        self.unsee(name);
+        Ok(done?)
+    }
+}
+
 /// The record's `config` with `change` made.
 fn recorded(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
     change.recorded(config).map_err(|e| {
@@ -407,54 +422,39 @@ impl Virtstack for Qemu {
     }
 
     async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        self.unsee(name);
-        let done = self.set_config(name, config);
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, async { self.set_config(name, config) })
+            .await
     }
 
     async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
-        self.unsee(name);
-        if paused {
-            Ok(self.start_paused(name).await?)
-        } else {
-            Ok(Qemu::start(self, name).await?)
-        }
+        self.lifecycle(name, async {
+            if paused {
+                self.start_paused(name).await
+            } else {
+                Qemu::start(self, name).await
+            }
+        })
+        .await
     }
 
     async fn stop(&self, name: &VmName) -> Result<()> {
-        self.unsee(name);
-        let done = Qemu::stop(self, name).await;
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, Qemu::stop(self, name)).await
     }
 
     async fn pause(&self, name: &VmName) -> Result<()> {
-        self.unsee(name);
-        let done = Qemu::pause(self, name).await;
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, Qemu::pause(self, name)).await
     }
 
     async fn resume(&self, name: &VmName) -> Result<()> {
-        self.unsee(name);
-        let done = Qemu::resume(self, name).await;
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, Qemu::resume(self, name)).await
     }
 
     async fn save(&self, name: &VmName) -> Result<()> {
-        self.unsee(name);
-        let done = Qemu::save(self, name).await;
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, Qemu::save(self, name)).await
     }
 
     async fn destroy(&self, name: &VmName) -> Result<()> {
-        self.unsee(name);
-        let done = Qemu::destroy(self, name).await;
-        self.unsee(name);
-        Ok(done?)
+        self.lifecycle(name, Qemu::destroy(self, name)).await
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {
