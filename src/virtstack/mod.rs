@@ -5,6 +5,7 @@ pub mod fake;
 pub mod open;
 pub mod qemu;
 pub mod recorded;
+pub mod records;
 pub mod remotevm;
 
 pub use crate::vm::caps::{Capabilities, HostFacts, Support};

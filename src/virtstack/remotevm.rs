@@ -15,6 +15,7 @@
 use crate::protocol::convert;
 use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc::VmClient;
+use crate::virtstack::records::{Layout, RecordError, RecordStore};
 use crate::vm::config::VmConfig;
 use crate::vm::items::ResourceKind;
 use crate::vm::{
@@ -115,6 +116,9 @@ struct Record {
 #[derive(Clone)]
 pub struct RemoteVm {
     dir: PathBuf,
+    /// Each VM's record (`virtstack::records`): its configuration and
+    /// whether its server has it.
+    records: RecordStore<Record>,
     spawner: Arc<dyn Spawner>,
     caps: Capabilities,
     clients: Arc<tokio::sync::Mutex<HashMap<String, VmClient>>>,
@@ -264,6 +268,7 @@ impl RemoteVm {
             None => probe(spawner.as_ref(), &dir).await?,
         };
         Ok(RemoteVm {
+            records: RecordStore::new(&dir, Layout::File { suffix: ".json" }, MAX_RECORD_BYTES),
             dir,
             spawner,
             caps,
@@ -276,23 +281,17 @@ impl RemoteVm {
         self.dir.join(format!("{name}.sock"))
     }
 
-    fn record_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
-    }
-
     fn record(&self, name: &str) -> Result<Record> {
-        let path = self.record_path(name);
-        let text = crate::hostfs::read_state_file(&path, MAX_RECORD_BYTES)
-            .map_err(|_| VmError::NotFound(name.to_string()))?;
-        serde_json::from_slice(&text)
-            .map_err(|e| backend(format!("vm {name}: corrupt record {}: {e}", path.display())))
+        self.records.load(name).map_err(|e| match e {
+            RecordError::NotFound(_) => VmError::NotFound(name.to_string()),
+            e => backend(format!("vm {name}: {e}")),
+        })
     }
 
     fn store(&self, name: &str, rec: &Record) -> Result<()> {
-        let path = self.record_path(name);
-        let text = serde_json::to_vec_pretty(rec).map_err(|e| backend(e.to_string()))?;
-        crate::hostfs::replace_file(&path, &text, 0o600)
-            .map_err(|e| backend(format!("cannot write {}: {e}", path.display())))
+        self.records
+            .store(name, rec)
+            .map_err(|e| backend(format!("vm {name}: {e}")))
     }
 
     /// The VM's server client, starting the server when none answers.
@@ -416,24 +415,15 @@ impl Observe for RemoteVm {
     }
 
     async fn list(&self) -> Result<Vec<VmName>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
+        let names = match self.records.names() {
+            Ok(names) => names,
             // Nothing made here yet: no VMs (a looking command creates none).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.observer => {
                 return Ok(Vec::new());
             }
             Err(e) => return Err(backend(format!("cannot list {}: {e}", self.dir.display()))),
         };
-        let mut out: Vec<VmName> = entries
-            .flatten()
-            .filter_map(|e| {
-                let f = e.file_name();
-                let stem = f.to_str()?.strip_suffix(".json")?.to_string();
-                VmName::new(&stem).ok()
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+        Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect())
     }
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm> {
@@ -484,7 +474,7 @@ impl Virtstack for RemoteVm {
 
     async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
         self.preflight(name, config)?;
-        if self.record_path(name.as_str()).exists() {
+        if self.records.exists(name.as_str()) {
             return Err(VmError::WrongState {
                 vm: name.to_string(),
                 state: State::Created,
@@ -497,7 +487,7 @@ impl Virtstack for RemoteVm {
         };
         self.store(name.as_str(), &rec)?;
         if let Err(e) = self.create_remote(name, &mut rec).await {
-            let _ = std::fs::remove_file(self.record_path(name.as_str()));
+            let _ = self.records.remove(name.as_str());
             return Err(e);
         }
         Ok(())
@@ -627,8 +617,9 @@ impl Virtstack for RemoteVm {
         let _ = self.call(name, Call::Quit).await;
         self.clients.lock().await.remove(name.as_str());
         let _ = std::fs::remove_file(self.socket(name.as_str()));
-        std::fs::remove_file(self.record_path(name.as_str()))
-            .map_err(|e| backend(format!("vm {name}: cannot remove its record: {e}")))
+        self.records
+            .remove(name.as_str())
+            .map_err(|e| backend(format!("vm {name}: {e}")))
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {
@@ -680,6 +671,7 @@ mod tests {
     use crate::spec::{DesiredState, DesiredVm, NetworkAdapter, ScsiController, ScsiDisk};
     use crate::virtstack::fake::Fake;
     use crate::vm::HostFacts;
+    use crate::vm::items::{Item, ScsiDiskItem};
     use crate::vm::{GuestOs, Resource, ResourceOperation, ScsiDiskType};
     use proptest::prelude::*;
 
@@ -768,6 +760,50 @@ mod tests {
         let failed = crate::conformance::failures(&out);
         assert!(failed.is_empty(), "{}", failed.join("\n"));
         assert!(fake.get("r-conv").is_none(), "the suite leaves no VM");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_are_loaded_once_per_handle_and_stored_once_per_change() {
+        let (dir, vs, _fake) = remote().await;
+        let name = VmName::new("io").unwrap();
+        vs.create(&name, &spec(1, 256, &[], 0, 0)).await.unwrap();
+        vs.start(&name, false).await.unwrap();
+        vs.observe(&name).await.unwrap();
+        let (loads, stores) = vs.records.io();
+        assert_eq!(loads, 0, "this process's own writes cost no read");
+        let disk = Item::ScsiDisk(ScsiDiskItem {
+            controller: 0,
+            disk: ScsiDisk {
+                lun: 3,
+                path: "/d/3.img".into(),
+                disk_type: ScsiDiskType::PassThrough,
+                read_only: false,
+            },
+        });
+        vs.change(&name, &Change::Add(disk)).await.unwrap();
+        vs.observe(&name).await.unwrap();
+        assert_eq!(
+            vs.records.io(),
+            (0, stores + 1),
+            "a change: no read, one write"
+        );
+        // Another process: one read, then its own copy.
+        let other = RemoteVm::with(
+            dir.path().join("remote"),
+            vs.spawner.clone(),
+            Some(fake_caps()),
+            true,
+        )
+        .await
+        .unwrap();
+        other.observe(&name).await.unwrap();
+        other.observe(&name).await.unwrap();
+        assert_eq!(other.records.io(), (1, 0));
+        vs.destroy(&name).await.unwrap();
+        assert!(matches!(
+            other.observe(&name).await,
+            Err(VmError::NotFound(_))
+        ));
     }
 
     fn spec(cpus: u32, mem: u64, luns: &[u32], nics: u8, power: u8) -> VmConfig {

@@ -22,6 +22,7 @@ pub use images::{AllowedRoots, DEFAULT_ALLOWED_ROOTS, HostPathError};
 pub use state::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
 use crate::spec::VmConfig;
+use crate::virtstack::records::{FileStamp, RecordError, RecordStore};
 use crate::vm::{Capabilities, HostFacts, ObservedVm};
 use crate::vm::{State, VmError, VmName};
 use qmp::{Qmp, QmpError};
@@ -87,6 +88,15 @@ pub enum QemuError {
         vm: String,
         /// Last stderr lines, if any.
         detail: String,
+    },
+    /// Its launch record cannot be read or written.
+    #[error("vm {vm}: launch record")]
+    Record {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: RecordError,
     },
     /// No such VM in the state directory.
     #[error("vm {0}: not managed by uvmctl in this state directory")]
@@ -210,17 +220,9 @@ pub struct Qemu {
     /// One QMP connection per running VM: a `-qmp` socket serves one client
     /// at a time, so a second connect would wait at the greeting.
     conns: std::sync::Arc<tokio::sync::Mutex<std::collections::HashMap<String, Qmp>>>,
-    /// Launch records whose last write failed (a full disk), by VM: what
-    /// the VM really is now. Each is written again before its VM's record
-    /// is read, so a change made live is never forgotten by the record.
-    unwritten: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, LaunchRecord>>>,
-    /// Each VM's launch record as this process last read or wrote it, with
-    /// the file's identity then: the one copy every operation here works
-    /// on, reused while the file is unchanged (a stat, no read), read again
-    /// when another process replaced it.
-    records: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, CachedRecord>>>,
-    /// Records read from and written to disk, for tests and benchmarks.
-    record_io: std::sync::Arc<RecordIo>,
+    /// Each VM's launch record: loaded once per version of its file,
+    /// written once per change (`virtstack::records`).
+    records: RecordStore<LaunchRecord>,
     /// The events connection of each VM someone follows (a watcher), by
     /// VM, with its subscription's number: commands go over it too, so a
     /// watcher's reconcile neither connects nor greets, and the main QMP
@@ -285,52 +287,14 @@ impl Drop for Unhold {
     }
 }
 
-/// A launch record and the identity of the file it was read from or written to.
-#[derive(Debug, Clone)]
-struct CachedRecord {
-    rec: LaunchRecord,
-    stamp: FileStamp,
-}
-
-/// What tells one version of a record file from another: a write replaces
-/// the file (a new inode), and its size and mtime go with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> std::io::Result<Option<Self>> {
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.is_file() => Ok(Some(FileStamp {
-                dev: m.dev(),
-                ino: m.ino(),
-                len: m.len(),
-                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            })),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// How often launch records were read from and written to disk.
-#[derive(Debug, Default)]
-pub struct RecordIo {
-    loads: std::sync::atomic::AtomicU64,
-    stores: std::sync::atomic::AtomicU64,
-}
-
-impl RecordIo {
-    /// `(loads, stores)` so far.
-    pub fn get(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.loads.load(Relaxed), self.stores.load(Relaxed))
+/// A record that cannot be read or written, as the VM's error.
+fn record_error(vm: &str, e: RecordError) -> QemuError {
+    match e {
+        RecordError::NotFound(_) => QemuError::NotFound(vm.to_string()),
+        e => QemuError::Record {
+            vm: vm.to_string(),
+            source: e,
+        },
     }
 }
 
@@ -359,11 +323,9 @@ impl Qemu {
         Qemu {
             caps: Capabilities::qemu(&facts),
             vsock_backend: vsock::find_backend().filter(|_| facts.vhost_user_vsock),
+            records: opts.state_dir.records(),
             opts,
             conns: Default::default(),
-            unwritten: Default::default(),
-            records: Default::default(),
-            record_io: Default::default(),
             held: Default::default(),
             subscriptions: Default::default(),
             seen: Default::default(),
@@ -397,7 +359,7 @@ impl Qemu {
         if !self.held().contains_key(name) {
             return None;
         }
-        let stamp = FileStamp::of(&self.opts.state_dir.record_path(name)).ok()??;
+        let stamp = self.records.stamp(name)?;
         let seen = self.seen();
         let s = seen.get(name)?;
         (s.stamp == stamp && s.at.elapsed() < SEEN_TTL).then(|| s.vm.clone())
@@ -408,7 +370,7 @@ impl Qemu {
         if !self.held().contains_key(name) {
             return;
         }
-        if let Ok(Some(stamp)) = FileStamp::of(&self.opts.state_dir.record_path(name)) {
+        if let Some(stamp) = self.records.stamp(name) {
             self.seen().insert(
                 name.to_string(),
                 Seen {
@@ -442,14 +404,7 @@ impl Qemu {
 
     /// How often launch records were read from and written to disk.
     pub fn record_io(&self) -> (u64, u64) {
-        self.record_io.get()
-    }
-
-    fn cached_records(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CachedRecord>> {
-        // Poisoned only by a panic elsewhere: the map itself is intact.
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
+        self.records.io()
     }
 
     /// The smallest guest CID no VM of the state directory has: a guest's
@@ -561,41 +516,12 @@ impl Qemu {
 
     /// Names of VMs uvmctl created in this state directory.
     pub fn list(&self) -> Vec<String> {
-        self.opts.state_dir.list()
+        // A state directory not made yet has no VMs.
+        self.records.names().unwrap_or_default()
     }
 
     fn record(&self, name: &str) -> Result<LaunchRecord, QemuError> {
-        self.write_unwritten(name)?;
-        let path = self.opts.state_dir.record_path(name);
-        let stamp = FileStamp::of(&path)
-            .map_err(|e| QemuError::Os {
-                vm: name.into(),
-                what: format!("cannot stat {}: {e}", path.display()),
-            })?
-            .ok_or_else(|| QemuError::NotFound(name.to_string()))?;
-        if let Some(c) = self.cached_records().get(name)
-            && c.stamp == stamp
-        {
-            return Ok(c.rec.clone());
-        }
-        // Stamped before it is read: a file replaced meanwhile is read
-        // again next time, never taken for the old one.
-        let rec =
-            LaunchRecord::load(&self.opts.state_dir, name).map_err(|source| QemuError::Launch {
-                vm: name.into(),
-                source,
-            })?;
-        self.record_io
-            .loads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.cached_records().insert(
-            name.to_string(),
-            CachedRecord {
-                rec: rec.clone(),
-                stamp,
-            },
-        );
-        Ok(rec)
+        self.records.load(name).map_err(|e| record_error(name, e))
     }
 
     /// The launch record of a VM as it is on disk now.
@@ -649,59 +575,12 @@ impl Qemu {
         Ok(dir)
     }
 
-    fn unwritten(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, LaunchRecord>> {
-        // Poisoned only by a panic elsewhere: the map itself is intact.
-        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes the record of `name` whose last write failed, if there is one.
-    fn write_unwritten(&self, name: &str) -> Result<(), QemuError> {
-        let Some(rec) = self.unwritten().get(name).cloned() else {
-            return Ok(());
-        };
-        self.store(&rec)?;
-        tracing::info!(vm = name, "launch record written again");
-        Ok(())
-    }
-
-    /// Writes `rec`; when that fails it is kept, and written again before
-    /// the VM's record is next read (see `unwritten`).
+    /// Writes `rec` (see `virtstack::records`: a failed write is kept and
+    /// written again before the record is next read).
     fn store(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
-        match rec.store(&self.opts.state_dir) {
-            Ok(()) => {
-                self.record_io
-                    .stores
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.unwritten().remove(&rec.name);
-                // Writers of one record are serialized (the state lock
-                // across processes, the executor within one), so the file
-                // stamped now is the one just written.
-                match FileStamp::of(&self.opts.state_dir.record_path(&rec.name)) {
-                    Ok(Some(stamp)) => {
-                        self.cached_records().insert(
-                            rec.name.clone(),
-                            CachedRecord {
-                                rec: rec.clone(),
-                                stamp,
-                            },
-                        );
-                    }
-                    _ => {
-                        self.cached_records().remove(&rec.name);
-                    }
-                }
-                Ok(())
-            }
-            Err(source) => {
-                self.unwritten().insert(rec.name.clone(), rec.clone());
-                Err(QemuError::Launch {
-                    vm: rec.name.clone(),
-                    source,
-                })
-            }
-        }
+        self.records
+            .store(&rec.name, rec)
+            .map_err(|e| record_error(&rec.name, e))
     }
 
     /// Whether the QEMU of `rec` is running: its pid is alive and is really
@@ -1480,9 +1359,7 @@ impl Qemu {
     pub async fn destroy(&self, name: &str) -> Result<(), QemuError> {
         // A record that could not be written is what the VM is; it goes
         // with the VM (never written again after it).
-        let pending = self.unwritten().remove(name);
-        self.cached_records().remove(name);
-        let rec = match pending {
+        let rec = match self.records.forget(name) {
             Some(rec) => rec,
             None => self.record(name)?,
         };
@@ -1661,8 +1538,8 @@ impl crate::vm::Observe for Qemu {
 
     async fn list(&self) -> Result<Vec<VmName>, VmError> {
         // Reading a directory is quick, but a state dir on a stalled mount is not.
-        let dir = self.opts.state_dir.clone();
-        let names = tokio::task::spawn_blocking(move || dir.list())
+        let records = self.records.clone();
+        let names = tokio::task::spawn_blocking(move || records.names().unwrap_or_default())
             .await
             .map_err(|e| VmError::Backend(Box::new(e)))?;
         Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect())

@@ -4,6 +4,7 @@
 use super::images::{HostFile, HostPathError};
 use crate::hostfs;
 use crate::spec::VmConfig;
+use crate::virtstack::records::{Layout, RecordStore};
 use crate::vm::Refusal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -64,6 +65,9 @@ pub const DEFAULT_STATE_DIR: &str = "/run/uvmctl";
 
 /// A launch record is read up to this size (a few KiB in practice).
 const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+/// The launch record's file name in a VM's directory.
+const RECORD_FILE: &str = "launch.json";
 
 /// Why a VM could not be launched.
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +269,7 @@ impl StateDir {
 
     /// The launch record.
     pub fn record_path(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("launch.json")
+        self.vm_dir(name).join(RECORD_FILE)
     }
 
     /// The VM's own UEFI variable store (its NVRAM), kept across restarts.
@@ -319,22 +323,14 @@ impl StateDir {
         self.vm_dir(name).join("saved.state")
     }
 
-    /// Names of VMs that have a launch record (the VMs uvmctl created).
-    pub fn list(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        // Only directories named as a VM can be (nothing else is ours).
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                fs::symlink_metadata(e.path().join("launch.json")).is_ok_and(|m| m.is_file())
-            })
-            .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|n| crate::vm::VmName::new(n).is_ok())
-            .collect();
-        names.sort();
-        names
+    /// The launch records of this state directory: one per VM uvmctl
+    /// created, in the VM's own directory.
+    pub fn records(&self) -> RecordStore<LaunchRecord> {
+        RecordStore::new(
+            &self.root,
+            Layout::Dir { file: RECORD_FILE },
+            MAX_RECORD_BYTES,
+        )
     }
 }
 
@@ -394,37 +390,4 @@ pub struct SavedGuest {
     /// Whether the saved guest's memory was shared (its RAM block layout).
     #[serde(default)]
     pub shared_memory: bool,
-}
-
-impl LaunchRecord {
-    /// Reads a VM's record.
-    pub fn load(dir: &StateDir, name: &str) -> Result<Self, LaunchError> {
-        let path = dir.record_path(name);
-        // Never through a planted link; a record is small.
-        let text =
-            hostfs::read_state_file(&path, MAX_RECORD_BYTES).map_err(|source| LaunchError::Io {
-                what: "cannot read",
-                path: path.clone(),
-                source,
-            })?;
-        serde_json::from_slice(&text).map_err(|e| LaunchError::StateDir {
-            path,
-            reason: format!("corrupt launch record: {e}"),
-        })
-    }
-
-    /// Writes it atomically (a temporary file of a unique name, created
-    /// `O_EXCL | O_NOFOLLOW`, renamed over it; removed again on failure).
-    pub fn store(&self, dir: &StateDir) -> Result<(), LaunchError> {
-        let path = dir.record_path(&self.name);
-        let text = serde_json::to_vec_pretty(self).map_err(|e| LaunchError::StateDir {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        hostfs::replace_file(&path, &text, 0o600).map_err(|source| LaunchError::Io {
-            what: "cannot write",
-            path,
-            source,
-        })
-    }
 }
