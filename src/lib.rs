@@ -64,7 +64,7 @@ mod layering {
             &["hostfs", "vm", "spec", "protocol", "virtstack"],
         ),
         ("apply", &["hostfs", "vm", "spec", "plan", "apply"]),
-        ("reconcile", &["vm", "spec", "plan", "reconcile"]),
+        ("reconcile", &["vm", "spec", "plan", "apply", "reconcile"]),
         (
             "watch",
             &[

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use uvmctl::apply::lock::{LockError, StateLock};
 use uvmctl::apply::{self, ApplyOptions};
-use uvmctl::plan::{self, Plan, PlanOptions, render};
+use uvmctl::plan::{PlanOptions, render};
 use uvmctl::reconcile;
 use uvmctl::spec::{self, Loaded};
 use uvmctl::virtstack::qemu::DEFAULT_STATE_DIR;
 use uvmctl::virtstack::recorded::Recorded;
 use uvmctl::virtstack::{self, AccelChoice, HostOptions, Kind};
-use uvmctl::vm::{Capabilities, Chain, Disruption, HostFacts, Observe, Virtstack, VmName};
+use uvmctl::vm::{Capabilities, Disruption, HostFacts, Observe, Virtstack, VmName};
 
 #[derive(Parser)]
 #[command(
@@ -191,6 +191,10 @@ struct PlanArgs {
 
 #[derive(Args)]
 struct PlanCommon {
+    /// Only these VMs (repeatable): e.g. the one a watcher holds a change
+    /// for. The others are neither planned nor pruned.
+    #[arg(long, value_name = "NAME")]
+    only: Vec<VmName>,
     /// Remove managed VMs that have no spec (never while any spec fails to load).
     #[arg(long)]
     prune: bool,
@@ -274,9 +278,6 @@ enum LogFormat {
 struct ApplyArgs {
     /// Directory of spec files (searched recursively), or one file.
     dir: PathBuf,
-    /// Only these VMs (repeatable): e.g. the one a watcher holds a change for.
-    #[arg(long, value_name = "NAME")]
-    only: Vec<VmName>,
     #[command(flatten)]
     host: HostArgs,
     #[command(flatten)]
@@ -519,16 +520,20 @@ fn print_errors(loaded: &Loaded) {
     }
 }
 
-fn exceeds(common: &PlanCommon, the_plan: &Plan) -> Option<(Disruption, Disruption)> {
-    let limit = Disruption::from(common.max_disruption?);
-    let max = the_plan.summary().max_disruption?;
-    (max > limit).then_some((limit, max))
-}
-
 fn plan_options(common: &PlanCommon) -> PlanOptions {
     PlanOptions {
         prune: common.prune,
         allow_empty_prune: common.allow_empty_prune,
+    }
+}
+
+fn limit(common: &PlanCommon) -> Option<Disruption> {
+    common.max_disruption.map(Disruption::from)
+}
+
+fn print_refused(refused: &[(String, String)]) {
+    for (vm, why) in refused {
+        eprintln!("{vm} ({why})");
     }
 }
 
@@ -541,36 +546,48 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
         (Some(live), _) => live.clone(),
         (None, path) => observer(path.as_ref(), &args.host).await?,
     };
-    let (loaded, observed, the_plan) =
-        reconcile::plan_dir(args.dir.clone(), vs.as_ref(), &plan_options(&args.common)).await?;
+    let planned = reconcile::plan_dir(
+        args.dir.clone(),
+        vs.as_ref(),
+        &plan_options(&args.common),
+        &args.common.only,
+    )
+    .await?;
     let style = args.common.color.style();
+    let errors = &planned.loaded.errors;
     match args.output {
-        Output::Json => print!("{}", render::json(&the_plan, &loaded.errors)),
+        Output::Json => print!("{}", render::json(&planned.plan, errors)),
         Output::Text => {
-            print_errors(&loaded);
+            print_errors(&planned.loaded);
             if args.diff {
                 print!(
                     "{}",
-                    render::diff(&the_plan, &loaded.desired, &observed, &style)
+                    render::diff(
+                        &planned.plan,
+                        &planned.loaded.desired,
+                        &planned.observed,
+                        &style
+                    )
                 );
             }
-            print!("{}", render::text(&the_plan, &style));
+            print!("{}", render::text(&planned.plan, &style));
         }
     }
-    if !loaded.errors.is_empty() {
-        if args.output == Output::Text {
+    let text = args.output == Output::Text;
+    if !errors.is_empty() {
+        if text {
             eprintln!(
                 "{} spec error(s): the VMs they concern were not planned",
-                loaded.errors.len()
+                errors.len()
             );
         }
         return Ok(EXIT_ERROR);
     }
-    if !observed.unknown.is_empty() {
-        if args.output == Output::Text {
+    if planned.unobserved() > 0 {
+        if text {
             eprintln!(
                 "{} VM(s) could not be observed and were not planned",
-                observed.unknown.len()
+                planned.unobserved()
             );
         }
         return Ok(EXIT_ERROR);
@@ -579,11 +596,9 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
     // paths under trusted roots, image formats, listeners): a plan never
     // promises what apply would refuse.
     if let Some(live) = &live {
-        let refused = apply::preflight(&the_plan, &loaded.desired, live.as_ref());
+        let refused = planned.refused(live.as_ref());
         if !refused.is_empty() {
-            for (vm, why) in &refused {
-                eprintln!("{vm} ({why})");
-            }
+            print_refused(&refused);
             eprintln!(
                 "{} VM(s) would be refused by apply before anything changed",
                 refused.len()
@@ -591,18 +606,32 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_ERROR);
         }
     }
-    if let Some((limit, max)) = exceeds(&args.common, &the_plan) {
+    if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
         return Ok(EXIT_TOO_DISRUPTIVE);
     }
-    if args.detailed_exitcode && the_plan.has_changes() {
+    if args.detailed_exitcode && planned.plan.has_changes() {
         return Ok(EXIT_CHANGES);
     }
     Ok(0)
 }
 
+/// Asks on the terminal; only `yes` is yes.
+fn confirmed() -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to apply without --yes: standard input is not a terminal to ask on");
+    }
+    eprint!("Apply these changes? Only 'yes' is accepted: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
 async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
-    let mut loaded = reconcile::load(args.dir.clone()).await;
+    // Specs first: a directory that does not load changes nothing and
+    // waits for no lock.
+    let loaded = reconcile::load(args.dir.clone()).await;
     if !loaded.errors.is_empty() {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
@@ -611,95 +640,53 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
     let what = format!("uvmctl apply {}", args.dir.display());
     let _lock = lock(root, args.lock_timeout, what).await?;
 
-    let mut observed = reconcile::observe_all(vs.as_ref()).await?;
-    if !args.only.is_empty() {
-        let only: std::collections::BTreeSet<&str> = args.only.iter().map(VmName::as_str).collect();
-        loaded.desired.vms.retain(|n, _| only.contains(n.as_str()));
-        observed.vms.retain(|n, _| only.contains(n.as_str()));
-        observed.unknown.retain(|n, _| only.contains(n.as_str()));
-    }
-    let the_plan = plan::plan(
-        &loaded.desired,
-        &observed,
-        vs.capabilities(),
+    let observed = reconcile::observe_all(vs.as_ref()).await?;
+    let planned = reconcile::Planned::new(
+        loaded,
+        observed,
+        vs.as_ref(),
         &plan_options(&args.common),
+        &args.common.only,
     );
-    print!("{}", render::text(&the_plan, &args.common.color.style()));
-    if !the_plan.has_changes() {
+    print!(
+        "{}",
+        render::text(&planned.plan, &args.common.color.style())
+    );
+    if !planned.plan.has_changes() {
         // A VM that could not be observed is not "no changes": 1, as plan.
-        return Ok(if observed.unknown.is_empty() {
+        return Ok(if planned.unobserved() == 0 {
             0
         } else {
             EXIT_ERROR
         });
     }
-    if let Some((limit, max)) = exceeds(&args.common, &the_plan) {
+    if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
         eprintln!(
             "changes exceed --max-disruption {limit}: this plan needs {max}; nothing was applied"
         );
         return Ok(EXIT_TOO_DISRUPTIVE);
     }
     // Every host path of every VM that will be built is checked before anything changes.
-    let refused = apply::preflight(&the_plan, &loaded.desired, vs.as_ref());
+    let refused = planned.refused(vs.as_ref());
     if !refused.is_empty() {
-        for (vm, why) in &refused {
-            eprintln!("{vm} ({why})");
-        }
+        print_refused(&refused);
         bail!("{} VM(s) refused; nothing was applied", refused.len());
     }
-    if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to apply without --yes: standard input is not a terminal to ask on");
-        }
-        eprint!("Apply these changes? Only 'yes' is accepted: ");
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            eprintln!("Apply cancelled.");
-            return Ok(EXIT_ERROR);
-        }
+    if !args.yes && !confirmed()? {
+        eprintln!("Apply cancelled.");
+        return Ok(EXIT_ERROR);
     }
-
     let started = std::time::Instant::now();
     let progress: apply::Progress = Arc::new(move |vm: &str, msg: &str| {
         eprintln!("[{:>6.1}s] {vm}: {msg}", started.elapsed().as_secs_f64());
     });
-    let outcomes = apply::apply(
-        &the_plan,
-        &loaded.desired,
-        vs,
-        ApplyOptions {
-            allow_recreate: args.allow_recreate,
-            wait_ready: args.wait_ready,
-        },
-        progress,
-    )
-    .await;
-    let failed: Vec<&str> = outcomes
-        .iter()
-        .filter(|o| o.result.is_err())
-        .map(|o| o.name.as_str())
-        .collect();
-    eprintln!(
-        "Apply: {} VM(s) changed, {} failed{}{} in {:.1}s",
-        outcomes.len() - failed.len(),
-        failed.len(),
-        if failed.is_empty() { "" } else { ": " },
-        failed.join(", "),
-        started.elapsed().as_secs_f64()
-    );
-    for o in &outcomes {
-        if let Err(e) = &o.result {
-            eprintln!("  {}: {}", o.name, Chain(e));
-        }
-    }
-    let unknown = !observed.unknown.is_empty();
-    Ok(if failed.is_empty() && !unknown {
-        0
-    } else {
-        EXIT_ERROR
-    })
+    let opts = ApplyOptions {
+        allow_recreate: args.allow_recreate,
+        wait_ready: args.wait_ready,
+    };
+    let applied = planned.apply(vs, opts, progress).await;
+    eprintln!("{applied}");
+    Ok(if applied.converged() { 0 } else { EXIT_ERROR })
 }
 
 async fn status(
@@ -746,27 +733,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
     let vs = virtstack::open(Kind::Qemu, &args.host.options(), false)
         .await?
         .vs;
-    let service = uvmctl::vmservice::VmService::new(vs, name.clone());
-    let quit = service.quit_signal();
-    // A socket left by a server that died is replaced; anything else is not.
-    if let Ok(m) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !m.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        std::fs::remove_file(&path)?;
-    }
-    // Bound here (mode 0600), with each connection paced by its answers and
-    // accept backing off at the descriptor limit (vmservice::listen).
-    let listener = uvmctl::vmservice::listen::bind(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    let mut server = ttrpc::r#async::Server::new()
-        .add_listener(listener)
-        .register_service(service.into_services());
-    server
-        .start()
-        .await
-        .context("cannot start the ttrpc server")?;
+    let serving = uvmctl::vmservice::Serving::start(vs, name.clone(), &path).await?;
     eprintln!("uvmctl serve: VM {name} on {}", path.display());
     if args.ttrpc.is_some() {
         // hcsshim connects once our standard output closes.
@@ -777,12 +744,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        () = quit.notified() => {}
+        () = serving.quit_asked() => {}
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    let _ = server.shutdown().await;
-    let _ = std::fs::remove_file(&path);
+    serving.shutdown().await;
     Ok(0)
 }
 

@@ -1,5 +1,6 @@
 //! The pipeline every command shares: load → observe → plan → (pre-flight,
-//! execute). `plan`, `apply` and, later, `watch` are this plus their edges.
+//! execute). `plan` and `apply` are this plus their edges (printing, asking,
+//! exit codes); `watch` runs it per VM.
 //!
 //! # Guarantees
 //! - One VM that cannot be observed (hung or closed control channel, corrupt
@@ -8,11 +9,14 @@
 //!   deadline per VM, so a host with a stuck VM answers within one deadline.
 //! - Blocking work (reading the spec directory) runs off the async workers.
 
+use crate::apply::{self, ApplyOptions, Progress, VmOutcome};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::spec::{self, Loaded};
-use crate::vm::{Chain, Observe, ObservedState, VmError};
+use crate::vm::{Chain, Disruption, Observe, ObservedState, Virtstack, VmError, VmName};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// How long observing one VM may take before it counts as unknown. Above the
 /// QMP deadline (10 s), so a VM that answers slowly is still seen.
@@ -69,14 +73,141 @@ pub async fn observe_all_within(
     Ok(out)
 }
 
+/// A plan with what it was computed from: what `plan` shows and `apply`
+/// executes.
+#[derive(Debug)]
+pub struct Planned {
+    /// The specs (and their errors).
+    pub loaded: Loaded,
+    /// What the virtstack had (and the VMs it could not show).
+    pub observed: ObservedState,
+    /// The plan.
+    pub plan: Plan,
+}
+
+impl Planned {
+    /// Plans `loaded` against `observed`; with `only`, for those VMs alone
+    /// (the others are neither planned nor counted as unobserved).
+    pub fn new(
+        mut loaded: Loaded,
+        mut observed: ObservedState,
+        vs: &dyn Observe,
+        opts: &PlanOptions,
+        only: &[VmName],
+    ) -> Self {
+        if !only.is_empty() {
+            let only: BTreeSet<&str> = only.iter().map(VmName::as_str).collect();
+            loaded.desired.vms.retain(|n, _| only.contains(n.as_str()));
+            observed.vms.retain(|n, _| only.contains(n.as_str()));
+            observed.unknown.retain(|n, _| only.contains(n.as_str()));
+        }
+        let plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
+        Planned {
+            loaded,
+            observed,
+            plan,
+        }
+    }
+
+    /// `(limit, needed)` when the plan is more disruptive than `limit`.
+    pub fn exceeds(&self, limit: Option<Disruption>) -> Option<(Disruption, Disruption)> {
+        let limit = limit?;
+        let max = self.plan.summary().max_disruption?;
+        (max > limit).then_some((limit, max))
+    }
+
+    /// The VMs the virtstack would refuse before anything changed (host
+    /// paths, image formats, cold settings): `(vm, why)`.
+    pub fn refused(&self, vs: &dyn Virtstack) -> Vec<(String, String)> {
+        apply::preflight(&self.plan, &self.loaded.desired, vs)
+    }
+
+    /// How many VMs could not be observed (and so were not planned).
+    pub fn unobserved(&self) -> usize {
+        self.observed.unknown.len()
+    }
+
+    /// Executes the plan (every VM in parallel, each on its own).
+    pub async fn apply(
+        &self,
+        vs: Arc<dyn Virtstack>,
+        opts: ApplyOptions,
+        progress: Progress,
+    ) -> Applied {
+        let started = Instant::now();
+        let outcomes = apply::apply(&self.plan, &self.loaded.desired, vs, opts, progress).await;
+        Applied {
+            outcomes,
+            elapsed: started.elapsed(),
+            unobserved: self.unobserved(),
+        }
+    }
+}
+
+/// How an apply went.
+#[derive(Debug)]
+pub struct Applied {
+    /// Each planned VM's outcome, by name.
+    pub outcomes: Vec<VmOutcome>,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// VMs that could not be observed, so were not applied.
+    pub unobserved: usize,
+}
+
+impl Applied {
+    /// The VMs whose apply failed.
+    pub fn failed(&self) -> Vec<&str> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.result.is_err())
+            .map(|o| o.name.as_str())
+            .collect()
+    }
+
+    /// Every VM is as its spec says: none failed, none went unobserved.
+    pub fn converged(&self) -> bool {
+        self.unobserved == 0 && self.outcomes.iter().all(|o| o.result.is_ok())
+    }
+}
+
+impl std::fmt::Display for Applied {
+    /// The summary line, then each failure's reasons.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let failed = self.failed();
+        write!(
+            f,
+            "Apply: {} VM(s) changed, {} failed{}{} in {:.1}s",
+            self.outcomes.len() - failed.len(),
+            failed.len(),
+            if failed.is_empty() { "" } else { ": " },
+            failed.join(", "),
+            self.elapsed.as_secs_f64()
+        )?;
+        if self.unobserved > 0 {
+            write!(
+                f,
+                "; {} VM(s) could not be observed and were not applied",
+                self.unobserved
+            )?;
+        }
+        for o in &self.outcomes {
+            if let Err(e) = &o.result {
+                write!(f, "\n  {}: {}", o.name, Chain(e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Loads, observes and plans: what `plan` shows and `apply` starts from.
 pub async fn plan_dir(
     dir: PathBuf,
     vs: &dyn Observe,
     opts: &PlanOptions,
-) -> Result<(Loaded, ObservedState, Plan), VmError> {
+    only: &[VmName],
+) -> Result<Planned, VmError> {
     let loaded = load(dir).await;
     let observed = observe_all(vs).await?;
-    let the_plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
-    Ok((loaded, observed, the_plan))
+    Ok(Planned::new(loaded, observed, vs, opts, only))
 }

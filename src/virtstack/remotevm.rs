@@ -678,7 +678,7 @@ mod tests {
     /// Serves each VM in-process over one fake virtstack, as `serve` would.
     struct InProcess {
         fake: Fake,
-        servers: std::sync::Mutex<Vec<ttrpc::r#async::Server>>,
+        servers: std::sync::Mutex<Vec<crate::vmservice::Serving>>,
     }
 
     impl std::fmt::Debug for InProcess {
@@ -690,13 +690,10 @@ mod tests {
     #[async_trait]
     impl Spawner for InProcess {
         async fn spawn(&self, name: &VmName, socket: &Path) -> Result<(), String> {
-            let service =
-                crate::vmservice::VmService::new(Arc::new(self.fake.clone()), name.clone());
-            let mut server = ttrpc::r#async::Server::new()
-                .bind(&format!("unix://{}", socket.display()))
-                .map_err(|e| format!("{e:?}"))?
-                .register_service(service.into_services());
-            server.start().await.map_err(|e| format!("{e:?}"))?;
+            let server =
+                crate::vmservice::Serving::start(Arc::new(self.fake.clone()), name.clone(), socket)
+                    .await
+                    .map_err(|e| e.to_string())?;
             self.servers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -15,6 +15,9 @@
 //!   call on the same connection.
 
 pub mod listen;
+pub mod server;
+
+pub use server::{ServeError, Serving};
 
 use crate::protocol::convert::{self, RequestError};
 use crate::protocol::vmservice as pb;

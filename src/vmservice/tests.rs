@@ -9,7 +9,7 @@ use ttrpc::context;
 
 struct Served {
     _dir: tempfile::TempDir,
-    _server: ttrpc::r#async::Server,
+    _server: Serving,
     client: svc::VmClient,
     fake: Fake,
 }
@@ -23,14 +23,16 @@ fn caps() -> Capabilities {
 
 async fn serve() -> Served {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = format!("unix://{}", dir.path().join("vm.sock").display());
+    let path = dir.path().join("vm.sock");
+    let addr = format!("unix://{}", path.display());
     let fake = Fake::new(caps());
-    let service = VmService::new(Arc::new(fake.clone()), VmName::new("vm").expect("name"));
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&addr)
-        .expect("bind")
-        .register_service(service.into_services());
-    server.start().await.expect("start");
+    let server = Serving::start(
+        Arc::new(fake.clone()),
+        VmName::new("vm").expect("name"),
+        &path,
+    )
+    .await
+    .expect("serve");
     let client = ttrpc::r#async::Client::connect(&addr)
         .await
         .expect("connect");

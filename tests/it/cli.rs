@@ -139,6 +139,32 @@ fn max_disruption_exits_3_when_exceeded() {
 }
 
 #[test]
+fn plan_only_plans_the_named_vms_and_prunes_nothing_else() {
+    let t = TestContext::new();
+    t.write_host(&format!(
+        "{}---\n{}---\n{}",
+        vm("web", 64, ""),
+        vm("db", 64, ""),
+        vm("old", 64, "")
+    ));
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    t.write_spec("db.yaml", &vm("db", 128, ""));
+    let out = t.plan(&["--prune", "--only", "web", "--output", "json"]);
+    assert_exit_code(&out, 0);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    let names: Vec<&str> = doc["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["web"], "{doc}");
+    let out = t.plan(&["--prune", "--only", "web", "--only", "old"]);
+    assert!(stdout(&out).contains("old"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("db"), "{}", stdout(&out));
+}
+
+#[test]
 fn spec_errors_exit_1_and_leave_their_vm_alone() {
     let t = TestContext::new();
     t.write_host(&format!("{}---\n{}", vm("web", 64, ""), vm("db", 64, "")));
