@@ -56,8 +56,10 @@ pub enum RecordError {
         source: io::Error,
     },
     /// The file is not a record (or a record that cannot be written).
-    #[error("corrupt record {}: {reason}", path.display())]
+    #[error("corrupt {what} {}: {reason}", path.display())]
     Corrupt {
+        /// What the records are (`launch record`).
+        what: &'static str,
         /// The record's file.
         path: PathBuf,
         /// What the parser said.
@@ -103,6 +105,8 @@ struct Inner<T> {
 
 /// The records of one virtstack's VMs, under one root.
 pub struct RecordStore<T> {
+    /// What the records are, for errors (`launch record`).
+    what: &'static str,
     root: PathBuf,
     layout: Layout,
     max_bytes: u64,
@@ -114,6 +118,7 @@ pub struct RecordStore<T> {
 impl<T> Clone for RecordStore<T> {
     fn clone(&self) -> Self {
         RecordStore {
+            what: self.what,
             root: self.root.clone(),
             layout: self.layout,
             max_bytes: self.max_bytes,
@@ -134,9 +139,16 @@ impl<T> std::fmt::Debug for RecordStore<T> {
 }
 
 impl<T: Serialize + DeserializeOwned + Clone> RecordStore<T> {
-    /// A store of records under `root`, each read up to `max_bytes`.
-    pub fn new(root: impl Into<PathBuf>, layout: Layout, max_bytes: u64) -> Self {
+    /// A store of `what` records (named so in errors) under `root`, each
+    /// read up to `max_bytes`.
+    pub fn new(
+        what: &'static str,
+        root: impl Into<PathBuf>,
+        layout: Layout,
+        max_bytes: u64,
+    ) -> Self {
         RecordStore {
+            what,
             root: root.into(),
             layout,
             max_bytes,
@@ -233,6 +245,7 @@ impl<T: Serialize + DeserializeOwned + Clone> RecordStore<T> {
             }
         })?;
         let rec: T = serde_json::from_slice(&text).map_err(|e| RecordError::Corrupt {
+            what: self.what,
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -252,6 +265,7 @@ impl<T: Serialize + DeserializeOwned + Clone> RecordStore<T> {
         let path = self.path(name);
         let written = serde_json::to_vec_pretty(rec)
             .map_err(|e| RecordError::Corrupt {
+                what: self.what,
                 path: path.clone(),
                 reason: e.to_string(),
             })
@@ -340,7 +354,7 @@ mod tests {
 
     fn store(layout: Layout) -> (tempfile::TempDir, RecordStore<Rec>) {
         let dir = tempfile::tempdir().unwrap();
-        let s = RecordStore::new(dir.path(), layout, 4096);
+        let s = RecordStore::new("record", dir.path(), layout, 4096);
         (dir, s)
     }
 
@@ -352,7 +366,7 @@ mod tests {
         assert_eq!(s.load("a").unwrap(), Rec { n: 1 });
         assert_eq!(s.io(), (0, 1), "our own write costs no read");
         // Another process replaces it: seen at once.
-        let other = RecordStore::<Rec>::new(&s.root, s.layout, 4096);
+        let other = RecordStore::<Rec>::new("record", &s.root, s.layout, 4096);
         other.store("a", &Rec { n: 2 }).unwrap();
         assert_eq!(s.load("a").unwrap(), Rec { n: 2 });
         assert_eq!(s.io(), (1, 1));

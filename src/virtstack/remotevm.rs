@@ -268,7 +268,12 @@ impl RemoteVm {
             None => probe(spawner.as_ref(), &dir).await?,
         };
         Ok(RemoteVm {
-            records: RecordStore::new(&dir, Layout::File { suffix: ".json" }, MAX_RECORD_BYTES),
+            records: RecordStore::new(
+                "record",
+                &dir,
+                Layout::File { suffix: ".json" },
+                MAX_RECORD_BYTES,
+            ),
             dir,
             spawner,
             caps,

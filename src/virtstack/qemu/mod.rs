@@ -90,7 +90,7 @@ pub enum QemuError {
         detail: String,
     },
     /// Its launch record cannot be read or written.
-    #[error("vm {vm}: launch record")]
+    #[error("vm {vm}")]
     Record {
         /// VM name.
         vm: String,
@@ -223,30 +223,37 @@ pub struct Qemu {
     /// Each VM's launch record: loaded once per version of its file,
     /// written once per change (`virtstack::records`).
     records: RecordStore<LaunchRecord>,
-    /// The events connection of each VM someone follows (a watcher), by
-    /// VM, with its subscription's number: commands go over it too, so a
-    /// watcher's reconcile neither connects nor greets, and the main QMP
-    /// socket stays free for another uvmctl between reconciles.
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
+    /// What this process keeps for each VM whose events it follows (a
+    /// watcher), by VM: one owner for all of it (see [`Followed`]).
+    followed: FollowedMap,
     /// Numbers subscriptions, so one ending never drops a newer one's entry.
     subscriptions: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// The last observation of each followed VM (see [`Seen`]).
-    seen: SeenMap,
-    /// Devices this process is unplugging, by VM: their `DEVICE_DELETED`
-    /// is its own change's echo, which the change itself accounts for in
-    /// the standing observation.
-    unplugging: Unplugging,
 }
 
-type Unplugging = std::sync::Arc<
-    std::sync::Mutex<std::collections::HashMap<String, Vec<(String, std::time::Instant)>>>,
->;
+type FollowedMap = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Followed>>>;
+
+/// A VM whose events this process follows. Made when a subscription
+/// starts, dropped with it (or when the VM's QEMU is gone or replaced), so
+/// nothing of it outlives what keeps it current.
+#[derive(Debug)]
+struct Followed {
+    /// The subscription's number.
+    number: u64,
+    /// The events connection: commands go over it too, so a watcher's
+    /// reconcile neither connects nor greets, and the main QMP socket stays
+    /// free for another uvmctl between reconciles.
+    qmp: Qmp,
+    /// The last observation, while it stands (see [`Seen`]).
+    seen: Option<Seen>,
+    /// Devices this process is unplugging, marked when: their
+    /// `DEVICE_DELETED` is its own change's echo, which the change itself
+    /// accounts for in the standing observation.
+    unplugging: Vec<(String, std::time::Instant)>,
+}
 
 /// How long an unplug's mark waits for its echo: a device that was already
 /// gone sends none, and a later `DEVICE_DELETED` of the same id is news.
 const ECHO_WAIT: Duration = Duration::from_secs(5);
-
-type SeenMap = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Seen>>>;
 
 /// How long an observation of a followed VM stands in for a new one. QEMU
 /// reports what the guest or another client changes as an event (which
@@ -265,24 +272,21 @@ struct Seen {
     vm: ObservedVm,
 }
 
-/// Drops a subscription's entry among the held connections when it ends.
+/// Drops a subscription's entry among the followed VMs when it ends.
 struct Unhold {
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, Qmp)>>>,
-    seen: SeenMap,
+    followed: FollowedMap,
     vm: String,
     number: u64,
 }
 
 impl Drop for Unhold {
     fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.get(&self.vm).is_some_and(|(n, _)| *n == self.number) {
-            held.remove(&self.vm);
-            // Not followed any more: nothing keeps an observation current.
-            self.seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.vm);
+        let mut followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+        if followed
+            .get(&self.vm)
+            .is_some_and(|f| f.number == self.number)
+        {
+            followed.remove(&self.vm);
         }
     }
 }
@@ -326,66 +330,67 @@ impl Qemu {
             records: opts.state_dir.records(),
             opts,
             conns: Default::default(),
-            held: Default::default(),
+            followed: Default::default(),
             subscriptions: Default::default(),
-            seen: Default::default(),
-            unplugging: Default::default(),
         }
     }
 
-    /// Marks `device` of `name` as being unplugged by this process (see
-    /// `unplugging`); `false` takes the mark away again.
-    pub(crate) fn expect_unplug(&self, name: &str, device: &str, expect: bool) {
-        let mut map = self.unplugging.lock().unwrap_or_else(|p| p.into_inner());
-        let ids = map.entry(name.to_string()).or_default();
-        ids.retain(|(d, at)| d != device && at.elapsed() < ECHO_WAIT);
-        if expect {
-            ids.push((device.to_string(), std::time::Instant::now()));
-        }
-    }
-
-    fn seen(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Seen>> {
+    fn followed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Followed>> {
         // Poisoned only by a panic elsewhere: the map itself is intact.
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+        self.followed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `device` of a followed VM as being unplugged by this process
+    /// (see [`Followed::unplugging`]); `false` takes the mark away again.
+    pub(crate) fn expect_unplug(&self, name: &str, device: &str, expect: bool) {
+        if let Some(f) = self.followed().get_mut(name) {
+            f.unplugging
+                .retain(|(d, at)| d != device && at.elapsed() < ECHO_WAIT);
+            if expect {
+                f.unplugging
+                    .push((device.to_string(), std::time::Instant::now()));
+            }
+        }
     }
 
     /// Drops the observation of `name` (a lifecycle verb changed the VM).
     pub(crate) fn unsee(&self, name: &str) {
-        self.seen().remove(name);
+        if let Some(f) = self.followed().get_mut(name) {
+            f.seen = None;
+        }
     }
 
     /// The standing observation of a followed VM, if it still stands.
     fn still_seen(&self, name: &str) -> Option<ObservedVm> {
-        if !self.held().contains_key(name) {
-            return None;
-        }
         let stamp = self.records.stamp(name)?;
-        let seen = self.seen();
-        let s = seen.get(name)?;
+        let followed = self.followed();
+        let s = followed.get(name)?.seen.as_ref()?;
         (s.stamp == stamp && s.at.elapsed() < SEEN_TTL).then(|| s.vm.clone())
     }
 
     /// Keeps `vm` as the standing observation of a followed VM.
     fn keep_seen(&self, name: &str, vm: &ObservedVm) {
-        if !self.held().contains_key(name) {
+        let Some(stamp) = self.records.stamp(name) else {
             return;
-        }
-        if let Some(stamp) = self.records.stamp(name) {
-            self.seen().insert(
-                name.to_string(),
-                Seen {
-                    at: std::time::Instant::now(),
-                    stamp,
-                    vm: vm.clone(),
-                },
-            );
+        };
+        if let Some(f) = self.followed().get_mut(name) {
+            f.seen = Some(Seen {
+                at: std::time::Instant::now(),
+                stamp,
+                vm: vm.clone(),
+            });
         }
     }
 
     /// After a change made through this process: the standing observation
     /// with the change in it (dropped when it does not fit).
     pub(crate) fn seen_changed(&self, name: &str, change: &crate::vm::Change) {
-        let Some(mut vm) = self.seen().get(name).map(|s| s.vm.clone()) else {
+        let Some(mut vm) = self
+            .followed()
+            .get(name)
+            .and_then(|f| f.seen.as_ref())
+            .map(|s| s.vm.clone())
+        else {
             return;
         };
         match change.applied(&vm.config) {
@@ -395,11 +400,6 @@ impl Qemu {
             }
             Err(_) => self.unsee(name),
         }
-    }
-
-    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, Qmp)>> {
-        // Poisoned only by a panic elsewhere: the map itself is intact.
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How often launch records were read from and written to disk.
@@ -607,8 +607,8 @@ impl Qemu {
         if let Some(q) = self.conns.lock().await.get(name) {
             return Ok(q.clone());
         }
-        if let Some((_, q)) = self.held().get(name) {
-            return Ok(q.clone());
+        if let Some(f) = self.followed().get(name) {
+            return Ok(f.qmp.clone());
         }
         let observe = self.opts.state_dir.observe_socket(name);
         let sock = if self.opts.observer && observe.exists() {
@@ -659,18 +659,23 @@ impl Qemu {
         let number = self
             .subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.held().insert(vm.clone(), (number, q.clone()));
-        self.unsee(&vm);
-        let held = std::sync::Arc::clone(&self.held);
-        let seen = std::sync::Arc::clone(&self.seen);
-        let unplugging = std::sync::Arc::clone(&self.unplugging);
+        // A newer subscription replaces an older one's entry whole.
+        self.followed().insert(
+            vm.clone(),
+            Followed {
+                number,
+                qmp: q.clone(),
+                seen: None,
+                unplugging: Vec::new(),
+            },
+        );
+        let followed = std::sync::Arc::clone(&self.followed);
         tokio::spawn(async move {
             // Owns the connection: it closes when QEMU ends or the
             // receiver is dropped, and commands stop using it then.
             let _conn = q;
             let _unhold = Unhold {
-                held,
-                seen: std::sync::Arc::clone(&seen),
+                followed: std::sync::Arc::clone(&followed),
                 vm: vm.clone(),
                 number,
             };
@@ -694,20 +699,24 @@ impl Qemu {
                 };
                 // Whatever QEMU reports, the VM may be other than last
                 // seen, but for the echo of an unplug this process makes.
-                let echo = got.as_ref().ok().is_some_and(|e| {
-                    let device = e.data.get("device").and_then(serde_json::Value::as_str);
-                    e.name == "DEVICE_DELETED"
-                        && device.is_some_and(|d| {
-                            let mut map = unplugging.lock().unwrap_or_else(|p| p.into_inner());
-                            let ids = map.entry(vm.clone()).or_default();
-                            ids.retain(|(_, at)| at.elapsed() < ECHO_WAIT);
-                            let before = ids.len();
-                            ids.retain(|(x, _)| x != d);
-                            ids.len() != before
-                        })
-                });
-                if !echo {
-                    seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm);
+                {
+                    let mut all = followed.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(f) = all.get_mut(&vm).filter(|f| f.number == number) {
+                        f.unplugging.retain(|(_, at)| at.elapsed() < ECHO_WAIT);
+                        let device = got
+                            .as_ref()
+                            .ok()
+                            .filter(|e| e.name == "DEVICE_DELETED")
+                            .and_then(|e| e.data.get("device"))
+                            .and_then(serde_json::Value::as_str);
+                        let before = f.unplugging.len();
+                        if let Some(d) = device {
+                            f.unplugging.retain(|(x, _)| x != d);
+                        }
+                        if f.unplugging.len() == before {
+                            f.seen = None;
+                        }
+                    }
                 }
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
@@ -741,7 +750,7 @@ impl Qemu {
     /// Forgets every connection of a VM whose QEMU is gone or replaced.
     async fn forget_all(&self, name: &str) {
         self.forget(name).await;
-        self.held().remove(name);
+        self.followed().remove(name);
     }
 
     /// Last lines QEMU wrote to stderr.

@@ -327,6 +327,7 @@ impl StateDir {
     /// created, in the VM's own directory.
     pub fn records(&self) -> RecordStore<LaunchRecord> {
         RecordStore::new(
+            "launch record",
             &self.root,
             Layout::Dir { file: RECORD_FILE },
             MAX_RECORD_BYTES,
