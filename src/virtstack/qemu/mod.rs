@@ -249,6 +249,9 @@ struct Followed {
     /// `DEVICE_DELETED` is its own change's echo, which the change itself
     /// accounts for in the standing observation.
     unplugging: Vec<(String, std::time::Instant)>,
+    /// Counts what may have changed the VM (events, dropped observations),
+    /// so an observation taken meanwhile is known to be stale.
+    epoch: u64,
 }
 
 /// How long an unplug's mark waits for its echo: a device that was already
@@ -357,6 +360,7 @@ impl Qemu {
     pub(crate) fn unsee(&self, name: &str) {
         if let Some(f) = self.followed().get_mut(name) {
             f.seen = None;
+            f.epoch += 1;
         }
     }
 
@@ -667,6 +671,7 @@ impl Qemu {
                 qmp: q.clone(),
                 seen: None,
                 unplugging: Vec::new(),
+                epoch: 0,
             },
         );
         let followed = std::sync::Arc::clone(&self.followed);
@@ -715,6 +720,7 @@ impl Qemu {
                         }
                         if f.unplugging.len() == before {
                             f.seen = None;
+                            f.epoch += 1;
                         }
                     }
                 }
@@ -737,7 +743,45 @@ impl Qemu {
                 }
             }
         });
+        self.seed_seen(name, number).await;
         Ok(Some(out))
+    }
+
+    /// Observes a VM just followed and keeps that as its standing
+    /// observation, so a watcher's first edit costs only its QMP round trips.
+    /// Taken after the subscription started, so no event is missed from it;
+    /// kept only when nothing changed the VM while it was taken (no event,
+    /// no dropped observation, the launch record the same file), since
+    /// this runs beside the watcher's reconciles, not between them.
+    async fn seed_seen(&self, name: &str, number: u64) {
+        let epoch = |q: &Self| {
+            q.followed()
+                .get(name)
+                .filter(|f| f.number == number && f.seen.is_none())
+                .map(|f| f.epoch)
+        };
+        let (Some(before), Some(stamp)) = (epoch(self), self.records.stamp(name)) else {
+            return;
+        };
+        let Ok(vm) = self.observe_now(name).await else {
+            return;
+        };
+        // A record written after this check has another stamp, which
+        // `still_seen` compares: only events need checking under the lock.
+        if !vm.state.is_live() || self.records.stamp(name) != Some(stamp) {
+            return;
+        }
+        if let Some(f) = self.followed().get_mut(name)
+            && f.number == number
+            && f.seen.is_none()
+            && f.epoch == before
+        {
+            f.seen = Some(Seen {
+                at: std::time::Instant::now(),
+                stamp,
+                vm,
+            });
+        }
     }
 
     /// Forgets a VM's QMP connection (its QEMU is gone or being replaced,
