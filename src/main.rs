@@ -20,6 +20,23 @@ use uvmctl::virtstack::recorded::Recorded;
 use uvmctl::virtstack::{self, AccelChoice, HostOptions, Kind};
 use uvmctl::vm::{Capabilities, Disruption, HostFacts, Observe, Virtstack, VmName};
 
+/// `print!` that returns the write's error instead of panicking: a reader
+/// that went away (`uvmctl plan | head`) ends the command quietly.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($t)*).map_err(StdoutError)
+    }};
+}
+
+/// `println!` likewise.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*).map_err(StdoutError)
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "uvmctl",
@@ -381,8 +398,15 @@ async fn main() -> ExitCode {
     // mode is root's alone, whatever umask the caller had.
     uvmctl::hostfs::private_umask();
     let cli = Cli::parse();
-    match run(cli).await {
+    // What is still buffered goes out now, where its error can be seen.
+    let ran = run(cli)
+        .await
+        .and_then(|code| Ok(std::io::stdout().flush().map_err(StdoutError).map(|()| code)?));
+    match ran {
         Ok(code) => ExitCode::from(code),
+        // The reader went away (`| head`, `| true`): as ripgrep does, end
+        // quietly and successfully; what was asked for was only output.
+        Err(e) if closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(LockError::Held { .. }) = e.downcast_ref::<LockError>() {
                 eprintln!("error: {e:#}");
@@ -394,6 +418,18 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A write to standard output failed (only these may end a command quietly:
+/// a broken pipe anywhere else, a QMP socket say, is an error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output: {0}")]
+struct StdoutError(std::io::Error);
+
+/// Whether `e` is a write to a standard output nobody reads any more.
+fn closed_stdout(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<StdoutError>()
+        .is_some_and(|StdoutError(io)| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// Waits for the state directory's lock off the async workers (it polls).
 async fn lock(root: PathBuf, timeout: Duration, what: String) -> anyhow::Result<StateLock> {
     Ok(tokio::task::spawn_blocking(move || StateLock::acquire(&root, timeout, &what)).await??)
@@ -401,9 +437,9 @@ async fn lock(root: PathBuf, timeout: Duration, what: String) -> anyhow::Result<
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Validate { dir } => Ok(validate(dir).await),
+        Command::Validate { dir } => validate(dir).await,
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&spec::json_schema())?);
+            outln!("{}", serde_json::to_string_pretty(&spec::json_schema())?)?;
             Ok(0)
         }
         Command::Plan(args) => run_plan(args).await,
@@ -455,7 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Export { name, host } => {
             let (vs, _) = host.live(true).await?;
             let (yaml, skipped) = uvmctl::inspect::export(vs.as_ref(), name.as_ref()).await?;
-            print!("{yaml}");
+            out!("{yaml}")?;
             for (vm, why) in &skipped {
                 eprintln!("{vm}: not exported: cannot be observed ({why})");
             }
@@ -469,15 +505,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })?,
             };
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&caps)?),
-                Output::Text => print!("{}", caps.markdown_table()),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&caps)?)?,
+                Output::Text => out!("{}", caps.markdown_table())?,
             }
             Ok(0)
         }
     }
 }
 
-async fn validate(dir: PathBuf) -> u8 {
+async fn validate(dir: PathBuf) -> anyhow::Result<u8> {
     let loaded = reconcile::load(dir).await;
     for e in &loaded.errors {
         eprintln!("{e}");
@@ -485,8 +521,8 @@ async fn validate(dir: PathBuf) -> u8 {
     let n = loaded.desired.vms.len();
     let s = |n: usize| if n == 1 { "" } else { "s" };
     if loaded.errors.is_empty() {
-        println!("{n} VM spec{} valid", s(n));
-        0
+        outln!("{n} VM spec{} valid", s(n))?;
+        Ok(0)
     } else {
         let bad = loaded.desired.unknown.len();
         eprintln!(
@@ -495,7 +531,7 @@ async fn validate(dir: PathBuf) -> u8 {
             s(loaded.errors.len()),
             s(n)
         );
-        EXIT_ERROR
+        Ok(EXIT_ERROR)
     }
 }
 
@@ -556,11 +592,11 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
     let style = args.common.color.style();
     let errors = &planned.loaded.errors;
     match args.output {
-        Output::Json => print!("{}", render::json(&planned.plan, errors)),
+        Output::Json => out!("{}", render::json(&planned.plan, errors))?,
         Output::Text => {
             print_errors(&planned.loaded);
             if args.diff {
-                print!(
+                out!(
                     "{}",
                     render::diff(
                         &planned.plan,
@@ -568,9 +604,9 @@ async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
                         &planned.observed,
                         &style
                     )
-                );
+                )?;
             }
-            print!("{}", render::text(&planned.plan, &style));
+            out!("{}", render::text(&planned.plan, &style))?;
         }
     }
     let text = args.output == Output::Text;
@@ -648,10 +684,14 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         &plan_options(&args.common),
         &args.common.only,
     );
-    print!(
+    // A reader gone before the plan is shown: nothing is applied, and
+    // that is an error, not a quiet end.
+    if let Err(e) = out!(
         "{}",
         render::text(&planned.plan, &args.common.color.style())
-    );
+    ) {
+        bail!("cannot show the plan ({e}); nothing was applied");
+    }
     if !planned.plan.has_changes() {
         // A VM that could not be observed is not "no changes": 1, as plan.
         return Ok(if planned.unobserved() == 0 {
@@ -699,14 +739,14 @@ async fn status(
         uvmctl::inspect::add_watch(&mut rows, w);
     }
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
         Output::Text => {
-            print!("{}", uvmctl::inspect::status_table(&rows));
+            out!("{}", uvmctl::inspect::status_table(&rows))?;
             if let Some((w, running)) = &watch {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                print!("{}", uvmctl::inspect::watch_section(w, *running, now));
+                out!("{}", uvmctl::inspect::watch_section(w, *running, now))?;
             }
         }
     }

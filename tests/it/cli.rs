@@ -582,3 +582,34 @@ fn apply_exits_1_when_a_vm_cannot_be_observed() {
         assert!(stdout(&out).contains("broken"), "{cmd}: {}", stdout(&out));
     }
 }
+
+/// Issue 20: a reader that went away (`uvmctl plan | true`) ends the
+/// command quietly with 0, as ripgrep does; it used to panic with 101.
+#[test]
+fn a_closed_stdout_ends_looking_commands_quietly() {
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 128, ""))
+        .write_host(&vm("web", 64, ""));
+    let state = t.path("state");
+    let state = state.to_str().expect("utf-8");
+    for args in [
+        vec!["plan", "specs", "--observed", "host"],
+        vec!["plan", "specs", "--observed", "host", "--output", "json"],
+        vec!["schema"],
+        vec!["validate", "specs"],
+        vec!["capabilities", "--virtstack", "hcs"],
+        vec!["status", "--state-dir", state],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .current_dir(t.path(""))
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("uvmctl runs");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
