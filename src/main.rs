@@ -399,9 +399,12 @@ async fn main() -> ExitCode {
     uvmctl::hostfs::private_umask();
     let cli = Cli::parse();
     // What is still buffered goes out now, where its error can be seen.
-    let ran = run(cli)
-        .await
-        .and_then(|code| Ok(std::io::stdout().flush().map_err(StdoutError).map(|()| code)?));
+    let ran = run(cli).await.and_then(|code| {
+        Ok(std::io::stdout()
+            .flush()
+            .map_err(StdoutError)
+            .map(|()| code)?)
+    });
     match ran {
         Ok(code) => ExitCode::from(code),
         // The reader went away (`| head`, `| true`): as ripgrep does, end

@@ -172,13 +172,27 @@ impl Applied {
 }
 
 impl std::fmt::Display for Applied {
-    /// The summary line, then each failure's reasons.
+    /// The summary line, then each failure's reasons. "Changed" counts
+    /// every VM a step went through for, a failed one too: what was done
+    /// stays done.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let failed = self.failed();
+        let changed = self.outcomes.iter().filter(|o| o.steps > 0).count();
+        let failed: Vec<String> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.result.is_err())
+            .map(|o| match o.steps {
+                0 => o.name.clone(),
+                n => format!(
+                    "{} (part-way: {n} step{} done)",
+                    o.name,
+                    if n == 1 { "" } else { "s" }
+                ),
+            })
+            .collect();
         write!(
             f,
-            "Apply: {} VM(s) changed, {} failed{}{} in {:.1}s",
-            self.outcomes.len() - failed.len(),
+            "Apply: {changed} VM(s) changed, {} failed{}{} in {:.1}s",
             failed.len(),
             if failed.is_empty() { "" } else { ": " },
             failed.join(", "),
@@ -210,4 +224,41 @@ pub async fn plan_dir(
     let loaded = load(dir).await;
     let observed = observe_all(vs).await?;
     Ok(Planned::new(loaded, observed, vs, opts, only))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::ApplyError;
+
+    /// Issue 20: a VM that failed part-way is counted among the changed,
+    /// and says how far it got (it read `0 VM(s) changed` after a removal).
+    #[test]
+    fn the_summary_counts_what_really_changed() {
+        let outcome = |name: &str, ok: bool, steps: usize| VmOutcome {
+            name: name.into(),
+            result: if ok {
+                Ok(())
+            } else {
+                Err(ApplyError::Inconsistent("qmp migrate failed".into()))
+            },
+            steps,
+        };
+        let applied = Applied {
+            outcomes: vec![
+                outcome("a", true, 2),
+                outcome("b", false, 1),
+                outcome("c", false, 0),
+            ],
+            elapsed: Duration::from_millis(1500),
+            unobserved: 1,
+        };
+        assert_eq!(
+            applied.to_string(),
+            "Apply: 2 VM(s) changed, 2 failed: b (part-way: 1 step done), c in 1.5s; \
+             1 VM(s) could not be observed and were not applied\n  \
+             b: qmp migrate failed\n  c: qmp migrate failed"
+        );
+        assert!(!applied.converged());
+    }
 }

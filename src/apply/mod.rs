@@ -109,6 +109,26 @@ pub struct VmOutcome {
     pub name: String,
     /// Success, or why not.
     pub result: Result<(), ApplyError>,
+    /// How many steps changed the VM (a failed apply may have made some).
+    pub steps: usize,
+}
+
+/// Counts the steps of one VM's apply that went through.
+#[derive(Debug, Default)]
+struct Steps(std::sync::atomic::AtomicUsize);
+
+impl Steps {
+    /// `r`, counted when it went through.
+    fn did<T, E>(&self, r: Result<T, E>) -> Result<T, E> {
+        if r.is_ok() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Applies every VM plan, in parallel.
@@ -129,7 +149,8 @@ pub async fn apply(
         let vs = vs.clone();
         let progress = progress.clone();
         set.spawn(async move {
-            let result = apply_vm(vs.as_ref(), &vm, want.as_deref(), opts, &progress).await;
+            let steps = Steps::default();
+            let result = apply_vm(vs.as_ref(), &vm, want.as_deref(), opts, &progress, &steps).await;
             match &result {
                 Ok(()) => progress(&vm.name, "done"),
                 Err(e) => progress(&vm.name, &format!("failed: {}", Chain(e))),
@@ -137,6 +158,7 @@ pub async fn apply(
             VmOutcome {
                 name: vm.name,
                 result,
+                steps: steps.count(),
             }
         });
     }
@@ -146,6 +168,7 @@ pub async fn apply(
             Ok(o) => out.push(o),
             Err(e) => out.push(VmOutcome {
                 name: "?".into(),
+                steps: 0,
                 result: Err(ApplyError::Inconsistent(format!(
                     "executor task failed: {e}"
                 ))),
@@ -183,6 +206,7 @@ async fn apply_vm(
     want: Option<&VmConfig>,
     opts: ApplyOptions,
     progress: &Progress,
+    steps: &Steps,
 ) -> Result<(), ApplyError> {
     let unsupported: Vec<String> = vm
         .ops
@@ -200,12 +224,20 @@ async fn apply_vm(
         VmAction::Create => {
             progress(label, "creating and launching");
             let want = spec()?;
-            vs.create(&name, want).await?;
-            bring_to(vs, &name, PowerState::Stopped, want.power_state, progress).await?;
+            steps.did(vs.create(&name, want).await)?;
+            bring_to(
+                vs,
+                &name,
+                PowerState::Stopped,
+                want.power_state,
+                progress,
+                steps,
+            )
+            .await?;
         }
         VmAction::Destroy => {
             progress(label, "destroying");
-            vs.destroy(&name).await?;
+            steps.did(vs.destroy(&name).await)?;
         }
         VmAction::Recreate => {
             let reasons: Vec<String> = vm
@@ -220,12 +252,20 @@ async fn apply_vm(
             progress(label, "recreating");
             let want = spec()?;
             if vs.list().await?.contains(&name) {
-                with_ticker(progress, label, "destroying", vs.destroy(&name)).await?;
+                steps.did(with_ticker(progress, label, "destroying", vs.destroy(&name)).await)?;
             }
-            vs.create(&name, want).await?;
-            bring_to(vs, &name, PowerState::Stopped, want.power_state, progress).await?;
+            steps.did(vs.create(&name, want).await)?;
+            bring_to(
+                vs,
+                &name,
+                PowerState::Stopped,
+                want.power_state,
+                progress,
+                steps,
+            )
+            .await?;
         }
-        VmAction::Update => update(vs, &name, vm, spec()?, progress).await?,
+        VmAction::Update => update(vs, &name, vm, spec()?, progress, steps).await?,
     }
     if let (Some(timeout), Some(PowerState::Running)) =
         (opts.wait_ready, want.map(|w| w.power_state))
@@ -241,6 +281,7 @@ async fn update(
     vm: &VmPlan,
     want: &VmConfig,
     progress: &Progress,
+    steps: &Steps,
 ) -> Result<(), ApplyError> {
     let label = name.as_str();
     // The plan's own observation, made just before: not repeated. What
@@ -261,7 +302,7 @@ async fn update(
     if state == State::Saved && !changes.is_empty() && !restart {
         // The guest comes back as it was saved; the changes are then live ones.
         progress(label, "restoring the saved guest to apply changes");
-        with_ticker(progress, label, "restoring", vs.start(name, true)).await?;
+        steps.did(with_ticker(progress, label, "restoring", vs.start(name, true)).await)?;
         state = State::Paused;
     }
     if state == State::Paused
@@ -271,28 +312,44 @@ async fn update(
     {
         // A paused guest cannot acknowledge an unplug: it runs first.
         progress(label, "resuming before the changes");
-        vs.resume(name).await?;
+        steps.did(vs.resume(name).await)?;
         state = State::Running;
     }
     if !state.is_live() && state != State::Saved {
         // Nothing runs: the new configuration takes effect when it starts.
-        vs.reconfigure(name, want).await?;
+        steps.did(vs.reconfigure(name, want).await)?;
     } else if restart {
         progress(label, "restarting to apply cold changes");
-        with_ticker(progress, label, "stopping", vs.stop(name)).await?;
-        vs.reconfigure(name, want).await?;
-        return bring_to(vs, name, PowerState::Stopped, want.power_state, progress).await;
+        steps.did(with_ticker(progress, label, "stopping", vs.stop(name)).await)?;
+        steps.did(vs.reconfigure(name, want).await)?;
+        return bring_to(
+            vs,
+            name,
+            PowerState::Stopped,
+            want.power_state,
+            progress,
+            steps,
+        )
+        .await;
     } else if !changes.is_empty() {
         for op in changes {
             let what = format!("{} {} {}", op.operation, op.resource, op.key);
             progress(label, &what);
-            with_ticker(progress, label, &what, live(vs, name, op)).await?;
+            steps.did(with_ticker(progress, label, &what, live(vs, name, op)).await)?;
         }
     }
     if power.is_empty() && state == observed {
         return Ok(());
     }
-    bring_to(vs, name, observed_power(state), want.power_state, progress).await
+    bring_to(
+        vs,
+        name,
+        observed_power(state),
+        want.power_state,
+        progress,
+        steps,
+    )
+    .await
 }
 
 /// Moves a VM from one power state to another.
@@ -302,45 +359,46 @@ async fn bring_to(
     from: PowerState,
     to: PowerState,
     progress: &Progress,
+    steps: &Steps,
 ) -> Result<(), ApplyError> {
     use PowerState::*;
     let label = name.as_str();
     match (from, to) {
         (Running, Running) | (Paused, Paused) | (Stopped, Stopped) | (Saved, Saved) => {}
-        (Running, Paused) => vs.pause(name).await?,
-        (Paused, Running) => vs.resume(name).await?,
+        (Running, Paused) => steps.did(vs.pause(name).await)?,
+        (Paused, Running) => steps.did(vs.resume(name).await)?,
         (Stopped, Running) => {
             progress(label, "starting");
-            with_ticker(progress, label, "starting", vs.start(name, false)).await?;
+            steps.did(with_ticker(progress, label, "starting", vs.start(name, false)).await)?;
         }
         (Saved, Running) => {
             progress(label, "restoring the saved guest");
-            with_ticker(progress, label, "restoring", vs.start(name, false)).await?;
+            steps.did(with_ticker(progress, label, "restoring", vs.start(name, false)).await)?;
         }
         (Stopped, Paused) => {
             progress(label, "starting paused");
-            with_ticker(progress, label, "starting", vs.start(name, true)).await?;
+            steps.did(with_ticker(progress, label, "starting", vs.start(name, true)).await)?;
         }
         (Saved, Paused) => {
             progress(label, "restoring the saved guest, paused");
-            with_ticker(progress, label, "restoring", vs.start(name, true)).await?;
+            steps.did(with_ticker(progress, label, "restoring", vs.start(name, true)).await)?;
         }
         (Saved, Stopped) => {
             progress(label, "discarding the saved guest state");
-            vs.stop(name).await?;
+            steps.did(vs.stop(name).await)?;
         }
         (Running | Paused, Stopped) => {
             progress(label, "stopping (ACPI power button, then forced)");
-            with_ticker(progress, label, "stopping", vs.stop(name)).await?;
+            steps.did(with_ticker(progress, label, "stopping", vs.stop(name)).await)?;
         }
         (Running | Paused, Saved) => {
             progress(label, "saving the guest state");
-            with_ticker(progress, label, "saving", vs.save(name)).await?;
+            steps.did(with_ticker(progress, label, "saving", vs.save(name)).await)?;
         }
         (Stopped, Saved) => {
             progress(label, "starting, then saving the guest state");
-            with_ticker(progress, label, "starting", vs.start(name, false)).await?;
-            with_ticker(progress, label, "saving", vs.save(name)).await?;
+            steps.did(with_ticker(progress, label, "starting", vs.start(name, false)).await)?;
+            steps.did(with_ticker(progress, label, "saving", vs.save(name)).await)?;
         }
     }
     Ok(())

@@ -223,6 +223,7 @@ async fn a_partial_failure_leaves_a_true_state_and_the_next_plan_finishes_it() {
     let d = desired(&[("web", want.clone())]);
     let (_, out) = plan_and_apply(&fake, &d).await;
     assert!(out[0].result.is_err());
+    assert_eq!(out[0].steps, 1, "the controller went in");
     let vm = fake.get("web").expect("there");
     assert_eq!(vm.config.scsi_controllers.len(), 1);
     assert!(vm.config.scsi_controllers[0].disks.is_empty());

@@ -306,6 +306,14 @@ pub fn plan(
     out
 }
 
+/// Why `want`'s guest cannot be saved, when it is to be and cannot be (the
+/// save comes after the plan's other operations, so the spec is what counts).
+fn save_refusal(want: &VmConfig, caps: &Capabilities) -> Option<String> {
+    (want.power_state == PowerState::Saved)
+        .then(|| caps.save_refusal(want))
+        .flatten()
+}
+
 fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
     // Everything is cold configuration of a VM being built: only what the
     // virtstack cannot do at all stands out.
@@ -333,12 +341,17 @@ fn plan_create(name: &str, want: &VmConfig, caps: &Capabilities) -> VmPlan {
         })
         .collect();
     refuse(&mut ops, caps.refusals_in(want, &items), true, &items);
+    let refused = save_refusal(want, caps);
     ops.push(Op {
         operation: ResourceOperation::Add,
         resource: ResourceKind::PowerState,
         key: ItemKey::Unit,
-        disruption: Disruption::Live,
-        reason: String::new(),
+        disruption: if refused.is_some() {
+            Disruption::Unsupported
+        } else {
+            Disruption::Live
+        },
+        reason: refused.unwrap_or_default(),
         before: None,
         after: Some(Item::PowerState(want.power_state.as_str())),
     });
@@ -521,12 +534,17 @@ fn plan_vm(name: &str, want: &VmConfig, have: &ObservedVm, caps: &Capabilities) 
             after: Some(Item::PowerState(want.power_state.as_str())),
         });
     } else if have_power != want.power_state {
+        let refused = save_refusal(want, caps);
         ops.push(Op {
             operation: ResourceOperation::Update,
             resource: ResourceKind::PowerState,
             key: ItemKey::Unit,
-            disruption: Disruption::Live,
-            reason: String::new(),
+            disruption: if refused.is_some() {
+                Disruption::Unsupported
+            } else {
+                Disruption::Live
+            },
+            reason: refused.unwrap_or_default(),
             before: Some(Item::PowerState(have_power.as_str())),
             after: Some(Item::PowerState(want.power_state.as_str())),
         });

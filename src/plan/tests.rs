@@ -1010,3 +1010,47 @@ pub(crate) mod properties {
         let _ = GuestOs::Linux;
     }
 }
+
+/// Issue 20: a save the disks cannot do is refused at plan time, with the
+/// reason, not discovered by `migrate` at apply time.
+#[test]
+fn a_save_qemu_cannot_do_with_image_disks_is_unsupported_with_why() {
+    let mut have = base("web");
+    have.scsi_controllers = vec![ScsiController {
+        id: 0,
+        disks: vec![disk(1, "/d/a.vhdx")],
+    }];
+    let mut want = have.clone();
+    want.power_state = PowerState::Saved;
+    let o = observed(&[("web", have.clone(), State::Running)]);
+    let p = run(&desired(&[("web", want.clone())]), &o);
+    assert_eq!(ops_of(&p, "web"), ["update powerState  [unsupported]"]);
+    let reason = &p.vms[0].ops[0].reason;
+    assert!(
+        reason.contains("scsiDisk 0:1 (vhdx)") && reason.contains("raw"),
+        "{reason}"
+    );
+    // Created saved: the same.
+    let p = run(
+        &desired(&[("web", want.clone())]),
+        &ObservedState::default(),
+    );
+    assert!(
+        p.vms[0]
+            .ops
+            .iter()
+            .any(|o| o.resource == ResourceKind::PowerState
+                && o.disruption == Disruption::Unsupported),
+        "{:?}",
+        p.vms[0].ops
+    );
+    // Raw disks save; so does a VM whose plan removes its image disk first.
+    let mut raw = want.clone();
+    raw.scsi_controllers[0].disks[0].disk_type = ScsiDiskType::PassThrough;
+    let p = run(&desired(&[("web", raw)]), &o);
+    assert_eq!(p.vms[0].disruption, Disruption::Live, "{:?}", p.vms[0].ops);
+    let mut without = want;
+    without.scsi_controllers[0].disks.clear();
+    let p = run(&desired(&[("web", without)]), &o);
+    assert_eq!(p.vms[0].disruption, Disruption::Live, "{:?}", p.vms[0].ops);
+}

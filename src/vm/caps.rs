@@ -67,6 +67,44 @@ pub struct Capabilities {
     /// Cold settings it cannot build, with why. Absent: it builds them.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cold_refused: BTreeMap<ColdSetting, String>,
+    /// What keeps it from saving a VM (`powerState: saved`), with why.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub save_refused: BTreeMap<SaveBlocker, String>,
+}
+
+/// Something in a VM that may keep a virtstack from saving its guest state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SaveBlocker {
+    /// SCSI disks in an image format (vhd1, vhdx), not raw.
+    ImageDisks,
+}
+
+impl SaveBlocker {
+    /// Every blocker, in a stable order.
+    pub const ALL: [SaveBlocker; 1] = [SaveBlocker::ImageDisks];
+
+    /// What in `cfg` it concerns, as the plan names items (empty: nothing).
+    pub fn found_in(self, cfg: &VmConfig) -> Vec<String> {
+        match self {
+            SaveBlocker::ImageDisks => cfg
+                .scsi_controllers
+                .iter()
+                .flat_map(|c| {
+                    c.disks
+                        .iter()
+                        .filter(|d| d.disk_type != super::ScsiDiskType::PassThrough)
+                        .map(move |d| {
+                            let format = match d.disk_type {
+                                super::ScsiDiskType::Vhd1 => "vhd1",
+                                _ => "vhdx",
+                            };
+                            format!("scsiDisk {}:{} ({format})", c.id, d.lun)
+                        })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A cold setting (fixed when a VM is built) a virtstack may be unable to build.
@@ -164,7 +202,22 @@ impl Capabilities {
             matrix: BTreeMap::new(),
             guest_os: BTreeSet::new(),
             cold_refused: BTreeMap::new(),
+            save_refused: BTreeMap::new(),
         }
+    }
+
+    /// Why this virtstack cannot save `cfg`'s guest, if it cannot (what in
+    /// the spec keeps it, and the virtstack's reason).
+    pub fn save_refusal(&self, cfg: &VmConfig) -> Option<String> {
+        let why: Vec<String> = SaveBlocker::ALL
+            .iter()
+            .filter_map(|b| {
+                let reason = self.save_refused.get(b)?;
+                let found = b.found_in(cfg);
+                (!found.is_empty()).then(|| format!("{}: {reason}", found.join(", ")))
+            })
+            .collect();
+        (!why.is_empty()).then(|| why.join("; "))
     }
 
     /// Sets one cell.

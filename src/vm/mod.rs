@@ -8,7 +8,7 @@ mod name;
 pub mod observed;
 mod traits;
 
-pub use caps::{Capabilities, ColdSetting, HostFacts, Refusal, Support};
+pub use caps::{Capabilities, ColdSetting, HostFacts, Refusal, SaveBlocker, Support};
 pub use name::{InvalidVmName, MAX_VM_NAME, VmName};
 pub use observed::{MemoryHotplug, ObservedState, ObservedVm};
 

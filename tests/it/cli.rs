@@ -514,6 +514,9 @@ fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() 
         status.contains(&format!("\"pid\": {}", child.id())),
         "{status}"
     );
+    // Idle for a while: systemd hears of a status only when it changes
+    // (issue 20: an idle watcher sent ten a second).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -523,6 +526,11 @@ fn watch_speaks_sd_notify_ready_after_its_first_reconcile_status_and_stopping() 
         got.push(String::from_utf8_lossy(&buf[..n]).to_string());
     }
     assert!(child.wait().expect("exits").success());
+    assert_eq!(
+        got.iter().filter(|m| m.contains("STATUS=")).count(),
+        1,
+        "{got:?}"
+    );
     assert!(
         got.iter().any(|m| m.starts_with("STATUS=0 VM(s)")),
         "{got:?}"

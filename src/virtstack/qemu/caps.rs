@@ -4,7 +4,8 @@
 use super::devices::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
 use super::state::{OVMF_CODE, OVMF_VARS};
 use crate::vm::{
-    Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation, Support,
+    Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation,
+    SaveBlocker, Support,
 };
 use std::path::Path;
 
@@ -109,6 +110,12 @@ impl Capabilities {
         c.cold_refused.insert(
             ColdSetting::UefiSeveralInitrds,
             "the qemu virtstack passes one initrd= file to the firmware".into(),
+        );
+        // QEMU's vpc and vhdx drivers block migration, which a save is.
+        c.save_refused.insert(
+            SaveBlocker::ImageDisks,
+            "QEMU saves a guest only with raw disks (its vhd1 and vhdx drivers cannot migrate)"
+                .into(),
         );
         if !host.ovmf {
             c.cold_refused.insert(

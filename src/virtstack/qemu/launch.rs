@@ -1233,7 +1233,9 @@ mod tests {
                 let mut desired = crate::spec::DesiredState::default();
                 desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone().into(), status: None });
                 let p = plan(&desired, &observed, &caps, &PlanOptions::default());
-                let unsupported = p.vms.iter().flat_map(|v| &v.ops).any(|o| o.disruption == Disruption::Unsupported);
+                // What cannot be built; a save the disks cannot do is the
+                // power op's, and building the VM is fine.
+                let unsupported = p.vms.iter().flat_map(|v| &v.ops).any(|o| o.disruption == Disruption::Unsupported && o.resource != crate::vm::items::ResourceKind::PowerState);
                 // No root exists: every host path fails, after the capability check.
                 let roots = AllowedRoots::new::<&str>(&[]);
                 match resolve(&want, &roots, &caps) {
