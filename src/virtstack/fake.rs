@@ -44,6 +44,9 @@ struct Inner {
     subscribers: BTreeMap<String, Vec<tokio::sync::mpsc::Sender<VmEvent>>>,
     /// Why a VM that died on its own died.
     crashed: BTreeMap<String, String>,
+    /// VMs that die (with why) when their events are next asked for: a
+    /// crash between a look at the VM and a subscription to it.
+    crash_at_subscribe: BTreeMap<String, String>,
 }
 
 /// The in-memory virtstack. Clones share one state.
@@ -115,6 +118,13 @@ impl Fake {
         for tx in subscribers {
             let _ = tx.try_send(VmEvent::Gone);
         }
+    }
+
+    /// The VM dies (`why`) just before its events are next subscribed to.
+    pub fn crash_at_subscribe(&self, vm: &str, why: &str) {
+        self.lock()
+            .crash_at_subscribe
+            .insert(vm.to_string(), why.to_string());
     }
 
     /// What was changed, in order (`vm verb`).
@@ -440,6 +450,12 @@ impl Virtstack for Fake {
 
     async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {
         let mut inner = self.lock();
+        if let Some(why) = inner.crash_at_subscribe.remove(name.as_str()) {
+            if let Some(v) = inner.vms.get_mut(name.as_str()) {
+                v.state = State::Terminated;
+            }
+            inner.crashed.insert(name.to_string(), why);
+        }
         if !inner
             .vms
             .get(name.as_str())

@@ -275,6 +275,9 @@ struct Done {
     launched: bool,
     /// The plan's summary line, or `no changes`.
     plan: String,
+    /// The VM runs (or is paused) as far as this reconcile knows: its
+    /// events are then worth following.
+    live: bool,
 }
 
 fn held_line(op: &plan::Op) -> String {
@@ -300,6 +303,7 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
         crashed: None,
         launched: false,
         plan: "no changes".into(),
+        live: false,
     };
     let _share = match ctx.lock.share().await {
         Ok(s) => s,
@@ -342,6 +346,10 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
             return;
         }
     }
+    done.live = observed
+        .vms
+        .get(&done.vm)
+        .is_some_and(|o| o.state.is_live());
     let crashed = observed
         .vms
         .get(&done.vm)
@@ -433,7 +441,15 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     done.outcome = match outcomes.iter().find_map(|o| o.result.as_ref().err()) {
         Some(e) => Outcome::Failed(Chain(e).to_string()),
         None if vm_plan.action == VmAction::Destroy => Outcome::Pruned,
-        None => Outcome::Applied(vm_plan.ops.len().max(1)),
+        None => {
+            done.live = job.desired.as_ref().is_some_and(|d| {
+                matches!(
+                    d.config.power_state,
+                    crate::spec::PowerState::Running | crate::spec::PowerState::Paused
+                )
+            });
+            Outcome::Applied(vm_plan.ops.len().max(1))
+        }
     };
 }
 
@@ -739,8 +755,10 @@ impl Watcher {
 
     /// Follows the VM's events in a task of its own (connecting may wait
     /// on the VM; the loop never does). `renew` replaces a live subscription:
-    /// the old one saw the echoes of uvmctl's own operations.
-    fn subscribe(&mut self, vm: &str, renew: bool) {
+    /// the old one saw the echoes of uvmctl's own operations. `live`: the
+    /// reconcile left it running, so a VM with no events to follow by the
+    /// time the task asks may have stopped in between, and is looked at.
+    fn subscribe(&mut self, vm: &str, renew: bool, live: bool) {
         if let Some(s) = self.subs.get(vm)
             && !s.task.is_finished()
         {
@@ -766,7 +784,18 @@ impl Watcher {
         let task = tokio::spawn(async move {
             let mut events = match vs.events(&name).await {
                 Ok(Some(rx)) => rx,
-                Ok(None) => return,
+                Ok(None) => {
+                    // Stopped between the reconcile's look and now (a crash
+                    // right after a launch): said now, not at the next
+                    // resync. A VM that runs without events (launched by an
+                    // older uvmctl) is left to the resyncs.
+                    let stopped = live && vs.observe(&name).await.is_ok_and(|o| !o.state.is_live());
+                    if stopped {
+                        let number = tagged.load(std::sync::atomic::Ordering::Relaxed);
+                        let _ = tx.send((owner, number, VmEvent::Gone));
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(vm = %owner, "no event subscription: {}", Chain(&e));
                     return;
@@ -786,6 +815,7 @@ impl Watcher {
 
     fn finished(&mut self, done: Done) {
         self.in_flight.remove(&done.vm);
+        let live = done.live;
         let now = Instant::now();
         let backoff = self.opts.backoff;
         let vm = done.vm.clone();
@@ -873,7 +903,7 @@ impl Watcher {
                     // A new process: follow it, not the one that ended.
                     self.subs.remove(&vm);
                 }
-                self.subscribe(&vm, renew);
+                self.subscribe(&vm, renew, live);
             }
         }
         if let Some(first) = &mut self.first_round {

@@ -415,6 +415,25 @@ async fn a_crashed_vm_whose_policy_forbids_recreating_is_held() {
     w.stop().await;
 }
 
+/// A VM that dies between the reconcile's look and the subscription to its
+/// events is seen at once, not at the next resync (an hour away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_subscription_is_still_seen() {
+    let fake = Fake::new(caps());
+    fake.crash_at_subscribe("a", "killed");
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |o| {
+        o.resync = Duration::from_secs(3600);
+        o.backoff.base = Duration::from_millis(10);
+    });
+    let first = w.next_for("a").await;
+    assert!(matches!(first.outcome, Outcome::Applied(_)), "{first:?}");
+    let r = tokio::time::timeout(Duration::from_secs(20), w.next_for("a"))
+        .await
+        .expect("seen before any resync");
+    assert_eq!(r.trigger, Trigger::Event("gone".into()), "{r:?}");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_signal_waits_for_the_reconcile_in_flight_the_second_exits_at_once() {
     let fake = Fake::new(caps());
