@@ -162,19 +162,13 @@ impl Hotplug<'_> {
 
     /// Whether QEMU has the device of `item`.
     async fn present(&self, item: &Item) -> Result<bool> {
-        use super::launch::ids;
-        let id = match item {
-            Item::ScsiController(id) => ids::scsi_controller(*id),
-            Item::ScsiDisk(d) => ids::scsi_disk(d.controller, d.disk.lun),
-            Item::NetworkAdapter(n) => ids::nic(&n.nic_id),
-            Item::Plan9Share(s) => ids::plan9(&s.name),
-            Item::VpmemDevice(d) => ids::pmem(d.id),
-            Item::VmSocket(s) => {
-                let port = vsock_port(self.name, s)?;
-                let links = super::vsock::listeners(&self.qemu.options().state_dir, self.name);
-                return Ok(links.contains_key(&port));
-            }
-            _ => return Ok(false),
+        if let Item::VmSocket(s) = item {
+            let port = vsock_port(self.name, s)?;
+            let links = super::vsock::listeners(&self.qemu.options().state_dir, self.name);
+            return Ok(links.contains_key(&port));
+        }
+        let Some(id) = device_id(item) else {
+            return Ok(false);
         };
         ops::device_present(&self.q, &id)
             .await
@@ -267,7 +261,7 @@ impl Hotplug<'_> {
     }
 }
 
-/// The QEMU device an item's removal unplugs, if it is one.
+/// The QEMU device of an item, if it is one (what a removal unplugs).
 fn device_id(item: &Item) -> Option<String> {
     use super::launch::ids;
     match item {
@@ -275,6 +269,7 @@ fn device_id(item: &Item) -> Option<String> {
         Item::ScsiDisk(d) => Some(ids::scsi_disk(d.controller, d.disk.lun)),
         Item::NetworkAdapter(n) => Some(ids::nic(&n.nic_id)),
         Item::Plan9Share(s) => Some(ids::plan9(&s.name)),
+        Item::VpmemDevice(d) => Some(ids::pmem(d.id)),
         _ => None,
     }
 }
