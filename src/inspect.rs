@@ -114,12 +114,15 @@ pub fn status_table(rows: &[StatusRow]) -> String {
     out
 }
 
-/// Adds what a watcher recorded to the rows of the VMs it knows; a VM it
-/// knows that the virtstack does not have (yet) gets a row of its own.
-pub fn add_watch(rows: &mut Vec<StatusRow>, status: &WatchStatus) {
+/// Adds what the watcher says to each VM's row. While it runs, a VM it
+/// has a spec for and the host lacks (being created, or failing to be) is a
+/// row of its own, `absent`; a watcher that stopped says nothing about VMs
+/// that are gone (its status section still lists what it last wrote).
+pub fn add_watch(rows: &mut Vec<StatusRow>, status: &WatchStatus, running: bool) {
     for (name, w) in &status.vms {
         match rows.iter_mut().find(|r| &r.name == name) {
             Some(r) => r.watch = Some(w.clone()),
+            None if !running => {}
             None => rows.push(StatusRow {
                 name: name.clone(),
                 state: "absent".into(),
@@ -145,10 +148,13 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
     let mut out = format!(
         "\nwatch: pid {} {}, following {}, updated {}\n",
         status.pid,
-        if running {
-            "running"
-        } else {
-            "not running (last words below)"
+        match (
+            running,
+            status.vms.is_empty() && status.spec_errors.is_empty()
+        ) {
+            (true, _) => "running",
+            (false, true) => "not running",
+            (false, false) => "not running (what it last reported below)",
         },
         status.dir.display(),
         ago(status.updated)
@@ -233,4 +239,33 @@ pub async fn export(
         out.push_str(&serde_yaml::to_string(&doc)?);
     }
     Ok((out, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::status::VmWatch;
+
+    /// Issue 20: a stopped watcher left `absent` rows for VMs destroyed since,
+    /// and promised "last words below" with nothing below.
+    #[test]
+    fn a_stopped_watcher_adds_no_absent_rows_and_promises_only_what_follows() {
+        let mut status = WatchStatus {
+            pid: 7,
+            ..WatchStatus::default()
+        };
+        let text = watch_section(&status, false, 0);
+        assert!(text.contains("pid 7 not running,"), "{text}");
+        assert!(!text.contains("below"), "{text}");
+        status.vms.insert("gone".into(), VmWatch::default());
+        let text = watch_section(&status, false, 0);
+        assert!(text.contains("below") && text.contains("gone"), "{text}");
+
+        let mut rows = Vec::new();
+        add_watch(&mut rows, &status, false);
+        assert!(rows.is_empty());
+        add_watch(&mut rows, &status, true);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, "absent");
+    }
 }

@@ -18,7 +18,7 @@ use uvmctl::spec::{self, Loaded};
 use uvmctl::virtstack::qemu::DEFAULT_STATE_DIR;
 use uvmctl::virtstack::recorded::Recorded;
 use uvmctl::virtstack::{self, AccelChoice, HostOptions, Kind};
-use uvmctl::vm::{Capabilities, Disruption, HostFacts, Observe, Virtstack, VmName};
+use uvmctl::vm::{Capabilities, Disruption, Observe, Virtstack, VmName};
 
 /// `print!` that returns the write's error instead of panicking: a reader
 /// that went away (`uvmctl plan | head`) ends the command quietly.
@@ -501,12 +501,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(if skipped.is_empty() { 0 } else { EXIT_ERROR })
         }
         Command::Capabilities { virtstack, output } => {
-            let caps = match virtstack.as_str() {
-                "qemu" => Capabilities::qemu(&HostFacts::probe()),
-                other => Capabilities::profile(other).with_context(|| {
-                    format!("no capability profile for virtstack {other:?} (known: qemu, hcs)")
-                })?,
-            };
+            let caps = Capabilities::profile(&virtstack).with_context(|| {
+                format!(
+                    "no capability profile for virtstack {virtstack:?} (known: qemu, remotevm, hcs)"
+                )
+            })?;
             match output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&caps)?)?,
                 Output::Text => out!("{}", caps.markdown_table())?,
@@ -738,8 +737,8 @@ async fn status(
     watch: Option<(uvmctl::watch::status::WatchStatus, bool)>,
 ) -> anyhow::Result<u8> {
     let mut rows = uvmctl::inspect::status(vs).await?;
-    if let Some((w, _)) = &watch {
-        uvmctl::inspect::add_watch(&mut rows, w);
+    if let Some((w, running)) = &watch {
+        uvmctl::inspect::add_watch(&mut rows, w, *running);
     }
     match output {
         Output::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,

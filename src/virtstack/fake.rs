@@ -427,6 +427,8 @@ impl Virtstack for Fake {
             .ok_or_else(|| VmError::NotFound(name.to_string()))?;
         Ok(VmStats {
             assigned_memory_bytes: vm.config.memory.size_mb << 20,
+            // A fake VM has run for a fixed while once live.
+            uptime_seconds: vm.state.is_live().then_some(42),
             ..VmStats::default()
         })
     }

@@ -13,10 +13,18 @@ pub use crate::vm::observed::{MemoryHotplug, ObservedState, ObservedVm};
 pub use open::{AccelChoice, HostOptions, Kind, OpenError, Opened, open};
 
 impl Capabilities {
-    /// The built-in profile of a virtstack by name, for `plan --observed`.
+    /// The built-in profile of a virtstack by name, for `plan --observed`
+    /// and `uvmctl capabilities`. remotevm's is what uvmctl's own `serve`
+    /// over this host's QEMU offers, as the protocol can carry it.
     pub fn profile(name: &str) -> Option<Self> {
         match name {
             crate::vm::QEMU => Some(Capabilities::qemu(&HostFacts::probe())),
+            remotevm::REMOTEVM => Some(remotevm::capabilities_from(
+                &crate::protocol::convert::capabilities(
+                    &Capabilities::qemu(&HostFacts::probe()),
+                    None,
+                ),
+            )),
             crate::vm::HCS => Some(Capabilities::hcs()),
             _ => None,
         }

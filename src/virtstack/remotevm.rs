@@ -641,11 +641,18 @@ impl Virtstack for RemoteVm {
             .properties_vm(ctx(), &pb::PropertiesVMRequest::new())
             .await
             .map_err(|e| rpc(name.as_str(), "PropertiesVM", &e))?;
+        // The protocol has no uptime; uvmctl's own serve tells it through
+        // InspectVM("stats"). Another server may not: then it is unknown.
+        let uptime_seconds = self
+            .inspect(name, "stats")
+            .await
+            .ok()
+            .and_then(|v| v.get("uptimeSeconds").and_then(serde_json::Value::as_u64));
         Ok(VmStats {
             assigned_memory_bytes: p.memory_stats.assigned_memory,
             working_set_bytes: p.memory_stats.working_set_bytes,
             total_runtime_ns: p.processor_stats.total_runtime_ns,
-            uptime_seconds: None,
+            uptime_seconds,
         })
     }
 
@@ -801,6 +808,8 @@ mod tests {
         other.observe(&name).await.unwrap();
         other.observe(&name).await.unwrap();
         assert_eq!(other.records.io(), (1, 0));
+        // Issue 20: remotevm's status showed uptime `-`.
+        assert_eq!(vs.stats(&name).await.unwrap().uptime_seconds, Some(42));
         vs.destroy(&name).await.unwrap();
         assert!(matches!(
             other.observe(&name).await,

@@ -147,7 +147,8 @@ impl std::fmt::Display for Outcome {
             Outcome::InSync => f.write_str("in sync"),
             Outcome::Applied(n) => write!(f, "applied {n} change(s)"),
             Outcome::Pruned => f.write_str("pruned"),
-            Outcome::Held(h) => write!(f, "held {} change(s)", h.len()),
+            // The last line says why they are held.
+            Outcome::Held(h) => write!(f, "held {} change(s)", h.len().saturating_sub(1)),
             Outcome::Failed(why) => write!(f, "failed: {why}"),
             Outcome::BackingOff => f.write_str("backing off"),
             Outcome::Busy => f.write_str("state directory busy"),

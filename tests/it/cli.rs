@@ -306,22 +306,65 @@ fn schema_is_the_checked_in_one() {
     );
 }
 
+/// The `console` blocks of the README and docs/: each `$ uvmctl ...` line
+/// is run from the repository and its standard output must be the lines
+/// after it, exactly (issue 20: the README's plan had drifted).
 #[test]
-fn the_readme_example_runs() {
+fn documented_console_examples_print_what_they_show() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
-        .current_dir(root)
-        .args([
-            "plan",
-            "specs",
-            "--observed",
-            "examples/recorded-host",
-            "--detailed-exitcode",
-        ])
-        .output()
-        .expect("uvmctl runs");
-    assert_exit_code(&out, 2);
-    assert!(stdout(&out).contains("Plan: "));
+    let mut files = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs"))
+        .expect("docs")
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            files.push(e.path());
+        }
+    }
+    let mut ran = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read doc");
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.trim_end() != "```console" {
+                continue;
+            }
+            let block: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+            let mut i = 0;
+            while i < block.len() {
+                let Some(cmd) = block[i].strip_prefix("$ uvmctl ") else {
+                    panic!(
+                        "{}: a console block line that is not a command: {}",
+                        file.display(),
+                        block[i]
+                    );
+                };
+                let expected: Vec<&str> = block[i + 1..]
+                    .iter()
+                    .take_while(|l| !l.starts_with("$ "))
+                    .copied()
+                    .collect();
+                i += 1 + expected.len();
+                let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+                    .current_dir(root)
+                    .args(cmd.split_whitespace())
+                    .env("NO_COLOR", "1")
+                    .output()
+                    .expect("uvmctl runs");
+                let mut want = expected.join("\n");
+                want.push('\n');
+                assert_eq!(
+                    stdout(&out),
+                    want,
+                    "{}: `uvmctl {cmd}` (stderr: {})",
+                    file.display(),
+                    stderr(&out)
+                );
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran >= 1, "no console examples found");
 }
 
 #[test]

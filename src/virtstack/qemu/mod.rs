@@ -275,6 +275,23 @@ struct Seen {
     vm: ObservedVm,
 }
 
+impl Followed {
+    /// The VM may be other than last seen: its observation goes.
+    fn stale(&mut self) {
+        self.seen = None;
+        self.epoch += 1;
+    }
+}
+
+/// Runs `f` on the entry of `vm`'s subscription `number`, if it is still
+/// the one followed (a newer subscription's entry is not this one's).
+fn with_followed(followed: &FollowedMap, vm: &str, number: u64, f: impl FnOnce(&mut Followed)) {
+    let mut all = followed.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(entry) = all.get_mut(vm).filter(|e| e.number == number) {
+        f(entry);
+    }
+}
+
 /// Drops a subscription's entry among the followed VMs when it ends.
 struct Unhold {
     followed: FollowedMap,
@@ -359,8 +376,7 @@ impl Qemu {
     /// Drops the observation of `name` (a lifecycle verb changed the VM).
     pub(crate) fn unsee(&self, name: &str) {
         if let Some(f) = self.followed().get_mut(name) {
-            f.seen = None;
-            f.epoch += 1;
+            f.stale();
         }
     }
 
@@ -696,6 +712,8 @@ impl Qemu {
                             continue;
                         }
                         backend = None;
+                        // The VM is not as last seen: its listeners are gone.
+                        with_followed(&followed, &vm, number, Followed::stale);
                         let _ = tx
                             .send(crate::vm::VmEvent::Reported(VSOCK_BACKEND_EXITED.into()))
                             .await;
@@ -704,26 +722,22 @@ impl Qemu {
                 };
                 // Whatever QEMU reports, the VM may be other than last
                 // seen, but for the echo of an unplug this process makes.
-                {
-                    let mut all = followed.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(f) = all.get_mut(&vm).filter(|f| f.number == number) {
-                        f.unplugging.retain(|(_, at)| at.elapsed() < ECHO_WAIT);
-                        let device = got
-                            .as_ref()
-                            .ok()
-                            .filter(|e| e.name == "DEVICE_DELETED")
-                            .and_then(|e| e.data.get("device"))
-                            .and_then(serde_json::Value::as_str);
-                        let before = f.unplugging.len();
-                        if let Some(d) = device {
-                            f.unplugging.retain(|(x, _)| x != d);
-                        }
-                        if f.unplugging.len() == before {
-                            f.seen = None;
-                            f.epoch += 1;
-                        }
+                let deleted = got
+                    .as_ref()
+                    .ok()
+                    .filter(|e| e.name == "DEVICE_DELETED")
+                    .and_then(|e| e.data.get("device"))
+                    .and_then(serde_json::Value::as_str);
+                with_followed(&followed, &vm, number, |f| {
+                    f.unplugging.retain(|(_, at)| at.elapsed() < ECHO_WAIT);
+                    let before = f.unplugging.len();
+                    if let Some(d) = deleted {
+                        f.unplugging.retain(|(x, _)| x != d);
                     }
-                }
+                    if f.unplugging.len() == before {
+                        f.stale();
+                    }
+                });
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
                         crate::vm::VmEvent::Reported(e.name)
