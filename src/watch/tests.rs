@@ -519,3 +519,14 @@ async fn a_kubernetes_style_data_link_swap_reconciles_the_vms_it_changes() {
     assert!(more.is_empty(), "b did not change: {more:?}");
     w.stop().await;
 }
+
+/// Issue 20: a one-change plan held read `held 2 change(s)` (the reason
+/// line was counted).
+#[test]
+fn a_held_plan_counts_its_changes_not_its_reason() {
+    let held = Outcome::Held(vec![
+        "add plan9Share src: restart (...)".into(),
+        "needs restart, above --max-disruption live".into(),
+    ]);
+    assert_eq!(held.to_string(), "held 1 change(s)");
+}

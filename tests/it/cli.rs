@@ -385,6 +385,20 @@ fn capabilities_print_the_matrix_as_text_and_json() {
     assert_eq!(doc["matrix"]["vpmem"]["remove"]["disruption"], "restart");
     assert_eq!(doc["matrix"]["plan9"]["add"]["disruption"], "restart");
     assert_exit_code(&t.uvmctl(&["capabilities", "--virtstack", "nope"]), 1);
+    // Issue 20: remotevm's profile was an error. Over the wire, plan9 has no
+    // message at all, and a memory resize is the protocol's update.
+    let out = t.uvmctl(&[
+        "capabilities",
+        "--virtstack",
+        "remotevm",
+        "--output",
+        "json",
+    ]);
+    assert_exit_code(&out, 0);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["virtstack"], "remotevm");
+    assert_eq!(doc["matrix"]["plan9"]["add"]["disruption"], "unsupported");
+    assert_eq!(doc["matrix"]["scsi"]["add"]["disruption"], "live");
 }
 
 #[test]
