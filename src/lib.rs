@@ -23,6 +23,8 @@
 
 pub mod hostfs;
 
+pub mod config;
+
 pub mod vm;
 
 pub mod protocol;
@@ -55,6 +57,7 @@ mod layering {
     /// Module → the crate modules its code may name (itself included).
     const ALLOWED: &[(&str, &[&str])] = &[
         ("hostfs", &["hostfs"]),
+        ("config", &["config"]),
         ("vm", &["vm"]),
         ("spec", &["vm", "spec"]),
         ("protocol", &["vm", "spec", "protocol"]),

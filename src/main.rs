@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uvmctl::apply::lock::{LockError, StateLock};
 use uvmctl::apply::{self, ApplyOptions};
+use uvmctl::config::HostDefaults;
 use uvmctl::plan::{PlanOptions, render};
 use uvmctl::reconcile;
 use uvmctl::spec::{self, Loaded};
@@ -49,6 +50,13 @@ macro_rules! outln {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    host: HostArgs,
+    /// Host defaults (keys stateDir, allowRoots, accel, virtstack, qemuUser,
+    /// remoteDir, remoteServer); flags and UVMCTL_* variables win over it
+    /// [default: /etc/uvmctl/config.yaml, if it exists].
+    #[arg(long, global = true, env = "UVMCTL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -70,8 +78,6 @@ enum Command {
     Serve(ServeArgs),
     /// Table of the VMs uvmctl manages (and what a running `watch` did).
     Status {
-        #[command(flatten)]
-        host: HostArgs,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -80,8 +86,6 @@ enum Command {
     Destroy {
         /// VM name.
         name: VmName,
-        #[command(flatten)]
-        host: HostArgs,
         /// Wait this long for another apply holding the state directory.
         #[arg(long, value_parser = parse_secs, default_value = "30")]
         lock_timeout: Duration,
@@ -91,8 +95,6 @@ enum Command {
     Wait {
         /// VM name.
         name: VmName,
-        #[command(flatten)]
-        host: HostArgs,
         /// Give up after this long (exit 2); waits forever without it.
         #[arg(long, value_parser = parse_secs)]
         timeout: Option<Duration>,
@@ -101,14 +103,9 @@ enum Command {
     Export {
         /// Only this VM.
         name: Option<VmName>,
-        #[command(flatten)]
-        host: HostArgs,
     },
     /// What a virtstack can do on this host: resource × operation → disruption.
     Capabilities {
-        /// Virtstack.
-        #[arg(long, default_value = "qemu")]
-        virtstack: String,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -117,37 +114,53 @@ enum Command {
     Schema,
 }
 
-/// Where the QEMU virtstack keeps its VMs and what it may touch.
+/// Where the QEMU virtstack keeps its VMs and what it may touch. Accepted
+/// before or after the subcommand; each falls back to its `UVMCTL_*`
+/// variable, then to the config file, then to its default.
 #[derive(Args, Clone)]
 struct HostArgs {
-    /// Root of per-VM state directories (QMP sockets, launch records).
-    #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
-    state_dir: PathBuf,
+    /// Root of per-VM state directories (QMP sockets, launch records)
+    /// [default: /run/uvmctl].
+    #[arg(long, global = true, env = "UVMCTL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Host paths (disks, kernels, shares) must lie under one of these after
-    /// resolving symlinks; repeatable [default: /var/lib/uvmctl, /var/cache/uvmctl].
-    #[arg(long = "allow-root", value_name = "DIR")]
+    /// resolving symlinks; repeatable; in UVMCTL_ALLOW_ROOT, separated by `:`
+    /// [default: /var/lib/uvmctl, /var/cache/uvmctl].
+    #[arg(
+        long = "allow-root",
+        global = true,
+        env = "UVMCTL_ALLOW_ROOT",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
     allow_roots: Vec<PathBuf>,
-    /// Acceleration for launched VMs: kvm only works where the CPU shows vmx/svm.
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-    accel: AccelArg,
+    /// Acceleration for launched VMs: kvm only works where the CPU shows
+    /// vmx/svm [default: auto].
+    #[arg(long, global = true, env = "UVMCTL_ACCEL", value_enum)]
+    accel: Option<AccelArg>,
     /// The virtstack: `qemu` (QEMU here), or `remotevm` (one vmservice
-    /// server per VM; with `plan --observed`, also `hcs`: whose capabilities
-    /// to assume for the recording).
-    #[arg(long, default_value = "qemu", value_name = "NAME")]
-    virtstack: String,
+    /// server per VM; with `plan --observed` and `capabilities`, also `hcs`:
+    /// whose capabilities to assume) [default: qemu].
+    #[arg(long, global = true, env = "UVMCTL_VIRTSTACK", value_name = "NAME")]
+    virtstack: Option<String>,
     /// remotevm: where its per-VM records and server sockets live
     /// [default: STATE_DIR/.remotevm].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, global = true, env = "UVMCTL_REMOTE_DIR", value_name = "DIR")]
     remote_dir: Option<PathBuf>,
     /// remotevm: the vmservice server program, started per VM with
     /// `--ttrpc ADDRESS --name VM` as hcsshim does [default: this uvmctl's
     /// `serve`, on the QEMU virtstack with these host options].
-    #[arg(long, value_name = "PROGRAM")]
+    #[arg(
+        long,
+        global = true,
+        env = "UVMCTL_REMOTE_SERVER",
+        value_name = "PROGRAM"
+    )]
     remote_server: Option<PathBuf>,
     /// The unprivileged user QEMU and the vsock backend run as (made by
     /// scripts/setup-host); `root` runs them as root, only when asked for
     /// [default: uvmctl-qemu when uvmctl runs as root, else uvmctl's own user].
-    #[arg(long, value_name = "USER")]
+    #[arg(long, global = true, env = "UVMCTL_QEMU_USER", value_name = "USER")]
     qemu_user: Option<String>,
 }
 
@@ -159,6 +172,50 @@ enum AccelArg {
 }
 
 impl HostArgs {
+    /// Flags and variables, then the config file's `defaults`, then the
+    /// built-in defaults.
+    fn resolve(self, defaults: HostDefaults) -> anyhow::Result<Host> {
+        let accel = match (self.accel, defaults.accel) {
+            (Some(a), _) => a,
+            (None, Some(word)) => AccelArg::from_str(&word, false).map_err(|_| {
+                anyhow::anyhow!("config: accel {word:?} is not one of auto, kvm, tcg")
+            })?,
+            (None, None) => AccelArg::Auto,
+        };
+        Ok(Host {
+            state_dir: self
+                .state_dir
+                .or(defaults.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            allow_roots: if self.allow_roots.is_empty() {
+                defaults.allow_roots
+            } else {
+                self.allow_roots
+            },
+            accel,
+            virtstack: self
+                .virtstack
+                .or(defaults.virtstack)
+                .unwrap_or_else(|| "qemu".into()),
+            remote_dir: self.remote_dir.or(defaults.remote_dir),
+            remote_server: self.remote_server.or(defaults.remote_server),
+            qemu_user: self.qemu_user.or(defaults.qemu_user),
+        })
+    }
+}
+
+/// The host options in force.
+struct Host {
+    state_dir: PathBuf,
+    allow_roots: Vec<PathBuf>,
+    accel: AccelArg,
+    virtstack: String,
+    remote_dir: Option<PathBuf>,
+    remote_server: Option<PathBuf>,
+    qemu_user: Option<String>,
+}
+
+impl Host {
     fn options(&self) -> HostOptions {
         HostOptions {
             state_dir: self.state_dir.clone(),
@@ -191,8 +248,6 @@ struct PlanArgs {
     /// `uvmctl export` writes) instead of the live QEMU virtstack.
     #[arg(long, value_name = "FILE")]
     observed: Option<PathBuf>,
-    #[command(flatten)]
-    host: HostArgs,
     #[command(flatten)]
     common: PlanCommon,
     /// Output format.
@@ -230,8 +285,6 @@ struct PlanCommon {
 struct WatchArgs {
     /// Directory of spec files (searched recursively), or one file.
     dir: PathBuf,
-    #[command(flatten)]
-    host: HostArgs,
     /// Rescan the specs and re-observe every VM this often (30s, 5m, ...).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     resync: Duration,
@@ -281,8 +334,6 @@ struct ServeArgs {
     /// valid VM name, else `vm`].
     #[arg(long)]
     name: Option<VmName>,
-    #[command(flatten)]
-    host: HostArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -295,8 +346,6 @@ enum LogFormat {
 struct ApplyArgs {
     /// Directory of spec files (searched recursively), or one file.
     dir: PathBuf,
-    #[command(flatten)]
-    host: HostArgs,
     #[command(flatten)]
     common: PlanCommon,
     /// Do not ask for confirmation.
@@ -439,37 +488,31 @@ async fn lock(root: PathBuf, timeout: Duration, what: String) -> anyhow::Result<
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let defaults = uvmctl::config::load(cli.config.as_deref())?;
+    let host = &cli.host.resolve(defaults)?;
     match cli.command {
         Command::Validate { dir } => validate(dir).await,
         Command::Schema => {
             outln!("{}", serde_json::to_string_pretty(&spec::json_schema())?)?;
             Ok(0)
         }
-        Command::Plan(args) => run_plan(args).await,
-        Command::Apply(args) => run_apply(args).await,
-        Command::Watch(args) => run_watch(args).await,
-        Command::Serve(args) => run_serve(args).await,
-        Command::Status { host, output } => {
+        Command::Plan(args) => run_plan(args, host).await,
+        Command::Apply(args) => run_apply(args, host).await,
+        Command::Watch(args) => run_watch(args, host).await,
+        Command::Serve(args) => run_serve(args, host).await,
+        Command::Status { output } => {
             let (vs, dir) = host.live(true).await?;
             let watch = uvmctl::watch::status::read(&dir);
             status(vs.as_ref(), output, watch).await
         }
-        Command::Destroy {
-            name,
-            host,
-            lock_timeout,
-        } => {
+        Command::Destroy { name, lock_timeout } => {
             let (vs, root) = host.live(false).await?;
             let _lock = lock(root, lock_timeout, "uvmctl destroy".into()).await?;
             vs.destroy(&name).await?;
             eprintln!("{name}: destroyed");
             Ok(0)
         }
-        Command::Wait {
-            name,
-            host,
-            timeout,
-        } => {
+        Command::Wait { name, timeout } => {
             let (vs, _) = host.live(false).await?;
             if !vs.wait(&name, timeout).await? {
                 eprintln!(
@@ -491,7 +534,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Export { name, host } => {
+        Command::Export { name } => {
             let (vs, _) = host.live(true).await?;
             let (yaml, skipped) = uvmctl::inspect::export(vs.as_ref(), name.as_ref()).await?;
             out!("{yaml}")?;
@@ -500,8 +543,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if skipped.is_empty() { 0 } else { EXIT_ERROR })
         }
-        Command::Capabilities { virtstack, output } => {
-            let caps = Capabilities::profile(&virtstack).with_context(|| {
+        Command::Capabilities { output } => {
+            let virtstack = &host.virtstack;
+            let caps = Capabilities::profile(virtstack).with_context(|| {
                 format!(
                     "no capability profile for virtstack {virtstack:?} (known: qemu, remotevm, hcs)"
                 )
@@ -538,7 +582,7 @@ async fn validate(dir: PathBuf) -> anyhow::Result<u8> {
 }
 
 /// What to plan against: a recording, or the live virtstack (looking only).
-async fn observer(observed: Option<&PathBuf>, host: &HostArgs) -> anyhow::Result<Arc<dyn Observe>> {
+async fn observer(observed: Option<&PathBuf>, host: &Host) -> anyhow::Result<Arc<dyn Observe>> {
     Ok(match observed {
         Some(path) => Arc::new(
             Recorded::load(path, &host.virtstack)
@@ -575,14 +619,14 @@ fn print_refused(refused: &[(String, String)]) {
     }
 }
 
-async fn run_plan(args: PlanArgs) -> anyhow::Result<u8> {
+async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
     let live = match &args.observed {
-        None => Some(args.host.live(true).await?.0),
+        None => Some(host.live(true).await?.0),
         Some(_) => None,
     };
     let vs: Arc<dyn Observe> = match (&live, &args.observed) {
         (Some(live), _) => live.clone(),
-        (None, path) => observer(path.as_ref(), &args.host).await?,
+        (None, path) => observer(path.as_ref(), host).await?,
     };
     let planned = reconcile::plan_dir(
         args.dir.clone(),
@@ -666,7 +710,7 @@ fn confirmed() -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
+async fn run_apply(args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     // Specs first: a directory that does not load changes nothing and
     // waits for no lock.
     let loaded = reconcile::load(args.dir.clone()).await;
@@ -674,7 +718,7 @@ async fn run_apply(args: ApplyArgs) -> anyhow::Result<u8> {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
     }
-    let (vs, root) = args.host.live(false).await?;
+    let (vs, root) = host.live(false).await?;
     let what = format!("uvmctl apply {}", args.dir.display());
     let _lock = lock(root, args.lock_timeout, what).await?;
 
@@ -755,7 +799,7 @@ async fn status(
     Ok(0)
 }
 
-async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
+async fn run_serve(args: ServeArgs, host: &Host) -> anyhow::Result<u8> {
     let path = match (&args.ttrpc, &args.listen) {
         (Some(a), _) => PathBuf::from(a.strip_prefix("unix://").unwrap_or(a)),
         (None, Some(l)) => match l.strip_prefix("unix:") {
@@ -772,7 +816,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
             .and_then(|s| VmName::new(s).ok())
             .unwrap_or(VmName::new("vm")?),
     };
-    let vs = virtstack::open(Kind::Qemu, &args.host.options(), false)
+    let vs = virtstack::open(Kind::Qemu, &host.options(), false)
         .await?
         .vs;
     let serving = uvmctl::vmservice::Serving::start(vs, name.clone(), &path).await?;
@@ -794,7 +838,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
+async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -806,7 +850,7 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
     }
     let dir = std::path::absolute(&args.dir)
         .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
-    let (vs, state_dir) = args.host.live(false).await?;
+    let (vs, state_dir) = host.live(false).await?;
 
     // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
     // SIGHUP (a terminal gone, `systemctl reload`): reconcile now.

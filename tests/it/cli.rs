@@ -678,3 +678,58 @@ fn a_closed_stdout_ends_looking_commands_quietly() {
         assert_eq!(stderr(&out), "", "{args:?}");
     }
 }
+
+/// Issue 20: host options before or after the subcommand, from the
+/// environment or a config file, flags winning; forgetting `--state-dir`
+/// used to act on /run/uvmctl silently.
+#[test]
+fn host_options_come_from_flags_then_environment_then_config_file() {
+    let t = TestContext::new();
+    let state = t.path("state");
+    std::fs::create_dir_all(state.join("broken")).expect("mkdir");
+    std::fs::write(state.join("broken/launch.json"), "{").expect("garbage");
+    let state = state.to_str().expect("utf-8");
+    let lists_broken = |out: &Output| {
+        assert_exit_code(out, 0);
+        assert!(stdout(out).contains("broken"), "{}", stdout(out));
+    };
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .current_dir(t.path(""))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("uvmctl runs")
+    };
+    lists_broken(&run(&["--state-dir", state, "status"], &[]));
+    lists_broken(&run(&["status", "--state-dir", state], &[]));
+    lists_broken(&run(&["status"], &[("UVMCTL_STATE_DIR", state)]));
+    let config = t.path("config.yaml");
+    std::fs::write(&config, format!("stateDir: {state}\naccel: tcg\n")).expect("config");
+    let config = config.to_str().expect("utf-8");
+    lists_broken(&run(&["status", "--config", config], &[]));
+    lists_broken(&run(&["status"], &[("UVMCTL_CONFIG", config)]));
+    // A flag beats the environment, which beats the file.
+    let empty = t.path("empty");
+    let empty = empty.to_str().expect("utf-8");
+    lists_broken(&run(
+        &["status", "--state-dir", state],
+        &[("UVMCTL_STATE_DIR", empty)],
+    ));
+    let out = run(
+        &["status", "--config", config],
+        &[("UVMCTL_STATE_DIR", empty)],
+    );
+    assert_exit_code(&out, 0);
+    assert!(!stdout(&out).contains("broken"), "{}", stdout(&out));
+    // A bad file is an error naming it, its line and the key.
+    let bad = t.path("bad.yaml");
+    std::fs::write(&bad, "accel: tcg\nstate-dir: /x\n").expect("bad config");
+    let out = run(&["status", "--config", bad.to_str().expect("utf-8")], &[]);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("bad.yaml:2:") && stderr(&out).contains("state-dir"),
+        "{}",
+        stderr(&out)
+    );
+}

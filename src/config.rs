@@ -1,0 +1,169 @@
+//! Host defaults from a config file, so `--state-dir`, `--allow-root` and
+//! the rest need not be repeated on every command: flags win, then the
+//! environment (`UVMCTL_STATE_DIR`, ...), then this file, then the built-in
+//! defaults, as kubectl's KUBECONFIG and Terraform's `TF_*` do.
+//!
+//! The file is the host operator's (`/etc/uvmctl/config.yaml` unless
+//! `--config` or `UVMCTL_CONFIG` names another): trusted like the command
+//! line, but still bounded, and a bad one is an error naming file, line and
+//! field, never ignored.
+
+use serde::Deserialize;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Where the host's config file is looked for when none is named.
+pub const DEFAULT_CONFIG: &str = "/etc/uvmctl/config.yaml";
+
+/// A config file is read up to this size.
+const MAX_CONFIG_BYTES: u64 = 64 << 10;
+
+/// Defaults for the host options of every command; each is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostDefaults {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--allow-root`, each.
+    #[serde(default)]
+    pub allow_roots: Vec<PathBuf>,
+    /// `--accel`: `auto`, `kvm` or `tcg`.
+    pub accel: Option<String>,
+    /// `--virtstack`.
+    pub virtstack: Option<String>,
+    /// `--qemu-user`.
+    pub qemu_user: Option<String>,
+    /// `--remote-dir`.
+    pub remote_dir: Option<PathBuf>,
+    /// `--remote-server`.
+    pub remote_server: Option<PathBuf>,
+}
+
+/// Why the config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// It could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is larger than a config file can be.
+    #[error("{}: larger than {MAX_CONFIG_BYTES} bytes", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// It is not a config document (`path:line:col: message`).
+    #[error("{}{}: {message}", path.display(), at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Line and column, where known.
+        at: Option<(usize, usize)>,
+        /// What is wrong (the field, when one is).
+        message: String,
+    },
+}
+
+/// Reads the config file `named` (an error when it is missing), or the
+/// default one (nothing when it is missing).
+///
+/// # Errors
+/// A file that cannot be read or is not a config document.
+pub fn load(named: Option<&Path>) -> Result<HostDefaults, ConfigError> {
+    let (path, required) = match named {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(HostDefaults::default());
+        }
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path });
+    }
+    parse(&path, &text)
+}
+
+/// Parses a config document (`path` names it in errors).
+///
+/// # Errors
+/// When `text` is not one.
+pub fn parse(path: &Path, text: &str) -> Result<HostDefaults, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(HostDefaults::default());
+    }
+    // serde_yaml can panic on hostile input; a config file is the
+    // operator's, but a panic still becomes an error naming it.
+    let parsed = std::panic::catch_unwind(|| serde_yaml::from_str::<HostDefaults>(text));
+    match parsed {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            at: e.location().map(|l| (l.line(), l.column())),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            at: None,
+            message: "the YAML parser failed on this file".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_a_key_and_a_wrong_key_is_named_with_its_line() {
+        let d = parse(
+            Path::new("c.yaml"),
+            "stateDir: /srv/uvmctl\nallowRoots: [/srv/images, /srv/disks]\naccel: tcg\n\
+             virtstack: remotevm\nqemuUser: qemu\nremoteDir: /srv/r\nremoteServer: /usr/bin/s\n",
+        )
+        .expect("valid");
+        assert_eq!(d.state_dir.as_deref(), Some(Path::new("/srv/uvmctl")));
+        assert_eq!(d.allow_roots.len(), 2);
+        assert_eq!(d.accel.as_deref(), Some("tcg"));
+        let e =
+            parse(Path::new("c.yaml"), "stateDir: /a\nstate_dir: /b\n").expect_err("unknown key");
+        let text = e.to_string();
+        assert!(text.starts_with("c.yaml:2:"), "{text}");
+        assert!(text.contains("state_dir"), "{text}");
+        assert_eq!(
+            parse(Path::new("c.yaml"), "\n").expect("empty"),
+            HostDefaults::default()
+        );
+    }
+
+    #[test]
+    fn only_a_named_file_must_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("none.yaml");
+        assert!(matches!(
+            load(Some(&missing)),
+            Err(ConfigError::Read { .. })
+        ));
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).expect("write");
+        assert!(matches!(
+            load(Some(&big)),
+            Err(ConfigError::TooLarge { .. })
+        ));
+    }
+}
