@@ -65,6 +65,9 @@ enum Command {
     Validate {
         /// Directory of spec files (searched recursively), or one file.
         dir: PathBuf,
+        /// Output format (json: docs/plan-json.md, "validate").
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Show what would change, per VM and per device, and how disruptive it is.
     Plan(PlanArgs),
@@ -491,7 +494,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let defaults = uvmctl::config::load(cli.config.as_deref())?;
     let host = &cli.host.resolve(defaults)?;
     match cli.command {
-        Command::Validate { dir } => validate(dir).await,
+        Command::Validate { dir, output } => validate(dir, output).await,
         Command::Schema => {
             outln!("{}", serde_json::to_string_pretty(&spec::json_schema())?)?;
             Ok(0)
@@ -559,8 +562,22 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-async fn validate(dir: PathBuf) -> anyhow::Result<u8> {
+async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
     let loaded = reconcile::load(dir).await;
+    if output == Output::Json {
+        let doc = serde_json::json!({
+            "formatVersion": 1,
+            "valid": loaded.desired.vms.keys().collect::<Vec<_>>(),
+            "invalid": &loaded.desired.unknown,
+            "errors": &loaded.errors,
+        });
+        outln!("{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(if loaded.errors.is_empty() {
+            0
+        } else {
+            EXIT_ERROR
+        });
+    }
     for e in &loaded.errors {
         eprintln!("{e}");
     }

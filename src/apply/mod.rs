@@ -244,7 +244,14 @@ async fn apply_vm(
                 .ops
                 .iter()
                 .filter(|o| o.disruption == Disruption::Recreate)
-                .map(|o| format!("{} {}", o.resource, o.reason))
+                // A reason names its resource already ("boot is cold-only: ...").
+                .map(|o| {
+                    if o.reason.is_empty() {
+                        o.resource.to_string()
+                    } else {
+                        o.reason.clone()
+                    }
+                })
                 .collect();
             if !(opts.allow_recreate || vm.recreate_allowed == Some(true)) {
                 return Err(ApplyError::RecreateNotAllowed(reasons.join("; ")));

@@ -394,3 +394,28 @@ async fn a_paused_vm_meant_to_run_resumes_before_its_devices_change() {
     assert_eq!(log, ["web resume", "web remove scsiDisk"]);
     assert_eq!(fake.get("web").expect("web").state, State::Running);
 }
+
+/// Issue 20: a refused recreate read `boot boot is cold-only`.
+#[tokio::test]
+async fn a_refused_recreate_names_each_reason_once() {
+    let fake = Fake::new(qemu_caps());
+    fake.insert("web", running(with_disks("web", &[])));
+    let mut want = with_disks("web", &[]);
+    if let Some(k) = want.boot.linux_kernel_direct.as_mut() {
+        k.kernel = "/k/other/vmlinuz".into();
+    }
+    let d = desired(&[("web", want)]);
+    let observed = observe_all(&fake).await.expect("list");
+    let p = plan(&d, &observed, fake.capabilities(), &PlanOptions::default());
+    let out = apply(
+        &p,
+        &d,
+        Arc::new(fake.clone()),
+        ApplyOptions::default(),
+        quiet(),
+    )
+    .await;
+    let err = out[0].result.as_ref().expect_err("not allowed").to_string();
+    assert!(err.contains("(boot is cold-only"), "{err}");
+    assert!(!err.contains("boot boot"), "{err}");
+}

@@ -62,27 +62,57 @@ fn class(style: &Style, d: Disruption) -> String {
     }
 }
 
-/// What changed between two items, as `field: old → new` pairs; the whole
+/// What changed between two items, as `field: old → new` pairs (nested
+/// fields by their dotted path, so a boot change reads
+/// `linuxKernelDirect.cmdline: a → b`, never two JSON blobs); the whole
 /// description when they are not structs.
 fn change_detail(before: &Item, after: &Item) -> String {
     let (b, a) = match (serde_json::to_value(before), serde_json::to_value(after)) {
         (Ok(b), Ok(a)) => (b, a),
         _ => return format!("{} → {}", describe(before), describe(after)),
     };
-    match (&b, &a) {
-        (serde_json::Value::Object(bo), serde_json::Value::Object(ao)) => {
-            let mut keys: Vec<&String> = bo.keys().chain(ao.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            let parts: Vec<String> = keys
-                .into_iter()
-                .filter(|k| bo.get(*k) != ao.get(*k))
-                .map(|k| format!("{k}: {} → {}", short(bo.get(k)), short(ao.get(k))))
-                .collect();
-            parts.join(", ")
-        }
-        _ => format!("{} → {}", describe(before), describe(after)),
+    if !(b.is_object() && a.is_object()) {
+        return format!("{} → {}", describe(before), describe(after));
     }
+    let mut parts = Vec::new();
+    changed_fields("", Some(&b), Some(&a), &mut parts);
+    parts.join(", ")
+}
+
+/// `path: old → new` for every leaf that differs; an object on one side
+/// only (a boot kind switched) is compared field by field with nothing.
+fn changed_fields(
+    path: &str,
+    b: Option<&serde_json::Value>,
+    a: Option<&serde_json::Value>,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let object = |v: Option<&Value>| match v {
+        Some(Value::Object(o)) => Some(o.clone()),
+        None | Some(Value::Null) => Some(serde_json::Map::new()),
+        Some(_) => None,
+    };
+    let nested = matches!(b, Some(Value::Object(_))) || matches!(a, Some(Value::Object(_)));
+    if let (true, Some(bo), Some(ao)) = (nested, object(b), object(a)) {
+        let mut keys: Vec<&String> = bo.keys().chain(ao.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let sub = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            changed_fields(&sub, bo.get(k), ao.get(k), out);
+        }
+    } else if b != a && !(is_none(b) && is_none(a)) {
+        out.push(format!("{path}: {} → {}", short(b), short(a)));
+    }
+}
+
+fn is_none(v: Option<&serde_json::Value>) -> bool {
+    matches!(v, None | Some(serde_json::Value::Null))
 }
 
 fn short(v: Option<&serde_json::Value>) -> String {

@@ -1054,3 +1054,28 @@ fn a_save_qemu_cannot_do_with_image_disks_is_unsupported_with_why() {
     let p = run(&desired(&[("web", without)]), &o);
     assert_eq!(p.vms[0].disruption, Disruption::Live, "{:?}", p.vms[0].ops);
 }
+
+/// Issue 20: a boot change was printed as two raw JSON blobs.
+#[test]
+fn a_boot_change_names_the_fields_that_changed() {
+    let have = base("web");
+    let mut want = have.clone();
+    if let Some(k) = want.boot.linux_kernel_direct.as_mut() {
+        k.cmdline = "console=ttyS0 quiet".into();
+    }
+    let o = observed(&[("web", have, State::Running)]);
+    let text = crate::plan::render::text(
+        &run(&desired(&[("web", want)]), &o),
+        &crate::plan::render::Style::default(),
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("~ boot:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("boot: linuxKernelDirect.cmdline: ")
+            && line.contains("→ console=ttyS0 quiet"),
+        "{line}"
+    );
+    assert!(!line.contains('{'), "{line}");
+}

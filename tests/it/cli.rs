@@ -92,6 +92,26 @@ fn validate_accepts_good_specs_and_lists_every_error() {
     );
 }
 
+/// Issue 20: `validate --output json`, for CI and editors.
+#[test]
+fn validate_speaks_json_with_the_same_errors() {
+    let t = TestContext::new();
+    t.write_spec("a.yaml", &vm("a", 64, ""));
+    t.write_spec("b.yaml", &vm("b", 0, ""));
+    let out = t.uvmctl(&["validate", "specs", "--output", "json"]);
+    assert_exit_code(&out, 1);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["formatVersion"], 1);
+    assert_eq!(doc["valid"], serde_json::json!(["a"]));
+    assert_eq!(doc["invalid"], serde_json::json!(["b"]));
+    assert_eq!(doc["errors"][0]["file"], "specs/b.yaml");
+    assert_eq!(doc["errors"][0]["line"], 12);
+    assert_eq!(doc["errors"][0]["field"], "spec.memory.sizeMB");
+    assert_eq!(stderr(&out), "");
+    std::fs::remove_file(t.path("specs/b.yaml")).expect("rm");
+    assert_exit_code(&t.uvmctl(&["validate", "specs", "--output", "json"]), 0);
+}
+
 #[test]
 fn plan_exit_codes_follow_terraform() {
     let t = TestContext::new();

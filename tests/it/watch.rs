@@ -309,7 +309,7 @@ fn watch_applies_saves_restores_drift_holds_what_needs_a_restart_and_adopts_afte
     let mark = w.mark();
     std::fs::write(&spec_path, with(&[disk(1, &img1)], &share)).expect("write");
     let l = w.wait_after(mark, "the held change", STEP, |l| is_reconcile(l, "web"));
-    assert_eq!(result(&l), "held 2 change(s)", "{l}");
+    assert_eq!(result(&l), "held 1 change(s)", "{l}");
     let st = h.uvmctl(&["status"]);
     assert!(
         text(&st).contains("held: add plan9Share data: restart"),
@@ -517,14 +517,28 @@ fn watch_reports_a_killed_qemu_at_once_and_backs_off_a_guest_that_panics_at_ever
     assert!(text(&st).contains("policy.allowRecreate"), "{}", text(&st));
 
     // The guest that panics at every boot: relaunched with growing delays
-    // (2 s, 4 s, 8 s...), never in a tight loop.
+    // (2 s, 4 s, 8 s...), never in a tight loop: at most 6 launches in the
+    // first 40 s. At least 3 come, but on a loaded two-core host a boot to
+    // its panic can take half a minute, so they are waited for up to 2 min.
+    let launched = || -> Vec<Value> {
+        w.lines()
+            .into_iter()
+            .filter(|l| is_reconcile(l, "panicky") && result(l).starts_with("applied"))
+            .collect()
+    };
     let window = Duration::from_secs(40);
     std::thread::sleep(window.saturating_sub(started.elapsed()));
-    let launches: Vec<Value> = w
-        .lines()
-        .into_iter()
-        .filter(|l| is_reconcile(l, "panicky") && result(l).starts_with("applied"))
-        .collect();
+    let in_window = launched().len();
+    assert!(
+        in_window <= 6,
+        "without backoff there would be 10 or more launches in {window:?}; got {in_window}:\n{}",
+        w.dump()
+    );
+    let deadline = started + Duration::from_secs(120);
+    while launched().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let launches = launched();
     let waits: Vec<String> = w
         .lines()
         .into_iter()
@@ -538,8 +552,8 @@ fn watch_reports_a_killed_qemu_at_once_and_backs_off_a_guest_that_panics_at_ever
         })
         .collect();
     assert!(
-        (3..=6).contains(&launches.len()),
-        "a boot takes a few seconds: without backoff there would be 10 or more launches in {window:?}, with it 3 to 6; got {}:\n{}",
+        launches.len() >= 3,
+        "relaunched after each panic, with backoff: 3 launches within 2 min; got {}:\n{}",
         launches.len(),
         w.dump()
     );

@@ -322,11 +322,13 @@ fn record_error(vm: &str, e: RecordError) -> QemuError {
     }
 }
 
-/// The state of a VM whose QEMU does not run, from its record.
+/// The state of a VM whose QEMU does not run, from its record: stopped as
+/// asked (never started, or stopped since: its last pid stays in the
+/// record) is `Created`; exited on its own is `Terminated`.
 fn down_state(rec: &LaunchRecord) -> State {
     if rec.saved.is_some() {
         State::Saved
-    } else if rec.stopped_by_uvmctl && rec.pid.is_none() {
+    } else if rec.stopped_by_uvmctl {
         State::Created
     } else {
         State::Terminated
@@ -1619,6 +1621,36 @@ impl crate::vm::Observe for Qemu {
 
 /// The QEMU virtstack's modules depend only downward, as the lib's
 /// layering test checks the crate's: each names only the modules before it.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20: a VM stopped by its spec showed as `terminated`, the word
+    /// for one that exited on its own.
+    #[test]
+    fn a_vm_stopped_as_asked_is_created_and_one_that_died_terminated() {
+        let mut rec = LaunchRecord {
+            version: 1,
+            name: "vm".into(),
+            config: VmConfig::default(),
+            accel: Accel::Tcg,
+            pid: Some(4242),
+            stopped_by_uvmctl: true,
+            started_at: Some(1),
+            saved: None,
+            shared_memory: false,
+            vsock_cid: None,
+            vsock_pid: None,
+        };
+        assert_eq!(down_state(&rec), State::Created);
+        rec.stopped_by_uvmctl = false;
+        assert_eq!(down_state(&rec), State::Terminated);
+        rec.pid = None;
+        rec.stopped_by_uvmctl = true;
+        assert_eq!(down_state(&rec), State::Created);
+    }
+}
+
 #[cfg(test)]
 mod layering {
     /// Bottom to top: what each may name is what comes before it.
