@@ -106,7 +106,7 @@ fn serve_started_as_hcsshim_starts_it_runs_a_vm_on_qemu_for_a_ttrpc_client() {
         let mut create = pb::CreateVMRequest::new();
         create.config = Some(config).into();
         c.create_vm(ctx(), &create).await.expect("create");
-        assert_eq!(h.state_of("served"), "created", "created, not started");
+        assert_eq!(h.state_of("served"), "stopped", "created, not started");
         c.resume_vm(ctx(), &Empty::new()).await.expect("start");
         let mut agent = h.agent("served");
 
