@@ -4,7 +4,7 @@
 //! directory stayed locked).
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,7 +90,7 @@ enum Command {
         /// VM name.
         name: VmName,
         /// Wait this long for another apply holding the state directory.
-        #[arg(long, value_parser = parse_secs, default_value = "30")]
+        #[arg(long, value_parser = parse_duration, default_value = "30")]
         lock_timeout: Duration,
     },
     /// Wait until a VM's QEMU exits; say whether it was asked to (exit 0)
@@ -99,7 +99,7 @@ enum Command {
         /// VM name.
         name: VmName,
         /// Give up after this long (exit 2); waits forever without it.
-        #[arg(long, value_parser = parse_secs)]
+        #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
     /// Write the observed state of VMs as spec YAML (adopting a VM starts here).
@@ -115,6 +115,17 @@ enum Command {
     },
     /// Print the JSON Schema of a spec document (for yaml-language-server).
     Schema,
+    /// Print a shell completion script (e.g. `uvmctl completions bash >
+    /// /etc/bash_completion.d/uvmctl`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command (uvmctl.1, uvmctl-plan.1, ...) into DIR.
+    Man {
+        /// Where to write them (made if missing).
+        dir: PathBuf,
+    },
 }
 
 /// Where the QEMU virtstack keeps its VMs and what it may touch. Accepted
@@ -297,6 +308,10 @@ struct WatchArgs {
     /// Hold (do not execute) changes more disruptive than this.
     #[arg(long, value_enum, value_name = "CLASS", default_value_t = MaxDisruption::Live)]
     max_disruption: MaxDisruption,
+    /// Execute nothing: drift, spec changes, crashes and prunes are
+    /// observed, planned and reported (logs, `uvmctl status`) as held.
+    #[arg(long)]
+    detect_only: bool,
     /// Remove managed VMs whose spec is gone, once a second scan confirms it;
     /// never while any spec fails to load, never when no spec is left.
     #[arg(long)]
@@ -357,12 +372,14 @@ struct ApplyArgs {
     /// Recreate VMs even when their spec's policy does not allow it.
     #[arg(long)]
     allow_recreate: bool,
-    /// Wait this long (seconds) for another apply holding the state directory; then exit 4.
-    #[arg(long, value_parser = parse_secs, default_value = "30")]
+    /// Wait this long (30s, 2m; a bare number is seconds) for another apply
+    /// holding the state directory; then exit 4.
+    #[arg(long, value_parser = parse_duration, default_value = "30")]
     lock_timeout: Duration,
-    /// Wait up to SECS for each VM meant to run to boot (its guest opens the
-    /// uvmctl.agent port; guests without that agent never do), showing progress.
-    #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+    /// Wait up to this long (120s, 2m; a bare number is seconds) for each VM
+    /// meant to run to boot (its guest opens the uvmctl.agent port; guests
+    /// without that agent never do), showing progress.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     wait_ready: Option<Duration>,
 }
 
@@ -385,14 +402,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e9)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("{s:?} is not a duration (such as 100ms, 30s, 5m)"))
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    s.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -491,10 +500,36 @@ async fn lock(root: PathBuf, timeout: Duration, what: String) -> anyhow::Result<
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    let defaults = uvmctl::config::load(cli.config.as_deref())?;
+    // Commands that touch no host never read the config file, so a bad
+    // one cannot keep an operator from `validate` or `completions`.
+    let hostless = matches!(
+        cli.command,
+        Command::Validate { .. }
+            | Command::Schema
+            | Command::Completions { .. }
+            | Command::Man { .. }
+    );
+    let defaults = if hostless {
+        HostDefaults::default()
+    } else {
+        uvmctl::config::load(cli.config.as_deref())?
+    };
     let host = &cli.host.resolve(defaults)?;
     match cli.command {
         Command::Validate { dir, output } => validate(dir, output).await,
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "uvmctl", &mut out);
+            out!("{}", String::from_utf8_lossy(&out))?;
+            Ok(0)
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            Ok(0)
+        }
         Command::Schema => {
             outln!("{}", serde_json::to_string_pretty(&spec::json_schema())?)?;
             Ok(0)
@@ -896,6 +931,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         resync: args.resync.max(Duration::from_millis(100)),
         debounce: args.debounce.max(Duration::from_millis(1)),
         max_disruption: args.max_disruption.into(),
+        detect_only: args.detect_only,
         prune: args.prune,
         state_dir: Some(state_dir),
         lock_timeout: args.lock_timeout,
@@ -908,4 +944,24 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    /// Issue 18: one duration syntax for every option, bare seconds still
+    /// accepted where they were.
+    #[test]
+    fn every_duration_option_takes_units_and_bare_seconds() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 }

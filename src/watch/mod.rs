@@ -82,6 +82,9 @@ pub struct WatchOptions {
     pub debounce: Duration,
     /// Changes more disruptive than this are held.
     pub max_disruption: Disruption,
+    /// Detect only: every change (drift, spec edits, crashes, prunes) is
+    /// observed, planned and reported as held; nothing is executed.
+    pub detect_only: bool,
     /// Remove VMs whose spec is gone (with the safeguards above).
     pub prune: bool,
     /// Where the lock and the status file live; `None`: neither (tests).
@@ -240,6 +243,7 @@ struct Ctx {
     vs: Arc<dyn Virtstack>,
     lock: Arc<SharedLock>,
     max_disruption: Disruption,
+    detect_only: bool,
     deadline: Duration,
 }
 
@@ -361,7 +365,8 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         Recovery::At(t) => Instant::now() < t,
         Recovery::Wait => true,
     };
-    if crashed.is_some() && job.desired.is_some() && wait {
+    // Detect-only relaunches nothing, so there is nothing to wait for.
+    if crashed.is_some() && job.desired.is_some() && wait && !ctx.detect_only {
         done.outcome = Outcome::BackingOff;
         return;
     }
@@ -383,21 +388,30 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     };
     done.plan = crate::plan::render::summary_line(&the_plan.summary());
     let policy_refuses = vm_plan.recreate_allowed == Some(false);
-    if vm_plan.action != VmAction::Destroy
-        && (vm_plan.disruption > ctx.max_disruption || policy_refuses)
-    {
+    // A prune is allowed by --prune itself; the ceiling is for changes.
+    let held = if ctx.detect_only {
+        Some("detect-only: reported, not executed (watch --detect-only)".to_string())
+    } else if vm_plan.action == VmAction::Destroy {
+        None
+    } else if policy_refuses {
+        Some(
+            "needs a recreate, which its spec's policy does not allow (policy.allowRecreate)"
+                .into(),
+        )
+    } else if vm_plan.disruption > ctx.max_disruption {
+        Some(format!(
+            "needs {}, above --max-disruption {}",
+            vm_plan.disruption, ctx.max_disruption
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = held {
         let mut lines: Vec<String> = vm_plan.ops.iter().map(held_line).collect();
-        if policy_refuses {
-            lines.push(
-                "needs a recreate, which its spec's policy does not allow (policy.allowRecreate)"
-                    .into(),
-            );
-        } else {
-            lines.push(format!(
-                "needs {}, above --max-disruption {}",
-                vm_plan.disruption, ctx.max_disruption
-            ));
+        if vm_plan.action == VmAction::Destroy {
+            lines.push("destroy: no spec names it (a prune)".into());
         }
+        lines.push(why);
         done.outcome = Outcome::Held(lines);
         return;
     }
@@ -1142,6 +1156,7 @@ pub async fn run(
             held: Mutex::new((0, None)),
         }),
         max_disruption: opts.max_disruption,
+        detect_only: opts.detect_only,
         deadline: opts.reconcile_deadline,
     });
     if let Some(dir) = &opts.state_dir {

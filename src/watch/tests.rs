@@ -61,6 +61,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
         resync: Duration::from_secs(3600),
         debounce: Duration::from_millis(20),
         max_disruption: Disruption::Live,
+        detect_only: false,
         prune: false,
         state_dir: Some(state.to_path_buf()),
         lock_timeout: Duration::from_secs(5),
@@ -529,4 +530,65 @@ fn a_held_plan_counts_its_changes_not_its_reason() {
         "needs restart, above --max-disruption live".into(),
     ]);
     assert_eq!(held.to_string(), "held 1 change(s)");
+}
+
+/// Issue 18: a detect-only watcher reports drift, spec changes and prunes
+/// as held, and executes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detect_only_watch_reports_everything_and_changes_nothing() {
+    let fake = Fake::new(caps());
+    fake.insert(
+        "a",
+        crate::virtstack::fake::FakeVm {
+            config: crate::plan::tests::base("a"),
+            state: State::Running,
+            managed: true,
+        },
+    );
+    fake.insert(
+        "gone",
+        crate::virtstack::fake::FakeVm {
+            config: crate::plan::tests::base("gone"),
+            state: State::Running,
+            managed: true,
+        },
+    );
+    let mut w = start(
+        &fake,
+        &[("a", spec("a", &[1], "")), ("new", spec("new", &[], ""))],
+        |o| {
+            o.detect_only = true;
+            o.prune = true;
+        },
+    );
+    for vm in ["a", "new"] {
+        let r = w.next_for(vm).await;
+        let Outcome::Held(lines) = &r.outcome else {
+            panic!("{r:?}")
+        };
+        assert!(
+            lines.last().is_some_and(|l| l.starts_with("detect-only")),
+            "{lines:?}"
+        );
+    }
+    // The prune is confirmed by a second scan, then held like the rest.
+    let r = w.next_for("gone").await;
+    let r = if matches!(r.outcome, Outcome::InSync) {
+        w.next_for("gone").await
+    } else {
+        r
+    };
+    let Outcome::Held(lines) = &r.outcome else {
+        panic!("{r:?}")
+    };
+    assert!(lines.iter().any(|l| l.contains("prune")), "{lines:?}");
+    assert!(fake.get("new").is_none(), "nothing created");
+    assert!(fake.get("gone").is_some(), "nothing pruned");
+    assert!(
+        fake.get("a")
+            .is_some_and(|v| v.config.scsi_controllers.is_empty()),
+        "nothing changed"
+    );
+    assert!(!w.status().vms["a"].held.is_empty());
+    w.stop().await;
 }

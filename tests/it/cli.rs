@@ -753,3 +753,40 @@ fn host_options_come_from_flags_then_environment_then_config_file() {
         stderr(&out)
     );
 }
+
+/// Issue 18: completions and man pages from the clap definitions.
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_definitions() {
+    let t = TestContext::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = t.uvmctl(&["completions", shell]);
+        assert_exit_code(&out, 0);
+        let script = stdout(&out);
+        assert!(
+            script.contains("uvmctl") && script.contains("max-disruption"),
+            "{shell}: {script}"
+        );
+    }
+    let man = t.path("man");
+    let out = t.uvmctl(&["man", man.to_str().expect("utf-8")]);
+    assert_exit_code(&out, 0);
+    for page in [
+        "uvmctl.1",
+        "uvmctl-plan.1",
+        "uvmctl-apply.1",
+        "uvmctl-watch.1",
+    ] {
+        let text = std::fs::read_to_string(man.join(page)).expect(page);
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let watch = std::fs::read_to_string(man.join("uvmctl-watch.1")).expect("watch page");
+    assert!(watch.contains("detect\\-only"), "{watch}");
+    // A broken config file does not keep a hostless command from running.
+    std::fs::write(t.path("bad.yaml"), "nope: 1\n").expect("bad config");
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["completions", "bash"])
+        .env("UVMCTL_CONFIG", t.path("bad.yaml"))
+        .output()
+        .expect("uvmctl runs");
+    assert_exit_code(&out, 0);
+}
