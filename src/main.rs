@@ -13,6 +13,7 @@ use std::time::Duration;
 use uvmctl::apply::lock::{LockError, StateLock};
 use uvmctl::apply::{self, ApplyOptions};
 use uvmctl::config::HostDefaults;
+use uvmctl::plan::saved::{MAX_SAVED_PLAN_BYTES, SavedPlan};
 use uvmctl::plan::{PlanOptions, render};
 use uvmctl::reconcile;
 use uvmctl::spec::{self, Loaded};
@@ -45,7 +46,7 @@ macro_rules! outln {
     about = "Declarative manager for lightweight utility VMs",
     after_help = "Exit codes: 0 success; 1 error; 2 changes pending (plan --detailed-exitcode); \
 3 a change is more disruptive than --max-disruption; 4 the state directory stayed locked \
-(--lock-timeout)."
+(--lock-timeout); 5 a saved plan is stale (apply FILE: what it was computed from changed)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -273,6 +274,10 @@ struct PlanArgs {
     /// Exit 2 when there are changes (0 when none).
     #[arg(long)]
     detailed_exitcode: bool,
+    /// Also save the plan, with what it was computed from, for `uvmctl
+    /// apply FILE` to apply exactly it (docs/plan-json.md, "Saved plans").
+    #[arg(long, value_name = "FILE", conflicts_with = "observed")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -362,7 +367,9 @@ enum LogFormat {
 
 #[derive(Args)]
 struct ApplyArgs {
-    /// Directory of spec files (searched recursively), or one file.
+    /// Directory of spec files (searched recursively), or one file; or a
+    /// plan saved by `plan --out`, applied only if nothing it was computed
+    /// from has changed (else exit 5).
     dir: PathBuf,
     #[command(flatten)]
     common: PlanCommon,
@@ -452,6 +459,7 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_CHANGES: u8 = 2;
 const EXIT_TOO_DISRUPTIVE: u8 = 3;
 const EXIT_LOCKED: u8 = 4;
+const EXIT_STALE_PLAN: u8 = 5;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -707,7 +715,8 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             out!("{}", render::text(&planned.plan, &style))?;
         }
     }
-    let text = args.output == Output::Text;
+    let text_out = args.output == Output::Text;
+    let text = text_out;
     if !errors.is_empty() {
         if text {
             eprintln!(
@@ -740,6 +749,21 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             return Ok(EXIT_ERROR);
         }
     }
+    if let (Some(out), Some(live)) = (&args.out, &live) {
+        let dir = std::path::absolute(&args.dir)
+            .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+        let saved = saved_plan(&dir, &planned, live.as_ref(), &args.common);
+        let text = serde_json::to_string_pretty(&saved)? + "\n";
+        uvmctl::hostfs::replace_file(out, text.as_bytes(), 0o600)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        if text_out {
+            eprintln!(
+                "Saved the plan to {}: `uvmctl apply {}` applies exactly it.",
+                out.display(),
+                out.display()
+            );
+        }
+    }
     if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
         return Ok(EXIT_TOO_DISRUPTIVE);
@@ -762,7 +786,63 @@ fn confirmed() -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-async fn run_apply(args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
+/// The saved form of `planned`, as computed on `vs` with `common`'s options.
+fn saved_plan(
+    dir: &std::path::Path,
+    planned: &reconcile::Planned,
+    vs: &dyn Virtstack,
+    common: &PlanCommon,
+) -> SavedPlan {
+    let only: Vec<String> = common.only.iter().map(ToString::to_string).collect();
+    SavedPlan::new(
+        dir,
+        &planned.plan,
+        &planned.loaded.desired,
+        &planned.observed,
+        vs.capabilities(),
+        &plan_options(common),
+        &only,
+    )
+}
+
+/// The saved plan at `path`, when it is one (a spec file or directory is not).
+fn read_saved(path: &std::path::Path) -> anyhow::Result<Option<SavedPlan>> {
+    use std::io::Read;
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SAVED_PLAN_BYTES + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let looks_saved = bytes.trim_ascii_start().starts_with(b"{")
+        && bytes.windows(17).any(|w| w == b"\"uvmctlSavedPlan\"");
+    if !looks_saved {
+        return Ok(None);
+    }
+    if bytes.len() as u64 > MAX_SAVED_PLAN_BYTES {
+        bail!("{}: larger than a saved plan can be", path.display());
+    }
+    Ok(Some(SavedPlan::parse(path, &bytes)?))
+}
+
+async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
+    let saved = read_saved(&args.dir)?;
+    if let Some(s) = &saved {
+        // The plan's own options are what it was computed with.
+        if args.common.prune || args.common.allow_empty_prune || !args.common.only.is_empty() {
+            bail!("a saved plan carries its own --only and --prune; give neither with it");
+        }
+        args.common.prune = s.prune;
+        args.common.allow_empty_prune = s.allow_empty_prune;
+        args.common.only = s
+            .only
+            .iter()
+            .map(|n| VmName::new(n))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}: a VM name in --only is not valid", args.dir.display()))?;
+        args.dir = s.dir.clone();
+    }
     // Specs first: a directory that does not load changes nothing and
     // waits for no lock.
     let loaded = reconcile::load(args.dir.clone()).await;
@@ -782,6 +862,19 @@ async fn run_apply(args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         &plan_options(&args.common),
         &args.common.only,
     );
+    if let Some(s) = &saved {
+        let stale = s.stale(&saved_plan(&args.dir, &planned, vs.as_ref(), &args.common));
+        if !stale.is_empty() {
+            for why in &stale {
+                eprintln!("{why}");
+            }
+            eprintln!(
+                "the saved plan is stale ({} difference(s)); nothing was applied: plan again",
+                stale.len()
+            );
+            return Ok(EXIT_STALE_PLAN);
+        }
+    }
     // A reader gone before the plan is shown: nothing is applied, and
     // that is an error, not a quiet end.
     if let Err(e) = out!(

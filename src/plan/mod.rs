@@ -4,6 +4,7 @@
 
 mod gate;
 pub mod render;
+pub mod saved;
 
 /// The item model, shared with the data layer.
 pub use crate::vm::items;

@@ -832,3 +832,77 @@ fn a_serial_listener_outside_the_allowed_roots_never_reaches_qemu() {
     assert!(shown.contains("nothing was applied"), "{shown}");
     assert!(!h.path("state/nosy").exists(), "nothing created");
 }
+
+/// Issue 18: a saved plan applies exactly what was reviewed; a spec or a VM
+/// that changed since makes it stale (exit 5), and nothing is applied.
+/// (Stopped VMs: the plan and its checks are the point, not a boot.)
+#[test]
+fn a_saved_plan_applies_unchanged_and_a_stale_one_is_refused() {
+    let h = Host::new();
+    let stopped = |mem: u32| {
+        h.spec("sp", "  powerState: stopped\n")
+            .replace("sizeMB: 256", &format!("sizeMB: {mem}"))
+    };
+    let specs = h.path("specs");
+    let specs = specs.to_str().expect("utf-8");
+    let saved = |n: u32| h.path(&format!("plan{n}.json"));
+    let plan_out = |n: u32| {
+        let p = saved(n);
+        let out = h.plan(&["--out", p.to_str().expect("utf-8")]);
+        assert_ok(&out);
+        p
+    };
+    let apply_saved =
+        |p: &std::path::Path| h.uvmctl(&["apply", p.to_str().expect("utf-8"), "--yes"]);
+    let memory = || h.status()[0]["memoryMb"].as_u64();
+
+    h.write_spec("sp", &stopped(256));
+    let p1 = plan_out(1);
+    assert_ok(&apply_saved(&p1));
+    assert_eq!(h.state_of("sp"), "stopped");
+    assert_eq!(memory(), Some(256));
+
+    // The spec changes after the review: refused, naming the VM.
+    h.write_spec("sp", &stopped(512));
+    let p2 = plan_out(2);
+    h.write_spec("sp", &stopped(384));
+    let out = apply_saved(&p2);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("sp: its spec changed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(memory(), Some(256), "nothing applied");
+
+    // The VM changes on the host after the review: refused too.
+    h.write_spec("sp", &stopped(512));
+    let p3 = plan_out(3);
+    let other = h.path("other-specs");
+    std::fs::create_dir_all(&other).expect("mkdir");
+    std::fs::write(other.join("sp.yaml"), stopped(320)).expect("write");
+    assert_ok(&h.uvmctl(&["apply", other.to_str().expect("utf-8"), "--yes"]));
+    let out = apply_saved(&p3);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("sp: the VM changed on the host"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(memory(), Some(320));
+
+    // Reviewed again: applied, exactly.
+    let p4 = plan_out(4);
+    let out = apply_saved(&p4);
+    assert_ok(&out);
+    assert!(
+        text(&out).contains("memory: 320 MB → 512 MB"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(memory(), Some(512));
+    // A saved plan carries its own options.
+    let out = h.uvmctl(&["apply", p4.to_str().expect("utf-8"), "--yes", "--prune"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let _ = specs;
+}
