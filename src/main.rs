@@ -1,7 +1,7 @@
 //! The `uvmctl` command line: parse arguments, call the library, map the
 //! outcome to an exit code (0 ok, 1 error, 2 changes pending with
 //! `--detailed-exitcode`, 3 changes exceed `--max-disruption`, 4 the state
-//! directory stayed locked).
+//! directory stayed locked, 5 a saved plan is stale).
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
