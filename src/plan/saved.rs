@@ -284,6 +284,42 @@ mod tests {
     }
 
     #[test]
+    fn another_virtstack_other_capabilities_or_another_uvmctl_each_say_so() {
+        let d = desired(&[("web", base("web"))]);
+        let o = observed(&[("web", base("web"))]);
+        let s = saved(&d, &o);
+        let opts = PlanOptions::default();
+        let caps = Capabilities::qemu(&HostFacts {
+            vhost_user_vsock: true,
+            ..HostFacts::default()
+        });
+        let p = crate::plan::plan(&d, &o, &caps, &opts);
+        let other_caps = SavedPlan::new(Path::new("/specs"), &p, &d, &o, &caps, &opts, &[]);
+        assert_eq!(
+            s.stale(&other_caps),
+            ["the qemu virtstack's capabilities changed"]
+        );
+        let hcs = Capabilities::hcs();
+        let p = crate::plan::plan(&d, &o, &hcs, &opts);
+        let other_stack = SavedPlan::new(Path::new("/specs"), &p, &d, &o, &hcs, &opts, &[]);
+        assert!(
+            s.stale(&other_stack)
+                .contains(&"planned for virtstack qemu, applying on hcs".to_string()),
+            "{:?}",
+            s.stale(&other_stack)
+        );
+        let mut newer = saved(&d, &o);
+        newer.uvmctl_version = "9.9.9".into();
+        assert_eq!(
+            s.stale(&newer),
+            [format!(
+                "planned by uvmctl {}, applied by 9.9.9",
+                env!("CARGO_PKG_VERSION")
+            )]
+        );
+    }
+
+    #[test]
     fn only_saved_plans_of_this_format_are_read() {
         let p = Path::new("p.json");
         assert!(SavedPlan::parse(p, b"{}").is_err());

@@ -893,6 +893,33 @@ fn a_saved_plan_applies_unchanged_and_a_stale_one_is_refused() {
 
     // Reviewed again: applied, exactly.
     let p4 = plan_out(4);
+    // A tampered copy pointing at specs that name a host file outside the
+    // allowed roots is refused before anything runs (its digests no longer
+    // match; were they forged, the pre-flight would refuse the path).
+    let evil = h.path("evil-specs");
+    std::fs::create_dir_all(&evil).expect("mkdir");
+    std::fs::write(
+        evil.join("sp.yaml"),
+        stopped(512).replace(
+            "  powerState: stopped\n",
+            "  powerState: stopped\n  scsiControllers:\n    - id: 0\n      disks:\n        - {lun: 0, path: /etc/shadow, type: passthrough}\n",
+        ),
+    )
+    .expect("write");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p4).expect("read plan")).expect("json");
+    doc["dir"] = serde_json::json!(evil);
+    let tampered = h.path("tampered.json");
+    std::fs::write(&tampered, doc.to_string()).expect("write");
+    let out = apply_saved(&tampered);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("sp: its spec changed"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("/etc/shadow:"), "{}", text(&out));
+    assert_eq!(memory(), Some(320), "nothing applied");
     let out = apply_saved(&p4);
     assert_ok(&out);
     assert!(

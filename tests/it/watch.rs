@@ -570,3 +570,84 @@ fn watch_reports_a_killed_qemu_at_once_and_backs_off_a_guest_that_panics_at_ever
         .unwrap_or_default();
     assert!(row["watch"]["failures"].as_u64().unwrap_or(0) >= 2, "{row}");
 }
+
+/// Issue 18: a detect-only watcher sees a spec edit and a `device_del` by
+/// hand, reports both as held and executes nothing; a plan saved before the
+/// `device_del` is refused as stale.
+#[test]
+fn a_detect_only_watcher_and_a_saved_plan_see_a_device_del_and_change_nothing() {
+    let h = Host::new();
+    let img0 = h.raw_image("zero.img", 16);
+    let img1 = h.raw_image("one.img", 24);
+    let disk = |lun: u32, img: &std::path::Path| {
+        format!(
+            "        - {{lun: {lun}, path: {}, type: passthrough}}\n",
+            img.display()
+        )
+    };
+    let with = |disks: &str| {
+        h.spec(
+            "dw",
+            &format!("  scsiControllers:\n    - id: 0\n      disks:\n{disks}"),
+        )
+    };
+    h.write_spec("dw", &with(&disk(0, &img0)));
+    assert_ok(&h.apply());
+    let mut agent = h.agent("dw");
+    agent.wait_for("blocks", "the first disk", |b| has_block(b, 16 << 20, 0, 0));
+
+    // Reviewed: add a second disk.
+    h.write_spec(
+        "dw",
+        &with(&format!("{}{}", disk(0, &img0), disk(1, &img1))),
+    );
+    let saved = h.path("dw.plan");
+    assert_ok(&h.plan(&["--out", saved.to_str().expect("utf-8")]));
+
+    let w = h.watch("watch.log", &["--detect-only"]);
+    let l = w.wait_for("the first reconcile", STEP, |l| is_reconcile(l, "dw"));
+    assert_eq!(result(&l), "held 1 change(s)", "{l}");
+
+    // A disk removed by hand: seen, held, not put back.
+    let mark = w.mark();
+    qmp_by_hand(
+        &h.path("state/dw/qmp.sock"),
+        "device_del",
+        serde_json::json!({"id": "disk-0-0"}),
+        Some("DEVICE_DELETED"),
+    );
+    let l = w.wait_after(mark, "the device_del's reconcile", STEP, |l| {
+        is_reconcile(l, "dw") && trigger(l).starts_with("event")
+    });
+    assert_eq!(result(&l), "held 2 change(s)", "{l}");
+
+    // A spec edit: seen, held.
+    let mark = w.mark();
+    h.write_spec("dw", &with(&disk(0, &img0)));
+    let l = w.wait_after(mark, "the edit's reconcile", STEP, |l| {
+        is_reconcile(l, "dw") && trigger(l) == "spec"
+    });
+    assert_eq!(result(&l), "held 1 change(s)", "{l}");
+    let st = h.uvmctl(&["status"]);
+    assert!(text(&st).contains("detect-only"), "{}", text(&st));
+    let blocks = agent.cmd("blocks");
+    assert!(
+        !has_block(&blocks, 16 << 20, 0, 0) && !has_block(&blocks, 24 << 20, 0, 1),
+        "nothing executed: {blocks:?}"
+    );
+    drop(w);
+
+    // The saved plan predates the device_del (and the edit): refused.
+    let out = h.uvmctl(&["apply", saved.to_str().expect("utf-8"), "--yes"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("dw: the VM changed on the host"),
+        "{}",
+        text(&out)
+    );
+    let blocks = agent.cmd("blocks");
+    assert!(
+        !has_block(&blocks, 24 << 20, 0, 1),
+        "nothing applied: {blocks:?}"
+    );
+}
