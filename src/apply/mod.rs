@@ -223,17 +223,7 @@ async fn apply_vm(
     match vm.action {
         VmAction::Create => {
             progress(label, "creating and launching");
-            let want = spec()?;
-            steps.did(vs.create(&name, want).await)?;
-            bring_to(
-                vs,
-                &name,
-                PowerState::Stopped,
-                want.power_state,
-                progress,
-                steps,
-            )
-            .await?;
+            build(vs, &name, spec()?, progress, steps).await?;
         }
         VmAction::Destroy => {
             progress(label, "destroying");
@@ -261,16 +251,7 @@ async fn apply_vm(
             if vs.list().await?.contains(&name) {
                 steps.did(with_ticker(progress, label, "destroying", vs.destroy(&name)).await)?;
             }
-            steps.did(vs.create(&name, want).await)?;
-            bring_to(
-                vs,
-                &name,
-                PowerState::Stopped,
-                want.power_state,
-                progress,
-                steps,
-            )
-            .await?;
+            build(vs, &name, want, progress, steps).await?;
         }
         VmAction::Update => update(vs, &name, vm, spec()?, progress, steps).await?,
     }
@@ -280,6 +261,26 @@ async fn apply_vm(
         wait_ready(vs, &name, timeout, progress).await?;
     }
     Ok(())
+}
+
+/// Creates the VM from its spec and brings it to the spec's power state.
+async fn build(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    want: &VmConfig,
+    progress: &Progress,
+    steps: &Steps,
+) -> Result<(), ApplyError> {
+    steps.did(vs.create(name, want).await)?;
+    bring_to(
+        vs,
+        name,
+        PowerState::Stopped,
+        want.power_state,
+        progress,
+        steps,
+    )
+    .await
 }
 
 async fn update(

@@ -650,4 +650,13 @@ fn a_detect_only_watcher_and_a_saved_plan_see_a_device_del_and_change_nothing() 
         !has_block(&blocks, 24 << 20, 0, 1),
         "nothing applied: {blocks:?}"
     );
+
+    // Planned again on the running VM (through the observing socket) and
+    // applied (through the main one): the same observation, so it applies.
+    assert_ok(&h.plan(&["--out", saved.to_str().expect("utf-8")]));
+    let out = h.uvmctl(&["apply", saved.to_str().expect("utf-8"), "--yes"]);
+    assert_ok(&out);
+    agent.wait_for("blocks", "the disk put back", |b| {
+        has_block(b, 16 << 20, 0, 0)
+    });
 }
