@@ -846,6 +846,18 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     // Specs first: a directory that does not load changes nothing and
     // waits for no lock.
     let loaded = reconcile::load(args.dir.clone()).await;
+    if saved.is_some() && !loaded.errors.is_empty() {
+        // A saved plan is only written from specs that load: these changed.
+        // Their errors are not shown, since the directory is the file's
+        // word, and a tampered file could name one whose contents the
+        // errors would echo.
+        eprintln!(
+            "{}: the specs no longer load ({} error(s)); the saved plan is stale and nothing was applied: plan again",
+            args.dir.display(),
+            loaded.errors.len()
+        );
+        return Ok(EXIT_STALE_PLAN);
+    }
     if !loaded.errors.is_empty() {
         print_errors(&loaded);
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());

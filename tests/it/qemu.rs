@@ -920,6 +920,16 @@ fn a_saved_plan_applies_unchanged_and_a_stale_one_is_refused() {
     );
     assert!(!text(&out).contains("/etc/shadow:"), "{}", text(&out));
     assert_eq!(memory(), Some(320), "nothing applied");
+    // One naming a directory whose files are no specs: stale, and nothing
+    // of those files is echoed.
+    let secret = h.path("secret");
+    std::fs::create_dir_all(&secret).expect("mkdir");
+    std::fs::write(secret.join("keys.yaml"), "api_key: [hunter2-secret\n").expect("write");
+    doc["dir"] = serde_json::json!(secret);
+    std::fs::write(&tampered, doc.to_string()).expect("write");
+    let out = apply_saved(&tampered);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(!text(&out).contains("hunter2"), "{}", text(&out));
     let out = apply_saved(&p4);
     assert_ok(&out);
     assert!(
