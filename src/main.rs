@@ -715,8 +715,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             out!("{}", render::text(&planned.plan, &style))?;
         }
     }
-    let text_out = args.output == Output::Text;
-    let text = text_out;
+    let text = args.output == Output::Text;
     if !errors.is_empty() {
         if text {
             eprintln!(
@@ -753,10 +752,10 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         let dir = std::path::absolute(&args.dir)
             .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
         let saved = saved_plan(&dir, &planned, live.as_ref(), &args.common);
-        let text = serde_json::to_string_pretty(&saved)? + "\n";
-        uvmctl::hostfs::replace_file(out, text.as_bytes(), 0o600)
+        let json = serde_json::to_string_pretty(&saved)? + "\n";
+        uvmctl::hostfs::replace_file(out, json.as_bytes(), 0o600)
             .with_context(|| format!("cannot write {}", out.display()))?;
-        if text_out {
+        if text {
             eprintln!(
                 "Saved the plan to {}: `uvmctl apply {}` applies exactly it.",
                 out.display(),

@@ -214,13 +214,12 @@ impl SavedPlan {
             self.vms.keys().chain(now.vms.keys()).collect();
         for name in names {
             let (was, is) = (self.vms.get(name), now.vms.get(name));
-            let part = |d: Option<&VmDigests>, f: fn(&VmDigests) -> &Option<String>| {
-                d.and_then(|d| f(d).clone())
-            };
-            if part(was, |d| &d.desired) != part(is, |d| &d.desired) {
+            let desired = |d: Option<&VmDigests>| d.and_then(|d| d.desired.clone());
+            let observed = |d: Option<&VmDigests>| d.and_then(|d| d.observed.clone());
+            if desired(was) != desired(is) {
                 out.push(format!("{name}: its spec changed"));
             }
-            if part(was, |d| &d.observed) != part(is, |d| &d.observed) {
+            if observed(was) != observed(is) {
                 out.push(format!("{name}: the VM changed on the host"));
             }
         }
