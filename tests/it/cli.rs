@@ -542,7 +542,7 @@ fn the_systemd_unit_verifies_with_the_built_binary() {
     .expect("unit file");
     assert!(unit.contains("Type=notify") && unit.contains("KillMode=process"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let unit = unit.replace("/usr/local/bin/uvmctl", env!("CARGO_BIN_EXE_uvmctl"));
+    let unit = unit.replace("/usr/bin/uvmctl", env!("CARGO_BIN_EXE_uvmctl"));
     let path = dir.path().join("uvmctl-watch.service");
     std::fs::write(&path, unit).expect("write");
     let out = Command::new("systemd-analyze")
