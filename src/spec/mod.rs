@@ -6,6 +6,7 @@ mod cache;
 mod error;
 mod load;
 mod locate;
+mod schema;
 mod validate;
 
 /// The YAML shape of a spec document, shared with the data layer.
@@ -17,6 +18,7 @@ pub use error::{EXCERPT_CHARS, SpecError, SpecErrors};
 pub use load::{
     Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
 };
+pub use schema::json_schema;
 pub use validate::{
     MAX_MEMORY_MB, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,
     MAX_UNIX_SOCKET_PATH, MAX_VPMEM_DEVICES, MAX_VPMEM_SIZE_BYTES, parse_guid, parse_mac,
@@ -52,12 +54,6 @@ pub struct DesiredState {
     /// Files that had any error. While this is not empty nothing is pruned,
     /// since a file that did not parse may have named any VM.
     pub failed_files: BTreeSet<PathBuf>,
-}
-
-/// The JSON Schema of a spec document, for editors (yaml-language-server) and CI.
-pub fn json_schema() -> serde_json::Value {
-    let schema = schemars::schema_for!(VmDocument);
-    serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]

@@ -70,6 +70,27 @@ fn wrong_types_name_the_field() {
     );
 }
 
+/// Issue 20: a number or a boolean where a string belongs is refused, as
+/// the JSON Schema refuses it, instead of being read as the text written.
+#[test]
+fn strings_must_be_strings() {
+    let e = one_error(&vm("123", ""));
+    assert!(
+        e.starts_with("t.yaml:4:9: metadata.name: invalid type: integer `123`, expected a string"),
+        "{e}"
+    );
+    let e = one_error(&vm(
+        "web",
+        "  plan9Shares:\n    - name: s\n      hostPath: /srv\n      allowedFiles: [a, true]\n",
+    ));
+    assert!(
+        e.contains("spec.plan9Shares[0].allowedFiles[1]: invalid type: boolean `true`"),
+        "{e}"
+    );
+    // Quoted, the same text is a string.
+    assert!(errors_of(&vm("\"123\"", "")).is_empty());
+}
+
 #[test]
 fn missing_required_fields_are_named() {
     let text = format!(

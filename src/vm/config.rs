@@ -17,14 +17,100 @@ pub const API_VERSION: &str = "uvmctl.dev/v1alpha1";
 /// `kind` of a VM document.
 pub const KIND: &str = "UtilityVM";
 
+/// String fields take YAML strings only: serde_yaml would otherwise read
+/// `name: 123` or `cmdline: true` as the text written, while the JSON Schema
+/// (and an editor, and Kubernetes) sees a number or a boolean there.
+mod strict {
+    use serde::Deserializer;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use std::fmt;
+
+    struct Str;
+
+    impl<'de> Visitor<'de> for Str {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string (quote a value that reads as a number or a boolean)")
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E: Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+    }
+
+    pub(super) fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(Str)
+    }
+
+    struct OptStr;
+
+    impl<'de> Visitor<'de> for OptStr {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            Str.expecting(f)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            string(d).map(Some)
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Option<String>, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_string<E: Error>(self, v: String) -> Result<Option<String>, E> {
+            Ok(Some(v))
+        }
+    }
+
+    pub(super) fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(OptStr)
+    }
+
+    struct List;
+
+    impl<'de> Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of strings")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Item(s)) = seq.next_element()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+
+    struct Item(String);
+
+    impl<'de> serde::Deserialize<'de> for Item {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            string(d).map(Item)
+        }
+    }
+
+    pub(super) fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_seq(List)
+    }
+}
+
 /// One YAML document: one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(title = "uvmctl UtilityVM spec")]
 pub struct VmDocument {
     /// Must be `uvmctl.dev/v1alpha1`.
+    #[serde(deserialize_with = "strict::string")]
     pub api_version: String,
     /// Must be `UtilityVM`.
+    #[serde(deserialize_with = "strict::string")]
     pub kind: String,
     /// Identity of the VM.
     pub metadata: Metadata,
@@ -40,6 +126,7 @@ pub struct VmDocument {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// VM name: 1–64 characters of `[A-Za-z0-9-]`, unique across all specs.
+    #[serde(deserialize_with = "strict::string")]
     pub name: String,
 }
 
@@ -189,9 +276,14 @@ pub struct UefiBoot {
     /// Absolute path of the directory holding the boot files.
     pub dir: PathBuf,
     /// Path of the EFI application inside `dir`.
+    #[serde(deserialize_with = "strict::string")]
     pub path: String,
     /// Optional data passed to the EFI application (for Linux: its command line).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "strict::string"
+    )]
     pub args: String,
 }
 
@@ -205,7 +297,11 @@ pub struct LinuxKernelDirect {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "strict::string"
+    )]
     pub cmdline: String,
 }
 
@@ -362,10 +458,13 @@ pub struct VpmemDevice {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkAdapter {
     /// Adapter id, a GUID.
+    #[serde(deserialize_with = "strict::string")]
     pub nic_id: String,
     /// Host endpoint: an HCN endpoint GUID, a tap device name, or `user` for user-mode networking.
+    #[serde(deserialize_with = "strict::string")]
     pub endpoint_id: String,
     /// MAC address, `00-15-5D-01-02-03` or `00:15:5d:01:02:03` (unicast).
+    #[serde(deserialize_with = "strict::string")]
     pub mac_address: String,
 }
 
@@ -374,6 +473,7 @@ pub struct NetworkAdapter {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Plan9Share {
     /// Share name (mount tag), 1–31 characters of `[A-Za-z0-9._-]`.
+    #[serde(deserialize_with = "strict::string")]
     pub name: String,
     /// Absolute host path shared.
     pub host_path: PathBuf,
@@ -384,7 +484,11 @@ pub struct Plan9Share {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub flags: u32,
     /// Restrict the share to these file names inside `hostPath`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strict::list"
+    )]
     pub allowed_files: Vec<String>,
     /// Share read-only.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -408,11 +512,16 @@ fn is_zero(v: &u32) -> bool {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsmbShare {
     /// Share name, 1–64 characters of `[A-Za-z0-9._-]`.
+    #[serde(deserialize_with = "strict::string")]
     pub name: String,
     /// Absolute host path shared.
     pub host_path: PathBuf,
     /// Restrict the share to these file names inside `hostPath`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strict::list"
+    )]
     pub allowed_files: Vec<String>,
     /// Share options.
     #[serde(default, skip_serializing_if = "is_default_vsmb")]
@@ -428,9 +537,14 @@ fn is_default_vsmb(o: &VsmbOptions) -> bool {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PciDevice {
     /// Host device instance id (Windows instance path or Linux `0000:01:00.0`).
+    #[serde(deserialize_with = "strict::string")]
     pub instance_id: String,
     /// VMBus channel GUID (Windows hosts).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::option"
+    )]
     pub vmbus_guid: Option<String>,
 }
 
@@ -442,7 +556,11 @@ pub struct VmSocket {
     #[serde(rename = "type")]
     pub socket_type: VMSocketType,
     /// HvSocket service id, a GUID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::option"
+    )]
     pub service_id: Option<String>,
     /// vsock port (1–4294967294).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -469,7 +587,11 @@ impl VmSocket {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WindowsOptions {
     /// CPU group id, a GUID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::option"
+    )]
     pub cpu_group: Option<String>,
 }
 

@@ -5,6 +5,7 @@ mod conformance;
 mod host;
 mod interop;
 mod qemu;
+mod schema;
 mod security;
 mod serve;
 mod vsock;
