@@ -27,16 +27,50 @@ pub struct HostDefaults {
     /// `--allow-root`, each.
     #[serde(default)]
     pub allow_roots: Vec<PathBuf>,
-    /// `--accel`: `auto`, `kvm` or `tcg`.
-    pub accel: Option<String>,
+    /// `--accel`.
+    pub accel: Option<Accel>,
     /// `--virtstack`.
-    pub virtstack: Option<String>,
+    pub virtstack: Option<VirtstackName>,
     /// `--qemu-user`.
     pub qemu_user: Option<String>,
     /// `--remote-dir`.
     pub remote_dir: Option<PathBuf>,
     /// `--remote-server`.
     pub remote_server: Option<PathBuf>,
+}
+
+/// `accel:`, checked as the file is read, so a wrong word is named with
+/// its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where the CPU really offers it, else TCG.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// TCG (software emulation).
+    Tcg,
+}
+
+/// `virtstack:`, likewise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VirtstackName {
+    /// A QEMU per VM.
+    #[serde(rename = "qemu")]
+    Qemu,
+    /// hcsshim's vmservice protocol.
+    #[serde(rename = "remotevm")]
+    RemoteVm,
+}
+
+impl VirtstackName {
+    /// As the command line spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtstackName::Qemu => "qemu",
+            VirtstackName::RemoteVm => "remotevm",
+        }
+    }
 }
 
 /// Why the config file could not be used.
@@ -139,7 +173,21 @@ mod tests {
         .expect("valid");
         assert_eq!(d.state_dir.as_deref(), Some(Path::new("/srv/uvmctl")));
         assert_eq!(d.allow_roots.len(), 2);
-        assert_eq!(d.accel.as_deref(), Some("tcg"));
+        assert_eq!(d.accel, Some(Accel::Tcg));
+        assert_eq!(d.virtstack, Some(VirtstackName::RemoteVm));
+        // Issue 20: a wrong word is named with its line, as a wrong key is.
+        let e = parse(Path::new("c.yaml"), "stateDir: /a\naccel: fast\n").expect_err("bad accel");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("c.yaml:2:8: accel: unknown variant `fast`"),
+            "{text}"
+        );
+        let e = parse(Path::new("c.yaml"), "virtstack: hcs\n").expect_err("bad virtstack");
+        assert!(
+            e.to_string()
+                .starts_with("c.yaml:1:12: virtstack: unknown variant `hcs`"),
+            "{e}"
+        );
         let e =
             parse(Path::new("c.yaml"), "stateDir: /a\nstate_dir: /b\n").expect_err("unknown key");
         let text = e.to_string();

@@ -319,12 +319,48 @@ pub fn create_dirs(path: &Path, mode: u32) -> io::Result<()> {
 /// The OS error; `ELOOP` for a link; `PermissionDenied` for a file that is
 /// not ours alone.
 pub fn open_state_file(path: &Path, mode: u32, truncate: bool) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
+    let file = open_ours(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(mode),
+        path,
+    )?;
+    if truncate {
+        file.set_len(0)?;
+    }
+    Ok(file)
+}
+
+/// Opens a log uvmctl keeps in its state for appending only, as
+/// [`open_state_file`] checks it: write-only, so QEMU can take it from an
+/// fd set for a `logfile=`.
+///
+/// # Errors
+/// As [`open_state_file`].
+pub fn open_state_log(path: &Path, mode: u32) -> io::Result<File> {
+    open_ours(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(mode),
+        path,
+    )
+}
+
+/// Opens a file uvmctl keeps in its state for reading, as
+/// [`open_state_file`] checks it.
+///
+/// # Errors
+/// As [`open_state_file`].
+pub fn open_state_reader(path: &Path) -> io::Result<File> {
+    open_ours(std::fs::OpenOptions::new().read(true), path)
+}
+
+fn open_ours(opts: &mut std::fs::OpenOptions, path: &Path) -> io::Result<File> {
+    let file = opts
         .custom_flags(libc_flags(OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK))
         .open(path)?;
     let meta = file.metadata()?;
@@ -335,9 +371,6 @@ pub fn open_state_file(path: &Path, mode: u32, truncate: bool) -> io::Result<Fil
         ));
     }
     blocking(&file)?;
-    if truncate {
-        file.set_len(0)?;
-    }
     Ok(file)
 }
 

@@ -103,6 +103,39 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
+    /// Attach to a running VM's serial console (COM1, the guest's ttyS0);
+    /// Ctrl-] detaches. With a pipe for input, it exits once the input has
+    /// ended and the guest has been quiet for a second (qemu virtstack).
+    Console {
+        /// VM name.
+        name: VmName,
+    },
+    /// Print what QEMU (its stderr) and the VM's console said since the VM
+    /// was last launched (qemu virtstack).
+    Logs {
+        /// VM name.
+        name: VmName,
+        /// Keep printing what they gain, until interrupted or the VM is destroyed.
+        #[arg(long, short)]
+        follow: bool,
+        /// The console of the launch before this one instead.
+        #[arg(long)]
+        previous: bool,
+    },
+    /// Run a command of uvmctl's guest agent in a running VM (the test guest,
+    /// guest/README.md: e.g. `uvmctl agent web blocks`) and print its answer
+    /// lines; exit 1 with the agent's message when it answers ERR (qemu
+    /// virtstack).
+    Agent {
+        /// VM name.
+        name: VmName,
+        /// Give up waiting for the answer after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "3m")]
+        timeout: Duration,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Write the observed state of VMs as spec YAML (adopting a VM starts here).
     Export {
         /// Only this VM.
@@ -190,12 +223,12 @@ impl HostArgs {
     /// Flags and variables, then the config file's `defaults`, then the
     /// built-in defaults.
     fn resolve(self, defaults: HostDefaults) -> anyhow::Result<Host> {
+        use uvmctl::config::Accel;
         let accel = match (self.accel, defaults.accel) {
             (Some(a), _) => a,
-            (None, Some(word)) => AccelArg::from_str(&word, false).map_err(|_| {
-                anyhow::anyhow!("config: accel {word:?} is not one of auto, kvm, tcg")
-            })?,
-            (None, None) => AccelArg::Auto,
+            (None, Some(Accel::Auto) | None) => AccelArg::Auto,
+            (None, Some(Accel::Kvm)) => AccelArg::Kvm,
+            (None, Some(Accel::Tcg)) => AccelArg::Tcg,
         };
         Ok(Host {
             state_dir: self
@@ -210,7 +243,7 @@ impl HostArgs {
             accel,
             virtstack: self
                 .virtstack
-                .or(defaults.virtstack)
+                .or(defaults.virtstack.map(|v| v.as_str().to_string()))
                 .unwrap_or_else(|| "qemu".into()),
             remote_dir: self.remote_dir.or(defaults.remote_dir),
             remote_server: self.remote_server.or(defaults.remote_server),
@@ -244,6 +277,18 @@ impl Host {
             remote_dir: self.remote_dir.clone(),
             remote_server: self.remote_server.clone(),
         }
+    }
+
+    /// The QEMU virtstack, for the commands only it has, as an observer:
+    /// they never change a VM's state.
+    fn qemu(&self, command: &str) -> anyhow::Result<uvmctl::virtstack::qemu::Qemu> {
+        if self.virtstack != Kind::Qemu.as_str() {
+            bail!(
+                "uvmctl {command} reaches a guest of the qemu virtstack only (not {})",
+                self.virtstack
+            );
+        }
+        Ok(virtstack::open::qemu(&self.options(), true)?)
     }
 
     /// The live virtstack these options name, and the directory its lock
@@ -579,6 +624,23 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     Ok(0)
                 }
             }
+        }
+        Command::Console { name } => run_console(&name, host).await,
+        Command::Logs {
+            name,
+            follow,
+            previous,
+        } => run_logs(&name, follow, previous, host).await,
+        Command::Agent {
+            name,
+            timeout,
+            command,
+        } => {
+            let qemu = host.qemu("agent")?;
+            for line in qemu.agent(&name, &command, timeout).await? {
+                outln!("{line}")?;
+            }
+            Ok(0)
         }
         Command::Export { name } => {
             let (vs, _) = host.live(true).await?;
@@ -991,6 +1053,93 @@ async fn run_serve(args: ServeArgs, host: &Host) -> anyhow::Result<u8> {
         _ = int.recv() => {}
     }
     serving.shutdown().await;
+    Ok(0)
+}
+
+async fn run_console(name: &VmName, host: &Host) -> anyhow::Result<u8> {
+    use uvmctl::virtstack::qemu::guest::{self, RelayEnd};
+    let qemu = host.qemu("console")?;
+    let console = qemu.console(name).await?;
+    let stdin = std::io::stdin();
+    let raw = if stdin.is_terminal() {
+        eprint!("Connected to the console of {name}; Ctrl-] detaches.\r\n");
+        Some(RawTerminal::enter(&stdin)?)
+    } else {
+        None
+    };
+    // A thread of its own: a read of a terminal blocks, and tokio's stdin
+    // would make the runtime wait for it at exit.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let detach = raw.as_ref().map(|_| guest::DETACH);
+    let ended = guest::relay(console, rx, &mut tokio::io::stdout(), detach).await;
+    drop(raw);
+    match ended {
+        Ok(RelayEnd::Detached) => eprintln!("\ndetached from {name}"),
+        Ok(RelayEnd::InputClosed) => {}
+        Ok(RelayEnd::ConsoleClosed) => eprintln!("\n{name}: its console closed (the VM stopped)"),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(StdoutError(e).into()),
+        Err(e) => bail!("{name}: console: {e}"),
+    }
+    Ok(0)
+}
+
+/// The terminal in raw mode (keys reach the guest as typed, Ctrl-C too),
+/// restored when dropped.
+struct RawTerminal {
+    fd: std::os::fd::OwnedFd,
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter(stdin: &std::io::Stdin) -> anyhow::Result<Self> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        use std::os::fd::AsFd;
+        let fd = stdin.as_fd().try_clone_to_owned()?;
+        let saved = tcgetattr(&fd).context("cannot read the terminal's settings")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&fd, SetArg::TCSANOW, &raw).context("cannot put the terminal in raw mode")?;
+        Ok(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::termios::tcsetattr(&self.fd, nix::sys::termios::SetArg::TCSANOW, &self.saved);
+    }
+}
+
+async fn run_logs(name: &VmName, follow: bool, previous: bool, host: &Host) -> anyhow::Result<u8> {
+    let qemu = host.qemu("logs")?;
+    let logs = qemu.logs(name, previous)?;
+    let mut printer = uvmctl::virtstack::qemu::guest::LogPrinter::new(&logs);
+    let print = |printer: &mut uvmctl::virtstack::qemu::guest::LogPrinter| -> anyhow::Result<()> {
+        match printer.print_new(&mut std::io::stdout().lock()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutError(e).into()),
+            Err(e) => Err(anyhow::anyhow!("{name}: {e}")),
+        }
+    };
+    print(&mut printer)?;
+    if !follow {
+        return Ok(0);
+    }
+    // Until the VM is destroyed: then nothing more will come.
+    while qemu.logs(name, previous).is_ok() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        print(&mut printer)?;
+    }
     Ok(0)
 }
 

@@ -86,23 +86,31 @@ impl Host {
     }
 
     pub(crate) fn uvmctl(&self, args: &[&str]) -> Output {
-        let state = self.path("state");
-        let img = self.path("img");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
-        cmd.args(args);
-        if !matches!(
+        if matches!(
             args.first(),
             Some(&"validate" | &"schema" | &"capabilities")
         ) {
-            cmd.arg("--state-dir")
-                .arg(&state)
-                .arg("--allow-root")
-                .arg(&img)
-                .arg("--allow-root")
-                .arg(&self.guest);
-            cmd.args(["--accel", "tcg"]);
+            return Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+                .args(args)
+                .output()
+                .expect("uvmctl runs");
         }
-        cmd.output().expect("uvmctl runs")
+        self.command(args).output().expect("uvmctl runs")
+    }
+
+    /// `uvmctl` with this host's options, given before the subcommand (so a
+    /// command taking every word after it, as `agent` does, gets none).
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--allow-root")
+            .arg(self.path("img"))
+            .arg("--allow-root")
+            .arg(&self.guest)
+            .args(["--accel", "tcg"])
+            .args(args);
+        cmd
     }
 
     pub(crate) fn apply(&self) -> Output {

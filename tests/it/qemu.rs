@@ -943,3 +943,120 @@ fn a_saved_plan_applies_unchanged_and_a_stale_one_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let _ = specs;
 }
+
+/// Issue 20: `uvmctl console`, `logs` and `agent` against the real guest: a
+/// command typed at the console is answered by the guest's shell, a boot
+/// line and that answer are in `logs`, `--follow` sees new lines and ends
+/// when the VM is destroyed, and the agent's commands run.
+#[test]
+fn console_logs_and_agent_reach_the_real_guest() {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    let h = Host::new();
+    let spec = h
+        .spec("con", "")
+        .replace("swiotlb=noforce", "swiotlb=noforce uvmctl.shell=1");
+    h.write_spec("con", &spec);
+    let specs = h.path("specs");
+    let out = h.uvmctl(&[
+        "apply",
+        specs.to_str().expect("utf-8"),
+        "--yes",
+        "--wait-ready",
+        "120",
+    ]);
+    assert_ok(&out);
+
+    let logs = h.uvmctl(&["logs", "con"]);
+    assert_ok(&logs);
+    let logged = text(&logs);
+    assert!(logged.contains("/console.log <=="), "{logged}");
+    assert!(
+        logged.contains("uvmctl-guest: init starting"),
+        "a boot line: {logged}"
+    );
+
+    // Typed at the console (a pipe: it ends once the guest goes quiet).
+    let console = |line: &str| {
+        let mut child = h
+            .command(&["console", "con"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("uvmctl console runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(line.as_bytes()).expect("type");
+        drop(stdin);
+        child.wait_with_output().expect("console ends")
+    };
+    let out = console("echo typed-$((6*7))\n");
+    assert_ok(&out);
+    // The shell's answer, not the echo of what was typed.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("typed-42"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&h.uvmctl(&["logs", "con"])).contains("typed-42"));
+
+    // One client at a time: QEMU would hold a second one unanswered.
+    let held = UnixStream::connect(h.path("state/con/console.sock")).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = console("echo never\n");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("in use by another client"),
+        "{}",
+        text(&out)
+    );
+    drop(held);
+
+    // The agent, with the words after the VM's name as its command.
+    let out = h.uvmctl(&["agent", "con", "cat", "/proc/cmdline"]);
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("uvmctl.shell=1"),
+        "{}",
+        text(&out)
+    );
+    let out = h.uvmctl(&["agent", "con", "ls", "/no-such-dir"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("guest agent: "), "{}", text(&out));
+
+    // --follow prints what comes, and ends when the VM is gone.
+    let mut follow = h
+        .command(&["logs", "con", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("uvmctl logs --follow runs");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    assert_ok(&console("echo followed-$((2+3))\n"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while !seen && Instant::now() < deadline {
+        seen = rx
+            .recv_timeout(Duration::from_millis(200))
+            .is_ok_and(|l| l.contains("followed-5"));
+    }
+    assert!(seen, "logs --follow printed the console's new line");
+    assert_ok(&h.uvmctl(&["destroy", "con"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follow.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = follow.try_wait().expect("try_wait");
+    let _ = follow.kill();
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "logs --follow ends with the VM: {ended:?}"
+    );
+}

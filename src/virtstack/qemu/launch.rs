@@ -70,6 +70,9 @@ pub struct Resolved {
     pub vsock_listeners: std::collections::BTreeMap<u32, PathBuf>,
     /// For UEFI boot: the VM's own variable store, opened read-write.
     pub efi_vars: Option<HostFile>,
+    /// Where QEMU appends what the guest writes to its first serial port
+    /// (opened write-only at launch, handed over in an fd set).
+    pub console_log: Option<HostFile>,
     /// Tap devices by NIC id, opened at launch (never by a pre-flight:
     /// opening one makes the interface).
     pub taps: std::collections::BTreeMap<String, Tap>,
@@ -361,6 +364,10 @@ pub struct Handover {
     pub fds: Vec<RawFd>,
 }
 
+/// The fd set of the console log: far above those of the UEFI variables
+/// and the disks, which count up from 0, and those QEMU picks for hot adds.
+pub const CONSOLE_LOG_FDSET: u32 = 1000;
+
 /// How QEMU names an inherited descriptor where it opens a file itself.
 fn fd_path(f: &HostFile) -> String {
     format!("/dev/fd/{}", f.file.as_raw_fd())
@@ -500,22 +507,55 @@ pub fn argv(
 
     // Serial consoles: COM1..COM4 in port order, `null` for gaps. QEMU
     // connects (and reconnects) to the spec's listener through a symlink.
-    let last = cfg.serial_consoles.iter().map(|s| s.port).max();
-    if let Some(last) = last {
-        for port in 0..=last {
-            match cfg.serial_consoles.iter().find(|s| s.port == port) {
-                Some(s) => {
-                    let link = vm_dir.join(format!("console{port}.sock"));
-                    let target = res.serials.get(&port).unwrap_or(&s.listener_path);
-                    links.push((link.clone(), target.clone()));
-                    push(&[
-                        "-chardev",
-                        &format!("socket,id=serial{port},path={},reconnect=1", link.display()),
-                    ]);
-                    push(&["-serial", &format!("chardev:serial{port}")]);
-                }
-                None => push(&["-serial", "null"]),
+    // COM1 is always there: without a listener of the spec's it is
+    // uvmctl's console (a socket `uvmctl console` connects to), and what
+    // the guest writes to it is appended to the console log either way.
+    let log = res.console_log.as_ref().map(|f| {
+        fds.push(f.file.as_raw_fd());
+        push(&[
+            "-add-fd",
+            &format!(
+                "fd={},set={CONSOLE_LOG_FDSET},opaque=console-log",
+                f.file.as_raw_fd()
+            ),
+        ]);
+        format!(",logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on")
+    });
+    let last = cfg
+        .serial_consoles
+        .iter()
+        .map(|s| s.port)
+        .max()
+        .unwrap_or(0);
+    for port in 0..=last {
+        let log = if port == 0 { log.as_deref() } else { None };
+        match cfg.serial_consoles.iter().find(|s| s.port == port) {
+            Some(s) => {
+                let link = vm_dir.join(format!("console{port}.sock"));
+                let target = res.serials.get(&port).unwrap_or(&s.listener_path);
+                links.push((link.clone(), target.clone()));
+                push(&[
+                    "-chardev",
+                    &format!(
+                        "socket,id=serial{port},path={},reconnect=1{}",
+                        link.display(),
+                        log.unwrap_or_default()
+                    ),
+                ]);
+                push(&["-serial", &format!("chardev:serial{port}")]);
             }
+            None if port == 0 => {
+                push(&[
+                    "-chardev",
+                    &format!(
+                        "socket,id=serial0,path={},server=on,wait=off{}",
+                        dir.console_socket(name).display(),
+                        log.unwrap_or_default()
+                    ),
+                ]);
+                push(&["-serial", "chardev:serial0"]);
+            }
+            None => push(&["-serial", "null"]),
         }
     }
 
@@ -907,10 +947,68 @@ mod tests {
                 PathBuf::from("/run/l,x.sock")
             )]
         );
-        assert_eq!(after(&a, "-serial"), vec!["null", "chardev:serial1"]);
+        // COM1 without a listener of the spec's is uvmctl's console.
+        assert_eq!(
+            after(&a, "-serial"),
+            vec!["chardev:serial0", "chardev:serial1"]
+        );
         for chardev in after(&a, "-chardev") {
             assert!(!chardev.contains("l,x"), "{chardev}");
         }
+    }
+
+    /// Issue 20: `uvmctl console` and `logs`. COM1 is a socket of the VM's
+    /// state directory unless the spec relays it, and what the guest writes
+    /// there goes to the console log, handed over as a descriptor.
+    #[test]
+    fn com1_is_the_console_and_its_output_is_logged() {
+        let dir = StateDir {
+            root: "/run/uvmctl-test".into(),
+        };
+        let mut res = Resolved {
+            kernel: Some(HostFile::for_test("/k/vmlinuz")),
+            console_log: Some(HostFile::for_test("/run/uvmctl-test/web/console.log")),
+            ..Resolved::default()
+        };
+        let mut c = cfg();
+        c.serial_consoles.clear();
+        let (a, handover) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let log_fd = res.console_log.as_ref().map(|f| f.file.as_raw_fd());
+        assert!(handover.fds.contains(&log_fd.unwrap_or(-1)));
+        assert!(
+            after(&a, "-add-fd").contains(
+                &format!(
+                    "fd={},set={CONSOLE_LOG_FDSET},opaque=console-log",
+                    log_fd.unwrap_or(-1)
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(after(&a, "-serial"), vec!["chardev:serial0"]);
+        assert!(after(&a, "-chardev").contains(
+            &format!(
+                "socket,id=serial0,path=/run/uvmctl-test/web/console.sock,server=on,wait=off,logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
+            )
+            .as_str()
+        ));
+        // A spec's own COM1 listener gets the log too, and no console socket.
+        c.serial_consoles = vec![SerialConsole {
+            port: 0,
+            listener_path: "/run/l.sock".into(),
+        }];
+        res.serials.insert(0, "/run/l.sock".into());
+        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let chardevs = after(&a, "-chardev");
+        assert!(
+            chardevs.iter().all(|c| !c.contains("console.sock")),
+            "{chardevs:?}"
+        );
+        assert!(chardevs.contains(
+            &format!(
+                "socket,id=serial0,path=/run/uvmctl-test/web/console0.sock,reconnect=1,logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
+            )
+            .as_str()
+        ));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod caps;
 pub mod devices;
+pub mod guest;
 pub mod hotplug;
 pub mod images;
 pub mod launch;
@@ -126,6 +127,15 @@ pub enum QemuError {
         vm: String,
         /// The state it is in.
         state: State,
+    },
+    /// The guest agent did not do what was asked.
+    #[error("vm {vm}")]
+    Agent {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: guest::AgentError,
     },
     /// This VM cannot take the change as it is configured.
     #[error("vm {vm}: {reason}")]
@@ -936,6 +946,19 @@ impl Qemu {
             res.taps
                 .insert(n.nic_id.clone(), launch::Tap(std::sync::Arc::new(tap)));
         }
+        // What the guest said during the launch before stays readable once
+        // (`uvmctl logs --previous`).
+        let console_log = self.opts.state_dir.console_log(name);
+        let _ = std::fs::rename(&console_log, self.opts.state_dir.previous_console_log(name));
+        let log =
+            crate::hostfs::open_state_log(&console_log, 0o600).map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot create console.log: {e}"),
+            })?;
+        res.console_log = Some(images::HostFile {
+            path: console_log,
+            file: std::sync::Arc::new(log),
+        });
         let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
@@ -987,6 +1010,7 @@ impl Qemu {
         // A QEMU that ran as another user cannot replace its socket itself
         // (the directory is sticky).
         let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
+        let _ = std::fs::remove_file(self.opts.state_dir.console_socket(name));
         // Pinned memory needs the locked-memory limit lifted, which only
         // root may do, before the user changes.
         let child = process::spawn(process::Spawn {
@@ -1593,6 +1617,88 @@ impl Qemu {
     pub fn agent_socket(&self, name: &str) -> PathBuf {
         self.opts.state_dir.agent_socket(name)
     }
+
+    /// A connection to the running VM's first serial port, for `uvmctl
+    /// console`: refused when the spec relays that port to a listener of its
+    /// own, or another client holds it (QEMU would accept a second one and
+    /// never serve it).
+    pub async fn console(&self, name: &str) -> Result<tokio::net::UnixStream, QemuError> {
+        let rec = self.record(name)?;
+        if let Some(s) = rec.config.serial_consoles.iter().find(|s| s.port == 0) {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: format!(
+                    "its COM1 is relayed to {} (spec.serialConsoles); the console is there",
+                    s.listener_path.display()
+                ),
+            });
+        }
+        let q = self.running_qmp(name).await?;
+        let chardevs = q
+            .execute("query-chardev", None)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })?;
+        let console = chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c.get("label").and_then(serde_json::Value::as_str) == Some("serial0"))
+            .and_then(|c| c.get("filename").and_then(serde_json::Value::as_str))
+            .unwrap_or_default();
+        let socket = self.opts.state_dir.console_socket(name);
+        if !console.contains(&socket.display().to_string()) {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: "it was launched without a console socket (by an older uvmctl); \
+                         restart it to get one"
+                    .into(),
+            });
+        }
+        if !console.starts_with("disconnected:") {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: "its console is in use by another client".into(),
+            });
+        }
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot connect to its console: {e}"),
+            })
+    }
+
+    /// The logs `uvmctl logs` prints for a VM uvmctl manages here.
+    pub fn logs(&self, name: &str, previous: bool) -> Result<Vec<guest::Log>, QemuError> {
+        self.record(name)?;
+        Ok(guest::logs(&self.opts.state_dir, name, previous))
+    }
+
+    /// Runs one command of the test guest's agent (guest/README.md) on the
+    /// running VM; its data lines.
+    pub async fn agent(
+        &self,
+        name: &str,
+        words: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, QemuError> {
+        let rec = self.record(name)?;
+        if !self.alive(&rec) {
+            return Err(QemuError::NotRunning {
+                vm: name.into(),
+                state: down_state(&rec),
+            });
+        }
+        guest::agent_command(&self.opts.state_dir.agent_socket(name), words, timeout)
+            .await
+            .map_err(|source| QemuError::Agent {
+                vm: name.into(),
+                source,
+            })
+    }
 }
 
 #[async_trait::async_trait]
@@ -1655,8 +1761,8 @@ mod tests {
 mod layering {
     /// Bottom to top: what each may name is what comes before it.
     const ORDER: &[&str] = &[
-        "images", "qmp", "tap", "user", "state", "devices", "process", "ops", "vsock", "launch",
-        "caps", "observe", "hotplug",
+        "images", "qmp", "tap", "user", "state", "guest", "devices", "process", "ops", "vsock",
+        "launch", "caps", "observe", "hotplug",
     ];
 
     /// Sibling modules the non-test code of `text` names.

@@ -262,6 +262,22 @@ impl StateDir {
         self.vm_dir(name).join("agent.sock")
     }
 
+    /// The guest's first serial port (COM1, `ttyS0`), for `uvmctl console`,
+    /// unless the spec relays that port to a listener of its own.
+    pub fn console_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("console.sock")
+    }
+
+    /// What the guest wrote to its first serial port since it was launched.
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("console.log")
+    }
+
+    /// The same for the launch before (kept once, as `console.log.1`).
+    pub fn previous_console_log(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("console.log.1")
+    }
+
     /// Where QEMU's stderr goes.
     pub fn stderr_log(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("qemu.log")
