@@ -61,6 +61,9 @@ pub enum VirtstackName {
     /// hcsshim's vmservice protocol.
     #[serde(rename = "remotevm")]
     RemoteVm,
+    /// The simulator.
+    #[serde(rename = "sim")]
+    Sim,
 }
 
 impl VirtstackName {
@@ -69,6 +72,7 @@ impl VirtstackName {
         match self {
             VirtstackName::Qemu => "qemu",
             VirtstackName::RemoteVm => "remotevm",
+            VirtstackName::Sim => "sim",
         }
     }
 }

@@ -186,9 +186,11 @@ struct HostArgs {
     /// vmx/svm [default: auto].
     #[arg(long, global = true, env = "UVMCTL_ACCEL", value_enum)]
     accel: Option<AccelArg>,
-    /// The virtstack: `qemu` (QEMU here), or `remotevm` (one vmservice
-    /// server per VM; with `plan --observed` and `capabilities`, also `hcs`:
-    /// whose capabilities to assume) [default: qemu].
+    /// The virtstack: `qemu` (QEMU here), `remotevm` (one vmservice
+    /// server per VM) or `sim` (a simulator: VMs as records under the state
+    /// directory, with qemu's rules; nothing runs); with `plan --observed`
+    /// and `capabilities`, also `hcs`: whose capabilities to assume
+    /// [default: qemu].
     #[arg(long, global = true, env = "UVMCTL_VIRTSTACK", value_name = "NAME")]
     virtstack: Option<String>,
     /// remotevm: where its per-VM records and server sockets live
@@ -655,7 +657,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let virtstack = &host.virtstack;
             let caps = Capabilities::profile(virtstack).with_context(|| {
                 format!(
-                    "no capability profile for virtstack {virtstack:?} (known: qemu, remotevm, hcs)"
+                    "no capability profile for virtstack {virtstack:?} (known: qemu, remotevm, hcs, sim)"
                 )
             })?;
             match output {

@@ -7,6 +7,7 @@ pub mod qemu;
 pub mod recorded;
 pub mod records;
 pub mod remotevm;
+pub mod sim;
 
 pub use crate::vm::caps::{Capabilities, HostFacts, Support};
 pub use crate::vm::observed::{MemoryHotplug, ObservedState, ObservedVm};
@@ -26,6 +27,7 @@ impl Capabilities {
                 ),
             )),
             crate::vm::HCS => Some(Capabilities::hcs()),
+            sim::SIM => Some(sim::capabilities()),
             _ => None,
         }
     }

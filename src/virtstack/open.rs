@@ -19,17 +19,20 @@ pub enum Kind {
     Qemu,
     /// One vmservice server per VM (hcsshim's RemoteVM protocol).
     RemoteVm,
+    /// The simulator: VMs as records only, with qemu's rules (`sim`).
+    Sim,
 }
 
 impl Kind {
     /// Every kind, in the order help lists them.
-    pub const ALL: [Kind; 2] = [Kind::Qemu, Kind::RemoteVm];
+    pub const ALL: [Kind; 3] = [Kind::Qemu, Kind::RemoteVm, Kind::Sim];
 
     /// Its name on the command line and in output.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Qemu => crate::vm::QEMU,
             Kind::RemoteVm => crate::vm::REMOTE_VM,
+            Kind::Sim => super::sim::SIM,
         }
     }
 }
@@ -108,7 +111,7 @@ impl Default for HostOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// No such virtstack.
-    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm)")]
+    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm, sim)")]
     Unknown(String),
     /// QEMU's service user is missing or unusable.
     #[error(transparent)]
@@ -116,6 +119,15 @@ pub enum OpenError {
     /// The state directory is unusable.
     #[error(transparent)]
     StateDir(#[from] super::qemu::launch::LaunchError),
+    /// The simulator's records directory cannot be made.
+    #[error("cannot make the simulator's records directory {}: {source}", path.display())]
+    SimDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The virtstack refused to start.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -196,6 +208,20 @@ pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Open
             Ok(Opened {
                 vs: Arc::new(qemu),
                 lock_dir,
+            })
+        }
+        Kind::Sim => {
+            if !observer {
+                super::sim::Sim::ensure_dir(&host.state_dir).map_err(|source| {
+                    OpenError::SimDir {
+                        path: super::sim::Sim::records_dir(&host.state_dir),
+                        source,
+                    }
+                })?;
+            }
+            Ok(Opened {
+                vs: Arc::new(super::sim::Sim::new(&host.state_dir)),
+                lock_dir: host.state_dir.clone(),
             })
         }
         Kind::RemoteVm => {

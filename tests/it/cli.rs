@@ -790,3 +790,79 @@ fn completions_and_man_pages_come_from_the_command_line_definitions() {
         .expect("uvmctl runs");
     assert_exit_code(&out, 0);
 }
+
+/// Issue 17: the simulator keeps its VMs in the state directory, so
+/// separate processes (apply, status, plan, destroy) see one host, and it
+/// plans with qemu's rules.
+#[test]
+fn the_simulator_keeps_its_vms_across_processes() {
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 64, ""));
+    let state = t.path("state");
+    let sim = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        t.uvmctl(&all)
+    };
+    let out = sim(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 0);
+    assert!(
+        stdout(&out).contains("on virtstack sim"),
+        "{}",
+        stdout(&out)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&sim(&["status", "--output", "json"]))).expect("json");
+    assert_eq!(status[0]["name"], "web");
+    assert_eq!(status[0]["state"], "running");
+    assert_eq!(status[0]["memoryMb"], 64);
+    assert_exit_code(&sim(&["plan", "specs", "--detailed-exitcode"]), 0);
+
+    t.write_spec("web.yaml", &vm("web", 128, ""));
+    let out = sim(&["plan", "specs", "--detailed-exitcode", "--color", "never"]);
+    assert_exit_code(&out, 2);
+    assert!(
+        stdout(&out).contains("~ memory: 64 MB → 128 MB [live]"),
+        "{}",
+        stdout(&out)
+    );
+    // qemu's rules: a 9p share needs a restart.
+    t.write_spec(
+        "web.yaml",
+        &vm(
+            "web",
+            128,
+            "  plan9Shares:\n    - name: out\n      hostPath: /srv/out\n",
+        ),
+    );
+    let out = sim(&["plan", "specs", "--color", "never"]);
+    assert!(
+        stdout(&out).contains("+ plan9Share out: /srv/out [restart]"),
+        "{}",
+        stdout(&out)
+    );
+    assert_exit_code(
+        &sim(&["apply", "specs", "--yes", "--max-disruption", "restart"]),
+        0,
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&sim(&["status", "--output", "json"]))).expect("json");
+    assert_eq!(status[0]["memoryMb"], 128);
+    assert!(stdout(&sim(&["export", "web"])).contains("name: out"));
+
+    assert_exit_code(&sim(&["destroy", "web"]), 0);
+    assert_eq!(
+        stdout(&sim(&["status"])).lines().count(),
+        1,
+        "a header only"
+    );
+    let out = sim(&["destroy", "web"]);
+    assert_exit_code(&out, 1);
+    let caps = t.uvmctl(&["capabilities", "--virtstack", "sim"]);
+    assert_exit_code(&caps, 0);
+}
