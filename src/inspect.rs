@@ -164,6 +164,36 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
         status.dir.display(),
         ago(status.updated)
     );
+    if let Some(src) = &status.source {
+        let _ = write!(
+            out,
+            "  source: {} {} (path {}): ",
+            src.url,
+            src.reference,
+            src.path.display()
+        );
+        match &src.applied {
+            Some(r) => {
+                let _ = write!(out, "in force {r}");
+            }
+            None => out.push_str("nothing in force yet"),
+        }
+        if let Some(t) = src.last_fetch {
+            let _ = write!(out, ", last fetch {}", ago(t));
+        }
+        if src.fetched.is_some() && src.fetched != src.applied {
+            let fetched = src
+                .fetched
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let _ = write!(out, ", fetched {fetched} (not in force)");
+        }
+        out.push('\n');
+        if let Some(e) = &src.last_error {
+            let _ = writeln!(out, "    source error (the revision in force stays): {e}");
+        }
+    }
     for (name, w) in &status.vms {
         let _ = write!(
             out,
@@ -172,6 +202,9 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
         );
         if let (Some(t), Some(trigger)) = (w.last_reconcile, &w.trigger) {
             let _ = write!(out, " ({trigger}, {})", ago(t));
+        }
+        if let Some(r) = &w.revision {
+            let _ = write!(out, " at {r}");
         }
         if w.failures > 0 {
             let _ = write!(out, "; {} failure(s) in a row", w.failures);

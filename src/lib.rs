@@ -31,6 +31,8 @@ pub mod protocol;
 
 pub mod spec;
 
+pub mod source;
+
 pub mod plan;
 
 pub mod virtstack;
@@ -60,6 +62,7 @@ mod layering {
         ("config", &["config"]),
         ("vm", &["vm"]),
         ("spec", &["vm", "spec"]),
+        ("source", &["hostfs", "vm", "spec", "source"]),
         ("protocol", &["vm", "spec", "protocol"]),
         ("plan", &["vm", "spec", "plan"]),
         (
@@ -77,6 +80,7 @@ mod layering {
                 "plan",
                 "apply",
                 "reconcile",
+                "source",
                 "watch",
             ],
         ),

@@ -302,10 +302,106 @@ impl Host {
     }
 }
 
+/// Specs from a git repository instead of a directory (as Flux's
+/// GitRepository): fetched, checked and swapped in whole (README.md,
+/// "A fleet from one repository").
+#[derive(Args, Clone)]
+struct GitArgs {
+    /// Take the specs from this git repository (any URL git fetches)
+    /// instead of DIR.
+    #[arg(long, value_name = "URL")]
+    git: Option<String>,
+    /// The branch or tag of --git to follow.
+    #[arg(long, value_name = "REF", default_value = "main", requires = "git")]
+    git_ref: String,
+    /// The spec directory inside the repository.
+    #[arg(long, value_name = "PATH", default_value = ".", requires = "git")]
+    git_path: PathBuf,
+    /// Put in force only commits signed (SSH) by a key of this file, in
+    /// git's allowed_signers format.
+    #[arg(long, value_name = "FILE", requires = "git")]
+    allowed_signers: Option<PathBuf>,
+    /// Where the mirror and the checkouts live [default: STATE_DIR/git;
+    /// for plan, a temporary directory removed after].
+    #[arg(long, value_name = "DIR", requires = "git")]
+    git_cache: Option<PathBuf>,
+    /// The most the repository's mirror may hold, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256, requires = "git")]
+    git_max_mb: u64,
+    /// The longest a fetch may take.
+    #[arg(long, value_parser = parse_duration, default_value = "2m", requires = "git")]
+    git_timeout: Duration,
+}
+
+/// A temporary git cache, removed when dropped.
+struct TempCache(PathBuf);
+
+impl Drop for TempCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl GitArgs {
+    fn source(&self, cache: PathBuf) -> anyhow::Result<Option<uvmctl::source::GitSource>> {
+        let Some(url) = &self.git else {
+            return Ok(None);
+        };
+        Ok(Some(uvmctl::source::GitSource::new(
+            uvmctl::source::GitOptions {
+                url: url.clone(),
+                reference: self.git_ref.clone(),
+                path: self.git_path.clone(),
+                cache,
+                allowed_signers: self.allowed_signers.clone(),
+                max_bytes: self.git_max_mb.saturating_mul(1 << 20),
+                fetch_timeout: self.git_timeout,
+            },
+        )?))
+    }
+}
+
+/// The spec directory a command reads: DIR, or the revision of --git put
+/// in force (fetched first). For `plan` without --git-cache the cache is
+/// temporary, so a plan never changes what a watcher has in force.
+async fn spec_dir(
+    dir: &Option<PathBuf>,
+    git: &GitArgs,
+    host: &Host,
+    temporary: bool,
+) -> anyhow::Result<(PathBuf, Option<TempCache>)> {
+    let (cache, guard) = match (&git.git_cache, temporary) {
+        (Some(c), _) => (c.clone(), None),
+        (None, true) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let c = std::env::temp_dir().join(format!("uvmctl-git-{}-{nanos}", std::process::id()));
+            (c.clone(), Some(TempCache(c)))
+        }
+        (None, false) => (host.state_dir.join("git"), None),
+    };
+    match (dir, git.source(cache)?) {
+        (_, Some(source)) => {
+            let synced = source.sync().await?;
+            let rev = match &synced {
+                uvmctl::source::Synced::Applied(r) | uvmctl::source::Synced::Unchanged(r) => r,
+            };
+            eprintln!("specs: {} {rev}", source.options().url);
+            Ok((source.spec_dir(), guard))
+        }
+        (Some(d), None) => Ok((d.clone(), None)),
+        (None, None) => bail!("give a spec directory or --git URL"),
+    }
+}
+
 #[derive(Args)]
 struct PlanArgs {
     /// Directory of spec files (searched recursively), or one file.
-    dir: PathBuf,
+    #[arg(required_unless_present = "git", conflicts_with = "git")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    git: GitArgs,
     /// Plan against observed state recorded from a host (the spec shape
     /// `uvmctl export` writes) instead of the live QEMU virtstack.
     #[arg(long, value_name = "FILE")]
@@ -323,7 +419,7 @@ struct PlanArgs {
     detailed_exitcode: bool,
     /// Also save the plan, with what it was computed from, for `uvmctl
     /// apply FILE` to apply exactly it (docs/plan-json.md, "Saved plans").
-    #[arg(long, value_name = "FILE", conflicts_with = "observed")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["observed", "git"])]
     out: Option<PathBuf>,
 }
 
@@ -350,7 +446,13 @@ struct PlanCommon {
 #[derive(Args)]
 struct WatchArgs {
     /// Directory of spec files (searched recursively), or one file.
-    dir: PathBuf,
+    #[arg(required_unless_present = "git", conflicts_with = "git")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    git: GitArgs,
+    /// With --git: fetch this often (SIGHUP fetches and reconciles at once).
+    #[arg(long, value_parser = parse_duration, default_value = "1m", requires = "git")]
+    git_interval: Duration,
     /// Rescan the specs and re-observe every VM this often (30s, 5m, ...).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     resync: Duration,
@@ -417,7 +519,10 @@ struct ApplyArgs {
     /// Directory of spec files (searched recursively), or one file; or a
     /// plan saved by `plan --out`, applied only if nothing it was computed
     /// from has changed (else exit 5).
-    dir: PathBuf,
+    #[arg(required_unless_present = "git", conflicts_with = "git")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    git: GitArgs,
     #[command(flatten)]
     common: PlanCommon,
     /// Do not ask for confirmation.
@@ -744,6 +849,7 @@ fn print_refused(refused: &[(String, String)]) {
 }
 
 async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
+    let (dir, _cache) = spec_dir(&args.dir, &args.git, host, true).await?;
     let live = match &args.observed {
         None => Some(host.live(true).await?.0),
         Some(_) => None,
@@ -753,7 +859,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         (None, path) => observer(path.as_ref(), host).await?,
     };
     let planned = reconcile::plan_dir(
-        args.dir.clone(),
+        dir.clone(),
         vs.as_ref(),
         &plan_options(&args.common),
         &args.common.only,
@@ -813,8 +919,8 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         }
     }
     if let (Some(out), Some(live)) = (&args.out, &live) {
-        let dir = std::path::absolute(&args.dir)
-            .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+        let dir = std::path::absolute(&dir)
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
         let saved = saved_plan(&dir, &planned, live.as_ref(), &args.common);
         let json = serde_json::to_string_pretty(&saved)? + "\n";
         uvmctl::hostfs::replace_file(out, json.as_bytes(), 0o600)
@@ -890,7 +996,12 @@ fn read_saved(path: &std::path::Path) -> anyhow::Result<Option<SavedPlan>> {
 }
 
 async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
-    let saved = read_saved(&args.dir)?;
+    let (dir, _cache) = spec_dir(&args.dir, &args.git, host, false).await?;
+    let saved = match &args.git.git {
+        Some(_) => None,
+        None => read_saved(&dir)?,
+    };
+    let mut dir = dir;
     if let Some(s) = &saved {
         // The plan's own options are what it was computed with.
         if args.common.prune || args.common.allow_empty_prune || !args.common.only.is_empty() {
@@ -903,12 +1014,12 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
             .iter()
             .map(|n| VmName::new(n))
             .collect::<Result<_, _>>()
-            .with_context(|| format!("{}: a VM name in --only is not valid", args.dir.display()))?;
-        args.dir = s.dir.clone();
+            .with_context(|| format!("{}: a VM name in --only is not valid", dir.display()))?;
+        dir = s.dir.clone();
     }
     // Specs first: a directory that does not load changes nothing and
     // waits for no lock.
-    let loaded = reconcile::load(args.dir.clone()).await;
+    let loaded = reconcile::load(dir.clone()).await;
     if saved.is_some() && !loaded.errors.is_empty() {
         // A saved plan is only written from specs that load: these changed.
         // Their errors are not shown, since the directory is the file's
@@ -916,7 +1027,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         // errors would echo.
         eprintln!(
             "{}: the specs no longer load ({} error(s)); the saved plan is stale and nothing was applied: plan again",
-            args.dir.display(),
+            dir.display(),
             loaded.errors.len()
         );
         return Ok(EXIT_STALE_PLAN);
@@ -926,7 +1037,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         bail!("{} spec error(s); nothing was applied", loaded.errors.len());
     }
     let (vs, root) = host.live(false).await?;
-    let what = format!("uvmctl apply {}", args.dir.display());
+    let what = format!("uvmctl apply {}", dir.display());
     let _lock = lock(root, args.lock_timeout, what).await?;
 
     let observed = reconcile::observe_all(vs.as_ref()).await?;
@@ -938,7 +1049,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         &args.common.only,
     );
     if let Some(s) = &saved {
-        let stale = s.stale(&saved_plan(&args.dir, &planned, vs.as_ref(), &args.common));
+        let stale = s.stale(&saved_plan(&dir, &planned, vs.as_ref(), &args.common));
         if !stale.is_empty() {
             for why in &stale {
                 eprintln!("{why}");
@@ -1155,9 +1266,68 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
-    let dir = std::path::absolute(&args.dir)
-        .with_context(|| format!("cannot resolve {}", args.dir.display()))?;
     let (vs, state_dir) = host.live(false).await?;
+    let cache = args
+        .git
+        .git_cache
+        .clone()
+        .unwrap_or_else(|| host.state_dir.join("git"));
+    let source = args.git.source(cache.clone())?;
+    let dir = match (&args.dir, &source) {
+        (_, Some(source)) => {
+            match source.sync().await {
+                Ok(s) => {
+                    tracing::info!(url = %source.options().url, "revision in force: {}", match &s {
+                        uvmctl::source::Synced::Applied(r) | uvmctl::source::Synced::Unchanged(r) => r,
+                    })
+                }
+                // What an earlier run put in force stays in force.
+                Err(e) if source.spec_dir().exists() => tracing::warn!(
+                    kind = e.kind(),
+                    "{e}; the revision in force stays: {}",
+                    source
+                        .status()
+                        .applied
+                        .map(|r| r.to_string())
+                        .unwrap_or_default()
+                ),
+                Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
+            }
+            source.spec_dir()
+        }
+        (Some(d), None) => {
+            std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display()))?
+        }
+        (None, None) => bail!("give a spec directory or --git URL"),
+    };
+    let fetch_now = Arc::new(tokio::sync::Notify::new());
+    if let Some(source) = source.clone() {
+        let fetch_now = fetch_now.clone();
+        let interval = args.git_interval.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = fetch_now.notified() => {}
+                }
+                match source.sync().await {
+                    Ok(uvmctl::source::Synced::Applied(r)) => {
+                        tracing::info!(url = %source.options().url, "revision in force: {r}");
+                    }
+                    Ok(uvmctl::source::Synced::Unchanged(_)) => {}
+                    Err(e) => tracing::warn!(
+                        kind = e.kind(),
+                        "{e}; the revision in force stays: {}",
+                        source
+                            .status()
+                            .applied
+                            .map(|r| r.to_string())
+                            .unwrap_or_default()
+                    ),
+                }
+            }
+        });
+    }
 
     // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
     // SIGHUP (a terminal gone, `systemctl reload`): reconcile now.
@@ -1168,12 +1338,17 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let fetch_hup = fetch_now.clone();
         tokio::spawn(async move {
             loop {
                 let got = tokio::select! {
                     _ = term.recv() => Signal::Stop,
                     _ = int.recv() => Signal::Stop,
-                    _ = hup.recv() => Signal::Reconcile,
+                    _ = hup.recv() => {
+                        // With --git: fetch now too (`flux reconcile`).
+                        fetch_hup.notify_one();
+                        Signal::Reconcile
+                    }
                 };
                 if sig_tx.send(got).is_err() {
                     return;
@@ -1196,6 +1371,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
             cap: args.backoff_cap.max(args.backoff),
             ..uvmctl::watch::Backoff::default()
         },
+        source: source.map(|_| cache),
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)

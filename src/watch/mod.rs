@@ -96,6 +96,9 @@ pub struct WatchOptions {
     pub reconcile_deadline: Duration,
     /// Backoff after failures and crashes.
     pub backoff: Backoff,
+    /// The git cache the spec directory comes from (`source.json` there
+    /// says the revision in force), if it comes from git.
+    pub source: Option<PathBuf>,
 }
 
 /// Why a reconcile ran.
@@ -834,7 +837,15 @@ impl Watcher {
         let now = Instant::now();
         let backoff = self.opts.backoff;
         let vm = done.vm.clone();
+        let revision = self
+            .opts
+            .source
+            .as_deref()
+            .and_then(crate::source::read_status)
+            .and_then(|s| s.applied)
+            .map(|r| r.to_string());
         let t = self.tracked(&vm);
+        t.status.revision = revision;
         t.status.last_reconcile = Some(unix_now());
         t.status.trigger = Some(done.trigger.to_string());
         t.status.result = Some(done.outcome.to_string());
@@ -973,6 +984,11 @@ impl Watcher {
                 .iter()
                 .map(|(n, t)| (n.clone(), t.status.clone()))
                 .collect(),
+            source: self
+                .opts
+                .source
+                .as_deref()
+                .and_then(crate::source::read_status),
         }
     }
 

@@ -28,6 +28,9 @@ pub struct WatchStatus {
     pub spec_errors: Vec<String>,
     /// Per VM.
     pub vms: BTreeMap<String, VmWatch>,
+    /// The git source it follows, as its cache records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::source::SourceStatus>,
 }
 
 /// What the watcher knows of one VM.
@@ -50,6 +53,9 @@ pub struct VmWatch {
     /// The first error of its spec file, while it fails to load: the VM is
     /// kept at its last good spec meanwhile.
     pub spec_error: Option<String>,
+    /// The git revision in force at its last reconcile (`main@sha1:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 /// Writes `status` to `<dir>/watch-status.json` atomically (a temporary

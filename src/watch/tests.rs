@@ -71,6 +71,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
             cap: Duration::from_secs(2),
             stable: Duration::from_secs(60),
         },
+        source: None,
     }
 }
 

@@ -866,3 +866,169 @@ fn the_simulator_keeps_its_vms_across_processes() {
     let caps = t.uvmctl(&["capabilities", "--virtstack", "sim"]);
     assert_exit_code(&caps, 0);
 }
+
+/// A git repository a test commits to.
+fn origin_repo(dir: &Path) -> impl Fn(&[&str]) -> String + '_ {
+    std::fs::create_dir_all(dir).expect("mkdir origin");
+    let git = move |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git
+}
+
+/// Issue 17: specs from git. `plan` and `apply` fetch the ref and put its
+/// revision in force only when its specs load (nothing changes otherwise);
+/// a watcher follows new commits, fetches at once on SIGHUP, and says the
+/// revision in force, per VM too.
+#[test]
+fn specs_from_git_are_planned_applied_and_followed() {
+    let t = TestContext::new();
+    let origin = t.path("origin");
+    let git = origin_repo(&origin);
+    let commit = |file: &str, text: Option<&str>, message: &str| {
+        let p = origin.join("specs").join(file);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        match text {
+            Some(text) => std::fs::write(&p, text).expect("write"),
+            None => std::fs::remove_file(&p).expect("rm"),
+        }
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", message]);
+        git(&["rev-parse", "HEAD"])
+    };
+    let first = commit("web.yaml", Some(&vm("web", 64, "")), "web");
+    let url = format!("file://{}", origin.display());
+    let state = t.path("state");
+    let with_host = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        all.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let sim = |args: &[&str]| {
+        let all = with_host(args);
+        t.uvmctl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let from_git = ["--git", url.as_str(), "--git-path", "specs"];
+
+    let mut plan = vec!["plan", "--detailed-exitcode"];
+    plan.extend_from_slice(&from_git);
+    let out = sim(&plan);
+    assert_exit_code(&out, 2);
+    assert!(
+        stderr(&out).contains(&format!("main@sha1:{first}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("+ vm web will be created"),
+        "{}",
+        stdout(&out)
+    );
+    let mut apply = vec!["apply", "--yes"];
+    apply.extend_from_slice(&from_git);
+    assert_exit_code(&sim(&apply), 0);
+    assert_exit_code(&sim(&plan), 0);
+
+    // A revision whose specs do not load is not put in force.
+    commit("bad.yaml", Some("apiVersion: [\n"), "broken");
+    let out = sim(&apply);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("spec error(s), first: "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("bad.yaml"), "{}", stderr(&out));
+    // A ref or a path that is not there, and an unreachable URL.
+    for (args, said) in [
+        (
+            vec!["--git", url.as_str(), "--git-ref", "nosuch"],
+            "ref \"nosuch\" is not in the repository",
+        ),
+        (
+            vec!["--git", url.as_str(), "--git-path", "nowhere"],
+            "is not a directory in this revision",
+        ),
+        (
+            vec!["--git", "file:///nonexistent/repo"],
+            "git fetch failed",
+        ),
+    ] {
+        let mut plan = vec!["plan"];
+        plan.extend_from_slice(&args);
+        let out = sim(&plan);
+        assert_exit_code(&out, 1);
+        assert!(stderr(&out).contains(said), "{said}: {}", stderr(&out));
+    }
+    commit("bad.yaml", None, "fixed");
+
+    // The watcher follows the repository; SIGHUP fetches at once.
+    let watch_args = with_host(&[
+        "watch",
+        "--git",
+        &url,
+        "--git-path",
+        "specs",
+        "--git-interval",
+        "1h",
+    ]);
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(&watch_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watch runs");
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&stdout(&sim(&["status", "--output", "json"]))).unwrap_or_default()
+    };
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what} within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let fixed = git(&["rev-parse", "HEAD"]);
+    until("the watcher in sync at the fixed revision", &|| {
+        status()[0]["watch"]["revision"] == format!("main@sha1:{fixed}")
+    });
+    let added = commit("db.yaml", Some(&vm("db", 32, "")), "db");
+    nix_kill(watcher.id(), "HUP");
+    until("db created after SIGHUP", &|| {
+        let s = status();
+        s.as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["name"] == "db" && r["state"] == "running")
+        })
+    });
+    let text = stdout(&sim(&["status"]));
+    assert!(
+        text.contains(&format!("in force main@sha1:{added}")),
+        "{text}"
+    );
+    nix_kill(watcher.id(), "TERM");
+    let _ = watcher.wait();
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(ok.success());
+}

@@ -1,0 +1,987 @@
+//! Spec directories from git: a repository URL, a ref (branch or tag) and a
+//! path inside it, fetched into a cache and swapped in atomically, as
+//! Flux's source-controller does for a GitRepository.
+//!
+//! # Guarantees
+//! - A revision is put in force only whole: it is checked out into a
+//!   directory of its own (`rev-<sha>`), its specs must load without an
+//!   error, and only then is the spec directory link (`specs`) replaced by
+//!   a rename, so a reader never sees half a checkout (the spec loader and
+//!   the watcher follow the swapped link).
+//! - The revision in force stays when a fetch fails, the ref or the path is
+//!   missing, the repository grows past its bound, the commit is not signed
+//!   by an allowed signer, the history was rewritten (the new commit does
+//!   not descend from the one in force), or its specs do not load.
+//! - What is fetched is bounded in size and time: a stranger's push is
+//!   input like any other. git runs with no prompt, no hooks, no `ext::`
+//!   transport, and the URL, ref and path can never be read as options.
+//! - The path inside the revision must stay inside it (a symlinked path
+//!   pointing at `/etc` is refused).
+//!
+//! git itself does the work (the `git` program, not a library): it is on
+//! every host that has the repository's credentials, it verifies SSH
+//! signatures against git's own `allowed_signers` format (`ssh-keygen -Y`),
+//! and it keeps uvmctl free of a second git implementation to trust.
+
+use crate::spec;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The most a repository's mirror may hold, by default (256 MiB).
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+/// The longest a fetch may take, by default.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest any other git command may take.
+const GIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of git's stderr an error quotes.
+const STDERR_CHARS: usize = 300;
+
+/// Where specs come from in a git repository.
+#[derive(Debug, Clone)]
+pub struct GitOptions {
+    /// The repository (any URL git fetches: `https://`, `ssh://`, `git://`,
+    /// `file://`, a path).
+    pub url: String,
+    /// A branch or a tag.
+    pub reference: String,
+    /// The spec directory inside the repository (relative; `.` for its root).
+    pub path: PathBuf,
+    /// Where the mirror, the checkouts and the `specs` link live.
+    pub cache: PathBuf,
+    /// git's `allowed_signers` file: only commits signed (SSH) by one of
+    /// them are put in force.
+    pub allowed_signers: Option<PathBuf>,
+    /// The most the mirror may hold, in bytes.
+    pub max_bytes: u64,
+    /// The longest a fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+/// A commit of a ref, shown as Flux shows it: `main@sha1:<sha>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The ref it was fetched as.
+    pub reference: String,
+    /// The commit, 40 hex digits.
+    pub sha: String,
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@sha1:{}", self.reference, self.sha)
+    }
+}
+
+/// Why a revision was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The options cannot name a repository, ref or path.
+    #[error("{0}")]
+    Options(String),
+    /// The git program could not be run, or a cache file not written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// git refused (unreachable URL, authentication...).
+    #[error("git {what} failed: {stderr}")]
+    Git {
+        /// What git was asked to do.
+        what: &'static str,
+        /// What git said (bounded).
+        stderr: String,
+    },
+    /// The ref is not in the repository.
+    #[error("ref {0:?} is not in the repository")]
+    NoSuchRef(String),
+    /// git took longer than allowed.
+    #[error("git {what} took longer than {after:?}; stopped")]
+    Timeout {
+        /// What git was doing.
+        what: &'static str,
+        /// The bound.
+        after: Duration,
+    },
+    /// The mirror grew past its bound.
+    #[error("the repository is over {max} bytes; fetch stopped")]
+    TooLarge {
+        /// The bound.
+        max: u64,
+    },
+    /// The path is not a directory of the revision.
+    #[error("{revision}: path {path:?} is not a directory in this revision")]
+    MissingPath {
+        /// The revision.
+        revision: Revision,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Not signed by an allowed signer.
+    #[error("{revision}: not signed by an allowed signer ({reason})")]
+    Unverified {
+        /// The revision.
+        revision: Revision,
+        /// What git said.
+        reason: String,
+    },
+    /// The new commit does not descend from the one in force.
+    #[error(
+        "{revision} does not descend from {in_force}: history was rewritten (a force-push); refused"
+    )]
+    Rewritten {
+        /// The new revision.
+        revision: Revision,
+        /// The revision in force.
+        in_force: Revision,
+    },
+    /// Its specs do not load.
+    #[error("{revision}: {count} spec error(s), first: {first}")]
+    Specs {
+        /// The revision.
+        revision: Revision,
+        /// How many errors.
+        count: usize,
+        /// The first, as `validate` prints it.
+        first: String,
+    },
+}
+
+impl SourceError {
+    /// A short word for the kind, for metrics and status (bounded set).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceError::Options(_) => "options",
+            SourceError::Io { .. } => "io",
+            SourceError::Git { .. } => "fetch",
+            SourceError::NoSuchRef(_) => "no-such-ref",
+            SourceError::Timeout { .. } => "timeout",
+            SourceError::TooLarge { .. } => "too-large",
+            SourceError::MissingPath { .. } => "missing-path",
+            SourceError::Unverified { .. } => "unverified",
+            SourceError::Rewritten { .. } => "rewritten",
+            SourceError::Specs { .. } => "spec-errors",
+        }
+    }
+}
+
+/// What the cache records of the source (`source.json`): read by `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// The repository.
+    pub url: String,
+    /// The ref.
+    pub reference: String,
+    /// The path inside it.
+    pub path: PathBuf,
+    /// The revision in force (its specs are the ones applied).
+    pub applied: Option<Revision>,
+    /// The revision the last fetch found.
+    pub fetched: Option<Revision>,
+    /// When a fetch last succeeded (seconds since the epoch).
+    pub last_fetch: Option<u64>,
+    /// Why the last attempt put nothing new in force, if it failed.
+    pub last_error: Option<String>,
+    /// The kind of that error (`unverified`, `rewritten`, `spec-errors`...).
+    pub last_error_kind: Option<String>,
+    /// Revisions refused for want of a valid signature, since the cache was made.
+    pub refused_unverified: u64,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// The revision in force is still the ref's commit.
+    Unchanged(Revision),
+    /// A new revision is in force.
+    Applied(Revision),
+}
+
+/// A git source and its cache.
+#[derive(Debug, Clone)]
+pub struct GitSource {
+    opts: GitOptions,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SourceError {
+    let what = what.into();
+    move |source| SourceError::Io { what, source }
+}
+
+fn is_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl GitSource {
+    /// Checks the options: a URL and a ref git cannot read as options, a
+    /// relative path that stays inside the repository.
+    ///
+    /// # Errors
+    /// `Options`, saying which.
+    pub fn new(opts: GitOptions) -> Result<Self, SourceError> {
+        let bad = |what: &str| Err(SourceError::Options(what.to_string()));
+        if opts.url.is_empty() || opts.url.starts_with('-') || opts.url.contains(['\n', '\0']) {
+            return bad("--git: the URL must not be empty, start with '-' or hold a newline");
+        }
+        if opts.url.starts_with("ext::") {
+            return bad("--git: the ext:: transport runs commands; refused");
+        }
+        let r = &opts.reference;
+        if r.is_empty()
+            || r.starts_with('-')
+            || r.contains("..")
+            || r.ends_with('/')
+            || r.ends_with(".lock")
+            || !r
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        {
+            return bad("--ref: a branch or tag name of [A-Za-z0-9._/-], without '..'");
+        }
+        if opts.path.is_absolute()
+            || opts
+                .path
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return bad("--path: a relative path inside the repository, without '..'");
+        }
+        Ok(GitSource { opts })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &GitOptions {
+        &self.opts
+    }
+
+    /// The spec directory: a link to the revision in force, swapped whole.
+    pub fn spec_dir(&self) -> PathBuf {
+        self.opts.cache.join("specs")
+    }
+
+    fn mirror(&self) -> PathBuf {
+        self.opts.cache.join("repo.git")
+    }
+
+    fn status_path(&self) -> PathBuf {
+        self.opts.cache.join("source.json")
+    }
+
+    /// What the cache records (empty when nothing was ever fetched).
+    pub fn status(&self) -> SourceStatus {
+        read_status(&self.opts.cache).unwrap_or_else(|| SourceStatus {
+            url: self.opts.url.clone(),
+            reference: self.opts.reference.clone(),
+            path: self.opts.path.clone(),
+            ..SourceStatus::default()
+        })
+    }
+
+    fn store_status(&self, s: &SourceStatus) -> Result<(), SourceError> {
+        let bytes = serde_json::to_vec_pretty(s).map_err(|e| SourceError::Io {
+            what: "cannot encode source.json".into(),
+            source: io::Error::other(e),
+        })?;
+        crate::hostfs::replace_file(&self.status_path(), &bytes, 0o600)
+            .map_err(io_err("cannot write source.json"))
+    }
+
+    /// Fetches the ref and puts its commit in force if it is new and
+    /// passes every check; the revision in force stays otherwise. Records
+    /// the outcome in `source.json` either way.
+    ///
+    /// # Errors
+    /// Why nothing new is in force.
+    pub async fn sync(&self) -> Result<Synced, SourceError> {
+        crate::hostfs::create_dirs(&self.opts.cache, 0o700)
+            .map_err(io_err(format!("cannot make {}", self.opts.cache.display())))?;
+        // One sync per cache at a time (a watcher and an apply).
+        let lock_path = self.opts.cache.join("lock");
+        let lock = crate::hostfs::open_state_file(&lock_path, 0o600, false)
+            .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .map_err(|e| SourceError::Io {
+                what: "lock".into(),
+                source: io::Error::other(e),
+            })?
+            .map_err(io_err("cannot lock the git cache"))?;
+        let mut status = self.status();
+        status.url.clone_from(&self.opts.url);
+        status.reference.clone_from(&self.opts.reference);
+        status.path.clone_from(&self.opts.path);
+        let outcome = self.sync_locked(&mut status).await;
+        match &outcome {
+            Ok(_) => {
+                status.last_error = None;
+                status.last_error_kind = None;
+            }
+            Err(e) => {
+                status.last_error = Some(e.to_string());
+                status.last_error_kind = Some(e.kind().to_string());
+                if matches!(e, SourceError::Unverified { .. }) {
+                    status.refused_unverified += 1;
+                }
+            }
+        }
+        self.store_status(&status)?;
+        drop(lock);
+        outcome
+    }
+
+    async fn sync_locked(&self, status: &mut SourceStatus) -> Result<Synced, SourceError> {
+        let mirror = self.mirror();
+        if !mirror.join("HEAD").is_file() {
+            let _ = std::fs::remove_dir_all(&mirror);
+            self.git(&["init", "--quiet", "--bare"], &[], "init")
+                .await?;
+        }
+        self.fetch().await?;
+        let sha = self.resolve("refs/uvmctl/fetched").await?;
+        let revision = Revision {
+            reference: self.opts.reference.clone(),
+            sha,
+        };
+        status.fetched = Some(revision.clone());
+        status.last_fetch = Some(now_unix());
+        if status.applied.as_ref() == Some(&revision) && self.spec_dir().exists() {
+            return Ok(Synced::Unchanged(revision));
+        }
+        if let Some(signers) = &self.opts.allowed_signers {
+            self.verify(&revision, signers).await?;
+        }
+        if let Some(in_force) = &status.applied
+            && in_force.sha != revision.sha
+            && !self.descends(&revision.sha, &in_force.sha).await?
+        {
+            return Err(SourceError::Rewritten {
+                revision,
+                in_force: in_force.clone(),
+            });
+        }
+        let target = self.checkout(&revision).await?;
+        let loaded = spec::load_dir(&target);
+        if let Some(first) = loaded.errors.first() {
+            return Err(SourceError::Specs {
+                revision,
+                count: loaded.errors.len(),
+                first: first.to_string(),
+            });
+        }
+        self.swap(&target)?;
+        status.applied = Some(revision.clone());
+        // What the revision in force needs stays in the mirror whatever is
+        // fetched (or discarded) later.
+        self.git(
+            &["update-ref", "refs/uvmctl/applied"],
+            &[std::ffi::OsStr::new(&revision.sha)],
+            "update-ref",
+        )
+        .await?;
+        self.prune_checkouts(&revision).await;
+        Ok(Synced::Applied(revision))
+    }
+
+    /// `git fetch` of the ref into `refs/uvmctl/fetched`, stopped when the
+    /// mirror grows past its bound or the time is up.
+    async fn fetch(&self) -> Result<(), SourceError> {
+        let refspec = format!("+{}:refs/uvmctl/fetched", self.opts.reference);
+        let mirror = self.mirror();
+        let mut child = self
+            .command(&mirror)
+            .args([
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--",
+            ])
+            .arg(&self.opts.url)
+            .arg(&refspec)
+            .spawn()
+            .map_err(io_err("cannot run git"))?;
+        let stderr = child.stderr.take();
+        let reading = tokio::spawn(async move {
+            let mut text = String::new();
+            if let Some(mut e) = stderr {
+                use tokio::io::AsyncReadExt;
+                let mut buf = Vec::new();
+                let _ = (&mut e).take(64 << 10).read_to_end(&mut buf).await;
+                text = String::from_utf8_lossy(&buf).into_owned();
+            }
+            text
+        });
+        let start = Instant::now();
+        let exit = loop {
+            tokio::select! {
+                exit = child.wait() => break exit.map_err(io_err("git fetch"))?,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let over = dir_size(&mirror.join("objects")) > self.opts.max_bytes;
+            if over || start.elapsed() > self.opts.fetch_timeout {
+                let _ = child.kill().await;
+                // A killed fetch leaves temporary packs; the refs are untouched.
+                remove_temp_packs(&mirror);
+                return Err(if over {
+                    SourceError::TooLarge {
+                        max: self.opts.max_bytes,
+                    }
+                } else {
+                    SourceError::Timeout {
+                        what: "fetch",
+                        after: self.opts.fetch_timeout,
+                    }
+                });
+            }
+        };
+        let stderr = reading.await.unwrap_or_default();
+        if exit.success() {
+            if dir_size(&mirror.join("objects")) > self.opts.max_bytes {
+                // Back to what the revision in force needs.
+                let _ = self
+                    .git(
+                        &["update-ref", "-d", "refs/uvmctl/fetched"],
+                        &[],
+                        "update-ref",
+                    )
+                    .await;
+                let _ = self.git(&["repack", "-a", "-d", "-q"], &[], "repack").await;
+                let _ = self.git(&["prune", "--expire=now"], &[], "prune").await;
+                return Err(SourceError::TooLarge {
+                    max: self.opts.max_bytes,
+                });
+            }
+            return Ok(());
+        }
+        if stderr.contains("couldn't find remote ref") {
+            return Err(SourceError::NoSuchRef(self.opts.reference.clone()));
+        }
+        Err(SourceError::Git {
+            what: "fetch",
+            stderr: bounded(&stderr),
+        })
+    }
+
+    async fn resolve(&self, name: &str) -> Result<String, SourceError> {
+        let out = self
+            .git(
+                &["rev-parse", "--verify", "--quiet", "--end-of-options"],
+                &[std::ffi::OsStr::new(&format!("{name}^{{commit}}"))],
+                "rev-parse",
+            )
+            .await?;
+        let sha = out.trim().to_string();
+        if is_sha(&sha) {
+            Ok(sha)
+        } else {
+            Err(SourceError::NoSuchRef(self.opts.reference.clone()))
+        }
+    }
+
+    async fn verify(&self, revision: &Revision, signers: &Path) -> Result<(), SourceError> {
+        let out = self
+            .command(&self.mirror())
+            .arg("-c")
+            .arg(format!("gpg.ssh.allowedSignersFile={}", signers.display()))
+            .arg("verify-commit")
+            .arg(&revision.sha)
+            .output();
+        let out = tokio::time::timeout(GIT_TIMEOUT, out)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                what: "verify-commit",
+                after: GIT_TIMEOUT,
+            })?
+            .map_err(io_err("cannot run git verify-commit"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&out.stderr);
+        let reason = said
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("no signature");
+        Err(SourceError::Unverified {
+            revision: revision.clone(),
+            reason: bounded(reason),
+        })
+    }
+
+    async fn descends(&self, new: &str, old: &str) -> Result<bool, SourceError> {
+        let out = self
+            .command(&self.mirror())
+            .args(["merge-base", "--is-ancestor", old, new])
+            .output();
+        let out = tokio::time::timeout(GIT_TIMEOUT, out)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                what: "merge-base",
+                after: GIT_TIMEOUT,
+            })?
+            .map_err(io_err("cannot run git merge-base"))?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(SourceError::Git {
+                what: "merge-base",
+                stderr: bounded(&String::from_utf8_lossy(&out.stderr)),
+            }),
+        }
+    }
+
+    /// The revision checked out in a directory of its own; the spec path
+    /// inside it, which must be a directory that stays inside it.
+    async fn checkout(&self, revision: &Revision) -> Result<PathBuf, SourceError> {
+        let dir = self.opts.cache.join(format!("rev-{}", revision.sha));
+        if !dir.join(".git").exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+            self.git(&["worktree", "prune"], &[], "worktree prune")
+                .await?;
+            self.git(
+                &["worktree", "add", "--quiet", "--detach", "--force"],
+                &[dir.as_os_str(), std::ffi::OsStr::new(&revision.sha)],
+                "worktree add",
+            )
+            .await?;
+        }
+        let target = dir.join(&self.opts.path);
+        let missing = || SourceError::MissingPath {
+            revision: revision.clone(),
+            path: self.opts.path.clone(),
+        };
+        let resolved = std::fs::canonicalize(&target).map_err(|_| missing())?;
+        let root = std::fs::canonicalize(&dir).map_err(io_err("cannot resolve the checkout"))?;
+        if !resolved.starts_with(&root) || !resolved.is_dir() {
+            return Err(missing());
+        }
+        Ok(target)
+    }
+
+    /// Points `specs` at `target` with one rename.
+    fn swap(&self, target: &Path) -> Result<(), SourceError> {
+        let link = self.spec_dir();
+        let relative = target
+            .strip_prefix(&self.opts.cache)
+            .map_or_else(|_| target.to_path_buf(), Path::to_path_buf);
+        let temp = self
+            .opts
+            .cache
+            .join(format!(".specs.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(&relative, &temp).map_err(io_err("cannot link the revision"))?;
+        std::fs::rename(&temp, &link).map_err(io_err("cannot swap the spec directory"))
+    }
+
+    /// Keeps the checkout in force and the one before it; removes the rest.
+    async fn prune_checkouts(&self, keep: &Revision) {
+        let Ok(entries) = std::fs::read_dir(&self.opts.cache) else {
+            return;
+        };
+        let mut old: Vec<(SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("rev-") && n != format!("rev-{}", keep.sha))
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        old.sort();
+        old.pop();
+        for (_, dir) in old {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = self
+            .git(&["worktree", "prune"], &[], "worktree prune")
+            .await;
+    }
+
+    fn command(&self, git_dir: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("--git-dir")
+            .arg(git_dir)
+            .args([
+                "-c",
+                "protocol.ext.allow=never",
+                "-c",
+                "core.hooksPath=/dev/null",
+                "-c",
+                "core.fsmonitor=false",
+                "-c",
+                "gc.auto=0",
+            ])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env_remove("GIT_DIR")
+            .env_remove("GIT_WORK_TREE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs a git command on the mirror with a deadline; its stdout.
+    async fn git(
+        &self,
+        args: &[&str],
+        rest: &[&std::ffi::OsStr],
+        what: &'static str,
+    ) -> Result<String, SourceError> {
+        let out = self.command(&self.mirror()).args(args).args(rest).output();
+        let out = tokio::time::timeout(GIT_TIMEOUT, out)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                what,
+                after: GIT_TIMEOUT,
+            })?
+            .map_err(io_err(format!("cannot run git {what}")))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(SourceError::Git {
+                what,
+                stderr: bounded(&String::from_utf8_lossy(&out.stderr)),
+            })
+        }
+    }
+}
+
+/// What `source.json` in a git cache says, if it says anything.
+pub fn read_status(cache: &Path) -> Option<SourceStatus> {
+    let bytes = crate::hostfs::read_state_file(&cache.join("source.json"), 1 << 20).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn bounded(text: &str) -> String {
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    one_line.chars().take(STDERR_CHARS).collect()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn remove_temp_packs(mirror: &Path) {
+    let pack = mirror.join("objects/pack");
+    if let Ok(entries) = std::fs::read_dir(&pack) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with("tmp_") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A repository to fetch from, with git's own command line.
+    struct Origin {
+        dir: tempfile::TempDir,
+    }
+
+    impl Origin {
+        fn new() -> Self {
+            let o = Origin {
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            o.git(&["init", "-q", "-b", "main"]);
+            o
+        }
+
+        fn git(&self, args: &[&str]) -> String {
+            let out = Command::new("git")
+                .arg("-C")
+                .arg(self.dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                .args(args)
+                .output()
+                .expect("git runs");
+            assert!(
+                out.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, text).expect("write");
+        }
+
+        fn commit(&self, message: &str, extra: &[&str]) -> String {
+            self.git(&["add", "-A"]);
+            let mut args = vec!["commit", "-q", "-m", message];
+            args.extend_from_slice(extra);
+            self.git(&args);
+            self.git(&["rev-parse", "HEAD"])
+        }
+
+        fn url(&self) -> String {
+            format!("file://{}", self.dir.path().display())
+        }
+    }
+
+    fn vm(name: &str) -> String {
+        format!(
+            "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n"
+        )
+    }
+
+    fn source(origin: &Origin, cache: &Path) -> GitSource {
+        GitSource::new(GitOptions {
+            url: origin.url(),
+            reference: "main".into(),
+            path: "specs".into(),
+            cache: cache.to_path_buf(),
+            allowed_signers: None,
+            max_bytes: DEFAULT_MAX_BYTES,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+        })
+        .expect("options")
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        spec::load_dir(dir).desired.vms.into_keys().collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_revision_is_checked_out_and_swapped_in_whole() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        origin.write("README.md", "not a spec\n");
+        let first = origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        let rev = Revision {
+            reference: "main".into(),
+            sha: first.clone(),
+        };
+        assert_eq!(
+            src.sync().await.expect("sync"),
+            Synced::Applied(rev.clone())
+        );
+        assert_eq!(rev.to_string(), format!("main@sha1:{first}"));
+        assert_eq!(names(&src.spec_dir()), ["web"]);
+        assert_eq!(
+            src.sync().await.expect("sync"),
+            Synced::Unchanged(rev.clone())
+        );
+
+        origin.write("specs/db.yaml", &vm("db"));
+        let second = origin.commit("db", &[]);
+        assert!(matches!(src.sync().await.expect("sync"), Synced::Applied(r) if r.sha == second));
+        assert_eq!(names(&src.spec_dir()), ["db", "web"]);
+        let status = src.status();
+        assert_eq!(status.applied.map(|r| r.sha), Some(second.clone()));
+        assert_eq!(status.fetched.map(|r| r.sha), Some(second.clone()));
+        assert!(status.last_fetch.is_some() && status.last_error.is_none());
+        origin.write("specs/cache.yaml", &vm("cache"));
+        origin.commit("cache", &[]);
+        src.sync().await.expect("sync");
+        // The checkout in force and the one before it are kept.
+        let kept = std::fs::read_dir(cache.path())
+            .expect("cache")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("rev-"))
+            .count();
+        assert_eq!(kept, 2);
+        assert!(!cache.path().join(format!("rev-{first}")).exists());
+    }
+
+    /// Issue 17: bad input gets a clear error and changes nothing.
+    #[tokio::test]
+    async fn what_cannot_be_put_in_force_leaves_the_revision_in_force() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        let good = origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        src.sync().await.expect("sync");
+        let in_force = || (src.status().applied.map(|r| r.sha), names(&src.spec_dir()));
+        let before = (Some(good.clone()), vec!["web".to_string()]);
+
+        // A spec that does not load.
+        origin.write("specs/bad.yaml", "apiVersion: [\n");
+        origin.commit("broken", &[]);
+        let e = src.sync().await.expect_err("spec errors");
+        assert!(matches!(e, SourceError::Specs { count: 1, .. }), "{e}");
+        assert!(e.to_string().contains("bad.yaml"), "{e}");
+        assert_eq!(in_force(), before);
+        assert_eq!(src.status().last_error_kind.as_deref(), Some("spec-errors"));
+
+        // History rewritten: the broken commit replaced by another.
+        origin.git(&["reset", "-q", "--hard", &good]);
+        origin.git(&["checkout", "-q", "--orphan", "rewritten"]);
+        origin.write("specs/other.yaml", &vm("other"));
+        origin.commit("unrelated", &[]);
+        origin.git(&["branch", "-q", "-M", "main"]);
+        let e = src.sync().await.expect_err("rewritten");
+        assert!(matches!(e, SourceError::Rewritten { .. }), "{e}");
+        assert_eq!(in_force(), before);
+
+        // A ref that does not exist, a path missing from the revision, an
+        // unreachable URL, a repository over its bound.
+        let mut opts = src.options().clone();
+        opts.reference = "nosuch".into();
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("no ref");
+        assert!(matches!(e, SourceError::NoSuchRef(_)), "{e}");
+        let mut opts = src.options().clone();
+        opts.path = "nowhere".into();
+        opts.cache = cache.path().join("other");
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("no path");
+        assert!(matches!(e, SourceError::MissingPath { .. }), "{e}");
+        let mut opts = src.options().clone();
+        opts.url = format!("file://{}/none", cache.path().display());
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("unreachable");
+        assert!(matches!(e, SourceError::Git { .. }), "{e}");
+        let mut opts = src.options().clone();
+        opts.max_bytes = 1;
+        opts.cache = cache.path().join("tiny");
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("too large");
+        assert!(matches!(e, SourceError::TooLarge { .. }), "{e}");
+        assert_eq!(in_force(), before);
+    }
+
+    #[tokio::test]
+    async fn a_spec_path_that_leaves_the_revision_is_refused() {
+        let origin = Origin::new();
+        std::os::unix::fs::symlink("/etc", origin.dir.path().join("specs")).expect("link");
+        origin.commit("a path pointing out", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let e = source(&origin, cache.path())
+            .sync()
+            .await
+            .expect_err("outside");
+        assert!(matches!(e, SourceError::MissingPath { .. }), "{e}");
+        assert!(!cache.path().join("specs").exists());
+    }
+
+    #[test]
+    fn options_that_git_could_read_as_options_are_refused() {
+        let ok = GitOptions {
+            url: "https://example.com/r.git".into(),
+            reference: "main".into(),
+            path: ".".into(),
+            cache: "/tmp/c".into(),
+            allowed_signers: None,
+            max_bytes: 1,
+            fetch_timeout: Duration::from_secs(1),
+        };
+        assert!(GitSource::new(ok.clone()).is_ok());
+        for (url, reference, path) in [
+            ("--upload-pack=touch /tmp/x", "main", "."),
+            ("ext::sh -c touch% /tmp/x", "main", "."),
+            ("https://e/r", "-main", "."),
+            ("https://e/r", "a..b", "."),
+            ("https://e/r", "main", "../up"),
+            ("https://e/r", "main", "/etc"),
+        ] {
+            let opts = GitOptions {
+                url: url.into(),
+                reference: reference.into(),
+                path: path.into(),
+                ..ok.clone()
+            };
+            assert!(
+                matches!(GitSource::new(opts), Err(SourceError::Options(_))),
+                "{url} {reference} {path}"
+            );
+        }
+    }
+
+    /// Issue 17: with allowed signers, only a commit signed by one is put
+    /// in force; the refusal is counted.
+    #[tokio::test]
+    async fn only_commits_signed_by_an_allowed_signer_are_put_in_force() {
+        let keys = tempfile::tempdir().expect("tempdir");
+        let key = keys.path().join("id");
+        let made = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f"])
+            .arg(&key)
+            .status()
+            .expect("ssh-keygen runs");
+        assert!(made.success());
+        let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+        let signers = keys.path().join("allowed_signers");
+        std::fs::write(&signers, format!("ops@example.com {public}")).expect("write");
+
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        origin.commit("unsigned", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let mut opts = source(&origin, cache.path()).options().clone();
+        opts.allowed_signers = Some(signers);
+        let src = GitSource::new(opts).expect("options");
+        let e = src.sync().await.expect_err("unsigned");
+        assert!(matches!(e, SourceError::Unverified { .. }), "{e}");
+        assert!(!src.spec_dir().exists());
+        assert_eq!(src.status().refused_unverified, 1);
+
+        origin.write("specs/db.yaml", &vm("db"));
+        origin.git(&["add", "-A"]);
+        let key = key.display().to_string();
+        origin.git(&[
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            &format!("user.signingkey={key}"),
+            "commit",
+            "-q",
+            "-S",
+            "-m",
+            "signed",
+        ]);
+        let signed = origin.git(&["rev-parse", "HEAD"]);
+        assert!(matches!(src.sync().await.expect("signed"), Synced::Applied(r) if r.sha == signed));
+        assert_eq!(names(&src.spec_dir()), ["db", "web"]);
+    }
+}
