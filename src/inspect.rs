@@ -264,7 +264,10 @@ pub async fn export(
         let doc = VmDocument {
             api_version: API_VERSION.into(),
             kind: KIND.into(),
-            metadata: Metadata { name },
+            metadata: Metadata {
+                name,
+                labels: Default::default(),
+            },
             spec: config,
             status: Some(VmStatus {
                 state: vm.state,

@@ -333,6 +333,54 @@ struct GitArgs {
     git_timeout: Duration,
 }
 
+/// Which of the specs are this host's (README.md, "A fleet from one
+/// repository"). Names and MACs stay unique over every spec.
+#[derive(Args, Clone)]
+struct PlacementArgs {
+    /// Only the VMs whose labels match (kubectl's syntax: key=value,
+    /// key!=value, key, !key, joined by commas); the others are neither
+    /// created nor kept here.
+    #[arg(long, short = 'l', value_name = "SELECTOR")]
+    selector: Option<uvmctl::spec::Selector>,
+    /// Only the VMs labelled `host: NAME` [NAME default: this host's name].
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    for_host: Option<String>,
+    /// Only the VMs whose spec file is under this directory of the specs
+    /// (e.g. hosts/web-01).
+    #[arg(long, value_name = "PATH")]
+    placement_path: Option<PathBuf>,
+}
+
+impl PlacementArgs {
+    fn placement(&self) -> anyhow::Result<Option<uvmctl::spec::Placement>> {
+        if self.selector.is_none() && self.for_host.is_none() && self.placement_path.is_none() {
+            return Ok(None);
+        }
+        let mut selector = self.selector.clone().unwrap_or_default();
+        if let Some(name) = &self.for_host {
+            let name = if name.is_empty() {
+                nix::unistd::gethostname()
+                    .context("cannot read this host's name for --for-host")?
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                name.clone()
+            };
+            let one: uvmctl::spec::Selector = format!("{}={name}", uvmctl::spec::HOST_LABEL)
+                .parse()
+                .context("--for-host")?;
+            selector = selector.and(one);
+        }
+        if let Some(p) = &self.placement_path {
+            uvmctl::spec::Placement::check_path(p).map_err(anyhow::Error::msg)?;
+        }
+        Ok(Some(uvmctl::spec::Placement {
+            selector,
+            path: self.placement_path.clone(),
+        }))
+    }
+}
+
 /// A temporary git cache, removed when dropped.
 struct TempCache(PathBuf);
 
@@ -402,6 +450,8 @@ struct PlanArgs {
     dir: Option<PathBuf>,
     #[command(flatten)]
     git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
     /// Plan against observed state recorded from a host (the spec shape
     /// `uvmctl export` writes) instead of the live QEMU virtstack.
     #[arg(long, value_name = "FILE")]
@@ -419,7 +469,11 @@ struct PlanArgs {
     detailed_exitcode: bool,
     /// Also save the plan, with what it was computed from, for `uvmctl
     /// apply FILE` to apply exactly it (docs/plan-json.md, "Saved plans").
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["observed", "git"])]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["observed", "git", "selector", "for_host", "placement_path"]
+    )]
     out: Option<PathBuf>,
 }
 
@@ -450,6 +504,8 @@ struct WatchArgs {
     dir: Option<PathBuf>,
     #[command(flatten)]
     git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
     /// With --git: fetch this often (SIGHUP fetches and reconciles at once).
     #[arg(long, value_parser = parse_duration, default_value = "1m", requires = "git")]
     git_interval: Duration,
@@ -523,6 +579,8 @@ struct ApplyArgs {
     dir: Option<PathBuf>,
     #[command(flatten)]
     git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
     #[command(flatten)]
     common: PlanCommon,
     /// Do not ask for confirmation.
@@ -775,7 +833,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
-    let loaded = reconcile::load(dir).await;
+    let loaded = reconcile::load(dir, None).await;
     if output == Output::Json {
         let doc = serde_json::json!({
             "formatVersion": 1,
@@ -860,6 +918,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
     };
     let planned = reconcile::plan_dir(
         dir.clone(),
+        args.placement.placement()?,
         vs.as_ref(),
         &plan_options(&args.common),
         &args.common.only,
@@ -1007,6 +1066,11 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         if args.common.prune || args.common.allow_empty_prune || !args.common.only.is_empty() {
             bail!("a saved plan carries its own --only and --prune; give neither with it");
         }
+        if args.placement.placement()?.is_some() {
+            bail!(
+                "a saved plan is made without placement; give no --selector, --for-host or --placement-path with it"
+            );
+        }
         args.common.prune = s.prune;
         args.common.allow_empty_prune = s.allow_empty_prune;
         args.common.only = s
@@ -1019,7 +1083,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     }
     // Specs first: a directory that does not load changes nothing and
     // waits for no lock.
-    let loaded = reconcile::load(dir.clone()).await;
+    let loaded = reconcile::load(dir.clone(), args.placement.placement()?).await;
     if saved.is_some() && !loaded.errors.is_empty() {
         // A saved plan is only written from specs that load: these changed.
         // Their errors are not shown, since the directory is the file's
@@ -1372,6 +1436,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
             ..uvmctl::watch::Backoff::default()
         },
         source: source.map(|_| cache),
+        placement: args.placement.placement()?,
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 pub const OBSERVE_DEADLINE: Duration = Duration::from_secs(12);
 
 /// Loads a spec directory on the blocking pool (it reads many files).
-pub async fn load(dir: PathBuf) -> Loaded {
+pub async fn load(dir: PathBuf, placement: Option<spec::Placement>) -> Loaded {
     let shown = dir.clone();
-    tokio::task::spawn_blocking(move || spec::load_dir(&dir))
+    tokio::task::spawn_blocking(move || spec::load_dir_placed(&dir, placement.as_ref()))
         .await
         .unwrap_or_else(|e| Loaded {
             desired: Default::default(),
@@ -217,11 +217,12 @@ impl std::fmt::Display for Applied {
 /// Loads, observes and plans: what `plan` shows and `apply` starts from.
 pub async fn plan_dir(
     dir: PathBuf,
+    placement: Option<spec::Placement>,
     vs: &dyn Observe,
     opts: &PlanOptions,
     only: &[VmName],
 ) -> Result<Planned, VmError> {
-    let loaded = load(dir).await;
+    let loaded = load(dir, placement).await;
     let observed = observe_all(vs).await?;
     Ok(Planned::new(loaded, observed, vs, opts, only))
 }

@@ -137,6 +137,7 @@ fn check(data: &[u8]) {
                 kind: KIND.into(),
                 metadata: Metadata {
                     name: vm.name.clone(),
+                    labels: Default::default(),
                 },
                 spec: config,
                 status: None,

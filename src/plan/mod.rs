@@ -255,7 +255,10 @@ pub fn plan(
         }
     }
 
-    let nothing_loaded = desired.vms.is_empty() && desired.unknown.is_empty();
+    // Specs that place every VM on other hosts did load: a host whose last
+    // VM moved away may prune it.
+    let nothing_loaded =
+        desired.vms.is_empty() && desired.unknown.is_empty() && desired.elsewhere.is_empty();
     for (name, have) in &observed.vms {
         if !have.managed || desired.vms.contains_key(name) || desired.unknown.contains(name) {
             continue;
@@ -265,10 +268,15 @@ pub fn plan(
             kind,
             message,
         };
+        let no_spec = if desired.elsewhere.contains(name) {
+            "its spec places it on another host"
+        } else {
+            "no spec"
+        };
         if !opts.prune {
             out.notes.push(note(
                 NoteKind::NoSpec,
-                "no spec; not removed (use --prune to remove it)".into(),
+                format!("{no_spec}; not removed (use --prune to remove it)"),
             ));
         } else if !desired.failed_files.is_empty() {
             let n = desired.failed_files.len();
@@ -276,7 +284,7 @@ pub fn plan(
             out.notes.push(note(
                 NoteKind::PruneBlocked,
                 format!(
-                    "no spec, but not pruned: {n} spec {files} failed to load and may define it"
+                    "{no_spec}, but not pruned: {n} spec {files} failed to load and may define it"
                 ),
             ));
         } else if nothing_loaded && !opts.allow_empty_prune {
@@ -287,7 +295,7 @@ pub fn plan(
         } else if have.config.policy.protected {
             out.notes.push(note(
                 NoteKind::Protected,
-                "no spec, but protected by its policy; not pruned".into(),
+                format!("{no_spec}, but protected by its policy; not pruned"),
             ));
         } else {
             out.vms.push(VmPlan {

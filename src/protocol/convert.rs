@@ -256,7 +256,10 @@ pub fn validated(name: &str, cfg: VmConfig) -> Result<VmConfig, RequestError> {
     let mut doc = VmDocument {
         api_version: crate::spec::API_VERSION.into(),
         kind: crate::spec::KIND.into(),
-        metadata: crate::spec::Metadata { name: name.into() },
+        metadata: crate::spec::Metadata {
+            name: name.into(),
+            labels: Default::default(),
+        },
         spec: cfg,
         status: None,
     };

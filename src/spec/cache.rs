@@ -3,8 +3,8 @@
 //! names, MACs, writable images) run again over the whole cached set, so
 //! they hold exactly as in a full [`load_dir`](super::load_dir).
 
-use super::Loaded;
 use super::load::{FileResult, SpecFile, list_files, load_file, merge, resolve};
+use super::{Loaded, Placement};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -61,6 +61,7 @@ pub struct SpecCache {
     /// components, and this map is probed once per file on every reload).
     files: HashMap<OsString, Cached>,
     last_reads: usize,
+    placement: Option<Placement>,
 }
 
 impl SpecCache {
@@ -70,6 +71,16 @@ impl SpecCache {
             root: root.into(),
             files: HashMap::new(),
             last_reads: 0,
+            placement: None,
+        }
+    }
+
+    /// The same, keeping as desired only the VMs `placement` makes this
+    /// host's ([`load_dir_placed`](super::load_dir_placed)).
+    pub fn placed(root: impl Into<PathBuf>, placement: Option<Placement>) -> Self {
+        SpecCache {
+            placement,
+            ..SpecCache::new(root)
         }
     }
 
@@ -125,7 +136,11 @@ impl SpecCache {
             .iter()
             .filter_map(|f| self.files.get(f.name.as_os_str()).map(|c| &c.result))
             .collect();
-        merge(&results, errors)
+        merge(
+            &results,
+            errors,
+            self.placement.as_ref().map(|p| (self.root.as_path(), p)),
+        )
     }
 }
 

@@ -8,7 +8,7 @@ use super::aliases;
 use super::error::{SpecError, excerpt_bare, excerpt_escaped, excerpt_unquoted};
 use super::locate::Locations;
 use super::validate::{Problem, validate_document};
-use super::{DesiredState, DesiredVm};
+use super::{DesiredState, DesiredVm, Placement};
 use crate::vm::config::VmDocument;
 use nix::libc;
 use rayon::prelude::*;
@@ -154,10 +154,21 @@ pub(super) fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> Vec<SpecFi
 /// Loads every spec under `root`. Never fails as a whole: problems are in
 /// [`Loaded::errors`] and the VMs they concern in `desired.unknown`.
 pub fn load_dir(root: &Path) -> Loaded {
+    load_dir_placed(root, None)
+}
+
+/// Loads every spec under `root`, keeping as desired only the VMs
+/// `placement` makes this host's (all without one). Names and MACs must be
+/// unique over every spec; a writable image is checked among this host's.
+pub fn load_dir_placed(root: &Path, placement: Option<&Placement>) -> Loaded {
     let mut errors = Vec::new();
     let files = list_files(root, &mut errors);
     let results: Vec<FileResult> = files.par_iter().map(|f| resolve(load_file(f))).collect();
-    merge(&results.iter().collect::<Vec<_>>(), errors)
+    merge(
+        &results.iter().collect::<Vec<_>>(),
+        errors,
+        placement.map(|p| (root, p)),
+    )
 }
 
 /// Loads specs from in-memory files (name, text), as [`load_dir`] does from disk.
@@ -166,7 +177,7 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Loaded {
         .par_iter()
         .map(|(path, text)| resolve(parse_str(path, text.clone())))
         .collect();
-    merge(&results.iter().collect::<Vec<_>>(), Vec::new())
+    merge(&results.iter().collect::<Vec<_>>(), Vec::new(), None)
 }
 
 /// `pos` (1-based line and column) moved inside `text`: libyaml puts an
@@ -205,6 +216,8 @@ pub(super) struct FileResult {
     path: PathBuf,
     text: String,
     vms: Vec<DesiredVm>,
+    /// The labels of each of `vms`, in the same order (for placement).
+    labels: Vec<std::collections::BTreeMap<String, String>>,
     /// Names of VMs in this file whose documents have errors.
     unknown: Vec<String>,
     pending: Vec<Pending>,
@@ -487,6 +500,7 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         };
         let problems: Vec<Problem> = validate_document(&mut doc);
         if problems.is_empty() {
+            r.labels.push(std::mem::take(&mut doc.metadata.labels));
             r.vms.push(DesiredVm {
                 name: doc.metadata.name,
                 file: path.to_path_buf(),
@@ -784,8 +798,18 @@ fn positioned(path: &Path, text: &str, pending: Vec<Pending>) -> Vec<SpecError> 
 /// Joins per-file results into one desired state, adding the checks that
 /// span files (names, MACs, writable images). Reads nothing from disk: it
 /// runs again over cached results on every change a watcher sees.
-pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Loaded {
+pub(super) fn merge(
+    results: &[&FileResult],
+    mut errors: Vec<SpecError>,
+    placement: Option<(&Path, &Placement)>,
+) -> Loaded {
     let mut desired = DesiredState::default();
+    let here = |r: &FileResult, i: usize| {
+        placement.is_none_or(|(root, p)| {
+            let none = std::collections::BTreeMap::new();
+            p.places_here(root, &r.path, r.labels.get(i).unwrap_or(&none))
+        })
+    };
 
     // Cross-VM checks, in file order so messages are deterministic.
     let mut cross: Vec<(usize, Pending)> = Vec::new();
@@ -796,7 +820,8 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
     let mut by_mac: HashMap<&str, Vec<Site>> = HashMap::new();
     let mut by_disk: HashMap<&std::ffi::OsStr, Vec<(Site, bool)>> = HashMap::new();
     for (fi, r) in results.iter().enumerate() {
-        for vm in &r.vms {
+        for (vi, vm) in r.vms.iter().enumerate() {
+            let is_here = here(r, vi);
             let site = |field: Field| Site {
                 vm: &vm.name,
                 file: fi,
@@ -809,6 +834,10 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
                     .entry(&n.mac_address)
                     .or_default()
                     .push(site(Field::Mac(i)));
+            }
+            // A host's own images: another host's VM may use the same path.
+            if !is_here {
+                continue;
             }
             for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
                 for (j, d) in c.disks.iter().enumerate() {
@@ -891,12 +920,16 @@ pub(super) fn merge(results: &[&FileResult], mut errors: Vec<SpecError>) -> Load
         if let Some(pending) = cross_by_file.remove(&fi) {
             errors.extend(positioned(&r.path, &r.text, pending));
         }
-        loaded_vms.extend(
-            r.vms
-                .iter()
-                .filter(|vm| !unknown.contains(&vm.name))
-                .cloned(),
-        );
+        for (vi, vm) in r.vms.iter().enumerate() {
+            if unknown.contains(&vm.name) {
+                continue;
+            }
+            if here(r, vi) {
+                loaded_vms.push(vm.clone());
+            } else {
+                desired.elsewhere.insert(vm.name.clone());
+            }
+        }
     }
     // Built in one go from a list: much cheaper than 10,000 single inserts.
     desired.vms = loaded_vms

@@ -6,6 +6,7 @@ mod cache;
 mod error;
 mod load;
 mod locate;
+mod placement;
 mod schema;
 mod validate;
 
@@ -16,8 +17,10 @@ pub use aliases::{ALIAS_EXPANSION_FACTOR, MIN_ALIAS_EXPANSION_BYTES};
 pub use cache::{Reload, SpecCache};
 pub use error::{EXCERPT_CHARS, SpecError, SpecErrors};
 pub use load::{
-    Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir, load_texts,
+    Loaded, MAX_DOCUMENTS_PER_FILE, MAX_SPEC_FILE_BYTES, is_spec_file_name, load_dir,
+    load_dir_placed, load_texts,
 };
+pub use placement::{HOST_LABEL, Placement, Selector, SelectorError};
 pub use schema::json_schema;
 pub use validate::{
     MAX_MEMORY_MB, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,
@@ -51,6 +54,9 @@ pub struct DesiredState {
     pub vms: BTreeMap<String, DesiredVm>,
     /// Names of VMs whose specs failed to load: never planned, never pruned.
     pub unknown: BTreeSet<String>,
+    /// Names of VMs whose (valid) specs place them on another host: not
+    /// planned here; one this host has is a prune candidate.
+    pub elsewhere: BTreeSet<String>,
     /// Files that had any error. While this is not empty nothing is pruned,
     /// since a file that did not parse may have named any VM.
     pub failed_files: BTreeSet<PathBuf>,

@@ -67,6 +67,20 @@ fn name(max: usize, dot_underscore: bool) -> Value {
     json!({ "pattern": whole(&format!("{class}{{1,{max}}}")) })
 }
 
+/// Kubernetes label syntax: `[prefix/]name`, the prefix a DNS subdomain
+/// of at most 253 characters; values empty or as a name.
+fn labels() -> Value {
+    let name = "[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?";
+    let dns_label = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
+    json!({
+        "maxProperties": super::validate::MAX_LABELS,
+        "propertyNames": {
+            "pattern": whole(&format!("(?:(?=[^/]{{1,253}}/){dns_label}(?:\\.{dns_label})*/)?{name}")),
+        },
+        "additionalProperties": { "type": "string", "pattern": whole(&format!("(?:{name})?")) },
+    })
+}
+
 fn range(min: u64, max: u64) -> Value {
     json!({ "minimum": min, "maximum": max })
 }
@@ -104,6 +118,7 @@ fn rules() -> Vec<(&'static str, Value)> {
         ("/properties/apiVersion", json!({ "const": API_VERSION })),
         ("/properties/kind", json!({ "const": KIND })),
         ("/$defs/Metadata/properties/name", name(64, false)),
+        ("/$defs/Metadata/properties/labels", labels()),
         (
             "/$defs/Boot",
             json!({ "oneOf": [present_object("uefi"), present_object("linuxKernelDirect")] }),

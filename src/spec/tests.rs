@@ -748,3 +748,132 @@ fn fuzz_a_yaml_parser_panic_is_the_files_error_and_spares_the_other_files() {
         );
     }
 }
+
+fn placed_vm(name: &str, host: &str, extra: &str) -> String {
+    vm(name, extra).replace(
+        &format!("  name: {name}\n"),
+        &format!("  name: {name}\n  labels:\n    host: {host}\n"),
+    )
+}
+
+fn load_placed(files: &[(&str, &str)], selector: &str) -> Loaded {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (p, t) in files {
+        let path = dir.path().join(p);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, t).expect("write");
+    }
+    let placement = Placement {
+        selector: selector.parse().expect("selector"),
+        path: None,
+    };
+    let mut l = load_dir_placed(dir.path(), Some(&placement));
+    // Paths in errors without the temporary directory.
+    for e in &mut l.errors {
+        e.file = e
+            .file
+            .strip_prefix(dir.path())
+            .unwrap_or(&e.file)
+            .to_path_buf();
+    }
+    l
+}
+
+/// Issue 17: a host keeps only the VMs its placement selects; names and
+/// MACs stay unique over every spec, a writable image only among one
+/// host's VMs.
+#[test]
+fn placement_keeps_this_hosts_vms_and_checks_fleet_wide_invariants() {
+    let nic = |mac: &str| {
+        format!(
+            "  networkAdapters:\n    - nicId: 6f1c2a4e-0b7d-4c55-9a51-3f6e2d8b9c01\n      endpointId: user\n      macAddress: {mac}\n"
+        )
+    };
+    let disk = "  scsiControllers:\n    - id: 0\n      disks:\n        - {lun: 0, path: /var/lib/uvmctl/disks/data.img, type: passthrough}\n";
+    let l = load_placed(
+        &[
+            ("a/web.yaml", &placed_vm("web", "a", disk)),
+            ("b/db.yaml", &placed_vm("db", "b", disk)),
+            ("b/cache.yaml", &placed_vm("cache", "b", "")),
+        ],
+        "host=a",
+    );
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(
+        l.desired.elsewhere.iter().collect::<Vec<_>>(),
+        ["cache", "db"]
+    );
+    // The same image writable twice on one host is still refused.
+    let l = load_placed(
+        &[
+            ("a/web.yaml", &placed_vm("web", "a", disk)),
+            ("a/db.yaml", &placed_vm("db", "a", disk)),
+        ],
+        "host=a",
+    );
+    assert_eq!(l.errors.len(), 2, "{:?}", l.errors);
+    // A name or a MAC on two hosts is refused on every host.
+    let l = load_placed(
+        &[
+            ("a/web.yaml", &placed_vm("web", "a", "")),
+            ("b/web.yaml", &placed_vm("web", "b", "")),
+        ],
+        "host=a",
+    );
+    assert!(
+        l.errors
+            .iter()
+            .any(|e| e.to_string().contains("also defined in")),
+        "{:?}",
+        l.errors
+    );
+    assert!(l.desired.vms.is_empty());
+    let l = load_placed(
+        &[
+            (
+                "a/web.yaml",
+                &placed_vm("web", "a", &nic("52-54-00-00-00-01")),
+            ),
+            (
+                "b/db.yaml",
+                &placed_vm("db", "b", &nic("52-54-00-00-00-01")),
+            ),
+        ],
+        "host=a",
+    );
+    assert!(
+        l.errors
+            .iter()
+            .any(|e| e.to_string().contains("MAC 52-54-00-00-00-01 is also used")),
+        "{:?}",
+        l.errors
+    );
+}
+
+#[test]
+fn labels_follow_kubernetes_syntax_and_are_strings() {
+    let with = |labels: &str| {
+        vm("web", "").replace(
+            "  name: web\n",
+            &format!("  name: web\n  labels:\n{labels}"),
+        )
+    };
+    assert!(
+        errors_of(&with(
+            "    host: web-01\n    example.com/zone: a\n    empty: \"\"\n"
+        ))
+        .is_empty()
+    );
+    let e = one_error(&with("    bad key: x\n"));
+    assert!(e.contains("metadata.labels: label name \"bad key\""), "{e}");
+    let e = one_error(&with("    host: -x\n"));
+    assert!(e.contains("label value \"-x\""), "{e}");
+    let e = one_error(&with("    Example.com/x: y\n"));
+    assert!(e.contains("DNS subdomain"), "{e}");
+    let e = one_error(&with("    port: 8080\n"));
+    assert!(
+        e.contains("invalid type: integer `8080`, expected a string"),
+        "{e}"
+    );
+}

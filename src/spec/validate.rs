@@ -28,6 +28,8 @@ pub const MAX_VPMEM_DEVICES: u32 = 128;
 pub const MAX_VPMEM_SIZE_BYTES: u64 = 1 << 40;
 /// Longest unix socket path (`sun_path` holds 108 bytes with its NUL).
 pub const MAX_UNIX_SOCKET_PATH: usize = 107;
+/// Most labels a VM may carry.
+pub const MAX_LABELS: usize = 64;
 /// Longest host path.
 pub const MAX_PATH_BYTES: usize = 4095;
 
@@ -59,6 +61,19 @@ pub fn validate_document(doc: &mut VmDocument) -> Vec<Problem> {
         );
     }
     check_name(&mut v, "metadata.name", &doc.metadata.name, 64, false);
+    if doc.metadata.labels.len() > MAX_LABELS {
+        v.err(
+            "metadata.labels",
+            format!("{} labels; at most {MAX_LABELS}", doc.metadata.labels.len()),
+        );
+    }
+    for (k, val) in &doc.metadata.labels {
+        let problem = super::placement::label_key_problem(k)
+            .or_else(|| super::placement::label_value_problem(val));
+        if let Some(why) = problem {
+            v.err("metadata.labels", why);
+        }
+    }
     check_config(&mut v, &mut doc.spec);
     v.problems
 }

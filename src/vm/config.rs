@@ -99,6 +99,31 @@ mod strict {
     pub(super) fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         d.deserialize_seq(List)
     }
+
+    struct Labels;
+
+    impl<'de> Visitor<'de> for Labels {
+        type Value = std::collections::BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a mapping of label names to strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some((k, Item(v))) = map.next_entry::<String, Item>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(super) fn labels<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Labels)
+    }
 }
 
 /// One YAML document: one VM.
@@ -128,6 +153,14 @@ pub struct Metadata {
     /// VM name: 1–64 characters of `[A-Za-z0-9-]`, unique across all specs.
     #[serde(deserialize_with = "strict::string")]
     pub name: String,
+    /// Labels (Kubernetes syntax), for placement: `uvmctl watch --selector
+    /// host=web-01` (or `--for-host`) manages only the VMs whose labels match.
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "strict::labels"
+    )]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Observed facts `export` records beside the spec.

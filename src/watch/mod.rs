@@ -96,6 +96,8 @@ pub struct WatchOptions {
     pub reconcile_deadline: Duration,
     /// Backoff after failures and crashes.
     pub backoff: Backoff,
+    /// Which of the spec directory's VMs are this host's (all without one).
+    pub placement: Option<crate::spec::Placement>,
     /// The git cache the spec directory comes from (`source.json` there
     /// says the revision in force), if it comes from git.
     pub source: Option<PathBuf>,
@@ -1062,7 +1064,7 @@ impl Watcher {
             let shown = self.opts.dir.clone();
             let err = crate::spec::SpecError::whole_file(&shown, format!("loading failed: {e}"));
             (
-                SpecCache::new(shown),
+                SpecCache::placed(shown, self.opts.placement.clone()),
                 Loaded {
                     errors: vec![err],
                     ..Loaded::default()
@@ -1182,7 +1184,7 @@ pub async fn run(
         })?;
     }
     let mut w = Watcher {
-        cache: Some(SpecCache::new(opts.dir.clone())),
+        cache: Some(SpecCache::placed(opts.dir.clone(), opts.placement.clone())),
         ctx,
         desired: BTreeMap::new(),
         unknown: BTreeSet::new(),

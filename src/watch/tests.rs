@@ -72,6 +72,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
             stable: Duration::from_secs(60),
         },
         source: None,
+        placement: None,
     }
 }
 

@@ -1032,3 +1032,76 @@ fn nix_kill(pid: u32, signal: &str) {
         .expect("kill runs");
     assert!(ok.success());
 }
+
+/// Issue 17: placement. Two hosts share one spec directory; each manages
+/// only the VMs labelled for it. A VM whose label moves to the other host
+/// is a prune candidate on the first (removed with --prune) and created on
+/// the second.
+#[test]
+fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
+    let t = TestContext::new();
+    let labelled = |name: &str, host: &str| {
+        vm(name, 64, "").replace(
+            &format!("  name: {name}\n"),
+            &format!("  name: {name}\n  labels:\n    host: {host}\n"),
+        )
+    };
+    t.write_spec("web.yaml", &labelled("web", "a"));
+    t.write_spec("db.yaml", &labelled("db", "b"));
+    let on = |host: &str, args: &[&str]| {
+        let state = t.path(&format!("state-{host}"));
+        let mut all = vec![
+            "--virtstack".to_string(),
+            "sim".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
+        all.extend(args.iter().map(ToString::to_string));
+        all.extend(["--for-host".to_string(), host.to_string()]);
+        t.uvmctl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let names = |host: &str| -> Vec<String> {
+        let state = t.path(&format!("state-{host}"));
+        let out = t.uvmctl(&[
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "status",
+            "--output",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["name"].as_str().map(String::from))
+            .collect()
+    };
+    assert_exit_code(&on("a", &["apply", "specs", "--yes"]), 0);
+    assert_exit_code(&on("b", &["apply", "specs", "--yes"]), 0);
+    assert_eq!(names("a"), ["web"]);
+    assert_eq!(names("b"), ["db"]);
+
+    t.write_spec("web.yaml", &labelled("web", "b"));
+    let out = on("a", &["plan", "specs", "--color", "never"]);
+    assert!(
+        stdout(&out).contains(
+            "! vm web: its spec places it on another host; not removed (use --prune to remove it)"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    assert_exit_code(&on("a", &["apply", "specs", "--yes", "--prune"]), 0);
+    assert_exit_code(&on("b", &["apply", "specs", "--yes"]), 0);
+    assert!(names("a").is_empty(), "{:?}", names("a"));
+    assert_eq!(names("b"), ["db", "web"]);
+    // A bad selector is an error naming it.
+    let out = t.uvmctl(&["plan", "specs", "--observed", "host", "--selector", "a b=c"]);
+    assert_exit_code(&out, 2);
+    assert!(
+        stderr(&out).contains("selector \"a b=c\""),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -91,7 +91,7 @@ fn base() -> Value {
     json!({
         "apiVersion": "uvmctl.dev/v1alpha1",
         "kind": "UtilityVM",
-        "metadata": { "name": "web" },
+        "metadata": { "name": "web", "labels": { "host": "web-01" } },
         "spec": {
             "boot": { "linuxKernelDirect": { "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "cmdline": "console=ttyS0" } },
             "processors": { "count": 2 },
@@ -158,6 +158,38 @@ fn mutations() -> Vec<(&'static str, Vec<Option<Value>>)> {
                 s("wéb"),
             ],
         ),
+        ("/metadata/labels", {
+            let l63 = "a".repeat(63);
+            let prefix = |n: usize| vec![l63.as_str(); n].join(".");
+            let many: serde_json::Map<String, Value> =
+                (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+            let fewer: serde_json::Map<String, Value> =
+                (0..64).map(|i| (format!("k{i}"), json!("v"))).collect();
+            vec![
+                Some(json!({ "host": "a" })),
+                Some(json!({ "example.com/zone": "a-1", "e": "" })),
+                Some(json!({ "bad key": "x" })),
+                Some(json!({ "host": "-x" })),
+                Some(json!({ "host": "x-" })),
+                Some(json!({ "Example.com/x": "y" })),
+                Some(json!({ "a/b/c": "d" })),
+                Some(json!({ "/x": "d" })),
+                Some(json!({ "host": 5 })),
+                Some(json!({ "host": true })),
+                Some(json!({ "x": l63.clone() })),
+                Some(json!({ "x": "a".repeat(64) })),
+                Some(json!({ l63.clone(): "v" })),
+                Some(json!({ "a".repeat(64): "v" })),
+                Some(json!({ format!("{}.{}/n", prefix(3), "a".repeat(61)): "v" })),
+                Some(json!({ format!("{}/n", prefix(4)): "v" })),
+                Some(json!({ format!("{}/n", "a".repeat(64)): "v" })),
+                Some(Value::Object(fewer)),
+                Some(Value::Object(many)),
+                Some(json!({})),
+                Some(Value::Null),
+                None,
+            ]
+        }),
         (
             "/spec/boot",
             vec![

@@ -677,6 +677,7 @@ pub fn argv(
 
 #[cfg(test)]
 mod tests {
+    use super::Placement;
     use super::*;
     use crate::spec::*;
     use crate::virtstack::qemu::devices::place_devices;
