@@ -506,6 +506,10 @@ struct WatchArgs {
     git: GitArgs,
     #[command(flatten)]
     placement: PlacementArgs,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9464 (README.md, "A fleet from one repository").
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// With --git: fetch this often (SIGHUP fetches and reconciles at once).
     #[arg(long, value_parser = parse_duration, default_value = "1m", requires = "git")]
     git_interval: Duration,
@@ -1364,6 +1368,21 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         }
         (None, None) => bail!("give a spec directory or --git URL"),
     };
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?;
+            let metrics = uvmctl::watch::metrics::Metrics::new();
+            tracing::info!(
+                "metrics at http://{}/metrics",
+                listener.local_addr().map_or(addr, |a| a)
+            );
+            tokio::spawn(uvmctl::watch::metrics::serve(listener, metrics.clone()));
+            Some(metrics)
+        }
+        None => None,
+    };
     let fetch_now = Arc::new(tokio::sync::Notify::new());
     if let Some(source) = source.clone() {
         let fetch_now = fetch_now.clone();
@@ -1437,6 +1456,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         },
         source: source.map(|_| cache),
         placement: args.placement.placement()?,
+        metrics,
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)

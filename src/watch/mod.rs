@@ -20,6 +20,7 @@
 //!   operations never trigger another reconcile.
 
 pub mod files;
+pub mod metrics;
 pub mod status;
 
 use crate::apply::lock::{LockError, StateLock};
@@ -96,6 +97,8 @@ pub struct WatchOptions {
     pub reconcile_deadline: Duration,
     /// Backoff after failures and crashes.
     pub backoff: Backoff,
+    /// Where the watcher's metrics go (`--metrics-listen`), if anywhere.
+    pub metrics: Option<Arc<metrics::Metrics>>,
     /// Which of the spec directory's VMs are this host's (all without one).
     pub placement: Option<crate::spec::Placement>,
     /// The git cache the spec directory comes from (`source.json` there
@@ -288,6 +291,11 @@ struct Done {
     /// The VM runs (or is paused) as far as this reconcile knows: its
     /// events are then worth following.
     live: bool,
+    /// Its state as this reconcile left it, as far as it knows (`None`:
+    /// the virtstack has no such VM).
+    state: Option<crate::vm::State>,
+    /// How long the reconcile took.
+    took: Duration,
 }
 
 fn held_line(op: &plan::Op) -> String {
@@ -314,7 +322,10 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
         launched: false,
         plan: "no changes".into(),
         live: false,
+        state: None,
+        took: Duration::ZERO,
     };
+    let started = Instant::now();
     let _share = match ctx.lock.share().await {
         Ok(s) => s,
         Err(e @ LockError::Held { .. }) => {
@@ -332,6 +343,7 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
         done.outcome = Outcome::Failed(format!("no result within {:?}", ctx.deadline));
     }
     ctx.vs.release(&job.name).await;
+    done.took = started.elapsed();
     done
 }
 
@@ -360,6 +372,7 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         .vms
         .get(&done.vm)
         .is_some_and(|o| o.state.is_live());
+    done.state = observed.vms.get(&done.vm).map(|o| o.state);
     let crashed = observed
         .vms
         .get(&done.vm)
@@ -460,8 +473,17 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         || crashed.is_some();
     done.outcome = match outcomes.iter().find_map(|o| o.result.as_ref().err()) {
         Some(e) => Outcome::Failed(Chain(e).to_string()),
-        None if vm_plan.action == VmAction::Destroy => Outcome::Pruned,
+        None if vm_plan.action == VmAction::Destroy => {
+            done.state = None;
+            Outcome::Pruned
+        }
         None => {
+            done.state = job.desired.as_ref().map(|d| match d.config.power_state {
+                crate::spec::PowerState::Running => crate::vm::State::Running,
+                crate::spec::PowerState::Paused => crate::vm::State::Paused,
+                crate::spec::PowerState::Stopped => crate::vm::State::Created,
+                crate::spec::PowerState::Saved => crate::vm::State::Saved,
+            });
             done.live = job.desired.as_ref().is_some_and(|d| {
                 matches!(
                     d.config.power_state,
@@ -488,6 +510,8 @@ struct Tracked {
     recover_after: Option<Instant>,
     /// An event came while it reconciled.
     again: bool,
+    /// Its state as the last reconcile left it.
+    state: Option<crate::vm::State>,
 }
 
 /// An event subscription: its generation, and the task forwarding it.
@@ -846,7 +870,11 @@ impl Watcher {
             .and_then(crate::source::read_status)
             .and_then(|s| s.applied)
             .map(|r| r.to_string());
+        if let Some(m) = &self.opts.metrics {
+            m.reconciled(&vm, &done.trigger, &done.outcome, done.took);
+        }
         let t = self.tracked(&vm);
+        t.state = done.state;
         t.status.revision = revision;
         t.status.last_reconcile = Some(unix_now());
         t.status.trigger = Some(done.trigger.to_string());
@@ -1002,6 +1030,14 @@ impl Watcher {
             return;
         };
         let status = self.status();
+        if let Some(m) = &self.opts.metrics {
+            let states = self
+                .vms
+                .iter()
+                .filter_map(|(n, t)| t.state.map(|s| (n.clone(), s)))
+                .collect();
+            m.update(&status, &states, unix_now());
+        }
         let unchanged = self.status_log.written.as_ref().is_some_and(|w| {
             WatchStatus {
                 updated: status.updated,

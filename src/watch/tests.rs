@@ -73,6 +73,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
         },
         source: None,
         placement: None,
+        metrics: None,
     }
 }
 

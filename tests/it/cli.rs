@@ -1105,3 +1105,166 @@ fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
         stderr(&out)
     );
 }
+
+/// Issue 17: `watch --metrics-listen` serves OpenMetrics text that an
+/// independent parser (Python's prometheus_client) reads: every family is
+/// there, and the values follow a VM being held and a spec failing.
+#[test]
+fn watch_metrics_are_served_and_follow_held_changes_and_failing_specs() {
+    use std::io::BufRead;
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 64, ""));
+    t.write_spec("db.yaml", &vm("db", 32, ""));
+    let state = t.path("state");
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .current_dir(t.dir.path())
+        .args([
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ])
+        .args([
+            "watch",
+            "specs",
+            "--resync",
+            "1s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch runs");
+    let watcher_err = watcher.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(watcher_err).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let url = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the watcher says where its metrics are");
+        if let Some(at) = line.find("metrics at ") {
+            break line[at + "metrics at ".len()..].trim().to_string();
+        }
+    };
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"),
+        "{url}"
+    );
+    let scrape = || -> serde_json::Value {
+        let out = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metrics/scrape.py"))
+            .arg(&url)
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "scrape.py: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let value = |m: &serde_json::Value, sample: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        m["families"]
+            .as_object()?
+            .values()
+            .flat_map(|f| f["samples"].as_array().cloned().unwrap_or_default())
+            .find(|s| s[0] == sample && labels.iter().all(|(k, v)| s[1][*k].as_str() == Some(*v)))
+            .and_then(|s| s[2].as_f64())
+    };
+    let until = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let m = scrape();
+            if ok(&m) {
+                return m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within 30 s: {m}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    };
+    let m = until("both VMs running", &|m| {
+        value(m, "uvmctl_vms", &[("state", "running")]) == Some(2.0)
+    });
+    assert!(
+        m["contentType"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("application/openmetrics-text"))
+    );
+    for family in [
+        "uvmctl_reconcile_duration_seconds",
+        "uvmctl_reconciles",
+        "uvmctl_drift_corrected",
+        "uvmctl_vms",
+        "uvmctl_held_changes",
+        "uvmctl_vms_in_backoff",
+        "uvmctl_spec_files_failing",
+        "uvmctl_source_last_fetch_timestamp_seconds",
+        "uvmctl_source_unverified_revisions",
+    ] {
+        assert!(m["families"].get(family).is_some(), "{family} missing: {m}");
+    }
+    assert_eq!(
+        m["families"]["uvmctl_reconcile_duration_seconds"]["type"],
+        "histogram"
+    );
+    assert!(
+        value(
+            &m,
+            "uvmctl_reconciles_total",
+            &[("trigger", "start"), ("result", "applied")]
+        ) >= Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "uvmctl_held_changes", &[("vm", "web")]),
+        Some(0.0)
+    );
+    // Creating the VMs at start is no drift.
+    assert_eq!(
+        value(&m, "uvmctl_drift_corrected_total", &[("vm", "db")]),
+        Some(0.0)
+    );
+
+    // A change that needs a restart is held (the ceiling is `live`).
+    t.write_spec(
+        "web.yaml",
+        &vm(
+            "web",
+            64,
+            "  plan9Shares:\n    - name: out\n      hostPath: /srv/out\n",
+        ),
+    );
+    until("the held change counted", &|m| {
+        value(m, "uvmctl_held_changes", &[("vm", "web")]) == Some(1.0)
+    });
+    // A spec that fails to load is counted; fixing it clears it.
+    t.write_spec("db.yaml", "apiVersion: [\n");
+    until("the failing spec counted", &|m| {
+        value(m, "uvmctl_spec_files_failing", &[]) == Some(1.0)
+    });
+    t.write_spec("db.yaml", &vm("db", 32, ""));
+    until("the failing spec cleared", &|m| {
+        value(m, "uvmctl_spec_files_failing", &[]) == Some(0.0)
+    });
+    // Drift: the VM changed behind the watcher's back is put back.
+    let out = t.uvmctl(&[
+        "--virtstack",
+        "sim",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+        "destroy",
+        "db",
+    ]);
+    assert_exit_code(&out, 0);
+    until("the drift corrected", &|m| {
+        value(m, "uvmctl_drift_corrected_total", &[("vm", "db")]) >= Some(1.0)
+    });
+    nix_kill(watcher.id(), "TERM");
+    let _ = watcher.wait();
+}

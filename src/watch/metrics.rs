@@ -1,0 +1,300 @@
+//! The watcher's Prometheus metrics (`uvmctl watch --metrics-listen ADDR`),
+//! through the `prometheus-client` crate, served as OpenMetrics text at
+//! `/metrics` by hyper.
+//!
+//! Labels stay bounded: a VM's name, a state, a trigger or a result word, a
+//! source revision; never a file path or an error text.
+
+use super::status::WatchStatus;
+use super::{Outcome, Trigger};
+use crate::vm::State;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn duration_histogram() -> Histogram {
+    // 5 ms to about 80 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Every family the watcher reports.
+pub struct Metrics {
+    registry: Registry,
+    reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    reconciles: Family<Labels, Counter>,
+    drift_corrected: Family<Labels, Counter>,
+    vms: Family<Labels, Gauge>,
+    held: Family<Labels, Gauge>,
+    in_backoff: Gauge,
+    spec_files_failing: Gauge,
+    revision: Family<Labels, Gauge>,
+    last_fetch: Gauge,
+    refused_unverified: Counter,
+    refused_seen: AtomicU64,
+    /// The VMs the per-VM counters have series for.
+    known: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn trigger_word(t: &Trigger) -> &'static str {
+    match t {
+        Trigger::Start => "start",
+        Trigger::Spec => "spec",
+        Trigger::Event(_) => "event",
+        Trigger::Resync => "resync",
+        Trigger::Retry => "retry",
+    }
+}
+
+fn result_word(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::InSync => "in_sync",
+        Outcome::Applied(_) => "applied",
+        Outcome::Pruned => "pruned",
+        Outcome::Held(_) => "held",
+        Outcome::Failed(_) => "failed",
+        Outcome::BackingOff => "backoff",
+        Outcome::Busy => "busy",
+    }
+}
+
+impl Metrics {
+    /// The families, registered under `uvmctl_`.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("uvmctl");
+        let reconcile_duration =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long one VM's reconcile took, by trigger and result",
+            reconcile_duration.clone(),
+        );
+        let reconciles = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of one VM, by trigger (start, spec, event, resync, retry) and result",
+            reconciles.clone(),
+        );
+        let drift_corrected = Family::<Labels, Counter>::default();
+        registry.register(
+            "drift_corrected",
+            "Reconciles after a VM event or a resync that changed the VM (drift put back), per VM",
+            drift_corrected.clone(),
+        );
+        let vms = Family::<Labels, Gauge>::default();
+        registry.register("vms", "VMs by state, as last observed", vms.clone());
+        let held = Family::<Labels, Gauge>::default();
+        registry.register(
+            "held_changes",
+            "Changes held back (above --max-disruption, or a recreate the policy forbids), per VM",
+            held.clone(),
+        );
+        let in_backoff = Gauge::default();
+        registry.register(
+            "vms_in_backoff",
+            "VMs waiting out a backoff after failures",
+            in_backoff.clone(),
+        );
+        let spec_files_failing = Gauge::default();
+        registry.register(
+            "spec_files_failing",
+            "Spec files that do not load (their VMs keep their last good spec)",
+            spec_files_failing.clone(),
+        );
+        let revision = Family::<Labels, Gauge>::default();
+        registry.register(
+            "source_revision",
+            "The git revision in force (kind=applied) and the one last fetched (kind=fetched): 1",
+            revision.clone(),
+        );
+        let last_fetch = Gauge::default();
+        registry.register(
+            "source_last_fetch_timestamp_seconds",
+            "When a fetch of the git source last succeeded (Unix time)",
+            last_fetch.clone(),
+        );
+        let refused_unverified = Counter::default();
+        registry.register(
+            "source_unverified_revisions",
+            "Revisions refused for want of a signature by an allowed signer",
+            refused_unverified.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            reconcile_duration,
+            reconciles,
+            drift_corrected,
+            vms,
+            held,
+            in_backoff,
+            spec_files_failing,
+            revision,
+            last_fetch,
+            refused_unverified,
+            refused_seen: AtomicU64::new(0),
+            known: std::sync::Mutex::default(),
+        })
+    }
+
+    /// One VM's reconcile ended.
+    pub fn reconciled(&self, vm: &str, trigger: &Trigger, outcome: &Outcome, took: Duration) {
+        let labels: Labels = vec![
+            ("trigger", trigger_word(trigger).into()),
+            ("result", result_word(outcome).into()),
+        ];
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.reconciles.get_or_create(&labels).inc();
+        // Put back after a VM event or a resync: nothing in the specs asked.
+        if matches!(outcome, Outcome::Applied(_))
+            && matches!(trigger, Trigger::Event(_) | Trigger::Resync)
+        {
+            self.drift_corrected
+                .get_or_create(&vec![("vm", vm.to_string())])
+                .inc();
+        }
+    }
+
+    /// The gauges, from what the watcher would write to its status file
+    /// and the VMs' last observed states.
+    pub fn update(&self, status: &WatchStatus, states: &BTreeMap<String, State>, now: u64) {
+        self.vms.clear();
+        for state in [
+            State::Created,
+            State::Running,
+            State::Paused,
+            State::Terminated,
+            State::Saved,
+        ] {
+            let n = states.values().filter(|s| **s == state).count();
+            self.vms
+                .get_or_create(&vec![("state", state.as_str().to_string())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        // A series per VM the watcher tracks, from 0; none for VMs gone.
+        {
+            let mut known = self
+                .known
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for gone in known.iter().filter(|v| !status.vms.contains_key(*v)) {
+                self.drift_corrected.remove(&vec![("vm", gone.clone())]);
+            }
+            known.clear();
+            for vm in status.vms.keys() {
+                let _ = self
+                    .drift_corrected
+                    .get_or_create(&vec![("vm", vm.clone())]);
+                known.insert(vm.clone());
+            }
+        }
+        self.held.clear();
+        for (vm, w) in &status.vms {
+            // The last line of a hold says why; the others are the changes.
+            let n = w.held.len().saturating_sub(1);
+            self.held
+                .get_or_create(&vec![("vm", vm.clone())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let backing_off = status
+            .vms
+            .values()
+            .filter(|w| w.backoff_until.is_some_and(|u| u > now))
+            .count();
+        self.in_backoff
+            .set(i64::try_from(backing_off).unwrap_or(i64::MAX));
+        let failing: std::collections::BTreeSet<&str> = status
+            .spec_errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default())
+            .collect();
+        self.spec_files_failing
+            .set(i64::try_from(failing.len()).unwrap_or(i64::MAX));
+        if let Some(src) = &status.source {
+            self.revision.clear();
+            for (kind, r) in [("applied", &src.applied), ("fetched", &src.fetched)] {
+                if let Some(r) = r {
+                    self.revision
+                        .get_or_create(&vec![("kind", kind.into()), ("revision", r.to_string())])
+                        .set(1);
+                }
+            }
+            if let Some(t) = src.last_fetch {
+                self.last_fetch.set(i64::try_from(t).unwrap_or(i64::MAX));
+            }
+            let seen = self
+                .refused_seen
+                .swap(src.refused_unverified, Ordering::Relaxed);
+            if src.refused_unverified > seen {
+                self.refused_unverified
+                    .inc_by(src.refused_unverified - seen);
+            }
+        }
+    }
+
+    /// The OpenMetrics text of every family.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` on `listener` until the task is dropped; one task per
+/// connection, each bounded in time.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors and the like: try again shortly.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let response = if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(metrics.encode())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(
+                                    b"only /metrics is served here\n",
+                                )))
+                        };
+                        response.map_err(std::io::Error::other)
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
