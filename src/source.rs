@@ -191,8 +191,12 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     /// The kind of that error (`unverified`, `rewritten`, `spec-errors`...).
     pub last_error_kind: Option<String>,
-    /// Revisions refused for want of a valid signature, since the cache was made.
+    /// Revisions refused for want of a valid signature, since the cache was
+    /// made (each counted once, however often it is fetched again).
     pub refused_unverified: u64,
+    /// The last of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unverified: Option<String>,
 }
 
 /// What a sync did.
@@ -332,8 +336,11 @@ impl GitSource {
             Err(e) => {
                 status.last_error = Some(e.to_string());
                 status.last_error_kind = Some(e.kind().to_string());
-                if matches!(e, SourceError::Unverified { .. }) {
+                if let SourceError::Unverified { revision, .. } = e
+                    && status.last_unverified.as_ref() != Some(&revision.sha)
+                {
                     status.refused_unverified += 1;
+                    status.last_unverified = Some(revision.sha.clone());
                 }
             }
         }
@@ -383,6 +390,10 @@ impl GitSource {
         }
         self.swap(&target)?;
         status.applied = Some(revision.clone());
+        // Said at once: a watcher's reconcile of the new specs reads it.
+        status.last_error = None;
+        status.last_error_kind = None;
+        self.store_status(status)?;
         // What the revision in force needs stays in the mirror whatever is
         // fetched (or discarded) later.
         self.git(
@@ -965,6 +976,12 @@ mod tests {
         assert!(matches!(e, SourceError::Unverified { .. }), "{e}");
         assert!(!src.spec_dir().exists());
         assert_eq!(src.status().refused_unverified, 1);
+        src.sync().await.expect_err("still unsigned");
+        assert_eq!(
+            src.status().refused_unverified,
+            1,
+            "one revision, counted once"
+        );
 
         origin.write("specs/db.yaml", &vm("db"));
         origin.git(&["add", "-A"]);

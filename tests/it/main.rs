@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod fleet;
 mod host;
 mod interop;
 mod qemu;

@@ -1,0 +1,539 @@
+//! Issue 17: a fleet from one repository. Ten hosts, each in a network
+//! namespace this test makes, each with its own state directory and a
+//! watcher on the simulator virtstack, follow one repository that git's own
+//! server (`git daemon`) serves on the test's namespaces (10.231.0.0/24,
+//! on a bridge in a namespace of its own: no other address is used). 1,000
+//! specs are spread across the hosts by label (`host: hN`) and directory.
+//!
+//! Needs root (namespaces), `ip`, `git` and `ssh-keygen`. With
+//! `UVMCTL_FLEET_REPORT=1` it prints its timings and each watcher's idle
+//! RSS and CPU (scripts/bench-fleet); it asserts none of them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOSTS: usize = 10;
+const VMS: usize = 1000;
+const SUBNET: &str = "10.231.0";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// The namespaces, the git server and the watchers; all gone when dropped.
+struct Fleet {
+    dir: tempfile::TempDir,
+    tag: String,
+    daemon: Option<Child>,
+    watchers: Vec<Child>,
+    key: PathBuf,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for w in &mut self.watchers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        if let Some(d) = &mut self.daemon {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        for ns in self.namespaces() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+impl Fleet {
+    fn namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.server_ns()];
+        all.extend((0..HOSTS).map(|i| self.host_ns(i)));
+        all
+    }
+
+    fn server_ns(&self) -> String {
+        format!("uvf{}s", self.tag)
+    }
+
+    fn host_ns(&self, i: usize) -> String {
+        format!("uvf{}h{i}", self.tag)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A bridge in the server's namespace, a veth from it to each host.
+    fn network(&self) {
+        let srv = self.server_ns();
+        for ns in self.namespaces() {
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", &srv, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            &format!("{SUBNET}.1/24"),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &srv, "link", "set", "br0", "up"]);
+        for i in 0..HOSTS {
+            let host = self.host_ns(i);
+            let (a, b) = (
+                format!("uvf{}a{i}", self.tag),
+                format!("uvf{}b{i}", self.tag),
+            );
+            ip(&[
+                "link", "add", &a, "netns", &srv, "type", "veth", "peer", "name", &b, "netns",
+                &host,
+            ]);
+            ip(&["-n", &srv, "link", "set", &a, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &host,
+                "addr",
+                "add",
+                &format!("{SUBNET}.{}/24", 10 + i),
+                "dev",
+                &b,
+            ]);
+            ip(&["-n", &host, "link", "set", &b, "up"]);
+        }
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        run(Command::new("git")
+            .arg("-C")
+            .arg(self.path("work"))
+            .args([
+                "-c",
+                "user.name=fleet",
+                "-c",
+                "user.email=fleet@example.com",
+            ])
+            .args(args))
+    }
+
+    /// Commits the work tree (signed unless `unsigned`) and pushes it to
+    /// the served repository; the new commit.
+    fn commit(&self, message: &str, signed: bool) -> String {
+        self.git(&["add", "-A"]);
+        let key = format!("user.signingkey={}", self.key.display());
+        let mut args = vec![
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            key.as_str(),
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            message,
+        ];
+        if signed {
+            args.push("-S");
+        }
+        self.git(&args);
+        self.git(&["push", "-q", "origin", "HEAD:main"]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    fn spec_path(&self, host: usize, vm: usize) -> PathBuf {
+        self.path(&format!("work/hosts/h{host}/vm-{vm:04}.yaml"))
+    }
+
+    fn write_vm(&self, host: usize, vm: usize, memory: u32) {
+        let p = self.spec_path(host, vm);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(
+            p,
+            format!(
+                "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: vm-{vm:04}\n  labels:\n    host: h{host}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /var/lib/uvmctl/images/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: {memory}\n"
+            ),
+        )
+        .expect("write spec");
+    }
+
+    fn watch(&mut self, i: usize) {
+        let state = self.path(&format!("h{i}/state"));
+        let cache = self.path(&format!("h{i}/git"));
+        let log = std::fs::File::create(self.path(&format!("h{i}.log"))).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host_ns(i)])
+            .arg(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .args([
+                "watch",
+                "--git",
+                &format!("git://{SUBNET}.1/fleet.git"),
+                "--git-cache",
+            ])
+            .arg(&cache)
+            .args([
+                "--git-path",
+                "hosts",
+                "--for-host",
+                &format!("h{i}"),
+                "--prune",
+            ])
+            .arg("--allowed-signers")
+            .arg(self.path("keys/allowed_signers"))
+            .args([
+                "--git-interval",
+                "1s",
+                "--resync",
+                "1h",
+                "--log-format",
+                "json",
+            ])
+            .args(["--metrics-listen", &format!("{SUBNET}.{}:9464", 10 + i)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("watch runs");
+        self.watchers.push(child);
+    }
+
+    /// What host `i`'s cache says is in force, and why the last attempt failed.
+    fn source(&self, i: usize) -> (Option<String>, Option<String>, u64) {
+        let Ok(text) = std::fs::read_to_string(self.path(&format!("h{i}/git/source.json"))) else {
+            return (None, None, 0);
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        (
+            v["applied"]["sha"].as_str().map(String::from),
+            v["lastErrorKind"].as_str().map(String::from),
+            v["refusedUnverified"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Host `i`'s watcher status file.
+    fn watch_status(&self, i: usize) -> serde_json::Value {
+        std::fs::read_to_string(self.path(&format!("h{i}/state/watch-status.json")))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    /// Host `i`'s VMs and their memory, from the simulator's records.
+    fn vms(&self, i: usize) -> BTreeMap<String, u64> {
+        let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(self.path(&format!("h{i}/state")))
+            .args(["status", "--output", "json"])
+            .output()
+            .expect("status runs");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["state"] == "running")
+            .filter_map(|r| Some((r["name"].as_str()?.to_string(), r["memoryMb"].as_u64()?)))
+            .collect()
+    }
+
+    /// Operations host `i` applied so far, from its metrics (scraped from
+    /// inside its namespace and read by Python's prometheus_client).
+    fn applied(&self, i: usize) -> f64 {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.host_ns(i), "python3"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metrics/scrape.py"))
+            .arg(format!("http://{SUBNET}.{}:9464/metrics", 10 + i)));
+        let m: serde_json::Value = serde_json::from_str(&out).expect("json");
+        m["families"]["uvmctl_reconciles"]["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s[1]["result"] == "applied" || s[1]["result"] == "pruned")
+            .filter_map(|s| s[2].as_f64())
+            .sum()
+    }
+
+    fn log_tail(&self, i: usize, n: usize) -> String {
+        let text = std::fs::read_to_string(self.path(&format!("h{i}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    fn all_applied(&self) -> Vec<f64> {
+        (0..HOSTS).map(|i| self.applied(i)).collect()
+    }
+
+    /// Waits (at most 120 s) until `ok` holds on every host; how long it took.
+    fn converge(&self, what: &str, ok: &dyn Fn(usize) -> bool) -> Duration {
+        let start = Instant::now();
+        let took = self.converge_inner(what, ok, start);
+        if std::env::var_os("UVMCTL_FLEET_REPORT").is_some() {
+            eprintln!("fleet: {what}: {:.2} s", took.as_secs_f64());
+        }
+        took
+    }
+
+    fn converge_inner(&self, what: &str, ok: &dyn Fn(usize) -> bool, start: Instant) -> Duration {
+        let mut pending: Vec<usize> = (0..HOSTS).collect();
+        while !pending.is_empty() {
+            pending.retain(|i| !ok(*i));
+            if pending.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{what}: hosts {pending:?} did not converge in 120 s; host {} log:\n{}",
+                pending[0],
+                std::fs::read_to_string(self.path(&format!("h{}.log", pending[0])))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        start.elapsed()
+    }
+}
+
+fn host_of(vm: usize) -> usize {
+    vm % HOSTS
+}
+
+#[test]
+fn a_fleet_of_ten_hosts_follows_one_repository() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the fleet test makes network namespaces: run it as root (scripts/test does)"
+    );
+    let report = std::env::var_os("UVMCTL_FLEET_REPORT").is_some();
+    let mut f = Fleet {
+        dir: tempfile::Builder::new()
+            .prefix("uvf")
+            .tempdir_in("/tmp")
+            .expect("tempdir"),
+        tag: format!("{:x}", std::process::id() & 0xffff),
+        daemon: None,
+        watchers: Vec::new(),
+        key: PathBuf::new(),
+    };
+    f.network();
+
+    // A signing key, the only allowed signer.
+    std::fs::create_dir_all(f.path("keys")).expect("mkdir");
+    f.key = f.path("keys/id");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "fleet", "-f"])
+        .arg(&f.key));
+    let public = std::fs::read_to_string(f.key.with_extension("pub")).expect("public key");
+    std::fs::write(
+        f.path("keys/allowed_signers"),
+        format!("fleet@example.com {public}"),
+    )
+    .expect("allowed signers");
+
+    // The served repository, and a work tree pushing to it.
+    run(Command::new("git")
+        .args(["init", "-q", "--bare", "-b", "main"])
+        .arg(f.path("srv/fleet.git")));
+    run(Command::new("git")
+        .args(["init", "-q", "-b", "main"])
+        .arg(f.path("work")));
+    f.git(&[
+        "remote",
+        "add",
+        "origin",
+        f.path("srv/fleet.git").to_str().expect("utf-8"),
+    ]);
+    for vm in 0..VMS {
+        f.write_vm(host_of(vm), vm, 64);
+    }
+    let first = f.commit("1,000 VMs", true);
+    f.daemon = Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &f.server_ns(),
+                "git",
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+            ])
+            .arg(format!("--base-path={}", f.path("srv").display()))
+            .args([
+                &format!("--listen={SUBNET}.1"),
+                "--port=9418",
+                "--max-connections=64",
+            ])
+            .arg(f.path("srv"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon runs"),
+    );
+    let started = Instant::now();
+    for i in 0..HOSTS {
+        f.watch(i);
+    }
+    let per_host = VMS / HOSTS;
+    let took = f.converge("the first revision", &|i| {
+        f.source(i).0.as_deref() == Some(first.as_str())
+            && f.vms(i).len() == per_host
+            && f.applied(i) as usize == per_host
+    });
+    let mut timings = vec![("1,000 VMs created".to_string(), started.elapsed().max(took))];
+
+    // 1%, 10%, 100% of the VMs change; hosts with no changed VM do nothing.
+    let mut memory = vec![64u64; VMS];
+    for (share, count, hosts) in [("1%", 10, 2), ("10%", 100, 5), ("100%", 1000, HOSTS)] {
+        let changed: Vec<usize> = (0..VMS)
+            .filter(|vm| host_of(*vm) < hosts)
+            .take(count)
+            .collect();
+        for vm in &changed {
+            memory[*vm] += 32;
+            f.write_vm(
+                host_of(*vm),
+                *vm,
+                u32::try_from(memory[*vm]).expect("small"),
+            );
+        }
+        let before = f.all_applied();
+        let pushed = Instant::now();
+        let sha = f.commit(&format!("{share} of the VMs"), true);
+        let revision = format!("main@sha1:{sha}");
+        f.converge(share, &|i| {
+            // Every changed VM of the host reconciled at the new revision
+            // (its metrics are counted by then), and has what it says.
+            let status = f.watch_status(i);
+            f.source(i).0.as_deref() == Some(sha.as_str())
+                && changed.iter().filter(|vm| host_of(**vm) == i).all(|vm| {
+                    let w = &status["vms"][format!("vm-{vm:04}")];
+                    w["revision"] == revision.as_str()
+                        && w["result"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("applied"))
+                })
+                && f.vms(i).iter().all(|(name, mb)| {
+                    let vm: usize = name.trim_start_matches("vm-").parse().expect("vm number");
+                    memory[vm] == *mb
+                })
+        });
+        timings.push((format!("{share} commit converged"), pushed.elapsed()));
+        let after = f.all_applied();
+        for i in 0..HOSTS {
+            let ops = after[i] - before[i];
+            let expected = changed.iter().filter(|vm| host_of(**vm) == i).count();
+            assert_eq!(
+                ops as usize,
+                expected,
+                "{share}: host h{i} applied {ops} reconcile(s); its log ends:\n{}",
+                f.log_tail(i, 40)
+            );
+        }
+    }
+
+    // A commit that breaks one host's spec file is put in force nowhere.
+    let broken = f.spec_path(3, 3);
+    let good_text = std::fs::read_to_string(&broken).expect("spec");
+    std::fs::write(&broken, "apiVersion: [\n").expect("break");
+    let in_force = f.source(0).0;
+    let before = f.all_applied();
+    f.commit("broken spec on h3", true);
+    f.converge("the broken revision refused", &|i| {
+        f.source(i).1.as_deref() == Some("spec-errors")
+    });
+    for i in 0..HOSTS {
+        assert_eq!(f.source(i).0, in_force, "h{i} kept the revision in force");
+    }
+    assert!(
+        std::fs::read_to_string(f.path("h3.log"))
+            .expect("log")
+            .contains("hosts/h3/vm-0003.yaml"),
+        "h3 names its broken file"
+    );
+    std::fs::write(&broken, good_text).expect("fix");
+    let fixed = f.commit("fixed", true);
+    f.converge("the fix", &|i| {
+        f.source(i).0.as_deref() == Some(fixed.as_str())
+    });
+    assert_eq!(f.all_applied(), before, "nothing changed anywhere");
+
+    // Unsigned: refused by every host; signed on top: applied.
+    memory[5] += 32;
+    f.write_vm(host_of(5), 5, u32::try_from(memory[5]).expect("small"));
+    f.commit("unsigned", false);
+    f.converge("the unsigned commit refused", &|i| {
+        f.source(i).1.as_deref() == Some("unverified") && f.source(i).2 >= 1
+    });
+    assert!((0..HOSTS).all(|i| f.source(i).0.as_deref() == Some(fixed.as_str())));
+    assert_eq!(f.vms(host_of(5))["vm-0005"], memory[5] - 32, "not applied");
+    let signed = f.commit("signed", true);
+    f.converge("the signed commit", &|i| {
+        f.source(i).0.as_deref() == Some(signed.as_str())
+            && (i != host_of(5) || f.vms(i)["vm-0005"] == memory[5])
+    });
+
+    // A VM moved from h0 to h1: pruned on h0, created on h1.
+    let from = f.spec_path(0, 10);
+    std::fs::remove_file(&from).expect("rm");
+    f.write_vm(1, 10, u32::try_from(memory[10]).expect("small"));
+    let pushed = Instant::now();
+    let moved = f.commit("vm-0010 to h1", true);
+    f.converge("the move", &|i| {
+        f.source(i).0.as_deref() == Some(moved.as_str())
+            && match i {
+                0 => !f.vms(0).contains_key("vm-0010"),
+                1 => f.vms(1).contains_key("vm-0010"),
+                _ => true,
+            }
+    });
+    timings.push(("a VM moved between hosts".into(), pushed.elapsed()));
+
+    if report {
+        for (what, took) in &timings {
+            println!("fleet: {what}: {:.2} s", took.as_secs_f64());
+        }
+        let ticks = |pid: u32| -> u64 {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+                    Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+                })
+                .unwrap_or(0)
+        };
+        // The watcher is the child of `ip netns exec`, which execs it.
+        let pids: Vec<u32> = f.watchers.iter().map(Child::id).collect();
+        let before: Vec<u64> = pids.iter().map(|p| ticks(*p)).collect();
+        let idle = Duration::from_secs(10);
+        std::thread::sleep(idle);
+        for (i, pid) in pids.iter().enumerate() {
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .map(String::from)
+                })
+                .unwrap_or_default();
+            let cpu = (ticks(*pid) - before[i]) as f64 / 100.0 / idle.as_secs_f64() * 100.0;
+            println!(
+                "fleet: h{i} idle (1 s fetch interval): {} CPU {cpu:.2} %",
+                rss.trim()
+            );
+        }
+    }
+}
