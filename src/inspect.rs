@@ -164,7 +164,11 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
         status.dir.display(),
         ago(status.updated)
     );
-    if let Some(src) = &status.source {
+    let now_source = status
+        .source_cache
+        .as_deref()
+        .and_then(crate::source::read_status);
+    if let Some(src) = now_source.as_ref().or(status.source.as_ref()) {
         let _ = write!(
             out,
             "  source: {} {} (path {}): ",

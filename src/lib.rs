@@ -91,7 +91,15 @@ mod layering {
         ),
         (
             "inspect",
-            &["vm", "spec", "plan", "reconcile", "watch", "inspect"],
+            &[
+                "vm",
+                "spec",
+                "source",
+                "plan",
+                "reconcile",
+                "watch",
+                "inspect",
+            ],
         ),
     ];
 

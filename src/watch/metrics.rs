@@ -41,6 +41,8 @@ pub struct Metrics {
     refused_seen: AtomicU64,
     /// The VMs the per-VM counters have series for.
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The git cache whose `source.json` the source families read.
+    source_cache: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,6 +150,7 @@ impl Metrics {
             refused_unverified,
             refused_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
+            source_cache: std::sync::Mutex::default(),
         })
     }
 
@@ -226,30 +229,58 @@ impl Metrics {
             .collect();
         self.spec_files_failing
             .set(i64::try_from(failing.len()).unwrap_or(i64::MAX));
-        if let Some(src) = &status.source {
-            self.revision.clear();
-            for (kind, r) in [("applied", &src.applied), ("fetched", &src.fetched)] {
-                if let Some(r) = r {
-                    self.revision
-                        .get_or_create(&vec![("kind", kind.into()), ("revision", r.to_string())])
-                        .set(1);
+        if let Some(cache) = &status.source_cache {
+            *self
+                .source_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cache.clone());
+        }
+        match self.source_now() {
+            Some(src) => self.set_source(&src),
+            None => {
+                if let Some(src) = &status.source {
+                    self.set_source(src);
                 }
             }
-            if let Some(t) = src.last_fetch {
-                self.last_fetch.set(i64::try_from(t).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The source as its cache says now: a fetch alone wakes no reconcile.
+    fn source_now(&self) -> Option<crate::source::SourceStatus> {
+        let cache = self
+            .source_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        crate::source::read_status(&cache)
+    }
+
+    fn set_source(&self, src: &crate::source::SourceStatus) {
+        self.revision.clear();
+        for (kind, r) in [("applied", &src.applied), ("fetched", &src.fetched)] {
+            if let Some(r) = r {
+                self.revision
+                    .get_or_create(&vec![("kind", kind.into()), ("revision", r.to_string())])
+                    .set(1);
             }
-            let seen = self
-                .refused_seen
-                .swap(src.refused_unverified, Ordering::Relaxed);
-            if src.refused_unverified > seen {
-                self.refused_unverified
-                    .inc_by(src.refused_unverified - seen);
-            }
+        }
+        if let Some(t) = src.last_fetch {
+            self.last_fetch.set(i64::try_from(t).unwrap_or(i64::MAX));
+        }
+        let seen = self
+            .refused_seen
+            .swap(src.refused_unverified, Ordering::Relaxed);
+        if src.refused_unverified > seen {
+            self.refused_unverified
+                .inc_by(src.refused_unverified - seen);
         }
     }
 
     /// The OpenMetrics text of every family.
     pub fn encode(&self) -> String {
+        if let Some(src) = self.source_now() {
+            self.set_source(&src);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

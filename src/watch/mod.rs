@@ -1019,6 +1019,7 @@ impl Watcher {
                 .source
                 .as_deref()
                 .and_then(crate::source::read_status),
+            source_cache: self.opts.source.clone(),
         }
     }
 

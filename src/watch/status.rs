@@ -28,9 +28,14 @@ pub struct WatchStatus {
     pub spec_errors: Vec<String>,
     /// Per VM.
     pub vms: BTreeMap<String, VmWatch>,
-    /// The git source it follows, as its cache records it.
+    /// The git source it follows, as its cache recorded it when this file
+    /// was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::source::SourceStatus>,
+    /// That cache, where `status` reads the source as it is now (a fetch
+    /// alone does not rewrite this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cache: Option<PathBuf>,
 }
 
 /// What the watcher knows of one VM.

@@ -252,12 +252,16 @@ impl Fleet {
 
     /// Operations host `i` applied so far, from its metrics (scraped from
     /// inside its namespace and read by Python's prometheus_client).
-    fn applied(&self, i: usize) -> f64 {
+    fn metrics(&self, i: usize) -> serde_json::Value {
         let out = run(Command::new("ip")
             .args(["netns", "exec", &self.host_ns(i), "python3"])
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metrics/scrape.py"))
             .arg(format!("http://{SUBNET}.{}:9464/metrics", 10 + i)));
-        let m: serde_json::Value = serde_json::from_str(&out).expect("json");
+        serde_json::from_str(&out).expect("json")
+    }
+
+    fn applied(&self, i: usize) -> f64 {
+        let m = self.metrics(i);
         m["families"]["uvmctl_reconciles"]["samples"]
             .as_array()
             .into_iter()
@@ -394,6 +398,16 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
             && f.applied(i) as usize == per_host
     });
     let mut timings = vec![("1,000 VMs created".to_string(), started.elapsed().max(took))];
+    let m = f.metrics(0);
+    let revisions = &m["families"]["uvmctl_source_revision"]["samples"];
+    assert!(
+        revisions
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s[1]["kind"] == "applied"
+                && s[1]["revision"] == format!("main@sha1:{first}").as_str()
+                && s[2] == 1.0)),
+        "the revision in force in the metrics: {revisions}"
+    );
 
     // 1%, 10%, 100% of the VMs change; hosts with no changed VM do nothing.
     let mut memory = vec![64u64; VMS];
@@ -476,8 +490,13 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
     f.write_vm(host_of(5), 5, u32::try_from(memory[5]).expect("small"));
     f.commit("unsigned", false);
     f.converge("the unsigned commit refused", &|i| {
-        f.source(i).1.as_deref() == Some("unverified") && f.source(i).2 >= 1
+        f.source(i).1.as_deref() == Some("unverified") && f.source(i).2 == 1
     });
+    let m = f.metrics(7);
+    assert_eq!(
+        m["families"]["uvmctl_source_unverified_revisions"]["samples"][0][2], 1.0,
+        "counted once in the metrics"
+    );
     assert!((0..HOSTS).all(|i| f.source(i).0.as_deref() == Some(fixed.as_str())));
     assert_eq!(f.vms(host_of(5))["vm-0005"], memory[5] - 32, "not applied");
     let signed = f.commit("signed", true);

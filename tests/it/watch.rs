@@ -25,12 +25,17 @@ pub(crate) struct Watcher {
 
 impl Host {
     pub(crate) fn watch(&self, log_name: &str, extra: &[&str]) -> Watcher {
+        let specs = self.path("specs");
+        self.watch_from(log_name, &[specs.to_str().expect("utf-8")], extra)
+    }
+
+    /// A watcher of `source`: a spec directory, or `--git URL ...`.
+    pub(crate) fn watch_from(&self, log_name: &str, source: &[&str], extra: &[&str]) -> Watcher {
         let log = self.path(log_name);
         let file = std::fs::File::create(&log).expect("log file");
-        let specs = self.path("specs");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
         cmd.arg("watch")
-            .arg(&specs)
+            .args(source)
             .arg("--state-dir")
             .arg(self.path("state"))
             .arg("--allow-root")
@@ -659,4 +664,105 @@ fn a_detect_only_watcher_and_a_saved_plan_see_a_device_del_and_change_nothing() 
     agent.wait_for("blocks", "the disk put back", |b| {
         has_block(b, 16 << 20, 0, 0)
     });
+}
+
+/// Issue 17: a watcher following a git repository on real QEMU: a signed
+/// commit hot-adds a disk the guest sees; an unsigned one on top changes
+/// nothing.
+#[test]
+fn a_signed_commit_hot_adds_a_disk_the_guest_sees() {
+    let h = Host::new();
+    let key = h.path("id");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let signers = h.path("allowed_signers");
+    std::fs::write(&signers, format!("ops@example.com {public}")).expect("write");
+    let repo = h.path("repo");
+    std::fs::create_dir_all(repo.join("vms")).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let signing = format!("user.signingkey={}", key.display());
+    let commit = |message: &str, signed: bool| {
+        git(&repo, &["add", "-A"]);
+        let mut args = vec![
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            signing.as_str(),
+            "commit",
+            "-q",
+            "-m",
+            message,
+        ];
+        if signed {
+            args.push("-S");
+        }
+        git(&repo, &args);
+    };
+    let spec = |extra: &str| {
+        h.spec(
+            "gitvm",
+            &format!("  scsiControllers:\n    - id: 0\n{extra}"),
+        )
+    };
+    std::fs::write(repo.join("vms/gitvm.yaml"), spec("")).expect("write");
+    commit("a VM", true);
+    let url = format!("file://{}", repo.display());
+    let signers_arg = signers.to_str().expect("utf-8");
+    let w = h.watch_from(
+        "watch.log",
+        &[
+            "--git",
+            &url,
+            "--git-path",
+            "vms",
+            "--allowed-signers",
+            signers_arg,
+        ],
+        &[
+            "--git-interval",
+            "1s",
+            "--git-cache",
+            h.path("git").to_str().expect("utf-8"),
+        ],
+    );
+    let mut agent = h.agent("gitvm");
+
+    let img = h.raw_image("git-disk.img", 20);
+    std::fs::write(
+        repo.join("vms/gitvm.yaml"),
+        spec(&format!("      disks:\n{}", disk(1, &img))),
+    )
+    .expect("write");
+    commit("a disk", true);
+    let mark = w.mark();
+    w.wait_after(mark, "the signed revision in force", STEP, |l| {
+        message(l).starts_with("revision in force: main@sha1:")
+    });
+    agent.wait_for("blocks", "the 20 MiB disk at LUN 1", |b| {
+        has_block(b, 20 << 20, 0, 1)
+    });
+
+    // Unsigned on top: refused, the disk stays.
+    std::fs::write(repo.join("vms/gitvm.yaml"), spec("")).expect("write");
+    commit("unsigned removal", false);
+    let mark = w.mark();
+    w.wait_after(mark, "the unsigned revision refused", STEP, |l| {
+        message(l).contains("not signed by an allowed signer")
+    });
+    assert!(
+        has_block(&agent.cmd("blocks"), 20 << 20, 0, 1),
+        "the disk stays"
+    );
+    let status = h.uvmctl(&["status"]);
+    assert!(
+        text(&status).contains("source error (the revision in force stays)"),
+        "{}",
+        text(&status)
+    );
+    w.term();
 }
