@@ -1252,6 +1252,28 @@ fn watch_metrics_are_served_and_follow_held_changes_and_failing_specs() {
     until("the failing spec cleared", &|m| {
         value(m, "uvmctl_spec_files_failing", &[]) == Some(0.0)
     });
+    // A VM that cannot be observed (its record is garbage) fails and backs
+    // off; the other is untouched.
+    std::fs::write(state.join("sim/db.json"), b"{ not a record").expect("corrupt");
+    let m = until("the failure counted", &|m| {
+        value(
+            m,
+            "uvmctl_reconciles_total",
+            &[("trigger", "resync"), ("result", "failed")],
+        ) >= Some(1.0)
+            && value(m, "uvmctl_vms_in_backoff", &[]) == Some(1.0)
+    });
+    // Its state is unknown now; the other still runs.
+    assert_eq!(
+        value(&m, "uvmctl_vms", &[("state", "running")]),
+        Some(1.0),
+        "{m}"
+    );
+    std::fs::remove_file(state.join("sim/db.json")).expect("rm");
+    until("the failed VM back", &|m| {
+        value(m, "uvmctl_vms_in_backoff", &[]) == Some(0.0)
+            && value(m, "uvmctl_vms", &[("state", "running")]) == Some(2.0)
+    });
     // Drift: the VM changed behind the watcher's back is put back.
     let out = t.uvmctl(&[
         "--virtstack",

@@ -522,6 +522,71 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
     timings.push(("a VM moved between hosts".into(), pushed.elapsed()));
 
     if report {
+        // Fetch to applied on one host (SIGHUP: fetch now), next to the
+        // same edit in a plain directory followed by a watcher of its own.
+        memory[0] += 32;
+        f.write_vm(0, 0, u32::try_from(memory[0]).expect("small"));
+        f.commit("one VM, for the latency", true);
+        let pushed = Instant::now();
+        run(Command::new("kill").args(["-HUP", &f.watchers[0].id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while f.vms(0).get("vm-0000") != Some(&memory[0]) {
+            assert!(Instant::now() < deadline, "the git edit applied");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        timings.push((
+            "one edit, push to applied (git, SIGHUP)".into(),
+            pushed.elapsed(),
+        ));
+        let plain = f.path("plain");
+        std::fs::create_dir_all(&plain).expect("mkdir");
+        for e in std::fs::read_dir(f.path("work/hosts/h0")).expect("h0's specs") {
+            let e = e.expect("entry");
+            std::fs::copy(e.path(), plain.join(e.file_name())).expect("copy");
+        }
+        let state = f.path("plain-state");
+        let mut w = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .arg("watch")
+            .arg(&plain)
+            .args(["--resync", "1h"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("watch runs");
+        let memory_of = |vm: &str| -> Option<u64> {
+            let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+                .args(["--virtstack", "sim", "--state-dir"])
+                .arg(&state)
+                .args(["status", "--output", "json"])
+                .output()
+                .ok()?;
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            rows.as_array()?.iter().find(|r| r["name"] == vm)?["memoryMb"].as_u64()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while memory_of("vm-0000") != Some(memory[0]) {
+            assert!(Instant::now() < deadline, "the plain watcher started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(plain.join("vm-0000.yaml")).expect("spec");
+        let edited = text.replace(
+            &format!("sizeMB: {}", memory[0]),
+            &format!("sizeMB: {}", memory[0] + 32),
+        );
+        let saved = Instant::now();
+        std::fs::write(plain.join("vm-0000.yaml"), edited).expect("edit");
+        while memory_of("vm-0000") != Some(memory[0] + 32) {
+            assert!(Instant::now() < deadline, "the plain edit applied");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        timings.push((
+            "one edit, save to applied (plain directory)".into(),
+            saved.elapsed(),
+        ));
+        let _ = w.kill();
+        let _ = w.wait();
         for (what, took) in &timings {
             println!("fleet: {what}: {:.2} s", took.as_secs_f64());
         }
