@@ -432,10 +432,7 @@ async fn spec_dir(
     match (dir, git.source(cache)?) {
         (_, Some(source)) => {
             let synced = source.sync().await?;
-            let rev = match &synced {
-                uvmctl::source::Synced::Applied(r) | uvmctl::source::Synced::Unchanged(r) => r,
-            };
-            eprintln!("specs: {} {rev}", source.options().url);
+            eprintln!("specs: {} {}", source.options().url, synced.revision());
             Ok((source.spec_dir(), guard))
         }
         (Some(d), None) => Ok((d.clone(), None)),
@@ -1324,6 +1321,16 @@ async fn run_logs(name: &VmName, follow: bool, previous: bool, host: &Host) -> a
     Ok(0)
 }
 
+/// A revision not put in force, and the one that stays.
+fn log_refused(source: &uvmctl::source::GitSource, e: &uvmctl::source::SourceError) {
+    let in_force = source.status().applied.map(|r| r.to_string());
+    tracing::warn!(
+        kind = e.kind(),
+        "{e}; the revision in force stays: {}",
+        in_force.as_deref().unwrap_or("none")
+    );
+}
+
 async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -1344,21 +1351,13 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
             match source.sync().await {
-                Ok(s) => {
-                    tracing::info!(url = %source.options().url, "revision in force: {}", match &s {
-                        uvmctl::source::Synced::Applied(r) | uvmctl::source::Synced::Unchanged(r) => r,
-                    })
-                }
-                // What an earlier run put in force stays in force.
-                Err(e) if source.spec_dir().exists() => tracing::warn!(
-                    kind = e.kind(),
-                    "{e}; the revision in force stays: {}",
-                    source
-                        .status()
-                        .applied
-                        .map(|r| r.to_string())
-                        .unwrap_or_default()
+                Ok(s) => tracing::info!(
+                    url = %source.options().url,
+                    "revision in force: {}",
+                    s.revision()
                 ),
+                // What an earlier run put in force stays in force.
+                Err(e) if source.spec_dir().exists() => log_refused(source, &e),
                 Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
             }
             source.spec_dir()
@@ -1398,15 +1397,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
                         tracing::info!(url = %source.options().url, "revision in force: {r}");
                     }
                     Ok(uvmctl::source::Synced::Unchanged(_)) => {}
-                    Err(e) => tracing::warn!(
-                        kind = e.kind(),
-                        "{e}; the revision in force stays: {}",
-                        source
-                            .status()
-                            .applied
-                            .map(|r| r.to_string())
-                            .unwrap_or_default()
-                    ),
+                    Err(e) => log_refused(&source, &e),
                 }
             }
         });

@@ -208,6 +208,15 @@ pub enum Synced {
     Applied(Revision),
 }
 
+impl Synced {
+    /// The revision in force after the sync.
+    pub fn revision(&self) -> &Revision {
+        match self {
+            Synced::Unchanged(r) | Synced::Applied(r) => r,
+        }
+    }
+}
+
 /// A git source and its cache.
 #[derive(Debug, Clone)]
 pub struct GitSource {
@@ -324,10 +333,12 @@ impl GitSource {
             })?
             .map_err(io_err("cannot lock the git cache"))?;
         let mut status = self.status();
+        // The link points into the path the revision was put in force with.
+        let path_changed = status.path != self.opts.path;
         status.url.clone_from(&self.opts.url);
         status.reference.clone_from(&self.opts.reference);
         status.path.clone_from(&self.opts.path);
-        let outcome = self.sync_locked(&mut status).await;
+        let outcome = self.sync_locked(&mut status, path_changed).await;
         match &outcome {
             Ok(_) => {
                 status.last_error = None;
@@ -349,7 +360,11 @@ impl GitSource {
         outcome
     }
 
-    async fn sync_locked(&self, status: &mut SourceStatus) -> Result<Synced, SourceError> {
+    async fn sync_locked(
+        &self,
+        status: &mut SourceStatus,
+        path_changed: bool,
+    ) -> Result<Synced, SourceError> {
         let mirror = self.mirror();
         if !mirror.join("HEAD").is_file() {
             let _ = std::fs::remove_dir_all(&mirror);
@@ -364,7 +379,7 @@ impl GitSource {
         };
         status.fetched = Some(revision.clone());
         status.last_fetch = Some(now_unix());
-        if status.applied.as_ref() == Some(&revision) && self.spec_dir().exists() {
+        if status.applied.as_ref() == Some(&revision) && !path_changed && self.spec_dir().exists() {
             return Ok(Synced::Unchanged(revision));
         }
         if let Some(signers) = &self.opts.allowed_signers {
@@ -502,21 +517,27 @@ impl GitSource {
         }
     }
 
-    async fn verify(&self, revision: &Revision, signers: &Path) -> Result<(), SourceError> {
-        let out = self
-            .command(&self.mirror())
-            .arg("-c")
-            .arg(format!("gpg.ssh.allowedSignersFile={}", signers.display()))
-            .arg("verify-commit")
-            .arg(&revision.sha)
-            .output();
-        let out = tokio::time::timeout(GIT_TIMEOUT, out)
+    /// Runs `cmd` to its end, within [`GIT_TIMEOUT`].
+    async fn finish(
+        mut cmd: tokio::process::Command,
+        what: &'static str,
+    ) -> Result<std::process::Output, SourceError> {
+        tokio::time::timeout(GIT_TIMEOUT, cmd.output())
             .await
             .map_err(|_| SourceError::Timeout {
-                what: "verify-commit",
+                what,
                 after: GIT_TIMEOUT,
             })?
-            .map_err(io_err("cannot run git verify-commit"))?;
+            .map_err(io_err(format!("cannot run git {what}")))
+    }
+
+    async fn verify(&self, revision: &Revision, signers: &Path) -> Result<(), SourceError> {
+        let mut cmd = self.command(&self.mirror());
+        cmd.arg("-c")
+            .arg(format!("gpg.ssh.allowedSignersFile={}", signers.display()))
+            .arg("verify-commit")
+            .arg(&revision.sha);
+        let out = Self::finish(cmd, "verify-commit").await?;
         if out.status.success() {
             return Ok(());
         }
@@ -533,17 +554,9 @@ impl GitSource {
     }
 
     async fn descends(&self, new: &str, old: &str) -> Result<bool, SourceError> {
-        let out = self
-            .command(&self.mirror())
-            .args(["merge-base", "--is-ancestor", old, new])
-            .output();
-        let out = tokio::time::timeout(GIT_TIMEOUT, out)
-            .await
-            .map_err(|_| SourceError::Timeout {
-                what: "merge-base",
-                after: GIT_TIMEOUT,
-            })?
-            .map_err(io_err("cannot run git merge-base"))?;
+        let mut cmd = self.command(&self.mirror());
+        cmd.args(["merge-base", "--is-ancestor", old, new]);
+        let out = Self::finish(cmd, "merge-base").await?;
         match out.status.code() {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
@@ -558,16 +571,24 @@ impl GitSource {
     /// inside it, which must be a directory that stays inside it.
     async fn checkout(&self, revision: &Revision) -> Result<PathBuf, SourceError> {
         let dir = self.opts.cache.join(format!("rev-{}", revision.sha));
-        if !dir.join(".git").exists() {
-            let _ = std::fs::remove_dir_all(&dir);
+        if !dir.is_dir() {
+            // Checked out under another name and renamed when whole: a
+            // checkout cut short (uvmctl killed) is never taken for one,
+            // whose missing specs would read as VMs to prune.
+            let partial = self
+                .opts
+                .cache
+                .join(format!(".rev-{}.partial", revision.sha));
+            let _ = std::fs::remove_dir_all(&partial);
             self.git(&["worktree", "prune"], &[], "worktree prune")
                 .await?;
             self.git(
                 &["worktree", "add", "--quiet", "--detach", "--force"],
-                &[dir.as_os_str(), std::ffi::OsStr::new(&revision.sha)],
+                &[partial.as_os_str(), std::ffi::OsStr::new(&revision.sha)],
                 "worktree add",
             )
             .await?;
+            std::fs::rename(&partial, &dir).map_err(io_err("cannot keep the checkout"))?;
         }
         let target = dir.join(&self.opts.path);
         let missing = || SourceError::MissingPath {
@@ -612,6 +633,7 @@ impl GitSource {
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
         old.sort();
+        // The newest other one: the revision before.
         old.pop();
         for (_, dir) in old {
             let _ = std::fs::remove_dir_all(&dir);
@@ -652,14 +674,9 @@ impl GitSource {
         rest: &[&std::ffi::OsStr],
         what: &'static str,
     ) -> Result<String, SourceError> {
-        let out = self.command(&self.mirror()).args(args).args(rest).output();
-        let out = tokio::time::timeout(GIT_TIMEOUT, out)
-            .await
-            .map_err(|_| SourceError::Timeout {
-                what,
-                after: GIT_TIMEOUT,
-            })?
-            .map_err(io_err(format!("cannot run git {what}")))?;
+        let mut cmd = self.command(&self.mirror());
+        cmd.args(args).args(rest);
+        let out = Self::finish(cmd, what).await?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -830,6 +847,33 @@ mod tests {
             .count();
         assert_eq!(kept, 2);
         assert!(!cache.path().join(format!("rev-{first}")).exists());
+    }
+
+    /// The same commit with another `--git-path` is a new spec directory.
+    #[tokio::test]
+    async fn a_new_path_is_put_in_force_for_the_same_commit() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        origin.write("other/db.yaml", &vm("db"));
+        origin.commit("two paths", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        src.sync().await.expect("sync");
+        assert_eq!(names(&src.spec_dir()), ["web"]);
+        let mut opts = src.options().clone();
+        opts.path = "other".into();
+        let other = GitSource::new(opts).expect("options");
+        assert!(matches!(
+            other.sync().await.expect("sync"),
+            Synced::Applied(_)
+        ));
+        assert_eq!(names(&other.spec_dir()), ["db"]);
+        assert!(
+            !std::fs::read_dir(cache.path())
+                .expect("cache")
+                .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".partial"))),
+            "no partial checkout is left"
+        );
     }
 
     /// Issue 17: bad input gets a clear error and changes nothing.
