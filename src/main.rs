@@ -325,7 +325,8 @@ struct GitArgs {
     /// for plan, a temporary directory removed after].
     #[arg(long, value_name = "DIR", requires = "git")]
     git_cache: Option<PathBuf>,
-    /// The most the repository's mirror may hold, in MiB.
+    /// The most the repository's mirror may hold, and one revision's
+    /// checkout may write, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256, requires = "git")]
     git_max_mb: u64,
     /// The longest a fetch may take.

@@ -12,9 +12,10 @@
 //!   missing, the repository grows past its bound, the commit is not signed
 //!   by an allowed signer, the history was rewritten (the new commit does
 //!   not descend from the one in force), or its specs do not load.
-//! - What is fetched is bounded in size and time: a stranger's push is
-//!   input like any other. git runs with no prompt, no hooks, no `ext::`
-//!   transport, and the URL, ref and path can never be read as options.
+//! - What is fetched is bounded in size and time, and so is what a
+//!   checkout would write: a stranger's push is input like any other.
+//!   git runs with no prompt, no hooks, no `ext::` transport, and the URL,
+//!   ref and path can never be read as options.
 //! - The path inside the revision must stay inside it (a symlinked path
 //!   pointing at `/etc` is refused).
 //!
@@ -54,7 +55,8 @@ pub struct GitOptions {
     /// git's `allowed_signers` file: only commits signed (SSH) by one of
     /// them are put in force.
     pub allowed_signers: Option<PathBuf>,
-    /// The most the mirror may hold, in bytes.
+    /// The most the mirror may hold, and one revision's checkout may
+    /// write, in bytes.
     pub max_bytes: u64,
     /// The longest a fetch may take.
     pub fetch_timeout: Duration,
@@ -580,6 +582,24 @@ impl GitSource {
                 .cache
                 .join(format!(".rev-{}.partial", revision.sha));
             let _ = std::fs::remove_dir_all(&partial);
+            // What the checkout would write, inflated: a pack that passed
+            // the bound may still hold a blob that unpacks to gigabytes.
+            let listing = self
+                .git(
+                    &["ls-tree", "-r", "-l", "--full-tree"],
+                    &[std::ffi::OsStr::new(&revision.sha)],
+                    "ls-tree",
+                )
+                .await?;
+            let inflated: u64 = listing
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+                .sum();
+            if inflated > self.opts.max_bytes {
+                return Err(SourceError::TooLarge {
+                    max: self.opts.max_bytes,
+                });
+            }
             self.git(&["worktree", "prune"], &[], "worktree prune")
                 .await?;
             self.git(
@@ -944,6 +964,20 @@ mod tests {
             .expect_err("too large");
         assert!(matches!(e, SourceError::TooLarge { .. }), "{e}");
         assert_eq!(in_force(), before);
+
+        // A small pack that would unpack to more than the bound.
+        origin.write("specs/zeros.bin", &"\0".repeat(2 << 20));
+        origin.commit("two MiB of zeros", &[]);
+        let mut opts = src.options().clone();
+        opts.max_bytes = 1 << 20;
+        opts.cache = cache.path().join("inflated");
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("inflates");
+        assert!(matches!(e, SourceError::TooLarge { .. }), "{e}");
+        assert!(!cache.path().join("inflated/specs").exists());
     }
 
     #[tokio::test]
