@@ -391,7 +391,39 @@ impl Drop for TempCache {
     }
 }
 
+/// A new directory of this process's own under the temporary directory:
+/// made, never found (a name planted there, a link among them, is refused
+/// by `mkdir` itself rather than followed).
+fn temp_cache() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!(
+            "uvmctl-git-{}-{nanos}-{attempt}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot make {}", dir.display()));
+            }
+        }
+    }
+    bail!("cannot make a temporary git cache under {}", base.display())
+}
+
 impl GitArgs {
+    /// The cache apply and watch share: --git-cache, else STATE_DIR/git.
+    fn cache(&self, host: &Host) -> PathBuf {
+        self.git_cache
+            .clone()
+            .unwrap_or_else(|| host.state_dir.join("git"))
+    }
+
     fn source(&self, cache: PathBuf) -> anyhow::Result<Option<uvmctl::source::GitSource>> {
         let Some(url) = &self.git else {
             return Ok(None);
@@ -422,13 +454,10 @@ async fn spec_dir(
     let (cache, guard) = match (&git.git_cache, temporary) {
         (Some(c), _) => (c.clone(), None),
         (None, true) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let c = std::env::temp_dir().join(format!("uvmctl-git-{}-{nanos}", std::process::id()));
+            let c = temp_cache()?;
             (c.clone(), Some(TempCache(c)))
         }
-        (None, false) => (host.state_dir.join("git"), None),
+        (None, false) => (git.cache(host), None),
     };
     match (dir, git.source(cache)?) {
         (_, Some(source)) => {
@@ -1343,11 +1372,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
     let (vs, state_dir) = host.live(false).await?;
-    let cache = args
-        .git
-        .git_cache
-        .clone()
-        .unwrap_or_else(|| host.state_dir.join("git"));
+    let cache = args.git.cache(host);
     let source = args.git.source(cache.clone())?;
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
