@@ -41,6 +41,8 @@ pub struct Metrics {
     refused_seen: AtomicU64,
     /// The VMs the per-VM counters have series for.
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The revision series shown now.
+    revisions: std::sync::Mutex<Vec<Labels>>,
     /// The git cache whose `source.json` the source families read.
     source_cache: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
@@ -151,6 +153,7 @@ impl Metrics {
             refused_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
             source_cache: std::sync::Mutex::default(),
+            revisions: std::sync::Mutex::default(),
         })
     }
 
@@ -176,8 +179,10 @@ impl Metrics {
 
     /// The gauges, from what the watcher would write to its status file
     /// and the VMs' last observed states.
+    ///
+    /// Series are set in place, never cleared first: a scrape meanwhile
+    /// would see a family without them.
     pub fn update(&self, status: &WatchStatus, states: &BTreeMap<String, State>, now: u64) {
-        self.vms.clear();
         for state in [
             State::Created,
             State::Running,
@@ -198,6 +203,7 @@ impl Metrics {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for gone in known.iter().filter(|v| !status.vms.contains_key(*v)) {
                 self.drift_corrected.remove(&vec![("vm", gone.clone())]);
+                self.held.remove(&vec![("vm", gone.clone())]);
             }
             known.clear();
             for vm in status.vms.keys() {
@@ -207,7 +213,6 @@ impl Metrics {
                 known.insert(vm.clone());
             }
         }
-        self.held.clear();
         for (vm, w) in &status.vms {
             // The last line of a hold says why; the others are the changes.
             let n = w.held.len().saturating_sub(1);
@@ -256,13 +261,27 @@ impl Metrics {
     }
 
     fn set_source(&self, src: &crate::source::SourceStatus) {
-        self.revision.clear();
-        for (kind, r) in [("applied", &src.applied), ("fetched", &src.fetched)] {
-            if let Some(r) = r {
-                self.revision
-                    .get_or_create(&vec![("kind", kind.into()), ("revision", r.to_string())])
-                    .set(1);
+        let now: Vec<Labels> = [("applied", &src.applied), ("fetched", &src.fetched)]
+            .into_iter()
+            .filter_map(|(kind, r)| {
+                Some(vec![
+                    ("kind", kind.into()),
+                    ("revision", r.as_ref()?.to_string()),
+                ])
+            })
+            .collect();
+        {
+            let mut shown = self
+                .revisions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for old in shown.iter().filter(|l| !now.contains(l)) {
+                self.revision.remove(old);
             }
+            for labels in &now {
+                self.revision.get_or_create(labels).set(1);
+            }
+            *shown = now;
         }
         if let Some(t) = src.last_fetch {
             self.last_fetch.set(i64::try_from(t).unwrap_or(i64::MAX));

@@ -1599,6 +1599,19 @@ impl Qemu {
     /// sign a guest with uvmctl's agent has booted. QEMU reports the guest's
     /// side of a virtio-serial port as the chardev's `frontend-open`.
     pub async fn guest_ready(&self, name: &str) -> Result<bool, QemuError> {
+        let agent = self.chardev(name, "agent").await?;
+        Ok(
+            agent.and_then(|c| c.get("frontend-open").and_then(serde_json::Value::as_bool))
+                == Some(true),
+        )
+    }
+
+    /// What `query-chardev` says of the running VM's chardev `label`.
+    async fn chardev(
+        &self,
+        name: &str,
+        label: &str,
+    ) -> Result<Option<serde_json::Value>, QemuError> {
         let q = self.running_qmp(name).await?;
         let chardevs = q
             .execute("query-chardev", None)
@@ -1607,10 +1620,12 @@ impl Qemu {
                 vm: name.into(),
                 source,
             })?;
-        Ok(chardevs.as_array().into_iter().flatten().any(|c| {
-            c.get("label").and_then(serde_json::Value::as_str) == Some("agent")
-                && c.get("frontend-open").and_then(serde_json::Value::as_bool) == Some(true)
-        }))
+        Ok(chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c.get("label").and_then(serde_json::Value::as_str) == Some(label))
+            .cloned())
     }
 
     /// Where the guest agent channel of a VM listens.
@@ -1633,19 +1648,9 @@ impl Qemu {
                 ),
             });
         }
-        let q = self.running_qmp(name).await?;
-        let chardevs = q
-            .execute("query-chardev", None)
-            .await
-            .map_err(|source| QemuError::Qmp {
-                vm: name.into(),
-                source,
-            })?;
-        let console = chardevs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c.get("label").and_then(serde_json::Value::as_str) == Some("serial0"))
+        let serial0 = self.chardev(name, "serial0").await?;
+        let console = serial0
+            .as_ref()
             .and_then(|c| c.get("filename").and_then(serde_json::Value::as_str))
             .unwrap_or_default();
         let socket = self.opts.state_dir.console_socket(name);
