@@ -187,10 +187,9 @@ struct HostArgs {
     #[arg(long, global = true, env = "UVMCTL_ACCEL", value_enum)]
     accel: Option<AccelArg>,
     /// The virtstack: `qemu` (QEMU here), `remotevm` (one vmservice
-    /// server per VM) or `sim` (a simulator: VMs as records under the state
-    /// directory, with qemu's rules; nothing runs); with `plan --observed`
-    /// and `capabilities`, also `hcs`: whose capabilities to assume
-    /// [default: qemu].
+    /// server per VM), `hcs` (Windows' Host Compute Service, through
+    /// --hcs-library) or `sim` (a simulator: VMs as records under the state
+    /// directory, with qemu's rules; nothing runs) [default: qemu].
     #[arg(long, global = true, env = "UVMCTL_VIRTSTACK", value_name = "NAME")]
     virtstack: Option<String>,
     /// remotevm: where its per-VM records and server sockets live
@@ -212,6 +211,22 @@ struct HostArgs {
     /// [default: uvmctl-qemu when uvmctl runs as root, else uvmctl's own user].
     #[arg(long, global = true, env = "UVMCTL_QEMU_USER", value_name = "USER")]
     qemu_user: Option<String>,
+    /// hcs: the computecore library to load: Windows' own, or elsewhere
+    /// the HCS emulator built from hcs-emulator/ (docs/hcs.md)
+    /// [default: computecore.dll].
+    #[arg(long, global = true, env = "UVMCTL_HCS_LIBRARY", value_name = "FILE")]
+    hcs_library: Option<PathBuf>,
+    /// hcs: paths on the Windows host (disks, shares, boot files) must lie
+    /// under one of these; repeatable; in UVMCTL_HCS_ALLOW_ROOT, separated
+    /// by `;` [default: C:/ProgramData/uvmctl].
+    #[arg(
+        long = "hcs-allow-root",
+        global = true,
+        env = "UVMCTL_HCS_ALLOW_ROOT",
+        value_delimiter = ';',
+        value_name = "DIR"
+    )]
+    hcs_allow_roots: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -250,6 +265,8 @@ impl HostArgs {
             remote_dir: self.remote_dir.or(defaults.remote_dir),
             remote_server: self.remote_server.or(defaults.remote_server),
             qemu_user: self.qemu_user.or(defaults.qemu_user),
+            hcs_library: self.hcs_library,
+            hcs_allow_roots: self.hcs_allow_roots,
         })
     }
 }
@@ -263,6 +280,8 @@ struct Host {
     remote_dir: Option<PathBuf>,
     remote_server: Option<PathBuf>,
     qemu_user: Option<String>,
+    hcs_library: Option<PathBuf>,
+    hcs_allow_roots: Vec<PathBuf>,
 }
 
 impl Host {
@@ -278,6 +297,8 @@ impl Host {
             qemu_user: self.qemu_user.clone(),
             remote_dir: self.remote_dir.clone(),
             remote_server: self.remote_server.clone(),
+            hcs_library: self.hcs_library.clone(),
+            hcs_allow_roots: self.hcs_allow_roots.clone(),
         }
     }
 
@@ -382,7 +403,7 @@ impl PlacementArgs {
     }
 }
 
-/// A temporary git cache, removed when dropped.
+/// A temporary directory, removed when dropped.
 struct TempCache(PathBuf);
 
 impl Drop for TempCache {
@@ -394,17 +415,14 @@ impl Drop for TempCache {
 /// A new directory of this process's own under the temporary directory:
 /// made, never found (a name planted there, a link among them, is refused
 /// by `mkdir` itself rather than followed).
-fn temp_cache() -> anyhow::Result<PathBuf> {
+fn temp_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for attempt in 0..16u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = base.join(format!(
-            "uvmctl-git-{}-{nanos}-{attempt}",
-            std::process::id()
-        ));
+        let dir = base.join(format!("{prefix}-{}-{nanos}-{attempt}", std::process::id()));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -413,7 +431,7 @@ fn temp_cache() -> anyhow::Result<PathBuf> {
             }
         }
     }
-    bail!("cannot make a temporary git cache under {}", base.display())
+    bail!("cannot make a temporary directory under {}", base.display())
 }
 
 impl GitArgs {
@@ -454,7 +472,7 @@ async fn spec_dir(
     let (cache, guard) = match (&git.git_cache, temporary) {
         (Some(c), _) => (c.clone(), None),
         (None, true) => {
-            let c = temp_cache()?;
+            let c = temp_dir("uvmctl-git")?;
             (c.clone(), Some(TempCache(c)))
         }
         (None, false) => (git.cache(host), None),
@@ -491,6 +509,12 @@ struct PlanArgs {
     /// Also show a unified diff of canonical YAML, observed → desired, per VM.
     #[arg(long)]
     diff: bool,
+    /// With --virtstack hcs: print, instead of the plan, the HCS calls
+    /// applying it would make (create documents, ModifySettingRequests,
+    /// lifecycle calls), in order per VM, as JSON (docs/hcs.md). Needs no
+    /// HCS with --observed.
+    #[arg(long, conflicts_with_all = ["output", "diff", "out"])]
+    hcs_requests: bool,
     /// Exit 2 when there are changes (0 when none).
     #[arg(long)]
     detailed_exitcode: bool,
@@ -938,6 +962,12 @@ fn print_refused(refused: &[(String, String)]) {
 }
 
 async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
+    if args.hcs_requests && host.virtstack != Kind::Hcs.as_str() {
+        bail!(
+            "--hcs-requests shows what the hcs virtstack sends: give --virtstack hcs (not {})",
+            host.virtstack
+        );
+    }
     let (dir, _cache) = spec_dir(&args.dir, &args.git, host, true).await?;
     let live = match &args.observed {
         None => Some(host.live(true).await?.0),
@@ -957,6 +987,10 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
     .await?;
     let style = args.common.color.style();
     let errors = &planned.loaded.errors;
+    if args.hcs_requests {
+        print_errors(&planned.loaded);
+        return hcs_requests(&planned, host).await;
+    }
     match args.output {
         Output::Json => out!("{}", render::json(&planned.plan, errors))?,
         Output::Text => {
@@ -1031,6 +1065,64 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         return Ok(EXIT_CHANGES);
     }
     Ok(0)
+}
+
+/// `plan --hcs-requests`: the plan applied through the hcs virtstack over
+/// a recorder seeded with what was observed; its calls printed per VM.
+async fn hcs_requests(planned: &reconcile::Planned, host: &Host) -> anyhow::Result<u8> {
+    use uvmctl::virtstack::hcs::{Hcs, HcsRecord, dry_run::Recorder, system_id};
+    let recorder = Arc::new(Recorder::new());
+    let records = TempCache(temp_dir("uvmctl-hcs")?);
+    let hcs = Hcs::new(recorder.clone(), &records.0, &host.hcs_allow_roots);
+    Hcs::ensure_dir(&records.0).context("cannot make the dry run's records")?;
+    for (name, vm) in &planned.observed.vms {
+        let Ok(name) = VmName::new(name) else {
+            continue;
+        };
+        let state = match vm.state {
+            uvmctl::vm::State::Created => Some("Created"),
+            uvmctl::vm::State::Running => Some("Running"),
+            uvmctl::vm::State::Paused => Some("Paused"),
+            _ => None,
+        };
+        if let Some(state) = state {
+            recorder.seed(&system_id(&name), state);
+        }
+        let rec = HcsRecord {
+            config: vm.config.clone(),
+            saved: None,
+        };
+        hcs.adopt(&name, &rec)?;
+    }
+    let opts = ApplyOptions {
+        allow_recreate: true,
+        wait_ready: None,
+    };
+    let quiet: apply::Progress = Arc::new(|_: &str, _: &str| {});
+    let outcomes = apply::apply(
+        &planned.plan,
+        &planned.loaded.desired,
+        Arc::new(hcs),
+        opts,
+        quiet,
+    )
+    .await;
+    // VMs are applied side by side: each VM's calls in its own order.
+    let mut calls = recorder.calls();
+    calls.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    outln!("{}", serde_json::to_string_pretty(&calls)?)?;
+    let mut failed = false;
+    for o in outcomes {
+        if let Err(e) = o.result {
+            eprintln!("{}: {}", o.name, uvmctl::vm::Chain(&e));
+            failed = true;
+        }
+    }
+    Ok(if failed || !planned.loaded.errors.is_empty() {
+        EXIT_ERROR
+    } else {
+        0
+    })
 }
 
 /// Asks on the terminal; only `yes` is yes.

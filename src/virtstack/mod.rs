@@ -2,6 +2,7 @@
 //! it can do. Virtstack implementations live below this module.
 
 pub mod fake;
+pub mod hcs;
 pub mod open;
 pub mod qemu;
 pub mod recorded;

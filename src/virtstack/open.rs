@@ -21,11 +21,14 @@ pub enum Kind {
     RemoteVm,
     /// The simulator: VMs as records only, with qemu's rules (`sim`).
     Sim,
+    /// HCS compute systems through computecore.dll (Windows; elsewhere
+    /// the emulator, for tests).
+    Hcs,
 }
 
 impl Kind {
     /// Every kind, in the order help lists them.
-    pub const ALL: [Kind; 3] = [Kind::Qemu, Kind::RemoteVm, Kind::Sim];
+    pub const ALL: [Kind; 4] = [Kind::Qemu, Kind::RemoteVm, Kind::Sim, Kind::Hcs];
 
     /// Its name on the command line and in output.
     pub fn as_str(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Kind {
             Kind::Qemu => crate::vm::QEMU,
             Kind::RemoteVm => crate::vm::REMOTE_VM,
             Kind::Sim => super::sim::SIM,
+            Kind::Hcs => crate::vm::HCS,
         }
     }
 }
@@ -92,6 +96,10 @@ pub struct HostOptions {
     pub remote_dir: Option<PathBuf>,
     /// remotevm: the server program [default: this program's `serve`].
     pub remote_server: Option<PathBuf>,
+    /// hcs: the computecore library [default: computecore.dll].
+    pub hcs_library: Option<PathBuf>,
+    /// hcs: roots paths on the Windows host must lie under; empty: the default.
+    pub hcs_allow_roots: Vec<PathBuf>,
 }
 
 impl Default for HostOptions {
@@ -103,6 +111,8 @@ impl Default for HostOptions {
             qemu_user: None,
             remote_dir: None,
             remote_server: None,
+            hcs_library: None,
+            hcs_allow_roots: Vec::new(),
         }
     }
 }
@@ -111,7 +121,7 @@ impl Default for HostOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// No such virtstack.
-    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm, sim)")]
+    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm, sim, hcs)")]
     Unknown(String),
     /// QEMU's service user is missing or unusable.
     #[error(transparent)]
@@ -122,6 +132,18 @@ pub enum OpenError {
     /// The simulator's records directory cannot be made.
     #[error("cannot make the simulator's records directory {}: {source}", path.display())]
     SimDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HCS library cannot be used.
+    #[error(transparent)]
+    HcsLibrary(#[from] super::hcs::api::LoadError),
+    /// The hcs virtstack's records directory cannot be made.
+    #[error("cannot make the hcs records directory {}: {source}", path.display())]
+    HcsDir {
         /// The directory.
         path: PathBuf,
         /// Why.
@@ -221,6 +243,28 @@ pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Open
             }
             Ok(Opened {
                 vs: Arc::new(super::sim::Sim::new(&host.state_dir)),
+                lock_dir: host.state_dir.clone(),
+            })
+        }
+        Kind::Hcs => {
+            use super::hcs::{DEFAULT_LIBRARY, DEFAULT_OPERATION_TIMEOUT, Hcs};
+            let library = host
+                .hcs_library
+                .clone()
+                .unwrap_or_else(|| DEFAULT_LIBRARY.into());
+            let service = super::hcs::api::Computecore::load(&library, DEFAULT_OPERATION_TIMEOUT)?;
+            if !observer {
+                Hcs::ensure_dir(&host.state_dir).map_err(|source| OpenError::HcsDir {
+                    path: Hcs::records_dir(&host.state_dir),
+                    source,
+                })?;
+            }
+            Ok(Opened {
+                vs: Arc::new(Hcs::new(
+                    Arc::new(service),
+                    &host.state_dir,
+                    &host.hcs_allow_roots,
+                )),
                 lock_dir: host.state_dir.clone(),
             })
         }

@@ -1,0 +1,669 @@
+//! The hcs virtstack (`--virtstack hcs`): utility VMs as HCS compute
+//! systems, driven through computecore.dll ([`api`]). What HCS receives is
+//! [`documents`]: a create document per VM and a ModifySettingRequest per
+//! live change; `plan --hcs-requests` prints the same calls for review
+//! ([`dry_run`]).
+//!
+//! What is observed where (docs/hcs.md): the state, the runtime id and
+//! the statistics come from the compute system's properties; the
+//! configuration is uvmctl's record of what it applied (HCS reports no
+//! device list), as remotevm does. A VM whose compute system is gone
+//! (stopped, or the host restarted) keeps its record and is `terminated`;
+//! a start creates its compute system again from the record.
+//!
+//! Host paths are checked lexically against the allowed roots: HCS opens
+//! them itself, as its own service, so uvmctl has no descriptor to hand
+//! over (docs/hcs.md says what a Windows operator should check).
+
+pub mod api;
+pub mod documents;
+pub mod dry_run;
+pub mod schema;
+
+use crate::virtstack::records::{Layout, RecordError, RecordStore};
+use crate::vm::config::PowerState;
+use crate::vm::config::VmConfig;
+use crate::vm::items::{ChangeError, ResourceKind};
+use crate::vm::{
+    Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmName, VmStats,
+};
+use api::{ComputeService, HcsError, Verb, hr};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Result<T, E = VmError> = std::result::Result<T, E>;
+
+/// The library's default name: found where Windows finds system DLLs.
+pub const DEFAULT_LIBRARY: &str = "computecore.dll";
+
+/// How long one HCS operation may take before uvmctl gives up on it.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a graceful shutdown may take before the system is terminated.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Where host paths may lie when no `--allow-root` is given.
+pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["C:/ProgramData/uvmctl"];
+
+/// A record is read up to this size (a VM's whole configuration).
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// What uvmctl keeps for one VM: what it applied, and where a save went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HcsRecord {
+    /// The configuration as applied (HCS reports no device list).
+    pub config: VmConfig,
+    /// The file a save wrote, while the VM is saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<String>,
+}
+
+/// The hcs virtstack over one compute service.
+pub struct Hcs {
+    service: Arc<dyn ComputeService>,
+    caps: Capabilities,
+    records: RecordStore<HcsRecord>,
+    records_dir: PathBuf,
+    roots: Vec<String>,
+    busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The compute system's id for a VM: its name (the Owner says it is uvmctl's).
+pub fn system_id(name: &VmName) -> String {
+    name.to_string()
+}
+
+fn backend(e: HcsError) -> VmError {
+    VmError::Backend(Box::new(e))
+}
+
+/// A root or path as compared: `/` for `\`, no trailing separator,
+/// ASCII case folded (Windows paths are case-insensitive).
+fn fold(p: &str) -> String {
+    p.replace('\\', "/")
+        .trim_end_matches('/')
+        .to_ascii_lowercase()
+}
+
+impl Hcs {
+    /// The virtstack keeping its records under `state_dir/hcs`; host paths
+    /// must lie under `roots` (empty: [`DEFAULT_ALLOWED_ROOTS`]).
+    pub fn new(service: Arc<dyn ComputeService>, state_dir: &Path, roots: &[PathBuf]) -> Self {
+        let records_dir = Self::records_dir(state_dir);
+        let roots = if roots.is_empty() {
+            DEFAULT_ALLOWED_ROOTS.iter().map(|r| fold(r)).collect()
+        } else {
+            roots.iter().map(|r| fold(&r.to_string_lossy())).collect()
+        };
+        Hcs {
+            service,
+            caps: Capabilities::hcs(),
+            records: RecordStore::new(
+                "hcs record",
+                records_dir.clone(),
+                Layout::File { suffix: ".json" },
+                MAX_RECORD_BYTES,
+            ),
+            records_dir,
+            roots,
+            busy: Mutex::default(),
+        }
+    }
+
+    /// Where the records of a state directory are.
+    pub fn records_dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("hcs")
+    }
+
+    /// Makes the records directory (apply and watch; observers never do).
+    ///
+    /// # Errors
+    /// When it cannot be made.
+    pub fn ensure_dir(state_dir: &Path) -> std::io::Result<()> {
+        crate::hostfs::create_dirs(&Self::records_dir(state_dir), 0o700)
+    }
+
+    /// Takes `rec` as this VM's record (the dry run, seeded with what a
+    /// host was observed to have).
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn adopt(&self, name: &VmName, rec: &HcsRecord) -> Result<()> {
+        self.store(name, rec)
+    }
+
+    fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        busy.entry(name.to_string()).or_default().clone()
+    }
+
+    fn load(&self, name: &VmName) -> Result<HcsRecord> {
+        match self.records.load(name) {
+            Ok(r) => Ok(r),
+            Err(RecordError::NotFound(_)) => Err(VmError::NotFound(name.to_string())),
+            Err(e) => Err(VmError::Backend(Box::new(e))),
+        }
+    }
+
+    fn store(&self, name: &VmName, rec: &HcsRecord) -> Result<()> {
+        self.records
+            .store(name, rec)
+            .map_err(|e| VmError::Backend(Box::new(e)))
+    }
+
+    /// Runs one blocking HCS call off the runtime.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn ComputeService) -> std::result::Result<T, HcsError> + Send + 'static,
+    {
+        let service = Arc::clone(&self.service);
+        tokio::task::spawn_blocking(move || f(service.as_ref()))
+            .await
+            .map_err(|e| VmError::backend(format!("an HCS call failed: {e}")))?
+            .map_err(backend)
+    }
+
+    /// The compute system's state (`None`: there is none), and whether it
+    /// is uvmctl's.
+    async fn system(&self, name: &VmName) -> Result<Option<(schema::Properties, bool)>> {
+        let id = system_id(name);
+        let query = serde_json::to_string(&schema::PropertyQuery {
+            property_types: Vec::new(),
+        })
+        .unwrap_or_default();
+        let service = Arc::clone(&self.service);
+        let got = tokio::task::spawn_blocking(move || service.properties(&id, &query))
+            .await
+            .map_err(|e| VmError::backend(format!("an HCS call failed: {e}")))?;
+        match got {
+            Ok(doc) => {
+                let props: schema::Properties = serde_json::from_str(&doc).map_err(|e| {
+                    VmError::backend(format!("{name}: HCS properties are not understood: {e}"))
+                })?;
+                let ours = props.owner == documents::OWNER;
+                Ok(Some((props, ours)))
+            }
+            Err(e) if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// The VM's state: from its compute system, else from its record.
+    async fn state(&self, name: &VmName, rec: &HcsRecord) -> Result<State> {
+        Ok(match self.system(name).await? {
+            Some((p, _)) => match p.state.as_str() {
+                "Created" => State::Created,
+                "Running" => State::Running,
+                "Paused" => State::Paused,
+                "SavedAsTemplate" => State::Saved,
+                _ => State::Terminated,
+            },
+            None if rec.saved.is_some() => State::Saved,
+            None => State::Terminated,
+        })
+    }
+
+    /// Terminates the compute system if there is one (it goes with its
+    /// last handle, which the call closes).
+    async fn terminate(&self, name: &VmName) -> Result<()> {
+        let id = system_id(name);
+        let r = self
+            .call(move |s| match s.lifecycle(&id, Verb::Terminate, None) {
+                Err(e)
+                    if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND
+                        || e.hresult == hr::HCS_E_SYSTEM_ALREADY_STOPPED =>
+                {
+                    Ok(())
+                }
+                other => other,
+            })
+            .await;
+        r
+    }
+
+    async fn create_system(&self, name: &VmName, rec: &HcsRecord) -> Result<()> {
+        let doc = documents::create_document(&rec.config, rec.saved.as_deref());
+        let text = serde_json::to_string(&doc)
+            .map_err(|e| VmError::backend(format!("{name}: create document: {e}")))?;
+        let id = system_id(name);
+        self.call(move |s| s.create(&id, &text)).await
+    }
+
+    async fn lifecycle(&self, name: &VmName, verb: Verb, options: Option<String>) -> Result<()> {
+        let id = system_id(name);
+        self.call(move |s| s.lifecycle(&id, verb, options.as_deref()))
+            .await
+    }
+
+    fn save_path(&self, name: &VmName) -> String {
+        self.records_dir
+            .join(format!("{name}.vmrs"))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Every host path `config` names, with the field it is in.
+    fn paths(config: &VmConfig) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut put = |field: String, p: &Path| out.push((field, p.to_string_lossy().into_owned()));
+        if let Some(u) = &config.boot.uefi {
+            put("boot.uefi.dir".into(), &u.dir);
+        }
+        if let Some(k) = &config.boot.linux_kernel_direct {
+            put("boot.linuxKernelDirect.kernel".into(), &k.kernel);
+            if let Some(i) = &k.initrd {
+                put("boot.linuxKernelDirect.initrd".into(), i);
+            }
+        }
+        for c in &config.scsi_controllers {
+            for d in &c.disks {
+                put(format!("scsi {}:{}", c.id, d.lun), &d.path);
+            }
+        }
+        if let Some(v) = &config.vpmem {
+            for d in &v.devices {
+                put(format!("vpmem device {}", d.id), &d.path);
+            }
+        }
+        for s in &config.plan9_shares {
+            put(format!("plan9 share {}", s.name), &s.host_path);
+        }
+        for s in &config.vsmb_shares {
+            put(format!("vsmb share {}", s.name), &s.host_path);
+        }
+        out
+    }
+
+    /// The first host path outside the allowed roots, or with a `..`.
+    fn path_refusal(&self, config: &VmConfig) -> Option<String> {
+        Self::paths(config).into_iter().find_map(|(field, p)| {
+            let f = fold(&p);
+            let escapes = f.split('/').any(|c| c == "..");
+            let under = self
+                .roots
+                .iter()
+                .any(|r| f == *r || f.starts_with(&format!("{r}/")));
+            (escapes || !under).then(|| {
+                format!(
+                    "{field}: {p} is not under an allowed root ({}); HCS opens it as its own service",
+                    self.roots.join(", ")
+                )
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl Observe for Hcs {
+    fn name(&self) -> &str {
+        crate::vm::HCS
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn list(&self) -> Result<Vec<VmName>> {
+        Ok(self
+            .records
+            .names()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| VmName::new(n).ok())
+            .collect())
+    }
+
+    async fn observe(&self, name: &VmName) -> Result<ObservedVm> {
+        let rec = self.load(name)?;
+        let (state, managed) = match self.system(name).await? {
+            Some((_, false)) => (State::Terminated, false),
+            _ => (self.state(name, &rec).await?, true),
+        };
+        Ok(ObservedVm {
+            config: rec.config,
+            state,
+            managed,
+            exit_error: None,
+            memory_hotplug: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Virtstack for Hcs {
+    fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        if let Some(r) = self.caps.refusals(config).into_iter().next() {
+            return Err(VmError::Cold(r));
+        }
+        let why = documents::refusals(config)
+            .into_iter()
+            .next()
+            .or_else(|| self.path_refusal(config));
+        match why {
+            Some(reason) => Err(VmError::Refused {
+                vm: name.to_string(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        self.preflight(name, config)?;
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        if let Ok(rec) = self.load(name) {
+            return Err(VmError::WrongState {
+                vm: name.to_string(),
+                state: self.state(name, &rec).await?,
+                need: "it exists already".into(),
+            });
+        }
+        let mut config = config.clone();
+        config.power_state = PowerState::Stopped;
+        let rec = HcsRecord {
+            config,
+            saved: None,
+        };
+        self.create_system(name, &rec).await?;
+        self.store(name, &rec)
+    }
+
+    async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        if let Some(r) = change.resource() {
+            let op = change.operation();
+            if !self.caps.supported(r, op) {
+                return Err(VmError::not_supported(&self.caps, r, op));
+            }
+        }
+        let applied = change.applied(&rec.config).map_err(|e| match e {
+            ChangeError::Absent(item) => VmError::NoSuchItem {
+                vm: name.to_string(),
+                item,
+            },
+            e => VmError::Refused {
+                vm: name.to_string(),
+                reason: e.to_string(),
+            },
+        })?;
+        let request = documents::modify_request(change).map_err(|reason| VmError::Refused {
+            vm: name.to_string(),
+            reason,
+        })?;
+        if let Some(request) = request {
+            // HCS changes devices of a running VM only.
+            let state = self.state(name, &rec).await?;
+            if state != State::Running {
+                return Err(VmError::NotRunning {
+                    vm: name.to_string(),
+                    state,
+                });
+            }
+            let text = serde_json::to_string(&request)
+                .map_err(|e| VmError::backend(format!("{name}: request: {e}")))?;
+            let id = system_id(name);
+            self.call(move |s| s.modify(&id, &text)).await?;
+        } else if change.key().0 != ResourceKind::Policy {
+            return Err(VmError::Refused {
+                vm: name.to_string(),
+                reason: format!("{} is not changed on a running VM", change.key().0),
+            });
+        }
+        self.store(
+            name,
+            &HcsRecord {
+                config: applied,
+                ..rec
+            },
+        )
+    }
+
+    async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
+        self.preflight(name, config)?;
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        let state = self.state(name, &rec).await?;
+        if state.is_live() {
+            return Err(VmError::WrongState {
+                vm: name.to_string(),
+                state,
+                need: "a running VM is not reconfigured; stop it first".into(),
+            });
+        }
+        // A compute system made but not started holds the old document:
+        // the next start makes it again from the new record.
+        self.terminate(name).await?;
+        let mut config = config.clone();
+        config.power_state = PowerState::Stopped;
+        self.store(
+            name,
+            &HcsRecord {
+                config,
+                saved: None,
+            },
+        )
+    }
+
+    async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let mut rec = self.load(name)?;
+        let state = self.state(name, &rec).await?;
+        if state.is_live() {
+            return Err(VmError::WrongState {
+                vm: name.to_string(),
+                state,
+                need: "it runs already".into(),
+            });
+        }
+        if state != State::Created {
+            // One that stopped on its own lingers until let go of.
+            self.terminate(name).await?;
+            self.create_system(name, &rec).await?;
+        }
+        if let Err(e) = self.lifecycle(name, Verb::Start, None).await {
+            // Not left half made: the record is what the next start uses.
+            let _ = self.terminate(name).await;
+            return Err(e);
+        }
+        if let Some(file) = rec.saved.take() {
+            // Restored: that state is spent.
+            let _ = std::fs::remove_file(&file);
+            self.store(name, &rec)?;
+        }
+        if paused {
+            self.lifecycle(name, Verb::Pause, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &VmName) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let mut rec = self.load(name)?;
+        let state = self.state(name, &rec).await?;
+        if state == State::Running {
+            // Gracefully first; what does not stop in time is terminated.
+            let id = system_id(name);
+            let graceful = self
+                .call(move |s| {
+                    s.lifecycle(&id, Verb::ShutDown, None)?;
+                    s.wait_exit(&id, SHUTDOWN_GRACE)
+                })
+                .await;
+            if !matches!(graceful, Ok(true)) {
+                tracing::info!(vm = %name, "no graceful shutdown: terminating");
+            }
+        }
+        self.terminate(name).await?;
+        if let Some(file) = rec.saved.take() {
+            let _ = std::fs::remove_file(&file);
+            self.store(name, &rec)?;
+        }
+        Ok(())
+    }
+
+    async fn pause(&self, name: &VmName) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        match self.state(name, &rec).await? {
+            State::Paused => Ok(()),
+            State::Running => self.lifecycle(name, Verb::Pause, None).await,
+            state => Err(VmError::NotRunning {
+                vm: name.to_string(),
+                state,
+            }),
+        }
+    }
+
+    async fn resume(&self, name: &VmName) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        match self.state(name, &rec).await? {
+            State::Running => Ok(()),
+            State::Paused => self.lifecycle(name, Verb::Resume, None).await,
+            state => Err(VmError::NotRunning {
+                vm: name.to_string(),
+                state,
+            }),
+        }
+    }
+
+    async fn save(&self, name: &VmName) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let mut rec = self.load(name)?;
+        if let Some(reason) = self.caps.save_refusal(&rec.config) {
+            return Err(VmError::Refused {
+                vm: name.to_string(),
+                reason: format!("cannot save: {reason}"),
+            });
+        }
+        let state = self.state(name, &rec).await?;
+        if !state.is_live() {
+            return Err(VmError::NotRunning {
+                vm: name.to_string(),
+                state,
+            });
+        }
+        // HCS saves a paused system only; what it saved is kept in a file
+        // and the system ends (a start restores from the file).
+        if state == State::Running {
+            self.lifecycle(name, Verb::Pause, None).await?;
+        }
+        let path = self.save_path(name);
+        let _ = std::fs::remove_file(&path);
+        let options = serde_json::to_string(&documents::save_options(&path))
+            .map_err(|e| VmError::backend(format!("{name}: save options: {e}")))?;
+        if let Err(e) = self.lifecycle(name, Verb::Save, Some(options)).await {
+            let _ = self.lifecycle(name, Verb::Resume, None).await;
+            return Err(e);
+        }
+        rec.saved = Some(path);
+        self.store(name, &rec)?;
+        self.terminate(name).await
+    }
+
+    async fn destroy(&self, name: &VmName) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        self.terminate(name).await?;
+        if let Some(file) = &rec.saved {
+            let _ = std::fs::remove_file(file);
+        }
+        self.records
+            .remove(name)
+            .map_err(|e| VmError::Backend(Box::new(e)))
+    }
+
+    async fn guest_ready(&self, name: &VmName) -> Result<bool> {
+        // HCS reports no guest signal without a guest agent (GCS): a
+        // running system is taken as ready.
+        let rec = self.load(name)?;
+        Ok(self.state(name, &rec).await? == State::Running)
+    }
+
+    async fn stats(&self, name: &VmName) -> Result<VmStats> {
+        let rec = self.load(name)?;
+        let id = system_id(name);
+        let query = serde_json::to_string(&schema::PropertyQuery {
+            property_types: vec!["Statistics".into()],
+        })
+        .unwrap_or_default();
+        let got = self.call(move |s| s.properties(&id, &query)).await;
+        let doc = match got {
+            Ok(doc) => doc,
+            Err(VmError::Backend(e))
+                if e.downcast_ref::<HcsError>()
+                    .is_some_and(|h| h.hresult == hr::HCS_E_SYSTEM_NOT_FOUND) =>
+            {
+                return Ok(VmStats::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let props: schema::Properties = serde_json::from_str(&doc)
+            .map_err(|e| VmError::backend(format!("{name}: HCS statistics: {e}")))?;
+        let live = matches!(props.state.as_str(), "Running" | "Paused");
+        let st = props.statistics.unwrap_or_default();
+        Ok(VmStats {
+            assigned_memory_bytes: if live {
+                rec.config.memory.size_mb << 20
+            } else {
+                0
+            },
+            working_set_bytes: st
+                .memory
+                .map_or(0, |m| m.memory_usage_private_working_set_bytes),
+            total_runtime_ns: st
+                .processor
+                .map_or(0, |p| p.total_runtime_100ns.saturating_mul(100)),
+            uptime_seconds: live.then_some(st.uptime_100ns / 10_000_000),
+        })
+    }
+
+    async fn wait(&self, name: &VmName, timeout: Option<Duration>) -> Result<bool> {
+        let rec = self.load(name)?;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            if !self.state(name, &rec).await?.is_live() {
+                return Ok(true);
+            }
+            // In slices, so that a destroy (record and system gone) is seen.
+            let slice = deadline.map_or(Duration::from_secs(1), |d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+                    .min(Duration::from_secs(1))
+            });
+            let id = system_id(name);
+            match self.call(move |s| s.wait_exit(&id, slice)).await {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(VmError::Backend(e))
+                    if e.downcast_ref::<HcsError>()
+                        .is_some_and(|h| h.hresult == hr::HCS_E_SYSTEM_NOT_FOUND) =>
+                {
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
+    }
+}
