@@ -192,10 +192,13 @@ fn rules() -> Vec<(&'static str, Value)> {
         ("/$defs/NetworkAdapter/properties/nicId", guid()),
         (
             "/$defs/NetworkAdapter/properties/endpointId",
-            json!({
-                "pattern": whole(&format!("[A-Za-z0-9._-]{{1,{}}}", super::validate::MAX_ENDPOINT_BYTES)),
-                "not": { "enum": [".", ".."] },
-            }),
+            json!({ "anyOf": [
+                {
+                    "pattern": whole(&format!("[A-Za-z0-9._-]{{1,{}}}", super::validate::MAX_ENDPOINT_BYTES)),
+                    "not": { "enum": [".", ".."] },
+                },
+                guid(),
+            ]}),
         ),
         ("/$defs/NetworkAdapter/properties/macAddress", mac),
         ("/$defs/Plan9Share/properties/name", name(31, true)),

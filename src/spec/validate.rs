@@ -454,17 +454,19 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
         // A tap device's name, as the kernel takes it (IFNAMSIZ less its
         // NUL: 15 bytes). Longer ones would be cut silently, so two
         // endpoints sharing 15 characters would share one tap.
+        // On HCS, an HNS endpoint's GUID.
         let ok_endpoint = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if n.endpoint_id.is_empty()
-            || n.endpoint_id.len() > MAX_ENDPOINT_BYTES
-            || !n.endpoint_id.chars().all(ok_endpoint)
-            || n.endpoint_id == "."
-            || n.endpoint_id == ".."
+        if parse_guid(&n.endpoint_id).is_none()
+            && (n.endpoint_id.is_empty()
+                || n.endpoint_id.len() > MAX_ENDPOINT_BYTES
+                || !n.endpoint_id.chars().all(ok_endpoint)
+                || n.endpoint_id == "."
+                || n.endpoint_id == "..")
         {
             v.err(
                 format!("{f}.endpointId"),
                 format!(
-                    "endpoint {} must be an interface name: 1–{MAX_ENDPOINT_BYTES} characters of [A-Za-z0-9._-], not . or ..",
+                    "endpoint {} must be an interface name: 1–{MAX_ENDPOINT_BYTES} characters of [A-Za-z0-9._-], not . or .. (qemu: a tap device or user), or a GUID (hcs: an HNS endpoint)",
                     excerpt(&n.endpoint_id)
                 ),
             );

@@ -667,3 +667,6 @@ impl Virtstack for Hcs {
         }
     }
 }
+
+#[cfg(test)]
+mod golden;
