@@ -867,6 +867,152 @@ fn the_simulator_keeps_its_vms_across_processes() {
     assert_exit_code(&caps, 0);
 }
 
+/// The HCS emulator (hcs-emulator/), built as a shared library by
+/// scripts/test (`cargo build -p uvmctl-hcs-emulator`).
+fn hcs_emulator() -> PathBuf {
+    if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let p = target.join("debug").join(format!(
+        "{}uvmctl_hcs_emulator{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        p.exists(),
+        "the HCS emulator is not built at {}: cargo build -p uvmctl-hcs-emulator",
+        p.display()
+    );
+    p
+}
+
+/// Issue 16: `--virtstack hcs` through the emulator loaded by path, whose
+/// compute systems outlive each command as HCS's do (its service state in
+/// UVMCTL_HCS_EMULATOR_DIR): apply, status, a live change, the requests a
+/// plan would send, destroy; and one clear error without the library.
+#[test]
+fn the_hcs_virtstack_drives_the_emulator_across_processes() {
+    let t = TestContext::new();
+    let disk = "  scsiControllers:\n    - id: 0\n      disks:\n        - lun: 0\n          path: /k/boot.vhdx\n          type: vhdx\n";
+    t.write_spec("web.yaml", &vm("web", 64, disk));
+    let state = t.path("state");
+    let service = t.path("hcs-service");
+    std::fs::create_dir_all(&service).expect("service dir");
+    let library = hcs_emulator();
+    let hcs = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "hcs",
+            "--hcs-library",
+            library.to_str().expect("utf-8"),
+            "--hcs-allow-root",
+            "/k",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .current_dir(t.path(""))
+            .args(&all)
+            .env("UVMCTL_HCS_EMULATOR_DIR", &service)
+            .output()
+            .expect("uvmctl runs")
+    };
+    let out = hcs(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 0);
+    assert!(
+        stdout(&out).contains("on virtstack hcs"),
+        "{}",
+        stdout(&out)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&hcs(&["status", "--output", "json"]))).expect("json");
+    assert_eq!(status[0]["name"], "web");
+    assert_eq!(status[0]["state"], "running");
+    assert_exit_code(&hcs(&["plan", "specs", "--detailed-exitcode"]), 0);
+
+    // A disk added live: the plan's requests, then the change itself.
+    let two = "  scsiControllers:\n    - id: 0\n      disks:\n        - lun: 0\n          path: /k/boot.vhdx\n          type: vhdx\n        - lun: 1\n          path: /k/data.vhdx\n          type: vhdx\n";
+    t.write_spec("web.yaml", &vm("web", 128, two));
+    let out = hcs(&["plan", "specs", "--hcs-requests"]);
+    assert_exit_code(&out, 0);
+    let calls: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let paths: Vec<&str> = calls
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            c["configuration"]["ResourcePath"]
+                .as_str()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        paths.contains(&"VirtualMachine/Devices/Scsi/0/Attachments/1"),
+        "{calls}"
+    );
+    assert!(
+        paths.contains(&"VirtualMachine/ComputeTopology/Memory/SizeInMB"),
+        "{calls}"
+    );
+    assert!(
+        calls
+            .as_array()
+            .expect("a list")
+            .iter()
+            .all(|c| c["call"] == "HcsModifyComputeSystem"),
+        "{calls}"
+    );
+    let out = hcs(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 0);
+    assert_exit_code(&hcs(&["plan", "specs", "--detailed-exitcode"]), 0);
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&hcs(&["status", "--output", "json"]))).expect("json");
+    assert_eq!(status[0]["memoryMb"], 128);
+    assert!(stdout(&hcs(&["export", "web"])).contains("/k/data.vhdx"));
+    // The emulator (the "service") holds the disk too.
+    let held = std::fs::read_dir(&service)
+        .expect("service state")
+        .filter_map(Result::ok)
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(held.contains("/k/data.vhdx"), "{held}");
+
+    assert_exit_code(&hcs(&["destroy", "web"]), 0);
+    assert_eq!(
+        stdout(&hcs(&["status"])).lines().count(),
+        1,
+        "a header only"
+    );
+    assert_exit_code(&hcs(&["destroy", "web"]), 1);
+
+    // Without the library: one clear error, nothing made.
+    let out = t.uvmctl(&[
+        "--virtstack",
+        "hcs",
+        "--hcs-library",
+        "/nonexistent/computecore.dll",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+        "apply",
+        "specs",
+        "--yes",
+    ]);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("cannot load the HCS library /nonexistent/computecore.dll"),
+        "{}",
+        stderr(&out)
+    );
+    let out = t.uvmctl(&["--virtstack", "hcs", "status"]);
+    assert_exit_code(&out, 1);
+    assert!(stderr(&out).contains("computecore.dll"), "{}", stderr(&out));
+}
+
 /// A git repository a test commits to.
 fn origin_repo(dir: &Path) -> impl Fn(&[&str]) -> String + '_ {
     std::fs::create_dir_all(dir).expect("mkdir origin");

@@ -216,18 +216,16 @@ impl Hcs {
     /// last handle, which the call closes).
     async fn terminate(&self, name: &VmName) -> Result<()> {
         let id = system_id(name);
-        let r = self
-            .call(move |s| match s.lifecycle(&id, Verb::Terminate, None) {
-                Err(e)
-                    if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND
-                        || e.hresult == hr::HCS_E_SYSTEM_ALREADY_STOPPED =>
-                {
-                    Ok(())
-                }
-                other => other,
-            })
-            .await;
-        r
+        self.call(move |s| match s.lifecycle(&id, Verb::Terminate, None) {
+            Err(e)
+                if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND
+                    || e.hresult == hr::HCS_E_SYSTEM_ALREADY_STOPPED =>
+            {
+                Ok(())
+            }
+            other => other,
+        })
+        .await
     }
 
     async fn create_system(&self, name: &VmName, rec: &HcsRecord) -> Result<()> {
@@ -670,3 +668,280 @@ impl Virtstack for Hcs {
 
 #[cfg(test)]
 mod golden;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::api::Computecore;
+    use super::*;
+    use crate::conformance::{failures, run};
+    use crate::vm::ErrorKind;
+
+    /// The emulator, built as a shared library (scripts/test builds it:
+    /// `cargo build -p uvmctl-hcs-emulator`); `UVMCTL_HCS_EMULATOR` names
+    /// another.
+    pub(crate) fn emulator_path() -> PathBuf {
+        if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
+            return p.into();
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+            PathBuf::from,
+        );
+        let p = target.join("debug").join(format!(
+            "{}uvmctl_hcs_emulator{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ));
+        assert!(
+            p.exists(),
+            "the HCS emulator is not built at {}: cargo build -p uvmctl-hcs-emulator",
+            p.display()
+        );
+        p
+    }
+
+    pub(crate) fn emulator() -> Arc<Computecore> {
+        Arc::new(
+            Computecore::load(&emulator_path(), Duration::from_secs(10))
+                .expect("load the emulator"),
+        )
+    }
+
+    fn hcs(dir: &Path) -> Hcs {
+        Hcs::ensure_dir(dir).expect("records dir");
+        Hcs::new(emulator(), dir, &[PathBuf::from("/d"), PathBuf::from("/k")])
+    }
+
+    /// The contract's suite, through the loading path into the emulator.
+    #[tokio::test]
+    async fn the_hcs_virtstack_conforms_against_the_emulator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vs = Arc::new(hcs(dir.path()));
+        let out = run(vs.clone(), &crate::conformance::tests::fixture("hcsc")).await;
+        assert_eq!(out.len(), 8);
+        let failed = failures(&out);
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+        assert!(
+            vs.list().await.expect("list").is_empty(),
+            "the suite leaves no VM"
+        );
+    }
+
+    /// The emulator, validating against its own statement of the schema,
+    /// takes the create document of every example HCS can build.
+    #[test]
+    fn the_emulator_takes_every_example_s_create_document() {
+        let hcs = emulator();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
+        let loaded = crate::spec::load_dir(&root);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        for (name, vm) in &loaded.desired.vms {
+            let id = format!("example-{name}");
+            let doc = serde_json::to_string(&documents::create_document(&vm.config, None))
+                .expect("serialize");
+            // Only what the pre-flight refuses already (a tap device for
+            // an HNS endpoint) may the emulator refuse.
+            let refusals = documents::refusals(&vm.config);
+            match hcs.create(&id, &doc) {
+                Ok(()) => {
+                    hcs.lifecycle(&id, Verb::Terminate, None)
+                        .expect("terminate");
+                }
+                Err(e) => assert!(
+                    !refusals.is_empty(),
+                    "{name}: the emulator refused its document: {e}"
+                ),
+            }
+        }
+    }
+
+    fn refused(e: &HcsError, hresult: i32, says: &str) {
+        assert_eq!(e.hresult, hresult, "{e}");
+        assert!(
+            e.message.as_deref().unwrap_or_default().contains(says),
+            "{e} should say {says:?}"
+        );
+    }
+
+    /// What HCS refuses, the emulator refuses: by a request the virtstack
+    /// makes, or by hand where the virtstack never sends it.
+    #[tokio::test]
+    async fn the_emulator_refuses_what_hcs_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vs = hcs(dir.path());
+        let raw = emulator();
+        let mut cfg = crate::conformance::tests::fixture("r").base;
+        cfg.power_state = PowerState::Running;
+        let good = serde_json::to_value(documents::create_document(&cfg, None)).expect("doc");
+
+        // Double create, by the virtstack: a compute system of that id is
+        // there already (not uvmctl's record).
+        raw.create("r-twice", &good.to_string())
+            .expect("first create");
+        let e = vs
+            .create(&VmName::new("r-twice").expect("name"), &cfg)
+            .await
+            .expect_err("double create");
+        let VmError::Backend(b) = &e else {
+            panic!("{e}")
+        };
+        let h = b.downcast_ref::<HcsError>().expect("an HCS error");
+        assert_eq!(h.hresult, hr::HCS_E_SYSTEM_ALREADY_EXISTS, "{h}");
+        raw.lifecycle("r-twice", Verb::Terminate, None)
+            .expect("terminate");
+
+        // Unknown and mistyped fields (hand-written documents).
+        let mut unknown = good.clone();
+        unknown["VirtualMachine"]["Devices"]["Scsi"]["0"]["Attachments"]["0"]["Typ"] =
+            "VirtualDisk".into();
+        let e = raw
+            .create("r-unknown", &unknown.to_string())
+            .expect_err("unknown field");
+        refused(&e, hr::HCS_E_INVALID_JSON, "Typ");
+        let mut mistyped = good.clone();
+        mistyped["VirtualMachine"]["ComputeTopology"]["Memory"]["SizeInMB"] = "256".into();
+        let e = raw
+            .create("r-mistyped", &mistyped.to_string())
+            .expect_err("mistyped");
+        refused(&e, hr::HCS_E_INVALID_JSON, "SizeInMB");
+
+        // A running system, for the modify refusals.
+        raw.create("r-live", &good.to_string()).expect("create");
+        raw.lifecycle("r-live", Verb::Start, None).expect("start");
+        // A request type the path does not accept: VPMem devices are
+        // Add or Remove only.
+        let update_pmem = serde_json::json!({
+            "ResourcePath": "VirtualMachine/Devices/VirtualPMem/Devices/0",
+            "RequestType": "Update",
+            "Settings": { "HostPath": "/d/p.vhd", "ImageFormat": "Vhd1" },
+        });
+        let e = raw
+            .modify("r-live", &update_pmem.to_string())
+            .expect_err("update of vpmem");
+        assert_eq!(e.hresult, hr::E_INVALIDARG, "{e}");
+        // An attachment to a controller that does not exist.
+        let to_missing = serde_json::json!({
+            "ResourcePath": "VirtualMachine/Devices/Scsi/3/Attachments/0",
+            "RequestType": "Add",
+            "Settings": { "Type": "VirtualDisk", "Path": "/d/x.vhdx" },
+        });
+        let e = raw
+            .modify("r-live", &to_missing.to_string())
+            .expect_err("no controller 3");
+        refused(&e, hr::NOT_FOUND, "3");
+        raw.lifecycle("r-live", Verb::Terminate, None)
+            .expect("terminate");
+
+        // A modify on a system that is made but not running.
+        raw.create("r-made", &good.to_string()).expect("create");
+        let add = documents::modify_request(&Change::Add(crate::vm::items::Item::ScsiDisk(
+            crate::vm::items::ScsiDiskItem {
+                controller: 0,
+                disk: crate::spec::ScsiDisk {
+                    lun: 5,
+                    path: "/d/5.img".into(),
+                    disk_type: crate::vm::ScsiDiskType::PassThrough,
+                    read_only: false,
+                },
+            },
+        )))
+        .expect("request")
+        .expect("a device request");
+        let text = serde_json::to_string(&add).expect("serialize");
+        let e = raw.modify("r-made", &text).expect_err("not running");
+        assert_eq!(e.hresult, hr::HCS_E_INVALID_STATE, "{e}");
+        // The same request is taken once it runs.
+        raw.lifecycle("r-made", Verb::Start, None).expect("start");
+        raw.modify("r-made", &text)
+            .expect("a running system takes it");
+        raw.lifecycle("r-made", Verb::Terminate, None)
+            .expect("terminate");
+
+        // The virtstack itself never sends a device change to a VM that
+        // does not run: it says so first.
+        let vm = VmName::new("r-stopped").expect("name");
+        vs.create(&vm, &cfg).await.expect("create");
+        let e = vs
+            .change(
+                &vm,
+                &Change::Add(crate::vm::items::Item::ScsiDisk(
+                    crate::vm::items::ScsiDiskItem {
+                        controller: 0,
+                        disk: crate::spec::ScsiDisk {
+                            lun: 5,
+                            path: "/d/5.img".into(),
+                            disk_type: crate::vm::ScsiDiskType::PassThrough,
+                            read_only: false,
+                        },
+                    },
+                )),
+            )
+            .await
+            .expect_err("not running");
+        assert_eq!(e.kind(), ErrorKind::WrongState, "{e}");
+        vs.destroy(&vm).await.expect("destroy");
+    }
+
+    /// Operations on closed handles, through the raw ABI (the wrapper
+    /// never keeps a handle past its call).
+    #[test]
+    fn closed_handles_are_refused() {
+        type Handle = *mut std::ffi::c_void;
+        let path = emulator_path();
+        // SAFETY: the emulator, with the C signatures of computecore.dll.
+        unsafe {
+            let lib = libloading::Library::new(&path).expect("load");
+            let create_op: libloading::Symbol<
+                unsafe extern "system" fn(
+                    *const std::ffi::c_void,
+                    Option<unsafe extern "system" fn(Handle, *mut std::ffi::c_void)>,
+                ) -> Handle,
+            > = lib.get(b"HcsCreateOperation\0").expect("symbol");
+            let close_op: libloading::Symbol<unsafe extern "system" fn(Handle)> =
+                lib.get(b"HcsCloseOperation\0").expect("symbol");
+            let create: libloading::Symbol<
+                unsafe extern "system" fn(
+                    *const u16,
+                    *const u16,
+                    Handle,
+                    *const std::ffi::c_void,
+                    *mut Handle,
+                ) -> i32,
+            > = lib.get(b"HcsCreateComputeSystem\0").expect("symbol");
+            let close: libloading::Symbol<unsafe extern "system" fn(Handle)> =
+                lib.get(b"HcsCloseComputeSystem\0").expect("symbol");
+            let start: libloading::Symbol<
+                unsafe extern "system" fn(Handle, Handle, *const u16) -> i32,
+            > = lib.get(b"HcsStartComputeSystem\0").expect("symbol");
+            let wide = |s: &str| s.encode_utf16().chain([0]).collect::<Vec<u16>>();
+            let cfg = crate::conformance::tests::fixture("h").base;
+            let doc =
+                wide(&serde_json::to_string(&documents::create_document(&cfg, None)).expect("doc"));
+            let id = wide("handles");
+            let op = create_op(std::ptr::null(), None);
+            let mut system: Handle = std::ptr::null_mut();
+            assert_eq!(
+                create(id.as_ptr(), doc.as_ptr(), op, std::ptr::null(), &mut system),
+                0
+            );
+            close_op(op);
+            close(system);
+            let op = create_op(std::ptr::null(), None);
+            let e_handle = 0x8007_0006_u32 as i32;
+            assert_eq!(
+                start(system, op, std::ptr::null()),
+                e_handle,
+                "a closed system handle"
+            );
+            close_op(op);
+            let op2 = create_op(std::ptr::null(), None);
+            close_op(op2);
+            let mut again: Handle = std::ptr::null_mut();
+            assert_eq!(
+                create(id.as_ptr(), doc.as_ptr(), op2, std::ptr::null(), &mut again),
+                e_handle,
+                "a closed operation handle"
+            );
+        }
+    }
+}
