@@ -55,7 +55,17 @@ fn create_documents_of_every_example_in_specs() {
 /// (#SaveOptions, SaveType `ToFile`).
 #[test]
 fn restore_and_save_documents() {
-    let cfg = crate::plan::tests::base("saved");
+    let cfg = crate::spec::VmConfig {
+        boot: crate::spec::Boot {
+            linux_kernel_direct: Some(crate::spec::LinuxKernelDirect {
+                kernel: "C:/ProgramData/uvmctl/saved/vmlinuz".into(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            uefi: None,
+        },
+        ..crate::spec::VmConfig::default()
+    };
     let doc = create_document(&cfg, Some("C:/ProgramData/uvmctl/state/hcs/saved.vmrs"));
     insta::assert_snapshot!("restore_state", pretty(&doc.virtual_machine.restore_state));
     insta::assert_snapshot!(
