@@ -37,6 +37,11 @@ pub struct HostDefaults {
     pub remote_dir: Option<PathBuf>,
     /// `--remote-server`.
     pub remote_server: Option<PathBuf>,
+    /// `--hcs-library`.
+    pub hcs_library: Option<PathBuf>,
+    /// `--hcs-allow-root`, each.
+    #[serde(default)]
+    pub hcs_allow_roots: Vec<PathBuf>,
 }
 
 /// `accel:`, checked as the file is read, so a wrong word is named with
@@ -64,6 +69,9 @@ pub enum VirtstackName {
     /// The simulator.
     #[serde(rename = "sim")]
     Sim,
+    /// HCS through computecore.dll.
+    #[serde(rename = "hcs")]
+    Hcs,
 }
 
 impl VirtstackName {
@@ -73,6 +81,7 @@ impl VirtstackName {
             VirtstackName::Qemu => "qemu",
             VirtstackName::RemoteVm => "remotevm",
             VirtstackName::Sim => "sim",
+            VirtstackName::Hcs => "hcs",
         }
     }
 }
@@ -186,10 +195,10 @@ mod tests {
             text.starts_with("c.yaml:2:8: accel: unknown variant `fast`"),
             "{text}"
         );
-        let e = parse(Path::new("c.yaml"), "virtstack: hcs\n").expect_err("bad virtstack");
+        let e = parse(Path::new("c.yaml"), "virtstack: hyperv\n").expect_err("bad virtstack");
         assert!(
             e.to_string()
-                .starts_with("c.yaml:1:12: virtstack: unknown variant `hcs`"),
+                .starts_with("c.yaml:1:12: virtstack: unknown variant `hyperv`"),
             "{e}"
         );
         let e =

@@ -54,7 +54,8 @@ struct Cli {
     #[command(flatten)]
     host: HostArgs,
     /// Host defaults (keys stateDir, allowRoots, accel, virtstack, qemuUser,
-    /// remoteDir, remoteServer); flags and UVMCTL_* variables win over it
+    /// remoteDir, remoteServer, hcsLibrary, hcsAllowRoots); flags and
+    /// UVMCTL_* variables win over it
     /// [default: /etc/uvmctl/config.yaml, if it exists].
     #[arg(long, global = true, env = "UVMCTL_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -265,8 +266,12 @@ impl HostArgs {
             remote_dir: self.remote_dir.or(defaults.remote_dir),
             remote_server: self.remote_server.or(defaults.remote_server),
             qemu_user: self.qemu_user.or(defaults.qemu_user),
-            hcs_library: self.hcs_library,
-            hcs_allow_roots: self.hcs_allow_roots,
+            hcs_library: self.hcs_library.or(defaults.hcs_library),
+            hcs_allow_roots: if self.hcs_allow_roots.is_empty() {
+                defaults.hcs_allow_roots
+            } else {
+                self.hcs_allow_roots
+            },
         })
     }
 }
@@ -1088,9 +1093,12 @@ async fn hcs_requests(planned: &reconcile::Planned, host: &Host) -> anyhow::Resu
         if let Some(state) = state {
             recorder.seed(&system_id(&name), state);
         }
+        // A saved guest is restored from where this host keeps it.
+        let saved = (vm.state == uvmctl::vm::State::Saved)
+            .then(|| Hcs::new(recorder.clone(), &host.state_dir, &[]).save_path(&name));
         let rec = HcsRecord {
             config: vm.config.clone(),
-            saved: None,
+            saved,
         };
         hcs.adopt(&name, &rec)?;
     }
@@ -1118,11 +1126,19 @@ async fn hcs_requests(planned: &reconcile::Planned, host: &Host) -> anyhow::Resu
             failed = true;
         }
     }
-    Ok(if failed || !planned.loaded.errors.is_empty() {
-        EXIT_ERROR
-    } else {
-        0
-    })
+    if planned.unobserved() > 0 {
+        eprintln!(
+            "{} VM(s) could not be observed and were not planned",
+            planned.unobserved()
+        );
+    }
+    Ok(
+        if failed || !planned.loaded.errors.is_empty() || planned.unobserved() > 0 {
+            EXIT_ERROR
+        } else {
+            0
+        },
+    )
 }
 
 /// Asks on the terminal; only `yes` is yes.

@@ -27,6 +27,8 @@ pub type HANDLE = *mut c_void;
 pub type OperationCompletion = Option<extern "system" fn(HCS_OPERATION, *mut c_void)>;
 /// HCS_EVENT_CALLBACK
 pub type EventCallback = Option<extern "system" fn(*const HCS_EVENT, *mut c_void)>;
+// The callbacks are the caller's C functions, typed as it registers them;
+// the emulator calls them as HCS does, with the context it was given.
 
 /// HCS_EVENT (Reference/HCS_EVENT.md).
 #[repr(C)]
@@ -69,6 +71,9 @@ struct Tables {
     next: usize,
     ops: HashMap<usize, OpEntry>,
     systems: HashMap<usize, SysEntry>,
+    /// Event callbacks running now, by system handle: a close waits for
+    /// them, so a caller may free its context once the close returns.
+    in_flight: HashMap<usize, usize>,
 }
 
 impl Tables {
@@ -83,8 +88,35 @@ static TABLES: LazyLock<Mutex<Tables>> = LazyLock::new(|| {
         next: 0x1000,
         ops: HashMap::new(),
         systems: HashMap::new(),
+        in_flight: HashMap::new(),
     })
 });
+
+/// Signalled whenever an event callback returns.
+static CALLBACK_RETURNED: std::sync::Condvar = std::sync::Condvar::new();
+
+thread_local! {
+    /// The system handles whose event callbacks this thread is inside.
+    static IN_CALLBACK: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls an event callback registered on system handle `handle`, whose
+/// in-flight count the caller raised under the tables lock; lowers it and
+/// wakes a close waiting for it.
+fn call_event(handle: usize, cb: Event, context: usize, ev: &HCS_EVENT) {
+    IN_CALLBACK.with(|h| h.borrow_mut().push(handle));
+    cb(ev, context as *mut c_void);
+    IN_CALLBACK.with(|h| h.borrow_mut().retain(|x| *x != handle));
+    let mut t = tables();
+    if let Some(n) = t.in_flight.get_mut(&handle) {
+        *n -= 1;
+        if *n == 0 {
+            t.in_flight.remove(&handle);
+        }
+    }
+    drop(t);
+    CALLBACK_RETURNED.notify_all();
+}
 
 /// The process-wide service (configured from `UVMCTL_HCS_EMULATOR_DIR` on first use).
 static STORE: LazyLock<Store> = LazyLock::new(Store::from_env);
@@ -249,11 +281,13 @@ fn complete(begun: Begun, result: HcsResult<Option<String>>, exited: Option<(Str
             entry.result = Some((hr, doc));
             entry.callback.map(|cb| (cb, entry.context))
         });
-        let event = begun
-            .system
-            .and_then(|s| t.systems.get(&s))
-            .and_then(|s| s.callback)
-            .filter(|(_, _, o)| o & HCS_EVENT_OPTION_ENABLE_OPERATION_CALLBACKS != 0);
+        let event = begun.system.and_then(|h| {
+            let (cb, ctx, o) = t.systems.get(&h)?.callback?;
+            (o & HCS_EVENT_OPTION_ENABLE_OPERATION_CALLBACKS != 0).then_some((h, cb, ctx))
+        });
+        if let Some((h, _, _)) = event {
+            *t.in_flight.entry(h).or_default() += 1;
+        }
         (completion, event)
     };
     if let Some((id, doc)) = exited {
@@ -262,32 +296,39 @@ fn complete(begun: Begun, result: HcsResult<Option<String>>, exited: Option<(Str
     if let Some((cb, context)) = completion {
         cb(begun.op as HCS_OPERATION, context as *mut c_void);
     }
-    if let Some((cb, context, _)) = event {
+    if let Some((handle, cb, context)) = event {
         let ev = HCS_EVENT {
             Type: HCS_EVENT_OPERATION_CALLBACK,
             EventData: std::ptr::null(),
             Operation: begun.op as HCS_OPERATION,
         };
-        cb(&ev, context as *mut c_void);
+        call_event(handle, cb, context, &ev);
     }
 }
 
 /// Sends HcsEventSystemExited to every handle on `id` in this process with a callback.
 fn fire_exited(id: &str, doc: &str) {
-    let targets: Vec<(Event, usize)> = tables()
-        .systems
-        .values()
-        .filter(|s| s.id == id)
-        .filter_map(|s| s.callback.map(|(cb, ctx, _)| (cb, ctx)))
-        .collect();
+    let targets: Vec<(usize, Event, usize)> = {
+        let mut t = tables();
+        let targets: Vec<(usize, Event, usize)> = t
+            .systems
+            .iter()
+            .filter(|(_, s)| s.id == id)
+            .filter_map(|(h, s)| s.callback.map(|(cb, ctx, _)| (*h, cb, ctx)))
+            .collect();
+        for (h, _, _) in &targets {
+            *t.in_flight.entry(*h).or_default() += 1;
+        }
+        targets
+    };
     let data = wide(doc);
-    for (cb, context) in targets {
+    for (handle, cb, context) in targets {
         let ev = HCS_EVENT {
             Type: HCS_EVENT_SYSTEM_EXITED,
             EventData: data.as_ptr(),
             Operation: std::ptr::null_mut(),
         };
-        cb(&ev, context as *mut c_void);
+        call_event(handle, cb, context, &ev);
     }
 }
 
@@ -503,7 +544,20 @@ pub unsafe extern "system" fn HcsOpenComputeSystem(
 /// Any value is accepted; unknown handles are ignored.
 #[unsafe(no_mangle)]
 pub unsafe extern "system" fn HcsCloseComputeSystem(system: HCS_SYSTEM) {
-    let entry = tables().systems.remove(&(system as usize));
+    let handle = system as usize;
+    let entry = {
+        let mut t = tables();
+        let entry = t.systems.remove(&handle);
+        // No callback on this handle runs after the close returns (one
+        // closing its own handle from inside its callback is not waited for).
+        let inside = IN_CALLBACK.with(|h| h.borrow().contains(&handle));
+        while !inside && t.in_flight.get(&handle).is_some_and(|n| *n > 0) {
+            t = CALLBACK_RETURNED
+                .wait(t)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        entry
+    };
     if let Some(entry) = entry {
         // A ShouldTerminateOnLastHandleClosed exit has no handle left here to be told.
         let _ = store().close(&entry.id);

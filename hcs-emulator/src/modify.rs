@@ -8,6 +8,8 @@
 //! RequestType; an absent RequestType is accepted only on those "No Limit" paths that set a
 //! single value (memory size, CPU group, power cap), where it means Update.
 
+#![forbid(unsafe_code)]
+
 use serde_json::{Map, Value};
 
 use crate::hresult::{

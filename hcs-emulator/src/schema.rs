@@ -20,6 +20,8 @@
 //! type, an integer outside its width or sign, a word outside its enum, a malformed GUID, and
 //! `null` (the reference has no nullable types; see the README's assumptions).
 
+#![forbid(unsafe_code)]
+
 use serde_json::Value;
 
 /// The type of a field, as the reference's "JSON type" table and its enum/struct sections say.

@@ -9,6 +9,8 @@
 //! or an [`HcsError`]. Moves to Stopped return the SystemExitStatus document so that the caller
 //! (the ABI layer) can fire SystemExited events outside every lock.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -516,7 +518,20 @@ impl Store {
             TMP.fetch_add(1, Ordering::Relaxed)
         ));
         let text = record.to_value().to_string();
-        std::fs::write(&tmp, text).map_err(|e| io_error("writing the record", &e))?;
+        {
+            use std::io::Write;
+            // Made new (a name planted there is never written through),
+            // readable by its owner only.
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .open(&tmp)
+                .map_err(|e| io_error("writing the record", &e))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| io_error("writing the record", &e))?;
+        }
         std::fs::rename(&tmp, dir.join(name)).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io_error("writing the record", &e)

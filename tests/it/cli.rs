@@ -934,6 +934,8 @@ fn the_hcs_virtstack_drives_the_emulator_across_processes() {
     assert_eq!(status[0]["name"], "web");
     assert_eq!(status[0]["state"], "running");
     assert_exit_code(&hcs(&["plan", "specs", "--detailed-exitcode"]), 0);
+    // Still running when the wait gives up (HcsWaitForComputeSystemExit).
+    assert_exit_code(&hcs(&["wait", "web", "--timeout", "200ms"]), 2);
 
     // A disk added live: the plan's requests, then the change itself.
     let two = "  scsiControllers:\n    - id: 0\n      disks:\n        - lun: 0\n          path: /k/boot.vhdx\n          type: vhdx\n        - lun: 1\n          path: /k/data.vhdx\n          type: vhdx\n";

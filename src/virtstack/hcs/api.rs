@@ -22,6 +22,11 @@ pub mod hr {
     use super::Hresult;
     /// Success.
     pub const S_OK: Hresult = 0;
+    /// An unspecified failure (uvmctl's own, before or after HCS answered).
+    pub const E_FAIL: Hresult = 0x8000_4005_u32 as i32;
+    /// HRESULT_FROM_WIN32(ERROR_TIMEOUT): a wait that timed out, as Win32
+    /// waits say it.
+    pub const ERROR_TIMEOUT: Hresult = 0x8007_05B4_u32 as i32;
     /// An invalid argument.
     pub const E_INVALIDARG: Hresult = 0x8007_0057_u32 as i32;
     /// Not implemented.
@@ -59,12 +64,13 @@ pub struct HcsError {
 }
 
 impl HcsError {
+    /// A failure on uvmctl's side of the call (E_FAIL, said as uvmctl's).
     fn ours(call: &'static str, id: &str, message: impl Into<String>) -> Self {
         HcsError {
             call,
             id: id.to_string(),
-            hresult: hr::E_INVALIDARG,
-            message: Some(message.into()),
+            hresult: hr::E_FAIL,
+            message: Some(format!("uvmctl: {}", message.into())),
         }
     }
 }
@@ -141,7 +147,8 @@ struct Fns {
     save: unsafe extern "system" fn(Handle, Handle, *const u16) -> Hresult,
     get_properties: unsafe extern "system" fn(Handle, Handle, *const u16) -> Hresult,
     modify: unsafe extern "system" fn(Handle, Handle, *const u16, Handle) -> Hresult,
-    wait_for_exit: unsafe extern "system" fn(Handle, u32, *mut *mut u16) -> Hresult,
+    /// Windows 10 2104 / Server 2022 and later; before, exits are polled.
+    wait_for_exit: Option<unsafe extern "system" fn(Handle, u32, *mut *mut u16) -> Hresult>,
     local_free: unsafe extern "system" fn(*mut c_void) -> *mut c_void,
 }
 
@@ -190,19 +197,26 @@ pub struct Computecore {
     _free_lib: Option<libloading::Library>,
 }
 
-// SAFETY: the library's entry points are plain C functions that HCS
-// documents as callable from any thread; the struct holds no thread state.
-unsafe impl Send for Computecore {}
-// SAFETY: as above; nothing here is mutated after loading.
-unsafe impl Sync for Computecore {}
-
 fn load(path: &Path) -> Result<libloading::Library, LoadError> {
-    // SAFETY: loading runs the library's initialisers: computecore.dll's
-    // or the emulator's, which the operator named on purpose.
-    unsafe { libloading::Library::new(path) }.map_err(|e| LoadError::Load {
+    let err = |e: libloading::Error| LoadError::Load {
         path: path.to_path_buf(),
         reason: reason(&e),
-    })
+    };
+    // A bare name is looked up in the system directory only, never in the
+    // program's or the working directory, where a planted DLL would run
+    // as the administrator uvmctl runs as.
+    #[cfg(windows)]
+    if path.components().count() == 1 {
+        use libloading::os::windows::{LOAD_LIBRARY_SEARCH_SYSTEM32, Library};
+        // SAFETY: loading runs the library's initialisers: Windows' own
+        // DLL from the system directory.
+        return unsafe { Library::load_with_flags(path, LOAD_LIBRARY_SEARCH_SYSTEM32) }
+            .map(Into::into)
+            .map_err(err);
+    }
+    // SAFETY: loading runs the library's initialisers: computecore.dll's
+    // or the emulator's, which the operator named on purpose.
+    unsafe { libloading::Library::new(path) }.map_err(err)
 }
 
 /// The loader's error with what the OS said (dlerror, GetLastError).
@@ -257,7 +271,10 @@ impl Computecore {
             save: sym!(lib, "HcsSaveComputeSystem"),
             get_properties: sym!(lib, "HcsGetComputeSystemProperties"),
             modify: sym!(lib, "HcsModifyComputeSystem"),
-            wait_for_exit: sym!(lib, "HcsWaitForComputeSystemExit"),
+            // SAFETY: as `sym!`; absent on older Windows, which is no error.
+            wait_for_exit: unsafe { lib.get(b"HcsWaitForComputeSystemExit\0") }
+                .ok()
+                .map(|s| *s),
             local_free: sym!(free_from, "LocalFree"),
         };
         Ok(Computecore {
@@ -267,6 +284,13 @@ impl Computecore {
             _lib: lib,
             _free_lib: free_lib,
         })
+    }
+
+    /// As loaded from a Windows without HcsWaitForComputeSystemExit.
+    #[cfg(test)]
+    pub(crate) fn without_exit_wait(mut self) -> Self {
+        self.fns.wait_for_exit = None;
+        self
     }
 
     /// Where it was loaded from.
@@ -310,7 +334,7 @@ impl Computecore {
         // SAFETY: `op.h` is a live operation; `doc` receives a string the
         // library allocated, freed below with LocalFree.
         let r = unsafe { (self.fns.wait_for_operation_result)(op.h, ms, &mut doc) };
-        let text = self.take(doc);
+        let text = self.take(call, id, doc)?;
         if r == hr::HCS_E_OPERATION_TIMEOUT {
             return Err(HcsError {
                 call,
@@ -323,10 +347,11 @@ impl Computecore {
         Ok(text.unwrap_or_default())
     }
 
-    /// Reads and frees a result string.
-    fn take(&self, p: *mut u16) -> Option<String> {
+    /// Reads and frees a result string; one without its end within the
+    /// bound is refused (never read as a shorter document).
+    fn take(&self, call: &'static str, id: &str, p: *mut u16) -> Result<Option<String>, HcsError> {
         if p.is_null() {
-            return None;
+            return Ok(None);
         }
         let mut n = 0;
         // SAFETY: the library returns a NUL-terminated UTF-16 string; it
@@ -335,11 +360,18 @@ impl Computecore {
             while n < MAX_RESULT_UNITS && *p.add(n) != 0 {
                 n += 1;
             }
-            let s = String::from_utf16_lossy(std::slice::from_raw_parts(p, n));
+            let s = (n < MAX_RESULT_UNITS)
+                .then(|| String::from_utf16_lossy(std::slice::from_raw_parts(p, n)));
             (self.fns.local_free)(p.cast());
             s
         };
-        Some(text)
+        text.map(Some).ok_or_else(|| {
+            HcsError::ours(
+                call,
+                id,
+                format!("a result document longer than {MAX_RESULT_UNITS} characters"),
+            )
+        })
     }
 
     fn system_call(
@@ -419,17 +451,47 @@ impl ComputeService for Computecore {
 
     fn wait_exit(&self, id: &str, timeout: Duration) -> Result<bool, HcsError> {
         const CALL: &str = "HcsWaitForComputeSystemExit";
+        let Some(wait_for_exit) = self.fns.wait_for_exit else {
+            return self.poll_exit(id, timeout);
+        };
         let system = self.open(CALL, id)?;
         let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX - 1);
         let mut doc: *mut u16 = std::ptr::null_mut();
         // SAFETY: a live system handle; `doc` receives a library string.
-        let r = unsafe { (self.fns.wait_for_exit)(system.h, ms, &mut doc) };
-        let text = self.take(doc);
-        if r == hr::HCS_E_OPERATION_TIMEOUT {
+        let r = unsafe { wait_for_exit(system.h, ms, &mut doc) };
+        let text = self.take(CALL, id, doc)?;
+        // Its reference names no codes: both ways a wait says "timed out".
+        if r == hr::HCS_E_OPERATION_TIMEOUT || r == hr::ERROR_TIMEOUT {
             return Ok(false);
         }
         check(CALL, id, r, text.as_deref())?;
         Ok(true)
+    }
+}
+
+impl Computecore {
+    /// Where HcsWaitForComputeSystemExit is missing (before Windows 10
+    /// 2104): the system's state, every 100 ms until `timeout`.
+    fn poll_exit(&self, id: &str, timeout: Duration) -> Result<bool, HcsError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.properties(id, "{}") {
+                Ok(doc) => {
+                    let state = serde_json::from_str::<serde_json::Value>(&doc)
+                        .ok()
+                        .and_then(|v| Some(v.get("State")?.as_str()?.to_string()));
+                    if state.as_deref() == Some("Stopped") {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND => return Ok(true),
+                Err(e) => return Err(e),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

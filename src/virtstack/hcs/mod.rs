@@ -4,12 +4,13 @@
 //! live change; `plan --hcs-requests` prints the same calls for review
 //! ([`dry_run`]).
 //!
-//! What is observed where (docs/hcs.md): the state, the runtime id and
-//! the statistics come from the compute system's properties; the
+//! What is observed where (docs/hcs.md): the state, the owner and the
+//! statistics come from the compute system's properties; the
 //! configuration is uvmctl's record of what it applied (HCS reports no
 //! device list), as remotevm does. A VM whose compute system is gone
 //! (stopped, or the host restarted) keeps its record and is `terminated`;
-//! a start creates its compute system again from the record.
+//! a start creates its compute system again from the record. A compute
+//! system of the VM's name that another owner made is never changed.
 //!
 //! Host paths are checked lexically against the allowed roots: HCS opens
 //! them itself, as its own service, so uvmctl has no descriptor to hand
@@ -21,13 +22,12 @@ pub mod dry_run;
 pub mod schema;
 
 use crate::virtstack::records::{Layout, RecordError, RecordStore};
-use crate::vm::config::PowerState;
-use crate::vm::config::VmConfig;
+use crate::vm::config::{PowerState, VmConfig};
 use crate::vm::items::{ChangeError, ResourceKind};
 use crate::vm::{
     Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmName, VmStats,
 };
-use api::{ComputeService, HcsError, Verb, hr};
+use api::{ComputeService, HcsError, Hresult, Verb, hr};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -37,16 +37,17 @@ use std::time::Duration;
 
 type Result<T, E = VmError> = std::result::Result<T, E>;
 
-/// The library's default name: found where Windows finds system DLLs.
+/// The library's default name: loaded from the Windows system directory.
 pub const DEFAULT_LIBRARY: &str = "computecore.dll";
 
 /// How long one HCS operation may take before uvmctl gives up on it.
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How long a graceful shutdown may take before the system is terminated.
+/// How long a graceful shutdown may take, once HCS took it, before the
+/// system is terminated.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// Where host paths may lie when no `--allow-root` is given.
+/// Where host paths may lie when no `--hcs-allow-root` is given.
 pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["C:/ProgramData/uvmctl"];
 
 /// A record is read up to this size (a VM's whole configuration).
@@ -78,8 +79,39 @@ pub fn system_id(name: &VmName) -> String {
     name.to_string()
 }
 
-fn backend(e: HcsError) -> VmError {
-    VmError::Backend(Box::new(e))
+/// What a VM's compute system is, as HCS reports it.
+enum System {
+    /// There is none.
+    None,
+    /// uvmctl's, in this state (with why it exited, when it did on its own).
+    Ours(State, Option<String>),
+    /// Another owner's, of the same id: never changed.
+    Foreign(String),
+}
+
+fn is(e: &HcsError, codes: &[Hresult]) -> bool {
+    codes.contains(&e.hresult)
+}
+
+/// An HCS failure as the contract's error kinds: a system that is gone is
+/// `NotFound`, one in the wrong state `Refused` with HCS's words, a system
+/// already stopped `NotRunning`; the rest is the backend's.
+fn vm_error(name: &str, e: HcsError) -> VmError {
+    match e.hresult {
+        hr::HCS_E_SYSTEM_NOT_FOUND => VmError::NotFound(name.to_string()),
+        hr::HCS_E_SYSTEM_ALREADY_STOPPED => VmError::NotRunning {
+            vm: name.to_string(),
+            state: State::Terminated,
+        },
+        hr::HCS_E_INVALID_STATE | hr::HCS_E_SYSTEM_ALREADY_EXISTS => VmError::Refused {
+            vm: name.to_string(),
+            reason: e.to_string(),
+        },
+        hr::HCS_E_ACCESS_DENIED => VmError::backend(format!(
+            "{e} (HCS takes administrators and members of Hyper-V Administrators only)"
+        )),
+        _ => VmError::Backend(Box::new(e)),
+    }
 }
 
 /// A root or path as compared: `/` for `\`, no trailing separator,
@@ -88,6 +120,24 @@ fn fold(p: &str) -> String {
     p.replace('\\', "/")
         .trim_end_matches('/')
         .to_ascii_lowercase()
+}
+
+/// Whether a path has a component Windows would read as `.` or `..`
+/// (it drops trailing dots and spaces: `.. ` is `..`).
+fn has_dot_component(p: &str) -> bool {
+    p.replace('\\', "/")
+        .split('/')
+        .any(|c| !c.is_empty() && c.trim_end_matches(['.', ' ']).is_empty())
+}
+
+fn state_of(p: &schema::Properties) -> State {
+    match p.state.as_str() {
+        "Created" => State::Created,
+        "Running" => State::Running,
+        "Paused" => State::Paused,
+        "SavedAsTemplate" => State::Saved,
+        _ => State::Terminated,
+    }
 }
 
 impl Hcs {
@@ -137,6 +187,14 @@ impl Hcs {
         self.store(name, rec)
     }
 
+    /// Where a save of `name` goes.
+    pub fn save_path(&self, name: &VmName) -> String {
+        self.records_dir
+            .join(format!("{name}.vmrs"))
+            .to_string_lossy()
+            .into_owned()
+    }
+
     fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut busy = self
             .busy
@@ -159,8 +217,8 @@ impl Hcs {
             .map_err(|e| VmError::Backend(Box::new(e)))
     }
 
-    /// Runs one blocking HCS call off the runtime.
-    async fn call<T, F>(&self, f: F) -> Result<T>
+    /// Runs one blocking HCS call off the runtime, its failure unmapped.
+    async fn raw<T, F>(&self, f: F) -> Result<std::result::Result<T, HcsError>>
     where
         T: Send + 'static,
         F: FnOnce(&dyn ComputeService) -> std::result::Result<T, HcsError> + Send + 'static,
@@ -168,58 +226,80 @@ impl Hcs {
         let service = Arc::clone(&self.service);
         tokio::task::spawn_blocking(move || f(service.as_ref()))
             .await
-            .map_err(|e| VmError::backend(format!("an HCS call failed: {e}")))?
-            .map_err(backend)
+            .map_err(|e| VmError::backend(format!("an HCS call failed: {e}")))
     }
 
-    /// The compute system's state (`None`: there is none), and whether it
-    /// is uvmctl's.
-    async fn system(&self, name: &VmName) -> Result<Option<(schema::Properties, bool)>> {
+    /// Runs one blocking HCS call for `name`, its failure in the
+    /// contract's kinds.
+    async fn call<T, F>(&self, name: &VmName, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn ComputeService, &str) -> std::result::Result<T, HcsError> + Send + 'static,
+    {
         let id = system_id(name);
-        let query = serde_json::to_string(&schema::PropertyQuery {
-            property_types: Vec::new(),
-        })
-        .unwrap_or_default();
-        let service = Arc::clone(&self.service);
-        let got = tokio::task::spawn_blocking(move || service.properties(&id, &query))
-            .await
-            .map_err(|e| VmError::backend(format!("an HCS call failed: {e}")))?;
-        match got {
-            Ok(doc) => {
-                let props: schema::Properties = serde_json::from_str(&doc).map_err(|e| {
-                    VmError::backend(format!("{name}: HCS properties are not understood: {e}"))
-                })?;
-                let ours = props.owner == documents::OWNER;
-                Ok(Some((props, ours)))
-            }
+        self.raw(move |s| f(s, &id))
+            .await?
+            .map_err(|e| vm_error(name, e))
+    }
+
+    /// The properties of `name`'s compute system (`None`: there is none).
+    async fn properties(
+        &self,
+        name: &VmName,
+        property_types: Vec<String>,
+    ) -> Result<Option<schema::Properties>> {
+        let id = system_id(name);
+        let query = serde_json::to_string(&schema::PropertyQuery { property_types })
+            .map_err(|e| VmError::backend(format!("{name}: property query: {e}")))?;
+        match self.raw(move |s| s.properties(&id, &query)).await? {
+            Ok(doc) => serde_json::from_str(&doc).map(Some).map_err(|e| {
+                VmError::backend(format!("{name}: HCS properties are not understood: {e}"))
+            }),
             Err(e) if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND => Ok(None),
-            Err(e) => Err(backend(e)),
+            Err(e) => Err(vm_error(name, e)),
         }
     }
 
-    /// The VM's state: from its compute system, else from its record.
-    async fn state(&self, name: &VmName, rec: &HcsRecord) -> Result<State> {
-        Ok(match self.system(name).await? {
-            Some((p, _)) => match p.state.as_str() {
-                "Created" => State::Created,
-                "Running" => State::Running,
-                "Paused" => State::Paused,
-                "SavedAsTemplate" => State::Saved,
-                _ => State::Terminated,
-            },
-            None if rec.saved.is_some() => State::Saved,
-            None => State::Terminated,
+    async fn system(&self, name: &VmName) -> Result<System> {
+        Ok(match self.properties(name, Vec::new()).await? {
+            None => System::None,
+            Some(p) if p.owner != documents::OWNER => System::Foreign(p.owner),
+            Some(p) => {
+                let state = state_of(&p);
+                let crashed = (state == State::Terminated
+                    && p.exit_type.as_deref() == Some("UnexpectedExit"))
+                .then(|| "HCS reports an unexpected exit".to_string());
+                System::Ours(state, crashed)
+            }
         })
+    }
+
+    /// The VM's state: from its compute system, else from its record; a
+    /// system another owner made under its name is refused.
+    async fn state(&self, name: &VmName, rec: &HcsRecord) -> Result<State> {
+        match self.system(name).await? {
+            System::Ours(state, _) => Ok(state),
+            System::None if rec.saved.is_some() => Ok(State::Saved),
+            System::None => Ok(State::Terminated),
+            System::Foreign(owner) => Err(VmError::Refused {
+                vm: name.to_string(),
+                reason: format!(
+                    "the compute system {} belongs to {owner:?}, not uvmctl: it is left alone",
+                    system_id(name)
+                ),
+            }),
+        }
     }
 
     /// Terminates the compute system if there is one (it goes with its
     /// last handle, which the call closes).
     async fn terminate(&self, name: &VmName) -> Result<()> {
-        let id = system_id(name);
-        self.call(move |s| match s.lifecycle(&id, Verb::Terminate, None) {
+        self.call(name, |s, id| match s.lifecycle(id, Verb::Terminate, None) {
             Err(e)
-                if e.hresult == hr::HCS_E_SYSTEM_NOT_FOUND
-                    || e.hresult == hr::HCS_E_SYSTEM_ALREADY_STOPPED =>
+                if is(
+                    &e,
+                    &[hr::HCS_E_SYSTEM_NOT_FOUND, hr::HCS_E_SYSTEM_ALREADY_STOPPED],
+                ) =>
             {
                 Ok(())
             }
@@ -232,21 +312,27 @@ impl Hcs {
         let doc = documents::create_document(&rec.config, rec.saved.as_deref());
         let text = serde_json::to_string(&doc)
             .map_err(|e| VmError::backend(format!("{name}: create document: {e}")))?;
-        let id = system_id(name);
-        self.call(move |s| s.create(&id, &text)).await
+        self.call(name, move |s, id| s.create(id, &text)).await
     }
 
     async fn lifecycle(&self, name: &VmName, verb: Verb, options: Option<String>) -> Result<()> {
-        let id = system_id(name);
-        self.call(move |s| s.lifecycle(&id, verb, options.as_deref()))
+        self.call(name, move |s, id| s.lifecycle(id, verb, options.as_deref()))
             .await
     }
 
-    fn save_path(&self, name: &VmName) -> String {
-        self.records_dir
-            .join(format!("{name}.vmrs"))
-            .to_string_lossy()
-            .into_owned()
+    /// Stores `rec`, then removes the save file it no longer names (in
+    /// that order: a record never names a file that is gone).
+    fn store_then_forget(
+        &self,
+        name: &VmName,
+        rec: &HcsRecord,
+        spent: Option<String>,
+    ) -> Result<()> {
+        self.store(name, rec)?;
+        if let Some(file) = spent {
+            let _ = std::fs::remove_file(file);
+        }
+        Ok(())
     }
 
     /// Every host path `config` names, with the field it is in.
@@ -281,16 +367,24 @@ impl Hcs {
         out
     }
 
-    /// The first host path outside the allowed roots, or with a `..`.
+    /// The first host path outside the allowed roots or with a `.`/`..`
+    /// component, and the UEFI boot file's path inside its directory.
     fn path_refusal(&self, config: &VmConfig) -> Option<String> {
+        if let Some(u) = &config.boot.uefi
+            && has_dot_component(&u.path)
+        {
+            return Some(format!(
+                "boot.uefi.path: {} must stay inside boot.uefi.dir",
+                u.path
+            ));
+        }
         Self::paths(config).into_iter().find_map(|(field, p)| {
             let f = fold(&p);
-            let escapes = f.split('/').any(|c| c == "..");
             let under = self
                 .roots
                 .iter()
                 .any(|r| f == *r || f.starts_with(&format!("{r}/")));
-            (escapes || !under).then(|| {
+            (has_dot_component(&p) || !under).then(|| {
                 format!(
                     "{field}: {p} is not under an allowed root ({}); HCS opens it as its own service",
                     self.roots.join(", ")
@@ -311,26 +405,30 @@ impl Observe for Hcs {
     }
 
     async fn list(&self) -> Result<Vec<VmName>> {
-        Ok(self
-            .records
-            .names()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|n| VmName::new(n).ok())
-            .collect())
+        match self.records.names() {
+            Ok(names) => Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect()),
+            // Nothing applied here yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(VmError::backend(format!(
+                "cannot list the hcs records in {}: {e}",
+                self.records_dir.display()
+            ))),
+        }
     }
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm> {
         let rec = self.load(name)?;
-        let (state, managed) = match self.system(name).await? {
-            Some((_, false)) => (State::Terminated, false),
-            _ => (self.state(name, &rec).await?, true),
+        let (state, managed, exit_error) = match self.system(name).await? {
+            System::Ours(state, crashed) => (state, true, crashed),
+            System::None if rec.saved.is_some() => (State::Saved, true, None),
+            System::None => (State::Terminated, true, None),
+            System::Foreign(_) => (State::Terminated, false, None),
         };
         Ok(ObservedVm {
             config: rec.config,
             state,
             managed,
-            exit_error: None,
+            exit_error,
             memory_hotplug: None,
         })
     }
@@ -359,12 +457,17 @@ impl Virtstack for Hcs {
         self.preflight(name, config)?;
         let lock = self.lock_of(name);
         let _held = lock.lock().await;
-        if let Ok(rec) = self.load(name) {
-            return Err(VmError::WrongState {
-                vm: name.to_string(),
-                state: self.state(name, &rec).await?,
-                need: "it exists already".into(),
-            });
+        match self.load(name) {
+            Ok(rec) => {
+                return Err(VmError::WrongState {
+                    vm: name.to_string(),
+                    state: self.state(name, &rec).await?,
+                    need: "it exists already".into(),
+                });
+            }
+            Err(VmError::NotFound(_)) => {}
+            // A record that cannot be read is never written over.
+            Err(e) => return Err(e),
         }
         let mut config = config.clone();
         config.power_state = PowerState::Stopped;
@@ -373,7 +476,12 @@ impl Virtstack for Hcs {
             saved: None,
         };
         self.create_system(name, &rec).await?;
-        self.store(name, &rec)
+        if let Err(e) = self.store(name, &rec) {
+            // No compute system without its record (nothing would list it).
+            let _ = self.terminate(name).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
@@ -411,8 +519,7 @@ impl Virtstack for Hcs {
             }
             let text = serde_json::to_string(&request)
                 .map_err(|e| VmError::backend(format!("{name}: request: {e}")))?;
-            let id = system_id(name);
-            self.call(move |s| s.modify(&id, &text)).await?;
+            self.call(name, move |s, id| s.modify(id, &text)).await?;
         } else if change.key().0 != ResourceKind::Policy {
             return Err(VmError::Refused {
                 vm: name.to_string(),
@@ -442,16 +549,18 @@ impl Virtstack for Hcs {
             });
         }
         // A compute system made but not started holds the old document:
-        // the next start makes it again from the new record.
+        // the next start makes it again from the new record. A saved
+        // guest does not fit the new configuration: it is discarded.
         self.terminate(name).await?;
         let mut config = config.clone();
         config.power_state = PowerState::Stopped;
-        self.store(
+        self.store_then_forget(
             name,
             &HcsRecord {
                 config,
                 saved: None,
             },
+            rec.saved,
         )
     }
 
@@ -479,8 +588,7 @@ impl Virtstack for Hcs {
         }
         if let Some(file) = rec.saved.take() {
             // Restored: that state is spent.
-            let _ = std::fs::remove_file(&file);
-            self.store(name, &rec)?;
+            self.store_then_forget(name, &rec, Some(file))?;
         }
         if paused {
             self.lifecycle(name, Verb::Pause, None).await?;
@@ -495,11 +603,10 @@ impl Virtstack for Hcs {
         let state = self.state(name, &rec).await?;
         if state == State::Running {
             // Gracefully first; what does not stop in time is terminated.
-            let id = system_id(name);
             let graceful = self
-                .call(move |s| {
-                    s.lifecycle(&id, Verb::ShutDown, None)?;
-                    s.wait_exit(&id, SHUTDOWN_GRACE)
+                .call(name, |s, id| {
+                    s.lifecycle(id, Verb::ShutDown, None)?;
+                    s.wait_exit(id, SHUTDOWN_GRACE)
                 })
                 .await;
             if !matches!(graceful, Ok(true)) {
@@ -508,8 +615,7 @@ impl Virtstack for Hcs {
         }
         self.terminate(name).await?;
         if let Some(file) = rec.saved.take() {
-            let _ = std::fs::remove_file(&file);
-            self.store(name, &rec)?;
+            self.store_then_forget(name, &rec, Some(file))?;
         }
         Ok(())
     }
@@ -561,7 +667,8 @@ impl Virtstack for Hcs {
         }
         // HCS saves a paused system only; what it saved is kept in a file
         // and the system ends (a start restores from the file).
-        if state == State::Running {
+        let paused_here = state == State::Running;
+        if paused_here {
             self.lifecycle(name, Verb::Pause, None).await?;
         }
         let path = self.save_path(name);
@@ -569,7 +676,10 @@ impl Virtstack for Hcs {
         let options = serde_json::to_string(&documents::save_options(&path))
             .map_err(|e| VmError::backend(format!("{name}: save options: {e}")))?;
         if let Err(e) = self.lifecycle(name, Verb::Save, Some(options)).await {
-            let _ = self.lifecycle(name, Verb::Resume, None).await;
+            // A failed save leaves the VM as it was.
+            if paused_here {
+                let _ = self.lifecycle(name, Verb::Resume, None).await;
+            }
             return Err(e);
         }
         rec.saved = Some(path);
@@ -581,13 +691,17 @@ impl Virtstack for Hcs {
         let lock = self.lock_of(name);
         let _held = lock.lock().await;
         let rec = self.load(name)?;
-        self.terminate(name).await?;
-        if let Some(file) = &rec.saved {
-            let _ = std::fs::remove_file(file);
+        // Another owner's system of this name is not this VM's to end.
+        if !matches!(self.system(name).await?, System::Foreign(_)) {
+            self.terminate(name).await?;
         }
         self.records
             .remove(name)
-            .map_err(|e| VmError::Backend(Box::new(e)))
+            .map_err(|e| VmError::Backend(Box::new(e)))?;
+        if let Some(file) = &rec.saved {
+            let _ = std::fs::remove_file(file);
+        }
+        Ok(())
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {
@@ -599,25 +713,13 @@ impl Virtstack for Hcs {
 
     async fn stats(&self, name: &VmName) -> Result<VmStats> {
         let rec = self.load(name)?;
-        let id = system_id(name);
-        let query = serde_json::to_string(&schema::PropertyQuery {
-            property_types: vec!["Statistics".into()],
-        })
-        .unwrap_or_default();
-        let got = self.call(move |s| s.properties(&id, &query)).await;
-        let doc = match got {
-            Ok(doc) => doc,
-            Err(VmError::Backend(e))
-                if e.downcast_ref::<HcsError>()
-                    .is_some_and(|h| h.hresult == hr::HCS_E_SYSTEM_NOT_FOUND) =>
-            {
-                return Ok(VmStats::default());
-            }
-            Err(e) => return Err(e),
+        let Some(props) = self.properties(name, vec!["Statistics".into()]).await? else {
+            return Ok(VmStats::default());
         };
-        let props: schema::Properties = serde_json::from_str(&doc)
-            .map_err(|e| VmError::backend(format!("{name}: HCS statistics: {e}")))?;
-        let live = matches!(props.state.as_str(), "Running" | "Paused");
+        if props.owner != documents::OWNER {
+            return Ok(VmStats::default());
+        }
+        let live = state_of(&props).is_live();
         let st = props.statistics.unwrap_or_default();
         Ok(VmStats {
             assigned_memory_bytes: if live {
@@ -647,16 +749,9 @@ impl Virtstack for Hcs {
                 d.saturating_duration_since(tokio::time::Instant::now())
                     .min(Duration::from_secs(1))
             });
-            let id = system_id(name);
-            match self.call(move |s| s.wait_exit(&id, slice)).await {
-                Ok(true) => return Ok(true),
+            match self.call(name, move |s, id| s.wait_exit(id, slice)).await {
+                Ok(true) | Err(VmError::NotFound(_)) => return Ok(true),
                 Ok(false) => {}
-                Err(VmError::Backend(e))
-                    if e.downcast_ref::<HcsError>()
-                        .is_some_and(|h| h.hresult == hr::HCS_E_SYSTEM_NOT_FOUND) =>
-                {
-                    return Ok(true);
-                }
                 Err(e) => return Err(e),
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -782,11 +877,11 @@ pub(crate) mod tests {
             .create(&VmName::new("r-twice").expect("name"), &cfg)
             .await
             .expect_err("double create");
-        let VmError::Backend(b) = &e else {
-            panic!("{e}")
-        };
-        let h = b.downcast_ref::<HcsError>().expect("an HCS error");
-        assert_eq!(h.hresult, hr::HCS_E_SYSTEM_ALREADY_EXISTS, "{h}");
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        assert!(
+            e.to_string().contains("0x8037010f"),
+            "HCS's answer is shown: {e}"
+        );
         raw.lifecycle("r-twice", Verb::Terminate, None)
             .expect("terminate");
 
@@ -880,6 +975,63 @@ pub(crate) mod tests {
             .expect_err("not running");
         assert_eq!(e.kind(), ErrorKind::WrongState, "{e}");
         vs.destroy(&vm).await.expect("destroy");
+    }
+
+    /// Before Windows 10 2104 there is no HcsWaitForComputeSystemExit:
+    /// exits are polled from the system's state.
+    #[test]
+    fn without_the_exit_wait_exits_are_polled() {
+        let raw = Computecore::load(&emulator_path(), Duration::from_secs(10))
+            .expect("load")
+            .without_exit_wait();
+        let cfg = crate::conformance::tests::fixture("p").base;
+        let doc = serde_json::to_string(&documents::create_document(&cfg, None)).expect("doc");
+        raw.create("p-poll", &doc).expect("create");
+        raw.lifecycle("p-poll", Verb::Start, None).expect("start");
+        assert!(
+            !raw.wait_exit("p-poll", Duration::from_millis(250))
+                .expect("wait")
+        );
+        raw.lifecycle("p-poll", Verb::Terminate, None)
+            .expect("terminate");
+        assert!(
+            raw.wait_exit("p-poll", Duration::from_millis(250))
+                .expect("wait")
+        );
+    }
+
+    /// A compute system of a VM's name that another owner made is never
+    /// changed: observed as not uvmctl's, refused by the verbs, and a
+    /// destroy takes only uvmctl's record.
+    #[tokio::test]
+    async fn another_owner_s_system_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vs = hcs(dir.path());
+        let raw = emulator();
+        let cfg = crate::conformance::tests::fixture("o").base;
+        let mut doc = serde_json::to_value(documents::create_document(&cfg, None)).expect("doc");
+        doc["Owner"] = "someone-else".into();
+        raw.create("o-theirs", &doc.to_string()).expect("create");
+        raw.lifecycle("o-theirs", Verb::Start, None).expect("start");
+        let vm = VmName::new("o-theirs").expect("name");
+        vs.adopt(
+            &vm,
+            &HcsRecord {
+                config: cfg,
+                saved: None,
+            },
+        )
+        .expect("record");
+        assert!(!vs.observe(&vm).await.expect("observe").managed);
+        let e = vs.stop(&vm).await.expect_err("not ours to stop");
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        assert!(e.to_string().contains("someone-else"), "{e}");
+        vs.destroy(&vm).await.expect("destroy takes the record");
+        assert!(vs.list().await.expect("list").is_empty());
+        let props = raw.properties("o-theirs", "{}").expect("still there");
+        assert!(props.contains("Running"), "{props}");
+        raw.lifecycle("o-theirs", Verb::Terminate, None)
+            .expect("terminate");
     }
 
     /// Operations on closed handles, through the raw ABI (the wrapper

@@ -471,6 +471,9 @@ pub struct Properties {
     pub state: String,
     /// The VM's id (hvsocket addresses use it).
     pub runtime_id: String,
+    /// How it exited, once stopped (`GracefulExit`, `ForcedExit`,
+    /// `UnexpectedExit`, ...).
+    pub exit_type: Option<String>,
     /// Statistics, when asked for.
     pub statistics: Option<Statistics>,
 }
