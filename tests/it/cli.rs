@@ -1015,6 +1015,54 @@ fn the_hcs_virtstack_drives_the_emulator_across_processes() {
     assert!(stderr(&out).contains("computecore.dll"), "{}", stderr(&out));
 }
 
+/// Issue 16: what HCS would receive for the Windows examples, with no HCS
+/// at all (`--observed`, no library): every call in order, as a golden
+/// file reviewed against Microsoft's schema reference (the objects are
+/// those `src/virtstack/hcs/golden.rs` names).
+#[test]
+fn hcs_requests_of_the_windows_examples_need_no_hcs() {
+    let t = TestContext::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = t.uvmctl(&[
+        "--virtstack",
+        "hcs",
+        "--hcs-library",
+        "/nonexistent/computecore.dll",
+        "plan",
+        root.join("specs/windows").to_str().expect("utf-8"),
+        "--observed",
+        root.join("examples/recorded-host").to_str().expect("utf-8"),
+        "--hcs-requests",
+    ]);
+    assert_exit_code(&out, 0);
+    let calls: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let names: Vec<(&str, &str)> = calls
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap_or_default(),
+                c["call"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("lcow-layers", "HcsCreateComputeSystem"),
+            ("lcow-layers", "HcsStartComputeSystem"),
+            ("smb-gateway", "HcsCreateComputeSystem"),
+            ("smb-gateway", "HcsStartComputeSystem"),
+        ]
+    );
+    insta::assert_snapshot!("hcs_requests_specs_windows", stdout(&out));
+    // Another virtstack's plan has no HCS requests.
+    let out = t.uvmctl(&["plan", "specs", "--observed", "host", "--hcs-requests"]);
+    assert_exit_code(&out, 1);
+    assert!(stderr(&out).contains("--virtstack hcs"), "{}", stderr(&out));
+}
+
 /// A git repository a test commits to.
 fn origin_repo(dir: &Path) -> impl Fn(&[&str]) -> String + '_ {
     std::fs::create_dir_all(dir).expect("mkdir origin");
