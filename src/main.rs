@@ -1094,8 +1094,8 @@ async fn hcs_requests(planned: &reconcile::Planned, host: &Host) -> anyhow::Resu
             recorder.seed(&system_id(&name), state);
         }
         // A saved guest is restored from where this host keeps it.
-        let saved = (vm.state == uvmctl::vm::State::Saved)
-            .then(|| Hcs::new(recorder.clone(), &host.state_dir, &[]).save_path(&name));
+        let saved =
+            (vm.state == uvmctl::vm::State::Saved).then(|| Hcs::save_file(&host.state_dir, &name));
         let rec = HcsRecord {
             config: vm.config.clone(),
             saved,

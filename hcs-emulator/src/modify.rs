@@ -495,7 +495,7 @@ fn matches(pattern: &[Seg], segs: &[&str]) -> Option<Vec<String>> {
             Lit(l) if l == *s => {}
             Lit(_) => return None,
             Name if !s.is_empty() => caps.push((*s).to_string()),
-            Uint(max) if schema::is_decimal_below(s, max) => caps.push((*s).to_string()),
+            Uint(max) if schema::is_decimal_at_most(s, max) => caps.push((*s).to_string()),
             Guid if schema::is_guid(s) => caps.push((*s).to_string()),
             _ => return None,
         }

@@ -212,10 +212,10 @@ fn check_str(path: &str, value: &Value, name: &str) -> Result<(), Offence> {
 fn check_key(path: &str, key: &str, ty: Key) -> Result<(), Offence> {
     let (ok, name) = match ty {
         Key::Str => (true, "string"),
-        Key::U8 => (is_decimal_below(key, u64::from(u8::MAX)), "uint8"),
-        Key::U16 => (is_decimal_below(key, u64::from(u16::MAX)), "uint16"),
-        Key::U32 => (is_decimal_below(key, u64::from(u32::MAX)), "uint32"),
-        Key::U64 => (is_decimal_below(key, u64::MAX), "uint64"),
+        Key::U8 => (is_decimal_at_most(key, u64::from(u8::MAX)), "uint8"),
+        Key::U16 => (is_decimal_at_most(key, u64::from(u16::MAX)), "uint16"),
+        Key::U32 => (is_decimal_at_most(key, u64::from(u32::MAX)), "uint32"),
+        Key::U64 => (is_decimal_at_most(key, u64::MAX), "uint64"),
         Key::Guid => (is_guid(key), "Guid"),
     };
     if ok {
@@ -228,10 +228,12 @@ fn check_key(path: &str, key: &str, ty: Key) -> Result<(), Offence> {
     }
 }
 
-/// A decimal integer (no sign, no leading `+`) that is at most `max`.
-pub fn is_decimal_below(s: &str, max: u64) -> bool {
+/// A decimal integer as written canonically (no sign, no leading zero, so
+/// that `00` never names what `0` names) that is at most `max`.
+pub fn is_decimal_at_most(s: &str, max: u64) -> bool {
     !s.is_empty()
         && s.chars().all(|c| c.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'))
         && s.parse::<u64>().is_ok_and(|v| v <= max)
 }
 

@@ -130,6 +130,13 @@ fn has_dot_component(p: &str) -> bool {
         .any(|c| !c.is_empty() && c.trim_end_matches(['.', ' ']).is_empty())
 }
 
+/// The save file of `name` among the records in `dir`.
+fn save_file_in(dir: &Path, name: &VmName) -> String {
+    dir.join(format!("{name}.vmrs"))
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn state_of(p: &schema::Properties) -> State {
     match p.state.as_str() {
         "Created" => State::Created,
@@ -187,12 +194,13 @@ impl Hcs {
         self.store(name, rec)
     }
 
-    /// Where a save of `name` goes.
-    pub fn save_path(&self, name: &VmName) -> String {
-        self.records_dir
-            .join(format!("{name}.vmrs"))
-            .to_string_lossy()
-            .into_owned()
+    /// Where a save of `name` goes, under `state_dir`.
+    pub fn save_file(state_dir: &Path, name: &VmName) -> String {
+        save_file_in(&Self::records_dir(state_dir), name)
+    }
+
+    fn save_path(&self, name: &VmName) -> String {
+        save_file_in(&self.records_dir, name)
     }
 
     fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
