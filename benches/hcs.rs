@@ -8,7 +8,6 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Duration;
 use uvmctl::spec::VmDocument;
 use uvmctl::virtstack::hcs::api::{ComputeService, Computecore, Verb};
@@ -18,28 +17,6 @@ use uvmctl::vm::{Change, ScsiDiskType};
 
 mod common;
 use common::{VMS, spec};
-
-/// The emulator as scripts/test builds it (`cargo build -p
-/// uvmctl-hcs-emulator`), or `UVMCTL_HCS_EMULATOR`.
-fn emulator() -> PathBuf {
-    if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
-        return p.into();
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
-        PathBuf::from,
-    );
-    let file = format!(
-        "{}uvmctl_hcs_emulator{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    ["release", "debug"]
-        .iter()
-        .map(|p| target.join(p).join(&file))
-        .find(|p| p.exists())
-        .expect("the HCS emulator is built: cargo build -p uvmctl-hcs-emulator")
-}
 
 fn bench(c: &mut Criterion) {
     let configs: Vec<_> = (0..VMS)
@@ -58,7 +35,9 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let hcs = Computecore::load(&emulator(), Duration::from_secs(10)).expect("load emulator");
+    let emulator = uvmctl::virtstack::hcs::built_emulator()
+        .expect("the HCS emulator is built: cargo build -p uvmctl-hcs-emulator");
+    let hcs = Computecore::load(&emulator, Duration::from_secs(10)).expect("load emulator");
     // On HCS a NIC's endpoint is an HNS endpoint's GUID, not a tap device.
     let mut cfg = configs[0].clone();
     for n in &mut cfg.network_adapters {

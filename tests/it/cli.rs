@@ -870,24 +870,8 @@ fn the_simulator_keeps_its_vms_across_processes() {
 /// The HCS emulator (hcs-emulator/), built as a shared library by
 /// scripts/test (`cargo build -p uvmctl-hcs-emulator`).
 fn hcs_emulator() -> PathBuf {
-    if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
-        return p.into();
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
-        PathBuf::from,
-    );
-    let p = target.join("debug").join(format!(
-        "{}uvmctl_hcs_emulator{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    assert!(
-        p.exists(),
-        "the HCS emulator is not built at {}: cargo build -p uvmctl-hcs-emulator",
-        p.display()
-    );
-    p
+    uvmctl::virtstack::hcs::built_emulator()
+        .expect("the HCS emulator is built: cargo build -p uvmctl-hcs-emulator")
 }
 
 /// Issue 16: `--virtstack hcs` through the emulator loaded by path, whose

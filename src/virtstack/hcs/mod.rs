@@ -130,6 +130,30 @@ fn has_dot_component(p: &str) -> bool {
         .any(|c| !c.is_empty() && c.trim_end_matches(['.', ' ']).is_empty())
 }
 
+/// The HCS emulator as this source tree builds it (`cargo build -p
+/// uvmctl-hcs-emulator`, which scripts/test runs), for tests and
+/// benchmarks: `UVMCTL_HCS_EMULATOR` if set, else the debug or release
+/// build under `CARGO_TARGET_DIR` or the tree's `target/`; `None` when
+/// none is built.
+pub fn built_emulator() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
+        return Some(p.into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let file = format!(
+        "{}uvmctl_hcs_emulator{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    ["debug", "release"]
+        .iter()
+        .map(|profile| target.join(profile).join(&file))
+        .find(|p| p.exists())
+}
+
 /// The save file of `name` among the records in `dir`.
 fn save_file_in(dir: &Path, name: &VmName) -> String {
     dir.join(format!("{name}.vmrs"))
@@ -326,6 +350,26 @@ impl Hcs {
     async fn lifecycle(&self, name: &VmName, verb: Verb, options: Option<String>) -> Result<()> {
         self.call(name, move |s, id| s.lifecycle(id, verb, options.as_deref()))
             .await
+    }
+
+    /// Pauses a running VM or resumes a paused one; one already there is
+    /// left so, one that does not run is refused.
+    async fn pause_or_resume(&self, name: &VmName, verb: Verb) -> Result<()> {
+        let (from, to) = match verb {
+            Verb::Pause => (State::Running, State::Paused),
+            _ => (State::Paused, State::Running),
+        };
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let rec = self.load(name)?;
+        match self.state(name, &rec).await? {
+            state if state == to => Ok(()),
+            state if state == from => self.lifecycle(name, verb, None).await,
+            state => Err(VmError::NotRunning {
+                vm: name.to_string(),
+                state,
+            }),
+        }
     }
 
     /// Stores `rec`, then removes the save file it no longer names (in
@@ -629,31 +673,11 @@ impl Virtstack for Hcs {
     }
 
     async fn pause(&self, name: &VmName) -> Result<()> {
-        let lock = self.lock_of(name);
-        let _held = lock.lock().await;
-        let rec = self.load(name)?;
-        match self.state(name, &rec).await? {
-            State::Paused => Ok(()),
-            State::Running => self.lifecycle(name, Verb::Pause, None).await,
-            state => Err(VmError::NotRunning {
-                vm: name.to_string(),
-                state,
-            }),
-        }
+        self.pause_or_resume(name, Verb::Pause).await
     }
 
     async fn resume(&self, name: &VmName) -> Result<()> {
-        let lock = self.lock_of(name);
-        let _held = lock.lock().await;
-        let rec = self.load(name)?;
-        match self.state(name, &rec).await? {
-            State::Running => Ok(()),
-            State::Paused => self.lifecycle(name, Verb::Resume, None).await,
-            state => Err(VmError::NotRunning {
-                vm: name.to_string(),
-                state,
-            }),
-        }
+        self.pause_or_resume(name, Verb::Resume).await
     }
 
     async fn save(&self, name: &VmName) -> Result<()> {
@@ -779,28 +803,8 @@ pub(crate) mod tests {
     use crate::conformance::{failures, run};
     use crate::vm::ErrorKind;
 
-    /// The emulator, built as a shared library (scripts/test builds it:
-    /// `cargo build -p uvmctl-hcs-emulator`); `UVMCTL_HCS_EMULATOR` names
-    /// another.
     pub(crate) fn emulator_path() -> PathBuf {
-        if let Some(p) = std::env::var_os("UVMCTL_HCS_EMULATOR") {
-            return p.into();
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
-            PathBuf::from,
-        );
-        let p = target.join("debug").join(format!(
-            "{}uvmctl_hcs_emulator{}",
-            std::env::consts::DLL_PREFIX,
-            std::env::consts::DLL_SUFFIX
-        ));
-        assert!(
-            p.exists(),
-            "the HCS emulator is not built at {}: cargo build -p uvmctl-hcs-emulator",
-            p.display()
-        );
-        p
+        built_emulator().expect("the HCS emulator is built: cargo build -p uvmctl-hcs-emulator")
     }
 
     pub(crate) fn emulator() -> Arc<Computecore> {
