@@ -13,6 +13,7 @@ use crate::vm::{
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 type Result<T, E = VmError> = std::result::Result<T, E>;
 
@@ -40,6 +41,9 @@ struct Inner {
     lie: BTreeSet<String>,
     /// Every call that changed something, in order: `vm verb`.
     log: Vec<String>,
+    /// When each call began, failed and hung ones too: what a retry
+    /// schedule is measured by, free of when its report was read.
+    started: BTreeMap<(String, String), Vec<Instant>>,
     /// Event subscribers per VM.
     subscribers: BTreeMap<String, Vec<tokio::sync::mpsc::Sender<VmEvent>>>,
     /// Why a VM that died on its own died.
@@ -132,12 +136,20 @@ impl Fake {
         self.lock().log.clone()
     }
 
+    /// When each `verb` on `vm` began, in order.
+    pub fn started(&self, vm: &str, verb: &str) -> Vec<Instant> {
+        let key = (vm.to_string(), verb.to_string());
+        self.lock().started.get(&key).cloned().unwrap_or_default()
+    }
+
     /// Fails or hangs as scripted; otherwise logs the call.
     async fn call(&self, vm: &str, verb: &str) -> Result<()> {
         let key = (vm.to_string(), verb.to_string());
         let (fail, hang) = {
-            let inner = self.lock();
-            (inner.fail.contains(&key), inner.hang.contains(&key))
+            let mut inner = self.lock();
+            let scripted = (inner.fail.contains(&key), inner.hang.contains(&key));
+            inner.started.entry(key).or_default().push(Instant::now());
+            scripted
         };
         if hang {
             std::future::pending::<()>().await;
