@@ -358,14 +358,17 @@ pub fn modify_request(change: &Change) -> Result<Option<ModifySettingRequest>, S
         Change::Remove(i) => (false, i),
         Change::Update { before, after } => {
             return match (before, after) {
+                // A value path takes no RequestType: hcsshim's UpdateMemory
+                // and SetCPUGroup send none, and that is what real HCS has
+                // run in production (the reference's "No Limit").
                 (Item::Memory(_), Item::Memory(mb)) => Ok(Some(request(
                     "VirtualMachine/ComputeTopology/Memory/SizeInMB".into(),
-                    Some(Update),
+                    None,
                     Some(serde_json::json!(mb)),
                 ))),
                 (Item::CpuGroup(_), Item::CpuGroup(group)) => Ok(Some(request(
                     "VirtualMachine/ComputeTopology/Processor/CpuGroup".into(),
-                    Some(Update),
+                    None,
                     Some(json(&CpuGroup {
                         id: group.clone().unwrap_or_else(|| NULL_CPU_GROUP.into()),
                     })),

@@ -989,6 +989,61 @@ pub(crate) mod tests {
         vs.destroy(&vm).await.expect("destroy");
     }
 
+    /// Memory size and CPU group are value paths: the virtstack sends them
+    /// without a RequestType, as hcsshim does, and HCS (the emulator) takes
+    /// that on a running VM, where a device path without one is refused.
+    #[tokio::test]
+    async fn value_paths_take_no_request_type_and_device_paths_need_one() {
+        use crate::vm::items::Item;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vs = hcs(dir.path());
+        let mut cfg = crate::conformance::tests::fixture("v").base;
+        cfg.power_state = PowerState::Running;
+        let vm = VmName::new("v-values").expect("name");
+        vs.create(&vm, &cfg).await.expect("create");
+        vs.start(&vm, false).await.expect("start");
+
+        let grown = cfg.memory.size_mb * 2;
+        let resize = Change::Update {
+            before: Item::Memory(cfg.memory.size_mb),
+            after: Item::Memory(grown),
+        };
+        let request = documents::modify_request(&resize)
+            .expect("request")
+            .expect("a modify");
+        assert_eq!(request.request_type, None, "hcsshim sends none");
+        vs.change(&vm, &resize)
+            .await
+            .expect("the emulator takes a resize");
+
+        let group = "7c2b9a10-5d3e-4f61-8a7b-0c9d8e7f6a51".to_string();
+        let join = Change::Update {
+            before: Item::CpuGroup(None),
+            after: Item::CpuGroup(Some(group.clone())),
+        };
+        vs.change(&vm, &join).await.expect("join a CPU group");
+        let leave = Change::Update {
+            before: Item::CpuGroup(Some(group)),
+            after: Item::CpuGroup(None),
+        };
+        vs.change(&vm, &leave).await.expect("leave it");
+        let seen = vs.observe(&vm).await.expect("observe").config;
+        assert_eq!(seen.memory.size_mb, grown);
+        assert_eq!(seen.windows.and_then(|w| w.cpu_group), None);
+
+        // A device path without a RequestType is refused, by hand: the
+        // virtstack never sends one.
+        let untyped = serde_json::json!({
+            "ResourcePath": "VirtualMachine/Devices/Scsi/0/Attachments/6",
+            "Settings": { "Type": "VirtualDisk", "Path": "/d/6.vhdx" },
+        });
+        let e = emulator()
+            .modify(&system_id(&vm), &untyped.to_string())
+            .expect_err("a device path needs a RequestType");
+        refused(&e, hr::E_INVALIDARG, "needs a RequestType");
+        vs.destroy(&vm).await.expect("destroy");
+    }
+
     /// Before Windows 10 2104 there is no HcsWaitForComputeSystemExit:
     /// exits are polled from the system's state.
     #[test]
