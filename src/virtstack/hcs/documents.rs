@@ -359,8 +359,8 @@ pub fn modify_request(change: &Change) -> Result<Option<ModifySettingRequest>, S
         Change::Update { before, after } => {
             return match (before, after) {
                 // A value path takes no RequestType: hcsshim's UpdateMemory
-                // and SetCPUGroup send none, and that is what real HCS has
-                // run in production (the reference's "No Limit").
+                // and SetCPUGroup send none (the reference lists these
+                // paths as "No Limit").
                 (Item::Memory(_), Item::Memory(mb)) => Ok(Some(request(
                     "VirtualMachine/ComputeTopology/Memory/SizeInMB".into(),
                     None,
