@@ -539,12 +539,19 @@ struct PlanCommon {
     /// for. The others are neither planned nor pruned.
     #[arg(long, value_name = "NAME")]
     only: Vec<VmName>,
-    /// Remove managed VMs that have no spec (never while any spec fails to load).
+    /// Remove managed VMs that have no spec (never while any spec fails to
+    /// load, never every VM of this host without --allow-empty).
     #[arg(long)]
     prune: bool,
-    /// With --prune: allow pruning when no spec loaded at all.
-    #[arg(long, requires = "prune")]
-    allow_empty_prune: bool,
+    /// With --prune: allow a prune that removes every VM of this host
+    /// (otherwise refused, exit 3: an empty or misspelt selection is more
+    /// likely a mistake than an intent).
+    #[arg(long, alias = "allow-empty-prune", requires = "prune")]
+    allow_empty: bool,
+    /// With --prune: refuse (exit 3) a prune that removes more than this
+    /// many VMs, or this share of this host's VMs (`25%`).
+    #[arg(long, value_name = "N|P%", requires = "prune")]
+    max_prune: Option<uvmctl::plan::prune::PruneLimit>,
     /// Exit 3 when any change is more disruptive than this.
     #[arg(long, value_enum, value_name = "CLASS")]
     max_disruption: Option<MaxDisruption>,
@@ -583,9 +590,17 @@ struct WatchArgs {
     #[arg(long)]
     detect_only: bool,
     /// Remove managed VMs whose spec is gone, once a second scan confirms it;
-    /// never while any spec fails to load, never when no spec is left.
+    /// never while any spec fails to load, never every VM of this host
+    /// without --allow-empty.
     #[arg(long)]
     prune: bool,
+    /// With --prune: allow a prune that removes every VM of this host.
+    #[arg(long, requires = "prune")]
+    allow_empty: bool,
+    /// With --prune: hold a prune that removes more than this many VMs, or
+    /// this share of this host's VMs (`25%`).
+    #[arg(long, value_name = "N|P%", requires = "prune")]
+    max_prune: Option<uvmctl::plan::prune::PruneLimit>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -727,7 +742,8 @@ impl Color {
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_CHANGES: u8 = 2;
-const EXIT_TOO_DISRUPTIVE: u8 = 3;
+/// A policy stop: above --max-disruption, a recreate not allowed, a prune refused.
+const EXIT_POLICY: u8 = 3;
 const EXIT_LOCKED: u8 = 4;
 const EXIT_STALE_PLAN: u8 = 5;
 
@@ -952,7 +968,10 @@ fn print_errors(loaded: &Loaded) {
 fn plan_options(common: &PlanCommon) -> PlanOptions {
     PlanOptions {
         prune: common.prune,
-        allow_empty_prune: common.allow_empty_prune,
+        guard: uvmctl::plan::prune::PruneGuard {
+            allow_empty: common.allow_empty,
+            max_prune: common.max_prune,
+        },
     }
 }
 
@@ -1047,6 +1066,13 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             return Ok(EXIT_ERROR);
         }
     }
+    if let Some(refused) = &planned.plan.prune_refused {
+        eprintln!("{refused}");
+        if let Some(out) = &args.out {
+            eprintln!("the plan was not saved to {}", out.display());
+        }
+        return Ok(EXIT_POLICY);
+    }
     if let (Some(out), Some(live)) = (&args.out, &live) {
         let dir = std::path::absolute(&dir)
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
@@ -1064,7 +1090,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
     }
     if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
-        return Ok(EXIT_TOO_DISRUPTIVE);
+        return Ok(EXIT_POLICY);
     }
     if args.detailed_exitcode && planned.plan.has_changes() {
         return Ok(EXIT_CHANGES);
@@ -1202,7 +1228,11 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     let mut dir = dir;
     if let Some(s) = &saved {
         // The plan's own options are what it was computed with.
-        if args.common.prune || args.common.allow_empty_prune || !args.common.only.is_empty() {
+        if args.common.prune
+            || args.common.allow_empty
+            || args.common.max_prune.is_some()
+            || !args.common.only.is_empty()
+        {
             bail!("a saved plan carries its own --only and --prune; give neither with it");
         }
         if args.placement.placement()?.is_some() {
@@ -1211,7 +1241,8 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
             );
         }
         args.common.prune = s.prune;
-        args.common.allow_empty_prune = s.allow_empty_prune;
+        args.common.allow_empty = s.allow_empty;
+        args.common.max_prune = s.max_prune;
         args.common.only = s
             .only
             .iter()
@@ -1272,6 +1303,10 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     ) {
         bail!("cannot show the plan ({e}); nothing was applied");
     }
+    if let Some(refused) = &planned.plan.prune_refused {
+        eprintln!("{refused}; nothing was applied");
+        return Ok(EXIT_POLICY);
+    }
     if !planned.plan.has_changes() {
         // A VM that could not be observed is not "no changes": 1, as plan.
         return Ok(if planned.unobserved() == 0 {
@@ -1284,7 +1319,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         eprintln!(
             "changes exceed --max-disruption {limit}: this plan needs {max}; nothing was applied"
         );
-        return Ok(EXIT_TOO_DISRUPTIVE);
+        return Ok(EXIT_POLICY);
     }
     // Every host path of every VM that will be built is checked before anything changes.
     let refused = planned.refused(vs.as_ref());
@@ -1571,6 +1606,10 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         max_disruption: args.max_disruption.into(),
         detect_only: args.detect_only,
         prune: args.prune,
+        prune_guard: uvmctl::plan::prune::PruneGuard {
+            allow_empty: args.allow_empty,
+            max_prune: args.max_prune,
+        },
         state_dir: Some(state_dir),
         lock_timeout: args.lock_timeout,
         reconcile_deadline: args.reconcile_deadline,

@@ -87,7 +87,8 @@ pub struct Planned {
 
 impl Planned {
     /// Plans `loaded` against `observed`; with `only`, for those VMs alone
-    /// (the others are neither planned nor counted as unobserved).
+    /// (the others are neither planned nor counted as unobserved). A prune
+    /// is judged against the whole host ([`plan::prune::guard`]).
     pub fn new(
         mut loaded: Loaded,
         mut observed: ObservedState,
@@ -95,13 +96,20 @@ impl Planned {
         opts: &PlanOptions,
         only: &[VmName],
     ) -> Self {
+        let host_vms = observed.vms.values().filter(|v| v.managed).count() + observed.unknown.len();
+        let selection = plan::prune::Selection {
+            here: loaded.desired.vms.len() + loaded.desired.unknown.len(),
+            elsewhere: loaded.desired.elsewhere.len(),
+            by: loaded.desired.placed_by.clone(),
+        };
         if !only.is_empty() {
             let only: BTreeSet<&str> = only.iter().map(VmName::as_str).collect();
             loaded.desired.vms.retain(|n, _| only.contains(n.as_str()));
             observed.vms.retain(|n, _| only.contains(n.as_str()));
             observed.unknown.retain(|n, _| only.contains(n.as_str()));
         }
-        let plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
+        let mut plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
+        plan::prune::guard(&mut plan, host_vms, &selection, &opts.guard);
         Planned {
             loaded,
             observed,

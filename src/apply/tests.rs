@@ -195,7 +195,7 @@ async fn a_vm_that_cannot_be_observed_is_unknown_and_the_others_are_planned() {
         fake.capabilities(),
         &PlanOptions {
             prune: true,
-            allow_empty_prune: false,
+            ..PlanOptions::default()
         },
     );
     let planned: Vec<&str> = p.vms.iter().map(|v| v.name.as_str()).collect();

@@ -3,6 +3,7 @@
 //! byte-identical plan.
 
 mod gate;
+pub mod prune;
 pub mod render;
 pub mod saved;
 
@@ -24,9 +25,9 @@ pub const PLAN_FORMAT_VERSION: u32 = 1;
 pub struct PlanOptions {
     /// Remove managed VMs that have no spec.
     pub prune: bool,
-    /// Prune even when no spec at all loaded (otherwise an empty or mistyped
-    /// directory would remove every VM).
-    pub allow_empty_prune: bool,
+    /// How much a prune may remove ([`prune::guard`], applied over the
+    /// whole host by `reconcile::Planned`).
+    pub guard: prune::PruneGuard,
 }
 
 /// One change to one resource of one VM.
@@ -147,6 +148,10 @@ pub struct Plan {
     pub notes: Vec<Note>,
     /// How many VMs already match their specs.
     pub unchanged: usize,
+    /// Why the prune this plan would have made was refused (its VMs are
+    /// among the notes): a policy stop for `plan` and `apply`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prune_refused: Option<prune::PruneRefusal>,
 }
 
 impl Plan {
@@ -193,8 +198,9 @@ pub fn observed_power(state: State) -> PowerState {
 ///
 /// # Guarantees
 /// - A VM whose spec failed to load gets no operation at all.
-/// - Nothing is pruned unless `opts.prune`, every spec file loaded, at least
-///   one spec loaded (or `opts.allow_empty_prune`), and the VM is not protected.
+/// - Nothing is pruned unless `opts.prune`, every spec file loaded, and the
+///   VM is not protected. How many may go at once is [`prune::guard`]'s
+///   decision, over the whole host.
 /// - VMs uvmctl did not create are never touched.
 /// - Applying the plan to the observed state yields the desired state.
 pub fn plan(
@@ -208,6 +214,7 @@ pub fn plan(
         vms: Vec::new(),
         notes: Vec::new(),
         unchanged: 0,
+        prune_refused: None,
     };
 
     for name in &desired.unknown {
@@ -255,10 +262,6 @@ pub fn plan(
         }
     }
 
-    // Specs that place every VM on other hosts did load: a host whose last
-    // VM moved away may prune it.
-    let nothing_loaded =
-        desired.vms.is_empty() && desired.unknown.is_empty() && desired.elsewhere.is_empty();
     for (name, have) in &observed.vms {
         if !have.managed || desired.vms.contains_key(name) || desired.unknown.contains(name) {
             continue;
@@ -286,11 +289,6 @@ pub fn plan(
                 format!(
                     "{no_spec}, but not pruned: {n} spec {files} failed to load and may define it"
                 ),
-            ));
-        } else if nothing_loaded && !opts.allow_empty_prune {
-            out.notes.push(note(
-                NoteKind::PruneBlocked,
-                "no spec, but not pruned: no spec loaded at all (use --allow-empty-prune if that is meant)".into(),
             ));
         } else if have.config.policy.protected {
             out.notes.push(note(

@@ -245,6 +245,8 @@ struct JsonPlan<'a> {
     vms: &'a [VmPlan],
     notes: &'a [super::Note],
     unchanged: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prune_refused: Option<&'a super::prune::PruneRefusal>,
     errors: &'a [SpecError],
 }
 
@@ -257,6 +259,7 @@ pub fn json(plan: &Plan, errors: &[SpecError]) -> String {
         vms: &plan.vms,
         notes: &plan.notes,
         unchanged: plan.unchanged,
+        prune_refused: plan.prune_refused.as_ref(),
         errors,
     };
     // Serializing plain data to a String cannot fail.

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The saved-plan format this build writes and reads.
-pub const SAVED_PLAN_VERSION: u32 = 1;
+pub const SAVED_PLAN_VERSION: u32 = 2;
 
 /// What the file says it is, so a plan JSON or a spec is never taken for one.
 const KIND: &str = "uvmctlSavedPlan";
@@ -45,8 +45,11 @@ pub struct SavedPlan {
     pub only: Vec<String>,
     /// `--prune`.
     pub prune: bool,
-    /// `--allow-empty-prune`.
-    pub allow_empty_prune: bool,
+    /// `--allow-empty`.
+    pub allow_empty: bool,
+    /// `--max-prune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prune: Option<super::prune::PruneLimit>,
     /// The virtstack's name.
     pub virtstack: String,
     /// sha256 of its capabilities.
@@ -149,7 +152,8 @@ impl SavedPlan {
             dir: dir.to_path_buf(),
             only: only.to_vec(),
             prune: opts.prune,
-            allow_empty_prune: opts.allow_empty_prune,
+            allow_empty: opts.guard.allow_empty,
+            max_prune: opts.guard.max_prune,
             virtstack: plan.virtstack.clone(),
             capabilities: digest_of(caps),
             vms: inputs(plan, desired, observed),
@@ -184,7 +188,10 @@ impl SavedPlan {
     pub fn options(&self) -> PlanOptions {
         PlanOptions {
             prune: self.prune,
-            allow_empty_prune: self.allow_empty_prune,
+            guard: super::prune::PruneGuard {
+                allow_empty: self.allow_empty,
+                max_prune: self.max_prune,
+            },
         }
     }
 

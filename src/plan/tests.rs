@@ -506,7 +506,7 @@ mod prune {
     fn opts(prune: bool) -> PlanOptions {
         PlanOptions {
             prune,
-            allow_empty_prune: false,
+            ..PlanOptions::default()
         }
     }
 
@@ -562,17 +562,29 @@ mod prune {
         assert_eq!(p.notes[0].kind, NoteKind::PruneBlocked);
     }
 
+    /// Issue 30: an empty selection emptied the host; the guard turns the
+    /// destroys into notes and keeps the refusal in the plan.
     #[test]
-    fn an_empty_spec_set_prunes_nothing_unless_explicitly_allowed() {
-        let p = plan(&DesiredState::default(), &host(), &qemu(), &opts(true));
+    fn a_prune_that_empties_the_host_is_refused_unless_explicitly_allowed() {
+        let mut p = plan(&DesiredState::default(), &host(), &qemu(), &opts(true));
+        assert_eq!(p.vms.len(), 2);
+        let selection = crate::plan::prune::Selection::default();
+        crate::plan::prune::guard(&mut p, 2, &selection, &Default::default());
         assert!(!p.has_changes());
         assert!(p.notes.iter().all(|n| n.kind == NoteKind::PruneBlocked));
-        let o = PlanOptions {
-            prune: true,
-            allow_empty_prune: true,
+        let refused = p.prune_refused.as_ref().expect("refused");
+        assert!(
+            refused.message.contains("the specs define no VM at all"),
+            "{refused}"
+        );
+        let mut p = plan(&DesiredState::default(), &host(), &qemu(), &opts(true));
+        let allow = crate::plan::prune::PruneGuard {
+            allow_empty: true,
+            max_prune: None,
         };
-        let p = plan(&DesiredState::default(), &host(), &qemu(), &o);
+        crate::plan::prune::guard(&mut p, 2, &selection, &allow);
         assert_eq!(p.vms.len(), 2);
+        assert_eq!(p.prune_refused, None);
     }
 
     #[test]
@@ -639,7 +651,7 @@ mod golden {
             &qemu(),
             &PlanOptions {
                 prune: true,
-                allow_empty_prune: false,
+                ..PlanOptions::default()
             },
         );
         (p, loaded, o)
@@ -818,7 +830,7 @@ pub(crate) mod properties {
             for (i, (c, state, managed)) in have {
                 o.vms.insert(format!("vm{i}"), ObservedVm { config: c, state, managed, exit_error: None, memory_hotplug: None });
             }
-            (d, o, caps, PlanOptions { prune, allow_empty_prune: false })
+            (d, o, caps, PlanOptions { prune, ..PlanOptions::default() })
         }
     }
 
@@ -984,6 +996,7 @@ pub(crate) mod properties {
         // there must be caught.
         let o = observed(&[("web", base("web"), State::Running)]);
         let bogus = Plan {
+            prune_refused: None,
             virtstack: "model".into(),
             vms: vec![VmPlan {
                 name: "web".into(),

@@ -940,6 +940,7 @@ pub(super) fn merge(
         desired.failed_files.insert(e.file.clone());
     }
     desired.unknown = unknown;
+    desired.placed_by = placement.map(|(_, p)| p.to_string());
     errors.sort();
     errors.dedup();
     Loaded { desired, errors }

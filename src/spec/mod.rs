@@ -60,6 +60,9 @@ pub struct DesiredState {
     /// Files that had any error. While this is not empty nothing is pruned,
     /// since a file that did not parse may have named any VM.
     pub failed_files: BTreeSet<PathBuf>,
+    /// The placement that chose this host's VMs (`selector host=web-01`),
+    /// when one did: named when a prune it would cause is refused.
+    pub placed_by: Option<String>,
 }
 
 #[cfg(test)]

@@ -124,6 +124,21 @@ pub struct Placement {
     pub path: Option<PathBuf>,
 }
 
+impl std::fmt::Display for Placement {
+    /// `selector host=web-01`, `path hosts/web-01`, or both.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let selector = self.selector.to_string();
+        let mut parts = Vec::new();
+        if !selector.is_empty() {
+            parts.push(format!("selector {selector}"));
+        }
+        if let Some(p) = &self.path {
+            parts.push(format!("placement path {}", p.display()));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 impl Placement {
     /// Whether the VM of `file` (as listed under `root`) with `labels` is
     /// this host's.

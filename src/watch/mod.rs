@@ -88,6 +88,9 @@ pub struct WatchOptions {
     pub detect_only: bool,
     /// Remove VMs whose spec is gone (with the safeguards above).
     pub prune: bool,
+    /// How much one prune may remove (`--allow-empty`, `--max-prune`): the
+    /// rule `plan` and `apply` apply too.
+    pub prune_guard: crate::plan::prune::PruneGuard,
     /// Where the lock and the status file live; `None`: neither (tests).
     pub state_dir: Option<PathBuf>,
     /// How long a reconcile waits for someone else's lock before it tries
@@ -395,10 +398,11 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     if let Some(d) = &job.desired {
         desired.vms.insert(done.vm.clone(), d.clone());
     }
+    // How many may be pruned is decided over the whole set
+    // (`consider_pruning`); this set is one VM.
     let opts = PlanOptions {
         prune: job.prune,
-        // The watcher checks the whole set is not empty; this set is one VM.
-        allow_empty_prune: true,
+        ..PlanOptions::default()
     };
     let the_plan = plan::plan(&desired, &observed, vs.capabilities(), &opts);
     let Some(vm_plan) = the_plan.vms.first() else {
@@ -539,6 +543,12 @@ struct Watcher {
     unknown: BTreeSet<String>,
     failed_files: BTreeSet<PathBuf>,
     spec_errors: Vec<String>,
+    /// How many valid specs place their VMs on other hosts.
+    elsewhere: usize,
+    /// The placement that chose this host's VMs, described.
+    placed_by: Option<String>,
+    /// The prune refused last, while it stays refused (said once).
+    prune_refused: Option<String>,
     /// VMs the virtstack has.
     known: BTreeSet<String>,
     /// VMs without a spec, by the scan that first missed them.
@@ -685,6 +695,8 @@ impl Watcher {
         self.prune.retain(|name| self.absent.contains_key(name));
         self.desired = next;
         self.failed_files = desired.failed_files;
+        self.elsewhere = desired.elsewhere.len();
+        self.placed_by = desired.placed_by;
         self.spec_errors = errors.iter().map(ToString::to_string).collect();
         if self.opts.prune {
             self.consider_pruning();
@@ -707,10 +719,38 @@ impl Watcher {
             tracing::warn!(vms = ?candidates, "not pruning while spec files fail to load");
             return;
         }
-        if self.desired.is_empty() && self.unknown.is_empty() {
-            tracing::warn!(vms = ?candidates, "no VM specs at all: nothing is pruned (an empty directory is more likely a mistake than an intent)");
+        // The rule plan and apply follow: never every VM of this host
+        // without --allow-empty, never more than --max-prune at once.
+        let removing: Vec<String> = candidates
+            .iter()
+            .chain(self.prune.iter())
+            .filter(|n| self.known.contains(*n))
+            .cloned()
+            .collect();
+        let selection = crate::plan::prune::Selection {
+            here: self.desired.len() + self.unknown.len(),
+            elsewhere: self.elsewhere,
+            by: self.placed_by.clone(),
+        };
+        if let Err(refused) = crate::plan::prune::check(
+            &removing,
+            self.known.len(),
+            &selection,
+            &self.opts.prune_guard,
+        ) {
+            if self.prune_refused.as_ref() != Some(&refused.message) {
+                tracing::warn!(vms = ?candidates, "{refused}");
+                self.prune_refused = Some(refused.message.clone());
+            }
+            for name in &candidates {
+                self.tracked(name).status.held = vec![
+                    "destroy: no spec names it (a prune)".into(),
+                    refused.message.clone(),
+                ];
+            }
             return;
         }
+        self.prune_refused = None;
         for name in candidates {
             if self.known.contains(&name) {
                 self.prune.insert(name.clone());
@@ -1227,6 +1267,9 @@ pub async fn run(
         unknown: BTreeSet::new(),
         failed_files: BTreeSet::new(),
         spec_errors: Vec::new(),
+        elsewhere: 0,
+        placed_by: None,
+        prune_refused: None,
         known,
         absent: BTreeMap::new(),
         prune: BTreeSet::new(),

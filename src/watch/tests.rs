@@ -63,6 +63,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
         max_disruption: Disruption::Live,
         detect_only: false,
         prune: false,
+        prune_guard: crate::plan::prune::PruneGuard::default(),
         state_dir: Some(state.to_path_buf()),
         lock_timeout: Duration::from_secs(5),
         reconcile_deadline: Duration::from_secs(5),

@@ -279,19 +279,151 @@ fn prune_needs_the_flag_and_an_unbroken_spec_set() {
         stdout(&out)
     );
 
-    // An empty spec directory never prunes by accident.
+    // An empty spec directory never prunes by accident: a policy stop.
     std::fs::remove_file(t.path("specs/web.yaml")).expect("rm");
-    let out = t.plan(&["--prune", "--detailed-exitcode"]);
-    assert_exit_code(&out, 0);
+    let out = t.plan(&["--prune", "--detailed-exitcode", "--color", "never"]);
+    assert_exit_code(&out, 3);
     assert!(
-        stdout(&out).contains("no spec loaded at all"),
+        stdout(&out).contains("! vm old: no spec, but not pruned: that would empty this host"),
         "{}",
         stdout(&out)
     );
+    assert!(
+        stderr(&out).contains("would remove all 2 VMs of this host (old, web), and the specs define no VM at all"),
+        "{}",
+        stderr(&out)
+    );
+    assert_exit_code(
+        &t.plan(&["--prune", "--allow-empty", "--detailed-exitcode"]),
+        2,
+    );
+    // The flag's earlier name still works.
     assert_exit_code(
         &t.plan(&["--prune", "--allow-empty-prune", "--detailed-exitcode"]),
         2,
     );
+}
+
+/// Issue 30: `apply DIR -l tier=dsn --prune --yes` (a misspelt selector)
+/// selected nothing and destroyed every VM, exiting 0; and `--for-host
+/// --prune` on a host whose name no label carries planned the same.
+#[test]
+fn a_selection_of_nothing_never_prunes_the_host() {
+    let t = TestContext::new();
+    for name in ["dns-1", "dns-2", "dns-3"] {
+        let labelled = vm(name, 64, "").replace(
+            &format!("  name: {name}\n"),
+            &format!("  name: {name}\n  labels:\n    tier: dns\n    host: web-01\n"),
+        );
+        t.write_spec(&format!("{name}.yaml"), &labelled);
+    }
+    let state = t.path("state");
+    let sim = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        t.uvmctl(&all)
+    };
+    let running = || -> usize {
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout(&sim(&["status", "--output", "json"]))).expect("json");
+        v.as_array().map_or(0, Vec::len)
+    };
+    assert_exit_code(&sim(&["apply", "specs", "-l", "tier=dns", "--yes"]), 0);
+    assert_eq!(running(), 3);
+
+    let out = sim(&["apply", "specs", "-l", "tier=dsn", "--prune", "--yes"]);
+    assert_exit_code(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "refusing to prune: it would remove all 3 VMs of this host (dns-1, dns-2, dns-3), \
+             and the specs select none of their 3 VM(s) for this host (selector tier=dsn)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("nothing was applied"), "{}", stderr(&out));
+    assert_eq!(running(), 3, "nothing destroyed");
+
+    // The README's fleet unit: --for-host on a host no label names.
+    let out = sim(&["plan", "specs", "--for-host", "web-09", "--prune"]);
+    assert_exit_code(&out, 3);
+    assert!(
+        stderr(&out).contains("(selector host=web-09)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sim(&["apply", "specs", "--for-host", "web-09", "--prune", "--yes"]);
+    assert_exit_code(&out, 3);
+    assert_eq!(running(), 3, "nothing destroyed");
+    // ... and as the README's unit runs it: a watcher holds the prune and
+    // says why, in its log and in status.
+    let log = t.path("watch.log");
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .current_dir(t.dir.path())
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .args(["watch", "specs", "--for-host", "web-09", "--prune"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("watch runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let held = loop {
+        let text = stdout(&sim(&["status"]));
+        if text.contains("refusing to prune") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held prune in status within 30 s: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    nix_kill(watcher.id(), "TERM");
+    let _ = watcher.wait();
+    assert!(held.contains("(selector host=web-09)"), "{held}");
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        logged.matches("refusing to prune").count(),
+        1,
+        "said once: {logged}"
+    );
+    assert_eq!(running(), 3, "nothing destroyed");
+
+    // A bound on how many go at once: 2 of 3 is over 1 and over 50%.
+    for gone in ["dns-2", "dns-3"] {
+        std::fs::remove_file(t.path(&format!("specs/{gone}.yaml"))).expect("rm");
+    }
+    for limit in ["1", "50%"] {
+        let out = sim(&["apply", "specs", "--prune", "--max-prune", limit, "--yes"]);
+        assert_exit_code(&out, 3);
+        assert!(
+            stderr(&out).contains(&format!(
+                "it would remove 2 of this host's 3 VMs (dns-2, dns-3), more than --max-prune {limit}"
+            )),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(running(), 3);
+    assert_exit_code(
+        &sim(&["apply", "specs", "--prune", "--max-prune", "70%", "--yes"]),
+        0,
+    );
+    assert_eq!(running(), 1);
+    // Emptying the host on purpose.
+    std::fs::remove_file(t.path("specs/dns-1.yaml")).expect("rm");
+    assert_exit_code(&sim(&["apply", "specs", "--prune", "--yes"]), 3);
+    assert_exit_code(
+        &sim(&["apply", "specs", "--prune", "--allow-empty", "--yes"]),
+        0,
+    );
+    assert_eq!(running(), 0);
 }
 
 #[test]
@@ -1272,7 +1404,15 @@ fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
         "{}",
         stdout(&out)
     );
-    assert_exit_code(&on("a", &["apply", "specs", "--yes", "--prune"]), 0);
+    // Its last VM leaving empties host a: said, and done only when meant.
+    let out = on("a", &["apply", "specs", "--yes", "--prune"]);
+    assert_exit_code(&out, 3);
+    assert!(stderr(&out).contains("--allow-empty"), "{}", stderr(&out));
+    assert_eq!(names("a"), ["web"]);
+    assert_exit_code(
+        &on("a", &["apply", "specs", "--yes", "--prune", "--allow-empty"]),
+        0,
+    );
     assert_exit_code(&on("b", &["apply", "specs", "--yes"]), 0);
     assert!(names("a").is_empty(), "{:?}", names("a"));
     assert_eq!(names("b"), ["db", "web"]);
