@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Layers depend only downward: `hostfs` (how host files are trusted,
-//! opened and created; names nothing else) and `vm` (the vocabulary, `VmConfig`, observed
+//! opened and created; names nothing else), `child` (what a started
+//! process inherits) and `vm` (the vocabulary, `VmConfig`, observed
 //! state, capabilities, the item model and the traits; no I/O) ← `spec` and
 //! `plan` (pure) ← `virtstack` (implementations) and `apply` (the executor,
 //! which knows virtstacks only through the trait) ← `reconcile` and
@@ -22,6 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod hostfs;
+
+pub mod child;
 
 pub mod config;
 
@@ -59,15 +62,16 @@ mod layering {
     /// Module → the crate modules its code may name (itself included).
     const ALLOWED: &[(&str, &[&str])] = &[
         ("hostfs", &["hostfs"]),
+        ("child", &["child"]),
         ("config", &["config"]),
         ("vm", &["vm"]),
         ("spec", &["vm", "spec"]),
-        ("source", &["hostfs", "vm", "spec", "source"]),
+        ("source", &["hostfs", "child", "vm", "spec", "source"]),
         ("protocol", &["vm", "spec", "protocol"]),
         ("plan", &["vm", "spec", "plan"]),
         (
             "virtstack",
-            &["hostfs", "vm", "spec", "protocol", "virtstack"],
+            &["hostfs", "child", "vm", "spec", "protocol", "virtstack"],
         ),
         ("apply", &["hostfs", "vm", "spec", "plan", "apply"]),
         ("reconcile", &["vm", "spec", "plan", "apply", "reconcile"]),

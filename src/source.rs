@@ -664,7 +664,9 @@ impl GitSource {
     }
 
     fn command(&self, git_dir: &Path) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("git");
+        // git and what it runs (ssh, a credential helper) inherit nothing
+        // of ours.
+        let mut cmd = crate::child::command("git", Vec::new());
         cmd.arg("--git-dir")
             .arg(git_dir)
             .args([

@@ -31,7 +31,8 @@ impl std::str::FromStr for PruneLimit {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: give a number of VMs (3) or a percentage of this host's (25%)");
+        let bad =
+            || format!("{s:?}: give a number of VMs (3) or a percentage of this host's (25%)");
         match s.strip_suffix('%') {
             Some(p) => match p.parse::<u8>() {
                 Ok(p) if p <= 100 => Ok(PruneLimit::Percent(p)),
@@ -231,9 +232,12 @@ mod tests {
             elsewhere: 3,
             by: Some("selector tier=dsn".into()),
         };
-        let e = check(&names(&["a", "b", "c"]), 3, &sel, &PruneGuard::default())
-            .expect_err("refused");
-        assert!(e.message.contains("all 3 VMs of this host (a, b, c)"), "{e}");
+        let e =
+            check(&names(&["a", "b", "c"]), 3, &sel, &PruneGuard::default()).expect_err("refused");
+        assert!(
+            e.message.contains("all 3 VMs of this host (a, b, c)"),
+            "{e}"
+        );
         assert!(
             e.message
                 .contains("select none of their 3 VM(s) for this host (selector tier=dsn)"),

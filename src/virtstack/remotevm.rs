@@ -63,7 +63,7 @@ impl Spawner for ProcessSpawner {
         // started it, and must not hold its caller's pipes open.
         let log = crate::hostfs::open_state_file(&socket.with_extension("log"), 0o600, true)
             .map_err(|e| format!("cannot create the server's log: {e}"))?;
-        let mut child = tokio::process::Command::new(&self.program)
+        let mut child = crate::child::command(&self.program, Vec::new())
             .args(&self.args)
             .arg("--ttrpc")
             .arg(socket)

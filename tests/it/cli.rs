@@ -289,7 +289,9 @@ fn prune_needs_the_flag_and_an_unbroken_spec_set() {
         stdout(&out)
     );
     assert!(
-        stderr(&out).contains("would remove all 2 VMs of this host (old, web), and the specs define no VM at all"),
+        stderr(&out).contains(
+            "would remove all 2 VMs of this host (old, web), and the specs define no VM at all"
+        ),
         "{}",
         stderr(&out)
     );
@@ -346,7 +348,11 @@ fn a_selection_of_nothing_never_prunes_the_host() {
         "{}",
         stderr(&out)
     );
-    assert!(stderr(&out).contains("nothing was applied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing was applied"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(running(), 3, "nothing destroyed");
 
     // The README's fleet unit: --for-host on a host no label names.
@@ -1410,7 +1416,10 @@ fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
     assert!(stderr(&out).contains("--allow-empty"), "{}", stderr(&out));
     assert_eq!(names("a"), ["web"]);
     assert_exit_code(
-        &on("a", &["apply", "specs", "--yes", "--prune", "--allow-empty"]),
+        &on(
+            "a",
+            &["apply", "specs", "--yes", "--prune", "--allow-empty"],
+        ),
         0,
     );
     assert_exit_code(&on("b", &["apply", "specs", "--yes"]), 0);

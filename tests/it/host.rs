@@ -164,22 +164,29 @@ impl Host {
     }
 }
 
+/// The vmservice servers (`uvmctl serve`) running for `h`'s state directory.
+pub(crate) fn serve_pids(h: &Host) -> Vec<i32> {
+    let state = h.path("state").display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains(" serve ") && cmdline.contains(&state)).then_some(pid)
+        })
+        .collect()
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         // Never leave a vmservice server behind (remotevm starts them in
         // process groups of their own).
-        let state = self.path("state").display().to_string();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-                    continue;
-                };
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if cmdline.contains(" serve ") && cmdline.contains(&state) {
-                    let pid = p.file_name().to_string_lossy().to_string();
-                    let _ = Command::new("kill").args(["-9", &pid]).status();
-                }
-            }
+        for pid in serve_pids(self) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         // Never leave a QEMU (or a vsock backend) behind, whatever the test did.
         if let Ok(entries) = std::fs::read_dir(self.path("state")) {
@@ -373,4 +380,109 @@ pub(crate) fn share_with_qemu(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(path, None, Some(qemu_user().1)).expect("chgrp");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// What a caller may leave open when it runs uvmctl (issue 30): a file only
+/// root may read as descriptor 9 and a `flock`ed lock file as descriptor
+/// 10, both without close-on-exec, as `uvmctl apply … 9</etc/shadow` and
+/// `flock -o`-less wrappers leave them.
+pub(crate) struct CallerFiles {
+    pub(crate) secret: PathBuf,
+    pub(crate) lock: PathBuf,
+    held: Option<std::fs::File>,
+}
+
+impl CallerFiles {
+    pub(crate) fn new(h: &Host) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let secret = h.path("caller-secret");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&secret)
+            .expect("secret");
+        f.write_all(b"root's secret\n").expect("write");
+        let lock = h.path("caller.lock");
+        let held = std::fs::File::create(&lock).expect("lock file");
+        // Locked on this open file description: it stays locked while any
+        // process holds a descriptor of it.
+        // SAFETY: flock on a descriptor this struct owns.
+        let locked = unsafe {
+            nix::libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&held),
+                nix::libc::LOCK_EX | nix::libc::LOCK_NB,
+            )
+        };
+        assert_eq!(locked, 0, "flock");
+        CallerFiles {
+            secret,
+            lock,
+            held: Some(held),
+        }
+    }
+
+    /// `cmd` started with the secret as descriptor 9 and the held lock as 10.
+    pub(crate) fn run(&self, mut cmd: Command) -> Output {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let secret = std::fs::File::open(&self.secret).expect("open secret");
+        let (s, l) = (
+            secret.as_raw_fd(),
+            self.held.as_ref().expect("held").as_raw_fd(),
+        );
+        // SAFETY: dup2 only, between fork and exec; dup2 leaves the new
+        // descriptors without close-on-exec, as a shell's redirection does.
+        unsafe {
+            cmd.pre_exec(move || {
+                if nix::libc::dup2(s, 9) == -1 || nix::libc::dup2(l, 10) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().expect("uvmctl runs")
+    }
+
+    /// Lets go of the test's own copy of the lock: from then on only a
+    /// process that inherited it still holds it.
+    pub(crate) fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Whether the lock can be taken now (no process holds it any more).
+    pub(crate) fn lock_is_free(&self) -> bool {
+        let f = std::fs::File::open(&self.lock).expect("open lock");
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+    }
+
+    /// Panics when process `pid` holds any descriptor of the caller's.
+    pub(crate) fn assert_not_held_by(&self, what: &str, pid: i32) {
+        let fds = descriptors_of(pid);
+        assert!(!fds.is_empty(), "{what} ({pid}) has descriptors to look at");
+        for (fd, target) in &fds {
+            assert!(
+                *target != self.secret && *target != self.lock,
+                "{what} ({pid}) holds the caller's {} as fd {fd}: {fds:?}",
+                target.display()
+            );
+        }
+    }
+}
+
+/// `(fd, what it points at)` of every descriptor of process `pid`.
+pub(crate) fn descriptors_of(pid: i32) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), target))
+        })
+        .collect();
+    out.sort();
+    out
 }

@@ -222,8 +222,25 @@ fn apply_with_the_remotevm_virtstack_drives_serve_over_real_qemu() {
     };
 
     h.write_spec("rv", &spec(&disk(0, &img0), ""));
-    let out = apply(&[]);
+    // Issue 30: the server apply starts, and the QEMU it starts, get
+    // nothing the caller left open.
+    let caller = crate::host::CallerFiles::new(&h);
+    let created = caller.run(h.command(&[
+        "apply",
+        specs,
+        "--yes",
+        "--color",
+        "never",
+        "--virtstack",
+        "remotevm",
+    ]));
+    assert!(created.status.success(), "{}", text(&created));
+    let out = text(&created);
     assert!(out.contains("vm rv will be created"), "{out}");
+    let server = crate::host::serve_pids(&h);
+    assert_eq!(server.len(), 1, "one server for rv: {server:?}");
+    caller.assert_not_held_by("rv's vmservice server", server[0]);
+    caller.assert_not_held_by("rv's QEMU", h.pid("rv").expect("qemu pid"));
     let mut agent = h.agent("rv");
     agent.wait_for("blocks", "the disk it was created with", |b| {
         has_block(b, 8 << 20, 1, 0)

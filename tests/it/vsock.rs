@@ -98,7 +98,20 @@ fn vsock_listeners_follow_the_spec_live_both_ways_through_save_restore_and_a_dea
     );
     h.write_spec("vs", &h.spec("vs", ""));
     h.write_spec("other", &h.spec("other", ""));
-    h.apply();
+    // Issue 30: what the caller left open (a root-only file, a flock)
+    // reaches neither QEMU nor the vsock backend, for the VM's whole life.
+    let mut caller = crate::host::CallerFiles::new(&h);
+    let specs = h.path("specs");
+    let out = caller.run(h.command(&["apply", specs.to_str().expect("utf-8"), "--yes"]));
+    assert_ok(&out);
+    for vm in ["vs", "other"] {
+        let qemu = h.pid(vm).expect("qemu pid");
+        caller.assert_not_held_by(&format!("{vm}'s QEMU"), qemu);
+        let backend = backend_pid(&h, vm).expect("backend pid");
+        caller.assert_not_held_by(&format!("{vm}'s vsock backend"), backend);
+    }
+    caller.release();
+    assert!(caller.lock_is_free(), "no VM holds the caller's lock");
     let mut agent = h.agent("vs");
     let mut other = h.agent("other");
 

@@ -22,8 +22,8 @@ pub struct Spawn<'a> {
     pub user: Option<&'a ServiceUser>,
     /// Lift the locked-memory limit first (pinned guest memory).
     pub memlock: bool,
-    /// Descriptors it inherits (everything else uvmctl opens is
-    /// close-on-exec).
+    /// Descriptors it inherits besides stdin, stdout and stderr: nothing
+    /// else, not even what uvmctl's own caller left open.
     pub inherit: Vec<RawFd>,
     /// Environment variables to set.
     pub env: &'a [(&'a str, &'a str)],
@@ -31,24 +31,7 @@ pub struct Spawn<'a> {
 
 /// Starts `s`; it outlives uvmctl (not killed on drop).
 pub fn spawn(s: Spawn<'_>) -> std::io::Result<tokio::process::Child> {
-    let mut command = tokio::process::Command::new(s.program);
-    let inherit = s.inherit;
-    if !inherit.is_empty() {
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls fcntl, which is async-signal-safe; it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                // Cleared in the child alone: the parent's copies stay
-                // close-on-exec.
-                for &fd in &inherit {
-                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
+    let mut command = crate::child::command(s.program, s.inherit);
     if let Some(user) = s.user {
         user.apply(&mut command, s.memlock);
     }
