@@ -47,6 +47,7 @@ fn qemu_caps() -> Capabilities {
         vhost_user_vsock: true,
         vfio: true,
         ovmf: true,
+        pin_memory_refused: None,
     })
 }
 

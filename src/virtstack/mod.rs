@@ -19,13 +19,15 @@ impl Capabilities {
     /// and `uvmctl capabilities`. remotevm's is what uvmctl's own `serve`
     /// over this host's QEMU offers, as the protocol can carry it.
     pub fn profile(name: &str) -> Option<Self> {
+        // As QEMU runs by default: as the service user when uvmctl is root.
+        let here = || {
+            let memlock = qemu::user::MemLock::probe(nix::unistd::geteuid().is_root());
+            Capabilities::qemu(&HostFacts::probe(&memlock))
+        };
         match name {
-            crate::vm::QEMU => Some(Capabilities::qemu(&HostFacts::probe())),
+            crate::vm::QEMU => Some(here()),
             remotevm::REMOTEVM => Some(remotevm::capabilities_from(
-                &crate::protocol::convert::capabilities(
-                    &Capabilities::qemu(&HostFacts::probe()),
-                    None,
-                ),
+                &crate::protocol::convert::capabilities(&here(), None),
             )),
             crate::vm::HCS => Some(Capabilities::hcs()),
             sim::SIM => Some(sim::capabilities()),
@@ -68,6 +70,7 @@ mod tests {
             vhost_user_vsock: false,
             vfio: true,
             ovmf: true,
+            pin_memory_refused: None,
         });
         assert!(!kernel_only.supported(VmSocket, Add));
         assert!(

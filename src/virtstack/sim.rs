@@ -61,6 +61,7 @@ pub fn capabilities() -> Capabilities {
         vhost_user_vsock: true,
         vfio: true,
         ovmf: true,
+        pin_memory_refused: None,
     });
     caps.virtstack = SIM.to_string();
     caps

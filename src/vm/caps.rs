@@ -425,8 +425,8 @@ impl Capabilities {
     }
 }
 
-/// Host devices that decide what QEMU can offer here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Host devices (and privileges) that decide what QEMU can offer here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostFacts {
     /// `/dev/vhost-vsock` exists.
     pub vhost_vsock: bool,
@@ -436,4 +436,7 @@ pub struct HostFacts {
     pub vfio: bool,
     /// The OVMF UEFI firmware is installed.
     pub ovmf: bool,
+    /// Why QEMU cannot pin guest memory here (`memory.backing: physical`),
+    /// if it cannot.
+    pub pin_memory_refused: Option<String>,
 }

@@ -15,6 +15,7 @@ fn caps() -> Capabilities {
         vhost_user_vsock: true,
         vfio: true,
         ovmf: true,
+        pin_memory_refused: None,
     })
 }
 

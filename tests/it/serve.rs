@@ -86,7 +86,7 @@ fn serve_started_as_hcsshim_starts_it_runs_a_vm_on_qemu_for_a_ttrpc_client() {
         // The capability matrix the client sees is the virtstack's.
         let caps = c.capabilities_vm(ctx(), &Empty::new()).await.expect("caps");
         let local = uvmctl::vmservice::capabilities(&uvmctl::vm::Capabilities::qemu(
-            &uvmctl::vm::HostFacts::probe(),
+            &uvmctl::vm::HostFacts::probe(&uvmctl::virtstack::qemu::user::MemLock::probe(true)),
         ));
         assert_eq!(caps, local);
 
@@ -298,4 +298,218 @@ fn apply_with_the_remotevm_virtstack_drives_serve_over_real_qemu() {
     let out = h.uvmctl(&["destroy", "rv", "--virtstack", "remotevm"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(h.state_of("rv"), "absent", "the served QEMU VM is gone too");
+}
+
+/// `capsh` runs `argv` with `drop` removed from the bounding set, so the
+/// uvmctl it starts (as root) lacks them, as in a container or a unit with
+/// a trimmed CapabilityBoundingSet; `memlock` lowers RLIMIT_MEMLOCK first.
+fn without_caps(drop: &str, memlock: Option<u64>, argv: &[&std::ffi::OsStr]) -> Command {
+    assert!(
+        Command::new("capsh").arg("--help").output().is_ok(),
+        "capsh missing: apt-get install libcap2-bin (scripts/test does)"
+    );
+    let mut cmd = Command::new("prlimit");
+    if let Some(bytes) = memlock {
+        cmd.arg(format!("--memlock={bytes}:{bytes}"));
+    }
+    cmd.arg("--")
+        .arg("capsh")
+        .arg(format!("--drop={drop}"))
+        .args(["--", "-c", "exec \"$@\"", "sh"])
+        .args(argv);
+    cmd
+}
+
+/// Locked memory of process `pid`, in KiB (`VmLck`).
+fn locked_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts `uvmctl serve --ttrpc SOCK --name NAME` through `wrap` and waits,
+/// as hcsshim does, for its standard output to close.
+fn serve_through(
+    h: &Host,
+    name: &str,
+    wrap: impl FnOnce(&[&std::ffi::OsStr]) -> Command,
+) -> (std::process::Child, std::path::PathBuf) {
+    let sock = h.path(&format!("img/{name}.sock"));
+    let bin = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_uvmctl"));
+    let state = h.path("state");
+    let img = h.path("img");
+    let argv: Vec<&std::ffi::OsStr> = vec![
+        bin,
+        "serve".as_ref(),
+        "--ttrpc".as_ref(),
+        sock.as_os_str(),
+        "--name".as_ref(),
+        name.as_ref(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--allow-root".as_ref(),
+        img.as_os_str(),
+        "--allow-root".as_ref(),
+        h.guest.as_os_str(),
+        "--accel".as_ref(),
+        "tcg".as_ref(),
+    ];
+    let mut child = wrap(&argv)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("uvmctl serve starts");
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("stdout closes");
+    (child, sock)
+}
+
+/// A CreateVMRequest as hcsshim's client sends it: memory not overcommitted
+/// (`allow_overcommit` false, the protocol's default), so pinned.
+fn pinned_create(h: &Host) -> pb::CreateVMRequest {
+    let mut boot = pb::DirectBoot::new();
+    boot.kernel_path = h.kernel().display().to_string();
+    boot.initrd_path = h.guest.join("initrd.img").display().to_string();
+    boot.kernel_cmdline = "console=ttyS0 panic=-1 quiet swiotlb=noforce".into();
+    let mut mem = pb::MemoryConfig::new();
+    mem.memory_mb = 256;
+    let mut cpu = pb::ProcessorConfig::new();
+    cpu.processor_count = 1;
+    let mut config = pb::VMConfig::new();
+    config.set_direct_boot(boot);
+    config.memory_config = Some(mem).into();
+    config.processor_config = Some(cpu).into();
+    let mut create = pb::CreateVMRequest::new();
+    create.config = Some(config).into();
+    create
+}
+
+/// Issue 30: where uvmctl lacks CAP_SYS_RESOURCE, raising QEMU's
+/// RLIMIT_MEMLOCK failed with EPERM at start, so every VM hcsshim's client
+/// created (pinned by default) failed at ResumeVM. QEMU now gets
+/// CAP_IPC_LOCK alone instead, through serve and through apply; a host
+/// that cannot pin at all is refused at plan time and at CreateVM.
+#[test]
+fn pinned_memory_starts_without_cap_sys_resource_or_is_refused_before_anything() {
+    let h = Host::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    // Through serve, as hcsshim's client drives it.
+    let (mut server, sock) = serve_through(&h, "pinned", |argv| {
+        without_caps("cap_sys_resource", None, argv)
+    });
+    rt.block_on(async {
+        let c = VmClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+                .await
+                .expect("connect"),
+        );
+        c.create_vm(ctx(), &pinned_create(&h))
+            .await
+            .expect("create");
+        c.resume_vm(ctx(), &Empty::new()).await.expect("start");
+    });
+    // And through apply, with a spec asking for it (a host of its own: the
+    // server holds its VM's QMP socket, which an apply would wait for).
+    let served = h;
+    let h = Host::new();
+    h.write_spec(
+        "applied",
+        &h.spec("applied", "").replace(
+            "    sizeMB: 256\n",
+            "    sizeMB: 256\n    backing: physical\n",
+        ),
+    );
+    let specs = h.path("specs");
+    let mut apply: Vec<&std::ffi::OsStr> = vec![env!("CARGO_BIN_EXE_uvmctl").as_ref()];
+    let state = h.path("state");
+    let img = h.path("img");
+    apply.extend::<[&std::ffi::OsStr; 11]>([
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--allow-root".as_ref(),
+        img.as_os_str(),
+        "--allow-root".as_ref(),
+        h.guest.as_os_str(),
+        "--accel".as_ref(),
+        "tcg".as_ref(),
+        "apply".as_ref(),
+        specs.as_os_str(),
+        "--yes".as_ref(),
+    ]);
+    let out = without_caps("cap_sys_resource", None, &apply)
+        .output()
+        .expect("apply runs");
+    assert!(out.status.success(), "{}", text(&out));
+    for (h, vm) in [(&served, "pinned"), (&h, "applied")] {
+        assert_eq!(h.agent(vm).cmd("ping"), ["pong"], "{vm} boots");
+        let pid = h.pid(vm).expect("qemu pid");
+        assert!(
+            locked_kib(pid) >= 256 << 10,
+            "{vm}'s guest memory is locked: {} KiB",
+            locked_kib(pid)
+        );
+    }
+    rt.block_on(async {
+        let c = VmClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+                .await
+                .expect("connect"),
+        );
+        c.teardown_vm(ctx(), &Empty::new()).await.expect("teardown");
+        let _ = c.quit(ctx(), &Empty::new()).await;
+    });
+    let _ = server.wait();
+
+    assert!(h.uvmctl(&["destroy", "applied"]).status.success());
+
+    // A host that truly cannot (no CAP_IPC_LOCK, an 8 MiB hard limit):
+    // plan says why, and CreateVM refuses with the reason, before anything.
+    let mut plan: Vec<&std::ffi::OsStr> = apply[..9].to_vec();
+    plan.extend::<[&std::ffi::OsStr; 4]>([
+        "plan".as_ref(),
+        specs.as_os_str(),
+        "--color".as_ref(),
+        "never".as_ref(),
+    ]);
+    let out = without_caps("cap_sys_resource,cap_ipc_lock", Some(8 << 20), &plan)
+        .output()
+        .expect("plan runs");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("+ memoryConfig: backing physical [unsupported] # this host cannot pin guest memory for QEMU")
+            && text(&out).contains("8192 KiB"),
+        "{}",
+        text(&out)
+    );
+    let (mut server, sock) = serve_through(&h, "refused", |argv| {
+        without_caps("cap_sys_resource,cap_ipc_lock", Some(8 << 20), argv)
+    });
+    rt.block_on(async {
+        let c = VmClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+                .await
+                .expect("connect"),
+        );
+        let e = c
+            .create_vm(ctx(), &pinned_create(&h))
+            .await
+            .expect_err("refused at CreateVM");
+        assert!(
+            format!("{e:?}").contains("cannot pin guest memory"),
+            "{e:?}"
+        );
+        assert_ne!(code(&e), ttrpc::Code::INTERNAL, "{e:?}");
+        let _ = c.quit(ctx(), &Empty::new()).await;
+    });
+    let _ = server.wait();
+    assert_eq!(h.state_of("refused"), "absent", "nothing was made");
 }

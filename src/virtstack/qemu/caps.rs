@@ -117,6 +117,10 @@ impl Capabilities {
             "QEMU saves a guest only with raw disks (its vhd1 and vhdx drivers cannot migrate)"
                 .into(),
         );
+        if let Some(why) = &host.pin_memory_refused {
+            c.cold_refused
+                .insert(ColdSetting::PhysicalMemory, why.clone());
+        }
         if !host.ovmf {
             c.cold_refused.insert(
                 ColdSetting::UefiBoot,
@@ -128,13 +132,15 @@ impl Capabilities {
 }
 
 impl HostFacts {
-    /// Looks at this host's device nodes and firmware.
-    pub fn probe() -> Self {
+    /// Looks at this host's device nodes, firmware and what uvmctl may
+    /// hand QEMU (`memlock`: how pinned memory would be locked).
+    pub fn probe(memlock: &super::user::MemLock) -> Self {
         HostFacts {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
             vhost_user_vsock: super::vsock::find_backend().is_some(),
             vfio: Path::new("/dev/vfio/vfio").exists(),
             ovmf: Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
+            pin_memory_refused: memlock.refusal().map(str::to_string),
         }
     }
 }

@@ -689,7 +689,9 @@ mod tests {
     fn caps() -> Capabilities {
         Capabilities::qemu(&HostFacts {
             vhost_user_vsock: false,
-            ..HostFacts::probe()
+            // Pinned memory is judged on its own (user::MemLock).
+            pin_memory_refused: None,
+            ..HostFacts::probe(&crate::virtstack::qemu::user::MemLock::Inherent)
         })
     }
 
@@ -1318,7 +1320,7 @@ mod tests {
                 running in any::<bool>(),
                 facts in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
             ) {
-                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2, vhost_user_vsock: facts.3 });
+                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2, vhost_user_vsock: facts.3, pin_memory_refused: None });
                 let mut observed = ObservedState::default();
                 if running {
                     observed.vms.insert("vm".into(), ObservedVm {

@@ -225,6 +225,8 @@ pub struct QemuOptions {
 pub struct Qemu {
     opts: QemuOptions,
     caps: Capabilities,
+    /// How a pinned guest's QEMU gets to lock its memory on this host.
+    memlock: user::MemLock,
     /// The vsock backend program, where installed.
     vsock_backend: Option<PathBuf>,
     /// One QMP connection per running VM: a `-qmp` socket serves one client
@@ -355,8 +357,10 @@ fn now_unix() -> u64 {
 impl Qemu {
     /// The virtstack with `opts`, its capabilities probed from this host.
     pub fn new(opts: QemuOptions) -> Self {
-        let facts = HostFacts::probe();
+        let memlock = user::MemLock::probe(opts.qemu_user.is_some());
+        let facts = HostFacts::probe(&memlock);
         Qemu {
+            memlock,
             caps: Capabilities::qemu(&facts),
             vsock_backend: vsock::find_backend().filter(|_| facts.vhost_user_vsock),
             records: opts.state_dir.records(),
@@ -1011,15 +1015,17 @@ impl Qemu {
         // (the directory is sticky).
         let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.console_socket(name));
-        // Pinned memory needs the locked-memory limit lifted, which only
-        // root may do, before the user changes.
+        // Pinned memory: QEMU locks all of itself, which needs CAP_IPC_LOCK
+        // or a limit as large (user::MemLock); the capabilities refused a
+        // host that has neither before anything started.
+        let pinned = cfg.memory.backing == crate::vm::MemoryBackingType::Physical;
         let child = process::spawn(process::Spawn {
             program: Path::new(launch::QEMU_BINARY),
             args: &argv,
             dir: &dir,
             log,
             user: self.opts.qemu_user.as_ref(),
-            memlock: cfg.memory.backing == crate::vm::MemoryBackingType::Physical,
+            memlock: pinned.then_some(&self.memlock),
             inherit: handover.fds.clone(),
             env: &[],
         });

@@ -4,7 +4,7 @@
 //! meant for uvmctl must not reach the VMs), the service user's identity,
 //! and exactly the descriptors it is handed.
 
-use super::user::ServiceUser;
+use super::user::{MemLock, ServiceUser};
 use std::os::fd::RawFd;
 use std::path::Path;
 
@@ -20,8 +20,8 @@ pub struct Spawn<'a> {
     pub log: std::fs::File,
     /// Who it runs as (`None`: as uvmctl).
     pub user: Option<&'a ServiceUser>,
-    /// Lift the locked-memory limit first (pinned guest memory).
-    pub memlock: bool,
+    /// How it gets to lock its memory, when it pins guest memory.
+    pub memlock: Option<&'a MemLock>,
     /// Descriptors it inherits besides stdin, stdout and stderr: nothing
     /// else, not even what uvmctl's own caller left open.
     pub inherit: Vec<RawFd>,
@@ -32,8 +32,20 @@ pub struct Spawn<'a> {
 /// Starts `s`; it outlives uvmctl (not killed on drop).
 pub fn spawn(s: Spawn<'_>) -> std::io::Result<tokio::process::Child> {
     let mut command = crate::child::command(s.program, s.inherit);
+    let ipc_lock = match s.memlock {
+        None | Some(MemLock::Inherent) => false,
+        Some(MemLock::Ambient) => true,
+        Some(MemLock::SoftLimit) => {
+            // SAFETY: the hook makes two system calls on a local struct.
+            unsafe {
+                command.pre_exec(super::user::raise_soft_memlock());
+            }
+            false
+        }
+        Some(MemLock::Refused(why)) => return Err(std::io::Error::other(why.clone())),
+    };
     if let Some(user) = s.user {
-        user.apply(&mut command, s.memlock);
+        user.apply(&mut command, ipc_lock);
     }
     command
         .args(s.args)

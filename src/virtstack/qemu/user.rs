@@ -78,34 +78,33 @@ impl ServiceUser {
     }
 
     /// Makes `cmd` run as this user: groups, then gid, then uid, in the
-    /// child before exec. `memlock`: lift the locked-memory limit first
-    /// (pinned guest memory), which only root may.
-    pub fn apply(&self, cmd: &mut tokio::process::Command, memlock: bool) {
+    /// child before exec. `ipc_lock`: keep `CAP_IPC_LOCK` across the change
+    /// and hand it to QEMU as an ambient capability (pinned guest memory,
+    /// [`MemLock::Ambient`]); no other capability survives.
+    pub fn apply(&self, cmd: &mut tokio::process::Command, ipc_lock: bool) {
         let (uid, gid) = (self.uid, self.gid);
         let groups: Vec<nix::libc::gid_t> = std::iter::once(gid)
             .chain(self.groups.iter().copied())
             .collect();
-        // SAFETY: runs in the child between fork and exec; setrlimit,
-        // setgroups, setgid and setuid are async-signal-safe, and the
+        // SAFETY: runs in the child between fork and exec; prctl, setgroups,
+        // setgid, setuid, capget and capset are system calls, and the
         // closure allocates nothing (the group list is made before).
         unsafe {
             cmd.pre_exec(move || {
                 use nix::libc;
                 let fail = || Err(std::io::Error::last_os_error());
-                if memlock {
-                    let lim = libc::rlimit {
-                        rlim_cur: libc::RLIM_INFINITY,
-                        rlim_max: libc::RLIM_INFINITY,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
-                        return fail();
-                    }
+                // Permitted capabilities survive the uid change only so.
+                if ipc_lock && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+                    return fail();
                 }
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0
                 {
                     return fail();
+                }
+                if ipc_lock {
+                    ambient_ipc_lock_only()?;
                 }
                 Ok(())
             });
@@ -144,6 +143,173 @@ impl ServiceUser {
         path.ancestors()
             .skip(1)
             .all(|dir| std::fs::metadata(dir).is_ok_and(|m| self.bits(&m) & 0o1 != 0))
+    }
+}
+
+/// `CAP_IPC_LOCK`'s number.
+const CAP_IPC_LOCK: u32 = 14;
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// In a child about to exec: keeps `CAP_IPC_LOCK` alone, permitted,
+/// inheritable and ambient, so the program it runs has it (and nothing
+/// else of uvmctl's). Only system calls; allocates nothing.
+///
+/// # Errors
+/// When the kernel refuses (uvmctl lacks the capability itself).
+fn ambient_ipc_lock_only() -> std::io::Result<()> {
+    use nix::libc;
+    let bit = 1u32 << CAP_IPC_LOCK;
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: bit,
+            permitted: bit,
+            inheritable: bit,
+        },
+        CapData::default(),
+    ];
+    // SAFETY: capset reads one header and two data words of the sizes the
+    // kernel expects for version 3; prctl takes plain integers.
+    unsafe {
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0
+            || libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE,
+                libc::c_ulong::from(CAP_IPC_LOCK),
+                0,
+                0,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How QEMU gets to lock a pinned guest's memory (`-overcommit
+/// mem-lock=on` locks the whole process with `mlockall`), decided once per
+/// host. Raising a hard limit needs `CAP_SYS_RESOURCE`, which containers
+/// and trimmed units lack (issue 30), so uvmctl never does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemLock {
+    /// QEMU has `CAP_IPC_LOCK` anyway (it runs as root, or uvmctl's ambient
+    /// set carries it): nothing to do.
+    Inherent,
+    /// QEMU, started as the service user, gets `CAP_IPC_LOCK` alone as an
+    /// ambient capability: uvmctl has it in its permitted set.
+    Ambient,
+    /// The soft `RLIMIT_MEMLOCK` is raised to the hard one, which is
+    /// unlimited: no privilege is needed.
+    SoftLimit,
+    /// This host cannot pin guest memory for QEMU: why.
+    Refused(String),
+}
+
+/// A capability set of this process from /proc/self/status (`CapPrm`...).
+fn own_capabilities(which: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(which)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+impl MemLock {
+    /// Looks at this process's capabilities and limits; `switch_user`:
+    /// QEMU runs as a service user, not as uvmctl.
+    pub fn probe(switch_user: bool) -> MemLock {
+        let has = |set: &str| own_capabilities(set) & (1 << CAP_IPC_LOCK) != 0;
+        let root = nix::unistd::geteuid().is_root();
+        let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+            .map(|(_, hard)| hard)
+            .ok();
+        Self::decide(
+            switch_user,
+            root,
+            has("CapPrm"),
+            has("CapBnd"),
+            has("CapAmb"),
+            hard,
+        )
+    }
+
+    /// [`MemLock::probe`]'s rule over what it read (`hard`: the hard
+    /// `RLIMIT_MEMLOCK` in bytes, `None` when unreadable).
+    pub fn decide(
+        switch_user: bool,
+        root: bool,
+        permitted: bool,
+        bounding: bool,
+        ambient: bool,
+        hard: Option<u64>,
+    ) -> MemLock {
+        if switch_user {
+            if permitted {
+                return MemLock::Ambient;
+            }
+        } else if (root && bounding) || ambient {
+            return MemLock::Inherent;
+        }
+        match hard {
+            Some(nix::libc::RLIM_INFINITY) => MemLock::SoftLimit,
+            hard => MemLock::Refused(format!(
+                "this host cannot pin guest memory for QEMU: uvmctl lacks CAP_IPC_LOCK to hand it, \
+                 and the locked-memory limit (RLIMIT_MEMLOCK) is {}, while QEMU locks its whole \
+                 process; give uvmctl CAP_IPC_LOCK (systemd: AmbientCapabilities=CAP_IPC_LOCK) or \
+                 an unlimited hard limit (LimitMEMLOCK=infinity), or use memory.backing: virtual",
+                hard.map_or_else(|| "unknown".to_string(), |b| format!("{} KiB", b / 1024))
+            )),
+        }
+    }
+
+    /// Why pinned memory is refused here, if it is.
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            MemLock::Refused(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
+/// The `pre_exec` hook raising the soft `RLIMIT_MEMLOCK` to the hard limit
+/// ([`MemLock::SoftLimit`]).
+pub fn raise_soft_memlock() -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    || {
+        use nix::libc;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit on a struct of this frame.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +352,61 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
             .expect("chmod");
         assert!(u.may_reach(&f));
+    }
+
+    /// Issue 30: a host without CAP_SYS_RESOURCE still pins memory through
+    /// CAP_IPC_LOCK or an unlimited hard limit, and says why when it cannot.
+    #[test]
+    fn pinned_memory_takes_what_needs_no_hard_limit_raised() {
+        let inf = Some(nix::libc::RLIM_INFINITY);
+        let small = Some(8 << 20);
+        assert_eq!(
+            MemLock::decide(true, true, true, true, false, small),
+            MemLock::Ambient
+        );
+        assert_eq!(
+            MemLock::decide(false, true, true, true, false, small),
+            MemLock::Inherent
+        );
+        assert_eq!(
+            MemLock::decide(false, false, false, false, true, small),
+            MemLock::Inherent
+        );
+        assert_eq!(
+            MemLock::decide(true, true, false, false, false, inf),
+            MemLock::SoftLimit
+        );
+        let refused = MemLock::decide(true, true, false, false, false, small);
+        let why = refused.refusal().expect("refused");
+        assert!(
+            why.contains("8192 KiB") && why.contains("CAP_IPC_LOCK"),
+            "{why}"
+        );
+    }
+
+    /// The ambient hand-over, tried for real where this process may (root
+    /// with CAP_IPC_LOCK): the child, as nobody, has CAP_IPC_LOCK and no
+    /// other capability.
+    #[tokio::test]
+    async fn the_service_user_gets_ipc_lock_alone() {
+        if MemLock::probe(true) != MemLock::Ambient {
+            // Not root here; the rule itself is tested above.
+            return;
+        }
+        let mut cmd = crate::child::command("grep", Vec::new());
+        cmd.args(["^Cap", "/proc/self/status"]);
+        nobody().apply(&mut cmd, true);
+        let out = cmd.output().await.expect("grep runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let set = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(set("CapEff:"), "0000000000004000", "{text}");
+        assert_eq!(set("CapPrm:"), "0000000000004000", "{text}");
+        assert_eq!(set("CapAmb:"), "0000000000004000", "{text}");
     }
 
     #[test]

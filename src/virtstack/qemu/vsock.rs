@@ -126,7 +126,7 @@ pub async fn spawn_backend(
         dir: &dir.vm_dir(name),
         log,
         user,
-        memlock: false,
+        memlock: None,
         inherit: Vec::new(),
         env: &[("RUST_LOG", "warn")],
     })
