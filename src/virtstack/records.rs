@@ -55,6 +55,15 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
+    /// The directory of the records cannot be listed: its VMs cannot be
+    /// seen, which is never "no VMs".
+    #[error("cannot read the state directory {}{}", dir.display(), unreadable_hint(source))]
+    Unlistable {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// The file is not a record (or a record that cannot be written).
     #[error("corrupt {what} {}: {reason}", path.display())]
     Corrupt {
@@ -65,6 +74,14 @@ pub enum RecordError {
         /// What the parser said.
         reason: String,
     },
+}
+
+fn unreadable_hint(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        " (its VMs are root's: run uvmctl as root, or give --state-dir a directory of your own)"
+    } else {
+        ""
+    }
 }
 
 /// What tells one version of a record file from another: a write replaces
@@ -198,6 +215,26 @@ impl<T: Serialize + DeserializeOwned + Clone> RecordStore<T> {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// The VMs that have a record, sorted; none when the directory was
+    /// never made.
+    ///
+    /// # Errors
+    /// [`RecordError::Unlistable`] when it exists but cannot be listed (a
+    /// user who may not read root's state): never taken for "no VMs".
+    pub fn listed(&self) -> Result<Vec<crate::vm::VmName>, RecordError> {
+        match self.names() {
+            Ok(names) => Ok(names
+                .iter()
+                .filter_map(|n| crate::vm::VmName::new(n).ok())
+                .collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(RecordError::Unlistable {
+                dir: self.root.clone(),
+                source,
+            }),
+        }
     }
 
     /// Whether `name` has a record (on disk, or waiting to be written).

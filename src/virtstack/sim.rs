@@ -194,14 +194,9 @@ impl Observe for Sim {
     }
 
     async fn list(&self) -> Result<Vec<VmName>> {
-        // A state directory not made yet has no VMs.
-        Ok(self
-            .records
-            .names()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|n| VmName::new(n).ok())
-            .collect())
+        self.records
+            .listed()
+            .map_err(|e| crate::vm::VmError::Backend(Box::new(e)))
     }
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm> {

@@ -432,6 +432,59 @@ fn a_selection_of_nothing_never_prunes_the_host() {
     assert_eq!(running(), 0);
 }
 
+/// Issue 30: as a user who cannot read root's state directory, `status`
+/// and `export` printed nothing and exited 0, and `plan` said a running VM
+/// would be created.
+#[test]
+fn a_user_who_cannot_read_the_state_directory_is_told_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestContext::new();
+    t.write_spec("demo.yaml", &vm("demo", 64, ""));
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    mode(t.dir.path(), 0o755);
+    // The state root as uvmctl makes it (root's, 0711), with a VM in it.
+    let state = t.path("state");
+    std::fs::create_dir_all(state.join("demo")).expect("mkdir");
+    std::fs::write(state.join("demo/launch.json"), "{}").expect("record");
+    mode(&state, 0o711);
+    mode(&state.join("demo"), 0o700);
+    for (args, virtstack) in [
+        (&["status"][..], "qemu"),
+        (&["export"][..], "qemu"),
+        (&["plan", "specs"][..], "qemu"),
+        (&["status"][..], "sim"),
+    ] {
+        if virtstack == "sim" {
+            std::fs::create_dir_all(state.join("sim")).expect("mkdir");
+            mode(&state.join("sim"), 0o700);
+        }
+        let out = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_uvmctl"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--virtstack", virtstack])
+            .args(args)
+            .current_dir(t.dir.path())
+            .output()
+            .expect("setpriv runs (util-linux)");
+        assert_exit_code(&out, 1);
+        assert!(
+            stderr(&out).contains("cannot read the state directory")
+                && stderr(&out).contains("run uvmctl as root, or give --state-dir"),
+            "{args:?} on {virtstack}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !stdout(&out).contains("will be created"),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
 #[test]
 fn a_bad_observed_file_is_an_error_naming_it() {
     let t = TestContext::new();

@@ -457,15 +457,10 @@ impl Observe for Hcs {
     }
 
     async fn list(&self) -> Result<Vec<VmName>> {
-        match self.records.names() {
-            Ok(names) => Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect()),
-            // Nothing applied here yet.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(VmError::backend(format!(
-                "cannot list the hcs records in {}: {e}",
-                self.records_dir.display()
-            ))),
-        }
+        // Nothing applied here yet is no VMs; unreadable is an error.
+        self.records
+            .listed()
+            .map_err(|e| VmError::Backend(Box::new(e)))
     }
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm> {

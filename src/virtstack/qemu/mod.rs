@@ -1725,10 +1725,10 @@ impl crate::vm::Observe for Qemu {
     async fn list(&self) -> Result<Vec<VmName>, VmError> {
         // Reading a directory is quick, but a state dir on a stalled mount is not.
         let records = self.records.clone();
-        let names = tokio::task::spawn_blocking(move || records.names().unwrap_or_default())
+        tokio::task::spawn_blocking(move || records.listed())
             .await
-            .map_err(|e| VmError::Backend(Box::new(e)))?;
-        Ok(names.iter().filter_map(|n| VmName::new(n).ok()).collect())
+            .map_err(|e| VmError::Backend(Box::new(e)))?
+            .map_err(|e| VmError::Backend(Box::new(e)))
     }
 
     async fn observe(&self, name: &VmName) -> Result<ObservedVm, VmError> {
