@@ -44,8 +44,9 @@ macro_rules! outln {
     name = "uvmctl",
     version,
     about = "Declarative manager for lightweight utility VMs",
-    after_help = "Exit codes: 0 success; 1 error; 2 changes pending (plan --detailed-exitcode); \
-3 a change is more disruptive than --max-disruption; 4 the state directory stayed locked \
+    after_help = "Exit codes: 0 success; 1 error (usage errors included); 2 changes pending \
+(plan --detailed-exitcode); 3 a policy stop (a change more disruptive than --max-disruption, \
+a recreate not allowed, a prune refused); 4 the state directory stayed locked \
 (--lock-timeout); 5 a saved plan is stale (apply FILE: what it was computed from changed)."
 )]
 struct Cli {
@@ -752,7 +753,15 @@ async fn main() -> ExitCode {
     // Whatever uvmctl (or a QEMU it starts) creates without an explicit
     // mode is root's alone, whatever umask the caller had.
     uvmctl::hostfs::private_umask();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version are answers (0); every usage error exits 1, as
+        // Terraform and Flux do: 2 means "changes pending" to CI.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { 0 });
+        }
+    };
     // What is still buffered goes out now, where its error can be seen.
     let ran = run(cli).await.and_then(|code| {
         Ok(std::io::stdout()
@@ -1275,13 +1284,21 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     let _lock = lock(root, args.lock_timeout, what).await?;
 
     let observed = reconcile::observe_all(vs.as_ref()).await?;
-    let planned = reconcile::Planned::new(
+    let planned = match reconcile::Planned::new(
         loaded,
         observed,
         vs.as_ref(),
         &plan_options(&args.common),
         &args.common.only,
-    );
+    ) {
+        Ok(p) => p,
+        // A VM the saved plan was made for is gone since: stale, not a typo.
+        Err(e) if saved.is_some() => {
+            eprintln!("{e}; the saved plan is stale and nothing was applied: plan again");
+            return Ok(EXIT_STALE_PLAN);
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(s) = &saved {
         let stale = s.stale(&saved_plan(&dir, &planned, vs.as_ref(), &args.common));
         if !stale.is_empty() {
@@ -1318,6 +1335,16 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
         eprintln!(
             "changes exceed --max-disruption {limit}: this plan needs {max}; nothing was applied"
+        );
+        return Ok(EXIT_POLICY);
+    }
+    let refused = planned.recreates_refused(args.allow_recreate);
+    if !refused.is_empty() {
+        eprintln!(
+            "{} must be recreated, which {} spec's policy.allowRecreate does not allow; \
+             give --allow-recreate to recreate anyway; nothing was applied",
+            refused.join(", "),
+            if refused.len() == 1 { "its" } else { "their" }
         );
         return Ok(EXIT_POLICY);
     }

@@ -73,6 +73,82 @@ pub async fn observe_all_within(
     Ok(out)
 }
 
+/// Why nothing could be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The virtstack cannot list its VMs.
+    #[error(transparent)]
+    List(#[from] VmError),
+    /// `--only` names a VM that neither the specs nor the host have.
+    #[error(transparent)]
+    UnknownOnly(#[from] UnknownOnly),
+}
+
+/// `--only` names that match no spec and no VM of the host: a typo would
+/// otherwise read as "No changes" (issue 30).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--only {}: no spec and no VM of this host has {}{}", names.join(", "), if names.len() == 1 { "that name" } else { "these names" }, suggestion(hints))]
+pub struct UnknownOnly {
+    /// The names given that match nothing.
+    pub names: Vec<String>,
+    /// For each, a close name that does exist.
+    pub hints: Vec<(String, String)>,
+}
+
+fn suggestion(hints: &[(String, String)]) -> String {
+    if hints.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = hints
+        .iter()
+        .map(|(given, close)| format!("{close} for {given}"))
+        .collect();
+    format!(" (did you mean {}?)", each.join(", "))
+}
+
+/// Checks that every name of `only` is a spec's (valid, broken or placed
+/// elsewhere) or a VM's of the host.
+///
+/// # Errors
+/// [`UnknownOnly`], with the closest existing name for each where one is
+/// close (Jaro–Winkler over 0.8, as cargo suggests commands).
+pub fn check_only(
+    only: &[VmName],
+    desired: &spec::DesiredState,
+    observed: &ObservedState,
+) -> Result<(), UnknownOnly> {
+    let known: BTreeSet<&str> = desired
+        .vms
+        .keys()
+        .chain(desired.unknown.iter())
+        .chain(desired.elsewhere.iter())
+        .chain(observed.vms.keys())
+        .chain(observed.unknown.keys())
+        .map(String::as_str)
+        .collect();
+    let names: Vec<String> = only
+        .iter()
+        .map(VmName::as_str)
+        .filter(|n| !known.contains(n))
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let hints = names
+        .iter()
+        .filter_map(|given| {
+            known
+                .iter()
+                .map(|k| (strsim::jaro_winkler(given, k), *k))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, k)| (given.clone(), k.to_string()))
+        })
+        .collect();
+    Err(UnknownOnly { names, hints })
+}
+
 /// A plan with what it was computed from: what `plan` shows and `apply`
 /// executes.
 #[derive(Debug)]
@@ -89,13 +165,17 @@ impl Planned {
     /// Plans `loaded` against `observed`; with `only`, for those VMs alone
     /// (the others are neither planned nor counted as unobserved). A prune
     /// is judged against the whole host ([`plan::prune::guard`]).
+    ///
+    /// # Errors
+    /// When `only` names a VM neither the specs nor the host have.
     pub fn new(
         mut loaded: Loaded,
         mut observed: ObservedState,
         vs: &dyn Observe,
         opts: &PlanOptions,
         only: &[VmName],
-    ) -> Self {
+    ) -> Result<Self, UnknownOnly> {
+        check_only(only, &loaded.desired, &observed)?;
         let host_vms = observed.vms.values().filter(|v| v.managed).count() + observed.unknown.len();
         let selection = plan::prune::Selection {
             here: loaded.desired.vms.len() + loaded.desired.unknown.len(),
@@ -110,11 +190,11 @@ impl Planned {
         }
         let mut plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
         plan::prune::guard(&mut plan, host_vms, &selection, &opts.guard);
-        Planned {
+        Ok(Planned {
             loaded,
             observed,
             plan,
-        }
+        })
     }
 
     /// `(limit, needed)` when the plan is more disruptive than `limit`.
@@ -122,6 +202,22 @@ impl Planned {
         let limit = limit?;
         let max = self.plan.summary().max_disruption?;
         (max > limit).then_some((limit, max))
+    }
+
+    /// The VMs the plan recreates that neither their spec's policy
+    /// (`policy.allowRecreate`) nor `allow_recreate` (`--allow-recreate`)
+    /// allows: a policy stop before anything runs, as the executor would
+    /// refuse each.
+    pub fn recreates_refused(&self, allow_recreate: bool) -> Vec<&str> {
+        if allow_recreate {
+            return Vec::new();
+        }
+        self.plan
+            .vms
+            .iter()
+            .filter(|v| v.recreate_allowed == Some(false))
+            .map(|v| v.name.as_str())
+            .collect()
     }
 
     /// The VMs the virtstack would refuse before anything changed (host
@@ -229,16 +325,42 @@ pub async fn plan_dir(
     vs: &dyn Observe,
     opts: &PlanOptions,
     only: &[VmName],
-) -> Result<Planned, VmError> {
+) -> Result<Planned, ReconcileError> {
     let loaded = load(dir, placement).await;
     let observed = observe_all(vs).await?;
-    Ok(Planned::new(loaded, observed, vs, opts, only))
+    Ok(Planned::new(loaded, observed, vs, opts, only)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::apply::ApplyError;
+
+    /// Issue 30: `plan --only dmeo --detailed-exitcode` printed "No changes"
+    /// and exited 0.
+    #[test]
+    fn only_naming_nothing_is_an_error_with_the_close_name() {
+        let mut desired = spec::DesiredState::default();
+        desired.unknown.insert("broken".into());
+        desired.elsewhere.insert("away".into());
+        let mut observed = ObservedState::default();
+        observed.unknown.insert("demo".into(), "hung".into());
+        let name = |n: &str| VmName::new(n).expect("name");
+        assert_eq!(
+            check_only(
+                &[name("demo"), name("broken"), name("away")],
+                &desired,
+                &observed
+            ),
+            Ok(())
+        );
+        let e = check_only(&[name("dmeo"), name("zzz")], &desired, &observed).expect_err("unknown");
+        assert_eq!(e.names, ["dmeo", "zzz"]);
+        assert_eq!(
+            e.to_string(),
+            "--only dmeo, zzz: no spec and no VM of this host has these names (did you mean demo for dmeo?)"
+        );
+    }
 
     /// Issue 20: a VM that failed part-way is counted among the changed,
     /// and says how far it got (it read `0 VM(s) changed` after a removal).

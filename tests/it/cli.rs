@@ -139,6 +139,66 @@ fn plan_exit_codes_follow_terraform() {
     ));
 }
 
+/// Issue 30: exit codes that lied to CI. A usage error exited 2, the code
+/// of "changes pending"; `--only` naming no VM printed "No changes" and
+/// exited 0; a recreate the policy does not allow was "1 failed", exit 1.
+#[test]
+fn exit_codes_never_lie_to_ci() {
+    let t = TestContext::new();
+    t.write_spec("demo.yaml", &vm("demo", 64, ""))
+        .write_host(&vm("demo", 64, ""));
+    let out = t.plan(&["--max-disrupton", "live"]);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("a similar argument exists: '--max-disruption'"),
+        "{}",
+        stderr(&out)
+    );
+    assert_exit_code(&t.uvmctl(&["plan", "--no-such-flag"]), 1);
+    assert_exit_code(&t.uvmctl(&["--help"]), 0);
+    assert_exit_code(&t.uvmctl(&["--version"]), 0);
+
+    let out = t.plan(&["--only", "dmeo", "--detailed-exitcode"]);
+    assert_exit_code(&out, 1);
+    assert_eq!(
+        stderr(&out),
+        "error: --only dmeo: no spec and no VM of this host has that name (did you mean demo for dmeo?)\n"
+    );
+    assert_exit_code(&t.plan(&["--only", "demo", "--detailed-exitcode"]), 0);
+
+    // A recreate the spec's policy does not allow: a policy stop (3),
+    // nothing applied, as --max-disruption stops.
+    let state = t.path("state");
+    let sim = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        t.uvmctl(&all)
+    };
+    assert_exit_code(&sim(&["apply", "specs", "--yes"]), 0);
+    t.write_spec(
+        "demo.yaml",
+        &vm("demo", 64, "").replace("/k/vmlinuz", "/k/other"),
+    );
+    let out = sim(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 3);
+    assert!(
+        stderr(&out).contains(
+            "demo must be recreated, which its spec's policy.allowRecreate does not allow; \
+             give --allow-recreate to recreate anyway; nothing was applied"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_exit_code(&sim(&["plan", "specs", "--detailed-exitcode"]), 2);
+    assert_exit_code(&sim(&["apply", "specs", "--yes", "--allow-recreate"]), 0);
+    assert_exit_code(&sim(&["plan", "specs", "--detailed-exitcode"]), 0);
+}
+
 #[test]
 fn max_disruption_exits_3_when_exceeded() {
     let t = TestContext::new();
@@ -656,7 +716,7 @@ fn vm_names_on_the_command_line_are_checked_before_any_path_is_built() {
         vec!["export", "..", "--state-dir", state],
     ] {
         let out = t.uvmctl(&args);
-        assert_exit_code(&out, 2);
+        assert_exit_code(&out, 1);
         assert!(stderr(&out).contains("invalid VM name"), "{}", stderr(&out));
     }
     assert!(!t.path("state").exists(), "nothing was created");
@@ -1480,7 +1540,7 @@ fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
     assert_eq!(names("b"), ["db", "web"]);
     // A bad selector is an error naming it.
     let out = t.uvmctl(&["plan", "specs", "--observed", "host", "--selector", "a b=c"]);
-    assert_exit_code(&out, 2);
+    assert_exit_code(&out, 1);
     assert!(
         stderr(&out).contains("selector \"a b=c\""),
         "{}",

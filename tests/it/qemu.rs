@@ -547,12 +547,14 @@ fn a_killed_qemu_is_reported_and_recreated_only_when_allowed() {
 
     let out = h.plan(&[]);
     assert!(text(&out).contains("must be recreated"), "{}", text(&out));
-    // Not allowed by the spec: apply refuses for this VM.
+    // Not allowed by the spec: a policy stop before anything runs.
     let specs = h.path("specs");
     let out = h.uvmctl(&["apply", specs.to_str().expect("utf-8"), "--yes"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
-        text(&out).contains("needs --allow-recreate or spec.policy.allowRecreate"),
+        text(&out).contains(
+            "crash must be recreated, which its spec's policy.allowRecreate does not allow"
+        ),
         "{}",
         text(&out)
     );
