@@ -65,12 +65,7 @@ pub async fn status(vs: &dyn Virtstack) -> Result<Vec<StatusRow>, VmError> {
             None
         };
         rows.push(StatusRow {
-            // The spec's word for a VM stopped as asked; `terminated` stays
-            // for one that exited on its own.
-            state: match vm.state {
-                crate::vm::State::Created => "stopped".into(),
-                s => s.to_string(),
-            },
+            state: vm.state.shown().into(),
             uptime_seconds: stats.and_then(|s| s.uptime_seconds),
             memory_mb: vm.config.memory.size_mb,
             vcpus: vm.config.processors.count,

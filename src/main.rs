@@ -1061,19 +1061,17 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         }
         return Ok(EXIT_ERROR);
     }
-    // On a live host, the checks apply makes before anything changes (host
-    // paths under trusted roots, image formats, listeners): a plan never
-    // promises what apply would refuse.
-    if let Some(live) = &live {
-        let refused = planned.refused(live.as_ref());
-        if !refused.is_empty() {
-            print_refused(&refused);
-            eprintln!(
-                "{} VM(s) would be refused by apply before anything changed",
-                refused.len()
-            );
-            return Ok(EXIT_ERROR);
-        }
+    // The checks apply makes before anything changes (images another VM
+    // has; on a live host also host paths under trusted roots, image
+    // formats, listeners): a plan never promises what apply would refuse.
+    let refused = planned.refused(live.as_deref());
+    if !refused.is_empty() {
+        print_refused(&refused);
+        eprintln!(
+            "{} VM(s) would be refused by apply before anything changed",
+            refused.len()
+        );
+        return Ok(EXIT_ERROR);
     }
     if let Some(refused) = &planned.plan.prune_refused {
         eprintln!("{refused}");
@@ -1349,7 +1347,7 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
         return Ok(EXIT_POLICY);
     }
     // Every host path of every VM that will be built is checked before anything changes.
-    let refused = planned.refused(vs.as_ref());
+    let refused = planned.refused(Some(vs.as_ref()));
     if !refused.is_empty() {
         print_refused(&refused);
         bail!("{} VM(s) refused; nothing was applied", refused.len());

@@ -220,10 +220,22 @@ impl Planned {
             .collect()
     }
 
-    /// The VMs the virtstack would refuse before anything changed (host
-    /// paths, image formats, cold settings): `(vm, why)`.
-    pub fn refused(&self, vs: &dyn Virtstack) -> Vec<(String, String)> {
-        apply::preflight(&self.plan, &self.loaded.desired, vs)
+    /// The VMs that would be refused before anything changed: an image
+    /// another VM of the host has (writable on either side), and, on a live
+    /// virtstack, what it refuses (host paths, image formats, cold
+    /// settings): `(vm, why)`, one per VM.
+    pub fn refused(&self, vs: Option<&dyn Virtstack>) -> Vec<(String, String)> {
+        let mut refused =
+            plan::images::held_by_others(&self.plan, &self.loaded.desired, &self.observed);
+        if let Some(vs) = vs {
+            for (vm, why) in apply::preflight(&self.plan, &self.loaded.desired, vs) {
+                if !refused.iter().any(|(v, _)| *v == vm) {
+                    refused.push((vm, why));
+                }
+            }
+        }
+        refused.sort();
+        refused
     }
 
     /// How many VMs could not be observed (and so were not planned).

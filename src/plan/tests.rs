@@ -77,7 +77,7 @@ fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
     o
 }
 
-fn qemu() -> Capabilities {
+pub(crate) fn qemu() -> Capabilities {
     Capabilities::qemu(&HostFacts::default())
 }
 

@@ -726,8 +726,7 @@ struct Site<'a> {
 enum Field {
     Name,
     Mac(usize),
-    ScsiDisk(usize, usize),
-    VpmemDevice(usize),
+    Image(crate::vm::config::ImageSite),
 }
 
 impl Site<'_> {
@@ -749,8 +748,7 @@ impl Field {
         match self {
             Field::Name => "metadata.name".into(),
             Field::Mac(i) => format!("spec.networkAdapters[{i}].macAddress"),
-            Field::ScsiDisk(i, j) => format!("spec.scsiControllers[{i}].disks[{j}].path"),
-            Field::VpmemDevice(i) => format!("spec.vpmem.devices[{i}].path"),
+            Field::Image(site) => site.field(),
         }
     }
 }
@@ -839,21 +837,11 @@ pub(super) fn merge(
             if !is_here {
                 continue;
             }
-            for (i, c) in vm.config.scsi_controllers.iter().enumerate() {
-                for (j, d) in c.disks.iter().enumerate() {
-                    by_disk
-                        .entry(d.path.as_os_str())
-                        .or_default()
-                        .push((site(Field::ScsiDisk(i, j)), d.read_only));
-                }
-            }
-            if let Some(p) = &vm.config.vpmem {
-                for (i, d) in p.devices.iter().enumerate() {
-                    by_disk
-                        .entry(d.path.as_os_str())
-                        .or_default()
-                        .push((site(Field::VpmemDevice(i)), d.read_only));
-                }
+            for image in vm.config.images() {
+                by_disk
+                    .entry(image.path.as_os_str())
+                    .or_default()
+                    .push((site(Field::Image(image.site)), image.read_only));
             }
         }
         unknown.extend(r.unknown.iter().cloned());

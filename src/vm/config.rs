@@ -628,7 +628,57 @@ pub struct WindowsOptions {
     pub cpu_group: Option<String>,
 }
 
+/// Where a spec names an image its VM attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSite {
+    /// `scsiControllers[i].disks[j]`.
+    ScsiDisk(usize, usize),
+    /// `vpmem.devices[i]`.
+    VpmemDevice(usize),
+}
+
+impl ImageSite {
+    /// The spec field of its path.
+    pub fn field(self) -> String {
+        match self {
+            ImageSite::ScsiDisk(i, j) => format!("spec.scsiControllers[{i}].disks[{j}].path"),
+            ImageSite::VpmemDevice(i) => format!("spec.vpmem.devices[{i}].path"),
+        }
+    }
+}
+
+/// An image a VM attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachedImage<'a> {
+    /// Where its spec names it.
+    pub site: ImageSite,
+    /// The host file.
+    pub path: &'a std::path::Path,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
 impl VmConfig {
+    /// Every image the VM attaches (SCSI disks, then VPMem devices), in
+    /// spec order: what "a writable image belongs to one VM" is about.
+    pub fn images(&self) -> impl Iterator<Item = AttachedImage<'_>> {
+        let scsi = self.scsi_controllers.iter().enumerate().flat_map(|(i, c)| {
+            c.disks.iter().enumerate().map(move |(j, d)| AttachedImage {
+                site: ImageSite::ScsiDisk(i, j),
+                path: &d.path,
+                read_only: d.read_only,
+            })
+        });
+        let vpmem = self.vpmem.iter().flat_map(|v| {
+            v.devices.iter().enumerate().map(|(i, d)| AttachedImage {
+                site: ImageSite::VpmemDevice(i),
+                path: &d.path,
+                read_only: d.read_only,
+            })
+        });
+        scsi.chain(vpmem)
+    }
+
     /// Equal in everything but the desired power state (lists compared in
     /// order, so a reordered list counts as different here).
     pub fn same_except_power(&self, other: &VmConfig) -> bool {

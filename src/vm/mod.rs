@@ -185,6 +185,15 @@ impl State {
         matches!(self, State::Running | State::Paused)
     }
 
+    /// The word `status` shows: the spec's `stopped` for a VM stopped as
+    /// asked; `terminated` stays for one that exited on its own.
+    pub fn shown(self) -> &'static str {
+        match self {
+            State::Created => "stopped",
+            s => s.as_str(),
+        }
+    }
+
     /// Lowercase name used in output.
     pub fn as_str(self) -> &'static str {
         match self {

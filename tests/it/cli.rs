@@ -199,6 +199,54 @@ fn exit_codes_never_lie_to_ci() {
     assert_exit_code(&sim(&["plan", "specs", "--detailed-exitcode"]), 0);
 }
 
+/// Issue 30: a copy of demo.yaml under another name passed validate and
+/// plan though it names the running demo's writable disk (only specs were
+/// compared); apply then failed at QEMU's lock and left a VM behind.
+#[test]
+fn an_image_another_vm_has_writable_is_refused_at_plan_time() {
+    let t = TestContext::new();
+    let disk = "  scsiControllers:\n    - id: 0\n      disks:\n        - {lun: 0, path: /var/lib/uvmctl/disks/demo.img, type: passthrough}\n";
+    t.write_spec("demo.yaml", &vm("demo", 64, disk));
+    let state = t.path("state");
+    let sim = |args: &[&str]| {
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        t.uvmctl(&all)
+    };
+    assert_exit_code(&sim(&["apply", "specs", "--yes"]), 0);
+    std::fs::create_dir_all(t.path("copies")).expect("mkdir");
+    std::fs::write(t.path("copies/copy.yaml"), vm("copy", 64, disk)).expect("write");
+    assert_exit_code(&t.uvmctl(&["validate", "copies"]), 0);
+    for args in [&["plan", "copies"][..], &["apply", "copies", "--yes"][..]] {
+        let out = sim(args);
+        assert_exit_code(&out, 1);
+        assert!(
+            stderr(&out).contains(
+                "copies/copy.yaml: spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (running) on this host; an image attached writable can belong to one VM only"
+            ),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&sim(&["status", "--output", "json"]))).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "nothing made: {v}");
+    // Against a recorded host too (plan --observed): the check is the plan's.
+    std::fs::write(t.path("host/host.yaml"), vm("demo", 64, disk)).expect("write");
+    let out = t.uvmctl(&["plan", "copies", "--observed", "host"]);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("by VM demo (running)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn max_disruption_exits_3_when_exceeded() {
     let t = TestContext::new();

@@ -1,0 +1,136 @@
+//! A writable image belongs to one VM of a host. The spec loader checks
+//! this among the specs; here it is checked against the VMs the host
+//! already has, running or not, whatever their specs say now (issue 30: a
+//! copy of a spec under another name passed `validate` and `plan`, and
+//! apply then failed with QEMU's raw `Failed to get "write" lock`). Pure:
+//! paths are compared as written (specs hold absolute paths, and an
+//! observed VM reports the paths its spec gave).
+
+use super::{Plan, VmAction};
+use crate::spec::DesiredState;
+use crate::vm::ObservedState;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// `(vm, why)` for each VM of `plan` that would attach an image another VM
+/// of the host has, where either side attaches it writable. Only images the
+/// VM does not have already count, so a conflict made before this check
+/// existed does not stop every later change of the VM.
+pub fn held_by_others(
+    plan: &Plan,
+    desired: &DesiredState,
+    observed: &ObservedState,
+) -> Vec<(String, String)> {
+    let mut refused = Vec::new();
+    for vm in plan.vms.iter().filter(|v| v.action != VmAction::Destroy) {
+        let Some(want) = desired.vms.get(&vm.name) else {
+            continue;
+        };
+        // A recreated VM reopens everything; an updated one only what it adds.
+        let has: BTreeSet<&Path> = match (vm.action, observed.vms.get(&vm.name)) {
+            (VmAction::Update, Some(o)) => o.config.images().map(|i| i.path).collect(),
+            _ => BTreeSet::new(),
+        };
+        let mut why = Vec::new();
+        for image in want.config.images().filter(|i| !has.contains(i.path)) {
+            for (other, o) in &observed.vms {
+                if *other == vm.name {
+                    continue;
+                }
+                let Some(theirs) = o.config.images().find(|i| i.path == image.path) else {
+                    continue;
+                };
+                if image.read_only && theirs.read_only {
+                    continue;
+                }
+                why.push(format!(
+                    "{}: {} is attached{} by VM {other} ({}) on this host; an image attached writable can belong to one VM only",
+                    image.site.field(),
+                    image.path.display(),
+                    if theirs.read_only { "" } else { " writable" },
+                    o.state.shown(),
+                ));
+            }
+        }
+        if !why.is_empty() {
+            refused.push((
+                vm.name.clone(),
+                format!("{}: {}", want.file.display(), why.join("; ")),
+            ));
+        }
+    }
+    refused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::{base, desired, qemu};
+    use crate::plan::{PlanOptions, plan};
+    use crate::spec::{ScsiController, ScsiDisk};
+    use crate::vm::ScsiDiskType;
+    use crate::vm::{ObservedVm, State};
+
+    fn with_disk(name: &str, path: &str, read_only: bool) -> crate::spec::VmConfig {
+        let mut c = base(name);
+        c.scsi_controllers = vec![ScsiController {
+            id: 0,
+            disks: vec![ScsiDisk {
+                lun: 0,
+                path: path.into(),
+                disk_type: ScsiDiskType::PassThrough,
+                read_only,
+            }],
+        }];
+        c
+    }
+
+    fn host(vms: &[(&str, crate::spec::VmConfig, State)]) -> ObservedState {
+        let mut o = ObservedState::default();
+        for (name, config, state) in vms {
+            o.vms.insert(
+                name.to_string(),
+                ObservedVm {
+                    config: config.clone(),
+                    state: *state,
+                    managed: true,
+                    exit_error: None,
+                    memory_hotplug: None,
+                },
+            );
+        }
+        o
+    }
+
+    /// Issue 30: a copy of demo.yaml named copy passed plan and failed at
+    /// QEMU's lock.
+    #[test]
+    fn an_image_another_vm_has_writable_is_refused_naming_both() {
+        let disk = "/var/lib/uvmctl/disks/demo.img";
+        let o = host(&[("demo", with_disk("demo", disk, false), State::Created)]);
+        let d = desired(&[
+            ("demo", with_disk("demo", disk, false)),
+            ("copy", with_disk("copy", disk, false)),
+        ]);
+        let p = plan(&d, &o, &qemu(), &PlanOptions::default());
+        let refused = held_by_others(&p, &d, &o);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, "copy");
+        assert!(
+            refused[0].1.ends_with(
+                "spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (stopped) on this host; an image attached writable can belong to one VM only"
+            ),
+            "{}",
+            refused[0].1
+        );
+        // Read-only on both sides: shared freely.
+        let o = host(&[("demo", with_disk("demo", disk, true), State::Running)]);
+        let d = desired(&[("copy", with_disk("copy", disk, true))]);
+        let p = plan(&d, &o, &qemu(), &PlanOptions::default());
+        assert!(held_by_others(&p, &d, &o).is_empty());
+        // Read-only here, writable there: refused too.
+        let o = host(&[("demo", with_disk("demo", disk, false), State::Running)]);
+        let p = plan(&d, &o, &qemu(), &PlanOptions::default());
+        assert_eq!(held_by_others(&p, &d, &o).len(), 1);
+    }
+}
