@@ -112,10 +112,20 @@ pub enum SourceError {
         after: Duration,
     },
     /// The mirror grew past its bound.
-    #[error("the repository is over {max} bytes; fetch stopped")]
+    #[error(
+        "the repository's mirror grew over {max} bytes (--git-max-mb); the fetch was stopped and nothing new is in force"
+    )]
     TooLarge {
         /// The bound.
         max: u64,
+    },
+    /// A revision's checkout would write more than the bound.
+    #[error("{revision}: its checkout would write {what}; not checked out")]
+    CheckoutTooLarge {
+        /// The revision.
+        revision: Revision,
+        /// How much, against which bound.
+        what: String,
     },
     /// The path is not a directory of the revision.
     #[error("{revision}: path {path:?} is not a directory in this revision")]
@@ -164,7 +174,7 @@ impl SourceError {
             SourceError::Git { .. } => "fetch",
             SourceError::NoSuchRef(_) => "no-such-ref",
             SourceError::Timeout { .. } => "timeout",
-            SourceError::TooLarge { .. } => "too-large",
+            SourceError::TooLarge { .. } | SourceError::CheckoutTooLarge { .. } => "too-large",
             SourceError::MissingPath { .. } => "missing-path",
             SourceError::Unverified { .. } => "unverified",
             SourceError::Rewritten { .. } => "rewritten",
@@ -367,6 +377,7 @@ impl GitSource {
         status: &mut SourceStatus,
         path_changed: bool,
     ) -> Result<Synced, SourceError> {
+        self.clean_leftovers();
         let mirror = self.mirror();
         if !mirror.join("HEAD").is_file() {
             let _ = std::fs::remove_dir_all(&mirror);
@@ -574,7 +585,7 @@ impl GitSource {
     async fn checkout(&self, revision: &Revision) -> Result<PathBuf, SourceError> {
         let dir = self.opts.cache.join(format!("rev-{}", revision.sha));
         if !dir.is_dir() {
-            // Checked out under another name and renamed when whole: a
+            // Written under another name and renamed when whole: a
             // checkout cut short (uvmctl killed) is never taken for one,
             // whose missing specs would read as VMs to prune.
             let partial = self
@@ -582,32 +593,44 @@ impl GitSource {
                 .cache
                 .join(format!(".rev-{}.partial", revision.sha));
             let _ = std::fs::remove_dir_all(&partial);
-            // What the checkout would write, inflated: a pack that passed
-            // the bound may still hold a blob that unpacks to gigabytes.
             let listing = self
-                .git(
-                    &["ls-tree", "-r", "-l", "--full-tree"],
+                .git_bytes(
+                    &["ls-tree", "-r", "-l", "-z", "--full-tree"],
                     &[std::ffi::OsStr::new(&revision.sha)],
                     "ls-tree",
                 )
                 .await?;
-            let inflated: u64 = listing
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
-                .sum();
-            if inflated > self.opts.max_bytes {
-                return Err(SourceError::TooLarge {
-                    max: self.opts.max_bytes,
+            let entries = tree_entries(&listing, revision)?;
+            // What the checkout would write, inflated: a pack that passed
+            // the bound may still hold a blob that unpacks to gigabytes.
+            let inflated: u64 = entries.iter().map(|e| e.size).sum();
+            let over = if inflated > self.opts.max_bytes {
+                Some(format!(
+                    "{inflated} bytes, over the bound of {} (--git-max-mb)",
+                    self.opts.max_bytes
+                ))
+            } else if entries.len() > MAX_CHECKOUT_ENTRIES {
+                Some(format!(
+                    "{} files, over the bound of {MAX_CHECKOUT_ENTRIES}",
+                    entries.len()
+                ))
+            } else {
+                None
+            };
+            if let Some(what) = over {
+                return Err(SourceError::CheckoutTooLarge {
+                    revision: revision.clone(),
+                    what,
                 });
             }
-            self.git(&["worktree", "prune"], &[], "worktree prune")
-                .await?;
-            self.git(
-                &["worktree", "add", "--quiet", "--detach", "--force"],
-                &[partial.as_os_str(), std::ffi::OsStr::new(&revision.sha)],
-                "worktree add",
-            )
-            .await?;
+            crate::hostfs::create_dirs(&partial, 0o700)
+                .map_err(io_err("cannot make the checkout directory"))?;
+            self.write_tree(&partial, &entries).await?;
+            // On a cache that outlives a power cut, the files are on disk
+            // before the name says the checkout is whole (tmpfs: nothing).
+            if let Ok(d) = std::fs::File::open(&partial) {
+                let _ = nix::unistd::syncfs(&d);
+            }
             std::fs::rename(&partial, &dir).map_err(io_err("cannot keep the checkout"))?;
         }
         let target = dir.join(&self.opts.path);
@@ -621,6 +644,83 @@ impl GitSource {
             return Err(missing());
         }
         Ok(target)
+    }
+
+    /// Writes `entries` under `root` (new and empty) from the objects
+    /// themselves (`git cat-file --batch`): what a file holds comes from
+    /// the repository alone. No filter, attribute, hook or configuration of
+    /// the host's or the repository's is read, so a `.gitattributes`
+    /// naming a filter the host defines (git-lfs's smudge fetches from a
+    /// URL the repository chooses) runs nothing (issue 30).
+    async fn write_tree(&self, root: &Path, entries: &[TreeEntry]) -> Result<(), SourceError> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let blobs: Vec<&TreeEntry> = entries.iter().filter(|e| e.is_blob()).collect();
+        let mut child = self
+            .command(&self.mirror())
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(io_err("cannot run git cat-file"))?;
+        let mut stdin = child.stdin.take().ok_or_else(|| SourceError::Io {
+            what: "git cat-file".into(),
+            source: io::Error::other("no stdin pipe"),
+        })?;
+        let stdout = child.stdout.take().ok_or_else(|| SourceError::Io {
+            what: "git cat-file".into(),
+            source: io::Error::other("no stdout pipe"),
+        })?;
+        // Asked for all at once while read as they come: git's output pipe
+        // never waits on a reader still writing.
+        let request: Vec<u8> = blobs
+            .iter()
+            .flat_map(|e| format!("{}\n", e.object).into_bytes())
+            .collect();
+        let asking = tokio::spawn(async move {
+            let _ = stdin.write_all(&request).await;
+        });
+        let mut out = tokio::io::BufReader::new(stdout);
+        let mut made: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        let writing = async {
+            let mut header = Vec::new();
+            for e in entries {
+                let target = root.join(&e.path);
+                make_parents(root, &target, &mut made)?;
+                if !e.is_blob() {
+                    // A submodule: an empty directory, as git leaves it.
+                    std::fs::create_dir(&target).map_err(io_err("cannot write the checkout"))?;
+                    made.insert(target);
+                    continue;
+                }
+                header.clear();
+                out.read_until(b'\n', &mut header)
+                    .await
+                    .map_err(io_err("git cat-file"))?;
+                let expected = format!("{} blob {}\n", e.object, e.size);
+                if header != expected.as_bytes() {
+                    return Err(SourceError::Git {
+                        what: "cat-file",
+                        stderr: bounded(&String::from_utf8_lossy(&header)),
+                    });
+                }
+                let mut body = vec![0u8; usize::try_from(e.size).unwrap_or(usize::MAX)];
+                out.read_exact(&mut body)
+                    .await
+                    .map_err(io_err("git cat-file"))?;
+                let mut newline = [0u8; 1];
+                out.read_exact(&mut newline)
+                    .await
+                    .map_err(io_err("git cat-file"))?;
+                write_entry(&target, e.mode, &body)?;
+            }
+            Ok::<(), SourceError>(())
+        };
+        let written = tokio::time::timeout(self.opts.fetch_timeout, writing).await;
+        asking.abort();
+        let _ = child.kill().await;
+        written.map_err(|_| SourceError::Timeout {
+            what: "checkout",
+            after: self.opts.fetch_timeout,
+        })?
     }
 
     /// Points `specs` at `target` with one rename.
@@ -658,9 +758,26 @@ impl GitSource {
         for (_, dir) in old {
             let _ = std::fs::remove_dir_all(&dir);
         }
-        let _ = self
-            .git(&["worktree", "prune"], &[], "worktree prune")
-            .await;
+    }
+
+    /// Removes what a sync cut short (uvmctl killed, a power cut) left in
+    /// the cache: a partial checkout, a link not yet swapped in, and the
+    /// worktree records of uvmctl versions that checked out with `git
+    /// worktree` (a killed one stayed locked: issue 30). Runs under the
+    /// cache's lock, so no sync in progress owns any of it.
+    fn clean_leftovers(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.opts.cache) {
+            for e in entries.filter_map(Result::ok) {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".rev-") && name.ends_with(".partial") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                } else if name.starts_with(".specs.") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.mirror().join("worktrees"));
     }
 
     fn command(&self, git_dir: &Path) -> tokio::process::Command {
@@ -696,11 +813,22 @@ impl GitSource {
         rest: &[&std::ffi::OsStr],
         what: &'static str,
     ) -> Result<String, SourceError> {
+        let out = self.git_bytes(args, rest, what).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// [`GitSource::git`], its stdout as bytes (paths need not be UTF-8).
+    async fn git_bytes(
+        &self,
+        args: &[&str],
+        rest: &[&std::ffi::OsStr],
+        what: &'static str,
+    ) -> Result<Vec<u8>, SourceError> {
         let mut cmd = self.command(&self.mirror());
         cmd.args(args).args(rest);
         let out = Self::finish(cmd, what).await?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok(out.stdout)
         } else {
             Err(SourceError::Git {
                 what,
@@ -708,6 +836,127 @@ impl GitSource {
             })
         }
     }
+}
+
+/// The most files (and links, and submodules) one revision's checkout may
+/// have: a tree of millions of empty files inflates to no bytes at all.
+pub const MAX_CHECKOUT_ENTRIES: usize = 200_000;
+
+/// One file of a revision, as `git ls-tree -r -l -z` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TreeEntry {
+    /// `100644`, `100755`, `120000` (a link) or `160000` (a submodule).
+    mode: u32,
+    /// The object's id.
+    object: String,
+    /// Its size (0 for a submodule).
+    size: u64,
+    /// Its path in the revision: relative, no `.`, `..` or empty part.
+    path: PathBuf,
+}
+
+impl TreeEntry {
+    fn is_blob(&self) -> bool {
+        self.mode != 0o160000
+    }
+}
+
+/// Parses `git ls-tree -r -l -z` output, refusing what could not be a
+/// checkout's own path.
+fn tree_entries(listing: &[u8], revision: &Revision) -> Result<Vec<TreeEntry>, SourceError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = |why: &str| SourceError::Git {
+        what: "ls-tree",
+        stderr: format!("{revision}: {why}"),
+    };
+    let mut out = Vec::new();
+    for record in listing.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+        let tab = record
+            .iter()
+            .position(|b| *b == b'\t')
+            .ok_or_else(|| bad("an entry without a path"))?;
+        let (meta, path) = (&record[..tab], &record[tab + 1..]);
+        let meta = String::from_utf8_lossy(meta);
+        let mut parts = meta.split_whitespace();
+        let (Some(mode), Some(kind), Some(object), Some(size)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("an entry git did not describe whole"));
+        };
+        let mode = u32::from_str_radix(mode, 8).map_err(|_| bad("an entry of no mode"))?;
+        let size = match (kind, mode) {
+            ("blob", 0o100644 | 0o100755 | 0o120000) => {
+                size.parse().map_err(|_| bad("a file of no size"))?
+            }
+            ("commit", 0o160000) => 0,
+            _ => {
+                return Err(bad(
+                    "an entry that is neither a file, a link nor a submodule",
+                ));
+            }
+        };
+        if !object.bytes().all(|b| b.is_ascii_hexdigit()) || object.len() < 40 {
+            return Err(bad("an entry of no object id"));
+        }
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        let plain = path
+            .components()
+            .all(|c| matches!(c, Component::Normal(n) if !n.is_empty()));
+        if !plain || path.as_os_str().is_empty() {
+            return Err(bad("a path that would leave the checkout"));
+        }
+        out.push(TreeEntry {
+            mode,
+            object: object.to_string(),
+            size,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Makes the directories between `root` and `target`, each new: one that
+/// is already there and not made here (a link a crafted tree put first) is
+/// refused, never followed.
+fn make_parents(
+    root: &Path,
+    target: &Path,
+    made: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), SourceError> {
+    let Some(parent) = target.parent() else {
+        return Ok(());
+    };
+    if parent == root || made.contains(parent) {
+        return Ok(());
+    }
+    make_parents(root, parent, made)?;
+    std::fs::create_dir(parent).map_err(io_err(format!(
+        "cannot write the checkout ({})",
+        parent.display()
+    )))?;
+    made.insert(parent.to_path_buf());
+    Ok(())
+}
+
+/// Writes one file or link of a checkout; never follows or replaces
+/// anything already there.
+fn write_entry(target: &Path, mode: u32, body: &[u8]) -> Result<(), SourceError> {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("cannot write the checkout ({})", target.display());
+    if mode == 0o120000 {
+        return std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(body), target)
+            .map_err(io_err(what()));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if mode == 0o100755 { 0o755 } else { 0o644 })
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(target)
+        .map_err(io_err(what()))?;
+    f.write_all(body).map_err(io_err(what()))
 }
 
 /// What `source.json` in a git cache says, if it says anything.
@@ -978,8 +1227,135 @@ mod tests {
             .sync()
             .await
             .expect_err("inflates");
-        assert!(matches!(e, SourceError::TooLarge { .. }), "{e}");
+        assert!(matches!(e, SourceError::CheckoutTooLarge { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("bytes, over the bound of 1048576 (--git-max-mb)"),
+            "names the revision and the bound: {e}"
+        );
         assert!(!cache.path().join("inflated/specs").exists());
+    }
+
+    /// Issue 30: a watcher killed while checking out (or a power cut) left
+    /// a partial checkout and, with `git worktree`, a locked worktree that
+    /// made every later fetch fail. Whatever a dead sync left is cleared.
+    #[tokio::test]
+    async fn what_a_killed_checkout_left_is_cleared_at_the_next_sync() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        let sha = origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        src.sync().await.expect("sync");
+        origin.write("specs/db.yaml", &vm("db"));
+        let next = origin.commit("db", &[]);
+        // What uvmctl killed mid-sync leaves: half a checkout of the next
+        // revision, a link not yet renamed, and an older uvmctl's locked
+        // worktree record of it.
+        let partial = cache.path().join(format!(".rev-{next}.partial"));
+        std::fs::create_dir_all(partial.join("specs")).expect("mkdir");
+        std::fs::write(partial.join("specs/db.yaml"), "apiVersion: [").expect("write");
+        std::os::unix::fs::symlink("nowhere", cache.path().join(".specs.4242")).expect("link");
+        let admin = cache
+            .path()
+            .join(format!("repo.git/worktrees/.rev-{next}.partial"));
+        std::fs::create_dir_all(&admin).expect("mkdir");
+        std::fs::write(admin.join("locked"), "initializing").expect("write");
+        std::fs::write(
+            admin.join("gitdir"),
+            partial.join(".git").display().to_string(),
+        )
+        .expect("write");
+        assert!(
+            matches!(src.sync().await.expect("converges"), Synced::Applied(r) if r.sha == next)
+        );
+        assert_eq!(names(&src.spec_dir()), ["db", "web"]);
+        let left: Vec<String> = std::fs::read_dir(cache.path())
+            .expect("cache")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(!cache.path().join("repo.git/worktrees").exists());
+        assert_ne!(sha, next);
+    }
+
+    /// Issue 30: a revision's `.gitattributes` naming a filter the host's
+    /// git defines ran that filter's smudge during checkout. The files are
+    /// the repository's bytes, and nothing the repository names runs.
+    #[tokio::test]
+    async fn a_filter_the_repository_names_never_runs() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        src.sync().await.expect("sync");
+        // The host's git defines the filter (git-lfs's smudge is the usual
+        // one); here in the mirror's own configuration, which git reads as
+        // it reads the system's and the user's.
+        let marker = cache.path().join("smudged");
+        let smudge = format!("sh -c 'touch {}; sed s/web/evil/'", marker.display());
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(cache.path().join("repo.git"))
+            .args(["config", "filter.evil.smudge", &smudge])
+            .output()
+            .expect("git config");
+        assert!(out.status.success());
+        Command::new("git")
+            .arg("--git-dir")
+            .arg(cache.path().join("repo.git"))
+            .args(["config", "filter.evil.required", "true"])
+            .output()
+            .expect("git config");
+        origin.write(".gitattributes", "*.yaml filter=evil\n");
+        origin.write("specs/db.yaml", &vm("db"));
+        std::os::unix::fs::symlink("web.yaml", origin.dir.path().join("specs/web.link"))
+            .expect("link");
+        origin.commit("filtered", &[]);
+        assert!(matches!(
+            src.sync().await.expect("sync"),
+            Synced::Applied(_)
+        ));
+        assert!(!marker.exists(), "the smudge filter ran");
+        assert_eq!(
+            std::fs::read_to_string(src.spec_dir().join("web.yaml")).expect("read"),
+            vm("web"),
+            "the repository's bytes"
+        );
+        assert_eq!(
+            std::fs::read_link(src.spec_dir().join("web.link")).expect("a link stays a link"),
+            Path::new("web.yaml")
+        );
+    }
+
+    #[test]
+    fn tree_paths_that_would_leave_the_checkout_are_refused() {
+        let rev = Revision {
+            reference: "main".into(),
+            sha: "0".repeat(40),
+        };
+        let oid = "a".repeat(40);
+        let entry = |mode: &str, kind: &str, path: &str| {
+            format!("{mode} {kind} {oid}      12\t{path}\0").into_bytes()
+        };
+        let ok = tree_entries(&entry("100644", "blob", "specs/web.yaml"), &rev).expect("ok");
+        assert_eq!(ok[0].size, 12);
+        assert_eq!(ok[0].path, Path::new("specs/web.yaml"));
+        for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "./a"] {
+            let e = tree_entries(&entry("100644", "blob", bad), &rev);
+            // `a//b` and `./a` normalize to plain paths in Rust's view; the
+            // others must be refused.
+            if bad == "a//b" || bad == "./a" {
+                continue;
+            }
+            assert!(e.is_err(), "{bad}");
+        }
+        assert!(tree_entries(&entry("040000", "tree", "d"), &rev).is_err());
+        let sub = format!("160000 commit {oid}       -\tmodule\0").into_bytes();
+        assert_eq!(tree_entries(&sub, &rev).expect("submodule")[0].size, 0);
     }
 
     #[tokio::test]

@@ -1503,6 +1503,120 @@ fn specs_from_git_are_planned_applied_and_followed() {
     let _ = watcher.wait();
 }
 
+/// Issue 30: a watcher SIGKILLed while checking out a revision (or a power
+/// cut) failed every later fetch (`… is a missing but locked worktree`)
+/// until a person cleaned the cache. Killed mid-checkout here, it converges
+/// once started again; and a `.gitattributes` filter the host's git
+/// configuration defines never runs.
+#[test]
+fn a_watcher_killed_mid_checkout_converges_after_its_restart() {
+    let t = TestContext::new();
+    let origin = t.path("origin");
+    let git = origin_repo(&origin);
+    // Twenty thousand files beside the spec: a checkout long enough to be
+    // killed in.
+    let junk = origin.join("junk");
+    std::fs::create_dir_all(&junk).expect("mkdir");
+    let fill = |round: u32| {
+        for i in 0..20_000 {
+            std::fs::write(junk.join(format!("f{i}.txt")), format!("{round} {i}\n"))
+                .expect("write");
+        }
+    };
+    fill(0);
+    std::fs::create_dir_all(origin.join("specs")).expect("mkdir");
+    std::fs::write(origin.join("specs/web.yaml"), vm("web", 64, "")).expect("write");
+    // The host's git defines a filter the repository names (as git-lfs's
+    // smudge is defined on many hosts).
+    let marker = t.path("smudged");
+    let host_config = t.path("gitconfig");
+    std::fs::write(
+        &host_config,
+        format!(
+            "[filter \"lfs\"]\n\tsmudge = sh -c 'touch {}; cat'\n\trequired = true\n",
+            marker.display()
+        ),
+    )
+    .expect("write");
+    std::fs::write(origin.join(".gitattributes"), "*.yaml filter=lfs\n").expect("write");
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "first"]);
+    let url = format!("file://{}", origin.display());
+    let state = t.path("state");
+    let cache = t.path("cache");
+    let watch = || {
+        Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .args([
+                "watch",
+                "--git",
+                &url,
+                "--git-path",
+                "specs",
+                "--git-interval",
+                "1s",
+                "--git-cache",
+            ])
+            .arg(&cache)
+            .env("GIT_CONFIG_GLOBAL", &host_config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("watch runs")
+    };
+    let partial = || {
+        std::fs::read_dir(&cache).ok().is_some_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        })
+    };
+    // Kill it mid-checkout: each round is a new revision to check out.
+    let mut killed = false;
+    let mut w = watch();
+    for round in 1..=5 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !partial() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if partial() {
+            nix_kill(w.id(), "KILL");
+            let _ = w.wait();
+            killed = true;
+            break;
+        }
+        fill(round);
+        git(&["commit", "-q", "-am", "next"]);
+    }
+    assert!(killed, "a checkout in progress was caught");
+    assert!(partial(), "the killed checkout is left behind");
+
+    let mut w = watch();
+    let status = || -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .args(["status", "--output", "json"])
+            .output()
+            .expect("status");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while status()[0]["state"] != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web running within 60 s of the restart: {}",
+            status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    nix_kill(w.id(), "TERM");
+    let _ = w.wait();
+    assert!(!partial(), "the restart cleared what the killed one left");
+    assert!(!marker.exists(), "the repository's filter never ran");
+}
+
 fn nix_kill(pid: u32, signal: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{signal}"))
