@@ -1582,13 +1582,16 @@ fn a_watcher_killed_mid_checkout_converges_after_its_restart() {
         }
         if partial() {
             nix_kill(w.id(), "KILL");
-            let _ = w.wait();
             killed = true;
             break;
         }
         fill(round);
         git(&["commit", "-q", "-am", "next"]);
     }
+    if !killed {
+        nix_kill(w.id(), "KILL");
+    }
+    let _ = w.wait();
     assert!(killed, "a checkout in progress was caught");
     assert!(partial(), "the killed checkout is left behind");
 
