@@ -32,6 +32,74 @@ pub struct StatusRow {
     pub watch: Option<VmWatch>,
 }
 
+/// Version of the `status --output json` document.
+pub const STATUS_FORMAT_VERSION: u32 = 1;
+
+/// `uvmctl status --output json` (docs/plan-json.md, "status"): every VM,
+/// what a watcher of this state directory says, and the git source it
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusDoc {
+    /// [`STATUS_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// One row a VM.
+    pub vms: Vec<StatusRow>,
+    /// The watcher, when one wrote its status here.
+    pub watch: Option<WatchSummary>,
+    /// The git source that watcher follows: the revision in force, the one
+    /// fetched last, the last error (spec errors, an unverified commit, a
+    /// force-push, the size bound...).
+    pub source: Option<crate::source::SourceStatus>,
+}
+
+/// The watcher's own part of [`StatusDoc`] (per VM it is in the rows).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchSummary {
+    /// Its process id.
+    pub pid: u32,
+    /// Whether it still runs (else this is what it last wrote).
+    pub running: bool,
+    /// The spec directory it follows.
+    pub dir: std::path::PathBuf,
+    /// When it started and last wrote (seconds since the Unix epoch).
+    pub started: u64,
+    /// When it last wrote its status.
+    pub updated: u64,
+    /// Spec errors of its last load.
+    pub spec_errors: Vec<String>,
+}
+
+impl StatusDoc {
+    /// The document of `rows` and what a watcher wrote (and whether it runs).
+    pub fn new(rows: Vec<StatusRow>, watch: Option<(&WatchStatus, bool)>) -> Self {
+        StatusDoc {
+            format_version: STATUS_FORMAT_VERSION,
+            vms: rows,
+            watch: watch.map(|(w, running)| WatchSummary {
+                pid: w.pid,
+                running,
+                dir: w.dir.clone(),
+                started: w.started,
+                updated: w.updated,
+                spec_errors: w.spec_errors.clone(),
+            }),
+            source: watch.and_then(|(w, _)| source_now(w)),
+        }
+    }
+}
+
+/// The source as its cache says now, else as the watcher last wrote it (a
+/// fetch alone does not rewrite the watcher's file).
+fn source_now(status: &WatchStatus) -> Option<crate::source::SourceStatus> {
+    status
+        .source_cache
+        .as_deref()
+        .and_then(crate::source::read_status)
+        .or_else(|| status.source.clone())
+}
+
 /// Every VM of the virtstack, one row each; a VM that cannot be observed is
 /// a row with state `unknown` and the reason, never a failure of the whole.
 ///
@@ -141,8 +209,14 @@ pub fn add_watch(rows: &mut Vec<StatusRow>, status: &WatchStatus, running: bool)
 }
 
 /// The watcher's part of `uvmctl status`: who watches, and per VM the last
-/// reconcile, held changes, backoff and spec errors.
-pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
+/// reconcile, held changes, backoff and spec errors. A watcher that stopped
+/// says nothing of VMs the host no longer has (`present`).
+pub fn watch_section(
+    status: &WatchStatus,
+    running: bool,
+    now: u64,
+    present: &dyn Fn(&str) -> bool,
+) -> String {
     use std::fmt::Write;
     let ago = |t: u64| format!("{}s ago", now.saturating_sub(t));
     let mut out = format!(
@@ -159,11 +233,7 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
         status.dir.display(),
         ago(status.updated)
     );
-    let now_source = status
-        .source_cache
-        .as_deref()
-        .and_then(crate::source::read_status);
-    if let Some(src) = now_source.as_ref().or(status.source.as_ref()) {
+    if let Some(src) = source_now(status).as_ref() {
         let _ = write!(
             out,
             "  source: {} {} (path {}): ",
@@ -193,7 +263,11 @@ pub fn watch_section(status: &WatchStatus, running: bool, now: u64) -> String {
             let _ = writeln!(out, "    source error (the revision in force stays): {e}");
         }
     }
-    for (name, w) in &status.vms {
+    for (name, w) in status
+        .vms
+        .iter()
+        .filter(|(name, _)| running || present(name))
+    {
         let _ = write!(
             out,
             "  {name}: {}",
@@ -294,18 +368,36 @@ mod tests {
             pid: 7,
             ..WatchStatus::default()
         };
-        let text = watch_section(&status, false, 0);
+        let text = watch_section(&status, false, 0, &|_| true);
         assert!(text.contains("pid 7 not running,"), "{text}");
         assert!(!text.contains("below"), "{text}");
         status.vms.insert("gone".into(), VmWatch::default());
-        let text = watch_section(&status, false, 0);
+        let text = watch_section(&status, false, 0, &|_| true);
         assert!(text.contains("below") && text.contains("gone"), "{text}");
+        // Issue 30: held changes of a VM destroyed since are not shown.
+        status.vms.insert(
+            "destroyed".into(),
+            VmWatch {
+                held: vec!["memory 256 → 512".into()],
+                ..VmWatch::default()
+            },
+        );
+        let text = watch_section(&status, false, 0, &|vm| vm != "destroyed");
+        assert!(
+            !text.contains("destroyed") && !text.contains("held"),
+            "{text}"
+        );
+        let text = watch_section(&status, true, 0, &|vm| vm != "destroyed");
+        assert!(
+            text.contains("destroyed"),
+            "a running watcher says it all: {text}"
+        );
 
         let mut rows = Vec::new();
         add_watch(&mut rows, &status, false);
         assert!(rows.is_empty());
         add_watch(&mut rows, &status, true);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].state, "absent");
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.state == "absent"));
     }
 }

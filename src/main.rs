@@ -1379,14 +1379,25 @@ async fn status(
         uvmctl::inspect::add_watch(&mut rows, w, *running);
     }
     match output {
-        Output::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
+        Output::Json => {
+            let doc = uvmctl::inspect::StatusDoc::new(rows, watch.as_ref().map(|(w, r)| (w, *r)));
+            outln!("{}", serde_json::to_string_pretty(&doc)?)?;
+        }
         Output::Text => {
-            out!("{}", uvmctl::inspect::status_table(&rows))?;
+            if rows.is_empty() {
+                outln!("No VMs on virtstack {}.", vs.name())?;
+            } else {
+                out!("{}", uvmctl::inspect::status_table(&rows))?;
+            }
             if let Some((w, running)) = &watch {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                out!("{}", uvmctl::inspect::watch_section(w, *running, now))?;
+                let present = |vm: &str| rows.iter().any(|r| r.name == vm);
+                out!(
+                    "{}",
+                    uvmctl::inspect::watch_section(w, *running, now, &present)
+                )?;
             }
         }
     }
@@ -1529,9 +1540,31 @@ fn log_refused(source: &uvmctl::source::GitSource, e: &uvmctl::source::SourceErr
     );
 }
 
+/// Says a refusal once: the same head refused for the same reason at every
+/// interval is logged at debug level after the first time (status and the
+/// metrics keep saying it).
+#[derive(Default)]
+struct RefusedLog {
+    last: Option<String>,
+}
+
+impl RefusedLog {
+    fn log(&mut self, source: &uvmctl::source::GitSource, e: &uvmctl::source::SourceError) {
+        let said = e.to_string();
+        if self.last.as_ref() == Some(&said) {
+            tracing::debug!(kind = e.kind(), "{said} (again)");
+            return;
+        }
+        log_refused(source, e);
+        self.last = Some(said);
+    }
+}
+
 async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
+    // notify's inotify backend says at info level what a swapped revision
+    // does to its watches, dozens of lines a swap: its warnings are enough.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -1576,45 +1609,60 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
+    // SIGHUP (a terminal gone, `systemctl reload`): reconcile now; with
+    // --git, fetch first and reconcile what that put in force.
+    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
     let fetch_now = Arc::new(tokio::sync::Notify::new());
     if let Some(source) = source.clone() {
         let fetch_now = fetch_now.clone();
+        let sig_tx = sig_tx.clone();
         let interval = args.git_interval.max(Duration::from_secs(1));
         tokio::spawn(async move {
+            use uvmctl::watch::Signal;
+            let mut refused = RefusedLog::default();
             loop {
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
-                    () = fetch_now.notified() => {}
-                }
+                let asked = tokio::select! {
+                    () = tokio::time::sleep(interval) => false,
+                    () = fetch_now.notified() => true,
+                };
                 match source.sync().await {
                     Ok(uvmctl::source::Synced::Applied(r)) => {
                         tracing::info!(url = %source.options().url, "revision in force: {r}");
+                        refused = RefusedLog::default();
+                        // The new revision now, not at the file watcher's
+                        // or the resync's leisure.
+                        let _ = sig_tx.send(Signal::Rescan);
                     }
                     Ok(uvmctl::source::Synced::Unchanged(_)) => {}
-                    Err(e) => log_refused(&source, &e),
+                    Err(e) => refused.log(&source, &e),
+                }
+                if asked && sig_tx.send(Signal::Reconcile).is_err() {
+                    return;
                 }
             }
         });
     }
-
-    // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
-    // SIGHUP (a terminal gone, `systemctl reload`): reconcile now.
-    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
     {
         use tokio::signal::unix::{SignalKind, signal};
         use uvmctl::watch::Signal;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let fetch_hup = fetch_now.clone();
+        let git = source.is_some();
+        let sig_tx = sig_tx.clone();
         tokio::spawn(async move {
             loop {
                 let got = tokio::select! {
                     _ = term.recv() => Signal::Stop,
                     _ = int.recv() => Signal::Stop,
                     _ = hup.recv() => {
-                        // With --git: fetch now too (`flux reconcile`).
-                        fetch_hup.notify_one();
+                        if git {
+                            // Fetched first (`flux reconcile`): the git
+                            // task asks for the reconcile once it synced.
+                            fetch_now.notify_one();
+                            continue;
+                        }
                         Signal::Reconcile
                     }
                 };

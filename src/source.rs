@@ -417,7 +417,7 @@ impl GitSource {
             });
         }
         self.swap(&target)?;
-        status.applied = Some(revision.clone());
+        let previous = status.applied.replace(revision.clone());
         // Said at once: a watcher's reconcile of the new specs reads it.
         status.last_error = None;
         status.last_error_kind = None;
@@ -430,7 +430,7 @@ impl GitSource {
             "update-ref",
         )
         .await?;
-        self.prune_checkouts(&revision).await;
+        self.prune_checkouts(&revision, previous.as_ref());
         Ok(Synced::Applied(revision))
     }
 
@@ -738,25 +738,26 @@ impl GitSource {
         std::fs::rename(&temp, &link).map_err(io_err("cannot swap the spec directory"))
     }
 
-    /// Keeps the checkout in force and the one before it; removes the rest.
-    async fn prune_checkouts(&self, keep: &Revision) {
+    /// Keeps the checkout in force and the one in force before it (a
+    /// reader may still be in it); removes the rest, refused revisions'
+    /// checkouts among them. Removing the one in force before would pull a
+    /// watched directory from under a watcher that has not yet seen the
+    /// swap (issue 30: after a refused revision, the newest other checkout
+    /// was the refused one, and the fix waited for the resync).
+    fn prune_checkouts(&self, keep: &Revision, previous: Option<&Revision>) {
         let Ok(entries) = std::fs::read_dir(&self.opts.cache) else {
             return;
         };
-        let mut old: Vec<(SystemTime, PathBuf)> = entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with("rev-") && n != format!("rev-{}", keep.sha))
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        let kept: Vec<String> = std::iter::once(keep)
+            .chain(previous)
+            .map(|r| format!("rev-{}", r.sha))
             .collect();
-        old.sort();
-        // The newest other one: the revision before.
-        old.pop();
-        for (_, dir) in old {
-            let _ = std::fs::remove_dir_all(&dir);
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("rev-") && !kept.iter().any(|k| *k == name) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 

@@ -1191,6 +1191,10 @@ pub enum Signal {
     /// SIGHUP: reconcile everything now (specs read again, every VM
     /// observed), as a resync does.
     Reconcile,
+    /// The spec directory was replaced whole (a git source put a new
+    /// revision in force): read it again now, without waiting for the file
+    /// watcher, whose directory may have gone with the old revision.
+    Rescan,
 }
 
 enum ReloadHow {
@@ -1365,6 +1369,13 @@ pub async fn run(
                         tracing::info!("SIGHUP: reconciling every VM now");
                         w.resync().await;
                     }
+                    continue;
+                }
+                if got == Some(Signal::Rescan) {
+                    if let Some(sw) = &mut spec_watcher {
+                        sw.rewatch(true);
+                    }
+                    w.reload(ReloadHow::Stamps).await;
                     continue;
                 }
                 if draining || got.is_none() {

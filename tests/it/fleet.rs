@@ -241,8 +241,9 @@ impl Fleet {
             .args(["status", "--output", "json"])
             .output()
             .expect("status runs");
-        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        rows.as_array()
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        doc["vms"]
+            .as_array()
             .into_iter()
             .flatten()
             .filter(|r| r["state"] == "running")
@@ -562,8 +563,8 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
                 .args(["status", "--output", "json"])
                 .output()
                 .ok()?;
-            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            rows.as_array()?.iter().find(|r| r["name"] == vm)?["memoryMb"].as_u64()
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            doc["vms"].as_array()?.iter().find(|r| r["name"] == vm)?["memoryMb"].as_u64()
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while memory_of("vm-0000") != Some(memory[0]) {

@@ -151,7 +151,8 @@ impl Host {
     pub(crate) fn status(&self) -> serde_json::Value {
         let out = self.uvmctl(&["status", "--output", "json"]);
         assert_ok(&out);
-        serde_json::from_slice(&out.stdout).expect("status json")
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        doc["vms"].clone()
     }
 
     pub(crate) fn state_of(&self, vm: &str) -> String {

@@ -273,7 +273,8 @@ fn apply_with_the_remotevm_virtstack_drives_serve_over_real_qemu() {
     );
     apply(&[]);
     let status = h.uvmctl(&["status", "--output", "json", "--virtstack", "remotevm"]);
-    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let rows = &doc["vms"];
     assert_eq!(rows[0]["state"], "paused", "{rows}");
     assert!(rows[0]["memoryMb"] == 256, "{rows}");
 

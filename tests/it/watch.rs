@@ -567,8 +567,8 @@ fn watch_reports_a_killed_qemu_at_once_and_backs_off_a_guest_that_panics_at_ever
         "{waits:?}"
     );
     let status = h.uvmctl(&["status", "--output", "json"]);
-    let rows: Value = serde_json::from_slice(&status.stdout).expect("json");
-    let row = rows
+    let doc: Value = serde_json::from_slice(&status.stdout).expect("json");
+    let row = doc["vms"]
         .as_array()
         .and_then(|r| r.iter().find(|r| r["name"] == "panicky"))
         .cloned()
