@@ -32,6 +32,23 @@ pub struct Serving {
     server: ttrpc::r#async::Server,
     path: PathBuf,
     quit: Arc<tokio::sync::Notify>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+/// How often a server looks whether its VM runs, to follow it.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows the VM's events for as long as the server runs: what the
+/// virtstack does for a followed VM (reconnecting a serial console whose
+/// listener came back, `virtstack::qemu::serial`) then happens for a VM
+/// served to hcsshim too, with no watcher.
+async fn follow(vs: Arc<dyn Virtstack>, name: VmName) {
+    loop {
+        if let Ok(Some(mut events)) = vs.events(&name).await {
+            while events.recv().await.is_some() {}
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
 }
 
 impl Serving {
@@ -58,6 +75,7 @@ impl Serving {
             }
             std::fs::remove_file(path).map_err(listen)?;
         }
+        let followed = (Arc::clone(&vs), name.clone());
         let service = VmService::new(vs, name);
         let quit = service.quit_signal();
         let listener = super::listen::bind(path).map_err(listen)?;
@@ -72,6 +90,7 @@ impl Serving {
             server,
             path: path.to_path_buf(),
             quit,
+            follower: tokio::spawn(follow(followed.0, followed.1)),
         })
     }
 
@@ -82,6 +101,7 @@ impl Serving {
 
     /// Stops serving and removes the socket.
     pub async fn shutdown(mut self) {
+        self.follower.abort();
         let _ = self.server.shutdown().await;
         let _ = std::fs::remove_file(&self.path);
     }

@@ -4,7 +4,7 @@
 
 use crate::host::{Host, has_block, text};
 use protobuf::well_known_types::empty::Empty;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use ttrpc::context;
@@ -513,4 +513,129 @@ fn pinned_memory_starts_without_cap_sys_resource_or_is_refused_before_anything()
     });
     let _ = server.wait();
     assert_eq!(h.state_of("refused"), "absent", "nothing was made");
+}
+
+/// Reads from `conn` until `needle` shows, within `within`.
+fn read_until(conn: &mut std::os::unix::net::UnixStream, needle: &str, within: Duration) -> String {
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("console read: {e}"),
+        }
+        if String::from_utf8_lossy(&seen).contains(needle) {
+            return String::from_utf8_lossy(&seen).into_owned();
+        }
+    }
+    panic!(
+        "{needle:?} not on the console within {within:?}: {}",
+        String::from_utf8_lossy(&seen)
+    );
+}
+
+/// Accepts one connection on `l` within `within`.
+fn accept_within(
+    l: &std::os::unix::net::UnixListener,
+    within: Duration,
+) -> std::os::unix::net::UnixStream {
+    l.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + within;
+    loop {
+        match l.accept() {
+            Ok((c, _)) => {
+                c.set_nonblocking(false).expect("blocking");
+                return c;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection within {within:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A listener as hcsshim's client makes one: root's, mode 0755 (the
+/// default umask), which QEMU's service user cannot connect to.
+fn root_listener(path: &std::path::Path) -> std::os::unix::net::UnixListener {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    l
+}
+
+/// Issue 30: hcsshim's own client could not create a VM with a serial
+/// console: its listener, made by root with the default umask, was refused
+/// at CreateVM because QEMU (as its service user) connected to it itself.
+/// uvmctl connects as root and hands QEMU the socket; when the listener
+/// goes away and comes back, the server connects it again.
+#[test]
+fn a_serial_listener_root_made_serves_hcsshims_flow_and_is_reconnected() {
+    let h = Host::new();
+    let com = h.path("img/com1.sock");
+    let l = root_listener(&com);
+    let (mut server, sock) = serve_through(&h, "consoled", |argv| {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..]);
+        c
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = rt.block_on(async {
+        VmClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+                .await
+                .expect("connect"),
+        )
+    });
+    let mut create = pinned_create(&h);
+    let config = create.config.as_mut().expect("config");
+    config.mut_direct_boot().kernel_cmdline =
+        "console=ttyS0 panic=-1 quiet swiotlb=noforce uvmctl.shell=1".into();
+    config
+        .memory_config
+        .as_mut()
+        .expect("memory")
+        .allow_overcommit = true;
+    let mut port = pb::serial_config::Config::new();
+    port.port = 0;
+    port.socket_path = com.display().to_string();
+    let mut serial = pb::SerialConfig::new();
+    serial.ports.push(port);
+    config.serial_config = Some(serial).into();
+    rt.block_on(async {
+        client.create_vm(ctx(), &create).await.expect("create");
+        client.resume_vm(ctx(), &Empty::new()).await.expect("start");
+    });
+    let mut conn = accept_within(&l, Duration::from_secs(20));
+    h.agent("consoled").cmd("ping");
+    conn.write_all(b"echo serial-$((6*7))\n").expect("write");
+    read_until(&mut conn, "serial-42", Duration::from_secs(30));
+
+    // The listener goes away and comes back: connected again.
+    drop(conn);
+    drop(l);
+    let l = root_listener(&com);
+    let mut conn = accept_within(&l, Duration::from_secs(20));
+    conn.write_all(b"echo again-$((6*7))\n").expect("write");
+    read_until(&mut conn, "again-42", Duration::from_secs(30));
+
+    rt.block_on(async {
+        client
+            .teardown_vm(ctx(), &Empty::new())
+            .await
+            .expect("teardown");
+        let _ = client.quit(ctx(), &Empty::new()).await;
+    });
+    let _ = server.wait();
 }

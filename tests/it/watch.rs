@@ -457,7 +457,7 @@ fn watch_converges_a_git_checkout_with_one_reconcile_per_vm_and_never_prunes_an_
         std::fs::remove_file(specs.join(format!("{vm}.yaml"))).expect("rm");
     }
     w.wait_after(mark, "the refusal to prune everything", STEP, |l| {
-        message(l).contains("nothing is pruned")
+        message(l).contains("refusing to prune: it would remove all 3 VMs of this host")
     });
     std::thread::sleep(Duration::from_secs(2));
     for (vm, pid) in vms.iter().zip(&pids) {

@@ -75,20 +75,24 @@ pub struct Resolved {
     pub console_log: Option<HostFile>,
     /// Tap devices by NIC id, opened at launch (never by a pre-flight:
     /// opening one makes the interface).
-    pub taps: std::collections::BTreeMap<String, Tap>,
+    pub taps: std::collections::BTreeMap<String, Opened>,
+    /// Connections to the serial listeners that accepted one, by port,
+    /// made at launch (never by a pre-flight: a listener sees a connect).
+    pub serial_conns: std::collections::BTreeMap<u32, Opened>,
 }
 
-/// An open tap device.
+/// A descriptor uvmctl opened at launch for QEMU to inherit: a tap device,
+/// a connection to a serial listener.
 #[derive(Debug, Clone)]
-pub struct Tap(pub std::sync::Arc<std::os::fd::OwnedFd>);
+pub struct Opened(pub std::sync::Arc<std::os::fd::OwnedFd>);
 
-impl PartialEq for Tap {
+impl PartialEq for Opened {
     fn eq(&self, other: &Self) -> bool {
         self.0.as_raw_fd() == other.0.as_raw_fd()
     }
 }
 
-impl Eq for Tap {}
+impl Eq for Opened {}
 
 /// An EFI path (`\EFI\app.efi` or `EFI/app.efi`) as a path relative to the
 /// boot directory.
@@ -224,9 +228,10 @@ pub fn resolve(
         r.shares.insert(s.name.clone(), p);
     }
     for (i, c) in cfg.serial_consoles.iter().enumerate() {
-        // QEMU (as root) connects the guest's serial port to this socket, and
-        // reconnects for the VM's life: it must be one under an allowed root,
-        // in a directory only root can change, never any socket of the host.
+        // uvmctl (as root) connects the guest's serial port to this socket,
+        // and reconnects for the VM's life (serial.rs): it must be one under
+        // an allowed root, in a directory only root can change, never any
+        // socket of the host.
         let field = format!("spec.serialConsoles[{i}].listenerPath");
         let p = roots.check_socket(&c.listener_path).map_err(hp(field))?;
         r.serials.insert(c.port, p);
@@ -314,20 +319,14 @@ pub fn check_access(
             ));
         }
     }
-    let listeners = cfg
-        .serial_consoles
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| {
-            res.serials
-                .get(&c.port)
-                .map(|p| (format!("spec.serialConsoles[{i}].listenerPath"), p))
-        })
-        .chain(cfg.vm_sockets.iter().enumerate().filter_map(|(i, v)| {
-            v.port
-                .and_then(|port| res.vsock_listeners.get(&port))
-                .map(|p| (format!("spec.vmSockets[{i}].listenerPath"), p))
-        }));
+    // Serial listeners are connected by uvmctl itself (serial.rs); the vsock
+    // backend connects to its listeners by path for each guest connection,
+    // so those must be connectable by the service user (docs/security.md).
+    let listeners = cfg.vm_sockets.iter().enumerate().filter_map(|(i, v)| {
+        v.port
+            .and_then(|port| res.vsock_listeners.get(&port))
+            .map(|p| (format!("spec.vmSockets[{i}].listenerPath"), p))
+    });
     for (field, path) in listeners {
         check_listener_access(user, path).map_err(|what| refuse(field, path, what))?;
     }
@@ -351,14 +350,9 @@ pub fn check_listener_access(
     }
 }
 
-/// Symlinks the launch needs inside the VM's state directory: (link, target).
-pub type Links = Vec<(PathBuf, PathBuf)>;
-
 /// What a launch hands QEMU besides its arguments.
 #[derive(Debug, Default)]
 pub struct Handover {
-    /// Symlinks to make in the VM's state directory first.
-    pub links: Links,
     /// Descriptors QEMU inherits (uvmctl's own numbers, which the argument
     /// vector names): the files of [`Resolved`].
     pub fds: Vec<RawFd>,
@@ -382,9 +376,7 @@ pub fn argv(
     dir: &StateDir,
     accel: Accel,
 ) -> (Vec<String>, Handover) {
-    let vm_dir = dir.vm_dir(name);
     let mut a: Vec<String> = Vec::new();
-    let mut links: Links = Vec::new();
     let mut fds: Vec<RawFd> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
 
@@ -505,8 +497,9 @@ pub fn argv(
         }
     }
 
-    // Serial consoles: COM1..COM4 in port order, `null` for gaps. QEMU
-    // connects (and reconnects) to the spec's listener through a symlink.
+    // Serial consoles: COM1..COM4 in port order, `null` for gaps. A spec's
+    // listener is connected by uvmctl and handed over (`fd=`); one that
+    // was not there yet is a `null` backend until it is (serial.rs).
     // COM1 is always there: without a listener of the spec's it is
     // uvmctl's console (a socket `uvmctl console` connects to), and what
     // the guest writes to it is appended to the console log either way.
@@ -530,19 +523,17 @@ pub fn argv(
     for port in 0..=last {
         let log = if port == 0 { log.as_deref() } else { None };
         match cfg.serial_consoles.iter().find(|s| s.port == port) {
-            Some(s) => {
-                let link = vm_dir.join(format!("console{port}.sock"));
-                let target = res.serials.get(&port).unwrap_or(&s.listener_path);
-                links.push((link.clone(), target.clone()));
-                push(&[
-                    "-chardev",
-                    &format!(
-                        "socket,id=serial{port},path={},reconnect=1{}",
-                        link.display(),
-                        log.unwrap_or_default()
-                    ),
-                ]);
-                push(&["-serial", &format!("chardev:serial{port}")]);
+            Some(_) => {
+                let id = super::serial::chardev_id(port);
+                let backend = match res.serial_conns.get(&port) {
+                    Some(conn) => {
+                        fds.push(conn.0.as_raw_fd());
+                        format!("socket,id={id},fd={}", conn.0.as_raw_fd())
+                    }
+                    None => format!("null,id={id}"),
+                };
+                push(&["-chardev", &format!("{backend}{}", log.unwrap_or_default())]);
+                push(&["-serial", &format!("chardev:{id}")]);
             }
             None if port == 0 => {
                 push(&[
@@ -672,7 +663,7 @@ pub fn argv(
     if res.vsock_device {
         a.extend(super::vsock::launch_args(dir, name));
     }
-    (a, Handover { links, fds })
+    (a, Handover { fds })
 }
 
 #[cfg(test)]
@@ -942,14 +933,14 @@ mod tests {
             (top["driver"].as_str(), top["throttle-group"].as_str()),
             (Some("throttle"), Some("qos"))
         );
-        // The serial listener is reached through a symlink in the state directory.
-        assert_eq!(
-            handover.links,
-            vec![(
-                PathBuf::from("/run/uvmctl-test/web/console1.sock"),
-                PathBuf::from("/run/l,x.sock")
-            )]
+        // A serial listener not connected at launch is a null backend until
+        // it accepts (serial.rs); no path of it reaches QEMU.
+        assert!(
+            after(&a, "-chardev").contains(&"null,id=serial1"),
+            "{:?}",
+            after(&a, "-chardev")
         );
+        let _ = &handover;
         // COM1 without a listener of the spec's is uvmctl's console.
         assert_eq!(
             after(&a, "-serial"),
@@ -1000,7 +991,13 @@ mod tests {
             listener_path: "/run/l.sock".into(),
         }];
         res.serials.insert(0, "/run/l.sock".into());
-        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        // Connected by uvmctl (issue 30: QEMU's user may not connect to a
+        // listener root made): the socket is handed over by number.
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let conn = Opened(std::sync::Arc::new(std::os::fd::OwnedFd::from(ours)));
+        let conn_fd = conn.0.as_raw_fd();
+        res.serial_conns.insert(0, conn);
+        let (a, handover) = argv("web", &c, &res, &dir, Accel::Tcg);
         let chardevs = after(&a, "-chardev");
         assert!(
             chardevs.iter().all(|c| !c.contains("console.sock")),
@@ -1008,10 +1005,11 @@ mod tests {
         );
         assert!(chardevs.contains(
             &format!(
-                "socket,id=serial0,path=/run/uvmctl-test/web/console0.sock,reconnect=1,logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
+                "socket,id=serial0,fd={conn_fd},logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
             )
             .as_str()
         ));
+        assert!(handover.fds.contains(&conn_fd));
     }
 
     #[test]

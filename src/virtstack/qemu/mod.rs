@@ -14,6 +14,7 @@ mod observe;
 pub mod ops;
 mod process;
 pub mod qmp;
+pub mod serial;
 pub mod state;
 pub mod tap;
 pub mod user;
@@ -692,6 +693,18 @@ impl Qemu {
             .filter(|_| vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name));
         let dir = self.opts.state_dir.clone();
         let vm = name.to_string();
+        // Serial listeners QEMU cannot reconnect to itself: looked at once
+        // a second too, and connected again when back (serial.rs).
+        let serials: Vec<(u32, PathBuf)> = rec
+            .config
+            .serial_consoles
+            .iter()
+            .map(|c| (c.port, c.listener_path.clone()))
+            .collect();
+        let roots = self.opts.roots.clone();
+        let resolve = move |p: &Path| roots.check_socket(p).ok();
+        let console_log = format!("/dev/fdset/{}", launch::CONSOLE_LOG_FDSET);
+        let serial_qmp = q.clone();
         let number = self
             .subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -723,8 +736,16 @@ impl Qemu {
                     // Nobody listens any more: let the socket go now, not
                     // at the next event (it serves one client at a time).
                     () = tx.closed() => return,
-                    _ = tick.tick(), if backend.is_some() => {
-                        if vsock::backend_alive(backend, &dir, &vm) {
+                    _ = tick.tick(), if backend.is_some() || !serials.is_empty() => {
+                        // A QMP failure here shows as the connection's end below.
+                        if let Ok(ports) =
+                            serial::reconnect(&serial_qmp, &serials, Some(&console_log), &resolve).await
+                        {
+                            for port in ports {
+                                tracing::info!(vm = %vm, "serial port {port}: connected to its listener");
+                            }
+                        }
+                        if backend.is_none() || vsock::backend_alive(backend, &dir, &vm) {
                             continue;
                         }
                         backend = None;
@@ -948,7 +969,23 @@ impl Qemu {
                 ),
             })?;
             res.taps
-                .insert(n.nic_id.clone(), launch::Tap(std::sync::Arc::new(tap)));
+                .insert(n.nic_id.clone(), launch::Opened(std::sync::Arc::new(tap)));
+        }
+        // Serial listeners are connected here, by root, and handed over; one
+        // not listening yet is connected once it is, by whoever follows the
+        // VM (serial.rs).
+        for (port, path) in &res.serials {
+            match serial::connect(path) {
+                Ok(conn) => {
+                    res.serial_conns
+                        .insert(*port, launch::Opened(std::sync::Arc::new(conn)));
+                }
+                Err(e) => tracing::info!(
+                    vm = name,
+                    "serial port {port}: {} does not accept now ({e}); connected once it does",
+                    path.display()
+                ),
+            }
         }
         // What the guest said during the launch before stays readable once
         // (`uvmctl logs --previous`).
@@ -968,17 +1005,6 @@ impl Qemu {
             // The saved state loads only into the same device layout.
             devices::place_devices(&mut argv, &s.placement);
             argv.extend(["-incoming".to_string(), "defer".to_string()]);
-        }
-        for (link, target) in &handover.links {
-            let _ = std::fs::remove_file(link);
-            std::os::unix::fs::symlink(target, link).map_err(|e| QemuError::Os {
-                vm: name.into(),
-                what: format!(
-                    "cannot link {} to {}: {e}",
-                    link.display(),
-                    target.display()
-                ),
-            })?;
         }
         self.forget_all(name).await;
         if res.shared_memory {
@@ -1772,8 +1798,8 @@ mod tests {
 mod layering {
     /// Bottom to top: what each may name is what comes before it.
     const ORDER: &[&str] = &[
-        "images", "qmp", "tap", "user", "state", "guest", "devices", "process", "ops", "vsock",
-        "launch", "caps", "observe", "hotplug",
+        "images", "qmp", "serial", "tap", "user", "state", "guest", "devices", "process", "ops",
+        "vsock", "launch", "caps", "observe", "hotplug",
     ];
 
     /// Sibling modules the non-test code of `text` names.
