@@ -280,41 +280,106 @@ pub(super) fn load_file(file: &SpecFile) -> FileResult {
     }
 }
 
-/// Just enough of a document to learn its VM's name when the whole does not load.
-#[derive(Deserialize)]
-struct NameOnly {
-    metadata: Option<NameOnlyMeta>,
-}
-#[derive(Deserialize)]
-struct NameOnlyMeta {
-    name: Option<String>,
-}
-
-/// Names of broken documents, read by a second pass over the file that
-/// only moves forward: however many documents are broken, the file is read
-/// at most once more. (Reading each from the start made a file of many broken
-/// documents quadratic.)
-struct Names<'a> {
+/// Broken documents read again as plain YAML trees, by a second pass over
+/// the file that only moves forward: however many documents are broken, the
+/// file is read at most once more. (Reading each from the start made a file
+/// of many broken documents quadratic.)
+struct Broken<'a> {
     docs: serde_yaml::Deserializer<'a>,
     /// Index of the document `docs` yields next.
     next: usize,
 }
 
-impl<'a> Names<'a> {
+impl<'a> Broken<'a> {
     fn new(text: &'a str) -> Self {
-        Names {
+        Broken {
             docs: serde_yaml::Deserializer::from_str(text),
             next: 0,
         }
     }
 
-    /// The VM name in document `doc`, if it can be read; `None` for a
+    /// Document `doc` as a YAML tree, if it reads as one; `None` for a
     /// document before the last one asked for.
-    fn of(&mut self, doc: usize) -> Option<String> {
+    fn tree(&mut self, doc: usize) -> Option<serde_yaml::Value> {
         let de = self.docs.nth(doc.checked_sub(self.next)?)?;
         self.next = doc + 1;
-        NameOnly::deserialize(de).ok()?.metadata?.name
+        // As in parse_str: serde_yaml's panic is the file's error, no more.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serde_yaml::Value::deserialize(de).ok()
+        }))
+        .ok()
+        .flatten()
     }
+}
+
+/// Every error of document `doc`, which serde refused with `e`: its whole
+/// shape (`shape`), then the per-field rules over what of it is sound; the
+/// VM it names, if it names one.
+fn document_errors(
+    doc: usize,
+    e: &serde_yaml::Error,
+    tree: Option<serde_yaml::Value>,
+) -> (Vec<Pending>, Option<String>) {
+    let Some(tree) = tree else {
+        return (vec![from_yaml_error(doc, e)], None);
+    };
+    let name = tree
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(serde_yaml::Value::as_str)
+        .map(str::to_string);
+    let shape = super::shape::check(&tree);
+    if shape.problems.is_empty() {
+        // Nothing the schema states: serde's own word (a duplicate key...).
+        return (vec![from_yaml_error(doc, e)], name);
+    }
+    let pending = |(field, message): Problem| Pending {
+        doc,
+        field,
+        message,
+        pos: None,
+        last: false,
+    };
+    // The fault serde stopped at keeps serde's position, which is the
+    // value's own (the walk names fields, which find their keys).
+    let serde = from_yaml_error(doc, e);
+    let last = |field: &str| {
+        field
+            .rsplit(['.', '['])
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut out: Vec<Pending> = shape
+        .problems
+        .into_iter()
+        .map(|(field, message)| {
+            let same = field == serde.field
+                || (field.starts_with(&serde.field)
+                    && serde.message.contains(&format!("`{}`", last(&field))));
+            Pending {
+                pos: if same { serde.pos } else { None },
+                ..pending((field, message))
+            }
+        })
+        .collect();
+    if let Ok(mut rest) = serde_yaml::from_value::<VmDocument>(shape.repaired) {
+        let under = |field: &str| {
+            shape.touched.iter().any(|t| {
+                field == t
+                    || field
+                        .strip_prefix(t.as_str())
+                        .is_some_and(|r| r.starts_with(['.', '[']))
+            })
+        };
+        out.extend(
+            validate_document(&mut rest)
+                .into_iter()
+                .filter(|(field, _)| !under(field))
+                .map(pending),
+        );
+    }
+    (out, name)
 }
 
 /// Deepest flow nesting (`[`, `{`) accepted. Real specs nest a few levels;
@@ -436,7 +501,7 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         r.text = text;
         return r;
     }
-    let mut names = None;
+    let mut broken = None;
     // A document's error, held until the next document shows whether it was
     // the document's own or the whole file's.
     let mut held: Option<(usize, serde_yaml::Error)> = None;
@@ -471,9 +536,10 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
                 r.file_errors.push(too_many());
                 break;
             }
-            r.pending.push(from_yaml_error(j, &e));
-            let names = names.get_or_insert_with(|| Names::new(&text));
-            r.unknown.extend(names.of(j));
+            let broken = broken.get_or_insert_with(|| Broken::new(&text));
+            let (errors, name) = document_errors(j, &e, broken.tree(j));
+            r.pending.extend(errors);
+            r.unknown.extend(name);
         }
         let mut doc = match result {
             // Past the cap, an error is held too: a syntax error in the last
@@ -524,13 +590,14 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         if j >= MAX_DOCUMENTS_PER_FILE {
             r.file_errors.push(too_many());
         } else {
-            r.pending.push(from_yaml_error(j, &e));
-            r.unknown
-                .extend(names.get_or_insert_with(|| Names::new(&text)).of(j));
+            let broken = broken.get_or_insert_with(|| Broken::new(&text));
+            let (errors, name) = document_errors(j, &e, broken.tree(j));
+            r.pending.extend(errors);
+            r.unknown.extend(name);
         }
     }
-    // The name reader borrows the text (and serde_yaml's parser has a Drop).
-    drop(names);
+    // The second reader borrows the text (and serde_yaml's parser has a Drop).
+    drop(broken);
     r.text = text;
     r
 }

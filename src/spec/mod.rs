@@ -8,6 +8,7 @@ mod load;
 mod locate;
 mod placement;
 mod schema;
+mod shape;
 mod validate;
 
 /// The YAML shape of a spec document, shared with the data layer.

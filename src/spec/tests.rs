@@ -49,7 +49,7 @@ fn a_valid_document_loads_with_defaults() {
 fn unknown_fields_are_refused_at_their_position() {
     assert_eq!(
         one_error(&vm("web", "  procesors:\n    count: 2\n")),
-        "t.yaml:13:3: spec: unknown field `procesors`, expected one of `guestOS`, `powerState`, `policy`, `boot`, `processors`, `memory`, `serialConsoles`, `storageQos`, `scsiControllers`, `vpmem`, `networkAdapters`, `plan9Shares`, `vsmbShares`, `pciDevices`, `vmSockets`, `windows`"
+        "t.yaml:13:3: spec.procesors: unknown field `procesors`, expected one of `boot`, `guestOS`, `memory`, `networkAdapters`, `pciDevices`, `plan9Shares`, `policy`, `powerState`, `processors`, `scsiControllers`, `serialConsoles`, `storageQos`, `vmSockets`, `vpmem`, `vsmbShares`, `windows` (did you mean `processors`?)"
     );
 }
 
@@ -66,7 +66,7 @@ fn wrong_types_name_the_field() {
     let text = vm("web", "").replace("sizeMB: 64", "sizeMB: lots");
     assert_eq!(
         one_error(&text),
-        "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"lots\", expected u64"
+        "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"lots\", expected an integer"
     );
 }
 
@@ -486,14 +486,16 @@ fn refused_input_is_quoted_as_a_short_escaped_excerpt() {
     let wrong_type = vm("web", "").replace("sizeMB: 64", &format!("sizeMB: \"{junk}\""));
     assert_eq!(
         one_error(&wrong_type),
-        format!("t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"{cut}\", expected u64")
+        format!(
+            "t.yaml:12:13: spec.memory.sizeMB: invalid type: string \"{cut}\", expected an integer"
+        )
     );
     // YAML caps an implicit key at 1024 characters.
     let long_key = "k".repeat(1000);
     let unknown = one_error(&vm("web", &format!("  {long_key}: 1\n")));
     assert!(
         unknown.starts_with(&format!(
-            "t.yaml:13:3: spec: unknown field `{}…`, expected one of `guestOS`",
+            "t.yaml:13:3: spec: unknown field `{}…`, expected one of `boot`",
             "k".repeat(EXCERPT_CHARS)
         )),
         "{unknown}"

@@ -92,6 +92,50 @@ fn validate_accepts_good_specs_and_lists_every_error() {
     );
 }
 
+/// Issue 30: a type, enum or unknown-field error stopped a document at the
+/// first fault; six more showed only once it was fixed. Seven faults of
+/// seven kinds, all in one run, each with its line and column.
+#[test]
+fn validate_lists_every_fault_of_a_document_in_one_run() {
+    let t = TestContext::new();
+    t.write_spec(
+        "web.yaml",
+        r#"apiVersion: uvmctl.dev/v1alpha1
+kind: UtilityVM
+metadata:
+  name: web
+  labls: {tier: dns}
+spec:
+  boot:
+    linuxKernelDirect:
+      kernel: vmlinuz
+  processors:
+    count: two
+  memory:
+    backing: fast
+  scsiControllers:
+    - id: 0
+      disks:
+        - {lun: 70, path: /var/lib/uvmctl/disks/web.img, type: passthrough}
+  networkAdapters:
+    - {nicId: not-a-guid, endpointId: user, macAddress: 52-54-00-12-34-01}
+"#,
+    );
+    let out = t.uvmctl(&["validate", "specs"]);
+    assert_exit_code(&out, 1);
+    assert_eq!(
+        stderr(&out),
+        "specs/web.yaml:5:3: metadata.labls: unknown field `labls`, expected one of `labels`, `name` (did you mean `labels`?)\n\
+specs/web.yaml:9:7: spec.boot.linuxKernelDirect.kernel: path \"vmlinuz\" is relative; give an absolute path\n\
+specs/web.yaml:11:5: spec.processors.count: invalid type: string \"two\", expected an integer\n\
+specs/web.yaml:12:3: spec.memory.sizeMB: required field is missing\n\
+specs/web.yaml:13:5: spec.memory.backing: unknown variant `fast`, expected one of `virtual`, `physical`\n\
+specs/web.yaml:17:12: spec.scsiControllers[0].disks[0].lun: 70 is out of range 0–63\n\
+specs/web.yaml:19:8: spec.networkAdapters[0].nicId: \"not-a-guid\" is not a GUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)\n\
+7 errors; 0 VM specs valid, 1 invalid\n"
+    );
+}
+
 /// Issue 20: `validate --output json`, for CI and editors.
 #[test]
 fn validate_speaks_json_with_the_same_errors() {
