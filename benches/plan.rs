@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
             let loaded = load_dir(dir.path());
             assert!(loaded.errors.is_empty());
             let p = plan(&loaded.desired, &observed, &caps, &PlanOptions::default());
-            black_box(render::json(&p, &loaded.errors))
+            black_box(render::json(&p, &loaded.errors, &[]))
         })
     });
     g.bench_function("serde_yaml_parse_value_single_thread", |b| {

@@ -512,8 +512,9 @@ struct PlanArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Also show a unified diff of canonical YAML, observed → desired, per VM.
-    #[arg(long)]
+    /// Also show a unified diff of canonical YAML, observed → desired, per
+    /// VM (text output only).
+    #[arg(long, conflicts_with = "output")]
     diff: bool,
     /// With --virtstack hcs: print, instead of the plan, the HCS calls
     /// applying it would make (create documents, ModifySettingRequests,
@@ -988,9 +989,9 @@ fn limit(common: &PlanCommon) -> Option<Disruption> {
     common.max_disruption.map(Disruption::from)
 }
 
-fn print_refused(refused: &[(String, String)]) {
-    for (vm, why) in refused {
-        eprintln!("{vm} ({why})");
+fn print_refused(refused: &[uvmctl::plan::Refused]) {
+    for r in refused {
+        eprintln!("{r}");
     }
 }
 
@@ -1024,8 +1025,12 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         print_errors(&planned.loaded);
         return hcs_requests(&planned, host).await;
     }
+    // The checks apply makes before anything changes (images another VM
+    // has; on a live host also host paths under trusted roots, image
+    // formats, listeners): a plan never promises what apply would refuse.
+    let refused = planned.refused(live.as_deref());
     match args.output {
-        Output::Json => out!("{}", render::json(&planned.plan, errors))?,
+        Output::Json => out!("{}", render::json(&planned.plan, errors, &refused))?,
         Output::Text => {
             print_errors(&planned.loaded);
             if args.diff {
@@ -1043,6 +1048,12 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
         }
     }
     let text = args.output == Output::Text;
+    // A plan that apply would not run as it is is not saved: say so.
+    let not_saved = || {
+        if let Some(out) = &args.out {
+            eprintln!("the plan was not saved to {}", out.display());
+        }
+    };
     if !errors.is_empty() {
         if text {
             eprintln!(
@@ -1050,6 +1061,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
                 errors.len()
             );
         }
+        not_saved();
         return Ok(EXIT_ERROR);
     }
     if planned.unobserved() > 0 {
@@ -1059,25 +1071,23 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
                 planned.unobserved()
             );
         }
+        not_saved();
         return Ok(EXIT_ERROR);
     }
-    // The checks apply makes before anything changes (images another VM
-    // has; on a live host also host paths under trusted roots, image
-    // formats, listeners): a plan never promises what apply would refuse.
-    let refused = planned.refused(live.as_deref());
     if !refused.is_empty() {
-        print_refused(&refused);
-        eprintln!(
-            "{} VM(s) would be refused by apply before anything changed",
-            refused.len()
-        );
+        if text {
+            print_refused(&refused);
+            eprintln!(
+                "{} VM(s) would be refused by apply before anything changed",
+                refused.len()
+            );
+        }
+        not_saved();
         return Ok(EXIT_ERROR);
     }
     if let Some(refused) = &planned.plan.prune_refused {
         eprintln!("{refused}");
-        if let Some(out) = &args.out {
-            eprintln!("the plan was not saved to {}", out.display());
-        }
+        not_saved();
         return Ok(EXIT_POLICY);
     }
     if let (Some(out), Some(live)) = (&args.out, &live) {

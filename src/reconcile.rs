@@ -224,14 +224,22 @@ impl Planned {
     /// another VM of the host has (writable on either side), and, on a live
     /// virtstack, what it refuses (host paths, image formats, cold
     /// settings): `(vm, why)`, one per VM.
-    pub fn refused(&self, vs: Option<&dyn Virtstack>) -> Vec<(String, String)> {
+    ///
+    /// Each names its spec field at its line and column (the spec file is
+    /// read again, bounded, for the position).
+    pub fn refused(&self, vs: Option<&dyn Virtstack>) -> Vec<plan::Refused> {
         let mut refused =
             plan::images::held_by_others(&self.plan, &self.loaded.desired, &self.observed);
         if let Some(vs) = vs {
-            for (vm, why) in apply::preflight(&self.plan, &self.loaded.desired, vs) {
-                if !refused.iter().any(|(v, _)| *v == vm) {
-                    refused.push((vm, why));
+            for r in apply::preflight(&self.plan, &self.loaded.desired, vs) {
+                if !refused.iter().any(|x| x.vm == r.vm) {
+                    refused.push(r);
                 }
+            }
+        }
+        for r in &mut refused {
+            if let Some((l, c)) = spec::field_position(&r.file, r.doc, &r.field) {
+                (r.line, r.column) = (Some(l), Some(c));
             }
         }
         refused.sort();

@@ -180,8 +180,12 @@ pub async fn apply(
 }
 
 /// Every host path and cold setting of every VM the plan builds or changes,
-/// checked before anything changes: `(vm, why)` for each VM refused.
-pub fn preflight(plan: &Plan, desired: &DesiredState, vs: &dyn Virtstack) -> Vec<(String, String)> {
+/// checked before anything changes: one refusal for each VM refused.
+pub fn preflight(
+    plan: &Plan,
+    desired: &DesiredState,
+    vs: &dyn Virtstack,
+) -> Vec<crate::plan::Refused> {
     let mut refused = Vec::new();
     for vm in &plan.vms {
         let Some(want) = desired.vms.get(&vm.name) else {
@@ -191,9 +195,10 @@ pub fn preflight(plan: &Plan, desired: &DesiredState, vs: &dyn Virtstack) -> Vec
             .map_err(VmError::from)
             .and_then(|name| vs.preflight(&name, &want.config));
         if let Err(e) = checked {
-            refused.push((
-                vm.name.clone(),
-                format!("{}: {}", want.file.display(), Chain(&e)),
+            refused.push(crate::plan::Refused::new(
+                &vm.name,
+                want,
+                &Chain(&e).to_string(),
             ));
         }
     }

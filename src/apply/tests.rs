@@ -279,13 +279,14 @@ async fn preflight_names_each_refused_vm_with_its_file() {
     );
     let refused = preflight(&p, &d, &fake);
     assert_eq!(refused.len(), 1);
-    assert_eq!(refused[0].0, "win");
+    assert_eq!(refused[0].vm, "win");
+    assert_eq!(refused[0].field, "spec.guestOS");
     assert!(
         refused[0]
-            .1
+            .to_string()
             .starts_with("t.yaml: spec.guestOS: the qemu virtstack runs linux guests"),
         "{}",
-        refused[0].1
+        refused[0]
     );
 }
 

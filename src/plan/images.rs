@@ -6,13 +6,13 @@
 //! paths are compared as written (specs hold absolute paths, and an
 //! observed VM reports the paths its spec gave).
 
-use super::{Plan, VmAction};
+use super::{Plan, Refused, VmAction};
 use crate::spec::DesiredState;
 use crate::vm::ObservedState;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-/// `(vm, why)` for each VM of `plan` that would attach an image another VM
+/// A refusal for each VM of `plan` that would attach an image another VM
 /// of the host has, where either side attaches it writable. Only images the
 /// VM does not have already count, so a conflict made before this check
 /// existed does not stop every later change of the VM.
@@ -20,7 +20,7 @@ pub fn held_by_others(
     plan: &Plan,
     desired: &DesiredState,
     observed: &ObservedState,
-) -> Vec<(String, String)> {
+) -> Vec<Refused> {
     let mut refused = Vec::new();
     for vm in plan.vms.iter().filter(|v| v.action != VmAction::Destroy) {
         let Some(want) = desired.vms.get(&vm.name) else {
@@ -43,21 +43,22 @@ pub fn held_by_others(
                 if image.read_only && theirs.read_only {
                     continue;
                 }
-                why.push(format!(
-                    "{}: {} is attached{} by VM {other} ({}) on this host; an image attached writable can belong to one VM only",
-                    image.site.field(),
-                    image.path.display(),
-                    if theirs.read_only { "" } else { " writable" },
-                    o.state.shown(),
-                ));
+                why.push(Refused {
+                    field: image.site.field(),
+                    ..Refused::new(
+                        &vm.name,
+                        want,
+                        &format!(
+                            "{} is attached{} by VM {other} ({}) on this host; an image attached writable can belong to one VM only",
+                            image.path.display(),
+                            if theirs.read_only { "" } else { " writable" },
+                            o.state.shown(),
+                        ),
+                    )
+                });
             }
         }
-        if !why.is_empty() {
-            refused.push((
-                vm.name.clone(),
-                format!("{}: {}", want.file.display(), why.join("; ")),
-            ));
-        }
+        refused.extend(why);
     }
     refused
 }
@@ -115,13 +116,10 @@ mod tests {
         let p = plan(&d, &o, &qemu(), &PlanOptions::default());
         let refused = held_by_others(&p, &d, &o);
         assert_eq!(refused.len(), 1, "{refused:?}");
-        assert_eq!(refused[0].0, "copy");
-        assert!(
-            refused[0].1.ends_with(
-                "spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (stopped) on this host; an image attached writable can belong to one VM only"
-            ),
-            "{}",
-            refused[0].1
+        assert_eq!(refused[0].vm, "copy");
+        assert_eq!(
+            refused[0].to_string(),
+            "t.yaml: spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (stopped) on this host; an image attached writable can belong to one VM only"
         );
         // Read-only on both sides: shared freely.
         let o = host(&[("demo", with_disk("demo", disk, true), State::Running)]);

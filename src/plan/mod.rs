@@ -121,6 +121,74 @@ pub struct Note {
     pub message: String,
 }
 
+/// A VM the plan would build or change that is refused before anything
+/// changes (a host path, an image, a cold setting, an image another VM
+/// has), with where its spec says so.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refused {
+    /// The VM.
+    pub vm: String,
+    /// Its spec file.
+    pub file: std::path::PathBuf,
+    /// Its document in that file.
+    #[serde(skip)]
+    pub doc: usize,
+    /// 1-based line and column of `field` in the file, once looked up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// Column of `field`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+    /// The spec field (`spec.scsiControllers[0].disks[0].path`), when the
+    /// refusal names one.
+    pub field: String,
+    /// Why.
+    pub message: String,
+}
+
+impl Refused {
+    /// The refusal of `vm` (its spec `want`) for `why`, whose first part
+    /// names the field when it starts with one (`spec.x: ...`), as the
+    /// pre-flight's errors do; a leading `vm NAME: ` is dropped (the VM is
+    /// this one).
+    pub fn new(vm: &str, want: &crate::spec::DesiredVm, why: &str) -> Self {
+        let why = why.strip_prefix(&format!("vm {vm}: ")).unwrap_or(why);
+        let (field, message) = match why.split_once(": ") {
+            Some((f, m))
+                if (f.starts_with("spec.") || f.starts_with("metadata."))
+                    && !f.contains(char::is_whitespace) =>
+            {
+                (f.to_string(), m.to_string())
+            }
+            _ => (String::new(), why.to_string()),
+        };
+        Refused {
+            vm: vm.to_string(),
+            file: want.file.clone(),
+            doc: want.doc,
+            line: None,
+            column: None,
+            field,
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    /// `file:line:col: field: message`, as spec errors read.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, ":{l}:{c}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
 /// Counts for the summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -248,10 +248,13 @@ struct JsonPlan<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     prune_refused: Option<&'a super::prune::PruneRefusal>,
     errors: &'a [SpecError],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    refused: &'a [super::Refused],
 }
 
-/// The plan as a JSON document, with the spec errors of the run.
-pub fn json(plan: &Plan, errors: &[SpecError]) -> String {
+/// The plan as a JSON document, with the spec errors of the run and the
+/// VMs apply's pre-flight would refuse.
+pub fn json(plan: &Plan, errors: &[SpecError], refused: &[super::Refused]) -> String {
     let doc = JsonPlan {
         format_version: PLAN_FORMAT_VERSION,
         virtstack: &plan.virtstack,
@@ -261,6 +264,7 @@ pub fn json(plan: &Plan, errors: &[SpecError]) -> String {
         unchanged: plan.unchanged,
         prune_refused: plan.prune_refused.as_ref(),
         errors,
+        refused,
     };
     // Serializing plain data to a String cannot fail.
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"

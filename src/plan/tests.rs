@@ -675,7 +675,7 @@ mod golden {
         let (p, loaded, _) = example();
         insta::assert_snapshot!(
             "example_plan_json",
-            strip_root(&render::json(&p, &loaded.errors))
+            strip_root(&render::json(&p, &loaded.errors, &[]))
         );
     }
 
@@ -958,8 +958,8 @@ pub(crate) mod properties {
 
         #[test]
         fn plans_are_deterministic_and_ignore_list_order((d, o, caps, opts) in arb_world()) {
-            let a = render::json(&plan(&d, &o, &caps, &opts), &[]);
-            let b = render::json(&plan(&d, &o, &caps, &opts), &[]);
+            let a = render::json(&plan(&d, &o, &caps, &opts), &[], &[]);
+            let b = render::json(&plan(&d, &o, &caps, &opts), &[], &[]);
             prop_assert_eq!(&a, &b);
             let mut shuffled = d.clone();
             for vm in shuffled.vms.values_mut() {
@@ -986,7 +986,7 @@ pub(crate) mod properties {
                     spec.canonicalize();
                 }
             }
-            prop_assert_eq!(render::json(&canon, &[]), render::json(&reference, &[]));
+            prop_assert_eq!(render::json(&canon, &[], &[]), render::json(&reference, &[], &[]));
         }
     }
 

@@ -66,5 +66,22 @@ pub struct DesiredState {
     pub placed_by: Option<String>,
 }
 
+/// 1-based line and column of `field` (or its nearest ancestor) in
+/// document `doc` of the spec file `file`, read again (bounded) for it: for
+/// errors found after loading, such as apply's pre-flight.
+pub fn field_position(file: &std::path::Path, doc: usize, field: &str) -> Option<(usize, usize)> {
+    use std::io::Read;
+    if field.is_empty() {
+        return None;
+    }
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .ok()?
+        .take(MAX_SPEC_FILE_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    locate::Locations::index(text.trim_start_matches('\u{feff}')).find(doc, field)
+}
+
 #[cfg(test)]
 mod tests;

@@ -450,7 +450,7 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     } else {
         Vec::new()
     };
-    if let Some((_, why)) = refused.first() {
+    if let Some(why) = refused.first() {
         done.outcome = Outcome::Failed(format!("refused: {why}"));
         return;
     }

@@ -271,7 +271,7 @@ fn an_image_another_vm_has_writable_is_refused_at_plan_time() {
         assert_exit_code(&out, 1);
         assert!(
             stderr(&out).contains(
-                "copies/copy.yaml: spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (running) on this host; an image attached writable can belong to one VM only"
+                "copies/copy.yaml:16:20: spec.scsiControllers[0].disks[0].path: /var/lib/uvmctl/disks/demo.img is attached writable by VM demo (running) on this host; an image attached writable can belong to one VM only"
             ),
             "{args:?}: {}",
             stderr(&out)
