@@ -919,7 +919,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
-    let loaded = reconcile::load(dir, None).await;
+    let loaded = reconcile::load(dir.clone(), None).await;
     if output == Output::Json {
         let doc = serde_json::json!({
             "formatVersion": 1,
@@ -939,7 +939,14 @@ async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
     }
     let n = loaded.desired.vms.len();
     let s = |n: usize| if n == 1 { "" } else { "s" };
-    if loaded.errors.is_empty() {
+    if loaded.errors.is_empty() && n == 0 {
+        // Nothing checked is not "valid" (issue 30: `validate emptydir`).
+        eprintln!(
+            "{}: no VM spec found (files ending in .yaml or .yml, one VM a document)",
+            dir.display()
+        );
+        Ok(EXIT_ERROR)
+    } else if loaded.errors.is_empty() {
         outln!("{n} VM spec{} valid", s(n))?;
         Ok(0)
     } else {
@@ -1600,6 +1607,14 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
             source.spec_dir()
         }
         (Some(d), None) => {
+            // A directory that is not there at the start is a typo far more
+            // often than one about to appear (issue 30): said, not watched.
+            if std::fs::metadata(d).is_err() {
+                bail!(
+                    "spec directory {} does not exist (nothing to watch)",
+                    d.display()
+                );
+            }
             std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display()))?
         }
         (None, None) => bail!("give a spec directory or --git URL"),

@@ -345,7 +345,15 @@ pub fn plan(
         } else {
             "no spec"
         };
-        if !opts.prune {
+        if !opts.prune && !desired.failed_files.is_empty() {
+            // --prune would change nothing now: saying so would mislead.
+            let n = desired.failed_files.len();
+            let files = if n == 1 { "file" } else { "files" };
+            out.notes.push(note(
+                NoteKind::NoSpec,
+                format!("{no_spec} among the specs that loaded; {n} spec {files} failed to load and may define it"),
+            ));
+        } else if !opts.prune {
             out.notes.push(note(
                 NoteKind::NoSpec,
                 format!("{no_spec}; not removed (use --prune to remove it)"),

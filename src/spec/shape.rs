@@ -314,6 +314,9 @@ impl<'s> Walk<'s> {
 /// the rest can be read: a number's minimum, an enum's first value; `None`
 /// when nothing can (the per-field rules then do not run).
 fn stand_in(s: &Schema) -> Option<Value> {
+    if let Some(c) = s.get("const").and_then(Schema::as_str) {
+        return Some(Value::String(c.to_string()));
+    }
     if let Some(first) = s
         .get("oneOf")
         .and_then(Schema::as_array)

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// Why a recording could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordedError {
-    /// The file has spec errors.
-    #[error("observed-state file {path} is invalid:\n{errors}")]
+    /// The file has spec errors (each names the file).
+    #[error("{errors}")]
     Invalid {
         /// The file.
         path: PathBuf,

@@ -504,7 +504,7 @@ pub enum VmError {
     #[error("unknown guest operating system {0:?} (expected linux or windows)")]
     UnknownGuestOs(String),
     /// The VM is not known to this virtstack.
-    #[error("VM {0} not found")]
+    #[error("VM {0} not found: no VM of that name is managed in this state directory")]
     NotFound(String),
     /// The item a change removes or updates is not on the VM.
     #[error("VM {vm}: no {item}")]

@@ -116,7 +116,7 @@ pub enum Trigger {
     Start,
     /// The VM's spec changed, appeared or disappeared.
     Spec,
-    /// The virtstack reported something (`gone` when the process ended).
+    /// The virtstack reported something (`exited` when the process ended).
     Event(String),
     /// The periodic resync.
     Resync,
@@ -1026,7 +1026,7 @@ impl Watcher {
         let name = match &event {
             VmEvent::Gone => {
                 self.subs.remove(&vm);
-                "gone".to_string()
+                "exited".to_string()
             }
             VmEvent::Reported(e) => e.clone(),
         };

@@ -416,7 +416,7 @@ async fn a_crashed_vm_whose_policy_forbids_recreating_is_held() {
     w.next_for("a").await;
     fake.crash("a", "killed");
     let r = w.next_for("a").await;
-    assert_eq!(r.trigger, Trigger::Event("gone".into()));
+    assert_eq!(r.trigger, Trigger::Event("exited".into()));
     let Outcome::Held(lines) = r.outcome else {
         panic!("{r:?}")
     };
@@ -440,7 +440,7 @@ async fn a_crash_before_the_subscription_is_still_seen() {
     let r = tokio::time::timeout(Duration::from_secs(20), w.next_for("a"))
         .await
         .expect("seen before any resync");
-    assert_eq!(r.trigger, Trigger::Event("gone".into()), "{r:?}");
+    assert_eq!(r.trigger, Trigger::Event("exited".into()), "{r:?}");
     w.stop().await;
 }
 

@@ -509,7 +509,7 @@ fn watch_reports_a_killed_qemu_at_once_and_backs_off_a_guest_that_panics_at_ever
         let l = w.wait_after(mark, &format!("{vm}'s reconcile"), STEP, |l| {
             is_reconcile(l, vm)
         });
-        assert_eq!(trigger(&l), "event gone", "{l}");
+        assert_eq!(trigger(&l), "event exited", "{l}");
         if vm == "heal" {
             assert!(result(&l).starts_with("applied"), "{l}");
         } else {

@@ -101,7 +101,7 @@ pub enum QemuError {
         source: RecordError,
     },
     /// No such VM in the state directory.
-    #[error("vm {0}: not managed by uvmctl in this state directory")]
+    #[error("VM {0} not found: no VM of that name is managed in this state directory")]
     NotFound(String),
     /// The guest did not finish an unplug in time; the device stays pending.
     #[error("vm {vm}: guest did not release {device} within {after:?}; the unplug stays pending")]
