@@ -474,6 +474,17 @@ pub fn capabilities_from(virtstack: &str, resp: &pb::CapabilitiesVMResponse) -> 
     for r in Resource::ALL {
         c.set_all(r, none(), none(), none());
     }
+    // VMSocket is a message of its own, which CapabilitiesVM does not list:
+    // a server's answer cannot say whether it serves it (uvmctl's own
+    // serve is known to: `remotevm::own_server_capabilities`).
+    let unsaid = || {
+        Support::unsupported(
+            "CapabilitiesVM does not say whether this server answers VMSocket; uvmctl does not assume it",
+        )
+    };
+    for r in [Resource::VmSocket, Resource::HvSocket] {
+        c.set_all(r, unsaid(), unsaid(), unsaid());
+    }
     let support = |yes: bool| {
         if yes {
             Support::live()

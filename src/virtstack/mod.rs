@@ -26,9 +26,7 @@ impl Capabilities {
         };
         match name {
             crate::vm::QEMU => Some(here()),
-            remotevm::REMOTEVM => Some(remotevm::capabilities_from(
-                &crate::protocol::convert::capabilities(&here(), None),
-            )),
+            remotevm::REMOTEVM => Some(remotevm::own_server_capabilities(&here())),
             crate::vm::HCS => Some(Capabilities::hcs()),
             sim::SIM => Some(sim::capabilities()),
             _ => None,

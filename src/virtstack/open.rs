@@ -288,11 +288,8 @@ pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Open
                         program: std::env::current_exe().map_err(OpenError::Program)?,
                         args: serve_args(host),
                     },
-                    Some(super::remotevm::capabilities_from(
-                        &crate::protocol::convert::capabilities(
-                            qemu(host, true)?.capabilities(),
-                            None,
-                        ),
+                    Some(super::remotevm::own_server_capabilities(
+                        qemu(host, true)?.capabilities(),
                     )),
                 ),
             };

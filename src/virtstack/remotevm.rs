@@ -203,6 +203,25 @@ pub fn capabilities_from(resp: &pb::CapabilitiesVMResponse) -> Capabilities {
     convert::capabilities_from(REMOTEVM, resp)
 }
 
+/// What uvmctl's own `serve` over a QEMU virtstack with `qemu` offers a
+/// client: its `CapabilitiesVM` answer, plus vsock listeners through
+/// `VMSocket` wherever that QEMU has vsock (the answer cannot say so).
+pub fn own_server_capabilities(qemu: &Capabilities) -> Capabilities {
+    use crate::vm::{Resource, ResourceOperation};
+    let mut c = capabilities_from(&crate::protocol::convert::capabilities(qemu, None));
+    for (r, op) in [Resource::VmSocket, Resource::HvSocket]
+        .into_iter()
+        .flat_map(|r| ResourceOperation::ALL.map(|op| (r, op)))
+    {
+        let mut s = qemu.support(r, op).clone();
+        if s.disruption != crate::vm::Disruption::Unsupported {
+            s.reason = "through VMSocket (uvmctl's own serve, on a host with vsock)".into();
+        }
+        c.set(r, op, s);
+    }
+    c
+}
+
 /// Asks a server started by `spawner` (on a socket in `dir`) for its
 /// capabilities, then lets it go.
 async fn probe(spawner: &dyn Spawner, dir: &Path) -> Result<Capabilities> {
