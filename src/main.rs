@@ -448,7 +448,11 @@ impl GitArgs {
             .unwrap_or_else(|| host.state_dir.join("git"))
     }
 
-    fn source(&self, cache: PathBuf) -> anyhow::Result<Option<uvmctl::source::GitSource>> {
+    fn source(
+        &self,
+        cache: PathBuf,
+        placement: Option<uvmctl::spec::Placement>,
+    ) -> anyhow::Result<Option<uvmctl::source::GitSource>> {
         let Some(url) = &self.git else {
             return Ok(None);
         };
@@ -460,6 +464,7 @@ impl GitArgs {
                 cache,
                 allowed_signers: self.allowed_signers.clone(),
                 max_bytes: self.git_max_mb.saturating_mul(1 << 20),
+                placement,
                 fetch_timeout: self.git_timeout,
             },
         )?))
@@ -472,6 +477,7 @@ impl GitArgs {
 async fn spec_dir(
     dir: &Option<PathBuf>,
     git: &GitArgs,
+    placement: &PlacementArgs,
     host: &Host,
     temporary: bool,
 ) -> anyhow::Result<(PathBuf, Option<TempCache>)> {
@@ -483,7 +489,7 @@ async fn spec_dir(
         }
         (None, false) => (git.cache(host), None),
     };
-    match (dir, git.source(cache)?) {
+    match (dir, git.source(cache, placement.placement()?)?) {
         (_, Some(source)) => {
             let synced = source.sync().await?;
             eprintln!("specs: {} {}", source.options().url, synced.revision());
@@ -980,6 +986,12 @@ fn print_errors(loaded: &Loaded) {
     for e in &loaded.errors {
         eprintln!("{e}");
     }
+    if !loaded.errors_elsewhere.is_empty() {
+        eprintln!(
+            "{} spec error(s) in files whose VMs are all other hosts': not this host's concern (uvmctl validate lists them)",
+            loaded.errors_elsewhere.len()
+        );
+    }
 }
 
 fn plan_options(common: &PlanCommon) -> PlanOptions {
@@ -1009,7 +1021,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             host.virtstack
         );
     }
-    let (dir, _cache) = spec_dir(&args.dir, &args.git, host, true).await?;
+    let (dir, _cache) = spec_dir(&args.dir, &args.git, &args.placement, host, true).await?;
     let live = match &args.observed {
         None => Some(host.live(true).await?.0),
         Some(_) => None,
@@ -1244,7 +1256,7 @@ fn read_saved(path: &std::path::Path) -> anyhow::Result<Option<SavedPlan>> {
 }
 
 async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
-    let (dir, _cache) = spec_dir(&args.dir, &args.git, host, false).await?;
+    let (dir, _cache) = spec_dir(&args.dir, &args.git, &args.placement, host, false).await?;
     let saved = match &args.git.git {
         Some(_) => None,
         None => read_saved(&dir)?,
@@ -1591,7 +1603,9 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     }
     let (vs, state_dir) = host.live(false).await?;
     let cache = args.git.cache(host);
-    let source = args.git.source(cache.clone())?;
+    let source = args
+        .git
+        .source(cache.clone(), args.placement.placement()?)?;
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
             match source.sync().await {

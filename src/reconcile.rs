@@ -29,6 +29,7 @@ pub async fn load(dir: PathBuf, placement: Option<spec::Placement>) -> Loaded {
         .await
         .unwrap_or_else(|e| Loaded {
             desired: Default::default(),
+            errors_elsewhere: Vec::new(),
             errors: vec![spec::SpecError::whole_file(
                 &shown,
                 format!("loading failed: {e}"),

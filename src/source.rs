@@ -58,6 +58,9 @@ pub struct GitOptions {
     /// The most the mirror may hold, and one revision's checkout may
     /// write, in bytes.
     pub max_bytes: u64,
+    /// This host's share of the specs: a revision is refused for spec
+    /// errors only in files that could hold one of its VMs.
+    pub placement: Option<spec::Placement>,
     /// The longest a fetch may take.
     pub fetch_timeout: Duration,
 }
@@ -408,7 +411,7 @@ impl GitSource {
             });
         }
         let target = self.checkout(&revision).await?;
-        let loaded = spec::load_dir(&target);
+        let loaded = spec::load_dir_placed(&target, self.opts.placement.as_ref());
         if let Some(first) = loaded.errors.first() {
             return Err(SourceError::Specs {
                 revision,
@@ -1069,6 +1072,7 @@ mod tests {
             allowed_signers: None,
             max_bytes: DEFAULT_MAX_BYTES,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            placement: None,
         })
         .expect("options")
     }
@@ -1359,6 +1363,39 @@ mod tests {
         assert_eq!(tree_entries(&sub, &rev).expect("submodule")[0].size, 0);
     }
 
+    /// Issue 30: with label placement, a spec that fails to load refuses
+    /// the revision only on the hosts it could belong to.
+    #[tokio::test]
+    async fn a_broken_spec_refuses_the_revision_only_where_it_could_be_placed() {
+        let origin = Origin::new();
+        let labelled = |name: &str, host: &str| {
+            vm(name).replace(
+                &format!("  name: {name}\n"),
+                &format!("  name: {name}\n  labels: {{host: {host}}}\n"),
+            )
+        };
+        origin.write("specs/web.yaml", &labelled("web", "a"));
+        origin.write(
+            "specs/db.yaml",
+            &labelled("db", "b").replace("sizeMB: 64", "sizeMB: lots"),
+        );
+        let sha = origin.commit("db broken", &[]);
+        let on = |host: &str| {
+            let cache = tempfile::tempdir().expect("tempdir");
+            let mut opts = source(&origin, cache.path()).options().clone();
+            opts.placement = Some(spec::Placement {
+                selector: spec::Selector::for_host(host),
+                path: None,
+            });
+            (GitSource::new(opts).expect("options"), cache)
+        };
+        let (a, _ca) = on("a");
+        assert!(matches!(a.sync().await.expect("host a"), Synced::Applied(r) if r.sha == sha));
+        let (b, _cb) = on("b");
+        let e = b.sync().await.expect_err("host b refuses");
+        assert!(matches!(e, SourceError::Specs { count: 1, .. }), "{e}");
+    }
+
     #[tokio::test]
     async fn a_spec_path_that_leaves_the_revision_is_refused() {
         let origin = Origin::new();
@@ -1383,6 +1420,7 @@ mod tests {
             allowed_signers: None,
             max_bytes: 1,
             fetch_timeout: Duration::from_secs(1),
+            placement: None,
         };
         assert!(GitSource::new(ok.clone()).is_ok());
         for (url, reference, path) in [

@@ -299,6 +299,18 @@ pub fn plan(
         });
     }
 
+    for name in desired
+        .unknown_elsewhere
+        .iter()
+        .filter(|n| observed.vms.contains_key(*n))
+    {
+        out.notes.push(Note {
+            vm: name.clone(),
+            kind: NoteKind::SpecInvalid,
+            message: "its spec, placed on another host, failed to load; VM left unchanged".into(),
+        });
+    }
+
     for (name, why) in &observed.unknown {
         let message = if desired.vms.contains_key(name) {
             format!("cannot be observed ({why}); its spec is not applied until it can")
@@ -332,7 +344,11 @@ pub fn plan(
     }
 
     for (name, have) in &observed.vms {
-        if !have.managed || desired.vms.contains_key(name) || desired.unknown.contains(name) {
+        if !have.managed
+            || desired.vms.contains_key(name)
+            || desired.unknown.contains(name)
+            || desired.unknown_elsewhere.contains(name)
+        {
             continue;
         }
         let note = |kind, message: String| Note {

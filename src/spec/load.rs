@@ -29,8 +29,12 @@ pub const MAX_DOCUMENTS_PER_FILE: usize = 1000;
 pub struct Loaded {
     /// VMs whose specs are valid, and the names of those whose specs are not.
     pub desired: DesiredState,
-    /// Every problem, sorted by file and position.
+    /// Every problem, sorted by file and position (under placement: of the
+    /// files that could hold a VM of this host).
     pub errors: Vec<SpecError>,
+    /// Under placement, the problems of files whose VMs are all another
+    /// host's (by their path or their labels): no concern of this host's.
+    pub errors_elsewhere: Vec<SpecError>,
 }
 
 /// Whether a directory entry is a spec file: `*.yaml`/`*.yml`, not hidden.
@@ -224,6 +228,28 @@ pub(super) struct FileResult {
     /// Errors that concern the whole file; after [`resolve`], all of the
     /// file's own errors, positioned.
     file_errors: Vec<SpecError>,
+    /// The labels of each document with errors, where they could be read
+    /// (`None`: not): which hosts the broken spec could be placed on.
+    broken: Vec<Option<Labels>>,
+    /// An error of the file as a whole (not YAML, too large, unreadable):
+    /// it could define any VM, placed anywhere its path allows.
+    whole: bool,
+}
+
+/// A document's `metadata.labels`.
+type Labels = std::collections::BTreeMap<String, String>;
+
+/// The labels of a document's YAML tree, when they read as labels (none
+/// given: empty).
+fn tree_labels(tree: &serde_yaml::Value) -> Option<Labels> {
+    match tree.get("metadata").and_then(|m| m.get("labels")) {
+        None | Some(serde_yaml::Value::Null) => Some(Labels::new()),
+        Some(serde_yaml::Value::Mapping(m)) => m
+            .iter()
+            .map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .collect(),
+        Some(_) => None,
+    }
 }
 
 pub(super) fn load_file(file: &SpecFile) -> FileResult {
@@ -231,6 +257,7 @@ pub(super) fn load_file(file: &SpecFile) -> FileResult {
     let fail = |msg: String| FileResult {
         path: path.to_path_buf(),
         file_errors: vec![SpecError::whole_file(path, msg)],
+        whole: true,
         ..FileResult::default()
     };
     // Read only regular files: a FIFO or a device would block or stream
@@ -319,10 +346,11 @@ fn document_errors(
     doc: usize,
     e: &serde_yaml::Error,
     tree: Option<serde_yaml::Value>,
-) -> (Vec<Pending>, Option<String>) {
+) -> (Vec<Pending>, Option<String>, Option<Labels>) {
     let Some(tree) = tree else {
-        return (vec![from_yaml_error(doc, e)], None);
+        return (vec![from_yaml_error(doc, e)], None, None);
     };
+    let labels = tree_labels(&tree);
     let name = tree
         .get("metadata")
         .and_then(|m| m.get("name"))
@@ -331,7 +359,7 @@ fn document_errors(
     let shape = super::shape::check(&tree);
     if shape.problems.is_empty() {
         // Nothing the schema states: serde's own word (a duplicate key...).
-        return (vec![from_yaml_error(doc, e)], name);
+        return (vec![from_yaml_error(doc, e)], name, labels);
     }
     let pending = |(field, message): Problem| Pending {
         doc,
@@ -379,7 +407,7 @@ fn document_errors(
                 .map(pending),
         );
     }
-    (out, name)
+    (out, name, labels)
 }
 
 /// Deepest flow nesting (`[`, `{`) accepted. Real specs nest a few levels;
@@ -457,6 +485,7 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         ..FileResult::default()
     };
     if text.len() as u64 > MAX_SPEC_FILE_BYTES {
+        r.whole = true;
         r.file_errors.push(SpecError::whole_file(
             path,
             format!(
@@ -487,6 +516,7 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
         None
     };
     if let Some((pos, message, nameable)) = refused {
+        r.whole = true;
         if nameable {
             // Names without deserializing, so without expanding any alias.
             r.unknown.extend(Locations::index(&text).names);
@@ -505,7 +535,8 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
     // A document's error, held until the next document shows whether it was
     // the document's own or the whole file's.
     let mut held: Option<(usize, serde_yaml::Error)> = None;
-    let too_many = || {
+    let too_many = |r: &mut FileResult| {
+        r.whole = true;
         SpecError::whole_file(
             path,
             format!("more than {MAX_DOCUMENTS_PER_FILE} documents in one file"),
@@ -533,19 +564,22 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
                 break;
             }
             if j >= MAX_DOCUMENTS_PER_FILE {
-                r.file_errors.push(too_many());
+                let e = too_many(&mut r);
+                r.file_errors.push(e);
                 break;
             }
             let broken = broken.get_or_insert_with(|| Broken::new(&text));
-            let (errors, name) = document_errors(j, &e, broken.tree(j));
+            let (errors, name, labels) = document_errors(j, &e, broken.tree(j));
             r.pending.extend(errors);
             r.unknown.extend(name);
+            r.broken.push(labels);
         }
         let mut doc = match result {
             // Past the cap, an error is held too: a syntax error in the last
             // document may only surface in the next, and is then the file's.
             Ok(_) if i >= MAX_DOCUMENTS_PER_FILE => {
-                r.file_errors.push(too_many());
+                let e = too_many(&mut r);
+                r.file_errors.push(e);
                 break;
             }
             Ok(Some(doc)) => doc,
@@ -576,6 +610,8 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
             });
         } else {
             r.unknown.push(doc.metadata.name);
+            r.broken
+                .push(Some(std::mem::take(&mut doc.metadata.labels)));
             r.pending
                 .extend(problems.into_iter().map(|(field, message)| Pending {
                     doc: i,
@@ -588,12 +624,14 @@ fn parse_str(path: &Path, mut text: String) -> FileResult {
     }
     if let Some((j, e)) = held {
         if j >= MAX_DOCUMENTS_PER_FILE {
-            r.file_errors.push(too_many());
+            let e = too_many(&mut r);
+            r.file_errors.push(e);
         } else {
             let broken = broken.get_or_insert_with(|| Broken::new(&text));
-            let (errors, name) = document_errors(j, &e, broken.tree(j));
+            let (errors, name, labels) = document_errors(j, &e, broken.tree(j));
             r.pending.extend(errors);
             r.unknown.extend(name);
+            r.broken.push(labels);
         }
     }
     // The second reader borrows the text (and serde_yaml's parser has a Drop).
@@ -611,6 +649,7 @@ fn same_error(a: &serde_yaml::Error, b: &serde_yaml::Error) -> bool {
 /// Records `e`, found in document `doc`, as the file's only error: the file
 /// is not YAML past it. Every VM the file names is unknown.
 fn stream_error(r: &mut FileResult, doc: usize, e: &serde_yaml::Error, text: &str) {
+    r.whole = true;
     r.pending.clear();
     r.pending.push(Pending {
         doc,
@@ -630,6 +669,7 @@ fn stream_error(r: &mut FileResult, doc: usize, e: &serde_yaml::Error, text: &st
 /// refused as a whole, at the start of that document, and every VM it names
 /// is unknown.
 fn parser_failed(r: &mut FileResult, doc: usize, text: &str) {
+    r.whole = true;
     r.pending.clear();
     r.pending.push(Pending {
         doc,
@@ -957,12 +997,37 @@ pub(super) fn merge(
         }
     }
     let mut bad_vms: BTreeSet<String> = BTreeSet::new();
+    // Files with a cross-VM error at a VM of this host's.
+    let mut cross_here: std::collections::HashSet<usize> = std::collections::HashSet::new();
     for (fi, p) in &cross {
         let r = &results[*fi];
-        if let Some(vm) = r.vms.iter().find(|v| v.doc == p.doc) {
+        if let Some((vi, vm)) = r.vms.iter().enumerate().find(|(_, v)| v.doc == p.doc) {
             bad_vms.insert(vm.name.clone());
+            if here(r, vi) {
+                cross_here.insert(*fi);
+            }
         }
     }
+    // Under placement, a file's errors are this host's only when the file
+    // could hold one of its VMs: its path is in the placement path and,
+    // where the broken documents' labels could be read, they match (issue
+    // 30: one broken spec made every host refuse a revision). A file that
+    // is not YAML at all could be anyone's its path allows.
+    let relevant = |fi: usize, r: &FileResult| {
+        let Some((root, p)) = placement else {
+            return true;
+        };
+        if let Some(path) = &p.path
+            && !r.path.starts_with(root.join(path))
+        {
+            return false;
+        }
+        r.whole
+            || cross_here.contains(&fi)
+            || r.broken
+                .iter()
+                .any(|l| l.as_ref().is_none_or(|l| p.selector.matches(l)))
+    };
     let mut cross_by_file: HashMap<usize, Vec<Pending>> = HashMap::new();
     for (fi, p) in cross {
         cross_by_file.entry(fi).or_default().push(p);
@@ -970,10 +1035,29 @@ pub(super) fn merge(
     unknown.extend(bad_vms.iter().cloned());
 
     let mut loaded_vms = Vec::new();
+    let mut errors_elsewhere = Vec::new();
+    let mut unknown_here = BTreeSet::new();
+    let mut unknown_elsewhere = BTreeSet::new();
     for (fi, r) in results.iter().enumerate() {
-        errors.extend(r.file_errors.iter().cloned());
-        if let Some(pending) = cross_by_file.remove(&fi) {
-            errors.extend(positioned(&r.path, &r.text, pending));
+        let cross_errors = cross_by_file
+            .remove(&fi)
+            .map(|pending| positioned(&r.path, &r.text, pending))
+            .unwrap_or_default();
+        if !r.file_errors.is_empty() || !cross_errors.is_empty() {
+            let names = r.unknown.iter().chain(
+                r.vms
+                    .iter()
+                    .map(|v| &v.name)
+                    .filter(|n| bad_vms.contains(*n)),
+            );
+            let file_errors = r.file_errors.iter().cloned().chain(cross_errors);
+            if relevant(fi, r) {
+                errors.extend(file_errors);
+                unknown_here.extend(names.cloned());
+            } else {
+                errors_elsewhere.extend(file_errors);
+                unknown_elsewhere.extend(names.cloned());
+            }
         }
         for (vi, vm) in r.vms.iter().enumerate() {
             if unknown.contains(&vm.name) {
@@ -994,9 +1078,19 @@ pub(super) fn merge(
     for e in &errors {
         desired.failed_files.insert(e.file.clone());
     }
-    desired.unknown = unknown;
+    // A broken spec of another host's: its VM is left alone here if this
+    // host has it (never pruned), and not this host's to mention otherwise.
+    unknown_elsewhere.retain(|n| !unknown_here.contains(n));
+    desired.unknown = unknown_here;
+    desired.unknown_elsewhere = unknown_elsewhere;
     desired.placed_by = placement.map(|(_, p)| p.to_string());
     errors.sort();
     errors.dedup();
-    Loaded { desired, errors }
+    errors_elsewhere.sort();
+    errors_elsewhere.dedup();
+    Loaded {
+        desired,
+        errors,
+        errors_elsewhere,
+    }
 }

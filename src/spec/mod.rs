@@ -58,6 +58,10 @@ pub struct DesiredState {
     /// Names of VMs whose (valid) specs place them on another host: not
     /// planned here; one this host has is a prune candidate.
     pub elsewhere: BTreeSet<String>,
+    /// Names of VMs whose broken specs are all another host's (by path or
+    /// labels): a VM of that name this host has is left alone, never
+    /// pruned; their errors do not stop this host.
+    pub unknown_elsewhere: BTreeSet<String>,
     /// Files that had any error. While this is not empty nothing is pruned,
     /// since a file that did not parse may have named any VM.
     pub failed_files: BTreeSet<PathBuf>,

@@ -853,6 +853,63 @@ fn placement_keeps_this_hosts_vms_and_checks_fleet_wide_invariants() {
     );
 }
 
+/// Issue 30: under label placement, one broken spec made every host refuse
+/// the revision, though it could be one host's only. Where its placement
+/// can still be read (its labels, its path), it is that host's alone.
+#[test]
+fn a_broken_spec_of_another_host_is_that_hosts_alone() {
+    let broken_b = placed_vm("db", "b", "").replace("sizeMB: 64", "sizeMB: lots");
+    let l = load_placed(
+        &[
+            ("a/web.yaml", &placed_vm("web", "a", "")),
+            ("b/db.yaml", &broken_b),
+        ],
+        "host=a",
+    );
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert_eq!(l.errors_elsewhere.len(), 1, "{:?}", l.errors_elsewhere);
+    assert!(l.desired.failed_files.is_empty(), "prunes are not blocked");
+    assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), ["web"]);
+    assert!(l.desired.unknown.is_empty());
+    assert_eq!(
+        l.desired.unknown_elsewhere.iter().collect::<Vec<_>>(),
+        ["db"],
+        "a VM of its name here is still left alone"
+    );
+    // On host b it is an error, as before.
+    let l = load_placed(
+        &[
+            ("a/web.yaml", &placed_vm("web", "a", "")),
+            ("b/db.yaml", &broken_b),
+        ],
+        "host=b",
+    );
+    assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+    assert!(l.desired.unknown.contains("db"));
+    // Labels that cannot be read, or a file that is not YAML at all: it
+    // could be anyone's.
+    let unreadable = placed_vm("db", "b", "")
+        .replace(
+            "    host: b
+",
+            "    host: [b]
+",
+        )
+        .replace("sizeMB: 64", "sizeMB: lots");
+    for text in [unreadable.as_str(), "apiVersion: [\n"] {
+        let l = load_placed(
+            &[
+                ("a/web.yaml", &placed_vm("web", "a", "")),
+                ("b/db.yaml", text),
+            ],
+            "host=a",
+        );
+        assert!(!l.errors.is_empty(), "{text}: {:?}", l.errors);
+        assert!(l.errors_elsewhere.is_empty());
+        assert!(!l.desired.failed_files.is_empty());
+    }
+}
+
 #[test]
 fn labels_follow_kubernetes_syntax_and_are_strings() {
     let with = |labels: &str| {

@@ -616,7 +616,9 @@ impl Watcher {
     /// whose spec changed marked dirty, absent VMs tracked for pruning.
     fn absorb(&mut self, loaded: Loaded) {
         self.scans += 1;
-        let Loaded { desired, errors } = loaded;
+        let Loaded {
+            desired, errors, ..
+        } = loaded;
         let mut first_error: BTreeMap<PathBuf, String> = BTreeMap::new();
         for e in &errors {
             first_error
@@ -670,9 +672,11 @@ impl Watcher {
                 self.mark(name, Trigger::Spec);
             }
         }
+        // A broken spec of another host's keeps a VM of its name here too.
         self.unknown = desired
             .unknown
             .iter()
+            .chain(&desired.unknown_elsewhere)
             .filter(|n| !next.contains_key(*n))
             .cloned()
             .collect();
