@@ -169,6 +169,24 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// The revision refused, when the error is about one (not a fetch that
+    /// failed).
+    pub fn revision(&self) -> Option<&Revision> {
+        match self {
+            SourceError::MissingPath { revision, .. }
+            | SourceError::Unverified { revision, .. }
+            | SourceError::Rewritten { revision, .. }
+            | SourceError::CheckoutTooLarge { revision, .. }
+            | SourceError::Specs { revision, .. } => Some(revision),
+            SourceError::Options(_)
+            | SourceError::Io { .. }
+            | SourceError::Git { .. }
+            | SourceError::NoSuchRef(_)
+            | SourceError::Timeout { .. }
+            | SourceError::TooLarge { .. } => None,
+        }
+    }
+
     /// A short word for the kind, for metrics and status (bounded set).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -212,6 +230,14 @@ pub struct SourceStatus {
     /// The last of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_unverified: Option<String>,
+    /// Revisions refused, by the kind of refusal (`spec-errors`,
+    /// `unverified`, `rewritten`, `missing-path`, `too-large`), each
+    /// revision counted once per kind however often it is fetched again.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// The last refusal counted (`<sha> <kind>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refused: Option<String>,
 }
 
 /// What a sync did.
@@ -367,6 +393,13 @@ impl GitSource {
                 {
                     status.refused_unverified += 1;
                     status.last_unverified = Some(revision.sha.clone());
+                }
+                if let Some(revision) = e.revision() {
+                    let key = format!("{} {}", revision.sha, e.kind());
+                    if status.last_refused.as_ref() != Some(&key) {
+                        *status.refused.entry(e.kind().to_string()).or_default() += 1;
+                        status.last_refused = Some(key);
+                    }
                 }
             }
         }
@@ -1182,6 +1215,12 @@ mod tests {
         let e = src.sync().await.expect_err("rewritten");
         assert!(matches!(e, SourceError::Rewritten { .. }), "{e}");
         assert_eq!(in_force(), before);
+        // Issue 30: every kind of refusal is counted (for the metrics), each
+        // revision once however often it is fetched again.
+        src.sync().await.expect_err("still rewritten");
+        let refused = src.status().refused;
+        assert_eq!(refused.get("spec-errors"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("rewritten"), Some(&1), "{refused:?}");
 
         // A ref that does not exist, a path missing from the revision, an
         // unreachable URL, a repository over its bound.

@@ -39,6 +39,9 @@ pub struct Metrics {
     last_fetch: Gauge,
     refused_unverified: Counter,
     refused_seen: AtomicU64,
+    refused: Family<Labels, Counter>,
+    /// What `refused` has counted of each kind so far.
+    refused_counted: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// The VMs the per-VM counters have series for.
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The revision series shown now.
@@ -138,8 +141,16 @@ impl Metrics {
             "Revisions refused for want of a signature by an allowed signer",
             refused_unverified.clone(),
         );
+        let refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "source_refused_revisions",
+            "Revisions not put in force, by kind (spec-errors, unverified, rewritten, missing-path, too-large); each counted once",
+            refused.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            refused,
+            refused_counted: std::sync::Mutex::default(),
             reconcile_duration,
             reconciles,
             drift_corrected,
@@ -292,6 +303,18 @@ impl Metrics {
         if src.refused_unverified > seen {
             self.refused_unverified
                 .inc_by(src.refused_unverified - seen);
+        }
+        let mut counted = self
+            .refused_counted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, n) in &src.refused {
+            let before = counted.insert(kind.clone(), *n).unwrap_or(0);
+            if *n > before {
+                self.refused
+                    .get_or_create(&vec![("kind", kind.clone())])
+                    .inc_by(n - before);
+            }
         }
     }
 

@@ -498,6 +498,14 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
         m["families"]["uvmctl_source_unverified_revisions"]["samples"][0][2], 1.0,
         "counted once in the metrics"
     );
+    // Issue 30: every kind of refusal has its count, not only this one.
+    let refused = &m["families"]["uvmctl_source_refused_revisions"]["samples"];
+    assert!(
+        refused.as_array().is_some_and(|s| s
+            .iter()
+            .any(|s| s[1]["kind"] == "unverified" && s[2] == 1.0)),
+        "{refused}"
+    );
     assert!((0..HOSTS).all(|i| f.source(i).0.as_deref() == Some(fixed.as_str())));
     assert_eq!(f.vms(host_of(5))["vm-0005"], memory[5] - 32, "not applied");
     let signed = f.commit("signed", true);
