@@ -180,7 +180,7 @@ async fn convergence(shared: &Arc<dyn Virtstack>, fx: &Fixture) -> Check {
             let first = plan(&d, &seen, vs.capabilities(), &opts);
             let run = ApplyOptions {
                 allow_recreate: true,
-                wait_ready: None,
+                ..ApplyOptions::default()
             };
             let quiet: Progress = Arc::new(|_: &str, _: &str| {});
             for o in apply(&first, &d, Arc::clone(shared), run, quiet).await {

@@ -1166,7 +1166,7 @@ async fn hcs_requests(planned: &reconcile::Planned, host: &Host) -> anyhow::Resu
     }
     let opts = ApplyOptions {
         allow_recreate: true,
-        wait_ready: None,
+        ..ApplyOptions::default()
     };
     let quiet: apply::Progress = Arc::new(|_: &str, _: &str| {});
     let outcomes = apply::apply(
@@ -1389,12 +1389,32 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
     let progress: apply::Progress = Arc::new(move |vm: &str, msg: &str| {
         eprintln!("[{:>6.1}s] {vm}: {msg}", started.elapsed().as_secs_f64());
     });
+    // Ctrl+C: every VM finishes the step in flight and stops, and the
+    // summary says where each was left; a second Ctrl+C exits at once.
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let interrupts = tokio::spawn(async {
+        use std::sync::atomic::Ordering;
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if INTERRUPTED.swap(true, Ordering::Relaxed) {
+                eprintln!("interrupted again: exiting now, steps in flight abandoned");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "interrupted: each VM stops after the step in flight (Ctrl+C again exits at once)"
+            );
+        }
+    });
     let opts = ApplyOptions {
         allow_recreate: args.allow_recreate,
         wait_ready: args.wait_ready,
+        interrupt: Some(&INTERRUPTED),
     };
     let applied = planned.apply(vs, opts, progress).await;
+    interrupts.abort();
     eprintln!("{applied}");
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(130);
+    }
     Ok(if applied.converged() { 0 } else { EXIT_ERROR })
 }
 

@@ -40,6 +40,9 @@ pub enum ApplyError {
     /// The plan and the VM disagree (changed since planning).
     #[error("{0}")]
     Inconsistent(String),
+    /// Stopped between two steps when asked to (Ctrl+C).
+    #[error("interrupted: stopped after the step in flight; `uvmctl plan` shows what is left")]
+    Interrupted,
 }
 /// Choices for one apply.
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,6 +52,9 @@ pub struct ApplyOptions {
     /// Wait up to this long for each VM meant to run to open its guest agent
     /// port (a guest without uvmctl's agent never does).
     pub wait_ready: Option<std::time::Duration>,
+    /// Once set, every VM stops after the step in flight (Ctrl+C): a step
+    /// is never cut in half.
+    pub interrupt: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// A long wait shows as it goes: after 2 s, then every 5 s.
@@ -114,16 +120,25 @@ pub struct VmOutcome {
 }
 
 /// Counts the steps of one VM's apply that went through.
-#[derive(Debug, Default)]
-struct Steps(std::sync::atomic::AtomicUsize);
+#[derive(Debug)]
+struct Steps(
+    std::sync::atomic::AtomicUsize,
+    Option<&'static std::sync::atomic::AtomicBool>,
+);
 
 impl Steps {
-    /// `r`, counted when it went through.
-    fn did<T, E>(&self, r: Result<T, E>) -> Result<T, E> {
-        if r.is_ok() {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// `r`, counted when it went through; once an interrupt was asked for,
+    /// the end of this VM's apply (the step is done, no next one starts).
+    fn did<T, E: Into<ApplyError>>(&self, r: Result<T, E>) -> Result<T, ApplyError> {
+        let done = r.map_err(Into::into)?;
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self
+            .1
+            .is_some_and(|i| i.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(ApplyError::Interrupted);
         }
-        r
+        Ok(done)
     }
 
     fn count(&self) -> usize {
@@ -149,7 +164,7 @@ pub async fn apply(
         let vs = vs.clone();
         let progress = progress.clone();
         set.spawn(async move {
-            let steps = Steps::default();
+            let steps = Steps(Default::default(), opts.interrupt);
             let result = apply_vm(vs.as_ref(), &vm, want.as_deref(), opts, &progress, &steps).await;
             match &result {
                 Ok(()) => progress(&vm.name, "done"),

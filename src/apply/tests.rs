@@ -56,10 +56,48 @@ async fn plan_and_apply(fake: &Fake, d: &DesiredState) -> (Plan, Vec<VmOutcome>)
     let p = plan(d, &observed, fake.capabilities(), &PlanOptions::default());
     let opts = ApplyOptions {
         allow_recreate: true,
-        wait_ready: None,
+        ..ApplyOptions::default()
     };
     let out = apply(&p, d, Arc::new(fake.clone()), opts, quiet()).await;
     (p, out)
+}
+
+/// Issue 30: Ctrl+C during apply ended uvmctl with no word of where each
+/// VM was left. An interrupt lets each VM finish the step in flight, stops
+/// it there, and its outcome says how far it got.
+#[tokio::test]
+async fn an_interrupt_stops_each_vm_after_the_step_in_flight() {
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let fake = Fake::new(qemu_caps());
+    let mut have = with_disks("web", &[1, 2]);
+    have.processors.count = 1;
+    fake.insert("web", running(have));
+    let mut want = with_disks("web", &[3]);
+    want.processors.count = 2;
+    let d = desired(&[("web", want)]);
+    let observed = observe_all(&fake).await.expect("list");
+    let p = plan(&d, &observed, fake.capabilities(), &PlanOptions::default());
+    assert!(p.vms[0].ops.len() > 1, "a plan of several steps");
+    let opts = ApplyOptions {
+        interrupt: Some(&INTERRUPTED),
+        ..ApplyOptions::default()
+    };
+    let out = apply(&p, &d, Arc::new(fake.clone()), opts, quiet()).await;
+    assert_eq!(
+        out[0].steps, 1,
+        "the step in flight finished, no other began"
+    );
+    assert!(
+        matches!(out[0].result, Err(ApplyError::Interrupted)),
+        "{:?}",
+        out[0].result
+    );
+    assert!(
+        out[0]
+            .result
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("`uvmctl plan` shows what is left"))
+    );
 }
 
 #[tokio::test]
@@ -358,7 +396,7 @@ mod properties {
             let (first, outcomes, again) = rt.block_on(async {
                 let observed = observe_all(&fake).await.expect("list");
                 let first = plan(&d, &observed, fake.capabilities(), &opts);
-                let run = ApplyOptions { allow_recreate: true, wait_ready: None };
+                let run = ApplyOptions { allow_recreate: true, ..ApplyOptions::default() };
                 let outcomes = apply(&first, &d, Arc::new(fake.clone()), run, quiet()).await;
                 let observed = observe_all(&fake).await.expect("list");
                 (first, outcomes, plan(&d, &observed, fake.capabilities(), &opts))

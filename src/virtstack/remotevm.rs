@@ -917,7 +917,7 @@ mod tests {
                     let opts = PlanOptions::default();
                     let observed = observe_all(vs.as_ref()).await.expect("list");
                     let first = plan(&d, &observed, vs.capabilities(), &opts);
-                    let run = ApplyOptions { allow_recreate: true, wait_ready: None };
+                    let run = ApplyOptions { allow_recreate: true, ..ApplyOptions::default() };
                     let progress: crate::apply::Progress = Arc::new(|_: &str, _: &str| {});
                     for o in apply(&first, &d, Arc::clone(&vs), run, progress).await {
                         if let Err(e) = o.result {

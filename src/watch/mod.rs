@@ -464,7 +464,7 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         Arc::clone(vs),
         ApplyOptions {
             allow_recreate: false,
-            wait_ready: None,
+            ..ApplyOptions::default()
         },
         progress,
     )
@@ -494,7 +494,10 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
                     crate::spec::PowerState::Running | crate::spec::PowerState::Paused
                 )
             });
-            Outcome::Applied(vm_plan.ops.len().max(1))
+            // Counted as the plan's summary counts (a VM created is one
+            // addition, not one per item of its spec).
+            let s = the_plan.summary();
+            Outcome::Applied((s.add + s.change + s.remove + s.recreate).max(1))
         }
     };
 }
