@@ -168,6 +168,7 @@ enum Command {
 /// before or after the subcommand; each falls back to its `UVMCTL_*`
 /// variable, then to the config file, then to its default.
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Host options (before or after the command)")]
 struct HostArgs {
     /// Root of per-VM state directories (QMP sockets, launch records)
     /// [default: /run/uvmctl].
@@ -333,6 +334,7 @@ impl Host {
 /// GitRepository): fetched, checked and swapped in whole (README.md,
 /// "A fleet from one repository").
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Specs from git")]
 struct GitArgs {
     /// Take the specs from this git repository (any URL git fetches)
     /// instead of DIR.
@@ -364,6 +366,7 @@ struct GitArgs {
 /// Which of the specs are this host's (README.md, "A fleet from one
 /// repository"). Names and MACs stay unique over every spec.
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Placement")]
 struct PlacementArgs {
     /// Only the VMs whose labels match (kubectl's syntax: key=value,
     /// key!=value, key, !key, joined by commas); the others are neither
@@ -505,10 +508,6 @@ struct PlanArgs {
     /// Directory of spec files (searched recursively), or one file.
     #[arg(required_unless_present = "git", conflicts_with = "git")]
     dir: Option<PathBuf>,
-    #[command(flatten)]
-    git: GitArgs,
-    #[command(flatten)]
-    placement: PlacementArgs,
     /// Plan against observed state recorded from a host (the spec shape
     /// `uvmctl export` writes) instead of the live QEMU virtstack.
     #[arg(long, value_name = "FILE")]
@@ -539,6 +538,11 @@ struct PlanArgs {
         conflicts_with_all = ["observed", "git", "selector", "for_host", "placement_path"]
     )]
     out: Option<PathBuf>,
+    // Last: their help headings would take the options after them.
+    #[command(flatten)]
+    git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 #[derive(Args)]
@@ -573,10 +577,6 @@ struct WatchArgs {
     /// Directory of spec files (searched recursively), or one file.
     #[arg(required_unless_present = "git", conflicts_with = "git")]
     dir: Option<PathBuf>,
-    #[command(flatten)]
-    git: GitArgs,
-    #[command(flatten)]
-    placement: PlacementArgs,
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
     /// e.g. 127.0.0.1:9464 (README.md, "A fleet from one repository").
     #[arg(long, value_name = "ADDR")]
@@ -625,6 +625,11 @@ struct WatchArgs {
     /// Longest retry delay.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     backoff_cap: Duration,
+    // Last: their help headings would take the options after them.
+    #[command(flatten)]
+    git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 #[derive(Args)]
@@ -661,10 +666,6 @@ struct ApplyArgs {
     #[arg(required_unless_present = "git", conflicts_with = "git")]
     dir: Option<PathBuf>,
     #[command(flatten)]
-    git: GitArgs,
-    #[command(flatten)]
-    placement: PlacementArgs,
-    #[command(flatten)]
     common: PlanCommon,
     /// Do not ask for confirmation.
     #[arg(long)]
@@ -681,6 +682,11 @@ struct ApplyArgs {
     /// without that agent never do), showing progress.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     wait_ready: Option<Duration>,
+    // Last: their help headings would take the options after them.
+    #[command(flatten)]
+    git: GitArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 /// `100ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
@@ -1559,6 +1565,11 @@ impl Drop for RawTerminal {
 async fn run_logs(name: &VmName, follow: bool, previous: bool, host: &Host) -> anyhow::Result<u8> {
     let qemu = host.qemu("logs")?;
     let logs = qemu.logs(name, previous)?;
+    if previous && !follow && logs.iter().all(|l| !l.path.exists()) {
+        // Nothing printed would read as an empty console.
+        eprintln!("{name}: no console of a launch before this one is kept");
+        return Ok(0);
+    }
     let mut printer = uvmctl::virtstack::qemu::guest::LogPrinter::new(&logs);
     let print = |printer: &mut uvmctl::virtstack::qemu::guest::LogPrinter| -> anyhow::Result<()> {
         match printer.print_new(&mut std::io::stdout().lock()) {
