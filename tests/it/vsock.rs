@@ -112,6 +112,24 @@ fn vsock_listeners_follow_the_spec_live_both_ways_through_save_restore_and_a_dea
     }
     caller.release();
     assert!(caller.lock_is_free(), "no VM holds the caller's lock");
+    // Issue 30, on real QEMU: a selector that selects nothing prunes nothing.
+    let pids = [h.pid("vs"), h.pid("other")];
+    let out = h.uvmctl(&[
+        "apply",
+        specs.to_str().expect("utf-8"),
+        "-l",
+        "tier=nope",
+        "--prune",
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("refusing to prune: it would remove all 2 VMs of this host"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!([h.pid("vs"), h.pid("other")], pids, "both QEMUs run on");
+    assert_eq!(h.state_of("vs"), "running");
     let mut agent = h.agent("vs");
     let mut other = h.agent("other");
 
