@@ -519,7 +519,7 @@ struct PlanArgs {
     output: Output,
     /// Also show a unified diff of canonical YAML, observed → desired, per
     /// VM (text output only).
-    #[arg(long, conflicts_with = "output")]
+    #[arg(long)]
     diff: bool,
     /// With --virtstack hcs: print, instead of the plan, the HCS calls
     /// applying it would make (create documents, ModifySettingRequests,
@@ -931,7 +931,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
-    let loaded = reconcile::load(dir.clone(), None).await;
+    let mut loaded = reconcile::load(dir.clone(), None).await;
+    if loaded.errors.is_empty() && loaded.desired.vms.is_empty() {
+        // Nothing checked is not "valid" (issue 30: `validate emptydir`).
+        loaded.errors.push(spec::SpecError::whole_file(
+            &dir,
+            "no VM spec found (files ending in .yaml or .yml, one VM a document)",
+        ));
+    }
     if output == Output::Json {
         let doc = serde_json::json!({
             "formatVersion": 1,
@@ -951,14 +958,7 @@ async fn validate(dir: PathBuf, output: Output) -> anyhow::Result<u8> {
     }
     let n = loaded.desired.vms.len();
     let s = |n: usize| if n == 1 { "" } else { "s" };
-    if loaded.errors.is_empty() && n == 0 {
-        // Nothing checked is not "valid" (issue 30: `validate emptydir`).
-        eprintln!(
-            "{}: no VM spec found (files ending in .yaml or .yml, one VM a document)",
-            dir.display()
-        );
-        Ok(EXIT_ERROR)
-    } else if loaded.errors.is_empty() {
+    if loaded.errors.is_empty() {
         outln!("{n} VM spec{} valid", s(n))?;
         Ok(0)
     } else {
@@ -1021,6 +1021,9 @@ fn print_refused(refused: &[uvmctl::plan::Refused]) {
 }
 
 async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
+    if args.diff && args.output == Output::Json {
+        bail!("--diff shows a text diff; it does not go with --output json");
+    }
     if args.hcs_requests && host.virtstack != Kind::Hcs.as_str() {
         bail!(
             "--hcs-requests shows what the hcs virtstack sends: give --virtstack hcs (not {})",
@@ -1637,6 +1640,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     let source = args
         .git
         .source(cache.clone(), args.placement.placement()?)?;
+    let mut refused = RefusedLog::default();
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
             match source.sync().await {
@@ -1646,7 +1650,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
                     s.revision()
                 ),
                 // What an earlier run put in force stays in force.
-                Err(e) if source.spec_dir().exists() => log_refused(source, &e),
+                Err(e) if source.spec_dir().exists() => refused.log(source, &e),
                 Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
             }
             source.spec_dir()
@@ -1690,7 +1694,6 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         let interval = args.git_interval.max(Duration::from_secs(1));
         tokio::spawn(async move {
             use uvmctl::watch::Signal;
-            let mut refused = RefusedLog::default();
             loop {
                 let asked = tokio::select! {
                     () = tokio::time::sleep(interval) => false,
