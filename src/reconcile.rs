@@ -160,6 +160,9 @@ pub struct Planned {
     pub observed: ObservedState,
     /// The plan.
     pub plan: Plan,
+    /// VMs that would attach an image another VM of the host has, judged
+    /// over the whole host (`--only` narrows `observed`, never this).
+    held: Vec<plan::Refused>,
 }
 
 impl Planned {
@@ -177,12 +180,19 @@ impl Planned {
         only: &[VmName],
     ) -> Result<Self, UnknownOnly> {
         check_only(only, &loaded.desired, &observed)?;
-        let host_vms = observed.vms.values().filter(|v| v.managed).count() + observed.unknown.len();
+        // What a prune could remove: managed, observed, not protected.
+        let host_vms = observed
+            .vms
+            .values()
+            .filter(|v| v.managed && !v.config.policy.protected)
+            .count();
         let selection = plan::prune::Selection {
             here: loaded.desired.vms.len() + loaded.desired.unknown.len(),
             elsewhere: loaded.desired.elsewhere.len(),
             by: loaded.desired.placed_by.clone(),
         };
+        // Images are judged against every VM of the host, not only those named.
+        let whole_host = (!only.is_empty()).then(|| observed.clone());
         if !only.is_empty() {
             let only: BTreeSet<&str> = only.iter().map(VmName::as_str).collect();
             loaded.desired.vms.retain(|n, _| only.contains(n.as_str()));
@@ -191,10 +201,16 @@ impl Planned {
         }
         let mut plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
         plan::prune::guard(&mut plan, host_vms, &selection, &opts.guard);
+        let held = plan::images::held_by_others(
+            &plan,
+            &loaded.desired,
+            whole_host.as_ref().unwrap_or(&observed),
+        );
         Ok(Planned {
             loaded,
             observed,
             plan,
+            held,
         })
     }
 
@@ -229,8 +245,7 @@ impl Planned {
     /// Each names its spec field at its line and column (the spec file is
     /// read again, bounded, for the position).
     pub fn refused(&self, vs: Option<&dyn Virtstack>) -> Vec<plan::Refused> {
-        let mut refused =
-            plan::images::held_by_others(&self.plan, &self.loaded.desired, &self.observed);
+        let mut refused = self.held.clone();
         if let Some(vs) = vs {
             for r in apply::preflight(&self.plan, &self.loaded.desired, vs) {
                 if !refused.iter().any(|x| x.vm == r.vm) {

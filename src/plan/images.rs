@@ -31,36 +31,86 @@ pub fn held_by_others(
             (VmAction::Update, Some(o)) => o.config.images().map(|i| i.path).collect(),
             _ => BTreeSet::new(),
         };
-        let mut why = Vec::new();
-        for image in want.config.images().filter(|i| !has.contains(i.path)) {
-            for (other, o) in &observed.vms {
-                if *other == vm.name {
-                    continue;
-                }
-                let Some(theirs) = o.config.images().find(|i| i.path == image.path) else {
-                    continue;
-                };
-                if image.read_only && theirs.read_only {
-                    continue;
-                }
-                why.push(Refused {
-                    field: image.site.field(),
-                    ..Refused::new(
-                        &vm.name,
-                        want,
-                        &format!(
-                            "{} is attached{} by VM {other} ({}) on this host; an image attached writable can belong to one VM only",
-                            image.path.display(),
-                            if theirs.read_only { "" } else { " writable" },
-                            o.state.shown(),
-                        ),
-                    )
-                });
-            }
+        // One refusal per VM: the first image's field, every clash said.
+        let others = observed
+            .vms
+            .iter()
+            .filter(|(other, _)| **other != vm.name)
+            .flat_map(|(other, o)| {
+                o.config.images().map(move |i| Holding {
+                    vm: other,
+                    state: o.state.shown(),
+                    path: i.path,
+                    read_only: i.read_only,
+                })
+            })
+            .collect::<Vec<_>>();
+        let pruned = |other: &str| {
+            plan.vms
+                .iter()
+                .any(|p| p.name == other && p.action == VmAction::Destroy)
+        };
+        let (field, why) = clashes(&want.config, &has, &others, &pruned);
+        if let Some(field) = field {
+            refused.push(Refused {
+                field,
+                ..Refused::new(&vm.name, want, &why)
+            });
         }
-        refused.extend(why);
     }
     refused
+}
+
+/// An image another VM of the host has.
+#[derive(Debug, Clone, Copy)]
+pub struct Holding<'a> {
+    /// That VM.
+    pub vm: &'a str,
+    /// Its state, as `status` says it.
+    pub state: &'a str,
+    /// The image.
+    pub path: &'a Path,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
+/// What `want` would attach that `others` hold, writable on either side,
+/// leaving out what the VM has already (`has`): the first such image's
+/// field and one sentence for all. `pruned` says whether this plan prunes
+/// a holder (then the two would race: said so).
+pub fn clashes(
+    want: &crate::spec::VmConfig,
+    has: &BTreeSet<&Path>,
+    others: &[Holding<'_>],
+    pruned: &dyn Fn(&str) -> bool,
+) -> (Option<String>, String) {
+    let mut field = None;
+    let mut why = Vec::new();
+    for image in want.images().filter(|i| !has.contains(i.path)) {
+        for theirs in others.iter().filter(|h| h.path == image.path) {
+            if image.read_only && theirs.read_only {
+                continue;
+            }
+            field.get_or_insert_with(|| image.site.field());
+            why.push(format!(
+                "{} is attached{} by VM {} ({}) on this host{}",
+                image.path.display(),
+                if theirs.read_only { "" } else { " writable" },
+                theirs.vm,
+                theirs.state,
+                if pruned(theirs.vm) {
+                    ", which this plan prunes: apply the prune first, then this VM"
+                } else {
+                    ""
+                },
+            ));
+        }
+    }
+    let why = format!(
+        "{}; an image attached writable can belong to one VM only",
+        why.join("; ")
+    );
+    (field, why)
 }
 
 #[cfg(test)]

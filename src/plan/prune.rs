@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum PruneLimit {
     /// At most this many VMs.
     Count(u32),
-    /// At most this percentage (0–100) of the host's managed VMs.
+    /// At most this percentage (0–100) of the VMs a prune could remove,
+    /// rounded down (25% of 3 VMs allows none).
     Percent(u8),
 }
 
@@ -83,7 +84,7 @@ pub struct Selection {
 pub struct PruneRefusal {
     /// The VMs it would have removed, by name.
     pub removing: Vec<String>,
-    /// The managed VMs this host has.
+    /// The VMs of this host a prune could remove.
     pub host_vms: usize,
     /// The limit it broke (none: it would have emptied the host).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,11 +115,13 @@ fn some_names(names: &[String]) -> String {
     s
 }
 
-/// Checks a prune of `removing` on a host with `host_vms` managed VMs.
+/// Checks a prune of `removing` on a host with `host_vms` VMs a prune
+/// could remove (managed, observed, not protected).
 ///
 /// # Errors
-/// When it would remove every one of them (and there is at least one)
-/// without `allow_empty`, or more than `max_prune`.
+/// Without `allow_empty`: when it would remove every one of them, or the
+/// specs select no VM at all for this host. With `max_prune`: when it
+/// would remove more.
 pub fn check(
     removing: &[String],
     host_vms: usize,
@@ -130,7 +133,9 @@ pub fn check(
         return Ok(());
     }
     let names = some_names(removing);
-    if n >= host_vms && !guard.allow_empty {
+    // A selection of nothing is the typo itself, whatever else the host has
+    // (protected VMs, VMs that cannot be observed: neither is ever pruned).
+    if (n >= host_vms || selection.here == 0) && !guard.allow_empty {
         let vms = if n == 1 { "VM" } else { "VMs" };
         let why = if selection.here == 0 {
             let by = selection
@@ -152,10 +157,17 @@ pub fn check(
             removing: removing.to_vec(),
             host_vms,
             max_prune: None,
-            message: format!(
-                "refusing to prune: it would remove all {n} {vms} of this host ({names}), and {why}; \
-                 check the selector or host name, or give --allow-empty if emptying this host is meant"
-            ),
+            message: if n >= host_vms {
+                format!(
+                    "refusing to prune: it would remove all {n} {vms} of this host ({names}), and {why}; \
+                     check the selector or host name, or give --allow-empty if emptying this host is meant"
+                )
+            } else {
+                format!(
+                    "refusing to prune: it would remove {n} {vms} of this host ({names}), and {why}; \
+                     check the selector or host name, or give --allow-empty if that is meant"
+                )
+            },
         });
     }
     if let Some(limit) = guard.max_prune
@@ -189,7 +201,10 @@ pub fn guard(plan: &mut Plan, host_vms: usize, selection: &Selection, guard: &Pr
     };
     plan.vms.retain(|v| v.action != VmAction::Destroy);
     let short = match &refusal.max_prune {
-        None => "no spec, but not pruned: that would empty this host".to_string(),
+        None if selection.here == 0 => {
+            "no spec, but not pruned: the specs select no VM for this host".to_string()
+        }
+        None => "no spec, but not pruned: that would remove every VM this host has".to_string(),
         Some(limit) => format!("no spec, but not pruned: the prune exceeds --max-prune {limit}"),
     };
     for name in &removing {
@@ -249,9 +264,17 @@ mod tests {
             ..PruneGuard::default()
         };
         assert_eq!(check(&names(&["a", "b", "c"]), 3, &sel, &allowed), Ok(()));
-        // Fewer than all: the empty rule does not apply.
+        // Fewer than all, but still a selection of nothing: refused too
+        // (a protected or unobservable VM kept the count above).
+        let e = check(&names(&["a"]), 3, &sel, &PruneGuard::default()).expect_err("refused");
+        assert!(e.message.contains("remove 1 VM of this host (a)"), "{e}");
+        // Fewer than all, of a selection of something: a plain prune.
+        let some = Selection {
+            here: 2,
+            ..sel.clone()
+        };
         assert_eq!(
-            check(&names(&["a"]), 3, &sel, &PruneGuard::default()),
+            check(&names(&["a"]), 3, &some, &PruneGuard::default()),
             Ok(())
         );
         assert_eq!(check(&[], 0, &sel, &PruneGuard::default()), Ok(()));

@@ -378,6 +378,7 @@ fn document_errors(
             .unwrap_or_default()
             .to_string()
     };
+    let mut matched = false;
     let mut out: Vec<Pending> = shape
         .problems
         .into_iter()
@@ -385,12 +386,18 @@ fn document_errors(
             let same = field == serde.field
                 || (field.starts_with(&serde.field)
                     && serde.message.contains(&format!("`{}`", last(&field))));
+            matched |= same;
             Pending {
                 pos: if same { serde.pos } else { None },
                 ..pending((field, message))
             }
         })
         .collect();
+    // A fault the schema does not state (a MAC serde parses, say) is still
+    // said, in serde's words.
+    if !matched {
+        out.push(serde);
+    }
     if let Ok(mut rest) = serde_yaml::from_value::<VmDocument>(shape.repaired) {
         let under = |field: &str| {
             shape.touched.iter().any(|t| {

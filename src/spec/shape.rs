@@ -21,9 +21,14 @@ fn schema() -> &'static Schema {
     SCHEMA.get_or_init(super::schema::json_schema)
 }
 
+/// The most faults of shape said of one document: a file of a megabyte of
+/// bogus keys would otherwise say hundreds of thousands.
+pub const MAX_PROBLEMS: usize = 50;
+
 /// What the walk found in one document.
 pub(super) struct Shape {
-    /// Every fault of shape, as `(field path, message)`.
+    /// Every fault of shape, as `(field path, message)`; at most
+    /// [`MAX_PROBLEMS`], then one saying how many more.
     pub problems: Vec<Problem>,
     /// The document without them, for the per-field rules.
     pub repaired: Value,
@@ -41,8 +46,17 @@ pub(super) fn check(doc: &Value) -> Shape {
     };
     let mut repaired = doc.clone();
     walk.node(walk.root, &mut repaired, "");
+    let mut problems = walk.problems;
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - MAX_PROBLEMS;
+        problems.truncate(MAX_PROBLEMS);
+        problems.push((
+            String::new(),
+            format!("and {more} more faults in this document"),
+        ));
+    }
     Shape {
-        problems: walk.problems,
+        problems,
         repaired,
         touched: walk.touched,
     }
@@ -194,6 +208,20 @@ impl<'s> Walk<'s> {
             self.problem(path, message);
             return Kept::No;
         }
+        // Bounds of integers, as the per-field rules word them: a number out
+        // of its type's range would not deserialize for them to see.
+        if let Some(n) = v.as_i64().map(i128::from).or(v.as_u64().map(i128::from)) {
+            let bound = |k: &str| {
+                s.get(k)
+                    .and_then(|b| b.as_i64().map(i128::from).or(b.as_u64().map(i128::from)))
+            };
+            if let (Some(min), Some(max)) = (bound("minimum"), bound("maximum"))
+                && !(min..=max).contains(&n)
+            {
+                self.problem(path, format!("{n} is out of range {min}–{max}"));
+                return Kept::No;
+            }
+        }
         match v {
             Value::Mapping(m) => self.mapping(s, m, path),
             Value::Sequence(items) => {
@@ -240,6 +268,13 @@ impl<'s> Walk<'s> {
             } else {
                 path.to_string()
             };
+            // A key that is no name is said, taken out, and silences no
+            // rule of its parent (`touched` is for fields).
+            let mark = |walk: &mut Self, at: &str| {
+                if plain {
+                    walk.touched.insert(at.to_string());
+                }
+            };
             let schema = props.and_then(|p| p.get(&name)).or(values);
             let Some(schema) = schema else {
                 if closed {
@@ -264,7 +299,7 @@ impl<'s> Walk<'s> {
                         ),
                     );
                     m.remove(&key);
-                    self.touched.insert(at);
+                    mark(self, &at);
                 }
                 continue;
             };
@@ -413,6 +448,22 @@ mod tests {
             Value::Number(1.into())
         );
         assert!(shape.touched.contains("spec.processors.count"));
+    }
+
+    /// A file of bogus keys says a bounded number of faults.
+    #[test]
+    fn faults_are_bounded_per_document() {
+        let mut text = String::from("apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\n");
+        for i in 0..200 {
+            text.push_str(&format!("k{i}: 1\n"));
+        }
+        let shape = check(&doc(&text));
+        assert_eq!(shape.problems.len(), MAX_PROBLEMS + 1);
+        let last = &shape.problems[MAX_PROBLEMS].1;
+        assert!(
+            last.starts_with("and ") && last.ends_with(" more faults in this document"),
+            "{last}"
+        );
     }
 
     #[test]

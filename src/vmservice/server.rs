@@ -35,7 +35,15 @@ pub struct Serving {
     follower: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
 /// How often a server looks whether its VM runs, to follow it.
+/// (Following holds the VM's events socket, which serves one client: a
+/// watcher of the same state directory cannot follow a served VM.)
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Follows the VM's events for as long as the server runs: what the
@@ -101,7 +109,6 @@ impl Serving {
 
     /// Stops serving and removes the socket.
     pub async fn shutdown(mut self) {
-        self.follower.abort();
         let _ = self.server.shutdown().await;
         let _ = std::fs::remove_file(&self.path);
     }

@@ -267,6 +267,9 @@ struct Job {
     failed_files: BTreeSet<PathBuf>,
     /// When a VM found crashed may be relaunched.
     recovery: Recovery,
+    /// The host's other VMs whose images the watcher has not seen (no spec
+    /// here, so never reconciled): looked at before an image is attached.
+    unseen: Vec<VmName>,
 }
 
 /// When a VM found crashed may be relaunched.
@@ -299,6 +302,18 @@ struct Done {
     state: Option<crate::vm::State>,
     /// How long the reconcile took.
     took: Duration,
+    /// The images (path, read-only) the VM has as this reconcile left it;
+    /// `None`: not known.
+    images: Option<Vec<(PathBuf, bool)>>,
+    /// The images of other VMs this reconcile looked at (`Job::unseen`).
+    others: Vec<(String, Vec<(PathBuf, bool)>)>,
+}
+
+/// The images `cfg` attaches, as the watcher keeps them.
+fn images_of(cfg: &crate::spec::VmConfig) -> Vec<(PathBuf, bool)> {
+    cfg.images()
+        .map(|i| (i.path.to_path_buf(), i.read_only))
+        .collect()
 }
 
 fn held_line(op: &plan::Op) -> String {
@@ -327,6 +342,8 @@ async fn reconcile(ctx: Arc<Ctx>, job: Job) -> Done {
         live: false,
         state: None,
         took: Duration::ZERO,
+        images: None,
+        others: Vec::new(),
     };
     let started = Instant::now();
     let _share = match ctx.lock.share().await {
@@ -357,9 +374,10 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
     // NotFound, so no listing of every VM comes first.
     match tokio::time::timeout(OBSERVE_DEADLINE, vs.observe(&job.name)).await {
         Ok(Ok(o)) => {
+            done.images = Some(images_of(&o.config));
             observed.vms.insert(done.vm.clone(), o);
         }
-        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => {}
+        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => done.images = Some(Vec::new()),
         Ok(Err(e)) => {
             done.outcome = Outcome::Failed(format!("cannot observe: {}", Chain(&e)));
             return;
@@ -454,6 +472,42 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
         done.outcome = Outcome::Failed(format!("refused: {why}"));
         return;
     }
+    // Images the watcher could not judge before (VMs it never reconciled):
+    // looked at now, once, before one is attached.
+    if let Some(want) = &job.desired
+        && want.config.images().next().is_some()
+        && !job.unseen.is_empty()
+    {
+        for other in &job.unseen {
+            if let Ok(Ok(o)) = tokio::time::timeout(OBSERVE_DEADLINE, vs.observe(other)).await {
+                done.others.push((other.to_string(), images_of(&o.config)));
+            }
+        }
+        let has: BTreeSet<&std::path::Path> = observed
+            .vms
+            .get(&done.vm)
+            .map(|o| o.config.images().map(|i| i.path).collect())
+            .unwrap_or_default();
+        let others: Vec<plan::images::Holding<'_>> = done
+            .others
+            .iter()
+            .flat_map(|(other, images)| {
+                images
+                    .iter()
+                    .map(move |(path, read_only)| plan::images::Holding {
+                        vm: other,
+                        state: "on this host",
+                        path,
+                        read_only: *read_only,
+                    })
+            })
+            .collect();
+        let (field, why) = plan::images::clashes(&want.config, &has, &others, &|_| false);
+        if let Some(field) = field {
+            done.outcome = Outcome::Failed(format!("refused: {field}: {why}"));
+            return;
+        }
+    }
     let vm_name = done.vm.clone();
     let progress: Progress = Arc::new(move |_vm: &str, msg: &str| {
         tracing::info!(vm = %vm_name, "{msg}");
@@ -494,6 +548,12 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
                     crate::spec::PowerState::Running | crate::spec::PowerState::Paused
                 )
             });
+            done.images = Some(
+                job.desired
+                    .as_ref()
+                    .map(|d| images_of(&d.config))
+                    .unwrap_or_default(),
+            );
             // Counted as the plan's summary counts (a VM created is one
             // addition, not one per item of its spec).
             let s = the_plan.summary();
@@ -552,6 +612,10 @@ struct Watcher {
     placed_by: Option<String>,
     /// The prune refused last, while it stays refused (said once).
     prune_refused: Option<String>,
+    /// The images each VM has as its last reconcile left it: a VM to be
+    /// given one another VM has (writable on either side) is refused
+    /// before it is reconciled, as plan and apply refuse it.
+    holdings: BTreeMap<String, Vec<(PathBuf, bool)>>,
     /// VMs the virtstack has.
     known: BTreeSet<String>,
     /// VMs without a spec, by the scan that first missed them.
@@ -710,6 +774,39 @@ impl Watcher {
         }
     }
 
+    /// Why `want` may not be reconciled now: it would attach an image another
+    /// VM of this host has, as that VM's last reconcile found it (the rule
+    /// `plan::images` is for plan and apply; a watcher observes one VM at a
+    /// time, so it judges from what it saw of the others).
+    fn image_clash(&self, vm: &str, want: &DesiredVm) -> Option<String> {
+        // Most VMs of a fleet attach nothing: no walk over the others then.
+        want.config.images().next()?;
+        let has: BTreeSet<&std::path::Path> = self
+            .holdings
+            .get(vm)
+            .into_iter()
+            .flatten()
+            .map(|(p, _)| p.as_path())
+            .collect();
+        let others = self
+            .holdings
+            .iter()
+            .filter(|(other, _)| *other != vm)
+            .flat_map(|(other, images)| {
+                images
+                    .iter()
+                    .map(move |(path, read_only)| plan::images::Holding {
+                        vm: other,
+                        state: "as last reconciled",
+                        path,
+                        read_only: *read_only,
+                    })
+            })
+            .collect::<Vec<_>>();
+        let (field, why) = plan::images::clashes(&want.config, &has, &others, &|_| false);
+        field.map(|f| format!("{f}: {why}"))
+    }
+
     /// Marks for removal the VMs a later scan confirmed absent, when nothing
     /// forbids it.
     fn consider_pruning(&mut self) {
@@ -780,13 +877,40 @@ impl Watcher {
             }
             return;
         }
+        if let Some(why) = desired.as_ref().and_then(|d| self.image_clash(&vm, d)) {
+            let t = self.tracked(&vm);
+            let line = format!("refused: {why}");
+            if t.status.held != [line.clone()] {
+                tracing::warn!(vm = %vm, "{line}");
+                t.status.held = vec![line];
+                self.write_status();
+            }
+            if let Some(first) = &mut self.first_round {
+                first.remove(&vm);
+            }
+            return;
+        }
         let t = self.tracked(&vm);
         let recovery = match (t.crash_streak, t.recover_after) {
             (0, _) => Recovery::Now,
             (_, Some(at)) => Recovery::At(at),
             (_, None) => Recovery::Wait,
         };
+        // Only a VM that attaches images needs the others' (most need none).
+        let attaches = desired
+            .as_ref()
+            .is_some_and(|d| d.config.images().next().is_some());
+        let unseen = if attaches {
+            self.known
+                .iter()
+                .filter(|k| **k != vm && !self.holdings.contains_key(*k))
+                .filter_map(|k| VmName::new(k).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let job = Job {
+            unseen,
             name,
             trigger: trigger.clone(),
             desired,
@@ -906,6 +1030,14 @@ impl Watcher {
 
     fn finished(&mut self, done: Done) {
         self.in_flight.remove(&done.vm);
+        if let Some(images) = &done.images {
+            self.holdings.insert(done.vm.clone(), images.clone());
+        }
+        for (other, images) in &done.others {
+            self.holdings
+                .entry(other.clone())
+                .or_insert_with(|| images.clone());
+        }
         let live = done.live;
         let now = Instant::now();
         let backoff = self.opts.backoff;
@@ -1281,6 +1413,7 @@ pub async fn run(
         elsewhere: 0,
         placed_by: None,
         prune_refused: None,
+        holdings: BTreeMap::new(),
         known,
         absent: BTreeMap::new(),
         prune: BTreeSet::new(),

@@ -601,3 +601,35 @@ async fn a_detect_only_watch_reports_everything_and_changes_nothing() {
     assert!(!w.status().vms["a"].held.is_empty());
     w.stop().await;
 }
+
+/// Issue 30: a writable image another VM of this host has is refused by the
+/// watcher too, before anything is made: here the other VM has no spec in
+/// this directory, so the watcher never reconciled it and looks at it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_refuses_an_image_another_vm_of_the_host_has() {
+    let fake = Fake::new(caps());
+    let demo = crate::spec::load_texts(&[("demo.yaml".into(), spec("demo", &[1], ""))]);
+    let config = (*demo.desired.vms["demo"].config).clone();
+    fake.insert(
+        "demo",
+        crate::virtstack::fake::FakeVm {
+            config,
+            state: State::Running,
+            managed: true,
+        },
+    );
+    let copy = spec("copy", &[1], "").replace("/d/copy-1.img", "/d/demo-1.img");
+    let mut w = start(&fake, &[("copy", copy)], |_| {});
+    let r = w.next_for("copy").await;
+    let Outcome::Failed(why) = &r.outcome else {
+        panic!("{r:?}")
+    };
+    assert!(
+        why.contains(
+            "spec.scsiControllers[0].disks[0].path: /d/demo-1.img is attached writable by VM demo"
+        ),
+        "{why}"
+    );
+    assert!(fake.get("copy").is_none(), "nothing made");
+    w.stop().await;
+}

@@ -940,7 +940,6 @@ mod tests {
             "{:?}",
             after(&a, "-chardev")
         );
-        let _ = &handover;
         // COM1 without a listener of the spec's is uvmctl's console.
         assert_eq!(
             after(&a, "-serial"),

@@ -695,7 +695,7 @@ impl Qemu {
         let vm = name.to_string();
         // Serial listeners QEMU cannot reconnect to itself: looked at once
         // a second too, and connected again when back (serial.rs).
-        let serials: Vec<(u32, PathBuf)> = rec
+        let mut serials: Vec<(u32, PathBuf)> = rec
             .config
             .serial_consoles
             .iter()
@@ -737,12 +737,17 @@ impl Qemu {
                     // at the next event (it serves one client at a time).
                     () = tx.closed() => return,
                     _ = tick.tick(), if backend.is_some() || !serials.is_empty() => {
-                        // A QMP failure here shows as the connection's end below.
-                        if let Ok(ports) =
-                            serial::reconnect(&serial_qmp, &serials, Some(&console_log), &resolve).await
-                        {
-                            for port in ports {
-                                tracing::info!(vm = %vm, "serial port {port}: connected to its listener");
+                        match serial::reconnect(&serial_qmp, &serials, Some(&console_log), &resolve).await {
+                            Ok(ports) => {
+                                for port in ports {
+                                    tracing::info!(vm = %vm, "serial port {port}: connected to its listener");
+                                }
+                            }
+                            // Not again and again: each try hands the
+                            // listener a connection that is then dropped.
+                            Err(e) => {
+                                tracing::warn!(vm = %vm, "serial consoles: {}; not reconnected again until the VM is followed anew", crate::vm::Chain(&e));
+                                serials.clear();
                             }
                         }
                         if backend.is_none() || vsock::backend_alive(backend, &dir, &vm) {
@@ -971,22 +976,6 @@ impl Qemu {
             res.taps
                 .insert(n.nic_id.clone(), launch::Opened(std::sync::Arc::new(tap)));
         }
-        // Serial listeners are connected here, by root, and handed over; one
-        // not listening yet is connected once it is, by whoever follows the
-        // VM (serial.rs).
-        for (port, path) in &res.serials {
-            match serial::connect(path) {
-                Ok(conn) => {
-                    res.serial_conns
-                        .insert(*port, launch::Opened(std::sync::Arc::new(conn)));
-                }
-                Err(e) => tracing::info!(
-                    vm = name,
-                    "serial port {port}: {} does not accept now ({e}); connected once it does",
-                    path.display()
-                ),
-            }
-        }
         // What the guest said during the launch before stays readable once
         // (`uvmctl logs --previous`).
         let console_log = self.opts.state_dir.console_log(name);
@@ -1000,12 +989,6 @@ impl Qemu {
             path: console_log,
             file: std::sync::Arc::new(log),
         });
-        let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
-        if let Some(s) = &saved {
-            // The saved state loads only into the same device layout.
-            devices::place_devices(&mut argv, &s.placement);
-            argv.extend(["-incoming".to_string(), "defer".to_string()]);
-        }
         self.forget_all(name).await;
         if res.shared_memory {
             vsock::set_links(&self.opts.state_dir, name, &res.vsock_listeners).map_err(|e| {
@@ -1041,6 +1024,30 @@ impl Qemu {
         // (the directory is sticky).
         let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.console_socket(name));
+        // Serial listeners are connected here, by root, last before QEMU
+        // starts (a listener that accepts once must not get a connection a
+        // failed launch drops), and handed over; one
+        // not listening yet is connected once it is, by whoever follows the
+        // VM (serial.rs).
+        for (port, path) in &res.serials {
+            match serial::connect(path) {
+                Ok(conn) => {
+                    res.serial_conns
+                        .insert(*port, launch::Opened(std::sync::Arc::new(conn)));
+                }
+                Err(e) => tracing::info!(
+                    vm = name,
+                    "serial port {port}: {} does not accept now ({e}); connected once it does",
+                    path.display()
+                ),
+            }
+        }
+        let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
+        if let Some(s) = &saved {
+            // The saved state loads only into the same device layout.
+            devices::place_devices(&mut argv, &s.placement);
+            argv.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
         // Pinned memory: QEMU locks all of itself, which needs CAP_IPC_LOCK
         // or a limit as large (user::MemLock); the capabilities refused a
         // host that has neither before anything started.
