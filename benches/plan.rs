@@ -53,6 +53,46 @@ fn bench(c: &mut Criterion) {
             black_box(render::json(&p, &loaded.errors, &[]))
         })
     });
+    // Issue 30: a writable image another VM of the host has is refused at
+    // plan time. Every spec here is a VM to create, on a host of 10,000
+    // others holding images of their own: one look-up per image.
+    let others: ObservedState = {
+        let mut o = ObservedState::default();
+        for (name, vm) in &observed.vms {
+            o.vms.insert(format!("other-{name}"), vm.clone());
+        }
+        o
+    };
+    let loaded = load_dir(dir.path());
+    let creates = plan(
+        &loaded.desired,
+        &ObservedState::default(),
+        &caps,
+        &PlanOptions::default(),
+    );
+    g.bench_function("images_held_by_others_10k_creates", |b| {
+        b.iter(|| {
+            black_box(uvmctl::plan::images::held_by_others(
+                &creates,
+                &loaded.desired,
+                &others,
+            ))
+        })
+    });
+    // Issue 30: a document serde refuses is walked against the schema for
+    // every fault; a commit that breaks every spec costs this much.
+    let broken = tempfile::tempdir().expect("tempdir");
+    for (i, t) in texts.iter().enumerate() {
+        let bad = t.replace("  processors:", "  procesors:");
+        std::fs::write(broken.path().join(format!("vm-{i:05}.yaml")), bad).expect("write spec");
+    }
+    g.bench_function("load_10k_every_spec_broken", |b| {
+        b.iter(|| {
+            let loaded = load_dir(broken.path());
+            assert_eq!(loaded.desired.unknown.len(), VMS);
+            black_box(loaded.errors.len())
+        })
+    });
     g.bench_function("serde_yaml_parse_value_single_thread", |b| {
         b.iter(|| {
             for t in &texts {

@@ -9,7 +9,7 @@
 use super::{Plan, Refused, VmAction};
 use crate::spec::DesiredState;
 use crate::vm::ObservedState;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 /// A refusal for each VM of `plan` that would attach an image another VM
@@ -22,6 +22,16 @@ pub fn held_by_others(
     observed: &ObservedState,
 ) -> Vec<Refused> {
     let mut refused = Vec::new();
+    // Every image of the host, by path, once: a plan of thousands of VMs
+    // looks each image up rather than walking every other VM.
+    let held = index(observed.vms.iter().flat_map(|(vm, o)| {
+        o.config.images().map(move |i| Holding {
+            vm,
+            state: o.state.shown(),
+            path: i.path,
+            read_only: i.read_only,
+        })
+    }));
     for vm in plan.vms.iter().filter(|v| v.action != VmAction::Destroy) {
         let Some(want) = desired.vms.get(&vm.name) else {
             continue;
@@ -32,25 +42,12 @@ pub fn held_by_others(
             _ => BTreeSet::new(),
         };
         // One refusal per VM: the first image's field, every clash said.
-        let others = observed
-            .vms
-            .iter()
-            .filter(|(other, _)| **other != vm.name)
-            .flat_map(|(other, o)| {
-                o.config.images().map(move |i| Holding {
-                    vm: other,
-                    state: o.state.shown(),
-                    path: i.path,
-                    read_only: i.read_only,
-                })
-            })
-            .collect::<Vec<_>>();
         let pruned = |other: &str| {
             plan.vms
                 .iter()
                 .any(|p| p.name == other && p.action == VmAction::Destroy)
         };
-        let (field, why) = clashes(&want.config, &has, &others, &pruned);
+        let (field, why) = clashes(&vm.name, &want.config, &has, &held, &pruned);
         if let Some(field) = field {
             refused.push(Refused {
                 field,
@@ -74,20 +71,34 @@ pub struct Holding<'a> {
     pub read_only: bool,
 }
 
-/// What `want` would attach that `others` hold, writable on either side,
-/// leaving out what the VM has already (`has`): the first such image's
-/// field and one sentence for all. `pruned` says whether this plan prunes
-/// a holder (then the two would race: said so).
+/// The holdings of a host by image path.
+pub type Index<'a> = HashMap<&'a Path, Vec<Holding<'a>>>;
+
+/// `holdings` by image path.
+pub fn index<'a>(holdings: impl Iterator<Item = Holding<'a>>) -> Index<'a> {
+    let mut by_path: Index<'a> = HashMap::new();
+    for h in holdings {
+        by_path.entry(h.path).or_default().push(h);
+    }
+    by_path
+}
+
+/// What `want` (VM `vm`) would attach that other VMs hold (`held`),
+/// writable on either side, leaving out what it has already (`has`): the
+/// first such image's field and one sentence for all. `pruned` says
+/// whether this plan prunes a holder (then the two would race: said so).
 pub fn clashes(
+    vm: &str,
     want: &crate::spec::VmConfig,
     has: &BTreeSet<&Path>,
-    others: &[Holding<'_>],
+    held: &Index<'_>,
     pruned: &dyn Fn(&str) -> bool,
 ) -> (Option<String>, String) {
     let mut field = None;
     let mut why = Vec::new();
     for image in want.images().filter(|i| !has.contains(i.path)) {
-        for theirs in others.iter().filter(|h| h.path == image.path) {
+        let holders = held.get(image.path).map(Vec::as_slice).unwrap_or_default();
+        for theirs in holders.iter().filter(|h| h.vm != vm) {
             if image.read_only && theirs.read_only {
                 continue;
             }

@@ -488,21 +488,17 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
             .get(&done.vm)
             .map(|o| o.config.images().map(|i| i.path).collect())
             .unwrap_or_default();
-        let others: Vec<plan::images::Holding<'_>> = done
-            .others
-            .iter()
-            .flat_map(|(other, images)| {
-                images
-                    .iter()
-                    .map(move |(path, read_only)| plan::images::Holding {
-                        vm: other,
-                        state: "on this host",
-                        path,
-                        read_only: *read_only,
-                    })
-            })
-            .collect();
-        let (field, why) = plan::images::clashes(&want.config, &has, &others, &|_| false);
+        let held = plan::images::index(done.others.iter().flat_map(|(other, images)| {
+            images
+                .iter()
+                .map(move |(path, read_only)| plan::images::Holding {
+                    vm: other,
+                    state: "on this host",
+                    path,
+                    read_only: *read_only,
+                })
+        }));
+        let (field, why) = plan::images::clashes(&done.vm, &want.config, &has, &held, &|_| false);
         if let Some(field) = field {
             done.outcome = Outcome::Failed(format!("refused: {field}: {why}"));
             return;
@@ -788,22 +784,17 @@ impl Watcher {
             .flatten()
             .map(|(p, _)| p.as_path())
             .collect();
-        let others = self
-            .holdings
-            .iter()
-            .filter(|(other, _)| *other != vm)
-            .flat_map(|(other, images)| {
-                images
-                    .iter()
-                    .map(move |(path, read_only)| plan::images::Holding {
-                        vm: other,
-                        state: "as last reconciled",
-                        path,
-                        read_only: *read_only,
-                    })
-            })
-            .collect::<Vec<_>>();
-        let (field, why) = plan::images::clashes(&want.config, &has, &others, &|_| false);
+        let held = plan::images::index(self.holdings.iter().flat_map(|(other, images)| {
+            images
+                .iter()
+                .map(move |(path, read_only)| plan::images::Holding {
+                    vm: other,
+                    state: "as last reconciled",
+                    path,
+                    read_only: *read_only,
+                })
+        }));
+        let (field, why) = plan::images::clashes(vm, &want.config, &has, &held, &|_| false);
         field.map(|f| format!("{f}: {why}"))
     }
 
