@@ -117,10 +117,14 @@ pub fn clashes(
             ));
         }
     }
-    let why = format!(
-        "{}; an image attached writable can belong to one VM only",
-        why.join("; ")
-    );
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "{}; an image attached writable can belong to one VM only",
+            why.join("; ")
+        )
+    };
     (field, why)
 }
 
