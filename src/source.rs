@@ -262,6 +262,9 @@ impl Synced {
 #[derive(Debug, Clone)]
 pub struct GitSource {
     opts: GitOptions,
+    /// The checkout in force was found whole since this source was made
+    /// (looked at once per process: a power cut may have left it short).
+    checked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now_unix() -> u64 {
@@ -313,7 +316,10 @@ impl GitSource {
         {
             return bad("--path: a relative path inside the repository, without '..'");
         }
-        Ok(GitSource { opts })
+        Ok(GitSource {
+            opts,
+            checked: Default::default(),
+        })
     }
 
     /// The options.
@@ -428,7 +434,11 @@ impl GitSource {
         };
         status.fetched = Some(revision.clone());
         status.last_fetch = Some(now_unix());
-        if status.applied.as_ref() == Some(&revision) && !path_changed && self.spec_dir().exists() {
+        if status.applied.as_ref() == Some(&revision)
+            && !path_changed
+            && self.spec_dir().exists()
+            && self.checkout_whole(&revision).await
+        {
             return Ok(Synced::Unchanged(revision));
         }
         if let Some(signers) = &self.opts.allowed_signers {
@@ -662,11 +672,10 @@ impl GitSource {
             crate::hostfs::create_dirs(&partial, 0o700)
                 .map_err(io_err("cannot make the checkout directory"))?;
             self.write_tree(&partial, &entries).await?;
-            // On a cache that outlives a power cut, the files are on disk
-            // before the name says the checkout is whole (tmpfs: nothing).
-            if let Ok(d) = std::fs::File::open(&partial) {
-                let _ = nix::unistd::syncfs(&d);
-            }
+            // Not synced to disk (git does not sync a checkout either, and
+            // syncfs would flush every VM's dirty pages on the host's file
+            // system): a checkout a power cut cut short is found by
+            // `checkout_whole` at the next start, and written again.
             std::fs::rename(&partial, &dir).map_err(io_err("cannot keep the checkout"))?;
         }
         let target = dir.join(&self.opts.path);
@@ -759,6 +768,48 @@ impl GitSource {
             what: "checkout",
             after: self.opts.fetch_timeout,
         })?
+    }
+
+    /// Whether the checkout of `revision` (in force) has every file of the
+    /// revision at its size: looked at once per process, the first time it
+    /// is found in force. A checkout that is not whole is removed, so the
+    /// sync writes it again and puts it back in force.
+    async fn checkout_whole(&self, revision: &Revision) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.checked.load(Ordering::Relaxed) {
+            return true;
+        }
+        let dir = self.opts.cache.join(format!("rev-{}", revision.sha));
+        let listing = self
+            .git_bytes(
+                &["ls-tree", "-r", "-l", "-z", "--full-tree"],
+                &[std::ffi::OsStr::new(&revision.sha)],
+                "ls-tree",
+            )
+            .await;
+        let whole = match listing.ok().and_then(|l| tree_entries(&l, revision).ok()) {
+            Some(entries) => entries.iter().all(|e| {
+                let Ok(m) = std::fs::symlink_metadata(dir.join(&e.path)) else {
+                    return false;
+                };
+                if !e.is_blob() {
+                    return m.is_dir();
+                }
+                if e.mode == 0o120000 {
+                    m.file_type().is_symlink()
+                } else {
+                    m.is_file() && m.len() == e.size
+                }
+            }),
+            // Cannot tell (git failed): keep what is in force.
+            None => true,
+        };
+        if whole {
+            self.checked.store(true, Ordering::Relaxed);
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        whole
     }
 
     /// Points `specs` at `target` with one rename.
@@ -1326,6 +1377,28 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         assert!(!cache.path().join("repo.git/worktrees").exists());
         assert_ne!(sha, next);
+    }
+
+    /// A checkout is not synced to disk (neither is git's): one a power cut
+    /// left short is found at the next start and written again.
+    #[tokio::test]
+    async fn a_checkout_left_short_is_written_again_at_the_next_start() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        let sha = origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        source(&origin, cache.path()).sync().await.expect("sync");
+        let file = cache.path().join(format!("rev-{sha}/specs/web.yaml"));
+        std::fs::write(&file, "").expect("truncate, as a power cut may");
+        // The next start (a source made anew) finds it short.
+        let src = source(&origin, cache.path());
+        let again = src.sync().await.expect("sync");
+        assert!(matches!(again, Synced::Applied(_)), "{again:?}");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), vm("web"));
+        assert!(matches!(
+            src.sync().await.expect("sync"),
+            Synced::Unchanged(_)
+        ));
     }
 
     /// Issue 30: a revision's `.gitattributes` naming a filter the host's
