@@ -17,7 +17,16 @@ use std::os::fd::RawFd;
 /// else (see [`inherit_only`]). Every process uvmctl starts is made here:
 /// a test below finds any other `Command::new` in the library.
 pub fn command(program: impl AsRef<std::ffi::OsStr>, keep: Vec<RawFd>) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(program);
+    tokio::process::Command::from(std_command(program, keep))
+}
+
+/// [`command`] for a process driven from a blocking thread.
+pub fn std_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    keep: Vec<RawFd>,
+) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(program);
     // SAFETY: the hook runs between fork and exec and only makes system
     // calls; it allocates nothing.
     unsafe {

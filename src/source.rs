@@ -671,7 +671,7 @@ impl GitSource {
             }
             crate::hostfs::create_dirs(&partial, 0o700)
                 .map_err(io_err("cannot make the checkout directory"))?;
-            self.write_tree(&partial, &entries).await?;
+            self.write_tree(&partial, entries).await?;
             // Not synced to disk (git does not sync a checkout either, and
             // syncfs would flush every VM's dirty pages on the host's file
             // system): a checkout a power cut cut short is found by
@@ -696,78 +696,45 @@ impl GitSource {
     /// the repository alone. No filter, attribute, hook or configuration of
     /// the host's or the repository's is read, so a `.gitattributes`
     /// naming a filter the host defines (git-lfs's smudge fetches from a
-    /// URL the repository chooses) runs nothing (issue 30).
-    async fn write_tree(&self, root: &Path, entries: &[TreeEntry]) -> Result<(), SourceError> {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-        let blobs: Vec<&TreeEntry> = entries.iter().filter(|e| e.is_blob()).collect();
-        let mut child = self
-            .command(&self.mirror())
-            .args(["cat-file", "--batch"])
+    /// URL the repository chooses) runs nothing (issue 30). On a blocking
+    /// thread of its own: thousands of small files are plain system calls,
+    /// which the async runtime would only slow down.
+    async fn write_tree(&self, root: &Path, entries: Vec<TreeEntry>) -> Result<(), SourceError> {
+        let mut cmd = self.std_command(&self.mirror());
+        cmd.args(["cat-file", "--batch", "--buffer"])
             .stdin(Stdio::piped())
             // Nothing reads it while the objects stream: never a full pipe.
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(io_err("cannot run git cat-file"))?;
-        let mut stdin = child.stdin.take().ok_or_else(|| SourceError::Io {
-            what: "git cat-file".into(),
-            source: io::Error::other("no stdin pipe"),
-        })?;
-        let stdout = child.stdout.take().ok_or_else(|| SourceError::Io {
-            what: "git cat-file".into(),
-            source: io::Error::other("no stdout pipe"),
-        })?;
-        // Asked for all at once while read as they come: git's output pipe
-        // never waits on a reader still writing.
-        let request: Vec<u8> = blobs
-            .iter()
-            .flat_map(|e| format!("{}\n", e.object).into_bytes())
-            .collect();
-        let asking = tokio::spawn(async move {
-            let _ = stdin.write_all(&request).await;
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(io_err("cannot run git cat-file"))?;
+        let pid = child.id();
+        let root = root.to_path_buf();
+        // Why: blocking pipe reads and thousands of file writes.
+        let writing = tokio::task::spawn_blocking(move || {
+            let written = write_objects(&mut child, &root, &entries);
+            let _ = child.kill();
+            let _ = child.wait();
+            written
         });
-        let mut out = tokio::io::BufReader::new(stdout);
-        let mut made: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
-        let writing = async {
-            let mut header = Vec::new();
-            for e in entries {
-                let target = root.join(&e.path);
-                make_parents(root, &target, &mut made)?;
-                if !e.is_blob() {
-                    // A submodule: an empty directory, as git leaves it.
-                    std::fs::create_dir(&target).map_err(io_err("cannot write the checkout"))?;
-                    made.insert(target);
-                    continue;
+        match tokio::time::timeout(self.opts.fetch_timeout, writing).await {
+            Ok(Ok(written)) => written,
+            Ok(Err(e)) => Err(SourceError::Io {
+                what: "checkout".into(),
+                source: io::Error::other(e),
+            }),
+            Err(_) => {
+                // The blocking thread ends once git is gone.
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
-                header.clear();
-                out.read_until(b'\n', &mut header)
-                    .await
-                    .map_err(io_err("git cat-file"))?;
-                let expected = format!("{} blob {}\n", e.object, e.size);
-                if header != expected.as_bytes() {
-                    return Err(SourceError::Git {
-                        what: "cat-file",
-                        stderr: bounded(&String::from_utf8_lossy(&header)),
-                    });
-                }
-                let mut body = vec![0u8; usize::try_from(e.size).unwrap_or(usize::MAX)];
-                out.read_exact(&mut body)
-                    .await
-                    .map_err(io_err("git cat-file"))?;
-                let mut newline = [0u8; 1];
-                out.read_exact(&mut newline)
-                    .await
-                    .map_err(io_err("git cat-file"))?;
-                write_entry(&target, e.mode, &body)?;
+                Err(SourceError::Timeout {
+                    what: "checkout",
+                    after: self.opts.fetch_timeout,
+                })
             }
-            Ok::<(), SourceError>(())
-        };
-        let written = tokio::time::timeout(self.opts.fetch_timeout, writing).await;
-        asking.abort();
-        let _ = child.kill().await;
-        written.map_err(|_| SourceError::Timeout {
-            what: "checkout",
-            after: self.opts.fetch_timeout,
-        })?
+        }
     }
 
     /// Whether the checkout of `revision` (in force) has every file of the
@@ -871,9 +838,16 @@ impl GitSource {
     }
 
     fn command(&self, git_dir: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::from(self.std_command(git_dir));
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// [`GitSource::command`], for a blocking thread.
+    fn std_command(&self, git_dir: &Path) -> std::process::Command {
         // git and what it runs (ssh, a credential helper) inherit nothing
         // of ours.
-        let mut cmd = crate::child::command("git", Vec::new());
+        let mut cmd = crate::child::std_command("git", Vec::new());
         cmd.arg("--git-dir")
             .arg(git_dir)
             .args([
@@ -891,8 +865,7 @@ impl GitSource {
             .env_remove("GIT_WORK_TREE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         cmd
     }
 
@@ -1004,6 +977,81 @@ fn tree_entries(listing: &[u8], revision: &Revision) -> Result<Vec<TreeEntry>, S
         });
     }
     Ok(out)
+}
+
+/// Streams every blob of `entries` out of `child` (`git cat-file --batch`)
+/// into files under `root`; a submodule is an empty directory, as git
+/// leaves it.
+fn write_objects(
+    child: &mut std::process::Child,
+    root: &Path,
+    entries: &[TreeEntry],
+) -> Result<(), SourceError> {
+    use std::io::{BufRead, Read, Write};
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| SourceError::Io { what, source }
+    };
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| io("git cat-file")(io::Error::other("no stdin pipe")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io("git cat-file")(io::Error::other("no stdout pipe")))?;
+    // Asked for all at once, from a thread of its own, while read as they
+    // come: git's output pipe never waits on a reader still writing.
+    let request: Vec<u8> = entries
+        .iter()
+        .filter(|e| e.is_blob())
+        .flat_map(|e| format!("{}\n", e.object).into_bytes())
+        .collect();
+    let asking = std::thread::spawn(move || {
+        let _ = stdin.write_all(&request);
+    });
+    let mut out = std::io::BufReader::with_capacity(1 << 16, stdout);
+    let mut made: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    let mut header = Vec::new();
+    let mut body = Vec::new();
+    let result = entries.iter().try_for_each(|e| {
+        let target = root.join(&e.path);
+        make_parents(root, &target, &mut made)?;
+        if !e.is_blob() {
+            std::fs::create_dir(&target).map_err(io("cannot write the checkout"))?;
+            made.insert(target);
+            return Ok(());
+        }
+        header.clear();
+        out.read_until(b'\n', &mut header)
+            .map_err(io("git cat-file"))?;
+        let expected = format!("{} blob {}\n", e.object, e.size);
+        if header != expected.as_bytes() {
+            return Err(SourceError::Git {
+                what: "cat-file",
+                stderr: bounded(&String::from_utf8_lossy(&header)),
+            });
+        }
+        body.clear();
+        (&mut out)
+            .take(e.size)
+            .read_to_end(&mut body)
+            .map_err(io("git cat-file"))?;
+        let mut newline = [0u8; 1];
+        out.read_exact(&mut newline).map_err(io("git cat-file"))?;
+        if body.len() as u64 != e.size {
+            return Err(SourceError::Git {
+                what: "cat-file",
+                stderr: "an object ended short".into(),
+            });
+        }
+        write_entry(&target, e.mode, &body)
+    });
+    // The asking thread ends when git reads all or goes away.
+    drop(out);
+    let _ = child.kill();
+    let _ = asking.join();
+    result
 }
 
 /// Makes the directories between `root` and `target`, each new: one that
