@@ -309,6 +309,24 @@ struct Done {
     others: Vec<(String, Vec<(PathBuf, bool)>)>,
 }
 
+/// What VMs hold which images (as the watcher keeps them), by path;
+/// `state` says how it is known.
+fn index_images<'a>(
+    vms: impl Iterator<Item = (&'a String, &'a Vec<(PathBuf, bool)>)>,
+    state: &'a str,
+) -> plan::images::Index<'a> {
+    plan::images::index(vms.flat_map(move |(vm, images)| {
+        images
+            .iter()
+            .map(move |(path, read_only)| plan::images::Holding {
+                vm,
+                state,
+                path,
+                read_only: *read_only,
+            })
+    }))
+}
+
 /// The images `cfg` attaches, as the watcher keeps them.
 fn images_of(cfg: &crate::spec::VmConfig) -> Vec<(PathBuf, bool)> {
     cfg.images()
@@ -488,16 +506,7 @@ async fn reconcile_locked(ctx: &Ctx, job: &Job, done: &mut Done) {
             .get(&done.vm)
             .map(|o| o.config.images().map(|i| i.path).collect())
             .unwrap_or_default();
-        let held = plan::images::index(done.others.iter().flat_map(|(other, images)| {
-            images
-                .iter()
-                .map(move |(path, read_only)| plan::images::Holding {
-                    vm: other,
-                    state: "on this host",
-                    path,
-                    read_only: *read_only,
-                })
-        }));
+        let held = index_images(done.others.iter().map(|(vm, i)| (vm, i)), "on this host");
         let (field, why) = plan::images::clashes(&done.vm, &want.config, &has, &held, &|_| false);
         if let Some(field) = field {
             done.outcome = Outcome::Failed(format!("refused: {field}: {why}"));
@@ -784,16 +793,7 @@ impl Watcher {
             .flatten()
             .map(|(p, _)| p.as_path())
             .collect();
-        let held = plan::images::index(self.holdings.iter().flat_map(|(other, images)| {
-            images
-                .iter()
-                .map(move |(path, read_only)| plan::images::Holding {
-                    vm: other,
-                    state: "as last reconciled",
-                    path,
-                    read_only: *read_only,
-                })
-        }));
+        let held = index_images(self.holdings.iter(), "as last reconciled");
         let (field, why) = plan::images::clashes(vm, &want.config, &has, &held, &|_| false);
         field.map(|f| format!("{f}: {why}"))
     }

@@ -47,6 +47,19 @@ impl TestContext {
             .expect("uvmctl runs")
     }
 
+    /// `uvmctl` on the simulator, over the state directory `state`.
+    fn sim(&self, args: &[&str]) -> Output {
+        let state = self.path("state");
+        let mut all = vec![
+            "--virtstack",
+            "sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        self.uvmctl(&all)
+    }
+
     fn plan(&self, extra: &[&str]) -> Output {
         let mut args = vec!["plan", "specs", "--observed", "host"];
         args.extend_from_slice(extra);
@@ -212,17 +225,7 @@ fn exit_codes_never_lie_to_ci() {
 
     // A recreate the spec's policy does not allow: a policy stop (3),
     // nothing applied, as --max-disruption stops.
-    let state = t.path("state");
-    let sim = |args: &[&str]| {
-        let mut all = vec![
-            "--virtstack",
-            "sim",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ];
-        all.extend_from_slice(args);
-        t.uvmctl(&all)
-    };
+    let sim = |args: &[&str]| t.sim(args);
     assert_exit_code(&sim(&["apply", "specs", "--yes"]), 0);
     t.write_spec(
         "demo.yaml",
@@ -251,17 +254,7 @@ fn an_image_another_vm_has_writable_is_refused_at_plan_time() {
     let t = TestContext::new();
     let disk = "  scsiControllers:\n    - id: 0\n      disks:\n        - {lun: 0, path: /var/lib/uvmctl/disks/demo.img, type: passthrough}\n";
     t.write_spec("demo.yaml", &vm("demo", 64, disk));
-    let state = t.path("state");
-    let sim = |args: &[&str]| {
-        let mut all = vec![
-            "--virtstack",
-            "sim",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ];
-        all.extend_from_slice(args);
-        t.uvmctl(&all)
-    };
+    let sim = |args: &[&str]| t.sim(args);
     assert_exit_code(&sim(&["apply", "specs", "--yes"]), 0);
     std::fs::create_dir_all(t.path("copies")).expect("mkdir");
     std::fs::write(t.path("copies/copy.yaml"), vm("copy", 64, disk)).expect("write");
@@ -480,16 +473,7 @@ fn a_selection_of_nothing_never_prunes_the_host() {
         t.write_spec(&format!("{name}.yaml"), &labelled);
     }
     let state = t.path("state");
-    let sim = |args: &[&str]| {
-        let mut all = vec![
-            "--virtstack",
-            "sim",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ];
-        all.extend_from_slice(args);
-        t.uvmctl(&all)
-    };
+    let sim = |args: &[&str]| t.sim(args);
     let running = || -> usize {
         let v: serde_json::Value = serde_json::from_str::<serde_json::Value>(&stdout(&sim(&[
             "status", "--output", "json",
@@ -1152,17 +1136,7 @@ fn completions_and_man_pages_come_from_the_command_line_definitions() {
 fn the_simulator_keeps_its_vms_across_processes() {
     let t = TestContext::new();
     t.write_spec("web.yaml", &vm("web", 64, ""));
-    let state = t.path("state");
-    let sim = |args: &[&str]| {
-        let mut all = vec![
-            "--virtstack",
-            "sim",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ];
-        all.extend_from_slice(args);
-        t.uvmctl(&all)
-    };
+    let sim = |args: &[&str]| t.sim(args);
     let out = sim(&["apply", "specs", "--yes"]);
     assert_exit_code(&out, 0);
     assert!(
