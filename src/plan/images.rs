@@ -131,11 +131,11 @@ pub fn clashes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::tests::{base, desired, qemu};
+    use crate::plan::tests::{base, desired, observed as host, qemu};
     use crate::plan::{PlanOptions, plan};
     use crate::spec::{ScsiController, ScsiDisk};
     use crate::vm::ScsiDiskType;
-    use crate::vm::{ObservedVm, State};
+    use crate::vm::State;
 
     fn with_disk(name: &str, path: &str, read_only: bool) -> crate::spec::VmConfig {
         let mut c = base(name);
@@ -149,23 +149,6 @@ mod tests {
             }],
         }];
         c
-    }
-
-    fn host(vms: &[(&str, crate::spec::VmConfig, State)]) -> ObservedState {
-        let mut o = ObservedState::default();
-        for (name, config, state) in vms {
-            o.vms.insert(
-                name.to_string(),
-                ObservedVm {
-                    config: config.clone(),
-                    state: *state,
-                    managed: true,
-                    exit_error: None,
-                    memory_hotplug: None,
-                },
-            );
-        }
-        o
     }
 
     /// Issue 30: a copy of demo.yaml named copy passed plan and failed at

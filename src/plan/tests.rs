@@ -60,7 +60,7 @@ pub(crate) fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
     d
 }
 
-fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
+pub(crate) fn observed(vms: &[(&str, VmConfig, State)]) -> ObservedState {
     let mut o = ObservedState::default();
     for (name, config, state) in vms {
         o.vms.insert(
