@@ -340,14 +340,17 @@ struct GitArgs {
     /// instead of DIR.
     #[arg(long, value_name = "URL")]
     git: Option<String>,
-    /// The branch or tag of --git to follow.
+    /// The branch or tag of --git to follow: a full ref name
+    /// (refs/heads/main, refs/tags/v1) or a bare one, refused when it names
+    /// both a branch and a tag.
     #[arg(long, value_name = "REF", default_value = "main", requires = "git")]
     git_ref: String,
     /// The spec directory inside the repository.
     #[arg(long, value_name = "PATH", default_value = ".", requires = "git")]
     git_path: PathBuf,
-    /// Put in force only commits signed (SSH) by a key of this file, in
-    /// git's allowed_signers format.
+    /// Put in force only commits SSH-signed by a key of this file, in
+    /// git's allowed_signers format (OpenPGP and X.509 signatures are
+    /// refused, whatever keyrings the host has).
     #[arg(long, value_name = "FILE", requires = "git")]
     allowed_signers: Option<PathBuf>,
     /// Where the mirror and the checkouts live [default: STATE_DIR/git;
@@ -355,7 +358,8 @@ struct GitArgs {
     #[arg(long, value_name = "DIR", requires = "git")]
     git_cache: Option<PathBuf>,
     /// The most the repository's mirror may hold, and one revision's
-    /// checkout may write, in MiB.
+    /// checkout may take on disk (each file and directory at least 4 KiB),
+    /// in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256, requires = "git")]
     git_max_mb: u64,
     /// The longest a fetch may take.

@@ -106,6 +106,18 @@ pub enum SourceError {
     /// The ref is not in the repository.
     #[error("ref {0:?} is not in the repository")]
     NoSuchRef(String),
+    /// A bare name the repository has as a branch and as a tag: which one
+    /// is in force would be up to whoever may push tags (issue 31).
+    #[error(
+        "ref {name:?} is both a branch (refs/heads/{name}) and a tag (refs/tags/{name}); refused: name one in full with --git-ref"
+    )]
+    AmbiguousRef {
+        /// The name as given.
+        name: String,
+    },
+    /// The cache directory is not root's alone.
+    #[error("the git cache {0}; refused")]
+    UntrustedCache(crate::hostfs::TrustError),
     /// git took longer than allowed.
     #[error("git {what} took longer than {after:?}; stopped")]
     Timeout {
@@ -182,6 +194,8 @@ impl SourceError {
             | SourceError::Io { .. }
             | SourceError::Git { .. }
             | SourceError::NoSuchRef(_)
+            | SourceError::AmbiguousRef { .. }
+            | SourceError::UntrustedCache(_)
             | SourceError::Timeout { .. }
             | SourceError::TooLarge { .. } => None,
         }
@@ -193,7 +207,8 @@ impl SourceError {
             SourceError::Options(_) => "options",
             SourceError::Io { .. } => "io",
             SourceError::Git { .. } => "fetch",
-            SourceError::NoSuchRef(_) => "no-such-ref",
+            SourceError::NoSuchRef(_) | SourceError::AmbiguousRef { .. } => "no-such-ref",
+            SourceError::UntrustedCache(_) => "untrusted-cache",
             SourceError::Timeout { .. } => "timeout",
             SourceError::TooLarge { .. } | SourceError::CheckoutTooLarge { .. } => "too-large",
             SourceError::MissingPath { .. } => "missing-path",
@@ -368,6 +383,9 @@ impl GitSource {
     pub async fn sync(&self) -> Result<Synced, SourceError> {
         crate::hostfs::create_dirs(&self.opts.cache, 0o700)
             .map_err(io_err(format!("cannot make {}", self.opts.cache.display())))?;
+        // The state directory's rule: a cache another user made first (its
+        // `specs` link pointed at their own directory) is never read.
+        crate::hostfs::check_trusted_dir(&self.opts.cache).map_err(SourceError::UntrustedCache)?;
         // One sync per cache at a time (a watcher and an apply).
         let lock_path = self.opts.cache.join("lock");
         let lock = crate::hostfs::open_state_file(&lock_path, 0o600, false)
@@ -483,10 +501,11 @@ impl GitSource {
     /// `git fetch` of the ref into `refs/uvmctl/fetched`, stopped when the
     /// mirror grows past its bound or the time is up.
     async fn fetch(&self) -> Result<(), SourceError> {
-        let refspec = format!("+{}:refs/uvmctl/fetched", self.opts.reference);
+        let full = self.full_ref().await?;
+        let refspec = format!("+{full}:refs/uvmctl/fetched");
         let mirror = self.mirror();
         let mut child = self
-            .command(&mirror)
+            .command_with_host_config(&mirror)
             .args([
                 "fetch",
                 "--quiet",
@@ -560,6 +579,38 @@ impl GitSource {
         })
     }
 
+    /// The ref to fetch, by its full name: one given in full (`refs/...`)
+    /// as it is; a bare name as the branch or the tag of that name, asked
+    /// of the remote, and refused when it is both. git itself would take
+    /// the tag, so whoever may push tags could override a protected branch.
+    async fn full_ref(&self) -> Result<String, SourceError> {
+        let name = &self.opts.reference;
+        if name.starts_with("refs/") {
+            return Ok(name.clone());
+        }
+        let (branch, tag) = (format!("refs/heads/{name}"), format!("refs/tags/{name}"));
+        let mut cmd = self.command_with_host_config(&self.mirror());
+        cmd.args(["ls-remote", "--refs", "--"])
+            .arg(&self.opts.url)
+            .args([&branch, &tag]);
+        let out = Self::finish(cmd, "ls-remote").await?;
+        if !out.status.success() {
+            return Err(SourceError::Git {
+                what: "ls-remote",
+                stderr: bounded(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        // Patterns match a ref's tail: only the exact names count.
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let has = |full: &str| listed.lines().any(|l| l.split('\t').nth(1) == Some(full));
+        match (has(&branch), has(&tag)) {
+            (true, true) => Err(SourceError::AmbiguousRef { name: name.clone() }),
+            (true, false) => Ok(branch),
+            (false, true) => Ok(tag),
+            (false, false) => Err(SourceError::NoSuchRef(name.clone())),
+        }
+    }
+
     async fn resolve(&self, name: &str) -> Result<String, SourceError> {
         let out = self
             .git(
@@ -591,9 +642,34 @@ impl GitSource {
     }
 
     async fn verify(&self, revision: &Revision, signers: &Path) -> Result<(), SourceError> {
+        // `verify-commit` picks its verifier from the signature's kind: an
+        // OpenPGP signature would be checked against whatever keyrings the
+        // host has. The allowed signers are SSH keys, so nothing else is
+        // even handed to git (and its other verifiers are disabled).
+        let object = self
+            .git_bytes(
+                &["cat-file", "commit"],
+                &[std::ffi::OsStr::new(&revision.sha)],
+                "cat-file",
+            )
+            .await?;
+        if let Err(why) = ssh_signed(&object) {
+            return Err(SourceError::Unverified {
+                revision: revision.clone(),
+                reason: why.to_string(),
+            });
+        }
         let mut cmd = self.command(&self.mirror());
         cmd.arg("-c")
             .arg(format!("gpg.ssh.allowedSignersFile={}", signers.display()))
+            .args([
+                "-c",
+                "gpg.openpgp.program=false",
+                "-c",
+                "gpg.program=false",
+                "-c",
+                "gpg.x509.program=false",
+            ])
             .arg("verify-commit")
             .arg(&revision.sha);
         let out = Self::finish(cmd, "verify-commit").await?;
@@ -647,13 +723,15 @@ impl GitSource {
                 )
                 .await?;
             let entries = tree_entries(&listing, revision)?;
-            // What the checkout would write, inflated: a pack that passed
-            // the bound may still hold a blob that unpacks to gigabytes.
-            let inflated: u64 = entries.iter().map(|e| e.size).sum();
-            let over = if inflated > self.opts.max_bytes {
+            // What the checkout would take on disk, inflated: a pack that
+            // passed the bound may still hold a blob that unpacks to
+            // gigabytes, or trees that reuse each other into thousands of
+            // empty files, each an inode and a block.
+            let footprint = Footprint::of(&entries);
+            let over = if footprint.bytes > self.opts.max_bytes {
                 Some(format!(
-                    "{inflated} bytes, over the bound of {} (--git-max-mb)",
-                    self.opts.max_bytes
+                    "{} files and {} directories taking {} bytes on disk, over the bound of {} (--git-max-mb)",
+                    footprint.files, footprint.dirs, footprint.bytes, self.opts.max_bytes
                 ))
             } else if entries.len() > MAX_CHECKOUT_ENTRIES {
                 Some(format!(
@@ -837,8 +915,23 @@ impl GitSource {
         let _ = std::fs::remove_dir_all(self.mirror().join("worktrees"));
     }
 
+    /// git on the mirror, reading no configuration of the host's (system
+    /// or root's global): no filter, attribute driver, verifier program or
+    /// alias of theirs takes part in what is read from the mirror.
     fn command(&self, git_dir: &Path) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::from(self.std_command(git_dir));
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// git for what talks to the remote (`ls-remote`, `fetch`): the host's
+    /// configuration is how an operator gives credentials, proxies and
+    /// `ssh` options, so it is read.
+    fn command_with_host_config(&self, git_dir: &Path) -> tokio::process::Command {
+        let mut std = self.std_command(git_dir);
+        std.env_remove("GIT_CONFIG_NOSYSTEM")
+            .env_remove("GIT_CONFIG_GLOBAL");
+        let mut cmd = tokio::process::Command::from(std);
         cmd.kill_on_drop(true);
         cmd
     }
@@ -861,6 +954,8 @@ impl GitSource {
                 "gc.auto=0",
             ])
             .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env_remove("GIT_DIR")
             .env_remove("GIT_WORK_TREE")
             .stdin(Stdio::null())
@@ -901,9 +996,70 @@ impl GitSource {
     }
 }
 
+/// Whether a commit object carries an SSH signature (and nothing else):
+/// the `gpgsig` (or `gpgsig-sha256`) header of an SSH signature.
+fn ssh_signed(object: &[u8]) -> Result<(), &'static str> {
+    let headers = object
+        .split(|&b| b == b'\n')
+        .take_while(|line| !line.is_empty());
+    let mut kinds = headers.filter_map(|line| {
+        line.strip_prefix(b"gpgsig ")
+            .or_else(|| line.strip_prefix(b"gpgsig-sha256 "))
+    });
+    match kinds.next() {
+        None => Err("no signature"),
+        Some(first) if first.starts_with(b"-----BEGIN SSH SIGNATURE-----") => {
+            if kinds.next().is_some() {
+                Err("more than one signature")
+            } else {
+                Ok(())
+            }
+        }
+        Some(_) => Err(
+            "not an SSH signature (OpenPGP or X.509): --allowed-signers admits SSH signatures only",
+        ),
+    }
+}
+
 /// The most files (and links, and submodules) one revision's checkout may
 /// have: a tree of millions of empty files inflates to no bytes at all.
 pub const MAX_CHECKOUT_ENTRIES: usize = 200_000;
+
+/// What a checkout takes on disk: each file, link and directory counts at
+/// least one block of [`BLOCK`] bytes, so a bound in bytes bounds inodes
+/// too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Footprint {
+    files: usize,
+    dirs: usize,
+    bytes: u64,
+}
+
+/// The block a file system gives the smallest file or directory.
+const BLOCK: u64 = 4096;
+
+impl Footprint {
+    fn of(entries: &[TreeEntry]) -> Self {
+        let mut dirs = std::collections::HashSet::new();
+        let mut bytes = 0u64;
+        for e in entries {
+            bytes = bytes.saturating_add(e.size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK));
+            let mut at = e.path.parent();
+            while let Some(dir) = at.filter(|d| !d.as_os_str().is_empty()) {
+                if !dirs.insert(dir) {
+                    break;
+                }
+                at = dir.parent();
+            }
+        }
+        let dirs_n = dirs.len();
+        Footprint {
+            files: entries.len(),
+            dirs: dirs_n,
+            bytes: bytes.saturating_add(BLOCK.saturating_mul(dirs_n as u64)),
+        }
+    }
+}
 
 /// One file of a revision, as `git ls-tree -r -l -z` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1376,7 +1532,7 @@ mod tests {
         assert!(matches!(e, SourceError::CheckoutTooLarge { .. }), "{e}");
         assert!(
             e.to_string()
-                .contains("bytes, over the bound of 1048576 (--git-max-mb)"),
+                .contains("bytes on disk, over the bound of 1048576 (--git-max-mb)"),
             "names the revision and the bound: {e}"
         );
         assert!(!cache.path().join("inflated/specs").exists());
@@ -1660,5 +1816,129 @@ mod tests {
         let signed = origin.git(&["rev-parse", "HEAD"]);
         assert!(matches!(src.sync().await.expect("signed"), Synced::Applied(r) if r.sha == signed));
         assert_eq!(names(&src.spec_dir()), ["db", "web"]);
+    }
+
+    /// Issue 31: a bare ref name that is both a branch and a tag is refused
+    /// (git would take the tag, so whoever may push tags would override a
+    /// protected branch); a full ref name is taken as it says.
+    #[tokio::test]
+    async fn a_tag_of_the_branchs_name_is_refused() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        let good = origin.commit("web", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let src = source(&origin, cache.path());
+        src.sync().await.expect("sync");
+        origin.git(&["checkout", "-q", "-b", "side"]);
+        origin.write("specs/evil.yaml", &vm("evil"));
+        let evil = origin.commit("evil", &[]);
+        origin.git(&["tag", "main", &evil]);
+        let e = src.sync().await.expect_err("both a branch and a tag");
+        assert!(matches!(e, SourceError::AmbiguousRef { .. }), "{e}");
+        assert!(e.to_string().contains("refs/heads/main"), "{e}");
+        assert_eq!(src.status().applied.map(|r| r.sha), Some(good.clone()));
+        assert_eq!(names(&src.spec_dir()), ["web"]);
+
+        let mut opts = src.options().clone();
+        opts.reference = "refs/heads/main".into();
+        let branch = GitSource::new(opts).expect("options");
+        assert!(
+            matches!(branch.sync().await.expect("branch"), Synced::Applied(r) if r.sha == good)
+        );
+        let mut opts = src.options().clone();
+        opts.reference = "refs/tags/main".into();
+        opts.cache = cache.path().join("tag");
+        let tag = GitSource::new(opts).expect("options");
+        assert!(matches!(tag.sync().await.expect("tag"), Synced::Applied(r) if r.sha == evil));
+    }
+
+    /// Issue 31: a tree of many small files (trees that reuse each other
+    /// make thousands from a few kilobytes) is bounded by what it takes on
+    /// disk, not by its bytes alone.
+    #[tokio::test]
+    async fn an_inode_bomb_revision_is_refused() {
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        for i in 0..300 {
+            origin.write(&format!("specs/empty/{}/{i}", i % 10), "");
+        }
+        origin.commit("three hundred empty files", &[]);
+        let cache = tempfile::tempdir().expect("tempdir");
+        let mut opts = source(&origin, cache.path()).options().clone();
+        opts.max_bytes = 1 << 20;
+        let e = GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err("too many files");
+        assert!(matches!(e, SourceError::CheckoutTooLarge { .. }), "{e}");
+        assert!(
+            e.to_string().contains("301 files and 12 directories"),
+            "{e}"
+        );
+        assert!(!cache.path().join("specs").exists());
+    }
+
+    /// Issue 31: the cache gets the state directory's rule. One another
+    /// user made first, its `specs` link pointed at their directory, is
+    /// refused before anything in it is read.
+    #[tokio::test]
+    async fn a_squatted_cache_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let origin = Origin::new();
+        origin.write("specs/web.yaml", &vm("web"));
+        origin.commit("web", &[]);
+        let base = tempfile::tempdir().expect("tempdir");
+        let theirs = base.path().join("theirs");
+        std::fs::create_dir_all(&theirs).expect("mkdir");
+        let cache = base.path().join("cache");
+        std::fs::create_dir_all(&cache).expect("mkdir");
+        std::os::unix::fs::symlink(&theirs, cache.join("specs")).expect("link");
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = source(&origin, &cache).sync().await.expect_err("squatted");
+        assert!(matches!(e, SourceError::UntrustedCache(_)), "{e}");
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).expect("chown");
+            let e = source(&origin, &cache).sync().await.expect_err("squatted");
+            assert!(e.to_string().contains("not owned by root"), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(&theirs).expect("theirs").count(), 0);
+    }
+
+    #[test]
+    fn only_an_ssh_signature_header_is_an_ssh_signature() {
+        let commit = |sig: &str| {
+            format!(
+                "tree 4b825dc642cb6eb9a060e54bf8d69288fbee4904\nauthor a <a@b> 1 +0000\ncommitter a <a@b> 1 +0000\n{sig}\nmessage\ngpgsig -----BEGIN SSH SIGNATURE-----\n"
+            )
+        };
+        assert_eq!(
+            ssh_signed(commit("").as_bytes()),
+            Err("no signature"),
+            "a message line is no header"
+        );
+        assert!(
+            ssh_signed(
+                commit(
+                    "gpgsig -----BEGIN SSH SIGNATURE-----\n U1NI\n -----END SSH SIGNATURE-----\n"
+                )
+                .as_bytes()
+            )
+            .is_ok()
+        );
+        assert!(
+            ssh_signed(
+                commit("gpgsig -----BEGIN PGP SIGNATURE-----\n x\n -----END PGP SIGNATURE-----\n")
+                    .as_bytes()
+            )
+            .is_err()
+        );
+        assert!(
+            ssh_signed(commit("gpgsig -----BEGIN SIGNED MESSAGE-----\n x\n").as_bytes()).is_err()
+        );
+        assert!(ssh_signed(commit("gpgsig -----BEGIN SSH SIGNATURE-----\n x\ngpgsig-sha256 -----BEGIN PGP SIGNATURE-----\n").as_bytes()).is_err());
     }
 }

@@ -2015,3 +2015,102 @@ fn watch_metrics_are_served_and_follow_held_changes_and_failing_specs() {
     nix_kill(watcher.id(), "TERM");
     let _ = watcher.wait();
 }
+
+/// Issue 31: `--allowed-signers` admits SSH signatures by those keys and
+/// nothing else. A commit OpenPGP-signed by a stranger whose key merely sits
+/// in root's GnuPG keyring (imported, untrusted) used to be put in force:
+/// `git verify-commit` picks its verifier from the signature's kind.
+#[test]
+fn an_openpgp_signed_commit_is_not_an_allowed_signers_commit() {
+    let t = TestContext::new();
+    let gnupg = t.path("gnupg");
+    std::fs::create_dir_all(&gnupg).expect("mkdir gnupg");
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod gnupg");
+    let gpg = |args: &[&str]| {
+        let out = Command::new("gpg")
+            .env("GNUPGHOME", &gnupg)
+            .args([
+                "--batch",
+                "--quiet",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                "",
+            ])
+            .args(args)
+            .output()
+            .expect("gpg runs");
+        assert!(out.status.success(), "gpg {args:?}: {}", stderr(&out));
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "Stranger <stranger@example.com>",
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+
+    let keys = t.path("keys");
+    std::fs::create_dir_all(&keys).expect("mkdir keys");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f"])
+        .arg(keys.join("id"))
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(made.success());
+    let public = std::fs::read_to_string(keys.join("id.pub")).expect("public key");
+    let signers = keys.join("allowed_signers");
+    std::fs::write(&signers, format!("ops@example.com {public}")).expect("write");
+
+    let origin = t.path("origin");
+    let git = origin_repo(&origin);
+    std::fs::create_dir_all(origin.join("specs")).expect("mkdir");
+    std::fs::write(origin.join("specs/web.yaml"), vm("web", 64, "")).expect("write");
+    git(&["add", "-A"]);
+    let signed = Command::new("git")
+        .arg("-C")
+        .arg(&origin)
+        .env("GNUPGHOME", &gnupg)
+        .args(["-c", "user.name=t", "-c", "user.email=stranger@example.com"])
+        .args([
+            "-c",
+            "gpg.format=openpgp",
+            "-c",
+            "user.signingkey=stranger@example.com",
+        ])
+        .args(["commit", "-q", "-S", "-m", "openpgp-signed"])
+        .output()
+        .expect("git runs");
+    assert!(signed.status.success(), "{}", stderr(&signed));
+
+    let url = format!("file://{}", origin.display());
+    let state = t.path("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .current_dir(t.path(""))
+        .env("GNUPGHOME", &gnupg)
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .args([
+            "plan",
+            "--git",
+            &url,
+            "--git-path",
+            "specs",
+            "--allowed-signers",
+        ])
+        .arg(&signers)
+        .output()
+        .expect("uvmctl runs");
+    let _ = Command::new("gpgconf")
+        .env("GNUPGHOME", &gnupg)
+        .args(["--kill", "gpg-agent"])
+        .status();
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("not an SSH signature"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stdout(&out).contains("web"), "{}", stdout(&out));
+}
