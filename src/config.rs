@@ -98,6 +98,16 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// Someone other than root could have written it (issue 31: a file
+    /// in a directory another user can write, its `allowRoots: [/]`, made
+    /// `/etc/shadow` a disk).
+    #[error("{}: {why}; refused", path.display())]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// Who could write it.
+        why: String,
+    },
     /// It is larger than a config file can be.
     #[error("{}: larger than {MAX_CONFIG_BYTES} bytes", path.display())]
     TooLarge {
@@ -133,6 +143,7 @@ pub fn load(named: Option<&Path>) -> Result<HostDefaults, ConfigError> {
         }
         Err(source) => return Err(ConfigError::Read { path, source }),
     };
+    check_trusted(&path, &file)?;
     let mut text = String::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_string(&mut text)
@@ -144,6 +155,39 @@ pub fn load(named: Option<&Path>) -> Result<HostDefaults, ConfigError> {
         return Err(ConfigError::TooLarge { path });
     }
     parse(&path, &text)
+}
+
+/// The state directory's rule for the config file: it is root's (or
+/// uvmctl's own user's), nobody else may write it, and the directories it
+/// is reached through pass [`crate::hostfs::check_trusted_dir`].
+fn check_trusted(path: &Path, file: &std::fs::File) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let untrusted = |why: String| ConfigError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = file.metadata().map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !crate::hostfs::trusted_owner(meta.uid()) {
+        return Err(untrusted(format!(
+            "owned by uid {}, not by root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "writable by group or others (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    crate::hostfs::check_trusted_dir(parent).map_err(|e| untrusted(e.to_string()))?;
+    Ok(())
 }
 
 /// Parses a config document (`path` names it in errors).
@@ -175,6 +219,43 @@ pub fn parse(path: &Path, text: &str) -> Result<HostDefaults, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 31: a config file another user could have written is refused
+    /// with the reason, before a word of it is used.
+    #[test]
+    fn a_squatted_config_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        let dir = base.path().join("etc");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let file = dir.join("config.yaml");
+        std::fs::write(&file, "allowRoots: [/]\n").expect("write");
+        assert_eq!(load(Some(&file)).expect("root's own").allow_roots.len(), 1);
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = load(Some(&file)).expect_err("a directory others can write");
+        assert!(matches!(e, ConfigError::Untrusted { .. }), "{e}");
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let e = load(Some(&file)).expect_err("a file others can write");
+        assert!(
+            e.to_string()
+                .contains("writable by group or others (mode 0666)"),
+            "{e}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&file, Some(65534), Some(65534)).expect("chown");
+            let e = load(Some(&file)).expect_err("another user's file");
+            assert!(
+                e.to_string().contains("owned by uid 65534, not by root"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn every_option_has_a_key_and_a_wrong_key_is_named_with_its_line() {

@@ -67,6 +67,12 @@ fn name(max: usize, dot_underscore: bool) -> Value {
     json!({ "pattern": whole(&format!("{class}{{1,{max}}}")) })
 }
 
+/// [`crate::vm::VmName`]'s rule: no leading `-` (a name `-rf` would read as
+/// an option wherever it is passed on).
+fn vm_name() -> Value {
+    json!({ "pattern": whole(&format!("[A-Za-z0-9][A-Za-z0-9-]{{0,{}}}", crate::vm::MAX_VM_NAME - 1)) })
+}
+
 /// Kubernetes label syntax: `[prefix/]name`, the prefix a DNS subdomain
 /// of at most 253 characters; values empty or as a name.
 fn labels() -> Value {
@@ -117,7 +123,7 @@ fn rules() -> Vec<(&'static str, Value)> {
     vec![
         ("/properties/apiVersion", json!({ "const": API_VERSION })),
         ("/properties/kind", json!({ "const": KIND })),
-        ("/$defs/Metadata/properties/name", name(64, false)),
+        ("/$defs/Metadata/properties/name", vm_name()),
         ("/$defs/Metadata/properties/labels", labels()),
         (
             "/$defs/Boot",

@@ -118,10 +118,16 @@ fn bad_guids_and_macs_are_refused() {
 fn names_outside_the_allowed_set_are_refused() {
     assert_eq!(
         one_error(&vm("web_1", "")),
-        "t.yaml:4:3: metadata.name: name \"web_1\" must be 1–64 characters of [A-Za-z0-9-]"
+        "t.yaml:4:3: metadata.name: invalid VM name \"web_1\": a name is 1–64 characters of [A-Za-z0-9-], not starting with '-'"
     );
     let long = "a".repeat(65);
-    assert!(one_error(&vm(&long, "")).contains("must be 1–64 characters"));
+    assert!(one_error(&vm(&long, "")).contains("a name is 1–64 characters"));
+    // Issue 31: validate refuses every name apply refuses (one rule).
+    assert!(
+        one_error(&vm("\"-rf\"", "")).contains("invalid VM name \"-rf\""),
+        "{}",
+        one_error(&vm("\"-rf\"", ""))
+    );
 }
 
 #[test]
@@ -512,7 +518,8 @@ fn refused_input_is_quoted_as_a_short_escaped_excerpt() {
     assert_eq!(
         name,
         format!(
-            "t.yaml:4:3: metadata.name: name \"{cut}\" must be 1–64 characters of [A-Za-z0-9-]"
+            "t.yaml:4:3: metadata.name: invalid VM name \"\\u{{1b}}]0;{}\"…: a name is 1–64 characters of [A-Za-z0-9-], not starting with '-'",
+            "A".repeat(36)
         )
     );
     for e in [wrong_type, unknown, variant, name]

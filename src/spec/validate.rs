@@ -60,7 +60,11 @@ pub fn validate_document(doc: &mut VmDocument) -> Vec<Problem> {
             ),
         );
     }
-    check_name(&mut v, "metadata.name", &doc.metadata.name, 64, false);
+    // The one rule every virtstack applies (`VmName`): what validate
+    // accepts, apply accepts.
+    if let Err(e) = crate::vm::VmName::new(&doc.metadata.name) {
+        v.err("metadata.name", e.to_string());
+    }
     if doc.metadata.labels.len() > MAX_LABELS {
         v.err(
             "metadata.labels",

@@ -150,7 +150,7 @@ pub struct VmDocument {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
-    /// VM name: 1–64 characters of `[A-Za-z0-9-]`, unique across all specs.
+    /// VM name: 1–64 characters of `[A-Za-z0-9-]`, not starting with `-`, unique across all specs.
     #[serde(deserialize_with = "strict::string")]
     pub name: String,
     /// Labels (Kubernetes syntax), for placement: `uvmctl watch --selector
