@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod escape;
 pub mod hostfs;
 
 pub mod child;

@@ -1026,6 +1026,35 @@ fn console_logs_and_agent_reach_the_real_guest() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("guest agent: "), "{}", text(&out));
 
+    // Issue 31: what the guest prints reaches the operator's terminal with
+    // its control characters shown, not obeyed (a retitle, a clear screen);
+    // --raw gives the bytes.
+    assert_ok(&console(
+        "printf 'esc-\\033]0;owned\\007-\\033[2J-end\\n' | tee /tmp/esc\n",
+    ));
+    let logged = h.uvmctl(&["logs", "con"]);
+    assert_ok(&logged);
+    assert!(
+        String::from_utf8_lossy(&logged.stdout).contains("esc-\\e]0;owned\\x07-\\e[2J-end"),
+        "{}",
+        text(&logged)
+    );
+    assert!(!logged.stdout.contains(&0x1b), "no raw escape printed");
+    let raw = h.uvmctl(&["logs", "con", "--raw"]);
+    assert!(
+        String::from_utf8_lossy(&raw.stdout).contains("esc-\x1b]0;owned\x07-\x1b[2J-end"),
+        "{}",
+        text(&raw)
+    );
+    let out = h.uvmctl(&["agent", "con", "cat", "/tmp/esc"]);
+    assert_ok(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "esc-\\e]0;owned\\x07-\\e[2J-end"
+    );
+    let out = h.uvmctl(&["agent", "--raw", "con", "cat", "/tmp/esc"]);
+    assert!(out.stdout.contains(&0x1b), "{}", text(&out));
+
     // --follow prints what comes, and ends when the VM is gone.
     let mut follow = h
         .command(&["logs", "con", "--follow"])

@@ -113,8 +113,9 @@ pub enum AgentError {
     /// The answer went past its bound.
     #[error("guest agent answer is over {MAX_AGENT_ANSWER_BYTES} bytes; refused")]
     TooLong,
-    /// The agent answered `ERR <message>`.
-    #[error("guest agent: {0}")]
+    /// The agent answered `ERR <message>` (shown escaped: it is the
+    /// guest's text, on its way to a terminal).
+    #[error("guest agent: {}", crate::escape::escaped(.0))]
     Refused(String),
 }
 
@@ -205,6 +206,9 @@ pub fn logs(dir: &StateDir, name: &str, previous: bool) -> Vec<Log> {
 pub struct LogPrinter {
     files: Vec<Followed>,
     last: Option<usize>,
+    /// Control characters shown as escapes (`crate::escape`); `None`:
+    /// the bytes as the guest wrote them (`--raw`).
+    escaper: Option<crate::escape::Escaper>,
 }
 
 struct Followed {
@@ -228,7 +232,17 @@ impl LogPrinter {
                 })
                 .collect(),
             last: None,
+            escaper: Some(crate::escape::Escaper::default()),
         }
+    }
+
+    /// Prints the guest's bytes as they are, escape sequences and all.
+    #[must_use]
+    pub fn raw(mut self, raw: bool) -> Self {
+        if raw {
+            self.escaper = None;
+        }
+        self
     }
 
     /// Prints what each log gained since the last call (a log replaced by a
@@ -289,12 +303,24 @@ impl LogPrinter {
             }
             if self.last != Some(i) {
                 if self.last.is_some() {
+                    if let Some(e) = self.escaper.as_mut() {
+                        let mut rest = Vec::new();
+                        e.finish(&mut rest);
+                        out.write_all(&rest)?;
+                    }
                     writeln!(out)?;
                 }
                 writeln!(out, "==> {} <==", f.path.display())?;
                 self.last = Some(i);
             }
-            out.write_all(&buf[..n])?;
+            match self.escaper.as_mut() {
+                Some(e) => {
+                    let mut shown = Vec::with_capacity(n + n / 8);
+                    e.push(&buf[..n], &mut shown);
+                    out.write_all(&shown)?;
+                }
+                None => out.write_all(&buf[..n])?,
+            }
             f.offset += n as u64;
             printed = true;
         }
