@@ -464,6 +464,26 @@ pub fn private_umask() {
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
 }
 
+/// The soft descriptor limit uvmctl raises itself to (when the hard limit
+/// allows): a watcher of many VMs holds sockets, logs and listeners, and
+/// 1,024 (the usual default) was exhausted by one metrics client in the
+/// second red-team round.
+pub const WANTED_NOFILE: u64 = 65_536;
+
+/// Raises the soft `RLIMIT_NOFILE` towards [`WANTED_NOFILE`], within the
+/// hard limit (which needs no privilege). Returns the soft limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let wanted = WANTED_NOFILE.min(hard);
+    if soft < wanted && setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).is_ok() {
+        return wanted;
+    }
+    soft
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

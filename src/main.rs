@@ -123,6 +123,11 @@ enum Command {
         /// The console of the launch before this one instead.
         #[arg(long)]
         previous: bool,
+        /// Print the guest's bytes as they are; by default control
+        /// characters (escape sequences a guest could use on your terminal)
+        /// are shown escaped.
+        #[arg(long)]
+        raw: bool,
     },
     /// Run a command of uvmctl's guest agent in a running VM (the test guest,
     /// guest/README.md: e.g. `uvmctl agent web blocks`) and print its answer
@@ -134,6 +139,10 @@ enum Command {
         /// Give up waiting for the answer after this long.
         #[arg(long, value_parser = parse_duration, default_value = "3m")]
         timeout: Duration,
+        /// Print the agent's answer as it is; by default control characters
+        /// are shown escaped.
+        #[arg(long)]
+        raw: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -770,6 +779,7 @@ async fn main() -> ExitCode {
     // Whatever uvmctl (or a QEMU it starts) creates without an explicit
     // mode is root's alone, whatever umask the caller had.
     uvmctl::hostfs::private_umask();
+    uvmctl::hostfs::raise_nofile_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Help and version are answers (0); every usage error exits 1, as
@@ -897,15 +907,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             name,
             follow,
             previous,
-        } => run_logs(&name, follow, previous, host).await,
+            raw,
+        } => run_logs(&name, follow, previous, raw, host).await,
         Command::Agent {
             name,
             timeout,
+            raw,
             command,
         } => {
             let qemu = host.qemu("agent")?;
             for line in qemu.agent(&name, &command, timeout).await? {
-                outln!("{line}")?;
+                if raw {
+                    outln!("{line}")?;
+                } else {
+                    outln!("{}", uvmctl::escape::escaped(&line))?;
+                }
             }
             Ok(0)
         }
@@ -1569,7 +1585,13 @@ impl Drop for RawTerminal {
     }
 }
 
-async fn run_logs(name: &VmName, follow: bool, previous: bool, host: &Host) -> anyhow::Result<u8> {
+async fn run_logs(
+    name: &VmName,
+    follow: bool,
+    previous: bool,
+    raw: bool,
+    host: &Host,
+) -> anyhow::Result<u8> {
     let qemu = host.qemu("logs")?;
     let logs = qemu.logs(name, previous)?;
     if previous && !follow && logs.iter().all(|l| !l.path.exists()) {
@@ -1577,7 +1599,7 @@ async fn run_logs(name: &VmName, follow: bool, previous: bool, host: &Host) -> a
         eprintln!("{name}: no console of a launch before this one is kept");
         return Ok(0);
     }
-    let mut printer = uvmctl::virtstack::qemu::guest::LogPrinter::new(&logs);
+    let mut printer = uvmctl::virtstack::qemu::guest::LogPrinter::new(&logs).raw(raw);
     let print = |printer: &mut uvmctl::virtstack::qemu::guest::LogPrinter| -> anyhow::Result<()> {
         match printer.print_new(&mut std::io::stdout().lock()) {
             Ok(_) => Ok(()),

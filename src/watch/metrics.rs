@@ -330,16 +330,33 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the task is dropped; one task per
-/// connection, each bounded in time.
+/// The most `/metrics` connections served at once: a scraper needs one,
+/// and a client holding a thousand idle ones must not take the watcher's
+/// descriptors (issue 31).
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request's headers.
+pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may last in all.
+pub const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Serves `/metrics` on `listener` until the task is dropped. At most
+/// [`MAX_METRICS_CONNECTIONS`] at once; one past them is closed as soon as
+/// it is accepted (so the kernel's queue never holds a scrape behind idle
+/// ones). One request per connection, its headers within
+/// [`METRICS_HEADER_TIMEOUT`].
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of descriptors and the like: try again shortly.
             tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let metrics = metrics.clone();
@@ -366,8 +383,13 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
                     }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(16 << 10)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
+            drop(slot);
         });
     }
 }

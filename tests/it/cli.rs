@@ -2114,3 +2114,114 @@ fn an_openpgp_signed_commit_is_not_an_allowed_signers_commit() {
     );
     assert!(!stdout(&out).contains("web"), "{}", stdout(&out));
 }
+
+/// Issue 31: one client holding 1,100 idle connections to the metrics
+/// listener took every descriptor of a watcher under the usual limit of
+/// 1,024, and a spec change waited about 21 s. Now the listener serves a
+/// bounded number at once and closes idle ones: the watcher (run here with
+/// a hard limit of 1,024, so raising its own soft limit cannot help) applies
+/// a new spec in its usual time, and a later scrape is answered.
+#[test]
+fn idle_metrics_connections_never_starve_the_watcher() {
+    use std::io::{BufRead, Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let t = TestContext::new();
+    t.write_spec("web.yaml", &vm("web", 64, ""));
+    let state = t.path("state");
+    let mut watcher = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_uvmctl"))
+        .current_dir(t.dir.path())
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .args([
+            "watch",
+            "specs",
+            "--resync",
+            "1s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch runs");
+    let watcher_err = watcher.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(watcher_err).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the watcher says where its metrics are");
+        if let Some(at) = line.find("metrics at http://") {
+            let rest = &line[at + "metrics at http://".len()..];
+            break rest.trim().trim_end_matches("/metrics").to_string();
+        }
+    };
+    let converged_within = |bound: Duration| -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < bound {
+            if t.sim(&["plan", "specs", "--detailed-exitcode"])
+                .status
+                .code()
+                == Some(0)
+            {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    };
+    converged_within(Duration::from_secs(30)).expect("the first VM created");
+
+    // This test process needs more than 1,100 descriptors of its own.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let want = 4096.min(hard);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, hard)
+        .expect("setrlimit");
+    let sock: std::net::SocketAddr = addr.parse().expect("address");
+    let idle: Vec<TcpStream> = (0..1100)
+        .filter_map(|_| TcpStream::connect_timeout(&sock, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(idle.len() > 1000, "{} connections made", idle.len());
+
+    t.write_spec("cache.yaml", &vm("cache", 32, ""));
+    let took = converged_within(Duration::from_secs(20));
+    assert!(
+        took.is_some(),
+        "the watcher applied the new spec with 1,100 metrics connections open"
+    );
+    // A scrape is answered, once the idle connections are closed or turned away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scraped = loop {
+        let answered = TcpStream::connect_timeout(&sock, Duration::from_secs(1))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body)
+            })
+            .unwrap_or_default();
+        if answered.contains("uvmctl_vms") || Instant::now() > deadline {
+            break answered;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    drop(idle);
+    nix_kill(watcher.id(), "TERM");
+    let _ = watcher.wait();
+    assert!(
+        scraped.contains("uvmctl_vms"),
+        "a scrape answered: {scraped}"
+    );
+}
