@@ -10,6 +10,10 @@
 //!   written (the client's socket buffer is full); it is read again once
 //!   that write goes through, so at most one socket buffer of answers
 //!   waits per client;
+//! - each connection stops being read while [`MAX_CALLS_IN_FLIGHT`] of its
+//!   requests are unanswered (ttrpc's frames are counted as they pass: a
+//!   request read, a response written), so one client cannot park twelve
+//!   thousand `WaitVM` calls;
 //! - accept failures for lack of descriptors or memory back off (10 ms,
 //!   doubling to 1 s) instead of spinning, and are logged once per run of
 //!   failures.
@@ -79,12 +83,71 @@ fn accepted(
     )
 }
 
+/// The most requests of one connection answered at once; the next is not
+/// read until one of them is answered. (hcsshim keeps one `WaitVM` and a
+/// few calls in flight.)
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
+
+/// ttrpc's frame header: length (4), stream id (4), type (1), flags (1).
+const FRAME_HEADER: usize = 10;
+const FRAME_REQUEST: u8 = 1;
+const FRAME_RESPONSE: u8 = 2;
+
+/// Where a byte stream of ttrpc frames is: in a header, or in a payload.
+#[derive(Debug, Default)]
+struct Frames {
+    header: [u8; FRAME_HEADER],
+    have: usize,
+    payload_left: u64,
+}
+
+impl Frames {
+    /// How many bytes may be read before the next header or payload ends
+    /// (so a read never crosses a frame: a request is counted as soon as
+    /// its header is in, before any byte after it is).
+    fn next_run(&self) -> usize {
+        if self.payload_left > 0 {
+            usize::try_from(self.payload_left).unwrap_or(usize::MAX)
+        } else {
+            FRAME_HEADER - self.have
+        }
+    }
+
+    /// Feeds bytes that passed; the type of each header completed.
+    fn feed(&mut self, mut bytes: &[u8], mut on_header: impl FnMut(u8)) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = bytes.len().min(FRAME_HEADER - self.have);
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEADER {
+                self.have = 0;
+                let [a, b, c, d, ..] = self.header;
+                self.payload_left = u64::from(u32::from_be_bytes([a, b, c, d]));
+                on_header(self.header[8]);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Pace {
     /// A write is waiting for the client to read.
     write_blocked: bool,
-    /// The reader, parked until then.
+    /// The reader, parked until then (or until a call is answered).
     reader: Option<Waker>,
+    /// Requests read and not answered yet.
+    in_flight: usize,
+    read: Frames,
+    written: Frames,
 }
 
 /// A connection that is not read while an answer to it cannot be written.
@@ -124,14 +187,33 @@ impl<S: AsyncRead + Unpin> AsyncRead for Paced<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        {
+        let run = {
             let mut pace = this.pace();
-            if pace.write_blocked {
+            // At the bound, the next frame waits; the rest of the current
+            // one (its payload) is still read, or its call would never run.
+            let at_frame_start = pace.read.have == 0 && pace.read.payload_left == 0;
+            if pace.write_blocked || (at_frame_start && pace.in_flight >= MAX_CALLS_IN_FLIGHT) {
                 pace.reader = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+            pace.read.next_run()
+        };
+        let (got, n) = {
+            let mut part = ReadBuf::new(buf.initialize_unfilled_to(run.min(buf.remaining())));
+            let got = Pin::new(&mut this.inner).poll_read(cx, &mut part);
+            let mut pace = this.pace();
+            let Pace {
+                read, in_flight, ..
+            } = &mut *pace;
+            read.feed(part.filled(), |kind| {
+                if kind == FRAME_REQUEST {
+                    *in_flight += 1;
+                }
+            });
+            (got, part.filled().len())
+        };
+        buf.advance(n);
+        got
     }
 }
 
@@ -143,6 +225,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Paced<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let got = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = got {
+            let mut pace = this.pace();
+            let Pace {
+                written, in_flight, ..
+            } = &mut *pace;
+            written.feed(&buf[..n], |kind| {
+                if kind == FRAME_RESPONSE {
+                    *in_flight = in_flight.saturating_sub(1);
+                }
+            });
+        }
         // An error or a close also unblocks the reader, which then sees it.
         this.wrote(got.is_pending());
         got
@@ -207,6 +300,73 @@ mod tests {
             .expect("read again")
             .expect("read");
         assert_eq!(&one, b"more");
+    }
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&u32::try_from(payload.len()).expect("short").to_be_bytes());
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(&[kind, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Issue 31: one connection parked 12,000 `WaitVM` calls. Requests
+    /// past the bound are not read until one is answered.
+    #[tokio::test]
+    async fn a_connection_is_not_read_past_its_calls_in_flight() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut server = Paced::new(server);
+        let many: Vec<u8> = (0..100u32)
+            .flat_map(|i| frame(FRAME_REQUEST, 2 * i + 1, b"wait"))
+            .collect();
+        client.write_all(&many).await.expect("requests");
+        let one = 14;
+        let mut got = vec![0u8; one * MAX_CALLS_IN_FLIGHT];
+        server
+            .read_exact(&mut got)
+            .await
+            .expect("the bound's worth");
+        let mut next = vec![0u8; one];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), server.read_exact(&mut next))
+                .await
+                .is_err(),
+            "the request past the bound is not read"
+        );
+        // One answer, written in two pieces: one more request is read.
+        let answer = frame(FRAME_RESPONSE, 1, b"done");
+        server.write_all(&answer[..7]).await.expect("answer");
+        server.write_all(&answer[7..]).await.expect("answer");
+        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut next))
+            .await
+            .expect("read again")
+            .expect("read");
+        assert_eq!(next, frame(FRAME_REQUEST, 2 * 64 + 1, b"wait"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), server.read_exact(&mut next))
+                .await
+                .is_err(),
+            "at the bound again"
+        );
+    }
+
+    #[test]
+    fn frames_are_followed_across_any_cut() {
+        let stream = [
+            frame(FRAME_REQUEST, 1, b"abc"),
+            frame(3, 1, &[0u8; 300]),
+            frame(FRAME_REQUEST, 3, b""),
+        ]
+        .concat();
+        for cut in 1..stream.len() {
+            let mut f = Frames::default();
+            let mut kinds = Vec::new();
+            for piece in stream.chunks(cut) {
+                f.feed(piece, |k| kinds.push(k));
+            }
+            assert_eq!(kinds, [FRAME_REQUEST, 3, FRAME_REQUEST], "cut {cut}");
+        }
     }
 
     #[test]

@@ -87,7 +87,59 @@ pub struct VmService {
     /// Changes one at a time: two clients never interleave on the VM.
     changing: tokio::sync::Mutex<()>,
     torn_down: tokio::sync::watch::Sender<bool>,
+    /// Whether the VM has stopped (or is gone), as its one follower last
+    /// saw it: every `WaitVM` waits on this, so a thousand waiters cost
+    /// one observation per event, not one each every few milliseconds.
+    ended: Arc<tokio::sync::watch::Sender<bool>>,
+    follower: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     quit: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for VmService {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower_slot().take() {
+            f.abort();
+        }
+    }
+}
+
+/// How often a follower looks again at a VM it has no events of (not
+/// running, or its events socket busy).
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the VM's events for as long as the server runs: after each
+/// event, and once a second when there are none to follow, it observes
+/// the VM and says whether it ended. What the virtstack does for a
+/// followed VM (reconnecting a serial console whose listener came back,
+/// `virtstack::qemu::serial`) then happens for a VM served to hcsshim too,
+/// with no watcher. (Following holds the VM's events socket, which serves
+/// one client: a watcher of the same state directory cannot follow a
+/// served VM.)
+async fn follow(
+    vs: Arc<dyn Virtstack>,
+    name: VmName,
+    ended: Arc<tokio::sync::watch::Sender<bool>>,
+) {
+    let publish = async |vs: &Arc<dyn Virtstack>| {
+        let now = match vs.observe(&name).await {
+            Ok(o) => o.state == State::Terminated,
+            Err(VmError::NotFound(_)) => true,
+            // Unknown: keep what was said.
+            Err(_) => return,
+        };
+        ended.send_if_modified(|e| std::mem::replace(e, now) != now);
+    };
+    loop {
+        publish(&vs).await;
+        match vs.events(&name).await {
+            Ok(Some(mut events)) => {
+                while events.recv().await.is_some() {
+                    publish(&vs).await;
+                }
+            }
+            _ => tokio::time::sleep(FOLLOW_EVERY).await,
+        }
+    }
 }
 
 impl VmService {
@@ -98,8 +150,29 @@ impl VmService {
             name,
             changing: tokio::sync::Mutex::new(()),
             torn_down: tokio::sync::watch::channel(false).0,
+            ended: Arc::new(tokio::sync::watch::channel(false).0),
+            follower: std::sync::Mutex::new(None),
             quit: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    fn follower_slot(&self) -> std::sync::MutexGuard<'_, Option<tokio::task::AbortHandle>> {
+        // A poisoned lock only means a panic elsewhere held it.
+        self.follower.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the VM's one follower, unless it runs; its handle, to stop it.
+    pub fn follow(&self) -> tokio::task::AbortHandle {
+        self.follower_slot()
+            .get_or_insert_with(|| {
+                tokio::spawn(follow(
+                    Arc::clone(&self.vs),
+                    self.name.clone(),
+                    Arc::clone(&self.ended),
+                ))
+                .abort_handle()
+            })
+            .clone()
     }
 
     /// Notified when a client calls `Quit`.
@@ -344,6 +417,7 @@ impl svc::Vm for VmService {
                 .await
                 .map_err(|e| vm_status(&e))?;
             self.torn_down.send_replace(false);
+            self.ended.send_replace(false);
             Ok(Empty::new())
         })
         .await
@@ -399,6 +473,8 @@ impl svc::Vm for VmService {
                         .start(&self.name, false)
                         .await
                         .map_err(|e| vm_status(&e))?;
+                    // Running again: a waiter waits for this run to end.
+                    self.ended.send_replace(false);
                     Ok(Empty::new())
                 }
             }
@@ -408,18 +484,16 @@ impl svc::Vm for VmService {
 
     async fn wait_vm(&self, ctx: &TtrpcContext, _: Empty) -> RpcResult<Empty> {
         within(ctx, async {
+            self.follow();
             let mut torn = self.torn_down.subscribe();
+            let mut ended = self.ended.subscribe();
             loop {
-                if *torn.borrow_and_update() || !self.exists().await? {
-                    return Ok(Empty::new());
-                }
-                let state = self.vs.observe(&self.name).await.map(|o| o.state);
-                if matches!(state, Ok(State::Terminated)) {
+                if *torn.borrow_and_update() || *ended.borrow_and_update() {
                     return Ok(Empty::new());
                 }
                 tokio::select! {
                     _ = torn.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = ended.changed() => {}
                 }
             }
         })

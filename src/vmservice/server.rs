@@ -32,30 +32,12 @@ pub struct Serving {
     server: ttrpc::r#async::Server,
     path: PathBuf,
     quit: Arc<tokio::sync::Notify>,
-    follower: tokio::task::JoinHandle<()>,
+    follower: tokio::task::AbortHandle,
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
         self.follower.abort();
-    }
-}
-
-/// How often a server looks whether its VM runs, to follow it.
-/// (Following holds the VM's events socket, which serves one client: a
-/// watcher of the same state directory cannot follow a served VM.)
-const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Follows the VM's events for as long as the server runs: what the
-/// virtstack does for a followed VM (reconnecting a serial console whose
-/// listener came back, `virtstack::qemu::serial`) then happens for a VM
-/// served to hcsshim too, with no watcher.
-async fn follow(vs: Arc<dyn Virtstack>, name: VmName) {
-    loop {
-        if let Ok(Some(mut events)) = vs.events(&name).await {
-            while events.recv().await.is_some() {}
-        }
-        tokio::time::sleep(FOLLOW_EVERY).await;
     }
 }
 
@@ -83,9 +65,9 @@ impl Serving {
             }
             std::fs::remove_file(path).map_err(listen)?;
         }
-        let followed = (Arc::clone(&vs), name.clone());
         let service = VmService::new(vs, name);
         let quit = service.quit_signal();
+        let follower = service.follow();
         let listener = super::listen::bind(path).map_err(listen)?;
         let mut server = ttrpc::r#async::Server::new()
             .add_listener(listener)
@@ -98,7 +80,7 @@ impl Serving {
             server,
             path: path.to_path_buf(),
             quit,
-            follower: tokio::spawn(follow(followed.0, followed.1)),
+            follower,
         })
     }
 

@@ -165,6 +165,69 @@ async fn a_vm_is_created_stopped_resumed_changed_paused_and_torn_down() {
     assert!(s.fake.get("vm").is_none());
 }
 
+/// Issue 31: one connection parked 12,000 `WaitVM` calls, each polling the
+/// VM four times a second. Now a connection has at most
+/// `MAX_CALLS_IN_FLIGHT` calls in flight (the next is read once one is
+/// answered), and every waiter waits on the VM's one follower.
+#[tokio::test]
+async fn wait_vm_calls_are_bounded_and_wait_on_events() {
+    let s = serve().await;
+    let c = &s.client;
+    c.create_vm(ctx(), &create_request()).await.expect("create");
+    c.resume_vm(ctx(), &Empty::new()).await.expect("start");
+    let observed = || s.fake.started("vm", "observe").len();
+    let waiters: Vec<_> = (0..super::listen::MAX_CALLS_IN_FLIGHT)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.wait_vm(context::with_duration(Duration::ZERO), &Empty::new())
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = observed();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        observed() - before <= 2,
+        "{} observations while {} waiters waited",
+        observed() - before,
+        waiters.len()
+    );
+    let mut q = pb::InspectVMRequest::new();
+    q.query = "state".into();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.inspect_vm(ctx(), &q))
+            .await
+            .is_err(),
+        "a call past the bound waits on this connection"
+    );
+    let path = s._dir.path().join("vm.sock");
+    let other = svc::VmClient::new(
+        ttrpc::r#async::Client::connect(&format!("unix://{}", path.display()))
+            .await
+            .expect("connect"),
+    );
+    let r = other
+        .inspect_vm(ctx(), &q)
+        .await
+        .expect("another connection");
+    assert_eq!(r.result.string_value(), "running");
+
+    // The VM stops on its own: every waiter returns, and the connection is
+    // read again.
+    s.fake.crash("vm", "halted");
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("unblocked")
+            .expect("joins")
+            .expect("ok");
+    }
+    let r = c.inspect_vm(ctx(), &q).await.expect("read again");
+    assert_eq!(r.result.string_value(), "terminated");
+}
+
 #[tokio::test]
 async fn bad_requests_get_their_status_and_change_nothing() {
     let s = serve().await;
