@@ -1014,8 +1014,19 @@ impl Qemu {
         };
         rec.vsock_cid = Some(cid);
         rec.shared_memory = res.shared_memory;
+        // From here until the launch is done, a launch cut short (a
+        // client's deadline drops this future at any await) ends what it
+        // started, recorded or not.
+        let mut unfinished = Unfinished {
+            qemu: self,
+            name,
+            backend: None,
+            started: None,
+        };
         if res.vsock_device {
-            rec.vsock_pid = Some(self.start_backend(name, cid).await?);
+            let pid = self.start_backend(name, cid).await?;
+            rec.vsock_pid = Some(pid);
+            unfinished.backend = Some(pid);
         }
         let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
         let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
@@ -1078,6 +1089,7 @@ impl Qemu {
         // Reap it when it exits while uvmctl still runs; after that the
         // launch record and qemu.log tell what happened.
         let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
+        unfinished.started = pid.map(|p| (p, exited_rx.clone()));
         tokio::spawn(async move {
             let mut child = child;
             let _ = child.wait().await;
@@ -1121,6 +1133,7 @@ impl Qemu {
             let _ = self.kill(&rec).await;
             self.end_backend(name).await;
         }
+        unfinished.done();
         brought_up
     }
 
@@ -1771,6 +1784,64 @@ impl crate::vm::Observe for Qemu {
 
 /// The QEMU virtstack's modules depend only downward, as the lib's
 /// layering test checks the crate's: each names only the modules before it.
+/// What a launch started and has not finished with: dropped before
+/// [`Unfinished::done`] (the launch's future dropped at a client's
+/// deadline), it kills QEMU and the vsock backend at once and marks the
+/// record stopped by uvmctl, so nothing runs that no launch brought up.
+struct Unfinished<'a> {
+    qemu: &'a Qemu,
+    name: &'a str,
+    backend: Option<u32>,
+    /// QEMU's pid, and whether its reaper saw it exit (then the pid may be
+    /// another process's).
+    started: Option<(u32, tokio::sync::watch::Receiver<bool>)>,
+}
+
+impl Unfinished<'_> {
+    /// The launch ended and cleaned up after itself.
+    fn done(mut self) {
+        self.backend = None;
+        self.started = None;
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        if self.backend.is_none() && self.started.is_none() {
+            return;
+        }
+        let dir = &self.qemu.opts.state_dir;
+        if let Some((pid, exited)) = &self.started
+            && !*exited.borrow()
+            && let Ok(raw) = i32::try_from(*pid)
+        {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        if let Some(pid) = self.backend
+            && vsock::backend_alive(Some(pid), dir, self.name)
+            && let Ok(raw) = i32::try_from(pid)
+        {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        if let Ok(mut rec) = self.qemu.record(self.name)
+            && self
+                .started
+                .as_ref()
+                .is_some_and(|(pid, _)| rec.pid == Some(*pid))
+        {
+            rec.stopped_by_uvmctl = true;
+            rec.vsock_pid = None;
+            let _ = self.qemu.store(&rec);
+        }
+        tracing::info!(
+            vm = self.name,
+            "launch cut short; what it started was ended"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,7 +120,7 @@ pub async fn spawn_backend(
         uds.display()
     );
     let args = ["--vm".to_string(), vm];
-    let mut child = super::process::spawn(super::process::Spawn {
+    let child = super::process::spawn(super::process::Spawn {
         program: binary,
         args: &args,
         dir: &dir.vm_dir(name),
@@ -131,6 +131,11 @@ pub async fn spawn_backend(
         env: &[("RUST_LOG", "warn")],
     })
     .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    // Until it listens and its pid is returned, nobody else knows of it: a
+    // wait cut short (a client's deadline drops this future) or a failure
+    // kills it.
+    let mut unready = Unready(Some(child));
+    let child = unready.0.as_mut().ok_or("the backend is gone")?;
     let pid = child.id().ok_or("the backend exited at once")?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
@@ -141,16 +146,31 @@ pub async fn spawn_backend(
             return Err(format!("{BACKEND} exited ({status}) before it listened"));
         }
         if tokio::time::Instant::now() > deadline {
-            let _ = child.start_kill();
             return Err(format!("{BACKEND} did not listen within {READY_TIMEOUT:?}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let Some(mut child) = unready.0.take() else {
+        return Err("the backend is gone".into());
+    };
     // Reap it when it exits while uvmctl runs.
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
     Ok(pid)
+}
+
+/// A backend started and not yet handed to its caller: killed when dropped.
+struct Unready(Option<tokio::process::Child>);
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            // Not reaped yet, so the pid is still this process's; tokio
+            // reaps a dropped child in the background.
+            let _ = child.start_kill();
+        }
+    }
 }
 
 /// Whether `pid` is this VM's backend (pids get reused).
