@@ -91,6 +91,79 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
         has_block(b, 64 << 20, 1, 1)
     });
 
+    // Issue 31: a LUN unplugged by hand and given another image holds only
+    // the new image (the old fd set used to stay, the old image open
+    // read-write while plan said "No changes"), and 20 such cycles leave
+    // QEMU with as many descriptors as one.
+    let other_img = h.raw_image("other.img", 64);
+    let pid = h.pid("web").expect("qemu pid");
+    let held = |img: &Path| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("QEMU's descriptors")
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == img))
+            .count()
+    };
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .count()
+    };
+    // A watcher follows the VM's events all the while: with a monitor
+    // connected, QEMU frees no fd set by itself.
+    let events = UnixStream::connect(h.path("state/web/qmp-events.sock")).expect("events socket");
+    {
+        use std::io::{BufRead, Write};
+        let mut r = std::io::BufReader::new(events.try_clone().expect("clone"));
+        let mut line = String::new();
+        r.read_line(&mut line).expect("greeting");
+        (&events)
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .expect("capabilities");
+        line.clear();
+        r.read_line(&mut line).expect("capabilities answered");
+    }
+    let mut after_first = None;
+    for cycle in 0..20 {
+        let (now, before) = if cycle % 2 == 0 {
+            (&other_img, &ro_img)
+        } else {
+            (&ro_img, &other_img)
+        };
+        qmp_by_hand(
+            &h.path("state/web/qmp.sock"),
+            "device_del",
+            serde_json::json!({"id": "disk-0-1"}),
+            Some("DEVICE_DELETED"),
+        );
+        let disk = format!(
+            "      disks:\n        - {{lun: 1, path: {}, type: passthrough, readOnly: true}}\n",
+            now.display()
+        );
+        h.write_spec("web", &h.spec("web", &format!("{base}{disk}{nic}")));
+        assert_ok(&h.apply());
+        assert_eq!(
+            held(before),
+            0,
+            "cycle {cycle}: the old image is still open"
+        );
+        assert!(held(now) > 0, "cycle {cycle}: the new image is not open");
+        let n = fds();
+        let first = *after_first.get_or_insert(n);
+        assert!(
+            n <= first,
+            "cycle {cycle}: {n} descriptors, {first} after the first"
+        );
+    }
+    let out = h.plan(&["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    drop(events);
+    h.write_spec("web", &h.spec("web", &format!("{base}{disk}{nic}")));
+    assert_ok(&h.apply());
+    agent.wait_for("blocks", "the first image back", |b| {
+        has_block(b, 64 << 20, 1, 1)
+    });
+
     // Removing both from the spec removes them from the guest.
     h.write_spec("web", &h.spec("web", base));
     let out = h.apply();

@@ -72,38 +72,43 @@ fn spec_path(recorded: Option<&Path>, resolved: &str) -> PathBuf {
     }
 }
 
-/// The files QEMU holds in its fd sets, by the sets' opaque tags (the
-/// file node a disk's set was made for): what `/proc/PID/fd` says each of
-/// QEMU's descriptors is. A block node opened from an fd set names only
-/// `/dev/fdset/N`; this is what file that really is, whatever was renamed
-/// since. Empty where QEMU's descriptors cannot be read.
-async fn held_files(q: &Qmp, pid: Option<u32>) -> Result<BTreeMap<String, String>, QmpError> {
+/// The files QEMU holds in its fd sets, by set id: what `/proc/PID/fd`
+/// says each set's descriptor is. A block node opened from an fd set names
+/// only `/dev/fdset/N`; this is what file that really is, whatever was
+/// renamed since, and whatever other set has the same tag. Empty where
+/// QEMU's descriptors cannot be read.
+async fn held_files(q: &Qmp, pid: Option<u32>) -> Result<BTreeMap<u64, String>, QmpError> {
     let Some(pid) = pid else {
         return Ok(BTreeMap::new());
     };
     let sets = q.execute("query-fdsets", None).await?;
     let mut out = BTreeMap::new();
     for set in sets.as_array().into_iter().flatten() {
+        let Some(id) = set.get("fdset-id").and_then(Value::as_u64) else {
+            continue;
+        };
         for fd in set
             .get("fds")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
         {
-            let (Some(opaque), Some(n)) = (
-                fd.get("opaque").and_then(Value::as_str),
-                fd.get("fd").and_then(Value::as_u64),
-            ) else {
+            let Some(n) = fd.get("fd").and_then(Value::as_u64) else {
                 continue;
             };
             if let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
                 && let Some(text) = target.to_str()
             {
-                out.insert(opaque.to_string(), text.to_string());
+                out.insert(id, text.to_string());
             }
         }
     }
     Ok(out)
+}
+
+/// The fd set a block node's file names (`/dev/fdset/N`).
+fn fdset_of(file: &str) -> Option<u64> {
+    file.strip_prefix("/dev/fdset/")?.parse().ok()
 }
 
 /// Like [`spec_path`] for a socket that may not exist yet: the spec's path
@@ -263,7 +268,7 @@ pub async fn observe(
         let path = if file.file.starts_with("/dev/fdset/") {
             // Handed over by descriptor: the file QEMU really holds, else
             // (its descriptors unreadable) what was recorded.
-            match held.get(&ids::scsi_disk_file(c, l)) {
+            match fdset_of(&file.file).and_then(|set| held.get(&set)) {
                 Some(real) => spec_path(recorded, real),
                 None => recorded.map_or_else(|| PathBuf::from(&file.file), Path::to_path_buf),
             }

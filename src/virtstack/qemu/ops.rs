@@ -141,9 +141,10 @@ pub async fn add_scsi_disk(
     // Nodes left behind by a `device_del` made by hand would clash; nodes in
     // use refuse deletion, and the add below then reports the clash.
     delete_nodes(q, &names).await;
-    // A set left by a failed add needs no query here: it is harmless (the
-    // new one gets its own id) and goes with the disk's removal, which
-    // removes every set of this tag.
+    // And so would their fd set: left, it keeps the old image open in QEMU
+    // (read-write) however often the LUN is replugged (issue 31). Removed
+    // before the new one is added, so a LUN has one set at a time.
+    remove_fdsets(q, &opaque).await;
     let (set, _) = q.add_fd(&opaque, image.file.as_fd()).await?;
     let (nodes, device) = scsi_disk_args(controller, disk, image, &format!("/dev/fdset/{set}"));
     let undo = |created: usize| {
