@@ -593,10 +593,11 @@ impl GitSource {
         cmd.args(["ls-remote", "--refs", "--"])
             .arg(&self.opts.url)
             .args([&branch, &tag]);
-        let out = Self::finish(cmd, "ls-remote").await?;
+        // Part of the fetch, as far as anyone reading the error goes.
+        let out = Self::finish(cmd, "fetch").await?;
         if !out.status.success() {
             return Err(SourceError::Git {
-                what: "ls-remote",
+                what: "fetch",
                 stderr: bounded(&String::from_utf8_lossy(&out.stderr)),
             });
         }

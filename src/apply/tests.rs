@@ -48,6 +48,7 @@ fn qemu_caps() -> Capabilities {
         vfio: true,
         ovmf: true,
         pin_memory_refused: None,
+        isolation: None,
     })
 }
 

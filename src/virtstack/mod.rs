@@ -21,8 +21,14 @@ impl Capabilities {
     pub fn profile(name: &str) -> Option<Self> {
         // As QEMU runs by default: as the service user when uvmctl is root.
         let here = || {
-            let memlock = qemu::user::MemLock::probe(nix::unistd::geteuid().is_root());
-            Capabilities::qemu(&HostFacts::probe(&memlock))
+            let root = nix::unistd::geteuid().is_root();
+            let memlock = qemu::user::MemLock::probe(root);
+            let mut facts = HostFacts::probe(&memlock);
+            facts.isolation = root
+                .then(|| qemu::user::ServiceUser::lookup(qemu::user::DEFAULT_QEMU_USER, false))
+                .and_then(|u| u.ok().flatten())
+                .map(|u| u.isolation());
+            Capabilities::qemu(&facts)
         };
         match name {
             crate::vm::QEMU => Some(here()),
@@ -69,6 +75,7 @@ mod tests {
             vfio: true,
             ovmf: true,
             pin_memory_refused: None,
+            isolation: None,
         });
         assert!(!kernel_only.supported(VmSocket, Add));
         assert!(

@@ -62,6 +62,7 @@ pub fn capabilities() -> Capabilities {
         vfio: true,
         ovmf: true,
         pin_memory_refused: None,
+        isolation: None,
     });
     caps.virtstack = SIM.to_string();
     caps

@@ -70,6 +70,9 @@ pub struct Capabilities {
     /// What keeps it from saving a VM (`powerState: saved`), with why.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub save_refused: BTreeMap<SaveBlocker, String>,
+    /// How one VM's processes are kept from another's, on this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
 }
 
 /// Something in a VM that may keep a virtstack from saving its guest state.
@@ -203,6 +206,7 @@ impl Capabilities {
             guest_os: BTreeSet::new(),
             cold_refused: BTreeMap::new(),
             save_refused: BTreeMap::new(),
+            isolation: None,
         }
     }
 
@@ -415,6 +419,9 @@ impl Capabilities {
         }
         let runs: Vec<&str> = self.guest_os.iter().map(|g| g.as_str()).collect();
         out += &format!("\nGuest operating systems: {}.\n", runs.join(", "));
+        if let Some(isolation) = &self.isolation {
+            out += &format!("\nIsolation: {isolation}.\n");
+        }
         if !self.cold_refused.is_empty() {
             out += "\nCold settings it does not build:\n\n";
             for (setting, why) in &self.cold_refused {
@@ -439,4 +446,6 @@ pub struct HostFacts {
     /// Why QEMU cannot pin guest memory here (`memory.backing: physical`),
     /// if it cannot.
     pub pin_memory_refused: Option<String>,
+    /// Who each VM's QEMU runs as, as `uvmctl capabilities` says it.
+    pub isolation: Option<String>,
 }

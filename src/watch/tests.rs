@@ -16,6 +16,7 @@ fn caps() -> Capabilities {
         vfio: true,
         ovmf: true,
         pin_memory_refused: None,
+        isolation: None,
     })
 }
 

@@ -100,7 +100,7 @@ fn validate_accepts_good_specs_and_lists_every_error() {
     assert_eq!(
         stderr(&out),
         "specs/b.yaml:12:5: spec.memory.sizeMB: 0 is out of range 1–1048576\n\
-         specs/c.yaml:4:3: metadata.name: name \"c!\" must be 1–64 characters of [A-Za-z0-9-]\n\
+         specs/c.yaml:4:3: metadata.name: invalid VM name \"c!\": a name is 1–64 characters of [A-Za-z0-9-], not starting with '-'\n\
          2 errors; 1 VM spec valid, 2 invalid\n"
     );
 }

@@ -728,10 +728,12 @@ fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
         sandbox.as_deref(),
         Some("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
     );
-    // QEMU runs as the service user, with its group alone: no root, no
-    // supplementary groups (KVM is not used here).
+    // QEMU runs as the VM's own user: a uid and gid of its own from the
+    // service user's range (the service user itself on a host without
+    // one), the service user's group as its one supplementary group (KVM
+    // is not used here), no capabilities.
     use std::os::unix::fs::MetadataExt;
-    let (uid, gid) = crate::host::qemu_user();
+    let (svc_uid, svc_gid) = crate::host::qemu_user();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| {
         status
@@ -740,22 +742,53 @@ fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
             .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
             .unwrap_or_default()
     };
+    let uid: u32 = field("Uid:")[0].parse().expect("uid");
+    let gid: u32 = field("Gid:")[0].parse().expect("gid");
     assert_eq!(field("Uid:"), vec![uid.to_string(); 4], "{status}");
     assert_eq!(field("Gid:"), vec![gid.to_string(); 4], "{status}");
-    assert_eq!(field("Groups:"), vec![gid.to_string()], "{status}");
+    let ranged = std::fs::read_to_string("/etc/subuid")
+        .is_ok_and(|t| t.lines().any(|l| l.starts_with("uvmctl-qemu:")));
+    if ranged {
+        assert!(uid >= 1 << 20 && uid != svc_uid, "{status}");
+        let mut groups = field("Groups:");
+        groups.sort();
+        let mut want = vec![gid.to_string(), svc_gid.to_string()];
+        want.sort();
+        assert_eq!(groups, want, "{status}");
+    } else {
+        assert_eq!((uid, gid), (svc_uid, svc_gid), "{status}");
+    }
     assert_eq!(field("CapEff:"), vec!["0000000000000000"], "{status}");
-    // Its directory is root's, shared with its group, sticky: QEMU makes
-    // its sockets there and cannot touch uvmctl's files.
+    // Its directory is root's, passable by its group alone; its sockets
+    // are root's (uvmctl made them and handed QEMU the descriptors); the
+    // backend's directory is the VM user's.
     let dir = std::fs::metadata(h.path("state/sbx")).expect("vm dir");
     assert_eq!(
         (dir.uid(), dir.gid(), dir.permissions().mode() & 0o7777),
-        (0, gid, 0o1770)
+        (0, gid, 0o710)
     );
-    let qmp = std::fs::metadata(h.path("state/sbx/qmp.sock")).expect("qmp socket");
+    for sock in [
+        "qmp.sock",
+        "qmp-observe.sock",
+        "qmp-events.sock",
+        "agent.sock",
+        "console.sock",
+    ] {
+        let m = std::fs::metadata(h.path("state/sbx").join(sock)).expect("socket");
+        assert_eq!(
+            (m.uid(), m.permissions().mode() & 0o077),
+            (0, 0),
+            "{sock}: root's alone"
+        );
+    }
+    let vsock = std::fs::metadata(h.path("state/sbx/vsock")).expect("vsock dir");
     assert_eq!(
-        (qmp.uid(), qmp.permissions().mode() & 0o077),
-        (uid, 0),
-        "only QEMU's user (and root) reaches the QMP socket"
+        (
+            vsock.uid(),
+            vsock.gid(),
+            vsock.permissions().mode() & 0o7777
+        ),
+        (uid, gid, 0o700)
     );
     let record = std::fs::metadata(h.path("state/sbx/launch.json")).expect("record");
     assert_eq!(

@@ -448,8 +448,13 @@ fn sockets_and_directories_get_their_modes_whatever_the_umask() {
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
     assert_eq!(
         mode(&state.join("vm")),
-        0o1770,
-        "root's, shared with QEMU's group"
+        0o710,
+        "root's, passable by the VM's own group"
+    );
+    assert_eq!(
+        mode(&state.join("vm").join("vsock")),
+        0o700,
+        "the VM user's"
     );
     assert_eq!(mode(&state.join("vm").join("launch.json")), 0o600);
     assert_eq!(mode(&state.join("lock")), 0o600);
@@ -912,4 +917,128 @@ fn plan_refuses_what_qemus_service_user_cannot_use() {
     // Given to its group, it is fine.
     crate::host::share_with_qemu(&share, 0o770);
     assert_ok(&h.plan(&[]));
+}
+
+/// Issue 31: one VM's QEMU reaches its own VM only. A process with the
+/// identity of VM `a`'s QEMU (its uid, gid and groups, read from /proc),
+/// standing in for a compromised QEMU, can connect to none of VM `b`'s
+/// sockets (QMP, its observe and events sockets, agent, console), open
+/// neither `b`'s disk nor the descriptors `b`'s QEMU holds, and cannot
+/// enter `b`'s backend directory. (It used to copy `b`'s 0600 disk out
+/// through `b`'s QMP socket, and swap `b`'s agent socket for its own.)
+#[test]
+fn one_vms_qemu_reaches_no_other_vm() {
+    let h = Host::new();
+    let disk = h.raw_image("b-disk.img", 8);
+    chmod(&disk, 0o600);
+    h.write_spec("iso-a", &h.spec("iso-a", "  powerState: paused\n"));
+    h.write_spec(
+        "iso-b",
+        &h.spec(
+            "iso-b",
+            &format!(
+                "  powerState: paused\n  scsiControllers:\n    - id: 0\n      disks:\n        - {{lun: 0, path: {}, type: passthrough}}\n",
+                disk.display()
+            ),
+        ),
+    );
+    assert_ok(&h.apply());
+    let (a, b) = (h.pid("iso-a").expect("a"), h.pid("iso-b").expect("b"));
+    let ids = |pid: i32| -> (String, String, Vec<String>) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |name: &str| -> Vec<String> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        (
+            field("Uid:")[0].clone(),
+            field("Gid:")[0].clone(),
+            field("Groups:"),
+        )
+    };
+    let (a_uid, a_gid, a_groups) = ids(a);
+    let (b_uid, b_gid, _) = ids(b);
+    assert_ne!(a_uid, "0");
+    let ranged = std::fs::read_to_string("/etc/subuid")
+        .is_ok_and(|t| t.lines().any(|l| l.starts_with("uvmctl-qemu:")));
+    if ranged {
+        assert_ne!(
+            (&a_uid, &a_gid),
+            (&b_uid, &b_gid),
+            "each VM a user of its own"
+        );
+        let backend = h.record_pid("iso-a", "vsockPid").expect("a's backend");
+        assert_eq!(ids(backend).0, a_uid, "the backend runs as its VM's QEMU");
+    }
+    let b_fd = std::fs::read_dir(format!("/proc/{b}/fd"))
+        .expect("b's fds")
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == disk))
+        .map(|e| e.path())
+        .expect("b's QEMU holds its disk");
+    let state = h.path("state");
+    let mut targets: Vec<(String, String)> = [
+        "qmp.sock",
+        "qmp-observe.sock",
+        "qmp-events.sock",
+        "agent.sock",
+        "console.sock",
+    ]
+    .iter()
+    .flat_map(|s| {
+        [
+            (
+                "connect".to_string(),
+                state.join("iso-b").join(s).display().to_string(),
+            ),
+            (
+                "connect".to_string(),
+                state.join("iso-a").join(s).display().to_string(),
+            ),
+        ]
+    })
+    .collect();
+    targets.push(("open".into(), disk.display().to_string()));
+    targets.push(("open".into(), b_fd.display().to_string()));
+    targets.push((
+        "list".into(),
+        state.join("iso-b/vsock").display().to_string(),
+    ));
+    targets.push(("list".into(), state.join("iso-b").display().to_string()));
+    let script = r#"
+import json, os, socket, sys
+out = []
+for kind, path in json.loads(sys.argv[1]):
+    try:
+        if kind == "connect":
+            s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(path); s.close()
+        elif kind == "open":
+            os.close(os.open(path, os.O_RDONLY))
+        else:
+            os.listdir(path)
+        out.append([kind, path, "reached"])
+    except OSError as e:
+        out.append([kind, path, e.strerror])
+print(json.dumps(out))
+"#;
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={a_uid}"))
+        .arg(format!("--regid={a_gid}"))
+        .arg(format!("--groups={}", a_groups.join(",")))
+        // The system's python, which any user may run.
+        .args(["--inh-caps=-all", "--", "/usr/bin/python3", "-c", script])
+        .arg(serde_json::to_string(&targets).expect("json"))
+        .output()
+        .expect("setpriv runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let results: Vec<(String, String, String)> =
+        serde_json::from_slice(&out.stdout).expect("the probe's answer");
+    let reached: Vec<_> = results.iter().filter(|r| r.2 == "reached").collect();
+    assert!(reached.is_empty(), "a's QEMU user reached: {reached:?}");
+    assert_eq!(results.len(), targets.len());
+    assert_ok(&h.uvmctl(&["destroy", "iso-a"]));
+    assert_ok(&h.uvmctl(&["destroy", "iso-b"]));
 }

@@ -38,7 +38,7 @@ fn answer_one(l: UnixListener, reply: &'static str) -> std::thread::JoinHandle<S
 /// Connects from the host to a guest port through the VM's vsock socket and
 /// exchanges one line.
 fn host_to_guest(h: &Host, vm: &str, port: u32, line: &str) -> Result<String, String> {
-    let s = UnixStream::connect(h.path(&format!("state/{vm}/vsock.sock")))
+    let s = UnixStream::connect(h.path(&format!("state/{vm}/vsock/vsock.sock")))
         .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .map_err(|e| e.to_string())?;
@@ -186,7 +186,7 @@ fn vsock_listeners_follow_the_spec_live_both_ways_through_save_restore_and_a_dea
         text(&out)
     );
     assert!(
-        !h.path("state/vs/vsock.sock_5001").exists(),
+        !h.path("state/vs/vsock/vsock.sock_5001").exists(),
         "nothing linked"
     );
 

@@ -117,6 +117,7 @@ impl Capabilities {
             "QEMU saves a guest only with raw disks (its vhd1 and vhdx drivers cannot migrate)"
                 .into(),
         );
+        c.isolation.clone_from(&host.isolation);
         if let Some(why) = &host.pin_memory_refused {
             c.cold_refused
                 .insert(ColdSetting::PhysicalMemory, why.clone());
@@ -141,6 +142,7 @@ impl HostFacts {
             vfio: Path::new("/dev/vfio/vfio").exists(),
             ovmf: Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
             pin_memory_refused: memlock.refusal().map(str::to_string),
+            isolation: None,
         }
     }
 }

@@ -181,21 +181,21 @@ impl Hotplug<'_> {
         let size =
             check_vpmem_image(&image, device.format).map_err(self.path_err(field.clone()))?;
         // QEMU reopens a memory backend's file itself, as its service user.
-        if let Some(user) = &self.qemu.options().qemu_user
+        if let Some(user) = self.qemu.user_of(&self.rec)
             && !image
                 .file
                 .metadata()
                 .is_ok_and(|m| user.may_open(&m, !device.read_only))
         {
             return Err(self.err(format!(
-                "{field}: {} is not {} by QEMU's service user {}",
+                "{field}: {} is not {} by {}",
                 image.path.display(),
                 if device.read_only {
                     "readable"
                 } else {
                     "readable and writable"
                 },
-                user.name
+                user.describe()
             )));
         }
         let max = self
@@ -242,12 +242,12 @@ impl Hotplug<'_> {
             .roots
             .check_socket(&s.listener_path)
             .map_err(self.path_err(field.clone()))?;
-        if let Some(user) = &self.qemu.options().qemu_user {
-            super::launch::check_listener_access(user, &target).map_err(|what| {
+        if let Some(user) = self.qemu.user_of(&self.rec) {
+            super::launch::check_listener_access(&user, &target).map_err(|what| {
                 self.err(format!(
-                    "{field}: {} is not {what} by QEMU's service user {}",
+                    "{field}: {} is not {what} by {}",
                     target.display(),
-                    user.name
+                    user.describe()
                 ))
             })?;
         }
@@ -387,7 +387,7 @@ fn recorded(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
 #[async_trait]
 impl Virtstack for Qemu {
     fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        self.resolve(config).map(drop).map_err(|source| {
+        self.resolve(name, config).map(drop).map_err(|source| {
             QemuError::Launch {
                 vm: name.to_string(),
                 source,

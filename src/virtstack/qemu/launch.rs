@@ -31,6 +31,7 @@ use crate::spec::VmConfig;
 use crate::vm::{Capabilities, MemoryBackingType};
 use serde_json::json;
 use std::fs;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -269,8 +270,8 @@ pub fn check_access(
         source: HostPathError::WrongKind {
             path: path.display().to_string(),
             reason: format!(
-                "not {what} by QEMU's service user {} (see docs/security.md: QEMU opens it itself, as that user)",
-                user.name
+                "not {what} by {} (see docs/security.md: QEMU opens it itself, as that user)",
+                user.describe()
             ),
         },
     };
@@ -358,6 +359,115 @@ pub struct Handover {
     pub fds: Vec<RawFd>,
 }
 
+/// The listening sockets QEMU serves, made by uvmctl (root's, mode 0600,
+/// in a directory QEMU's user cannot list) and handed over as descriptors:
+/// no path of them is connectable by any VM's user, QEMU's own included.
+#[derive(Debug)]
+pub struct ControlSockets {
+    qmp: std::os::unix::net::UnixListener,
+    observe: std::os::unix::net::UnixListener,
+    events: std::os::unix::net::UnixListener,
+    agent: std::os::unix::net::UnixListener,
+    console: Option<std::os::unix::net::UnixListener>,
+}
+
+/// The descriptor numbers of [`ControlSockets`], as the argument vector
+/// names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Controls {
+    /// The QMP socket of the uvmctl that changes the VM.
+    pub qmp: RawFd,
+    /// The QMP socket of the commands that only look.
+    pub observe: RawFd,
+    /// The QMP socket a watcher follows events on.
+    pub events: RawFd,
+    /// The guest agent's channel.
+    pub agent: RawFd,
+    /// COM1's console, unless a listener of the spec's takes the port (-1).
+    pub console: RawFd,
+}
+
+impl Controls {
+    /// For an argument vector that is only read (its device ids), never
+    /// run: no descriptor is real.
+    pub const UNUSED: Controls = Controls {
+        qmp: -1,
+        observe: -1,
+        events: -1,
+        agent: -1,
+        console: -1,
+    };
+}
+
+impl ControlSockets {
+    /// Binds the VM's control sockets afresh (a socket left by a QEMU that
+    /// died is replaced); `console`: COM1 is uvmctl's console (no listener
+    /// of the spec's takes it).
+    ///
+    /// # Errors
+    /// When one cannot be bound.
+    pub fn bind(dir: &StateDir, name: &str, console: bool) -> io::Result<Self> {
+        let listen = |path: PathBuf| {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::os::unix::net::UnixListener::bind(&path)
+        };
+        Ok(ControlSockets {
+            qmp: listen(dir.qmp_socket(name))?,
+            observe: listen(dir.observe_socket(name))?,
+            events: listen(dir.events_socket(name))?,
+            agent: listen(dir.agent_socket(name))?,
+            console: if console {
+                Some(listen(dir.console_socket(name))?)
+            } else {
+                let _ = fs::remove_file(dir.console_socket(name));
+                None
+            },
+        })
+    }
+
+    /// Their descriptor numbers.
+    pub fn fds(&self) -> Controls {
+        Controls {
+            qmp: self.qmp.as_raw_fd(),
+            observe: self.observe.as_raw_fd(),
+            events: self.events.as_raw_fd(),
+            agent: self.agent.as_raw_fd(),
+            console: self.console.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        }
+    }
+}
+
+/// The SMBIOS UUID of the VM `name` of `dir`: stable for the VM, different
+/// for every VM of the host. It is on QEMU's command line, where uvmctl
+/// reads it to know a pid is still this VM's QEMU (pids get reused), now
+/// that no socket path is.
+pub fn machine_uuid(dir: &StateDir, name: &str) -> String {
+    let key = dir.vm_dir(name);
+    let fnv = |seed: u64| {
+        key.as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(seed, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+            })
+    };
+    let (hi, lo) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142));
+    // RFC 9562 version 8 (custom), variant 10.
+    let hi = (hi & !0xf000) | 0x8000;
+    let lo = (lo & !(0b11 << 62)) | (0b10 << 62);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xffff,
+        lo >> 48,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
 /// The fd set of the console log: far above those of the UEFI variables
 /// and the disks, which count up from 0, and those QEMU picks for hot adds.
 pub const CONSOLE_LOG_FDSET: u32 = 1000;
@@ -373,6 +483,7 @@ pub fn argv(
     name: &str,
     cfg: &VmConfig,
     res: &Resolved,
+    controls: Controls,
     dir: &StateDir,
     accel: Accel,
 ) -> (Vec<String>, Handover) {
@@ -429,20 +540,21 @@ pub fn argv(
         push(&["-overcommit", "mem-lock=on"]);
     }
     push(&["-sandbox", SANDBOX]);
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", dir.qmp_socket(name).display()),
-        "-qmp",
-        &format!(
-            "unix:{},server=on,wait=off",
-            dir.observe_socket(name).display()
-        ),
-        "-qmp",
-        &format!(
-            "unix:{},server=on,wait=off",
-            dir.events_socket(name).display()
-        ),
-    ]);
+    push(&["-uuid", &machine_uuid(dir, name)]);
+    // QMP on sockets uvmctl made: QEMU serves the listening descriptors.
+    for (id, fd) in [
+        ("qmp", controls.qmp),
+        ("qmp-observe", controls.observe),
+        ("qmp-events", controls.events),
+    ] {
+        fds.push(fd);
+        push(&[
+            "-chardev",
+            &format!("socket,id={id},fd={fd},server=on,wait=off"),
+            "-mon",
+            &format!("chardev={id},mode=control"),
+        ]);
+    }
     // A guest that panics exits instead of hanging; uvmctl reports the exit.
     push(&[
         "-device",
@@ -536,11 +648,12 @@ pub fn argv(
                 push(&["-serial", &format!("chardev:{id}")]);
             }
             None if port == 0 => {
+                fds.push(controls.console);
                 push(&[
                     "-chardev",
                     &format!(
-                        "socket,id=serial0,path={},server=on,wait=off{}",
-                        dir.console_socket(name).display(),
+                        "socket,id=serial0,fd={},server=on,wait=off{}",
+                        controls.console,
                         log.unwrap_or_default()
                     ),
                 ]);
@@ -551,12 +664,10 @@ pub fn argv(
     }
 
     // The guest agent channel (virtio-serial), always present.
+    fds.push(controls.agent);
     push(&[
         "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            dir.agent_socket(name).display()
-        ),
+        &format!("socket,id=agent,fd={},server=on,wait=off", controls.agent),
     ]);
     push(&["-device", r#"{"driver":"virtio-serial-pci","id":"vser0"}"#]);
     push(&["-device", &json!({"driver": "virtserialport", "id": "agent0", "bus": "vser0.0", "chardev": "agent", "name": AGENT_PORT_NAME}).to_string()]);
@@ -675,6 +786,15 @@ mod tests {
     use crate::vm::{Chain, HostFacts, ScsiDiskType};
     use serde_json::Value;
 
+    /// Control socket descriptors as a launch would hand them over.
+    const TEST_FDS: Controls = Controls {
+        qmp: 40,
+        observe: 41,
+        events: 42,
+        agent: 43,
+        console: 44,
+    };
+
     /// This host's capabilities (firmware), without vsock: argv tests must
     /// not depend on whether the vsock backend is installed.
     fn caps() -> Capabilities {
@@ -682,6 +802,7 @@ mod tests {
             vhost_user_vsock: false,
             // Pinned memory is judged on its own (user::MemLock).
             pin_memory_refused: None,
+            isolation: None,
             ..HostFacts::probe(&crate::virtstack::qemu::user::MemLock::Inherent)
         })
     }
@@ -733,7 +854,7 @@ mod tests {
         };
         res.disks
             .insert((0, 3), HostFile::for_test("/d/we,ird.vhdx"));
-        argv("web", &cfg(), &res, &dir, Accel::Tcg)
+        argv("web", &cfg(), &res, TEST_FDS, &dir, Accel::Tcg)
     }
 
     fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -748,13 +869,29 @@ mod tests {
         let (a, _) = built();
         assert_eq!(after(&a, "-sandbox"), vec![SANDBOX]);
         assert!(a.iter().any(|x| x == "-S"));
+        // QMP on the listening sockets uvmctl made and hands over: no path
+        // of them is on QEMU's command line.
+        let chardevs = after(&a, "-chardev");
+        for (id, fd) in [("qmp", 40), ("qmp-observe", 41), ("qmp-events", 42)] {
+            assert!(
+                chardevs.contains(&format!("socket,id={id},fd={fd},server=on,wait=off").as_str()),
+                "{chardevs:?}"
+            );
+            assert!(after(&a, "-mon").contains(&format!("chardev={id},mode=control").as_str()));
+        }
+        assert!(chardevs.contains(&"socket,id=agent,fd=43,server=on,wait=off"));
+        assert!(
+            !a.iter().any(|x| x.contains(".sock,") || x == "-qmp"),
+            "{a:?}"
+        );
         assert_eq!(
-            after(&a, "-qmp"),
-            vec![
-                "unix:/run/uvmctl-test/web/qmp.sock,server=on,wait=off",
-                "unix:/run/uvmctl-test/web/qmp-observe.sock,server=on,wait=off",
-                "unix:/run/uvmctl-test/web/qmp-events.sock,server=on,wait=off"
-            ]
+            after(&a, "-uuid"),
+            vec![machine_uuid(
+                &StateDir {
+                    root: "/run/uvmctl-test".into()
+                },
+                "web"
+            )]
         );
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
@@ -805,7 +942,7 @@ mod tests {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
-        let (a, _) = argv("efi", &c, &res, &dir, Accel::Tcg);
+        let (a, _) = argv("efi", &c, &res, TEST_FDS, &dir, Accel::Tcg);
         assert_eq!(
             after(&a, "-machine"),
             vec!["pc,accel=tcg,pflash0=fw-code,pflash1=fw-vars"]
@@ -886,7 +1023,14 @@ mod tests {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
-        let (a, _) = argv("web", &pinned, &Resolved::default(), &dir, Accel::Tcg);
+        let (a, _) = argv(
+            "web",
+            &pinned,
+            &Resolved::default(),
+            TEST_FDS,
+            &dir,
+            Accel::Tcg,
+        );
         assert_eq!(after(&a, "-m"), vec!["256M"]);
         assert!(!a.iter().any(|x| x.contains("virtio-mem")));
 
@@ -915,8 +1059,14 @@ mod tests {
         let file: Value = serde_json::from_str(blockdevs[0]).expect("json");
         assert_eq!(file["filename"], "/dev/fdset/1");
         assert_eq!(file["read-only"], true);
-        let [kernel_fd, disk_fd] = handover.fds[..] else {
-            panic!("two descriptors handed over: {:?}", handover.fds);
+        let files: Vec<RawFd> = handover
+            .fds
+            .iter()
+            .copied()
+            .filter(|fd| ![40, 41, 42, 43, 44].contains(fd))
+            .collect();
+        let [kernel_fd, disk_fd] = files[..] else {
+            panic!("two files handed over: {:?}", handover.fds);
         };
         assert_eq!(after(&a, "-kernel"), vec![format!("/dev/fd/{kernel_fd}")]);
         assert_eq!(
@@ -965,7 +1115,7 @@ mod tests {
         };
         let mut c = cfg();
         c.serial_consoles.clear();
-        let (a, handover) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let (a, handover) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
         let log_fd = res.console_log.as_ref().map(|f| f.file.as_raw_fd());
         assert!(handover.fds.contains(&log_fd.unwrap_or(-1)));
         assert!(
@@ -980,7 +1130,7 @@ mod tests {
         assert_eq!(after(&a, "-serial"), vec!["chardev:serial0"]);
         assert!(after(&a, "-chardev").contains(
             &format!(
-                "socket,id=serial0,path=/run/uvmctl-test/web/console.sock,server=on,wait=off,logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
+                "socket,id=serial0,fd=44,server=on,wait=off,logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on"
             )
             .as_str()
         ));
@@ -996,7 +1146,7 @@ mod tests {
         let conn = Opened(std::sync::Arc::new(std::os::fd::OwnedFd::from(ours)));
         let conn_fd = conn.0.as_raw_fd();
         res.serial_conns.insert(0, conn);
-        let (a, handover) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let (a, handover) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
         let chardevs = after(&a, "-chardev");
         assert!(
             chardevs.iter().all(|c| !c.contains("console.sock")),
@@ -1152,7 +1302,7 @@ mod tests {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
-        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let (a, _) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
         assert_eq!(
             after(&a, "-machine"),
             vec!["pc,accel=tcg,memory-backend=ram"]
@@ -1183,7 +1333,7 @@ mod tests {
                 .into_iter()
                 .filter(|c| c.contains("vhost-vsock.sock"))
                 .collect::<Vec<_>>(),
-            vec!["socket,id=vsock-chr,path=/run/uvmctl-test/web/vhost-vsock.sock"]
+            vec!["socket,id=vsock-chr,path=/run/uvmctl-test/web/vsock/vhost-vsock.sock"]
         );
 
         // Without the backend a vsock listener is refused, and a VM without
@@ -1197,7 +1347,7 @@ mod tests {
         c.vm_sockets.clear();
         let res = resolve(&c, &roots, &caps()).expect("resolves");
         assert!(!res.shared_memory && res.vsock_listeners.is_empty());
-        let (a, _) = argv("web", &c, &res, &dir, Accel::Tcg);
+        let (a, _) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
         assert!(
             !a.iter()
                 .any(|x| x.contains("memfd") || x.contains("vhost-user"))
@@ -1214,7 +1364,7 @@ mod tests {
             iops_maximum: Some(200),
             bandwidth_maximum: None,
         });
-        let (a, _) = argv("web", &c, &Resolved::default(), &dir, Accel::Tcg);
+        let (a, _) = argv("web", &c, &Resolved::default(), TEST_FDS, &dir, Accel::Tcg);
         let objects: Vec<Value> = after(&a, "-object")
             .iter()
             .filter_map(|o| serde_json::from_str(o).ok())
@@ -1317,7 +1467,7 @@ mod tests {
                 running in any::<bool>(),
                 facts in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
             ) {
-                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2, vhost_user_vsock: facts.3, pin_memory_refused: None });
+                let caps = Capabilities::qemu(&HostFacts { vhost_vsock: facts.0, vfio: facts.1, ovmf: facts.2, vhost_user_vsock: facts.3, pin_memory_refused: None, isolation: None });
                 let mut observed = ObservedState::default();
                 if running {
                     observed.vms.insert("vm".into(), ObservedVm {

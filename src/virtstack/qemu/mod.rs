@@ -359,7 +359,14 @@ impl Qemu {
     /// The virtstack with `opts`, its capabilities probed from this host.
     pub fn new(opts: QemuOptions) -> Self {
         let memlock = user::MemLock::probe(opts.qemu_user.is_some());
-        let facts = HostFacts::probe(&memlock);
+        let mut facts = HostFacts::probe(&memlock);
+        facts.isolation = Some(match &opts.qemu_user {
+            Some(u) => u.isolation(),
+            None => {
+                "QEMU runs as root (--qemu-user root): nothing keeps one VM's QEMU from another's"
+                    .into()
+            }
+        });
         Qemu {
             memlock,
             caps: Capabilities::qemu(&facts),
@@ -457,26 +464,25 @@ impl Qemu {
             .unwrap_or(vsock::FIRST_CID)
     }
 
-    /// Starts this VM's vsock backend; its pid.
-    async fn start_backend(&self, name: &str, cid: u32) -> Result<u32, QemuError> {
+    /// Starts this VM's vsock backend, as `user`; its pid.
+    async fn start_backend(
+        &self,
+        name: &str,
+        cid: u32,
+        user: Option<&user::ServiceUser>,
+    ) -> Result<u32, QemuError> {
         let Some(binary) = &self.vsock_backend else {
             return Err(QemuError::Unsupported {
                 vm: name.into(),
                 what: format!("vsock needs {}", vsock::BACKEND),
             });
         };
-        vsock::spawn_backend(
-            binary,
-            &self.opts.state_dir,
-            name,
-            cid,
-            self.opts.qemu_user.as_ref(),
-        )
-        .await
-        .map_err(|what| QemuError::Os {
-            vm: name.into(),
-            what,
-        })
+        vsock::spawn_backend(binary, &self.opts.state_dir, name, cid, user)
+            .await
+            .map_err(|what| QemuError::Os {
+                vm: name.into(),
+                what,
+            })
     }
 
     /// Stops the VM's vsock backend, if it runs, and forgets its pid.
@@ -537,7 +543,8 @@ impl Qemu {
             Some(c) => c,
             None => self.free_cid(),
         };
-        let pid = self.start_backend(name, cid).await?;
+        let user = self.user_of(&rec);
+        let pid = self.start_backend(name, cid, user.as_ref()).await?;
         rec.vsock_cid = Some(cid);
         rec.vsock_pid = Some(pid);
         self.store(&rec)?;
@@ -567,44 +574,91 @@ impl Qemu {
     }
 
     /// Every host file of `cfg` opened and checked (`launch::resolve`), and
-    /// usable by the service user QEMU runs as (`launch::check_access`).
-    pub fn resolve(&self, cfg: &VmConfig) -> Result<launch::Resolved, launch::LaunchError> {
+    /// usable by the user VM `name`'s QEMU runs as (`launch::check_access`).
+    pub fn resolve(
+        &self,
+        name: &str,
+        cfg: &VmConfig,
+    ) -> Result<launch::Resolved, launch::LaunchError> {
+        self.resolve_as(cfg, self.vm_user(name).as_ref())
+    }
+
+    fn resolve_as(
+        &self,
+        cfg: &VmConfig,
+        user: Option<&user::ServiceUser>,
+    ) -> Result<launch::Resolved, launch::LaunchError> {
         let res = launch::resolve(cfg, &self.opts.roots, &self.caps)?;
-        if let Some(user) = &self.opts.qemu_user {
+        if let Some(user) = user {
             launch::check_access(cfg, &res, user)?;
         }
         Ok(res)
     }
 
-    /// The group the VM directories are shared with: the service user's.
-    fn qemu_group(&self) -> Option<u32> {
-        self.opts.qemu_user.as_ref().map(|u| u.gid)
+    /// Who the VM of `rec` runs as (`None`: as uvmctl): its own uid and gid
+    /// from the service user's range, or the service user itself.
+    pub fn user_of(&self, rec: &LaunchRecord) -> Option<user::ServiceUser> {
+        let user = self.opts.qemu_user.as_ref()?;
+        Some(user.for_vm(rec.identity.or_else(|| self.free_identity(&rec.name))))
     }
 
-    /// Makes the VM's directory (shared with the service user) and checks
-    /// that user can reach it: a state root it cannot pass through (0700)
-    /// would leave QEMU unable to make its sockets.
-    fn vm_dir_for_qemu(&self, name: &str) -> Result<PathBuf, QemuError> {
+    /// [`Qemu::user_of`] VM `name`, whether it has a record yet or not.
+    pub fn vm_user(&self, name: &str) -> Option<user::ServiceUser> {
+        let user = self.opts.qemu_user.as_ref()?;
+        let slot = match self.record(name) {
+            Ok(rec) if rec.identity.is_some() => rec.identity,
+            _ => self.free_identity(name),
+        };
+        Some(user.for_vm(slot))
+    }
+
+    /// The identity a VM without one gets: its name's slot in the service
+    /// user's range, past those other VMs of the state directory hold.
+    fn free_identity(&self, name: &str) -> Option<u32> {
+        let range = self.opts.qemu_user.as_ref()?.range?;
+        let taken: std::collections::BTreeSet<u32> = self
+            .list()
+            .iter()
+            .filter(|n| n.as_str() != name)
+            .filter_map(|n| self.record(n).ok()?.identity)
+            .collect();
+        range.slot_for(name, &taken)
+    }
+
+    /// Makes the VM's directory (root's, passable by the VM's own group)
+    /// and the backend's directory in it (the VM user's), and checks that
+    /// user can reach the latter: a state root it cannot pass through
+    /// (0700) would leave the backend unable to make its sockets.
+    fn vm_dir_for_qemu(
+        &self,
+        name: &str,
+        user: Option<&user::ServiceUser>,
+    ) -> Result<PathBuf, QemuError> {
+        let launch_err = |source| QemuError::Launch {
+            vm: name.into(),
+            source,
+        };
         let dir = self
             .opts
             .state_dir
-            .create_vm_dir(name, self.qemu_group())
-            .map_err(|source| QemuError::Launch {
-                vm: name.into(),
-                source,
-            })?;
-        if let Some(user) = &self.opts.qemu_user
-            && !user.may_reach(&dir.join("qmp.sock"))
+            .create_vm_dir(name, user.map(|u| u.gid))
+            .map_err(launch_err)?;
+        let vsock = self
+            .opts
+            .state_dir
+            .create_vsock_dir(name, user.map(|u| (u.uid, u.gid)))
+            .map_err(launch_err)?;
+        if let Some(user) = user
+            && !user.may_reach(&vsock.join("vhost-vsock.sock"))
         {
             return Err(QemuError::Launch {
                 vm: name.into(),
                 source: launch::LaunchError::StateDir {
                     path: self.opts.state_dir.root().to_path_buf(),
                     reason: format!(
-                        "QEMU's service user {} cannot pass through it to {}: give it mode 0711 (or group {} and 0710)",
-                        user.name,
+                        "{} cannot pass through it to {}: give it mode 0711",
+                        user.describe(),
                         dir.display(),
-                        user.name
                     ),
                 },
             });
@@ -629,11 +683,15 @@ impl Qemu {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
+        // The VM's own SMBIOS UUID (launch::machine_uuid); a QEMU launched
+        // before named its QMP socket's path instead.
+        let uuid = launch::machine_uuid(&self.opts.state_dir, &rec.name);
         let sock = self.opts.state_dir.qmp_socket(&rec.name);
-        let needle = format!("unix:{},", sock.display());
-        cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg.starts_with(needle.as_bytes()))
+        let legacy = format!("unix:{},", sock.display());
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.windows(2)
+            .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
+            || args.iter().any(|a| a.starts_with(legacy.as_bytes()))
     }
 
     /// The QMP connection of a running VM, connecting on first use.
@@ -884,8 +942,10 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        self.resolve(cfg).map_err(launch_err)?;
-        self.vm_dir_for_qemu(name)?;
+        let identity = self.free_identity(name);
+        let user = self.opts.qemu_user.as_ref().map(|u| u.for_vm(identity));
+        self.resolve_as(cfg, user.as_ref()).map_err(launch_err)?;
+        self.vm_dir_for_qemu(name, user.as_ref())?;
         let rec = LaunchRecord {
             version: 1,
             name: name.into(),
@@ -898,6 +958,7 @@ impl Qemu {
             shared_memory: false,
             vsock_cid: Some(self.free_cid()),
             vsock_pid: None,
+            identity,
         };
         self.store(&rec)?;
         match cfg.power_state {
@@ -939,7 +1000,14 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        let mut res = self.resolve(&rec.config).map_err(launch_err)?;
+        // A VM made before identities were given gets its own now.
+        if rec.identity.is_none() {
+            rec.identity = self.free_identity(name);
+        }
+        let user = self.user_of(&rec);
+        let mut res = self
+            .resolve_as(&rec.config, user.as_ref())
+            .map_err(launch_err)?;
         let saved = rec.saved.clone();
         if let Some(s) = &saved {
             // The saved state loads only into the memory layout it had, and
@@ -955,7 +1023,7 @@ impl Qemu {
         }
         // Shared with the service user as it is now (a VM made before, or
         // by a QEMU that ran as root, gets the mode it needs).
-        let dir = self.vm_dir_for_qemu(name)?;
+        let dir = self.vm_dir_for_qemu(name, user.as_ref())?;
         if rec.config.boot.uefi.is_some() {
             res.efi_vars = Some(
                 self.opts
@@ -1024,17 +1092,20 @@ impl Qemu {
             started: None,
         };
         if res.vsock_device {
-            let pid = self.start_backend(name, cid).await?;
+            let pid = self.start_backend(name, cid, user.as_ref()).await?;
             rec.vsock_pid = Some(pid);
             unfinished.backend = Some(pid);
         }
-        let _ = std::fs::remove_file(self.opts.state_dir.qmp_socket(name));
-        let _ = std::fs::remove_file(self.opts.state_dir.observe_socket(name));
-        let _ = std::fs::remove_file(self.opts.state_dir.events_socket(name));
-        // A QEMU that ran as another user cannot replace its socket itself
-        // (the directory is sticky).
-        let _ = std::fs::remove_file(self.opts.state_dir.agent_socket(name));
-        let _ = std::fs::remove_file(self.opts.state_dir.console_socket(name));
+        // The sockets QEMU serves are made here, root's, and handed over:
+        // no VM's user (this one's included) can connect to them by path.
+        let console = !cfg.serial_consoles.iter().any(|s| s.port == 0);
+        let controls =
+            launch::ControlSockets::bind(&self.opts.state_dir, name, console).map_err(|e| {
+                QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot make the VM's control sockets: {e}"),
+                }
+            })?;
         // Serial listeners are connected here, by root, last before QEMU
         // starts (a listener that accepts once must not get a connection a
         // failed launch drops), and handed over; one
@@ -1053,7 +1124,14 @@ impl Qemu {
                 ),
             }
         }
-        let (mut argv, handover) = launch::argv(name, &cfg, &res, &self.opts.state_dir, rec.accel);
+        let (mut argv, handover) = launch::argv(
+            name,
+            &cfg,
+            &res,
+            controls.fds(),
+            &self.opts.state_dir,
+            rec.accel,
+        );
         if let Some(s) = &saved {
             // The saved state loads only into the same device layout.
             devices::place_devices(&mut argv, &s.placement);
@@ -1068,7 +1146,7 @@ impl Qemu {
             args: &argv,
             dir: &dir,
             log,
-            user: self.opts.qemu_user.as_ref(),
+            user: user.as_ref(),
             memlock: pinned.then_some(&self.memlock),
             inherit: handover.fds.clone(),
             env: &[],
@@ -1193,7 +1271,14 @@ impl Qemu {
                 source,
             }
         })?;
-        let (argv, _) = launch::argv(name, &rec.config, &res, &self.opts.state_dir, rec.accel);
+        let (argv, _) = launch::argv(
+            name,
+            &rec.config,
+            &res,
+            launch::Controls::UNUSED,
+            &self.opts.state_dir,
+            rec.accel,
+        );
         let known = devices::device_ids(&argv);
         let foreign: Vec<String> = ops::peripherals(&q)
             .await
@@ -1862,6 +1947,7 @@ mod tests {
             shared_memory: false,
             vsock_cid: None,
             vsock_pid: None,
+            identity: None,
         };
         assert_eq!(down_state(&rec), State::Created);
         rec.stopped_by_uvmctl = false;

@@ -116,11 +116,12 @@ pub struct StateDir {
 
 /// Creates `dir` owner-only (mode 0700, whatever the umask), or takes the
 /// one there if it is a real directory of root's (never a planted link).
-/// With `group` (the service user's), it is root's and shared with that
-/// group, sticky (1770): QEMU makes its sockets there, and cannot rename
-/// or remove what uvmctl keeps there.
+/// With `group` (the VM's own, that its QEMU and backend run with), it is
+/// root's, mode 0710: they pass through it to the backend's directory and
+/// can neither list it nor open anything else in it (uvmctl makes every
+/// socket QEMU serves and hands it the listening descriptor).
 fn create_private_dir(dir: &Path, group: Option<u32>) -> Result<(), LaunchError> {
-    let mode = if group.is_some() { 0o1770 } else { 0o700 };
+    let mode = if group.is_some() { 0o710 } else { 0o700 };
     create_dir_mode(dir, mode, group)
 }
 
@@ -194,8 +195,8 @@ impl StateDir {
         self.root.join(name)
     }
 
-    /// Creates `<root>/<vm>/` with mode 0700, or 1770 shared with `group`
-    /// (the service user QEMU runs as); or makes the one there so.
+    /// Creates `<root>/<vm>/` with mode 0700, or 0710 passable by `group`
+    /// (the VM's own, its QEMU's); or makes the one there so.
     pub fn create_vm_dir(&self, name: &str, group: Option<u32>) -> Result<PathBuf, LaunchError> {
         let dir = self.vm_dir(name);
         // QEMU binds its sockets here; sun_path holds 107 bytes and a NUL.
@@ -245,16 +246,60 @@ impl StateDir {
         self.vm_dir(name).join("qmp-events.sock")
     }
 
+    /// The one directory of a VM its own processes write: the vsock
+    /// backend binds its sockets there (it takes paths, not descriptors).
+    /// Owned by the VM's user, mode 0700, so no other VM's can enter it.
+    pub fn vsock_dir(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("vsock")
+    }
+
+    /// Makes [`StateDir::vsock_dir`] the VM user's `owner` (uid, gid), mode
+    /// 0700, or root's without one. A link planted there is refused.
+    pub fn create_vsock_dir(
+        &self,
+        name: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<PathBuf, LaunchError> {
+        let dir = self.vsock_dir(name);
+        let io = |source| LaunchError::Io {
+            what: "cannot use directory",
+            path: dir.clone(),
+            source,
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+        let opened = std::fs::File::from(
+            nix::fcntl::open(
+                &dir,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| io(e.into()))?,
+        );
+        let (uid, gid) = owner.unwrap_or((0, 0));
+        std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(io)?;
+        opened
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io)?;
+        Ok(dir)
+    }
+
     /// The vhost-user socket the VM's vsock backend listens on for QEMU.
     pub fn vsock_backend_socket(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("vhost-vsock.sock")
+        self.vsock_dir(name).join("vhost-vsock.sock")
     }
 
     /// The host side of the VM's vsock: connect and write `CONNECT <port>`
     /// to reach a guest listener; `<this>_<port>` receives the guest's
     /// connections to that port.
     pub fn vsock_socket(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("vsock.sock")
+        self.vsock_dir(name).join("vsock.sock")
     }
 
     /// The guest agent channel of a VM.
@@ -387,6 +432,11 @@ pub struct LaunchRecord {
     /// The vsock backend's pid while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_pid: Option<u32>,
+    /// The VM's slot in the service user's id range: its QEMU and backend
+    /// run as that uid and gid (`user::ServiceUser::for_vm`). Kept across
+    /// launches; `None` on a host without a range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 /// Properties that place devices (PCI slot, memory address), by device id.

@@ -1,10 +1,15 @@
-//! The unprivileged user QEMU and the vsock backend run as.
+//! The unprivileged users QEMU and the vsock backend run as.
 //!
-//! uvmctl runs as root; what it starts for a VM does not. Each QEMU (and its
-//! vsock backend) gets the service user's uid, its group and, where KVM is
-//! used, the `kvm` group, and nothing else of root's: it reaches the VM's
-//! files through the descriptors uvmctl opened for it, its own sockets in
-//! the VM's state directory, and only what that user could reach anyway.
+//! uvmctl runs as root; what it starts for a VM does not. Each VM's QEMU
+//! (and its vsock backend) gets a uid and gid of its own, from the service
+//! user's subordinate id range (`/etc/subuid`, `/etc/subgid`:
+//! `scripts/setup-host` and the package give `uvmctl-qemu` 65,536 of each),
+//! as Firecracker's jailer gives each microVM its own uid. Its supplementary
+//! groups are the service user's group (what an operator shares with QEMU:
+//! Plan9 shares, vsock listeners, kernels) and, where KVM is used, `kvm`.
+//! So one compromised QEMU can open no other VM's files or sockets. A host
+//! whose service user has no such range runs every QEMU as the service user
+//! itself, and says so (`uvmctl capabilities`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -23,6 +28,70 @@ pub struct ServiceUser {
     pub gid: u32,
     /// Its supplementary groups while it runs a VM (`kvm`, where KVM is used).
     pub groups: Vec<u32>,
+    /// The ids each VM gets one of, when the host gave the user a range.
+    pub range: Option<IdRange>,
+    /// For one VM's identity ([`ServiceUser::for_vm`]): its slot in the range.
+    pub slot: Option<u32>,
+}
+
+/// A subordinate uid and gid range of the service user: VM slot `n` runs
+/// as `uid + n`, `gid + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    /// The first uid.
+    pub uid: u32,
+    /// The first gid.
+    pub gid: u32,
+    /// How many of each (the smaller of the two ranges).
+    pub count: u32,
+}
+
+/// The most ids of a range uvmctl uses (one per VM of a host).
+pub const MAX_IDS: u32 = 65_536;
+
+/// The subordinate-id file's range for `name` (or its uid, written as a
+/// number): the first `owner:start:count` line, if any.
+pub fn parse_subids(text: &str, name: &str, id: u32) -> Option<(u32, u32)> {
+    text.lines().find_map(|line| {
+        let mut f = line.trim().split(':');
+        let (owner, start, count) = (f.next()?, f.next()?, f.next()?);
+        if owner != name && owner.parse::<u32>().ok() != Some(id) {
+            return None;
+        }
+        let (start, count) = (start.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
+        // Never root's or the system's own ids.
+        (start >= 1000 && count > 0 && start.checked_add(count).is_some()).then_some((start, count))
+    })
+}
+
+impl IdRange {
+    /// The range `/etc/subuid` and `/etc/subgid` give the user, if both do.
+    pub fn lookup(name: &str, uid: u32, gid: u32) -> Option<IdRange> {
+        let read = |p: &str| crate::hostfs::read_state_file(Path::new(p), 1 << 20).ok();
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        let (u0, uc) = parse_subids(&text(read("/etc/subuid")?), name, uid)?;
+        let (g0, gc) = parse_subids(&text(read("/etc/subgid")?), name, gid)?;
+        Some(IdRange {
+            uid: u0,
+            gid: g0,
+            count: uc.min(gc).min(MAX_IDS),
+        })
+    }
+
+    /// The slot a VM named `vm` gets: a hash of its name, so a VM created
+    /// again under the same name is the same user (the files it wrote to a
+    /// share stay its own), moved on past slots in `taken`.
+    pub fn slot_for(&self, vm: &str, taken: &std::collections::BTreeSet<u32>) -> Option<u32> {
+        // FNV-1a: stable across releases, unlike std's hasher.
+        let hash = vm.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let count = u64::from(self.count);
+        let first = hash % count;
+        (0..count)
+            .map(|i| u32::try_from((first + i) % count).unwrap_or(0))
+            .find(|s| !taken.contains(s))
+    }
 }
 
 /// Why the service user cannot be used.
@@ -69,12 +138,64 @@ impl ServiceUser {
         if kvm && let Ok(Some(g)) = nix::unistd::Group::from_name("kvm") {
             groups.push(g.gid.as_raw());
         }
+        let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
         Ok(Some(ServiceUser {
             name: name.into(),
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
+            uid,
+            gid,
             groups,
+            range: IdRange::lookup(name, uid, gid),
+            slot: None,
         }))
+    }
+
+    /// Who VM slot `slot` runs as: its own uid and gid from the range, with
+    /// the service user's group (and `kvm`) as supplementary groups. Without
+    /// a range (or a slot), the service user itself.
+    pub fn for_vm(&self, slot: Option<u32>) -> ServiceUser {
+        match (self.range, slot) {
+            (Some(r), Some(n)) if n < r.count => ServiceUser {
+                name: self.name.clone(),
+                uid: r.uid + n,
+                gid: r.gid + n,
+                groups: std::iter::once(self.gid)
+                    .chain(self.groups.iter().copied())
+                    .collect(),
+                range: None,
+                slot: Some(n),
+            },
+            _ => self.clone(),
+        }
+    }
+
+    /// Who this is, in a message: the service user, or one VM's user.
+    pub fn describe(&self) -> String {
+        match self.slot {
+            Some(_) => format!(
+                "this VM's QEMU user (uid {}, with group {})",
+                self.uid, self.name
+            ),
+            None => format!("QEMU's service user {}", self.name),
+        }
+    }
+
+    /// What `uvmctl capabilities` says of how VMs are kept apart.
+    pub fn isolation(&self) -> String {
+        match self.range {
+            Some(r) => format!(
+                "each VM's QEMU and vsock backend run as a uid and gid of their own ({}–{} and {}–{}, {}'s subordinate ids), with group {} for what is shared with QEMU",
+                r.uid,
+                r.uid + (r.count - 1),
+                r.gid,
+                r.gid + (r.count - 1),
+                self.name,
+                self.name
+            ),
+            None => format!(
+                "every VM's QEMU runs as {}: the user has no subordinate id range (/etc/subuid, /etc/subgid; scripts/setup-host adds one), so a compromised QEMU could reach another VM's QEMU, and the files it holds, through /proc (not its sockets or disks by path: they are root's)",
+                self.name
+            ),
+        }
     }
 
     /// Makes `cmd` run as this user: groups, then gid, then uid, in the
@@ -324,7 +445,58 @@ mod tests {
             uid: 65534,
             gid: 65534,
             groups: Vec::new(),
+            range: None,
+            slot: None,
         }
+    }
+
+    #[test]
+    fn the_range_is_the_users_by_name_or_uid_and_never_the_systems() {
+        let text = "alice:100000:65536\n999:1048576:65536\nroot:0:65536\n";
+        assert_eq!(parse_subids(text, "alice", 1000), Some((100_000, 65_536)));
+        assert_eq!(
+            parse_subids(text, "uvmctl-qemu", 999),
+            Some((1_048_576, 65_536))
+        );
+        assert_eq!(parse_subids(text, "root", 0), None, "never from uid 0");
+        assert_eq!(parse_subids("x:abc:1\n", "x", 5), None);
+        assert_eq!(parse_subids("x:4294967295:2\n", "x", 5), None, "overflow");
+    }
+
+    /// Issue 31: each VM its own uid and gid, with the service user's group
+    /// as a supplementary one; the slot follows the name, so a VM made again
+    /// under its name is the same user.
+    #[test]
+    fn each_vm_gets_an_identity_of_its_own_from_the_range() {
+        let mut svc = nobody();
+        svc.groups = vec![106];
+        assert_eq!(svc.for_vm(Some(3)), svc, "no range: the service user");
+        svc.range = Some(IdRange {
+            uid: 1_048_576,
+            gid: 2_097_152,
+            count: 65_536,
+        });
+        let r = svc.range.expect("range");
+        let none = std::collections::BTreeSet::new();
+        let web = r.slot_for("web", &none).expect("slot");
+        assert_eq!(r.slot_for("web", &none), Some(web), "stable");
+        let db = r.slot_for("db", &none).expect("slot");
+        assert_ne!(web, db);
+        let taken: std::collections::BTreeSet<u32> = [web].into();
+        let moved = r.slot_for("web", &taken).expect("slot");
+        assert_eq!(moved, (web + 1) % 65_536, "past a slot another VM holds");
+        let vm = svc.for_vm(Some(web));
+        assert_eq!((vm.uid, vm.gid), (1_048_576 + web, 2_097_152 + web));
+        assert_eq!(vm.groups, vec![65534, 106], "the service group, then kvm");
+        assert!(
+            vm.describe().contains(&format!("uid {}", vm.uid)),
+            "{}",
+            vm.describe()
+        );
+        assert_eq!(svc.for_vm(Some(70_000)), svc, "outside the range");
+        let full: std::collections::BTreeSet<u32> = (0..4).collect();
+        let tiny = IdRange { count: 4, ..r };
+        assert_eq!(tiny.slot_for("web", &full), None, "a full range");
     }
 
     #[test]

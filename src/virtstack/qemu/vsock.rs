@@ -123,7 +123,7 @@ pub async fn spawn_backend(
     let child = super::process::spawn(super::process::Spawn {
         program: binary,
         args: &args,
-        dir: &dir.vm_dir(name),
+        dir: &dir.vsock_dir(name),
         log,
         user,
         memlock: None,
@@ -209,7 +209,7 @@ pub async fn stop_backend(pid: Option<u32>, dir: &StateDir, name: &str) {
 /// The listeners of a VM: port → where its link points.
 pub fn listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir.vm_dir(name)) else {
+    let Ok(entries) = std::fs::read_dir(dir.vsock_dir(name)) else {
         return out;
     };
     for e in entries.flatten() {
@@ -229,13 +229,15 @@ pub fn listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
 }
 
 fn link_path(dir: &StateDir, name: &str, port: u32) -> PathBuf {
-    dir.vm_dir(name).join(format!("{LINK_PREFIX}{port}"))
+    dir.vsock_dir(name).join(format!("{LINK_PREFIX}{port}"))
 }
 
 /// Relays the guest's connections to `port` to the unix socket `target`.
 pub fn link(dir: &StateDir, name: &str, port: u32, target: &Path) -> std::io::Result<()> {
     let link = link_path(dir, name, port);
-    let tmp = dir.vm_dir(name).join(format!(".{LINK_PREFIX}{port}.new"));
+    let tmp = dir
+        .vsock_dir(name)
+        .join(format!(".{LINK_PREFIX}{port}.new"));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp)?;
     // Renamed over: a listener's target changes without a moment without one.
@@ -271,7 +273,7 @@ mod tests {
     fn links_follow_the_wanted_listeners_and_read_back() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::new(tmp.path()).expect("state dir");
-        std::fs::create_dir_all(dir.vm_dir("vm")).expect("vm dir");
+        std::fs::create_dir_all(dir.vsock_dir("vm")).expect("vm dir");
         let mut want = BTreeMap::new();
         want.insert(5000, PathBuf::from("/var/lib/uvmctl/a.sock"));
         want.insert(5001, PathBuf::from("/var/lib/uvmctl/b.sock"));
@@ -293,7 +295,7 @@ mod tests {
         assert_eq!(a[0], "-chardev");
         assert_eq!(
             a[1],
-            "socket,id=vsock-chr,path=/run/uvmctl-test/web/vhost-vsock.sock"
+            "socket,id=vsock-chr,path=/run/uvmctl-test/web/vsock/vhost-vsock.sock"
         );
         let device: serde_json::Value = serde_json::from_str(&a[3]).expect("json");
         assert_eq!(device["driver"], "vhost-user-vsock-pci");
