@@ -1161,6 +1161,38 @@ fn console_logs_and_agent_reach_the_real_guest() {
     let out = h.uvmctl(&["agent", "--raw", "con", "cat", "/tmp/esc"]);
     assert!(out.stdout.contains(&0x1b), "{}", text(&out));
 
+    // Issue 31: a guest flooding its console fills neither the state
+    // directory nor memory: the log starts a new file at 1 MiB and keeps
+    // one before it (3 MiB written here).
+    assert_ok(&console(
+        "(yes flood-0123456789abcdef0123456789abcdef | head -c 3145728; echo flood-done) > /dev/ttyS0 &\n",
+    ));
+    let log = h.path("state/con/console.log");
+    let old = h.path("state/con/console.log.old");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = || std::fs::read(&log).is_ok_and(|b| b.windows(10).any(|w| w == b"flood-done"));
+    while !done() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(done(), "the flood reached the log");
+    let bound = 1 << 20;
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    assert!(
+        size(&log) <= bound + (16 << 10),
+        "console.log: {} bytes",
+        size(&log)
+    );
+    assert!(
+        size(&old) >= bound && size(&old) <= bound + (16 << 10),
+        "console.log.old: {} bytes",
+        size(&old)
+    );
+    let shown = h.uvmctl(&["logs", "con"]);
+    assert!(
+        text(&shown).contains("console.log.old <==") && text(&shown).contains("flood-done"),
+        "logs shows both parts"
+    );
+
     // --follow prints what comes, and ends when the VM is gone.
     let mut follow = h
         .command(&["logs", "con", "--follow"])

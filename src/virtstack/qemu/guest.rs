@@ -180,23 +180,23 @@ pub async fn agent_command(
 pub struct Log {
     /// Where it is.
     pub path: PathBuf,
+    /// Printed once, never followed: the earlier part of a rotated log,
+    /// which is replaced at every rotation by what was already printed.
+    pub once: bool,
 }
 
 /// The logs of a VM: QEMU's stderr, then what the guest wrote to its
-/// console; with `previous`, the console of the launch before.
+/// console (its earlier part first, where the log was rotated); with
+/// `previous`, the console of the launch before.
 pub fn logs(dir: &StateDir, name: &str, previous: bool) -> Vec<Log> {
+    let log = |path, once| Log { path, once };
     if previous {
-        vec![Log {
-            path: dir.previous_console_log(name),
-        }]
+        vec![log(dir.previous_console_log(name), false)]
     } else {
         vec![
-            Log {
-                path: dir.stderr_log(name),
-            },
-            Log {
-                path: dir.console_log(name),
-            },
+            log(dir.stderr_log(name), false),
+            log(super::conlog::old_log(dir, name), true),
+            log(dir.console_log(name), false),
         ]
     }
 }
@@ -209,10 +209,13 @@ pub struct LogPrinter {
     /// Control characters shown as escapes (`crate::escape`); `None`:
     /// the bytes as the guest wrote them (`--raw`).
     escaper: Option<crate::escape::Escaper>,
+    /// The first print is done.
+    printed_once: bool,
 }
 
 struct Followed {
     path: PathBuf,
+    once: bool,
     file: Option<std::fs::File>,
     inode: Option<(u64, u64)>,
     offset: u64,
@@ -226,6 +229,7 @@ impl LogPrinter {
                 .iter()
                 .map(|l| Followed {
                     path: l.path.clone(),
+                    once: l.once,
                     file: None,
                     inode: None,
                     offset: 0,
@@ -233,6 +237,7 @@ impl LogPrinter {
                 .collect(),
             last: None,
             escaper: Some(crate::escape::Escaper::default()),
+            printed_once: false,
         }
     }
 
@@ -253,6 +258,7 @@ impl LogPrinter {
     /// Writing `out` failed, or a log is not uvmctl's own regular file.
     pub fn print_new(&mut self, out: &mut impl Write) -> io::Result<bool> {
         let mut printed = false;
+        let first = !self.printed_once;
         for i in 0..self.files.len() {
             // The rest of the file already open first: a log a new launch
             // replaced may still hold the old guest's last words.
@@ -261,7 +267,8 @@ impl LogPrinter {
             let now = std::fs::symlink_metadata(&f.path)
                 .ok()
                 .map(|m| (m.dev(), m.ino()));
-            if now.is_none() || now == f.inode {
+            // A once-only log is opened at the first print or never.
+            if now.is_none() || now == f.inode || (f.once && !first) {
                 continue;
             }
             // Never through a link planted where a log goes.
@@ -281,6 +288,7 @@ impl LogPrinter {
             }
             printed |= self.drain(i, out)?;
         }
+        self.printed_once = true;
         out.flush()?;
         Ok(printed)
     }
@@ -418,7 +426,16 @@ mod tests {
         let a = dir.path().join("qemu.log");
         let b = dir.path().join("console.log");
         std::fs::write(&a, "warning\n").expect("write");
-        let mut p = LogPrinter::new(&[Log { path: a.clone() }, Log { path: b.clone() }]);
+        let mut p = LogPrinter::new(&[
+            Log {
+                path: a.clone(),
+                once: false,
+            },
+            Log {
+                path: b.clone(),
+                once: false,
+            },
+        ]);
         let mut out = Vec::new();
         assert!(p.print_new(&mut out).expect("print"));
         std::fs::write(&b, "boot\n").expect("write");
@@ -440,7 +457,10 @@ mod tests {
         // Never through a link.
         std::fs::remove_file(&b).expect("rm");
         std::os::unix::fs::symlink("/etc/hostname", &b).expect("link");
-        let mut p = LogPrinter::new(&[Log { path: b }]);
+        let mut p = LogPrinter::new(&[Log {
+            path: b,
+            once: false,
+        }]);
         assert!(p.print_new(&mut Vec::new()).is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! paths, NIC endpoints, the configuration for the next start).
 
 mod caps;
+pub mod conlog;
 pub mod devices;
 pub mod guest;
 pub mod hotplug;
@@ -1046,16 +1047,15 @@ impl Qemu {
         }
         // What the guest said during the launch before stays readable once
         // (`uvmctl logs --previous`).
-        let console_log = self.opts.state_dir.console_log(name);
-        let _ = std::fs::rename(&console_log, self.opts.state_dir.previous_console_log(name));
-        let log =
-            crate::hostfs::open_state_log(&console_log, 0o600).map_err(|e| QemuError::Os {
-                vm: name.into(),
-                what: format!("cannot create console.log: {e}"),
-            })?;
+        // QEMU writes the console into a pipe; a writer of uvmctl's keeps
+        // the log to its bound (conlog.rs).
+        let log = conlog::start(&self.opts.state_dir, name).map_err(|e| QemuError::Os {
+            vm: name.into(),
+            what: format!("cannot start the console log: {e}"),
+        })?;
         res.console_log = Some(images::HostFile {
-            path: console_log,
-            file: std::sync::Arc::new(log),
+            path: self.opts.state_dir.console_log(name),
+            file: std::sync::Arc::new(std::fs::File::from(log)),
         });
         self.forget_all(name).await;
         if res.shared_memory {
@@ -1150,6 +1150,7 @@ impl Qemu {
             memlock: pinned.then_some(&self.memlock),
             inherit: handover.fds.clone(),
             env: &[],
+            confine: false,
         });
         let child = match child {
             Ok(child) => child,
@@ -1962,8 +1963,8 @@ mod tests {
 mod layering {
     /// Bottom to top: what each may name is what comes before it.
     const ORDER: &[&str] = &[
-        "images", "qmp", "serial", "tap", "user", "state", "guest", "devices", "process", "ops",
-        "vsock", "launch", "caps", "observe", "hotplug",
+        "images", "qmp", "serial", "tap", "user", "state", "conlog", "guest", "devices", "process",
+        "ops", "vsock", "launch", "caps", "observe", "hotplug",
     ];
 
     /// Sibling modules the non-test code of `text` names.

@@ -129,6 +129,8 @@ pub async fn spawn_backend(
         memlock: None,
         inherit: Vec::new(),
         env: &[("RUST_LOG", "warn")],
+        // It parses guest data and has no sandbox of its own.
+        confine: true,
     })
     .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     // Until it listens and its pid is returned, nobody else knows of it: a
