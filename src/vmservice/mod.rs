@@ -91,6 +91,9 @@ pub struct VmService {
     /// saw it: every `WaitVM` waits on this, so a thousand waiters cost
     /// one observation per event, not one each every few milliseconds.
     ended: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Counts the VM's runs: an observation made before a start says
+    /// nothing of the run that start began.
+    runs: Arc<std::sync::atomic::AtomicU64>,
     follower: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     quit: Arc<tokio::sync::Notify>,
 }
@@ -119,15 +122,22 @@ async fn follow(
     vs: Arc<dyn Virtstack>,
     name: VmName,
     ended: Arc<tokio::sync::watch::Sender<bool>>,
+    runs: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    use std::sync::atomic::Ordering;
     let publish = async |vs: &Arc<dyn Virtstack>| {
+        let run = runs.load(Ordering::SeqCst);
         let now = match vs.observe(&name).await {
             Ok(o) => o.state == State::Terminated,
             Err(VmError::NotFound(_)) => true,
             // Unknown: keep what was said.
             Err(_) => return,
         };
-        ended.send_if_modified(|e| std::mem::replace(e, now) != now);
+        // Checked under the channel's lock, which a start takes after
+        // counting its run: a stale "ended" never lands on a new run.
+        ended.send_if_modified(|e| {
+            runs.load(Ordering::SeqCst) == run && std::mem::replace(e, now) != now
+        });
     };
     loop {
         publish(&vs).await;
@@ -151,9 +161,16 @@ impl VmService {
             changing: tokio::sync::Mutex::new(()),
             torn_down: tokio::sync::watch::channel(false).0,
             ended: Arc::new(tokio::sync::watch::channel(false).0),
+            runs: Arc::default(),
             follower: std::sync::Mutex::new(None),
             quit: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// A new run of the VM began (created, or started again).
+    fn new_run(&self) {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.ended.send_replace(false);
     }
 
     fn follower_slot(&self) -> std::sync::MutexGuard<'_, Option<tokio::task::AbortHandle>> {
@@ -169,6 +186,7 @@ impl VmService {
                     Arc::clone(&self.vs),
                     self.name.clone(),
                     Arc::clone(&self.ended),
+                    Arc::clone(&self.runs),
                 ))
                 .abort_handle()
             })
@@ -417,7 +435,7 @@ impl svc::Vm for VmService {
                 .await
                 .map_err(|e| vm_status(&e))?;
             self.torn_down.send_replace(false);
-            self.ended.send_replace(false);
+            self.new_run();
             Ok(Empty::new())
         })
         .await
@@ -474,7 +492,7 @@ impl svc::Vm for VmService {
                         .await
                         .map_err(|e| vm_status(&e))?;
                     // Running again: a waiter waits for this run to end.
-                    self.ended.send_replace(false);
+                    self.new_run();
                     Ok(Empty::new())
                 }
             }

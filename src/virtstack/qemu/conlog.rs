@@ -5,7 +5,8 @@
 //! (memory, under /run) at 720 KiB/s (issue 31). The writer starts a new
 //! file at [`ROTATE_AT`] bytes and keeps the one before: a launch keeps at
 //! most `console.log.old` and `console.log`, and the launch before it
-//! `console.log.1`, so a VM's console takes at most 3 × [`ROTATE_AT`].
+//! `console.log.1`, so a VM's console takes at most about 3 × [`ROTATE_AT`]
+//! (each file may pass it by one read, 16 KiB).
 //!
 //! The writer is forked from uvmctl (no program to find, nothing to exec),
 //! runs only system calls on what it was handed (no allocation, no lock: a
@@ -131,7 +132,9 @@ fn spawn_writer(
         }
         if first == 0 {
             libc::setsid();
-            let writer = libc::fork();
+            // The raw system call, not the C library's fork (whose atfork
+            // handlers may take locks).
+            let writer = libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
             if writer == 0 {
                 writer_main(read, dir, log, names, rotate_at);
             }
@@ -201,21 +204,31 @@ unsafe fn writer_main(read: RawFd, dir: RawFd, mut log: RawFd, names: &Names, ro
             }
             written += n as u64;
             if written >= rotate_at {
-                libc::renameat(dir, names.log.as_ptr(), dir, names.old.as_ptr());
-                let fresh = libc::openat(
-                    dir,
-                    names.log.as_ptr(),
-                    libc::O_WRONLY
-                        | libc::O_CREAT
-                        | libc::O_TRUNC
-                        | libc::O_NOFOLLOW
-                        | libc::O_CLOEXEC
-                        | libc::O_APPEND,
-                    0o600,
-                );
+                // A new file once the old one is moved aside; where either
+                // step fails (no inode left, the directory gone), the file
+                // in hand starts over: the bound holds, the old part goes.
+                let fresh = if libc::renameat(dir, names.log.as_ptr(), dir, names.old.as_ptr()) == 0
+                {
+                    libc::openat(
+                        dir,
+                        names.log.as_ptr(),
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC
+                            | libc::O_APPEND,
+                        0o600,
+                    )
+                } else {
+                    -1
+                };
                 if fresh >= 0 {
                     libc::close(log);
                     log = fresh;
+                } else {
+                    libc::ftruncate(log, 0);
+                    libc::lseek(log, 0, libc::SEEK_SET);
                 }
                 written = 0;
             }

@@ -412,7 +412,10 @@ impl ControlSockets {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
-            std::os::unix::net::UnixListener::bind(&path)
+            let listener = std::os::unix::net::UnixListener::bind(&path)?;
+            // Root's alone whatever the umask: connecting needs write.
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            Ok(listener)
         };
         Ok(ControlSockets {
             qmp: listen(dir.qmp_socket(name))?,
@@ -440,32 +443,25 @@ impl ControlSockets {
     }
 }
 
-/// The SMBIOS UUID of the VM `name` of `dir`: stable for the VM, different
-/// for every VM of the host. It is on QEMU's command line, where uvmctl
-/// reads it to know a pid is still this VM's QEMU (pids get reused), now
-/// that no socket path is.
-pub fn machine_uuid(dir: &StateDir, name: &str) -> String {
-    let key = dir.vm_dir(name);
-    let fnv = |seed: u64| {
-        key.as_os_str()
-            .as_encoded_bytes()
-            .iter()
-            .fold(seed, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-            })
-    };
-    let (hi, lo) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142));
-    // RFC 9562 version 8 (custom), variant 10.
-    let hi = (hi & !0xf000) | 0x8000;
-    let lo = (lo & !(0b11 << 62)) | (0b10 << 62);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+/// A new random SMBIOS UUID (RFC 9562 version 4) for a VM.
+///
+/// # Errors
+/// When the system's random source cannot be read.
+pub fn new_machine_uuid() -> io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }
 
 /// The fd set of the console log: far above those of the UEFI variables
@@ -484,6 +480,7 @@ pub fn argv(
     cfg: &VmConfig,
     res: &Resolved,
     controls: Controls,
+    uuid: Option<&str>,
     dir: &StateDir,
     accel: Accel,
 ) -> (Vec<String>, Handover) {
@@ -540,7 +537,9 @@ pub fn argv(
         push(&["-overcommit", "mem-lock=on"]);
     }
     push(&["-sandbox", SANDBOX]);
-    push(&["-uuid", &machine_uuid(dir, name)]);
+    if let Some(uuid) = uuid {
+        push(&["-uuid", uuid]);
+    }
     // QMP on sockets uvmctl made: QEMU serves the listening descriptors.
     for (id, fd) in [
         ("qmp", controls.qmp),
@@ -786,6 +785,8 @@ mod tests {
     use crate::vm::{Chain, HostFacts, ScsiDiskType};
     use serde_json::Value;
 
+    const TEST_UUID: &str = "0e7a5a4c-6f0b-4d8e-9a1d-2b3c4d5e6f70";
+
     /// Control socket descriptors as a launch would hand them over.
     const TEST_FDS: Controls = Controls {
         qmp: 40,
@@ -854,7 +855,15 @@ mod tests {
         };
         res.disks
             .insert((0, 3), HostFile::for_test("/d/we,ird.vhdx"));
-        argv("web", &cfg(), &res, TEST_FDS, &dir, Accel::Tcg)
+        argv(
+            "web",
+            &cfg(),
+            &res,
+            TEST_FDS,
+            Some(TEST_UUID),
+            &dir,
+            Accel::Tcg,
+        )
     }
 
     fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -884,15 +893,10 @@ mod tests {
             !a.iter().any(|x| x.contains(".sock,") || x == "-qmp"),
             "{a:?}"
         );
-        assert_eq!(
-            after(&a, "-uuid"),
-            vec![machine_uuid(
-                &StateDir {
-                    root: "/run/uvmctl-test".into()
-                },
-                "web"
-            )]
-        );
+        assert_eq!(after(&a, "-uuid"), vec![TEST_UUID]);
+        let made = new_machine_uuid().expect("uuid");
+        assert_eq!((made.len(), &made[14..15]), (36, "4"), "{made}");
+        assert_ne!(made, new_machine_uuid().expect("uuid"));
         assert_eq!(after(&a, "-machine"), vec!["pc,accel=tcg"]);
         assert_eq!(after(&a, "-smp"), vec!["1,maxcpus=8"]);
         assert_eq!(after(&a, "-m"), vec!["256M,maxmem=1024M"]);
@@ -942,7 +946,7 @@ mod tests {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
-        let (a, _) = argv("efi", &c, &res, TEST_FDS, &dir, Accel::Tcg);
+        let (a, _) = argv("efi", &c, &res, TEST_FDS, Some(TEST_UUID), &dir, Accel::Tcg);
         assert_eq!(
             after(&a, "-machine"),
             vec!["pc,accel=tcg,pflash0=fw-code,pflash1=fw-vars"]
@@ -1028,6 +1032,7 @@ mod tests {
             &pinned,
             &Resolved::default(),
             TEST_FDS,
+            Some(TEST_UUID),
             &dir,
             Accel::Tcg,
         );
@@ -1115,7 +1120,7 @@ mod tests {
         };
         let mut c = cfg();
         c.serial_consoles.clear();
-        let (a, handover) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
+        let (a, handover) = argv("web", &c, &res, TEST_FDS, Some(TEST_UUID), &dir, Accel::Tcg);
         let log_fd = res.console_log.as_ref().map(|f| f.file.as_raw_fd());
         assert!(handover.fds.contains(&log_fd.unwrap_or(-1)));
         assert!(
@@ -1146,7 +1151,7 @@ mod tests {
         let conn = Opened(std::sync::Arc::new(std::os::fd::OwnedFd::from(ours)));
         let conn_fd = conn.0.as_raw_fd();
         res.serial_conns.insert(0, conn);
-        let (a, handover) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
+        let (a, handover) = argv("web", &c, &res, TEST_FDS, Some(TEST_UUID), &dir, Accel::Tcg);
         let chardevs = after(&a, "-chardev");
         assert!(
             chardevs.iter().all(|c| !c.contains("console.sock")),
@@ -1302,7 +1307,7 @@ mod tests {
         let dir = StateDir {
             root: "/run/uvmctl-test".into(),
         };
-        let (a, _) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
+        let (a, _) = argv("web", &c, &res, TEST_FDS, Some(TEST_UUID), &dir, Accel::Tcg);
         assert_eq!(
             after(&a, "-machine"),
             vec!["pc,accel=tcg,memory-backend=ram"]
@@ -1347,7 +1352,7 @@ mod tests {
         c.vm_sockets.clear();
         let res = resolve(&c, &roots, &caps()).expect("resolves");
         assert!(!res.shared_memory && res.vsock_listeners.is_empty());
-        let (a, _) = argv("web", &c, &res, TEST_FDS, &dir, Accel::Tcg);
+        let (a, _) = argv("web", &c, &res, TEST_FDS, Some(TEST_UUID), &dir, Accel::Tcg);
         assert!(
             !a.iter()
                 .any(|x| x.contains("memfd") || x.contains("vhost-user"))
@@ -1364,7 +1369,15 @@ mod tests {
             iops_maximum: Some(200),
             bandwidth_maximum: None,
         });
-        let (a, _) = argv("web", &c, &Resolved::default(), TEST_FDS, &dir, Accel::Tcg);
+        let (a, _) = argv(
+            "web",
+            &c,
+            &Resolved::default(),
+            TEST_FDS,
+            Some(TEST_UUID),
+            &dir,
+            Accel::Tcg,
+        );
         let objects: Vec<Value> = after(&a, "-object")
             .iter()
             .filter_map(|o| serde_json::from_str(o).ok())

@@ -242,6 +242,8 @@ pub struct Qemu {
     followed: FollowedMap,
     /// Numbers subscriptions, so one ending never drops a newer one's entry.
     subscriptions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Held while a VM's identity is chosen and recorded.
+    identity: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 type FollowedMap = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Followed>>>;
@@ -377,6 +379,7 @@ impl Qemu {
             conns: Default::default(),
             followed: Default::default(),
             subscriptions: Default::default(),
+            identity: Default::default(),
         }
     }
 
@@ -517,7 +520,10 @@ impl Qemu {
             .await
             .map_err(qerr)?;
         let alive = vsock::backend_alive(rec.vsock_pid, &self.opts.state_dir, name);
-        if plugged && alive {
+        // A backend an earlier uvmctl started follows links where this one
+        // no longer makes them: replaced (once) by one that does.
+        let legacy = vsock::backend_is_legacy(rec.vsock_pid, &self.opts.state_dir, name);
+        if plugged && alive && !legacy {
             return Ok(());
         }
         tracing::info!(
@@ -545,6 +551,13 @@ impl Qemu {
             None => self.free_cid(),
         };
         let user = self.user_of(&rec);
+        self.opts
+            .state_dir
+            .create_vsock_dir(name, user.as_ref().map(|u| (u.uid, u.gid)))
+            .map_err(|source| QemuError::Launch {
+                vm: name.into(),
+                source,
+            })?;
         let pid = self.start_backend(name, cid, user.as_ref()).await?;
         rec.vsock_cid = Some(cid);
         rec.vsock_pid = Some(pid);
@@ -597,25 +610,32 @@ impl Qemu {
     }
 
     /// Who the VM of `rec` runs as (`None`: as uvmctl): its own uid and gid
-    /// from the service user's range, or the service user itself.
+    /// from the service user's range, or the service user itself (a host
+    /// without a range, or a VM launched before identities were given,
+    /// until its next launch).
     pub fn user_of(&self, rec: &LaunchRecord) -> Option<user::ServiceUser> {
-        let user = self.opts.qemu_user.as_ref()?;
-        Some(user.for_vm(rec.identity.or_else(|| self.free_identity(&rec.name))))
+        Some(self.opts.qemu_user.as_ref()?.for_vm(rec.identity))
     }
 
-    /// [`Qemu::user_of`] VM `name`, whether it has a record yet or not.
+    /// Who VM `name` will run as at its next launch, whether it has a
+    /// record yet or not (for the checks of what it may open).
     pub fn vm_user(&self, name: &str) -> Option<user::ServiceUser> {
         let user = self.opts.qemu_user.as_ref()?;
-        let slot = match self.record(name) {
-            Ok(rec) if rec.identity.is_some() => rec.identity,
-            _ => self.free_identity(name),
-        };
-        Some(user.for_vm(slot))
+        let current = self.record(name).ok().and_then(|r| r.identity);
+        Some(user.for_vm(self.pick_identity(name, current)))
     }
 
-    /// The identity a VM without one gets: its name's slot in the service
-    /// user's range, past those other VMs of the state directory hold.
-    fn free_identity(&self, name: &str) -> Option<u32> {
+    /// One choice of identities at a time in this process: two VMs
+    /// launched side by side never take the same free slot.
+    fn identity_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.identity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// VM `name`'s identity: `current` while no other VM of the state
+    /// directory holds it, else the slot of its directory's path (so its
+    /// name and state root) in the service user's range, past those other
+    /// VMs hold. `None` without a range.
+    fn pick_identity(&self, name: &str, current: Option<u32>) -> Option<u32> {
         let range = self.opts.qemu_user.as_ref()?.range?;
         let taken: std::collections::BTreeSet<u32> = self
             .list()
@@ -623,7 +643,13 @@ impl Qemu {
             .filter(|n| n.as_str() != name)
             .filter_map(|n| self.record(n).ok()?.identity)
             .collect();
-        range.slot_for(name, &taken)
+        match current {
+            Some(slot) if slot < range.count && !taken.contains(&slot) => Some(slot),
+            _ => range.slot_for(
+                &self.opts.state_dir.vm_dir(name).display().to_string(),
+                &taken,
+            ),
+        }
     }
 
     /// Makes the VM's directory (root's, passable by the VM's own group)
@@ -684,15 +710,15 @@ impl Qemu {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
-        // The VM's own SMBIOS UUID (launch::machine_uuid); a QEMU launched
-        // before named its QMP socket's path instead.
-        let uuid = launch::machine_uuid(&self.opts.state_dir, &rec.name);
+        // The VM's own SMBIOS UUID (in its record); a QEMU launched before
+        // named its QMP socket's path instead.
         let sock = self.opts.state_dir.qmp_socket(&rec.name);
         let legacy = format!("unix:{},", sock.display());
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.windows(2)
-            .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
-            || args.iter().any(|a| a.starts_with(legacy.as_bytes()))
+        rec.machine_uuid.as_ref().is_some_and(|uuid| {
+            args.windows(2)
+                .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
+        }) || args.iter().any(|a| a.starts_with(legacy.as_bytes()))
     }
 
     /// The QMP connection of a running VM, connecting on first use.
@@ -943,10 +969,17 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        let identity = self.free_identity(name);
+        // Chosen and recorded under one guard: a VM created beside it never
+        // takes the same slot.
+        let chosen = self.identity_guard();
+        let identity = self.pick_identity(name, None);
         let user = self.opts.qemu_user.as_ref().map(|u| u.for_vm(identity));
         self.resolve_as(cfg, user.as_ref()).map_err(launch_err)?;
         self.vm_dir_for_qemu(name, user.as_ref())?;
+        let machine_uuid = launch::new_machine_uuid().map_err(|e| QemuError::Os {
+            vm: name.into(),
+            what: format!("cannot make the VM's UUID: {e}"),
+        })?;
         let rec = LaunchRecord {
             version: 1,
             name: name.into(),
@@ -960,8 +993,10 @@ impl Qemu {
             vsock_cid: Some(self.free_cid()),
             vsock_pid: None,
             identity,
+            machine_uuid: Some(machine_uuid),
         };
         self.store(&rec)?;
+        drop(chosen);
         match cfg.power_state {
             crate::spec::PowerState::Stopped => Ok(()),
             crate::spec::PowerState::Running => self.start(name).await,
@@ -1001,9 +1036,22 @@ impl Qemu {
             vm: name.into(),
             source,
         };
-        // A VM made before identities were given gets its own now.
-        if rec.identity.is_none() {
-            rec.identity = self.free_identity(name);
+        // A VM made before identities (or its UUID) were given gets its own
+        // now; one whose slot another VM took meanwhile gets another.
+        {
+            let _chosen = self.identity_guard();
+            let identity = self.pick_identity(name, rec.identity);
+            if identity != rec.identity || rec.machine_uuid.is_none() {
+                rec.identity = identity;
+                if rec.machine_uuid.is_none() {
+                    rec.machine_uuid =
+                        Some(launch::new_machine_uuid().map_err(|e| QemuError::Os {
+                            vm: name.into(),
+                            what: format!("cannot make the VM's UUID: {e}"),
+                        })?);
+                }
+                self.store(&rec)?;
+            }
         }
         let user = self.user_of(&rec);
         let mut res = self
@@ -1129,6 +1177,7 @@ impl Qemu {
             &cfg,
             &res,
             controls.fds(),
+            rec.machine_uuid.as_deref(),
             &self.opts.state_dir,
             rec.accel,
         );
@@ -1277,6 +1326,7 @@ impl Qemu {
             &rec.config,
             &res,
             launch::Controls::UNUSED,
+            None,
             &self.opts.state_dir,
             rec.accel,
         );
@@ -1949,6 +1999,7 @@ mod tests {
             vsock_cid: None,
             vsock_pid: None,
             identity: None,
+            machine_uuid: None,
         };
         assert_eq!(down_state(&rec), State::Created);
         rec.stopped_by_uvmctl = false;

@@ -437,6 +437,10 @@ pub struct LaunchRecord {
     /// launches; `None` on a host without a range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<u32>,
+    /// The VM's SMBIOS UUID (`-uuid`), random, made with the VM: stable
+    /// for the guest, and how uvmctl knows a pid is still this VM's QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_uuid: Option<String>,
 }
 
 /// Properties that place devices (PCI slot, memory address), by device id.

@@ -46,6 +46,9 @@ pub struct IdRange {
     pub count: u32,
 }
 
+/// The lowest first id of a range uvmctl takes (`SUB_UID_MIN`'s default).
+pub const MIN_SUBID: u32 = 100_000;
+
 /// The most ids of a range uvmctl uses (one per VM of a host).
 pub const MAX_IDS: u32 = 65_536;
 
@@ -59,8 +62,10 @@ pub fn parse_subids(text: &str, name: &str, id: u32) -> Option<(u32, u32)> {
             return None;
         }
         let (start, count) = (start.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
-        // Never root's or the system's own ids.
-        (start >= 1000 && count > 0 && start.checked_add(count).is_some()).then_some((start, count))
+        // Never root's, the system's or users' own ids: subordinate ids
+        // start at 100000 (login.defs' SUB_UID_MIN).
+        (start >= MIN_SUBID && count > 0 && start.checked_add(count).is_some())
+            .then_some((start, count))
     })
 }
 
@@ -192,7 +197,7 @@ impl ServiceUser {
                 self.name
             ),
             None => format!(
-                "every VM's QEMU runs as {}: the user has no subordinate id range (/etc/subuid, /etc/subgid; scripts/setup-host adds one), so a compromised QEMU could reach another VM's QEMU, and the files it holds, through /proc (not its sockets or disks by path: they are root's)",
+                "every VM's QEMU runs as {}: the user has no subordinate id range (/etc/subuid, /etc/subgid; scripts/setup-host adds one), so a compromised QEMU could reach another VM's QEMU (through /proc, and the files it holds) and its vsock backend's sockets; not its QMP, agent or console sockets or its disks, which are root's",
                 self.name
             ),
         }
@@ -452,13 +457,18 @@ mod tests {
 
     #[test]
     fn the_range_is_the_users_by_name_or_uid_and_never_the_systems() {
-        let text = "alice:100000:65536\n999:1048576:65536\nroot:0:65536\n";
+        let text = "alice:100000:65536\n999:1048576:65536\nroot:0:65536\nbob:1000:65536\n";
         assert_eq!(parse_subids(text, "alice", 1000), Some((100_000, 65_536)));
         assert_eq!(
             parse_subids(text, "uvmctl-qemu", 999),
             Some((1_048_576, 65_536))
         );
         assert_eq!(parse_subids(text, "root", 0), None, "never from uid 0");
+        assert_eq!(
+            parse_subids(text, "bob", 1001),
+            None,
+            "never over users' own ids"
+        );
         assert_eq!(parse_subids("x:abc:1\n", "x", 5), None);
         assert_eq!(parse_subids("x:4294967295:2\n", "x", 5), None, "overflow");
     }

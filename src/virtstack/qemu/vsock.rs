@@ -7,10 +7,14 @@
 //! The backend maps the guest's vsock to host unix sockets, as Firecracker's
 //! hybrid vsock does:
 //! - a guest connecting to the host (CID 2), port P, reaches the unix socket
-//!   `<vm>/vsock.sock_P`, which uvmctl makes a symlink to the spec's
+//!   `<vm>/vsock/vsock.sock_P`, which uvmctl makes a symlink to the spec's
 //!   `listenerPath` (so adding or removing a listener touches no device);
 //! - a host program reaches a guest listener on port P by connecting to
-//!   `<vm>/vsock.sock` and writing `CONNECT P\n` (answered `OK <port>\n`).
+//!   `<vm>/vsock/vsock.sock` and writing `CONNECT P\n` (answered
+//!   `OK <port>\n`).
+//!
+//! `<vm>/vsock/` is the VM user's (the backend binds its sockets there):
+//! the one directory of a VM its own processes write.
 //!
 //! Every memory of the guest must be shared (`memory-backend-memfd,share=on`)
 //! for the backend to map it (the launch's argv asks for it).
@@ -175,16 +179,39 @@ impl Drop for Unready {
     }
 }
 
-/// Whether `pid` is this VM's backend (pids get reused).
+/// Whether `pid` is this VM's backend (pids get reused), of this layout or
+/// the one before (its sockets in the VM's directory itself).
 pub fn backend_alive(pid: Option<u32>, dir: &StateDir, name: &str) -> bool {
-    let Some(pid) = pid else { return false };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
+    backend_of(pid, dir, name).is_some()
+}
+
+/// Whether `pid` is this VM's backend started before the backend had a
+/// directory of its own: it is replaced at the next change to vsock.
+pub fn backend_is_legacy(pid: Option<u32>, dir: &StateDir, name: &str) -> bool {
+    backend_of(pid, dir, name) == Some(true)
+}
+
+/// `Some(legacy)` when `pid` is this VM's backend.
+fn backend_of(pid: Option<u32>, dir: &StateDir, name: &str) -> Option<bool> {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid?)).ok()?;
+    let has = |socket: PathBuf| {
+        let needle = format!("socket={},", socket.display());
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
     };
-    let needle = format!("socket={},", dir.vsock_backend_socket(name).display());
-    cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
+    if has(dir.vsock_backend_socket(name)) {
+        Some(false)
+    } else if has(legacy_dir(dir, name).join("vhost-vsock.sock")) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Where a backend started before had its sockets and links.
+fn legacy_dir(dir: &StateDir, name: &str) -> PathBuf {
+    dir.vm_dir(name)
 }
 
 /// Ends the backend of a VM, if it runs.
@@ -208,10 +235,17 @@ pub async fn stop_backend(pid: Option<u32>, dir: &StateDir, name: &str) {
     }
 }
 
-/// The listeners of a VM: port → where its link points.
+/// The listeners of a VM: port → where its link points (in the backend's
+/// directory, or where a backend started before followed them).
 pub fn listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
+    let mut out = links_in(&legacy_dir(dir, name));
+    out.extend(links_in(&dir.vsock_dir(name)));
+    out
+}
+
+fn links_in(at: &Path) -> BTreeMap<u32, PathBuf> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir.vsock_dir(name)) else {
+    let Ok(entries) = std::fs::read_dir(at) else {
         return out;
     };
     for e in entries.flatten() {
@@ -248,10 +282,14 @@ pub fn link(dir: &StateDir, name: &str, port: u32, target: &Path) -> std::io::Re
 
 /// Stops relaying `port`: the guest's next connect to it is refused.
 pub fn unlink(dir: &StateDir, name: &str, port: u32) -> std::io::Result<()> {
-    match std::fs::remove_file(link_path(dir, name, port)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    let legacy = legacy_dir(dir, name).join(format!("{LINK_PREFIX}{port}"));
+    for link in [link_path(dir, name, port), legacy] {
+        match std::fs::remove_file(link) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 /// Makes the VM's links exactly `want` (port → resolved listener).
@@ -270,6 +308,41 @@ pub fn set_links(dir: &StateDir, name: &str, want: &BTreeMap<u32, PathBuf>) -> s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend an earlier uvmctl started (its sockets in the VM's own
+    /// directory) is still known as the VM's, and known as one to replace;
+    /// its links still read back.
+    #[test]
+    fn a_backend_of_the_layout_before_is_known_and_replaced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = StateDir::new(tmp.path()).expect("state dir");
+        std::fs::create_dir_all(dir.vsock_dir("vm")).expect("vm dir");
+        let run = |socket: PathBuf| {
+            std::process::Command::new("/bin/sh")
+                .args(["-c", "sleep 5", "--vm"])
+                .arg(format!(
+                    "guest-cid=3,socket={},uds-path=x",
+                    socket.display()
+                ))
+                .spawn()
+                .expect("a stand-in backend")
+        };
+        let mut old = run(dir.vm_dir("vm").join("vhost-vsock.sock"));
+        let mut new = run(dir.vsock_backend_socket("vm"));
+        let (o, n) = (Some(old.id()), Some(new.id()));
+        assert!(backend_alive(o, &dir, "vm") && backend_is_legacy(o, &dir, "vm"));
+        assert!(backend_alive(n, &dir, "vm") && !backend_is_legacy(n, &dir, "vm"));
+        assert!(!backend_alive(o, &dir, "other"));
+        let _ = (old.kill(), new.kill(), old.wait(), new.wait());
+        std::os::unix::fs::symlink("/srv/l.sock", dir.vm_dir("vm").join("vsock.sock_7"))
+            .expect("a link of before");
+        assert_eq!(
+            listeners(&dir, "vm").get(&7).map(PathBuf::as_path),
+            Some(Path::new("/srv/l.sock"))
+        );
+        unlink(&dir, "vm", 7).expect("unlink");
+        assert!(listeners(&dir, "vm").is_empty());
+    }
 
     #[test]
     fn links_follow_the_wanted_listeners_and_read_back() {
