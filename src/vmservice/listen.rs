@@ -52,20 +52,33 @@ fn exhausted(e: &io::Error) -> bool {
     )
 }
 
-/// The connections `listener` accepts, each wrapped so its answers pace it.
+/// The most connections one server serves at once; one past them is
+/// closed as soon as it is accepted (hcsshim holds one).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The connections `listener` accepts, each wrapped so its answers pace it,
+/// at most [`MAX_CONNECTIONS`] at once.
 fn accepted(
     listener: UnixListener,
 ) -> impl futures_util::Stream<Item = io::Result<Paced>> + Send + 'static {
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     futures_util::stream::unfold(
-        (listener, ACCEPT_BACKOFF, false),
-        |(listener, mut backoff, mut logged)| async move {
+        (listener, ACCEPT_BACKOFF, false, live),
+        |(listener, mut backoff, mut logged, live)| async move {
+            use std::sync::atomic::Ordering;
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
+                        if live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                            drop(stream);
+                            continue;
+                        }
                         if logged {
                             tracing::info!("accepting connections again");
                         }
-                        return Some((Ok(Paced::new(stream)), (listener, ACCEPT_BACKOFF, false)));
+                        let mut paced = Paced::new(stream);
+                        paced.counted = Some(Counted::new(&live));
+                        return Some((Ok(paced), (listener, ACCEPT_BACKOFF, false, live)));
                     }
                     Err(e) if exhausted(&e) => {
                         if !logged {
@@ -150,10 +163,27 @@ struct Pace {
     written: Frames,
 }
 
+/// One of a server's live connections, counted while it exists.
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    fn new(live: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(Arc::clone(live))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A connection that is not read while an answer to it cannot be written.
 pub struct Paced<S = UnixStream> {
     inner: S,
     pace: Arc<Mutex<Pace>>,
+    counted: Option<Counted>,
 }
 
 impl<S> Paced<S> {
@@ -162,6 +192,7 @@ impl<S> Paced<S> {
         Paced {
             inner,
             pace: Arc::default(),
+            counted: None,
         }
     }
 
@@ -367,6 +398,44 @@ mod tests {
             }
             assert_eq!(kinds, [FRAME_REQUEST, 3, FRAME_REQUEST], "cut {cut}");
         }
+    }
+
+    /// Issue 31: a server serves a bounded number of connections; one past
+    /// them is closed at once, and a slot that frees is taken again.
+    #[tokio::test]
+    async fn connections_past_the_bound_are_closed_at_once() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let mut conns = Box::pin(accepted(UnixListener::bind(&path).expect("bind")));
+        let mut held = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            clients.push(UnixStream::connect(&path).await.expect("connect"));
+            held.push(conns.next().await.expect("one").expect("accepted"));
+        }
+        let mut extra = UnixStream::connect(&path)
+            .await
+            .expect("the kernel accepts");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), conns.next())
+                .await
+                .is_err(),
+            "not handed to the server"
+        );
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .expect("read");
+        assert_eq!(n, 0, "closed");
+        drop(held.pop());
+        clients.push(UnixStream::connect(&path).await.expect("connect"));
+        tokio::time::timeout(Duration::from_secs(5), conns.next())
+            .await
+            .expect("a freed slot is taken")
+            .expect("one")
+            .expect("accepted");
     }
 
     #[test]

@@ -1836,48 +1836,11 @@ fn a_vm_moved_to_another_host_leaves_the_first_and_reaches_the_second() {
 /// there, and the values follow a VM being held and a spec failing.
 #[test]
 fn watch_metrics_are_served_and_follow_held_changes_and_failing_specs() {
-    use std::io::BufRead;
     let t = TestContext::new();
     t.write_spec("web.yaml", &vm("web", 64, ""));
     t.write_spec("db.yaml", &vm("db", 32, ""));
     let state = t.path("state");
-    let mut watcher = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
-        .current_dir(t.dir.path())
-        .args([
-            "--virtstack",
-            "sim",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ])
-        .args([
-            "watch",
-            "specs",
-            "--resync",
-            "1s",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("watch runs");
-    let watcher_err = watcher.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(watcher_err).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                return;
-            }
-        }
-    });
-    let url = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("the watcher says where its metrics are");
-        if let Some(at) = line.find("metrics at ") {
-            break line[at + "metrics at ".len()..].trim().to_string();
-        }
-    };
+    let (mut watcher, url) = watch_with_metrics(&t, &[]);
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"),
         "{url}"
@@ -2016,6 +1979,50 @@ fn watch_metrics_are_served_and_follow_held_changes_and_failing_specs() {
     let _ = watcher.wait();
 }
 
+/// A watcher of `t`'s specs on the simulator, serving metrics on a free
+/// loopback port, started through `wrapper` (a program and its arguments
+/// before uvmctl's, or none); the metrics URL it logged.
+fn watch_with_metrics(t: &TestContext, wrapper: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let uvmctl = env!("CARGO_BIN_EXE_uvmctl");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(uvmctl);
+            c
+        }
+        None => Command::new(uvmctl),
+    };
+    let mut watcher = cmd
+        .current_dir(t.dir.path())
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(t.path("state"))
+        .args(["watch", "specs", "--resync", "1s"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch runs");
+    let watcher_err = watcher.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Drained for the watcher's whole life, read or not: a closed
+        // pipe would end it.
+        for line in std::io::BufReader::new(watcher_err).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let url = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the watcher says where its metrics are");
+        if let Some(at) = line.find("metrics at ") {
+            break line[at + "metrics at ".len()..].trim().to_string();
+        }
+    };
+    (watcher, url)
+}
+
 /// Issue 31: `--allowed-signers` admits SSH signatures by those keys and
 /// nothing else. A commit OpenPGP-signed by a stranger whose key merely sits
 /// in root's GnuPG keyring (imported, untrusted) used to be put in force:
@@ -2123,49 +2130,17 @@ fn an_openpgp_signed_commit_is_not_an_allowed_signers_commit() {
 /// a new spec in its usual time, and a later scrape is answered.
 #[test]
 fn idle_metrics_connections_never_starve_the_watcher() {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
     let t = TestContext::new();
     t.write_spec("web.yaml", &vm("web", 64, ""));
-    let state = t.path("state");
-    let mut watcher = Command::new("prlimit")
-        .arg("--nofile=1024:1024")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_uvmctl"))
-        .current_dir(t.dir.path())
-        .args(["--virtstack", "sim", "--state-dir"])
-        .arg(&state)
-        .args([
-            "watch",
-            "specs",
-            "--resync",
-            "1s",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("watch runs");
-    let watcher_err = watcher.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(watcher_err).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                return;
-            }
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the watcher says where its metrics are");
-        if let Some(at) = line.find("metrics at http://") {
-            let rest = &line[at + "metrics at http://".len()..];
-            break rest.trim().trim_end_matches("/metrics").to_string();
-        }
-    };
+    // A hard limit of 1,024: raising its own soft limit cannot help it.
+    let (mut watcher, url) = watch_with_metrics(&t, &["prlimit", "--nofile=1024:1024", "--"]);
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
     let converged_within = |bound: Duration| -> Option<Duration> {
         let start = Instant::now();
         while start.elapsed() < bound {

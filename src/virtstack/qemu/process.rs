@@ -227,5 +227,28 @@ mod tests {
             said.contains("Cannot fork") && !said.contains("\nforked"),
             "{said}"
         );
+
+        // And a change of identity is refused (this child is root: without
+        // the filter, setuid(0) would do).
+        let log = std::fs::File::create(dir.path().join("log2")).expect("log");
+        let args = [
+            "-c".to_string(),
+            "import os, sys\ntry:\n    os.setuid(0)\n    sys.stderr.write('setuid-ok')\nexcept OSError as e:\n    sys.stderr.write('setuid-refused %d' % e.errno)".to_string(),
+        ];
+        let child = spawn(Spawn {
+            program: Path::new("/usr/bin/python3"),
+            args: &args,
+            dir: dir.path(),
+            log,
+            user: None,
+            memlock: None,
+            inherit: Vec::new(),
+            env: &[],
+            confine: true,
+        })
+        .expect("spawn");
+        child.wait_with_output().await.expect("wait");
+        let said = std::fs::read_to_string(dir.path().join("log2")).expect("log");
+        assert_eq!(said, format!("setuid-refused {}", nix::libc::EPERM));
     }
 }

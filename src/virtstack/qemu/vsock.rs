@@ -318,14 +318,23 @@ mod tests {
         let dir = StateDir::new(tmp.path()).expect("state dir");
         std::fs::create_dir_all(dir.vsock_dir("vm")).expect("vm dir");
         let run = |socket: PathBuf| {
-            std::process::Command::new("/bin/sh")
+            let child = std::process::Command::new("/bin/sh")
                 .args(["-c", "sleep 5", "--vm"])
                 .arg(format!(
                     "guest-cid=3,socket={},uds-path=x",
                     socket.display()
                 ))
                 .spawn()
-                .expect("a stand-in backend")
+                .expect("a stand-in backend");
+            // Until it has exec'd, /proc shows this test's command line.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+                .is_ok_and(|c| c.windows(4).any(|w| w == b"--vm"))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            child
         };
         let mut old = run(dir.vm_dir("vm").join("vhost-vsock.sock"));
         let mut new = run(dir.vsock_backend_socket("vm"));
