@@ -254,7 +254,7 @@ impl StateDir {
     }
 
     /// Makes [`StateDir::vsock_dir`] the VM user's `owner` (uid, gid), mode
-    /// 0700, or root's without one. A link planted there is refused.
+    /// 0700, or uvmctl's own without one. A link planted there is refused.
     pub fn create_vsock_dir(
         &self,
         name: &str,
@@ -282,8 +282,11 @@ impl StateDir {
             )
             .map_err(|e| io(e.into()))?,
         );
-        let (uid, gid) = owner.unwrap_or((0, 0));
-        std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(io)?;
+        // Without a VM user it stays uvmctl's own (root's, or a developer's
+        // running uvmctl unprivileged).
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(io)?;
+        }
         opened
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io)?;
