@@ -314,6 +314,17 @@ impl Agent {
     }
 }
 
+/// The words of field `name` (`Uid:`, `Groups:`, `Seccomp:`...) in
+/// `/proc/PID/status`; empty when the process or the field is gone.
+pub(crate) fn proc_status(pid: i32, name: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// A raw QMP exchange, as an operator would do by hand.
 pub(crate) fn qmp_by_hand(
     sock: &Path,

@@ -735,13 +735,7 @@ fn qemu_runs_sandboxed_with_a_private_qmp_socket() {
     use std::os::unix::fs::MetadataExt;
     let (svc_uid, svc_gid) = crate::host::qemu_user();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
+    let field = |name: &str| crate::host::proc_status(pid, name);
     let uid: u32 = field("Uid:")[0].parse().expect("uid");
     let gid: u32 = field("Gid:")[0].parse().expect("gid");
     assert_eq!(field("Uid:"), vec![uid.to_string(); 4], "{status}");

@@ -945,14 +945,7 @@ fn one_vms_qemu_reaches_no_other_vm() {
     assert_ok(&h.apply());
     let (a, b) = (h.pid("iso-a").expect("a"), h.pid("iso-b").expect("b"));
     let ids = |pid: i32| -> (String, String, Vec<String>) {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let field = |name: &str| -> Vec<String> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
+        let field = |name: &str| crate::host::proc_status(pid, name);
         (
             field("Uid:")[0].clone(),
             field("Gid:")[0].clone(),

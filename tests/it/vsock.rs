@@ -111,18 +111,9 @@ fn vsock_listeners_follow_the_spec_live_both_ways_through_save_restore_and_a_dea
         caller.assert_not_held_by(&format!("{vm}'s vsock backend"), backend);
         // Issue 31: the backend, which parses guest data, runs as QEMU
         // does: no new privileges, a seccomp filter.
-        let status =
-            std::fs::read_to_string(format!("/proc/{backend}/status")).expect("backend status");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_string()
-        };
-        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
-        assert_eq!(field("Seccomp:"), "2", "{status}");
+        let field = |name: &str| crate::host::proc_status(backend, name);
+        assert_eq!(field("NoNewPrivs:"), ["1"], "{vm}'s backend");
+        assert_eq!(field("Seccomp:"), ["2"], "{vm}'s backend");
     }
     caller.release();
     assert!(caller.lock_is_free(), "no VM holds the caller's lock");

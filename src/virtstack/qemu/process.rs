@@ -195,19 +195,14 @@ fn build_confinement() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::Back
 mod tests {
     use super::*;
 
-    /// A confined child keeps threads and exec, and is refused a new
-    /// process and a privilege change.
-    #[tokio::test]
-    async fn a_confined_child_cannot_fork_or_change_identity() {
+    /// Runs `program` with `args` confined, as root here; what it wrote to
+    /// its standard error.
+    async fn confined(program: &str, args: &[&str]) -> String {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("log")).expect("log");
-        // Builtins only (no new process), then a subshell, which forks.
-        let args = [
-            "-c".to_string(),
-            "while read -r l; do case $l in NoNewPrivs*|Seccomp:*) echo \"$l\" >&2;; esac; done < /proc/self/status; (true; true) && echo forked >&2".to_string(),
-        ];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let child = spawn(Spawn {
-            program: Path::new("/bin/sh"),
+            program: Path::new(program),
             args: &args,
             dir: dir.path(),
             log,
@@ -219,36 +214,38 @@ mod tests {
         })
         .expect("spawn");
         child.wait_with_output().await.expect("wait");
-        let said = std::fs::read_to_string(dir.path().join("log")).expect("log");
-        let said = said.replace('\t', " ");
+        std::fs::read_to_string(dir.path().join("log")).expect("log")
+    }
+
+    /// A confined child keeps threads and exec, and is refused a new
+    /// process and a change of identity.
+    #[tokio::test]
+    async fn a_confined_child_cannot_fork_or_change_identity() {
+        // Builtins only (no new process), then a subshell, which forks.
+        let said = confined(
+            "/bin/sh",
+            &[
+                "-c",
+                "while read -r l; do case $l in NoNewPrivs*|Seccomp:*) echo \"$l\" >&2;; esac; done < /proc/self/status; (true; true) && echo forked >&2",
+            ],
+        )
+        .await
+        .replace('\t', " ");
         assert!(said.contains("NoNewPrivs: 1"), "{said}");
         assert!(said.contains("Seccomp: 2"), "{said}");
         assert!(
             said.contains("Cannot fork") && !said.contains("\nforked"),
             "{said}"
         );
-
-        // And a change of identity is refused (this child is root: without
-        // the filter, setuid(0) would do).
-        let log = std::fs::File::create(dir.path().join("log2")).expect("log");
-        let args = [
-            "-c".to_string(),
-            "import os, sys\ntry:\n    os.setuid(0)\n    sys.stderr.write('setuid-ok')\nexcept OSError as e:\n    sys.stderr.write('setuid-refused %d' % e.errno)".to_string(),
-        ];
-        let child = spawn(Spawn {
-            program: Path::new("/usr/bin/python3"),
-            args: &args,
-            dir: dir.path(),
-            log,
-            user: None,
-            memlock: None,
-            inherit: Vec::new(),
-            env: &[],
-            confine: true,
-        })
-        .expect("spawn");
-        child.wait_with_output().await.expect("wait");
-        let said = std::fs::read_to_string(dir.path().join("log2")).expect("log");
+        // Without the filter, this root child's setuid(0) would do.
+        let said = confined(
+            "/usr/bin/python3",
+            &[
+                "-c",
+                "import os, sys\ntry:\n    os.setuid(0)\n    sys.stderr.write('setuid-ok')\nexcept OSError as e:\n    sys.stderr.write('setuid-refused %d' % e.errno)",
+            ],
+        )
+        .await;
         assert_eq!(said, format!("setuid-refused {}", nix::libc::EPERM));
     }
 }
