@@ -148,13 +148,20 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
             "cycle {cycle}: the old image is still open"
         );
         assert!(held(now) > 0, "cycle {cycle}: the new image is not open");
-        let n = fds();
-        let first = *after_first.get_or_insert(n);
-        assert!(
-            n <= first,
-            "cycle {cycle}: {n} descriptors, {first} after the first"
-        );
+        after_first.get_or_insert_with(fds);
     }
+    // A leaked fd set is one descriptor a cycle (20 here); QEMU may still
+    // be closing the last apply's QMP connection, so a moment is allowed.
+    let first = after_first.expect("cycles ran");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fds() > first + 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fds() <= first + 1,
+        "{} descriptors after 20 cycles, {first} after the first",
+        fds()
+    );
     let out = h.plan(&["--detailed-exitcode"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     drop(events);
