@@ -51,6 +51,7 @@ pub mod vmservice;
 
 pub mod inspect;
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
 /// The layering the module docs promise, checked on the source: each
