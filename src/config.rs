@@ -57,34 +57,8 @@ pub enum Accel {
     Tcg,
 }
 
-/// `virtstack:`, likewise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum VirtstackName {
-    /// A QEMU per VM.
-    #[serde(rename = "qemu")]
-    Qemu,
-    /// hcsshim's vmservice protocol.
-    #[serde(rename = "remotevm")]
-    RemoteVm,
-    /// The simulator.
-    #[serde(rename = "sim")]
-    Sim,
-    /// HCS through computecore.dll.
-    #[serde(rename = "hcs")]
-    Hcs,
-}
-
-impl VirtstackName {
-    /// As the command line spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VirtstackName::Qemu => "qemu",
-            VirtstackName::RemoteVm => "remotevm",
-            VirtstackName::Sim => "sim",
-            VirtstackName::Hcs => "hcs",
-        }
-    }
-}
+/// `virtstack:`, one of the virtstacks' names.
+pub use crate::vm::VirtstackKind as VirtstackName;
 
 /// Why the config file could not be used.
 #[derive(Debug, thiserror::Error)]

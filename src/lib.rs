@@ -66,7 +66,7 @@ mod layering {
         ("escape", &["escape"]),
         ("hostfs", &["hostfs"]),
         ("child", &["child"]),
-        ("config", &["hostfs", "config"]),
+        ("config", &["hostfs", "vm", "config"]),
         ("vm", &["vm"]),
         ("spec", &["vm", "spec"]),
         ("source", &["hostfs", "child", "vm", "spec", "source"]),

@@ -202,7 +202,13 @@ struct HostArgs {
     /// server per VM), `hcs` (Windows' Host Compute Service, through
     /// --hcs-library) or `sim` (a simulator: VMs as records under the state
     /// directory, with qemu's rules; nothing runs) [default: qemu].
-    #[arg(long, global = true, env = "UVMCTL_VIRTSTACK", value_name = "NAME")]
+    #[arg(
+        long,
+        global = true,
+        env = "UVMCTL_VIRTSTACK",
+        value_name = "NAME",
+        value_parser = clap::builder::PossibleValuesParser::new(Kind::ALL.map(Kind::as_str))
+    )]
     virtstack: Option<String>,
     /// remotevm: where its per-VM records and server sockets live
     /// [default: STATE_DIR/.remotevm].
@@ -273,7 +279,7 @@ impl HostArgs {
             virtstack: self
                 .virtstack
                 .or(defaults.virtstack.map(|v| v.as_str().to_string()))
-                .unwrap_or_else(|| "qemu".into()),
+                .unwrap_or_else(|| Kind::default().as_str().into()),
             remote_dir: self.remote_dir.or(defaults.remote_dir),
             remote_server: self.remote_server.or(defaults.remote_server),
             qemu_user: self.qemu_user.or(defaults.qemu_user),
@@ -938,7 +944,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let virtstack = &host.virtstack;
             let caps = Capabilities::profile(virtstack).with_context(|| {
                 format!(
-                    "no capability profile for virtstack {virtstack:?} (known: qemu, remotevm, hcs, sim)"
+                    "no capability profile for virtstack {virtstack:?} (known: {})",
+                    Kind::names()
                 )
             })?;
             match output {

@@ -30,19 +30,35 @@ impl Capabilities {
                 .map(|u| u.isolation());
             Capabilities::qemu(&facts)
         };
-        match name {
-            crate::vm::QEMU => Some(here()),
-            remotevm::REMOTEVM => Some(remotevm::own_server_capabilities(&here())),
-            crate::vm::HCS => Some(Capabilities::hcs()),
-            sim::SIM => Some(sim::capabilities()),
-            _ => None,
-        }
+        // Every kind, matched exhaustively: a new one must say its profile.
+        Some(match name.parse::<Kind>().ok()? {
+            Kind::Qemu => here(),
+            Kind::RemoteVm => remotevm::own_server_capabilities(&here()),
+            Kind::Hcs => Capabilities::hcs(),
+            Kind::Sim => sim::capabilities(),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one list of virtstacks and their profiles agree: each kind has
+    /// a profile under its own name, and no other name has one.
+    #[test]
+    fn every_virtstack_of_the_list_has_its_profile() {
+        for kind in Kind::ALL {
+            let caps = Capabilities::profile(kind.as_str()).expect("a profile");
+            assert_eq!(caps.virtstack, kind.as_str());
+            assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+        }
+        assert!(Capabilities::profile("vmware").is_none());
+        assert_eq!(
+            "vmware".parse::<Kind>().expect_err("unknown").to_string(),
+            "unknown virtstack \"vmware\" (known: qemu, remotevm, sim, hcs)"
+        );
+    }
     use crate::vm::{Disruption, Resource, ResourceOperation};
     use Resource::*;
     use ResourceOperation::*;

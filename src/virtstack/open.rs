@@ -12,44 +12,8 @@ use crate::vm::{Observe, Virtstack, VmError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// The virtstacks uvmctl drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A QEMU per VM, over QMP (the default on Linux).
-    Qemu,
-    /// One vmservice server per VM (hcsshim's RemoteVM protocol).
-    RemoteVm,
-    /// The simulator: VMs as records only, with qemu's rules (`sim`).
-    Sim,
-    /// HCS compute systems through computecore.dll (Windows; elsewhere
-    /// the emulator, for tests).
-    Hcs,
-}
-
-impl Kind {
-    /// Every kind, in the order help lists them.
-    pub const ALL: [Kind; 4] = [Kind::Qemu, Kind::RemoteVm, Kind::Sim, Kind::Hcs];
-
-    /// Its name on the command line and in output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Qemu => crate::vm::QEMU,
-            Kind::RemoteVm => crate::vm::REMOTE_VM,
-            Kind::Sim => super::sim::SIM,
-            Kind::Hcs => crate::vm::HCS,
-        }
-    }
-}
-
-impl std::str::FromStr for Kind {
-    type Err = OpenError;
-    fn from_str(s: &str) -> Result<Self, OpenError> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| OpenError::Unknown(s.chars().take(64).collect()))
-    }
-}
+/// The virtstacks uvmctl drives (the one list is [`crate::vm::VirtstackKind`]).
+pub use crate::vm::VirtstackKind as Kind;
 
 /// Acceleration as asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,9 +84,6 @@ impl Default for HostOptions {
 /// Why a virtstack could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// No such virtstack.
-    #[error("virtstack {0:?} cannot be driven here (qemu, remotevm, sim, hcs)")]
-    Unknown(String),
     /// QEMU's service user is missing or unusable.
     #[error(transparent)]
     User(#[from] UserError),

@@ -31,7 +31,7 @@ use std::time::Duration;
 type Result<T, E = VmError> = std::result::Result<T, E>;
 
 /// The virtstack's name.
-pub const REMOTEVM: &str = "remotevm";
+pub const REMOTEVM: &str = crate::vm::REMOTE_VM;
 /// How long one call may take (a create boots nothing; a start launches QEMU).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// A record is read up to this size (a few KiB in practice).

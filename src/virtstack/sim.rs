@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 type Result<T, E = VmError> = std::result::Result<T, E>;
 
 /// Name of the simulator virtstack.
-pub const SIM: &str = "sim";
+pub const SIM: &str = crate::vm::VirtstackKind::Sim.as_str();
 
 /// A record is read up to this size (a VM's whole configuration).
 const MAX_RECORD_BYTES: u64 = 1 << 20;
