@@ -52,6 +52,11 @@ mod tests {
             let caps = Capabilities::profile(kind.as_str()).expect("a profile");
             assert_eq!(caps.virtstack, kind.as_str());
             assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+            // The config file's spelling is the command line's.
+            assert_eq!(
+                serde_json::to_value(kind).expect("json"),
+                serde_json::json!(kind.as_str())
+            );
         }
         assert!(Capabilities::profile("vmware").is_none());
         assert_eq!(

@@ -25,20 +25,17 @@ use std::fmt;
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[serde(rename_all = "lowercase")]
 pub enum VirtstackKind {
     /// A QEMU per VM, over QMP (the default on Linux).
     #[default]
-    #[serde(rename = "qemu")]
     Qemu,
     /// One vmservice server per VM (hcsshim's RemoteVM protocol).
-    #[serde(rename = "remotevm")]
     RemoteVm,
     /// The simulator: VMs as records only, with qemu's rules.
-    #[serde(rename = "sim")]
     Sim,
     /// HCS compute systems through computecore.dll (Windows; elsewhere the
     /// emulator, for tests).
-    #[serde(rename = "hcs")]
     Hcs,
 }
 
