@@ -28,7 +28,7 @@ pub struct HostDefaults {
     #[serde(default)]
     pub allow_roots: Vec<PathBuf>,
     /// `--accel`.
-    pub accel: Option<Accel>,
+    pub accel: Option<AccelChoice>,
     /// `--virtstack`.
     pub virtstack: Option<VirtstackName>,
     /// `--qemu-user`.
@@ -44,17 +44,43 @@ pub struct HostDefaults {
     pub hcs_allow_roots: Vec<PathBuf>,
 }
 
-/// `accel:`, checked as the file is read, so a wrong word is named with
-/// its line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// Acceleration as asked for (`--accel`, `UVMCTL_ACCEL`, `accel:`): the
+/// one shape of the choice. A config file's wrong word is named with its
+/// line as the file is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Accel {
+pub enum AccelChoice {
     /// KVM where the CPU really offers it, else TCG.
+    #[default]
     Auto,
     /// KVM.
     Kvm,
     /// TCG (software emulation).
     Tcg,
+}
+
+impl AccelChoice {
+    /// Every choice, as help lists them.
+    pub const ALL: [AccelChoice; 3] = [AccelChoice::Auto, AccelChoice::Kvm, AccelChoice::Tcg];
+
+    /// As the command line and the config file spell it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AccelChoice::Auto => "auto",
+            AccelChoice::Kvm => "kvm",
+            AccelChoice::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        AccelChoice::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown accel {s:?} (auto, kvm or tcg)"))
+    }
 }
 
 /// `virtstack:`, one of the virtstacks' names.
@@ -241,7 +267,7 @@ mod tests {
         .expect("valid");
         assert_eq!(d.state_dir.as_deref(), Some(Path::new("/srv/uvmctl")));
         assert_eq!(d.allow_roots.len(), 2);
-        assert_eq!(d.accel, Some(Accel::Tcg));
+        assert_eq!(d.accel, Some(AccelChoice::Tcg));
         assert_eq!(d.virtstack, Some(VirtstackName::RemoteVm));
         // Issue 20: a wrong word is named with its line, as a wrong key is.
         let e = parse(Path::new("c.yaml"), "stateDir: /a\naccel: fast\n").expect_err("bad accel");

@@ -78,6 +78,7 @@ mod layering {
                 "escape",
                 "hostfs",
                 "child",
+                "config",
                 "vm",
                 "spec",
                 "protocol",

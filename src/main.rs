@@ -4,6 +4,7 @@
 //! directory stayed locked, 5 a saved plan is stale).
 
 use anyhow::{Context, bail};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -196,8 +197,15 @@ struct HostArgs {
     allow_roots: Vec<PathBuf>,
     /// Acceleration for launched VMs: kvm only works where the CPU shows
     /// vmx/svm [default: auto].
-    #[arg(long, global = true, env = "UVMCTL_ACCEL", value_enum)]
-    accel: Option<AccelArg>,
+    #[arg(
+        long,
+        global = true,
+        env = "UVMCTL_ACCEL",
+        value_name = "ACCEL",
+        value_parser = clap::builder::PossibleValuesParser::new(AccelChoice::ALL.map(AccelChoice::as_str))
+            .try_map(|s: String| s.parse::<AccelChoice>())
+    )]
+    accel: Option<AccelChoice>,
     /// The virtstack: `qemu` (QEMU here), `remotevm` (one vmservice
     /// server per VM), `hcs` (Windows' Host Compute Service, through
     /// --hcs-library) or `sim` (a simulator: VMs as records under the state
@@ -247,24 +255,11 @@ struct HostArgs {
     hcs_allow_roots: Vec<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum AccelArg {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
 impl HostArgs {
     /// Flags and variables, then the config file's `defaults`, then the
     /// built-in defaults.
     fn resolve(self, defaults: HostDefaults) -> anyhow::Result<Host> {
-        use uvmctl::config::Accel;
-        let accel = match (self.accel, defaults.accel) {
-            (Some(a), _) => a,
-            (None, Some(Accel::Auto) | None) => AccelArg::Auto,
-            (None, Some(Accel::Kvm)) => AccelArg::Kvm,
-            (None, Some(Accel::Tcg)) => AccelArg::Tcg,
-        };
+        let accel = self.accel.or(defaults.accel).unwrap_or_default();
         Ok(Host {
             state_dir: self
                 .state_dir
@@ -297,7 +292,7 @@ impl HostArgs {
 struct Host {
     state_dir: PathBuf,
     allow_roots: Vec<PathBuf>,
-    accel: AccelArg,
+    accel: AccelChoice,
     virtstack: String,
     remote_dir: Option<PathBuf>,
     remote_server: Option<PathBuf>,
@@ -311,11 +306,7 @@ impl Host {
         HostOptions {
             state_dir: self.state_dir.clone(),
             allow_roots: self.allow_roots.clone(),
-            accel: match self.accel {
-                AccelArg::Auto => AccelChoice::Auto,
-                AccelArg::Kvm => AccelChoice::Kvm,
-                AccelArg::Tcg => AccelChoice::Tcg,
-            },
+            accel: self.accel,
             qemu_user: self.qemu_user.clone(),
             remote_dir: self.remote_dir.clone(),
             remote_server: self.remote_server.clone(),

@@ -15,33 +15,15 @@ use std::sync::Arc;
 /// The virtstacks uvmctl drives (the one list is [`crate::vm::VirtstackKind`]).
 pub use crate::vm::VirtstackKind as Kind;
 
-/// Acceleration as asked for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum AccelChoice {
-    /// KVM where the CPU really offers it, else TCG.
-    #[default]
-    Auto,
-    /// KVM.
-    Kvm,
-    /// TCG (software emulation).
-    Tcg,
-}
+/// Acceleration as asked for (the one shape is the config's).
+pub use crate::config::AccelChoice;
 
-impl AccelChoice {
-    fn resolve(self) -> Accel {
-        match self {
-            AccelChoice::Auto => Accel::auto(),
-            AccelChoice::Kvm => Accel::Kvm,
-            AccelChoice::Tcg => Accel::Tcg,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            AccelChoice::Auto => "auto",
-            AccelChoice::Kvm => "kvm",
-            AccelChoice::Tcg => "tcg",
-        }
+/// The acceleration `choice` comes to on this host.
+fn resolve_accel(choice: AccelChoice) -> Accel {
+    match choice {
+        AccelChoice::Auto => Accel::auto(),
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
     }
 }
 
@@ -136,7 +118,7 @@ pub fn qemu(host: &HostOptions, observer: bool) -> Result<Qemu, OpenError> {
     } else {
         AllowedRoots::new(&host.allow_roots)
     };
-    let accel = host.accel.resolve();
+    let accel = resolve_accel(host.accel);
     let name = match &host.qemu_user {
         Some(name) => Some(name.as_str()),
         None if nix::unistd::geteuid().is_root() => Some(DEFAULT_QEMU_USER),
