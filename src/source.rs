@@ -1300,6 +1300,16 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    /// Why a sync with `opts` puts nothing in force (`what`: what the test
+    /// expects to go wrong).
+    async fn sync_refused(opts: GitOptions, what: &str) -> SourceError {
+        GitSource::new(opts)
+            .expect("options")
+            .sync()
+            .await
+            .expect_err(what)
+    }
+
     /// A repository to fetch from, with git's own command line.
     struct Origin {
         dir: tempfile::TempDir,
@@ -1485,37 +1495,21 @@ mod tests {
         // unreachable URL, a repository over its bound.
         let mut opts = src.options().clone();
         opts.reference = "nosuch".into();
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("no ref");
+        let e = sync_refused(opts, "no ref").await;
         assert!(matches!(e, SourceError::NoSuchRef(_)), "{e}");
         let mut opts = src.options().clone();
         opts.path = "nowhere".into();
         opts.cache = cache.path().join("other");
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("no path");
+        let e = sync_refused(opts, "no path").await;
         assert!(matches!(e, SourceError::MissingPath { .. }), "{e}");
         let mut opts = src.options().clone();
         opts.url = format!("file://{}/none", cache.path().display());
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("unreachable");
+        let e = sync_refused(opts, "unreachable").await;
         assert!(matches!(e, SourceError::Git { .. }), "{e}");
         let mut opts = src.options().clone();
         opts.max_bytes = 1;
         opts.cache = cache.path().join("tiny");
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("too large");
+        let e = sync_refused(opts, "too large").await;
         assert!(matches!(e, SourceError::TooLarge { .. }), "{e}");
         assert_eq!(in_force(), before);
 
@@ -1525,11 +1519,7 @@ mod tests {
         let mut opts = src.options().clone();
         opts.max_bytes = 1 << 20;
         opts.cache = cache.path().join("inflated");
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("inflates");
+        let e = sync_refused(opts, "inflates").await;
         assert!(matches!(e, SourceError::CheckoutTooLarge { .. }), "{e}");
         assert!(
             e.to_string()
@@ -1867,11 +1857,7 @@ mod tests {
         let cache = tempfile::tempdir().expect("tempdir");
         let mut opts = source(&origin, cache.path()).options().clone();
         opts.max_bytes = 1 << 20;
-        let e = GitSource::new(opts)
-            .expect("options")
-            .sync()
-            .await
-            .expect_err("too many files");
+        let e = sync_refused(opts, "too many files").await;
         assert!(matches!(e, SourceError::CheckoutTooLarge { .. }), "{e}");
         assert!(
             e.to_string().contains("301 files and 12 directories"),
