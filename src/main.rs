@@ -14,6 +14,7 @@ use std::time::Duration;
 use uvmctl::apply::lock::{LockError, StateLock};
 use uvmctl::apply::{self, ApplyOptions};
 use uvmctl::config::HostDefaults;
+use uvmctl::plan::hold::Limits;
 use uvmctl::plan::saved::{MAX_SAVED_PLAN_BYTES, SavedPlan};
 use uvmctl::plan::{PlanOptions, render};
 use uvmctl::reconcile;
@@ -1028,8 +1029,11 @@ fn plan_options(common: &PlanCommon) -> PlanOptions {
     }
 }
 
-fn limit(common: &PlanCommon) -> Option<Disruption> {
-    common.max_disruption.map(Disruption::from)
+fn limits(common: &PlanCommon) -> Limits {
+    Limits {
+        max_disruption: common.max_disruption.map(Disruption::from),
+        ..Limits::default()
+    }
 }
 
 fn print_refused(refused: &[uvmctl::plan::Refused]) {
@@ -1151,7 +1155,7 @@ async fn run_plan(args: PlanArgs, host: &Host) -> anyhow::Result<u8> {
             );
         }
     }
-    if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
+    if let Some((limit, max)) = planned.exceeds(&limits(&args.common)) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
         return Ok(EXIT_POLICY);
     }
@@ -1386,13 +1390,17 @@ async fn run_apply(mut args: ApplyArgs, host: &Host) -> anyhow::Result<u8> {
             EXIT_ERROR
         });
     }
-    if let Some((limit, max)) = planned.exceeds(limit(&args.common)) {
+    let limits = Limits {
+        allow_recreate: args.allow_recreate,
+        ..limits(&args.common)
+    };
+    if let Some((limit, max)) = planned.exceeds(&limits) {
         eprintln!(
             "changes exceed --max-disruption {limit}: this plan needs {max}; nothing was applied"
         );
         return Ok(EXIT_POLICY);
     }
-    let refused = planned.recreates_refused(args.allow_recreate);
+    let refused = planned.recreates_refused(&limits);
     if !refused.is_empty() {
         eprintln!(
             "{} must be recreated, which {} spec's policy.allowRecreate does not allow; \
@@ -1617,36 +1625,6 @@ async fn run_logs(
     Ok(0)
 }
 
-/// A revision not put in force, and the one that stays.
-fn log_refused(source: &uvmctl::source::GitSource, e: &uvmctl::source::SourceError) {
-    let in_force = source.status().applied.map(|r| r.to_string());
-    tracing::warn!(
-        kind = e.kind(),
-        "{e}; the revision in force stays: {}",
-        in_force.as_deref().unwrap_or("none")
-    );
-}
-
-/// Says a refusal once: the same head refused for the same reason at every
-/// interval is logged at debug level after the first time (status and the
-/// metrics keep saying it).
-#[derive(Default)]
-struct RefusedLog {
-    last: Option<String>,
-}
-
-impl RefusedLog {
-    fn log(&mut self, source: &uvmctl::source::GitSource, e: &uvmctl::source::SourceError) {
-        let said = e.to_string();
-        if self.last.as_ref() == Some(&said) {
-            tracing::debug!(kind = e.kind(), "{said} (again)");
-            return;
-        }
-        log_refused(source, e);
-        self.last = Some(said);
-    }
-}
-
 async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     // notify's inotify backend says at info level what a swapped revision
     // does to its watches, dozens of lines a swap: its warnings are enough.
@@ -1664,7 +1642,7 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
     let source = args
         .git
         .source(cache.clone(), args.placement.placement()?)?;
-    let mut refused = RefusedLog::default();
+    let mut refused = uvmctl::watch::signals::RefusedLog::default();
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
             match source.sync().await {
@@ -1707,68 +1685,15 @@ async fn run_watch(args: WatchArgs, host: &Host) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    // SIGTERM or SIGINT: finish what is in flight; a second one: exit now.
-    // SIGHUP (a terminal gone, `systemctl reload`): reconcile now; with
-    // --git, fetch first and reconcile what that put in force.
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
-    let fetch_now = Arc::new(tokio::sync::Notify::new());
-    if let Some(source) = source.clone() {
-        let fetch_now = fetch_now.clone();
-        let sig_tx = sig_tx.clone();
-        let interval = args.git_interval.max(Duration::from_secs(1));
-        tokio::spawn(async move {
-            use uvmctl::watch::Signal;
-            loop {
-                let asked = tokio::select! {
-                    () = tokio::time::sleep(interval) => false,
-                    () = fetch_now.notified() => true,
-                };
-                match source.sync().await {
-                    Ok(uvmctl::source::Synced::Applied(r)) => {
-                        tracing::info!(url = %source.options().url, "revision in force: {r}");
-                        refused = RefusedLog::default();
-                        // The new revision now, not at the file watcher's
-                        // or the resync's leisure.
-                        let _ = sig_tx.send(Signal::Rescan);
-                    }
-                    Ok(uvmctl::source::Synced::Unchanged(_)) => {}
-                    Err(e) => refused.log(&source, &e),
-                }
-                if asked && sig_tx.send(Signal::Reconcile).is_err() {
-                    return;
-                }
-            }
-        });
+    let fetch_now = source
+        .as_ref()
+        .map(|_| Arc::new(tokio::sync::Notify::new()));
+    if let (Some(source), Some(fetch_now)) = (source.clone(), &fetch_now) {
+        let every = args.git_interval;
+        uvmctl::watch::signals::poll_git(source, every, fetch_now.clone(), sig_tx.clone(), refused);
     }
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        use uvmctl::watch::Signal;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let git = source.is_some();
-        let sig_tx = sig_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let got = tokio::select! {
-                    _ = term.recv() => Signal::Stop,
-                    _ = int.recv() => Signal::Stop,
-                    _ = hup.recv() => {
-                        if git {
-                            // Fetched first (`flux reconcile`): the git
-                            // task asks for the reconcile once it synced.
-                            fetch_now.notify_one();
-                            continue;
-                        }
-                        Signal::Reconcile
-                    }
-                };
-                if sig_tx.send(got).is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    uvmctl::watch::signals::forward_os_signals(sig_tx, fetch_now)?;
     let opts = uvmctl::watch::WatchOptions {
         dir,
         resync: args.resync.max(Duration::from_millis(100)),

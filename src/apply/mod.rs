@@ -17,6 +17,7 @@
 
 pub mod lock;
 
+use crate::plan::hold::{self, Hold, Limits};
 use crate::plan::{Op, Plan, ResourceKind, VmAction, VmPlan, observed_power};
 use crate::spec::{DesiredState, PowerState, VmConfig};
 use crate::vm::{Chain, Change, Disruption, State, Virtstack, VmError, VmName};
@@ -263,7 +264,11 @@ async fn apply_vm(
                     }
                 })
                 .collect();
-            if !(opts.allow_recreate || vm.recreate_allowed == Some(true)) {
+            let limits = Limits {
+                allow_recreate: opts.allow_recreate,
+                ..Limits::default()
+            };
+            if hold::holds(vm, &limits).contains(&Hold::RecreateNotAllowed) {
                 return Err(ApplyError::RecreateNotAllowed(reasons.join("; ")));
             }
             progress(label, "recreating");

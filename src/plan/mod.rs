@@ -3,6 +3,7 @@
 //! byte-identical plan.
 
 mod gate;
+pub mod hold;
 pub mod images;
 pub mod prune;
 pub mod render;

@@ -148,7 +148,12 @@ impl Fake {
         let (fail, hang) = {
             let mut inner = self.lock();
             let scripted = (inner.fail.contains(&key), inner.hang.contains(&key));
-            inner.started.entry(key).or_default().push(Instant::now());
+            // tokio's clock, which a test may pause.
+            inner
+                .started
+                .entry(key)
+                .or_default()
+                .push(tokio::time::Instant::now().into_std());
             scripted
         };
         if hang {

@@ -93,6 +93,62 @@ fn watcher_runs(pid: u32) -> bool {
     })
 }
 
+/// What the status file and systemd were last told.
+#[derive(Default)]
+pub(super) struct StatusLog {
+    /// The status last written, while the file holds it.
+    written: Option<WatchStatus>,
+    /// The error of the last failed write, until one succeeds.
+    error: Option<String>,
+    /// The last STATUS= line sent to systemd.
+    notified: Option<String>,
+}
+
+impl StatusLog {
+    /// Writes `status` into `dir` unless the file already says it.
+    pub(super) fn write(&mut self, dir: &std::path::Path, status: WatchStatus) {
+        let unchanged = self.written.as_ref().is_some_and(|w| {
+            WatchStatus {
+                updated: status.updated,
+                ..w.clone()
+            } == status
+        });
+        if unchanged {
+            return;
+        }
+        match write(dir, &status) {
+            Ok(()) => {
+                if self.error.take().is_some() {
+                    tracing::info!(dir = %dir.display(), "the status file is written again");
+                }
+                self.written = Some(status);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(dir = %dir.display(), "cannot write the status file: {text} (said once; retried at every change)");
+                }
+                self.error = Some(text);
+                self.written = None;
+            }
+        }
+    }
+
+    /// Tells systemd `line` when it changed, not at every write.
+    pub(super) fn notify(&mut self, line: String) {
+        if self.notified.as_deref() != Some(line.as_str()) {
+            sd_notify(&[sd_notify::NotifyState::Status(&line)]);
+            self.notified = Some(line);
+        }
+    }
+}
+
+/// Tells systemd `state`.
+pub(super) fn sd_notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Without NOTIFY_SOCKET (not under systemd) this does nothing.
+    let _ = sd_notify::notify(state);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
-//! The pipeline every command shares: load → observe → plan → (pre-flight,
-//! execute). `plan` and `apply` are this plus their edges (printing, asking,
-//! exit codes); `watch` runs it per VM.
+//! The pipeline every command shares: load → observe → plan → hold →
+//! (pre-flight, execute). `plan` and `apply` are [`Planned`] plus their edges
+//! (printing, asking, exit codes); `watch` runs [`reconcile_vm`] per VM. Both
+//! hold by the one disruption rule, [`crate::plan::hold`].
 //!
 //! # Guarantees
 //! - One VM that cannot be observed (hung or closed control channel, corrupt
@@ -9,7 +10,12 @@
 //!   deadline per VM, so a host with a stuck VM answers within one deadline.
 //! - Blocking work (reading the spec directory) runs off the async workers.
 
+pub mod vm;
+
+pub use vm::{Outcome, VmJob, VmReconciled, reconcile_vm};
+
 use crate::apply::{self, ApplyOptions, Progress, VmOutcome};
+use crate::plan::hold::{self, Hold, Limits};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::spec::{self, Loaded};
 use crate::vm::{Chain, Disruption, Observe, ObservedState, Virtstack, VmError, VmName};
@@ -214,26 +220,37 @@ impl Planned {
         })
     }
 
-    /// `(limit, needed)` when the plan is more disruptive than `limit`.
-    pub fn exceeds(&self, limit: Option<Disruption>) -> Option<(Disruption, Disruption)> {
-        let limit = limit?;
-        let max = self.plan.summary().max_disruption?;
-        (max > limit).then_some((limit, max))
-    }
-
-    /// The VMs the plan recreates that neither their spec's policy
-    /// (`policy.allowRecreate`) nor `allow_recreate` (`--allow-recreate`)
-    /// allows: a policy stop before anything runs, as the executor would
-    /// refuse each.
-    pub fn recreates_refused(&self, allow_recreate: bool) -> Vec<&str> {
-        if allow_recreate {
-            return Vec::new();
-        }
+    /// The VMs `limits` holds, each with every reason ([`hold::holds`]).
+    pub fn held(&self, limits: &Limits) -> Vec<(&str, Vec<Hold>)> {
         self.plan
             .vms
             .iter()
-            .filter(|v| v.recreate_allowed == Some(false))
-            .map(|v| v.name.as_str())
+            .map(|v| (v.name.as_str(), hold::holds(v, limits)))
+            .filter(|(_, h)| !h.is_empty())
+            .collect()
+    }
+
+    /// `(limit, needed)` when a VM needs more than the ceiling of `limits`:
+    /// the most any needs.
+    pub fn exceeds(&self, limits: &Limits) -> Option<(Disruption, Disruption)> {
+        self.held(limits)
+            .into_iter()
+            .flat_map(|(_, h)| h)
+            .filter_map(|h| match h {
+                Hold::AboveCeiling { needs, limit } => Some((limit, needs)),
+                _ => None,
+            })
+            .max_by_key(|(_, needs)| *needs)
+    }
+
+    /// The VMs the plan recreates that neither their spec's policy
+    /// (`policy.allowRecreate`) nor `--allow-recreate` allows: a policy
+    /// stop before anything runs, as the executor would refuse each.
+    pub fn recreates_refused(&self, limits: &Limits) -> Vec<&str> {
+        self.held(limits)
+            .into_iter()
+            .filter(|(_, h)| h.contains(&Hold::RecreateNotAllowed))
+            .map(|(vm, _)| vm)
             .collect()
     }
 

@@ -1,0 +1,191 @@
+//! The disruption rule, coded once: which planned changes of a VM a run may
+//! make. `plan` reports it, `apply` stops on it before anything changes, the
+//! executor checks it again per VM, and `watch` holds what it forbids.
+
+use super::{Op, VmAction, VmPlan};
+use crate::vm::Disruption;
+
+/// What a run may do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Changes more disruptive than this are held (`--max-disruption`);
+    /// `None`: no ceiling.
+    pub max_disruption: Option<Disruption>,
+    /// Recreate whatever the spec's policy says (`--allow-recreate`).
+    pub allow_recreate: bool,
+    /// Report only: nothing is executed (`watch --detect-only`).
+    pub detect_only: bool,
+}
+
+/// Why a VM's planned changes are not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The run only reports.
+    DetectOnly,
+    /// It must be recreated, and neither its spec's policy
+    /// (`policy.allowRecreate`) nor `--allow-recreate` allows it.
+    RecreateNotAllowed,
+    /// It needs more than the ceiling allows.
+    AboveCeiling {
+        /// What the VM's plan needs.
+        needs: Disruption,
+        /// The ceiling.
+        limit: Disruption,
+    },
+}
+
+impl std::fmt::Display for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hold::DetectOnly => {
+                f.write_str("detect-only: reported, not executed (watch --detect-only)")
+            }
+            Hold::RecreateNotAllowed => f.write_str(
+                "needs a recreate, which its spec's policy does not allow (policy.allowRecreate)",
+            ),
+            Hold::AboveCeiling { needs, limit } => {
+                write!(f, "needs {needs}, above --max-disruption {limit}")
+            }
+        }
+    }
+}
+
+/// Every reason `vm`'s plan may not be carried out under `limits`, most
+/// telling first (an empty list: it may). A destroy is a prune, which
+/// `--prune` itself allows: the ceiling is for changes.
+pub fn holds(vm: &VmPlan, limits: &Limits) -> Vec<Hold> {
+    let mut out = Vec::new();
+    if limits.detect_only {
+        out.push(Hold::DetectOnly);
+    }
+    if vm.action == VmAction::Destroy {
+        return out;
+    }
+    if vm.action == VmAction::Recreate
+        && !(limits.allow_recreate || vm.recreate_allowed == Some(true))
+    {
+        out.push(Hold::RecreateNotAllowed);
+    }
+    if let Some(limit) = limits.max_disruption
+        && vm.disruption > limit
+    {
+        out.push(Hold::AboveCeiling {
+            needs: vm.disruption,
+            limit,
+        });
+    }
+    out
+}
+
+/// The first of [`holds`]: what a watcher says of a VM it holds.
+pub fn hold(vm: &VmPlan, limits: &Limits) -> Option<Hold> {
+    holds(vm, limits).into_iter().next()
+}
+
+/// A held VM's lines for the status file and the log: each operation, then
+/// why (the last line).
+pub fn held_lines(vm: &VmPlan, why: Hold) -> Vec<String> {
+    let mut lines: Vec<String> = vm.ops.iter().map(op_line).collect();
+    if vm.action == VmAction::Destroy {
+        lines.push("destroy: no spec names it (a prune)".into());
+    }
+    lines.push(why.to_string());
+    lines
+}
+
+fn op_line(op: &Op) -> String {
+    let key = op.key.to_string();
+    let mut line = format!("{} {}", op.operation, op.resource);
+    if !key.is_empty() {
+        line.push_str(&format!(" {key}"));
+    }
+    line.push_str(&format!(": {}", op.disruption));
+    if !op.reason.is_empty() {
+        line.push_str(&format!(" ({})", op.reason));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(action: VmAction, disruption: Disruption, recreate_allowed: Option<bool>) -> VmPlan {
+        VmPlan {
+            name: "a".into(),
+            action,
+            disruption,
+            recreate_allowed,
+            ops: Vec::new(),
+            spec: None,
+            observed: None,
+        }
+    }
+
+    const LIVE: Limits = Limits {
+        max_disruption: Some(Disruption::Live),
+        allow_recreate: false,
+        detect_only: false,
+    };
+
+    #[test]
+    fn a_change_within_the_ceiling_goes_one_above_it_is_held() {
+        let restart = vm(VmAction::Update, Disruption::Restart, None);
+        assert_eq!(
+            holds(&restart, &LIVE),
+            [Hold::AboveCeiling {
+                needs: Disruption::Restart,
+                limit: Disruption::Live
+            }]
+        );
+        let limits = Limits {
+            max_disruption: Some(Disruption::Restart),
+            ..LIVE
+        };
+        assert!(holds(&restart, &limits).is_empty());
+        assert!(holds(&restart, &Limits::default()).is_empty());
+    }
+
+    #[test]
+    fn a_recreate_needs_the_policy_or_the_flag() {
+        let open = Limits::default();
+        let refused = vm(VmAction::Recreate, Disruption::Recreate, Some(false));
+        assert_eq!(holds(&refused, &open), [Hold::RecreateNotAllowed]);
+        let flag = Limits {
+            allow_recreate: true,
+            ..open
+        };
+        assert!(holds(&refused, &flag).is_empty());
+        let allowed = vm(VmAction::Recreate, Disruption::Recreate, Some(true));
+        assert!(holds(&allowed, &open).is_empty());
+        // Both reasons, the policy's first: it names what to change.
+        assert_eq!(
+            hold(&refused, &LIVE),
+            Some(Hold::RecreateNotAllowed),
+            "{:?}",
+            holds(&refused, &LIVE)
+        );
+        assert_eq!(holds(&refused, &LIVE).len(), 2);
+    }
+
+    #[test]
+    fn a_prune_is_not_held_by_the_ceiling_detect_only_holds_everything() {
+        let destroy = vm(VmAction::Destroy, Disruption::Recreate, None);
+        assert!(holds(&destroy, &LIVE).is_empty());
+        let detect = Limits {
+            detect_only: true,
+            ..Limits::default()
+        };
+        assert_eq!(hold(&destroy, &detect), Some(Hold::DetectOnly));
+        let lines = held_lines(&destroy, Hold::DetectOnly);
+        assert_eq!(
+            lines,
+            [
+                "destroy: no spec names it (a prune)",
+                "detect-only: reported, not executed (watch --detect-only)"
+            ]
+        );
+        let live = vm(VmAction::Update, Disruption::Live, None);
+        assert_eq!(hold(&live, &detect), Some(Hold::DetectOnly));
+    }
+}

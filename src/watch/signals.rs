@@ -1,0 +1,122 @@
+//! What reaches the watcher from outside its spec directory and its VMs:
+//! the process's signals, and the git source's new revisions. Each becomes a
+//! [`Signal`] on one channel, so the loop has one place to hear them.
+
+use crate::source::{GitSource, SourceError, Synced};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a signal to the watcher asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM, SIGINT: finish what is in flight and exit (a second one:
+    /// exit now).
+    Stop,
+    /// SIGHUP: reconcile everything now (specs read again, every VM
+    /// observed), as a resync does.
+    Reconcile,
+    /// The spec directory was replaced whole (a git source put a new
+    /// revision in force): read it again now, without waiting for the file
+    /// watcher, whose directory may have gone with the old revision.
+    Rescan,
+}
+
+/// Turns the process's signals into [`Signal`]s: SIGTERM and SIGINT stop
+/// (a second one exits at once); SIGHUP (a terminal gone, `systemctl
+/// reload`) reconciles now, or with a git source asks `fetch_first` to
+/// fetch before (`flux reconcile`); the git task then asks for the reconcile.
+///
+/// # Errors
+/// When a signal handler cannot be installed.
+pub fn forward_os_signals(
+    tx: UnboundedSender<Signal>,
+    fetch_first: Option<Arc<Notify>>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            let got = tokio::select! {
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = hup.recv() => match &fetch_first {
+                    Some(fetch) => {
+                        fetch.notify_one();
+                        continue;
+                    }
+                    None => Signal::Reconcile,
+                },
+            };
+            if tx.send(got).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Polls `source` every `interval` (at least a second), and at once when
+/// `fetch_now` is notified. A new revision put in force is a
+/// [`Signal::Rescan`] (read now, not at the file watcher's or the resync's
+/// leisure); a fetch someone asked for ends with [`Signal::Reconcile`].
+/// Ends when the watcher is gone.
+pub fn poll_git(
+    source: GitSource,
+    interval: Duration,
+    fetch_now: Arc<Notify>,
+    tx: UnboundedSender<Signal>,
+    mut refused: RefusedLog,
+) {
+    let interval = interval.max(Duration::from_secs(1));
+    tokio::spawn(async move {
+        loop {
+            let asked = tokio::select! {
+                () = tokio::time::sleep(interval) => false,
+                () = fetch_now.notified() => true,
+            };
+            match source.sync().await {
+                Ok(Synced::Applied(r)) => {
+                    tracing::info!(url = %source.options().url, "revision in force: {r}");
+                    refused = RefusedLog::default();
+                    let _ = tx.send(Signal::Rescan);
+                }
+                Ok(Synced::Unchanged(_)) => {}
+                Err(e) => refused.log(&source, &e),
+            }
+            if asked && tx.send(Signal::Reconcile).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Says a refused revision once: the same head refused for the same reason
+/// at every interval is logged at debug level after the first time (status
+/// and the metrics keep saying it).
+#[derive(Debug, Default)]
+pub struct RefusedLog {
+    last: Option<String>,
+}
+
+impl RefusedLog {
+    /// Logs `e`, a revision of `source` not put in force, and the revision
+    /// that stays.
+    pub fn log(&mut self, source: &GitSource, e: &SourceError) {
+        let said = e.to_string();
+        if self.last.as_ref() == Some(&said) {
+            tracing::debug!(kind = e.kind(), "{said} (again)");
+            return;
+        }
+        let in_force = source.status().applied.map(|r| r.to_string());
+        tracing::warn!(
+            kind = e.kind(),
+            "{e}; the revision in force stays: {}",
+            in_force.as_deref().unwrap_or("none")
+        );
+        self.last = Some(said);
+    }
+}
