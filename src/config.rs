@@ -44,6 +44,25 @@ pub struct HostDefaults {
     pub hcs_allow_roots: Vec<PathBuf>,
 }
 
+impl HostDefaults {
+    /// These, each falling back to `lower`'s where not set: flags and the
+    /// environment over the config file.
+    pub fn or(self, lower: HostDefaults) -> HostDefaults {
+        let list = |mine: Vec<PathBuf>, theirs| if mine.is_empty() { theirs } else { mine };
+        HostDefaults {
+            state_dir: self.state_dir.or(lower.state_dir),
+            allow_roots: list(self.allow_roots, lower.allow_roots),
+            accel: self.accel.or(lower.accel),
+            virtstack: self.virtstack.or(lower.virtstack),
+            qemu_user: self.qemu_user.or(lower.qemu_user),
+            remote_dir: self.remote_dir.or(lower.remote_dir),
+            remote_server: self.remote_server.or(lower.remote_server),
+            hcs_library: self.hcs_library.or(lower.hcs_library),
+            hcs_allow_roots: list(self.hcs_allow_roots, lower.hcs_allow_roots),
+        }
+    }
+}
+
 /// Acceleration as asked for (`--accel`, `UVMCTL_ACCEL`, `accel:`): the
 /// one shape of the choice. A config file's wrong word is named with its
 /// line as the file is read.

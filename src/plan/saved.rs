@@ -84,6 +84,31 @@ pub enum SavedPlanError {
         /// What is wrong.
         reason: String,
     },
+    /// It cannot be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Larger than any saved plan.
+    #[error("{}: larger than a saved plan can be", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A command-line option given beside it that it carries itself.
+    #[error("a saved plan {0}")]
+    Conflict(&'static str),
+}
+
+/// Whether a file starting with `bytes` is meant as a saved plan (a spec
+/// file or directory is not): JSON naming the saved plan's kind.
+pub fn looks_saved(bytes: &[u8]) -> bool {
+    bytes.trim_ascii_start().starts_with(b"{")
+        && bytes.windows(17).any(|w| w == b"\"uvmctlSavedPlan\"")
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -182,6 +207,46 @@ impl SavedPlan {
             )));
         }
         Ok(saved)
+    }
+
+    /// What it was computed with replaces what a command line would give:
+    /// `opts` and `only` given beside it are refused, as is a placement
+    /// (a saved plan is made without one); else they become its own.
+    ///
+    /// # Errors
+    /// [`SavedPlanError::Conflict`] for an option given beside it, and
+    /// [`SavedPlanError::Invalid`] for a VM name of its `only` that is not one.
+    pub fn adopt(
+        &self,
+        opts: &mut PlanOptions,
+        only: &mut Vec<crate::vm::VmName>,
+        placed: bool,
+    ) -> Result<(), SavedPlanError> {
+        let given = opts.prune
+            || opts.guard.allow_empty
+            || opts.guard.max_prune.is_some()
+            || !only.is_empty();
+        if given {
+            return Err(SavedPlanError::Conflict(
+                "carries its own --only and --prune; give neither with it",
+            ));
+        }
+        if placed {
+            return Err(SavedPlanError::Conflict(
+                "is made without placement; give no --selector, --for-host or --placement-path with it",
+            ));
+        }
+        *opts = self.options();
+        *only = self
+            .only
+            .iter()
+            .map(|n| crate::vm::VmName::new(n))
+            .collect::<Result<_, _>>()
+            .map_err(|e| SavedPlanError::Invalid {
+                path: self.dir.clone(),
+                reason: format!("a VM name in --only is not valid: {e}"),
+            })?;
+        Ok(())
     }
 
     /// The plan options it was computed with.

@@ -16,6 +16,7 @@ pub use vm::{Outcome, VmJob, VmReconciled, reconcile_vm};
 
 use crate::apply::{self, ApplyOptions, Progress, VmOutcome};
 use crate::plan::hold::{self, Hold, Limits};
+use crate::plan::saved::{self, MAX_SAVED_PLAN_BYTES, SavedPlan, SavedPlanError};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::spec::{self, Loaded};
 use crate::vm::{Chain, Disruption, Observe, ObservedState, Virtstack, VmError, VmName};
@@ -78,6 +79,35 @@ pub async fn observe_all_within(
         }
     }
     Ok(out)
+}
+
+/// The saved plan at `path` (`plan --out`), when the file is one; a spec
+/// file or directory is not. Read bounded.
+///
+/// # Errors
+/// When it cannot be read, is larger than any saved plan, or is one that
+/// does not parse.
+pub fn read_saved_plan(path: &std::path::Path) -> Result<Option<SavedPlan>, SavedPlanError> {
+    use std::io::Read;
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SAVED_PLAN_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|source| SavedPlanError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !saved::looks_saved(&bytes) {
+        return Ok(None);
+    }
+    if bytes.len() as u64 > MAX_SAVED_PLAN_BYTES {
+        return Err(SavedPlanError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    SavedPlan::parse(path, &bytes).map(Some)
 }
 
 /// Why nothing could be planned.

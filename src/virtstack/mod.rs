@@ -15,10 +15,10 @@ pub use crate::vm::observed::{MemoryHotplug, ObservedState, ObservedVm};
 pub use open::{AccelChoice, HostOptions, Kind, OpenError, Opened, open};
 
 impl Capabilities {
-    /// The built-in profile of a virtstack by name, for `plan --observed`
-    /// and `uvmctl capabilities`. remotevm's is what uvmctl's own `serve`
-    /// over this host's QEMU offers, as the protocol can carry it.
-    pub fn profile(name: &str) -> Option<Self> {
+    /// The built-in profile of a virtstack, for `plan --observed` and
+    /// `uvmctl capabilities`. remotevm's is what uvmctl's own `serve` over
+    /// this host's QEMU offers, as the protocol can carry it.
+    pub fn profile(kind: Kind) -> Self {
         // As QEMU runs by default: as the service user when uvmctl is root.
         let here = || {
             let root = nix::unistd::geteuid().is_root();
@@ -31,12 +31,12 @@ impl Capabilities {
             Capabilities::qemu(&facts)
         };
         // Every kind, matched exhaustively: a new one must say its profile.
-        Some(match name.parse::<Kind>().ok()? {
+        match kind {
             Kind::Qemu => here(),
             Kind::RemoteVm => remotevm::own_server_capabilities(&here()),
             Kind::Hcs => Capabilities::hcs(),
             Kind::Sim => sim::capabilities(),
-        })
+        }
     }
 }
 
@@ -49,7 +49,7 @@ mod tests {
     #[test]
     fn every_virtstack_of_the_list_has_its_profile() {
         for kind in Kind::ALL {
-            let caps = Capabilities::profile(kind.as_str()).expect("a profile");
+            let caps = Capabilities::profile(kind);
             assert_eq!(caps.virtstack, kind.as_str());
             assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
             // The config file's spelling is the command line's.
@@ -58,7 +58,6 @@ mod tests {
                 serde_json::json!(kind.as_str())
             );
         }
-        assert!(Capabilities::profile("vmware").is_none());
         assert_eq!(
             "vmware".parse::<Kind>().expect_err("unknown").to_string(),
             "unknown virtstack \"vmware\" (known: qemu, remotevm, sim, hcs)"

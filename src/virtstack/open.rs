@@ -30,6 +30,8 @@ fn resolve_accel(choice: AccelChoice) -> Accel {
 /// Where the virtstacks keep their VMs and what they may touch.
 #[derive(Debug, Clone)]
 pub struct HostOptions {
+    /// The virtstack.
+    pub virtstack: Kind,
     /// Root of per-VM state directories.
     pub state_dir: PathBuf,
     /// Roots host paths must lie under; empty: the defaults.
@@ -51,6 +53,7 @@ pub struct HostOptions {
 impl Default for HostOptions {
     fn default() -> Self {
         HostOptions {
+            virtstack: Kind::default(),
             state_dir: DEFAULT_STATE_DIR.into(),
             allow_roots: Vec::new(),
             accel: AccelChoice::Auto,
@@ -59,6 +62,26 @@ impl Default for HostOptions {
             remote_server: None,
             hcs_library: None,
             hcs_allow_roots: Vec::new(),
+        }
+    }
+}
+
+impl From<crate::config::HostDefaults> for HostOptions {
+    /// What is set, and the built-in defaults for the rest: the one
+    /// conversion of flags, environment and config file (layered with
+    /// [`crate::config::HostDefaults::or`]) into the options in force.
+    fn from(d: crate::config::HostDefaults) -> Self {
+        let builtin = HostOptions::default();
+        HostOptions {
+            virtstack: d.virtstack.unwrap_or(builtin.virtstack),
+            state_dir: d.state_dir.unwrap_or(builtin.state_dir),
+            allow_roots: d.allow_roots,
+            accel: d.accel.unwrap_or(builtin.accel),
+            qemu_user: d.qemu_user,
+            remote_dir: d.remote_dir,
+            remote_server: d.remote_server,
+            hcs_library: d.hcs_library,
+            hcs_allow_roots: d.hcs_allow_roots,
         }
     }
 }
@@ -161,9 +184,10 @@ fn serve_args(host: &HostOptions) -> Vec<String> {
     args
 }
 
-/// Opens the virtstack `kind` on this host; an `observer` only looks.
-pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Opened, OpenError> {
-    match kind {
+/// Opens the virtstack the options name on this host; an `observer` only
+/// looks.
+pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenError> {
+    match host.virtstack {
         Kind::Qemu => {
             let qemu = qemu(host, observer)?;
             if !observer {
@@ -248,8 +272,8 @@ pub async fn open(kind: Kind, host: &HostOptions, observer: bool) -> Result<Open
     }
 }
 
-/// An observer of `kind`: the virtstack, looking only.
-pub async fn observer(kind: Kind, host: &HostOptions) -> Result<Arc<dyn Observe>, OpenError> {
-    let vs: Arc<dyn Observe> = open(kind, host, true).await?.vs;
+/// An observer: the virtstack the options name, looking only.
+pub async fn observer(host: &HostOptions) -> Result<Arc<dyn Observe>, OpenError> {
+    let vs: Arc<dyn Observe> = open(host, true).await?.vs;
     Ok(vs)
 }

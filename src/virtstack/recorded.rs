@@ -3,6 +3,7 @@
 //! CI preview a plan against a host it cannot reach. It only observes.
 
 use crate::spec::{PowerState, SpecErrors, load_dir};
+use crate::vm::VirtstackKind as Kind;
 use crate::vm::{Capabilities, ObservedState, ObservedVm};
 use crate::vm::{Observe, State, VmError, VmName};
 use async_trait::async_trait;
@@ -19,9 +20,6 @@ pub enum RecordedError {
         /// Its problems.
         errors: SpecErrors,
     },
-    /// The virtstack name has no built-in profile.
-    #[error("no capability profile for virtstack {0:?} (known: qemu, hcs)")]
-    UnknownVirtstack(String),
 }
 
 /// Observed state and capabilities read from a file.
@@ -34,9 +32,8 @@ pub struct Recorded {
 impl Recorded {
     /// Reads `path` (a file or directory of VM documents); `virtstack` names
     /// whose capabilities to assume.
-    pub fn load(path: &Path, virtstack: &str) -> Result<Self, RecordedError> {
-        let caps = Capabilities::profile(virtstack)
-            .ok_or_else(|| RecordedError::UnknownVirtstack(virtstack.to_string()))?;
+    pub fn load(path: &Path, virtstack: Kind) -> Result<Self, RecordedError> {
+        let caps = Capabilities::profile(virtstack);
         let loaded = load_dir(path);
         if !loaded.errors.is_empty() {
             return Err(RecordedError::Invalid {

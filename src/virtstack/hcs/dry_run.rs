@@ -6,8 +6,13 @@
 
 use super::api::{ComputeService, HcsError, Verb, hr};
 use super::documents::OWNER;
+use super::{Hcs, HcsRecord, system_id};
+use crate::virtstack::ObservedState;
+use crate::vm::{State, VmError, VmName};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,6 +64,73 @@ impl Recorder {
     pub fn calls(&self) -> Vec<Value> {
         self.lock().calls.clone()
     }
+}
+
+/// Why a dry run could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DryRunError {
+    /// Its records directory cannot be made.
+    #[error("cannot make the dry run's records in {}", path.display())]
+    Records {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An observed VM cannot be recorded.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// The hcs virtstack over a new [`Recorder`] that answers as a host with
+/// the `observed` VMs: what `plan --hcs-requests` applies a plan through.
+/// Its records go to `records` (a scratch directory of the caller's); a
+/// saved VM is restored from where the host of `state_dir` keeps it.
+///
+/// # Errors
+/// When the records cannot be written.
+pub fn seeded(
+    observed: &ObservedState,
+    records: &Path,
+    state_dir: &Path,
+    allow_roots: &[PathBuf],
+) -> Result<(Hcs, Arc<Recorder>), DryRunError> {
+    let recorder = Arc::new(Recorder::default());
+    let hcs = Hcs::new(recorder.clone(), records, allow_roots);
+    Hcs::ensure_dir(records).map_err(|source| DryRunError::Records {
+        path: records.to_path_buf(),
+        source,
+    })?;
+    for (name, vm) in &observed.vms {
+        let Ok(name) = VmName::new(name) else {
+            continue;
+        };
+        let state = match vm.state {
+            State::Created => Some("Created"),
+            State::Running => Some("Running"),
+            State::Paused => Some("Paused"),
+            _ => None,
+        };
+        if let Some(state) = state {
+            recorder.seed(&system_id(&name), state);
+        }
+        let saved = (vm.state == State::Saved).then(|| Hcs::save_file(state_dir, &name));
+        let rec = HcsRecord {
+            config: vm.config.clone(),
+            saved,
+        };
+        hcs.adopt(&name, &rec)?;
+    }
+    Ok((hcs, recorder))
+}
+
+/// The calls `recorder` kept, each VM's in its own order (VMs are applied
+/// side by side, so their calls interleave).
+pub fn calls_by_vm(recorder: &Recorder) -> Vec<Value> {
+    let mut calls = recorder.calls();
+    calls.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    calls
 }
 
 impl ComputeService for Recorder {

@@ -1,0 +1,108 @@
+//! `uvmctl watch`: the unattended reconciler's edges. Logging, the spec
+//! directory or git source, metrics, signals; the loop and its policy are
+//! the library's ([`uvmctl::watch`]).
+
+use super::args::{LogFormat, WatchArgs};
+use super::host;
+use anyhow::{Context, bail};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+use uvmctl::virtstack::HostOptions;
+use uvmctl::watch::signals::{self, RefusedLog};
+
+pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
+    // notify's inotify backend says at info level what a swapped revision
+    // does to its watches, dozens of lines a swap: its warnings are enough.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    let (vs, state_dir) = host::live(host, false).await?;
+    let cache = args.git.cache(host);
+    let source = args
+        .git
+        .source(cache.clone(), args.placement.placement()?)?;
+    let mut refused = RefusedLog::default();
+    let dir = match (&args.dir, &source) {
+        (_, Some(source)) => {
+            match source.sync().await {
+                Ok(s) => tracing::info!(
+                    url = %source.options().url,
+                    "revision in force: {}",
+                    s.revision()
+                ),
+                // What an earlier run put in force stays in force.
+                Err(e) if source.spec_dir().exists() => refused.log(source, &e),
+                Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
+            }
+            source.spec_dir()
+        }
+        (Some(d), None) => {
+            // A directory that is not there at the start is a typo far more
+            // often than one about to appear (issue 30): said, not watched.
+            if std::fs::metadata(d).is_err() {
+                bail!(
+                    "spec directory {} does not exist (nothing to watch)",
+                    d.display()
+                );
+            }
+            std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display()))?
+        }
+        (None, None) => bail!("give a spec directory or --git URL"),
+    };
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?;
+            let metrics = uvmctl::watch::metrics::Metrics::new();
+            tracing::info!(
+                "metrics at http://{}/metrics",
+                listener.local_addr().map_or(addr, |a| a)
+            );
+            tokio::spawn(uvmctl::watch::metrics::serve(listener, metrics.clone()));
+            Some(metrics)
+        }
+        None => None,
+    };
+    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fetch_now = source
+        .as_ref()
+        .map(|_| Arc::new(tokio::sync::Notify::new()));
+    if let (Some(source), Some(fetch_now)) = (source.clone(), &fetch_now) {
+        let every = args.git_interval;
+        signals::poll_git(source, every, fetch_now.clone(), sig_tx.clone(), refused);
+    }
+    signals::forward_os_signals(sig_tx, fetch_now)?;
+    let opts = uvmctl::watch::WatchOptions {
+        dir,
+        resync: args.resync.max(Duration::from_millis(100)),
+        debounce: args.debounce.max(Duration::from_millis(1)),
+        max_disruption: args.max_disruption.into(),
+        detect_only: args.detect_only,
+        prune: args.prune,
+        prune_guard: uvmctl::plan::prune::PruneGuard {
+            allow_empty: args.allow_empty,
+            max_prune: args.max_prune,
+        },
+        state_dir: Some(state_dir),
+        lock_timeout: args.lock_timeout,
+        reconcile_deadline: args.reconcile_deadline,
+        backoff: uvmctl::watch::Backoff {
+            base: args.backoff,
+            cap: args.backoff_cap.max(args.backoff),
+            ..uvmctl::watch::Backoff::default()
+        },
+        source: source.map(|_| cache),
+        placement: args.placement.placement()?,
+        metrics,
+    };
+    uvmctl::watch::run(vs, opts, sig_rx, None).await?;
+    Ok(0)
+}
