@@ -12,7 +12,7 @@ use uvmctl::vm::VmName;
 pub async fn console(name: &VmName, host: &HostOptions) -> anyhow::Result<u8> {
     use uvmctl::virtstack::qemu::guest::{self, RelayEnd};
     let qemu = host::qemu(host, "console")?;
-    let console = qemu.console(name).await?;
+    let console = qemu.vm(name).console().await?;
     let stdin = std::io::stdin();
     let raw = if stdin.is_terminal() {
         eprint!("Connected to the console of {name}; Ctrl-] detaches.\r\n");
@@ -81,7 +81,7 @@ pub async fn logs(
     host: &HostOptions,
 ) -> anyhow::Result<u8> {
     let qemu = host::qemu(host, "logs")?;
-    let logs = qemu.logs(name, previous)?;
+    let logs = qemu.vm(name).logs(previous)?;
     if previous && !follow && logs.iter().all(|l| !l.path.exists()) {
         // Nothing printed would read as an empty console.
         eprintln!("{name}: no console of a launch before this one is kept");
@@ -100,7 +100,7 @@ pub async fn logs(
         return Ok(0);
     }
     // Until the VM is destroyed: then nothing more will come.
-    while qemu.logs(name, previous).is_ok() {
+    while qemu.vm(name).logs(previous).is_ok() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         print(&mut printer)?;
     }
@@ -117,7 +117,7 @@ pub async fn agent(
     host: &HostOptions,
 ) -> anyhow::Result<u8> {
     let qemu = host::qemu(host, "agent")?;
-    for line in qemu.agent(name, command, timeout).await? {
+    for line in qemu.vm(name).agent(command, timeout).await? {
         if raw {
             outln!("{line}")?;
         } else {

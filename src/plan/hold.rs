@@ -15,6 +15,10 @@ pub struct Limits {
     pub allow_recreate: bool,
     /// Report only: nothing is executed (`watch --detect-only`).
     pub detect_only: bool,
+    /// A prune is allowed by `--prune` itself, whatever the ceiling (a
+    /// watcher's, whose ceiling is for changes); else a destroy counts as
+    /// the recreate it is (`plan` and `apply --max-disruption`).
+    pub prune_past_ceiling: bool,
 }
 
 /// Why a VM's planned changes are not made.
@@ -51,14 +55,13 @@ impl std::fmt::Display for Hold {
 }
 
 /// Every reason `vm`'s plan may not be carried out under `limits`, most
-/// telling first (an empty list: it may). A destroy is a prune, which
-/// `--prune` itself allows: the ceiling is for changes.
+/// telling first (an empty list: it may).
 pub fn holds(vm: &VmPlan, limits: &Limits) -> Vec<Hold> {
     let mut out = Vec::new();
     if limits.detect_only {
         out.push(Hold::DetectOnly);
     }
-    if vm.action == VmAction::Destroy {
+    if vm.action == VmAction::Destroy && limits.prune_past_ceiling {
         return out;
     }
     if vm.action == VmAction::Recreate
@@ -126,6 +129,7 @@ mod tests {
         max_disruption: Some(Disruption::Live),
         allow_recreate: false,
         detect_only: false,
+        prune_past_ceiling: false,
     };
 
     #[test]
@@ -169,9 +173,25 @@ mod tests {
     }
 
     #[test]
-    fn a_prune_is_not_held_by_the_ceiling_detect_only_holds_everything() {
+    fn a_prune_counts_as_a_recreate_unless_prune_alone_allows_it() {
         let destroy = vm(VmAction::Destroy, Disruption::Recreate, None);
-        assert!(holds(&destroy, &LIVE).is_empty());
+        assert_eq!(
+            holds(&destroy, &LIVE),
+            [Hold::AboveCeiling {
+                needs: Disruption::Recreate,
+                limit: Disruption::Live
+            }]
+        );
+        let watcher = Limits {
+            prune_past_ceiling: true,
+            ..LIVE
+        };
+        assert!(holds(&destroy, &watcher).is_empty());
+    }
+
+    #[test]
+    fn detect_only_holds_everything() {
+        let destroy = vm(VmAction::Destroy, Disruption::Recreate, None);
         let detect = Limits {
             detect_only: true,
             ..Limits::default()

@@ -87,12 +87,14 @@ pub struct WatchOptions {
 
 impl WatchOptions {
     /// What a reconcile may do: the one disruption rule, with this
-    /// watcher's ceiling. A watcher never recreates against a spec's policy.
+    /// watcher's ceiling. A watcher never recreates against a spec's
+    /// policy; its `--prune` is its own permission to prune.
     fn limits(&self) -> Limits {
         Limits {
             max_disruption: Some(self.max_disruption),
             allow_recreate: false,
             detect_only: self.detect_only,
+            prune_past_ceiling: true,
         }
     }
 }

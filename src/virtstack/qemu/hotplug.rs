@@ -1,26 +1,27 @@
-//! The virtstack contract over QEMU: lifecycle verbs, and the one change
-//! verb as QMP hot-plug.
+//! The one change verb over QEMU, as QMP hot-plug.
 //!
 //! A change loads the VM's launch record once, makes the change through QMP,
 //! and stores the record once with the change in it, so a later start (or
 //! restore) launches what the VM really has.
 
+use super::error::QemuError;
+use super::images::HostPathError;
 use super::images::{HostFile, check_scsi_image, check_vpmem_image, scsi_access};
+use super::machine::Machine;
+use super::ops;
 use super::qmp::Qmp;
 use super::state::{LaunchError, LaunchRecord};
-use super::{HostPathError, Qemu, QemuError, ops};
 use crate::hostfs::Access;
-use crate::spec::{NetworkAdapter, PowerState, VmConfig, VmSocket, VpmemDevice};
+use crate::spec::{NetworkAdapter, VmConfig, VmSocket, VpmemDevice};
 use crate::vm::items::{Item, ResourceKind, ScsiDiskItem};
-use crate::vm::{Change, Observe, VMSocketType, Virtstack, VmError, VmName, VmStats};
-use async_trait::async_trait;
+use crate::vm::{Change, VMSocketType, VmError};
 use std::path::Path;
 
 type Result<T, E = VmError> = std::result::Result<T, E>;
 
 /// One change being made to one running VM.
 struct Hotplug<'a> {
-    qemu: &'a Qemu,
+    vm: &'a Machine<'a>,
     name: &'a str,
     q: Qmp,
     rec: LaunchRecord,
@@ -62,7 +63,8 @@ impl Hotplug<'_> {
 
     /// `path` opened beneath its allowed root, if it lies under one.
     fn open_host(&self, path: &Path, field: &str, access: Access) -> Result<HostFile> {
-        self.qemu
+        self.vm
+            .host
             .options()
             .roots
             .open(path, access)
@@ -70,7 +72,7 @@ impl Hotplug<'_> {
     }
 
     fn timeout(&self) -> std::time::Duration {
-        self.qemu.options().unplug_timeout
+        self.vm.host.options().unplug_timeout
     }
 
     /// Adds `item` through QMP.
@@ -137,7 +139,7 @@ impl Hotplug<'_> {
                 .map_err(|e| self.unplug_err(e)),
             Item::VmSocket(s) => {
                 let port = vsock_port(self.name, s)?;
-                super::vsock::unlink(&self.qemu.options().state_dir, self.name, port)
+                super::vsock::unlink(&self.vm.host.options().state_dir, self.name, port)
                     .map_err(|e| self.err(format!("cannot unlink vsock port {port}: {e}")))
             }
             Item::VpmemDevice(_)
@@ -164,7 +166,7 @@ impl Hotplug<'_> {
     async fn present(&self, item: &Item) -> Result<bool> {
         if let Item::VmSocket(s) = item {
             let port = vsock_port(self.name, s)?;
-            let links = super::vsock::listeners(&self.qemu.options().state_dir, self.name);
+            let links = super::vsock::listeners(&self.vm.host.options().state_dir, self.name);
             return Ok(links.contains_key(&port));
         }
         let Some(id) = device_id(item) else {
@@ -181,7 +183,7 @@ impl Hotplug<'_> {
         let size =
             check_vpmem_image(&image, device.format).map_err(self.path_err(field.clone()))?;
         // QEMU reopens a memory backend's file itself, as its service user.
-        if let Some(user) = self.qemu.user_of(&self.rec)
+        if let Some(user) = self.vm.host.user_of(&self.rec)
             && !image
                 .file
                 .metadata()
@@ -237,12 +239,13 @@ impl Hotplug<'_> {
         let port = vsock_port(self.name, s)?;
         let field = format!("spec.vmSockets[vsock:{port}].listenerPath");
         let target = self
-            .qemu
+            .vm
+            .host
             .options()
             .roots
             .check_socket(&s.listener_path)
             .map_err(self.path_err(field.clone()))?;
-        if let Some(user) = self.qemu.user_of(&self.rec) {
+        if let Some(user) = self.vm.host.user_of(&self.rec) {
             super::launch::check_listener_access(&user, &target).map_err(|what| {
                 self.err(format!(
                     "{field}: {} is not {what} by {}",
@@ -251,13 +254,15 @@ impl Hotplug<'_> {
                 ))
             })?;
         }
-        self.qemu.ensure_vsock(&self.q, self.name).await?;
-        super::vsock::link(&self.qemu.options().state_dir, self.name, port, &target).map_err(|e| {
-            self.err(format!(
-                "cannot link vsock port {port} to {}: {e}",
-                target.display()
-            ))
-        })
+        self.vm.ensure_vsock(&self.q).await?;
+        super::vsock::link(&self.vm.host.options().state_dir, self.name, port, &target).map_err(
+            |e| {
+                self.err(format!(
+                    "cannot link vsock port {port} to {}: {e}",
+                    target.display()
+                ))
+            },
+        )
     }
 }
 
@@ -286,15 +291,16 @@ fn vsock_port(vm: &str, s: &VmSocket) -> Result<u32> {
     }
 }
 
-impl Qemu {
+impl Machine<'_> {
     /// One change, as [`Virtstack::change`] promises: refused before
     /// anything happens where the capabilities or the VM's state say no.
-    async fn change_vm(&self, name: &str, change: &Change) -> Result<()> {
+    pub(super) async fn change(&self, change: &Change) -> Result<()> {
+        let name = self.name;
         let op = change.operation();
         let (kind, _) = change.key();
         if kind == ResourceKind::Policy {
             // Only uvmctl's record holds it: no QMP, no running VM needed.
-            let mut rec = self.record(name)?;
+            let mut rec = self.record()?;
             rec.config = recorded(name, change, &rec.config)?;
             return Ok(self.store(&rec)?);
         }
@@ -302,16 +308,16 @@ impl Qemu {
             vm: name.to_string(),
             reason: format!("{kind} is fixed when the VM is built"),
         })?;
-        if !self.capabilities().supported(resource, op) {
-            return Err(VmError::not_supported(self.capabilities(), resource, op));
+        if !self.host.caps.supported(resource, op) {
+            return Err(VmError::not_supported(&self.host.caps, resource, op));
         }
-        let (q, rec) = self.live(name).await?;
+        let (q, rec) = self.live().await?;
         // The record is what was applied, QEMU what the VM has (a device
         // may have been removed by hand): the record takes the change as a
         // set, and only a removal of what neither has is refused.
         let config = recorded(name, change, &rec.config)?;
         let mut plug = Hotplug {
-            qemu: self,
+            vm: self,
             name,
             q,
             rec,
@@ -331,13 +337,13 @@ impl Qemu {
                 // Its DEVICE_DELETED is this change's echo, not news.
                 let device = device_id(item);
                 if let Some(d) = &device {
-                    self.expect_unplug(name, d, true);
+                    self.expect_unplug(d, true);
                 }
                 let removed = plug.remove(item).await;
                 if let Some(d) = &device
                     && removed.is_err()
                 {
-                    self.expect_unplug(name, d, false);
+                    self.expect_unplug(d, false);
                 }
                 removed?
             }
@@ -351,25 +357,10 @@ impl Qemu {
         if kind == ResourceKind::VmSocket {
             // A listener may have (re)started the vsock backend, which
             // records its pid itself: keep that, not the copy read before.
-            plug.rec = self.record(name)?;
+            plug.rec = self.record()?;
         }
         plug.rec.config = config;
         Ok(self.store(&plug.rec)?)
-    }
-}
-
-impl Qemu {
-    /// Runs a lifecycle verb with no standing observation of the VM before
-    /// or after it (the VM is not what was last seen).
-    async fn lifecycle<T>(
-        &self,
-        name: &str,
-        verb: impl std::future::Future<Output = std::result::Result<T, QemuError>>,
-    ) -> Result<T> {
-        self.unsee(name);
-        let done = verb.await;
-        self.unsee(name);
-        Ok(done?)
     }
 }
 
@@ -384,101 +375,14 @@ fn recorded(vm: &str, change: &Change, config: &VmConfig) -> Result<VmConfig> {
     })
 }
 
-#[async_trait]
-impl Virtstack for Qemu {
-    fn preflight(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        self.resolve(name, config).map(drop).map_err(|source| {
-            QemuError::Launch {
-                vm: name.to_string(),
-                source,
-            }
-            .into()
-        })
-    }
-
-    async fn create(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        let mut config = config.clone();
-        config.power_state = PowerState::Stopped;
-        Ok(Qemu::create(self, name, &config).await?)
-    }
-
-    async fn change(&self, name: &VmName, change: &Change) -> Result<()> {
-        match self.change_vm(name, change).await {
-            Ok(()) => {
-                self.seen_changed(name, change);
-                Ok(())
-            }
-            Err(e) => {
-                // Whatever part of it happened, the next plan observes.
-                self.unsee(name);
-                Err(e)
-            }
-        }
-    }
-
-    async fn reconfigure(&self, name: &VmName, config: &VmConfig) -> Result<()> {
-        self.lifecycle(name, async { self.set_config(name, config) })
-            .await
-    }
-
-    async fn start(&self, name: &VmName, paused: bool) -> Result<()> {
-        self.lifecycle(name, async {
-            if paused {
-                self.start_paused(name).await
-            } else {
-                Qemu::start(self, name).await
-            }
-        })
-        .await
-    }
-
-    async fn stop(&self, name: &VmName) -> Result<()> {
-        self.lifecycle(name, Qemu::stop(self, name)).await
-    }
-
-    async fn pause(&self, name: &VmName) -> Result<()> {
-        self.lifecycle(name, Qemu::pause(self, name)).await
-    }
-
-    async fn resume(&self, name: &VmName) -> Result<()> {
-        self.lifecycle(name, Qemu::resume(self, name)).await
-    }
-
-    async fn save(&self, name: &VmName) -> Result<()> {
-        self.lifecycle(name, Qemu::save(self, name)).await
-    }
-
-    async fn destroy(&self, name: &VmName) -> Result<()> {
-        self.lifecycle(name, Qemu::destroy(self, name)).await
-    }
-
-    async fn guest_ready(&self, name: &VmName) -> Result<bool> {
-        Ok(Qemu::guest_ready(self, name).await?)
-    }
-
-    async fn stats(&self, name: &VmName) -> Result<VmStats> {
-        Ok(Qemu::stats(self, name).await?)
-    }
-
-    async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {
-        Ok(Qemu::wait(self, name, timeout).await?)
-    }
-
-    async fn events(&self, name: &VmName) -> Result<Option<crate::vm::VmEvents>> {
-        Ok(Qemu::events(self, name).await?)
-    }
-
-    async fn release(&self, name: &VmName) {
-        self.forget(name).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec::{Boot, LinuxKernelDirect};
+    use crate::virtstack::qemu::Qemu;
     use crate::virtstack::qemu::{Accel, AllowedRoots, QemuOptions, StateDir};
     use crate::vm::ErrorKind;
+    use crate::vm::{Virtstack, VmName};
     use std::time::Duration;
 
     fn vm_name(n: &str) -> VmName {

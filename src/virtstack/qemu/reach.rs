@@ -1,0 +1,221 @@
+//! What is read from a VM: its observation (standing while it holds), its
+//! statistics, its guest's readiness, console, logs and agent.
+
+use super::error::QemuError;
+use super::host::{down_state, now_unix};
+use super::machine::Machine;
+use super::{guest, observe, vsock};
+use crate::vm::ObservedVm;
+use std::path::PathBuf;
+use std::time::Duration;
+
+impl Machine<'_> {
+    /// The full current state of one VM, read from QEMU itself.
+    pub async fn observe(&self) -> Result<ObservedVm, QemuError> {
+        if let Some(vm) = self.still_seen() {
+            return Ok(vm);
+        }
+        let vm = self.observe_now().await?;
+        if vm.state.is_live() {
+            self.keep_seen(&vm);
+        }
+        Ok(vm)
+    }
+
+    /// The VM as QEMU has it this moment (no standing observation).
+    pub(super) async fn observe_now(&self) -> Result<ObservedVm, QemuError> {
+        let name = self.name;
+        let rec = self.record()?;
+        if !self.alive(&rec) {
+            self.forget_all();
+            let state = down_state(&rec);
+            let memory_hotplug = rec.saved.as_ref().and_then(|s| s.memory_hotplug);
+            let exit_error = self.exit_error();
+            return Ok(ObservedVm {
+                config: rec.config,
+                state,
+                managed: true,
+                exit_error,
+                memory_hotplug,
+            });
+        }
+        let q = self.qmp().await?;
+        // Listeners relay only while the backend runs; a dead one shows as
+        // none, so the next apply puts them (and the backend) back.
+        let vsock = (rec.shared_memory
+            && vsock::backend_alive(rec.vsock_pid, &self.host.opts.state_dir, name))
+        .then(|| vsock::listeners(&self.host.opts.state_dir, name));
+        observe::observe(&q, &rec, vsock)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })
+    }
+
+    /// Memory and processor statistics of a running VM (hcsshim's `Stats`):
+    /// guest RAM from QEMU, host RSS of its process, and the CPU time of its
+    /// vCPU threads from `/proc/<pid>/task/<tid>/schedstat`.
+    pub async fn stats(&self) -> Result<crate::vm::VmStats, QemuError> {
+        let name = self.name;
+        let rec = self.record()?;
+        if !self.alive(&rec) {
+            return Err(QemuError::NotRunning {
+                vm: name.into(),
+                state: down_state(&rec),
+            });
+        }
+        let q = self.qmp().await?;
+        let qerr = |source| QemuError::Qmp {
+            vm: name.into(),
+            source,
+        };
+        let mem = q
+            .execute("query-memory-size-summary", None)
+            .await
+            .map_err(qerr)?;
+        let field = |v: &serde_json::Value, k: &str| {
+            v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0)
+        };
+        let cpus = q.execute("query-cpus-fast", None).await.map_err(qerr)?;
+        let pid = rec.pid.unwrap_or(0);
+        let total_runtime_ns = cpus
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("thread-id").and_then(serde_json::Value::as_u64))
+            .filter_map(|tid| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()
+            })
+            .filter_map(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum();
+        let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        Ok(crate::vm::VmStats {
+            assigned_memory_bytes: field(&mem, "base-memory") + field(&mem, "plugged-memory"),
+            working_set_bytes: rss_kb * 1024,
+            total_runtime_ns,
+            uptime_seconds: rec.started_at.map(|t| now_unix().saturating_sub(t)),
+        })
+    }
+
+    /// Whether the guest has opened its agent port (`uvmctl.agent`): the
+    /// sign a guest with uvmctl's agent has booted. QEMU reports the guest's
+    /// side of a virtio-serial port as the chardev's `frontend-open`.
+    pub async fn guest_ready(&self) -> Result<bool, QemuError> {
+        let agent = self.chardev("agent").await?;
+        Ok(
+            agent.and_then(|c| c.get("frontend-open").and_then(serde_json::Value::as_bool))
+                == Some(true),
+        )
+    }
+
+    /// What `query-chardev` says of the running VM's chardev `label`.
+    async fn chardev(&self, label: &str) -> Result<Option<serde_json::Value>, QemuError> {
+        let name = self.name;
+        let q = self.running_qmp().await?;
+        let chardevs = q
+            .execute("query-chardev", None)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: name.into(),
+                source,
+            })?;
+        Ok(chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c.get("label").and_then(serde_json::Value::as_str) == Some(label))
+            .cloned())
+    }
+
+    /// Where the guest agent channel of a VM listens.
+    pub fn agent_socket(&self) -> PathBuf {
+        let name = self.name;
+        self.host.opts.state_dir.agent_socket(name)
+    }
+
+    /// A connection to the running VM's first serial port, for `uvmctl
+    /// console`: refused when the spec relays that port to a listener of its
+    /// own, or another client holds it (QEMU would accept a second one and
+    /// never serve it).
+    pub async fn console(&self) -> Result<tokio::net::UnixStream, QemuError> {
+        let name = self.name;
+        let rec = self.record()?;
+        if let Some(s) = rec.config.serial_consoles.iter().find(|s| s.port == 0) {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: format!(
+                    "its COM1 is relayed to {} (spec.serialConsoles); the console is there",
+                    s.listener_path.display()
+                ),
+            });
+        }
+        let serial0 = self.chardev("serial0").await?;
+        let console = serial0
+            .as_ref()
+            .and_then(|c| c.get("filename").and_then(serde_json::Value::as_str))
+            .unwrap_or_default();
+        let socket = self.host.opts.state_dir.console_socket(name);
+        if !console.contains(&socket.display().to_string()) {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: "it was launched without a console socket (by an older uvmctl); \
+                         restart it to get one"
+                    .into(),
+            });
+        }
+        if !console.starts_with("disconnected:") {
+            return Err(QemuError::Refused {
+                vm: name.into(),
+                reason: "its console is in use by another client".into(),
+            });
+        }
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| QemuError::Os {
+                vm: name.into(),
+                what: format!("cannot connect to its console: {e}"),
+            })
+    }
+
+    /// The logs `uvmctl logs` prints for a VM uvmctl manages here.
+    pub fn logs(&self, previous: bool) -> Result<Vec<guest::Log>, QemuError> {
+        let name = self.name;
+        self.record()?;
+        Ok(guest::logs(&self.host.opts.state_dir, name, previous))
+    }
+
+    /// Runs one command of the test guest's agent (guest/README.md) on the
+    /// running VM; its data lines.
+    pub async fn agent(
+        &self,
+        words: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, QemuError> {
+        let name = self.name;
+        let rec = self.record()?;
+        if !self.alive(&rec) {
+            return Err(QemuError::NotRunning {
+                vm: name.into(),
+                state: down_state(&rec),
+            });
+        }
+        guest::agent_command(&self.host.opts.state_dir.agent_socket(name), words, timeout)
+            .await
+            .map_err(|source| QemuError::Agent {
+                vm: name.into(),
+                source,
+            })
+    }
+}
