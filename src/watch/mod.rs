@@ -25,6 +25,7 @@ mod lock;
 pub mod metrics;
 pub mod policy;
 pub mod signals;
+mod specs;
 pub mod status;
 
 pub use crate::reconcile::Outcome;
@@ -33,13 +34,14 @@ pub use signals::Signal;
 
 use crate::apply::lock::{LockError, StateLock};
 use crate::plan::hold::Limits;
-use crate::reconcile::vm::{VmJob, VmReconciled, index_images, reconcile_vm};
-use crate::spec::{DesiredVm, Loaded, Reload, SpecCache};
+use crate::reconcile::vm::{VmJob, VmReconciled, reconcile_vm};
+use crate::spec::{Loaded, Reload, SpecCache};
 use crate::vm::{Chain, Disruption, Virtstack, VmEvent, VmName};
 use events::{EventMsg, Subscription};
 use files::{FsChange, SpecWatcher};
 use lock::SharedLock;
 use policy::{Entry, Finished, Follow, Say};
+use specs::{Pruning, Specs};
 use status::{StatusLog, WatchStatus};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
@@ -174,33 +176,6 @@ async fn reconcile(ctx: Arc<Ctx>, job: VmJob) -> VmReconciled {
     done
 }
 
-/// What the specs said at the last load, with last good specs kept for
-/// files that fail.
-#[derive(Default)]
-struct Specs {
-    /// Last good spec per VM.
-    desired: BTreeMap<String, DesiredVm>,
-    /// Names whose specs fail and that have no last good spec: left alone.
-    unknown: BTreeSet<String>,
-    failed_files: BTreeSet<PathBuf>,
-    errors: Vec<String>,
-    /// How many valid specs place their VMs on other hosts.
-    elsewhere: usize,
-    /// The placement that chose this host's VMs, described.
-    placed_by: Option<String>,
-}
-
-/// Where the confirmation of missing specs stands.
-#[derive(Default)]
-struct Pruning {
-    /// Loads so far.
-    scans: u64,
-    /// When the next load confirms the specs found missing.
-    confirm_at: Option<Instant>,
-    /// The prune refused last, while it stays refused (said once).
-    refused: Option<String>,
-}
-
 /// Where the loop's tasks send.
 struct Senders {
     events: UnboundedSender<EventMsg>,
@@ -244,178 +219,6 @@ impl Watcher {
         let e = self.vms.entry(vm.to_string()).or_default();
         e.tracked = true;
         e
-    }
-
-    /// Takes a new load in: last good specs kept for files that fail, VMs
-    /// whose spec changed marked dirty, absent VMs tracked for pruning.
-    fn absorb(&mut self, loaded: Loaded, now: Instant) {
-        self.pruning.scans += 1;
-        let Loaded {
-            desired, errors, ..
-        } = loaded;
-        let mut first_error: BTreeMap<PathBuf, String> = BTreeMap::new();
-        for e in &errors {
-            first_error
-                .entry(e.file.clone())
-                .or_insert_with(|| e.to_string());
-        }
-        let mut next = desired.vms;
-        let previous = std::mem::take(&mut self.specs.desired);
-        for (name, old) in previous.iter() {
-            let failing =
-                desired.unknown.contains(name) || desired.failed_files.contains(&old.file);
-            if failing && !next.contains_key(name) {
-                // Its file fails: the VM keeps its last good spec.
-                next.insert(name.clone(), old.clone());
-            }
-        }
-        for (name, vm) in &next {
-            let error = (desired.unknown.contains(name) || desired.failed_files.contains(&vm.file))
-                .then(|| {
-                    first_error
-                        .get(&vm.file)
-                        .cloned()
-                        .or_else(|| errors.first().map(ToString::to_string))
-                })
-                .flatten();
-            let e = self.tracked(name);
-            if e.status.spec_error != error {
-                match &error {
-                    Some(err) => {
-                        tracing::warn!(vm = %name, "spec fails to load; keeping its last good spec: {err}")
-                    }
-                    None if e.status.spec_error.is_some() => {
-                        tracing::info!(vm = %name, "spec loads again");
-                    }
-                    None => {}
-                }
-                e.status.spec_error = error;
-            }
-            if previous.get(name).is_none_or(|p| p.config != vm.config) {
-                e.spec_changed();
-            }
-        }
-        // A broken spec of another host's keeps a VM of its name here too.
-        let unknown: BTreeSet<String> = desired
-            .unknown
-            .iter()
-            .chain(&desired.unknown_elsewhere)
-            .filter(|n| !next.contains_key(*n))
-            .cloned()
-            .collect();
-        let missing: Vec<String> = previous
-            .keys()
-            .chain(self.vms.iter().filter(|(_, e)| e.known).map(|(n, _)| n))
-            .filter(|n| !next.contains_key(*n) && !unknown.contains(*n))
-            .cloned()
-            .collect();
-        for name in missing {
-            let e = self.vms.entry(name.clone()).or_default();
-            if e.absent_since.is_some() {
-                continue;
-            }
-            e.absent_since = Some(self.pruning.scans);
-            if self.opts.prune {
-                let confirm = policy::confirm_at(now, self.opts.debounce);
-                let at = self.pruning.confirm_at.map_or(confirm, |c| c.min(confirm));
-                self.pruning.confirm_at = Some(at);
-            } else {
-                tracing::info!(vm = %name, "no spec any more; left as it is (--prune removes such VMs)");
-            }
-        }
-        for (name, e) in &mut self.vms {
-            if next.contains_key(name) || unknown.contains(name) {
-                e.absent_since = None;
-            }
-            if e.absent_since.is_none() {
-                e.prune = false;
-            }
-        }
-        self.specs = Specs {
-            desired: next,
-            unknown,
-            failed_files: desired.failed_files,
-            errors: errors.iter().map(ToString::to_string).collect(),
-            elsewhere: desired.elsewhere.len(),
-            placed_by: desired.placed_by,
-        };
-        if self.opts.prune {
-            self.consider_pruning();
-        }
-    }
-
-    /// Why `want` may not be reconciled now: it would attach an image another
-    /// VM of this host has, as that VM's last reconcile found it (the rule
-    /// `plan::images` is for plan and apply; a watcher observes one VM at a
-    /// time, so it judges from what it saw of the others).
-    fn image_clash(&self, vm: &str, want: &DesiredVm) -> Option<String> {
-        // Most VMs of a fleet attach nothing: no walk over the others then.
-        want.config.images().next()?;
-        let has: BTreeSet<&std::path::Path> = self
-            .vms
-            .get(vm)
-            .and_then(|e| e.images.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|(p, _)| p.as_path())
-            .collect();
-        let holdings = self
-            .vms
-            .iter()
-            .filter_map(|(n, e)| e.images.as_ref().map(|i| (n, i)));
-        let held = index_images(holdings, "as last reconciled");
-        let (field, why) = crate::plan::images::clashes(vm, &want.config, &has, &held, &|_| false);
-        field.map(|f| format!("{f}: {why}"))
-    }
-
-    /// Marks for removal the VMs a later scan confirmed absent, when nothing
-    /// forbids it.
-    fn consider_pruning(&mut self) {
-        let candidates = policy::prune_candidates(&self.vms, self.pruning.scans);
-        if candidates.is_empty() {
-            return;
-        }
-        if !self.specs.errors.is_empty() {
-            tracing::warn!(vms = ?candidates, "not pruning while spec files fail to load");
-            return;
-        }
-        // The rule plan and apply follow: never every VM of this host
-        // without --allow-empty, never more than --max-prune at once.
-        let removing: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(n, e)| e.known && (e.prune || candidates.contains(n)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let selection = crate::plan::prune::Selection {
-            here: self.specs.desired.len() + self.specs.unknown.len(),
-            elsewhere: self.specs.elsewhere,
-            by: self.specs.placed_by.clone(),
-        };
-        let known = self.vms.values().filter(|e| e.known).count();
-        let guard = &self.opts.prune_guard;
-        if let Err(refused) = crate::plan::prune::check(&removing, known, &selection, guard) {
-            if self.pruning.refused.as_ref() != Some(&refused.message) {
-                tracing::warn!(vms = ?candidates, "{refused}");
-                self.pruning.refused = Some(refused.message.clone());
-            }
-            for name in &candidates {
-                self.tracked(name).status.held = vec![
-                    "destroy: no spec names it (a prune)".into(),
-                    refused.message.clone(),
-                ];
-            }
-            return;
-        }
-        self.pruning.refused = None;
-        for name in candidates {
-            if let Some(e) = self.vms.get_mut(&name)
-                && e.known
-            {
-                e.prune = true;
-                e.mark(Trigger::Spec);
-            }
-        }
     }
 
     /// Starts `vm`'s reconcile in a task of its own, unless it has nothing
@@ -779,6 +582,169 @@ enum ReloadHow {
     Paths(HashSet<PathBuf>),
 }
 
+/// What the loop does after a signal.
+enum AfterSignal {
+    /// Go on.
+    Continue,
+    /// Stop taking new work; exit once the reconciles in flight end.
+    Drain,
+    /// Exit now.
+    Exit,
+}
+
+impl Watcher {
+    /// Lists the virtstack's VMs, writes a first status file, loads the
+    /// specs and marks every VM for the first round.
+    async fn start(
+        vs: Arc<dyn Virtstack>,
+        opts: WatchOptions,
+        send: Senders,
+    ) -> Result<Watcher, WatchError> {
+        let known = vs.list().await.map_err(WatchError::List)?;
+        let vms = known
+            .iter()
+            .map(|n| {
+                let e = Entry {
+                    known: true,
+                    ..Entry::default()
+                };
+                (n.to_string(), e)
+            })
+            .collect();
+        let ctx = Arc::new(Ctx {
+            vs,
+            lock: Arc::new(SharedLock::new(opts.state_dir.clone(), opts.lock_timeout)),
+            deadline: opts.reconcile_deadline,
+        });
+        if let Some(dir) = &opts.state_dir {
+            status::write(dir, &WatchStatus::default()).map_err(|source| WatchError::Status {
+                dir: dir.clone(),
+                source,
+            })?;
+        }
+        let mut w = Watcher {
+            cache: Some(SpecCache::placed(opts.dir.clone(), opts.placement.clone())),
+            ctx,
+            specs: Specs::default(),
+            vms,
+            subs: BTreeMap::new(),
+            generation: 0,
+            pruning: Pruning::default(),
+            send,
+            starting: true,
+            started: unix_now(),
+            status_log: StatusLog::default(),
+            opts,
+        };
+        w.reload(ReloadHow::All).await;
+        let all: Vec<String> = w
+            .specs
+            .desired
+            .keys()
+            .chain(w.vms.iter().filter(|(_, e)| e.known).map(|(n, _)| n))
+            .cloned()
+            .collect();
+        for e in w.vms.values_mut() {
+            e.dirty = None;
+        }
+        for vm in &all {
+            let e = w.vms.entry(vm.clone()).or_default();
+            e.mark(Trigger::Start);
+            e.first_round = true;
+        }
+        tracing::info!(
+            dir = %w.opts.dir.display(),
+            vms = w.specs.desired.len(),
+            managed = known.len(),
+            spec_errors = w.specs.errors.len(),
+            "watching"
+        );
+        for e in &w.specs.errors {
+            tracing::warn!("{e}");
+        }
+        Ok(w)
+    }
+
+    /// Files changed: whatever else is queued goes into the same reload.
+    async fn files_changed(
+        &mut self,
+        change: FsChange,
+        queued: &mut UnboundedReceiver<FsChange>,
+        watcher: Option<&mut SpecWatcher>,
+    ) {
+        let mut rescan = change == FsChange::Rescan;
+        let mut paths = match change {
+            FsChange::Paths(p) => p,
+            FsChange::Rescan => HashSet::new(),
+        };
+        while let Ok(more) = queued.try_recv() {
+            match more {
+                FsChange::Paths(p) => paths.extend(p),
+                FsChange::Rescan => rescan = true,
+            }
+        }
+        if let Some(sw) = watcher {
+            rescan |= sw.rewatch(rescan);
+        }
+        let how = if rescan {
+            ReloadHow::Stamps
+        } else {
+            ReloadHow::Paths(paths)
+        };
+        self.reload(how).await;
+    }
+
+    /// A signal (`None`: its sender is gone, as good as a second stop).
+    async fn signal(
+        &mut self,
+        got: Option<Signal>,
+        draining: bool,
+        watcher: Option<&mut SpecWatcher>,
+    ) -> AfterSignal {
+        match got {
+            Some(Signal::Reconcile) => {
+                if !draining {
+                    tracing::info!("SIGHUP: reconciling every VM now");
+                    self.resync().await;
+                }
+                AfterSignal::Continue
+            }
+            Some(Signal::Rescan) => {
+                if let Some(sw) = watcher {
+                    sw.rewatch(true);
+                }
+                self.reload(ReloadHow::Stamps).await;
+                AfterSignal::Continue
+            }
+            Some(Signal::Stop) if !draining => {
+                status::sd_notify(&[sd_notify::NotifyState::Stopping]);
+                let in_flight = self.vms.values().filter(|e| e.in_flight).count();
+                tracing::info!(
+                    in_flight,
+                    "stopping after the reconciles in flight; VMs keep running"
+                );
+                AfterSignal::Drain
+            }
+            _ => {
+                tracing::warn!("second signal: exiting now; reconciles in flight are abandoned");
+                AfterSignal::Exit
+            }
+        }
+    }
+}
+
+/// Takes the watcher's own lock of the state directory: two watchers would
+/// undo each other's work.
+fn lock_watch(opts: &WatchOptions) -> Result<Option<StateLock>, WatchError> {
+    let Some(dir) = &opts.state_dir else {
+        return Ok(None);
+    };
+    let holder = format!("uvmctl watch {}", opts.dir.display());
+    StateLock::acquire_named(dir, "watch.lock", Duration::ZERO, &holder)
+        .map(Some)
+        .map_err(WatchError::AlreadyWatched)
+}
+
 /// Runs the watcher until `signals` yields [`Signal::Stop`] twice, or once
 /// and the reconciles in flight have finished; [`Signal::Reconcile`] is a
 /// resync at once. `reports`, if given, receives every
@@ -792,22 +758,10 @@ pub async fn run(
     mut signals: UnboundedReceiver<Signal>,
     reports: Option<UnboundedSender<Report>>,
 ) -> Result<(), WatchError> {
-    // One watcher per state directory: two would undo each other's work.
-    let _watcher_lock = match &opts.state_dir {
-        Some(dir) => Some(
-            StateLock::acquire_named(
-                dir,
-                "watch.lock",
-                Duration::ZERO,
-                &format!("uvmctl watch {}", opts.dir.display()),
-            )
-            .map_err(WatchError::AlreadyWatched)?,
-        ),
-        None => None,
-    };
+    let _watcher_lock = lock_watch(&opts)?;
     let (fs_tx, mut fs_rx) = unbounded_channel();
-    let (events_tx, mut events_rx) = unbounded_channel();
-    let (done_tx, mut done_rx) = unbounded_channel();
+    let (events, mut events_rx) = unbounded_channel();
+    let (done, mut done_rx) = unbounded_channel();
     let mut spec_watcher = match SpecWatcher::start(&opts.dir, opts.debounce, fs_tx) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -815,74 +769,14 @@ pub async fn run(
             None
         }
     };
-    let known = vs.list().await.map_err(WatchError::List)?;
-    let vms = known
-        .iter()
-        .map(|n| {
-            let e = Entry {
-                known: true,
-                ..Entry::default()
-            };
-            (n.to_string(), e)
-        })
-        .collect();
-    let ctx = Arc::new(Ctx {
-        vs,
-        lock: Arc::new(SharedLock::new(opts.state_dir.clone(), opts.lock_timeout)),
-        deadline: opts.reconcile_deadline,
-    });
-    if let Some(dir) = &opts.state_dir {
-        status::write(dir, &WatchStatus::default()).map_err(|source| WatchError::Status {
-            dir: dir.clone(),
-            source,
-        })?;
-    }
-    let mut w = Watcher {
-        cache: Some(SpecCache::placed(opts.dir.clone(), opts.placement.clone())),
-        ctx,
-        specs: Specs::default(),
-        vms,
-        subs: BTreeMap::new(),
-        generation: 0,
-        pruning: Pruning::default(),
-        send: Senders {
-            events: events_tx,
-            done: done_tx,
-            reports,
-        },
-        starting: true,
-        started: unix_now(),
-        status_log: StatusLog::default(),
-        opts,
+    let send = Senders {
+        events,
+        done,
+        reports,
     };
-    w.reload(ReloadHow::All).await;
-    let all: Vec<String> = w
-        .specs
-        .desired
-        .keys()
-        .chain(w.vms.iter().filter(|(_, e)| e.known).map(|(n, _)| n))
-        .cloned()
-        .collect();
-    for e in w.vms.values_mut() {
-        e.dirty = None;
-    }
-    for vm in &all {
-        let e = w.vms.entry(vm.clone()).or_default();
-        e.mark(Trigger::Start);
-        e.first_round = true;
-    }
-    tracing::info!(
-        dir = %w.opts.dir.display(),
-        vms = w.specs.desired.len(),
-        managed = known.len(),
-        spec_errors = w.specs.errors.len(),
-        "watching"
-    );
-    for e in &w.specs.errors {
-        tracing::warn!("{e}");
-    }
-    let mut resync =
-        tokio::time::interval_at(tokio::time::Instant::now() + w.opts.resync, w.opts.resync);
+    let mut w = Watcher::start(vs, opts, send).await?;
+    let every = w.opts.resync;
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
     loop {
@@ -907,22 +801,7 @@ pub async fn run(
         };
         tokio::select! {
             Some(change) = fs_rx.recv() => {
-                let mut rescan = change == FsChange::Rescan;
-                let mut paths = match change {
-                    FsChange::Paths(p) => p,
-                    FsChange::Rescan => HashSet::new(),
-                };
-                // Whatever else is queued goes into the same reload.
-                while let Ok(more) = fs_rx.try_recv() {
-                    match more {
-                        FsChange::Paths(p) => paths.extend(p),
-                        FsChange::Rescan => rescan = true,
-                    }
-                }
-                if let Some(sw) = &mut spec_watcher {
-                    rescan |= sw.rewatch(rescan);
-                }
-                w.reload(if rescan { ReloadHow::Stamps } else { ReloadHow::Paths(paths) }).await;
+                w.files_changed(change, &mut fs_rx, spec_watcher.as_mut()).await;
             }
             Some((vm, generation, event)) = events_rx.recv() => w.event(vm, generation, event),
             Some(done) = done_rx.recv() => w.finished(done, now()),
@@ -938,30 +817,11 @@ pub async fn run(
                     w.reload(ReloadHow::Stamps).await;
                 }
             }
-            got = signals.recv() => {
-                if got == Some(Signal::Reconcile) {
-                    if !draining {
-                        tracing::info!("SIGHUP: reconciling every VM now");
-                        w.resync().await;
-                    }
-                    continue;
-                }
-                if got == Some(Signal::Rescan) {
-                    if let Some(sw) = &mut spec_watcher {
-                        sw.rewatch(true);
-                    }
-                    w.reload(ReloadHow::Stamps).await;
-                    continue;
-                }
-                if draining || got.is_none() {
-                    tracing::warn!("second signal: exiting now; reconciles in flight are abandoned");
-                    return Ok(());
-                }
-                draining = true;
-                status::sd_notify(&[sd_notify::NotifyState::Stopping]);
-                let in_flight = w.vms.values().filter(|e| e.in_flight).count();
-                tracing::info!(in_flight, "stopping after the reconciles in flight; VMs keep running");
-            }
+            got = signals.recv() => match w.signal(got, draining, spec_watcher.as_mut()).await {
+                AfterSignal::Continue => {}
+                AfterSignal::Drain => draining = true,
+                AfterSignal::Exit => return Ok(()),
+            },
         }
     }
     w.write_status();

@@ -223,59 +223,18 @@ impl Entry {
         let again = std::mem::take(&mut self.again);
         let mut say = Vec::new();
         if done.crashed && done.launched {
-            // Relaunched after a crash: a crash soon after the last launch
-            // counts toward the streak, and the next relaunch waits longer.
-            if self
-                .last_launch
-                .is_some_and(|l| now.saturating_duration_since(l) >= backoff.stable)
-            {
-                self.crash_streak = 0;
-            }
-            self.crash_streak += 1;
-            self.recover_after = None;
-            say.push(Say::Relaunched {
-                crashes: self.crash_streak,
-                next_wait: backoff.delay(self.crash_streak),
-            });
+            say.push(self.relaunched(now, backoff));
         }
         if done.launched {
             self.last_launch = Some(now);
         }
-        let mut renew = false;
-        match done.outcome {
-            Outcome::InSync | Outcome::Applied(_) | Outcome::Pruned => {
-                self.failures = 0;
-                self.retry_at = None;
-                self.status.held.clear();
-                renew = !matches!(done.outcome, Outcome::InSync);
-            }
-            Outcome::Held(lines) => {
-                self.failures = 0;
-                self.retry_at = None;
-                if self.status.held != *lines {
-                    say.push(Say::Held(lines.clone()));
-                    self.status.held.clone_from(lines);
-                }
-            }
-            Outcome::Failed(_) => {
-                self.failures += 1;
-                let wait = backoff.delay(self.failures);
-                self.retry_at = Some(now + wait);
-                say.push(Say::Retrying {
-                    failures: self.failures,
-                    wait,
-                });
-                renew = true;
-            }
-            Outcome::BackingOff => {
-                // The backoff runs from when the crash is seen.
-                let at = *self
-                    .recover_after
-                    .get_or_insert(now + backoff.delay(self.crash_streak));
-                self.retry_at = Some(at);
-            }
-            Outcome::Busy => self.retry_at = Some(now + BUSY_RETRY),
-        }
+        say.extend(self.outcome(done.outcome, now, backoff));
+        // A reconcile that changed the VM renews its subscription: what was
+        // already forwarded was that change's echo.
+        let renew = matches!(
+            done.outcome,
+            Outcome::Applied(_) | Outcome::Pruned | Outcome::Failed(_)
+        );
         let retry = matches!(
             done.outcome,
             Outcome::Failed(_) | Outcome::BackingOff | Outcome::Busy
@@ -304,6 +263,65 @@ impl Entry {
             follow,
             say,
             backoff_until,
+        }
+    }
+
+    /// Relaunched after a crash: a crash soon after the last launch counts
+    /// toward the streak, and the next relaunch waits longer.
+    fn relaunched(&mut self, now: Instant, backoff: &Backoff) -> Say {
+        let stable = self
+            .last_launch
+            .is_some_and(|l| now.saturating_duration_since(l) >= backoff.stable);
+        if stable {
+            self.crash_streak = 0;
+        }
+        self.crash_streak += 1;
+        self.recover_after = None;
+        Say::Relaunched {
+            crashes: self.crash_streak,
+            next_wait: backoff.delay(self.crash_streak),
+        }
+    }
+
+    /// What a reconcile's outcome does to its failures and its next try.
+    fn outcome(&mut self, outcome: &Outcome, now: Instant, backoff: &Backoff) -> Option<Say> {
+        match outcome {
+            Outcome::InSync | Outcome::Applied(_) | Outcome::Pruned => {
+                self.failures = 0;
+                self.retry_at = None;
+                self.status.held.clear();
+                None
+            }
+            Outcome::Held(lines) => {
+                self.failures = 0;
+                self.retry_at = None;
+                if self.status.held == *lines {
+                    return None;
+                }
+                self.status.held.clone_from(lines);
+                Some(Say::Held(lines.clone()))
+            }
+            Outcome::Failed(_) => {
+                self.failures += 1;
+                let wait = backoff.delay(self.failures);
+                self.retry_at = Some(now + wait);
+                Some(Say::Retrying {
+                    failures: self.failures,
+                    wait,
+                })
+            }
+            Outcome::BackingOff => {
+                // The backoff runs from when the crash is seen.
+                let at = *self
+                    .recover_after
+                    .get_or_insert(now + backoff.delay(self.crash_streak));
+                self.retry_at = Some(at);
+                None
+            }
+            Outcome::Busy => {
+                self.retry_at = Some(now + BUSY_RETRY);
+                None
+            }
         }
     }
 }
