@@ -51,6 +51,9 @@ pub(super) struct SpecFile {
     pub(super) read: PathBuf,
 }
 
+/// Up to this many spec files are loaded without the thread pool.
+const SEQUENTIAL_FILES: usize = 8;
+
 /// Loads every spec under `root`. Never fails as a whole: problems are in
 /// [`Loaded::errors`] and the VMs they concern in `desired.unknown`.
 pub fn load_dir(root: &Path) -> Loaded {
@@ -63,7 +66,14 @@ pub fn load_dir(root: &Path) -> Loaded {
 pub fn load_dir_placed(root: &Path, placement: Option<&Placement>) -> Loaded {
     let mut errors = Vec::new();
     let files = list_files(root, &mut errors);
-    let results: Vec<FileResult> = files.par_iter().map(|f| resolve(load_file(f))).collect();
+    let load = |f: &SpecFile| resolve(load_file(f));
+    // A few files are read on this thread: starting the pool's threads
+    // costs more than they save (a one-shot `apply` of one VM, issue 32).
+    let results: Vec<FileResult> = if files.len() <= SEQUENTIAL_FILES {
+        files.iter().map(load).collect()
+    } else {
+        files.par_iter().map(load).collect()
+    };
     merge(
         &results.iter().collect::<Vec<_>>(),
         errors,

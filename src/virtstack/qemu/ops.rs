@@ -6,6 +6,7 @@ use super::devices::{disk_fdset_opaque, ids, nic_args, pmem_args, scsi_disk_args
 use super::images::HostFile;
 use super::qmp::{Qmp, QmpError};
 use crate::spec::{NetworkAdapter, ScsiDisk, VpmemDevice};
+use futures_util::future::{join, join_all};
 use serde_json::{Value, json};
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -109,27 +110,50 @@ pub async fn add_scsi_controller(q: &Qmp, id: u32) -> Result<(), QmpError> {
     .map(|_| ())
 }
 
+/// The fd sets among `sets` (`query-fdsets`' answer) tagged `opaque`.
+fn tagged_sets(sets: &Value, opaque: &str) -> Vec<u64> {
+    let tagged = |set: &&Value| {
+        set.get("fds").and_then(Value::as_array).is_some_and(|fds| {
+            fds.iter()
+                .any(|f| f.get("opaque").and_then(Value::as_str) == Some(opaque))
+        })
+    };
+    sets.as_array()
+        .into_iter()
+        .flatten()
+        .filter(tagged)
+        .filter_map(|set| set.get("fdset-id").and_then(Value::as_u64))
+        .collect()
+}
+
 /// Removes QEMU's fd sets tagged `opaque` (best effort: a set whose
 /// descriptor a block node still uses is freed when the node closes it).
 async fn remove_fdsets(q: &Qmp, opaque: &str) {
-    let Ok(sets) = q.execute("query-fdsets", None).await else {
-        return;
-    };
-    for set in sets.as_array().into_iter().flatten() {
-        let tagged = set.get("fds").and_then(Value::as_array).is_some_and(|fds| {
-            fds.iter()
-                .any(|f| f.get("opaque").and_then(Value::as_str) == Some(opaque))
-        });
-        if let (true, Some(id)) = (tagged, set.get("fdset-id").and_then(Value::as_u64)) {
-            let _ = q.execute("remove-fd", Some(json!({"fdset-id": id}))).await;
-        }
+    if let Ok(sets) = q.execute("query-fdsets", None).await {
+        remove_sets(q, &tagged_sets(&sets, opaque)).await;
     }
+}
+
+async fn remove_sets(q: &Qmp, ids: &[u64]) {
+    let removals = ids
+        .iter()
+        .map(|id| q.execute("remove-fd", Some(json!({"fdset-id": id}))));
+    join_all(removals).await;
 }
 
 /// Attaches a disk: its opened `image` handed over in an fd set of its own
 /// (tagged, so the removal finds it), then file node (opening the set),
 /// format node (stated, never probed), throttle node, device. On failure,
 /// the nodes and the fd set already created are removed again.
+///
+/// Commands that do not wait on each other's answers go out together: QEMU
+/// runs one monitor's commands in order, so a node added after the one it
+/// stacks on finds it, and a failure shows in every node after it. What a
+/// `device_del` made by hand leaves behind is cleared only when it is
+/// there: nodes of the LUN's names (the add then meets them, and is made
+/// again once they are gone), and fd sets of its tag (found with the add,
+/// removed after it: left, one keeps the old image open in QEMU, read-write,
+/// however often the LUN is replugged; issue 31).
 pub async fn add_scsi_disk(
     q: &Qmp,
     controller: u32,
@@ -138,42 +162,80 @@ pub async fn add_scsi_disk(
 ) -> Result<(), QmpError> {
     let names = ids::scsi_disk_nodes(controller, disk.lun);
     let opaque = disk_fdset_opaque(controller, disk.lun);
-    // Nodes left behind by a `device_del` made by hand would clash; nodes in
-    // use refuse deletion, and the add below then reports the clash.
-    delete_nodes(q, &names).await;
-    // And so would their fd set: left, it keeps the old image open in QEMU
-    // (read-write) however often the LUN is replugged (issue 31). Removed
-    // before the new one is added, so a LUN has one set at a time.
-    remove_fdsets(q, &opaque).await;
     let (set, _) = q.add_fd(&opaque, image.file.as_fd()).await?;
     let (nodes, device) = scsi_disk_args(controller, disk, image, &format!("/dev/fdset/{set}"));
-    let undo = |created: usize| {
-        let names = &names[names.len() - created..];
-        async move {
-            delete_nodes(q, names).await;
-            let _ = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
-        }
-    };
-    for (i, node) in nodes.into_iter().enumerate() {
-        if let Err(e) = q.execute("blockdev-add", Some(node)).await {
-            undo(i).await;
-            return Err(e);
-        }
+    let (mut plugged, sets) = join(
+        plug_disk(q, &names, nodes.clone(), device.clone()),
+        q.execute("query-fdsets", None),
+    )
+    .await;
+    if matches!(&plugged, Err(e) if is_duplicate_node(e)) {
+        // Left by hand; nodes in use refuse deletion, and the add made
+        // again then reports the clash.
+        delete_nodes(q, &names).await;
+        plugged = plug_disk(q, &names, nodes, device).await;
     }
-    if let Err(e) = q.execute("device_add", Some(device)).await {
-        undo(names.len()).await;
+    if let Err(e) = plugged {
+        let _ = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
         return Err(e);
+    }
+    if let Ok(sets) = sets {
+        let stale: Vec<u64> = tagged_sets(&sets, &opaque)
+            .into_iter()
+            .filter(|id| *id != set)
+            .collect();
+        remove_sets(q, &stale).await;
     }
     Ok(())
 }
 
-/// Best-effort deletion of block nodes, top first.
-async fn delete_nodes(q: &Qmp, names: &[String]) {
-    for node in names {
-        let _ = q
-            .execute("blockdev-del", Some(json!({"node-name": node})))
-            .await;
+/// A block node of that name exists already.
+fn is_duplicate_node(e: &QmpError) -> bool {
+    matches!(e, QmpError::Command { desc, .. } if desc.contains("Duplicate nodes"))
+}
+
+/// The disk's nodes (bottom first, sent together), then its device once
+/// every node is there: a device named after a node left from before must
+/// never be plugged onto that one. On failure the nodes this call made are
+/// deleted again.
+async fn plug_disk(
+    q: &Qmp,
+    names: &[String],
+    nodes: Vec<Value>,
+    device: Value,
+) -> Result<(), QmpError> {
+    let adds = nodes
+        .into_iter()
+        .map(|node| q.execute("blockdev-add", Some(node)));
+    let added = join_all(adds).await;
+    // Top first: `names` runs from the device's node down, `added` up.
+    let created: Vec<String> = added
+        .iter()
+        .zip(names.iter().rev())
+        .filter(|(r, _)| r.is_ok())
+        .map(|(_, name)| name.clone())
+        .rev()
+        .collect();
+    let failed = match added.into_iter().find_map(Result::err) {
+        Some(e) => Some(e),
+        None => q.execute("device_add", Some(device)).await.err(),
+    };
+    match failed {
+        Some(e) => {
+            delete_nodes(q, &created).await;
+            Err(e)
+        }
+        None => Ok(()),
     }
+}
+
+/// Best-effort deletion of block nodes, top first (sent together: QEMU
+/// deletes them in that order).
+async fn delete_nodes(q: &Qmp, names: &[String]) {
+    let deletions = names
+        .iter()
+        .map(|node| q.execute("blockdev-del", Some(json!({"node-name": node}))));
+    join_all(deletions).await;
 }
 
 /// Detaches a disk and deletes its block nodes (top node first).
