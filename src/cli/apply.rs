@@ -57,7 +57,7 @@ pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> 
     if let Some(s) = &saved {
         // The plan's own options are what it was computed with.
         let placed = args.placement.placement()?.is_some();
-        s.adopt(&mut opts, &mut args.common.only, placed)?;
+        s.adopt(&dir, &mut opts, &mut args.common.only, placed)?;
         dir = s.dir.clone();
     }
     // Specs first: a directory that does not load changes nothing and

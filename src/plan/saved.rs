@@ -102,6 +102,15 @@ pub enum SavedPlanError {
     /// A command-line option given beside it that it carries itself.
     #[error("a saved plan {0}")]
     Conflict(&'static str),
+    /// A VM name of its `--only` is not one.
+    #[error("{}: a VM name in --only is not valid", path.display())]
+    InvalidOnly {
+        /// The saved plan.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::vm::InvalidVmName,
+    },
 }
 
 /// Whether a file starting with `bytes` is meant as a saved plan (a spec
@@ -215,9 +224,11 @@ impl SavedPlan {
     ///
     /// # Errors
     /// [`SavedPlanError::Conflict`] for an option given beside it, and
-    /// [`SavedPlanError::Invalid`] for a VM name of its `only` that is not one.
+    /// [`SavedPlanError::InvalidOnly`] for a VM name of its `only` that is
+    /// not one (`file`: where the plan was read from).
     pub fn adopt(
         &self,
+        file: &Path,
         opts: &mut PlanOptions,
         only: &mut Vec<crate::vm::VmName>,
         placed: bool,
@@ -242,9 +253,9 @@ impl SavedPlan {
             .iter()
             .map(|n| crate::vm::VmName::new(n))
             .collect::<Result<_, _>>()
-            .map_err(|e| SavedPlanError::Invalid {
-                path: self.dir.clone(),
-                reason: format!("a VM name in --only is not valid: {e}"),
+            .map_err(|source| SavedPlanError::InvalidOnly {
+                path: file.to_path_buf(),
+                source,
             })?;
         Ok(())
     }

@@ -93,8 +93,8 @@ pub struct VmReconciled {
     pub others: Vec<(String, Images)>,
 }
 
-impl VmReconciled {
-    fn new() -> Self {
+impl Default for VmReconciled {
+    fn default() -> Self {
         VmReconciled {
             outcome: Outcome::InSync,
             crashed: None,
@@ -106,12 +106,14 @@ impl VmReconciled {
             others: Vec::new(),
         }
     }
+}
 
+impl VmReconciled {
     /// A reconcile that failed before it found anything.
     pub fn failed(why: String) -> Self {
         VmReconciled {
             outcome: Outcome::Failed(why),
-            ..VmReconciled::new()
+            ..VmReconciled::default()
         }
     }
 }
@@ -150,10 +152,11 @@ fn state_for(power: PowerState) -> State {
     }
 }
 
-/// Reconciles one VM: observe, plan, hold or apply. Its deadline and the
-/// state directory's lock are the caller's.
-pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob) -> VmReconciled {
-    let mut done = VmReconciled::new();
+/// Reconciles one VM: observe, plan, hold or apply, writing into `done` as
+/// it goes, so a caller whose deadline cuts it short still has what it
+/// found (the VM's state, the plan). The deadline and the state
+/// directory's lock are the caller's.
+pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmReconciled) {
     let vm = job.name.to_string();
     let mut observed = ObservedState::default();
     // Observed straight away: a VM the virtstack does not have answers
@@ -169,13 +172,13 @@ pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob) -> VmReconciled 
         Ok(Err(e)) if e.kind() == ErrorKind::NotFound => done.images = Some(Vec::new()),
         Ok(Err(e)) => {
             done.outcome = Outcome::Failed(format!("cannot observe: {}", Chain(&e)));
-            return done;
+            return;
         }
         Err(_) => {
             done.outcome = Outcome::Failed(format!(
                 "cannot observe: no answer within {OBSERVE_DEADLINE:?}"
             ));
-            return done;
+            return;
         }
     }
     // Detect-only relaunches nothing, so there is nothing to wait for.
@@ -185,7 +188,7 @@ pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob) -> VmReconciled 
         && !job.limits.detect_only
     {
         done.outcome = Outcome::BackingOff;
-        return done;
+        return;
     }
     let mut desired = DesiredState {
         failed_files: job.failed_files.clone(),
@@ -202,16 +205,16 @@ pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob) -> VmReconciled 
     };
     let the_plan = plan::plan(&desired, &observed, vs.capabilities(), &opts);
     let Some(vm_plan) = the_plan.vms.first() else {
-        return done;
+        return;
     };
     done.plan = plan::render::summary_line(&the_plan.summary());
     if let Some(why) = hold::hold(vm_plan, &job.limits) {
         done.outcome = Outcome::Held(hold::held_lines(vm_plan, why));
-        return done;
+        return;
     }
-    if let Some(why) = refusal(vs.as_ref(), job, &the_plan, &desired, &observed, &mut done).await {
+    if let Some(why) = refusal(vs.as_ref(), job, &the_plan, &desired, &observed, done).await {
         done.outcome = Outcome::Failed(format!("refused: {why}"));
-        return done;
+        return;
     }
     let vm_name = vm.clone();
     let progress: Progress = Arc::new(move |_vm: &str, msg: &str| {
@@ -256,7 +259,6 @@ pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob) -> VmReconciled 
             Outcome::Applied((s.add + s.change + s.remove + s.recreate).max(1))
         }
     };
-    done
 }
 
 /// Why the plan may not run on this host: a host path the virtstack

@@ -168,10 +168,12 @@ async fn reconcile(ctx: Arc<Ctx>, job: VmJob) -> VmReconciled {
         }
         Err(e) => return VmReconciled::failed(Chain(&e).to_string()),
     };
-    let done = match tokio::time::timeout(ctx.deadline, reconcile_vm(&ctx.vs, &job)).await {
-        Ok(done) => done,
-        Err(_) => VmReconciled::failed(format!("no result within {:?}", ctx.deadline)),
-    };
+    let mut done = VmReconciled::default();
+    let work = reconcile_vm(&ctx.vs, &job, &mut done);
+    if tokio::time::timeout(ctx.deadline, work).await.is_err() {
+        // What it found before the deadline stays (its state, its plan).
+        done.outcome = Outcome::Failed(format!("no result within {:?}", ctx.deadline));
+    }
     ctx.vs.release(&job.name).await;
     done
 }

@@ -213,6 +213,12 @@ impl Qemu {
         Arc::clone(vms.entry(name.to_string()).or_default())
     }
 
+    /// VM `name`'s slot, if it has one.
+    pub(super) fn existing_slot(&self, name: &str) -> Option<Arc<VmSlot>> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.get(name).map(Arc::clone)
+    }
+
     /// Forgets VM `name`'s slot (it is destroyed).
     pub(super) fn drop_slot(&self, name: &str) {
         let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());

@@ -31,6 +31,17 @@ impl Qemu {
             slot: self.slot(name),
         }
     }
+
+    /// The handle of VM `name` if this process keeps anything for it: a
+    /// VM never reached (or destroyed since) gets no slot by being asked.
+    pub fn vm_if_kept<'q>(&'q self, name: &'q str) -> Option<Machine<'q>> {
+        let slot = self.existing_slot(name)?;
+        Some(Machine {
+            host: self,
+            name,
+            slot,
+        })
+    }
 }
 
 impl<'q> Machine<'q> {

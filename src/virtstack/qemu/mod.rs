@@ -158,7 +158,11 @@ impl Virtstack for Qemu {
     async fn destroy(&self, name: &VmName) -> Result<()> {
         let vm = self.vm(name);
         let done = lifecycle(&vm, vm.destroy()).await;
-        self.drop_slot(name);
+        if done.is_ok() {
+            // Nothing of it is left to keep (a failed destroy keeps what
+            // follows the VM, which may still run).
+            self.drop_slot(name);
+        }
         done
     }
 
@@ -179,7 +183,9 @@ impl Virtstack for Qemu {
     }
 
     async fn release(&self, name: &VmName) {
-        self.vm(name).forget();
+        if let Some(vm) = self.vm_if_kept(name) {
+            vm.forget();
+        }
     }
 }
 

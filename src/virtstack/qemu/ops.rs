@@ -152,8 +152,9 @@ async fn remove_sets(q: &Qmp, ids: &[u64]) {
 /// `device_del` made by hand leaves behind is cleared only when it is
 /// there: nodes of the LUN's names (the add then meets them, and is made
 /// again once they are gone), and fd sets of its tag (found with the add,
-/// removed after it: left, one keeps the old image open in QEMU, read-write,
-/// however often the LUN is replugged; issue 31).
+/// removed after it, whether it went through or not: left, one keeps the
+/// old image open in QEMU, read-write, however often the LUN is replugged;
+/// issue 31).
 pub async fn add_scsi_disk(
     q: &Qmp,
     controller: u32,
@@ -175,18 +176,20 @@ pub async fn add_scsi_disk(
         delete_nodes(q, &names).await;
         plugged = plug_disk(q, &names, nodes, device).await;
     }
-    if let Err(e) = plugged {
-        let _ = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
-        return Err(e);
-    }
-    if let Ok(sets) = sets {
-        let stale: Vec<u64> = tagged_sets(&sets, &opaque)
+    // Stale sets go whether the add went through or not; on failure the
+    // new one goes too.
+    let mut drop: Vec<u64> = match &sets {
+        Ok(sets) => tagged_sets(sets, &opaque)
             .into_iter()
             .filter(|id| *id != set)
-            .collect();
-        remove_sets(q, &stale).await;
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if plugged.is_err() {
+        drop.push(set);
     }
-    Ok(())
+    remove_sets(q, &drop).await;
+    plugged
 }
 
 /// A block node of that name exists already.
