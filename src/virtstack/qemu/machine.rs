@@ -380,15 +380,20 @@ impl<'q> Machine<'q> {
         })
     }
 
-    pub(super) async fn running_qmp(&self) -> Result<Qmp, QemuError> {
-        let name = self.name;
+    /// Its record, when its QEMU runs; else why not.
+    pub(super) fn running_record(&self) -> Result<LaunchRecord, QemuError> {
         let rec = self.record()?;
         if !self.alive(&rec) {
             return Err(QemuError::NotRunning {
-                vm: name.into(),
+                vm: self.name.into(),
                 state: down_state(&rec),
             });
         }
+        Ok(rec)
+    }
+
+    pub(super) async fn running_qmp(&self) -> Result<Qmp, QemuError> {
+        self.running_record()?;
         self.qmp().await
     }
 
@@ -402,14 +407,7 @@ impl<'q> Machine<'q> {
 
     /// A connected QMP client for hot operations on a running VM, with the record.
     pub async fn live(&self) -> Result<(Qmp, LaunchRecord), QemuError> {
-        let name = self.name;
-        let rec = self.record()?;
-        if !self.alive(&rec) {
-            return Err(QemuError::NotRunning {
-                vm: name.into(),
-                state: down_state(&rec),
-            });
-        }
+        let rec = self.running_record()?;
         Ok((self.qmp().await?, rec))
     }
 

@@ -58,13 +58,7 @@ impl Machine<'_> {
     /// vCPU threads from `/proc/<pid>/task/<tid>/schedstat`.
     pub async fn stats(&self) -> Result<crate::vm::VmStats, QemuError> {
         let name = self.name;
-        let rec = self.record()?;
-        if !self.alive(&rec) {
-            return Err(QemuError::NotRunning {
-                vm: name.into(),
-                state: down_state(&rec),
-            });
-        }
+        let rec = self.running_record()?;
         let q = self.qmp().await?;
         let qerr = |source| QemuError::Qmp {
             vm: name.into(),
@@ -204,13 +198,7 @@ impl Machine<'_> {
         timeout: Duration,
     ) -> Result<Vec<String>, QemuError> {
         let name = self.name;
-        let rec = self.record()?;
-        if !self.alive(&rec) {
-            return Err(QemuError::NotRunning {
-                vm: name.into(),
-                state: down_state(&rec),
-            });
-        }
+        self.running_record()?;
         guest::agent_command(&self.host.opts.state_dir.agent_socket(name), words, timeout)
             .await
             .map_err(|source| QemuError::Agent {
