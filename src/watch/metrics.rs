@@ -5,8 +5,9 @@
 //! Labels stay bounded: a VM's name, a state, a trigger or a result word, a
 //! source revision; never a file path or an error text.
 
+use super::policy::Trigger;
 use super::status::WatchStatus;
-use super::{Outcome, Trigger};
+use crate::reconcile::Outcome;
 use crate::vm::State;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

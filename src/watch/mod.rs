@@ -41,7 +41,7 @@ use events::{EventMsg, Subscription};
 use files::{FsChange, SpecWatcher};
 use lock::SharedLock;
 use policy::{Entry, Finished, Follow, Say};
-use specs::{Pruning, Specs};
+use specs::{Book, Pruning, Specs};
 use status::{StatusLog, WatchStatus};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
@@ -190,14 +190,14 @@ struct Watcher {
     opts: WatchOptions,
     ctx: Arc<Ctx>,
     cache: Option<SpecCache>,
-    specs: Specs,
+    /// What the loads said, and where missing specs stand.
+    book: Book,
     /// Every VM the loop knows of: the one per-VM state.
     vms: BTreeMap<String, Entry>,
     /// The VMs followed, with the tasks that follow them.
     subs: BTreeMap<String, Subscription>,
     /// The last subscription's number.
     generation: u64,
-    pruning: Pruning,
     send: Senders,
     /// The first round runs: ready once no entry is part of it.
     starting: bool,
@@ -218,9 +218,7 @@ fn unix_at(t: Instant, now: Instant) -> u64 {
 impl Watcher {
     /// The VM's entry, shown in the status file from now on.
     fn tracked(&mut self, vm: &str) -> &mut Entry {
-        let e = self.vms.entry(vm.to_string()).or_default();
-        e.tracked = true;
-        e
+        policy::tracked(&mut self.vms, vm)
     }
 
     /// Starts `vm`'s reconcile in a task of its own, unless it has nothing
@@ -228,7 +226,7 @@ impl Watcher {
     fn spawn(&mut self, vm: String, trigger: Trigger, now: Instant) {
         let entry = self.vms.entry(vm.clone()).or_default();
         let prune = entry.prune;
-        let desired = self.specs.desired.get(&vm).cloned();
+        let desired = self.book.specs.desired.get(&vm).cloned();
         let name = match VmName::new(&vm) {
             Ok(name) if desired.is_some() || prune => name,
             // No spec (absent, unknown or never had one): only a prune
@@ -238,7 +236,10 @@ impl Watcher {
                 return;
             }
         };
-        if let Some(why) = desired.as_ref().and_then(|d| self.image_clash(&vm, d)) {
+        if let Some(why) = desired
+            .as_ref()
+            .and_then(|d| Book::image_clash(&self.vms, &vm, d))
+        {
             let e = self.tracked(&vm);
             e.first_round = false;
             let line = format!("refused: {why}");
@@ -267,7 +268,7 @@ impl Watcher {
             name,
             desired,
             prune,
-            failed_files: self.specs.failed_files.clone(),
+            failed_files: self.book.specs.failed_files.clone(),
             limits: self.opts.limits(),
             may_relaunch: entry.may_relaunch(now),
             unseen,
@@ -443,7 +444,7 @@ impl Watcher {
             dir: self.opts.dir.clone(),
             started: self.started,
             updated: unix_now(),
-            spec_errors: self.specs.errors.clone(),
+            spec_errors: self.book.specs.errors.clone(),
             vms: self
                 .vms
                 .iter()
@@ -482,8 +483,8 @@ impl Watcher {
         let failing = tracked().filter(|e| e.failures > 0).count();
         let line = format!(
             "{} VM(s) with specs, {held} held, {failing} failing, {} spec error(s)",
-            self.specs.desired.len(),
-            self.specs.errors.len()
+            self.book.specs.desired.len(),
+            self.book.specs.errors.len()
         );
         self.status_log.notify(line);
     }
@@ -523,7 +524,7 @@ impl Watcher {
             "specs reloaded"
         );
         self.cache = Some(cache);
-        self.absorb(loaded, now());
+        self.book.absorb(&mut self.vms, loaded, now());
         self.write_status();
     }
 
@@ -548,6 +549,7 @@ impl Watcher {
             Err(e) => tracing::warn!("cannot list VMs: {}", Chain(&e)),
         }
         let all: Vec<String> = self
+            .book
             .specs
             .desired
             .keys()
@@ -627,11 +629,16 @@ impl Watcher {
         let mut w = Watcher {
             cache: Some(SpecCache::placed(opts.dir.clone(), opts.placement.clone())),
             ctx,
-            specs: Specs::default(),
+            book: Book {
+                specs: Specs::default(),
+                pruning: Pruning::default(),
+                prune: opts.prune,
+                debounce: opts.debounce,
+                guard: opts.prune_guard,
+            },
             vms,
             subs: BTreeMap::new(),
             generation: 0,
-            pruning: Pruning::default(),
             send,
             starting: true,
             started: unix_now(),
@@ -640,6 +647,7 @@ impl Watcher {
         };
         w.reload(ReloadHow::All).await;
         let all: Vec<String> = w
+            .book
             .specs
             .desired
             .keys()
@@ -656,12 +664,12 @@ impl Watcher {
         }
         tracing::info!(
             dir = %w.opts.dir.display(),
-            vms = w.specs.desired.len(),
+            vms = w.book.specs.desired.len(),
             managed = known.len(),
-            spec_errors = w.specs.errors.len(),
+            spec_errors = w.book.specs.errors.len(),
             "watching"
         );
-        for e in &w.specs.errors {
+        for e in &w.book.specs.errors {
             tracing::warn!("{e}");
         }
         Ok(w)
@@ -791,7 +799,7 @@ pub async fn run(
         if draining && !w.vms.values().any(|e| e.in_flight) {
             break;
         }
-        let wake = [next_retry, w.pruning.confirm_at]
+        let wake = [next_retry, w.book.pruning.confirm_at]
             .into_iter()
             .flatten()
             .min();
@@ -814,8 +822,8 @@ pub async fn run(
                 w.resync().await;
             }
             () = sleep => {
-                if w.pruning.confirm_at.is_some_and(|c| c <= now()) {
-                    w.pruning.confirm_at = None;
+                if w.book.pruning.confirm_at.is_some_and(|c| c <= now()) {
+                    w.book.pruning.confirm_at = None;
                     w.reload(ReloadHow::Stamps).await;
                 }
             }

@@ -326,6 +326,13 @@ impl Entry {
     }
 }
 
+/// VM `vm`'s entry, shown in the status file from now on.
+pub fn tracked<'a>(vms: &'a mut BTreeMap<String, Entry>, vm: &str) -> &'a mut Entry {
+    let e = vms.entry(vm.to_string()).or_default();
+    e.tracked = true;
+    e
+}
+
 /// The dirty VMs that may start now, and when the next one waiting for its
 /// backoff may.
 pub fn ready(entries: &BTreeMap<String, Entry>, now: Instant) -> (Vec<String>, Option<Instant>) {

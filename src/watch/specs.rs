@@ -2,13 +2,13 @@
 //! last good spec of each VM (a file that fails keeps its VMs at theirs),
 //! the VMs whose spec went missing, and which of them a prune may remove.
 
-use super::Watcher;
-use super::policy::{self, Trigger};
+use super::policy::{self, Entry, Trigger, tracked};
+use crate::plan::prune::PruneGuard;
 use crate::reconcile::vm::index_images;
 use crate::spec::{DesiredVm, Loaded};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the specs said at the last load, with last good specs kept for
 /// files that fail.
@@ -37,10 +37,26 @@ pub(super) struct Pruning {
     pub(super) refused: Option<String>,
 }
 
-impl Watcher {
+/// What the loads said, and the options that decide what a missing spec
+/// leads to.
+pub(super) struct Book {
+    pub(super) specs: Specs,
+    pub(super) pruning: Pruning,
+    /// `--prune`.
+    pub(super) prune: bool,
+    /// Quiet time before a missing spec is looked for again.
+    pub(super) debounce: Duration,
+    /// How much one prune may remove.
+    pub(super) guard: PruneGuard,
+}
+
+/// The VMs, by name, as the watcher keeps them.
+type Vms = BTreeMap<String, Entry>;
+
+impl Book {
     /// Takes a new load in: last good specs kept for files that fail, VMs
     /// whose spec changed marked dirty, absent VMs tracked for pruning.
-    pub(super) fn absorb(&mut self, loaded: Loaded, now: Instant) {
+    pub(super) fn absorb(&mut self, vms: &mut Vms, loaded: Loaded, now: Instant) {
         self.pruning.scans += 1;
         let Loaded {
             desired, errors, ..
@@ -70,7 +86,7 @@ impl Watcher {
                         .or_else(|| errors.first().map(ToString::to_string))
                 })
                 .flatten();
-            let e = self.tracked(name);
+            let e = tracked(vms, name);
             if e.status.spec_error != error {
                 match &error {
                     Some(err) => {
@@ -95,7 +111,7 @@ impl Watcher {
             .filter(|n| !next.contains_key(*n))
             .cloned()
             .collect();
-        self.note_missing(previous.keys(), &next, &unknown, now);
+        self.note_missing(vms, previous.keys(), &next, &unknown, now);
         self.specs = Specs {
             desired: next,
             unknown,
@@ -104,8 +120,8 @@ impl Watcher {
             elsewhere: desired.elsewhere.len(),
             placed_by: desired.placed_by,
         };
-        if self.opts.prune {
-            self.consider_pruning();
+        if self.prune {
+            self.consider_pruning(vms);
         }
     }
 
@@ -113,32 +129,33 @@ impl Watcher {
     /// the virtstack's): since which scan, and when a later scan confirms it.
     fn note_missing<'a>(
         &mut self,
+        vms: &mut Vms,
         previous: impl Iterator<Item = &'a String>,
         next: &BTreeMap<String, DesiredVm>,
         unknown: &BTreeSet<String>,
         now: Instant,
     ) {
-        let known = self.vms.iter().filter(|(_, e)| e.known).map(|(n, _)| n);
+        let known = vms.iter().filter(|(_, e)| e.known).map(|(n, _)| n);
         let missing: Vec<String> = previous
             .cloned()
             .chain(known.cloned())
             .filter(|n| !next.contains_key(n) && !unknown.contains(n))
             .collect();
         for name in missing {
-            let e = self.vms.entry(name.clone()).or_default();
+            let e = vms.entry(name.clone()).or_default();
             if e.absent_since.is_some() {
                 continue;
             }
             e.absent_since = Some(self.pruning.scans);
-            if self.opts.prune {
-                let confirm = policy::confirm_at(now, self.opts.debounce);
+            if self.prune {
+                let confirm = policy::confirm_at(now, self.debounce);
                 let at = self.pruning.confirm_at.map_or(confirm, |c| c.min(confirm));
                 self.pruning.confirm_at = Some(at);
             } else {
                 tracing::info!(vm = %name, "no spec any more; left as it is (--prune removes such VMs)");
             }
         }
-        for (name, e) in &mut self.vms {
+        for (name, e) in vms.iter_mut() {
             if next.contains_key(name) || unknown.contains(name) {
                 e.absent_since = None;
             }
@@ -152,19 +169,17 @@ impl Watcher {
     /// VM of this host has, as that VM's last reconcile found it (the rule
     /// `plan::images` is for plan and apply; a watcher observes one VM at a
     /// time, so it judges from what it saw of the others).
-    pub(super) fn image_clash(&self, vm: &str, want: &DesiredVm) -> Option<String> {
+    pub(super) fn image_clash(vms: &Vms, vm: &str, want: &DesiredVm) -> Option<String> {
         // Most VMs of a fleet attach nothing: no walk over the others then.
         want.config.images().next()?;
-        let has: BTreeSet<&std::path::Path> = self
-            .vms
+        let has: BTreeSet<&std::path::Path> = vms
             .get(vm)
             .and_then(|e| e.images.as_ref())
             .into_iter()
             .flatten()
             .map(|(p, _)| p.as_path())
             .collect();
-        let holdings = self
-            .vms
+        let holdings = vms
             .iter()
             .filter_map(|(n, e)| e.images.as_ref().map(|i| (n, i)));
         let held = index_images(holdings, "as last reconciled");
@@ -174,8 +189,8 @@ impl Watcher {
 
     /// Marks for removal the VMs a later scan confirmed absent, when nothing
     /// forbids it.
-    fn consider_pruning(&mut self) {
-        let candidates = policy::prune_candidates(&self.vms, self.pruning.scans);
+    fn consider_pruning(&mut self, vms: &mut Vms) {
+        let candidates = policy::prune_candidates(vms, self.pruning.scans);
         if candidates.is_empty() {
             return;
         }
@@ -185,8 +200,7 @@ impl Watcher {
         }
         // The rule plan and apply follow: never every VM of this host
         // without --allow-empty, never more than --max-prune at once.
-        let removing: Vec<String> = self
-            .vms
+        let removing: Vec<String> = vms
             .iter()
             .filter(|(n, e)| e.known && (e.prune || candidates.contains(n)))
             .map(|(n, _)| n.clone())
@@ -196,15 +210,15 @@ impl Watcher {
             elsewhere: self.specs.elsewhere,
             by: self.specs.placed_by.clone(),
         };
-        let known = self.vms.values().filter(|e| e.known).count();
-        let guard = &self.opts.prune_guard;
+        let known = vms.values().filter(|e| e.known).count();
+        let guard = &self.guard;
         if let Err(refused) = crate::plan::prune::check(&removing, known, &selection, guard) {
             if self.pruning.refused.as_ref() != Some(&refused.message) {
                 tracing::warn!(vms = ?candidates, "{refused}");
                 self.pruning.refused = Some(refused.message.clone());
             }
             for name in &candidates {
-                self.tracked(name).status.held = vec![
+                tracked(vms, name).status.held = vec![
                     "destroy: no spec names it (a prune)".into(),
                     refused.message.clone(),
                 ];
@@ -213,7 +227,7 @@ impl Watcher {
         }
         self.pruning.refused = None;
         for name in candidates {
-            if let Some(e) = self.vms.get_mut(&name)
+            if let Some(e) = vms.get_mut(&name)
                 && e.known
             {
                 e.prune = true;
