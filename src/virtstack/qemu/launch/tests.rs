@@ -247,30 +247,18 @@ fn memory_above_the_boot_size_is_a_virtio_mem_region_starting_empty() {
     let dir = StateDir {
         root: "/run/uvmctl-test".into(),
     };
-    let (a, _) = argv(
-        "web",
-        &pinned,
-        &Resolved::default(),
-        TEST_FDS,
-        Some(TEST_UUID),
-        &dir,
-        Accel::Tcg,
-    );
+    let pinned_argv = |accel| {
+        let res = Resolved::default();
+        argv("web", &pinned, &res, TEST_FDS, Some(TEST_UUID), &dir, accel).0
+    };
+    let a = pinned_argv(Accel::Tcg);
     assert_eq!(after(&a, "-m"), vec!["256M"]);
     assert!(!a.iter().any(|x| x.contains("virtio-mem")));
     // Its QEMU locks all of itself: under TCG its translation buffer is
     // small (QEMU's default locked 1.6 GB for this 256 MB guest); KVM has none.
     assert_eq!(after(&a, "-machine"), vec!["pc"]);
     assert_eq!(after(&a, "-accel"), vec!["tcg,tb-size=128"]);
-    let (kvm, _) = argv(
-        "web",
-        &pinned,
-        &Resolved::default(),
-        TEST_FDS,
-        Some(TEST_UUID),
-        &dir,
-        Accel::Kvm,
-    );
+    let kvm = pinned_argv(Accel::Kvm);
     assert_eq!(after(&kvm, "-machine"), vec!["pc,accel=kvm"]);
     assert!(after(&kvm, "-accel").is_empty());
 
