@@ -366,7 +366,8 @@ pub struct WatchArgs {
     /// Rescan the specs and re-observe every VM this often (30s, 5m, ...).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub resync: Duration,
-    /// Quiet time per file before its change counts.
+    /// Quiet time of the spec directory before its changes count (at most
+    /// ten times this while changes keep coming).
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     pub debounce: Duration,
     /// Hold (do not execute) changes more disruptive than this.

@@ -142,19 +142,16 @@ async fn remove_sets(q: &Qmp, ids: &[u64]) {
 }
 
 /// Attaches a disk: its opened `image` handed over in an fd set of its own
-/// (tagged, so the removal finds it), then file node (opening the set),
-/// format node (stated, never probed), throttle node, device. On failure,
-/// the nodes and the fd set already created are removed again.
-///
-/// Commands that do not wait on each other's answers go out together: QEMU
-/// runs one monitor's commands in order, so a node added after the one it
-/// stacks on finds it, and a failure shows in every node after it. What a
-/// `device_del` made by hand leaves behind is cleared only when it is
-/// there: nodes of the LUN's names (the add then meets them, and is made
-/// again once they are gone), and fd sets of its tag (found with the add,
-/// removed after it, whether it went through or not: left, one keeps the
-/// old image open in QEMU, read-write, however often the LUN is replugged;
-/// issue 31).
+/// (tagged, so the removal finds it), then its file node (opening the set),
+/// format node (stated, never probed) and throttle node as one nested
+/// `blockdev-add`, with the query of fd sets beside it (QEMU runs one
+/// monitor's commands in order), then the device. On failure, the nodes
+/// and the fd set created are removed again. What a `device_del` made by
+/// hand leaves behind is cleared only when it is there: nodes of the LUN's
+/// names (the add then meets them, and is made again once they are gone),
+/// and fd sets of its tag (found with the add, removed after it, whether it
+/// went through or not: left, one keeps the old image open in QEMU,
+/// read-write, however often the LUN is replugged; issue 31).
 pub async fn add_scsi_disk(
     q: &Qmp,
     controller: u32,
@@ -165,6 +162,7 @@ pub async fn add_scsi_disk(
     let opaque = disk_fdset_opaque(controller, disk.lun);
     let (set, _) = q.add_fd(&opaque, image.file.as_fd()).await?;
     let (nodes, device) = scsi_disk_args(controller, disk, image, &format!("/dev/fdset/{set}"));
+    let nodes = nested(nodes);
     let (mut plugged, sets) = join(
         plug_disk(q, &names, nodes.clone(), device.clone()),
         q.execute("query-fdsets", None),
@@ -197,39 +195,29 @@ fn is_duplicate_node(e: &QmpError) -> bool {
     matches!(e, QmpError::Command { desc, .. } if desc.contains("Duplicate nodes"))
 }
 
-/// The disk's nodes (bottom first, sent together), then its device once
-/// every node is there: a device named after a node left from before must
-/// never be plugged onto that one. On failure the nodes this call made are
-/// deleted again.
-async fn plug_disk(
-    q: &Qmp,
-    names: &[String],
-    nodes: Vec<Value>,
-    device: Value,
-) -> Result<(), QmpError> {
-    let adds = nodes
-        .into_iter()
-        .map(|node| q.execute("blockdev-add", Some(node)));
-    let added = join_all(adds).await;
-    // Top first: `names` runs from the device's node down, `added` up.
-    let created: Vec<String> = added
-        .iter()
-        .zip(names.iter().rev())
-        .filter(|(r, _)| r.is_ok())
-        .map(|(_, name)| name.clone())
-        .rev()
-        .collect();
-    let failed = match added.into_iter().find_map(Result::err) {
-        Some(e) => Some(e),
-        None => q.execute("device_add", Some(device)).await.err(),
-    };
-    match failed {
-        Some(e) => {
-            delete_nodes(q, &created).await;
-            Err(e)
-        }
-        None => Ok(()),
+/// The disk's nodes as one `blockdev-add` (QEMU makes all of them or none),
+/// then its device once they are there: a device named after a node left
+/// from before must never be plugged onto that one. If the device fails,
+/// the nodes go again (deleting the top one frees those it made).
+async fn plug_disk(q: &Qmp, names: &[String], nodes: Value, device: Value) -> Result<(), QmpError> {
+    q.execute("blockdev-add", Some(nodes)).await?;
+    let plugged = q.execute("device_add", Some(device)).await;
+    if plugged.is_err() {
+        delete_nodes(q, names).await;
     }
+    plugged.map(|_| ())
+}
+
+/// `nodes` (bottom first, each naming the one below as its `file`) as one
+/// nested definition: the top node, holding the rest.
+fn nested(nodes: Vec<Value>) -> Value {
+    nodes
+        .into_iter()
+        .reduce(|below, mut node| {
+            node["file"] = below;
+            node
+        })
+        .unwrap_or(Value::Null)
 }
 
 /// Best-effort deletion of block nodes, top first (sent together: QEMU
@@ -602,5 +590,27 @@ pub async fn wait_migration(q: &Qmp, timeout: Duration) -> Result<(), MigrationE
             return Err(MigrationError::Timeout(timeout));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three nodes of a disk become one definition, top first, each
+    /// holding the one below as its `file`, with every name kept.
+    #[test]
+    fn a_disks_nodes_nest_under_the_top_one() {
+        let nodes = vec![
+            json!({"driver": "file", "node-name": "f", "filename": "/dev/fdset/3"}),
+            json!({"driver": "raw", "node-name": "r", "file": "f"}),
+            json!({"driver": "throttle", "node-name": "t", "throttle-group": "qos", "file": "r"}),
+        ];
+        assert_eq!(
+            nested(nodes),
+            json!({"driver": "throttle", "node-name": "t", "throttle-group": "qos", "file":
+                {"driver": "raw", "node-name": "r", "file":
+                    {"driver": "file", "node-name": "f", "filename": "/dev/fdset/3"}}})
+        );
     }
 }
