@@ -268,7 +268,6 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc::unbounded_channel;
 
-
     fn paths(names: &[&str]) -> FsChange {
         FsChange::Paths(names.iter().map(PathBuf::from).collect())
     }
@@ -340,7 +339,8 @@ mod tests {
             relevant(event(modify, &["/s"]), root),
             Some(FsChange::Rescan)
         );
-        let lost = notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        let lost =
+            notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert_eq!(relevant(Ok(lost), root), Some(FsChange::Rescan));
         assert_eq!(
             relevant(Err(notify::Error::generic("queue")), root),
@@ -360,11 +360,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(6));
         raw_tx.send(Some(paths(&["/s/b.yaml"]))).expect("send");
         let got = next(&mut rx).await;
-        assert!(t0.elapsed() >= Duration::from_millis(16), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(16),
+            "{:?}",
+            t0.elapsed()
+        );
         assert_eq!(got, paths(&["/s/a.yaml", "/s/b.yaml"]));
         raw_tx.send(None).expect("send");
         thread.join().expect("ends when told");
-        assert!(rx.recv().await.is_none(), "nothing more, and its sender gone");
+        assert!(
+            rx.recv().await.is_none(),
+            "nothing more, and its sender gone"
+        );
     }
 
     async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<FsChange>) -> FsChange {
