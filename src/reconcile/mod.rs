@@ -237,11 +237,22 @@ impl Planned {
         }
         let mut plan = plan::plan(&loaded.desired, &observed, vs.capabilities(), opts);
         plan::prune::guard(&mut plan, host_vms, &selection, &opts.guard);
-        let held = plan::images::held_by_others(
+        let mut held = plan::images::held_by_others(
             &plan,
             &loaded.desired,
             whole_host.as_ref().unwrap_or(&observed),
         );
+        // A health probe the virtstack does not run: said for every VM that
+        // asks for one, changed or not (its health could never be judged).
+        for (name, want) in &loaded.desired.vms {
+            if held.iter().any(|r| r.vm == *name) {
+                continue;
+            }
+            let refusals = vs.capabilities().probe_refusals(&want.config);
+            if let Some((field, why)) = refusals.first() {
+                held.push(plan::Refused::new(name, want, &format!("{field}: {why}")));
+            }
+        }
         Ok(Planned {
             loaded,
             observed,
@@ -474,5 +485,70 @@ mod tests {
              b: qmp migrate failed\n  c: qmp migrate failed"
         );
         assert!(!applied.converged());
+    }
+
+    /// Issue 34: a probe kind the virtstack does not run refuses the VM at
+    /// plan time, at the probe's field, with the virtstack's reason; one it
+    /// runs is no refusal.
+    #[test]
+    fn a_health_probe_the_virtstack_cannot_run_is_refused_at_plan_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = |name: &str, kind: &str| {
+            format!(
+                "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: {name}\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n  health:\n    probes:\n      - kind: agent\n      - kind: {kind}\n"
+            )
+        };
+        std::fs::write(dir.path().join("a.yaml"), spec("a", "notify")).expect("write");
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            spec("b", "console\n        pattern: x"),
+        )
+        .expect("write");
+        let loaded = spec::load_dir(dir.path());
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let qemu = crate::virtstack::fake::Fake::new(crate::vm::Capabilities::qemu(
+            &crate::vm::HostFacts::default(),
+        ));
+        let planned = Planned::new(
+            loaded,
+            ObservedState::default(),
+            &qemu,
+            &PlanOptions::default(),
+            &[],
+        )
+        .expect("planned");
+        let refused = planned.refused(None);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        let r = &refused[0];
+        assert_eq!(
+            (r.vm.as_str(), r.field.as_str(), r.line, r.column),
+            ("a", "spec.health.probes[1].kind", Some(16), Some(9))
+        );
+        assert_eq!(
+            r.message,
+            "notify probes: the qemu virtstack does not listen for READY=1 over vsock yet"
+        );
+        let hcs = crate::virtstack::fake::Fake::new(crate::vm::Capabilities::hcs());
+        let loaded = spec::load_dir(dir.path());
+        let planned = Planned::new(
+            loaded,
+            ObservedState::default(),
+            &hcs,
+            &PlanOptions::default(),
+            &[],
+        )
+        .expect("planned");
+        let refused: Vec<String> = planned
+            .refused(None)
+            .iter()
+            .map(|r| format!("{}: {}: {}", r.vm, r.field, r.message))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                "a: spec.health.probes[0].kind: agent probes: the hcs virtstack has no way to probe a guest",
+                "b: spec.health.probes[0].kind: agent probes: the hcs virtstack has no way to probe a guest",
+            ]
+        );
     }
 }

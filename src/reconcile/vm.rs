@@ -261,8 +261,8 @@ pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmRec
     };
 }
 
-/// Why the plan may not run on this host: a host path the virtstack
-/// refuses, or an image another VM has.
+/// Why the plan may not run on this host: a health probe the virtstack does
+/// not run, a host path it refuses, or an image another VM has.
 async fn refusal(
     vs: &dyn Virtstack,
     job: &VmJob,
@@ -272,6 +272,11 @@ async fn refusal(
     done: &mut VmReconciled,
 ) -> Option<String> {
     let vm_plan = the_plan.vms.first()?;
+    if let Some(want) = &job.desired
+        && let Some((field, why)) = vs.capabilities().probe_refusals(&want.config).first()
+    {
+        return Some(format!("{field}: {why}"));
+    }
     // Every host path is checked before a launch; a live change checks
     // the paths it adds itself (the change verb opens them), so a VM that
     // only changes live is not re-read whole on every edit.

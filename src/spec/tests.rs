@@ -49,7 +49,7 @@ fn a_valid_document_loads_with_defaults() {
 fn unknown_fields_are_refused_at_their_position() {
     assert_eq!(
         one_error(&vm("web", "  procesors:\n    count: 2\n")),
-        "t.yaml:13:3: spec.procesors: unknown field `procesors`, expected one of `boot`, `guestOS`, `memory`, `networkAdapters`, `pciDevices`, `plan9Shares`, `policy`, `powerState`, `processors`, `scsiControllers`, `serialConsoles`, `storageQos`, `vmSockets`, `vpmem`, `vsmbShares`, `windows` (did you mean `processors`?)"
+        "t.yaml:13:3: spec.procesors: unknown field `procesors`, expected one of `boot`, `guestOS`, `health`, `memory`, `networkAdapters`, `pciDevices`, `plan9Shares`, `policy`, `powerState`, `processors`, `scsiControllers`, `serialConsoles`, `storageQos`, `vmSockets`, `vpmem`, `vsmbShares`, `windows` (did you mean `processors`?)"
     );
 }
 

@@ -606,6 +606,123 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
     if let Some(g) = c.windows.as_mut().and_then(|w| w.cpu_group.as_mut()) {
         check_guid(v, "spec.windows.cpuGroup", g);
     }
+    if let Some(h) = &c.health {
+        check_health(v, h);
+    }
+}
+
+/// Most probes in `spec.health`.
+pub const MAX_PROBES: usize = 16;
+/// Most words in an `exec` probe's command.
+pub const MAX_PROBE_WORDS: usize = 16;
+/// Longest console probe pattern, in bytes.
+pub const MAX_PROBE_PATTERN_BYTES: usize = 256;
+/// Longest probe deadline, in seconds (a day).
+pub const MAX_PROBE_SECONDS: u32 = 86_400;
+/// How large a console pattern may compile (regex's own size measure): a
+/// pattern is matched against every console line a guest writes.
+const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 20;
+
+/// A word the test guest's agent takes as an argument (guest/README.md):
+/// an `exec` probe's words go to it as one line.
+fn agent_word(w: &str) -> bool {
+    !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'))
+}
+
+fn check_health(v: &mut Checker, h: &Health) {
+    if h.probes.is_empty() {
+        v.err("spec.health.probes", "give at least one probe");
+    }
+    if h.probes.len() > MAX_PROBES {
+        v.err(
+            "spec.health.probes",
+            format!("{} probes; at most {MAX_PROBES}", h.probes.len()),
+        );
+    }
+    for (i, p) in h.probes.iter().enumerate().take(MAX_PROBES) {
+        let at = |f: &str| format!("spec.health.probes[{i}].{f}");
+        match (p.kind, p.command.is_empty()) {
+            (ProbeKind::Exec, true) => v.err(at("command"), "an exec probe needs a command"),
+            (ProbeKind::Exec, false) => {
+                if p.command.len() > MAX_PROBE_WORDS {
+                    v.err(
+                        at("command"),
+                        format!("{} words; at most {MAX_PROBE_WORDS}", p.command.len()),
+                    );
+                }
+                if let Some((j, w)) = p.command.iter().enumerate().find(|(_, w)| !agent_word(w)) {
+                    v.err(
+                        format!("spec.health.probes[{i}].command[{j}]"),
+                        format!(
+                            "{} is not a word the guest agent takes (letters, digits, '.', '_', '/', '-')",
+                            excerpt(w)
+                        ),
+                    );
+                }
+            }
+            (_, false) => v.err(at("command"), "only an exec probe has a command"),
+            (_, true) => {}
+        }
+        match (p.kind, &p.pattern) {
+            (ProbeKind::Console, None) => v.err(at("pattern"), "a console probe needs a pattern"),
+            (ProbeKind::Console, Some(pat)) if pat.len() > MAX_PROBE_PATTERN_BYTES => v.err(
+                at("pattern"),
+                format!("{} bytes; at most {MAX_PROBE_PATTERN_BYTES}", pat.len()),
+            ),
+            (ProbeKind::Console, Some(pat)) => {
+                if let Err(e) = console_pattern(pat) {
+                    // regex draws the pattern over several lines; the last says what.
+                    let e = e.to_string();
+                    let what = e
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ");
+                    v.err(at("pattern"), format!("not a regular expression: {what}"));
+                }
+            }
+            (_, Some(_)) => v.err(at("pattern"), "only a console probe has a pattern"),
+            (_, None) => {}
+        }
+        v.range(&at("intervalSeconds"), p.interval_seconds, 1, 3600);
+        v.range(
+            &at("deadlineSeconds"),
+            p.deadline_seconds,
+            1,
+            MAX_PROBE_SECONDS,
+        );
+        v.range(
+            &at("minHealthySeconds"),
+            p.min_healthy_seconds,
+            0,
+            MAX_PROBE_SECONDS,
+        );
+        if u64::from(p.min_healthy_seconds) + u64::from(p.interval_seconds)
+            > u64::from(p.deadline_seconds)
+        {
+            v.err(
+                at("deadlineSeconds"),
+                format!(
+                    "{} s leaves no time to pass for {} s asked every {} s: give at least minHealthySeconds + intervalSeconds",
+                    p.deadline_seconds, p.min_healthy_seconds, p.interval_seconds
+                ),
+            );
+        }
+    }
+}
+
+/// A console probe's pattern, compiled within bounds (a pattern a stranger
+/// wrote is matched against everything the guest prints).
+///
+/// # Errors
+/// When it does not compile, or compiles too large.
+pub fn console_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .dfa_size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .build()
 }
 
 /// A disk image attached writable must be attached once only; read-only may repeat.
@@ -636,6 +753,65 @@ fn check_shared_disk<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VM with `health` (indented under `spec:`), loaded: its errors as shown.
+    fn health_errors(health: &str) -> Vec<String> {
+        let text = format!(
+            "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: web\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n  health:\n{health}"
+        );
+        crate::spec::load_texts(&[("t.yaml".into(), text)])
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn health_probes_load_with_their_defaults() {
+        let text = "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: web\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: /k/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n  health:\n    probes:\n      - kind: agent\n      - kind: exec\n        command: [cat, /sys/block/sda/size]\n        minHealthySeconds: 0\n      - kind: console\n        pattern: '^login:'\n";
+        let loaded = crate::spec::load_texts(&[("t.yaml".into(), text.to_string())]);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let health = loaded.desired.vms["web"]
+            .config
+            .health
+            .clone()
+            .expect("health");
+        let labels: Vec<String> = health.probes.iter().map(Probe::label).collect();
+        assert_eq!(
+            labels,
+            ["agent", "exec cat /sys/block/sda/size", "console /^login:/"]
+        );
+        assert_eq!(
+            (
+                health.probes[0].interval_seconds,
+                health.probes[0].deadline_seconds,
+                health.probes[0].min_healthy_seconds
+            ),
+            (2, 120, 10)
+        );
+        assert_eq!(health.probes[1].min_healthy_seconds, 0);
+    }
+
+    #[test]
+    fn a_health_probe_that_cannot_run_is_refused_at_its_field() {
+        let errors = health_errors(
+            "    probes:\n      - kind: exec\n      - kind: exec\n        command: [cat, 'a b']\n      - kind: agent\n        pattern: x\n        command: [ping]\n      - kind: console\n        pattern: '(unclosed'\n      - kind: console\n      - kind: notify\n        intervalSeconds: 5\n        minHealthySeconds: 10\n        deadlineSeconds: 12\n",
+        );
+        let want = [
+            "t.yaml:15:9: spec.health.probes[0].command: an exec probe needs a command",
+            "t.yaml:17:24: spec.health.probes[1].command[1]: \"a b\" is not a word the guest agent takes (letters, digits, '.', '_', '/', '-')",
+            "t.yaml:19:9: spec.health.probes[2].pattern: only a console probe has a pattern",
+            "t.yaml:20:9: spec.health.probes[2].command: only an exec probe has a command",
+            "t.yaml:22:9: spec.health.probes[3].pattern: not a regular expression: unclosed group",
+            "t.yaml:23:9: spec.health.probes[4].pattern: a console probe needs a pattern",
+            "t.yaml:27:9: spec.health.probes[5].deadlineSeconds: 12 s leaves no time to pass for 10 s asked every 5 s: give at least minHealthySeconds + intervalSeconds",
+        ];
+        assert_eq!(errors, want);
+        assert_eq!(
+            health_errors("    probes: []\n"),
+            ["t.yaml:14:5: spec.health.probes: give at least one probe"]
+        );
+    }
 
     #[test]
     fn guids_are_canonicalized_and_malformed_ones_refused() {

@@ -65,6 +65,8 @@ pub fn capabilities() -> Capabilities {
         isolation: None,
     });
     caps.virtstack = SIM.to_string();
+    // Every probe kind answers by the simulator's health rule.
+    caps.probe_refused.clear();
     caps
 }
 

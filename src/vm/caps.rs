@@ -2,7 +2,7 @@
 //! the disruption each cell costs. Pure data; each virtstack builds its own
 //! profile beside its code.
 
-use super::config::VmConfig;
+use super::config::{ProbeKind, VmConfig};
 use super::items::{ItemKey, Items, ResourceKind, flatten};
 use super::{Disruption, GuestOs, Resource, ResourceOperation};
 use serde::Serialize;
@@ -73,6 +73,9 @@ pub struct Capabilities {
     /// How one VM's processes are kept from another's, on this host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<String>,
+    /// Health probe kinds (`spec.health`) it does not run, with why.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub probe_refused: BTreeMap<ProbeKind, String>,
 }
 
 /// Something in a VM that may keep a virtstack from saving its guest state.
@@ -198,16 +201,43 @@ impl std::fmt::Display for Refusal {
 }
 
 impl Capabilities {
-    /// An empty matrix: everything unsupported until set.
+    /// An empty matrix: everything unsupported until set, and no health
+    /// probe run until a virtstack says it runs one.
     pub fn new(virtstack: impl Into<String>) -> Self {
+        let virtstack = virtstack.into();
+        let no_probe = format!("the {virtstack} virtstack has no way to probe a guest");
         Capabilities {
-            virtstack: virtstack.into(),
             matrix: BTreeMap::new(),
             guest_os: BTreeSet::new(),
             cold_refused: BTreeMap::new(),
             save_refused: BTreeMap::new(),
             isolation: None,
+            probe_refused: ProbeKind::ALL
+                .iter()
+                .map(|k| (*k, no_probe.clone()))
+                .collect(),
+            virtstack,
         }
+    }
+
+    /// The probes of `cfg`'s `spec.health` this virtstack does not run:
+    /// (field, why), for the plan to refuse the VM with.
+    pub fn probe_refusals(&self, cfg: &VmConfig) -> Vec<(String, String)> {
+        let Some(health) = &cfg.health else {
+            return Vec::new();
+        };
+        health
+            .probes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let why = self.probe_refused.get(&p.kind)?;
+                Some((
+                    format!("spec.health.probes[{i}].kind"),
+                    format!("{} probes: {why}", p.kind.as_str()),
+                ))
+            })
+            .collect()
     }
 
     /// Why this virtstack cannot save `cfg`'s guest, if it cannot (what in
@@ -426,6 +456,12 @@ impl Capabilities {
             out += "\nCold settings it does not build:\n\n";
             for (setting, why) in &self.cold_refused {
                 out += &format!("- `{}`: {why}\n", setting.field());
+            }
+        }
+        if !self.probe_refused.is_empty() {
+            out += "\nHealth probes it does not run:\n\n";
+            for (kind, why) in &self.probe_refused {
+                out += &format!("- `{}`: {why}\n", kind.as_str());
             }
         }
         out

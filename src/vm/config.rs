@@ -269,6 +269,125 @@ pub struct VmConfig {
     /// Options only a Windows host has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<WindowsOptions>,
+    /// How uvmctl tells that a change left the guest healthy. Not part of
+    /// the VM: changing it changes nothing in the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// `spec.health`: probes judged after every change that reaches the guest.
+/// The change is healthy once every probe has passed, without a failure,
+/// for its `minHealthySeconds`; unhealthy when one has not by its
+/// `deadlineSeconds`, or at once when the guest panics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Health {
+    /// At least one.
+    pub probes: Vec<Probe>,
+}
+
+/// One health probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probe {
+    /// What is asked of the guest.
+    pub kind: ProbeKind,
+    /// `exec` only: the agent command and its arguments; it passes when
+    /// the agent answers OK.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strict::list"
+    )]
+    pub command: Vec<String>,
+    /// `console` only: a regular expression; it passes once a line the
+    /// guest wrote to COM1 since the change matches.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::option"
+    )]
+    pub pattern: Option<String>,
+    /// Seconds between two asks (default 2).
+    #[serde(default = "Probe::default_interval")]
+    pub interval_seconds: u32,
+    /// Seconds from the change by which it must have passed for
+    /// `minHealthySeconds` (default 120).
+    #[serde(default = "Probe::default_deadline")]
+    pub deadline_seconds: u32,
+    /// Seconds it must keep passing (default 10).
+    #[serde(default = "Probe::default_min_healthy")]
+    pub min_healthy_seconds: u32,
+}
+
+impl Probe {
+    fn default_interval() -> u32 {
+        2
+    }
+    fn default_deadline() -> u32 {
+        120
+    }
+    fn default_min_healthy() -> u32 {
+        10
+    }
+
+    /// A probe of `kind` with the default times.
+    pub fn of(kind: ProbeKind) -> Self {
+        Probe {
+            kind,
+            command: Vec::new(),
+            pattern: None,
+            interval_seconds: Self::default_interval(),
+            deadline_seconds: Self::default_deadline(),
+            min_healthy_seconds: Self::default_min_healthy(),
+        }
+    }
+
+    /// How it is named in plans, logs and status: `agent`, `exec cat /x`,
+    /// `console /login:/`.
+    pub fn label(&self) -> String {
+        match self.kind {
+            ProbeKind::Exec => format!("exec {}", self.command.join(" ")),
+            ProbeKind::Console => format!("console /{}/", self.pattern.as_deref().unwrap_or("")),
+            k => k.as_str().to_string(),
+        }
+    }
+}
+
+/// The kinds of health probe.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeKind {
+    /// The guest sends `READY=1` (sd_notify) over vsock.
+    Notify,
+    /// The guest agent answers.
+    Agent,
+    /// An agent command answers OK.
+    Exec,
+    /// A line on COM1 matches `pattern`.
+    Console,
+}
+
+impl ProbeKind {
+    /// Every kind, in a stable order.
+    pub const ALL: [ProbeKind; 4] = [
+        ProbeKind::Notify,
+        ProbeKind::Agent,
+        ProbeKind::Exec,
+        ProbeKind::Console,
+    ];
+
+    /// As written in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Notify => "notify",
+            ProbeKind::Agent => "agent",
+            ProbeKind::Exec => "exec",
+            ProbeKind::Console => "console",
+        }
+    }
 }
 
 /// Per-VM policy: not part of the VM, but of what uvmctl may do to it.
@@ -700,6 +819,8 @@ impl VmConfig {
             pci_devices,
             vm_sockets,
             windows,
+            // uvmctl's, not the VM's: no change of it is planned.
+            health: _,
         } = self;
         *guest_os == other.guest_os
             && *policy == other.policy

@@ -3,6 +3,7 @@
 
 use super::devices::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
 use super::state::{OVMF_CODE, OVMF_VARS};
+use crate::vm::config::ProbeKind;
 use crate::vm::{
     Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation,
     SaveBlocker, Support,
@@ -16,6 +17,14 @@ impl Capabilities {
     pub fn qemu(host: &HostFacts) -> Self {
         use Resource::*;
         let mut c = Capabilities::new(crate::vm::QEMU);
+        // The agent's channel and the console log are part of every VM.
+        for kind in [ProbeKind::Agent, ProbeKind::Exec, ProbeKind::Console] {
+            c.probe_refused.remove(&kind);
+        }
+        c.probe_refused.insert(
+            ProbeKind::Notify,
+            "the qemu virtstack does not listen for READY=1 over vsock yet".into(),
+        );
         let live = Support::live;
         let no_update =
             |what: &str| Support::restart(format!("{what} is re-created at the next start"));
