@@ -3,6 +3,7 @@
 
 pub mod caps;
 pub mod config;
+pub mod health;
 pub mod items;
 mod name;
 pub mod observed;
