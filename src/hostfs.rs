@@ -402,6 +402,41 @@ pub fn read_state_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Up to `limit` bytes of a file uvmctl keeps in its state (not followed
+/// through a link), from byte `from`: from its end when `None`, from its
+/// start when it is shorter than `from` now (a log rotated since). Returns
+/// the bytes and where they start.
+///
+/// # Errors
+/// The OS error; `ELOOP` for a link.
+pub fn read_state_file_from(
+    path: &Path,
+    from: Option<u64>,
+    limit: u64,
+) -> io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags(OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK))
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let start = match from {
+        None => meta.len(),
+        Some(n) if n > meta.len() => 0,
+        Some(n) => n,
+    };
+    file.seek(SeekFrom::Start(start))?;
+    let mut out = Vec::new();
+    file.take(limit).read_to_end(&mut out)?;
+    Ok((out, start))
+}
+
 /// Clears `O_NONBLOCK` (set only so the open could not hang on a FIFO) once
 /// the file is known to be what was expected.
 fn blocking(file: &File) -> io::Result<()> {

@@ -619,9 +619,6 @@ pub const MAX_PROBE_WORDS: usize = 16;
 pub const MAX_PROBE_PATTERN_BYTES: usize = 256;
 /// Longest probe deadline, in seconds (a day).
 pub const MAX_PROBE_SECONDS: u32 = 86_400;
-/// How large a console pattern may compile (regex's own size measure): a
-/// pattern is matched against every console line a guest writes.
-const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 20;
 
 /// A word the test guest's agent takes as an argument (guest/README.md):
 /// an `exec` probe's words go to it as one line.
@@ -672,7 +669,7 @@ fn check_health(v: &mut Checker, h: &Health) {
                 format!("{} bytes; at most {MAX_PROBE_PATTERN_BYTES}", pat.len()),
             ),
             (ProbeKind::Console, Some(pat)) => {
-                if let Err(e) = console_pattern(pat) {
+                if let Err(e) = crate::vm::health::console_pattern(pat) {
                     // regex draws the pattern over several lines; the last says what.
                     let e = e.to_string();
                     let what = e
@@ -711,18 +708,6 @@ fn check_health(v: &mut Checker, h: &Health) {
             );
         }
     }
-}
-
-/// A console probe's pattern, compiled within bounds (a pattern a stranger
-/// wrote is matched against everything the guest prints).
-///
-/// # Errors
-/// When it does not compile, or compiles too large.
-pub fn console_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(MAX_PATTERN_PROGRAM_BYTES)
-        .dfa_size_limit(MAX_PATTERN_PROGRAM_BYTES)
-        .build()
 }
 
 /// A disk image attached writable must be attached once only; read-only may repeat.

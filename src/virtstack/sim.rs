@@ -14,6 +14,12 @@
 //! `apply`, `watch` and `status` in different processes agree (one apply or
 //! watcher at a time, as the state directory's lock makes it).
 //!
+//! Health (`spec.health`) follows one documented rule: every probe of a
+//! running VM passes (a console probe with the line `uvmctl-sim: ready`),
+//! unless its kernel command line (or UEFI arguments) has the word
+//! [`UNHEALTHY_WORD`], when every probe fails. A VM that does not run fails
+//! every probe.
+//!
 //! What it does not simulate: events (a watcher sees changes made by other
 //! processes at its next resync), guests (a VM is ready as soon as it
 //! runs), crashes, and host paths (they are never opened, so a missing
@@ -21,6 +27,8 @@
 
 use super::fake::{Fake, FakeVm};
 use super::records::{Layout, RecordError, RecordStore};
+use crate::vm::config::{Probe, ProbeKind};
+use crate::vm::health::{Answer, ProbeCursor};
 use crate::vm::{
     Capabilities, Change, HostFacts, Observe, ObservedVm, State, Virtstack, VmError, VmName,
     VmStats, config::VmConfig,
@@ -36,6 +44,34 @@ type Result<T, E = VmError> = std::result::Result<T, E>;
 
 /// Name of the simulator virtstack.
 pub const SIM: &str = crate::vm::VirtstackKind::Sim.as_str();
+
+/// The kernel command-line word that makes a simulated guest unhealthy.
+pub const UNHEALTHY_WORD: &str = "uvmctl.sim.unhealthy";
+
+/// What a probe of a simulated VM answers, by the simulator's health rule.
+fn simulated_answer(rec: &SimRecord, probe: &Probe) -> Answer {
+    if rec.state != State::Running {
+        return Answer::fail(format!("the simulated VM is {}", rec.state));
+    }
+    let boot = &rec.config.boot;
+    let words = boot
+        .linux_kernel_direct
+        .as_ref()
+        .map(|k| k.cmdline.as_str())
+        .into_iter()
+        .chain(boot.uefi.as_ref().map(|u| u.args.as_str()));
+    if words
+        .flat_map(str::split_whitespace)
+        .any(|w| w == UNHEALTHY_WORD)
+    {
+        return Answer::fail(format!("simulated: {UNHEALTHY_WORD} on its command line"));
+    }
+    match probe.kind {
+        ProbeKind::Agent => Answer::pass("pong"),
+        ProbeKind::Console => Answer::pass("uvmctl-sim: ready"),
+        ProbeKind::Exec | ProbeKind::Notify => Answer::pass("simulated"),
+    }
+}
 
 /// A record is read up to this size (a VM's whole configuration).
 const MAX_RECORD_BYTES: u64 = 1 << 20;
@@ -286,6 +322,15 @@ impl Virtstack for Sim {
         Ok(self.existing(name)?.state == State::Running)
     }
 
+    async fn probe(
+        &self,
+        name: &VmName,
+        probe: &Probe,
+        _cursor: &mut ProbeCursor,
+    ) -> Result<Answer> {
+        Ok(simulated_answer(&self.existing(name)?, probe))
+    }
+
     async fn stats(&self, name: &VmName) -> Result<VmStats> {
         let rec = self.existing(name)?;
         Ok(VmStats {
@@ -338,6 +383,43 @@ mod tests {
         assert!(
             Sim::new(dir.path()).list().await.expect("list").is_empty(),
             "the suite leaves no VM"
+        );
+    }
+
+    /// The documented health rule: a running guest passes every probe, one
+    /// with the word on its command line fails them, a stopped one too.
+    #[tokio::test]
+    async fn simulated_health_follows_its_rule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Sim::ensure_dir(dir.path()).expect("records dir");
+        let sim = Sim::new(dir.path());
+        let probe = Probe::of(ProbeKind::Agent);
+        let ask = |vm: VmName| {
+            let sim = &sim;
+            let probe = &probe;
+            async move {
+                sim.probe(&vm, probe, &mut ProbeCursor::default())
+                    .await
+                    .expect("probe")
+            }
+        };
+        let (good, bad) = (
+            VmName::new("good").expect("name"),
+            VmName::new("bad").expect("name"),
+        );
+        let mut cfg = crate::plan::tests::base("good");
+        sim.create(&good, &cfg).await.expect("create");
+        assert!(!ask(good.clone()).await.passed, "made, not running");
+        sim.start(&good, false).await.expect("start");
+        assert_eq!(ask(good.clone()).await, Answer::pass("pong"));
+        if let Some(k) = cfg.boot.linux_kernel_direct.as_mut() {
+            k.cmdline = format!("console=ttyS0 {UNHEALTHY_WORD}");
+        }
+        sim.create(&bad, &cfg).await.expect("create");
+        sim.start(&bad, false).await.expect("start");
+        assert_eq!(
+            ask(bad).await,
+            Answer::fail("simulated: uvmctl.sim.unhealthy on its command line")
         );
     }
 

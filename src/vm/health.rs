@@ -15,6 +15,22 @@ use std::time::{Duration, Instant};
 /// bounded whatever a guest prints.
 pub const MAX_ANSWER_CHARS: usize = 200;
 
+/// How large a console pattern may compile (regex's own size measure): a
+/// pattern is matched against every console line a guest writes.
+const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 20;
+
+/// A console probe's pattern, compiled within bounds (a pattern a stranger
+/// wrote is matched against everything the guest prints).
+///
+/// # Errors
+/// When it does not compile, or compiles too large.
+pub fn console_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .dfa_size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .build()
+}
+
 /// One answer of a probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -43,6 +59,18 @@ impl Answer {
         };
         Answer { passed, said }
     }
+}
+
+/// Where a `console` probe reads from in the guest's COM1 log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeCursor {
+    /// From where the log ends at the first ask: a live change is judged by
+    /// what the guest writes after it.
+    #[default]
+    FromNow,
+    /// From this byte of the log (a launch: `At(0)` reads all of this
+    /// launch's log).
+    At(u64),
 }
 
 /// What the judgement says.

@@ -30,7 +30,8 @@
 //! hcsshim's manager vocabulary (`ScsiManager`, `AddSCSIDisk`, ...) maps onto
 //! item kinds; `docs/virtstack.md` has the table.
 
-use super::config::VmConfig;
+use super::config::{Probe, VmConfig};
+use super::health::{Answer, ProbeCursor};
 use super::{Capabilities, Change, ObservedVm, VmError, VmName};
 use async_trait::async_trait;
 
@@ -138,6 +139,30 @@ pub trait Virtstack: Observe {
     async fn events(&self, name: &VmName) -> Result<Option<VmEvents>> {
         let _ = name;
         Ok(None)
+    }
+    /// Asks the guest one probe of its `spec.health`; a probe that does not
+    /// pass is an [`Answer`], not an error. A `console` probe reads only what
+    /// the guest wrote to COM1 past `cursor`, and moves it on.
+    ///
+    /// # Errors
+    /// `Refused` for a kind the capabilities do not run (their reason);
+    /// errors of the VM itself (unknown, no record).
+    async fn probe(
+        &self,
+        name: &VmName,
+        probe: &Probe,
+        cursor: &mut ProbeCursor,
+    ) -> Result<Answer> {
+        let _ = cursor;
+        Err(VmError::Refused {
+            vm: name.to_string(),
+            reason: self
+                .capabilities()
+                .probe_refused
+                .get(&probe.kind)
+                .cloned()
+                .unwrap_or_else(|| format!("{} probes are not run here", probe.kind.as_str())),
+        })
     }
     /// Lets go of what is held open for a VM between operations (QEMU's
     /// control socket serves one client at a time), so another uvmctl

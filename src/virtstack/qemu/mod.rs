@@ -44,6 +44,8 @@ pub use slot::SEEN_TTL;
 pub use state::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 
 use crate::spec::{PowerState, VmConfig};
+use crate::vm::config::Probe;
+use crate::vm::health::{Answer, ProbeCursor};
 use crate::vm::{Capabilities, Change, Observe, ObservedVm, Virtstack, VmError, VmName, VmStats};
 use async_trait::async_trait;
 
@@ -172,6 +174,15 @@ impl Virtstack for Qemu {
 
     async fn stats(&self, name: &VmName) -> Result<VmStats> {
         Ok(self.vm(name).stats().await?)
+    }
+
+    async fn probe(
+        &self,
+        name: &VmName,
+        probe: &Probe,
+        cursor: &mut ProbeCursor,
+    ) -> Result<Answer> {
+        Ok(self.vm(name).probe(probe, cursor).await?)
     }
 
     async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {

@@ -6,8 +6,15 @@ use super::host::{down_state, now_unix};
 use super::machine::Machine;
 use super::{guest, observe, vsock};
 use crate::vm::ObservedVm;
+use crate::vm::config::{Probe, ProbeKind};
+use crate::vm::health::{Answer, ProbeCursor};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// How long one agent or exec probe may take.
+const PROBE_AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of the console log one console probe reads.
+const PROBE_CONSOLE_BYTES: u64 = 1 << 20;
 
 impl Machine<'_> {
     /// The full current state of one VM, read from QEMU itself.
@@ -205,5 +212,89 @@ impl Machine<'_> {
                 vm: name.into(),
                 source,
             })
+    }
+
+    /// Asks the guest one health probe: the agent's `ping`, an agent
+    /// command, or the console log past `cursor`. A VM that does not run
+    /// fails the probe; it is no error.
+    pub async fn probe(
+        &self,
+        probe: &Probe,
+        cursor: &mut ProbeCursor,
+    ) -> Result<Answer, QemuError> {
+        let refused = |why: &str| QemuError::Refused {
+            vm: self.name.into(),
+            reason: format!("{} probes: {why}", probe.kind.as_str()),
+        };
+        if let Some(why) = self.host.caps.probe_refused.get(&probe.kind) {
+            return Err(refused(why));
+        }
+        match self.running_record() {
+            Ok(_) => {}
+            Err(e @ QemuError::NotRunning { .. }) => return Ok(Answer::fail(e.to_string())),
+            Err(e) => return Err(e),
+        }
+        let socket = self.host.opts.state_dir.agent_socket(self.name);
+        let ask = |words: Vec<String>| async move {
+            guest::agent_command(&socket, &words, PROBE_AGENT_TIMEOUT).await
+        };
+        Ok(match probe.kind {
+            ProbeKind::Agent => match ask(vec!["ping".into()]).await {
+                Ok(lines) if lines.iter().any(|l| l == "pong") => Answer::pass("pong"),
+                Ok(lines) => Answer::fail(format!(
+                    "the agent answered {:?}, not pong",
+                    lines.first().map(String::as_str).unwrap_or_default()
+                )),
+                Err(e) => Answer::fail(e.to_string()),
+            },
+            ProbeKind::Exec => match ask(probe.command.clone()).await {
+                Ok(lines) => Answer::pass(lines.into_iter().next().unwrap_or_else(|| "OK".into())),
+                Err(guest::AgentError::Refused(said)) => Answer::fail(said),
+                Err(e) => Answer::fail(e.to_string()),
+            },
+            ProbeKind::Console => self.console_probe(probe, cursor)?,
+            ProbeKind::Notify => return Err(refused("not run by the qemu virtstack")),
+        })
+    }
+
+    /// A console probe: the first whole line past `cursor` that matches.
+    fn console_probe(&self, probe: &Probe, cursor: &mut ProbeCursor) -> Result<Answer, QemuError> {
+        let pattern =
+            crate::vm::health::console_pattern(probe.pattern.as_deref().unwrap_or_default())
+                .map_err(|e| QemuError::Refused {
+                    vm: self.name.into(),
+                    reason: format!("console probe pattern: {e}"),
+                })?;
+        let path = self.host.opts.state_dir.console_log(self.name);
+        let from = match *cursor {
+            ProbeCursor::At(n) => Some(n),
+            ProbeCursor::FromNow => None,
+        };
+        let (bytes, start) =
+            match crate::hostfs::read_state_file_from(&path, from, PROBE_CONSOLE_BYTES) {
+                Ok(read) => read,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Answer::fail("no console log yet"));
+                }
+                Err(e) => {
+                    return Err(QemuError::Os {
+                        vm: self.name.into(),
+                        what: format!("cannot read its console log: {e}"),
+                    });
+                }
+            };
+        // Whole lines only: a line still being written is read again next
+        // time (unless a whole read holds no line end at all).
+        let whole = match bytes.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if bytes.len() as u64 == PROBE_CONSOLE_BYTES => bytes.len(),
+            None => 0,
+        };
+        *cursor = ProbeCursor::At(start + whole as u64);
+        let text = String::from_utf8_lossy(&bytes[..whole]);
+        Ok(match text.lines().find(|l| pattern.is_match(l)) {
+            Some(line) => Answer::pass(line.trim_end_matches('\r')),
+            None => Answer::fail("no line on COM1 matches yet"),
+        })
     }
 }
