@@ -15,6 +15,7 @@
 //! - An unplug the guest never acknowledges fails the VM and leaves the
 //!   device in place; the next plan shows the removal again.
 
+mod healthy;
 pub mod lock;
 
 use crate::plan::hold::{self, Hold, Limits};
@@ -35,9 +36,22 @@ pub enum ApplyError {
     /// A recreate is needed but not allowed.
     #[error("must be recreated ({0}), which needs --allow-recreate or spec.policy.allowRecreate")]
     RecreateNotAllowed(String),
-    /// The guest did not open its agent port in time (`--wait-ready`).
+    /// The guest did not open its agent port in time (`--wait-healthy`
+    /// without `spec.health`).
     #[error("the guest did not open its agent port within {0:?}; it runs on")]
     NotReady(std::time::Duration),
+    /// A probe of `spec.health` judged the change unhealthy (the answer is
+    /// the guest's text, shown escaped).
+    #[error("unhealthy: probe {probe}: {}; it runs on", crate::escape::escaped(.answer))]
+    Unhealthy {
+        /// The probe, as the spec's labels name it (`panic` for a panic).
+        probe: String,
+        /// Its last answer.
+        answer: String,
+    },
+    /// No verdict of `spec.health` within `--wait-healthy`'s time.
+    #[error("not yet judged healthy within {0:?} (--wait-healthy); it runs on")]
+    HealthPending(std::time::Duration),
     /// The plan and the VM disagree (changed since planning).
     #[error("{0}")]
     Inconsistent(String),
@@ -50,9 +64,10 @@ pub enum ApplyError {
 pub struct ApplyOptions {
     /// Recreate VMs whose spec policy does not allow it.
     pub allow_recreate: bool,
-    /// Wait up to this long for each VM meant to run to open its guest agent
-    /// port (a guest without uvmctl's agent never does).
-    pub wait_ready: Option<std::time::Duration>,
+    /// Wait up to this long for each VM meant to run to be judged healthy
+    /// by its `spec.health`, or without one to open its guest agent port
+    /// (a guest without uvmctl's agent never does).
+    pub wait_healthy: Option<std::time::Duration>,
     /// Once set, every VM stops after the step in flight (Ctrl+C): a step
     /// is never cut in half.
     pub interrupt: Option<&'static std::sync::atomic::AtomicBool>,
@@ -77,33 +92,6 @@ async fn with_ticker<T>(
             }
         }
     }
-}
-
-/// Waits for the guest of a VM meant to run to open its agent port.
-async fn wait_ready(
-    vs: &dyn Virtstack,
-    name: &VmName,
-    timeout: std::time::Duration,
-    progress: &Progress,
-) -> Result<(), ApplyError> {
-    let started = std::time::Instant::now();
-    let poll = async {
-        loop {
-            if vs.guest_ready(name).await? {
-                return Ok(());
-            }
-            if started.elapsed() > timeout {
-                return Err(ApplyError::NotReady(timeout));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    };
-    with_ticker(progress, name, "waiting for the guest to boot", poll).await?;
-    progress(
-        name,
-        &format!("guest ready after {:.1}s", started.elapsed().as_secs_f64()),
-    );
-    Ok(())
 }
 
 /// Reports progress: `(vm, message)`.
@@ -280,10 +268,13 @@ async fn apply_vm(
         }
         VmAction::Update => update(vs, &name, vm, spec()?, progress, steps).await?,
     }
-    if let (Some(timeout), Some(PowerState::Running)) =
-        (opts.wait_ready, want.map(|w| w.power_state))
+    if let (Some(timeout), Some(want)) = (opts.wait_healthy, want)
+        && want.power_state == PowerState::Running
     {
-        wait_ready(vs, &name, timeout, progress).await?;
+        // Started by this apply: judged from its launch.
+        let launched = matches!(vm.action, VmAction::Create | VmAction::Recreate)
+            || vm.ops.iter().any(|o| o.disruption == Disruption::Restart);
+        healthy::wait_healthy(vs, &name, want, launched, timeout, progress).await?;
     }
     Ok(())
 }

@@ -460,3 +460,75 @@ async fn a_refused_recreate_names_each_reason_once() {
     assert!(err.contains("(boot is cold-only"), "{err}");
     assert!(!err.contains("boot boot"), "{err}");
 }
+
+/// Issue 34: `--wait-healthy` judges by `spec.health` (on paused time, with
+/// the simulator's health rule): a guest whose probe passes for its minimum
+/// time is healthy; one whose probe keeps failing is unhealthy at its
+/// deadline, the probe and its answer named.
+#[tokio::test(start_paused = true)]
+async fn wait_healthy_judges_by_the_probes_and_names_the_one_that_failed() {
+    use crate::virtstack::sim::{Sim, UNHEALTHY_WORD};
+    use crate::vm::config::{Health, Probe, ProbeKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    Sim::ensure_dir(dir.path()).expect("records dir");
+    let sim = Arc::new(Sim::new(dir.path()));
+    let with_health = |name: &str, cmdline: &str| {
+        let mut c = base(name);
+        if let Some(k) = c.boot.linux_kernel_direct.as_mut() {
+            k.cmdline = cmdline.into();
+        }
+        c.health = Some(Health {
+            probes: vec![Probe {
+                interval_seconds: 1,
+                min_healthy_seconds: 3,
+                deadline_seconds: 10,
+                ..Probe::of(ProbeKind::Agent)
+            }],
+        });
+        c
+    };
+    let d = desired(&[
+        ("good", with_health("good", "console=ttyS0")),
+        (
+            "bad",
+            with_health("bad", &format!("console=ttyS0 {UNHEALTHY_WORD}")),
+        ),
+    ]);
+    let observed = observe_all(sim.as_ref()).await.expect("list");
+    let p = plan(&d, &observed, sim.capabilities(), &PlanOptions::default());
+    let said: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let log = Arc::clone(&said);
+    let progress: Progress = Arc::new(move |vm: &str, msg: &str| {
+        log.lock().expect("log").push(format!("{vm}: {msg}"));
+    });
+    let started = tokio::time::Instant::now();
+    let opts = ApplyOptions {
+        wait_healthy: Some(std::time::Duration::from_secs(60)),
+        ..ApplyOptions::default()
+    };
+    let out = apply(&p, &d, sim, opts, progress).await;
+    let result = |name: &str| {
+        out.iter()
+            .find(|o| o.name == name)
+            .map(|o| o.result.as_ref().map_err(ToString::to_string).cloned())
+    };
+    assert_eq!(result("good"), Some(Ok(())));
+    assert_eq!(
+        result("bad"),
+        Some(Err(
+            "unhealthy: probe agent: simulated: uvmctl.sim.unhealthy on its command line; it runs on"
+                .to_string()
+        ))
+    );
+    // The bad one is judged at its 10 s deadline, not before.
+    assert_eq!(started.elapsed().as_secs(), 10);
+    let said = said.lock().expect("log");
+    assert!(
+        said.contains(&"good: probe agent passes: pong".to_string()),
+        "{said:?}"
+    );
+    assert!(
+        said.contains(&"good: healthy after 3.0s".to_string()),
+        "{said:?}"
+    );
+}

@@ -167,7 +167,7 @@ pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> 
     let interrupts = on_interrupt();
     let opts = ApplyOptions {
         allow_recreate: args.allow_recreate,
-        wait_ready: args.wait_ready,
+        wait_healthy: args.wait_healthy,
         interrupt: Some(&INTERRUPTED),
     };
     let applied = planned.apply(vs, opts, progress).await;

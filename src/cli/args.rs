@@ -458,10 +458,12 @@ pub struct ApplyArgs {
     #[arg(long, value_parser = parse_duration, default_value = "30")]
     pub lock_timeout: Duration,
     /// Wait up to this long (120s, 2m; a bare number is seconds) for each VM
-    /// meant to run to boot (its guest opens the uvmctl.agent port; guests
-    /// without that agent never do), showing progress.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    pub wait_ready: Option<Duration>,
+    /// meant to run to be judged healthy by its spec.health probes, showing
+    /// progress; exit non-zero naming the probe when it is unhealthy. A VM
+    /// without spec.health waits for its guest to open the uvmctl.agent port
+    /// (guests without that agent never do). --wait-ready is another name.
+    #[arg(long, visible_alias = "wait-ready", value_parser = parse_duration, value_name = "DURATION")]
+    pub wait_healthy: Option<Duration>,
     // Last: their help headings would take the options after them.
     #[command(flatten)]
     pub git: GitArgs,

@@ -1,0 +1,141 @@
+//! `apply --wait-healthy`: once a VM's changes are made, wait until its
+//! guest is judged healthy by its `spec.health` probes (without them: until
+//! its agent port opens), showing progress. The judgement is the pure one
+//! of [`crate::vm::health`]; this only asks the probes when they are due.
+
+use super::{ApplyError, Progress, with_ticker};
+use crate::escape::escaped;
+use crate::vm::config::{Health, VmConfig};
+use crate::vm::health::{Judge, ProbeCursor, Verdict};
+use crate::vm::{Virtstack, VmEvent, VmName};
+use std::time::{Duration, Instant};
+
+/// The QMP event (and the name other virtstacks report it by) of a guest
+/// that panicked.
+const GUEST_PANICKED: &str = "GUEST_PANICKED";
+
+/// Waits for `name` to be judged healthy, at most `timeout`. `launched`: the
+/// change started the guest (a console probe then reads this launch's whole
+/// console; after a live change, only what comes after it).
+pub(super) async fn wait_healthy(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    want: &VmConfig,
+    launched: bool,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let Some(health) = &want.health else {
+        return wait_ready(vs, name, timeout, progress).await;
+    };
+    let judging = judge(vs, name, health, launched, timeout, progress);
+    with_ticker(
+        progress,
+        name,
+        "waiting for the guest to be healthy",
+        judging,
+    )
+    .await
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn judge(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    health: &Health,
+    launched: bool,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let started = now();
+    let mut judge = Judge::new(health, started);
+    let first = if launched {
+        ProbeCursor::At(0)
+    } else {
+        ProbeCursor::FromNow
+    };
+    let mut cursors = vec![first; health.probes.len()];
+    // What each probe last said, shown when it changes.
+    let mut shown: Vec<Option<bool>> = vec![None; health.probes.len()];
+    // A panic is seen at once through the VM's events, where it has them.
+    let mut events = vs.events(name).await.ok().flatten();
+    loop {
+        for i in judge.due(now()) {
+            let (probe, cursor) = (&health.probes[i], &mut cursors[i]);
+            let answer = vs.probe(name, probe, cursor).await?;
+            if shown[i] != Some(answer.passed) {
+                shown[i] = Some(answer.passed);
+                let how = if answer.passed { "passes" } else { "fails" };
+                progress(
+                    name,
+                    &format!("probe {} {how}: {}", probe.label(), escaped(&answer.said)),
+                );
+            }
+            judge.answer(i, answer, now());
+        }
+        match judge.judge(now()) {
+            Verdict::Healthy => {
+                let secs = now().duration_since(started).as_secs_f64();
+                progress(name, &format!("healthy after {secs:.1}s"));
+                return Ok(());
+            }
+            Verdict::Unhealthy { probe, answer } => {
+                return Err(ApplyError::Unhealthy {
+                    probe: probe.clone(),
+                    answer: answer.clone(),
+                });
+            }
+            Verdict::Pending => {}
+        }
+        let give_up = started + timeout;
+        if now() >= give_up {
+            return Err(ApplyError::HealthPending(timeout));
+        }
+        let next = judge.next_at().map_or(give_up, |at| at.min(give_up));
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));
+        match &mut events {
+            Some(rx) => tokio::select! {
+                () = sleep => {}
+                got = rx.recv() => match got {
+                    Some(VmEvent::Reported(e)) if e == GUEST_PANICKED => {
+                        judge.panicked("the guest panicked (GUEST_PANICKED)");
+                    }
+                    // Its process ended: the probes say what that means.
+                    None | Some(VmEvent::Gone) => events = None,
+                    Some(VmEvent::Reported(_)) => {}
+                },
+            },
+            None => sleep.await,
+        }
+    }
+}
+
+/// Waits for the guest of a VM meant to run to open its agent port.
+async fn wait_ready(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), ApplyError> {
+    let started = Instant::now();
+    let poll = async {
+        loop {
+            if vs.guest_ready(name).await? {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(ApplyError::NotReady(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    with_ticker(progress, name, "waiting for the guest to boot", poll).await?;
+    progress(
+        name,
+        &format!("guest ready after {:.1}s", started.elapsed().as_secs_f64()),
+    );
+    Ok(())
+}
