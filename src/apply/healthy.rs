@@ -53,9 +53,9 @@ async fn judge(
     let started = now();
     let mut judge = Judge::new(health, started);
     let first = if launched {
-        ProbeCursor::At(0)
+        ProbeCursor::from_start()
     } else {
-        ProbeCursor::FromNow
+        ProbeCursor::default()
     };
     let mut cursors = vec![first; health.probes.len()];
     // What each probe last said, shown when it changes.

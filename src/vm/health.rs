@@ -61,16 +61,26 @@ impl Answer {
     }
 }
 
-/// Where a `console` probe reads from in the guest's COM1 log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ProbeCursor {
-    /// From where the log ends at the first ask: a live change is judged by
-    /// what the guest writes after it.
-    #[default]
-    FromNow,
-    /// From this byte of the log (a launch: `At(0)` reads all of this
-    /// launch's log).
-    At(u64),
+/// Where a `console` probe stands in the guest's COM1 log.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProbeCursor {
+    /// The byte of the log it reads from next; `None`: from where the log
+    /// ends at the first ask (a live change is judged by what the guest
+    /// writes after it). A launch starts at `Some(0)`, this launch's log.
+    pub at: Option<u64>,
+    /// The line that matched. A line, once written, stays written: the
+    /// probe passes from then on.
+    pub matched: Option<String>,
+}
+
+impl ProbeCursor {
+    /// Reading this launch's whole log.
+    pub fn from_start() -> Self {
+        ProbeCursor {
+            at: Some(0),
+            matched: None,
+        }
+    }
 }
 
 /// What the judgement says.

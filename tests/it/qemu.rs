@@ -191,23 +191,24 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
 #[test]
 fn power_state_follows_the_spec() {
     let h = Host::new();
-    h.write_spec("pwr", &h.spec("pwr", ""));
-    // --wait-ready returns once the guest is up, with progress while it boots.
+    // Issue 34: --wait-healthy returns once the probes of spec.health pass
+    // on the real guest (its agent, an agent command, its console), with
+    // progress while it boots.
+    let healthy = "  health:\n    probes:\n      - kind: agent\n        intervalSeconds: 1\n        minHealthySeconds: 2\n      - kind: exec\n        command: [cat, /proc/cmdline]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n      - kind: console\n        pattern: 'init starting'\n        minHealthySeconds: 0\n";
+    h.write_spec("pwr", &h.spec("pwr", healthy));
     let specs = h.path("specs");
-    let out = h.uvmctl(&[
-        "apply",
-        specs.to_str().expect("utf-8"),
-        "--yes",
-        "--wait-ready",
-        "120",
-    ]);
+    let specs = specs.to_str().expect("utf-8");
+    let out = h.uvmctl(&["apply", specs, "--yes", "--wait-healthy", "180"]);
     assert_ok(&out);
-    assert!(
-        text(&out).contains("still waiting for the guest to boot (2s)")
-            && text(&out).contains("guest ready after"),
-        "{}",
-        text(&out)
-    );
+    for said in [
+        "still waiting for the guest to be healthy (2s)",
+        "probe agent passes: pong",
+        "probe exec cat /proc/cmdline passes: console=ttyS0 panic=-1 quiet swiotlb=noforce",
+        "probe console /init starting/ passes: uvmctl-guest: init starting",
+        "healthy after",
+    ] {
+        assert!(text(&out).contains(said), "{said:?} in:\n{}", text(&out));
+    }
     h.agent("pwr");
     assert_eq!(h.state_of("pwr"), "running");
     let row = &h.status()[0];
@@ -252,12 +253,25 @@ fn power_state_follows_the_spec() {
 
     // vCPUs are hot-plugged and unplugged; the guest sees them come and go.
     let running = h.spec("pwr", "  powerState: running\n");
-    h.write_spec("pwr", &running.replace("count: 1", "count: 3"));
-    let out = h.apply();
+    // A live change after which a probe keeps failing: apply says it is
+    // unhealthy, naming the probe, and exits non-zero; the change is made.
+    let failing = "  health:\n    probes:\n      - kind: exec\n        command: [cat, /nonexistent]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n        deadlineSeconds: 3\n";
+    h.write_spec(
+        "pwr",
+        &format!("{}{failing}", running.replace("count: 1", "count: 3")),
+    );
+    let out = h.uvmctl(&["apply", specs, "--yes", "--wait-healthy", "60"]);
+    assert!(!out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("~ processors: 1 → 3 [live]"),
+        text(&out).contains("~ processors: 1 → 3 [live]")
+            && text(&out).contains("unhealthy: probe exec cat /nonexistent: "),
         "{}",
         text(&out)
+    );
+    h.write_spec("pwr", &running.replace("count: 1", "count: 3"));
+    assert!(
+        text(&h.apply()).contains("No changes."),
+        "health is no change"
     );
     let mut agent = h.agent("pwr");
     agent.wait_for("cpus", "3 online vCPUs", |c| c == ["3"]);

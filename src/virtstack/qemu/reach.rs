@@ -265,11 +265,11 @@ impl Machine<'_> {
                     vm: self.name.into(),
                     reason: format!("console probe pattern: {e}"),
                 })?;
+        if let Some(line) = &cursor.matched {
+            return Ok(Answer::pass(line.clone()));
+        }
         let path = self.host.opts.state_dir.console_log(self.name);
-        let from = match *cursor {
-            ProbeCursor::At(n) => Some(n),
-            ProbeCursor::FromNow => None,
-        };
+        let from = cursor.at;
         let (bytes, start) =
             match crate::hostfs::read_state_file_from(&path, from, PROBE_CONSOLE_BYTES) {
                 Ok(read) => read,
@@ -290,10 +290,14 @@ impl Machine<'_> {
             None if bytes.len() as u64 == PROBE_CONSOLE_BYTES => bytes.len(),
             None => 0,
         };
-        *cursor = ProbeCursor::At(start + whole as u64);
+        cursor.at = Some(start + whole as u64);
         let text = String::from_utf8_lossy(&bytes[..whole]);
         Ok(match text.lines().find(|l| pattern.is_match(l)) {
-            Some(line) => Answer::pass(line.trim_end_matches('\r')),
+            Some(line) => {
+                let answer = Answer::pass(line.trim_end_matches('\r'));
+                cursor.matched = Some(answer.said.clone());
+                answer
+            }
             None => Answer::fail("no line on COM1 matches yet"),
         })
     }
