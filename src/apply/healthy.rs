@@ -103,8 +103,15 @@ async fn judge(
                     Some(VmEvent::Reported(e)) if e == GUEST_PANICKED => {
                         judge.panicked("the guest panicked (GUEST_PANICKED)");
                     }
-                    // Its process ended: the probes say what that means.
-                    None | Some(VmEvent::Gone) => events = None,
+                    // Its process ended: on its own, that is unhealthy.
+                    None | Some(VmEvent::Gone) => {
+                        events = None;
+                        if let Ok(vm) = vs.observe(name).await
+                            && let Some(why) = vm.exit_error
+                        {
+                            judge.exited(&why);
+                        }
+                    }
                     Some(VmEvent::Reported(_)) => {}
                 },
             },

@@ -215,9 +215,18 @@ impl Judge {
 
     /// The guest panicked (`what`: how it was seen): unhealthy at once.
     pub fn panicked(&mut self, what: &str) -> &Verdict {
+        self.unhealthy_at_once("panic", what)
+    }
+
+    /// The VM ended on its own (`why`: its exit error): unhealthy at once.
+    pub fn exited(&mut self, why: &str) -> &Verdict {
+        self.unhealthy_at_once("exit", why)
+    }
+
+    fn unhealthy_at_once(&mut self, probe: &str, what: &str) -> &Verdict {
         if !self.verdict.is_final() {
             self.verdict = Verdict::Unhealthy {
-                probe: "panic".into(),
+                probe: probe.into(),
                 answer: Answer::fail(what).said,
             };
         }
@@ -398,6 +407,14 @@ mod tests {
             &Verdict::Unhealthy {
                 probe: "panic".into(),
                 answer: "GUEST_PANICKED".into()
+            }
+        );
+        let mut ended = Judge::new(&health, t0);
+        assert_eq!(
+            ended.exited("qemu exited unexpectedly"),
+            &Verdict::Unhealthy {
+                probe: "exit".into(),
+                answer: "qemu exited unexpectedly".into()
             }
         );
         let long = Answer::fail("é".repeat(MAX_ANSWER_CHARS + 50));

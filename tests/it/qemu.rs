@@ -188,6 +188,32 @@ fn disks_and_nics_follow_the_spec_from_inside_the_guest() {
     assert!(text(&h.apply()).contains("No changes."));
 }
 
+/// Issue 34: a guest that panics is unhealthy at once, through pvpanic and
+/// QEMU's GUEST_PANICKED, not at its probe's deadline.
+#[test]
+fn wait_healthy_sees_a_guest_panic_at_once() {
+    let h = Host::new();
+    let health = "  health:\n    probes:\n      - kind: agent\n        deadlineSeconds: 600\n";
+    let spec = h
+        .spec("boom", health)
+        .replace("swiotlb=noforce", "swiotlb=noforce uvmctl.panic=1");
+    h.write_spec("boom", &spec);
+    let specs = h.path("specs");
+    let out = h.uvmctl(&[
+        "apply",
+        specs.to_str().expect("utf-8"),
+        "--yes",
+        "--wait-healthy",
+        "300",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("unhealthy: probe panic: the guest panicked (GUEST_PANICKED)"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn power_state_follows_the_spec() {
     let h = Host::new();
