@@ -85,7 +85,10 @@ mod layering {
                 "virtstack",
             ],
         ),
-        ("apply", &["hostfs", "vm", "spec", "plan", "apply"]),
+        (
+            "apply",
+            &["escape", "hostfs", "vm", "spec", "plan", "apply"],
+        ),
         ("reconcile", &["vm", "spec", "plan", "apply", "reconcile"]),
         (
             "watch",

@@ -6,14 +6,17 @@
 //! What it cannot state, and so leaves to `validate`: keys unique within a
 //! list (controller ids, LUNs, NIC ids, MACs, share names...), a VPMem
 //! device id below its controller's `maximumDevices`, a writable image
-//! attached once, the names and MACs unique across files, and byte lengths
-//! of non-ASCII strings (`maxLength` counts characters). The integration
+//! attached once, the names and MACs unique across files, byte lengths
+//! of non-ASCII strings (`maxLength` counts characters), a console probe's
+//! pattern being a regular expression, and a probe's deadline leaving room
+//! for its minimum healthy time. The integration
 //! test `cli::schema_refuses_what_validate_refuses` checks the rest with an
 //! independent validator, for generated documents.
 
 use super::validate::{
-    MAX_MEMORY_MB, MAX_PATH_BYTES, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN,
-    MAX_SERIAL_PORT, MAX_UNIX_SOCKET_PATH, MAX_VPMEM_DEVICES, MAX_VPMEM_SIZE_BYTES,
+    MAX_MEMORY_MB, MAX_PATH_BYTES, MAX_PROBE_PATTERN_BYTES, MAX_PROBE_SECONDS, MAX_PROBE_WORDS,
+    MAX_PROBES, MAX_PROCESSORS, MAX_SCSI_CONTROLLER, MAX_SCSI_LUN, MAX_SERIAL_PORT,
+    MAX_UNIX_SOCKET_PATH, MAX_VPMEM_DEVICES, MAX_VPMEM_SIZE_BYTES,
 };
 use crate::vm::config::{API_VERSION, KIND, VmDocument};
 use serde_json::{Value, json};
@@ -121,6 +124,42 @@ fn rules() -> Vec<(&'static str, Value)> {
         })
     };
     vec![
+        (
+            "/$defs/Health/properties/probes",
+            json!({ "minItems": 1, "maxItems": MAX_PROBES }),
+        ),
+        (
+            "/$defs/Probe",
+            json!({ "allOf": [
+                {
+                    "if": { "properties": { "kind": { "const": "exec" } } },
+                    "then": { "required": ["command"], "properties": { "command": { "minItems": 1 } } },
+                    "else": { "properties": { "command": { "maxItems": 0 } } },
+                },
+                {
+                    "if": { "properties": { "kind": { "const": "console" } } },
+                    "then": { "required": ["pattern"], "properties": { "pattern": { "type": "string" } } },
+                    "else": { "properties": { "pattern": { "type": "null" } } },
+                },
+            ] }),
+        ),
+        (
+            "/$defs/Probe/properties/command",
+            json!({ "maxItems": MAX_PROBE_WORDS, "items": { "pattern": whole("[A-Za-z0-9._/-]+") } }),
+        ),
+        (
+            "/$defs/Probe/properties/pattern",
+            json!({ "maxLength": MAX_PROBE_PATTERN_BYTES }),
+        ),
+        ("/$defs/Probe/properties/intervalSeconds", range(1, 3600)),
+        (
+            "/$defs/Probe/properties/deadlineSeconds",
+            range(1, MAX_PROBE_SECONDS.into()),
+        ),
+        (
+            "/$defs/Probe/properties/minHealthySeconds",
+            range(0, MAX_PROBE_SECONDS.into()),
+        ),
         ("/properties/apiVersion", json!({ "const": API_VERSION })),
         ("/properties/kind", json!({ "const": KIND })),
         ("/$defs/Metadata/properties/name", vm_name()),
