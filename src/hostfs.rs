@@ -402,20 +402,14 @@ pub fn read_state_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Up to `limit` bytes of a file uvmctl keeps in its state (not followed
-/// through a link), from byte `from`: from its end when `None`, from its
-/// start when it is shorter than `from` now (a log rotated since). Returns
-/// the bytes and where they start.
+/// A file uvmctl keeps in its state, opened for reading without following
+/// a link: the file, its (device, inode) and its length now.
 ///
 /// # Errors
-/// The OS error; `ELOOP` for a link.
-pub fn read_state_file_from(
-    path: &Path,
-    from: Option<u64>,
-    limit: u64,
-) -> io::Result<(Vec<u8>, u64)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::OpenOptions::new()
+/// The OS error; `ELOOP` for a link; `InvalidInput` for what is not a
+/// regular file.
+pub fn open_state_file_read(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_flags(OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK))
         .open(path)?;
@@ -426,15 +420,19 @@ pub fn read_state_file_from(
             "not a regular file",
         ));
     }
-    let start = match from {
-        None => meta.len(),
-        Some(n) if n > meta.len() => 0,
-        Some(n) => n,
-    };
-    file.seek(SeekFrom::Start(start))?;
+    Ok((file, (meta.dev(), meta.ino()), meta.len()))
+}
+
+/// Up to `limit` bytes of `file` from byte `from`.
+///
+/// # Errors
+/// The OS error.
+pub fn read_file_from(file: &mut File, from: u64, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(from))?;
     let mut out = Vec::new();
     file.take(limit).read_to_end(&mut out)?;
-    Ok((out, start))
+    Ok(out)
 }
 
 /// Clears `O_NONBLOCK` (set only so the open could not hang on a FIFO) once

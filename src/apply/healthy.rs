@@ -62,7 +62,14 @@ async fn judge(
     let mut shown: Vec<Option<bool>> = vec![None; health.probes.len()];
     // A panic is seen at once through the VM's events, where it has them.
     let mut events = vs.events(name).await.ok().flatten();
+    // Ended before it could be followed (a panic at boot).
+    if let Ok(vm) = vs.observe(name).await
+        && let Some(why) = vm.exit_error
+    {
+        judge.exited(&why);
+    }
     loop {
+        let mut failed = false;
         for i in judge.due(now()) {
             let (probe, cursor) = (&health.probes[i], &mut cursors[i]);
             let answer = vs.probe(name, probe, cursor).await?;
@@ -74,7 +81,16 @@ async fn judge(
                     &format!("probe {} {how}: {}", probe.label(), escaped(&answer.said)),
                 );
             }
+            failed |= !answer.passed;
             judge.answer(i, answer, now());
+        }
+        // Without events, a failing probe is the sign to look for an end.
+        if failed
+            && events.is_none()
+            && let Ok(vm) = vs.observe(name).await
+            && let Some(why) = vm.exit_error
+        {
+            judge.exited(&why);
         }
         match judge.judge(now()) {
             Verdict::Healthy => {

@@ -271,9 +271,11 @@ async fn apply_vm(
     if let (Some(timeout), Some(want)) = (opts.wait_healthy, want)
         && want.power_state == PowerState::Running
     {
-        // Started by this apply: judged from its launch.
+        // Started by this apply (built, restarted, or started from stopped
+        // or saved): judged from its launch.
         let launched = matches!(vm.action, VmAction::Create | VmAction::Recreate)
-            || vm.ops.iter().any(|o| o.disruption == Disruption::Restart);
+            || vm.ops.iter().any(|o| o.disruption == Disruption::Restart)
+            || vm.observed.is_some_and(|s| !s.is_live());
         healthy::wait_healthy(vs, &name, want, launched, timeout, progress).await?;
     }
     Ok(())

@@ -458,7 +458,8 @@ pub struct ApplyArgs {
     #[arg(long, value_parser = parse_duration, default_value = "30")]
     pub lock_timeout: Duration,
     /// Wait up to this long (120s, 2m; a bare number is seconds) for each VM
-    /// meant to run to be judged healthy by its spec.health probes, showing
+    /// it changes that is meant to run to be judged healthy by its
+    /// spec.health probes, showing
     /// progress; exit non-zero naming the probe when it is unhealthy. A VM
     /// without spec.health waits for its guest to open the uvmctl.agent port
     /// (guests without that agent never do). --wait-ready is another name.

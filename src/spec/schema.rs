@@ -149,7 +149,7 @@ fn rules() -> Vec<(&'static str, Value)> {
         ),
         (
             "/$defs/Probe/properties/pattern",
-            json!({ "maxLength": MAX_PROBE_PATTERN_BYTES }),
+            json!({ "maxLength": MAX_PROBE_PATTERN_BYTES, "pattern": whole(&format!("{NO_CONTROL}*")) }),
         ),
         ("/$defs/Probe/properties/intervalSeconds", range(1, 3600)),
         (

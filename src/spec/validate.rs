@@ -668,6 +668,10 @@ fn check_health(v: &mut Checker, h: &Health) {
                 at("pattern"),
                 format!("{} bytes; at most {MAX_PROBE_PATTERN_BYTES}", pat.len()),
             ),
+            (ProbeKind::Console, Some(pat)) if pat.chars().any(char::is_control) => v.err(
+                at("pattern"),
+                "pattern contains a control character (write it as an escape: \\t, \\x1b)",
+            ),
             (ProbeKind::Console, Some(pat)) => {
                 if let Err(e) = crate::vm::health::console_pattern(pat) {
                     // regex draws the pattern over several lines; the last says what.
@@ -795,6 +799,15 @@ mod tests {
         assert_eq!(
             health_errors("    probes: []\n"),
             ["t.yaml:14:5: spec.health.probes: give at least one probe"]
+        );
+        // A pattern is shown in plans and logs: no terminal escapes in it.
+        let escape =
+            health_errors("    probes:\n      - kind: console\n        pattern: \"\\e]0;x\"\n");
+        assert_eq!(escape.len(), 1, "{escape:?}");
+        assert!(
+            escape[0]
+                .contains("spec.health.probes[0].pattern: pattern contains a control character"),
+            "{escape:?}"
         );
     }
 

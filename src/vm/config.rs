@@ -278,7 +278,8 @@ pub struct VmConfig {
 /// `spec.health`: probes judged after every change that reaches the guest.
 /// The change is healthy once every probe has passed, without a failure,
 /// for its `minHealthySeconds`; unhealthy when one has not by its
-/// `deadlineSeconds`, or at once when the guest panics.
+/// `deadlineSeconds` or fails after it, and at once when the guest panics
+/// or its VM ends on its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Health {

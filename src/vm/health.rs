@@ -3,9 +3,10 @@
 //! and the watcher share one judgement and tests need no clock.
 //!
 //! A change is healthy once every probe has passed, with no failure since,
-//! for its `minHealthySeconds`; unhealthy when a probe has not by its
-//! `deadlineSeconds` (counted from the change), or at once when the guest
-//! panics. A verdict, once reached, stands.
+//! for its `minHealthySeconds`; unhealthy when, at or after a probe's
+//! `deadlineSeconds` (counted from the change), that probe has not (a probe
+//! that had, then failed past its deadline, counts too), or at once when the
+//! guest panics or its VM ends on its own. A verdict, once reached, stands.
 
 use super::config::Health;
 use serde::Serialize;
@@ -17,7 +18,7 @@ pub const MAX_ANSWER_CHARS: usize = 200;
 
 /// How large a console pattern may compile (regex's own size measure): a
 /// pattern is matched against every console line a guest writes.
-const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 20;
+const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 16;
 
 /// A console probe's pattern, compiled within bounds (a pattern a stranger
 /// wrote is matched against everything the guest prints).
@@ -68,6 +69,12 @@ pub struct ProbeCursor {
     /// ends at the first ask (a live change is judged by what the guest
     /// writes after it). A launch starts at `Some(0)`, this launch's log.
     pub at: Option<u64>,
+    /// The log file `at` is in (device, inode): a log rotated since is
+    /// read to its end before the new one.
+    pub file: Option<(u64, u64)>,
+    /// `at` is inside a line written before the change: that line does not
+    /// count.
+    pub mid_line: bool,
     /// The line that matched. A line, once written, stays written: the
     /// probe passes from then on.
     pub matched: Option<String>,
@@ -78,7 +85,7 @@ impl ProbeCursor {
     pub fn from_start() -> Self {
         ProbeCursor {
             at: Some(0),
-            matched: None,
+            ..ProbeCursor::default()
         }
     }
 }
@@ -188,15 +195,25 @@ impl Judge {
         if self.verdict.is_final() {
             return None;
         }
+        // A probe settled has met its deadline; one not settled has it
+        // ahead (past it, the verdict would be final).
+        let deadlines = self
+            .probes
+            .iter()
+            .filter(|t| !t.settled())
+            .map(|t| self.since + t.deadline);
         self.probes
             .iter()
-            .flat_map(|t| [t.next_ask, self.since + t.deadline])
+            .map(|t| t.next_ask)
+            .chain(deadlines)
             .min()
     }
 
     /// Probe `i` answered at `now`; its next ask is one interval later.
     pub fn answer(&mut self, i: usize, answer: Answer, now: Instant) -> &Verdict {
-        if self.verdict.is_final() {
+        // A deadline that passed before this answer came decides first: a
+        // pass that comes too late does not count.
+        if self.judge(now).is_final() {
             return &self.verdict;
         }
         if let Some(t) = self.probes.get_mut(i) {
@@ -385,6 +402,39 @@ mod tests {
                 answer: "no answer within 30 s".into()
             },
             "the first probe in spec order past its deadline is named"
+        );
+    }
+
+    /// A probe settled early no longer sets the next wake-up with its past
+    /// deadline (the waiting loop would spin), and a pass that comes after
+    /// a deadline does not count.
+    #[test]
+    fn settled_probes_leave_no_deadline_behind_and_late_passes_do_not_count() {
+        let t0 = Instant::now();
+        let health = Health {
+            probes: vec![
+                probe(ProbeKind::Agent, 1, 0, 5),
+                probe(ProbeKind::Exec, 10, 0, 60),
+            ],
+        };
+        let mut j = Judge::new(&health, t0);
+        j.answer(0, Answer::pass("pong"), t0);
+        j.answer(1, Answer::fail("not yet"), t0);
+        let at = t0 + s(8);
+        j.answer(0, Answer::pass("pong"), at);
+        assert_eq!(j.judge(at), &Verdict::Pending);
+        assert!(
+            j.next_at().is_some_and(|n| n > at),
+            "{:?} is not after {at:?}",
+            j.next_at()
+        );
+        let mut late = Judge::new(&health, t0);
+        assert_eq!(
+            late.answer(0, Answer::pass("pong"), t0 + s(5)),
+            &Verdict::Unhealthy {
+                probe: "agent".into(),
+                answer: "no answer within 5 s".into()
+            }
         );
     }
 

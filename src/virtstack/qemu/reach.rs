@@ -4,7 +4,8 @@
 use super::error::QemuError;
 use super::host::{down_state, now_unix};
 use super::machine::Machine;
-use super::{guest, observe, vsock};
+use super::{conlog, guest, observe, vsock};
+use crate::hostfs;
 use crate::vm::ObservedVm;
 use crate::vm::config::{Probe, ProbeKind};
 use crate::vm::health::{Answer, ProbeCursor};
@@ -245,6 +246,7 @@ impl Machine<'_> {
                     "the agent answered {:?}, not pong",
                     lines.first().map(String::as_str).unwrap_or_default()
                 )),
+                Err(guest::AgentError::Refused(said)) => Answer::fail(said),
                 Err(e) => Answer::fail(e.to_string()),
             },
             ProbeKind::Exec => match ask(probe.command.clone()).await {
@@ -259,30 +261,61 @@ impl Machine<'_> {
 
     /// A console probe: the first whole line past `cursor` that matches.
     fn console_probe(&self, probe: &Probe, cursor: &mut ProbeCursor) -> Result<Answer, QemuError> {
+        if let Some(line) = &cursor.matched {
+            return Ok(Answer::pass(line.clone()));
+        }
         let pattern =
             crate::vm::health::console_pattern(probe.pattern.as_deref().unwrap_or_default())
                 .map_err(|e| QemuError::Refused {
                     vm: self.name.into(),
                     reason: format!("console probe pattern: {e}"),
                 })?;
-        if let Some(line) = &cursor.matched {
-            return Ok(Answer::pass(line.clone()));
+        let os = |e: std::io::Error| QemuError::Os {
+            vm: self.name.into(),
+            what: format!("cannot read its console log: {e}"),
+        };
+        let dir = &self.host.opts.state_dir;
+        let (mut file, id, len) = match hostfs::open_state_file_read(&dir.console_log(self.name)) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Answer::fail("no console log yet"));
+            }
+            Err(e) => return Err(os(e)),
+        };
+        let mut scan = Vec::new();
+        let from = match (cursor.at, cursor.file) {
+            (None, _) => {
+                // A live change: what comes after it, from the next line.
+                let last = match len.checked_sub(1) {
+                    Some(at) => hostfs::read_file_from(&mut file, at, 1).map_err(os)?,
+                    None => Vec::new(),
+                };
+                cursor.mid_line = last.first().is_some_and(|b| *b != b'\n');
+                (cursor.at, cursor.file) = (Some(len), Some(id));
+                return Ok(Answer::fail("no line on COM1 matches yet"));
+            }
+            (Some(at), Some(was)) if was != id => {
+                // Rotated since: what followed `at` is in the old log now.
+                if let Ok((mut old, old_id, _)) =
+                    hostfs::open_state_file_read(&conlog::old_log(dir, self.name))
+                    && old_id == was
+                {
+                    scan = hostfs::read_file_from(&mut old, at, PROBE_CONSOLE_BYTES).map_err(os)?;
+                }
+                0
+            }
+            // Shorter than where it was read to: written anew.
+            (Some(at), _) if at > len => 0,
+            (Some(at), _) => at,
+        };
+        let mut bytes = hostfs::read_file_from(&mut file, from, PROBE_CONSOLE_BYTES).map_err(os)?;
+        let mut start = from;
+        if cursor.mid_line && !scan.is_empty() {
+            skip_line(&mut scan, &mut cursor.mid_line, &mut 0);
         }
-        let path = self.host.opts.state_dir.console_log(self.name);
-        let from = cursor.at;
-        let (bytes, start) =
-            match crate::hostfs::read_state_file_from(&path, from, PROBE_CONSOLE_BYTES) {
-                Ok(read) => read,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(Answer::fail("no console log yet"));
-                }
-                Err(e) => {
-                    return Err(QemuError::Os {
-                        vm: self.name.into(),
-                        what: format!("cannot read its console log: {e}"),
-                    });
-                }
-            };
+        if cursor.mid_line {
+            skip_line(&mut bytes, &mut cursor.mid_line, &mut start);
+        }
         // Whole lines only: a line still being written is read again next
         // time (unless a whole read holds no line end at all).
         let whole = match bytes.iter().rposition(|b| *b == b'\n') {
@@ -290,8 +323,12 @@ impl Machine<'_> {
             None if bytes.len() as u64 == PROBE_CONSOLE_BYTES => bytes.len(),
             None => 0,
         };
-        cursor.at = Some(start + whole as u64);
-        let text = String::from_utf8_lossy(&bytes[..whole]);
+        (cursor.at, cursor.file) = (Some(start + whole as u64), Some(id));
+        if !scan.is_empty() && !scan.ends_with(b"\n") {
+            scan.push(b'\n');
+        }
+        scan.extend_from_slice(&bytes[..whole]);
+        let text = String::from_utf8_lossy(&scan);
         Ok(match text.lines().find(|l| pattern.is_match(l)) {
             Some(line) => {
                 let answer = Answer::pass(line.trim_end_matches('\r'));
@@ -300,5 +337,118 @@ impl Machine<'_> {
             }
             None => Answer::fail("no line on COM1 matches yet"),
         })
+    }
+}
+
+/// Drops the rest of a line begun before the change from `bytes` (moving
+/// `start` past it); `mid_line` stays set while its end has not come.
+fn skip_line(bytes: &mut Vec<u8>, mid_line: &mut bool, start: &mut u64) {
+    match bytes.iter().position(|b| *b == b'\n') {
+        Some(i) => {
+            bytes.drain(..=i);
+            *start += i as u64 + 1;
+            *mid_line = false;
+        }
+        None => {
+            *start += bytes.len() as u64;
+            bytes.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtstack::qemu::{Accel, AllowedRoots, Qemu, QemuOptions, StateDir};
+    use crate::vm::config::ProbeKind;
+
+    fn host() -> (tempfile::TempDir, Qemu) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let qemu = Qemu::new(QemuOptions {
+            qemu_user: None,
+            state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
+            roots: AllowedRoots::new(&[dir.path()]),
+            accel: Accel::Tcg,
+            stop_timeout: Duration::from_secs(1),
+            unplug_timeout: Duration::from_secs(1),
+            observer: false,
+        });
+        (dir, qemu)
+    }
+
+    /// Issue 34 (review): a console probe reads whole lines past its
+    /// cursor; after a live change it skips the line being written; across
+    /// a rotation it finishes the old log, then reads the new one from its
+    /// start, however long that has grown.
+    #[test]
+    fn a_console_probe_reads_each_line_once_across_rotation() {
+        let (_dir, qemu) = host();
+        let vm = qemu.vm("web");
+        let log = qemu.opts.state_dir.console_log("web");
+        std::fs::create_dir_all(log.parent().expect("vm dir")).expect("vm dir");
+        let probe = Probe {
+            pattern: Some("^READY$".into()),
+            ..Probe::of(ProbeKind::Console)
+        };
+        let ask = |cursor: &mut ProbeCursor| vm.console_probe(&probe, cursor).expect("probe");
+
+        // A launch reads this launch's whole log; a line still being
+        // written is not read yet.
+        std::fs::write(&log, "boot\nREA").expect("log");
+        let mut launch = ProbeCursor::from_start();
+        assert!(!ask(&mut launch).passed);
+        assert_eq!(launch.at, Some(5));
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("log");
+        std::io::Write::write_all(&mut f, b"DY\n").expect("append");
+        assert_eq!(ask(&mut launch), Answer::pass("READY"));
+        assert_eq!(ask(&mut launch), Answer::pass("READY"), "a match stays");
+
+        // A live change: the line being written when it came is not its.
+        std::fs::write(&log, "READY\nREA").expect("log");
+        let mut live = ProbeCursor::default();
+        assert!(!ask(&mut live).passed);
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+            b"DY\nmore\n",
+        )
+        .expect("append");
+        assert!(!ask(&mut live).passed, "READY was begun before the change");
+
+        // Rotated: the old log's rest, then the new log from its start.
+        let mut rotated = ProbeCursor::from_start();
+        std::fs::write(&log, "one\n").expect("log");
+        assert!(!ask(&mut rotated).passed);
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+            b"READY\n",
+        )
+        .expect("append");
+        std::fs::rename(&log, conlog::old_log(&qemu.opts.state_dir, "web")).expect("rotate");
+        std::fs::write(&log, "a much longer line than before\n").expect("new log");
+        assert_eq!(
+            ask(&mut rotated),
+            Answer::pass("READY"),
+            "found in the old log"
+        );
+
+        let mut fresh = ProbeCursor::from_start();
+        std::fs::write(&log, "one\n").expect("log");
+        assert!(!ask(&mut fresh).passed);
+        std::fs::rename(&log, conlog::old_log(&qemu.opts.state_dir, "web")).expect("rotate");
+        std::fs::write(&log, "a much longer first line\nREADY\n").expect("new log");
+        assert_eq!(
+            ask(&mut fresh),
+            Answer::pass("READY"),
+            "the new log from its start"
+        );
     }
 }
