@@ -292,6 +292,19 @@ pub fn watch_section(
         if let Some(e) = &w.spec_error {
             let _ = writeln!(out, "    spec error (kept at its last good spec): {e}");
         }
+        if let Some(h) = &w.health {
+            let _ = write!(
+                out,
+                "    health: {} (its change of {})",
+                h.health.as_str(),
+                ago(h.since)
+            );
+            if let (Some(probe), Some(answer)) = (&h.probe, &h.answer) {
+                // The answer is the guest's words.
+                let _ = write!(out, ": probe {probe}: {}", crate::escape::escaped(answer));
+            }
+            out.push('\n');
+        }
     }
     for e in &status.spec_errors {
         let _ = writeln!(out, "  spec error: {e}");

@@ -111,6 +111,7 @@ mod layering {
         (
             "inspect",
             &[
+                "escape",
                 "vm",
                 "spec",
                 "source",

@@ -5,9 +5,9 @@
 
 use super::{ApplyError, Progress, with_ticker};
 use crate::escape::escaped;
-use crate::vm::config::{Health, VmConfig};
-use crate::vm::health::{Judge, ProbeCursor, Verdict};
-use crate::vm::{Virtstack, VmEvent, VmName};
+use crate::vm::config::{Health, Probe, VmConfig};
+use crate::vm::health::{Answer, Judge, ProbeCursor, Verdict};
+use crate::vm::{Chain, Virtstack, VmEvent, VmName};
 use std::time::{Duration, Instant};
 
 /// The QMP event (and the name other virtstacks report it by) of a guest
@@ -51,19 +51,61 @@ async fn judge(
     progress: &Progress,
 ) -> Result<(), ApplyError> {
     let started = now();
-    let mut judge = Judge::new(health, started);
+    // What each probe last said, shown when it changes.
+    let mut shown: Vec<Option<bool>> = vec![None; health.probes.len()];
+    let mut said = |i: usize, probe: &Probe, answer: &Answer| {
+        if shown[i] != Some(answer.passed) {
+            shown[i] = Some(answer.passed);
+            let how = if answer.passed { "passes" } else { "fails" };
+            progress(
+                name,
+                &format!("probe {} {how}: {}", probe.label(), escaped(&answer.said)),
+            );
+        }
+    };
+    let judging = judge_change(vs, name, health, launched, true, &mut said);
+    match tokio::time::timeout(timeout, judging).await {
+        Err(_) => Err(ApplyError::HealthPending(timeout)),
+        Ok(Verdict::Unhealthy { probe, answer }) => Err(ApplyError::Unhealthy { probe, answer }),
+        Ok(_) => {
+            let secs = now().duration_since(started).as_secs_f64();
+            progress(name, &format!("healthy after {secs:.1}s"));
+            Ok(())
+        }
+    }
+}
+
+/// Judges the change just made to `name` by `health`'s probes, asking each
+/// as it falls due, until the verdict (bounded by the probes' deadlines).
+/// `said` hears every answer (the probe's index, the probe, the answer).
+/// `launched`: the change started the guest (a console probe then reads
+/// this launch's whole console; after a live change, only what follows).
+/// `follow`: subscribe to the VM's events to see a panic at once (a caller
+/// that follows them itself, as a watcher does, says no).
+pub async fn judge_change(
+    vs: &dyn Virtstack,
+    name: &VmName,
+    health: &Health,
+    launched: bool,
+    follow: bool,
+    said: &mut (dyn FnMut(usize, &Probe, &Answer) + Send),
+) -> Verdict {
+    let mut judge = Judge::new(health, now());
     let first = if launched {
         ProbeCursor::from_start()
     } else {
         ProbeCursor::default()
     };
     let mut cursors = vec![first; health.probes.len()];
-    // What each probe last said, shown when it changes.
-    let mut shown: Vec<Option<bool>> = vec![None; health.probes.len()];
     // A panic is seen at once through the VM's events, where it has them.
-    let mut events = vs.events(name).await.ok().flatten();
+    let mut events = if follow {
+        vs.events(name).await.ok().flatten()
+    } else {
+        None
+    };
     // Ended before it could be followed (a panic at boot).
-    if let Ok(vm) = vs.observe(name).await
+    if follow
+        && let Ok(vm) = vs.observe(name).await
         && let Some(why) = vm.exit_error
     {
         judge.exited(&why);
@@ -72,45 +114,31 @@ async fn judge(
         let mut failed = false;
         for i in judge.due(now()) {
             let (probe, cursor) = (&health.probes[i], &mut cursors[i]);
-            let answer = vs.probe(name, probe, cursor).await?;
-            if shown[i] != Some(answer.passed) {
-                shown[i] = Some(answer.passed);
-                let how = if answer.passed { "passes" } else { "fails" };
-                progress(
-                    name,
-                    &format!("probe {} {how}: {}", probe.label(), escaped(&answer.said)),
-                );
-            }
+            let answer = match vs.probe(name, probe, cursor).await {
+                Ok(answer) => answer,
+                // The VM itself is gone or refuses: no probe can pass.
+                Err(e) => Answer::fail(Chain(&e).to_string()),
+            };
+            said(i, probe, &answer);
             failed |= !answer.passed;
             judge.answer(i, answer, now());
         }
         // Without events, a failing probe is the sign to look for an end.
         if failed
+            && follow
             && events.is_none()
             && let Ok(vm) = vs.observe(name).await
             && let Some(why) = vm.exit_error
         {
             judge.exited(&why);
         }
-        match judge.judge(now()) {
-            Verdict::Healthy => {
-                let secs = now().duration_since(started).as_secs_f64();
-                progress(name, &format!("healthy after {secs:.1}s"));
-                return Ok(());
-            }
-            Verdict::Unhealthy { probe, answer } => {
-                return Err(ApplyError::Unhealthy {
-                    probe: probe.clone(),
-                    answer: answer.clone(),
-                });
-            }
-            Verdict::Pending => {}
+        let verdict = judge.judge(now()).clone();
+        if verdict.is_final() {
+            return verdict;
         }
-        let give_up = started + timeout;
-        if now() >= give_up {
-            return Err(ApplyError::HealthPending(timeout));
-        }
-        let next = judge.next_at().map_or(give_up, |at| at.min(give_up));
+        let Some(next) = judge.next_at() else {
+            return verdict;
+        };
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));
         match &mut events {
             Some(rx) => tokio::select! {

@@ -15,7 +15,7 @@
 //! - An unplug the guest never acknowledges fails the VM and leaves the
 //!   device in place; the next plan shows the removal again.
 
-mod healthy;
+pub mod healthy;
 pub mod lock;
 
 use crate::plan::hold::{self, Hold, Limits};

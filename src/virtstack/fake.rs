@@ -4,6 +4,8 @@
 //! its capabilities say live, only on a running or paused VM, refusals
 //! before anything is created.
 
+use crate::vm::config::Probe;
+use crate::vm::health::{Answer, ProbeCursor};
 use crate::vm::items::{ChangeError, Item, ResourceKind};
 use crate::vm::{
     Capabilities, Change, MemoryBackingType, MemoryHotplug, Observe, ObservedVm, ResourceOperation,
@@ -51,6 +53,8 @@ struct Inner {
     /// VMs that die (with why) when their events are next asked for: a
     /// crash between a look at the VM and a subscription to it.
     crash_at_subscribe: BTreeMap<String, String>,
+    /// What probes of a VM answer while it runs (by default they pass).
+    probe_answers: BTreeMap<String, Answer>,
 }
 
 /// The in-memory virtstack. Clones share one state.
@@ -82,6 +86,11 @@ impl Fake {
     /// The VM as the fake holds it.
     pub fn get(&self, name: &str) -> Option<FakeVm> {
         self.lock().vms.get(name).cloned()
+    }
+
+    /// Makes every probe of `vm` answer `answer` while it runs.
+    pub fn answer_probes(&self, vm: &str, answer: Answer) {
+        self.lock().probe_answers.insert(vm.to_string(), answer);
     }
 
     /// Makes `verb` on `vm` fail from now on.
@@ -436,6 +445,22 @@ impl Virtstack for Fake {
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {
         Ok(self.get(name).is_some_and(|vm| vm.state == State::Running))
+    }
+
+    async fn probe(&self, name: &VmName, _: &Probe, _: &mut ProbeCursor) -> Result<Answer> {
+        let inner = self.lock();
+        let vm = inner
+            .vms
+            .get(name.as_str())
+            .ok_or_else(|| VmError::NotFound(name.to_string()))?;
+        if vm.state != State::Running {
+            return Ok(Answer::fail(format!("the fake VM is {}", vm.state)));
+        }
+        Ok(inner
+            .probe_answers
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or_else(|| Answer::pass("fake")))
     }
 
     async fn stats(&self, name: &VmName) -> Result<VmStats> {

@@ -6,7 +6,7 @@
 //! source revision; never a file path or an error text.
 
 use super::policy::Trigger;
-use super::status::WatchStatus;
+use super::status::{HealthState, WatchStatus};
 use crate::reconcile::Outcome;
 use crate::vm::State;
 use prometheus_client::metrics::counter::Counter;
@@ -34,6 +34,7 @@ pub struct Metrics {
     drift_corrected: Family<Labels, Counter>,
     vms: Family<Labels, Gauge>,
     held: Family<Labels, Gauge>,
+    health: Family<Labels, Gauge>,
     in_backoff: Gauge,
     spec_files_failing: Gauge,
     revision: Family<Labels, Gauge>,
@@ -112,6 +113,12 @@ impl Metrics {
             "Changes held back (above --max-disruption, or a recreate the policy forbids), per VM",
             held.clone(),
         );
+        let health = Family::<Labels, Gauge>::default();
+        registry.register(
+            "vm_health",
+            "Health of each VM's last change by its spec.health (pending, healthy, unhealthy): 1 for the one it is",
+            health.clone(),
+        );
         let in_backoff = Gauge::default();
         registry.register(
             "vms_in_backoff",
@@ -157,6 +164,7 @@ impl Metrics {
             drift_corrected,
             vms,
             held,
+            health,
             in_backoff,
             spec_files_failing,
             revision,
@@ -167,6 +175,22 @@ impl Metrics {
             source_cache: std::sync::Mutex::default(),
             revisions: std::sync::Mutex::default(),
         })
+    }
+
+    /// `vm`'s health series: 1 for its state, 0 for the others; none for a
+    /// VM without `spec.health` (or gone).
+    fn health_of(&self, vm: &str, state: Option<HealthState>) {
+        for s in HealthState::ALL {
+            let labels: Labels = vec![("vm", vm.to_string()), ("health", s.as_str().into())];
+            match state {
+                Some(now) => {
+                    self.health.get_or_create(&labels).set(i64::from(now == s));
+                }
+                None => {
+                    self.health.remove(&labels);
+                }
+            }
+        }
     }
 
     /// One VM's reconcile ended.
@@ -216,6 +240,7 @@ impl Metrics {
             for gone in known.iter().filter(|v| !status.vms.contains_key(*v)) {
                 self.drift_corrected.remove(&vec![("vm", gone.clone())]);
                 self.held.remove(&vec![("vm", gone.clone())]);
+                self.health_of(gone, None);
             }
             known.clear();
             for vm in status.vms.keys() {
@@ -226,6 +251,7 @@ impl Metrics {
             }
         }
         for (vm, w) in &status.vms {
+            self.health_of(vm, w.health.as_ref().map(|h| h.health));
             // The last line of a hold says why; the others are the changes.
             let n = w.held.len().saturating_sub(1);
             self.held

@@ -21,6 +21,7 @@
 
 mod events;
 pub mod files;
+mod health;
 mod lock;
 pub mod metrics;
 pub mod policy;
@@ -36,13 +37,14 @@ use crate::apply::lock::{LockError, StateLock};
 use crate::plan::hold::Limits;
 use crate::reconcile::vm::{VmJob, VmReconciled, reconcile_vm};
 use crate::spec::{Loaded, Reload, SpecCache};
+use crate::vm::health::Verdict;
 use crate::vm::{Chain, Disruption, Virtstack, VmEvent, VmName};
 use events::{EventMsg, Subscription};
 use files::{FsChange, SpecWatcher};
 use lock::SharedLock;
 use policy::{Entry, Finished, Follow, Say};
 use specs::{Book, Pruning, Specs};
-use status::{StatusLog, WatchStatus};
+use status::{HealthStatus, StatusLog, WatchStatus};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -182,6 +184,7 @@ async fn reconcile(ctx: Arc<Ctx>, job: VmJob) -> VmReconciled {
 struct Senders {
     events: UnboundedSender<EventMsg>,
     done: UnboundedSender<Done>,
+    health: UnboundedSender<health::Judged>,
     reports: Option<UnboundedSender<Report>>,
 }
 
@@ -198,6 +201,8 @@ struct Watcher {
     subs: BTreeMap<String, Subscription>,
     /// The last subscription's number.
     generation: u64,
+    /// The health judgements in flight.
+    judging: health::Judging,
     send: Senders,
     /// The first round runs: ready once no entry is part of it.
     starting: bool,
@@ -393,6 +398,7 @@ impl Watcher {
             Follow::Forget => {
                 self.vms.remove(&vm);
                 self.subs.remove(&vm);
+                self.judging.stop(&vm);
             }
             Follow::Follow { renew, restart } => {
                 e.known = true;
@@ -403,6 +409,9 @@ impl Watcher {
                 self.subscribe(&vm, renew, r.live);
             }
         }
+        if self.vms.contains_key(&vm) {
+            self.judge_after(&vm, &r);
+        }
         self.write_status();
         if let Some(reports) = &self.send.reports {
             let _ = reports.send(Report {
@@ -411,6 +420,49 @@ impl Watcher {
                 outcome: r.outcome,
             });
         }
+    }
+
+    /// After a reconcile: a change that reached a running guest is judged by
+    /// its `spec.health` (a VM without one has no health to show).
+    fn judge_after(&mut self, vm: &str, r: &VmReconciled) {
+        let health = self
+            .book
+            .specs
+            .desired
+            .get(vm)
+            .and_then(|d| d.config.health.clone());
+        let Some(health) = health else {
+            self.judging.stop(vm);
+            self.tracked(vm).status.health = None;
+            return;
+        };
+        if matches!(r.outcome, Outcome::Applied(_)) && r.live {
+            let vs = Arc::clone(&self.ctx.vs);
+            self.judging.start(vs, vm, health, r.launched);
+            self.tracked(vm).status.health = Some(HealthStatus::pending(unix_now()));
+        }
+    }
+
+    /// A verdict of a judgement: said once, kept in the status.
+    fn judged(&mut self, judged: health::Judged) {
+        if !self.judging.take(&judged) {
+            return;
+        }
+        self.verdict(&judged.vm, &judged.verdict);
+    }
+
+    fn verdict(&mut self, vm: &str, verdict: &Verdict) {
+        let e = self.tracked(vm);
+        let since = e.status.health.as_ref().map_or_else(unix_now, |h| h.since);
+        e.status.health = Some(HealthStatus::judged(verdict, since));
+        match verdict {
+            Verdict::Healthy => tracing::info!(%vm, "healthy"),
+            Verdict::Unhealthy { probe, answer } => {
+                tracing::warn!(%vm, probe, answer, "unhealthy");
+            }
+            Verdict::Pending => {}
+        }
+        self.write_status();
     }
 
     fn event(&mut self, vm: String, generation: u64, event: VmEvent) {
@@ -435,6 +487,23 @@ impl Watcher {
             tracing::warn!(%vm, "its process ended");
         } else {
             tracing::info!(%vm, event = %name, "vm event");
+        }
+        // A panic or an end while its change is judged is the verdict.
+        let ended = match &event {
+            VmEvent::Gone => Some(("exit", "its process ended")),
+            VmEvent::Reported(e) if e == "GUEST_PANICKED" => {
+                Some(("panic", "the guest panicked (GUEST_PANICKED)"))
+            }
+            VmEvent::Reported(_) => None,
+        };
+        if let Some((probe, answer)) = ended
+            && self.judging.stop(&vm)
+        {
+            let verdict = Verdict::Unhealthy {
+                probe: probe.into(),
+                answer: answer.into(),
+            };
+            self.verdict(&vm, &verdict);
         }
     }
 
@@ -639,6 +708,7 @@ impl Watcher {
             vms,
             subs: BTreeMap::new(),
             generation: 0,
+            judging: health::Judging::new(send.health.clone()),
             send,
             starting: true,
             started: unix_now(),
@@ -772,6 +842,7 @@ pub async fn run(
     let (fs_tx, mut fs_rx) = unbounded_channel();
     let (events, mut events_rx) = unbounded_channel();
     let (done, mut done_rx) = unbounded_channel();
+    let (health, mut verdicts) = unbounded_channel();
     let mut spec_watcher = match SpecWatcher::start(&opts.dir, opts.debounce, fs_tx) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -782,6 +853,7 @@ pub async fn run(
     let send = Senders {
         events,
         done,
+        health,
         reports,
     };
     let mut w = Watcher::start(vs, opts, send).await?;
@@ -815,6 +887,7 @@ pub async fn run(
             }
             Some((vm, generation, event)) = events_rx.recv() => w.event(vm, generation, event),
             Some(done) = done_rx.recv() => w.finished(done, now()),
+            Some(judged) = verdicts.recv() => w.judged(judged),
             _ = resync.tick() => {
                 if let Some(sw) = &mut spec_watcher {
                     sw.rewatch(false);

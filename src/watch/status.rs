@@ -61,6 +61,86 @@ pub struct VmWatch {
     /// The git revision in force at its last reconcile (`main@sha1:...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Its health after its last change, by its `spec.health` (none without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthStatus>,
+}
+
+/// A VM's health as the watcher judged its last change (`spec.health`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthStatus {
+    /// The verdict.
+    pub health: HealthState,
+    /// The probe that decided, when unhealthy (`panic`, `exit`, or a
+    /// probe as `spec.health` names it: `exec cat /x`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    /// Its last answer (the guest's words, bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// When the change judged was made (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// A verdict of `spec.health`, as the status file and the metrics say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// Judged now.
+    Pending,
+    /// Every probe passed for its minimum healthy time.
+    Healthy,
+    /// A probe did not, or the guest panicked or ended.
+    Unhealthy,
+}
+
+impl HealthState {
+    /// Every state, in a stable order.
+    pub const ALL: [HealthState; 3] = [
+        HealthState::Pending,
+        HealthState::Healthy,
+        HealthState::Unhealthy,
+    ];
+
+    /// As the status file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Pending => "pending",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl HealthStatus {
+    /// Being judged, for the change made at `since`.
+    pub fn pending(since: u64) -> Self {
+        HealthStatus {
+            health: HealthState::Pending,
+            probe: None,
+            answer: None,
+            since,
+        }
+    }
+
+    /// Judged `verdict`, for the change made at `since`.
+    pub fn judged(verdict: &crate::vm::health::Verdict, since: u64) -> Self {
+        use crate::vm::health::Verdict;
+        match verdict {
+            Verdict::Pending => Self::pending(since),
+            Verdict::Healthy => HealthStatus {
+                health: HealthState::Healthy,
+                ..Self::pending(since)
+            },
+            Verdict::Unhealthy { probe, answer } => HealthStatus {
+                health: HealthState::Unhealthy,
+                probe: Some(probe.clone()),
+                answer: Some(answer.clone()),
+                since,
+            },
+        }
+    }
 }
 
 /// Writes `status` to `<dir>/watch-status.json` atomically (a temporary

@@ -632,3 +632,76 @@ async fn a_watcher_refuses_an_image_another_vm_of_the_host_has() {
     assert!(fake.get("copy").is_none(), "nothing made");
     w.stop().await;
 }
+
+/// Issue 34: every change a watcher applies to a running VM with
+/// `spec.health` is judged: a guest whose probes pass is healthy, one whose
+/// probe keeps failing is unhealthy at its deadline, the probe and its
+/// answer in the status file and the metrics; a VM without `spec.health`
+/// shows no health. A later change is judged anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_judges_each_change_by_its_health_probes() {
+    use crate::vm::health::Answer;
+    use status::HealthState;
+    let fake = Fake::new(caps());
+    fake.answer_probes("bad", Answer::fail("cat: can't open '/ok'"));
+    let health = "  health:\n    probes:\n      - kind: exec\n        command: [cat, /ok]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n        deadlineSeconds: 2\n";
+    let metrics = metrics::Metrics::new();
+    let seen = Arc::clone(&metrics);
+    let mut w = start(
+        &fake,
+        &[
+            ("good", spec("good", &[], health)),
+            ("bad", spec("bad", &[], health)),
+            ("plain", spec("plain", &[], "")),
+        ],
+        |o| o.metrics = Some(seen),
+    );
+    for vm in ["good", "bad", "plain"] {
+        assert!(matches!(w.next_for(vm).await.outcome, Outcome::Applied(_)));
+    }
+    let judged = |w: &Running, vm: &str, want: HealthState| {
+        let st = w.status();
+        st.vms
+            .get(vm)
+            .and_then(|v| v.health.clone())
+            .filter(|h| h.health == want)
+    };
+    let until = |w: &Running, vm: &str, want: HealthState| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(h) = judged(w, vm, want) {
+                return h;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vm} not {want:?} within {WAIT:?}: {:?}",
+                w.status().vms.get(vm)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(until(&w, "good", HealthState::Healthy).probe, None);
+    let bad = until(&w, "bad", HealthState::Unhealthy);
+    assert_eq!(
+        (bad.probe.as_deref(), bad.answer.as_deref()),
+        (Some("exec cat /ok"), Some("cat: can't open '/ok'"))
+    );
+    assert_eq!(w.status().vms["plain"].health, None);
+    let text = metrics.encode();
+    for line in [
+        "uvmctl_vm_health{vm=\"good\",health=\"healthy\"} 1",
+        "uvmctl_vm_health{vm=\"bad\",health=\"unhealthy\"} 1",
+        "uvmctl_vm_health{vm=\"bad\",health=\"healthy\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    assert!(!text.contains("vm=\"plain\",health"), "{text}");
+
+    // A live change: judged anew, from pending.
+    fake.answer_probes("good", Answer::fail("gone"));
+    save(w.specs.path(), "good", &spec("good", &[1], health));
+    assert_eq!(w.next_for("good").await.outcome, Outcome::Applied(1));
+    let good = until(&w, "good", HealthState::Unhealthy);
+    assert_eq!(good.answer.as_deref(), Some("gone"));
+    w.stop().await;
+}
