@@ -380,31 +380,15 @@ mod tests {
     use super::*;
     use crate::spec::{Boot, LinuxKernelDirect};
     use crate::virtstack::qemu::Qemu;
-    use crate::virtstack::qemu::{Accel, AllowedRoots, QemuOptions, StateDir};
     use crate::vm::ErrorKind;
     use crate::vm::{Virtstack, VmName};
-    use std::time::Duration;
 
     fn vm_name(n: &str) -> VmName {
         VmName::new(n).expect("valid name")
     }
 
     fn host() -> (tempfile::TempDir, Qemu) {
-        let dir = tempfile::Builder::new()
-            .prefix("uvb")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
-        let qemu = Qemu::new(QemuOptions {
-            qemu_user: None,
-            state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
-            roots: AllowedRoots::new(&[dir.path()]),
-            accel: Accel::Tcg,
-            stop_timeout: Duration::from_secs(1),
-            unplug_timeout: Duration::from_secs(1),
-            observer: false,
-        });
-        (dir, qemu)
+        crate::virtstack::qemu::test_host()
     }
 
     fn config(kernel: &Path) -> VmConfig {

@@ -200,6 +200,28 @@ impl Virtstack for Qemu {
     }
 }
 
+/// A qemu virtstack over a state directory of its own, for the modules'
+/// tests: no QEMU runs; `vmlinux` is a file in the directory (kept short,
+/// under /tmp, for socket paths).
+#[cfg(test)]
+pub(super) fn test_host() -> (tempfile::TempDir, Qemu) {
+    let dir = tempfile::Builder::new()
+        .prefix("uvb")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
+    let qemu = Qemu::new(QemuOptions {
+        qemu_user: None,
+        state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
+        roots: AllowedRoots::new(&[dir.path()]),
+        accel: Accel::Tcg,
+        stop_timeout: std::time::Duration::from_secs(1),
+        unplug_timeout: std::time::Duration::from_secs(1),
+        observer: false,
+    });
+    (dir, qemu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::host::down_state;

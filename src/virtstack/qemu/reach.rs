@@ -359,21 +359,14 @@ fn skip_line(bytes: &mut Vec<u8>, mid_line: &mut bool, start: &mut u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtstack::qemu::{Accel, AllowedRoots, Qemu, QemuOptions, StateDir};
     use crate::vm::config::ProbeKind;
 
-    fn host() -> (tempfile::TempDir, Qemu) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let qemu = Qemu::new(QemuOptions {
-            qemu_user: None,
-            state_dir: StateDir::new(dir.path().join("state")).expect("state dir"),
-            roots: AllowedRoots::new(&[dir.path()]),
-            accel: Accel::Tcg,
-            stop_timeout: Duration::from_secs(1),
-            unplug_timeout: Duration::from_secs(1),
-            observer: false,
-        });
-        (dir, qemu)
+    fn append(path: &std::path::Path, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .expect("log");
+        std::io::Write::write_all(&mut f, bytes).expect("append");
     }
 
     /// Issue 34 (review): a console probe reads whole lines past its
@@ -382,7 +375,7 @@ mod tests {
     /// start, however long that has grown.
     #[test]
     fn a_console_probe_reads_each_line_once_across_rotation() {
-        let (_dir, qemu) = host();
+        let (_dir, qemu) = crate::virtstack::qemu::test_host();
         let vm = qemu.vm("web");
         let log = qemu.opts.state_dir.console_log("web");
         std::fs::create_dir_all(log.parent().expect("vm dir")).expect("vm dir");
@@ -398,11 +391,7 @@ mod tests {
         let mut launch = ProbeCursor::from_start();
         assert!(!ask(&mut launch).passed);
         assert_eq!(launch.at, Some(5));
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log)
-            .expect("log");
-        std::io::Write::write_all(&mut f, b"DY\n").expect("append");
+        append(&log, b"DY\n");
         assert_eq!(ask(&mut launch), Answer::pass("READY"));
         assert_eq!(ask(&mut launch), Answer::pass("READY"), "a match stays");
 
@@ -410,28 +399,14 @@ mod tests {
         std::fs::write(&log, "READY\nREA").expect("log");
         let mut live = ProbeCursor::default();
         assert!(!ask(&mut live).passed);
-        std::io::Write::write_all(
-            &mut std::fs::OpenOptions::new()
-                .append(true)
-                .open(&log)
-                .expect("log"),
-            b"DY\nmore\n",
-        )
-        .expect("append");
+        append(&log, b"DY\nmore\n");
         assert!(!ask(&mut live).passed, "READY was begun before the change");
 
         // Rotated: the old log's rest, then the new log from its start.
         let mut rotated = ProbeCursor::from_start();
         std::fs::write(&log, "one\n").expect("log");
         assert!(!ask(&mut rotated).passed);
-        std::io::Write::write_all(
-            &mut std::fs::OpenOptions::new()
-                .append(true)
-                .open(&log)
-                .expect("log"),
-            b"READY\n",
-        )
-        .expect("append");
+        append(&log, b"READY\n");
         std::fs::rename(&log, conlog::old_log(&qemu.opts.state_dir, "web")).expect("rotate");
         std::fs::write(&log, "a much longer line than before\n").expect("new log");
         assert_eq!(
