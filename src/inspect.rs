@@ -413,4 +413,42 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(rows.iter().all(|r| r.state == "absent"));
     }
+
+    /// Issue 34: a VM's health after its last change, with the probe and
+    /// its answer (the guest's words, escaped) when unhealthy.
+    #[test]
+    fn the_watch_section_says_each_vms_health() {
+        use crate::watch::status::{HealthState, HealthStatus};
+        let mut status = WatchStatus::default();
+        status.vms.insert(
+            "web".into(),
+            VmWatch {
+                health: Some(HealthStatus {
+                    health: HealthState::Unhealthy,
+                    probe: Some("exec cat /x".into()),
+                    answer: Some("no\u{1b}]0;pwned".into()),
+                    since: 90,
+                }),
+                ..VmWatch::default()
+            },
+        );
+        status.vms.insert(
+            "db".into(),
+            VmWatch {
+                health: Some(HealthStatus::pending(95)),
+                ..VmWatch::default()
+            },
+        );
+        let text = watch_section(&status, true, 100, &|_| true);
+        assert!(
+            text.contains(
+                "    health: unhealthy (its change of 10s ago): probe exec cat /x: no\\e]0;pwned\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("    health: pending (its change of 5s ago)\n"),
+            "{text}"
+        );
+    }
 }
