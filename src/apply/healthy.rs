@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// The QMP event (and the name other virtstacks report it by) of a guest
 /// that panicked.
-const GUEST_PANICKED: &str = "GUEST_PANICKED";
+pub const GUEST_PANICKED: &str = "GUEST_PANICKED";
 
 /// Waits for `name` to be judged healthy, at most `timeout`. `launched`: the
 /// change started the guest (a console probe then reads this launch's whole

@@ -491,7 +491,7 @@ impl Watcher {
         // A panic or an end while its change is judged is the verdict.
         let ended = match &event {
             VmEvent::Gone => Some(("exit", "its process ended")),
-            VmEvent::Reported(e) if e == "GUEST_PANICKED" => {
+            VmEvent::Reported(e) if e == crate::apply::healthy::GUEST_PANICKED => {
                 Some(("panic", "the guest panicked (GUEST_PANICKED)"))
             }
             VmEvent::Reported(_) => None,
