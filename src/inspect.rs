@@ -2,6 +2,7 @@
 
 use crate::plan::{flatten, observed_power};
 use crate::spec::{API_VERSION, KIND, Metadata, VmDocument, VmStatus};
+use crate::vm::history::History;
 use crate::vm::{Virtstack, VmError, VmName};
 use crate::watch::status::{VmWatch, WatchStatus};
 
@@ -305,9 +306,69 @@ pub fn watch_section(
             }
             out.push('\n');
         }
+        if let Some(r) = &w.revert {
+            let _ = write!(
+                out,
+                "    revert: {} ({}): spec {} judged unhealthy by probe {}: {}",
+                r.state,
+                ago(r.since),
+                short(&r.from),
+                r.probe,
+                crate::escape::escaped(&r.answer)
+            );
+            if let Some(to) = &r.to {
+                let _ = write!(out, "; back to {}", short(to));
+            }
+            for why in &r.why {
+                let _ = write!(out, "; {why}");
+            }
+            out.push('\n');
+        }
     }
     for e in &status.spec_errors {
         let _ = writeln!(out, "  spec error: {e}");
+    }
+    out
+}
+
+/// A spec digest as tables show it: enough to tell two apart.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
+/// `uvmctl history NAME`: the configurations applied to a VM, oldest first,
+/// numbered, with when (seconds ago at `now`), the spec's digest, the
+/// source revision, the health verdict and what decided it.
+pub fn history_table(history: &History, now: u64) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<3} {:<12} {:<12} {:<24} {:<10} NOTE\n",
+        "#", "APPLIED", "SPEC", "REVISION", "HEALTH"
+    );
+    for (i, e) in history.entries().iter().enumerate() {
+        let mut note = String::new();
+        if let Some(from) = &e.reverted_from {
+            let _ = write!(note, "revert of {}", short(from));
+        }
+        if let (Some(probe), Some(answer)) = (&e.probe, &e.answer) {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            // The answer is the guest's words.
+            let _ = write!(note, "probe {probe}: {}", crate::escape::escaped(answer));
+        }
+        let _ = writeln!(
+            out,
+            "{:<3} {:<12} {:<12} {:<24} {:<10} {note}",
+            i + 1,
+            format!("{}s ago", now.saturating_sub(e.at)),
+            short(&e.spec),
+            e.revision.as_deref().unwrap_or("-"),
+            e.health.as_str(),
+        );
+    }
+    if history.is_empty() {
+        out.push_str("(nothing applied through uvmctl yet)\n");
     }
     out
 }

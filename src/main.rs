@@ -113,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Destroy { name, lock_timeout } => {
             cli::status::destroy(&name, lock_timeout, host).await
         }
+        Command::History { name, output } => cli::status::history(&name, output, host).await,
         Command::Wait { name, timeout } => cli::status::wait(&name, timeout, host).await,
         Command::Console { name } => cli::guest::console(&name, host).await,
         Command::Logs {

@@ -59,6 +59,17 @@ pub enum ApplyError {
     #[error("interrupted: stopped after the step in flight; `uvmctl plan` shows what is left")]
     Interrupted,
 }
+impl ApplyError {
+    /// The change itself went through; what failed came after it (the
+    /// guest's health, the wait for it).
+    pub fn after_the_change(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::NotReady(_) | ApplyError::Unhealthy { .. } | ApplyError::HealthPending(_)
+        )
+    }
+}
+
 /// Choices for one apply.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyOptions {
@@ -261,10 +272,18 @@ async fn apply_vm(
             }
             progress(label, "recreating");
             let want = spec()?;
+            // The same VM to its users: its history outlives its record.
+            let mut history = None;
             if vs.list().await?.contains(&name) {
+                history = vs.history(&name).await.ok();
                 steps.did(with_ticker(progress, label, "destroying", vs.destroy(&name)).await)?;
             }
             build(vs, &name, want, progress, steps).await?;
+            if let Some(h) = history.filter(|h| !h.is_empty())
+                && let Err(e) = vs.keep_history(&name, &h).await
+            {
+                progress(label, &format!("its history was lost: {}", Chain(&e)));
+            }
         }
         VmAction::Update => update(vs, &name, vm, spec()?, progress, steps).await?,
     }

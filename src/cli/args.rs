@@ -59,6 +59,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// The configurations applied to a VM, oldest first (at most 10, and
+    /// always its last healthy one): when, the spec's digest, the source
+    /// revision, how spec.health judged it, and what was reverted.
+    History {
+        /// VM name.
+        name: VmName,
+        /// Output format (json: the list as the VM's record keeps it).
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Stop a VM and delete everything uvmctl keeps for it.
     Destroy {
         /// VM name.
@@ -377,6 +387,10 @@ pub struct WatchArgs {
     /// observed, planned and reported (logs, `uvmctl status`) as held.
     #[arg(long)]
     pub detect_only: bool,
+    /// Do not revert a change its spec.health judges unhealthy: report it
+    /// (logs, `uvmctl status`, metrics) and leave the VM as its spec says.
+    #[arg(long)]
+    pub no_revert: bool,
     /// Remove managed VMs whose spec is gone, once a second scan confirms it;
     /// never while any spec fails to load, never every VM of this host
     /// without --allow-empty.

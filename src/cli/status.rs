@@ -4,6 +4,7 @@
 use super::EXIT_ERROR;
 use super::args::Output;
 use super::host;
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
 use uvmctl::reconcile;
@@ -140,6 +141,25 @@ pub async fn export(name: Option<&VmName>, host: &HostOptions) -> anyhow::Result
         eprintln!("{vm}: not exported: cannot be observed ({why})");
     }
     Ok(if skipped.is_empty() { 0 } else { EXIT_ERROR })
+}
+
+/// `uvmctl history NAME`: what its record keeps of the changes applied to it.
+pub async fn history(name: &VmName, output: Output, host: &HostOptions) -> anyhow::Result<u8> {
+    let (vs, _) = host::live(host, true).await?;
+    let history = vs
+        .history(name)
+        .await
+        .with_context(|| format!("cannot read the history of {name}"))?;
+    match output {
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&history)?)?,
+        Output::Text => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            out!("{}", uvmctl::inspect::history_table(&history, now))?;
+        }
+    }
+    Ok(0)
 }
 
 /// `uvmctl capabilities`: the virtstack's profile.

@@ -102,6 +102,7 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         source: source.map(|_| cache),
         placement: args.placement.placement()?,
         metrics,
+        revert: !args.no_revert,
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)

@@ -10,15 +10,17 @@
 //!   deadline per VM, so a host with a stuck VM answers within one deadline.
 //! - Blocking work (reading the spec directory) runs off the async workers.
 
+pub mod history;
 pub mod vm;
 
 pub use vm::{Outcome, VmJob, VmReconciled, reconcile_vm};
 
-use crate::apply::{self, ApplyOptions, Progress, VmOutcome};
+use crate::apply::{self, ApplyError, ApplyOptions, Progress, VmOutcome};
 use crate::plan::hold::{self, Hold, Limits};
 use crate::plan::saved::{self, MAX_SAVED_PLAN_BYTES, SavedPlan, SavedPlanError};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::spec::{self, Loaded};
+use crate::vm::health::Verdict;
 use crate::vm::{Chain, Disruption, Observe, ObservedState, Virtstack, VmError, VmName};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -320,6 +322,44 @@ impl Planned {
         refused
     }
 
+    /// Writes what `outcome` applied into its VM's history, with the
+    /// verdict `--wait-healthy` reached.
+    async fn record(&self, vs: &dyn Virtstack, outcome: &VmOutcome, opts: ApplyOptions) {
+        let Some(want) = self.loaded.desired.vms.get(&outcome.name) else {
+            return;
+        };
+        // Applied whole: what failed after the change (its health, the
+        // wait) leaves the VM changed.
+        let applied = match &outcome.result {
+            Ok(()) => true,
+            Err(e) => e.after_the_change(),
+        };
+        if outcome.steps == 0 || !applied {
+            return;
+        }
+        let Ok(name) = VmName::new(&outcome.name) else {
+            return;
+        };
+        let verdict = match &outcome.result {
+            _ if want.config.health.is_none() || opts.wait_healthy.is_none() => None,
+            Ok(()) => Some(Verdict::Healthy),
+            Err(ApplyError::Unhealthy { probe, answer }) => Some(Verdict::Unhealthy {
+                probe: probe.clone(),
+                answer: answer.clone(),
+            }),
+            Err(_) => None,
+        };
+        let note = history::Note {
+            applied: Some(&want.config),
+            verdicts: verdict
+                .map(|v| (want.config.digest(), v))
+                .into_iter()
+                .collect(),
+            ..history::Note::default()
+        };
+        history::write(vs, &name, note).await;
+    }
+
     /// How many VMs could not be observed (and so were not planned).
     pub fn unobserved(&self) -> usize {
         self.observed.unknown.len()
@@ -333,7 +373,17 @@ impl Planned {
         progress: Progress,
     ) -> Applied {
         let started = Instant::now();
-        let outcomes = apply::apply(&self.plan, &self.loaded.desired, vs, opts, progress).await;
+        let outcomes = apply::apply(
+            &self.plan,
+            &self.loaded.desired,
+            Arc::clone(&vs),
+            opts,
+            progress,
+        )
+        .await;
+        for outcome in &outcomes {
+            self.record(vs.as_ref(), outcome, opts).await;
+        }
         Applied {
             outcomes,
             elapsed: started.elapsed(),

@@ -4,10 +4,13 @@
 //! steps over the whole set ([`super::Planned`]), with the same rule.
 
 use super::OBSERVE_DEADLINE;
+use super::history;
 use crate::apply::{self, ApplyOptions, Progress};
 use crate::plan::hold::{self, Limits};
 use crate::plan::{self, PlanOptions, VmAction};
 use crate::spec::{DesiredState, DesiredVm, PowerState, VmConfig};
+use crate::vm::health::Verdict;
+use crate::vm::history::History;
 use crate::vm::{Chain, Disruption, ErrorKind, ObservedState, State, Virtstack, VmName};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -68,6 +71,14 @@ pub struct VmJob {
     /// The host's other VMs whose images the caller has not seen: looked
     /// at before an image is attached.
     pub unseen: Vec<VmName>,
+    /// The source revision its spec comes from, for its history.
+    pub revision: Option<String>,
+    /// `desired` is a revert to an earlier configuration, away from the
+    /// spec of this digest.
+    pub reverted_from: Option<String>,
+    /// Verdicts of its earlier changes' judgements to write into its
+    /// history, by the digest of the spec judged.
+    pub verdicts: Vec<(String, Verdict)>,
 }
 
 /// What one VM's reconcile found and did.
@@ -91,6 +102,9 @@ pub struct VmReconciled {
     pub images: Option<Images>,
     /// The images of the other VMs looked at ([`VmJob::unseen`]).
     pub others: Vec<(String, Images)>,
+    /// Its history as this reconcile left it; `None`: not read (a VM
+    /// without `spec.health` that nothing was applied to), or not there.
+    pub history: Option<History>,
 }
 
 impl Default for VmReconciled {
@@ -104,6 +118,7 @@ impl Default for VmReconciled {
             state: None,
             images: None,
             others: Vec::new(),
+            history: None,
         }
     }
 }
@@ -154,9 +169,32 @@ fn state_for(power: PowerState) -> State {
 
 /// Reconciles one VM: observe, plan, hold or apply, writing into `done` as
 /// it goes, so a caller whose deadline cuts it short still has what it
-/// found (the VM's state, the plan). The deadline and the state
+/// found (the VM's state, the plan). Then its history: what was applied,
+/// the verdicts the job carries, and (for a VM with `spec.health`) the
+/// history read back for the caller's revert. The deadline and the state
 /// directory's lock are the caller's.
 pub async fn reconcile_vm(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmReconciled) {
+    reconcile_steps(vs, job, done).await;
+    let applied = matches!(done.outcome, Outcome::Applied(_))
+        .then(|| job.desired.as_ref().map(|d| &*d.config))
+        .flatten();
+    let judged = job
+        .desired
+        .as_ref()
+        .is_some_and(|d| d.config.health.is_some());
+    if done.state.is_none() || (applied.is_none() && !judged && job.verdicts.is_empty()) {
+        return;
+    }
+    let note = history::Note {
+        applied,
+        revision: job.revision.clone(),
+        reverted_from: job.reverted_from.clone(),
+        verdicts: job.verdicts.clone(),
+    };
+    done.history = history::write(vs.as_ref(), &job.name, note).await;
+}
+
+async fn reconcile_steps(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmReconciled) {
     let vm = job.name.to_string();
     let mut observed = ObservedState::default();
     // Observed straight away: a VM the virtstack does not have answers

@@ -6,6 +6,7 @@
 
 use crate::vm::config::Probe;
 use crate::vm::health::{Answer, ProbeCursor};
+use crate::vm::history::History;
 use crate::vm::items::{ChangeError, Item, ResourceKind};
 use crate::vm::{
     Capabilities, Change, MemoryBackingType, MemoryHotplug, Observe, ObservedVm, ResourceOperation,
@@ -18,6 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 type Result<T, E = VmError> = std::result::Result<T, E>;
+
+/// Something true or not of a VM's configuration.
+type ConfigTest = fn(&VmConfig) -> bool;
 
 /// One VM the fake holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +59,10 @@ struct Inner {
     crash_at_subscribe: BTreeMap<String, String>,
     /// What probes of a VM answer while it runs (by default they pass).
     probe_answers: BTreeMap<String, Answer>,
+    /// What probes of a VM answer while its configuration is so.
+    probe_answers_when: BTreeMap<String, (ConfigTest, Answer)>,
+    /// Each VM's history, as a record would keep it.
+    histories: BTreeMap<String, History>,
 }
 
 /// The in-memory virtstack. Clones share one state.
@@ -91,6 +99,15 @@ impl Fake {
     /// Makes every probe of `vm` answer `answer` while it runs.
     pub fn answer_probes(&self, vm: &str, answer: Answer) {
         self.lock().probe_answers.insert(vm.to_string(), answer);
+    }
+
+    /// Makes every probe of `vm` answer `answer` while `when` holds of its
+    /// configuration (and pass otherwise): a change that breaks its guest,
+    /// which a revert mends.
+    pub fn answer_probes_when(&self, vm: &str, when: ConfigTest, answer: Answer) {
+        self.lock()
+            .probe_answers_when
+            .insert(vm.to_string(), (when, answer));
     }
 
     /// Makes `verb` on `vm` fail from now on.
@@ -436,6 +453,7 @@ impl Virtstack for Fake {
     async fn destroy(&self, name: &VmName) -> Result<()> {
         self.call(name, "destroy").await?;
         self.lock().crashed.remove(name.as_str());
+        self.lock().histories.remove(name.as_str());
         self.lock()
             .vms
             .remove(name.as_str())
@@ -447,6 +465,27 @@ impl Virtstack for Fake {
         Ok(self.get(name).is_some_and(|vm| vm.state == State::Running))
     }
 
+    async fn history(&self, name: &VmName) -> Result<History> {
+        let inner = self.lock();
+        if !inner.vms.contains_key(name.as_str()) {
+            return Err(VmError::NotFound(name.to_string()));
+        }
+        Ok(inner
+            .histories
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.vms.contains_key(name.as_str()) {
+            return Err(VmError::NotFound(name.to_string()));
+        }
+        inner.histories.insert(name.to_string(), history.clone());
+        Ok(())
+    }
+
     async fn probe(&self, name: &VmName, _: &Probe, _: &mut ProbeCursor) -> Result<Answer> {
         let inner = self.lock();
         let vm = inner
@@ -455,6 +494,13 @@ impl Virtstack for Fake {
             .ok_or_else(|| VmError::NotFound(name.to_string()))?;
         if vm.state != State::Running {
             return Ok(Answer::fail(format!("the fake VM is {}", vm.state)));
+        }
+        if let Some((when, answer)) = inner.probe_answers_when.get(name.as_str()) {
+            return Ok(if when(&vm.config) {
+                answer.clone()
+            } else {
+                Answer::pass("fake")
+            });
         }
         Ok(inner
             .probe_answers

@@ -17,6 +17,7 @@ use crate::protocol::vmservice as pb;
 use crate::protocol::vmservice_ttrpc::VmClient;
 use crate::virtstack::records::{Layout, RecordError, RecordStore};
 use crate::vm::config::VmConfig;
+use crate::vm::history::History;
 use crate::vm::items::ResourceKind;
 use crate::vm::{
     Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmName, VmStats,
@@ -110,6 +111,10 @@ struct Record {
     config: VmConfig,
     /// The server has the VM (CreateVM done, TeardownVM not).
     created: bool,
+    /// The configurations applied to it ([`Virtstack::history`]): kept
+    /// here, by the client, as the protocol has no word for them.
+    #[serde(default, skip_serializing_if = "History::is_empty")]
+    history: History,
 }
 
 /// The remotevm virtstack.
@@ -508,6 +513,7 @@ impl Virtstack for RemoteVm {
         let mut rec = Record {
             config: config.clone(),
             created: false,
+            history: History::default(),
         };
         self.store(name.as_str(), &rec)?;
         if let Err(e) = self.create_remote(name, &mut rec).await {
@@ -644,6 +650,16 @@ impl Virtstack for RemoteVm {
         self.records
             .remove(name.as_str())
             .map_err(|e| backend(format!("vm {name}: {e}")))
+    }
+
+    async fn history(&self, name: &VmName) -> Result<History> {
+        Ok(self.record(name.as_str())?.history)
+    }
+
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()> {
+        let mut rec = self.record(name.as_str())?;
+        rec.history = history.clone();
+        self.store(name.as_str(), &rec)
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {

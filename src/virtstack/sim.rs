@@ -29,6 +29,7 @@ use super::fake::{Fake, FakeVm};
 use super::records::{Layout, RecordError, RecordStore};
 use crate::vm::config::{Probe, ProbeKind};
 use crate::vm::health::{Answer, ProbeCursor};
+use crate::vm::history::History;
 use crate::vm::{
     Capabilities, Change, HostFacts, Observe, ObservedVm, State, Virtstack, VmError, VmName,
     VmStats, config::VmConfig,
@@ -87,6 +88,9 @@ pub struct SimRecord {
     /// When it was last started (seconds since the epoch), while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+    /// The configurations applied to it ([`Virtstack::history`]).
+    #[serde(default, skip_serializing_if = "History::is_empty")]
+    pub history: History,
 }
 
 /// The capabilities of the simulator: the qemu virtstack's, on a host with
@@ -199,6 +203,10 @@ impl Sim {
                     config: vm.config,
                     state: vm.state,
                     started_at,
+                    history: before
+                        .as_ref()
+                        .map(|b| b.history.clone())
+                        .unwrap_or_default(),
                 };
                 if before.as_ref() != Some(&rec) {
                     self.records
@@ -329,6 +337,20 @@ impl Virtstack for Sim {
         _cursor: &mut ProbeCursor,
     ) -> Result<Answer> {
         Ok(simulated_answer(&self.existing(name)?, probe))
+    }
+
+    async fn history(&self, name: &VmName) -> Result<History> {
+        Ok(self.existing(name)?.history)
+    }
+
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let mut rec = self.existing(name)?;
+        rec.history = history.clone();
+        self.records
+            .store(name, &rec)
+            .map_err(|e| VmError::Backend(Box::new(e)))
     }
 
     async fn stats(&self, name: &VmName) -> Result<VmStats> {

@@ -779,6 +779,19 @@ pub struct AttachedImage<'a> {
 }
 
 impl VmConfig {
+    /// sha256 of the configuration as uvmctl reads it (values canonical),
+    /// in hex: two specs that say the same have the same digest, whatever
+    /// their layout, comments or the other VMs of their file.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        // Plain data always serializes; an empty digest would only ever differ.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        Sha256::digest(&json)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Every image the VM attaches (SCSI disks, then VPMem devices), in
     /// spec order: what "a writable image belongs to one VM" is about.
     pub fn images(&self) -> impl Iterator<Item = AttachedImage<'_>> {

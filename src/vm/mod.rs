@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod config;
 pub mod health;
+pub mod history;
 pub mod items;
 mod name;
 pub mod observed;

@@ -32,6 +32,7 @@
 
 use super::config::{Probe, VmConfig};
 use super::health::{Answer, ProbeCursor};
+use super::history::History;
 use super::{Capabilities, Change, ObservedVm, VmError, VmName};
 use async_trait::async_trait;
 
@@ -164,6 +165,16 @@ pub trait Virtstack: Observe {
                 .unwrap_or_else(|| format!("{} probes are not run here", probe.kind.as_str())),
         })
     }
+    /// The configurations applied to the VM, as its record keeps them
+    /// (empty for a VM none was recorded for yet).
+    ///
+    /// # Errors
+    /// `NotFound` for a VM it does not have; a record it cannot read.
+    async fn history(&self, name: &VmName) -> Result<History>;
+    /// Replaces the history the VM's record keeps (the caller adds to what
+    /// [`Virtstack::history`] gave; one VM's history has one writer at a
+    /// time, its reconcile).
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()>;
     /// Lets go of what is held open for a VM between operations (QEMU's
     /// control socket serves one client at a time), so another uvmctl
     /// process can drive it; reconnects on next use.

@@ -23,6 +23,8 @@ pub struct Judged {
     pub vm: String,
     /// Which of its judgements.
     pub number: u64,
+    /// The digest of the configuration judged.
+    pub spec: String,
     /// What it found.
     pub verdict: Verdict,
 }
@@ -30,7 +32,8 @@ pub struct Judged {
 /// The judgements in flight.
 #[derive(Debug)]
 pub struct Judging {
-    tasks: BTreeMap<String, (u64, JoinHandle<()>)>,
+    /// Per VM: the judgement's number, the digest of what it judges, its task.
+    tasks: BTreeMap<String, (u64, String, JoinHandle<()>)>,
     last: u64,
     tx: UnboundedSender<Judged>,
 }
@@ -45,15 +48,24 @@ impl Judging {
         }
     }
 
-    /// Judges the change just made to `vm` (replacing a judgement of an
-    /// earlier one). `launched`: the change started the guest.
-    pub fn start(&mut self, vs: Arc<dyn Virtstack>, vm: &str, health: Health, launched: bool) {
+    /// Judges the change just made to `vm`, to the configuration of digest
+    /// `spec` (replacing a judgement of an earlier one). `launched`: the
+    /// change started the guest.
+    pub fn start(
+        &mut self,
+        vs: Arc<dyn Virtstack>,
+        vm: &str,
+        spec: String,
+        health: Health,
+        launched: bool,
+    ) {
         self.stop(vm);
         let Ok(name) = VmName::new(vm) else { return };
         self.last += 1;
         let number = self.last;
         let tx = self.tx.clone();
         let vm_owned = vm.to_string();
+        let judged_spec = spec.clone();
         let task = tokio::spawn(async move {
             let verdict = judge_change(
                 vs.as_ref(),
@@ -67,21 +79,19 @@ impl Judging {
             let _ = tx.send(Judged {
                 vm: vm_owned,
                 number,
+                spec: judged_spec,
                 verdict,
             });
         });
-        self.tasks.insert(vm.to_string(), (number, task));
+        self.tasks.insert(vm.to_string(), (number, spec, task));
     }
 
-    /// Stops `vm`'s judgement; whether one was in flight.
-    pub fn stop(&mut self, vm: &str) -> bool {
-        match self.tasks.remove(vm) {
-            Some((_, task)) => {
-                task.abort();
-                true
-            }
-            None => false,
-        }
+    /// Stops `vm`'s judgement; the digest of what it judged, when one was
+    /// in flight.
+    pub fn stop(&mut self, vm: &str) -> Option<String> {
+        let (_, spec, task) = self.tasks.remove(vm)?;
+        task.abort();
+        Some(spec)
     }
 
     /// Whether `judged` is the verdict of `vm`'s judgement in flight (which
@@ -90,7 +100,7 @@ impl Judging {
         if self
             .tasks
             .get(&judged.vm)
-            .is_some_and(|(n, _)| *n == judged.number)
+            .is_some_and(|(n, _, _)| *n == judged.number)
         {
             self.tasks.remove(&judged.vm);
             return true;

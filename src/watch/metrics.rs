@@ -32,6 +32,7 @@ pub struct Metrics {
     reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
     reconciles: Family<Labels, Counter>,
     drift_corrected: Family<Labels, Counter>,
+    reverts: Family<Labels, Counter>,
     vms: Family<Labels, Gauge>,
     held: Family<Labels, Gauge>,
     health: Family<Labels, Gauge>,
@@ -65,6 +66,7 @@ fn trigger_word(t: &Trigger) -> &'static str {
         Trigger::Event(_) => "event",
         Trigger::Resync => "resync",
         Trigger::Retry => "retry",
+        Trigger::Health => "health",
     }
 }
 
@@ -104,6 +106,12 @@ impl Metrics {
             "drift_corrected",
             "Reconciles after a VM event or a resync that changed the VM (drift put back), per VM",
             drift_corrected.clone(),
+        );
+        let reverts = Family::<Labels, Counter>::default();
+        registry.register(
+            "reverts",
+            "Changes undone because they left the VM unhealthy (its last healthy configuration applied again), per VM",
+            reverts.clone(),
         );
         let vms = Family::<Labels, Gauge>::default();
         registry.register("vms", "VMs by state, as last observed", vms.clone());
@@ -162,6 +170,7 @@ impl Metrics {
             reconcile_duration,
             reconciles,
             drift_corrected,
+            reverts,
             vms,
             held,
             health,
@@ -213,6 +222,13 @@ impl Metrics {
         }
     }
 
+    /// `vm`'s change was reverted.
+    pub fn reverted(&self, vm: &str) {
+        self.reverts
+            .get_or_create(&vec![("vm", vm.to_string())])
+            .inc();
+    }
+
     /// The gauges, from what the watcher would write to its status file
     /// and the VMs' last observed states.
     ///
@@ -239,6 +255,7 @@ impl Metrics {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for gone in known.iter().filter(|v| !status.vms.contains_key(*v)) {
                 self.drift_corrected.remove(&vec![("vm", gone.clone())]);
+                self.reverts.remove(&vec![("vm", gone.clone())]);
                 self.held.remove(&vec![("vm", gone.clone())]);
                 self.health_of(gone, None);
             }
@@ -247,6 +264,7 @@ impl Metrics {
                 let _ = self
                     .drift_corrected
                     .get_or_create(&vec![("vm", vm.clone())]);
+                let _ = self.reverts.get_or_create(&vec![("vm", vm.clone())]);
                 known.insert(vm.clone());
             }
         }

@@ -25,6 +25,7 @@ mod health;
 mod lock;
 pub mod metrics;
 pub mod policy;
+mod revert;
 pub mod signals;
 mod specs;
 pub mod status;
@@ -44,7 +45,7 @@ use files::{FsChange, SpecWatcher};
 use lock::SharedLock;
 use policy::{Entry, Finished, Follow, Say};
 use specs::{Book, Pruning, Specs};
-use status::{HealthStatus, StatusLog, WatchStatus};
+use status::{HealthStatus, RevertStatus, StatusLog, WatchStatus};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,6 +88,9 @@ pub struct WatchOptions {
     /// The git cache the spec directory comes from (`source.json` there
     /// says the revision in force), if it comes from git.
     pub source: Option<PathBuf>,
+    /// Go back to a VM's last healthy configuration when a change leaves
+    /// it unhealthy (`--no-revert`: only report).
+    pub revert: bool,
 }
 
 impl WatchOptions {
@@ -147,6 +151,10 @@ struct Done {
     trigger: Trigger,
     /// How long the reconcile took.
     took: Duration,
+    /// How many of the entry's verdicts its job carried.
+    verdicts_sent: usize,
+    /// It applied the VM's revert.
+    reverting: bool,
     reconciled: VmReconciled,
 }
 
@@ -208,6 +216,8 @@ struct Watcher {
     starting: bool,
     started: u64,
     status_log: StatusLog,
+    /// The source revision in force, as its cache said at the last load.
+    revision: Option<String>,
 }
 
 fn unix_now() -> u64 {
@@ -268,7 +278,11 @@ impl Watcher {
         } else {
             Vec::new()
         };
+        let (desired, reverted_from) = self.revert_target(&vm, desired);
         let entry = self.vms.entry(vm.clone()).or_default();
+        let verdicts = entry.verdicts.clone();
+        let verdicts_sent = verdicts.len();
+        let reverting = reverted_from.is_some();
         let job = VmJob {
             name,
             desired,
@@ -277,6 +291,9 @@ impl Watcher {
             limits: self.opts.limits(),
             may_relaunch: entry.may_relaunch(now),
             unseen,
+            revision: self.revision.clone(),
+            reverted_from,
+            verdicts,
         };
         entry.in_flight = true;
         let ctx = Arc::clone(&self.ctx);
@@ -297,6 +314,8 @@ impl Watcher {
                     vm,
                     trigger,
                     took,
+                    verdicts_sent,
+                    reverting,
                     reconciled,
                 });
             }
@@ -358,19 +377,15 @@ impl Watcher {
             vm,
             trigger,
             took,
+            verdicts_sent,
+            reverting,
             reconciled: r,
         } = done;
         for (other, images) in &r.others {
             let e = self.vms.entry(other.clone()).or_default();
             e.images.get_or_insert_with(|| images.clone());
         }
-        let revision = self
-            .opts
-            .source
-            .as_deref()
-            .and_then(crate::source::read_status)
-            .and_then(|s| s.applied)
-            .map(|r| r.to_string());
+        let revision = self.revision.clone();
         if let Some(m) = &self.opts.metrics {
             m.reconciled(&vm, &trigger, &r.outcome, took);
         }
@@ -380,6 +395,16 @@ impl Watcher {
             e.images.clone_from(&r.images);
         }
         e.state = r.state;
+        if let Some(history) = &r.history {
+            // Written: the verdicts the job carried are in it; those that
+            // came since are not yet.
+            e.verdicts.drain(..verdicts_sent.min(e.verdicts.len()));
+            let mut history = history.clone();
+            for (spec, verdict) in &e.verdicts {
+                history.judged(spec, verdict);
+            }
+            e.history = Some(history);
+        }
         e.status.revision = revision;
         e.status.last_reconcile = Some(unix_now());
         e.status.trigger = Some(trigger.to_string());
@@ -409,8 +434,11 @@ impl Watcher {
                 self.subscribe(&vm, renew, r.live);
             }
         }
+        if reverting {
+            self.reverted(&vm, &r.outcome);
+        }
         if self.vms.contains_key(&vm) {
-            self.judge_after(&vm, &r);
+            self.judge_after(&vm, &r, reverting);
         }
         self.write_status();
         if let Some(reports) = &self.send.reports {
@@ -422,23 +450,112 @@ impl Watcher {
         }
     }
 
+    /// What `vm`'s reconcile applies: its spec, or while a revert stands,
+    /// the configuration it goes back to (with the digest of the spec it
+    /// goes away from). A spec changed since the failure ends the revert.
+    fn revert_target(
+        &mut self,
+        vm: &str,
+        desired: Option<crate::spec::DesiredVm>,
+    ) -> (Option<crate::spec::DesiredVm>, Option<String>) {
+        let Some(e) = self.vms.get_mut(vm) else {
+            return (desired, None);
+        };
+        let Some(r) = &e.revert else {
+            return (desired, None);
+        };
+        let spec = desired
+            .as_ref()
+            .filter(|d| d.config.health.is_some())
+            .map(|d| d.config.digest());
+        if !revert::stands(r, spec.as_deref()) {
+            tracing::info!(%vm, "its spec changed: the revert ends, the spec is followed");
+            e.revert = None;
+            e.status.revert = None;
+            return (desired, None);
+        }
+        let to = Arc::clone(&r.to);
+        let from = r.from.clone();
+        let desired = desired.map(|mut d| {
+            d.config = to;
+            d
+        });
+        (desired, Some(from))
+    }
+
+    /// After a reconcile that applied `vm`'s revert target.
+    fn reverted(&mut self, vm: &str, outcome: &Outcome) {
+        let metrics = self.opts.metrics.clone();
+        let e = self.tracked(vm);
+        let Some(r) = e.revert.as_mut() else {
+            return;
+        };
+        let held = match outcome {
+            Outcome::Held(lines) => Some(lines.as_slice()),
+            _ => None,
+        };
+        let step = revert::after_reconcile(
+            r,
+            matches!(outcome, Outcome::Applied(_)),
+            *outcome == Outcome::InSync,
+            held,
+        );
+        match step {
+            revert::Step::Applied => {
+                tracing::warn!(
+                    %vm,
+                    probe = %r.probe,
+                    answer = %r.answer,
+                    from = %short(&r.from),
+                    to = %short(&r.to_spec),
+                    "reverted: its last healthy configuration is applied again; the spec that failed is not, until it changes"
+                );
+                if let Some(m) = &metrics {
+                    m.reverted(vm);
+                }
+            }
+            revert::Step::Held => {
+                tracing::warn!(%vm, held = ?held, "revert held: a person applies it or raises --max-disruption; nothing is forced");
+            }
+            revert::Step::Quiet => {}
+        }
+        e.status.revert = Some(revert_status(r, unix_now()));
+    }
+
     /// After a reconcile: a change that reached a running guest is judged by
-    /// its `spec.health` (a VM without one has no health to show).
-    fn judge_after(&mut self, vm: &str, r: &VmReconciled) {
-        let health = self
-            .book
-            .specs
-            .desired
-            .get(vm)
-            .and_then(|d| d.config.health.clone());
-        let Some(health) = health else {
+    /// its `spec.health` (a VM without one has no health to show); a revert
+    /// by the health its configuration had.
+    fn judge_after(&mut self, vm: &str, r: &VmReconciled, reverting: bool) {
+        let target = if reverting {
+            self.vms
+                .get(vm)
+                .and_then(|e| e.revert.as_ref())
+                .map(|rv| (rv.to.health.clone(), rv.to_spec.clone()))
+        } else {
+            self.book
+                .specs
+                .desired
+                .get(vm)
+                .map(|d| (d.config.health.clone(), String::new()))
+        };
+        let Some((Some(health), spec)) = target else {
             self.judging.stop(vm);
             self.tracked(vm).status.health = None;
             return;
         };
         if matches!(r.outcome, Outcome::Applied(_)) && r.live {
+            let spec = if reverting {
+                spec
+            } else {
+                self.book
+                    .specs
+                    .desired
+                    .get(vm)
+                    .map(|d| d.config.digest())
+                    .unwrap_or_default()
+            };
             let vs = Arc::clone(&self.ctx.vs);
-            self.judging.start(vs, vm, health, r.launched);
+            self.judging.start(vs, vm, spec, health, r.launched);
             self.tracked(vm).status.health = Some(HealthStatus::pending(unix_now()));
         }
     }
@@ -448,17 +565,71 @@ impl Watcher {
         if !self.judging.take(&judged) {
             return;
         }
-        self.verdict(&judged.vm, &judged.verdict);
+        self.verdict(&judged.vm, &judged.spec, &judged.verdict);
     }
 
-    fn verdict(&mut self, vm: &str, verdict: &Verdict) {
+    /// A verdict on the change to the configuration of digest `spec`: kept
+    /// in the status, written into the VM's history by a reconcile it
+    /// marks, and when unhealthy, a revert if the policy says so.
+    fn verdict(&mut self, vm: &str, spec: &str, verdict: &Verdict) {
+        let desired = self
+            .book
+            .specs
+            .desired
+            .get(vm)
+            .filter(|d| d.config.health.is_some())
+            .map(|d| d.config.digest());
+        let enabled = self.opts.revert;
         let e = self.tracked(vm);
         let since = e.status.health.as_ref().map_or_else(unix_now, |h| h.since);
         e.status.health = Some(HealthStatus::judged(verdict, since));
+        if *verdict != Verdict::Pending {
+            e.verdicts.push((spec.to_string(), verdict.clone()));
+            if let Some(h) = &mut e.history {
+                h.judged(spec, verdict);
+            }
+            e.mark(Trigger::Health);
+        }
         match verdict {
             Verdict::Healthy => tracing::info!(%vm, "healthy"),
             Verdict::Unhealthy { probe, answer } => {
                 tracing::warn!(%vm, probe, answer, "unhealthy");
+                let decision = revert::on_unhealthy(
+                    enabled,
+                    spec,
+                    desired.as_deref(),
+                    e.history.as_ref(),
+                    e.revert.as_ref(),
+                    probe,
+                    answer,
+                );
+                let now = unix_now();
+                match decision {
+                    revert::OnUnhealthy::Revert(r) => {
+                        tracing::warn!(%vm, to = %short(&r.to_spec), "reverting to its last healthy configuration");
+                        e.status.revert = Some(revert_status(&r, now));
+                        e.revert = Some(r);
+                    }
+                    revert::OnUnhealthy::RevertFailed => {
+                        if let Some(r) = &mut e.revert {
+                            r.state = revert::RevertState::Unhealthy;
+                            tracing::warn!(%vm, "the configuration it was reverted to is unhealthy too; left as it is, not reverted again");
+                            e.status.revert = Some(revert_status(r, now));
+                        }
+                    }
+                    revert::OnUnhealthy::Stay(why) => {
+                        tracing::warn!(%vm, "not reverted: {why}");
+                        e.status.revert = Some(RevertStatus {
+                            state: "not reverted".into(),
+                            from: spec.to_string(),
+                            to: None,
+                            probe: probe.clone(),
+                            answer: answer.clone(),
+                            why: vec![why.to_string()],
+                            since: now,
+                        });
+                    }
+                }
             }
             Verdict::Pending => {}
         }
@@ -497,13 +668,13 @@ impl Watcher {
             VmEvent::Reported(_) => None,
         };
         if let Some((probe, answer)) = ended
-            && self.judging.stop(&vm)
+            && let Some(spec) = self.judging.stop(&vm)
         {
             let verdict = Verdict::Unhealthy {
                 probe: probe.into(),
                 answer: answer.into(),
             };
-            self.verdict(&vm, &verdict);
+            self.verdict(&vm, &spec, &verdict);
         }
     }
 
@@ -593,6 +764,13 @@ impl Watcher {
             "specs reloaded"
         );
         self.cache = Some(cache);
+        self.revision = self
+            .opts
+            .source
+            .as_deref()
+            .and_then(crate::source::read_status)
+            .and_then(|s| s.applied)
+            .map(|r| r.to_string());
         self.book.absorb(&mut self.vms, loaded, now());
         self.write_status();
     }
@@ -631,6 +809,27 @@ impl Watcher {
                 e.mark(Trigger::Resync);
             }
         }
+    }
+}
+
+/// A digest as the log shows it: enough to tell two apart.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
+/// A revert as the status file shows it.
+fn revert_status(r: &revert::Revert, since: u64) -> RevertStatus {
+    RevertStatus {
+        state: r.state.as_str().into(),
+        from: r.from.clone(),
+        to: Some(r.to_spec.clone()),
+        probe: r.probe.clone(),
+        answer: r.answer.clone(),
+        why: match &r.state {
+            revert::RevertState::Held(lines) => lines.clone(),
+            _ => Vec::new(),
+        },
+        since,
     }
 }
 
@@ -713,9 +912,11 @@ impl Watcher {
             starting: true,
             started: unix_now(),
             status_log: StatusLog::default(),
+            revision: None,
             opts,
         };
         w.reload(ReloadHow::All).await;
+        w.resume_reverts().await;
         let all: Vec<String> = w
             .book
             .specs
@@ -743,6 +944,35 @@ impl Watcher {
             tracing::warn!("{e}");
         }
         Ok(w)
+    }
+
+    /// The reverts a watcher before this one left in force: read from the
+    /// histories of the VMs whose spec has `spec.health` (only they revert),
+    /// before the first round, so a spec that failed is not applied again.
+    async fn resume_reverts(&mut self) {
+        let judged: Vec<(String, String)> = self
+            .book
+            .specs
+            .desired
+            .iter()
+            .filter(|(n, d)| d.config.health.is_some() && self.vms.get(*n).is_some_and(|e| e.known))
+            .map(|(n, d)| (n.clone(), d.config.digest()))
+            .collect();
+        for (vm, desired) in judged {
+            let Ok(name) = VmName::new(&vm) else { continue };
+            let Ok(history) = self.ctx.vs.history(&name).await else {
+                continue;
+            };
+            let resumed = revert::resume(&history, &desired);
+            let e = self.vms.entry(vm.clone()).or_default();
+            if let Some(r) = resumed {
+                tracing::info!(%vm, state = r.state.as_str(), "a revert is in force: its spec that failed is not applied again until it changes");
+                e.tracked = true;
+                e.status.revert = Some(revert_status(&r, unix_now()));
+                e.revert = Some(r);
+            }
+            e.history = Some(history);
+        }
     }
 
     /// Files changed: whatever else is queued goes into the same reload.

@@ -5,9 +5,12 @@
 //! in (kube-runtime's `error_policy` shape), so each rule is tested with
 //! plain `Instant`s.
 
+use super::revert::Revert;
 use super::status::VmWatch;
 use crate::reconcile::vm::{Images, Outcome};
 use crate::vm::State;
+use crate::vm::health::Verdict;
+use crate::vm::history::History;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -60,6 +63,9 @@ pub enum Trigger {
     Resync,
     /// A retry after a failure, a wait or a busy lock.
     Retry,
+    /// A health verdict: written into its history, and a revert if it
+    /// calls for one.
+    Health,
 }
 
 impl std::fmt::Display for Trigger {
@@ -70,6 +76,7 @@ impl std::fmt::Display for Trigger {
             Trigger::Event(e) => write!(f, "event {e}"),
             Trigger::Resync => f.write_str("resync"),
             Trigger::Retry => f.write_str("retry"),
+            Trigger::Health => f.write_str("health"),
         }
     }
 }
@@ -111,6 +118,12 @@ pub struct Entry {
     /// Part of the first round, not reconciled yet (the watcher is ready
     /// when no entry is).
     pub first_round: bool,
+    /// Its history as its last reconcile read it, with the verdicts since.
+    pub history: Option<History>,
+    /// Verdicts not written into its record yet, by the spec judged.
+    pub verdicts: Vec<(String, Verdict)>,
+    /// Its revert, while one stands.
+    pub revert: Option<Revert>,
 }
 
 /// What the loop does with a VM's event subscription after a reconcile.

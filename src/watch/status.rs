@@ -64,6 +64,33 @@ pub struct VmWatch {
     /// Its health after its last change, by its `spec.health` (none without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthStatus>,
+    /// A change of it judged unhealthy, and whether it was reverted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<RevertStatus>,
+}
+
+/// What the watcher did about a change judged unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertStatus {
+    /// `reverting`, `held`, `reverted`, `revert unhealthy`, or `not
+    /// reverted`.
+    pub state: String,
+    /// The digest of the spec judged unhealthy (not applied again until
+    /// the spec changes, when reverted).
+    pub from: String,
+    /// The digest of the configuration gone back to, when reverted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The probe that judged it, and its answer.
+    pub probe: String,
+    /// What the probe answered (the guest's words, bounded).
+    pub answer: String,
+    /// Why it was not reverted, or what holds the revert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub why: Vec<String>,
+    /// When this was last said (seconds since the Unix epoch).
+    pub since: u64,
 }
 
 /// A VM's health as the watcher judged its last change (`spec.health`).

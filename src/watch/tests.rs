@@ -86,6 +86,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
         source: None,
         placement: None,
         metrics: None,
+        revert: true,
     }
 }
 
@@ -125,6 +126,10 @@ impl Running {
                 .await
                 .unwrap_or_else(|_| panic!("no report for {vm} within {WAIT:?}"))
                 .expect("watcher running");
+            // A verdict's reconcile that only wrote it into the history.
+            if r.trigger == Trigger::Health && r.outcome == Outcome::InSync {
+                continue;
+            }
             if r.vm == vm {
                 return r;
             }
@@ -704,4 +709,218 @@ async fn a_watcher_judges_each_change_by_its_health_probes() {
     let good = until(&w, "good", HealthState::Unhealthy);
     assert_eq!(good.answer.as_deref(), Some("gone"));
     w.stop().await;
+}
+
+/// Waits until `vm`'s status says `ok` of it.
+fn status_until(w: &Running, vm: &str, what: &str, ok: impl Fn(&status::VmWatch) -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if w.status().vms.get(vm).is_some_and(&ok) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vm}: not {what} within {WAIT:?}: {:?}",
+            w.status().vms.get(vm)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lacks_lun_1(c: &crate::spec::VmConfig) -> bool {
+    !c.scsi_controllers
+        .iter()
+        .any(|s| s.disks.iter().any(|d| d.lun == 1))
+}
+
+fn has_pmem(c: &crate::spec::VmConfig) -> bool {
+    c.vpmem.as_ref().is_some_and(|v| !v.devices.is_empty())
+}
+
+const QUICK_HEALTH: &str = "  health:\n    probes:\n      - kind: exec\n        command: [cat, /data/ok]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n        deadlineSeconds: 2\n";
+
+/// Issue 34: a live change that breaks the guest (its data disk removed) is
+/// judged unhealthy and reverted: the disk is put back, once, counted; the
+/// spec that failed is not applied again at a resync; the history says
+/// each step; a new spec ends the revert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_judged_unhealthy_is_reverted_until_the_spec_changes() {
+    use crate::vm::health::Answer;
+    use crate::vm::history::Judged;
+    use status::HealthState;
+    let fake = Fake::new(caps());
+    fake.answer_probes_when(
+        "svc",
+        lacks_lun_1,
+        Answer::fail("cat: can't open '/data/ok'"),
+    );
+    let metrics = metrics::Metrics::new();
+    let seen = Arc::clone(&metrics);
+    let mut w = start(&fake, &[("svc", spec("svc", &[0, 1], QUICK_HEALTH))], |o| {
+        o.metrics = Some(seen);
+    });
+    assert!(matches!(
+        w.next_for("svc").await.outcome,
+        Outcome::Applied(_)
+    ));
+    status_until(&w, "svc", "healthy", |v| {
+        v.health
+            .as_ref()
+            .is_some_and(|h| h.health == HealthState::Healthy)
+    });
+
+    save(w.specs.path(), "svc", &spec("svc", &[0], QUICK_HEALTH));
+    assert_eq!(w.next_for("svc").await.outcome, Outcome::Applied(1));
+    // Judged unhealthy at its deadline, then reverted: the disk is back.
+    let back = w.next_for("svc").await;
+    assert_eq!(back.trigger, Trigger::Health);
+    assert_eq!(back.outcome, Outcome::Applied(1));
+    assert!(!lacks_lun_1(&fake.get("svc").expect("svc").config));
+    status_until(&w, "svc", "reverted and healthy", |v| {
+        v.revert.as_ref().is_some_and(|r| r.state == "reverted")
+            && v.health
+                .as_ref()
+                .is_some_and(|h| h.health == HealthState::Healthy)
+    });
+    let r = w.status().vms["svc"].revert.clone().expect("revert");
+    assert_eq!(
+        (r.probe.as_str(), r.answer.as_str()),
+        ("exec cat /data/ok", "cat: can't open '/data/ok'")
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains("uvmctl_reverts_total{vm=\"svc\"} 1"),
+        "{text}"
+    );
+
+    // A resync does not apply the spec that failed again.
+    w.signals.send(Signal::Reconcile).expect("running");
+    let again = loop {
+        let r = w.next_for("svc").await;
+        if r.trigger == Trigger::Resync {
+            break r;
+        }
+    };
+    assert_eq!(again.outcome, Outcome::InSync);
+    assert!(!lacks_lun_1(&fake.get("svc").expect("svc").config));
+
+    // Its history: healthy, unhealthy (with why), and the revert, healthy.
+    let name = VmName::new("svc").expect("name");
+    let history = fake.history(&name).await.expect("history");
+    let said: Vec<(Judged, bool)> = history
+        .entries()
+        .iter()
+        .map(|e| (e.health, e.reverted_from.is_some()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (Judged::Healthy, false),
+            (Judged::Unhealthy, false),
+            (Judged::Healthy, true)
+        ]
+    );
+    assert_eq!(
+        history.entries()[1].probe.as_deref(),
+        Some("exec cat /data/ok")
+    );
+    assert_eq!(history.entries()[2].config, history.entries()[0].config);
+
+    // A new spec ends the revert and is followed.
+    save(
+        w.specs.path(),
+        "svc",
+        &spec("svc", &[0, 1, 2], QUICK_HEALTH),
+    );
+    let next = loop {
+        let r = w.next_for("svc").await;
+        if r.trigger == Trigger::Spec {
+            break r;
+        }
+    };
+    assert_eq!(next.outcome, Outcome::Applied(1));
+    assert_eq!(w.status().vms["svc"].revert, None);
+    assert_eq!(
+        metrics
+            .encode()
+            .matches("uvmctl_reverts_total{vm=\"svc\"} 1")
+            .count(),
+        1
+    );
+    w.stop().await;
+}
+
+/// Issue 34: a revert the ceiling forbids (a pmem device added live; its
+/// removal needs a restart, above `live`) is held and reported, and
+/// nothing is forced. `--no-revert` only reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_the_ceiling_forbids_is_held_and_reported() {
+    use crate::vm::health::Answer;
+    let pmem = |devices: &str| {
+        format!(
+            "  vpmem:\n    maximumDevices: 2\n    maximumSizeBytes: 1073741824\n{devices}{QUICK_HEALTH}"
+        )
+    };
+    let with_device = pmem("    devices:\n      - {id: 0, path: /d/p.vhd}\n");
+    for revert in [true, false] {
+        let fake = Fake::new(caps());
+        fake.answer_probes_when("pm", has_pmem, Answer::fail("ENOSPC"));
+        let mut w = start(&fake, &[("pm", spec("pm", &[], &pmem("")))], |o| {
+            o.revert = revert;
+        });
+        assert!(matches!(
+            w.next_for("pm").await.outcome,
+            Outcome::Applied(_)
+        ));
+        status_until(&w, "pm", "healthy", |v| {
+            v.health
+                .as_ref()
+                .is_some_and(|h| h.health == status::HealthState::Healthy)
+        });
+        save(w.specs.path(), "pm", &spec("pm", &[], &with_device));
+        assert_eq!(w.next_for("pm").await.outcome, Outcome::Applied(1));
+        if revert {
+            let held = w.next_for("pm").await;
+            assert!(matches!(held.outcome, Outcome::Held(_)), "{held:?}");
+            status_until(&w, "pm", "revert held", |v| {
+                v.revert.as_ref().is_some_and(|r| r.state == "held")
+            });
+            let r = w.status().vms["pm"].revert.clone().expect("revert");
+            assert!(
+                r.why.iter().any(|l| l.contains("max-disruption")),
+                "says why: {r:?}"
+            );
+            assert!(!w.status().vms["pm"].held.is_empty());
+        } else {
+            status_until(&w, "pm", "reported, not reverted", |v| {
+                v.revert
+                    .as_ref()
+                    .is_some_and(|r| r.state == "not reverted" && r.why[0].contains("--no-revert"))
+            });
+            let name = VmName::new("pm").expect("name");
+            let deadline = std::time::Instant::now() + WAIT;
+            while fake
+                .history(&name)
+                .await
+                .expect("history")
+                .newest()
+                .map(|e| e.health)
+                != Some(crate::vm::history::Judged::Unhealthy)
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the verdict is written"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Nothing forced: the device stays, the VM was never stopped.
+        assert!(has_pmem(&fake.get("pm").expect("pm").config));
+        assert!(
+            !fake.log().iter().any(|l| l.starts_with("pm stop")),
+            "{:?}",
+            fake.log()
+        );
+        w.stop().await;
+    }
 }

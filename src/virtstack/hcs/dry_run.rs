@@ -119,6 +119,7 @@ pub fn seeded(
         let rec = HcsRecord {
             config: vm.config.clone(),
             saved,
+            history: Default::default(),
         };
         hcs.adopt(&name, &rec)?;
     }

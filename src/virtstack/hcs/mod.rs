@@ -23,6 +23,7 @@ pub mod schema;
 
 use crate::virtstack::records::{Layout, RecordError, RecordStore};
 use crate::vm::config::{PowerState, VmConfig};
+use crate::vm::history::History;
 use crate::vm::items::{ChangeError, ResourceKind};
 use crate::vm::{
     Capabilities, Change, Observe, ObservedVm, State, Virtstack, VmError, VmName, VmStats,
@@ -62,6 +63,9 @@ pub struct HcsRecord {
     /// The file a save wrote, while the VM is saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved: Option<String>,
+    /// The configurations applied to it ([`Virtstack::history`]).
+    #[serde(default, skip_serializing_if = "History::is_empty")]
+    pub history: History,
 }
 
 /// The hcs virtstack over one compute service.
@@ -521,6 +525,7 @@ impl Virtstack for Hcs {
         let rec = HcsRecord {
             config,
             saved: None,
+            history: History::default(),
         };
         self.create_system(name, &rec).await?;
         if let Err(e) = self.store(name, &rec) {
@@ -606,6 +611,7 @@ impl Virtstack for Hcs {
             &HcsRecord {
                 config,
                 saved: None,
+                history: rec.history.clone(),
             },
             rec.saved,
         )
@@ -729,6 +735,18 @@ impl Virtstack for Hcs {
             let _ = std::fs::remove_file(file);
         }
         Ok(())
+    }
+
+    async fn history(&self, name: &VmName) -> Result<History> {
+        Ok(self.load(name)?.history)
+    }
+
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()> {
+        let lock = self.lock_of(name);
+        let _held = lock.lock().await;
+        let mut rec = self.load(name)?;
+        rec.history = history.clone();
+        self.store(name, &rec)
     }
 
     async fn guest_ready(&self, name: &VmName) -> Result<bool> {

@@ -285,6 +285,7 @@ async fn another_owner_s_system_is_left_alone() {
         &HcsRecord {
             config: cfg,
             saved: None,
+            history: Default::default(),
         },
     )
     .expect("record");

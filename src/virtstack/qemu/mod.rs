@@ -46,6 +46,7 @@ pub use state::{Accel, DEFAULT_STATE_DIR, LaunchError, LaunchRecord, StateDir};
 use crate::spec::{PowerState, VmConfig};
 use crate::vm::config::Probe;
 use crate::vm::health::{Answer, ProbeCursor};
+use crate::vm::history::History;
 use crate::vm::{Capabilities, Change, Observe, ObservedVm, Virtstack, VmError, VmName, VmStats};
 use async_trait::async_trait;
 
@@ -185,6 +186,17 @@ impl Virtstack for Qemu {
         Ok(self.vm(name).probe(probe, cursor).await?)
     }
 
+    async fn history(&self, name: &VmName) -> Result<History> {
+        Ok(self.vm(name).record()?.history)
+    }
+
+    async fn keep_history(&self, name: &VmName, history: &History) -> Result<()> {
+        let vm = self.vm(name);
+        let mut rec = vm.record()?;
+        rec.history = history.clone();
+        Ok(vm.update_record(&rec)?)
+    }
+
     async fn wait(&self, name: &VmName, timeout: Option<std::time::Duration>) -> Result<bool> {
         Ok(self.vm(name).wait(timeout).await?)
     }
@@ -247,6 +259,7 @@ mod tests {
             vsock_pid: None,
             identity: None,
             machine_uuid: None,
+            history: Default::default(),
         };
         assert_eq!(down_state(&rec), State::Created);
         rec.stopped_by_uvmctl = false;

@@ -55,6 +55,7 @@ impl Machine<'_> {
             vsock_pid: None,
             identity,
             machine_uuid: Some(machine_uuid),
+            history: Default::default(),
         };
         self.store(&rec)?;
         drop(chosen);

@@ -6,6 +6,7 @@ use crate::hostfs;
 use crate::spec::VmConfig;
 use crate::virtstack::records::{Layout, RecordStore};
 use crate::vm::Refusal;
+use crate::vm::history::History;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fs;
@@ -444,6 +445,9 @@ pub struct LaunchRecord {
     /// for the guest, and how uvmctl knows a pid is still this VM's QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_uuid: Option<String>,
+    /// The configurations applied to it ([`crate::vm::Virtstack::history`]).
+    #[serde(default, skip_serializing_if = "History::is_empty")]
+    pub history: History,
 }
 
 /// Properties that place devices (PCI slot, memory address), by device id.
