@@ -608,6 +608,20 @@ fn check_config(v: &mut Checker, c: &mut VmConfig) {
     }
     if let Some(h) = &c.health {
         check_health(v, h);
+        if h.notifies()
+            && let Some(i) = c
+                .vm_sockets
+                .iter()
+                .position(|s| s.port == Some(crate::vm::config::NOTIFY_VSOCK_PORT))
+        {
+            v.err(
+                format!("spec.vmSockets[{i}].port"),
+                format!(
+                    "port {} is where the guest says READY=1 for spec.health's notify probe; use another",
+                    crate::vm::config::NOTIFY_VSOCK_PORT
+                ),
+            );
+        }
     }
 }
 

@@ -371,6 +371,19 @@ pub enum ProbeKind {
     Console,
 }
 
+/// The vsock port of the host (CID 2) a guest sends `READY=1` to for a
+/// `notify` probe: what uvmctl hands it as systemd's `vmm.notify_socket`
+/// credential (`vsock-stream:2:<port>`). Reserved: a VM with a notify
+/// probe has no `vmSockets` listener of its own on it.
+pub const NOTIFY_VSOCK_PORT: u32 = 8_203_112;
+
+impl Health {
+    /// Whether a probe waits for the guest's `READY=1`.
+    pub fn notifies(&self) -> bool {
+        self.probes.iter().any(|p| p.kind == ProbeKind::Notify)
+    }
+}
+
 impl ProbeKind {
     /// Every kind, in a stable order.
     pub const ALL: [ProbeKind; 4] = [

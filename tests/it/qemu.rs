@@ -218,9 +218,9 @@ fn wait_healthy_sees_a_guest_panic_at_once() {
 fn power_state_follows_the_spec() {
     let h = Host::new();
     // Issue 34: --wait-healthy returns once the probes of spec.health pass
-    // on the real guest (its agent, an agent command, its console), with
-    // progress while it boots.
-    let healthy = "  health:\n    probes:\n      - kind: agent\n        intervalSeconds: 1\n        minHealthySeconds: 2\n      - kind: exec\n        command: [cat, /proc/cmdline]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n      - kind: console\n        pattern: 'init starting'\n        minHealthySeconds: 0\n";
+    // on the real guest (its agent, an agent command, its console, its
+    // READY=1 over vsock), with progress while it boots.
+    let healthy = "  health:\n    probes:\n      - kind: agent\n        intervalSeconds: 1\n        minHealthySeconds: 2\n      - kind: exec\n        command: [cat, /proc/cmdline]\n        intervalSeconds: 1\n        minHealthySeconds: 0\n      - kind: console\n        pattern: 'init starting'\n        minHealthySeconds: 0\n      - kind: notify\n        intervalSeconds: 1\n        minHealthySeconds: 0\n";
     h.write_spec("pwr", &h.spec("pwr", healthy));
     let specs = h.path("specs");
     let specs = specs.to_str().expect("utf-8");
@@ -231,10 +231,20 @@ fn power_state_follows_the_spec() {
         "probe agent passes: pong",
         "probe exec cat /proc/cmdline passes: console=ttyS0 panic=-1 quiet swiotlb=noforce",
         "probe console /init starting/ passes: uvmctl-guest: init starting",
+        "probe notify passes: READY=1",
         "healthy after",
     ] {
         assert!(text(&out).contains(said), "{said:?} in:\n{}", text(&out));
     }
+    // The notify probe's credential, as the guest read it from its SMBIOS
+    // type 11 strings (guest/init), and the READY=1 it sent over vsock.
+    assert_eq!(
+        h.agent("pwr").cmd("cat /run/uvmctl-notify-socket"),
+        [format!(
+            "vsock-stream:2:{}",
+            uvmctl::vm::config::NOTIFY_VSOCK_PORT
+        )]
+    );
     h.agent("pwr");
     assert_eq!(h.state_of("pwr"), "running");
     let row = &h.status()[0];

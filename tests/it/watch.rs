@@ -861,6 +861,9 @@ fn a_watcher_keeps_a_healthy_change_and_reverts_what_breaks_the_guest() {
     let mark = w.mark();
     reverted_after(mark, "the revert of the command line");
     healthy_after(mark, "the old command line judged healthy");
+    // Without a notify probe, the guest gets no notify credential.
+    let none = h.uvmctl(&["agent", "rv", "cat", "/run/uvmctl-notify-socket"]);
+    assert!(!none.status.success(), "{}", text(&none));
     let cmdline = h.agent("rv").cmd("cat /proc/cmdline");
     assert!(
         !cmdline.concat().contains("uvmctl.panic"),

@@ -17,14 +17,22 @@ impl Capabilities {
     pub fn qemu(host: &HostFacts) -> Self {
         use Resource::*;
         let mut c = Capabilities::new(crate::vm::QEMU);
-        // The agent's channel and the console log are part of every VM.
+        // The agent's channel and the console log are part of every VM; a
+        // guest's READY=1 comes over vsock, which needs its backend.
         for kind in [ProbeKind::Agent, ProbeKind::Exec, ProbeKind::Console] {
             c.probe_refused.remove(&kind);
         }
-        c.probe_refused.insert(
-            ProbeKind::Notify,
-            "the qemu virtstack does not listen for READY=1 over vsock yet".into(),
-        );
+        if host.vhost_user_vsock {
+            c.probe_refused.remove(&ProbeKind::Notify);
+        } else {
+            c.probe_refused.insert(
+                ProbeKind::Notify,
+                format!(
+                    "the guest says READY=1 over vsock, which needs {} on this host",
+                    super::vsock::BACKEND
+                ),
+            );
+        }
         let live = Support::live;
         let no_update =
             |what: &str| Support::restart(format!("{what} is re-created at the next start"));

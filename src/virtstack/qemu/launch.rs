@@ -555,6 +555,10 @@ pub fn argv(
     if let Some(uuid) = uuid {
         push(&["-uuid", uuid]);
     }
+    if res.vsock_device && cfg.health.as_ref().is_some_and(|h| h.notifies()) {
+        // systemd's vmm.notify_socket, as systemd-vmspawn hands it over.
+        push(&["-smbios", &super::notify::smbios_credential()]);
+    }
     // QMP on sockets uvmctl made: QEMU serves the listening descriptors.
     for (id, fd) in [
         ("qmp", controls.qmp),

@@ -61,6 +61,15 @@ impl<'q> Machine<'q> {
         self.slot.followed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Listens for its guest's `READY=1` with `task` from now on (none:
+    /// not at all); the listener of an earlier launch stops.
+    pub(super) fn listening_for_ready(&self, task: Option<tokio::task::JoinHandle<()>>) {
+        let mut notify = self.slot.notify.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = std::mem::replace(&mut *notify, task) {
+            old.abort();
+        }
+    }
+
     /// The slot, for a task that outlives this handle (an event subscription).
     pub(super) fn slot(&self) -> Arc<VmSlot> {
         Arc::clone(&self.slot)

@@ -20,6 +20,7 @@ pub mod images;
 pub mod launch;
 mod lifecycle;
 mod machine;
+mod notify;
 mod observe;
 pub mod ops;
 mod process;
@@ -289,6 +290,7 @@ mod layering {
         "process",
         "ops",
         "vsock",
+        "notify",
         "launch",
         "caps",
         "observe",

@@ -255,7 +255,15 @@ impl Machine<'_> {
                 Err(e) => Answer::fail(e.to_string()),
             },
             ProbeKind::Console => self.console_probe(probe, cursor)?,
-            ProbeKind::Notify => return Err(refused("not run by the qemu virtstack")),
+            ProbeKind::Notify => {
+                match super::notify::heard(&self.host.opts.state_dir.notify_ready(self.name)) {
+                    Some(said) => Answer::pass(said),
+                    None => Answer::fail(format!(
+                        "no READY=1 from the guest on vsock port {} in this launch yet",
+                        crate::vm::config::NOTIFY_VSOCK_PORT
+                    )),
+                }
+            }
         })
     }
 

@@ -17,6 +17,18 @@ pub struct VmSlot {
     pub(super) conn: Mutex<Option<Qmp>>,
     /// What a subscription to its events keeps (a watcher), while one runs.
     pub(super) followed: Mutex<Option<Followed>>,
+    /// The listener for its guest's `READY=1` in the launch this process
+    /// made (notify.rs), until it is heard.
+    pub(super) notify: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        let notify = self.notify.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(task) = notify.take() {
+            task.abort();
+        }
+    }
 }
 
 /// A VM whose events this process follows. Made when a subscription

@@ -7,7 +7,7 @@ use super::host::now_unix;
 use super::machine::Machine;
 use super::qmp::Qmp;
 use super::state::LaunchRecord;
-use super::{conlog, devices, images, launch, ops, process, serial, tap, vsock};
+use super::{conlog, devices, images, launch, notify, ops, process, serial, tap, vsock};
 use crate::spec::VmConfig;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -179,6 +179,19 @@ impl Machine<'_> {
                 },
             )?;
         }
+        // The guest's READY=1 is heard from its first moment on.
+        let notifies = res.vsock_device && cfg.health.as_ref().is_some_and(|h| h.notifies());
+        let listening = if notifies {
+            Some(
+                notify::listen(&self.host.opts.state_dir, name).map_err(|e| QemuError::Os {
+                    vm: name.into(),
+                    what: format!("cannot listen for the guest's READY=1: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
+        self.listening_for_ready(listening);
         // Never through a link planted where the log goes (opened before
         // anything is started, so a refusal leaves nothing running).
         let log =

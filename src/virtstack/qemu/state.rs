@@ -306,6 +306,17 @@ impl StateDir {
         self.vsock_dir(name).join("vsock.sock")
     }
 
+    /// Where the uvmctl that launched a VM hears its guest's `READY=1`
+    /// (linked from the guest's notify port in the vsock directory).
+    pub fn notify_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("notify.sock")
+    }
+
+    /// What the guest said with its `READY=1` in this launch.
+    pub fn notify_ready(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("notify.ready")
+    }
+
     /// The guest agent channel of a VM.
     pub fn agent_socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("agent.sock")
