@@ -44,6 +44,7 @@ pub async fn run(vs: Arc<dyn Virtstack>, fx: &Fixture) -> Vec<Outcome> {
         ("executor converges", converged),
         ("errors keep their kind", error_kinds(vs, fx).await),
         ("destroy twice", destroy_twice(vs, fx).await),
+        ("history kept with the VM", history_kept(vs, fx).await),
         ("stop and start keep disks", stop_start(vs, fx).await),
         ("save and restore", save_restore(vs, fx).await),
         ("a change on a stopped VM", stopped_change(vs, fx).await),
@@ -298,6 +299,61 @@ async fn destroy_twice(vs: &dyn Virtstack, fx: &Fixture) -> Check {
     Ok(())
 }
 
+/// A VM's history is kept in its record: read back as written, through a
+/// reconfigure, and gone with the VM (a VM made again under the same name
+/// starts without one).
+async fn history_kept(vs: &dyn Virtstack, fx: &Fixture) -> Check {
+    use crate::vm::health::Verdict;
+    use crate::vm::history::{Applied, History};
+    let vm = name(fx, "history")?;
+    let config = with_disks(fx, 0, PowerState::Stopped);
+    let fresh = |h: Result<History, VmError>, when: &str| match h {
+        Ok(h) if h.is_empty() => Ok(()),
+        Ok(h) => Err(format!(
+            "{when}: a history of {} entries",
+            h.entries().len()
+        )),
+        Err(e) => Err(format!("{when}: history: {}", shown(&e))),
+    };
+    vs.create(&vm, &config)
+        .await
+        .map_err(|e| format!("create: {}", shown(&e)))?;
+    let mut h = History::default();
+    h.applied(Applied::new(config.clone(), 1, Some("main@sha1:0".into())));
+    h.judged(&config.digest(), &Verdict::Healthy);
+    let kept = async {
+        fresh(vs.history(&vm).await, "a new VM")?;
+        vs.keep_history(&vm, &h)
+            .await
+            .map_err(|e| format!("keep_history: {}", shown(&e)))?;
+        let back = vs.history(&vm).await.map_err(|e| shown(&e))?;
+        if back != h {
+            return Err(format!("read back {back:?}, kept {h:?}"));
+        }
+        vs.reconfigure(&vm, &with_disks(fx, 1, PowerState::Stopped))
+            .await
+            .map_err(|e| format!("reconfigure: {}", shown(&e)))?;
+        let back = vs.history(&vm).await.map_err(|e| shown(&e))?;
+        if back != h {
+            return Err(format!("after a reconfigure: {back:?}"));
+        }
+        Ok(())
+    };
+    let kept = on_vm(vs, &vm, kept).await;
+    kept?;
+    match vs.history(&vm).await {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        other => return Err(format!("history of a destroyed VM: {other:?}")),
+    }
+    on_vm(vs, &vm, async {
+        vs.create(&vm, &config)
+            .await
+            .map_err(|e| format!("create again: {}", shown(&e)))?;
+        fresh(vs.history(&vm).await, "a VM made again")
+    })
+    .await
+}
+
 /// A disk added live survives a stop and the next start.
 async fn stop_start(vs: &dyn Virtstack, fx: &Fixture) -> Check {
     let vm = name(fx, "restart")?;
@@ -508,7 +564,7 @@ pub(crate) mod tests {
     async fn the_fake_conforms() {
         let fake = Fake::new(caps());
         let out = run(Arc::new(fake.clone()), &fixture("c")).await;
-        assert_eq!(out.len(), 8);
+        assert_eq!(out.len(), 9);
         let failed = failures(&out);
         assert!(failed.is_empty(), "{}", failed.join("\n"));
         assert!(fake.get("c-conv").is_none(), "the suite leaves no VM");

@@ -576,7 +576,7 @@ mod tests {
         );
         assert_eq!(
             r.message,
-            "notify probes: the qemu virtstack does not listen for READY=1 over vsock yet"
+            "notify probes: the guest says READY=1 over vsock, which needs vhost-device-vsock on this host"
         );
         let hcs = crate::virtstack::fake::Fake::new(crate::vm::Capabilities::hcs());
         let loaded = spec::load_dir(dir.path());

@@ -399,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         Sim::ensure_dir(dir.path()).expect("records dir");
         let out = run(Arc::new(Sim::new(dir.path())), &fixture("s")).await;
-        assert_eq!(out.len(), 8);
+        assert_eq!(out.len(), 9);
         let failed = failures(&out);
         assert!(failed.is_empty(), "{}", failed.join("\n"));
         assert!(

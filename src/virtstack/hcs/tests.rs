@@ -24,7 +24,7 @@ async fn the_hcs_virtstack_conforms_against_the_emulator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vs = Arc::new(hcs(dir.path()));
     let out = run(vs.clone(), &crate::conformance::tests::fixture("hcsc")).await;
-    assert_eq!(out.len(), 8);
+    assert_eq!(out.len(), 9);
     let failed = failures(&out);
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert!(
