@@ -4,12 +4,15 @@
 //! on one thread. A probe is asked once per VM per interval while a change
 //! is judged, and never once the verdict is in, so this is the watcher's
 //! CPU per VM per probe interval while judging (the simulator's part, a
-//! record read, included; QEMU's agent round trip is not).
+//! record read, included; QEMU's agent round trip is not). Once per
+//! change, the change and then its verdict are written into the VM's
+//! history, in its record.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::Arc;
 use uvmctl::apply::healthy::judge_change;
+use uvmctl::reconcile::history;
 use uvmctl::virtstack::sim::Sim;
 use uvmctl::vm::config::{Health, Probe, ProbeKind, VmConfig};
 use uvmctl::vm::health::{ProbeCursor, Verdict};
@@ -71,6 +74,28 @@ fn bench(c: &mut Criterion) {
                         judge_change(sim.as_ref(), name, &health, false, false, &mut |_, _, _| {})
                             .await;
                     assert_eq!(verdict, Verdict::Healthy);
+                }
+            })
+        })
+    });
+    // What each change adds: its entry written into the VM's history,
+    // then its verdict (two record reads and writes on the simulator).
+    g.bench_function("one_change_and_verdict_in_the_history_per_vm", |b| {
+        let spec = cfg.digest();
+        b.iter(|| {
+            rt.block_on(async {
+                for name in &names {
+                    let applied = history::Note {
+                        applied: Some(&cfg),
+                        revision: Some("main@sha1:0".into()),
+                        ..history::Note::default()
+                    };
+                    black_box(history::write(sim.as_ref(), name, applied).await);
+                    let judged = history::Note {
+                        verdicts: vec![(spec.clone(), Verdict::Healthy)],
+                        ..history::Note::default()
+                    };
+                    black_box(history::write(sim.as_ref(), name, judged).await);
                 }
             })
         })
