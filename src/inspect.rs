@@ -2,7 +2,7 @@
 
 use crate::plan::{flatten, observed_power};
 use crate::spec::{API_VERSION, KIND, Metadata, VmDocument, VmStatus};
-use crate::vm::history::History;
+use crate::vm::history::{History, short_digest as short};
 use crate::vm::{Virtstack, VmError, VmName};
 use crate::watch::status::{VmWatch, WatchStatus};
 
@@ -331,11 +331,6 @@ pub fn watch_section(
     out
 }
 
-/// A spec digest as tables show it: enough to tell two apart.
-fn short(digest: &str) -> &str {
-    digest.get(..12).unwrap_or(digest)
-}
-
 /// `uvmctl history NAME`: the configurations applied to a VM, oldest first,
 /// numbered, with when (seconds ago at `now`), the spec's digest, the
 /// source revision, the health verdict and what decided it.
@@ -357,8 +352,7 @@ pub fn history_table(history: &History, now: u64) -> String {
             // The answer is the guest's words.
             let _ = write!(note, "probe {probe}: {}", crate::escape::escaped(answer));
         }
-        let _ = writeln!(
-            out,
+        let row = format!(
             "{:<3} {:<12} {:<12} {:<24} {:<10} {note}",
             i + 1,
             format!("{}s ago", now.saturating_sub(e.at)),
@@ -366,6 +360,7 @@ pub fn history_table(history: &History, now: u64) -> String {
             e.revision.as_deref().unwrap_or("-"),
             e.health.as_str(),
         );
+        let _ = writeln!(out, "{}", row.trim_end());
     }
     if history.is_empty() {
         out.push_str("(nothing applied through uvmctl yet)\n");
@@ -511,5 +506,75 @@ mod tests {
             text.contains("    health: pending (its change of 5s ago)\n"),
             "{text}"
         );
+    }
+
+    /// Issue 34: a revert, held with why, and the history table, the
+    /// guest's words escaped in both.
+    #[test]
+    fn the_watch_section_says_each_revert_and_the_history_each_change() {
+        use crate::vm::health::Verdict;
+        use crate::vm::history::Applied;
+        use crate::watch::status::RevertStatus;
+        let mut status = WatchStatus::default();
+        status.vms.insert(
+            "web".into(),
+            VmWatch {
+                revert: Some(RevertStatus {
+                    state: "held".into(),
+                    from: "a".repeat(64),
+                    to: Some("b".repeat(64)),
+                    probe: "panic".into(),
+                    answer: "oops\u{7}".into(),
+                    why: vec!["needs a restart, above --max-disruption live".into()],
+                    since: 40,
+                }),
+                ..VmWatch::default()
+            },
+        );
+        let text = watch_section(&status, true, 100, &|_| true);
+        assert!(
+            text.contains(&format!(
+                "    revert: held (60s ago): spec {} judged unhealthy by probe panic: oops\\x07; back to {}; needs a restart, above --max-disruption live\n",
+                "a".repeat(12),
+                "b".repeat(12)
+            )),
+            "{text}"
+        );
+
+        let mut config = crate::spec::VmConfig {
+            health: Some(crate::vm::config::Health {
+                probes: vec![crate::vm::config::Probe::of(
+                    crate::vm::config::ProbeKind::Agent,
+                )],
+            }),
+            ..crate::spec::VmConfig::default()
+        };
+        let mut h = History::default();
+        h.applied(Applied::new(config.clone(), 10, Some("main@sha1:1".into())));
+        h.judged(&config.digest(), &Verdict::Healthy);
+        let good = config.digest();
+        config.processors.count = 2;
+        h.applied(Applied::new(config.clone(), 50, None));
+        h.judged(
+            &config.digest(),
+            &Verdict::Unhealthy {
+                probe: "exec ls /x".into(),
+                answer: "gone\u{1b}[2J".into(),
+            },
+        );
+        let table = history_table(&h, 100);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[1].starts_with("1   90s ago"), "{table}");
+        assert!(
+            lines[1].contains(&good[..12]) && lines[1].contains("main@sha1:1"),
+            "{table}"
+        );
+        assert!(lines[1].contains("healthy"), "{table}");
+        assert!(
+            lines[2].ends_with("unhealthy  probe exec ls /x: gone\\e[2J"),
+            "{table}"
+        );
+        assert!(history_table(&History::default(), 0).contains("nothing applied"));
     }
 }

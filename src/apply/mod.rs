@@ -278,12 +278,15 @@ async fn apply_vm(
                 history = vs.history(&name).await.ok();
                 steps.did(with_ticker(progress, label, "destroying", vs.destroy(&name)).await)?;
             }
-            build(vs, &name, want, progress, steps).await?;
+            let built = build(vs, &name, want, progress, steps).await;
+            // Kept whenever the VM exists again, even if its start failed.
             if let Some(h) = history.filter(|h| !h.is_empty())
+                && vs.list().await.is_ok_and(|l| l.contains(&name))
                 && let Err(e) = vs.keep_history(&name, &h).await
             {
                 progress(label, &format!("its history was lost: {}", Chain(&e)));
             }
+            built?;
         }
         VmAction::Update => update(vs, &name, vm, spec()?, progress, steps).await?,
     }

@@ -48,7 +48,8 @@ fn on_interrupt() -> tokio::task::JoinHandle<()> {
 }
 
 pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> {
-    let (mut dir, _cache) = spec_dir(&args.dir, &args.git, &args.placement, host, false).await?;
+    let (mut dir, _cache, revision) =
+        spec_dir(&args.dir, &args.git, &args.placement, host, false).await?;
     let saved = match &args.git.git {
         Some(_) => None,
         None => reconcile::read_saved_plan(&dir)?,
@@ -170,7 +171,7 @@ pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> 
         wait_healthy: args.wait_healthy,
         interrupt: Some(&INTERRUPTED),
     };
-    let applied = planned.apply(vs, opts, progress).await;
+    let applied = planned.apply(vs, opts, revision, progress).await;
     interrupts.abort();
     eprintln!("{applied}");
     if INTERRUPTED.load(Ordering::Relaxed) {

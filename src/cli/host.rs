@@ -179,7 +179,7 @@ pub async fn spec_dir(
     placement: &PlacementArgs,
     host: &HostOptions,
     temporary: bool,
-) -> anyhow::Result<(PathBuf, Option<TempCache>)> {
+) -> anyhow::Result<(PathBuf, Option<TempCache>, Option<String>)> {
     let (cache, guard) = match (&git.git_cache, temporary) {
         (Some(c), _) => (c.clone(), None),
         (None, true) => {
@@ -192,9 +192,13 @@ pub async fn spec_dir(
         (_, Some(source)) => {
             let synced = source.sync().await?;
             eprintln!("specs: {} {}", source.options().url, synced.revision());
-            Ok((source.spec_dir(), guard))
+            Ok((
+                source.spec_dir(),
+                guard,
+                Some(synced.revision().to_string()),
+            ))
         }
-        (Some(d), None) => Ok((d.clone(), None)),
+        (Some(d), None) => Ok((d.clone(), None, None)),
         (None, None) => bail!("give a spec directory or --git URL"),
     }
 }

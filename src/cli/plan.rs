@@ -24,7 +24,8 @@ pub async fn run(args: PlanArgs, host: &HostOptions) -> anyhow::Result<u8> {
             host.virtstack
         );
     }
-    let (dir, _cache) = spec_dir(&args.dir, &args.git, &args.placement, host, true).await?;
+    let (dir, _cache, _revision) =
+        spec_dir(&args.dir, &args.git, &args.placement, host, true).await?;
     let live = match &args.observed {
         None => Some(host::live(host, true).await?.0),
         Some(_) => None,

@@ -37,8 +37,9 @@ fn unix_now() -> u64 {
 
 /// Adds `note` to `name`'s history and keeps it; returns the history as
 /// written (or as read, when there was nothing to add). `None` when the VM
-/// has none to read: gone, or its record unreadable (logged: a history that
-/// cannot be written never fails the change it records).
+/// has none to read (gone, or its record unreadable) or it could not be
+/// kept: logged, as a history that cannot be written never fails the change
+/// it records.
 pub async fn write(vs: &dyn Virtstack, name: &VmName, note: Note<'_>) -> Option<History> {
     let mut history = match vs.history(name).await {
         Ok(h) => h,
@@ -60,7 +61,9 @@ pub async fn write(vs: &dyn Virtstack, name: &VmName, note: Note<'_>) -> Option<
         history.applied(entry);
     }
     if let Err(e) = vs.keep_history(name, &history).await {
+        // Not kept: the caller keeps its verdicts for the next try.
         tracing::warn!(vm = %name, "cannot keep its history: {}", Chain(&e));
+        return None;
     }
     Some(history)
 }
@@ -70,7 +73,7 @@ mod tests {
     use super::*;
     use crate::virtstack::fake::Fake;
     use crate::vm::Capabilities;
-    use crate::vm::history::Judged;
+    use crate::vm::history::Judgement;
 
     #[tokio::test]
     async fn a_change_and_then_its_verdict_land_in_the_vms_record() {
@@ -93,7 +96,7 @@ mod tests {
         };
         let h = write(&vs, &name, note).await.expect("written");
         assert_eq!(h.entries().len(), 1);
-        assert_eq!(h.entries()[0].health, Judged::Unjudged);
+        assert_eq!(h.entries()[0].health, Judgement::Unjudged);
         assert_eq!(vs.history(&name).await.expect("kept"), h);
         let spec = config.digest();
         let note = Note {
@@ -102,7 +105,7 @@ mod tests {
         };
         // An unjudged entry takes no verdict.
         let h = write(&vs, &name, note).await.expect("written");
-        assert_eq!(h.entries()[0].health, Judged::Unjudged);
+        assert_eq!(h.entries()[0].health, Judgement::Unjudged);
         assert_eq!(h.entries()[0].revision.as_deref(), Some("abc"));
     }
 }

@@ -324,7 +324,13 @@ impl Planned {
 
     /// Writes what `outcome` applied into its VM's history, with the
     /// verdict `--wait-healthy` reached.
-    async fn record(&self, vs: &dyn Virtstack, outcome: &VmOutcome, opts: ApplyOptions) {
+    async fn record(
+        &self,
+        vs: &dyn Virtstack,
+        outcome: &VmOutcome,
+        opts: ApplyOptions,
+        revision: Option<String>,
+    ) {
         let Some(want) = self.loaded.desired.vms.get(&outcome.name) else {
             return;
         };
@@ -351,6 +357,7 @@ impl Planned {
         };
         let note = history::Note {
             applied: Some(&want.config),
+            revision,
             verdicts: verdict
                 .map(|v| (want.config.digest(), v))
                 .into_iter()
@@ -365,11 +372,14 @@ impl Planned {
         self.observed.unknown.len()
     }
 
-    /// Executes the plan (every VM in parallel, each on its own).
+    /// Executes the plan (every VM in parallel, each on its own), and
+    /// writes what it applied into each VM's history, with the source
+    /// `revision` the specs came from.
     pub async fn apply(
         &self,
         vs: Arc<dyn Virtstack>,
         opts: ApplyOptions,
+        revision: Option<String>,
         progress: Progress,
     ) -> Applied {
         let started = Instant::now();
@@ -382,7 +392,8 @@ impl Planned {
         )
         .await;
         for outcome in &outcomes {
-            self.record(vs.as_ref(), outcome, opts).await;
+            self.record(vs.as_ref(), outcome, opts, revision.clone())
+                .await;
         }
         Applied {
             outcomes,

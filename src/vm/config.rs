@@ -797,7 +797,8 @@ impl VmConfig {
     /// their layout, comments or the other VMs of their file.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
-        // Plain data always serializes; an empty digest would only ever differ.
+        // Plain data with string keys always serializes; were it ever not
+        // to, every such configuration would share the digest of nothing.
         let json = serde_json::to_vec(self).unwrap_or_default();
         Sha256::digest(&json)
             .iter()

@@ -17,7 +17,7 @@ pub const MAX_HISTORY: usize = 10;
 /// How a configuration's health was judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub enum Judged {
+pub enum Judgement {
     /// Its spec has no `spec.health`: never judged.
     Unjudged,
     /// Being judged, or the judgement was cut short (a newer change, a
@@ -30,14 +30,14 @@ pub enum Judged {
     Unhealthy,
 }
 
-impl Judged {
+impl Judgement {
     /// Its name as status and `uvmctl history` print it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Judged::Unjudged => "unjudged",
-            Judged::Pending => "pending",
-            Judged::Healthy => "healthy",
-            Judged::Unhealthy => "unhealthy",
+            Judgement::Unjudged => "unjudged",
+            Judgement::Pending => "pending",
+            Judgement::Healthy => "healthy",
+            Judgement::Unhealthy => "unhealthy",
         }
     }
 }
@@ -54,11 +54,11 @@ pub struct Applied {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// How its health was judged.
-    pub health: Judged,
-    /// The probe that decided an unhealthy verdict, and what it answered.
+    pub health: Judgement,
+    /// The probe that decided an unhealthy verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
-    /// What that probe answered (bounded by the judgement).
+    /// What it answered (the guest's words, bounded by the judgement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
     /// Applied by a revert, away from the spec of this digest.
@@ -72,9 +72,9 @@ impl Applied {
     /// `config`, applied at `at` (from `revision`), its health not judged yet.
     pub fn new(config: VmConfig, at: u64, revision: Option<String>) -> Self {
         let health = if config.health.is_some() {
-            Judged::Pending
+            Judgement::Pending
         } else {
-            Judged::Unjudged
+            Judgement::Unjudged
         };
         Applied {
             at,
@@ -87,6 +87,11 @@ impl Applied {
             config,
         }
     }
+}
+
+/// A spec digest as logs and tables show it: enough to tell two apart.
+pub fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
 }
 
 /// A VM's applied configurations, oldest first, at most [`MAX_HISTORY`]
@@ -118,7 +123,7 @@ impl History {
         self.entries
             .iter()
             .rev()
-            .find(|e| e.health == Judged::Healthy)
+            .find(|e| e.health == Judgement::Healthy)
     }
 
     /// Adds what was just applied, dropping the oldest past the bound (but
@@ -126,7 +131,7 @@ impl History {
     /// whose judgement was still pending is cut short: it was replaced.
     pub fn applied(&mut self, entry: Applied) {
         if let Some(last) = self.entries.last_mut()
-            && last.health == Judged::Pending
+            && last.health == Judgement::Pending
             && last.spec == entry.spec
             && last.reverted_from == entry.reverted_from
         {
@@ -140,7 +145,7 @@ impl History {
             let keep = self
                 .entries
                 .iter()
-                .rposition(|e| e.health == Judged::Healthy);
+                .rposition(|e| e.health == Judgement::Healthy);
             // The oldest entry that is not the one to keep.
             let drop = if keep == Some(0) { 1 } else { 0 };
             self.entries.remove(drop);
@@ -154,15 +159,15 @@ impl History {
             .entries
             .iter_mut()
             .rev()
-            .find(|e| e.spec == spec && e.health == Judged::Pending)
+            .find(|e| e.spec == spec && e.health == Judgement::Pending)
         else {
             return false;
         };
         match verdict {
             Verdict::Pending => return false,
-            Verdict::Healthy => entry.health = Judged::Healthy,
+            Verdict::Healthy => entry.health = Judgement::Healthy,
             Verdict::Unhealthy { probe, answer } => {
-                entry.health = Judged::Unhealthy;
+                entry.health = Judgement::Unhealthy;
                 entry.probe = Some(probe.clone());
                 entry.answer = Some(answer.clone());
             }
@@ -199,7 +204,7 @@ mod tests {
     fn a_spec_without_health_is_never_judged() {
         let mut h = History::default();
         h.applied(Applied::new(config(1, false), 1, None));
-        assert_eq!(h.newest().map(|e| e.health), Some(Judged::Unjudged));
+        assert_eq!(h.newest().map(|e| e.health), Some(Judgement::Unjudged));
         let spec = h.entries()[0].spec.clone();
         assert!(!h.judged(&spec, &Verdict::Healthy));
         assert!(h.last_healthy().is_none());
@@ -217,7 +222,7 @@ mod tests {
         assert!(!h.judged(&b, &Verdict::Pending), "pending changes nothing");
         assert!(h.judged(&b, &unhealthy()));
         let newest = h.newest().expect("two entries");
-        assert_eq!(newest.health, Judged::Unhealthy);
+        assert_eq!(newest.health, Judgement::Unhealthy);
         assert_eq!(newest.answer.as_deref(), Some("no answer"));
         assert_eq!(h.last_healthy().map(|e| e.spec.as_str()), Some(a.as_str()));
         assert!(!h.judged(&b, &Verdict::Healthy), "a verdict stands");

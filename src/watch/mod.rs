@@ -39,6 +39,7 @@ use crate::plan::hold::Limits;
 use crate::reconcile::vm::{VmJob, VmReconciled, reconcile_vm};
 use crate::spec::{Loaded, Reload, SpecCache};
 use crate::vm::health::Verdict;
+use crate::vm::history::short_digest as short;
 use crate::vm::{Chain, Disruption, Virtstack, VmEvent, VmName};
 use events::{EventMsg, Subscription};
 use files::{FsChange, SpecWatcher};
@@ -155,6 +156,9 @@ struct Done {
     verdicts_sent: usize,
     /// It applied the VM's revert.
     reverting: bool,
+    /// The digest of the configuration it applied, and the health that
+    /// judges it (none without `spec.health`).
+    judged: Option<(String, crate::vm::config::Health)>,
     reconciled: VmReconciled,
 }
 
@@ -242,6 +246,10 @@ impl Watcher {
         let entry = self.vms.entry(vm.clone()).or_default();
         let prune = entry.prune;
         let desired = self.book.specs.desired.get(&vm).cloned();
+        // While a revert stands, its configuration is what is applied (and
+        // what the checks below look at).
+        let (desired, reverted_from) = self.revert_target(&vm, desired);
+        let entry = self.vms.entry(vm.clone()).or_default();
         let name = match VmName::new(&vm) {
             Ok(name) if desired.is_some() || prune => name,
             // No spec (absent, unknown or never had one): only a prune
@@ -278,11 +286,19 @@ impl Watcher {
         } else {
             Vec::new()
         };
-        let (desired, reverted_from) = self.revert_target(&vm, desired);
         let entry = self.vms.entry(vm.clone()).or_default();
         let verdicts = entry.verdicts.clone();
         let verdicts_sent = verdicts.len();
         let reverting = reverted_from.is_some();
+        // What a change this job applies is judged by, and under which
+        // digest: the job's own configuration, whatever the specs say by
+        // the time it ends.
+        let judged = desired.as_ref().and_then(|d| {
+            d.config
+                .health
+                .clone()
+                .map(|health| (d.config.digest(), health))
+        });
         let job = VmJob {
             name,
             desired,
@@ -316,6 +332,7 @@ impl Watcher {
                     took,
                     verdicts_sent,
                     reverting,
+                    judged,
                     reconciled,
                 });
             }
@@ -379,6 +396,7 @@ impl Watcher {
             took,
             verdicts_sent,
             reverting,
+            judged,
             reconciled: r,
         } = done;
         for (other, images) in &r.others {
@@ -438,7 +456,7 @@ impl Watcher {
             self.reverted(&vm, &r.outcome);
         }
         if self.vms.contains_key(&vm) {
-            self.judge_after(&vm, &r, reverting);
+            self.judge_after(&vm, &r, judged);
         }
         self.write_status();
         if let Some(reports) = &self.send.reports {
@@ -464,10 +482,7 @@ impl Watcher {
         let Some(r) = &e.revert else {
             return (desired, None);
         };
-        let spec = desired
-            .as_ref()
-            .filter(|d| d.config.health.is_some())
-            .map(|d| d.config.digest());
+        let spec = desired.as_ref().map(|d| d.config.digest());
         if !revert::stands(r, spec.as_deref()) {
             tracing::info!(%vm, "its spec changed: the revert ends, the spec is followed");
             e.revert = None;
@@ -519,44 +534,42 @@ impl Watcher {
             }
             revert::Step::Quiet => {}
         }
-        e.status.revert = Some(revert_status(r, unix_now()));
+        // `since` says when it last changed, not when it was last looked at.
+        if step != revert::Step::Quiet
+            || e.status.revert.as_ref().map(|s| s.state.as_str()) != Some(r.state.as_str())
+        {
+            e.status.revert = Some(revert_status(r, unix_now()));
+        }
     }
 
     /// After a reconcile: a change that reached a running guest is judged by
-    /// its `spec.health` (a VM without one has no health to show); a revert
-    /// by the health its configuration had.
-    fn judge_after(&mut self, vm: &str, r: &VmReconciled, reverting: bool) {
-        let target = if reverting {
-            self.vms
-                .get(vm)
-                .and_then(|e| e.revert.as_ref())
-                .map(|rv| (rv.to.health.clone(), rv.to_spec.clone()))
-        } else {
-            self.book
-                .specs
-                .desired
-                .get(vm)
-                .map(|d| (d.config.health.clone(), String::new()))
-        };
-        let Some((Some(health), spec)) = target else {
+    /// the health of the configuration it applied (`judged`: its digest and
+    /// `spec.health`; a revert's is the one it goes back to). A VM without
+    /// one has no health to show.
+    fn judge_after(
+        &mut self,
+        vm: &str,
+        r: &VmReconciled,
+        judged: Option<(String, crate::vm::config::Health)>,
+    ) {
+        let Some((spec, health)) = judged else {
             self.judging.stop(vm);
-            self.tracked(vm).status.health = None;
+            let e = self.tracked(vm);
+            e.status.health = None;
+            if e.revert.is_none() {
+                e.status.revert = None;
+            }
             return;
         };
         if matches!(r.outcome, Outcome::Applied(_)) && r.live {
-            let spec = if reverting {
-                spec
-            } else {
-                self.book
-                    .specs
-                    .desired
-                    .get(vm)
-                    .map(|d| d.config.digest())
-                    .unwrap_or_default()
-            };
             let vs = Arc::clone(&self.ctx.vs);
             self.judging.start(vs, vm, spec, health, r.launched);
-            self.tracked(vm).status.health = Some(HealthStatus::pending(unix_now()));
+            let e = self.tracked(vm);
+            e.status.health = Some(HealthStatus::pending(unix_now()));
+            // A note of an earlier change not reverted is stale now.
+            if e.revert.is_none() {
+                e.status.revert = None;
+            }
         }
     }
 
@@ -577,8 +590,7 @@ impl Watcher {
             .specs
             .desired
             .get(vm)
-            .filter(|d| d.config.health.is_some())
-            .map(|d| d.config.digest());
+            .map(|d| Arc::clone(&d.config));
         let enabled = self.opts.revert;
         let e = self.tracked(vm);
         let since = e.status.health.as_ref().map_or_else(unix_now, |h| h.since);
@@ -591,7 +603,12 @@ impl Watcher {
             e.mark(Trigger::Health);
         }
         match verdict {
-            Verdict::Healthy => tracing::info!(%vm, "healthy"),
+            Verdict::Healthy => {
+                tracing::info!(%vm, "healthy");
+                if e.revert.is_none() {
+                    e.status.revert = None;
+                }
+            }
             Verdict::Unhealthy { probe, answer } => {
                 tracing::warn!(%vm, probe, answer, "unhealthy");
                 let decision = revert::on_unhealthy(
@@ -812,11 +829,6 @@ impl Watcher {
     }
 }
 
-/// A digest as the log shows it: enough to tell two apart.
-fn short(digest: &str) -> &str {
-    digest.get(..12).unwrap_or(digest)
-}
-
 /// A revert as the status file shows it.
 fn revert_status(r: &revert::Revert, since: u64) -> RevertStatus {
     RevertStatus {
@@ -946,17 +958,18 @@ impl Watcher {
         Ok(w)
     }
 
-    /// The reverts a watcher before this one left in force: read from the
-    /// histories of the VMs whose spec has `spec.health` (only they revert),
-    /// before the first round, so a spec that failed is not applied again.
+    /// The reverts a watcher before this one left in force (or due): read
+    /// from the histories of the VMs whose spec has `spec.health` (only they
+    /// revert), before the first round, so a spec that failed is not applied
+    /// again. With `--no-revert`, none is resumed: the spec is followed.
     async fn resume_reverts(&mut self) {
-        let judged: Vec<(String, String)> = self
+        let judged: Vec<(String, Arc<crate::spec::VmConfig>)> = self
             .book
             .specs
             .desired
             .iter()
             .filter(|(n, d)| d.config.health.is_some() && self.vms.get(*n).is_some_and(|e| e.known))
-            .map(|(n, d)| (n.clone(), d.config.digest()))
+            .map(|(n, d)| (n.clone(), Arc::clone(&d.config)))
             .collect();
         for (vm, desired) in judged {
             let Ok(name) = VmName::new(&vm) else { continue };
@@ -965,13 +978,16 @@ impl Watcher {
             };
             let resumed = revert::resume(&history, &desired);
             let e = self.vms.entry(vm.clone()).or_default();
-            if let Some(r) = resumed {
-                tracing::info!(%vm, state = r.state.as_str(), "a revert is in force: its spec that failed is not applied again until it changes");
-                e.tracked = true;
-                e.status.revert = Some(revert_status(&r, unix_now()));
-                e.revert = Some(r);
-            }
             e.history = Some(history);
+            let Some(r) = resumed else { continue };
+            if !self.opts.revert {
+                tracing::info!(%vm, "--no-revert: the revert a watcher before left is not kept; the spec is followed");
+                continue;
+            }
+            tracing::info!(%vm, state = r.state.as_str(), "a revert is in force: its spec that failed is not applied again until it changes");
+            e.tracked = true;
+            e.status.revert = Some(revert_status(&r, unix_now()));
+            e.revert = Some(r);
         }
     }
 

@@ -16,7 +16,7 @@
 //! - A revert that is itself unhealthy is reported, and not reverted again.
 
 use crate::spec::VmConfig;
-use crate::vm::history::{History, Judged};
+use crate::vm::history::{History, Judgement};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -79,14 +79,16 @@ pub enum OnUnhealthy {
 }
 
 /// What a verdict of `Unhealthy` (by `probe`, answering `answer`) on the
-/// change to the spec of digest `judged` comes to, for a VM whose spec now
-/// has digest `desired` (`None`: no spec, or one without `spec.health`),
-/// whose history is `history`, with `revert` in force (or none), when
-/// reverting is `enabled`.
+/// change to the configuration of digest `judged` comes to, for a VM whose
+/// spec now is `desired` (`None`: no spec), whose history is `history`,
+/// with `revert` in force (or none), when reverting is `enabled`.
+///
+/// The configuration gone back to takes the current spec's `policy`: what
+/// uvmctl may do to the VM is the spec's word now, not what it was then.
 pub fn on_unhealthy(
     enabled: bool,
     judged: &str,
-    desired: Option<&str>,
+    desired: Option<&VmConfig>,
     history: Option<&History>,
     revert: Option<&Revert>,
     probe: &str,
@@ -97,10 +99,10 @@ pub fn on_unhealthy(
     {
         return OnUnhealthy::RevertFailed;
     }
-    let Some(desired) = desired else {
+    let Some(desired) = desired.filter(|d| d.health.is_some()) else {
         return OnUnhealthy::Stay("its spec no longer has spec.health");
     };
-    if desired != judged {
+    if desired.digest() != judged {
         return OnUnhealthy::Stay("its spec changed since; the new one is applied instead");
     }
     if !enabled {
@@ -112,10 +114,12 @@ pub fn on_unhealthy(
     if good.spec == judged {
         return OnUnhealthy::Stay("its last healthy configuration is this one");
     }
+    let mut to = good.config.clone();
+    to.policy = desired.policy;
     OnUnhealthy::Revert(Revert {
         from: judged.to_string(),
-        to: Arc::new(good.config.clone()),
-        to_spec: good.spec.clone(),
+        to_spec: to.digest(),
+        to: Arc::new(to),
         probe: probe.to_string(),
         answer: answer.to_string(),
         state: RevertState::Reverting,
@@ -167,21 +171,41 @@ pub fn after_reconcile(
     }
 }
 
-/// The revert a watcher that starts finds in force for a VM whose spec has
-/// digest `desired`: its history's newest entry is a revert away from that
-/// very spec (the watcher that made it stopped since). The spec that
-/// failed is then not applied again.
-pub fn resume(history: &History, desired: &str) -> Option<Revert> {
+/// The revert a watcher that starts finds in force for a VM whose spec is
+/// `desired`, from its history: a revert applied away from that very spec
+/// (its newest entry), or one that was due and not applied yet (its newest
+/// entry is that spec, judged unhealthy) when the watcher before stopped.
+/// The spec that failed is then not applied again.
+pub fn resume(history: &History, desired: &VmConfig) -> Option<Revert> {
     let newest = history.newest()?;
+    let spec = desired.digest();
+    if newest.spec == spec && newest.health == Judgement::Unhealthy {
+        let (probe, answer) = (
+            newest.probe.as_deref().unwrap_or_default(),
+            newest.answer.as_deref().unwrap_or_default(),
+        );
+        return match on_unhealthy(
+            true,
+            &spec,
+            Some(desired),
+            Some(history),
+            None,
+            probe,
+            answer,
+        ) {
+            OnUnhealthy::Revert(r) => Some(r),
+            _ => None,
+        };
+    }
     let from = newest.reverted_from.as_deref()?;
-    if from != desired {
+    if from != spec {
         return None;
     }
     let failed = history
         .entries()
         .iter()
         .rev()
-        .find(|e| e.spec == from && e.health == Judged::Unhealthy);
+        .find(|e| e.spec == from && e.health == Judgement::Unhealthy);
     Some(Revert {
         from: from.to_string(),
         to: Arc::new(newest.config.clone()),
@@ -189,7 +213,7 @@ pub fn resume(history: &History, desired: &str) -> Option<Revert> {
         probe: failed.and_then(|e| e.probe.clone()).unwrap_or_default(),
         answer: failed.and_then(|e| e.answer.clone()).unwrap_or_default(),
         state: match newest.health {
-            Judged::Unhealthy => RevertState::Unhealthy,
+            Judgement::Unhealthy => RevertState::Unhealthy,
             _ => RevertState::Reverted,
         },
     })
@@ -234,7 +258,7 @@ mod tests {
         }
     }
 
-    fn decide(h: &History, judged: &str, desired: &str, r: Option<&Revert>) -> OnUnhealthy {
+    fn decide(h: &History, judged: &str, desired: &VmConfig, r: Option<&Revert>) -> OnUnhealthy {
         on_unhealthy(
             true,
             judged,
@@ -251,20 +275,28 @@ mod tests {
         let mut h = History::default();
         let first = applied(&mut h, &config(1), Some(bad()));
         assert_eq!(
-            decide(&h, &first, &first, None),
+            decide(&h, &first, &config(1), None),
             OnUnhealthy::Stay("no configuration of it was judged healthy before")
         );
-        // Nor does a VM whose spec has no health, or none.
+        // Nor does a VM whose spec is gone, or has no spec.health now.
         assert!(matches!(
             on_unhealthy(true, &first, None, Some(&h), None, "agent", "x"),
             OnUnhealthy::Stay(_)
         ));
+        let without = VmConfig {
+            health: None,
+            ..config(1)
+        };
+        assert_eq!(
+            decide(&h, &first, &without, None),
+            OnUnhealthy::Stay("its spec no longer has spec.health")
+        );
         // A healthy configuration that later failed is not "reverted" to itself.
         let mut h = History::default();
         let same = applied(&mut h, &config(1), Some(Verdict::Healthy));
         applied(&mut h, &config(1), Some(bad()));
         assert_eq!(
-            decide(&h, &same, &same, None),
+            decide(&h, &same, &config(1), None),
             OnUnhealthy::Stay("its last healthy configuration is this one")
         );
     }
@@ -274,7 +306,7 @@ mod tests {
         let mut h = History::default();
         let good = applied(&mut h, &config(1), Some(Verdict::Healthy));
         let failed = applied(&mut h, &config(2), Some(bad()));
-        let OnUnhealthy::Revert(mut r) = decide(&h, &failed, &failed, None) else {
+        let OnUnhealthy::Revert(mut r) = decide(&h, &failed, &config(2), None) else {
             panic!("reverts");
         };
         assert_eq!(
@@ -301,20 +333,41 @@ mod tests {
         assert_eq!(r.state, RevertState::Reverted);
         assert_eq!(after_reconcile(&mut r, false, true, None), Step::Quiet);
         // The revert itself unhealthy: reported, not reverted again.
-        let mut h2 = h.clone();
-        let mut entry = Applied::new(config(1), 0, None);
-        entry.reverted_from = Some(failed.clone());
-        h2.applied(entry);
-        h2.judged(&good, &bad());
         assert_eq!(
-            decide(&h2, &good, &failed, Some(&r)),
+            decide(&h, &r.to_spec.clone(), &config(2), Some(&r)),
             OnUnhealthy::RevertFailed
         );
         // Switched off, it only reports.
         assert_eq!(
-            on_unhealthy(false, &failed, Some(&failed), Some(&h), None, "agent", "x"),
+            on_unhealthy(
+                false,
+                &failed,
+                Some(&config(2)),
+                Some(&h),
+                None,
+                "agent",
+                "x"
+            ),
             OnUnhealthy::Stay("--no-revert: reported only")
         );
+    }
+
+    #[test]
+    fn a_revert_takes_the_current_specs_policy() {
+        // Healthy while the spec allowed recreating; the spec that failed
+        // took that away: the revert does not bring it back.
+        let mut h = History::default();
+        let mut then = config(1);
+        then.policy.allow_recreate = true;
+        applied(&mut h, &then, Some(Verdict::Healthy));
+        let now = config(2);
+        let failed = applied(&mut h, &now, Some(bad()));
+        let OnUnhealthy::Revert(r) = decide(&h, &failed, &now, None) else {
+            panic!("reverts");
+        };
+        assert!(!r.to.policy.allow_recreate);
+        assert_eq!(r.to.processors.count, 1);
+        assert_eq!(r.to_spec, r.to.digest(), "judged under what is applied");
     }
 
     #[test]
@@ -342,10 +395,7 @@ mod tests {
         let mut h = History::default();
         let first = applied(&mut h, &c, Some(verdict));
         assert!(h.last_healthy().is_none());
-        assert!(matches!(
-            decide(&h, &first, &first, None),
-            OnUnhealthy::Stay(_)
-        ));
+        assert!(matches!(decide(&h, &first, &c, None), OnUnhealthy::Stay(_)));
     }
 
     #[test]
@@ -353,11 +403,14 @@ mod tests {
         let mut h = History::default();
         applied(&mut h, &config(1), Some(Verdict::Healthy));
         let failed = applied(&mut h, &config(2), Some(bad()));
-        let OnUnhealthy::Revert(r) = decide(&h, &failed, &failed, None) else {
+        let OnUnhealthy::Revert(r) = decide(&h, &failed, &config(2), None) else {
             panic!("reverts");
         };
-        let fixed = config(3).digest();
-        assert!(!stands(&r, Some(&fixed)), "the new spec is followed");
+        let fixed = config(3);
+        assert!(
+            !stands(&r, Some(&fixed.digest())),
+            "the new spec is followed"
+        );
         assert!(!stands(&r, None), "a spec gone ends it too");
         // A verdict on the failed spec arriving after the edit changes nothing.
         assert_eq!(
@@ -371,19 +424,23 @@ mod tests {
         let mut h = History::default();
         let good = applied(&mut h, &config(1), Some(Verdict::Healthy));
         let failed = applied(&mut h, &config(2), Some(bad()));
+        // Due, not applied yet when the watcher before stopped: due again.
+        let due = resume(&h, &config(2)).expect("due");
+        assert_eq!(
+            (due.to_spec.as_str(), &due.state),
+            (good.as_str(), &RevertState::Reverting)
+        );
+        // Applied.
         let mut back = Applied::new(config(1), 0, None);
         back.reverted_from = Some(failed.clone());
         h.applied(back);
-        let r = resume(&h, &failed).expect("still in force");
+        let r = resume(&h, &config(2)).expect("still in force");
         assert_eq!(r.to_spec, good);
         assert_eq!(r.state, RevertState::Reverted);
         assert_eq!(
             (r.probe.as_str(), r.answer.as_str()),
             ("agent", "no answer")
         );
-        assert!(
-            resume(&h, &config(3).digest()).is_none(),
-            "the spec moved on"
-        );
+        assert!(resume(&h, &config(3)).is_none(), "the spec moved on");
     }
 }

@@ -746,7 +746,7 @@ const QUICK_HEALTH: &str = "  health:\n    probes:\n      - kind: exec\n        
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_judged_unhealthy_is_reverted_until_the_spec_changes() {
     use crate::vm::health::Answer;
-    use crate::vm::history::Judged;
+    use crate::vm::history::Judgement;
     use status::HealthState;
     let fake = Fake::new(caps());
     fake.answer_probes_when(
@@ -812,7 +812,7 @@ async fn a_change_judged_unhealthy_is_reverted_until_the_spec_changes() {
     // Its history: healthy, unhealthy (with why), and the revert, healthy.
     let name = VmName::new("svc").expect("name");
     let history = fake.history(&name).await.expect("history");
-    let said: Vec<(Judged, bool)> = history
+    let said: Vec<(Judgement, bool)> = history
         .entries()
         .iter()
         .map(|e| (e.health, e.reverted_from.is_some()))
@@ -820,9 +820,9 @@ async fn a_change_judged_unhealthy_is_reverted_until_the_spec_changes() {
     assert_eq!(
         said,
         [
-            (Judged::Healthy, false),
-            (Judged::Unhealthy, false),
-            (Judged::Healthy, true)
+            (Judgement::Healthy, false),
+            (Judgement::Unhealthy, false),
+            (Judgement::Healthy, true)
         ]
     );
     assert_eq!(
@@ -915,7 +915,7 @@ async fn a_revert_the_ceiling_forbids_is_held_and_reported() {
                 .expect("history")
                 .newest()
                 .map(|e| e.health)
-                != Some(crate::vm::history::Judged::Unhealthy)
+                != Some(crate::vm::history::Judgement::Unhealthy)
             {
                 assert!(
                     std::time::Instant::now() < deadline,
@@ -923,6 +923,20 @@ async fn a_revert_the_ceiling_forbids_is_held_and_reported() {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+        // A resync tries again, and is held again (or, not reverting,
+        // finds the VM as its spec says).
+        w.signals.send(Signal::Reconcile).expect("running");
+        let again = loop {
+            let r = w.next_for("pm").await;
+            if r.trigger == Trigger::Resync {
+                break r;
+            }
+        };
+        if revert {
+            assert!(matches!(again.outcome, Outcome::Held(_)), "{again:?}");
+        } else {
+            assert_eq!(again.outcome, Outcome::InSync);
         }
         // Nothing forced: the device stays, the VM was never stopped.
         assert!(has_pmem(&fake.get("pm").expect("pm").config));

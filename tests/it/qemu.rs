@@ -236,6 +236,9 @@ fn power_state_follows_the_spec() {
     ] {
         assert!(text(&out).contains(said), "{said:?} in:\n{}", text(&out));
     }
+    // uvmctl's own notify link is not a vmSocket of the spec: no drift.
+    let plan = h.uvmctl(&["plan", specs, "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
     // The notify probe's credential, as the guest read it from its SMBIOS
     // type 11 strings (guest/init), and the READY=1 it sent over vsock.
     assert_eq!(

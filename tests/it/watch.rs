@@ -858,7 +858,8 @@ fn a_watcher_keeps_a_healthy_change_and_reverts_what_breaks_the_guest() {
         Some("panic"),
         "{panicked}"
     );
-    let mark = w.mark();
+    // Each wait counts from the edit: a step may follow the one before
+    // within milliseconds.
     reverted_after(mark, "the revert of the command line");
     healthy_after(mark, "the old command line judged healthy");
     // Without a notify probe, the guest gets no notify credential.
@@ -907,7 +908,6 @@ fn a_watcher_keeps_a_healthy_change_and_reverts_what_breaks_the_guest() {
         removed.elapsed() >= Duration::from_secs(40),
         "at its deadline"
     );
-    let mark = w.mark();
     let reverted = reverted_after(mark, "the revert of the removal");
     assert_eq!(reverted["fields"]["probe"], bad["fields"]["probe"]);
     healthy_after(mark, "the revert judged healthy");
@@ -921,30 +921,42 @@ fn a_watcher_keeps_a_healthy_change_and_reverts_what_breaks_the_guest() {
     assert_eq!(st["health"]["health"], "healthy", "{st}");
     assert!(scrape(&w).contains("uvmctl_reverts_total{vm=\"rv\"} 2"));
 
-    // The history: each change, its verdict, and the reverts.
-    let out = h.uvmctl(&["history", "rv", "--output", "json"]);
-    assert_ok(&out);
-    let history: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let said: Vec<(String, bool)> = history
-        .as_array()
-        .expect("list")
-        .iter()
-        .map(|e| {
-            (
-                e["health"].as_str().unwrap_or_default().to_string(),
-                e["revertedFrom"].is_string(),
-            )
-        })
-        .collect();
-    let want = [
+    // The history: each change, its verdict, and the reverts (the last
+    // verdict is written by the reconcile that follows it).
+    let want: Vec<(String, bool)> = [
         ("healthy", false),
         ("unhealthy", false),
         ("healthy", true),
         ("healthy", false),
         ("unhealthy", false),
         ("healthy", true),
-    ];
-    assert_eq!(said, want.map(|(h, r)| (h.to_string(), r)), "{history}");
+    ]
+    .iter()
+    .map(|(h, r)| (h.to_string(), *r))
+    .collect();
+    let deadline = Instant::now() + STEP;
+    let history = loop {
+        let out = h.uvmctl(&["history", "rv", "--output", "json"]);
+        assert_ok(&out);
+        let history: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let said: Vec<(String, bool)> = history
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|e| {
+                (
+                    e["health"].as_str().unwrap_or_default().to_string(),
+                    e["revertedFrom"].is_string(),
+                )
+            })
+            .collect();
+        if said == want {
+            break history;
+        }
+        assert!(Instant::now() < deadline, "{said:?}: {history}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(history[4]["probe"], "exec ls /sys/block/sda", "{history}");
     let table = text(&h.uvmctl(&["history", "rv"]));
     assert!(table.contains("probe panic: the guest panicked"), "{table}");
     assert!(table.contains("revert of "), "{table}");

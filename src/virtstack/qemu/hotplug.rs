@@ -166,7 +166,7 @@ impl Hotplug<'_> {
     async fn present(&self, item: &Item) -> Result<bool> {
         if let Item::VmSocket(s) = item {
             let port = vsock_port(self.name, s)?;
-            let links = super::vsock::listeners(&self.vm.host.options().state_dir, self.name);
+            let links = super::vsock::spec_listeners(&self.vm.host.options().state_dir, self.name);
             return Ok(links.contains_key(&port));
         }
         let Some(id) = device_id(item) else {

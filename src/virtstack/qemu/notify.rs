@@ -42,12 +42,19 @@ pub fn smbios_credential() -> String {
 
 /// The assignments of an `sd_notify` message that uvmctl keeps
 /// (`READY`, `STATUS`, `ERRNO`), one per line, without control
-/// characters; `None` when it does not say `READY=1`.
-pub fn ready_in(message: &[u8]) -> Option<String> {
+/// characters; `None` when it does not say `READY=1`. Only whole lines
+/// count, and the last one too once the sender is done (`ended`): a
+/// `READY=1` read so far may still become `READY=10`.
+pub fn ready_in(message: &[u8], ended: bool) -> Option<String> {
     let text = String::from_utf8_lossy(message);
+    let whole = if ended {
+        &text[..]
+    } else {
+        text.rfind('\n').map_or("", |end| &text[..end])
+    };
     let mut ready = false;
     let mut kept = String::new();
-    for line in text.split('\n') {
+    for line in whole.split('\n') {
         let line = line.trim_end_matches('\r');
         let Some((key, value)) = line.split_once('=') else {
             continue;
@@ -69,13 +76,18 @@ pub fn ready_in(message: &[u8]) -> Option<String> {
 }
 
 /// Listens for `name`'s `READY=1` for this launch: forgets what an earlier
-/// launch heard, binds `<vm>/notify.sock` (connectable by the VM's backend
-/// through the VM directory's group) and links the guest's port to it.
-/// The task ends at the first `READY=1` or after [`MAX_CONNECTIONS`].
+/// launch heard, binds `<vm>/notify.sock` (connectable by the VM's backend,
+/// which runs in `group`, or as uvmctl's own user without one) and links
+/// the guest's port to it. The task ends at the first `READY=1` or after
+/// [`MAX_CONNECTIONS`].
 ///
 /// # Errors
 /// When the socket or its link cannot be made.
-pub fn listen(dir: &StateDir, name: &str) -> io::Result<tokio::task::JoinHandle<()>> {
+pub fn listen(
+    dir: &StateDir,
+    name: &str,
+    group: Option<u32>,
+) -> io::Result<tokio::task::JoinHandle<()>> {
     let ready = dir.notify_ready(name);
     match std::fs::remove_file(&ready) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -87,9 +99,13 @@ pub fn listen(dir: &StateDir, name: &str) -> io::Result<tokio::task::JoinHandle<
         _ => {}
     }
     let listener = tokio::net::UnixListener::bind(&socket)?;
-    // The VM directory (root's, 0710 to the VM's group) is what keeps
-    // other users out; the backend runs as the VM's user.
-    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    // In the VM's directory (root's, 0710 to the VM's group), which no
+    // other user can change: the path is this socket.
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(&socket, None, Some(gid))?;
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     super::vsock::link(dir, name, NOTIFY_VSOCK_PORT, &socket)?;
     let vm = name.to_string();
     Ok(tokio::spawn(async move {
@@ -99,19 +115,23 @@ pub fn listen(dir: &StateDir, name: &str) -> io::Result<tokio::task::JoinHandle<
             };
             let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
             let mut got = 0;
+            let mut ended = false;
             let read = async {
                 while got < buf.len() {
                     match conn.read(&mut buf[got..]).await {
-                        Ok(0) | Err(_) => break,
+                        Ok(0) | Err(_) => {
+                            ended = true;
+                            break;
+                        }
                         Ok(n) => got += n,
                     }
-                    if ready_in(&buf[..got]).is_some() {
+                    if ready_in(&buf[..got], false).is_some() {
                         break;
                     }
                 }
             };
             let _ = tokio::time::timeout(READ_DEADLINE, read).await;
-            if let Some(said) = ready_in(&buf[..got]) {
+            if let Some(said) = ready_in(&buf[..got], ended) {
                 tracing::info!(%vm, said, "the guest said READY=1");
                 if let Err(e) = crate::hostfs::replace_file(&ready, said.as_bytes(), 0o600) {
                     tracing::warn!(%vm, "cannot keep the guest's READY=1: {e}");
@@ -135,16 +155,20 @@ mod tests {
 
     #[test]
     fn only_ready_1_counts_and_what_is_kept_is_bounded_and_clean() {
-        assert_eq!(ready_in(b"READY=1\n"), Some("READY=1".into()));
+        assert_eq!(ready_in(b"READY=1\n", false), Some("READY=1".into()));
         assert_eq!(
-            ready_in(b"STATUS=up\x1b[2J\nREADY=1\nMAINPID=1\n"),
+            ready_in(b"STATUS=up\x1b[2J\nREADY=1\nMAINPID=1\n", false),
             Some("STATUS=up[2J READY=1".into())
         );
-        assert_eq!(ready_in(b"READY=0\n"), None);
-        assert_eq!(ready_in(b"STATUS=starting\n"), None);
-        assert_eq!(ready_in(b"XREADY=1"), None);
+        assert_eq!(ready_in(b"READY=0\n", false), None);
+        assert_eq!(ready_in(b"STATUS=starting\n", false), None);
+        assert_eq!(ready_in(b"XREADY=1", true), None);
+        // A line not finished yet may still say READY=10.
+        assert_eq!(ready_in(b"READY=1", false), None);
+        assert_eq!(ready_in(b"READY=1", true), Some("READY=1".into()));
+        assert_eq!(ready_in(b"READY=10\n", false), None);
         let long = format!("STATUS={}\nREADY=1\n", "x".repeat(4000));
-        assert_eq!(ready_in(long.as_bytes()), Some("READY=1".into()));
+        assert_eq!(ready_in(long.as_bytes(), false), Some("READY=1".into()));
         assert!(smbios_credential().ends_with(&format!("vsock-stream:2:{NOTIFY_VSOCK_PORT}")));
     }
 
@@ -157,7 +181,7 @@ mod tests {
         let dir = &qemu.options().state_dir;
         dir.create_vm_dir("n", None).expect("vm dir");
         dir.create_vsock_dir("n", None).expect("vsock dir");
-        let task = listen(dir, "n").expect("listens");
+        let task = listen(dir, "n", None).expect("listens");
         assert_eq!(heard(&dir.notify_ready("n")), None);
         // A connection that says something else is read and dropped.
         let mut c = tokio::net::UnixStream::connect(
@@ -180,7 +204,7 @@ mod tests {
             heard(&dir.notify_ready("n")).as_deref(),
             Some("STATUS=up READY=1")
         );
-        let again = listen(dir, "n").expect("listens again");
+        let again = listen(dir, "n", None).expect("listens again");
         assert_eq!(heard(&dir.notify_ready("n")), None, "a new launch forgets");
         again.abort();
     }

@@ -52,7 +52,7 @@ impl Machine<'_> {
         // none, so the next apply puts them (and the backend) back.
         let vsock = (rec.shared_memory
             && vsock::backend_alive(rec.vsock_pid, &self.host.opts.state_dir, name))
-        .then(|| vsock::listeners(&self.host.opts.state_dir, name));
+        .then(|| vsock::spec_listeners(&self.host.opts.state_dir, name));
         observe::observe(&q, &rec, vsock)
             .await
             .map_err(|source| QemuError::Qmp {

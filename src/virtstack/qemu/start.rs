@@ -183,7 +183,12 @@ impl Machine<'_> {
         let notifies = res.vsock_device && cfg.health.as_ref().is_some_and(|h| h.notifies());
         let listening = if notifies {
             Some(
-                notify::listen(&self.host.opts.state_dir, name).map_err(|e| QemuError::Os {
+                notify::listen(
+                    &self.host.opts.state_dir,
+                    name,
+                    user.as_ref().map(|u| u.gid),
+                )
+                .map_err(|e| QemuError::Os {
                     vm: name.into(),
                     what: format!("cannot listen for the guest's READY=1: {e}"),
                 })?,

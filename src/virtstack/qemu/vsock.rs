@@ -243,6 +243,17 @@ pub fn listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
     out
 }
 
+/// The listeners a spec asked for: [`listeners`] without uvmctl's own
+/// link to the socket where it hears the guest's `READY=1` (notify.rs).
+pub fn spec_listeners(dir: &StateDir, name: &str) -> BTreeMap<u32, PathBuf> {
+    let mut out = listeners(dir, name);
+    let notify = crate::vm::config::NOTIFY_VSOCK_PORT;
+    if out.get(&notify) == Some(&dir.notify_socket(name)) {
+        out.remove(&notify);
+    }
+    out
+}
+
 fn links_in(at: &Path) -> BTreeMap<u32, PathBuf> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(at) else {
