@@ -174,6 +174,7 @@ async fn convergence(shared: &Arc<dyn Virtstack>, fx: &Fixture) -> Check {
                     doc: 0,
                     config: Arc::new(want),
                     status: None,
+                    labels: Default::default(),
                 },
             );
             let opts = PlanOptions::default();

@@ -73,7 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let hostless = matches!(
         cli.command,
         Command::Validate { .. }
-            | Command::Schema
+            | Command::Schema { .. }
             | Command::Completions { .. }
             | Command::Man { .. }
     );
@@ -98,11 +98,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
             Ok(0)
         }
-        Command::Schema => {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&uvmctl::spec::json_schema())?
-            )?;
+        Command::Schema { policy } => {
+            let schema = if policy {
+                uvmctl::spec::policy::json_schema()
+            } else {
+                uvmctl::spec::json_schema()
+            };
+            outln!("{}", serde_json::to_string_pretty(&schema)?)?;
             Ok(0)
         }
         Command::Plan(args) => cli::plan::run(args, host).await,

@@ -141,6 +141,20 @@ pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> 
         );
         return Ok(EXIT_POLICY);
     }
+    if !args.ignore_windows {
+        let held = planned.outside_windows(super::shared::unix_now());
+        if !held.is_empty() {
+            for (vm, why) in &held {
+                eprintln!("{vm}: held: {why}");
+            }
+            eprintln!(
+                "{} VM(s) held by the maintenance windows of {}; nothing was applied (--ignore-windows applies anyway)",
+                held.len(),
+                uvmctl::spec::policy::POLICY_FILE
+            );
+            return Ok(EXIT_POLICY);
+        }
+    }
     let refused = planned.recreates_refused(&limits);
     if !refused.is_empty() {
         eprintln!(

@@ -140,7 +140,12 @@ pub enum Command {
         output: Output,
     },
     /// Print the JSON Schema of a spec document (for yaml-language-server).
-    Schema,
+    Schema {
+        /// The schema of the rollout policy file (uvmctl-policy.yaml)
+        /// instead.
+        #[arg(long)]
+        policy: bool,
+    },
     /// Print a shell completion script (e.g. `uvmctl completions bash >
     /// /etc/bash_completion.d/uvmctl`).
     Completions {
@@ -467,6 +472,10 @@ pub struct ApplyArgs {
     /// Recreate VMs even when their spec's policy does not allow it.
     #[arg(long)]
     pub allow_recreate: bool,
+    /// Apply restarts and recreates outside the maintenance windows of
+    /// uvmctl-policy.yaml (for a person who means it).
+    #[arg(long)]
+    pub ignore_windows: bool,
     /// Wait this long (30s, 2m; a bare number is seconds) for another apply
     /// holding the state directory; then exit 4.
     #[arg(long, value_parser = parse_duration, default_value = "30")]

@@ -134,6 +134,9 @@ pub async fn run(args: PlanArgs, host: &HostOptions) -> anyhow::Result<u8> {
             );
         }
     }
+    for (vm, why) in planned.outside_windows(super::shared::unix_now()) {
+        eprintln!("{vm}: held: {why}");
+    }
     if let Some((limit, max)) = planned.exceeds(&limits(&args.common)) {
         eprintln!("changes exceed --max-disruption {limit}: this plan needs {max}");
         return Ok(EXIT_POLICY);

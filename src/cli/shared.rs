@@ -81,3 +81,10 @@ pub fn saved_plan(
     let (plan, desired, observed) = (&planned.plan, &planned.loaded.desired, &planned.observed);
     SavedPlan::new(dir, plan, desired, observed, vs.capabilities(), opts, &only)
 }
+
+/// Now, in seconds since the epoch (the maintenance windows' clock).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

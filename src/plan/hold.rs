@@ -3,6 +3,7 @@
 //! executor checks it again per VM, and `watch` holds what it forbids.
 
 use super::{Op, VmAction, VmPlan};
+use crate::spec::policy::{WindowClass, WindowGate};
 use crate::vm::Disruption;
 
 /// What a run may do.
@@ -19,6 +20,9 @@ pub struct Limits {
     /// watcher's, whose ceiling is for changes); else a destroy counts as
     /// the recreate it is (`plan` and `apply --max-disruption`).
     pub prune_past_ceiling: bool,
+    /// What the maintenance windows allow this VM now (`None`: no policy,
+    /// or `--ignore-windows`).
+    pub window: Option<WindowGate>,
 }
 
 /// Why a VM's planned changes are not made.
@@ -36,6 +40,24 @@ pub enum Hold {
         /// The ceiling.
         limit: Disruption,
     },
+    /// Its changes are of a class no maintenance window governing it has
+    /// open now.
+    OutsideWindow {
+        /// What the VM's plan needs.
+        needs: Disruption,
+        /// When one opens next (seconds since the epoch); `None`: never.
+        next_open: Option<i64>,
+        /// The policy file does not load: every disruptive change waits.
+        broken: bool,
+    },
+}
+
+/// A time as holds say it: RFC 3339, UTC.
+pub fn utc(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).map_or_else(
+        || t.to_string(),
+        |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 impl std::fmt::Display for Hold {
@@ -49,6 +71,26 @@ impl std::fmt::Display for Hold {
             ),
             Hold::AboveCeiling { needs, limit } => {
                 write!(f, "needs {needs}, above --max-disruption {limit}")
+            }
+            Hold::OutsideWindow { broken: true, .. } => write!(
+                f,
+                "{} does not load: restarts and recreates wait until it does",
+                crate::spec::policy::POLICY_FILE
+            ),
+            Hold::OutsideWindow {
+                needs,
+                next_open: Some(t),
+                ..
+            } => write!(
+                f,
+                "needs {needs}: outside window, next opens at {}",
+                utc(*t)
+            ),
+            Hold::OutsideWindow { needs, .. } => {
+                write!(
+                    f,
+                    "needs {needs}: outside window, and none governing it opens again"
+                )
             }
         }
     }
@@ -75,6 +117,26 @@ pub fn holds(vm: &VmPlan, limits: &Limits) -> Vec<Hold> {
         out.push(Hold::AboveCeiling {
             needs: vm.disruption,
             limit,
+        });
+    }
+    let class = match vm.disruption {
+        Disruption::Live => Some(WindowClass::Live),
+        Disruption::Restart => Some(WindowClass::Restart),
+        Disruption::Recreate => Some(WindowClass::Recreate),
+        Disruption::Unsupported => None,
+    };
+    // A VM's changes go together: one restart among them waits for its
+    // window, and the live ones with it. A prune is `--prune`'s to allow.
+    let changes = !vm.ops.is_empty() || vm.action != VmAction::Update;
+    if let (Some(gate), Some(class)) = (limits.window, class)
+        && vm.action != VmAction::Destroy
+        && changes
+        && gate.holds(class)
+    {
+        out.push(Hold::OutsideWindow {
+            needs: vm.disruption,
+            next_open: gate.next_open,
+            broken: gate.broken,
         });
     }
     out
@@ -130,6 +192,7 @@ mod tests {
         allow_recreate: false,
         detect_only: false,
         prune_past_ceiling: false,
+        window: None,
     };
 
     #[test]
@@ -187,6 +250,53 @@ mod tests {
             ..LIVE
         };
         assert!(holds(&destroy, &watcher).is_empty());
+    }
+
+    /// Issue 35: a closed window holds the classes it governs, says when
+    /// it opens, and leaves what has nothing to do or is a prune alone.
+    #[test]
+    fn a_closed_window_holds_its_classes_and_says_when_it_opens() {
+        let mut restart = vm(VmAction::Update, Disruption::Restart, None);
+        restart.ops.push(Op {
+            resource: crate::plan::ResourceKind::Plan9Share,
+            operation: crate::vm::ResourceOperation::Add,
+            key: crate::plan::ItemKey::Unit,
+            disruption: Disruption::Restart,
+            reason: String::new(),
+            before: None,
+            after: None,
+        });
+        let closed = Limits {
+            window: Some(WindowGate {
+                closed: [false, true, true],
+                next_open: Some(1_796_610_600),
+                broken: false,
+            }),
+            ..Limits::default()
+        };
+        let held = hold(&restart, &closed).expect("held");
+        assert_eq!(
+            held.to_string(),
+            "needs restart: outside window, next opens at 2026-12-07T02:30:00Z"
+        );
+        // Live goes; a VM with nothing to do or only a prune is not held.
+        let mut live = restart.clone();
+        live.disruption = Disruption::Live;
+        assert!(holds(&live, &closed).is_empty());
+        assert!(holds(&vm(VmAction::Update, Disruption::Restart, None), &closed).is_empty());
+        assert!(holds(&vm(VmAction::Destroy, Disruption::Recreate, None), &closed).is_empty());
+        let broken = Limits {
+            window: Some(WindowGate {
+                closed: [false, true, true],
+                next_open: None,
+                broken: true,
+            }),
+            ..Limits::default()
+        };
+        assert_eq!(
+            hold(&restart, &broken).expect("held").to_string(),
+            "uvmctl-policy.yaml does not load: restarts and recreates wait until it does"
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub(crate) fn desired(vms: &[(&str, VmConfig)]) -> DesiredState {
                 doc: 0,
                 config: config.clone().into(),
                 status: None,
+                labels: Default::default(),
             },
         );
     }

@@ -43,6 +43,8 @@ pub async fn load(dir: PathBuf, placement: Option<spec::Placement>) -> Loaded {
                 &shown,
                 format!("loading failed: {e}"),
             )],
+            // Whatever the policy says is unknown: nothing disruptive goes.
+            policy: Some(Arc::new(spec::policy::Windows::broken())),
         })
 }
 
@@ -270,6 +272,29 @@ impl Planned {
             .iter()
             .map(|v| (v.name.as_str(), hold::holds(v, limits)))
             .filter(|(_, h)| !h.is_empty())
+            .collect()
+    }
+
+    /// The VMs whose changes the maintenance windows of the policy beside
+    /// the specs hold at `now` (seconds since the epoch), with why.
+    pub fn outside_windows(&self, now: i64) -> Vec<(&str, Hold)> {
+        let Some(policy) = &self.loaded.policy else {
+            return Vec::new();
+        };
+        self.plan
+            .vms
+            .iter()
+            .filter_map(|v| {
+                let labels = &self.loaded.desired.vms.get(&v.name)?.labels;
+                let limits = Limits {
+                    window: Some(policy.gate(labels, now)),
+                    ..Limits::default()
+                };
+                let hold = hold::holds(v, &limits)
+                    .into_iter()
+                    .find(|h| matches!(h, Hold::OutsideWindow { .. }))?;
+                Some((v.name.as_str(), hold))
+            })
             .collect()
     }
 

@@ -105,6 +105,9 @@ pub struct VmReconciled {
     /// Its history as this reconcile left it; `None`: not read (a VM
     /// without `spec.health` that nothing was applied to), or not there.
     pub history: Option<History>,
+    /// Held outside its maintenance window, which opens then (seconds since
+    /// the epoch): when to try again.
+    pub window_opens: Option<i64>,
 }
 
 impl Default for VmReconciled {
@@ -119,6 +122,7 @@ impl Default for VmReconciled {
             images: None,
             others: Vec::new(),
             history: None,
+            window_opens: None,
         }
     }
 }
@@ -247,6 +251,9 @@ async fn reconcile_steps(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmReco
     };
     done.plan = plan::render::summary_line(&the_plan.summary());
     if let Some(why) = hold::hold(vm_plan, &job.limits) {
+        if let hold::Hold::OutsideWindow { next_open, .. } = why {
+            done.window_opens = next_open;
+        }
         done.outcome = Outcome::Held(hold::held_lines(vm_plan, why));
         return;
     }

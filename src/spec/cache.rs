@@ -141,6 +141,7 @@ impl SpecCache {
             errors,
             self.placement.as_ref().map(|p| (self.root.as_path(), p)),
         )
+        .with_policy(&self.root)
     }
 }
 

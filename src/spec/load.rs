@@ -9,7 +9,7 @@ mod merge;
 mod messages;
 mod parse;
 
-pub(super) use files::{list_files, load_file};
+pub(super) use files::{list_files, load_file, read_text};
 pub(super) use merge::{merge, resolve};
 
 use super::error::SpecError;
@@ -34,6 +34,23 @@ pub struct Loaded {
     /// Under placement, the problems of files whose VMs are all another
     /// host's (by their path or their labels): no concern of this host's.
     pub errors_elsewhere: Vec<SpecError>,
+    /// The rollout policy beside the specs (`uvmctl-policy.yaml`), if there
+    /// is one; one that does not load holds every disruptive change.
+    pub policy: Option<std::sync::Arc<super::policy::Windows>>,
+}
+
+impl Loaded {
+    /// Reads the rollout policy of `root` into what was loaded, its errors
+    /// among the others.
+    pub(super) fn with_policy(mut self, root: &Path) -> Self {
+        let (policy, errors) = super::policy::load(root);
+        self.policy = policy.map(std::sync::Arc::new);
+        if !errors.is_empty() {
+            self.errors.extend(errors);
+            self.errors.sort();
+        }
+        self
+    }
 }
 
 /// Whether a directory entry is a spec file: `*.yaml`/`*.yml`, not hidden.
@@ -79,6 +96,7 @@ pub fn load_dir_placed(root: &Path, placement: Option<&Placement>) -> Loaded {
         errors,
         placement.map(|p| (root, p)),
     )
+    .with_policy(root)
 }
 
 /// Loads specs from in-memory files (name, text), as [`load_dir`] does from disk.

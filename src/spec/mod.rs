@@ -7,6 +7,7 @@ mod error;
 mod load;
 mod locate;
 mod placement;
+pub mod policy;
 mod schema;
 mod shape;
 mod validate;
@@ -46,6 +47,9 @@ pub struct DesiredVm {
     pub config: std::sync::Arc<VmConfig>,
     /// What `export` recorded beside it (only read by `plan --observed`).
     pub status: Option<VmStatus>,
+    /// Its `metadata.labels` (placement, and which maintenance windows
+    /// govern it).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything the specs say, and what they could not say.

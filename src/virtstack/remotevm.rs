@@ -928,7 +928,7 @@ mod tests {
                         file: "vm.yaml".into(),
                         doc: 0,
                         config: want.clone().into(),
-                        status: None,
+                        status: None, labels: Default::default(),
                     });
                     let opts = PlanOptions::default();
                     let observed = observe_all(vs.as_ref()).await.expect("list");

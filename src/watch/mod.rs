@@ -104,6 +104,7 @@ impl WatchOptions {
             allow_recreate: false,
             detect_only: self.detect_only,
             prune_past_ceiling: true,
+            window: None,
         }
     }
 }
@@ -222,6 +223,8 @@ struct Watcher {
     status_log: StatusLog,
     /// The source revision in force, as its cache said at the last load.
     revision: Option<String>,
+    /// The rollout policy beside the specs, as last loaded.
+    policy: Option<Arc<crate::spec::policy::Windows>>,
 }
 
 fn unix_now() -> u64 {
@@ -286,6 +289,12 @@ impl Watcher {
         } else {
             Vec::new()
         };
+        // The windows as they stand now, for this VM's labels.
+        let mut limits = self.opts.limits();
+        if let (Some(policy), Some(d)) = (&self.policy, &desired) {
+            let unix = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+            limits.window = Some(policy.gate(&d.labels, unix));
+        }
         let entry = self.vms.entry(vm.clone()).or_default();
         let verdicts = entry.verdicts.clone();
         let verdicts_sent = verdicts.len();
@@ -304,7 +313,7 @@ impl Watcher {
             desired,
             prune,
             failed_files: self.book.specs.failed_files.clone(),
-            limits: self.opts.limits(),
+            limits,
             may_relaunch: entry.may_relaunch(now),
             unseen,
             revision: self.revision.clone(),
@@ -434,6 +443,12 @@ impl Watcher {
         };
         let next = e.finished(&finished, now, &backoff);
         e.status.backoff_until = next.backoff_until.map(|t| unix_at(t, now));
+        if let Some(opens) = r.window_opens {
+            // Tried again when its window opens.
+            let wait = u64::try_from(opens).unwrap_or(0).saturating_sub(unix_now());
+            e.retry_at = Some(now + Duration::from_secs(wait));
+            e.mark(Trigger::Retry);
+        }
         for say in &next.say {
             say_it(&vm, say);
         }
@@ -769,6 +784,7 @@ impl Watcher {
                 SpecCache::placed(shown, self.opts.placement.clone()),
                 Loaded {
                     errors: vec![err],
+                    policy: Some(Arc::new(crate::spec::policy::Windows::broken())),
                     ..Loaded::default()
                 },
             )
@@ -788,6 +804,18 @@ impl Watcher {
             .and_then(crate::source::read_status)
             .and_then(|s| s.applied)
             .map(|r| r.to_string());
+        // A policy that changed may open or close a window for any VM.
+        let changed = match (&self.policy, &loaded.policy) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !a.same_as(b),
+            _ => true,
+        };
+        self.policy.clone_from(&loaded.policy);
+        if changed {
+            for e in self.vms.values_mut().filter(|e| e.tracked) {
+                e.mark(Trigger::Spec);
+            }
+        }
         self.book.absorb(&mut self.vms, loaded, now());
         self.write_status();
     }
@@ -925,6 +953,7 @@ impl Watcher {
             started: unix_now(),
             status_log: StatusLog::default(),
             revision: None,
+            policy: None,
             opts,
         };
         w.reload(ReloadHow::All).await;

@@ -948,3 +948,82 @@ async fn a_revert_the_ceiling_forbids_is_held_and_reported() {
         w.stop().await;
     }
 }
+
+/// Issue 35: outside its maintenance window, a restart-class change is held
+/// with when the window opens, and applied once it opens, unattended; a
+/// live change goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waits_for_its_window_and_a_live_change_does_not() {
+    use chrono::Timelike;
+    let fake = Fake::new(caps());
+    let mut w = start(&fake, &[("mw", spec("mw", &[], ""))], |o| {
+        o.max_disruption = Disruption::Restart;
+    });
+    assert!(matches!(
+        w.next_for("mw").await.outcome,
+        Outcome::Applied(_)
+    ));
+    // A window that opens 6 s from now (UTC, to the second), for an hour.
+    let opens = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
+        + chrono::Duration::seconds(6);
+    let policy = format!(
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: RolloutPolicy\nspec:\n  windows:\n    - name: soon\n      schedule: '{} {} {} * * *'\n      duration: 1h\n",
+        opens.second(),
+        opens.minute(),
+        opens.hour()
+    );
+    std::fs::write(
+        w.specs.path().join(crate::spec::policy::POLICY_FILE),
+        policy,
+    )
+    .expect("policy");
+    // A live change goes at once, window or not.
+    save(w.specs.path(), "mw", &spec("mw", &[1], ""));
+    let live = loop {
+        let r = w.next_for("mw").await;
+        if r.outcome != Outcome::InSync {
+            break r;
+        }
+    };
+    assert_eq!(live.outcome, Outcome::Applied(1));
+    // A share needs a restart: held, saying when the window opens.
+    let share = "  plan9Shares:\n    - {name: data, hostPath: /srv/data}\n";
+    save(w.specs.path(), "mw", &spec("mw", &[1], share));
+    let held = loop {
+        let r = w.next_for("mw").await;
+        if r.outcome != Outcome::InSync {
+            break r;
+        }
+    };
+    let Outcome::Held(lines) = &held.outcome else {
+        panic!("held: {held:?}");
+    };
+    let at = opens.with_nanosecond(0).expect("second");
+    let when = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.ends_with(&format!("outside window, next opens at {when}"))),
+        "{lines:?}"
+    );
+    assert!(fake.get("mw").expect("mw").config.plan9_shares.is_empty());
+    // Applied when it opens, by the watcher's own retry.
+    let applied = loop {
+        let r = w.next_for("mw").await;
+        if r.outcome != Outcome::InSync && !matches!(r.outcome, Outcome::Held(_)) {
+            break r;
+        }
+    };
+    assert!(
+        chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()) >= at,
+        "not before the window opened"
+    );
+    assert!(
+        matches!(applied.outcome, Outcome::Applied(_)),
+        "{applied:?}"
+    );
+    assert_eq!(applied.trigger, Trigger::Retry);
+    assert_eq!(fake.get("mw").expect("mw").config.plan9_shares.len(), 1);
+    assert!(w.status().vms["mw"].held.is_empty());
+    w.stop().await;
+}

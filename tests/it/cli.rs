@@ -662,6 +662,20 @@ fn schema_is_the_checked_in_one() {
         printed, on_disk,
         "regenerate with: cargo run -- schema > docs/spec.schema.json"
     );
+    // The rollout policy's, likewise (issue 35).
+    let out = t.uvmctl(&["schema", "--policy"]);
+    assert_exit_code(&out, 0);
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
+    assert_eq!(printed["title"], "PolicyDocument");
+    let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/policy.schema.json");
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&checked_in).expect("docs/policy.schema.json exists"),
+    )
+    .expect("json");
+    assert_eq!(
+        printed, on_disk,
+        "regenerate with: cargo run -- schema --policy > docs/policy.schema.json"
+    );
 }
 
 /// The `console` blocks of the README and docs/: each `$ uvmctl ...` line

@@ -126,7 +126,7 @@ prop_compose! {
             if unknown.contains(&i) {
                 continue;
             }
-            d.vms.insert(name.clone(), DesiredVm { name, file: "t.yaml".into(), doc: 0, config: c.into(), status: None });
+            d.vms.insert(name.clone(), DesiredVm { name, file: "t.yaml".into(), doc: 0, config: c.into(), status: None, labels: Default::default() });
         }
         for i in &unknown {
             d.unknown.insert(format!("vm{i}"));

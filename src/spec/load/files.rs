@@ -82,6 +82,10 @@ pub(in crate::spec) fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> V
             if name.starts_with('.') {
                 continue;
             }
+            // The rollout policy beside the specs is no VM's (policy.rs).
+            if dir == root && name == crate::spec::policy::POLICY_FILE {
+                continue;
+            }
             let path = entry.path();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
@@ -116,55 +120,55 @@ pub(in crate::spec) fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> V
 
 pub(in crate::spec) fn load_file(file: &SpecFile) -> FileResult {
     let path = file.name.as_path();
-    let fail = |msg: String| FileResult {
-        path: path.to_path_buf(),
-        file_errors: vec![SpecError::whole_file(path, msg)],
-        whole: true,
-        ..FileResult::default()
-    };
+    match read_text(&file.read) {
+        Ok(text) => parse_str(path, text),
+        Err(msg) => FileResult {
+            path: path.to_path_buf(),
+            file_errors: vec![SpecError::whole_file(path, msg)],
+            whole: true,
+            ..FileResult::default()
+        },
+    }
+}
+
+/// The text of the spec file at `read` (no symlink), bounded; why not.
+pub(in crate::spec) fn read_text(read: &Path) -> Result<String, String> {
     // Read only regular files: a FIFO or a device would block or stream
     // forever. `read` holds no symlink (list_files resolved it), so a link
     // put in its place since is refused (O_NOFOLLOW), as is anything swapped
     // in that is not a regular file (checked again on the open file).
-    let meta = match fs::symlink_metadata(&file.read) {
-        Ok(m) => m,
-        Err(e) => return fail(format!("cannot stat: {e}")),
-    };
+    let meta = fs::symlink_metadata(read).map_err(|e| format!("cannot stat: {e}"))?;
     if !meta.is_file() {
-        return fail("not a regular file".to_string());
+        return Err("not a regular file".to_string());
     }
     if meta.len() > MAX_SPEC_FILE_BYTES {
-        return fail(format!(
+        return Err(format!(
             "file is {} bytes, over the {MAX_SPEC_FILE_BYTES}-byte limit",
             meta.len()
         ));
     }
-    let opened = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&file.read);
-    let f = match opened {
-        Ok(f) => f,
-        Err(e) => return fail(format!("cannot read: {e}")),
-    };
+        .open(read)
+        .map_err(|e| format!("cannot read: {e}"))?;
     match f.metadata() {
         Ok(m) if m.is_file() => {}
-        Ok(_) => return fail("not a regular file".to_string()),
-        Err(e) => return fail(format!("cannot stat: {e}")),
+        Ok(_) => return Err("not a regular file".to_string()),
+        Err(e) => return Err(format!("cannot stat: {e}")),
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may grow between stat and read: never read past the limit.
-    if let Err(e) = f.take(MAX_SPEC_FILE_BYTES + 1).read_to_end(&mut bytes) {
-        return fail(format!("cannot read: {e}"));
-    }
+    f.take(MAX_SPEC_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
     if bytes.len() as u64 > MAX_SPEC_FILE_BYTES {
-        return fail(format!("file is over the {MAX_SPEC_FILE_BYTES}-byte limit"));
+        return Err(format!("file is over the {MAX_SPEC_FILE_BYTES}-byte limit"));
     }
-    match String::from_utf8(bytes) {
-        Ok(text) => parse_str(path, text),
-        Err(e) => fail(format!(
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
             "not UTF-8 (invalid byte at offset {})",
             e.utf8_error().valid_up_to()
-        )),
-    }
+        )
+    })
 }

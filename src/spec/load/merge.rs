@@ -302,5 +302,6 @@ pub(in crate::spec) fn merge(
         desired,
         errors,
         errors_elsewhere,
+        policy: None,
     }
 }

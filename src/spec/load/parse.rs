@@ -330,13 +330,14 @@ pub(super) fn parse_str(path: &Path, mut text: String) -> FileResult {
         };
         let problems: Vec<Problem> = validate_document(&mut doc);
         if problems.is_empty() {
-            r.labels.push(std::mem::take(&mut doc.metadata.labels));
+            r.labels.push(doc.metadata.labels.clone());
             r.vms.push(DesiredVm {
                 name: doc.metadata.name,
                 file: path.to_path_buf(),
                 doc: i,
                 config: std::sync::Arc::new(doc.spec),
                 status: doc.status,
+                labels: std::mem::take(&mut doc.metadata.labels),
             });
         } else {
             r.unknown.push(doc.metadata.name);

@@ -717,7 +717,7 @@ mod plan_and_preflight_agree {
                 });
             }
             let mut desired = crate::spec::DesiredState::default();
-            desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone().into(), status: None });
+            desired.vms.insert("vm".into(), crate::spec::DesiredVm { name: "vm".into(), file: "t.yaml".into(), doc: 0, config: want.clone().into(), status: None, labels: Default::default() });
             let p = plan(&desired, &observed, &caps, &PlanOptions::default());
             // What cannot be built; a save the disks cannot do is the
             // power op's, and building the VM is fine.
