@@ -53,7 +53,26 @@ pub async fn run(args: PlanArgs, host: &HostOptions) -> anyhow::Result<u8> {
     // formats, listeners): a plan never promises what apply would refuse.
     let refused = planned.refused(live.as_deref());
     match args.output {
-        Output::Json => out!("{}", render::json(&planned.plan, errors, &refused))?,
+        Output::Json => {
+            let held: Vec<render::Held> = planned
+                .outside_windows(super::shared::unix_now())
+                .into_iter()
+                .map(|(vm, why)| render::Held {
+                    vm: vm.to_string(),
+                    message: why.to_string(),
+                    opens_at: match why {
+                        uvmctl::plan::hold::Hold::OutsideWindow {
+                            next_open: Some(t), ..
+                        } => Some(uvmctl::plan::hold::utc(t)),
+                        _ => None,
+                    },
+                })
+                .collect();
+            out!(
+                "{}",
+                render::json_held(&planned.plan, errors, &refused, &held)
+            )?;
+        }
         Output::Text => {
             print_errors(&planned.loaded);
             if args.diff {

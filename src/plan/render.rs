@@ -250,11 +250,37 @@ struct JsonPlan<'a> {
     errors: &'a [SpecError],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     refused: &'a [super::Refused],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    held: &'a [Held],
+}
+
+/// A VM the maintenance windows hold (`plan --output json`'s `held`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    /// The VM.
+    pub vm: String,
+    /// Why, as plan says it.
+    pub message: String,
+    /// When its window opens next (RFC 3339, UTC); absent: never, or the
+    /// policy does not load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<String>,
 }
 
 /// The plan as a JSON document, with the spec errors of the run and the
 /// VMs apply's pre-flight would refuse.
 pub fn json(plan: &Plan, errors: &[SpecError], refused: &[super::Refused]) -> String {
+    json_held(plan, errors, refused, &[])
+}
+
+/// [`json`], with the VMs the maintenance windows hold.
+pub fn json_held(
+    plan: &Plan,
+    errors: &[SpecError],
+    refused: &[super::Refused],
+    held: &[Held],
+) -> String {
     let doc = JsonPlan {
         format_version: PLAN_FORMAT_VERSION,
         virtstack: &plan.virtstack,
@@ -265,6 +291,7 @@ pub fn json(plan: &Plan, errors: &[SpecError], refused: &[super::Refused]) -> St
         prune_refused: plan.prune_refused.as_ref(),
         errors,
         refused,
+        held,
     };
     // Serializing plain data to a String cannot fail.
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"

@@ -33,6 +33,11 @@ pub struct Metrics {
     reconciles: Family<Labels, Counter>,
     drift_corrected: Family<Labels, Counter>,
     reverts: Family<Labels, Counter>,
+    window_open: Family<Labels, Gauge>,
+    /// The rollout policy in force, whose windows are judged at each scrape.
+    policy: std::sync::Mutex<Option<Arc<crate::spec::policy::Windows>>>,
+    /// The windows with a series now.
+    windows_shown: std::sync::Mutex<Vec<String>>,
     vms: Family<Labels, Gauge>,
     held: Family<Labels, Gauge>,
     health: Family<Labels, Gauge>,
@@ -113,6 +118,12 @@ impl Metrics {
             "Changes undone because they left the VM unhealthy (its last healthy configuration applied again), per VM",
             reverts.clone(),
         );
+        let window_open = Family::<Labels, Gauge>::default();
+        registry.register(
+            "window_open",
+            "Each maintenance window of uvmctl-policy.yaml: 1 while it is open",
+            window_open.clone(),
+        );
         let vms = Family::<Labels, Gauge>::default();
         registry.register("vms", "VMs by state, as last observed", vms.clone());
         let held = Family::<Labels, Gauge>::default();
@@ -171,6 +182,9 @@ impl Metrics {
             reconciles,
             drift_corrected,
             reverts,
+            window_open,
+            policy: std::sync::Mutex::default(),
+            windows_shown: std::sync::Mutex::default(),
             vms,
             held,
             health,
@@ -220,6 +234,41 @@ impl Metrics {
                 .get_or_create(&vec![("vm", vm.to_string())])
                 .inc();
         }
+    }
+
+    /// The rollout policy now in force (its windows are judged at scrape).
+    pub fn set_policy(&self, policy: Option<Arc<crate::spec::policy::Windows>>) {
+        *self
+            .policy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+    }
+
+    /// Each window's series, open or not at `now`; none for windows gone.
+    fn set_windows(&self, now: i64) {
+        let policy = self
+            .policy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let names: Vec<String> = policy
+            .as_ref()
+            .map(|p| p.names().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut shown = self
+            .windows_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in shown.iter().filter(|n| !names.contains(n)) {
+            self.window_open.remove(&vec![("window", gone.clone())]);
+        }
+        for name in &names {
+            let open = policy.as_ref().is_some_and(|p| p.is_open(name, now));
+            self.window_open
+                .get_or_create(&vec![("window", name.clone())])
+                .set(i64::from(open));
+        }
+        *shown = names;
     }
 
     /// `vm`'s change was reverted.
@@ -368,6 +417,11 @@ impl Metrics {
         if let Some(src) = self.source_now() {
             self.set_source(&src);
         }
+        self.set_windows(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

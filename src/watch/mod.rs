@@ -811,6 +811,9 @@ impl Watcher {
             _ => true,
         };
         self.policy.clone_from(&loaded.policy);
+        if let Some(m) = &self.opts.metrics {
+            m.set_policy(self.policy.clone());
+        }
         if changed {
             for e in self.vms.values_mut().filter(|e| e.tracked) {
                 e.mark(Trigger::Spec);

@@ -956,8 +956,11 @@ async fn a_revert_the_ceiling_forbids_is_held_and_reported() {
 async fn a_restart_waits_for_its_window_and_a_live_change_does_not() {
     use chrono::Timelike;
     let fake = Fake::new(caps());
+    let metrics = metrics::Metrics::new();
+    let seen = Arc::clone(&metrics);
     let mut w = start(&fake, &[("mw", spec("mw", &[], ""))], |o| {
         o.max_disruption = Disruption::Restart;
+        o.metrics = Some(seen);
     });
     assert!(matches!(
         w.next_for("mw").await.outcome,
@@ -1007,6 +1010,12 @@ async fn a_restart_waits_for_its_window_and_a_live_change_does_not() {
         "{lines:?}"
     );
     assert!(fake.get("mw").expect("mw").config.plan9_shares.is_empty());
+    let page = metrics.encode();
+    assert!(
+        page.contains("uvmctl_window_open{window=\"soon\"} 0"),
+        "{page}"
+    );
+    assert!(page.contains("uvmctl_held_changes{vm=\"mw\"} 1"), "{page}");
     // Applied when it opens, by the watcher's own retry.
     let applied = loop {
         let r = w.next_for("mw").await;
@@ -1025,5 +1034,10 @@ async fn a_restart_waits_for_its_window_and_a_live_change_does_not() {
     assert_eq!(applied.trigger, Trigger::Retry);
     assert_eq!(fake.get("mw").expect("mw").config.plan9_shares.len(), 1);
     assert!(w.status().vms["mw"].held.is_empty());
+    let page = metrics.encode();
+    assert!(
+        page.contains("uvmctl_window_open{window=\"soon\"} 1"),
+        "{page}"
+    );
     w.stop().await;
 }

@@ -975,3 +975,81 @@ fn a_watcher_keeps_a_healthy_change_and_reverts_what_breaks_the_guest() {
     let status = w.term();
     assert!(status.success(), "{status:?}");
 }
+
+/// Issue 35, on the real guest: a restart-class change outside the
+/// maintenance window is held, saying when the window opens, while the
+/// guest runs on untouched; the watcher applies it once the window opens,
+/// and the guest is seen restarted with the change.
+#[test]
+fn a_restart_outside_its_window_waits_for_it_and_then_restarts_the_guest() {
+    use chrono::Timelike;
+    let h = Host::new();
+    h.write_spec("mw", &h.spec("mw", ""));
+    let w = h.watch("watch.log", &["--max-disruption", "restart"]);
+    let boot_id = || h.agent("mw").cmd("cat /proc/sys/kernel/random/boot_id");
+    let first = boot_id();
+    // A window that opens 30 s from now (UTC, to the second), for an hour.
+    let opens = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
+        + chrono::Duration::seconds(30);
+    let opens = opens.with_nanosecond(0).expect("whole second");
+    std::fs::write(
+        h.path("specs").join("uvmctl-policy.yaml"),
+        format!(
+            "apiVersion: uvmctl.dev/v1alpha1\nkind: RolloutPolicy\nspec:\n  windows:\n    - name: soon\n      schedule: '{} {} {} * * *'\n      duration: 1h\n",
+            opens.second(),
+            opens.minute(),
+            opens.hour()
+        ),
+    )
+    .expect("policy");
+    let share_dir = h.path("img/share");
+    std::fs::create_dir_all(&share_dir).expect("share dir");
+    std::fs::write(share_dir.join("hello.txt"), "hi\n").expect("share file");
+    let share = format!(
+        "  plan9Shares:\n    - {{name: data, hostPath: {}, readOnly: true}}\n",
+        share_dir.display()
+    );
+    let mark = w.mark();
+    h.write_spec("mw", &h.spec("mw", &share));
+    let held = w.wait_after(mark, "the change held", STEP, |l| {
+        is_reconcile(l, "mw") && result(l).starts_with("held")
+    });
+    assert!(
+        chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()) < opens,
+        "held before the window opened: {held}"
+    );
+    let when = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let st = text(&h.uvmctl(&["status"]));
+    assert!(
+        st.contains(&format!(
+            "held: needs restart: outside window, next opens at {when}"
+        )),
+        "{st}"
+    );
+    let plan = h.uvmctl(&["plan", h.path("specs").to_str().expect("utf-8")]);
+    assert!(
+        text(&plan).contains(&format!(
+            "mw: held: needs restart: outside window, next opens at {when}"
+        )),
+        "{}",
+        text(&plan)
+    );
+    assert_eq!(boot_id(), first, "the guest runs on untouched");
+    // The watcher's own retry applies it once the window opens.
+    let applied = w.wait_after(mark, "the change applied in its window", STEP * 2, |l| {
+        is_reconcile(l, "mw") && result(l).starts_with("applied")
+    });
+    assert_eq!(trigger(&applied), "retry", "{applied}");
+    assert!(
+        chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()) >= opens,
+        "not before the window opened"
+    );
+    let mut agent = h.agent("mw");
+    let again = agent.cmd("cat /proc/sys/kernel/random/boot_id");
+    assert_ne!(again, first, "the guest was restarted");
+    assert_eq!(agent.cmd("mount9p data /mnt/data"), Vec::<String>::new());
+    assert_eq!(agent.cmd("cat /mnt/data/hello.txt"), ["hi"]);
+    drop(agent);
+    let status = w.term();
+    assert!(status.success(), "{status:?}");
+}
