@@ -444,10 +444,7 @@ impl Watcher {
         let next = e.finished(&finished, now, &backoff);
         e.status.backoff_until = next.backoff_until.map(|t| unix_at(t, now));
         if let Some(opens) = r.window_opens {
-            // Tried again when its window opens.
-            let wait = u64::try_from(opens).unwrap_or(0).saturating_sub(unix_now());
-            e.retry_at = Some(now + Duration::from_secs(wait));
-            e.mark(Trigger::Retry);
+            e.wait_for_window(opens, now, unix_now());
         }
         for say in &next.say {
             say_it(&vm, say);

@@ -194,6 +194,16 @@ impl Entry {
         }
     }
 
+    /// Held outside its maintenance window, which opens at `opens`
+    /// (seconds since the epoch): tried again then, by the clock of `now`
+    /// (`unix_now`: the same moment, in whole seconds since the epoch, so
+    /// the retry is never before the opening).
+    pub fn wait_for_window(&mut self, opens: i64, now: Instant, unix_now: u64) {
+        let wait = u64::try_from(opens).unwrap_or(0).saturating_sub(unix_now);
+        self.retry_at = Some(now + Duration::from_secs(wait));
+        self.mark(Trigger::Retry);
+    }
+
     /// Its spec changed: a new spec deserves a prompt try, whatever failed
     /// before.
     pub fn spec_changed(&mut self) {
@@ -383,6 +393,27 @@ pub fn prune_candidates(entries: &BTreeMap<String, Entry>, scans: u64) -> Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 35: a VM held outside its window is tried again when the
+    /// window opens, not before (the whole seconds of `unix_now` are never
+    /// ahead of the clock), and at once when it opened meanwhile.
+    #[test]
+    fn a_vm_held_outside_its_window_is_tried_again_when_it_opens() {
+        let now = Instant::now();
+        let mut e = Entry::default();
+        e.wait_for_window(1_000_030, now, 1_000_000);
+        assert_eq!(e.retry_at, Some(now + Duration::from_secs(30)));
+        assert_eq!(e.dirty, Some(Trigger::Retry));
+        let (ready, next) = ready(
+            &std::iter::once(("a".to_string(), e.clone())).collect(),
+            now + Duration::from_secs(29),
+        );
+        assert!(ready.is_empty());
+        assert_eq!(next, Some(now + Duration::from_secs(30)));
+        let mut late = Entry::default();
+        late.wait_for_window(1_000_000, now, 1_000_005);
+        assert_eq!(late.retry_at, Some(now));
+    }
 
     const BACKOFF: Backoff = Backoff {
         base: Duration::from_millis(100),
