@@ -119,27 +119,39 @@ pub fn holds(vm: &VmPlan, limits: &Limits) -> Vec<Hold> {
             limit,
         });
     }
-    let class = match vm.disruption {
-        Disruption::Live => Some(WindowClass::Live),
-        Disruption::Restart => Some(WindowClass::Restart),
-        Disruption::Recreate => Some(WindowClass::Recreate),
-        Disruption::Unsupported => None,
-    };
-    // A VM's changes go together: one restart among them waits for its
-    // window, and the live ones with it. A prune is `--prune`'s to allow.
+    // A VM's changes go together: any of them whose class is closed holds
+    // them all (the most disruptive such says when). A prune is
+    // `--prune`'s to allow.
     let changes = !vm.ops.is_empty() || vm.action != VmAction::Update;
-    if let (Some(gate), Some(class)) = (limits.window, class)
+    if let Some(gate) = limits.window
         && vm.action != VmAction::Destroy
         && changes
-        && gate.holds(class)
+        && let Some((needs, class)) = vm
+            .ops
+            .iter()
+            .map(|o| o.disruption)
+            .chain([vm.disruption])
+            .filter_map(|d| window_class(d).map(|c| (d, c)))
+            .filter(|(_, c)| gate.holds(*c))
+            .max_by_key(|(d, _)| *d)
     {
         out.push(Hold::OutsideWindow {
-            needs: vm.disruption,
-            next_open: gate.next_open,
+            needs,
+            next_open: gate.opens(class),
             broken: gate.broken,
         });
     }
     out
+}
+
+/// The window class of a disruption (none for what cannot be done).
+fn window_class(d: Disruption) -> Option<WindowClass> {
+    match d {
+        Disruption::Live => Some(WindowClass::Live),
+        Disruption::Restart => Some(WindowClass::Restart),
+        Disruption::Recreate => Some(WindowClass::Recreate),
+        Disruption::Unsupported => None,
+    }
 }
 
 /// The first of [`holds`]: what a watcher says of a VM it holds.
@@ -269,7 +281,7 @@ mod tests {
         let closed = Limits {
             window: Some(WindowGate {
                 closed: [false, true, true],
-                next_open: Some(1_796_610_600),
+                next_open: [None, Some(1_796_610_600), Some(1_796_610_600)],
                 broken: false,
             }),
             ..Limits::default()
@@ -282,13 +294,21 @@ mod tests {
         // Live goes; a VM with nothing to do or only a prune is not held.
         let mut live = restart.clone();
         live.disruption = Disruption::Live;
+        live.ops[0].disruption = Disruption::Live;
         assert!(holds(&live, &closed).is_empty());
+        // A restart among a VM's changes holds its live ones too.
+        let mut both = live.clone();
+        both.ops.push(restart.ops[0].clone());
+        assert_eq!(
+            hold(&both, &closed).map(|h| h.to_string()),
+            Some("needs restart: outside window, next opens at 2026-12-07T02:30:00Z".into())
+        );
         assert!(holds(&vm(VmAction::Update, Disruption::Restart, None), &closed).is_empty());
         assert!(holds(&vm(VmAction::Destroy, Disruption::Recreate, None), &closed).is_empty());
         let broken = Limits {
             window: Some(WindowGate {
                 closed: [false, true, true],
-                next_open: None,
+                next_open: [None; 3],
                 broken: true,
             }),
             ..Limits::default()

@@ -250,7 +250,13 @@ async fn reconcile_steps(vs: &Arc<dyn Virtstack>, job: &VmJob, done: &mut VmReco
         return;
     };
     done.plan = plan::render::summary_line(&the_plan.summary());
-    if let Some(why) = hold::hold(vm_plan, &job.limits) {
+    // A VM that died on its own is down already: bringing it back disrupts
+    // no one, so no maintenance window holds it.
+    let limits = Limits {
+        window: job.limits.window.filter(|_| done.crashed.is_none()),
+        ..job.limits
+    };
+    if let Some(why) = hold::hold(vm_plan, &limits) {
         if let hold::Hold::OutsideWindow { next_open, .. } = why {
             done.window_opens = next_open;
         }

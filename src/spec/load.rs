@@ -12,6 +12,12 @@ mod parse;
 pub(super) use files::{list_files, load_file, read_text};
 pub(super) use merge::{merge, resolve};
 
+/// The checks every YAML text passes before serde_yaml, and how its errors read.
+pub(super) mod yaml {
+    pub(in crate::spec) use super::messages::tame;
+    pub(in crate::spec) use super::parse::refusal;
+}
+
 use super::error::SpecError;
 use super::{DesiredState, DesiredVm, Placement};
 use parse::parse_str;

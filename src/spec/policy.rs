@@ -18,6 +18,11 @@ use std::path::Path;
 
 /// The policy file's name, at the root of a spec directory.
 pub const POLICY_FILE: &str = "uvmctl-policy.yaml";
+/// Whether a file at a spec directory's root is (meant as) its policy.
+pub fn is_policy_name(name: &str) -> bool {
+    name == POLICY_FILE || name == "uvmctl-policy.yml"
+}
+
 /// The policy document's kind.
 pub const POLICY_KIND: &str = "RolloutPolicy";
 /// Most windows in a policy.
@@ -63,7 +68,9 @@ pub struct Window {
     #[serde(default = "utc")]
     pub time_zone: String,
     /// The disruption classes it governs; default restart and recreate.
-    /// A live change goes at any time unless a window names `live`.
+    /// A class governed brings every more disruptive one with it (`restart`
+    /// governs recreates too). A live change goes at any time unless a
+    /// window names `live`.
     #[serde(default = "disruptive")]
     pub classes: Vec<WindowClass>,
     /// The VMs it governs, by their labels (kubectl's syntax: `host=web-01`,
@@ -128,14 +135,14 @@ pub struct Windows {
 }
 
 /// What the windows allow one VM now: which classes are closed, and when
-/// the first of the windows that govern them opens next.
+/// the first of the windows that govern each opens next.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowGate {
     /// Live, restart, recreate: closed now.
     pub closed: [bool; 3],
-    /// When a window that governs a closed class opens next (seconds since
-    /// the epoch); `None`: none ever does.
-    pub next_open: Option<i64>,
+    /// Per class, when a window that governs it opens next (seconds since
+    /// the epoch), while it is closed; `None`: none ever does.
+    pub next_open: [Option<i64>; 3],
     /// The policy file does not load.
     pub broken: bool,
 }
@@ -144,6 +151,11 @@ impl WindowGate {
     /// Whether a change of `class` waits.
     pub fn holds(&self, class: WindowClass) -> bool {
         self.closed[class.index()]
+    }
+
+    /// When a change of `class`, closed now, may go.
+    pub fn opens(&self, class: WindowClass) -> Option<i64> {
+        self.next_open[class.index()]
     }
 }
 
@@ -186,35 +198,37 @@ impl Windows {
         if self.broken {
             return WindowGate {
                 closed: [false, true, true],
-                next_open: None,
+                next_open: [None; 3],
                 broken: true,
             };
         }
+        // Each window that governs this VM, judged once.
+        let judged: Vec<(&Compiled, bool, Option<i64>)> = self
+            .windows
+            .iter()
+            .filter(|w| w.selector.matches(labels))
+            .map(|w| {
+                let (open, next) = opening(w, now);
+                (w, open, next)
+            })
+            .collect();
         let mut gate = WindowGate::default();
         for class in WindowClass::ALL {
-            let governing: Vec<&Compiled> = self
-                .windows
-                .iter()
-                .filter(|w| w.classes[class.index()] && w.selector.matches(labels))
-                .collect();
-            if governing.is_empty() {
-                continue;
-            }
+            let mut any = false;
             let mut open = false;
             let mut next: Option<i64> = None;
-            for w in governing {
-                let (is_open, next_start) = opening(w, now);
-                open |= is_open;
+            for (_, is_open, next_start) in
+                judged.iter().filter(|(w, _, _)| w.classes[class.index()])
+            {
+                any = true;
+                open |= *is_open;
                 if let Some(t) = next_start {
-                    next = Some(next.map_or(t, |n| n.min(t)));
+                    next = Some(next.map_or(*t, |n| n.min(*t)));
                 }
             }
-            if !open {
+            if any && !open {
                 gate.closed[class.index()] = true;
-                gate.next_open = match (gate.next_open, next) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                gate.next_open[class.index()] = next;
             }
         }
         gate
@@ -246,6 +260,19 @@ fn opening(w: &Compiled, now: i64) -> (bool, Option<i64>) {
     } else {
         (false, Some(start))
     }
+}
+
+/// How far ahead a schedule must match to be accepted.
+const REACH_YEARS: i64 = 8;
+
+/// Whether `cron` matches some time within `years` of a fixed day (no
+/// year field: a schedule that matches once then recurs within this span).
+fn opens_within_years(cron: &croner::Cron, years: i64) -> bool {
+    let Some(from) = Utc.timestamp_opt(1_704_067_200, 0).single() else {
+        return false;
+    };
+    cron.find_next_occurrence(&from, true)
+        .is_ok_and(|t| t.timestamp() < from.timestamp() + years * 366 * 86400)
 }
 
 /// `90m`, `2h`, `1h30m`, `45s`, `1d` → seconds.
@@ -281,6 +308,18 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 /// Reads `<root>/uvmctl-policy.yaml`, if there is one: `None` without one;
 /// the policy compiled, or [`Windows::broken`] with its errors.
 pub fn load(root: &Path) -> (Option<Windows>, Vec<SpecError>) {
+    // The other spelling is not read as a VM, and not silently ignored:
+    // a policy that is not in force must never look as if it were.
+    let misnamed = root.join("uvmctl-policy.yml");
+    if root.is_dir() && std::fs::symlink_metadata(&misnamed).is_ok() {
+        return (
+            Some(Windows::broken()),
+            vec![SpecError::whole_file(
+                &misnamed,
+                format!("the rollout policy is read from {POLICY_FILE}; rename it"),
+            )],
+        );
+    }
     let path = root.join(POLICY_FILE);
     match std::fs::symlink_metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Vec::new()),
@@ -302,17 +341,29 @@ pub fn load(root: &Path) -> (Option<Windows>, Vec<SpecError>) {
 
 /// Parses and compiles a policy file's text; every problem, positioned.
 pub fn parse(path: &Path, text: &str) -> Result<Windows, Vec<SpecError>> {
+    let fail = |line: usize, column: usize, message: String| {
+        vec![SpecError {
+            file: path.to_path_buf(),
+            line,
+            column,
+            field: String::new(),
+            message,
+        }]
+    };
+    // The spec files' bounds hold here too: a stranger's policy file never
+    // makes serde_yaml nest or expand without end.
+    if let Some((line, column, why)) = super::load::yaml::refusal(text) {
+        return Err(fail(line, column, why));
+    }
     let doc: PolicyDocument = match serde_yaml::from_str(text) {
         Ok(d) => d,
         Err(e) => {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            return Err(vec![SpecError {
-                file: path.to_path_buf(),
-                line,
-                column,
-                field: String::new(),
-                message: e.to_string(),
-            }]);
+            let mut message = e.to_string();
+            if let Some(i) = message.rfind(" at line ") {
+                message.truncate(i);
+            }
+            return Err(fail(line, column, super::load::yaml::tame(&message)));
         }
     };
     let locations = Locations::index(text);
@@ -344,6 +395,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Windows, Vec<SpecError>> {
     }
     let parser = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
         .build();
     let mut windows = Vec::new();
     let mut names = std::collections::BTreeSet::new();
@@ -363,6 +415,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Windows, Vec<SpecError>> {
             err(at("name"), format!("{:?} is given twice", w.name));
         }
         let cron = match parser.parse(&w.schedule) {
+            // One that never matches (February 31st) would make every
+            // later search walk to croner's end of time: refused here, once.
+            Ok(c) if !opens_within_years(&c, REACH_YEARS) => {
+                err(
+                    at("schedule"),
+                    format!("never opens (no time within {REACH_YEARS} years matches it)"),
+                );
+                None
+            }
             Ok(c) => Some(c),
             Err(e) => {
                 err(at("schedule"), format!("not a cron schedule: {e}"));
@@ -410,9 +471,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Windows, Vec<SpecError>> {
         };
         if let (Some(cron), Some(seconds), Some(tz), Some(selector)) = (cron, seconds, tz, selector)
         {
+            // A class governed brings every more disruptive one.
+            let least = w.classes.iter().map(|c| c.index()).min().unwrap_or(0);
             let mut classes = [false; 3];
-            for c in &w.classes {
-                classes[c.index()] = true;
+            for governed in classes.iter_mut().skip(least) {
+                *governed = true;
             }
             windows.push(Compiled {
                 name: w.name.clone(),
@@ -473,12 +536,16 @@ mod tests {
         let before = w.gate(&any, at(0, 30));
         assert!(!before.holds(WindowClass::Live), "live goes at any time");
         assert!(before.holds(WindowClass::Restart) && before.holds(WindowClass::Recreate));
-        assert_eq!(before.next_open, Some(at(1, 0)));
+        assert_eq!(before.opens(WindowClass::Restart), Some(at(1, 0)));
         let inside = w.gate(&any, at(2, 59));
         assert_eq!(inside.closed, [false, false, false]);
         let after = w.gate(&any, at(3, 0));
         assert!(after.holds(WindowClass::Restart));
-        assert_eq!(after.next_open, Some(at(25, 0)), "tomorrow's");
+        assert_eq!(
+            after.opens(WindowClass::Recreate),
+            Some(at(25, 0)),
+            "tomorrow's"
+        );
         assert!(w.is_open("nightly", at(1, 0)) && !w.is_open("nightly", at(0, 59)));
     }
 
@@ -486,18 +553,29 @@ mod tests {
     fn a_window_governs_only_its_classes_and_the_vms_its_selector_picks() {
         let w = parse(
             Path::new("p.yaml"),
-            &policy("    - name: web\n      schedule: '*/10 * * * * *'\n      duration: 5s\n      classes: [recreate, live]\n      selector: host=web-01\n"),
+            &policy("    - name: web\n      schedule: '*/10 * * * * *'\n      duration: 5s\n      classes: [recreate]\n      selector: host=web-01\n    - name: live\n      schedule: '0 * * * * *'\n      duration: 5s\n      classes: [live]\n      selector: host=web-01\n"),
         )
         .expect("valid");
         let web = labels(&[("host", "web-01")]);
+        // Governing live governs every class; the recreate window opens
+        // every 10 s, the live one at each full minute.
         let closed = w.gate(&web, MONDAY + 7);
-        assert_eq!(closed.closed, [true, false, true]);
-        assert_eq!(closed.next_open, Some(MONDAY + 10));
-        assert_eq!(w.gate(&web, MONDAY + 12).closed, [false; 3]);
+        assert_eq!(closed.closed, [true, true, true]);
+        assert_eq!(closed.opens(WindowClass::Recreate), Some(MONDAY + 10));
+        assert_eq!(closed.opens(WindowClass::Restart), Some(MONDAY + 60));
+        assert_eq!(w.gate(&web, MONDAY + 12).closed, [true, true, false]);
+        assert_eq!(w.gate(&web, MONDAY + 62).closed, [false; 3]);
         assert_eq!(
             w.gate(&labels(&[("host", "db-01")]), MONDAY + 7).closed,
             [false; 3]
         );
+        // Restart alone governs recreates too.
+        let restart = parse(
+            Path::new("p.yaml"),
+            &policy("    - name: r\n      schedule: '0 1 * * *'\n      duration: 1h\n      classes: [restart]\n"),
+        )
+        .expect("valid");
+        assert_eq!(restart.gate(&web, MONDAY).closed, [false, true, true]);
     }
 
     #[test]
@@ -510,7 +588,7 @@ mod tests {
         let any = labels(&[]);
         assert_eq!(w.gate(&any, MONDAY + 5 * 3600 + 10).closed, [false; 3]);
         assert_eq!(
-            w.gate(&any, MONDAY + 3 * 3600).next_open,
+            w.gate(&any, MONDAY + 3 * 3600).opens(WindowClass::Restart),
             Some(MONDAY + 5 * 3600)
         );
     }
@@ -536,6 +614,17 @@ mod tests {
             ],
             "{errors:?}"
         );
+        let never = parse(
+            Path::new("p.yaml"),
+            &policy("    - name: feb\n      schedule: '0 0 31 2 *'\n      duration: 1h\n"),
+        )
+        .expect_err("never opens");
+        assert!(never[0].message.starts_with("never opens"), "{never:?}");
+        let year = parse(
+            Path::new("p.yaml"),
+            &policy("    - name: y\n      schedule: '0 0 0 1 1 * 2030'\n      duration: 1h\n"),
+        );
+        assert!(year.is_err(), "no year field");
         let unknown = parse(
             Path::new("p.yaml"),
             &policy("    - name: a\n      schedul: x\n"),
@@ -544,7 +633,7 @@ mod tests {
         assert_eq!(unknown[0].line, 6, "{unknown:?}");
         let gate = Windows::broken().gate(&labels(&[]), MONDAY);
         assert_eq!(gate.closed, [false, true, true]);
-        assert!(gate.broken && gate.next_open.is_none());
+        assert!(gate.broken && gate.opens(WindowClass::Restart).is_none());
     }
 
     #[test]

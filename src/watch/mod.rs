@@ -354,7 +354,7 @@ impl Watcher {
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let (ready, next) = policy::ready(&self.vms, now);
         for vm in ready {
-            if let Some(trigger) = self.vms.get_mut(&vm).and_then(|e| e.dirty.take()) {
+            if let Some(trigger) = self.vms.get_mut(&vm).and_then(|e| e.take_trigger(now)) {
                 self.spawn(vm, trigger, now);
             }
         }

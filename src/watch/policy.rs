@@ -124,6 +124,9 @@ pub struct Entry {
     pub verdicts: Vec<(String, Verdict)>,
     /// Its revert, while one stands.
     pub revert: Option<Revert>,
+    /// Held outside its maintenance window: reconciled again at this time
+    /// (whatever else marks it meanwhile goes as usual).
+    pub window_at: Option<Instant>,
 }
 
 /// What the loop does with a VM's event subscription after a reconcile.
@@ -200,8 +203,19 @@ impl Entry {
     /// the retry is never before the opening).
     pub fn wait_for_window(&mut self, opens: i64, now: Instant, unix_now: u64) {
         let wait = u64::try_from(opens).unwrap_or(0).saturating_sub(unix_now);
-        self.retry_at = Some(now + Duration::from_secs(wait));
-        self.mark(Trigger::Retry);
+        self.window_at = Some(now + Duration::from_secs(wait));
+    }
+
+    /// Takes why it is to be reconciled now: what marked it, or its window
+    /// opening (due at `now`).
+    pub fn take_trigger(&mut self, now: Instant) -> Option<Trigger> {
+        let window = self.window_at.is_some_and(|t| t <= now);
+        let trigger = self.dirty.take().or(window.then_some(Trigger::Retry));
+        if trigger.is_some() {
+            // Whatever runs now judges the window again.
+            self.window_at = None;
+        }
+        trigger
     }
 
     /// Its spec changed: a new spec deserves a prompt try, whatever failed
@@ -360,13 +374,23 @@ pub fn tracked<'a>(vms: &'a mut BTreeMap<String, Entry>, vm: &str) -> &'a mut En
 /// backoff may.
 pub fn ready(entries: &BTreeMap<String, Entry>, now: Instant) -> (Vec<String>, Option<Instant>) {
     let mut next: Option<Instant> = None;
+    let mut soonest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
     let mut go = Vec::new();
     for (vm, e) in entries {
-        if e.dirty.is_none() || e.in_flight {
+        if e.in_flight {
+            continue;
+        }
+        if e.dirty.is_none() {
+            // Only its window opening is due, if that.
+            match e.window_at {
+                Some(at) if at <= now => go.push(vm.clone()),
+                Some(at) => soonest(at),
+                None => {}
+            }
             continue;
         }
         match e.retry_at {
-            Some(at) if at > now => next = Some(next.map_or(at, |n| n.min(at))),
+            Some(at) if at > now => soonest(at),
             _ => go.push(vm.clone()),
         }
     }
@@ -402,17 +426,26 @@ mod tests {
         let now = Instant::now();
         let mut e = Entry::default();
         e.wait_for_window(1_000_030, now, 1_000_000);
-        assert_eq!(e.retry_at, Some(now + Duration::from_secs(30)));
-        assert_eq!(e.dirty, Some(Trigger::Retry));
-        let (ready, next) = ready(
-            &std::iter::once(("a".to_string(), e.clone())).collect(),
-            now + Duration::from_secs(29),
-        );
-        assert!(ready.is_empty());
+        assert_eq!(e.window_at, Some(now + Duration::from_secs(30)));
+        let one = |e: &Entry| std::iter::once(("a".to_string(), e.clone())).collect();
+        let (go, next) = ready(&one(&e), now + Duration::from_secs(29));
+        assert!(go.is_empty());
         assert_eq!(next, Some(now + Duration::from_secs(30)));
+        let (go, _) = ready(&one(&e), now + Duration::from_secs(30));
+        assert_eq!(go, ["a"]);
+        // Anything else that marks it meanwhile (a crash, a resync, a new
+        // policy) goes at once, and the window is judged again then.
+        e.mark(Trigger::Event("exited".into()));
+        let (go, _) = ready(&one(&e), now + Duration::from_secs(1));
+        assert_eq!(go, ["a"]);
+        assert_eq!(
+            e.take_trigger(now + Duration::from_secs(1)),
+            Some(Trigger::Event("exited".into()))
+        );
+        assert_eq!(e.window_at, None);
         let mut late = Entry::default();
         late.wait_for_window(1_000_000, now, 1_000_005);
-        assert_eq!(late.retry_at, Some(now));
+        assert_eq!(late.take_trigger(now), Some(Trigger::Retry));
     }
 
     const BACKOFF: Backoff = Backoff {

@@ -99,7 +99,11 @@ impl Book {
                 }
                 e.status.spec_error = error;
             }
-            if previous.get(name).is_none_or(|p| p.config != vm.config) {
+            // Its labels choose its maintenance windows: a relabel counts.
+            if previous
+                .get(name)
+                .is_none_or(|p| p.config != vm.config || p.labels != vm.labels)
+            {
                 e.spec_changed();
             }
         }

@@ -2214,3 +2214,57 @@ fn idle_metrics_connections_never_starve_the_watcher() {
         "a scrape answered: {scraped}"
     );
 }
+
+/// Issue 35: outside its maintenance window, `apply` applies nothing and
+/// says when the window opens (exit 3), `plan --output json` lists the VM
+/// as held, a live change is not held, and `--ignore-windows` applies
+/// anyway. A policy file that does not load is a positioned spec error.
+#[test]
+fn apply_waits_for_the_maintenance_window_unless_told_to_ignore_it() {
+    let t = TestContext::new();
+    t.write_spec("mw.yaml", &vm("mw", 256, ""));
+    assert_exit_code(&t.sim(&["apply", "specs", "--yes"]), 0);
+    // Open on January 1st at midnight only: closed now, whatever the day.
+    t.write_spec(
+        "uvmctl-policy.yaml",
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: RolloutPolicy\nspec:\n  windows:\n    - name: newyear\n      schedule: '0 0 1 1 *'\n      duration: 1m\n",
+    );
+    let share = "  plan9Shares:\n    - {name: data, hostPath: /srv/data}\n";
+    t.write_spec("mw.yaml", &vm("mw", 256, share));
+    let out = t.sim(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 3);
+    let said = stderr(&out);
+    assert!(
+        said.contains("mw: held: needs restart: outside window, next opens at ")
+            && said.contains("-01-01T00:00:00Z"),
+        "{said}"
+    );
+    let plan = t.sim(&["plan", "specs", "--output", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("json");
+    assert_eq!(doc["held"][0]["vm"], "mw", "{doc}");
+    assert!(
+        doc["held"][0]["opensAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("-01-01T00:00:00Z")),
+        "{doc}"
+    );
+    // A live change alone goes (memory is hot-added).
+    t.write_spec("mw.yaml", &vm("mw", 512, ""));
+    assert_exit_code(&t.sim(&["apply", "specs", "--yes"]), 0);
+    t.write_spec("mw.yaml", &vm("mw", 512, share));
+    assert_exit_code(&t.sim(&["apply", "specs", "--yes", "--ignore-windows"]), 0);
+    let plan = t.sim(&["plan", "specs", "--detailed-exitcode"]);
+    assert_exit_code(&plan, 0);
+    // A typo in the policy: its field and line, and nothing applied.
+    t.write_spec(
+        "uvmctl-policy.yaml",
+        "apiVersion: uvmctl.dev/v1alpha1\nkind: RolloutPolicy\nspec:\n  windows:\n    - name: newyear\n      schedule: '0 0 1 1 *'\n      duration: 1 minute\n",
+    );
+    let out = t.sim(&["apply", "specs", "--yes"]);
+    assert_exit_code(&out, 1);
+    assert!(
+        stderr(&out).contains("uvmctl-policy.yaml:7:7: spec.windows[0].duration:"),
+        "{}",
+        stderr(&out)
+    );
+}

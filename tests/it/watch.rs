@@ -1035,6 +1035,10 @@ fn a_restart_outside_its_window_waits_for_it_and_then_restarts_the_guest() {
         text(&plan)
     );
     assert_eq!(boot_id(), first, "the guest runs on untouched");
+    assert!(
+        chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()) < opens,
+        "still before the window opened: the checks above saw it closed"
+    );
     // The watcher's own retry applies it once the window opens.
     let applied = w.wait_after(mark, "the change applied in its window", STEP * 2, |l| {
         is_reconcile(l, "mw") && result(l).starts_with("applied")

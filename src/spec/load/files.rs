@@ -82,8 +82,9 @@ pub(in crate::spec) fn list_files(root: &Path, errors: &mut Vec<SpecError>) -> V
             if name.starts_with('.') {
                 continue;
             }
-            // The rollout policy beside the specs is no VM's (policy.rs).
-            if dir == root && name == crate::spec::policy::POLICY_FILE {
+            // The rollout policy beside the specs is no VM's (policy.rs),
+            // under either spelling (the other one is refused there).
+            if dir == root && crate::spec::policy::is_policy_name(&name) {
                 continue;
             }
             let path = entry.path();

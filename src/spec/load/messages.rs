@@ -102,7 +102,7 @@ const MAX_MESSAGE_CHARS: usize = 160;
 /// `…` ``, `invalid type: string "…"`), and the field may hold anything: cut
 /// each quote to an escaped excerpt. Any other message is escaped and cut as
 /// a whole, in case it quotes input too.
-pub(super) fn tame(msg: &str) -> String {
+pub(in crate::spec) fn tame(msg: &str) -> String {
     // The quote ends at the last separator: what follows is the schema's,
     // and the input may hold a separator too.
     let quoted = |open: &str, closes: &[&str]| {

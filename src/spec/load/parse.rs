@@ -141,6 +141,24 @@ fn document_errors(
 /// the YAML parser slows down badly on thousands.
 pub const MAX_FLOW_NESTING: usize = 64;
 
+/// What a YAML text must pass before serde_yaml reads it (nesting, alias
+/// expansion): where and why not. The rollout policy file passes it too.
+pub(in crate::spec) fn refusal(text: &str) -> Option<(usize, usize, String)> {
+    if let Some((line, column)) = too_deep(text, MAX_FLOW_NESTING) {
+        return Some((
+            line,
+            column,
+            format!("nesting deeper than {MAX_FLOW_NESTING} levels"),
+        ));
+    }
+    if text.contains('*') {
+        return aliases::check(text)
+            .err()
+            .map(|a| (a.line, a.column, a.message));
+    }
+    None
+}
+
 /// Position of the first flow bracket nested deeper than `limit`, skipping
 /// quoted scalars and comments. Block nesting needs indentation, which the
 /// file size limit already bounds.
