@@ -636,6 +636,39 @@ mod tests {
         assert!(gate.broken && gate.opens(WindowClass::Restart).is_none());
     }
 
+    /// Across daylight saving time: a window in the hour a spring-forward
+    /// skips still opens that day (at the end of the gap), and one in the
+    /// hour a fall-back repeats opens once, at its first occurrence.
+    #[test]
+    fn a_window_keeps_its_day_across_daylight_saving_time() {
+        let w = parse(
+            Path::new("p.yaml"),
+            &policy("    - name: n\n      schedule: '30 2 * * *'\n      duration: 1h\n      timeZone: Europe/Berlin\n"),
+        )
+        .expect("valid");
+        let any = labels(&[]);
+        // 2027-03-28: 02:00 CET becomes 03:00 CEST, i.e. 01:00 UTC.
+        let spring = 1_806_192_000; // 2027-03-28T00:00:00Z
+        let gate = w.gate(&any, spring);
+        assert_eq!(gate.opens(WindowClass::Restart), Some(spring + 3600));
+        assert_eq!(w.gate(&any, spring + 3600 + 60).closed, [false; 3]);
+        // 2026-10-25: 03:00 CEST becomes 02:00 CET; 02:30 happens at
+        // 00:30 UTC and again at 01:30 UTC.
+        let autumn = 1_792_886_400; // 2026-10-25T00:00:00Z
+        assert_eq!(
+            w.gate(&any, autumn).opens(WindowClass::Restart),
+            Some(autumn + 1800)
+        );
+        let after = w.gate(&any, autumn + 1800 + 3600);
+        assert!(after.holds(WindowClass::Restart), "open once, an hour");
+        assert!(
+            after
+                .opens(WindowClass::Restart)
+                .is_some_and(|t| t > autumn + 86400),
+            "next on the following day: {after:?}"
+        );
+    }
+
     #[test]
     fn durations_read_as_people_write_them() {
         assert_eq!(parse_duration("90m"), Ok(5400));
