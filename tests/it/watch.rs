@@ -182,6 +182,19 @@ impl Drop for Watcher {
     }
 }
 
+/// A read-only Plan9 share `data` (a directory under the allowed root
+/// holding `hello.txt`: "hi"), as `spec:` lines: a change that needs a
+/// restart on QEMU 7.2.
+fn readonly_share(h: &Host) -> String {
+    let dir = h.path("img/share");
+    std::fs::create_dir_all(&dir).expect("share dir");
+    std::fs::write(dir.join("hello.txt"), "hi\n").expect("share file");
+    format!(
+        "  plan9Shares:\n    - {{name: data, hostPath: {}, readOnly: true}}\n",
+        dir.display()
+    )
+}
+
 fn alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -304,13 +317,7 @@ fn watch_applies_saves_restores_drift_holds_what_needs_a_restart_and_adopts_afte
     agent.wait_for("blocks", "LUN 2 gone", |b| !has_block(b, 24 << 20, 0, 2));
 
     // A change that needs a restart is held under the default ceiling...
-    let share_dir = h.path("img/share");
-    std::fs::create_dir_all(&share_dir).expect("share dir");
-    std::fs::write(share_dir.join("hello.txt"), "hi\n").expect("share file");
-    let share = format!(
-        "  plan9Shares:\n    - {{name: data, hostPath: {}, readOnly: true}}\n",
-        share_dir.display()
-    );
+    let share = readonly_share(&h);
     let mark = w.mark();
     std::fs::write(&spec_path, with(&[disk(1, &img1)], &share)).expect("write");
     let l = w.wait_after(mark, "the held change", STEP, |l| is_reconcile(l, "web"));
@@ -1002,13 +1009,7 @@ fn a_restart_outside_its_window_waits_for_it_and_then_restarts_the_guest() {
         ),
     )
     .expect("policy");
-    let share_dir = h.path("img/share");
-    std::fs::create_dir_all(&share_dir).expect("share dir");
-    std::fs::write(share_dir.join("hello.txt"), "hi\n").expect("share file");
-    let share = format!(
-        "  plan9Shares:\n    - {{name: data, hostPath: {}, readOnly: true}}\n",
-        share_dir.display()
-    );
+    let share = readonly_share(&h);
     let mark = w.mark();
     h.write_spec("mw", &h.spec("mw", &share));
     let held = w.wait_after(mark, "the change held", STEP, |l| {
