@@ -26,10 +26,13 @@
 
 mod checkout;
 mod fetch;
+pub mod gate;
 mod git;
+pub mod prometheus;
 mod verify;
 
 pub use checkout::MAX_CHECKOUT_ENTRIES;
+pub use gate::{Gate, GateStatus};
 
 use crate::spec;
 use serde::{Deserialize, Serialize};
@@ -233,6 +236,9 @@ pub struct SourceStatus {
     pub path: PathBuf,
     /// The revision in force (its specs are the ones applied).
     pub applied: Option<Revision>,
+    /// When it was put in force here (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<u64>,
     /// The revision the last fetch found.
     pub fetched: Option<Revision>,
     /// When a fetch last succeeded (seconds since the epoch).
@@ -255,6 +261,9 @@ pub struct SourceStatus {
     /// The last refusal counted (`<sha> <kind>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refused: Option<String>,
+    /// The rollout gate, as last asked (a host of a wave after the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
 }
 
 /// What a sync did.
@@ -264,13 +273,22 @@ pub enum Synced {
     Unchanged(Revision),
     /// A new revision is in force.
     Applied(Revision),
+    /// A new revision waits for its wave's gate; the one in force (if any)
+    /// stays.
+    Waiting {
+        /// The revision in force.
+        in_force: Option<Revision>,
+        /// The revision that waits, and what the gate answered.
+        gate: GateStatus,
+    },
 }
 
 impl Synced {
     /// The revision in force after the sync.
-    pub fn revision(&self) -> &Revision {
+    pub fn in_force(&self) -> Option<&Revision> {
         match self {
-            Synced::Unchanged(r) | Synced::Applied(r) => r,
+            Synced::Unchanged(r) | Synced::Applied(r) => Some(r),
+            Synced::Waiting { in_force, .. } => in_force.as_ref(),
         }
     }
 }
@@ -282,6 +300,8 @@ pub struct GitSource {
     /// The checkout in force was found whole since this source was made
     /// (looked at once per process: a power cut may have left it short).
     checked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The gate a new revision passes first (a host of a later wave).
+    gate: Option<std::sync::Arc<dyn Gate>>,
 }
 
 fn now_unix() -> u64 {
@@ -336,7 +356,16 @@ impl GitSource {
         Ok(GitSource {
             opts,
             checked: Default::default(),
+            gate: None,
         })
+    }
+
+    /// The same source, putting a new revision in force only once `gate`
+    /// passes it.
+    #[must_use]
+    pub fn gated(mut self, gate: std::sync::Arc<dyn Gate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The options.
@@ -473,6 +502,20 @@ impl GitSource {
                 in_force: in_force.clone(),
             });
         }
+        // A host of a later wave waits for the wave before (checked before
+        // the checkout: a gate may stay closed for hours).
+        if let Some(gate) = &self.gate
+            && status.applied.as_ref().map(|a| &a.sha) != Some(&revision.sha)
+        {
+            let asked = gate.ask(&revision).await;
+            status.gate = Some(asked.clone());
+            if !asked.open {
+                return Ok(Synced::Waiting {
+                    in_force: status.applied.clone(),
+                    gate: asked,
+                });
+            }
+        }
         let target = self.checkout(&revision).await?;
         let loaded = spec::load_dir_placed(&target, self.opts.placement.as_ref());
         if let Some(first) = loaded.errors.first() {
@@ -484,6 +527,7 @@ impl GitSource {
         }
         self.swap(&target)?;
         let previous = status.applied.replace(revision.clone());
+        status.applied_at = Some(now_unix());
         // Said at once: a watcher's reconcile of the new specs reads it.
         status.last_error = None;
         status.last_error_kind = None;

@@ -429,6 +429,38 @@ pub struct WatchArgs {
     pub git: GitArgs,
     #[command(flatten)]
     pub placement: PlacementArgs,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+}
+
+/// A host's part in a progressive rollout (README.md, "Rollouts").
+#[derive(Args, Clone)]
+#[command(next_help_heading = "Rollout")]
+pub struct RolloutArgs {
+    /// This host's wave. With --git, a host of wave 2 or more puts a new
+    /// revision in force only once the gate of the wave before passes
+    /// (asked at each --git-interval); every wave publishes, in its
+    /// metrics, what that gate reads. Without it: no gate, as wave 1.
+    #[arg(long, value_name = "N", requires = "git",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub wave: Option<u32>,
+    /// The fleet's Prometheus, which the gate asks (http://HOST:PORT[/PREFIX]).
+    /// Unreachable, or any answer but a pass: the gate stays closed.
+    #[arg(long, value_name = "URL", requires = "wave")]
+    pub prometheus: Option<uvmctl::source::prometheus::PrometheusUrl>,
+    /// The gate's PromQL instant query; `$wave` is the wave before, `$revision`
+    /// the commit waiting, `$soak` the soak in seconds. It passes when it
+    /// returns at least one sample and none is 0 [default: README.md,
+    /// "Rollouts"].
+    #[arg(long, value_name = "PROMQL", requires = "wave")]
+    pub gate_query: Option<String>,
+    /// How long every host of the wave before must have had the revision in
+    /// force, settled and healthy.
+    #[arg(long, value_parser = parse_duration, default_value = "10m", requires = "wave")]
+    pub soak: Duration,
+    /// The longest one gate query may take.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", requires = "wave")]
+    pub gate_timeout: Duration,
 }
 
 #[derive(Args)]

@@ -191,12 +191,14 @@ pub async fn spec_dir(
     match (dir, git.source(cache, placement.placement()?)?) {
         (_, Some(source)) => {
             let synced = source.sync().await?;
-            eprintln!("specs: {} {}", source.options().url, synced.revision());
-            Ok((
-                source.spec_dir(),
-                guard,
-                Some(synced.revision().to_string()),
-            ))
+            // No gate here: apply and plan put the ref's head in force.
+            let revision = synced.in_force().map(ToString::to_string);
+            eprintln!(
+                "specs: {} {}",
+                source.options().url,
+                revision.as_deref().unwrap_or("none")
+            );
+            Ok((source.spec_dir(), guard, revision))
         }
         (Some(d), None) => Ok((d.clone(), None, None)),
         (None, None) => bail!("give a spec directory or --git URL"),

@@ -27,19 +27,48 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
     let cache = args.git.cache(host);
     let source = args
         .git
-        .source(cache.clone(), args.placement.placement()?)?;
+        .source(cache.clone(), args.placement.placement()?)?
+        .map(|s| match gate(&args.rollout) {
+            Ok(Some(g)) => Ok(s.gated(g)),
+            Ok(None) => Ok(s),
+            Err(e) => Err(e),
+        })
+        .transpose()?;
     let mut refused = RefusedLog::default();
+    let mut waits = signals::GateLog::default();
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
-            match source.sync().await {
-                Ok(s) => tracing::info!(
-                    url = %source.options().url,
-                    "revision in force: {}",
-                    s.revision()
-                ),
-                // What an earlier run put in force stays in force.
-                Err(e) if source.spec_dir().exists() => refused.log(source, &e),
-                Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
+            loop {
+                match source.sync().await {
+                    // Nothing in force yet, and the gate is closed: wait
+                    // for it (a new host joins where its wave stands).
+                    Ok(uvmctl::source::Synced::Waiting {
+                        in_force: None,
+                        gate,
+                    }) => {
+                        waits.log(&gate);
+                        tokio::time::sleep(args.git_interval.max(Duration::from_secs(1))).await;
+                    }
+                    Ok(s) => {
+                        if let uvmctl::source::Synced::Waiting { gate, .. } = &s {
+                            waits.log(gate);
+                        }
+                        tracing::info!(
+                            url = %source.options().url,
+                            "revision in force: {}",
+                            s.in_force().map_or("none".into(), ToString::to_string)
+                        );
+                        break;
+                    }
+                    // What an earlier run put in force stays in force.
+                    Err(e) if source.spec_dir().exists() => {
+                        refused.log(source, &e);
+                        break;
+                    }
+                    Err(e) => {
+                        bail!("{e}; nothing is in force yet, so there is nothing to watch")
+                    }
+                }
             }
             source.spec_dir()
         }
@@ -77,7 +106,13 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         .map(|_| Arc::new(tokio::sync::Notify::new()));
     if let (Some(source), Some(fetch_now)) = (source.clone(), &fetch_now) {
         let every = args.git_interval;
-        signals::poll_git(source, every, fetch_now.clone(), sig_tx.clone(), refused);
+        signals::poll_git(
+            source,
+            every,
+            fetch_now.clone(),
+            sig_tx.clone(),
+            (refused, waits),
+        );
     }
     signals::forward_os_signals(sig_tx, fetch_now)?;
     let opts = uvmctl::watch::WatchOptions {
@@ -103,7 +138,29 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         placement: args.placement.placement()?,
         metrics,
         revert: !args.no_revert,
+        wave: args.rollout.wave,
     };
     uvmctl::watch::run(vs, opts, sig_rx, None).await?;
     Ok(0)
+}
+
+/// The gate of this host's wave, for a wave after the first.
+fn gate(args: &super::args::RolloutArgs) -> anyhow::Result<Option<Arc<dyn uvmctl::source::Gate>>> {
+    use uvmctl::source::gate::{DEFAULT_GATE_QUERY, GateOptions, PrometheusGate};
+    let Some(wave) = args.wave.filter(|w| *w > 1) else {
+        return Ok(None);
+    };
+    let Some(prometheus) = args.prometheus.clone() else {
+        bail!("--wave {wave}: its gate asks the fleet's Prometheus; give --prometheus URL");
+    };
+    Ok(Some(Arc::new(PrometheusGate::new(GateOptions {
+        wave,
+        prometheus,
+        query: args
+            .gate_query
+            .clone()
+            .unwrap_or_else(|| DEFAULT_GATE_QUERY.to_string()),
+        soak: args.soak,
+        timeout: args.gate_timeout.max(Duration::from_millis(100)),
+    }))))
 }

@@ -56,6 +56,12 @@ pub struct Metrics {
     revisions: std::sync::Mutex<Vec<Labels>>,
     /// The git cache whose `source.json` the source families read.
     source_cache: std::sync::Mutex<Option<std::path::PathBuf>>,
+    rollout_wave: Family<Labels, Gauge>,
+    rollout_in_force: Family<Labels, Gauge>,
+    rollout_healthy_since: Family<Labels, Gauge>,
+    rollout_gate_open: Family<Labels, Gauge>,
+    /// The rollout series shown now, by family.
+    rollout_shown: std::sync::Mutex<[Vec<Labels>; 4]>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -174,7 +180,36 @@ impl Metrics {
             "Revisions not put in force, by kind (spec-errors, unverified, rewritten, missing-path, too-large); each counted once",
             refused.clone(),
         );
+        let rollout_wave = Family::<Labels, Gauge>::default();
+        registry.register(
+            "rollout_wave",
+            "This host's rollout wave (watch --wave): 1",
+            rollout_wave.clone(),
+        );
+        let rollout_in_force = Family::<Labels, Gauge>::default();
+        registry.register(
+            "rollout_in_force_timestamp_seconds",
+            "When the revision in force was put in force on this host (Unix time), by wave and revision",
+            rollout_in_force.clone(),
+        );
+        let rollout_healthy_since = Family::<Labels, Gauge>::default();
+        registry.register(
+            "rollout_healthy_since_timestamp_seconds",
+            "Since when the revision in force has been settled and healthy on this host (Unix time); no series while it is not",
+            rollout_healthy_since.clone(),
+        );
+        let rollout_gate_open = Family::<Labels, Gauge>::default();
+        registry.register(
+            "rollout_gate_open",
+            "Whether the last answer of this host's wave gate let the revision fetched go in force (1) or not (0), by wave and the wave it waits on",
+            rollout_gate_open.clone(),
+        );
         Arc::new(Metrics {
+            rollout_wave,
+            rollout_in_force,
+            rollout_healthy_since,
+            rollout_gate_open,
+            rollout_shown: std::sync::Mutex::default(),
             registry,
             refused,
             refused_counted: std::sync::Mutex::default(),
@@ -345,6 +380,7 @@ impl Metrics {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cache.clone());
         }
+        self.set_rollout(status.rollout.as_ref());
         match self.source_now() {
             Some(src) => self.set_source(&src),
             None => {
@@ -353,6 +389,51 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Sets `family` to exactly `now` (labels and values), removing the
+    /// series `shown` had that `now` has not.
+    fn set_exactly(
+        family: &Family<Labels, Gauge>,
+        shown: &mut Vec<Labels>,
+        now: Vec<(Labels, i64)>,
+    ) {
+        for old in shown.iter().filter(|l| !now.iter().any(|(n, _)| n == *l)) {
+            family.remove(old);
+        }
+        for (labels, v) in &now {
+            family.get_or_create(labels).set(*v);
+        }
+        *shown = now.into_iter().map(|(l, _)| l).collect();
+    }
+
+    /// This host's part in the rollout: its wave, when the revision in
+    /// force went in force, and since when it is settled and healthy.
+    fn set_rollout(&self, rollout: Option<&super::status::RolloutStatus>) {
+        let secs = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        let mut shown = self
+            .rollout_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let [wave, in_force, healthy, _] = &mut *shown;
+        let mut now: [Vec<(Labels, i64)>; 3] = Default::default();
+        if let Some(r) = rollout {
+            let w = r.wave.to_string();
+            now[0].push((vec![("wave", w.clone())], 1));
+            if let Some(rev) = &r.revision {
+                let labels: Labels = vec![("wave", w.clone()), ("revision", rev.clone())];
+                if let Some(t) = r.in_force_since {
+                    now[1].push((labels.clone(), secs(t)));
+                }
+                if let Some(t) = r.healthy_since {
+                    now[2].push((labels, secs(t)));
+                }
+            }
+        }
+        let [w, f, h] = now;
+        Self::set_exactly(&self.rollout_wave, wave, w);
+        Self::set_exactly(&self.rollout_in_force, in_force, f);
+        Self::set_exactly(&self.rollout_healthy_since, healthy, h);
     }
 
     /// The source as its cache says now: a fetch alone wakes no reconcile.
@@ -390,6 +471,24 @@ impl Metrics {
         }
         if let Some(t) = src.last_fetch {
             self.last_fetch.set(i64::try_from(t).unwrap_or(i64::MAX));
+        }
+        {
+            let gate = src.gate.as_ref().map(|g| {
+                let labels: Labels = vec![
+                    ("wave", g.wave.to_string()),
+                    ("waits_on", g.waits_on.to_string()),
+                ];
+                (labels, i64::from(g.open))
+            });
+            let mut shown = self
+                .rollout_shown
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Self::set_exactly(
+                &self.rollout_gate_open,
+                &mut shown[3],
+                gate.into_iter().collect(),
+            );
         }
         let seen = self
             .refused_seen

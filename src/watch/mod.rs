@@ -26,6 +26,7 @@ mod lock;
 pub mod metrics;
 pub mod policy;
 mod revert;
+mod rollout;
 pub mod signals;
 mod specs;
 pub mod status;
@@ -92,6 +93,9 @@ pub struct WatchOptions {
     /// Go back to a VM's last healthy configuration when a change leaves
     /// it unhealthy (`--no-revert`: only report).
     pub revert: bool,
+    /// This host's rollout wave (`--wave`): it publishes whether the
+    /// revision in force is settled and healthy here, for the next wave.
+    pub wave: Option<u32>,
 }
 
 impl WatchOptions {
@@ -225,6 +229,10 @@ struct Watcher {
     revision: Option<String>,
     /// The rollout policy beside the specs, as last loaded.
     policy: Option<Arc<crate::spec::policy::Windows>>,
+    /// Since when the revision in force has been settled and healthy.
+    soak: rollout::Soak,
+    /// This host's part in the rollout, as last written.
+    rollout: Option<status::RolloutStatus>,
 }
 
 fn unix_now() -> u64 {
@@ -707,7 +715,7 @@ impl Watcher {
         }
     }
 
-    fn status(&self) -> WatchStatus {
+    fn status(&self, source: Option<crate::source::SourceStatus>) -> WatchStatus {
         WatchStatus {
             pid: std::process::id(),
             dir: self.opts.dir.clone(),
@@ -720,13 +728,30 @@ impl Watcher {
                 .filter(|(_, e)| e.tracked)
                 .map(|(n, e)| (n.clone(), e.status.clone()))
                 .collect(),
-            source: self
-                .opts
-                .source
-                .as_deref()
-                .and_then(crate::source::read_status),
+            source,
             source_cache: self.opts.source.clone(),
+            rollout: self.rollout.clone(),
         }
+    }
+
+    /// This host's part in the rollout now (with `--wave`).
+    fn update_rollout(&mut self, source: Option<&crate::source::SourceStatus>) {
+        let Some(wave) = self.opts.wave else {
+            return;
+        };
+        let revision = self.revision.as_deref().map(rollout::sha_of);
+        let unsettled = rollout::unsettled(&self.vms, self.book.specs.errors.len());
+        let healthy_since = self.soak.update(revision, unsettled.is_none(), unix_now());
+        let in_force_since = source
+            .filter(|s| s.applied.as_ref().map(|r| r.sha.as_str()) == revision)
+            .and_then(|s| s.applied_at);
+        self.rollout = Some(status::RolloutStatus {
+            wave,
+            revision: revision.map(str::to_string),
+            in_force_since,
+            healthy_since,
+            unsettled,
+        });
     }
 
     /// Writes the status file when what it says changed (not for its
@@ -736,7 +761,13 @@ impl Watcher {
         let Some(dir) = self.opts.state_dir.clone() else {
             return;
         };
-        let status = self.status();
+        let source = self
+            .opts
+            .source
+            .as_deref()
+            .and_then(crate::source::read_status);
+        self.update_rollout(source.as_ref());
+        let status = self.status(source);
         if let Some(m) = &self.opts.metrics {
             let states = self
                 .vms
@@ -954,6 +985,8 @@ impl Watcher {
             status_log: StatusLog::default(),
             revision: None,
             policy: None,
+            soak: rollout::Soak::default(),
+            rollout: None,
             opts,
         };
         w.reload(ReloadHow::All).await;

@@ -69,8 +69,9 @@ pub fn poll_git(
     interval: Duration,
     fetch_now: Arc<Notify>,
     tx: UnboundedSender<Signal>,
-    mut refused: RefusedLog,
+    logs: (RefusedLog, GateLog),
 ) {
+    let (mut refused, mut waits) = logs;
     let interval = interval.max(Duration::from_secs(1));
     tokio::spawn(async move {
         loop {
@@ -80,11 +81,19 @@ pub fn poll_git(
             };
             match source.sync().await {
                 Ok(Synced::Applied(r)) => {
-                    tracing::info!(url = %source.options().url, "revision in force: {r}");
+                    match waits.passed(&r) {
+                        Some(answer) => {
+                            tracing::info!(url = %source.options().url, gate = %answer, "revision in force: {r} (its wave's gate passed)")
+                        }
+                        None => {
+                            tracing::info!(url = %source.options().url, "revision in force: {r}")
+                        }
+                    }
                     refused = RefusedLog::default();
                     let _ = tx.send(Signal::Rescan);
                 }
                 Ok(Synced::Unchanged(_)) => {}
+                Ok(Synced::Waiting { gate, .. }) => waits.log(&gate),
                 Err(e) => refused.log(&source, &e),
             }
             if asked && tx.send(Signal::Reconcile).is_err() {
@@ -92,6 +101,41 @@ pub fn poll_git(
             }
         }
     });
+}
+
+/// Says once that a revision waits at its wave's gate, and again when the
+/// gate's answer changes (not at every interval).
+#[derive(Debug, Default)]
+pub struct GateLog {
+    last: Option<crate::source::GateStatus>,
+}
+
+impl GateLog {
+    /// Logs what the gate said of a revision that waits.
+    pub fn log(&mut self, gate: &crate::source::GateStatus) {
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|l| l.revision == gate.revision && l.answer == gate.answer);
+        if same {
+            tracing::debug!(revision = %gate.revision, answer = %gate.answer, "still waiting for the gate");
+        } else {
+            tracing::info!(
+                revision = %gate.revision,
+                waits_on = gate.waits_on,
+                answer = %gate.answer,
+                "waiting for the gate of wave {} before putting the revision in force",
+                gate.waits_on
+            );
+        }
+        self.last = Some(gate.clone());
+    }
+
+    /// A revision went in force: what its gate answered last, if it waited.
+    pub fn passed(&mut self, r: &crate::source::Revision) -> Option<String> {
+        let last = self.last.take()?;
+        (last.revision == *r).then_some(last.answer)
+    }
 }
 
 /// Says a refused revision once: the same head refused for the same reason

@@ -36,6 +36,31 @@ pub struct WatchStatus {
     /// alone does not rewrite this file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_cache: Option<PathBuf>,
+    /// This host's part in a rollout (`--wave`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// This host's part in a rollout: its wave, and whether the revision in
+/// force is settled and healthy here, since when (what the next wave's
+/// gate waits on). The gate this host waits on is the source's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The wave.
+    pub wave: u32,
+    /// The commit whose specs are in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// When it was put in force here (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force_since: Option<u64>,
+    /// Since when it has been settled and healthy here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_since: Option<u64>,
+    /// What keeps it from being settled and healthy, while something does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsettled: Option<String>,
 }
 
 /// What the watcher knows of one VM.

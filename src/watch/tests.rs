@@ -87,6 +87,7 @@ fn options(specs: &Path, state: &Path) -> WatchOptions {
         placement: None,
         metrics: None,
         revert: true,
+        wave: None,
     }
 }
 
