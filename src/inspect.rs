@@ -70,6 +70,11 @@ pub struct WatchSummary {
     pub updated: u64,
     /// Spec errors of its last load.
     pub spec_errors: Vec<String>,
+    /// Its host's part in a rollout (`watch --wave`): the wave, the revision
+    /// in force, since when it is settled and healthy, or what keeps it
+    /// from being so. The gate it waits on is the source's (`source.gate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::watch::status::RolloutStatus>,
 }
 
 impl StatusDoc {
@@ -85,6 +90,7 @@ impl StatusDoc {
                 started: w.started,
                 updated: w.updated,
                 spec_errors: w.spec_errors.clone(),
+                rollout: w.rollout.clone(),
             }),
             source: watch.and_then(|(w, _)| source_now(w)),
         }
@@ -209,6 +215,11 @@ pub fn add_watch(rows: &mut Vec<StatusRow>, status: &WatchStatus, running: bool)
     rows.sort_by(|a, b| a.name.cmp(&b.name));
 }
 
+/// A commit, shortened as git shows it.
+fn short_sha(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
 /// The watcher's part of `uvmctl status`: who watches, and per VM the last
 /// reconcile, held changes, backoff and spec errors. A watcher that stopped
 /// says nothing of VMs the host no longer has (`present`).
@@ -263,6 +274,41 @@ pub fn watch_section(
         if let Some(e) = &src.last_error {
             let _ = writeln!(out, "    source error (the revision in force stays): {e}");
         }
+        if let Some(g) = &src.gate {
+            let waiting = src.applied.as_ref() != Some(&g.revision);
+            let _ = writeln!(
+                out,
+                "    gate of wave {}: {} {} (asked {}): {}",
+                g.waits_on,
+                match (g.open, waiting) {
+                    (false, true) => "closed, waiting to put in force",
+                    (true, true) => "passed",
+                    (_, false) => "passed for",
+                },
+                g.revision,
+                ago(g.checked_at),
+                g.answer
+            );
+        }
+    }
+    if let Some(r) = &status.rollout {
+        let _ = write!(out, "  rollout: wave {}", r.wave);
+        if let Some(rev) = &r.revision {
+            let _ = write!(out, ", {} in force", short_sha(rev));
+            if let Some(t) = r.in_force_since {
+                let _ = write!(out, " since {}", ago(t));
+            }
+        }
+        match (&r.unsettled, r.healthy_since) {
+            (Some(why), _) => {
+                let _ = write!(out, ", not settled: {why}");
+            }
+            (None, Some(t)) => {
+                let _ = write!(out, ", settled and healthy for {}s", now.saturating_sub(t));
+            }
+            (None, None) => {}
+        }
+        out.push('\n');
     }
     for (name, w) in status
         .vms

@@ -621,3 +621,80 @@ fn only_an_ssh_signature_header_is_an_ssh_signature() {
     assert!(ssh_signed(commit("gpgsig -----BEGIN SIGNED MESSAGE-----\n x\n").as_bytes()).is_err());
     assert!(ssh_signed(commit("gpgsig -----BEGIN SSH SIGNATURE-----\n x\ngpgsig-sha256 -----BEGIN PGP SIGNATURE-----\n").as_bytes()).is_err());
 }
+
+/// A gate that answers as told, and counts what it was asked.
+#[derive(Debug, Default)]
+struct TestGate {
+    open: std::sync::atomic::AtomicBool,
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Gate for TestGate {
+    async fn ask(&self, revision: &Revision) -> GateStatus {
+        self.asked.lock().expect("lock").push(revision.sha.clone());
+        let open = self.open.load(std::sync::atomic::Ordering::SeqCst);
+        GateStatus {
+            wave: 2,
+            waits_on: 1,
+            revision: revision.clone(),
+            open,
+            query: "q".into(),
+            answer: if open { "1" } else { "no sample" }.into(),
+            checked_at: 1,
+        }
+    }
+}
+
+/// Issue 35: a host of a later wave keeps its revision in force while the
+/// gate is closed, asks again each sync, and puts it in force once it opens.
+/// A revision already in force is never asked about.
+#[tokio::test]
+async fn a_closed_gate_keeps_the_revision_in_force() {
+    let origin = Origin::new();
+    origin.write("specs/web.yaml", &vm("web"));
+    let first = origin.commit("web", &[]);
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gate = std::sync::Arc::new(TestGate::default());
+    let src = source(&origin, cache.path()).gated(gate.clone());
+    // Nothing in force yet: it waits too.
+    let waiting = src.sync().await.expect("sync");
+    assert!(
+        matches!(&waiting, Synced::Waiting { in_force: None, gate } if !gate.open && gate.revision.sha == first),
+        "{waiting:?}"
+    );
+    assert!(!src.spec_dir().exists(), "nothing checked out");
+    gate.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(src.sync().await.expect("sync"), Synced::Applied(r) if r.sha == first));
+    assert!(matches!(
+        src.sync().await.expect("sync"),
+        Synced::Unchanged(_)
+    ));
+    assert_eq!(
+        gate.asked.lock().expect("lock").len(),
+        2,
+        "not asked for the revision in force"
+    );
+
+    gate.open.store(false, std::sync::atomic::Ordering::SeqCst);
+    origin.write("specs/db.yaml", &vm("db"));
+    let second = origin.commit("db", &[]);
+    for _ in 0..2 {
+        let s = src.sync().await.expect("sync");
+        assert_eq!(s.in_force().map(|r| r.sha.as_str()), Some(first.as_str()));
+    }
+    assert_eq!(names(&src.spec_dir()), ["web"]);
+    let status = src.status();
+    assert_eq!(status.applied.as_ref().map(|r| &r.sha), Some(&first));
+    assert_eq!(status.fetched.as_ref().map(|r| &r.sha), Some(&second));
+    let g = status.gate.expect("the gate's answer kept");
+    assert_eq!(
+        (g.open, g.revision.sha.as_str(), g.answer.as_str()),
+        (false, second.as_str(), "no sample")
+    );
+    assert!(status.last_error.is_none(), "waiting is no error");
+    gate.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(src.sync().await.expect("sync"), Synced::Applied(r) if r.sha == second));
+    assert_eq!(names(&src.spec_dir()), ["db", "web"]);
+    assert!(src.status().applied_at.is_some());
+}

@@ -5,7 +5,13 @@
 //! on a bridge in a namespace of its own: no other address is used). 1,000
 //! specs are spread across the hosts by label (`host: hN`) and directory.
 //!
-//! Needs root (namespaces), `ip`, `git` and `ssh-keygen`. With
+//! Then (issue 35) the watchers run again in three rollout waves (h0; h1-h3;
+//! h4-h9) gated by a real Prometheus (Debian's `prometheus`) that the test
+//! starts in the server's namespace, scraping every host: a good
+//! restart-class revision goes wave by wave, a bad one is reverted on wave 1
+//! and goes no further, and with Prometheus stopped no later wave moves.
+//!
+//! Needs root (namespaces), `ip`, `git`, `ssh-keygen` and `prometheus`. With
 //! `UVMCTL_FLEET_REPORT=1` it prints its timings and each watcher's idle
 //! RSS and CPU (scripts/bench-fleet); it asserts none of them.
 
@@ -39,6 +45,7 @@ struct Fleet {
     daemon: Option<Child>,
     watchers: Vec<Child>,
     key: PathBuf,
+    prometheus: Option<Child>,
 }
 
 impl Drop for Fleet {
@@ -47,6 +54,7 @@ impl Drop for Fleet {
             let _ = w.kill();
             let _ = w.wait();
         }
+        self.stop_prometheus();
         if let Some(d) = &mut self.daemon {
             let _ = d.kill();
             let _ = d.wait();
@@ -172,9 +180,18 @@ impl Fleet {
     }
 
     fn watch(&mut self, i: usize) {
+        self.watch_with(i, &[]);
+    }
+
+    fn watch_with(&mut self, i: usize, extra: &[String]) {
         let state = self.path(&format!("h{i}/state"));
         let cache = self.path(&format!("h{i}/git"));
-        let log = std::fs::File::create(self.path(&format!("h{i}.log"))).expect("log");
+        // Appended to: a watcher started again keeps the first one's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("h{i}.log")))
+            .expect("log");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.host_ns(i)])
             .arg(env!("CARGO_BIN_EXE_uvmctl"))
@@ -205,6 +222,7 @@ impl Fleet {
                 "json",
             ])
             .args(["--metrics-listen", &format!("{SUBNET}.{}:9464", 10 + i)])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -312,6 +330,345 @@ impl Fleet {
     }
 }
 
+/// The rollout part: Prometheus, the waves and what the hosts publish.
+impl Fleet {
+    /// Starts (or starts again, on the same storage) Prometheus in the
+    /// server's namespace, scraping every host's watcher each second, and
+    /// waits until it is ready.
+    fn start_prometheus(&mut self) {
+        let config = self.path("prometheus.yml");
+        let targets: Vec<String> = (0..HOSTS)
+            .map(|i| format!("'{SUBNET}.{}:9464'", 10 + i))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: uvmctl\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .expect("prometheus.yml");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("prometheus.log"))
+            .expect("log");
+        self.prometheus = Some(
+            Command::new("ip")
+                .args(["netns", "exec", &self.server_ns(), "prometheus"])
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    self.path("prometheus-data").display()
+                ))
+                .arg(format!("--web.listen-address={SUBNET}.1:9090"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("prometheus runs (Debian's prometheus package)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.prometheus_ready() {
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus not ready in 60 s:\n{}",
+                std::fs::read_to_string(self.path("prometheus.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop_prometheus(&mut self) {
+        if let Some(p) = &mut self.prometheus {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        self.prometheus = None;
+    }
+
+    fn prometheus_ready(&self) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.server_ns(), "python3", "-c"])
+            .arg("import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)")
+            .arg(format!("http://{SUBNET}.1:9090/-/ready"))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// A VM of the rollout part: `cpus` processors, judged by an agent
+    /// probe (which the simulator fails while `uvmctl.sim.unhealthy` is on
+    /// the command line), recreated when it must be.
+    fn write_judged_vm(&self, host: usize, vm: usize, memory: u64, cpus: u32, unhealthy: bool) {
+        let p = self.spec_path(host, vm);
+        let cmdline = if unhealthy {
+            "\n      cmdline: console=ttyS0 uvmctl.sim.unhealthy"
+        } else {
+            ""
+        };
+        std::fs::write(
+            p,
+            format!(
+                "apiVersion: uvmctl.dev/v1alpha1\nkind: UtilityVM\nmetadata:\n  name: vm-{vm:04}\n  labels:\n    host: h{host}\nspec:\n  policy:\n    allowRecreate: true\n  health:\n    probes:\n      - kind: agent\n        intervalSeconds: 1\n        minHealthySeconds: 0\n        deadlineSeconds: 5\n  boot:\n    linuxKernelDirect:\n      kernel: /var/lib/uvmctl/images/vmlinuz{cmdline}\n  processors:\n    count: {cpus}\n  memory:\n    sizeMB: {memory}\n"
+            ),
+        )
+        .expect("write spec");
+    }
+
+    /// Host `i`'s rollout series: (revision, unix time) of the revision in
+    /// force and of since when it is settled and healthy, from its metrics.
+    fn rollout(&self, i: usize) -> (Option<Stamp>, Option<Stamp>) {
+        let m = self.metrics(i);
+        let one = |family: &str| {
+            m["families"][family]["samples"]
+                .as_array()
+                .and_then(|s| s.first())
+                .and_then(|s| Some((s[1]["revision"].as_str()?.to_string(), s[2].as_f64()?)))
+        };
+        (
+            one("uvmctl_rollout_in_force_timestamp_seconds"),
+            one("uvmctl_rollout_healthy_since_timestamp_seconds"),
+        )
+    }
+
+    fn reverts(&self, i: usize) -> f64 {
+        let m = self.metrics(i);
+        m["families"]["uvmctl_reverts"]["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s[2].as_f64())
+            .sum()
+    }
+
+    /// What host `i`'s source says of its gate: (open, revision asked
+    /// about, answer, when asked).
+    fn gate(&self, i: usize) -> Option<(bool, String, String, u64)> {
+        let text = std::fs::read_to_string(self.path(&format!("h{i}/git/source.json"))).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let g = &v["gate"];
+        Some((
+            g["open"].as_bool()?,
+            g["revision"]["sha"].as_str()?.to_string(),
+            g["answer"].as_str()?.to_string(),
+            g["checkedAt"].as_u64()?,
+        ))
+    }
+}
+
+/// A revision and a Unix time.
+type Stamp = (String, f64);
+
+fn wave_of(host: usize) -> u32 {
+    match host {
+        0 => 1,
+        1..=3 => 2,
+        _ => 3,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+const SOAK_SECONDS: u64 = 2;
+
+/// The rollout part of the fleet test (issue 35).
+fn rollout_waves(f: &mut Fleet, memory: &[u64], report: bool) {
+    for mut w in std::mem::take(&mut f.watchers) {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    f.start_prometheus();
+    for i in 0..HOSTS {
+        let extra: Vec<String> = [
+            "--wave".to_string(),
+            wave_of(i).to_string(),
+            "--prometheus".into(),
+            format!("http://{SUBNET}.1:9090"),
+            "--soak".into(),
+            format!("{SOAK_SECONDS}s"),
+            "--max-disruption".into(),
+            "recreate".into(),
+        ]
+        .into();
+        f.watch_with(i, &extra);
+    }
+    let hosts_of =
+        |wave: u32| -> Vec<usize> { (0..HOSTS).filter(|i| wave_of(*i) == wave).collect() };
+    let in_force = f.source(0).0.expect("a revision in force");
+    f.converge("the waves' watchers settled", &|i| {
+        f.watch_status(i)["rollout"]["healthySince"].is_u64()
+            && f.source(i).0.as_deref() == Some(in_force.as_str())
+    });
+
+    // Ten VMs a host, none moved earlier: restart-class (processors) and
+    // judged from now on.
+    let judged: Vec<usize> = (20..VMS).filter(|vm| vm / HOSTS < 12).collect();
+    assert_eq!(judged.len(), 100);
+    for vm in &judged {
+        f.write_judged_vm(host_of(*vm), *vm, memory[*vm], 2, false);
+    }
+    let before = f.all_applied();
+    let pushed_at = unix_now();
+    let good = f.commit("100 VMs: two processors, judged", true);
+    let revision = format!("main@sha1:{good}");
+    let took = f.converge("the good revision in every wave", &|i| {
+        let status = f.watch_status(i);
+        f.source(i).0.as_deref() == Some(good.as_str())
+            && judged.iter().filter(|vm| host_of(**vm) == i).all(|vm| {
+                let w = &status["vms"][format!("vm-{vm:04}")];
+                w["revision"] == revision.as_str() && w["health"]["health"] == "healthy"
+            })
+            && f.rollout(i).1.is_some_and(|(r, _)| r == good)
+    });
+    // In order, from the hosts' own metrics: each wave in force only after
+    // every host of the one before had it settled and healthy for the soak.
+    let series: Vec<_> = (0..HOSTS).map(|i| f.rollout(i)).collect();
+    let at = |i: usize| -> (f64, f64) {
+        let (Some((r1, forced)), Some((r2, healthy))) = &series[i] else {
+            panic!("h{i} publishes its rollout: {:?}", series[i]);
+        };
+        assert_eq!((r1, r2), (&good, &good), "h{i}");
+        (*forced, *healthy)
+    };
+    let mut lines = Vec::new();
+    for wave in 2..=3u32 {
+        let before_healthy = hosts_of(wave - 1)
+            .into_iter()
+            .map(|i| at(i).1)
+            .fold(0.0, f64::max);
+        let first = hosts_of(wave)
+            .into_iter()
+            .map(|i| at(i).0)
+            .fold(f64::MAX, f64::min);
+        assert!(
+            first >= before_healthy + SOAK_SECONDS as f64,
+            "wave {wave} in force at {first}, before wave {} was healthy ({before_healthy}) for {SOAK_SECONDS} s",
+            wave - 1
+        );
+    }
+    for wave in 1..=3u32 {
+        let last = hosts_of(wave)
+            .into_iter()
+            .map(|i| at(i).0)
+            .fold(0.0, f64::max);
+        lines.push(format!(
+            "fleet: waves: wave {wave} in force {:.0} s after the push",
+            last - pushed_at as f64
+        ));
+    }
+    let after = f.all_applied();
+    for i in 0..HOSTS {
+        // Each changed VM applied, and its verdict written (a reconcile).
+        let ops = after[i] - before[i];
+        assert!(ops >= 10.0, "h{i} applied {ops}: {}", f.log_tail(i, 20));
+    }
+    if report {
+        let interval = 1.0;
+        let floor = 3.0 * (SOAK_SECONDS as f64 + interval);
+        lines.push(format!(
+            "fleet: waves: push to every wave in force (3 waves, soak {SOAK_SECONDS} s, fetch interval 1 s): {:.2} s; floor waves x (S + I) = {floor:.0} s; {:.2} s a wave over it",
+            took.as_secs_f64(),
+            (took.as_secs_f64() - floor) / 3.0
+        ));
+        for l in &lines {
+            println!("{l}");
+        }
+    }
+
+    // A revision that leaves wave 1's guests unhealthy: reverted there, and
+    // no later wave performs any operation.
+    for vm in &judged {
+        f.write_judged_vm(host_of(*vm), *vm, memory[*vm], 2, true);
+    }
+    let before = f.all_applied();
+    let bad = f.commit("the guests made unhealthy", true);
+    f.converge("wave 1 reverted the bad revision", &|i| {
+        i != 0 || (f.source(0).0.as_deref() == Some(bad.as_str()) && f.reverts(0) == 10.0)
+    });
+    let reverted_at = unix_now();
+    for vm in judged.iter().filter(|vm| host_of(**vm) == 0) {
+        let w = &f.watch_status(0)["vms"][format!("vm-{vm:04}")];
+        assert_eq!(w["revert"]["state"], "reverted", "vm-{vm:04}: {w}");
+    }
+    // Later waves keep asking, and keep being told no.
+    f.converge("the later waves asked again, and waited", &|i| {
+        i == 0
+            || f.gate(i).is_some_and(|(open, asked, _, when)| {
+                !open && asked == bad && when > reverted_at + SOAK_SECONDS + 1
+            })
+    });
+    let after = f.all_applied();
+    for i in 1..HOSTS {
+        assert_eq!(
+            after[i] - before[i],
+            0.0,
+            "h{i} (wave {}) performed operations: {}",
+            wave_of(i),
+            f.log_tail(i, 20)
+        );
+        assert_eq!(
+            f.source(i).0.as_deref(),
+            Some(good.as_str()),
+            "h{i} kept the good revision"
+        );
+    }
+
+    // With Prometheus gone, a fix reaches wave 1 and no further, and each
+    // host says why; back, and the fix goes on.
+    f.stop_prometheus();
+    for vm in &judged {
+        f.write_judged_vm(host_of(*vm), *vm, memory[*vm], 2, false);
+    }
+    let fix = f.commit("the guests healthy again", true);
+    f.converge("the fix settled on wave 1", &|i| {
+        i != 0
+            || f.watch_status(0)["rollout"]["healthySince"].is_u64()
+                && f.watch_status(0)["rollout"]["revision"] == fix.as_str()
+    });
+    let settled_at = unix_now();
+    f.converge("the later waves told Prometheus is unreachable", &|i| {
+        i == 0
+            || f.gate(i).is_some_and(|(open, asked, answer, when)| {
+                !open
+                    && asked == fix
+                    && answer.contains("unreachable")
+                    && when > settled_at + SOAK_SECONDS + 1
+            })
+    });
+    for i in 1..HOSTS {
+        assert_eq!(
+            f.source(i).0.as_deref(),
+            Some(good.as_str()),
+            "h{i} did not advance"
+        );
+    }
+    let out = run(Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(f.path("h4/state"))
+        .arg("status"));
+    assert!(
+        out.contains(&format!(
+            "gate of wave 2: closed, waiting to put in force main@sha1:{fix}"
+        )) && out.contains("unreachable"),
+        "status says why:\n{out}"
+    );
+    let before = f.all_applied();
+    f.start_prometheus();
+    f.converge("the fix in every wave", &|i| {
+        f.source(i).0.as_deref() == Some(fix.as_str())
+            && f.watch_status(i)["rollout"]["healthySince"].is_u64()
+    });
+    let after = f.all_applied();
+    for i in 1..HOSTS {
+        // What they run already is what the fix says.
+        assert_eq!(after[i] - before[i], 0.0, "h{i}: {}", f.log_tail(i, 20));
+    }
+}
+
 fn host_of(vm: usize) -> usize {
     vm % HOSTS
 }
@@ -332,6 +689,7 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
         daemon: None,
         watchers: Vec::new(),
         key: PathBuf::new(),
+        prometheus: None,
     };
     f.network();
 
@@ -629,4 +987,5 @@ fn a_fleet_of_ten_hosts_follows_one_repository() {
             );
         }
     }
+    rollout_waves(&mut f, &memory, report);
 }
