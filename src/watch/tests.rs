@@ -1042,3 +1042,91 @@ async fn a_restart_waits_for_its_window_and_a_live_change_does_not() {
     );
     w.stop().await;
 }
+
+/// Issue 35: a host of a wave says, in its status and metrics, since when
+/// the revision in force is settled and healthy; a held change takes that
+/// away until it is resolved, and the gate's last answer is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_of_a_wave_says_since_when_its_revision_is_settled_and_healthy() {
+    let fake = Fake::new(caps());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let sha = "a".repeat(40);
+    let revision = crate::source::Revision {
+        reference: "main".into(),
+        sha: sha.clone(),
+    };
+    let source = crate::source::SourceStatus {
+        url: "file:///r".into(),
+        reference: "main".into(),
+        path: ".".into(),
+        applied: Some(revision.clone()),
+        applied_at: Some(100),
+        gate: Some(crate::source::GateStatus {
+            wave: 2,
+            waits_on: 1,
+            revision: crate::source::Revision {
+                reference: "main".into(),
+                sha: "b".repeat(40),
+            },
+            open: false,
+            query: "q".into(),
+            answer: "no sample".into(),
+            checked_at: 1,
+        }),
+        ..Default::default()
+    };
+    std::fs::write(
+        cache.path().join("source.json"),
+        serde_json::to_vec(&source).expect("json"),
+    )
+    .expect("source.json");
+    let metrics = metrics::Metrics::new();
+    let mut w = start(&fake, &[("a", spec("a", &[], ""))], |o| {
+        o.wave = Some(2);
+        o.source = Some(cache.path().to_path_buf());
+        o.metrics = Some(metrics.clone());
+    });
+    w.next_for("a").await;
+    let healthy =
+        format!(r#"uvmctl_rollout_healthy_since_timestamp_seconds{{wave="2",revision="{sha}"}}"#);
+    let r = w.status().rollout.expect("a wave's status");
+    assert_eq!((r.wave, r.revision.as_deref()), (2, Some(sha.as_str())));
+    assert_eq!(r.in_force_since, Some(100));
+    assert!(r.healthy_since.is_some() && r.unsettled.is_none(), "{r:?}");
+    let text = metrics.encode();
+    assert!(text.contains(&healthy), "{text}");
+    assert!(
+        text.contains(r#"uvmctl_rollout_wave{wave="2"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            r#"uvmctl_rollout_in_force_timestamp_seconds{{wave="2",revision="{sha}"}} 100"#
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"uvmctl_rollout_gate_open{wave="2",waits_on="1"} 0"#),
+        "{text}"
+    );
+
+    // A held change: not settled, and the series goes.
+    let share = "  plan9Shares:\n    - {name: s, hostPath: /srv/s}\n";
+    save(w.specs.path(), "a", &spec("a", &[], share));
+    assert!(matches!(w.next_for("a").await.outcome, Outcome::Held(_)));
+    let r = w.status().rollout.expect("a wave's status");
+    assert_eq!(r.healthy_since, None);
+    assert_eq!(
+        r.unsettled.as_deref(),
+        Some("1 VM(s) not settled; first: a held")
+    );
+    assert!(!metrics.encode().contains(&healthy));
+
+    // Back as it was: settled again, from now.
+    save(w.specs.path(), "a", &spec("a", &[], ""));
+    assert_eq!(w.next_for("a").await.outcome, Outcome::InSync);
+    let r = w.status().rollout.expect("a wave's status");
+    assert!(r.healthy_since.is_some() && r.unsettled.is_none(), "{r:?}");
+    assert!(metrics.encode().contains(&healthy));
+    w.stop().await;
+}

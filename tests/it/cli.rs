@@ -1751,6 +1751,122 @@ fn a_fix_after_a_refused_revision_is_applied_at_the_next_fetch() {
     assert!(!logged.contains("notify::inotify"), "{logged}");
 }
 
+/// Issue 35: a host of wave 2 needs the Prometheus its gate asks; with one
+/// that does not answer, a host with nothing in force yet puts nothing in
+/// force and creates nothing, and its source says why.
+#[test]
+fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
+    let t = TestContext::new();
+    let origin = t.path("origin");
+    let git = origin_repo(&origin);
+    std::fs::create_dir_all(origin.join("specs")).expect("mkdir");
+    std::fs::write(origin.join("specs/web.yaml"), vm("web", 64, "")).expect("write");
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "web"]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    let url = format!("file://{}", origin.display());
+    let state = t.path("state");
+    let watch = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        c.args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .args([
+                "watch",
+                "--git",
+                &url,
+                "--git-path",
+                "specs",
+                "--git-interval",
+                "1s",
+            ])
+            .args(extra);
+        c
+    };
+    let out = watch(&["--wave", "2"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("--wave 2: its gate asks the fleet's Prometheus; give --prometheus URL"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .arg("watch")
+        .arg(t.path("specs"))
+        .args(["--wave", "2"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("--wave: a wave puts revisions of a git repository in force; give --git URL"),
+        "{}",
+        stderr(&out)
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let log = t.path("watch.log");
+    let mut w = watch(&[
+        "--wave",
+        "2",
+        "--prometheus",
+        &format!("http://127.0.0.1:{port}"),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::fs::File::create(&log).expect("log"))
+    .spawn()
+    .expect("watch runs");
+    let source = state.join("git/source.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let gate = loop {
+        let v: serde_json::Value = std::fs::read(&source)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if v["gate"]["checkedAt"].is_u64() && v["fetched"]["sha"] == sha.as_str() {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate asked within 20 s: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // A second ask, a second later: it keeps waiting.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    nix_kill(w.id(), "TERM");
+    let _ = w.wait();
+    assert_eq!(gate["gate"]["open"], false, "{gate}");
+    assert_eq!(gate["gate"]["waitsOn"], 1, "{gate}");
+    assert!(
+        gate["gate"]["answer"]
+            .as_str()
+            .is_some_and(|a| a.contains("unreachable")),
+        "{gate}"
+    );
+    assert!(gate["applied"].is_null(), "nothing in force: {gate}");
+    assert!(!state.join("git/specs").exists(), "nothing checked out");
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        logged.matches("waiting for the gate of wave 1").count(),
+        1,
+        "said once, not at every ask: {logged}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .args(["status", "--output", "json"])
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["vms"], serde_json::json!([]), "nothing created");
+}
+
 fn nix_kill(pid: u32, signal: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{signal}"))
