@@ -275,15 +275,16 @@ pub fn watch_section(
             let _ = writeln!(out, "    source error (the revision in force stays): {e}");
         }
         if let Some(g) = &src.gate {
-            let waiting = src.applied.as_ref() != Some(&g.revision);
+            let in_force = src.applied.as_ref() == Some(&g.revision);
             let _ = writeln!(
                 out,
                 "    gate of wave {}: {} {} (asked {}): {}",
                 g.waits_on,
-                match (g.open, waiting) {
-                    (false, true) => "closed, waiting to put in force",
-                    (true, true) => "passed",
-                    (_, false) => "passed for",
+                match (g.open, in_force) {
+                    (false, false) => "closed, waiting to put in force",
+                    (true, false) => "passed, not in force yet:",
+                    (true, true) => "passed for",
+                    (false, true) => "closed for (put in force by hand, --ignore-gate)",
                 },
                 g.revision,
                 ago(g.checked_at),
@@ -303,8 +304,15 @@ pub fn watch_section(
             (Some(why), _) => {
                 let _ = write!(out, ", not settled: {why}");
             }
-            (None, Some(t)) => {
+            (None, Some(t)) if running => {
                 let _ = write!(out, ", settled and healthy for {}s", now.saturating_sub(t));
+            }
+            (None, Some(t)) => {
+                let _ = write!(
+                    out,
+                    ", settled and healthy from {} until its watcher stopped",
+                    ago(t)
+                );
             }
             (None, None) => {}
         }

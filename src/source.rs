@@ -173,6 +173,19 @@ pub enum SourceError {
         /// The revision in force.
         in_force: Revision,
     },
+    /// A watcher of a later wave follows this cache, and its gate has not
+    /// passed the revision (a command run by hand, without `--ignore-gate`).
+    #[error(
+        "{revision}: a watcher of rollout wave {wave} follows this cache, and the gate of wave {waits_on} has not passed this revision; refused (--ignore-gate puts it in force anyway)"
+    )]
+    Gated {
+        /// The revision.
+        revision: Revision,
+        /// The watcher's wave.
+        wave: u32,
+        /// The wave whose gate it is.
+        waits_on: u32,
+    },
     /// Its specs do not load.
     #[error("{revision}: {count} spec error(s), first: {first}")]
     Specs {
@@ -194,7 +207,8 @@ impl SourceError {
             | SourceError::Unverified { revision, .. }
             | SourceError::Rewritten { revision, .. }
             | SourceError::CheckoutTooLarge { revision, .. }
-            | SourceError::Specs { revision, .. } => Some(revision),
+            | SourceError::Specs { revision, .. }
+            | SourceError::Gated { revision, .. } => Some(revision),
             SourceError::Options(_)
             | SourceError::Io { .. }
             | SourceError::Git { .. }
@@ -220,6 +234,7 @@ impl SourceError {
             SourceError::Unverified { .. } => "unverified",
             SourceError::Rewritten { .. } => "rewritten",
             SourceError::Specs { .. } => "spec-errors",
+            SourceError::Gated { .. } => "gated",
         }
     }
 }
@@ -300,8 +315,25 @@ pub struct GitSource {
     /// The checkout in force was found whole since this source was made
     /// (looked at once per process: a power cut may have left it short).
     checked: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The gate a new revision passes first (a host of a later wave).
-    gate: Option<std::sync::Arc<dyn Gate>>,
+    /// Who says when a new revision may go in force.
+    gate: GatePolicy,
+}
+
+/// Who says when a new revision goes in force.
+#[derive(Debug, Clone)]
+pub enum GatePolicy {
+    /// A command run by hand (`apply`, `plan`): where a watcher of a later
+    /// wave follows the cache, only a revision its gate passed, unless
+    /// `ignore` (`--ignore-gate`).
+    Manual {
+        /// Put the ref's head in force whatever the gate said.
+        ignore: bool,
+    },
+    /// A watcher of no wave, or of the first: no gate (what a gated
+    /// watcher of the cache recorded before is dropped).
+    Ungated,
+    /// A watcher of a later wave: its gate.
+    Ask(std::sync::Arc<dyn Gate>),
 }
 
 fn now_unix() -> u64 {
@@ -356,15 +388,15 @@ impl GitSource {
         Ok(GitSource {
             opts,
             checked: Default::default(),
-            gate: None,
+            gate: GatePolicy::Manual { ignore: false },
         })
     }
 
-    /// The same source, putting a new revision in force only once `gate`
-    /// passes it.
+    /// The same source, with `gate` saying when a new revision goes in
+    /// force (a new source is [`GatePolicy::Manual`], respecting a gate).
     #[must_use]
-    pub fn gated(mut self, gate: std::sync::Arc<dyn Gate>) -> Self {
-        self.gate = Some(gate);
+    pub fn with_gate(mut self, gate: GatePolicy) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -483,6 +515,10 @@ impl GitSource {
         };
         status.fetched = Some(revision.clone());
         status.last_fetch = Some(now_unix());
+        if matches!(self.gate, GatePolicy::Ungated) {
+            // No wave here (any more): a gate recorded before says nothing.
+            status.gate = None;
+        }
         if status.applied.as_ref() == Some(&revision)
             && !path_changed
             && self.spec_dir().exists()
@@ -504,16 +540,33 @@ impl GitSource {
         }
         // A host of a later wave waits for the wave before (checked before
         // the checkout: a gate may stay closed for hours).
-        if let Some(gate) = &self.gate
-            && status.applied.as_ref().map(|a| &a.sha) != Some(&revision.sha)
-        {
-            let asked = gate.ask(&revision).await;
-            status.gate = Some(asked.clone());
-            if !asked.open {
-                return Ok(Synced::Waiting {
-                    in_force: status.applied.clone(),
-                    gate: asked,
-                });
+        let new = status.applied.as_ref().map(|a| &a.sha) != Some(&revision.sha);
+        match &self.gate {
+            GatePolicy::Ask(gate) if new => {
+                let asked = gate.ask(&revision).await;
+                status.gate = Some(asked.clone());
+                if !asked.open {
+                    // What stays in force must be whole meanwhile.
+                    self.restore(status, path_changed).await?;
+                    return Ok(Synced::Waiting {
+                        in_force: status.applied.clone(),
+                        gate: asked,
+                    });
+                }
+            }
+            GatePolicy::Ask(_) | GatePolicy::Ungated => {}
+            GatePolicy::Manual { ignore } => {
+                if let Some(g) = &status.gate
+                    && new
+                    && !*ignore
+                    && !(g.open && g.revision == revision)
+                {
+                    return Err(SourceError::Gated {
+                        revision,
+                        wave: g.wave,
+                        waits_on: g.waits_on,
+                    });
+                }
             }
         }
         let target = self.checkout(&revision).await?;
@@ -542,6 +595,30 @@ impl GitSource {
         .await?;
         self.prune_checkouts(&revision, previous.as_ref());
         Ok(Synced::Applied(revision))
+    }
+}
+
+impl GitSource {
+    /// Makes the revision in force whole again, if it is not (a power cut
+    /// during a checkout, a removed link, a new path), while a newer one
+    /// waits at the gate.
+    async fn restore(&self, status: &SourceStatus, path_changed: bool) -> Result<(), SourceError> {
+        let Some(applied) = &status.applied else {
+            return Ok(());
+        };
+        if !path_changed && self.spec_dir().exists() && self.checkout_whole(applied).await {
+            return Ok(());
+        }
+        let target = self.checkout(applied).await?;
+        let loaded = spec::load_dir_placed(&target, self.opts.placement.as_ref());
+        if let Some(first) = loaded.errors.first() {
+            return Err(SourceError::Specs {
+                revision: applied.clone(),
+                count: loaded.errors.len(),
+                first: first.to_string(),
+            });
+        }
+        self.swap(&target)
     }
 }
 

@@ -48,8 +48,15 @@ fn on_interrupt() -> tokio::task::JoinHandle<()> {
 }
 
 pub async fn run(mut args: ApplyArgs, host: &HostOptions) -> anyhow::Result<u8> {
-    let (mut dir, _cache, revision) =
-        spec_dir(&args.dir, &args.git, &args.placement, host, false).await?;
+    let (mut dir, _cache, revision) = spec_dir(
+        &args.dir,
+        &args.git,
+        &args.placement,
+        host,
+        false,
+        args.ignore_gate,
+    )
+    .await?;
     let saved = match &args.git.git {
         Some(_) => None,
         None => reconcile::read_saved_plan(&dir)?,

@@ -439,9 +439,10 @@ pub struct WatchArgs {
 pub struct RolloutArgs {
     /// This host's wave. With --git, a host of wave 2 or more puts a new
     /// revision in force only once the gate of the wave before passes
-    /// (asked at each --git-interval); every wave publishes, in its
-    /// metrics, what that gate reads. Without it: no gate, as wave 1.
-    #[arg(long, value_name = "N", requires = "git",
+    /// (asked at each --git-interval); every wave, the first too, publishes
+    /// in its metrics (--metrics-listen) what that gate reads. Without it:
+    /// no gate, and nothing published for one.
+    #[arg(long, value_name = "N", requires_all = ["git", "metrics_listen"],
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub wave: Option<u32>,
     /// The fleet's Prometheus, which the gate asks (http://HOST:PORT[/PREFIX]).
@@ -508,6 +509,11 @@ pub struct ApplyArgs {
     /// uvmctl-policy.yaml (for a person who means it).
     #[arg(long)]
     pub ignore_windows: bool,
+    /// With --git, on a cache a watcher of a later rollout wave follows: put
+    /// the ref's head in force though that watcher's gate has not passed it
+    /// (for a person who means it; README.md, "Rollouts").
+    #[arg(long, requires = "git")]
+    pub ignore_gate: bool,
     /// Wait this long (30s, 2m; a bare number is seconds) for another apply
     /// holding the state directory; then exit 4.
     #[arg(long, value_parser = parse_duration, default_value = "30")]

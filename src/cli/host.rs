@@ -179,6 +179,7 @@ pub async fn spec_dir(
     placement: &PlacementArgs,
     host: &HostOptions,
     temporary: bool,
+    ignore_gate: bool,
 ) -> anyhow::Result<(PathBuf, Option<TempCache>, Option<String>)> {
     let (cache, guard) = match (&git.git_cache, temporary) {
         (Some(c), _) => (c.clone(), None),
@@ -190,8 +191,12 @@ pub async fn spec_dir(
     };
     match (dir, git.source(cache, placement.placement()?)?) {
         (_, Some(source)) => {
+            // A cache a watcher of a later wave follows moves past its
+            // gate only when asked to.
+            let source = source.with_gate(uvmctl::source::GatePolicy::Manual {
+                ignore: ignore_gate,
+            });
             let synced = source.sync().await?;
-            // No gate here: apply and plan put the ref's head in force.
             let revision = synced.in_force().map(ToString::to_string);
             eprintln!(
                 "specs: {} {}",

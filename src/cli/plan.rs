@@ -25,7 +25,7 @@ pub async fn run(args: PlanArgs, host: &HostOptions) -> anyhow::Result<u8> {
         );
     }
     let (dir, _cache, _revision) =
-        spec_dir(&args.dir, &args.git, &args.placement, host, true).await?;
+        spec_dir(&args.dir, &args.git, &args.placement, host, true, false).await?;
     let live = match &args.observed {
         None => Some(host::live(host, true).await?.0),
         Some(_) => None,

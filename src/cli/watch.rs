@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
+use uvmctl::source::{GatePolicy, Synced};
 use uvmctl::virtstack::HostOptions;
 use uvmctl::watch::signals::{self, RefusedLog};
 
@@ -29,50 +30,70 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
     }
     let (vs, state_dir) = host::live(host, false).await?;
     let cache = args.git.cache(host);
+    let gated = gate(&args.rollout)?;
     let source = args
         .git
         .source(cache.clone(), args.placement.placement()?)?
-        .map(|s| match gate(&args.rollout) {
-            Ok(Some(g)) => Ok(s.gated(g)),
-            Ok(None) => Ok(s),
-            Err(e) => Err(e),
-        })
-        .transpose()?;
-    let mut refused = RefusedLog::default();
-    let mut waits = signals::GateLog::default();
+        .map(|s| {
+            s.with_gate(match &gated {
+                Some(g) => GatePolicy::Ask(g.clone()),
+                None => GatePolicy::Ungated,
+            })
+        });
+    // Served and heard from the start: a host of a later wave may wait at
+    // its gate before anything is in force.
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?;
+            let metrics = uvmctl::watch::metrics::Metrics::new();
+            tracing::info!(
+                "metrics at http://{}/metrics",
+                listener.local_addr().map_or(addr, |a| a)
+            );
+            tokio::spawn(uvmctl::watch::metrics::serve(listener, metrics.clone()));
+            Some(metrics)
+        }
+        None => None,
+    };
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fetch_now = source
+        .as_ref()
+        .map(|_| Arc::new(tokio::sync::Notify::new()));
+    signals::forward_os_signals(sig_tx.clone(), fetch_now.clone())?;
+    let mut logs = (RefusedLog::default(), signals::GateLog::default());
     let dir = match (&args.dir, &source) {
         (_, Some(source)) => {
-            loop {
-                match source.sync().await {
-                    // Nothing in force yet, and the gate is closed: wait
-                    // for it (a new host joins where its wave stands).
-                    Ok(uvmctl::source::Synced::Waiting {
-                        in_force: None,
-                        gate,
-                    }) => {
-                        waits.log(&gate);
-                        tokio::time::sleep(args.git_interval.max(Duration::from_secs(1))).await;
-                    }
-                    Ok(s) => {
-                        if let uvmctl::source::Synced::Waiting { gate, .. } = &s {
-                            waits.log(gate);
-                        }
-                        tracing::info!(
-                            url = %source.options().url,
-                            "revision in force: {}",
-                            s.in_force().map_or("none".into(), ToString::to_string)
-                        );
-                        break;
-                    }
-                    // What an earlier run put in force stays in force.
-                    Err(e) if source.spec_dir().exists() => {
-                        refused.log(source, &e);
-                        break;
-                    }
-                    Err(e) => {
-                        bail!("{e}; nothing is in force yet, so there is nothing to watch")
-                    }
+            match source.sync().await {
+                Ok(Synced::Waiting { gate, .. }) => logs.1.log(&gate),
+                Ok(s) => tracing::info!(
+                    url = %source.options().url,
+                    "revision in force: {}",
+                    s.in_force().map_or("none".into(), ToString::to_string)
+                ),
+                // What an earlier run put in force stays in force.
+                Err(e) if source.spec_dir().exists() => logs.0.log(source, &e),
+                // A host of a later wave waits below whatever the reason.
+                Err(e) if gated.is_some() => logs.0.log(source, &e),
+                Err(e) => bail!("{e}; nothing is in force yet, so there is nothing to watch"),
+            }
+            if let (Some(wave), Some(fetch_now)) = (args.rollout.wave, &fetch_now)
+                && !source.spec_dir().exists()
+            {
+                let first = signals::FirstRevision {
+                    source,
+                    every: args.git_interval,
+                    wave,
+                    state_dir: &state_dir,
+                    metrics: metrics.as_ref(),
+                };
+                if !first.wait(&mut sig_rx, fetch_now, &mut logs).await? {
+                    tracing::info!("stopped before anything was in force");
+                    return Ok(0);
                 }
+                tracing::info!(url = %source.options().url, "revision in force: {}",
+                    source.status().applied.map_or("none".into(), |r| r.to_string()));
             }
             source.spec_dir()
         }
@@ -89,36 +110,11 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         }
         (None, None) => bail!("give a spec directory or --git URL"),
     };
-    let metrics = match args.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?;
-            let metrics = uvmctl::watch::metrics::Metrics::new();
-            tracing::info!(
-                "metrics at http://{}/metrics",
-                listener.local_addr().map_or(addr, |a| a)
-            );
-            tokio::spawn(uvmctl::watch::metrics::serve(listener, metrics.clone()));
-            Some(metrics)
-        }
-        None => None,
-    };
-    let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
-    let fetch_now = source
-        .as_ref()
-        .map(|_| Arc::new(tokio::sync::Notify::new()));
     if let (Some(source), Some(fetch_now)) = (source.clone(), &fetch_now) {
         let every = args.git_interval;
-        signals::poll_git(
-            source,
-            every,
-            fetch_now.clone(),
-            sig_tx.clone(),
-            (refused, waits),
-        );
+        signals::poll_git(source, every, fetch_now.clone(), sig_tx.clone(), logs);
     }
-    signals::forward_os_signals(sig_tx, fetch_now)?;
+    drop(sig_tx);
     let opts = uvmctl::watch::WatchOptions {
         dir,
         resync: args.resync.max(Duration::from_millis(100)),

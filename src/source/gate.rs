@@ -71,7 +71,12 @@ pub fn render(template: &str, waits_on: u32, revision: &Revision, soak: Duration
     template
         .replace("$wave", &waits_on.to_string())
         .replace("$revision", &revision.sha)
-        .replace("$soak", &soak.as_secs().to_string())
+        .replace("$soak", &soak_seconds(soak).to_string())
+}
+
+/// The soak in whole seconds, rounded up: never shorter than asked.
+fn soak_seconds(soak: Duration) -> u64 {
+    soak.as_secs() + u64::from(soak.subsec_nanos() > 0)
 }
 
 /// Prometheus's answer document (`/api/v1/query`).
@@ -101,9 +106,10 @@ struct Sample {
     value: (f64, String),
 }
 
-/// Whether an answer opens the gate, and how to say it. It opens on a
-/// successful instant vector or scalar with at least one sample, every one
-/// of them a number other than zero; anything else keeps it closed.
+/// Whether an answer opens the gate, and how to say it. It opens on an
+/// HTTP 200 with a successful instant vector or scalar of at least one
+/// sample, every one of them a number other than zero; anything else keeps
+/// it closed.
 pub fn judge(status: u16, body: &[u8]) -> (bool, String) {
     let reply: Reply = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -151,6 +157,9 @@ pub fn judge(status: u16, body: &[u8]) -> (bool, String) {
         .join(", ");
     if values.len() > 5 {
         said.push_str(&format!(", ... ({} samples)", values.len()));
+    }
+    if status != 200 {
+        return (false, shown(&format!("HTTP {status}: {said}")));
     }
     (open, shown(&said))
 }
@@ -225,6 +234,9 @@ mod tests {
         );
         assert!(q.ends_with(">= 300)"), "{q}");
         assert!(!q.contains('$'), "{q}");
+        let q = render("$soak", 1, &rev(), Duration::from_millis(1500));
+        assert_eq!(q, "2", "rounded up");
+        assert_eq!(render("$soak", 1, &rev(), Duration::ZERO), "0");
     }
 
     #[test]
@@ -243,6 +255,9 @@ mod tests {
         let two = format!("{},{}", sample("1"), sample("0"));
         assert!(!judge(200, vector(&two).as_bytes()).0, "one zero closes it");
         assert!(!judge(200, vector(&sample("NaN")).as_bytes()).0);
+        let (shut, said) = judge(503, vector(&sample("1")).as_bytes());
+        assert!(!shut, "only a 200 opens it");
+        assert_eq!(said, "HTTP 503: 1");
         assert!(
             judge(
                 200,

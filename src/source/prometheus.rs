@@ -51,6 +51,9 @@ impl std::str::FromStr for PrometheusUrl {
                 let (host, after) = v6
                     .split_once(']')
                     .ok_or_else(|| format!("{url:?}: an IPv6 address in [...]"))?;
+                if !after.is_empty() && !after.starts_with(':') {
+                    return Err(format!("{url:?}: only a port may follow the address"));
+                }
                 (host, after.strip_prefix(':'))
             }
             None => match authority.split_once(':') {
@@ -148,8 +151,9 @@ impl PrometheusUrl {
         let (mut send, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| e.to_string())?;
-        // The connection is driven beside the request; it ends with it.
-        let driver = tokio::spawn(conn);
+        // The connection is driven beside the request, and ends with it
+        // however the request ends (an error, the timeout dropping it).
+        let driver = AbortOnDrop(tokio::spawn(conn));
         let authority = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -177,8 +181,17 @@ impl PrometheusUrl {
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        driver.abort();
+        drop(driver);
         Ok(Answer { status, body })
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -202,6 +215,7 @@ mod tests {
             "http://prom:99999",
             "http://prom:9090/x?y=1",
             "http://pr om:9090",
+            "http://[::1]junk",
         ] {
             assert!(bad.parse::<PrometheusUrl>().is_err(), "{bad} accepted");
         }

@@ -656,7 +656,7 @@ async fn a_closed_gate_keeps_the_revision_in_force() {
     let first = origin.commit("web", &[]);
     let cache = tempfile::tempdir().expect("tempdir");
     let gate = std::sync::Arc::new(TestGate::default());
-    let src = source(&origin, cache.path()).gated(gate.clone());
+    let src = source(&origin, cache.path()).with_gate(GatePolicy::Ask(gate.clone()));
     // Nothing in force yet: it waits too.
     let waiting = src.sync().await.expect("sync");
     assert!(
@@ -693,8 +693,77 @@ async fn a_closed_gate_keeps_the_revision_in_force() {
         (false, second.as_str(), "no sample")
     );
     assert!(status.last_error.is_none(), "waiting is no error");
+    // By hand on the same cache: refused while the gate has not passed it,
+    // unless asked; the record stays for the watcher.
+    let err = source(&origin, cache.path())
+        .sync()
+        .await
+        .expect_err("a manual sync respects the gate");
+    assert!(
+        matches!(
+            &err,
+            SourceError::Gated {
+                wave: 2,
+                waits_on: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--ignore-gate"), "{err}");
+    assert_eq!(
+        names(&src.spec_dir()),
+        ["web"],
+        "the revision in force stays"
+    );
+
     gate.open.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(src.sync().await.expect("sync"), Synced::Applied(r) if r.sha == second));
     assert_eq!(names(&src.spec_dir()), ["db", "web"]);
     assert!(src.status().applied_at.is_some());
+
+    // Past a closed gate with --ignore-gate; and a watcher with no wave
+    // any more drops the record.
+    gate.open.store(false, std::sync::atomic::Ordering::SeqCst);
+    origin.write("specs/cache.yaml", &vm("cache"));
+    let third = origin.commit("cache", &[]);
+    assert!(matches!(
+        src.sync().await.expect("sync"),
+        Synced::Waiting { .. }
+    ));
+    let by_hand = source(&origin, cache.path()).with_gate(GatePolicy::Manual { ignore: true });
+    assert!(matches!(by_hand.sync().await.expect("sync"), Synced::Applied(r) if r.sha == third));
+    assert!(src.status().gate.is_some());
+    let ungated = source(&origin, cache.path()).with_gate(GatePolicy::Ungated);
+    assert!(matches!(
+        ungated.sync().await.expect("sync"),
+        Synced::Unchanged(_)
+    ));
+    assert_eq!(src.status().gate, None);
+}
+
+/// While a newer revision waits at the gate, the one in force is kept
+/// whole: a removed link is put back.
+#[tokio::test]
+async fn the_revision_in_force_is_kept_whole_while_the_gate_is_closed() {
+    let origin = Origin::new();
+    origin.write("specs/web.yaml", &vm("web"));
+    origin.commit("web", &[]);
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gate = std::sync::Arc::new(TestGate::default());
+    gate.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let src = source(&origin, cache.path()).with_gate(GatePolicy::Ask(gate.clone()));
+    assert!(matches!(
+        src.sync().await.expect("sync"),
+        Synced::Applied(_)
+    ));
+    gate.open.store(false, std::sync::atomic::Ordering::SeqCst);
+    origin.write("specs/db.yaml", &vm("db"));
+    origin.commit("db", &[]);
+    std::fs::remove_file(src.spec_dir()).expect("rm link");
+    assert!(matches!(
+        src.sync().await.expect("sync"),
+        Synced::Waiting { .. }
+    ));
+    assert_eq!(names(&src.spec_dir()), ["web"], "put back, not moved on");
 }

@@ -60,8 +60,17 @@ pub struct Metrics {
     rollout_in_force: Family<Labels, Gauge>,
     rollout_healthy_since: Family<Labels, Gauge>,
     rollout_gate_open: Family<Labels, Gauge>,
-    /// The rollout series shown now, by family.
-    rollout_shown: std::sync::Mutex<[Vec<Labels>; 4]>,
+    /// The rollout series shown now.
+    rollout_shown: std::sync::Mutex<RolloutShown>,
+}
+
+/// The rollout series shown now, by family.
+#[derive(Default)]
+struct RolloutShown {
+    wave: Vec<Labels>,
+    in_force: Vec<Labels>,
+    healthy_since: Vec<Labels>,
+    gate_open: Vec<Labels>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -415,25 +424,27 @@ impl Metrics {
             .rollout_shown
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let [wave, in_force, healthy, _] = &mut *shown;
-        let mut now: [Vec<(Labels, i64)>; 3] = Default::default();
+        let (mut wave, mut in_force, mut healthy) = (Vec::new(), Vec::new(), Vec::new());
         if let Some(r) = rollout {
             let w = r.wave.to_string();
-            now[0].push((vec![("wave", w.clone())], 1));
+            wave.push((vec![("wave", w.clone())], 1));
             if let Some(rev) = &r.revision {
                 let labels: Labels = vec![("wave", w.clone()), ("revision", rev.clone())];
                 if let Some(t) = r.in_force_since {
-                    now[1].push((labels.clone(), secs(t)));
+                    in_force.push((labels.clone(), secs(t)));
                 }
                 if let Some(t) = r.healthy_since {
-                    now[2].push((labels, secs(t)));
+                    healthy.push((labels, secs(t)));
                 }
             }
         }
-        let [w, f, h] = now;
-        Self::set_exactly(&self.rollout_wave, wave, w);
-        Self::set_exactly(&self.rollout_in_force, in_force, f);
-        Self::set_exactly(&self.rollout_healthy_since, healthy, h);
+        Self::set_exactly(&self.rollout_wave, &mut shown.wave, wave);
+        Self::set_exactly(&self.rollout_in_force, &mut shown.in_force, in_force);
+        Self::set_exactly(
+            &self.rollout_healthy_since,
+            &mut shown.healthy_since,
+            healthy,
+        );
     }
 
     /// The source as its cache says now: a fetch alone wakes no reconcile.
@@ -486,7 +497,7 @@ impl Metrics {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             Self::set_exactly(
                 &self.rollout_gate_open,
-                &mut shown[3],
+                &mut shown.gate_open,
                 gate.into_iter().collect(),
             );
         }

@@ -424,6 +424,14 @@ impl Watcher {
         if let Some(m) = &self.opts.metrics {
             m.reconciled(&vm, &trigger, &r.outcome, took);
         }
+        // A VM changed, relaunched, pruned or failing: a rollout's soak
+        // starts again (whatever triggered it).
+        if matches!(
+            r.outcome,
+            Outcome::Applied(_) | Outcome::Pruned | Outcome::Failed(_)
+        ) {
+            self.soak.disturb();
+        }
         let backoff = self.opts.backoff;
         let e = self.tracked(&vm);
         if r.images.is_some() {
@@ -794,6 +802,15 @@ impl Watcher {
         let Some(mut cache) = self.cache.take() else {
             return;
         };
+        // Read before the specs: the source swaps its link before it says
+        // so, so the revision named is never newer than the specs loaded.
+        let revision = self
+            .opts
+            .source
+            .as_deref()
+            .and_then(crate::source::read_status)
+            .and_then(|s| s.applied)
+            .map(|r| r.to_string());
         let started = Instant::now();
         let (cache, loaded) = tokio::task::spawn_blocking(move || {
             let loaded = match &how {
@@ -825,13 +842,7 @@ impl Watcher {
             "specs reloaded"
         );
         self.cache = Some(cache);
-        self.revision = self
-            .opts
-            .source
-            .as_deref()
-            .and_then(crate::source::read_status)
-            .and_then(|s| s.applied)
-            .map(|r| r.to_string());
+        self.revision = revision;
         // A policy that changed may open or close a window for any VM.
         let changed = match (&self.policy, &loaded.policy) {
             (None, None) => false,

@@ -127,6 +127,9 @@ pub struct Entry {
     /// Held outside its maintenance window: reconciled again at this time
     /// (whatever else marks it meanwhile goes as usual).
     pub window_at: Option<Instant>,
+    /// Its spec changed and no reconcile has taken the change in yet (a
+    /// rollout's soak waits for it; a resync's reconcile does not).
+    pub changing: bool,
 }
 
 /// What the loop does with a VM's event subscription after a reconcile.
@@ -226,6 +229,7 @@ impl Entry {
         self.retry_at = None;
         self.recover_after = None;
         self.status.held.clear();
+        self.changing = true;
         self.mark(Trigger::Spec);
     }
 
@@ -257,6 +261,11 @@ impl Entry {
     pub fn finished(&mut self, done: &Finished<'_>, now: Instant, backoff: &Backoff) -> Next {
         self.in_flight = false;
         self.first_round = false;
+        // Taken in, or held or failing (which say so themselves); a busy
+        // lock or a backoff took nothing in.
+        if !matches!(done.outcome, Outcome::Busy | Outcome::BackingOff) {
+            self.changing = false;
+        }
         let again = std::mem::take(&mut self.again);
         let mut say = Vec::new();
         if done.crashed && done.launched {

@@ -8,18 +8,23 @@ use super::status::HealthState;
 use std::collections::BTreeMap;
 
 /// Why the revision in force is not settled and healthy on this host yet:
-/// a VM reconciling or waiting to, held, failing, reverted, judged or
-/// unhealthy, or a spec that fails to load. `None` once nothing is left.
+/// a VM whose spec changed and was not taken in yet (or not reconciled
+/// since the watcher started), held, failing or crashing, reverted, to be
+/// pruned, judged or unhealthy, or a spec that fails to load. `None` once
+/// nothing is left. A periodic resync or an event alone unsettles nothing:
+/// what its reconcile changes restarts the soak ([`Soak::disturb`]).
 pub(super) fn unsettled(vms: &BTreeMap<String, Entry>, spec_errors: usize) -> Option<String> {
     let mut first = None;
     let mut count = 0usize;
     for (vm, e) in vms {
-        let why = if e.in_flight || e.dirty.is_some() {
+        let why = if e.changing || e.first_round {
             "reconciling"
         } else if !e.status.held.is_empty() {
             "held"
-        } else if e.failures > 0 {
+        } else if e.failures > 0 || e.crash_streak > 0 {
             "failing"
+        } else if e.prune {
+            "to be pruned"
         } else if e.revert.is_some() {
             "reverted"
         } else if e.status.spec_error.is_some() {
@@ -69,6 +74,12 @@ impl Soak {
         }
         self.healthy_since
     }
+
+    /// Something was done to a VM (a change applied, a relaunch, a prune,
+    /// a failure): the soak starts again at the next settled moment.
+    pub(super) fn disturb(&mut self) {
+        self.healthy_since = None;
+    }
 }
 
 /// The commit of a revision as the source shows it (`main@sha1:<sha>`).
@@ -110,11 +121,29 @@ mod tests {
         assert_eq!(unsettled(&vms, 2).as_deref(), Some("2 spec error(s)"));
         type Set = Box<dyn Fn(&mut Entry)>;
         let cases: Vec<(&str, Set)> = vec![
+            ("reconciling", Box::new(|e: &mut Entry| e.spec_changed())),
             (
                 "reconciling",
-                Box::new(|e: &mut Entry| e.dirty = Some(Trigger::Spec)),
+                Box::new(|e: &mut Entry| e.first_round = true),
             ),
-            ("reconciling", Box::new(|e: &mut Entry| e.in_flight = true)),
+            ("failing", Box::new(|e: &mut Entry| e.crash_streak = 1)),
+            ("to be pruned", Box::new(|e: &mut Entry| e.prune = true)),
+            (
+                "reverted",
+                Box::new(|e: &mut Entry| {
+                    e.dirty = Some(Trigger::Resync);
+                    e.in_flight = true;
+                    e.status.revert = None;
+                    e.revert = Some(crate::watch::revert::Revert {
+                        from: "failed".into(),
+                        to: std::sync::Arc::new(crate::plan::tests::base("b")),
+                        to_spec: "healthy".into(),
+                        probe: "agent".into(),
+                        answer: "no".into(),
+                        state: crate::watch::revert::RevertState::Reverted,
+                    });
+                }),
+            ),
             (
                 "held",
                 Box::new(|e: &mut Entry| e.status.held = vec!["x".into(), "why".into()]),
@@ -161,6 +190,8 @@ mod tests {
         assert_eq!(s.update(Some("r1"), false, 21), None, "a flap");
         assert_eq!(s.update(Some("r1"), true, 22), Some(22));
         assert_eq!(s.update(Some("r2"), true, 30), Some(30), "a new revision");
+        s.disturb();
+        assert_eq!(s.update(Some("r2"), true, 31), Some(31), "a change made");
     }
 
     #[test]

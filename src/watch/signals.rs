@@ -69,9 +69,8 @@ pub fn poll_git(
     interval: Duration,
     fetch_now: Arc<Notify>,
     tx: UnboundedSender<Signal>,
-    logs: (RefusedLog, GateLog),
+    (mut refused, mut waits): (RefusedLog, GateLog),
 ) {
-    let (mut refused, mut waits) = logs;
     let interval = interval.max(Duration::from_secs(1));
     tokio::spawn(async move {
         loop {
@@ -162,5 +161,108 @@ impl RefusedLog {
             in_force.as_deref().unwrap_or("none")
         );
         self.last = Some(said);
+    }
+}
+
+/// Where a host of a later wave with nothing in force yet waits.
+pub struct FirstRevision<'a> {
+    /// The source, with its gate.
+    pub source: &'a GitSource,
+    /// How often it is asked again (`--git-interval`).
+    pub every: Duration,
+    /// This host's wave.
+    pub wave: u32,
+    /// The state directory: its status file says why nothing runs yet.
+    pub state_dir: &'a std::path::Path,
+    /// The watcher's metrics, if served.
+    pub metrics: Option<&'a Arc<super::metrics::Metrics>>,
+}
+
+impl FirstRevision<'_> {
+    /// Waits until a revision is in force (`Ok(true)`), or a stop signal
+    /// comes first (`Ok(false)`), asking the source each `every` (at once
+    /// on SIGHUP). Meanwhile the status file, the metrics and systemd say
+    /// why nothing runs, under the watcher's own lock. A fetch that fails
+    /// meanwhile is logged and tried again: the gate is the reason to wait.
+    ///
+    /// # Errors
+    /// Another watcher holds the state directory.
+    pub async fn wait(
+        &self,
+        signals: &mut tokio::sync::mpsc::UnboundedReceiver<Signal>,
+        fetch_now: &Notify,
+        logs: &mut (RefusedLog, GateLog),
+    ) -> Result<bool, super::WatchError> {
+        let holder = format!("uvmctl watch --git {}", self.source.options().url);
+        let _lock = crate::apply::lock::StateLock::acquire_named(
+            self.state_dir,
+            "watch.lock",
+            Duration::ZERO,
+            &holder,
+        )
+        .map_err(super::WatchError::AlreadyWatched)?;
+        let started = super::unix_now();
+        loop {
+            if self.source.spec_dir().exists() {
+                return Ok(true);
+            }
+            let why = match self.source.sync().await {
+                Ok(Synced::Waiting { gate, .. }) => {
+                    logs.1.log(&gate);
+                    format!(
+                        "nothing in force yet: {} waits for the gate of wave {}: {}",
+                        gate.revision, gate.waits_on, gate.answer
+                    )
+                }
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    logs.0.log(self.source, &e);
+                    format!("nothing in force yet: {e}")
+                }
+            };
+            self.say(&why, started);
+            tokio::select! {
+                () = tokio::time::sleep(self.every.max(Duration::from_secs(1))) => {}
+                () = fetch_now.notified() => {}
+                got = signals.recv() => {
+                    if matches!(got, None | Some(Signal::Stop)) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The status file, the metrics and systemd say `why`.
+    fn say(&self, why: &str, started: u64) {
+        let status = super::status::WatchStatus {
+            pid: std::process::id(),
+            dir: self.source.spec_dir(),
+            started,
+            updated: super::unix_now(),
+            source: Some(self.source.status()),
+            source_cache: Some(self.source.options().cache.clone()),
+            rollout: Some(super::status::RolloutStatus {
+                wave: self.wave,
+                unsettled: Some(why.to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = super::status::write(self.state_dir, &status) {
+            tracing::warn!(dir = %self.state_dir.display(), "cannot write the status file: {e}");
+        }
+        if let Some(m) = self.metrics {
+            m.update(
+                &status,
+                &std::collections::BTreeMap::new(),
+                super::unix_now(),
+            );
+        }
+        // Up, as far as systemd is concerned: waiting is this service's work.
+        super::status::sd_notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(why),
+        ]);
     }
 }

@@ -1130,3 +1130,72 @@ async fn a_host_of_a_wave_says_since_when_its_revision_is_settled_and_healthy() 
     assert!(metrics.encode().contains(&healthy));
     w.stop().await;
 }
+
+/// Issue 35: a periodic resync (here far shorter than any soak) reconciles
+/// every VM again without restarting the soak; a change it makes does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_changes_nothing_keeps_the_soak_going() {
+    let fake = Fake::new(caps());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let source = crate::source::SourceStatus {
+        applied: Some(crate::source::Revision {
+            reference: "main".into(),
+            sha: "c".repeat(40),
+        }),
+        ..Default::default()
+    };
+    std::fs::write(
+        cache.path().join("source.json"),
+        serde_json::to_vec(&source).expect("json"),
+    )
+    .expect("source.json");
+    let files: Vec<(&str, String)> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| (n, spec(n, &[], "")))
+        .collect();
+    let mut w = start(&fake, &files, |o| {
+        o.wave = Some(1);
+        o.source = Some(cache.path().to_path_buf());
+        o.resync = Duration::from_millis(300);
+    });
+    for vm in ["a", "b", "c"] {
+        w.next_for(vm).await;
+    }
+    let state = w.state.path().to_path_buf();
+    let since = move || {
+        status::read(&state)
+            .and_then(|(s, _)| s.rollout)
+            .and_then(|r| r.healthy_since)
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while since().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = since();
+    // Several resyncs, across a whole second or two.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let resyncs = w
+        .quiet_for(Duration::from_millis(1))
+        .await
+        .into_iter()
+        .filter(|r| r.trigger == Trigger::Resync)
+        .count();
+    assert!(resyncs >= 6, "resyncs ran: {resyncs}");
+    assert_eq!(since(), first, "the soak goes on");
+
+    // Drift a resync corrects is a change: the soak starts again.
+    let mut b = fake.get("b").expect("b");
+    b.config.memory.size_mb = 512;
+    fake.insert("b", b);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while since() == first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the soak started again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(since() > first || since().is_none());
+    w.stop().await;
+}

@@ -1751,9 +1751,11 @@ fn a_fix_after_a_refused_revision_is_applied_at_the_next_fetch() {
     assert!(!logged.contains("notify::inotify"), "{logged}");
 }
 
-/// Issue 35: a host of wave 2 needs the Prometheus its gate asks; with one
-/// that does not answer, a host with nothing in force yet puts nothing in
-/// force and creates nothing, and its source says why.
+/// Issue 35: a host of wave 2 needs the Prometheus its gate asks, and
+/// metrics to publish its own part. With a Prometheus that does not answer,
+/// a host with nothing in force yet puts nothing in force, creates nothing,
+/// and says why (status, metrics); `apply --git` on its cache is refused
+/// unless `--ignore-gate`.
 #[test]
 fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
     let t = TestContext::new();
@@ -1766,39 +1768,43 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
     let sha = git(&["rev-parse", "HEAD"]);
     let url = format!("file://{}", origin.display());
     let state = t.path("state");
-    let watch = |extra: &[&str]| {
+    let sim = || {
         let mut c = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
-        c.args(["--virtstack", "sim", "--state-dir"])
-            .arg(&state)
-            .args([
-                "watch",
-                "--git",
-                &url,
-                "--git-path",
-                "specs",
-                "--git-interval",
-                "1s",
-            ])
+        c.args(["--virtstack", "sim", "--state-dir"]).arg(&state);
+        c
+    };
+    let watch = |extra: &[&str]| {
+        let mut c = sim();
+        c.args(["watch", "--git", &url, "--git-path", "specs"])
+            .args(["--git-interval", "1s"])
             .args(extra);
         c
     };
-    let out = watch(&["--wave", "2"]).output().expect("runs");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out)
-            .contains("--wave 2: its gate asks the fleet's Prometheus; give --prometheus URL"),
-        "{}",
-        stderr(&out)
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let refused = |extra: &[&str], says: &str| {
+        let out = watch(extra).output().expect("runs");
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)) && stderr(&out).contains(says),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    };
+    refused(&["--wave", "2"], "--metrics-listen");
+    refused(
+        &["--wave", "2", "--metrics-listen", &listen],
+        "--wave 2: its gate asks the fleet's Prometheus; give --prometheus URL",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
-        .args(["--virtstack", "sim", "--state-dir"])
-        .arg(&state)
+    let out = sim()
         .arg("watch")
         .arg(t.path("specs"))
-        .args(["--wave", "2"])
+        .args(["--wave", "2", "--metrics-listen", &listen])
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out)
             .contains("--wave: a wave puts revisions of a git repository in force; give --git URL"),
@@ -1810,61 +1816,110 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
     let log = t.path("watch.log");
-    let mut w = watch(&[
-        "--wave",
-        "2",
-        "--prometheus",
-        &format!("http://127.0.0.1:{port}"),
-    ])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::fs::File::create(&log).expect("log"))
-    .spawn()
-    .expect("watch runs");
+    let prometheus = format!("http://127.0.0.1:{port}");
+    let mut w = watch(&["--wave", "2", "--prometheus", &prometheus])
+        .args(["--metrics-listen", &listen])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("watch runs");
     let source = state.join("git/source.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let gate = loop {
-        let v: serde_json::Value = std::fs::read(&source)
+    let gate = || -> serde_json::Value {
+        std::fs::read(&source)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        if v["gate"]["checkedAt"].is_u64() && v["fetched"]["sha"] == sha.as_str() {
-            break v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gate asked within 20 s: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
+            .unwrap_or_default()
     };
-    // A second ask, a second later: it keeps waiting.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    nix_kill(w.id(), "TERM");
-    let _ = w.wait();
-    assert_eq!(gate["gate"]["open"], false, "{gate}");
-    assert_eq!(gate["gate"]["waitsOn"], 1, "{gate}");
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within 20 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    until("the gate asked", &|| {
+        gate()["gate"]["checkedAt"].is_u64() && gate()["fetched"]["sha"] == sha.as_str()
+    });
+    let first = gate()["gate"]["checkedAt"].as_u64().expect("asked");
+    until("the gate asked again", &|| {
+        gate()["gate"]["checkedAt"].as_u64() > Some(first)
+    });
+    let g = gate();
+    assert_eq!(g["gate"]["open"], false, "{g}");
+    assert_eq!(g["gate"]["waitsOn"], 1, "{g}");
     assert!(
-        gate["gate"]["answer"]
+        g["gate"]["answer"]
             .as_str()
             .is_some_and(|a| a.contains("unreachable")),
-        "{gate}"
+        "{g}"
     );
-    assert!(gate["applied"].is_null(), "nothing in force: {gate}");
+    assert!(g["applied"].is_null(), "nothing in force: {g}");
     assert!(!state.join("git/specs").exists(), "nothing checked out");
+
+    // Said in status and in the metrics while it waits.
+    let out = sim().arg("status").output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "gate of wave 1: closed, waiting to put in force main@sha1:{sha}"
+        )) && text.contains("rollout: wave 2, not settled: nothing in force yet"),
+        "{text}"
+    );
+    let scraped = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metrics/scrape.py"))
+        .arg(format!("http://{listen}/metrics"))
+        .output()
+        .expect("scrape.py");
+    let m: serde_json::Value = serde_json::from_slice(&scraped.stdout).expect("json");
+    assert_eq!(
+        m["families"]["uvmctl_rollout_gate_open"]["samples"][0][2], 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        m["families"]["uvmctl_rollout_wave"]["samples"][0][1]["wave"], "2",
+        "{m}"
+    );
+    nix_kill(w.id(), "TERM");
+    let status = w.wait().expect("exits");
+    assert!(status.success(), "a stop while waiting is a clean exit");
     let logged = std::fs::read_to_string(&log).expect("log");
     assert_eq!(
         logged.matches("waiting for the gate of wave 1").count(),
         1,
         "said once, not at every ask: {logged}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
-        .args(["--virtstack", "sim", "--state-dir"])
-        .arg(&state)
+    let out = sim()
         .args(["status", "--output", "json"])
         .output()
         .expect("status");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["vms"], serde_json::json!([]), "nothing created");
+
+    // By hand on the watcher's cache: refused, unless the person means it.
+    let apply = |extra: &[&str]| {
+        sim()
+            .args(["apply", "--git", &url, "--git-path", "specs", "--yes"])
+            .args(extra)
+            .output()
+            .expect("apply runs")
+    };
+    let out = apply(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a watcher of rollout wave 2 follows this cache")
+            && stderr(&out).contains("--ignore-gate"),
+        "{}",
+        stderr(&out)
+    );
+    let out = apply(&["--ignore-gate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sim().arg("status").output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("web"), "{text}");
 }
 
 fn nix_kill(pid: u32, signal: &str) {
