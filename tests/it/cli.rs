@@ -1720,17 +1720,7 @@ fn a_fix_after_a_refused_revision_is_applied_at_the_next_fetch() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v["vms"][0]["memoryMb"].as_u64()
     };
-    let until = |what: &str, ok: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !ok() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what} within 20 s: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    };
+    let until = |what: &str, ok: &dyn Fn() -> bool| until_logged(&log, what, ok);
     until("web created", &|| memory() == Some(64));
     let broken = commit("apiVersion: [\n", "broken");
     until("the broken revision refused", &|| {
@@ -1830,17 +1820,7 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     };
-    let until = |what: &str, ok: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !ok() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what} within 20 s: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    };
+    let until = |what: &str, ok: &dyn Fn() -> bool| until_logged(&log, what, ok);
     until("the gate asked", &|| {
         gate()["gate"]["checkedAt"].is_u64() && gate()["fetched"]["sha"] == sha.as_str()
     });
@@ -1920,6 +1900,19 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
     let out = sim().arg("status").output().expect("status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("web"), "{text}");
+}
+
+/// Waits (at most 20 s) until `ok`; the watcher's log `log` says why not.
+fn until_logged(log: &Path, what: &str, ok: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within 20 s: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn nix_kill(pid: u32, signal: &str) {
