@@ -1058,3 +1058,63 @@ fn a_restart_outside_its_window_waits_for_it_and_then_restarts_the_guest() {
     let status = w.term();
     assert!(status.success(), "{status:?}");
 }
+
+/// A guest that panics while its vsock backend does not answer: QEMU stops
+/// the device first and waits for the backend with no bound (vhost-user in
+/// QEMU 7.2), its main loop blocked, so it never exits. The watcher that
+/// follows the VM stops the backend after a grace; QEMU then ends, and the
+/// end is reported. (A loaded full-suite run once saw a panicked QEMU hang
+/// this way for minutes.)
+#[test]
+fn a_guest_that_panics_while_its_vsock_backend_hangs_still_ends() {
+    use std::io::{BufRead, BufReader};
+    let h = Host::new();
+    h.write_spec("stuck", &h.spec("stuck", ""));
+    let w = h.watch("watch.log", &["--backoff", "10m"]);
+    h.agent("stuck");
+    let backend = h.record_pid("stuck", "vsockPid").expect("a vsock backend");
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &backend.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    // The guest's panic, as its kernel would say it (pvpanic's port), by
+    // hand: QEMU's main loop blocks on the way, so no reply is waited for.
+    let s = std::os::unix::net::UnixStream::connect(h.path("state").join("stuck/qmp.sock"))
+        .expect("qmp socket");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut line = String::new();
+    r.read_line(&mut line).expect("greeting");
+    let mut qmp = s;
+    qmp.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("write");
+    line.clear();
+    r.read_line(&mut line).expect("caps reply");
+    qmp.write_all(
+        b"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"o 0x505 1\"}}\n",
+    )
+    .expect("write");
+    let panicked = Instant::now();
+    w.wait_for("the panic", STEP, |l| {
+        vm_of(l) == "stuck" && l["fields"]["event"] == "GUEST_PANICKED"
+    });
+    w.wait_for("the backend stopped", STEP, |l| {
+        vm_of(l) == "stuck" && message(l).contains("the backend is stopped")
+    });
+    w.wait_for("its end", STEP, |l| {
+        vm_of(l) == "stuck" && message(l) == "its process ended"
+    });
+    let took = panicked.elapsed();
+    assert!(
+        took < Duration::from_secs(40),
+        "ended {took:?} after the panic"
+    );
+    drop(qmp);
+    // Gone, not left stopped (SIGKILL reaches a stopped process).
+    let _ = Command::new("kill")
+        .args(["-KILL", &backend.to_string()])
+        .status();
+}

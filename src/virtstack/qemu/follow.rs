@@ -9,6 +9,24 @@ use super::slot::{ECHO_WAIT, Followed, Seen, VmSlot};
 use super::{launch, serial, vsock};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long QEMU may take to end after the guest panicked or shut down
+/// before its vsock backend is stopped: QEMU stops the device first, and
+/// waits for the backend's answer with no bound (QEMU 7.2, vhost-user).
+const ENDING_GRACE: Duration = Duration::from_secs(10);
+/// How long it may take after that before it is killed.
+const ENDING_KILL: Duration = Duration::from_secs(5);
+
+/// The watch on a QEMU that should be ending.
+struct Ending {
+    /// What said it ends.
+    event: String,
+    /// When the next step is due.
+    at: tokio::time::Instant,
+    /// Its backend was stopped already.
+    backend_stopped: bool,
+}
 
 /// Drops a subscription's entry when it ends.
 struct Unhold {
@@ -48,6 +66,9 @@ impl Machine<'_> {
             .filter(|_| vsock::backend_alive(rec.vsock_pid, &self.host.opts.state_dir, name));
         let dir = self.host.opts.state_dir.clone();
         let vm = name.to_string();
+        let (qemu_pid, uuid) = (rec.pid, rec.machine_uuid.clone());
+        let qmp_socket = self.host.opts.state_dir.qmp_socket(name);
+        let mut ending: Option<Ending> = None;
         // Serial listeners QEMU cannot reconnect to itself: looked at once
         // a second too, and connected again when back (serial.rs).
         let mut serials: Vec<(u32, PathBuf)> = rec
@@ -83,8 +104,29 @@ impl Machine<'_> {
             };
             let mut tick = tokio::time::interval(BACKEND_CHECK);
             loop {
+                let due = ending.as_ref().map(|e| e.at);
                 let got = tokio::select! {
                     got = rx.recv() => got,
+                    () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
+                        let Some(e) = ending.as_mut() else { continue };
+                        if !super::machine::qemu_alive(qemu_pid, uuid.as_deref(), &qmp_socket) {
+                            ending = None;
+                            continue;
+                        }
+                        if e.backend_stopped {
+                            tracing::warn!(vm = %vm, event = %e.event, "QEMU has not ended {:?} after its vsock backend was stopped; killed", ENDING_GRACE + ENDING_KILL);
+                            if let Some(pid) = qemu_pid.and_then(|p| i32::try_from(p).ok()) {
+                                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                            }
+                            ending = None;
+                        } else {
+                            tracing::warn!(vm = %vm, event = %e.event, backend = %vsock::backend_state(backend), "QEMU has not ended {ENDING_GRACE:?} after the guest did: it waits for its vsock backend, which does not answer; the backend is stopped");
+                            vsock::stop_backend(backend, &dir, &vm).await;
+                            e.backend_stopped = true;
+                            e.at = tokio::time::Instant::now() + ENDING_KILL;
+                        }
+                        continue;
+                    }
                     // Nobody listens any more: let the socket go now, not
                     // at the next event (it serves one client at a time).
                     () = tx.closed() => return,
@@ -134,6 +176,17 @@ impl Machine<'_> {
                 });
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
+                        // QEMU exits after these (-action panic=exit-failure,
+                        // shutdown=poweroff): it is watched until it has.
+                        if matches!(e.name.as_str(), "GUEST_PANICKED" | "SHUTDOWN")
+                            && ending.is_none()
+                        {
+                            ending = Some(Ending {
+                                event: e.name.clone(),
+                                at: tokio::time::Instant::now() + ENDING_GRACE,
+                                backend_stopped: false,
+                            });
+                        }
                         crate::vm::VmEvent::Reported(e.name)
                     }
                     Ok(_) => continue,

@@ -10,7 +10,7 @@ use super::state::LaunchRecord;
 use super::{launch, ops, user, vsock};
 use crate::spec::VmConfig;
 use crate::vm::ObservedVm;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
 /// The handle of one VM: every verb on it goes through here.
@@ -348,21 +348,8 @@ impl<'q> Machine<'q> {
     /// Whether the QEMU of `rec` is running: its pid is alive and is really
     /// the QEMU serving this VM's QMP socket (pids get reused).
     pub(super) fn alive(&self, rec: &LaunchRecord) -> bool {
-        let Some(pid) = rec.pid else {
-            return false;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            return false;
-        };
-        // The VM's own SMBIOS UUID (in its record); a QEMU launched before
-        // named its QMP socket's path instead.
         let sock = self.host.opts.state_dir.qmp_socket(&rec.name);
-        let legacy = format!("unix:{},", sock.display());
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        rec.machine_uuid.as_ref().is_some_and(|uuid| {
-            args.windows(2)
-                .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
-        }) || args.iter().any(|a| a.starts_with(legacy.as_bytes()))
+        qemu_alive(rec.pid, rec.machine_uuid.as_deref(), &sock)
     }
 
     /// Last lines QEMU wrote to stderr.
@@ -424,4 +411,22 @@ impl<'q> Machine<'q> {
     pub fn update_record(&self, rec: &LaunchRecord) -> Result<(), QemuError> {
         self.store(rec)
     }
+}
+
+/// Whether `pid` is alive and is really the QEMU of the VM with SMBIOS
+/// UUID `uuid` (pids get reused); a QEMU launched before UUIDs were kept
+/// is known by its QMP socket's path, `qmp_socket`.
+pub(super) fn qemu_alive(pid: Option<u32>, uuid: Option<&str>, qmp_socket: &Path) -> bool {
+    let Some(pid) = pid else {
+        return false;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let legacy = format!("unix:{},", qmp_socket.display());
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    uuid.is_some_and(|uuid| {
+        args.windows(2)
+            .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
+    }) || args.iter().any(|a| a.starts_with(legacy.as_bytes()))
 }

@@ -185,6 +185,37 @@ pub fn backend_alive(pid: Option<u32>, dir: &StateDir, name: &str) -> bool {
     backend_of(pid, dir, name).is_some()
 }
 
+/// What the backend's threads are doing, for a log line (`pid 42: S
+/// ep_poll, S unix_stream_read_generic`): bounded to its first 16 threads.
+pub fn backend_state(pid: Option<u32>) -> String {
+    let Some(pid) = pid else {
+        return "none".into();
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("pid {pid}: gone");
+    };
+    let threads: Vec<String> = tasks
+        .flatten()
+        .take(16)
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command's closing parenthesis.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?");
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            let wchan: String = wchan
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(48)
+                .collect();
+            format!("{state} {wchan}").trim().to_string()
+        })
+        .collect();
+    format!("pid {pid}: {}", threads.join(", "))
+}
+
 /// Whether `pid` is this VM's backend started before the backend had a
 /// directory of its own: it is replaced at the next change to vsock.
 pub fn backend_is_legacy(pid: Option<u32>, dir: &StateDir, name: &str) -> bool {
