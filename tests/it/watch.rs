@@ -1116,5 +1116,6 @@ fn a_guest_that_panics_while_its_vsock_backend_hangs_still_ends() {
     // Gone, not left stopped (SIGKILL reaches a stopped process).
     let _ = Command::new("kill")
         .args(["-KILL", &backend.to_string()])
+        .stderr(Stdio::null())
         .status();
 }
