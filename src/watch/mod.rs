@@ -1116,7 +1116,7 @@ impl Watcher {
                 AfterSignal::Continue
             }
             Some(Signal::Stop) if !draining => {
-                status::sd_notify(&[sd_notify::NotifyState::Stopping]);
+                status::sd_notify(status::Notify::Stopping);
                 let in_flight = self.vms.values().filter(|e| e.in_flight).count();
                 tracing::info!(
                     in_flight,
@@ -1185,7 +1185,7 @@ pub async fn run(
         if w.starting && !w.vms.values().any(|e| e.first_round) {
             w.starting = false;
             tracing::info!("first full reconcile done");
-            status::sd_notify(&[sd_notify::NotifyState::Ready]);
+            status::sd_notify(status::Notify::Ready(None));
         }
         if draining && !w.vms.values().any(|e| e.in_flight) {
             break;

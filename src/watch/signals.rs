@@ -260,9 +260,6 @@ impl FirstRevision<'_> {
             );
         }
         // Up, as far as systemd is concerned: waiting is this service's work.
-        super::status::sd_notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(why),
-        ]);
+        super::status::sd_notify(super::status::Notify::Ready(Some(why)));
     }
 }

@@ -269,16 +269,40 @@ impl StatusLog {
     /// Tells systemd `line` when it changed, not at every write.
     pub(super) fn notify(&mut self, line: String) {
         if self.notified.as_deref() != Some(line.as_str()) {
-            sd_notify(&[sd_notify::NotifyState::Status(&line)]);
+            sd_notify(Notify::Status(&line));
             self.notified = Some(line);
         }
     }
 }
 
-/// Tells systemd `state`.
-pub(super) fn sd_notify(state: &[sd_notify::NotifyState<'_>]) {
-    // Without NOTIFY_SOCKET (not under systemd) this does nothing.
-    let _ = sd_notify::notify(state);
+/// What the watcher tells its service manager.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Notify<'a> {
+    /// Up (with what it is doing, if anything).
+    Ready(Option<&'a str>),
+    /// What it is doing now.
+    Status(&'a str),
+    /// Stopping.
+    Stopping,
+}
+
+/// Tells systemd `state` (without NOTIFY_SOCKET, not under systemd, this
+/// does nothing; nor elsewhere than on unix).
+pub(super) fn sd_notify(state: Notify<'_>) {
+    #[cfg(unix)]
+    {
+        use sd_notify::NotifyState;
+        let _ = match state {
+            Notify::Ready(None) => sd_notify::notify(&[NotifyState::Ready]),
+            Notify::Ready(Some(why)) => {
+                sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(why)])
+            }
+            Notify::Status(line) => sd_notify::notify(&[NotifyState::Status(line)]),
+            Notify::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 #[cfg(test)]
