@@ -5,27 +5,10 @@
 
 #[path = "../fuzz/harness/qmp_reader.rs"]
 mod harness;
+#[path = "support/fuzz_replay.rs"]
+mod replay;
 
 #[test]
 fn every_input_of_the_corpus_keeps_the_targets_properties() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/qmp_reader");
-    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
-        .expect("the corpus")
-        .map(|e| e.expect("an entry").path())
-        .collect();
-    inputs.sort();
-    assert!(!inputs.is_empty(), "no corpus in {}", dir.display());
-    for input in &inputs {
-        let data = std::fs::read(input).expect("an input");
-        let checked = std::panic::catch_unwind(|| harness::check(&data));
-        assert!(
-            checked.is_ok(),
-            "{} breaks a property (above); rerun it with the fuzz target: (cd fuzz && cargo fuzz run --sanitizer none -O qmp_reader {})",
-            input.display(),
-            input
-                .strip_prefix(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz"))
-                .unwrap_or(input)
-                .display()
-        );
-    }
+    replay::replay("qmp_reader", harness::check);
 }

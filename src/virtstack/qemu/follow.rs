@@ -122,6 +122,8 @@ impl Machine<'_> {
                         } else {
                             tracing::warn!(vm = %vm, event = %e.event, backend = %vsock::backend_state(backend), "QEMU has not ended {ENDING_GRACE:?} after the guest did: it waits for its vsock backend, which does not answer; the backend is stopped");
                             vsock::stop_backend(backend, &dir, &vm).await;
+                            // Stopped on purpose: not a backend that died.
+                            backend = None;
                             e.backend_stopped = true;
                             e.at = tokio::time::Instant::now() + ENDING_KILL;
                         }
