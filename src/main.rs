@@ -4,7 +4,7 @@
 //! directory stayed locked, 5 a saved plan is stale).
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches};
 use std::io::Write;
 use std::process::ExitCode;
 use uvmctl::apply::lock::LockError;
@@ -38,7 +38,16 @@ async fn main() -> ExitCode {
     // mode is root's alone, whatever umask the caller had.
     uvmctl::hostfs::private_umask();
     uvmctl::hostfs::raise_nofile_limit();
-    let cli = match Cli::try_parse() {
+    let mut command = Cli::command();
+    let parsed = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|m| {
+            if let Some(why) = cli::args::git_option_without_git(&command, &m) {
+                return Err(command.error(clap::error::ErrorKind::MissingRequiredArgument, why));
+            }
+            Cli::from_arg_matches(&m)
+        });
+    let cli = match parsed {
         Ok(cli) => cli,
         // Help and version are answers (0); every usage error exits 1, as
         // Terraform and Flux do: 2 means "changes pending" to CI.

@@ -533,6 +533,50 @@ pub struct ApplyArgs {
     pub placement: PlacementArgs,
 }
 
+/// The options that only mean something with `--git` (their `requires`).
+const GIT_ONLY: &[&str] = &[
+    "git_ref",
+    "git_path",
+    "allowed_signers",
+    "git_cache",
+    "git_max_mb",
+    "git_timeout",
+    "git_interval",
+    "ignore_gate",
+    "wave",
+];
+
+/// The first option given (on the command line or in the environment)
+/// that only means something with `--git`, when `--git` is not: clap drops
+/// an option's requirement of `--git` once a spec DIR, which conflicts with
+/// it, is given, so `apply DIR --git-path hosts/a` would apply all of DIR.
+pub fn git_option_without_git(cmd: &clap::Command, matches: &clap::ArgMatches) -> Option<String> {
+    use clap::parser::ValueSource;
+    let (name, sub) = matches.subcommand()?;
+    // Err: this command has no --git at all.
+    if sub.try_contains_id("git").unwrap_or(true) {
+        return None;
+    }
+    // Each command has only some of them (asking for another panics).
+    let given = GIT_ONLY
+        .iter()
+        .filter(|id| sub.try_contains_id(id).is_ok())
+        .find(|id| {
+            matches!(
+                sub.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })?;
+    let long = cmd
+        .find_subcommand(name)?
+        .get_arguments()
+        .find(|a| a.get_id() == *given)?
+        .get_long()?;
+    Some(format!(
+        "--{long} only means something with --git URL (with a spec directory it would be ignored)"
+    ))
+}
+
 /// `100ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {

@@ -24,10 +24,6 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
-    // clap lets a DIR stand in for --git's requirements: said here instead.
-    if args.rollout.wave.is_some() && args.git.git.is_none() {
-        bail!("--wave: a wave puts revisions of a git repository in force; give --git URL");
-    }
     let (vs, state_dir) = host::live(host, false).await?;
     let cache = args.git.cache(host);
     let gated = gate(&args.rollout)?;

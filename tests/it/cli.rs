@@ -1796,8 +1796,9 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out)
-            .contains("--wave: a wave puts revisions of a git repository in force; give --git URL"),
+        stderr(&out).contains(
+            "--wave only means something with --git URL (with a spec directory it would be ignored)"
+        ),
         "{}",
         stderr(&out)
     );
@@ -1900,6 +1901,47 @@ fn a_wave_after_the_first_waits_for_its_gate_even_with_nothing_in_force() {
     let out = sim().arg("status").output().expect("status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("web"), "{text}");
+}
+
+/// An option of `--git` given with a spec directory instead is refused, not
+/// ignored: `apply DIR --git-path hosts/a` would otherwise apply all of DIR.
+#[test]
+fn a_git_option_without_git_is_refused_not_ignored() {
+    let t = TestContext::new();
+    std::fs::write(t.path("specs/web.yaml"), vm("web", 64, "")).expect("write");
+    let state = t.path("state");
+    for (command, option) in [
+        (vec!["apply", "--yes"], vec!["--git-path", "hosts/a"]),
+        (vec!["plan"], vec!["--git-ref", "v2"]),
+        (vec!["watch"], vec!["--git-interval", "5s"]),
+        (vec!["apply", "--yes"], vec!["--ignore-gate"]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["--virtstack", "sim", "--state-dir"])
+            .arg(&state)
+            .args(&command)
+            .arg(t.path("specs"))
+            .args(&option)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(1), "{command:?} {option:?}");
+        assert!(
+            stderr(&out).contains(&format!(
+                "{} only means something with --git URL",
+                option[0]
+            )),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+        .args(["--virtstack", "sim", "--state-dir"])
+        .arg(&state)
+        .args(["status", "--output", "json"])
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["vms"], serde_json::json!([]), "nothing applied");
 }
 
 /// Waits (at most 20 s) until `ok`; the watcher's log `log` says why not.
