@@ -93,6 +93,7 @@ mod layering {
         (
             "watch",
             &[
+                "escape",
                 "hostfs",
                 "vm",
                 "spec",

@@ -176,7 +176,7 @@ pub enum SourceError {
     /// A watcher of a later wave follows this cache, and its gate has not
     /// passed the revision (a command run by hand, without `--ignore-gate`).
     #[error(
-        "{revision}: a watcher of rollout wave {wave} follows this cache, and the gate of wave {waits_on} has not passed this revision; refused (--ignore-gate puts it in force anyway)"
+        "{revision}: a watcher of rollout wave {wave} follows this cache, and the gate of wave {waits_on} has not passed this revision; refused (apply --ignore-gate puts it in force anyway)"
     )]
     Gated {
         /// The revision.
@@ -515,9 +515,26 @@ impl GitSource {
         };
         status.fetched = Some(revision.clone());
         status.last_fetch = Some(now_unix());
-        if matches!(self.gate, GatePolicy::Ungated) {
+        match &self.gate {
             // No wave here (any more): a gate recorded before says nothing.
-            status.gate = None;
+            GatePolicy::Ungated => status.gate = None,
+            // A gated watcher says so from its first sync, before any new
+            // revision is asked about: a manual apply respects the record.
+            GatePolicy::Ask(gate) if status.gate.is_none() => {
+                if let Some(applied) = &status.applied {
+                    let (wave, waits_on) = gate.wave();
+                    status.gate = Some(GateStatus {
+                        wave,
+                        waits_on,
+                        revision: applied.clone(),
+                        open: true,
+                        query: String::new(),
+                        answer: "in force when this watcher started".into(),
+                        checked_at: now_unix(),
+                    });
+                }
+            }
+            GatePolicy::Ask(_) | GatePolicy::Manual { .. } => {}
         }
         if status.applied.as_ref() == Some(&revision)
             && !path_changed
@@ -556,16 +573,22 @@ impl GitSource {
             }
             GatePolicy::Ask(_) | GatePolicy::Ungated => {}
             GatePolicy::Manual { ignore } => {
-                if let Some(g) = &status.gate
+                if let Some(g) = &mut status.gate
                     && new
-                    && !*ignore
-                    && !(g.open && g.revision == revision)
+                    && !(g.open && g.revision.sha == revision.sha)
                 {
-                    return Err(SourceError::Gated {
-                        revision,
-                        wave: g.wave,
-                        waits_on: g.waits_on,
-                    });
+                    if !*ignore {
+                        return Err(SourceError::Gated {
+                            revision,
+                            wave: g.wave,
+                            waits_on: g.waits_on,
+                        });
+                    }
+                    // Said as what it is: in force past a closed gate.
+                    g.revision = revision.clone();
+                    g.open = false;
+                    g.answer = "put in force by hand (--ignore-gate)".into();
+                    g.checked_at = now_unix();
                 }
             }
         }

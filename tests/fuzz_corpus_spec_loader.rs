@@ -13,5 +13,5 @@ fn every_input_of_the_corpus_keeps_the_targets_properties() {
     // The loader contains a parser's panic to its file; the default hook
     // would take a backtrace for it, which counts against the memory budget.
     std::panic::set_hook(Box::new(|info| eprintln!("{info}")));
-    replay::replay("spec_loader", harness::check);
+    replay::replay("spec_loader", harness::check, replay::Panics::Escaping);
 }

@@ -27,6 +27,9 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
     /// Whether `revision` may go in force now, and what was asked and
     /// answered.
     async fn ask(&self, revision: &Revision) -> GateStatus;
+
+    /// This host's wave, and the wave whose gate it is.
+    fn wave(&self) -> (u32, u32);
 }
 
 /// The last time the gate was asked, as `source.json` keeps it.
@@ -193,6 +196,10 @@ impl PrometheusGate {
 
 #[async_trait::async_trait]
 impl Gate for PrometheusGate {
+    fn wave(&self) -> (u32, u32) {
+        (self.opts.wave, self.opts.wave.saturating_sub(1))
+    }
+
     async fn ask(&self, revision: &Revision) -> GateStatus {
         let o = &self.opts;
         let waits_on = o.wave.saturating_sub(1);

@@ -631,6 +631,10 @@ struct TestGate {
 
 #[async_trait::async_trait]
 impl Gate for TestGate {
+    fn wave(&self) -> (u32, u32) {
+        (2, 1)
+    }
+
     async fn ask(&self, revision: &Revision) -> GateStatus {
         self.asked.lock().expect("lock").push(revision.sha.clone());
         let open = self.open.load(std::sync::atomic::Ordering::SeqCst);
@@ -733,13 +737,37 @@ async fn a_closed_gate_keeps_the_revision_in_force() {
     ));
     let by_hand = source(&origin, cache.path()).with_gate(GatePolicy::Manual { ignore: true });
     assert!(matches!(by_hand.sync().await.expect("sync"), Synced::Applied(r) if r.sha == third));
-    assert!(src.status().gate.is_some());
+    let g = src.status().gate.expect("kept");
+    assert_eq!(
+        (g.revision.sha.as_str(), g.open, g.answer.as_str()),
+        (
+            third.as_str(),
+            false,
+            "put in force by hand (--ignore-gate)"
+        )
+    );
     let ungated = source(&origin, cache.path()).with_gate(GatePolicy::Ungated);
     assert!(matches!(
         ungated.sync().await.expect("sync"),
         Synced::Unchanged(_)
     ));
     assert_eq!(src.status().gate, None);
+
+    // A host made wave 2 since: its watcher's first sync records the gate
+    // (nothing new to ask about yet), and a manual apply respects it.
+    assert!(matches!(
+        src.sync().await.expect("sync"),
+        Synced::Unchanged(_)
+    ));
+    let g = src.status().gate.expect("recorded at once");
+    assert!(g.open && g.revision.sha == third, "{g:?}");
+    origin.write("specs/queue.yaml", &vm("queue"));
+    origin.commit("queue", &[]);
+    let err = source(&origin, cache.path())
+        .sync()
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, SourceError::Gated { .. }), "{err}");
 }
 
 /// While a newer revision waits at the gate, the one in force is kept

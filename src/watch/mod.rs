@@ -133,6 +133,9 @@ pub enum WatchError {
     /// Another watcher follows this state directory.
     #[error("another uvmctl watch runs on this state directory")]
     AlreadyWatched(#[source] LockError),
+    /// The git source cannot work at all.
+    #[error(transparent)]
+    Source(crate::source::SourceError),
     /// The status file could not be written.
     #[error("cannot write the status file in {dir}")]
     Status {

@@ -186,7 +186,8 @@ impl FirstRevision<'_> {
     /// meanwhile is logged and tried again: the gate is the reason to wait.
     ///
     /// # Errors
-    /// Another watcher holds the state directory.
+    /// Another watcher holds the state directory, or the source cannot work
+    /// at all (its options, an untrusted cache): waiting would not help.
     pub async fn wait(
         &self,
         signals: &mut tokio::sync::mpsc::UnboundedReceiver<Signal>,
@@ -206,7 +207,17 @@ impl FirstRevision<'_> {
             if self.source.spec_dir().exists() {
                 return Ok(true);
             }
-            let why = match self.source.sync().await {
+            // A stop is heard during a fetch too (one may take minutes).
+            let synced = tokio::select! {
+                s = self.source.sync() => s,
+                got = signals.recv() => {
+                    if matches!(got, None | Some(Signal::Stop)) {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+            };
+            let why = match synced {
                 Ok(Synced::Waiting { gate, .. }) => {
                     logs.1.log(&gate);
                     format!(
@@ -215,11 +226,17 @@ impl FirstRevision<'_> {
                     )
                 }
                 Ok(_) => return Ok(true),
+                Err(e @ (SourceError::Options(_) | SourceError::UntrustedCache(_))) => {
+                    return Err(super::WatchError::Source(e));
+                }
                 Err(e) => {
                     logs.0.log(self.source, &e);
                     format!("nothing in force yet: {e}")
                 }
             };
+            // What the status file and `uvmctl status` show: the
+            // repository's file names are its own to choose.
+            let why = crate::escape::escaped(&why);
             self.say(&why, started);
             tokio::select! {
                 () = tokio::time::sleep(self.every.max(Duration::from_secs(1))) => {}

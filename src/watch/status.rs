@@ -275,6 +275,17 @@ impl StatusLog {
     }
 }
 
+/// `text` as one bounded line with its control characters escaped: a
+/// newline in a STATUS would start another notify assignment (`MAINPID=`),
+/// and a file name in an error is a repository's to choose.
+pub(super) fn one_line(text: &str) -> String {
+    crate::escape::escaped(text)
+        .replace(['\n', '\t'], " ")
+        .chars()
+        .take(300)
+        .collect()
+}
+
 /// What the watcher tells its service manager.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Notify<'a> {
@@ -295,9 +306,10 @@ pub(super) fn sd_notify(state: Notify<'_>) {
         let _ = match state {
             Notify::Ready(None) => sd_notify::notify(&[NotifyState::Ready]),
             Notify::Ready(Some(why)) => {
-                sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(why)])
+                let why = one_line(why);
+                sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&why)])
             }
-            Notify::Status(line) => sd_notify::notify(&[NotifyState::Status(line)]),
+            Notify::Status(line) => sd_notify::notify(&[NotifyState::Status(&one_line(line))]),
             Notify::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
         };
     }

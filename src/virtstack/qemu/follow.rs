@@ -179,9 +179,11 @@ impl Machine<'_> {
                 let event = match got {
                     Ok(e) if STATE_EVENTS.contains(&e.name.as_str()) => {
                         // QEMU exits after these (-action panic=exit-failure,
-                        // shutdown=poweroff): it is watched until it has.
+                        // shutdown=poweroff), unless a vsock backend it
+                        // waits for does not answer: watched until it has.
                         if matches!(e.name.as_str(), "GUEST_PANICKED" | "SHUTDOWN")
                             && ending.is_none()
+                            && backend.is_some()
                         {
                             ending = Some(Ending {
                                 event: e.name.clone(),
