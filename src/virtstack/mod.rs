@@ -20,6 +20,7 @@ impl Capabilities {
     /// this host's QEMU offers, as the protocol can carry it.
     pub fn profile(kind: Kind) -> Self {
         // As QEMU runs by default: as the service user when uvmctl is root.
+        #[cfg(unix)]
         let here = || {
             let root = nix::unistd::geteuid().is_root();
             let memlock = qemu::user::MemLock::probe(root);
@@ -30,6 +31,9 @@ impl Capabilities {
                 .map(|u| u.isolation());
             Capabilities::qemu(&facts)
         };
+        // No QEMU here: its profile as on a host with none of its devices.
+        #[cfg(not(unix))]
+        let here = || Capabilities::qemu(&HostFacts::default());
         // Every kind, matched exhaustively: a new one must say its profile.
         match kind {
             Kind::Qemu => here(),

@@ -2,7 +2,9 @@
 //! uvmctl can drive and how each is set up from the host options. The CLI
 //! parses arguments into [`HostOptions`] and calls [`open`].
 
+#[cfg(unix)]
 use super::qemu::user::{DEFAULT_QEMU_USER, ServiceUser, UserError};
+#[cfg(unix)]
 use super::qemu::{
     Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
     DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
@@ -18,7 +20,18 @@ pub use crate::vm::VirtstackKind as Kind;
 /// Acceleration as asked for (the one shape is the config's).
 pub use crate::config::AccelChoice;
 
+/// Where the virtstacks keep their state by default on Windows (uvmctl's
+/// own directory under ProgramData, as services keep theirs).
+#[cfg(not(unix))]
+pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\uvmctl\state";
+
+/// Why the qemu virtstack, and remotevm's default server over it, exist only
+/// on unix.
+#[cfg(not(unix))]
+const QEMU_UNIX_ONLY: &str = "it runs QEMU as an unprivileged user over unix sockets and descriptors: Linux only; on Windows use --virtstack hcs (or sim)";
+
 /// The acceleration `choice` comes to on this host.
+#[cfg(unix)]
 fn resolve_accel(choice: AccelChoice) -> Accel {
     match choice {
         AccelChoice::Auto => Accel::auto(),
@@ -90,11 +103,21 @@ impl From<crate::config::HostDefaults> for HostOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// QEMU's service user is missing or unusable.
+    #[cfg(unix)]
     #[error(transparent)]
     User(#[from] UserError),
     /// The state directory is unusable.
+    #[cfg(unix)]
     #[error(transparent)]
     StateDir(#[from] super::qemu::launch::LaunchError),
+    /// The virtstack does not exist on this platform.
+    #[error("virtstack {virtstack} is not available here: {why}")]
+    Unsupported {
+        /// Which.
+        virtstack: &'static str,
+        /// Why.
+        why: &'static str,
+    },
     /// The simulator's records directory cannot be made.
     #[error("cannot make the simulator's records directory {}: {source}", path.display())]
     SimDir {
@@ -135,6 +158,7 @@ pub struct Opened {
 
 /// The QEMU virtstack these options describe; an `observer` only looks
 /// (its own QMP socket, nothing created on the host).
+#[cfg(unix)]
 pub fn qemu(host: &HostOptions, observer: bool) -> Result<Qemu, OpenError> {
     let roots = if host.allow_roots.is_empty() {
         AllowedRoots::new(DEFAULT_ALLOWED_ROOTS)
@@ -168,6 +192,7 @@ pub fn qemu(host: &HostOptions, observer: bool) -> Result<Qemu, OpenError> {
 
 /// The arguments that make this program's `serve` drive QEMU with the same
 /// host options (remotevm's default server).
+#[cfg(unix)]
 fn serve_args(host: &HostOptions) -> Vec<String> {
     let mut args = vec!["serve".to_string(), "--state-dir".into()];
     args.push(host.state_dir.display().to_string());
@@ -188,6 +213,12 @@ fn serve_args(host: &HostOptions) -> Vec<String> {
 /// looks.
 pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenError> {
     match host.virtstack {
+        #[cfg(not(unix))]
+        Kind::Qemu => Err(OpenError::Unsupported {
+            virtstack: "qemu",
+            why: QEMU_UNIX_ONLY,
+        }),
+        #[cfg(unix)]
         Kind::Qemu => {
             let qemu = qemu(host, observer)?;
             if !observer {
@@ -250,6 +281,7 @@ pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenErro
                     },
                     None,
                 ),
+                #[cfg(unix)]
                 None => (
                     ProcessSpawner {
                         program: std::env::current_exe().map_err(OpenError::Program)?,
@@ -259,6 +291,14 @@ pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenErro
                         qemu(host, true)?.capabilities(),
                     )),
                 ),
+                // uvmctl's own server is a QEMU one.
+                #[cfg(not(unix))]
+                None => {
+                    return Err(OpenError::Unsupported {
+                        virtstack: "remotevm with uvmctl's own server (give --remote-server)",
+                        why: QEMU_UNIX_ONLY,
+                    });
+                }
             };
             let vs = RemoteVm::with(&dir, Arc::new(spawner), caps, observer).await?;
             // The lock (and a watcher's status) lives beside the records,

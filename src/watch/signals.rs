@@ -30,6 +30,7 @@ pub enum Signal {
 ///
 /// # Errors
 /// When a signal handler cannot be installed.
+#[cfg(unix)]
 pub fn forward_os_signals(
     tx: UnboundedSender<Signal>,
     fetch_first: Option<Arc<Notify>>,
@@ -52,6 +53,35 @@ pub fn forward_os_signals(
                 },
             };
             if tx.send(got).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Where there are no unix signals (Windows): Ctrl-C and Ctrl-Break stop, a
+/// second one exits at once; a fetch and reconcile now is `fetch_first`'s
+/// to be asked some other way.
+///
+/// # Errors
+/// When a console handler cannot be installed.
+#[cfg(not(unix))]
+pub fn forward_os_signals(
+    tx: UnboundedSender<Signal>,
+    fetch_first: Option<Arc<Notify>>,
+) -> std::io::Result<()> {
+    use tokio::signal::windows::{ctrl_break, ctrl_c};
+    let mut c = ctrl_c()?;
+    let mut b = ctrl_break()?;
+    let _ = fetch_first;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = c.recv() => {}
+                _ = b.recv() => {}
+            }
+            if tx.send(Signal::Stop).is_err() {
                 return;
             }
         }

@@ -1,8 +1,6 @@
 //! What the qemu virtstack can do on this host, as data the planner and the
 //! executor both read.
 
-use super::devices::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
-use super::state::{OVMF_CODE, OVMF_VARS};
 use crate::vm::config::ProbeKind;
 use crate::vm::{
     Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation,
@@ -29,7 +27,7 @@ impl Capabilities {
                 ProbeKind::Notify,
                 format!(
                     "the guest says READY=1 over vsock, which needs {} on this host",
-                    super::vsock::BACKEND
+                    BACKEND
                 ),
             );
         }
@@ -99,18 +97,18 @@ impl Capabilities {
                 disruption: Disruption::Live,
                 reason: format!(
                     "through {} (user space, one backend per VM; no kernel module)",
-                    super::vsock::BACKEND
+                    BACKEND
                 ),
             }
         } else if host.vhost_vsock {
             Support::unsupported(format!(
                 "the kernel's vhost-vsock is not used by the qemu virtstack; install {} (scripts/setup-host does)",
-                super::vsock::BACKEND
+                BACKEND
             ))
         } else {
             Support::unsupported(format!(
                 "vsock needs {} (scripts/setup-host installs it)",
-                super::vsock::BACKEND
+                BACKEND
             ))
         };
         c.set_all(VmSocket, vsock.clone(), vsock.clone(), vsock);
@@ -149,9 +147,21 @@ impl Capabilities {
     }
 }
 
+/// Memory can grow live to this many times the size the VM booted with.
+pub const MEMORY_HOTPLUG_FACTOR: u64 = 4;
+/// virtio-mem plugs and unplugs memory in blocks of this many MiB.
+pub const MEMORY_BLOCK_MB: u64 = 2;
+/// UEFI firmware code (Debian package `ovmf`), read-only and shared.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// UEFI variable store template; each VM gets its own copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The vsock backend's program name (`scripts/setup-host` installs it).
+pub const BACKEND: &str = "vhost-device-vsock";
+
 impl HostFacts {
     /// Looks at this host's device nodes, firmware and what uvmctl may
     /// hand QEMU (`memlock`: how pinned memory would be locked).
+    #[cfg(unix)]
     pub fn probe(memlock: &super::user::MemLock) -> Self {
         HostFacts {
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),

@@ -11,11 +11,9 @@ use serde_json::{Value, json};
 /// vCPUs can be hot-added up to this many (or the spec's count, if higher).
 pub const MAX_HOTPLUG_CPUS: u32 = 8;
 
-/// Memory can grow live to this many times the size the VM booted with.
-pub const MEMORY_HOTPLUG_FACTOR: u64 = 4;
-
-/// virtio-mem plugs and unplugs memory in blocks of this many MiB.
-pub const MEMORY_BLOCK_MB: u64 = 2;
+/// How far memory grows live, and in what blocks (stated with the
+/// capabilities, which say them on every platform).
+pub use super::caps::{MEMORY_BLOCK_MB, MEMORY_HOTPLUG_FACTOR};
 
 /// The ids of the `-device` arguments of `argv`.
 pub fn device_ids(argv: &[String]) -> std::collections::BTreeSet<String> {

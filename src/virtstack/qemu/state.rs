@@ -13,11 +13,10 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// UEFI firmware code (Debian package `ovmf`), read-only and shared.
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-
-/// UEFI variable store template; each VM gets its own copy.
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// UEFI firmware (Debian package `ovmf`): the code read-only and shared,
+/// the variable store template copied for each VM (stated with the
+/// capabilities, which read them on every platform).
+pub use super::caps::{OVMF_CODE, OVMF_VARS};
 
 /// Hardware acceleration for QEMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The backend's program name (`scripts/setup-host` installs it).
-pub const BACKEND: &str = "vhost-device-vsock";
+pub use super::caps::BACKEND;
 /// The QEMU device id of the vsock device.
 pub const DEVICE_ID: &str = "vsock0";
 /// The QEMU chardev id of the vhost-user connection.
