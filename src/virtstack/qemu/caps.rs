@@ -6,7 +6,6 @@ use crate::vm::{
     Capabilities, ColdSetting, Disruption, GuestOs, HostFacts, Resource, ResourceOperation,
     SaveBlocker, Support,
 };
-use std::path::Path;
 
 impl Capabilities {
     /// The QEMU virtstack as uvmctl drives QEMU 7.2 (`docs/capabilities.md`),
@@ -157,19 +156,3 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The vsock backend's program name (`scripts/setup-host` installs it).
 pub const BACKEND: &str = "vhost-device-vsock";
-
-impl HostFacts {
-    /// Looks at this host's device nodes, firmware and what uvmctl may
-    /// hand QEMU (`memlock`: how pinned memory would be locked).
-    #[cfg(unix)]
-    pub fn probe(memlock: &super::user::MemLock) -> Self {
-        HostFacts {
-            vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
-            vhost_user_vsock: super::vsock::find_backend().is_some(),
-            vfio: Path::new("/dev/vfio/vfio").exists(),
-            ovmf: Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
-            pin_memory_refused: memlock.refusal().map(str::to_string),
-            isolation: None,
-        }
-    }
-}

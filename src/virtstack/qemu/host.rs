@@ -235,3 +235,19 @@ impl Qemu {
         self.record_of(name)
     }
 }
+
+impl HostFacts {
+    /// Looks at this host's device nodes, firmware and what uvmctl may
+    /// hand QEMU (`memlock`: how pinned memory would be locked).
+    pub fn probe(memlock: &super::user::MemLock) -> Self {
+        HostFacts {
+            vhost_vsock: std::path::Path::new("/dev/vhost-vsock").exists(),
+            vhost_user_vsock: super::vsock::find_backend().is_some(),
+            vfio: std::path::Path::new("/dev/vfio/vfio").exists(),
+            ovmf: std::path::Path::new(super::caps::OVMF_CODE).is_file()
+                && std::path::Path::new(super::caps::OVMF_VARS).is_file(),
+            pin_memory_refused: memlock.refusal().map(str::to_string),
+            isolation: None,
+        }
+    }
+}
