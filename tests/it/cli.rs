@@ -646,35 +646,40 @@ fn a_bad_observed_file_is_an_error_naming_it() {
     );
 }
 
+/// What `uvmctl ARGS` prints is the checked-in schema `file`, titled `title`.
+fn assert_schema_checked_in(t: &TestContext, args: &[&str], title: &str, file: &str) {
+    let out = t.uvmctl(args);
+    assert_exit_code(&out, 0);
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
+    assert_eq!(printed["title"], title);
+    let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&checked_in).unwrap_or_else(|e| panic!("{file}: {e}")),
+    )
+    .expect("json");
+    assert_eq!(
+        printed,
+        on_disk,
+        "regenerate with: cargo run -- {} > {file}",
+        args.join(" ")
+    );
+}
+
 #[test]
 fn schema_is_the_checked_in_one() {
     let t = TestContext::new();
-    let out = t.uvmctl(&["schema"]);
-    assert_exit_code(&out, 0);
-    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
-    assert_eq!(printed["title"], "uvmctl UtilityVM spec");
-    let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/spec.schema.json");
-    let on_disk: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&checked_in).expect("docs/spec.schema.json exists"),
-    )
-    .expect("json");
-    assert_eq!(
-        printed, on_disk,
-        "regenerate with: cargo run -- schema > docs/spec.schema.json"
+    assert_schema_checked_in(
+        &t,
+        &["schema"],
+        "uvmctl UtilityVM spec",
+        "docs/spec.schema.json",
     );
     // The rollout policy's, likewise (issue 35).
-    let out = t.uvmctl(&["schema", "--policy"]);
-    assert_exit_code(&out, 0);
-    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is json");
-    assert_eq!(printed["title"], "PolicyDocument");
-    let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/policy.schema.json");
-    let on_disk: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&checked_in).expect("docs/policy.schema.json exists"),
-    )
-    .expect("json");
-    assert_eq!(
-        printed, on_disk,
-        "regenerate with: cargo run -- schema --policy > docs/policy.schema.json"
+    assert_schema_checked_in(
+        &t,
+        &["schema", "--policy"],
+        "PolicyDocument",
+        "docs/policy.schema.json",
     );
 }
 
