@@ -9,21 +9,75 @@
 //! with one `close_range` call per gap where the kernel has it (Linux
 //! 5.11), else one `fcntl` per possible descriptor. Marking rather than
 //! closing leaves the standard library's own exec-error pipe working.
+//!
+//! On Windows a child inherits only handles marked inheritable: the
+//! standard library makes none so, and uvmctl hands nothing over there
+//! ([`Handed`] has no value), so a child gets its standard handles alone,
+//! but for what uvmctl's own caller left inheritable (which Windows gives
+//! no way to list); the README's Windows section says so.
 
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::os::fd::RawFd;
+
+/// What a child may be handed: a descriptor on unix; nothing on Windows,
+/// where uvmctl starts only git and a remotevm server, which need none.
+#[cfg(unix)]
+pub type Handed = RawFd;
+/// What a child may be handed: nothing, on Windows.
+#[cfg(not(unix))]
+pub type Handed = std::convert::Infallible;
 
 /// A command for `program` whose process inherits `keep` and nothing
 /// else (see [`inherit_only`]). Every process uvmctl starts is made here:
 /// a test below finds any other `Command::new` in the library.
-pub fn command(program: impl AsRef<std::ffi::OsStr>, keep: Vec<RawFd>) -> tokio::process::Command {
+pub fn command(program: impl AsRef<std::ffi::OsStr>, keep: Vec<Handed>) -> tokio::process::Command {
     tokio::process::Command::from(std_command(program, keep))
 }
 
 /// [`command`] for a process driven from a blocking thread.
+#[cfg(not(unix))]
 pub fn std_command(
     program: impl AsRef<std::ffi::OsStr>,
-    keep: Vec<RawFd>,
+    keep: Vec<Handed>,
+) -> std::process::Command {
+    drop(keep);
+    std::process::Command::new(program)
+}
+
+/// Ends the process `pid` (a child uvmctl started whose handle another
+/// thread holds) at once: SIGKILL, or TerminateProcess.
+pub fn kill(pid: u32) {
+    #[cfg(unix)]
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    #[cfg(windows)]
+    {
+        use windows_sys::Win32::Foundation::CloseHandle;
+        use windows_sys::Win32::System::Threading::{
+            OpenProcess, PROCESS_TERMINATE, TerminateProcess,
+        };
+        // SAFETY: a process handle opened and closed here.
+        unsafe {
+            let h = OpenProcess(PROCESS_TERMINATE, 0, pid);
+            if !h.is_null() {
+                TerminateProcess(h, 1);
+                CloseHandle(h);
+            }
+        }
+    }
+}
+
+/// [`command`] for a process driven from a blocking thread.
+#[cfg(unix)]
+pub fn std_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    keep: Vec<Handed>,
 ) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(program);
@@ -35,6 +89,7 @@ pub fn std_command(
     cmd
 }
 
+#[cfg(unix)]
 /// The `pre_exec` hook of a child that inherits `keep` (besides 0, 1 and
 /// 2) and nothing else; `keep` loses close-on-exec in the child alone.
 ///
@@ -65,6 +120,7 @@ pub fn inherit_only(
     }
 }
 
+#[cfg(unix)]
 /// Marks `first..=last` close-on-exec.
 fn cloexec_range(first: RawFd, last: RawFd, limit: RawFd) -> io::Result<()> {
     if first > last {
@@ -87,6 +143,7 @@ fn cloexec_range(first: RawFd, last: RawFd, limit: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+#[cfg(unix)]
 /// [`cloexec_range`] one descriptor at a time, below `limit`.
 fn cloexec_each(first: RawFd, last: RawFd, limit: RawFd) {
     for fd in first..=last.min(limit.saturating_sub(1)) {
@@ -100,7 +157,7 @@ fn cloexec_each(first: RawFd, last: RawFd, limit: RawFd) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, IntoRawFd};

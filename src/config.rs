@@ -180,27 +180,11 @@ pub fn load(named: Option<&Path>) -> Result<HostDefaults, ConfigError> {
 /// uvmctl's own user's), nobody else may write it, and the directories it
 /// is reached through pass [`crate::hostfs::check_trusted_dir`].
 fn check_trusted(path: &Path, file: &std::fs::File) -> Result<(), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
     let untrusted = |why: String| ConfigError::Untrusted {
         path: path.to_path_buf(),
         why,
     };
-    let meta = file.metadata().map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !crate::hostfs::trusted_owner(meta.uid()) {
-        return Err(untrusted(format!(
-            "owned by uid {}, not by root",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(untrusted(format!(
-            "writable by group or others (mode {:04o})",
-            meta.mode() & 0o7777
-        )));
-    }
+    crate::hostfs::check_trusted_file(file).map_err(untrusted)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -68,7 +68,7 @@ mod layering {
         ("child", &["child"]),
         ("config", &["hostfs", "vm", "config"]),
         ("vm", &["vm"]),
-        ("spec", &["vm", "spec"]),
+        ("spec", &["hostfs", "vm", "spec"]),
         ("source", &["hostfs", "child", "vm", "spec", "source"]),
         ("protocol", &["vm", "spec", "protocol"]),
         ("plan", &["vm", "spec", "plan"]),

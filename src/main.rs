@@ -36,8 +36,11 @@ use cli::{EXIT_ERROR, EXIT_LOCKED, StdoutError};
 async fn main() -> ExitCode {
     // Whatever uvmctl (or a QEMU it starts) creates without an explicit
     // mode is root's alone, whatever umask the caller had.
-    uvmctl::hostfs::private_umask();
-    uvmctl::hostfs::raise_nofile_limit();
+    #[cfg(unix)]
+    {
+        uvmctl::hostfs::private_umask();
+        uvmctl::hostfs::raise_nofile_limit();
+    }
     let mut command = Cli::command();
     let parsed = command
         .try_get_matches_from_mut(std::env::args_os())
@@ -119,26 +122,40 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(args) => cli::plan::run(args, host).await,
         Command::Apply(args) => cli::apply::run(args, host).await,
         Command::Watch(args) => cli::watch::run(args, host).await,
+        #[cfg(unix)]
         Command::Serve(args) => cli::serve::run(args, host).await,
+        #[cfg(not(unix))]
+        Command::Serve(_) => {
+            anyhow::bail!("uvmctl serve is unix-only: it listens on a unix socket and drives QEMU")
+        }
         Command::Status { output } => cli::status::status(output, host).await,
         Command::Destroy { name, lock_timeout } => {
             cli::status::destroy(&name, lock_timeout, host).await
         }
         Command::History { name, output } => cli::status::history(&name, output, host).await,
         Command::Wait { name, timeout } => cli::status::wait(&name, timeout, host).await,
+        #[cfg(unix)]
         Command::Console { name } => cli::guest::console(&name, host).await,
+        #[cfg(unix)]
         Command::Logs {
             name,
             follow,
             previous,
             raw,
         } => cli::guest::logs(&name, follow, previous, raw, host).await,
+        #[cfg(unix)]
         Command::Agent {
             name,
             timeout,
             raw,
             command,
         } => cli::guest::agent(&name, &command, timeout, raw, host).await,
+        #[cfg(not(unix))]
+        Command::Console { .. } | Command::Logs { .. } | Command::Agent { .. } => {
+            anyhow::bail!(
+                "console, logs and agent reach a guest of the qemu virtstack, which runs on Linux only"
+            )
+        }
         Command::Export { name } => cli::status::export(name.as_ref(), host).await,
         Command::Capabilities { output } => cli::status::capabilities(output, host),
     }

@@ -405,9 +405,9 @@ impl GitSource {
         &self.opts
     }
 
-    /// The spec directory: a link to the revision in force, swapped whole.
+    /// The spec directory of the revision in force (see [`spec_dir_in`]).
     pub fn spec_dir(&self) -> PathBuf {
-        self.opts.cache.join("specs")
+        spec_dir_in(&self.opts.cache)
     }
 
     fn mirror(&self) -> PathBuf {
@@ -644,6 +644,35 @@ impl GitSource {
         self.swap(&target)
     }
 }
+
+/// The spec directory of the revision in force in the git cache `cache`.
+///
+/// On unix it is the link `specs`, renamed over whole to switch revisions.
+/// On Windows a link takes a privilege and a directory cannot be renamed
+/// over another, so the file `specs.ref` names the directory instead
+/// (`rev-<sha>/<path>`), replaced whole by a rename (`MoveFileExW`, one
+/// step on NTFS): what it names is returned, or the missing `specs` when
+/// nothing (or nothing plain) is named. A watcher resolves it again at
+/// every reload.
+pub fn spec_dir_in(cache: &Path) -> PathBuf {
+    #[cfg(not(unix))]
+    if let Some(dir) = crate::hostfs::read_state_file(&cache.join(SPEC_REF), 4096)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(PathBuf::from)
+        .filter(|p| {
+            p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+    {
+        return cache.join(dir);
+    }
+    cache.join("specs")
+}
+
+/// On Windows, the file naming the spec directory in force.
+#[cfg(not(unix))]
+const SPEC_REF: &str = "specs.ref";
 
 /// What `source.json` in a git cache says, if it says anything.
 pub fn read_status(cache: &Path) -> Option<SourceStatus> {

@@ -85,13 +85,27 @@ impl StateLock {
         // Say who we are, for whoever waits next: written over the old
         // text, then cut to length, so a full disk leaves the old holder
         // rather than an empty file (and frees nothing another write takes).
-        use std::os::unix::fs::FileExt;
         let holder = format!("pid {} ({what})", std::process::id());
-        if file.write_all_at(holder.as_bytes(), 0).is_ok() {
+        if write_at_start(&file, holder.as_bytes()).is_ok() {
             let _ = file.set_len(holder.len() as u64);
         }
         Ok(StateLock { _file: file })
     }
+}
+
+/// Writes `bytes` at the start of `file`, not moving its cursor.
+#[cfg(unix)]
+fn write_at_start(file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, 0)
+}
+
+/// Writes `bytes` at the start of `file` (Windows has no positioned
+/// write that keeps the cursor; nothing else writes this handle).
+#[cfg(windows)]
+fn write_at_start(mut file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(bytes)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use uvmctl::apply::lock::StateLock;
 use uvmctl::config::HostDefaults;
 use uvmctl::virtstack::recorded::Recorded;
-use uvmctl::virtstack::{self, HostOptions, Kind};
+use uvmctl::virtstack::{self, HostOptions};
 use uvmctl::vm::{Observe, Virtstack};
 
 impl HostArgs {
@@ -49,8 +49,9 @@ pub async fn live(
 
 /// The QEMU virtstack, for the commands only it has, as an observer: they
 /// never change a VM's state.
+#[cfg(unix)]
 pub fn qemu(host: &HostOptions, command: &str) -> anyhow::Result<virtstack::qemu::Qemu> {
-    if host.virtstack != Kind::Qemu {
+    if host.virtstack != virtstack::Kind::Qemu {
         bail!(
             "uvmctl {command} reaches a guest of the qemu virtstack only (not {})",
             host.virtstack
@@ -86,10 +87,7 @@ impl PlacementArgs {
         let mut selector = self.selector.clone().unwrap_or_default();
         if let Some(name) = &self.for_host {
             let name = if name.is_empty() {
-                nix::unistd::gethostname()
-                    .context("cannot read this host's name for --for-host")?
-                    .to_string_lossy()
-                    .into_owned()
+                host_name().context("cannot read this host's name for --for-host")?
             } else {
                 name.clone()
             };
@@ -108,6 +106,14 @@ impl PlacementArgs {
     }
 }
 
+/// This host's name (`--for-host` with no value).
+fn host_name() -> anyhow::Result<String> {
+    #[cfg(unix)]
+    return Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned());
+    #[cfg(not(unix))]
+    std::env::var("COMPUTERNAME").context("COMPUTERNAME is not set")
+}
+
 /// A temporary directory, removed when dropped.
 pub struct TempCache(pub PathBuf);
 
@@ -121,14 +127,29 @@ impl Drop for TempCache {
 /// made, never found (a name planted there, a link among them, is refused
 /// by `mkdir` itself rather than followed).
 pub fn temp_dir(prefix: &str) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for attempt in 0..16u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let dir = base.join(format!("{prefix}-{}-{nanos}-{attempt}", std::process::id()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        #[cfg(unix)]
+        let builder = {
+            let mut b = std::fs::DirBuilder::new();
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b
+        };
+        #[cfg(not(unix))]
+        let builder = std::fs::DirBuilder::new();
+        match builder.create(&dir) {
+            // Windows: the temporary directory's DACL would pass on to it.
+            #[cfg(not(unix))]
+            Ok(()) => {
+                uvmctl::hostfs::private_dir(&dir, 0o700)
+                    .with_context(|| format!("cannot make {} private", dir.display()))?;
+                return Ok(dir);
+            }
+            #[cfg(unix)]
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {

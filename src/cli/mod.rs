@@ -6,9 +6,12 @@
 
 pub mod apply;
 pub mod args;
+// What reaches a QEMU guest, and the vmservice server: unix only.
+#[cfg(unix)]
 pub mod guest;
 pub mod host;
 pub mod plan;
+#[cfg(unix)]
 pub mod serve;
 pub mod shared;
 pub mod status;

@@ -114,12 +114,7 @@ impl GitSource {
             }),
             Err(_) => {
                 // The blocking thread ends once git is gone.
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                crate::child::kill(pid);
                 Err(SourceError::Timeout {
                     what: "checkout",
                     after: self.opts.fetch_timeout,
@@ -154,7 +149,7 @@ impl GitSource {
                     return m.is_dir();
                 }
                 if e.mode == 0o120000 {
-                    m.file_type().is_symlink()
+                    link_whole(&m, e.size)
                 } else {
                     m.is_file() && m.len() == e.size
                 }
@@ -170,19 +165,41 @@ impl GitSource {
         whole
     }
 
-    /// Points `specs` at `target` with one rename.
+    /// Points the spec directory at `target` with one rename (see
+    /// [`super::spec_dir_in`]): of a new link over `specs` on unix, of a
+    /// new `specs.ref` over the old on Windows.
     pub(super) fn swap(&self, target: &Path) -> Result<(), SourceError> {
-        let link = self.spec_dir();
         let relative = target
             .strip_prefix(&self.opts.cache)
             .map_or_else(|_| target.to_path_buf(), Path::to_path_buf);
-        let temp = self
-            .opts
-            .cache
-            .join(format!(".specs.{}", std::process::id()));
-        let _ = std::fs::remove_file(&temp);
-        std::os::unix::fs::symlink(&relative, &temp).map_err(io_err("cannot link the revision"))?;
-        std::fs::rename(&temp, &link).map_err(io_err("cannot swap the spec directory"))
+        #[cfg(unix)]
+        {
+            let temp = self
+                .opts
+                .cache
+                .join(format!(".specs.{}", std::process::id()));
+            let _ = std::fs::remove_file(&temp);
+            std::os::unix::fs::symlink(&relative, &temp)
+                .map_err(io_err("cannot link the revision"))?;
+            std::fs::rename(&temp, self.opts.cache.join("specs"))
+                .map_err(io_err("cannot swap the spec directory"))
+        }
+        #[cfg(not(unix))]
+        {
+            let text = relative
+                .to_str()
+                .ok_or_else(|| SourceError::Io {
+                    what: "cannot name the revision".into(),
+                    source: io::Error::other("not UTF-8"),
+                })?
+                .to_string();
+            crate::hostfs::replace_file(
+                &self.opts.cache.join(super::SPEC_REF),
+                text.as_bytes(),
+                0o600,
+            )
+            .map_err(io_err("cannot swap the spec directory"))
+        }
     }
 
     /// Keeps the checkout in force and the one in force before it (a
@@ -290,7 +307,6 @@ pub(super) fn tree_entries(
     listing: &[u8],
     revision: &Revision,
 ) -> Result<Vec<TreeEntry>, SourceError> {
-    use std::os::unix::ffi::OsStrExt;
     let bad = |why: &str| SourceError::Git {
         what: "ls-tree",
         stderr: format!("{revision}: {why}"),
@@ -325,7 +341,9 @@ pub(super) fn tree_entries(
         if !object.bytes().all(|b| b.is_ascii_hexdigit()) || object.len() < 40 {
             return Err(bad("an entry of no object id"));
         }
-        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        let Some(path) = git_path(path) else {
+            return Err(bad("a path this host cannot write as it is"));
+        };
         let plain = path
             .components()
             .all(|c| matches!(c, Component::Normal(n) if !n.is_empty()));
@@ -440,23 +458,53 @@ fn make_parents(
     Ok(())
 }
 
+/// A path of git's, as this host writes it: any bytes on unix; on
+/// Windows UTF-8 with no `\` (another separator there) or `:` (a stream
+/// name), or it is refused.
+#[cfg(unix)]
+fn git_path(bytes: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// See the unix one.
+#[cfg(not(unix))]
+fn git_path(bytes: &[u8]) -> Option<PathBuf> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    (!text.contains(['\\', ':'])).then(|| PathBuf::from(text))
+}
+
+/// Whether a link of the revision is whole in its checkout: a link on
+/// unix; on Windows, where making one takes a privilege, a file holding
+/// the link's text, as git writes it with `core.symlinks=false`.
+fn link_whole(m: &std::fs::Metadata, size: u64) -> bool {
+    if cfg!(unix) {
+        m.file_type().is_symlink()
+    } else {
+        m.is_file() && m.len() == size
+    }
+}
+
 /// Writes one file or link of a checkout; never follows or replaces
 /// anything already there.
 fn write_entry(target: &Path, mode: u32, body: &[u8]) -> Result<(), SourceError> {
     use std::io::Write;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
     let what = || format!("cannot write the checkout ({})", target.display());
-    if mode == 0o120000 {
-        return std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(body), target)
-            .map_err(io_err(what()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        if mode == 0o120000 {
+            return std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(body), target)
+                .map_err(io_err(what()));
+        }
+        opts.mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 })
+            .custom_flags(nix::libc::O_NOFOLLOW);
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 })
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(target)
-        .map_err(io_err(what()))?;
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(target).map_err(io_err(what()))?;
     f.write_all(body).map_err(io_err(what()))
 }

@@ -9,6 +9,7 @@ use super::qemu::{
     Accel, AllowedRoots, DEFAULT_ALLOWED_ROOTS, DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT,
     DEFAULT_UNPLUG_TIMEOUT, Qemu, QemuOptions, StateDir,
 };
+#[cfg(unix)]
 use super::remotevm::{ProcessSpawner, RemoteVm};
 use crate::vm::{Observe, Virtstack, VmError};
 use std::path::PathBuf;
@@ -29,6 +30,10 @@ pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\uvmctl\state";
 /// on unix.
 #[cfg(not(unix))]
 const QEMU_UNIX_ONLY: &str = "it runs QEMU as an unprivileged user over unix sockets and descriptors: Linux only; on Windows use --virtstack hcs (or sim)";
+
+/// Why remotevm is not offered off unix.
+#[cfg(not(unix))]
+const REMOTEVM_UNIX_ONLY: &str = "its client speaks to vmservice servers over unix sockets; hcsshim's named-pipe transport is not built here (on Windows use --virtstack hcs)";
 
 /// The acceleration `choice` comes to on this host.
 #[cfg(unix)]
@@ -266,6 +271,12 @@ pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenErro
                 lock_dir: host.state_dir.clone(),
             })
         }
+        #[cfg(not(unix))]
+        Kind::RemoteVm => Err(OpenError::Unsupported {
+            virtstack: "remotevm",
+            why: REMOTEVM_UNIX_ONLY,
+        }),
+        #[cfg(unix)]
         Kind::RemoteVm => {
             let dir = host
                 .remote_dir
@@ -291,14 +302,6 @@ pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenErro
                         qemu(host, true)?.capabilities(),
                     )),
                 ),
-                // uvmctl's own server is a QEMU one.
-                #[cfg(not(unix))]
-                None => {
-                    return Err(OpenError::Unsupported {
-                        virtstack: "remotevm with uvmctl's own server (give --remote-server)",
-                        why: QEMU_UNIX_ONLY,
-                    });
-                }
             };
             let vs = RemoteVm::with(&dir, Arc::new(spawner), caps, observer).await?;
             // The lock (and a watcher's status) lives beside the records,

@@ -97,13 +97,12 @@ pub struct FileStamp {
 impl FileStamp {
     /// The stamp of the regular file at `path`; `None` when there is none.
     pub fn of(path: &Path) -> io::Result<Option<Self>> {
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.is_file() => Ok(Some(FileStamp {
-                dev: m.dev(),
-                ino: m.ino(),
-                len: m.len(),
-                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        match crate::hostfs::stamp(path, false) {
+            Ok(m) if m.is_file => Ok(Some(FileStamp {
+                dev: m.dev,
+                ino: m.ino,
+                len: m.len,
+                mtime_ns: m.mtime_ns,
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

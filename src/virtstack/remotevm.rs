@@ -64,7 +64,8 @@ impl Spawner for ProcessSpawner {
         // started it, and must not hold its caller's pipes open.
         let log = crate::hostfs::open_state_file(&socket.with_extension("log"), 0o600, true)
             .map_err(|e| format!("cannot create the server's log: {e}"))?;
-        let mut child = crate::child::command(&self.program, Vec::new())
+        let mut child = crate::child::command(&self.program, Vec::new());
+        child
             .args(&self.args)
             .arg("--ttrpc")
             .arg(socket)
@@ -72,8 +73,11 @@ impl Spawner for ProcessSpawner {
             .arg(name.as_str())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .process_group(0)
+            .stderr(log);
+        // Its own process group: a Ctrl-C meant for uvmctl is not its.
+        #[cfg(unix)]
+        child.process_group(0);
+        let mut child = child
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;

@@ -14,9 +14,13 @@
 //! - `WaitVM` blocks until the VM stops or is torn down, alongside any other
 //!   call on the same connection.
 
+// Served over unix sockets: `uvmctl serve` is unix-only.
+#[cfg(unix)]
 pub mod listen;
+#[cfg(unix)]
 pub mod server;
 
+#[cfg(unix)]
 pub use server::{ServeError, Serving};
 
 use crate::protocol::convert::{self, RequestError};

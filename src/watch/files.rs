@@ -14,7 +14,6 @@
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -153,7 +152,9 @@ impl Drop for SpecWatcher {
 }
 
 fn identity(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    crate::hostfs::stamp(path, true)
+        .ok()
+        .map(|m| (m.dev, m.ino))
 }
 
 /// One OS watcher event as the loop sees it: the paths under `root` it

@@ -814,6 +814,17 @@ impl Watcher {
             .and_then(crate::source::read_status)
             .and_then(|s| s.applied)
             .map(|r| r.to_string());
+        // Where the revision in force is now: on Windows a git source names
+        // it in a file rather than a link (`source::spec_dir_in`), so a
+        // swap is a new root, read whole.
+        let mut how = how;
+        if cfg!(not(unix))
+            && let Some(root) = self.opts.source.as_deref().map(crate::source::spec_dir_in)
+            && root != cache.root()
+        {
+            cache = SpecCache::placed(root, self.opts.placement.clone());
+            how = ReloadHow::All;
+        }
         let started = Instant::now();
         let (cache, loaded) = tokio::task::spawn_blocking(move || {
             let loaded = match &how {

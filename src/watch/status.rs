@@ -278,6 +278,7 @@ impl StatusLog {
 /// `text` as one bounded line with its control characters escaped: a
 /// newline in a STATUS would start another notify assignment (`MAINPID=`),
 /// and a file name in an error is a repository's to choose.
+#[cfg_attr(not(unix), allow(dead_code))]
 pub(super) fn one_line(text: &str) -> String {
     crate::escape::escaped(text)
         .replace(['\n', '\t'], " ")
@@ -288,6 +289,7 @@ pub(super) fn one_line(text: &str) -> String {
 
 /// What the watcher tells its service manager.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(unix), allow(dead_code))]
 pub(super) enum Notify<'a> {
     /// Up (with what it is doing, if anything).
     Ready(Option<&'a str>),

@@ -5,10 +5,8 @@
 use super::parse::parse_str;
 use super::{FileResult, MAX_SPEC_FILE_BYTES, SpecFile, is_spec_file_name};
 use crate::spec::error::SpecError;
-use nix::libc;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Lists spec files under `root` (or `root` itself if it is a file), sorted.
@@ -148,16 +146,13 @@ pub(in crate::spec) fn read_text(read: &Path) -> Result<String, String> {
             meta.len()
         ));
     }
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(read)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    match f.metadata() {
-        Ok(m) if m.is_file() => {}
-        Ok(_) => return Err("not a regular file".to_string()),
-        Err(e) => return Err(format!("cannot stat: {e}")),
-    }
+    let f = crate::hostfs::open_read_nofollow(read).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            "not a regular file".to_string()
+        } else {
+            format!("cannot read: {e}")
+        }
+    })?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may grow between stat and read: never read past the limit.
     f.take(MAX_SPEC_FILE_BYTES + 1)

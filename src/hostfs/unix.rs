@@ -1,23 +1,6 @@
-//! The host's file system as uvmctl, running as root, may trust it.
-//!
-//! Three rules, after sshd's StrictModes and libvirt's descriptor passing:
-//!
-//! - A directory uvmctl relies on (an allowed root, the state root, the
-//!   directory of a socket a VM keeps using) must be one nobody but root (or
-//!   the user running uvmctl) can change: it and every directory on the way
-//!   to it owned by root or that user and not writable by group or others. A
-//!   sticky directory on the way (like `/tmp`) is acceptable, because others
-//!   cannot rename or remove what root owns inside it.
-//! - A file a VM uses is opened once, by uvmctl, through a resolution that
-//!   cannot leave its root (`openat2` with `RESOLVE_BENEATH`, else an
-//!   `O_NOFOLLOW` walk), and checked on the open descriptor, which is what
-//!   QEMU then gets.
-//! - A file uvmctl creates in its state is created with `O_NOFOLLOW` (and
-//!   `O_EXCL` for temporary names), with an explicit mode, so a planted link
-//!   is an error, never a target.
-//!
-//! This module names nothing else of the crate: everything above may use it.
+//! The unix rules (see the module above).
 
+use super::{Stamp, TrustError, temp_name};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::Mode;
@@ -26,34 +9,6 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Why a directory cannot be trusted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TrustError {
-    /// Someone other than root (or uvmctl's own user) could change it.
-    #[error(
-        "{path}: owned by uid {uid} with mode {mode:04o}: {why}; uvmctl refuses directories others could change (make it root's and not writable by group or others)"
-    )]
-    Untrusted {
-        /// The directory (or link) that fails.
-        path: String,
-        /// Its owner.
-        uid: u32,
-        /// Its permission bits.
-        mode: u32,
-        /// What is wrong with it.
-        why: &'static str,
-    },
-    /// It cannot be looked at.
-    #[error("{path}: {reason}")]
-    Unreadable {
-        /// The path.
-        path: String,
-        /// The OS error.
-        reason: String,
-    },
-}
 
 /// Whether files owned by `uid` may be trusted: root's, or those of the
 /// user running uvmctl (a developer's own scratch directories).
@@ -374,16 +329,18 @@ fn open_ours(opts: &mut std::fs::OpenOptions, path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Reads a file uvmctl wrote in its state, without following a link, up to
-/// `limit` bytes.
+/// Opens the regular file `path` for reading without following a link
+/// (nor hanging on a FIFO planted in its place).
 ///
 /// # Errors
-/// The OS error; `ELOOP` for a link; `InvalidData` past `limit`.
-pub fn read_state_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
+/// The OS error; `ELOOP` for a link; `InvalidInput` for what is not a
+/// regular file.
+pub fn open_read_nofollow(path: &Path) -> io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc_flags(OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK))
+        .custom_flags(libc_flags(
+            OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+        ))
         .open(path)?;
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
@@ -391,48 +348,59 @@ pub fn read_state_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
             "not a regular file",
         ));
     }
-    let mut out = Vec::new();
-    file.take(limit + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
-        ));
-    }
-    Ok(out)
+    blocking(&file)?;
+    Ok(file)
 }
 
-/// A file uvmctl keeps in its state, opened for reading without following
-/// a link: the file, its (device, inode) and its length now.
+/// Whether `file` (a config file) may be trusted: root's (or uvmctl's own
+/// user's), and not writable by group or others.
 ///
 /// # Errors
-/// The OS error; `ELOOP` for a link; `InvalidInput` for what is not a
-/// regular file.
-pub fn open_state_file_read(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags(OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK))
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
+/// What is wrong with it.
+pub fn check_trusted_file(file: &File) -> Result<(), String> {
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !trusted_owner(meta.uid()) {
+        return Err(format!("owned by uid {}, not by root", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:04o})",
+            meta.mode() & 0o7777
         ));
     }
-    Ok((file, (meta.dev(), meta.ino()), meta.len()))
+    Ok(())
 }
 
-/// Up to `limit` bytes of `file` from byte `from`.
+/// The [`Stamp`] of what `path` names (its link's target when `follow`).
 ///
 /// # Errors
 /// The OS error.
-pub fn read_file_from(file: &mut File, from: u64, limit: u64) -> io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::Start(from))?;
-    let mut out = Vec::new();
-    file.take(limit).read_to_end(&mut out)?;
-    Ok(out)
+pub fn stamp(path: &Path, follow: bool) -> io::Result<Stamp> {
+    let m = if follow {
+        std::fs::metadata(path)?
+    } else {
+        std::fs::symlink_metadata(path)?
+    };
+    Ok(stamp_of(&m))
+}
+
+/// The [`Stamp`] of an open file.
+///
+/// # Errors
+/// The OS error.
+pub fn file_stamp(file: &File) -> io::Result<Stamp> {
+    Ok(stamp_of(&file.metadata()?))
+}
+
+fn stamp_of(m: &std::fs::Metadata) -> Stamp {
+    Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        is_file: m.is_file(),
+    }
 }
 
 /// Clears `O_NONBLOCK` (set only so the open could not hang on a FIFO) once
@@ -446,21 +414,6 @@ fn blocking(file: &File) -> io::Result<()> {
 
 fn libc_flags(f: OFlag) -> i32 {
     f.bits()
-}
-
-/// A temporary name beside `path` no other writer uses: pid and a
-/// process-wide counter.
-fn temp_name(path: &Path) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
 }
 
 /// Replaces `path` with `bytes` atomically: a new temporary file (`O_EXCL`,
@@ -520,6 +473,7 @@ pub fn raise_nofile_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostfs::read_state_file;
     use std::os::unix::fs::symlink;
 
     fn root_only() -> bool {
