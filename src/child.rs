@@ -157,7 +157,8 @@ fn cloexec_each(first: RawFd, last: RawFd, limit: RawFd) {
     }
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, IntoRawFd};

@@ -225,6 +225,7 @@ mod tests {
 
     /// Issue 31: a config file another user could have written is refused
     /// with the reason, before a word of it is used.
+    #[cfg(unix)]
     #[test]
     fn a_squatted_config_file_is_refused() {
         use std::os::unix::fs::PermissionsExt;

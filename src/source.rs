@@ -655,8 +655,15 @@ impl GitSource {
 /// nothing (or nothing plain) is named. A watcher resolves it again at
 /// every reload.
 pub fn spec_dir_in(cache: &Path) -> PathBuf {
+    spec_dir_named(cache).unwrap_or_else(|| cache.join("specs"))
+}
+
+/// On Windows, the directory `specs.ref` in the git cache `cache` names,
+/// if it names one inside the cache; on unix `None` (the link `specs` is
+/// followed by every open, so it is always the same path).
+pub fn spec_dir_named(cache: &Path) -> Option<PathBuf> {
     #[cfg(not(unix))]
-    if let Some(dir) = crate::hostfs::read_state_file(&cache.join(SPEC_REF), 4096)
+    return crate::hostfs::read_state_file(&cache.join(SPEC_REF), 4096)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .map(PathBuf::from)
@@ -664,10 +671,12 @@ pub fn spec_dir_in(cache: &Path) -> PathBuf {
             p.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)))
         })
+        .map(|p| cache.join(p));
+    #[cfg(unix)]
     {
-        return cache.join(dir);
+        let _ = cache;
+        None
     }
-    cache.join("specs")
 }
 
 /// On Windows, the file naming the spec directory in force.

@@ -2,6 +2,8 @@
 //! of the suite through the fuzz target's own properties
 //! (`fuzz/harness/qmp_reader.rs`): each input found once stays checked.
 //! Fuzzing campaigns, which find new ones, are `scripts/fuzz`'s.
+//! QMP is the qemu virtstack's: unix only.
+#![cfg(unix)]
 
 #[path = "../fuzz/harness/qmp_reader.rs"]
 mod harness;

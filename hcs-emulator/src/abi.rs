@@ -122,6 +122,7 @@ fn call_event(handle: usize, cb: Event, context: usize, ev: &HCS_EVENT) {
 static STORE: LazyLock<Store> = LazyLock::new(Store::from_env);
 
 /// Result documents handed out and not yet given back to LocalFree, by address.
+#[cfg(not(windows))]
 static ALLOCATIONS: LazyLock<Mutex<HashMap<usize, Box<[u16]>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -129,6 +130,7 @@ fn tables() -> MutexGuard<'static, Tables> {
     TABLES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[cfg(not(windows))]
 fn allocations() -> MutexGuard<'static, HashMap<usize, Box<[u16]>>> {
     ALLOCATIONS.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -138,7 +140,10 @@ pub fn store() -> &'static Store {
     &STORE
 }
 
-/// How many result documents are handed out and not yet freed.
+/// How many result documents are handed out and not yet freed (off
+/// Windows; there the caller frees them with kernel32's `LocalFree`, which
+/// the emulator does not see).
+#[cfg(not(windows))]
 pub fn outstanding_documents() -> usize {
     allocations().len()
 }
@@ -147,11 +152,34 @@ fn wide(s: &str) -> Box<[u16]> {
     s.encode_utf16().chain(std::iter::once(0)).collect()
 }
 
+/// A result document as this library hands it out, for its caller to
+/// free with `LocalFree`: from its own table off Windows, where it also
+/// exports that `LocalFree`.
+#[cfg(not(windows))]
 fn alloc_document(s: &str) -> PWSTR {
     let mut buf = wide(s);
     let ptr = buf.as_mut_ptr();
     allocations().insert(ptr as usize, buf);
     ptr
+}
+
+/// A result document as HCS hands it out on Windows: `LocalAlloc`'d, so
+/// the caller's kernel32 `LocalFree` frees it (a Rust heap buffer there
+/// was freed by the wrong allocator and read back as garbage). Null when
+/// the allocation fails, as no document.
+#[cfg(windows)]
+fn alloc_document(s: &str) -> PWSTR {
+    use windows_sys::Win32::System::Memory::{LMEM_FIXED, LocalAlloc};
+    let buf = wide(s);
+    // SAFETY: a fixed allocation of the document's size, filled whole
+    // below before it is handed out.
+    unsafe {
+        let p = LocalAlloc(LMEM_FIXED, std::mem::size_of_val(&*buf)).cast::<u16>();
+        if !p.is_null() {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len());
+        }
+        p
+    }
 }
 
 /// Reads a caller's NUL-terminated UTF-16 string. None: null; Some(Err): not UTF-16.
@@ -794,9 +822,11 @@ pub unsafe extern "system" fn HcsEnumerateComputeSystems(
 
 /// LocalFree for the result documents this library returned. Returns null; a pointer this
 /// library did not hand out is left alone and returned (LocalFree's failure return).
+/// Off Windows only: there kernel32's frees what `LocalAlloc` gave.
 ///
 /// # Safety
 /// `mem` is null or a pointer returned by this library and not yet freed.
+#[cfg(not(windows))]
 #[unsafe(no_mangle)]
 pub unsafe extern "system" fn LocalFree(mem: *mut c_void) -> *mut c_void {
     if mem.is_null() {

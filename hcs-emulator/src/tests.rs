@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::abi::*;
+// Documents are kernel32's to free there, as HCS's are.
 use crate::hresult::*;
 use crate::store::{State, Store};
+#[cfg(windows)]
+use windows_sys::Win32::Foundation::LocalFree;
 
 fn w(s: &str) -> Vec<u16> {
     s.encode_utf16().chain(std::iter::once(0)).collect()

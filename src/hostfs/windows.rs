@@ -346,24 +346,22 @@ fn is_reparse_point(attributes: u32) -> bool {
     attributes & FILE_ATTRIBUTE_REPARSE_POINT != 0
 }
 
-/// Checks one directory: itself, not a reparse point, its security.
-fn check_dir(at: &Path, last: bool) -> Result<(), TrustError> {
-    let dir = open_itself(at, false).map_err(|e| unreadable(at, &e))?;
-    let info = information(&dir).map_err(|e| unreadable(at, &e))?;
-    let security = Security::of(&dir).map_err(|e| unreadable(at, &e))?;
-    if is_reparse_point(info.dwFileAttributes) {
-        return Err(untrusted(
-            at,
-            Some(&security),
-            "a reparse point (symbolic link or junction); uvmctl follows none".into(),
-        ));
-    }
-    if info.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY == 0 {
-        return Err(untrusted(at, Some(&security), "not a directory".into()));
-    }
-    security
-        .judge(last)
-        .map_err(|why| untrusted(at, Some(&security), why))
+/// What is seen of one path on the way to a directory: its attributes and
+/// security, read off a handle to it itself (a reparse point not followed).
+#[derive(Debug, Clone)]
+struct Seen {
+    attributes: u32,
+    security: Security,
+}
+
+fn see(at: &Path) -> Result<Seen, TrustError> {
+    let file = open_itself(at, false).map_err(|e| unreadable(at, &e))?;
+    let info = information(&file).map_err(|e| unreadable(at, &e))?;
+    let security = Security::of(&file).map_err(|e| unreadable(at, &e))?;
+    Ok(Seen {
+        attributes: info.dwFileAttributes,
+        security,
+    })
 }
 
 /// Checks that nobody but an administrator (or uvmctl's own user) can
@@ -374,22 +372,31 @@ fn check_dir(at: &Path, last: bool) -> Result<(), TrustError> {
 /// # Errors
 /// The first directory that fails, with its owner and what is wrong.
 pub fn check_trusted_dir(path: &Path) -> Result<PathBuf, TrustError> {
+    check_with(path, &see, &|p: &Path| std::fs::canonicalize(p))
+}
+
+/// [`check_trusted_dir`] with what it sees and how it resolves given (the
+/// tests give both: Wine 8 makes no reparse point and keeps no DACL).
+fn check_with(
+    path: &Path,
+    see: &dyn Fn(&Path) -> Result<Seen, TrustError>,
+    canonicalize: &dyn Fn(&Path) -> io::Result<PathBuf>,
+) -> Result<PathBuf, TrustError> {
     let mut at = PathBuf::new();
     for c in path.components() {
         at.push(c);
         if matches!(c, Component::Normal(_)) {
-            let meta = std::fs::symlink_metadata(&at).map_err(|e| unreadable(&at, &e))?;
-            if is_reparse_point(meta.file_attributes()) {
-                let security = open_itself(&at, false).and_then(|f| Security::of(&f)).ok();
+            let seen = see(&at)?;
+            if is_reparse_point(seen.attributes) {
                 return Err(untrusted(
                     &at,
-                    security.as_ref(),
+                    Some(&seen.security),
                     "a reparse point (symbolic link or junction); uvmctl follows none".into(),
                 ));
             }
         }
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| unreadable(path, &e))?;
+    let canonical = canonicalize(path).map_err(|e| unreadable(path, &e))?;
     let components: Vec<Component> = canonical.components().collect();
     let mut at = PathBuf::new();
     for (i, c) in components.iter().enumerate() {
@@ -399,9 +406,55 @@ pub fn check_trusted_dir(path: &Path) -> Result<PathBuf, TrustError> {
         if matches!(c, Component::Prefix(_)) {
             continue;
         }
-        check_dir(&at, i + 1 == components.len())?;
+        let seen = see(&at)?;
+        if is_reparse_point(seen.attributes) {
+            return Err(untrusted(
+                &at,
+                Some(&seen.security),
+                "a reparse point (symbolic link or junction); uvmctl follows none".into(),
+            ));
+        }
+        if seen.attributes & FILE_ATTRIBUTE_DIRECTORY == 0 {
+            return Err(untrusted(
+                &at,
+                Some(&seen.security),
+                "not a directory".into(),
+            ));
+        }
+        seen.security
+            .judge(i + 1 == components.len())
+            .map_err(|why| untrusted(&at, Some(&seen.security), why))?;
     }
     Ok(canonical)
+}
+
+/// Refuses a reparse point at `path` or on the way to it from `root` (a
+/// file HCS will open as its own service; what does not exist yet is
+/// HCS's to report).
+///
+/// # Errors
+/// The reparse point, with its owner.
+pub fn refuse_reparse_beneath(root: &Path, path: &Path) -> Result<(), TrustError> {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return Ok(());
+    };
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if is_reparse_point(m.file_attributes()) => {
+                let security = open_itself(&at, false).and_then(|f| Security::of(&f)).ok();
+                return Err(untrusted(
+                    &at,
+                    security.as_ref(),
+                    "a reparse point (symbolic link or junction); HCS would follow it".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// The DACL uvmctl gives a directory it makes: the system, the
@@ -683,9 +736,132 @@ mod tests {
         assert_eq!(inherited.judge(true), Ok(()));
         let theirs = Security::from_sddl("O:BUD:(A;;FA;;;BA)").expect("sddl");
         assert!(theirs.judge(true).is_err());
-        let null = Security::from_sddl("O:BAD:NO_ACCESS_CONTROL").expect("sddl");
-        assert_eq!(null.dacl, None);
-        assert!(null.judge(false).is_err());
+    }
+
+    /// What a test's host looks like: every path a trusted directory but
+    /// those given.
+    fn host<'a>(
+        odd: &'a [(&'a str, u32, &'a str)],
+    ) -> impl Fn(&Path) -> Result<Seen, TrustError> + 'a {
+        move |at: &Path| {
+            let text = at.display().to_string();
+            let (attributes, sddl) = odd
+                .iter()
+                .find(|(p, _, _)| *p == text)
+                .map_or((FILE_ATTRIBUTE_DIRECTORY, TRUSTED), |(_, a, s)| (*a, *s));
+            Ok(Seen {
+                attributes,
+                security: Security::from_sddl(sddl).expect("sddl"),
+            })
+        }
+    }
+
+    const TRUSTED: &str = "O:BAD:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FRFX;;;BU)";
+
+    /// Wine 8 shows a unix link as the directory it names and cannot make
+    /// a junction (`mklink /J` fails), so the walk is given the attributes
+    /// a junction has on Windows; the descriptors are real, built by
+    /// advapi32 from SDDL.
+    #[test]
+    fn a_junction_or_link_in_an_allowed_root_is_refused_with_its_name() {
+        let same = |p: &Path| Ok(p.to_path_buf());
+        let root = Path::new(
+            r"C:
+oots\vhds",
+        );
+        assert_eq!(check_with(root, &host(&[]), &same).expect("trusted"), root);
+        let link = Path::new(
+            r"C:
+oots\vhds\boot",
+        );
+        let odd = [(
+            r"C:
+oots\vhds\boot",
+            FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT,
+            TRUSTED,
+        )];
+        let err = check_with(link, &host(&odd), &same).expect_err("a junction");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                r"C:
+oots\vhds\boot: owned by "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("a reparse point (symbolic link or junction)"),
+            "{text}"
+        );
+        // One met only once resolved (the path given had none) is refused too.
+        let resolved = |_: &Path| Ok(PathBuf::from(r"C:\elsewhere\boot"));
+        let odd = [(
+            r"C:\elsewhere",
+            FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT,
+            TRUSTED,
+        )];
+        let err = check_with(root, &host(&odd), &resolved).expect_err("on the way");
+        assert!(err.to_string().starts_with(r"C:\elsewhere: "), "{err}");
+    }
+
+    #[test]
+    fn a_root_users_may_write_is_refused_naming_users() {
+        let same = |p: &Path| Ok(p.to_path_buf());
+        let root = Path::new(
+            r"C:
+oots\vhds",
+        );
+        let odd = [(
+            r"C:
+oots\vhds",
+            FILE_ATTRIBUTE_DIRECTORY,
+            "O:BAD:(A;OICI;FA;;;BA)(A;OICI;0x1301bf;;;BU)",
+        )];
+        let err = check_with(root, &host(&odd), &same).expect_err("users may write");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                r"C:
+oots\vhds: owned by "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("(S-1-5-32-545) may delete, rename or re-permit"),
+            "{text}"
+        );
+        // Above the root, letting users make folders (as C:\ does) is fine;
+        // letting them delete what is in it is not.
+        let odd = [(
+            r"C:
+oots",
+            FILE_ATTRIBUTE_DIRECTORY,
+            "O:BAD:(A;;FA;;;BA)(A;;0x100004;;;AU)",
+        )];
+        assert!(check_with(root, &host(&odd), &same).is_ok());
+        let odd = [(
+            r"C:
+oots",
+            FILE_ATTRIBUTE_DIRECTORY,
+            "O:BAD:(A;;FA;;;BA)(A;;0x100040;;;AU)",
+        )];
+        let err = check_with(root, &host(&odd), &same).expect_err("delete child");
+        assert!(
+            err.to_string().starts_with(
+                r"C:
+oots: "
+            ),
+            "{err}"
+        );
+        // A root that is a file is no root.
+        let odd = [(
+            r"C:
+oots\vhds",
+            0x20,
+            TRUSTED,
+        )];
+        let err = check_with(root, &host(&odd), &same).expect_err("a file");
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]

@@ -204,6 +204,7 @@ mod tests {
         assert_eq!(fixed.desired.vms.keys().collect::<Vec<_>>(), ["a"]);
     }
 
+    #[cfg(unix)]
     #[test]
     fn stamps_find_an_edit_no_event_reported_and_a_swapped_link_is_reread() {
         let dir = tempfile::tempdir().expect("tempdir");

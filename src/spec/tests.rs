@@ -568,6 +568,7 @@ fn vsock_and_hvsocket_listeners_need_their_own_address() {
 mod on_disk {
     use super::*;
     use std::fs;
+    #[cfg(unix)]
     use std::path::Path;
 
     #[test]
@@ -594,6 +595,8 @@ mod on_disk {
         assert_eq!(l.desired.vms.keys().collect::<Vec<_>>(), vec!["db", "web"]);
     }
 
+    // A FIFO: unix's.
+    #[cfg(unix)]
     #[test]
     fn refuses_oversized_and_non_regular_files() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -624,6 +627,7 @@ mod on_disk {
         assert_eq!(l.desired.failed_files.len(), 2);
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_symlink_out_of_the_spec_directory_is_refused_by_name_unread() {
         let outside = tempfile::tempdir().expect("tempdir");
@@ -670,6 +674,7 @@ mod on_disk {
         assert_eq!(l.desired.failed_files.len(), 3, "pruning stays blocked");
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_symlink_to_a_spec_inside_the_directory_loads() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -689,6 +694,7 @@ mod on_disk {
         }
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_spec_file_named_on_the_command_line_may_be_a_symlink_anywhere() {
         let elsewhere = tempfile::tempdir().expect("tempdir");

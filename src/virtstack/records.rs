@@ -419,6 +419,7 @@ mod tests {
         assert!(matches!(s.load("a"), Err(RecordError::Io { .. })));
     }
 
+    #[cfg(unix)]
     #[test]
     fn only_vm_names_with_a_regular_record_are_listed() {
         let (dir, s) = store(Layout::File { suffix: ".json" });

@@ -714,6 +714,8 @@ impl Virtstack for RemoteVm {
 }
 
 #[cfg(test)]
+// Its fake servers listen on unix sockets.
+#[cfg(unix)]
 mod tests {
     use super::*;
     use crate::apply::{ApplyOptions, apply};

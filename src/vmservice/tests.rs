@@ -1,4 +1,6 @@
 //! The server against the in-memory virtstack, over a real ttrpc connection.
+// The server listens on unix sockets.
+#![cfg(unix)]
 
 use super::*;
 use crate::virtstack::fake::Fake;

@@ -818,8 +818,11 @@ impl Watcher {
         // it in a file rather than a link (`source::spec_dir_in`), so a
         // swap is a new root, read whole.
         let mut how = how;
-        if cfg!(not(unix))
-            && let Some(root) = self.opts.source.as_deref().map(crate::source::spec_dir_in)
+        if let Some(root) = self
+            .opts
+            .source
+            .as_deref()
+            .and_then(crate::source::spec_dir_named)
             && root != cache.root()
         {
             cache = SpecCache::placed(root, self.opts.placement.clone());

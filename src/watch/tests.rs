@@ -501,6 +501,7 @@ async fn a_second_watcher_on_the_same_state_directory_is_refused() {
     w.stop().await;
 }
 
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_style_data_link_swap_reconciles_the_vms_it_changes() {
     let fake = Fake::new(caps());

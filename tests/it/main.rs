@@ -1,4 +1,7 @@
-//! Integration tests: the `uvmctl` binary as users run it.
+//! Integration tests: the `uvmctl` binary as users run it, on Linux (real
+//! QEMU guests, unix sockets, namespaces). uvmctl.exe is driven through
+//! Wine by `tests/wine.rs` instead.
+#![cfg(unix)]
 
 mod cli;
 mod conformance;

@@ -152,9 +152,16 @@ pub fn built_emulator() -> Option<PathBuf> {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     );
+    // Built for another target (uvmctl.exe's tests under Wine), it sits
+    // under the target's own directory.
+    let triple = if cfg!(windows) {
+        "x86_64-pc-windows-gnu"
+    } else {
+        ""
+    };
     ["debug", "release"]
         .iter()
-        .map(|profile| target.join(profile).join(&file))
+        .map(|profile| target.join(triple).join(profile).join(&file))
         .find(|p| p.exists())
 }
 

@@ -363,3 +363,40 @@ fn closed_handles_are_refused() {
         );
     }
 }
+
+/// Issue 33: HCS hands out result documents its caller frees with
+/// `LocalFree`. Under Windows' loader (Wine, in scripts/test-windows) an
+/// emulator that handed out Rust heap buffers had them freed by the wrong
+/// allocator: after some reads a document came back empty or garbage.
+/// Every one of 200 reads through the loading path is whole here.
+#[test]
+fn two_hundred_property_reads_each_come_back_whole() {
+    let hcs = emulator();
+    let id = format!("reads-{}", std::process::id());
+    let doc = serde_json::json!({
+        "SchemaVersion": {"Major": 2, "Minor": 1},
+        "Owner": "uvmctl-test",
+        "ShouldTerminateOnLastHandleClosed": false,
+        "VirtualMachine": {
+            "ComputeTopology": {
+                "Memory": {"SizeInMB": 64},
+                "Processor": {"Count": 1}
+            }
+        }
+    });
+    hcs.create(&id, &doc.to_string()).expect("create");
+    let mut first = None;
+    for i in 0..200 {
+        let text = hcs.properties(&id, "{}").expect("properties");
+        let props: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("read {i}: not JSON ({e}): {text:?}"));
+        assert_eq!(props["Id"], id.as_str(), "read {i}: {text}");
+        assert_eq!(props["Owner"], "uvmctl-test", "read {i}: {text}");
+        match &first {
+            None => first = Some(text),
+            Some(f) => assert_eq!(*f, text, "read {i} differs from the first"),
+        }
+    }
+    hcs.lifecycle(&id, Verb::Terminate, None)
+        .expect("terminate");
+}
