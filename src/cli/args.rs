@@ -194,7 +194,8 @@ pub struct HostArgs {
     /// The virtstack: `qemu` (QEMU here), `remotevm` (one vmservice
     /// server per VM), `hcs` (Windows' Host Compute Service, through
     /// --hcs-library) or `sim` (a simulator: VMs as records under the state
-    /// directory, with qemu's rules; nothing runs) [default: qemu].
+    /// directory, with qemu's rules; nothing runs) [default: qemu; hcs on
+    /// Windows].
     #[arg(
         long,
         global = true,

@@ -307,9 +307,20 @@ fn me() -> Option<&'static str> {
     .as_deref()
 }
 
+/// A path as people write it: without the `\\?\` that a canonical
+/// path has.
+fn shown(path: &Path) -> String {
+    let text = path.display().to_string();
+    match text.strip_prefix(r"\\?\") {
+        Some(rest) if rest.starts_with("UNC\\") => format!(r"\\{}", &rest[4..]),
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
+}
+
 fn untrusted(path: &Path, security: Option<&Security>, why: String) -> TrustError {
     TrustError::UntrustedAcl {
-        path: path.display().to_string(),
+        path: shown(path),
         owner: security.map_or_else(|| "(not read)".into(), |s| s.owner.clone()),
         why,
     }
@@ -317,7 +328,7 @@ fn untrusted(path: &Path, security: Option<&Security>, why: String) -> TrustErro
 
 fn unreadable(path: &Path, e: &io::Error) -> TrustError {
     TrustError::Unreadable {
-        path: path.display().to_string(),
+        path: shown(path),
         reason: e.to_string(),
     }
 }
@@ -428,19 +439,19 @@ fn check_with(
     Ok(canonical)
 }
 
-/// Refuses a reparse point at `path` or on the way to it from `root` (a
-/// file HCS will open as its own service; what does not exist yet is
-/// HCS's to report).
+/// Refuses a reparse point at `path` or on the way to it (a file HCS
+/// will open as its own service; what does not exist yet is HCS's to
+/// report).
 ///
 /// # Errors
 /// The reparse point, with its owner.
-pub fn refuse_reparse_beneath(root: &Path, path: &Path) -> Result<(), TrustError> {
-    let Ok(rel) = path.strip_prefix(root) else {
-        return Ok(());
-    };
-    let mut at = root.to_path_buf();
-    for c in rel.components() {
+pub fn refuse_reparse_on_way(path: &Path) -> Result<(), TrustError> {
+    let mut at = PathBuf::new();
+    for c in path.components() {
         at.push(c);
+        if !matches!(c, Component::Normal(_)) {
+            continue;
+        }
         match std::fs::symlink_metadata(&at) {
             Ok(m) if is_reparse_point(m.file_attributes()) => {
                 let security = open_itself(&at, false).and_then(|f| Security::of(&f)).ok();

@@ -71,7 +71,7 @@ pub struct HostOptions {
 impl Default for HostOptions {
     fn default() -> Self {
         HostOptions {
-            virtstack: Kind::default(),
+            virtstack: Kind::native(),
             state_dir: DEFAULT_STATE_DIR.into(),
             allow_roots: Vec::new(),
             accel: AccelChoice::Auto,
@@ -144,6 +144,15 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+    /// An allowed root others could change (on Windows, where HCS opens
+    /// what is under it as its own service).
+    #[error("allowed root {}: {why}", path.display())]
+    UntrustedRoot {
+        /// The root as given.
+        path: PathBuf,
+        /// What is wrong with it (said in the message, so not a source).
+        why: crate::hostfs::TrustError,
+    },
     /// The virtstack refused to start.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -214,6 +223,19 @@ fn serve_args(host: &HostOptions) -> Vec<String> {
     args
 }
 
+/// The allowed roots of the hcs virtstack these options give.
+#[cfg(windows)]
+fn hcs_roots(host: &HostOptions) -> Vec<PathBuf> {
+    if host.hcs_allow_roots.is_empty() {
+        super::hcs::DEFAULT_ALLOWED_ROOTS
+            .iter()
+            .map(PathBuf::from)
+            .collect()
+    } else {
+        host.hcs_allow_roots.clone()
+    }
+}
+
 /// Opens the virtstack the options name on this host; an `observer` only
 /// looks.
 pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenError> {
@@ -261,6 +283,13 @@ pub async fn open(host: &HostOptions, observer: bool) -> Result<Opened, OpenErro
                     path: Hcs::records_dir(&host.state_dir),
                     source,
                 })?;
+                // HCS opens what a spec names under these as its own
+                // service: on Windows nobody else may change them.
+                #[cfg(windows)]
+                for root in hcs_roots(host) {
+                    crate::hostfs::check_trusted_dir(&root)
+                        .map_err(|why| OpenError::UntrustedRoot { path: root, why })?;
+                }
             }
             Ok(Opened {
                 vs: Arc::new(Hcs::new(

@@ -42,6 +42,16 @@ pub enum VirtstackKind {
 }
 
 impl VirtstackKind {
+    /// What this platform runs VMs with when nobody says: hcs on Windows,
+    /// qemu elsewhere.
+    pub fn native() -> Self {
+        if cfg!(windows) {
+            VirtstackKind::Hcs
+        } else {
+            VirtstackKind::Qemu
+        }
+    }
+
     /// Every kind, in the order help lists them.
     pub const ALL: [VirtstackKind; 4] = [
         VirtstackKind::Qemu,

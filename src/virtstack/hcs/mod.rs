@@ -447,12 +447,18 @@ impl Hcs {
                 .roots
                 .iter()
                 .any(|r| f == *r || f.starts_with(&format!("{r}/")));
-            (has_dot_component(&p) || !under).then(|| {
-                format!(
+            if has_dot_component(&p) || !under {
+                return Some(format!(
                     "{field}: {p} is not under an allowed root ({}); HCS opens it as its own service",
                     self.roots.join(", ")
-                )
-            })
+                ));
+            }
+            // HCS would follow a link or junction on the way out of the root.
+            #[cfg(windows)]
+            if let Err(e) = crate::hostfs::refuse_reparse_on_way(Path::new(&p)) {
+                return Some(format!("{field}: {e}"));
+            }
+            None
         })
     }
 }
