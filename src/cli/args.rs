@@ -412,6 +412,13 @@ pub struct WatchArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Windows: run as the service NAME under the service control manager
+    /// (stop and shutdown stop cleanly; `sc.exe control NAME paramchange`
+    /// fetches and reconciles now, as SIGHUP does); the log goes to
+    /// STATE_DIR\watch.log, kept under 16 MiB with one older file.
+    #[cfg(windows)]
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
     /// How long a reconcile waits for another uvmctl holding the state
     /// directory before trying again later.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]

@@ -17,12 +17,26 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
     // does to its watches, dozens of lines a swap: its warnings are enough.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let (writer, ansi) = (
+        BoxMakeWriter::new(std::io::stderr),
+        std::io::stderr().is_terminal(),
+    );
+    // A service has no console: its log is a file in the state directory.
+    #[cfg(windows)]
+    let (writer, ansi) = match &args.service {
+        Some(_) => (
+            BoxMakeWriter::new(BoundedLog::open(host.state_dir.join("watch.log"))?),
+            false,
+        ),
+        None => (writer, ansi),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match args.log_format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder.with_ansi(ansi).init(),
     }
     let (vs, state_dir) = host::live(host, false).await?;
     let cache = args.git.cache(host);
@@ -57,6 +71,19 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
     let fetch_now = source
         .as_ref()
         .map(|_| Arc::new(tokio::sync::Notify::new()));
+    #[cfg(windows)]
+    let service = match &args.service {
+        Some(name) => Some(uvmctl::watch::service::start(
+            name,
+            sig_tx.clone(),
+            fetch_now.clone(),
+        )?),
+        None => {
+            signals::forward_os_signals(sig_tx.clone(), fetch_now.clone())?;
+            None
+        }
+    };
+    #[cfg(not(windows))]
     signals::forward_os_signals(sig_tx.clone(), fetch_now.clone())?;
     let mut logs = (RefusedLog::default(), signals::GateLog::default());
     let dir = match (&args.dir, &source) {
@@ -136,8 +163,65 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         revert: !args.no_revert,
         wave: args.rollout.wave,
     };
-    uvmctl::watch::run(vs, opts, sig_rx, None).await?;
+    let ran = uvmctl::watch::run(vs, opts, sig_rx, None).await;
+    #[cfg(windows)]
+    if let Some(service) = service {
+        service.stop(u32::from(ran.is_err()));
+    }
+    ran?;
     Ok(0)
+}
+
+/// The watcher's log as a service: appended to a file in the state
+/// directory, which is renamed to `.1` (replacing the one before) once it
+/// passes [`BoundedLog::LIMIT`], so the two never take more than twice it.
+#[cfg(windows)]
+#[derive(Clone)]
+struct BoundedLog(Arc<std::sync::Mutex<(std::path::PathBuf, std::fs::File, u64)>>);
+
+#[cfg(windows)]
+impl BoundedLog {
+    const LIMIT: u64 = 16 << 20;
+
+    fn open(path: std::path::PathBuf) -> anyhow::Result<Self> {
+        uvmctl::hostfs::create_dirs(path.parent().unwrap_or(&path), 0o700)
+            .with_context(|| format!("cannot make the directory of {}", path.display()))?;
+        let file = uvmctl::hostfs::open_state_log(&path, 0o600)
+            .with_context(|| format!("cannot open the log {}", path.display()))?;
+        let len = file.metadata().map_or(0, |m| m.len());
+        Ok(BoundedLog(Arc::new(std::sync::Mutex::new((
+            path, file, len,
+        )))))
+    }
+}
+
+#[cfg(windows)]
+impl std::io::Write for BoundedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (path, file, len) = &mut *guard;
+        if *len >= Self::LIMIT {
+            let _ = std::fs::rename(&*path, path.with_extension("log.1"));
+            *file = uvmctl::hostfs::open_state_log(path, 0o600)?;
+            *len = 0;
+        }
+        let n = file.write(buf)?;
+        *len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).1.flush()
+    }
+}
+
+#[cfg(windows)]
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BoundedLog {
+    type Writer = BoundedLog;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 /// The gate of this host's wave, for a wave after the first.

@@ -27,6 +27,8 @@ pub mod metrics;
 pub mod policy;
 mod revert;
 mod rollout;
+#[cfg(windows)]
+pub mod service;
 pub mod signals;
 mod specs;
 pub mod status;
