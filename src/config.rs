@@ -13,7 +13,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Where the host's config file is looked for when none is named.
+#[cfg(unix)]
 pub const DEFAULT_CONFIG: &str = "/etc/uvmctl/config.yaml";
+/// Where the host's config file is looked for when none is named (beside
+/// the state directory: `\etc` would be on whatever drive is current, in
+/// a root any user may make folders in).
+#[cfg(not(unix))]
+pub const DEFAULT_CONFIG: &str = r"C:\ProgramData\uvmctl\config.yaml";
 
 /// A config file is read up to this size.
 const MAX_CONFIG_BYTES: u64 = 64 << 10;

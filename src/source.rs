@@ -667,9 +667,13 @@ pub fn spec_dir_named(cache: &Path) -> Option<PathBuf> {
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .map(PathBuf::from)
+        // A revision's checkout or inside one; nothing else of the cache.
         .filter(|p| {
             p.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
+                .next()
+                .is_some_and(|first| first.as_os_str().to_string_lossy().starts_with("rev-"))
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
         })
         .map(|p| cache.join(p));
     #[cfg(unix)]

@@ -253,6 +253,66 @@ fn an_allowed_root_others_may_change_is_refused() {
     std::fs::set_permissions(t.path("k"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     assert_exit(&t.hcs(&["apply", "specs", "--yes"]), 0);
     assert_exit(&t.hcs(&["destroy", "web"]), 0);
+
+    // Below the root too: HCS opens what a spec names by name, so a
+    // directory on the way that others may change is refused by plan and
+    // apply alike, naming it; nothing is made.
+    let sub = t.path("k/sub");
+    std::fs::create_dir(&sub).expect("mkdir sub");
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    t.write_spec("web", 64, &["sub/boot.vhdx"]);
+    for args in [&["plan", "specs"][..], &["apply", "specs", "--yes"]] {
+        let out = t.hcs(args);
+        assert_exit(&out, 1);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            text.contains(&format!("{}: owned by ", win(&sub))),
+            "{text}"
+        );
+        assert!(text.contains("Everyone (S-1-1-0) may"), "{text}");
+    }
+    assert!(
+        !t.path("service").read_dir().expect("ls").any(|_| true),
+        "nothing made"
+    );
+}
+
+/// uvmctl's own state is never a guest's, even under an allowed root.
+#[test]
+#[ignore = "needs uvmctl.exe and Wine: scripts/test-windows runs it"]
+fn a_path_into_uvmctls_state_is_refused_even_under_an_allowed_root() {
+    let t = Scratch::new("state");
+    let state = win(&t.path("state"));
+    std::fs::write(
+        t.path("specs/web.yaml"),
+        format!(
+            "{HEAD}metadata:\n  name: web\nspec:\n  boot:\n    linuxKernelDirect:\n      kernel: {k}/vmlinuz\n  processors:\n    count: 1\n  memory:\n    sizeMB: 64\n  scsiControllers:\n    - id: 0\n      disks:\n        - lun: 0\n          path: {s}/hcs/web.vhdx\n          type: vhdx\n",
+            k = win(&t.path("k")).replace('\\', "/"),
+            s = state.replace('\\', "/"),
+        ),
+    )
+    .expect("write spec");
+    let library = win(&env_path("UVMCTL_WINDOWS_EMULATOR"));
+    let whole = win(&t.0);
+    let out = t.uvmctl(&[
+        "--virtstack",
+        "hcs",
+        "--hcs-library",
+        &library,
+        "--hcs-allow-root",
+        &whole,
+        "--state-dir",
+        &state,
+        "apply",
+        "specs",
+        "--yes",
+    ]);
+    assert_exit(&out, 1);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        text.contains("is or holds uvmctl's state directory"),
+        "{text}"
+    );
 }
 
 /// The default `computecore.dll` is looked up in the system directory

@@ -38,6 +38,19 @@ pub async fn run(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(ansi).init(),
     }
+    #[cfg(windows)]
+    let as_service = args.service.is_some();
+    let ran = watch(args, host).await;
+    // A service's error would go to a console it does not have.
+    #[cfg(windows)]
+    if as_service && let Err(e) = &ran {
+        tracing::error!("{e:#}");
+    }
+    ran
+}
+
+/// The watcher, once logging is set up.
+async fn watch(args: WatchArgs, host: &HostOptions) -> anyhow::Result<u8> {
     let (vs, state_dir) = host::live(host, false).await?;
     let cache = args.git.cache(host);
     let gated = gate(&args.rollout)?;
@@ -201,8 +214,12 @@ impl std::io::Write for BoundedLog {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (path, file, len) = &mut *guard;
         if *len >= Self::LIMIT {
-            let _ = std::fs::rename(&*path, path.with_extension("log.1"));
-            *file = uvmctl::hostfs::open_state_log(path, 0o600)?;
+            if std::fs::rename(&*path, path.with_extension("log.1")).is_ok() {
+                *file = uvmctl::hostfs::open_state_log(path, 0o600)?;
+            } else {
+                // Still bounded when the older file cannot be replaced.
+                file.set_len(0)?;
+            }
             *len = 0;
         }
         let n = file.write(buf)?;

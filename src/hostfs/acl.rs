@@ -76,9 +76,11 @@ pub fn trusted_sid(sid: &str, me: Option<&str>) -> bool {
 
 /// Judges one directory: owned by a trusted SID, and its DACL granting
 /// nobody else [`REPLACE`] rights, nor, for the directory itself (`last`),
-/// [`CREATE`] rights. `dacl` is `None` for a null DACL (everyone may do
-/// anything). Deny entries are not weighed (they only narrow what an allow
-/// grants, so ignoring them refuses more, never less).
+/// [`CREATE`] rights. For the directory itself, entries it only passes on
+/// (inherit-only) count too: what is made in it would grant them. `dacl`
+/// is `None` for a null DACL (everyone may do anything). Deny entries are
+/// not weighed (they only narrow what an allow grants, so ignoring them
+/// refuses more, never less).
 ///
 /// # Errors
 /// What is wrong, for a [`TrustError::UntrustedAcl`](super::TrustError).
@@ -94,7 +96,7 @@ pub fn judge(
     let Some(dacl) = dacl else {
         return Err("it has no DACL, so everyone has full control".into());
     };
-    for ace in dacl.iter().filter(|a| !a.inherit_only) {
+    for ace in dacl.iter().filter(|a| last || !a.inherit_only) {
         match ace.kind {
             AceKind::Deny => continue,
             AceKind::Other(n) => {
@@ -108,15 +110,20 @@ pub fn judge(
         if trusted_sid(&ace.sid, me) || ace.sid == CREATOR_OWNER || ace.sid == OWNER_RIGHTS {
             continue;
         }
+        let inherited = if ace.inherit_only {
+            ", in what is made in it"
+        } else {
+            ""
+        };
         if ace.mask & REPLACE != 0 {
             return Err(format!(
-                "{} may delete, rename or re-permit what is in it (access mask {:#x})",
+                "{} may delete, rename or re-permit what is in it{inherited} (access mask {:#x})",
                 ace.who, ace.mask
             ));
         }
         if last && ace.mask & CREATE != 0 {
             return Err(format!(
-                "{} may create files or directories in it (access mask {:#x})",
+                "{} may create files or directories in it{inherited} (access mask {:#x})",
                 ace.who, ace.mask
             ));
         }
@@ -181,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn inherit_only_entries_and_placeholders_grant_nothing_here() {
+    fn what_a_root_passes_on_counts_and_placeholders_grant_nothing() {
         let mut inherited = allow(USERS, FULL);
         inherited.inherit_only = true;
         let dacl = [
@@ -189,6 +196,12 @@ mod tests {
             inherited,
             allow(CREATOR_OWNER, FULL),
         ];
+        // A directory above passes it on to its own children only.
+        assert_eq!(judge(ADMINISTRATORS, Some(&dacl), None, false), Ok(()));
+        // The root would give it to every directory and disk made in it.
+        let why = judge(ADMINISTRATORS, Some(&dacl), None, true).expect_err("inherited");
+        assert!(why.contains("in what is made in it"), "{why}");
+        let dacl = [allow(ADMINISTRATORS, FULL), allow(CREATOR_OWNER, FULL)];
         assert_eq!(judge(ADMINISTRATORS, Some(&dacl), None, true), Ok(()));
     }
 

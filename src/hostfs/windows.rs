@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::windows::ffi::{OsStrExt, OsStringExt};
-use std::os::windows::fs::{MetadataExt, OpenOptionsExt};
+use std::os::windows::fs::OpenOptionsExt;
 use std::os::windows::io::AsRawHandle;
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,12 +23,14 @@ use windows_sys::Win32::Security::{
     ACCESS_ALLOWED_ACE, ACE_HEADER, ACL, DACL_SECURITY_INFORMATION, GetAce,
     GetSecurityDescriptorDacl, GetSecurityDescriptorOwner, GetTokenInformation, INHERIT_ONLY_ACE,
     LookupAccountSidW, OWNER_SECURITY_INFORMATION, PROTECTED_DACL_SECURITY_INFORMATION,
-    PSECURITY_DESCRIPTOR, PSID, SID_NAME_USE, TOKEN_QUERY, TOKEN_USER, TokenUser,
+    PSECURITY_DESCRIPTOR, PSID, SECURITY_ATTRIBUTES, SID_NAME_USE, TOKEN_QUERY, TOKEN_USER,
+    TokenUser,
 };
 use windows_sys::Win32::Storage::FileSystem::{
-    BY_HANDLE_FILE_INFORMATION, FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT,
-    FILE_BASIC_INFO, FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT,
-    FILE_READ_ATTRIBUTES, FileBasicInfo, GetFileInformationByHandle, GetFileInformationByHandleEx,
+    BY_HANDLE_FILE_INFORMATION, CreateDirectoryW, FILE_ATTRIBUTE_DIRECTORY,
+    FILE_ATTRIBUTE_REPARSE_POINT, FILE_ATTRIBUTE_TAG_INFO, FILE_BASIC_INFO,
+    FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT, FILE_READ_ATTRIBUTES,
+    FileAttributeTagInfo, FileBasicInfo, GetFileInformationByHandle, GetFileInformationByHandleEx,
     READ_CONTROL, WRITE_DAC,
 };
 use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
@@ -274,7 +276,9 @@ fn who(sid: PSID, text: &str) -> String {
     }
 }
 
-/// The SID of the user uvmctl runs as, once.
+/// The SID of the user uvmctl runs as, once: trusted as unix trusts
+/// uvmctl's own user. (Run elevated, that user's unelevated processes
+/// share the SID: docs/security.md, "What remains".)
 fn me() -> Option<&'static str> {
     static ME: OnceLock<Option<String>> = OnceLock::new();
     ME.get_or_init(|| {
@@ -308,9 +312,9 @@ fn me() -> Option<&'static str> {
 }
 
 /// A path as people write it: without the `\\?\` that a canonical
-/// path has.
+/// path has, with one kind of separator (a spec may write `/`).
 fn shown(path: &Path) -> String {
-    let text = path.display().to_string();
+    let text = path.display().to_string().replace('/', "\\");
     match text.strip_prefix(r"\\?\") {
         Some(rest) if rest.starts_with("UNC\\") => format!(r"\\{}", &rest[4..]),
         Some(rest) => rest.to_string(),
@@ -439,31 +443,62 @@ fn check_with(
     Ok(canonical)
 }
 
-/// Refuses a reparse point at `path` or on the way to it (a file HCS
-/// will open as its own service; what does not exist yet is HCS's to
-/// report).
+/// Whether the reparse point `file` is open on stands for another name
+/// (a symbolic link, junction or mount point: `IsReparseTagNameSurrogate`),
+/// rather than storing the file's data another way (deduplicated,
+/// compressed by WOF, a cloud placeholder), which is no detour.
+fn names_another(file: &File) -> io::Result<bool> {
+    // SAFETY: plain data, filled by the call.
+    let mut tag: FILE_ATTRIBUTE_TAG_INFO = unsafe { std::mem::zeroed() };
+    // SAFETY: a live handle and a buffer of the class's type and size.
+    let ok = unsafe {
+        GetFileInformationByHandleEx(
+            file.as_raw_handle() as HANDLE,
+            FileAttributeTagInfo,
+            (&raw mut tag).cast(),
+            std::mem::size_of::<FILE_ATTRIBUTE_TAG_INFO>() as u32,
+        )
+    };
+    if ok == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(is_reparse_point(tag.FileAttributes) && tag.ReparseTag & 0x2000_0000 != 0)
+}
+
+/// Checks what a spec names under the allowed root `root`, which HCS
+/// opens by name as its own service: every directory from the root down
+/// to it, and it, as far as they exist, is no link or junction, is owned
+/// by a trusted SID, and lets nobody else change it (a directory: nor add
+/// to it). What does not exist yet is HCS's to report: its parent passed,
+/// so nobody else can make it.
 ///
 /// # Errors
-/// The reparse point, with its owner.
-pub fn refuse_reparse_on_way(path: &Path) -> Result<(), TrustError> {
-    let mut at = PathBuf::new();
-    for c in path.components() {
+/// The first that fails, with its owner and what is wrong.
+pub fn check_beneath(root: &Path, path: &Path) -> Result<(), TrustError> {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return Ok(());
+    };
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
         at.push(c);
-        if !matches!(c, Component::Normal(_)) {
-            continue;
+        let file = match open_itself(&at, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(unreadable(&at, &e)),
+        };
+        let info = information(&file).map_err(|e| unreadable(&at, &e))?;
+        let security = Security::of(&file).map_err(|e| unreadable(&at, &e))?;
+        if names_another(&file).map_err(|e| unreadable(&at, &e))? {
+            return Err(untrusted(
+                &at,
+                Some(&security),
+                "a reparse point (symbolic link or junction); HCS would follow it".into(),
+            ));
         }
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if is_reparse_point(m.file_attributes()) => {
-                let security = open_itself(&at, false).and_then(|f| Security::of(&f)).ok();
-                return Err(untrusted(
-                    &at,
-                    security.as_ref(),
-                    "a reparse point (symbolic link or junction); HCS would follow it".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(_) => return Ok(()),
-        }
+        let dir = info.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY != 0;
+        security
+            .judge(dir)
+            .map_err(|why| untrusted(&at, Some(&security), why))?;
     }
     Ok(())
 }
@@ -491,10 +526,21 @@ fn private_sddl(mode: u32) -> String {
 /// # Errors
 /// The OS error, or `PermissionDenied` naming the owner when it is not ours.
 pub fn private_dir(path: &Path, mode: u32) -> io::Result<()> {
-    match std::fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+    let sd = sddl_descriptor(&private_sddl(mode))?;
+    // Made with its DACL, so nothing the parent grants (users may create
+    // files in a new directory of C:\ProgramData) holds for a moment.
+    let attributes = SECURITY_ATTRIBUTES {
+        nLength: std::mem::size_of::<SECURITY_ATTRIBUTES>() as u32,
+        lpSecurityDescriptor: sd.0,
+        bInheritHandle: 0,
+    };
+    let wide: Vec<u16> = path.as_os_str().encode_wide().chain([0]).collect();
+    // SAFETY: a NUL-terminated path and attributes that outlive the call.
+    if unsafe { CreateDirectoryW(wide.as_ptr(), &attributes) } == 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
     }
     let dir = open_itself(path, true)?;
     let info = information(&dir)?;
@@ -516,7 +562,6 @@ pub fn private_dir(path: &Path, mode: u32) -> io::Result<()> {
             ),
         ));
     }
-    let sd = sddl_descriptor(&private_sddl(mode))?;
     let (mut present, mut dacl, mut defaulted): (i32, *mut ACL, i32) = (0, std::ptr::null_mut(), 0);
     // SAFETY: the descriptor just built; out-pointers to locals.
     if unsafe { GetSecurityDescriptorDacl(sd.0, &mut present, &mut dacl, &mut defaulted) } == 0 {
@@ -704,9 +749,20 @@ pub fn replace_file(path: &Path, bytes: &[u8], _mode: u32) -> io::Result<()> {
             .custom_flags(FILE_FLAG_OPEN_REPARSE_POINT)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.flush()?;
+        f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)
+        // A reader (or a virus scanner) holding the old file without
+        // FILE_SHARE_DELETE makes the rename fail for a moment.
+        let mut wait = std::time::Duration::from_millis(5);
+        loop {
+            match std::fs::rename(&tmp, path) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied && wait.as_millis() < 500 => {
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                done => return done,
+            }
+        }
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -743,8 +799,13 @@ mod tests {
         let why = users.judge(true).expect_err("users may modify");
         assert!(why.contains("S-1-5-32-545"), "{why}");
         assert!(why.contains("may delete"), "{why}");
+        // What the root passes on to what is made in it counts.
         let inherited = Security::from_sddl("O:SYD:(A;;FA;;;SY)(A;OICIIO;FA;;;BU)").expect("sddl");
-        assert_eq!(inherited.judge(true), Ok(()));
+        assert!(inherited.judge(true).is_err());
+        assert_eq!(inherited.judge(false), Ok(()));
+        let placeholder =
+            Security::from_sddl("O:SYD:(A;;FA;;;SY)(A;OICIIO;FA;;;CO)").expect("sddl");
+        assert_eq!(placeholder.judge(true), Ok(()));
         let theirs = Security::from_sddl("O:BUD:(A;;FA;;;BA)").expect("sddl");
         assert!(theirs.judge(true).is_err());
     }
@@ -776,30 +837,17 @@ mod tests {
     #[test]
     fn a_junction_or_link_in_an_allowed_root_is_refused_with_its_name() {
         let same = |p: &Path| Ok(p.to_path_buf());
-        let root = Path::new(
-            r"C:
-oots\vhds",
-        );
+        let root = Path::new(r"C:\roots\vhds");
         assert_eq!(check_with(root, &host(&[]), &same).expect("trusted"), root);
-        let link = Path::new(
-            r"C:
-oots\vhds\boot",
-        );
+        let link = Path::new(r"C:\roots\vhds\boot");
         let odd = [(
-            r"C:
-oots\vhds\boot",
+            r"C:\roots\vhds\boot",
             FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT,
             TRUSTED,
         )];
         let err = check_with(link, &host(&odd), &same).expect_err("a junction");
         let text = err.to_string();
-        assert!(
-            text.starts_with(
-                r"C:
-oots\vhds\boot: owned by "
-            ),
-            "{text}"
-        );
+        assert!(text.starts_with(r"C:\roots\vhds\boot: owned by "), "{text}");
         assert!(
             text.contains("a reparse point (symbolic link or junction)"),
             "{text}"
@@ -818,25 +866,15 @@ oots\vhds\boot: owned by "
     #[test]
     fn a_root_users_may_write_is_refused_naming_users() {
         let same = |p: &Path| Ok(p.to_path_buf());
-        let root = Path::new(
-            r"C:
-oots\vhds",
-        );
+        let root = Path::new(r"C:\roots\vhds");
         let odd = [(
-            r"C:
-oots\vhds",
+            r"C:\roots\vhds",
             FILE_ATTRIBUTE_DIRECTORY,
             "O:BAD:(A;OICI;FA;;;BA)(A;OICI;0x1301bf;;;BU)",
         )];
         let err = check_with(root, &host(&odd), &same).expect_err("users may write");
         let text = err.to_string();
-        assert!(
-            text.starts_with(
-                r"C:
-oots\vhds: owned by "
-            ),
-            "{text}"
-        );
+        assert!(text.starts_with(r"C:\roots\vhds: owned by "), "{text}");
         assert!(
             text.contains("(S-1-5-32-545) may delete, rename or re-permit"),
             "{text}"
@@ -844,33 +882,20 @@ oots\vhds: owned by "
         // Above the root, letting users make folders (as C:\ does) is fine;
         // letting them delete what is in it is not.
         let odd = [(
-            r"C:
-oots",
+            r"C:\roots",
             FILE_ATTRIBUTE_DIRECTORY,
             "O:BAD:(A;;FA;;;BA)(A;;0x100004;;;AU)",
         )];
         assert!(check_with(root, &host(&odd), &same).is_ok());
         let odd = [(
-            r"C:
-oots",
+            r"C:\roots",
             FILE_ATTRIBUTE_DIRECTORY,
             "O:BAD:(A;;FA;;;BA)(A;;0x100040;;;AU)",
         )];
         let err = check_with(root, &host(&odd), &same).expect_err("delete child");
-        assert!(
-            err.to_string().starts_with(
-                r"C:
-oots: "
-            ),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with(r"C:\roots: "), "{err}");
         // A root that is a file is no root.
-        let odd = [(
-            r"C:
-oots\vhds",
-            0x20,
-            TRUSTED,
-        )];
+        let odd = [(r"C:\roots\vhds", 0x20, TRUSTED)];
         let err = check_with(root, &host(&odd), &same).expect_err("a file");
         assert!(err.to_string().contains("not a directory"), "{err}");
     }

@@ -467,11 +467,42 @@ fn git_path(bytes: &[u8]) -> Option<PathBuf> {
     Some(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
 }
 
-/// See the unix one.
+/// See the unix one: and no name Windows reads as something else (a
+/// device, `CON`, `aux.yaml`; a trailing dot or space, which it drops; a
+/// wildcard or a control character), as Git for Windows' `core.protectNTFS`
+/// refuses them.
 #[cfg(not(unix))]
 fn git_path(bytes: &[u8]) -> Option<PathBuf> {
     let text = std::str::from_utf8(bytes).ok()?;
-    (!text.contains(['\\', ':'])).then(|| PathBuf::from(text))
+    // Empty parts fold away, as on unix.
+    text.split('/')
+        .filter(|n| !n.is_empty())
+        .all(windows_name_ok)
+        .then(|| PathBuf::from(text))
+}
+
+/// Whether Windows writes a file of this name as named.
+#[cfg_attr(unix, allow(dead_code))]
+pub(super) fn windows_name_ok(name: &str) -> bool {
+    const DEVICES: &[&str] = &["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"];
+    let stem = name
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches(' ');
+    let upper = stem.to_ascii_uppercase();
+    let numbered = upper
+        .strip_prefix("COM")
+        .or_else(|| upper.strip_prefix("LPT"));
+    let device = DEVICES.contains(&upper.as_str())
+        || numbered.is_some_and(|n| {
+            n.chars().count() == 1 && n.chars().all(|c| c.is_ascii_digit() || "¹²³".contains(c))
+        });
+    !name.is_empty()
+        && !device
+        && !name.ends_with(['.', ' '])
+        && !name.contains(['\\', ':', '<', '>', '"', '|', '?', '*'])
+        && !name.chars().any(|c| c < ' ')
 }
 
 /// Whether a link of the revision is whole in its checkout: a link on

@@ -857,6 +857,9 @@ fn the_spec_directory_switches_whole_to_the_revision_swapped_in() {
         }
     }
     // What a cut-short swap leaves is cleaned up at the next start.
+    for left in [".specs.77", ".specs.ref.77.0.tmp"] {
+        std::fs::write(cache.path().join(left), "rev-1/specs").expect("leftover");
+    }
     src.clean_leftovers();
     let left: Vec<String> = std::fs::read_dir(cache.path())
         .expect("read cache")
@@ -865,4 +868,27 @@ fn the_spec_directory_switches_whole_to_the_revision_swapped_in() {
         .filter(|n| n.starts_with(".specs"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A checkout on Windows writes only names Windows writes as named (what
+/// Git for Windows' `core.protectNTFS` refuses is refused).
+#[test]
+fn names_windows_reads_as_something_else_are_refused_for_a_windows_checkout() {
+    use super::checkout::windows_name_ok;
+    for ok in [
+        "web.yaml",
+        "specs",
+        "a b.yaml",
+        "COM10",
+        "console.yaml",
+        ".hidden",
+    ] {
+        assert!(windows_name_ok(ok), "{ok}");
+    }
+    for bad in [
+        "CON", "con.yaml", "aux.yaml", "NUL", "com1", "LPT9.txt", "COM¹", "conin$", "a.", "a ",
+        "a:b", "a\\b", "a*", "a?", "a|b", "a<b", "a\u{1}b", "",
+    ] {
+        assert!(!windows_name_ok(bad), "{bad:?}");
+    }
 }

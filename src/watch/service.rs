@@ -52,8 +52,8 @@ static CONTEXT: OnceLock<Context> = OnceLock::new();
 
 define_windows_service!(ffi_service_main, service_main);
 
-/// The watcher running as a service; [`Service::stop`] (or dropping it)
-/// tells the manager it stopped.
+/// The watcher running as a service; [`Service::stop`] tells the manager
+/// it stopped; dropped without it (an early error), it stopped failing.
 pub struct Service {
     done: Option<mpsc::Sender<u32>>,
     dispatcher: Option<std::thread::JoinHandle<()>>,
@@ -126,7 +126,7 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
-        self.finish(0);
+        self.finish(1);
     }
 }
 

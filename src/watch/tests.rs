@@ -44,7 +44,20 @@ fn spec(name: &str, luns: &[u32], extra: &str) -> String {
 fn save(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.yaml.tmp"));
     std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, dir.join(format!("{name}.yaml"))).expect("rename");
+    // On Windows (Wine) a rename over a file the watcher is reading can be
+    // refused for that moment.
+    for attempt in 0.. {
+        match std::fs::rename(&tmp, dir.join(format!("{name}.yaml"))) {
+            Err(e)
+                if cfg!(windows)
+                    && attempt < 20
+                    && e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            done => return done.expect("rename"),
+        }
+    }
 }
 
 /// Saves and tells the watcher at once (as the git task does), so a test on

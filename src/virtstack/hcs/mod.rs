@@ -441,23 +441,39 @@ impl Hcs {
                 u.path
             ));
         }
+        // uvmctl's own state (records, the git cache and what it puts in
+        // force) is never a guest's, even under an allowed root.
+        let state = self
+            .records_dir
+            .parent()
+            .map(|s| fold(&s.to_string_lossy()));
         Self::paths(config).into_iter().find_map(|(field, p)| {
             let f = fold(&p);
-            let under = self
+            let root = self
                 .roots
                 .iter()
-                .any(|r| f == *r || f.starts_with(&format!("{r}/")));
-            if has_dot_component(&p) || !under {
+                .find(|r| f == **r || f.starts_with(&format!("{r}/")));
+            let Some(root) = root.filter(|_| !has_dot_component(&p)) else {
                 return Some(format!(
                     "{field}: {p} is not under an allowed root ({}); HCS opens it as its own service",
                     self.roots.join(", ")
                 ));
+            };
+            if let Some(state) = &state
+                && (f == *state || f.starts_with(&format!("{state}/")) || state.starts_with(&format!("{f}/")))
+            {
+                return Some(format!(
+                    "{field}: {p} is or holds uvmctl's state directory; no guest may reach it"
+                ));
             }
-            // HCS would follow a link or junction on the way out of the root.
+            // HCS opens it by name as its own service: nothing on the way
+            // down from the root may be others' to change (or a link).
             #[cfg(windows)]
-            if let Err(e) = crate::hostfs::refuse_reparse_on_way(Path::new(&p)) {
+            if let Err(e) = crate::hostfs::check_beneath(Path::new(&p[..root.len()]), Path::new(&p)) {
                 return Some(format!("{field}: {e}"));
             }
+            #[cfg(not(windows))]
+            let _ = root;
             None
         })
     }
