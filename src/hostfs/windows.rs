@@ -29,9 +29,9 @@ use windows_sys::Win32::Security::{
 use windows_sys::Win32::Storage::FileSystem::{
     BY_HANDLE_FILE_INFORMATION, CreateDirectoryW, FILE_ATTRIBUTE_DIRECTORY,
     FILE_ATTRIBUTE_REPARSE_POINT, FILE_ATTRIBUTE_TAG_INFO, FILE_BASIC_INFO,
-    FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT, FILE_READ_ATTRIBUTES,
-    FileAttributeTagInfo, FileBasicInfo, GetFileInformationByHandle, GetFileInformationByHandleEx,
-    READ_CONTROL, WRITE_DAC,
+    FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT, FILE_INFO_BY_HANDLE_CLASS,
+    FILE_READ_ATTRIBUTES, FileAttributeTagInfo, FileBasicInfo, GetFileInformationByHandle,
+    GetFileInformationByHandleEx, READ_CONTROL, WRITE_DAC,
 };
 use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
 
@@ -448,21 +448,31 @@ fn check_with(
 /// rather than storing the file's data another way (deduplicated,
 /// compressed by WOF, a cloud placeholder), which is no detour.
 fn names_another(file: &File) -> io::Result<bool> {
-    // SAFETY: plain data, filled by the call.
-    let mut tag: FILE_ATTRIBUTE_TAG_INFO = unsafe { std::mem::zeroed() };
+    // SAFETY: FileAttributeTagInfo fills a FILE_ATTRIBUTE_TAG_INFO.
+    let tag: FILE_ATTRIBUTE_TAG_INFO = unsafe { information_ex(file, FileAttributeTagInfo) }?;
+    Ok(is_reparse_point(tag.FileAttributes) && tag.ReparseTag & 0x2000_0000 != 0)
+}
+
+/// `GetFileInformationByHandleEx` of `class`.
+///
+/// # Safety
+/// `T` is the plain-data structure Windows fills for `class`.
+unsafe fn information_ex<T>(file: &File, class: FILE_INFO_BY_HANDLE_CLASS) -> io::Result<T> {
+    let mut out = std::mem::MaybeUninit::<T>::zeroed();
     // SAFETY: a live handle and a buffer of the class's type and size.
     let ok = unsafe {
         GetFileInformationByHandleEx(
             file.as_raw_handle() as HANDLE,
-            FileAttributeTagInfo,
-            (&raw mut tag).cast(),
-            std::mem::size_of::<FILE_ATTRIBUTE_TAG_INFO>() as u32,
+            class,
+            out.as_mut_ptr().cast(),
+            std::mem::size_of::<T>() as u32,
         )
     };
     if ok == 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(is_reparse_point(tag.FileAttributes) && tag.ReparseTag & 0x2000_0000 != 0)
+    // SAFETY: filled by the call, and all-zero is valid plain data anyway.
+    Ok(unsafe { out.assume_init() })
 }
 
 /// Checks what a spec names under the allowed root `root`, which HCS
@@ -708,20 +718,8 @@ pub fn stamp(path: &Path, follow: bool) -> io::Result<Stamp> {
 /// The OS error.
 pub fn file_stamp(file: &File) -> io::Result<Stamp> {
     let info = information(file)?;
-    // SAFETY: plain data, filled by the call.
-    let mut basic: FILE_BASIC_INFO = unsafe { std::mem::zeroed() };
-    // SAFETY: a live handle and a buffer of the class's type and size.
-    let ok = unsafe {
-        GetFileInformationByHandleEx(
-            file.as_raw_handle() as HANDLE,
-            FileBasicInfo,
-            (&raw mut basic).cast(),
-            std::mem::size_of::<FILE_BASIC_INFO>() as u32,
-        )
-    };
-    if ok == 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: FileBasicInfo fills a FILE_BASIC_INFO.
+    let basic: FILE_BASIC_INFO = unsafe { information_ex(file, FileBasicInfo) }?;
     // FILETIMEs count 100 ns.
     Ok(Stamp {
         dev: u64::from(info.dwVolumeSerialNumber),
