@@ -882,8 +882,11 @@ impl Watcher {
     }
 
     /// Reads every spec again, asks the virtstack what it has, and marks
-    /// every VM to reconcile.
-    async fn resync(&mut self) {
+    /// every VM to reconcile. A periodic resync leaves a VM being
+    /// reconciled alone (that reconcile observes it anyway); one asked for
+    /// (`asked`: SIGHUP) runs again after it, since what changed since that
+    /// reconcile observed is what was asked about.
+    async fn resync(&mut self, asked: bool) {
         self.reload(ReloadHow::Stamps).await;
         match self.ctx.vs.list().await {
             Ok(names) => {
@@ -911,7 +914,7 @@ impl Watcher {
             .collect();
         for vm in all {
             let e = self.vms.entry(vm).or_default();
-            if !e.in_flight {
+            if asked || !e.in_flight {
                 e.mark(Trigger::Resync);
             }
         }
@@ -1123,7 +1126,7 @@ impl Watcher {
             Some(Signal::Reconcile) => {
                 if !draining {
                     tracing::info!("SIGHUP: reconciling every VM now");
-                    self.resync().await;
+                    self.resync(true).await;
                 }
                 AfterSignal::Continue
             }
@@ -1230,7 +1233,7 @@ pub async fn run(
                 if let Some(sw) = &mut spec_watcher {
                     sw.rewatch(false);
                 }
-                w.resync().await;
+                w.resync(false).await;
             }
             () = sleep => {
                 if w.book.pruning.confirm_at.is_some_and(|c| c <= now()) {
