@@ -21,25 +21,35 @@ fn env_path(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is set by scripts/test-windows"))
 }
 
-/// A Linux path as Wine's `Z:` drive shows it.
-fn win(p: &Path) -> String {
-    format!("Z:{}", p.display()).replace('/', "\\")
+/// The prefix's `C:` drive.
+fn drive_c() -> PathBuf {
+    env_path("WINEPREFIX").join("drive_c")
 }
 
-/// A directory for one test: under the target directory, so every
-/// directory above it is root's and not writable by others (under `/tmp`,
-/// sticky and world-writable, Windows' rules refuse everything).
+/// A Linux path as Wine shows it: on `C:` when inside the prefix's drive,
+/// else on `Z:`.
+fn win(p: &Path) -> String {
+    match p.strip_prefix(drive_c()) {
+        Ok(rest) => format!("C:\\{}", rest.display()).replace('/', "\\"),
+        Err(_) => format!("Z:{}", p.display()).replace('/', "\\"),
+    }
+}
+
+/// A directory for one test on the prefix's `C:` drive, whose every
+/// directory from `C:\` down is root's and not writable by others
+/// (wherever the checkout is: under `/tmp`, sticky and world-writable on
+/// `Z:`, Windows' rules would refuse everything).
 struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wine-tests");
+        let base = drive_c().join("uvmctl-tests");
         let dir = base.join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("specs")).expect("mkdir specs");
         std::fs::create_dir_all(dir.join("k")).expect("mkdir k");
         std::fs::create_dir_all(dir.join("service")).expect("mkdir service");
-        for d in [&base, &dir, &dir.join("k")] {
+        for d in [&drive_c(), &base, &dir, &dir.join("k")] {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
