@@ -390,6 +390,18 @@ pub fn check_trusted_dir(path: &Path) -> Result<PathBuf, TrustError> {
     check_with(path, &see, &|p: &Path| std::fs::canonicalize(p))
 }
 
+/// Refuses `at` when it is a reparse point.
+fn refuse_reparse(at: &Path, seen: &Seen) -> Result<(), TrustError> {
+    if is_reparse_point(seen.attributes) {
+        return Err(untrusted(
+            at,
+            Some(&seen.security),
+            "a reparse point (symbolic link or junction); uvmctl follows none".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// [`check_trusted_dir`] with what it sees and how it resolves given (the
 /// tests give both: Wine 8 makes no reparse point and keeps no DACL).
 fn check_with(
@@ -401,14 +413,7 @@ fn check_with(
     for c in path.components() {
         at.push(c);
         if matches!(c, Component::Normal(_)) {
-            let seen = see(&at)?;
-            if is_reparse_point(seen.attributes) {
-                return Err(untrusted(
-                    &at,
-                    Some(&seen.security),
-                    "a reparse point (symbolic link or junction); uvmctl follows none".into(),
-                ));
-            }
+            refuse_reparse(&at, &see(&at)?)?;
         }
     }
     let canonical = canonicalize(path).map_err(|e| unreadable(path, &e))?;
@@ -422,13 +427,7 @@ fn check_with(
             continue;
         }
         let seen = see(&at)?;
-        if is_reparse_point(seen.attributes) {
-            return Err(untrusted(
-                &at,
-                Some(&seen.security),
-                "a reparse point (symbolic link or junction); uvmctl follows none".into(),
-            ));
-        }
+        refuse_reparse(&at, &seen)?;
         if seen.attributes & FILE_ATTRIBUTE_DIRECTORY == 0 {
             return Err(untrusted(
                 &at,
