@@ -532,10 +532,27 @@ impl Store {
             f.write_all(text.as_bytes())
                 .map_err(|e| io_error("writing the record", &e))?;
         }
-        std::fs::rename(&tmp, dir.join(name)).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_error("writing the record", &e)
-        })
+        // On Windows a rename over a record another process is reading is
+        // refused for that moment: tried again, briefly, as uvmctl does.
+        let mut wait = std::time::Duration::from_millis(5);
+        loop {
+            match std::fs::rename(&tmp, dir.join(&name)) {
+                Err(e)
+                    if cfg!(windows)
+                        && e.kind() == std::io::ErrorKind::PermissionDenied
+                        && wait.as_millis() < 500 =>
+                {
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                done => {
+                    return done.map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        io_error("writing the record", &e)
+                    });
+                }
+            }
+        }
     }
 
     fn unpersist(&self, id: &str) {
