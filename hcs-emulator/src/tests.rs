@@ -949,6 +949,9 @@ fn terminate_on_last_handle_closed() {
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("hcs-emulator-test-{}", unique(name)));
+    // Fresh: under Wine a process id comes round again, and a failed
+    // run's records would still be there.
+    let _ = std::fs::remove_dir_all(&d);
     let _ = std::fs::create_dir_all(&d);
     d
 }
